@@ -1,0 +1,371 @@
+//! Every etcd key tidegate uses, built and parsed in one place.
+//!
+//! ```text
+//! {root}/challenges/{challenge}                    ChallengeRecord
+//! {root}/instances/{id}                            InstanceRecord   (instance lease)
+//! {root}/endpoints/{id}                            EndpointRecord   (instance lease)
+//! {root}/workers/{worker}                          WorkerRecord     (worker lease)
+//! {root}/claims/hostnames/{hostname}               instance id      (instance lease)
+//! {root}/claims/ports/{port}                       instance id      (instance lease)
+//! {root}/claims/team-slots/{challenge}/{team}/{n}  instance id      (instance lease)
+//! {root}/election/scheduler/{lease id, hex}        leader's id      (leader lease)
+//! ```
+//!
+//! The root defaults to `/tidegate`, so several clusters can share an etcd.
+
+use std::fmt;
+
+use crate::names::{ChallengeName, Hostname, InstanceId, TeamId, WorkerId};
+
+/// The default key root.
+pub const DEFAULT_ROOT: &str = "/tidegate";
+
+/// One parsed key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    Challenge(ChallengeName),
+    Instance(InstanceId),
+    Endpoint(InstanceId),
+    Worker(WorkerId),
+    HostnameClaim(Hostname),
+    PortClaim(u16),
+    /// One of the `per_team_max` slots a team has for a challenge; claimed
+    /// in the spawn Txn, so the limit holds under concurrency.
+    TeamSlot {
+        challenge: ChallengeName,
+        team: TeamId,
+        slot: u32,
+    },
+    /// A scheduler candidate's election key (the etcd election API's
+    /// `{name}/{lease id in hex}`).
+    ElectionCandidate(i64),
+}
+
+/// A family of keys sharing a prefix (what a watcher lists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Challenges,
+    Instances,
+    Endpoints,
+    Workers,
+    HostnameClaims,
+    PortClaims,
+    TeamSlots,
+    Election,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Challenges => "challenges",
+            Kind::Instances => "instances",
+            Kind::Endpoints => "endpoints",
+            Kind::Workers => "workers",
+            Kind::HostnameClaims => "claims/hostnames",
+            Kind::PortClaims => "claims/ports",
+            Kind::TeamSlots => "claims/team-slots",
+            Kind::Election => "election/scheduler",
+        }
+    }
+
+    const ALL: [Kind; 8] = [
+        Kind::Challenges,
+        Kind::Instances,
+        Kind::Endpoints,
+        Kind::Workers,
+        Kind::HostnameClaims,
+        Kind::PortClaims,
+        Kind::TeamSlots,
+        Kind::Election,
+    ];
+}
+
+/// Why a string is not a tidegate key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key {key:?}: {reason}")]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+}
+
+/// The key layout under one root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyspace {
+    root: String,
+}
+
+impl Default for Keyspace {
+    fn default() -> Self {
+        Self {
+            root: DEFAULT_ROOT.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Keyspace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.root)
+    }
+}
+
+impl Keyspace {
+    /// A keyspace under `root` (`/` followed by segments of `a-z0-9-_.`,
+    /// no trailing `/`).
+    pub fn new(root: &str) -> Result<Self, KeyError> {
+        let valid = root.len() > 1
+            && root.len() <= 128
+            && root.starts_with('/')
+            && root[1..].split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
+                    })
+            });
+        if !valid {
+            return Err(KeyError {
+                key: root.to_string(),
+                reason: "a key root is '/' and segments of a-z, 0-9, '-', '_' and '.', with no trailing '/'".into(),
+            });
+        }
+        Ok(Self {
+            root: root.to_string(),
+        })
+    }
+
+    /// The prefix of every key of `kind`, ending in `/`.
+    pub fn prefix(&self, kind: Kind) -> String {
+        format!("{}/{}/", self.root, kind.path())
+    }
+
+    /// The prefix of one team's slots of one challenge, ending in `/`.
+    pub fn team_slots_prefix(&self, challenge: &ChallengeName, team: &TeamId) -> String {
+        format!("{}{challenge}/{team}/", self.prefix(Kind::TeamSlots))
+    }
+
+    /// The name to campaign on with etcd's election API.
+    pub fn election_name(&self) -> String {
+        format!("{}/{}", self.root, Kind::Election.path())
+    }
+
+    /// The key as a string.
+    pub fn key(&self, key: &Key) -> String {
+        match key {
+            Key::Challenge(n) => format!("{}{n}", self.prefix(Kind::Challenges)),
+            Key::Instance(id) => format!("{}{id}", self.prefix(Kind::Instances)),
+            Key::Endpoint(id) => format!("{}{id}", self.prefix(Kind::Endpoints)),
+            Key::Worker(w) => format!("{}{w}", self.prefix(Kind::Workers)),
+            Key::HostnameClaim(h) => format!("{}{h}", self.prefix(Kind::HostnameClaims)),
+            Key::PortClaim(p) => format!("{}{p}", self.prefix(Kind::PortClaims)),
+            Key::TeamSlot {
+                challenge,
+                team,
+                slot,
+            } => format!("{}{slot}", self.team_slots_prefix(challenge, team)),
+            Key::ElectionCandidate(lease) => format!("{}{lease:x}", self.prefix(Kind::Election)),
+        }
+    }
+
+    /// Parses a key; the error says what is wrong with it.
+    pub fn parse(&self, key: &str) -> Result<Key, KeyError> {
+        let err = |reason: String| KeyError {
+            key: key.to_string(),
+            reason,
+        };
+        for kind in Kind::ALL {
+            let Some(rest) = key.strip_prefix(&self.prefix(kind)) else {
+                continue;
+            };
+            let parsed = match kind {
+                Kind::Challenges => ChallengeName::parse(rest).map(Key::Challenge),
+                Kind::Instances => InstanceId::parse(rest).map(Key::Instance),
+                Kind::Endpoints => InstanceId::parse(rest).map(Key::Endpoint),
+                Kind::Workers => WorkerId::parse(rest).map(Key::Worker),
+                Kind::HostnameClaims => Hostname::parse(rest).map(Key::HostnameClaim),
+                Kind::PortClaims => {
+                    return parse_decimal(rest)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p != 0)
+                        .map(Key::PortClaim)
+                        .ok_or_else(|| err(format!("{rest:?} is not a port (1-65535)")));
+                }
+                Kind::TeamSlots => {
+                    let mut parts = rest.split('/');
+                    let (Some(c), Some(t), Some(s), None) =
+                        (parts.next(), parts.next(), parts.next(), parts.next())
+                    else {
+                        return Err(err("a team slot key is {challenge}/{team}/{slot}".into()));
+                    };
+                    let slot = parse_decimal(s)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| err(format!("slot {s:?} is not a number")))?;
+                    ChallengeName::parse(c).and_then(|challenge| {
+                        Ok(Key::TeamSlot {
+                            challenge,
+                            team: TeamId::parse(t)?,
+                            slot,
+                        })
+                    })
+                }
+                Kind::Election => {
+                    let valid = !rest.is_empty()
+                        && rest.len() <= 16
+                        && !rest.starts_with('0')
+                        && rest
+                            .bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                    return i64::from_str_radix(rest, 16)
+                        .ok()
+                        .filter(|l| valid && *l > 0)
+                        .map(Key::ElectionCandidate)
+                        .ok_or_else(|| err(format!("{rest:?} is not a lease id in hex")));
+                }
+            };
+            return parsed.map_err(|e| err(e.to_string()));
+        }
+        Err(err(format!("not under a known prefix of {}", self.root)))
+    }
+}
+
+/// A decimal number without sign or leading zeros (so each number has one key).
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 10 || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ks() -> Keyspace {
+        Keyspace::default()
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let id = InstanceId::parse("a3f4b92c8d").unwrap();
+        assert_eq!(
+            ks().key(&Key::Instance(id.clone())),
+            "/tidegate/instances/a3f4b92c8d"
+        );
+        assert_eq!(
+            ks().key(&Key::Endpoint(id)),
+            "/tidegate/endpoints/a3f4b92c8d"
+        );
+        assert_eq!(
+            ks().key(&Key::PortClaim(31337)),
+            "/tidegate/claims/ports/31337"
+        );
+        assert_eq!(
+            ks().key(&Key::TeamSlot {
+                challenge: ChallengeName::parse("web").unwrap(),
+                team: TeamId::parse("t1").unwrap(),
+                slot: 0
+            }),
+            "/tidegate/claims/team-slots/web/t1/0"
+        );
+        assert_eq!(
+            ks().key(&Key::ElectionCandidate(0x694d8a1b)),
+            "/tidegate/election/scheduler/694d8a1b"
+        );
+        assert_eq!(ks().election_name(), "/tidegate/election/scheduler");
+    }
+
+    #[test]
+    fn rejects_foreign_and_malformed_keys() {
+        for bad in [
+            "",
+            "/tidegate",
+            "/tidegate/instances/",
+            "/tidegate/instances/XYZ",
+            "/tidegate/instances/a3f4b92c8d/extra",
+            "/tidegate/claims/ports/0",
+            "/tidegate/claims/ports/080",
+            "/tidegate/claims/ports/65536",
+            "/tidegate/claims/team-slots/web/t1",
+            "/tidegate/election/scheduler/0abc",
+            "/other/instances/a3f4b92c8d",
+            "/tidegate/unknown/x",
+        ] {
+            let e = ks().parse(bad).unwrap_err();
+            assert_eq!(e.key, bad);
+        }
+    }
+
+    #[test]
+    fn roots() {
+        assert!(Keyspace::new("/ctf-2026/tidegate").is_ok());
+        for bad in [
+            "",
+            "/",
+            "tidegate",
+            "/tidegate/",
+            "/Tide",
+            "/a//b",
+            "/a/../b",
+        ] {
+            assert!(Keyspace::new(bad).is_err(), "{bad}");
+        }
+        let other = Keyspace::new("/t2").unwrap();
+        assert!(other.parse("/tidegate/workers/w1").is_err());
+        assert_eq!(
+            other.parse("/t2/workers/w1").unwrap(),
+            Key::Worker(WorkerId::parse("w1").unwrap())
+        );
+    }
+
+    fn dns_label() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?"
+    }
+
+    fn any_key() -> impl Strategy<Value = Key> {
+        prop_oneof![
+            dns_label().prop_map(|s| Key::Challenge(ChallengeName::parse(&s).unwrap())),
+            any::<u64>().prop_map(|b| Key::Instance(InstanceId::from_random(b))),
+            any::<u64>().prop_map(|b| Key::Endpoint(InstanceId::from_random(b))),
+            dns_label().prop_map(|s| Key::Worker(WorkerId::parse(&s).unwrap())),
+            prop::collection::vec(dns_label(), 1..5)
+                .prop_map(|l| Key::HostnameClaim(Hostname::parse(&l.join(".")).unwrap())),
+            (1u16..=u16::MAX).prop_map(Key::PortClaim),
+            (dns_label(), "[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", any::<u32>()).prop_map(
+                |(c, t, slot)| {
+                    Key::TeamSlot {
+                        challenge: ChallengeName::parse(&c).unwrap(),
+                        team: TeamId::parse(&t).unwrap(),
+                        slot,
+                    }
+                }
+            ),
+            (1i64..=i64::MAX).prop_map(Key::ElectionCandidate),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_key_round_trips(key in any_key()) {
+            let s = ks().key(&key);
+            prop_assert_eq!(ks().parse(&s).unwrap(), key);
+        }
+
+        #[test]
+        fn parse_then_build_is_identity(s in "/tidegate/(instances|endpoints|workers|challenges|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
+            // Whatever parses must build back to the same bytes: one key per value.
+            if let Ok(key) = ks().parse(&s) {
+                prop_assert_eq!(ks().key(&key), s);
+            }
+        }
+
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,80}") {
+            let _ = ks().parse(&s);
+        }
+    }
+}

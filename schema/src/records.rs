@@ -1,0 +1,284 @@
+//! The records stored under the keys of [`crate::keys`], as JSON.
+//!
+//! Every record carries `"v": 1` and rejects unknown fields, so a reader
+//! never silently drops what a newer writer meant, and a value written by
+//! hand that is not a record is reported, naming the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::names::{ChallengeName, Hostname, InstanceId, PortName, TeamId, WorkerId};
+use crate::spec::{ChallengeSpec, Limits};
+use crate::validate::{FieldError, Validate, decode_json};
+
+/// The record format version this build reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct V1;
+
+impl Serialize for V1 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for V1 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u32::deserialize(d)? {
+            1 => Ok(V1),
+            n => Err(serde::de::Error::custom(format!(
+                "record version {n} is not supported; this build reads version 1"
+            ))),
+        }
+    }
+}
+
+/// A record type: JSON with a version, validated on the way in.
+pub trait Record: Serialize + serde::de::DeserializeOwned + Validate + Sized {
+    /// Decodes and validates a stored value.
+    fn decode(bytes: &[u8]) -> Result<Self, FieldError> {
+        decode_json(bytes)
+    }
+
+    /// Encodes for storage.
+    fn encode(&self) -> Vec<u8> {
+        // Serializing plain structs of strings, numbers and maps cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub type UnixSecs = u64;
+
+/// A challenge as stored: the organizer's spec plus the pointer to its policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRecord {
+    pub v: V1,
+    pub name: ChallengeName,
+    pub spec: ChallengeSpec,
+    /// The active policy plugin, by digest (the blob lives in the artifact store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRef>,
+}
+
+/// Which policy plugin a challenge runs, and what happens when it fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRef {
+    /// `sha256:` and 64 lowercase hex characters.
+    pub digest: String,
+}
+
+impl Validate for ChallengeRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        self.spec.validate().map_err(|e| FieldError {
+            field: format!("spec.{}", e.field),
+            ..e
+        })?;
+        if let Some(p) = &self.policy {
+            let hex = p.digest.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64
+                || !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(FieldError::new(
+                    "policy.digest",
+                    format!(
+                        "{:?} is not sha256: followed by 64 lowercase hex characters",
+                        p.digest
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+impl Record for ChallengeRecord {}
+
+/// An HTTP route of an instance: `hostname` → the container's `target_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRoute {
+    pub port_name: PortName,
+    pub hostname: Hostname,
+    pub target_port: u16,
+}
+
+/// A TCP route of an instance: public `port` on every agent → the container's `target_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    pub port_name: PortName,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// What the agent needs to run the container, frozen at spawn time so that
+/// a later change to the challenge does not alter a running instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    pub image: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub limits: Limits,
+    #[serde(default)]
+    pub egress: bool,
+    #[serde(default)]
+    pub read_only_rootfs: bool,
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+}
+
+/// An instance: desired state, written only by the elected scheduler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRecord {
+    pub v: V1,
+    pub id: InstanceId,
+    pub challenge: ChallengeName,
+    pub team: TeamId,
+    pub worker: WorkerId,
+    /// The fencing token of the scheduler that wrote it (the creation
+    /// revision of its election key).
+    pub token: i64,
+    pub created_at: UnixSecs,
+    pub expires_at: UnixSecs,
+    #[serde(default)]
+    pub renewals: u32,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+    pub container: ContainerSpec,
+    /// The instance's flag, given to the container as `FLAG`.
+    pub flag: String,
+}
+
+impl Validate for InstanceRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.token <= 0 {
+            return Err(FieldError::new("token", "must be a positive etcd revision"));
+        }
+        if self.expires_at < self.created_at {
+            return Err(FieldError::new("expires_at", "is before created_at"));
+        }
+        if self.http.is_empty() && self.tcp.is_empty() {
+            return Err(FieldError::new(
+                "http",
+                "an instance needs at least one route",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, r) in self.http.iter().enumerate() {
+            if r.target_port == 0 {
+                return Err(FieldError::new(
+                    format!("http[{i}].target_port"),
+                    "must not be 0",
+                ));
+            }
+            if !names.insert(r.port_name.as_str()) {
+                return Err(FieldError::new(
+                    format!("http[{i}].port_name"),
+                    "listed twice",
+                ));
+            }
+        }
+        for (i, r) in self.tcp.iter().enumerate() {
+            if r.port == 0 || r.target_port == 0 {
+                return Err(FieldError::new(
+                    format!("tcp[{i}].port"),
+                    "ports must not be 0",
+                ));
+            }
+            if !names.insert(r.port_name.as_str()) {
+                return Err(FieldError::new(
+                    format!("tcp[{i}].port_name"),
+                    "listed twice",
+                ));
+            }
+        }
+        if self.container.image.trim().is_empty() {
+            return Err(FieldError::new("container.image", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+impl Record for InstanceRecord {}
+
+/// How an instance's container is doing, as its agent last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase", deny_unknown_fields)]
+pub enum InstanceStatus {
+    Starting,
+    Running,
+    Failed { reason: String },
+}
+
+/// Where an instance actually listens: written by its agent under the
+/// instance's lease, so it vanishes with the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRecord {
+    pub v: V1,
+    pub instance: InstanceId,
+    pub worker: WorkerId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The container's address, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    pub status: InstanceStatus,
+    pub updated_at: UnixSecs,
+}
+
+impl Validate for EndpointRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        if matches!(self.status, InstanceStatus::Running) && self.address.is_none() {
+            return Err(FieldError::new(
+                "address",
+                "a running instance needs an address",
+            ));
+        }
+        Ok(())
+    }
+}
+impl Record for EndpointRecord {}
+
+/// A worker's membership, under its keep-alive lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerRecord {
+    pub v: V1,
+    pub id: WorkerId,
+    /// Where other agents reach this one.
+    pub address: IpAddr,
+    /// The Pingora HTTP entry point.
+    pub http_entry: SocketAddr,
+    /// The address whose ports the TCP redirector serves.
+    pub tcp_host: IpAddr,
+    /// How many instances it may run at once.
+    pub capacity: u32,
+    /// The agent's version, for mixed-version clusters.
+    pub version: String,
+    pub started_at: UnixSecs,
+}
+
+impl Validate for WorkerRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.capacity == 0 {
+            return Err(FieldError::new("capacity", "must be at least 1"));
+        }
+        if self.http_entry.port() == 0 {
+            return Err(FieldError::new("http_entry", "needs a port"));
+        }
+        Ok(())
+    }
+}
+impl Record for WorkerRecord {}
+
+#[cfg(test)]
+mod tests;

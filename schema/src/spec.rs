@@ -1,0 +1,290 @@
+//! The challenge spec organizers write (the body of `PUT /v1/challenges/{name}`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::PortName;
+use crate::validate::{FieldError, Validate, in_range};
+
+/// At most this many ports per challenge.
+pub const MAX_PORTS: usize = 16;
+/// The longest instance lifetime any challenge may ask for: 7 days.
+pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
+/// The shortest instance lifetime.
+pub const MIN_TTL_SECS: u64 = 30;
+/// The placeholder in a flag template replaced by the per-instance HMAC.
+pub const FLAG_PLACEHOLDER: &str = "{hmac}";
+/// Environment variable names the platform sets itself.
+pub const RESERVED_ENV: &[&str] = &["FLAG"];
+
+/// Capabilities a challenge may add back after `cap-drop ALL`.
+pub const ALLOWED_CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SYS_CHROOT",
+    "AUDIT_WRITE",
+    "SETFCAP",
+    "SYS_PTRACE",
+];
+
+/// A challenge: what to run for each team, and the rules for its instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeSpec {
+    /// The container image (built or loaded into each worker's Docker engine).
+    pub image: String,
+    /// The ports the container serves, each exposed as a hostname (`http`)
+    /// or a public TCP port (`tcp`).
+    pub ports: Vec<PortSpec>,
+    /// Extra environment for the container. `FLAG` is set by tidegate.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub ttl: TtlSpec,
+    /// Live instances one team may have of this challenge at once.
+    #[serde(default = "default_per_team_max")]
+    pub per_team_max: u32,
+    #[serde(default)]
+    pub flag: FlagSpec,
+    /// Let the container open outbound connections (off by default).
+    #[serde(default)]
+    pub egress: bool,
+    /// Mount the image's root filesystem read-only.
+    #[serde(default)]
+    pub read_only_rootfs: bool,
+    /// Capabilities added back after `cap-drop ALL` (from [`ALLOWED_CAPS`]).
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+}
+
+fn default_per_team_max() -> u32 {
+    1
+}
+
+/// One port of a challenge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub name: PortName,
+    /// The port inside the container.
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+/// Resource limits of each instance's container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Memory limit in MiB (16 to 65536; default 256).
+    pub memory_mib: u32,
+    /// CPU limit in cores (0.01 to 64; default 0.5).
+    pub cpus: f64,
+    /// Process limit (16 to 32768; default 128).
+    pub pids: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mib: 256,
+            cpus: 0.5,
+            pids: 128,
+        }
+    }
+}
+
+/// How long instances live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtlSpec {
+    /// Lifetime of a new instance, in seconds (default 1800).
+    pub default_secs: u64,
+    /// The longest total lifetime renewals may reach, in seconds (default 7200).
+    pub max_secs: u64,
+    /// How many times an instance may be renewed (default 3).
+    pub max_renewals: u32,
+}
+
+impl Default for TtlSpec {
+    fn default() -> Self {
+        Self {
+            default_secs: 1800,
+            max_secs: 7200,
+            max_renewals: 3,
+        }
+    }
+}
+
+/// How each instance's flag is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagSpec {
+    /// The flag text; `{hmac}` is replaced by an HMAC of a server secret,
+    /// the team, the challenge and the instance. Default `flag{{hmac}}`.
+    pub template: String,
+}
+
+impl Default for FlagSpec {
+    fn default() -> Self {
+        Self {
+            template: format!("flag{{{FLAG_PLACEHOLDER}}}"),
+        }
+    }
+}
+
+impl Validate for ChallengeSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        let image = self.image.as_str();
+        if image.is_empty()
+            || image.len() > 255
+            || image.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(FieldError::new(
+                "image",
+                format!("{image:?} is not an image reference (1-255 characters, no spaces)"),
+            ));
+        }
+        if self.ports.is_empty() {
+            return Err(FieldError::new(
+                "ports",
+                "a challenge needs at least one port",
+            ));
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(FieldError::new(
+                "ports",
+                format!("at most {MAX_PORTS} ports"),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut numbers = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.port == 0 {
+                return Err(FieldError::new(
+                    format!("ports[{i}].port"),
+                    "must be 1 to 65535",
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(FieldError::new(
+                    format!("ports[{i}].name"),
+                    format!("{:?} listed twice", p.name.as_str()),
+                ));
+            }
+            if !numbers.insert(p.port) {
+                return Err(FieldError::new(
+                    format!("ports[{i}].port"),
+                    format!("port {} listed twice", p.port),
+                ));
+            }
+        }
+        if self.env.len() > 64 {
+            return Err(FieldError::new("env", "at most 64 variables"));
+        }
+        for (k, v) in &self.env {
+            let field = format!("env.{k}");
+            let valid_name = !k.is_empty()
+                && k.len() <= 128
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !k.as_bytes()[0].is_ascii_digit();
+            if !valid_name {
+                return Err(FieldError::new(
+                    field,
+                    "names are letters, digits and '_', not starting with a digit",
+                ));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(FieldError::new(
+                    field,
+                    "is set by tidegate (the instance's flag)",
+                ));
+            }
+            if v.len() > 4096 || v.contains('\0') {
+                return Err(FieldError::new(
+                    field,
+                    "values are at most 4096 bytes, without NUL",
+                ));
+            }
+        }
+        in_range("limits.memory_mib", self.limits.memory_mib, 16, 65536)?;
+        if !self.limits.cpus.is_finite() {
+            return Err(FieldError::new("limits.cpus", "must be a number"));
+        }
+        in_range("limits.cpus", self.limits.cpus, 0.01, 64.0)?;
+        in_range("limits.pids", self.limits.pids, 16, 32768)?;
+        in_range(
+            "ttl.default_secs",
+            self.ttl.default_secs,
+            MIN_TTL_SECS,
+            MAX_TTL_SECS,
+        )?;
+        in_range(
+            "ttl.max_secs",
+            self.ttl.max_secs,
+            MIN_TTL_SECS,
+            MAX_TTL_SECS,
+        )?;
+        if self.ttl.default_secs > self.ttl.max_secs {
+            return Err(FieldError::new(
+                "ttl.default_secs",
+                format!(
+                    "{} is more than ttl.max_secs ({})",
+                    self.ttl.default_secs, self.ttl.max_secs
+                ),
+            ));
+        }
+        in_range("ttl.max_renewals", self.ttl.max_renewals, 0, 1000)?;
+        in_range("per_team_max", self.per_team_max, 1, 100)?;
+        let t = &self.flag.template;
+        if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "flag.template",
+                "1-256 printable characters",
+            ));
+        }
+        if t.matches(FLAG_PLACEHOLDER).count() > 1 {
+            return Err(FieldError::new(
+                "flag.template",
+                format!("{FLAG_PLACEHOLDER} may appear once"),
+            ));
+        }
+        for (i, cap) in self.cap_add.iter().enumerate() {
+            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
+            if !ALLOWED_CAPS.contains(&bare) {
+                return Err(FieldError::new(
+                    format!("cap_add[{i}]"),
+                    format!("{cap:?} is not one of {}", ALLOWED_CAPS.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChallengeSpec {
+    /// The flag of one instance, given the HMAC text for it.
+    pub fn render_flag(&self, hmac_hex: &str) -> String {
+        self.flag.template.replace(FLAG_PLACEHOLDER, hmac_hex)
+    }
+}
+
+#[cfg(test)]
+mod tests;

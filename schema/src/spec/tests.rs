@@ -1,0 +1,224 @@
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::validate::decode_json;
+
+fn base() -> Value {
+    json!({
+        "image": "tidegate/demo-http:1",
+        "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
+    })
+}
+
+fn decode(v: &Value) -> Result<ChallengeSpec, FieldError> {
+    decode_json(v.to_string().as_bytes())
+}
+
+/// Applies `edit` to the base spec and returns the field the error names.
+fn error_field(edit: impl FnOnce(&mut Value)) -> String {
+    let mut v = base();
+    edit(&mut v);
+    match decode(&v) {
+        Ok(spec) => panic!("accepted {v}: {spec:?}"),
+        Err(e) => e.field,
+    }
+}
+
+#[test]
+fn minimal_spec_gets_defaults() {
+    let spec = decode(&base()).unwrap();
+    assert_eq!(spec.per_team_max, 1);
+    assert_eq!(spec.ttl, TtlSpec::default());
+    assert_eq!(spec.limits, Limits::default());
+    assert!(!spec.egress);
+    assert_eq!(spec.render_flag("abc"), "flag{abc}");
+}
+
+#[test]
+fn full_spec_round_trips() {
+    let v = json!({
+        "image": "registry.local/web:2",
+        "ports": [
+            {"name": "web", "port": 80, "protocol": "http"},
+            {"name": "admin", "port": 8081, "protocol": "http"},
+            {"name": "shell", "port": 1337, "protocol": "tcp"}
+        ],
+        "env": {"MODE": "hard"},
+        "limits": {"memory_mib": 512, "cpus": 1.5, "pids": 256},
+        "ttl": {"default_secs": 600, "max_secs": 3600, "max_renewals": 2},
+        "per_team_max": 2,
+        "flag": {"template": "CTF{static_{hmac}}"},
+        "egress": true,
+        "read_only_rootfs": true,
+        "cap_add": ["NET_BIND_SERVICE"]
+    });
+    let spec = decode(&v).unwrap();
+    assert_eq!(spec.render_flag("00ff"), "CTF{static_00ff}");
+    let again: ChallengeSpec = decode_json(&serde_json::to_vec(&spec).unwrap()).unwrap();
+    assert_eq!(again, spec);
+}
+
+/// A field name and an edit of the base spec that breaks it.
+type Case = (&'static str, Box<dyn FnOnce(&mut Value)>);
+
+#[test]
+fn each_bad_input_names_its_field() {
+    let cases: Vec<Case> = vec![
+        ("colour", Box::new(|v| v["colour"] = json!("red"))),
+        (
+            "ports[0].protocol",
+            Box::new(|v| v["ports"][0]["protocol"] = json!("udp")),
+        ),
+        (
+            "ports[0].name",
+            Box::new(|v| v["ports"][0]["name"] = json!("Web")),
+        ),
+        (
+            "ports[0].port",
+            Box::new(|v| v["ports"][0]["port"] = json!(0)),
+        ),
+        (
+            "ports[0].port",
+            Box::new(|v| v["ports"][0]["port"] = json!(70000)),
+        ),
+        (
+            "ports[0].extra",
+            Box::new(|v| v["ports"][0]["extra"] = json!(1)),
+        ),
+        ("ports", Box::new(|v| v["ports"] = json!([]))),
+        (
+            "ports[1].name",
+            Box::new(
+                |v| v["ports"] = json!([{"name": "a", "port": 1, "protocol": "tcp"}, {"name": "a", "port": 2, "protocol": "tcp"}]),
+            ),
+        ),
+        (
+            "ports[1].port",
+            Box::new(
+                |v| v["ports"] = json!([{"name": "a", "port": 1, "protocol": "tcp"}, {"name": "b", "port": 1, "protocol": "http"}]),
+            ),
+        ),
+        ("image", Box::new(|v| v["image"] = json!(""))),
+        ("image", Box::new(|v| v["image"] = json!("a b"))),
+        (
+            "image",
+            Box::new(|v| {
+                v.as_object_mut()
+                    .unwrap()
+                    .remove("image")
+                    .map(drop)
+                    .unwrap_or(())
+            }),
+        ),
+        ("env.FLAG", Box::new(|v| v["env"] = json!({"FLAG": "x"}))),
+        ("env.1X", Box::new(|v| v["env"] = json!({"1X": "x"}))),
+        (
+            "limits.memory_mib",
+            Box::new(|v| v["limits"] = json!({"memory_mib": 1})),
+        ),
+        (
+            "limits.cpus",
+            Box::new(|v| v["limits"] = json!({"cpus": 0})),
+        ),
+        (
+            "limits.pids",
+            Box::new(|v| v["limits"] = json!({"pids": 1_000_000})),
+        ),
+        (
+            "limits.swap",
+            Box::new(|v| v["limits"] = json!({"swap": 1})),
+        ),
+        (
+            "ttl.default_secs",
+            Box::new(|v| v["ttl"] = json!({"default_secs": 5})),
+        ),
+        (
+            "ttl.default_secs",
+            Box::new(|v| v["ttl"] = json!({"default_secs": 4000, "max_secs": 3000})),
+        ),
+        (
+            "ttl.max_secs",
+            Box::new(|v| v["ttl"] = json!({"max_secs": 99_999_999})),
+        ),
+        (
+            "ttl.default_secs",
+            Box::new(|v| v["ttl"] = json!({"default_secs": -1})),
+        ),
+        ("per_team_max", Box::new(|v| v["per_team_max"] = json!(0))),
+        (
+            "flag.template",
+            Box::new(|v| v["flag"] = json!({"template": "{hmac}{hmac}"})),
+        ),
+        (
+            "flag.template",
+            Box::new(|v| v["flag"] = json!({"template": ""})),
+        ),
+        (
+            "cap_add[0]",
+            Box::new(|v| v["cap_add"] = json!(["SYS_ADMIN"])),
+        ),
+    ];
+    for (want, edit) in cases {
+        let got = error_field(edit);
+        // serde reports a missing field at the struct that lacks it.
+        let want = if want == "image" && got == "." {
+            "."
+        } else {
+            want
+        };
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn messages_say_what_is_wrong() {
+    let mut v = base();
+    v["ports"][0]["protocol"] = json!("udp");
+    let e = decode(&v).unwrap_err();
+    assert!(
+        e.message.contains("udp") && e.message.contains("http"),
+        "{e}"
+    );
+    let mut v = base();
+    v["ports"] = json!([{"name": "a", "port": 1, "protocol": "tcp"}, {"name": "b", "port": 1, "protocol": "tcp"}]);
+    assert_eq!(
+        decode(&v).unwrap_err().to_string(),
+        "ports[1].port: port 1 listed twice"
+    );
+    let e = decode_json::<ChallengeSpec>(b"").unwrap_err();
+    assert_eq!(e.to_string(), ".: empty or truncated JSON");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        let _ = decode_json::<ChallengeSpec>(&bytes);
+    }
+
+    #[test]
+    fn valid_ttls_accepted_and_invalid_named(default in 0u64..1_000_000, max in 0u64..1_000_000) {
+        let mut v = base();
+        v["ttl"] = json!({"default_secs": default, "max_secs": max});
+        let ok = (MIN_TTL_SECS..=MAX_TTL_SECS).contains(&default)
+            && (MIN_TTL_SECS..=MAX_TTL_SECS).contains(&max)
+            && default <= max;
+        match decode(&v) {
+            Ok(spec) => { prop_assert!(ok); prop_assert_eq!(spec.ttl.default_secs, default); }
+            Err(e) => { prop_assert!(!ok); prop_assert!(e.field.starts_with("ttl."), "{}", e); }
+        }
+    }
+
+    #[test]
+    fn port_lists_unique_or_rejected(ports in prop::collection::vec((0u8..4, 1u16..5), 1..6)) {
+        let list: Vec<Value> = ports.iter()
+            .map(|(n, p)| json!({"name": format!("p{n}"), "port": p, "protocol": "tcp"}))
+            .collect();
+        let mut v = base();
+        v["ports"] = Value::Array(list);
+        let names: std::collections::BTreeSet<_> = ports.iter().map(|(n, _)| n).collect();
+        let numbers: std::collections::BTreeSet<_> = ports.iter().map(|(_, p)| p).collect();
+        let unique = names.len() == ports.len() && numbers.len() == ports.len();
+        prop_assert_eq!(decode(&v).is_ok(), unique);
+    }
+}

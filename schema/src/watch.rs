@@ -1,0 +1,246 @@
+//! List-then-watch over one etcd prefix, with relist on compaction.
+//!
+//! Modelled on kube-rs' `watcher`: a full list at revision R is delivered
+//! as `Init`, `InitApply`… and `InitDone { revision: R }`; then changes
+//! from R+1 as `Apply` and `Delete`. When the watch falls behind
+//! compaction, etcd cancels it with `compact_revision` set and the watcher
+//! lists again, so the consumer swaps its whole view at the next `InitDone`.
+//! A dropped stream resumes from the next unseen revision without a relist.
+//! The watcher never polls and never gives up: etcd errors are logged and
+//! retried with backoff; consumers see only events.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
+
+use crate::keys::{Key, KeyError, Keyspace};
+use crate::records::Record;
+use crate::validate::FieldError;
+
+/// One key and its value, as etcd holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    /// The lease the key is bound to (0 for none).
+    pub lease: i64,
+}
+
+impl Kv {
+    /// Copies an etcd key-value pair (keys that are not UTF-8 are shown lossily,
+    /// and will not parse as tidegate keys).
+    pub fn from_etcd(kv: &KeyValue) -> Self {
+        Self {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
+        }
+    }
+
+    /// Parses the key in `keyspace`.
+    pub fn parse_key(&self, keyspace: &Keyspace) -> Result<Key, KeyError> {
+        keyspace.parse(&self.key)
+    }
+
+    /// Decodes and validates the value as a `T`.
+    pub fn decode<T: Record>(&self) -> Result<T, FieldError> {
+        T::decode(&self.value)
+    }
+}
+
+/// What the watcher reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A full (re)list begins: build a new view from the `InitApply`s that follow.
+    Init,
+    /// A key present at the list's revision.
+    InitApply(Kv),
+    /// The list is complete: replace the old view with the new one. The view
+    /// now equals the prefix at `revision`.
+    InitDone { revision: i64 },
+    /// A key was created or changed.
+    Apply(Kv),
+    /// A key was deleted (or its lease expired) at `revision`.
+    Delete { key: String, revision: i64 },
+}
+
+enum State {
+    /// Next step: a full list.
+    List,
+    /// Next step: open a watch from this revision.
+    Watch { from: i64 },
+    /// Receiving; `next` is the first revision not yet delivered.
+    Receiving { stream: Box<WatchStream>, next: i64 },
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A watcher over every key under one prefix.
+pub struct Watcher {
+    client: Client,
+    prefix: String,
+    state: State,
+    queue: VecDeque<Event>,
+    /// The revision everything delivered so far is consistent with.
+    revision: i64,
+    lists: u64,
+    backoff: Duration,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("prefix", &self.prefix)
+            .field("revision", &self.revision)
+            .field("lists", &self.lists)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watcher {
+    /// A watcher that starts with a full list of `prefix`.
+    pub fn new(client: Client, prefix: impl Into<String>) -> Self {
+        Self {
+            client,
+            prefix: prefix.into(),
+            state: State::List,
+            queue: VecDeque::new(),
+            revision: 0,
+            lists: 0,
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    /// A watcher for a consumer that already holds the view at `revision`:
+    /// it watches from `revision + 1`, and lists only if that history was
+    /// compacted away.
+    pub fn resume(client: Client, prefix: impl Into<String>, revision: i64) -> Self {
+        let mut w = Self::new(client, prefix);
+        w.state = State::Watch { from: revision + 1 };
+        w.revision = revision;
+        w
+    }
+
+    /// The revision the delivered events are consistent with.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// How many full lists this watcher has made (1 plus one per relist).
+    pub fn lists(&self) -> u64 {
+        self.lists
+    }
+
+    /// The next event. Cancel-safe between events: dropping the future
+    /// loses nothing that was already received.
+    pub async fn next(&mut self) -> Event {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return event;
+            }
+            if let Err(e) = self.step().await {
+                tracing::warn!(prefix = %self.prefix, error = %e, retry_in = ?self.backoff, "etcd watch failed");
+                tokio::time::sleep(self.backoff).await;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    async fn step(&mut self) -> Result<(), etcd_client::Error> {
+        match &mut self.state {
+            State::List => {
+                let resp = self
+                    .client
+                    .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await?;
+                let revision = resp.header().map_or(0, |h| h.revision());
+                self.queue.push_back(Event::Init);
+                self.queue.extend(
+                    resp.kvs()
+                        .iter()
+                        .map(|kv| Event::InitApply(Kv::from_etcd(kv))),
+                );
+                self.queue.push_back(Event::InitDone { revision });
+                self.revision = revision;
+                self.lists += 1;
+                self.backoff = BACKOFF_MIN;
+                self.state = State::Watch { from: revision + 1 };
+            }
+            State::Watch { from } => {
+                let from = *from;
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from)
+                    .with_progress_notify();
+                let stream = self
+                    .client
+                    .watch(self.prefix.as_str(), Some(options))
+                    .await?;
+                self.state = State::Receiving {
+                    stream: Box::new(stream),
+                    next: from,
+                };
+            }
+            State::Receiving { stream, next } => {
+                let resume_from = *next;
+                let msg = match stream.message().await {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        self.state = State::Watch { from: resume_from };
+                        return Err(e);
+                    }
+                };
+                let Some(resp) = msg else {
+                    tracing::debug!(prefix = %self.prefix, "watch stream ended; resuming");
+                    self.state = State::Watch { from: resume_from };
+                    return Ok(());
+                };
+                if resp.compact_revision() > 0 {
+                    tracing::warn!(
+                        prefix = %self.prefix,
+                        wanted = resume_from,
+                        compacted_to = resp.compact_revision(),
+                        "watch fell behind compaction; relisting"
+                    );
+                    self.state = State::List;
+                    return Ok(());
+                }
+                if resp.canceled() {
+                    tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
+                    self.state = State::Watch { from: resume_from };
+                    return Ok(());
+                }
+                self.backoff = BACKOFF_MIN;
+                let mut delivered = resume_from;
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    delivered = delivered.max(kv.mod_revision() + 1);
+                    self.queue.push_back(match event.event_type() {
+                        EventType::Put => Event::Apply(Kv::from_etcd(kv)),
+                        EventType::Delete => Event::Delete {
+                            key: String::from_utf8_lossy(kv.key()).into_owned(),
+                            revision: kv.mod_revision(),
+                        },
+                    });
+                }
+                // A progress notification (no events, not the creation
+                // reply) says every event up to its header revision was sent.
+                if let Some(h) = resp
+                    .header()
+                    .filter(|_| resp.events().is_empty() && !resp.created())
+                {
+                    delivered = delivered.max(h.revision() + 1);
+                }
+                *next = delivered;
+                self.revision = self.revision.max(delivered - 1);
+            }
+        }
+        Ok(())
+    }
+}

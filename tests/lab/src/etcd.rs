@@ -1,0 +1,187 @@
+//! Real etcd clusters of 1 or 3 (or more) members on loopback.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::ports::free_ports;
+use crate::process::{Supervised, wait_until};
+
+/// How long a member may take to report healthy.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where one member listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct MemberSpec {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl MemberSpec {
+    /// The URL clients use.
+    pub fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// The `etcd` command-line arguments for this member of `cluster`.
+    pub fn args(&self, cluster: &[MemberSpec], token: &str) -> Vec<String> {
+        let initial_cluster = cluster
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let client = self.client_url();
+        let peer = self.peer_url();
+        [
+            ("--name", self.name.clone()),
+            ("--data-dir", self.data_dir.display().to_string()),
+            ("--listen-client-urls", client.clone()),
+            ("--advertise-client-urls", client),
+            ("--listen-peer-urls", peer.clone()),
+            ("--initial-advertise-peer-urls", peer),
+            ("--initial-cluster", initial_cluster),
+            ("--initial-cluster-token", token.to_string()),
+            ("--initial-cluster-state", "new".to_string()),
+            // Small elections keep failover tests short; the defaults are
+            // what production uses (deploy/ documents them).
+            ("--heartbeat-interval", "50".to_string()),
+            ("--election-timeout", "500".to_string()),
+            ("--logger", "zap".to_string()),
+            ("--log-level", "warn".to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
+    }
+}
+
+/// `n` member specs with free loopback ports and data dirs under `dir`.
+pub fn plan_members(n: usize, dir: &Path) -> Result<Vec<MemberSpec>> {
+    let ports = free_ports(2 * n)?;
+    Ok((0..n)
+        .map(|i| MemberSpec {
+            name: format!("m{i}"),
+            client_port: ports[2 * i],
+            peer_port: ports[2 * i + 1],
+            data_dir: dir.join(format!("m{i}.etcd")),
+        })
+        .collect())
+}
+
+/// Whether the member at `client_port` answers `/health` with `"health":"true"`
+/// (which needs a leader, so a member without quorum answers false).
+pub fn healthy(client_port: u16) -> bool {
+    http_get(client_port, "/health").is_some_and(|body| body.contains(r#""health":"true""#))
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// A running etcd cluster owned by a test; every member is killed and every
+/// data dir removed on drop.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    specs: Vec<MemberSpec>,
+    procs: Vec<Option<Supervised>>,
+    token: String,
+    // Declared last: dropped after the processes that use it.
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until every one of them is healthy.
+    pub fn start(n: usize) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tidegate-etcd-")
+            .tempdir()?;
+        let specs = plan_members(n, dir.path())?;
+        let token = format!("tidegate-test-{:08x}", rand::random::<u32>());
+        let mut cluster = Self {
+            procs: specs.iter().map(|_| None).collect(),
+            specs,
+            token,
+            dir,
+        };
+        for i in 0..n {
+            cluster.spawn_member(i)?;
+        }
+        for i in 0..n {
+            cluster.wait_healthy(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn_member(&mut self, i: usize) -> Result<()> {
+        let spec = &self.specs[i];
+        let log = self.dir.path().join(format!("{}.log", spec.name));
+        let args = spec.args(&self.specs, &self.token);
+        self.procs[i] = Some(Supervised::spawn(&spec.name, "etcd", &args, &log)?);
+        Ok(())
+    }
+
+    /// Client URLs of every member, killed ones included.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.specs.iter().map(MemberSpec::client_url).collect()
+    }
+
+    /// The members' specs (ports, data dirs).
+    pub fn members(&self) -> &[MemberSpec] {
+        &self.specs
+    }
+
+    /// The member's process, while it runs.
+    pub fn process(&self, i: usize) -> Option<&Supervised> {
+        self.procs[i].as_ref()
+    }
+
+    /// Waits until member `i` reports healthy; the error carries its log tail.
+    pub fn wait_healthy(&self, i: usize) -> Result<()> {
+        let port = self.specs[i].client_port;
+        if wait_until(READY_TIMEOUT, || healthy(port)) {
+            return Ok(());
+        }
+        let tail = self.procs[i]
+            .as_ref()
+            .map(|p| p.log_tail(20))
+            .unwrap_or_default();
+        Err(Error::NotReady(format!(
+            "etcd member {} (client port {port}) not healthy after {READY_TIMEOUT:?}:\n{tail}",
+            self.specs[i].name
+        )))
+    }
+
+    /// Kills member `i` with SIGKILL (its data dir stays for a restart).
+    pub fn kill_member(&mut self, i: usize) -> Result<()> {
+        if let Some(mut p) = self.procs[i].take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` again from its data dir. Does not wait for health:
+    /// a lone member of a 3-member cluster has no quorum until a second one
+    /// returns.
+    pub fn restart_member(&mut self, i: usize) -> Result<()> {
+        self.kill_member(i)?;
+        self.spawn_member(i)
+    }
+}

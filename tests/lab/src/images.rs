@@ -1,0 +1,191 @@
+//! The demo challenge images, built locally from Debian's static binaries
+//! (there is no registry): a rootfs folder, `tar`, `docker import`.
+//!
+//! Bump an image's tag whenever its recipe changes: presence of the tag is
+//! what "already built" means.
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::process::Command;
+
+use crate::docker::{docker, image_exists, require_engine};
+use crate::error::{Error, Result, run};
+
+/// busybox `httpd` serving a page on [`DEMO_HTTP_PORT`]; `/cgi-bin/flag`
+/// prints the instance's `FLAG`.
+pub const DEMO_HTTP: &str = "tidegate/demo-http:1";
+pub const DEMO_HTTP_PORT: u16 = 8080;
+/// The text the demo page contains.
+pub const DEMO_HTTP_BODY: &str = "tidegate demo-http: it works";
+
+/// busybox `nc -ll -e cat` (a forked `cat` per connection) on [`DEMO_TCP_PORT`]: a line echo.
+pub const DEMO_TCP: &str = "tidegate/demo-tcp:1";
+pub const DEMO_TCP_PORT: u16 = 1337;
+
+/// dropbear on [`DEMO_SSH_PORT`]; root logs in with the public key given in
+/// the container's `AUTHORIZED_KEY` environment variable.
+pub const DEMO_SSH: &str = "tidegate/demo-ssh:1";
+pub const DEMO_SSH_PORT: u16 = 2222;
+
+/// How to build one image: its name, a rootfs builder, `docker import --change` lines.
+type Recipe = (
+    &'static str,
+    fn(&Path) -> Result<()>,
+    &'static [&'static str],
+);
+
+const BUSYBOX: &str = "/bin/busybox";
+const DROPBEAR: &str = "/usr/sbin/dropbear";
+
+/// Builds whichever demo images are missing; returns the names it built.
+pub fn ensure_demo_images() -> Result<Vec<String>> {
+    require_engine()?;
+    let recipes: [Recipe; 3] = [
+        (
+            DEMO_HTTP,
+            http_rootfs,
+            &[r#"CMD ["/bin/busybox", "httpd", "-f", "-v", "-p", "8080", "-h", "/www"]"#],
+        ),
+        (
+            DEMO_TCP,
+            busybox_rootfs,
+            &[r#"CMD ["/bin/busybox", "nc", "-ll", "-p", "1337", "-e", "/bin/busybox", "cat"]"#],
+        ),
+        (
+            DEMO_SSH,
+            ssh_rootfs,
+            &[r#"CMD ["/bin/sh", "/start-ssh.sh"]"#],
+        ),
+    ];
+    let mut built = Vec::new();
+    for (name, rootfs, changes) in recipes {
+        if image_exists(name) {
+            continue;
+        }
+        build(name, rootfs, changes)?;
+        built.push(name.to_string());
+    }
+    Ok(built)
+}
+
+fn build(name: &str, rootfs: fn(&Path) -> Result<()>, changes: &[&str]) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-image-")
+        .tempdir()?;
+    let root = work.path().join("rootfs");
+    std::fs::create_dir_all(&root)?;
+    rootfs(&root)?;
+    let tar = work.path().join("rootfs.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--owner=0", "--group=0", "-cf"])
+        .arg(&tar)
+        .arg("."))?;
+    let mut args = vec!["import".to_string()];
+    for change in changes {
+        args.push("--change".into());
+        args.push((*change).to_string());
+    }
+    args.push(tar.display().to_string());
+    args.push(name.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker(&args)?;
+    Ok(())
+}
+
+fn write(root: &Path, path: &str, contents: &str, mode: u32) -> Result<()> {
+    let file = root.join(path.trim_start_matches('/'));
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&file, contents)?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// `/bin/busybox` with a symlink per applet, a passwd with root and nobody, /tmp.
+fn busybox_rootfs(root: &Path) -> Result<()> {
+    if !Path::new(BUSYBOX).exists() {
+        return Err(Error::NotReady(format!(
+            "{BUSYBOX} is missing: install busybox-static (`cargo xtask setup`)"
+        )));
+    }
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(BUSYBOX, bin.join("busybox"))?;
+    for applet in run(Command::new(BUSYBOX).arg("--list"))?.lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "busybox" {
+            symlink("busybox", bin.join(applet))?;
+        }
+    }
+    std::fs::create_dir_all(root.join("tmp"))?;
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    write(
+        root,
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        0o644,
+    )?;
+    write(root, "/etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    Ok(())
+}
+
+fn http_rootfs(root: &Path) -> Result<()> {
+    busybox_rootfs(root)?;
+    write(
+        root,
+        "/www/index.html",
+        &format!("<!doctype html><title>demo-http</title><p>{DEMO_HTTP_BODY}</p>\n"),
+        0o644,
+    )?;
+    write(
+        root,
+        "/www/cgi-bin/flag",
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$FLAG\"\n",
+        0o755,
+    )
+}
+
+fn ssh_rootfs(root: &Path) -> Result<()> {
+    busybox_rootfs(root)?;
+    if !Path::new(DROPBEAR).exists() {
+        return Err(Error::NotReady(format!(
+            "{DROPBEAR} is missing: install dropbear-bin (`cargo xtask setup`)"
+        )));
+    }
+    copy_into(root, DROPBEAR)?;
+    // The dynamic libraries dropbear needs, at the paths ldd reports.
+    for line in run(Command::new("ldd").arg(DROPBEAR))?.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            copy_into(root, path)?;
+        }
+    }
+    write(root, "/etc/shadow", "root:*:19000:0:99999:7:::\n", 0o600)?;
+    write(root, "/etc/shells", "/bin/sh\n", 0o644)?;
+    std::fs::create_dir_all(root.join("etc/dropbear"))?;
+    std::fs::create_dir_all(root.join("root"))?;
+    write(
+        root,
+        "/start-ssh.sh",
+        "#!/bin/sh\nset -e\nmkdir -p /root/.ssh\nprintf '%s\\n' \"$AUTHORIZED_KEY\" > /root/.ssh/authorized_keys\n\
+         chmod 700 /root /root/.ssh\nchmod 600 /root/.ssh/authorized_keys\n\
+         exec /usr/sbin/dropbear -F -E -R -s -p 2222\n",
+        0o755,
+    )
+}
+
+/// Copies the host file at `path` to the same path under `root`, following links.
+fn copy_into(root: &Path, path: &str) -> Result<()> {
+    let dest = root.join(path.trim_start_matches('/'));
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(path, &dest)?;
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! `cargo xtask ci`: what CI runs, in order, stopping at the first failure.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{setup, sh, workspace_root};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CiArgs {
+    /// Skip `cargo xtask setup` (for a machine that is known to be set up).
+    #[arg(long)]
+    skip_setup: bool,
+}
+
+pub(crate) fn run(args: CiArgs) -> Result<()> {
+    let root = workspace_root();
+    if !args.skip_setup {
+        println!("== setup");
+        setup::run()?;
+    }
+    println!("== cargo fmt --check");
+    sh::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    println!("== cargo clippy --all-targets -- -D warnings");
+    sh::run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    println!("== tests (cargo nextest, real etcd, Docker and netns)");
+    sh::run(Command::new("cargo").current_dir(&root).args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--no-fail-fast",
+    ]))?;
+    Ok(())
+}

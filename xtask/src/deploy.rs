@@ -1,0 +1,303 @@
+//! `cargo xtask deploy local`: a whole cluster on this machine.
+//!
+//! Foreground by default: Ctrl-C (or SIGTERM) removes everything it made.
+//! `--detach` returns once the cluster is healthy, leaving the processes
+//! running and `.tidegate/local.json` written; `--down` removes a detached
+//! cluster. What it made is recorded in `.tidegate/local.state.json`, so
+//! `--down` ends exactly those processes, by pid, and nothing else.
+//!
+//! Until the controller (#3) and the agents (#4–#6) exist it starts what
+//! exists: one etcd member.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tidegate_lab::etcd::{healthy, plan_members};
+use tidegate_lab::process::pid_alive;
+
+use crate::workspace_root;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DeployArgs {
+    #[command(subcommand)]
+    target: Target,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Target {
+    /// A local cluster: 1 etcd member, the controller, two agents with
+    /// distinct addresses (starting what exists so far).
+    Local(LocalArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LocalArgs {
+    /// Return once the cluster is healthy and leave it running.
+    #[arg(long, conflicts_with = "down")]
+    detach: bool,
+    /// Stop a detached cluster and remove everything it made.
+    #[arg(long)]
+    down: bool,
+}
+
+/// `.tidegate/local.json`: the contract other tools (CLI, tests, scripts) read.
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalJson {
+    /// The controller's API; null until the controller exists (#3).
+    api: Option<String>,
+    admin_token: String,
+    platform_token: String,
+    /// One `addr:port` per agent.
+    http_entries: Vec<String>,
+    /// One address per agent.
+    tcp_hosts: Vec<String>,
+    domain: String,
+    etcd: Vec<String>,
+}
+
+/// What `--down` needs to undo a cluster.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    cluster_id: String,
+    run_dir: PathBuf,
+    processes: Vec<Proc>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Proc {
+    name: String,
+    pid: u32,
+    /// Start time in clock ticks (field 22 of /proc/pid/stat), so a pid the
+    /// kernel reused for another program is never signalled.
+    started: u64,
+}
+
+pub(crate) fn run(args: DeployArgs) -> Result<()> {
+    match args.target {
+        Target::Local(local) => {
+            // TIDEGATE_STATE_DIR lets tests run a cluster beside a developer's own.
+            let dir = std::env::var_os("TIDEGATE_STATE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join(".tidegate"));
+            if local.down {
+                down(&dir)
+            } else {
+                up(&dir, local.detach)
+            }
+        }
+    }
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("local.state.json")
+}
+
+fn up(dir: &Path, detach: bool) -> Result<()> {
+    // A fresh machine needs its packages, Docker engine and images first;
+    // on a machine that has them this is a quick check.
+    crate::setup::run().context("cargo xtask setup")?;
+    if let Ok(text) = std::fs::read_to_string(state_path(dir)) {
+        let state: State =
+            serde_json::from_str(&text).context("reading .tidegate/local.state.json")?;
+        if state.processes.iter().any(same_process) {
+            bail!(
+                "a local cluster ({}) is already running: `cargo xtask deploy local --down` stops it",
+                state.cluster_id
+            );
+        }
+        println!(
+            "cleaning up a local cluster that is no longer running ({})",
+            state.cluster_id
+        );
+        teardown(dir, &state)?;
+    }
+    let cluster_id = format!("local-{:08x}", rand::random::<u32>());
+    let run_dir = dir.join(&cluster_id);
+    std::fs::create_dir_all(&run_dir)?;
+    let mut state = State {
+        cluster_id: cluster_id.clone(),
+        run_dir: run_dir.clone(),
+        processes: Vec::new(),
+    };
+    // Record the state before starting anything, so a failure half-way is undone.
+    let result = start(dir, &mut state);
+    if let Err(e) = result {
+        eprintln!("start failed, removing what was made: {e:#}");
+        teardown(dir, &state)?;
+        return Err(e);
+    }
+    println!(
+        "not started yet: the controller (issue #3) and the agents (issues #4–#6) do not exist yet"
+    );
+    println!("wrote {}", dir.join("local.json").display());
+    if detach {
+        println!("detached: `cargo xtask deploy local --down` stops it");
+        return Ok(());
+    }
+    println!("running in the foreground; Ctrl-C stops it and removes everything it made");
+    let why = wait_for_stop(&state)?;
+    println!("\n{why}: stopping");
+    teardown(dir, &state)
+}
+
+fn start(dir: &Path, state: &mut State) -> Result<()> {
+    let save = |state: &State| -> Result<()> {
+        std::fs::write(state_path(dir), serde_json::to_vec_pretty(state)?)?;
+        Ok(())
+    };
+    save(state)?;
+    let etcd_dir = state.run_dir.join("etcd");
+    let members = plan_members(1, &etcd_dir)?;
+    let member = &members[0];
+    let token = format!("tidegate-{}", state.cluster_id);
+    let log = state.run_dir.join("etcd.log");
+    let pid = spawn_detached("etcd", &member.args(&members, &token), &log)?;
+    state.processes.push(Proc {
+        name: "etcd".into(),
+        pid,
+        started: start_time(pid).unwrap_or(0),
+    });
+    save(state)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !healthy(member.client_port) {
+        if Instant::now() > deadline || !pid_alive(pid) {
+            bail!("etcd did not become healthy; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "etcd       {}  (pid {pid}, log {})",
+        member.client_url(),
+        log.display()
+    );
+
+    let local = LocalJson {
+        api: None,
+        admin_token: random_token(),
+        platform_token: random_token(),
+        http_entries: Vec::new(),
+        tcp_hosts: Vec::new(),
+        domain: "ctf.localhost".into(),
+        etcd: vec![member.client_url()],
+    };
+    std::fs::write(dir.join("local.json"), serde_json::to_vec_pretty(&local)?)?;
+    Ok(())
+}
+
+fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Starts `program` in its own process group (so Ctrl-C reaches only us and
+/// we stop it in order), output appended to `log`.
+fn spawn_detached(program: &str, args: &[String], log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("could not start {program} (run `cargo xtask setup`)"))?;
+    Ok(child.id())
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state); the start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `p` still names the process we started.
+fn same_process(p: &Proc) -> bool {
+    pid_alive(p.pid) && start_time(p.pid) == Some(p.started)
+}
+
+/// Blocks until Ctrl-C, SIGTERM, or a process of the cluster dies.
+fn wait_for_stop(state: &State) -> Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok("Ctrl-C".to_string()),
+                _ = term.recv() => return Ok("SIGTERM".to_string()),
+                _ = tick.tick() => {
+                    if let Some(dead) = state.processes.iter().find(|p| !same_process(p)) {
+                        return Ok(format!("{} (pid {}) exited; see {}", dead.name, dead.pid, state.run_dir.display()));
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn down(dir: &Path) -> Result<()> {
+    let text = match std::fs::read_to_string(state_path(dir)) {
+        Ok(text) => text,
+        Err(_) => {
+            println!(
+                "no local cluster is recorded in {}: nothing to stop",
+                dir.display()
+            );
+            return Ok(());
+        }
+    };
+    let state: State = serde_json::from_str(&text).context("reading .tidegate/local.state.json")?;
+    teardown(dir, &state)
+}
+
+/// Ends the cluster's processes (SIGTERM, then SIGKILL after 10 s), removes
+/// its containers, run dir, local.json and state file.
+fn teardown(dir: &Path, state: &State) -> Result<()> {
+    for p in state.processes.iter().rev() {
+        if !same_process(p) {
+            continue;
+        }
+        let _ = Command::new("kill").arg(p.pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while same_process(p) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if same_process(p) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.pid.to_string()])
+                .status();
+        }
+        println!("stopped {} (pid {})", p.name, p.pid);
+    }
+    if tidegate_lab::docker::engine_up() {
+        let label = format!("label=tidegate.cluster={}", state.cluster_id);
+        if let Ok(ids) = tidegate_lab::docker::docker(&["ps", "-aq", "--filter", &label]) {
+            for id in ids.lines().filter(|l| !l.is_empty()) {
+                tidegate_lab::docker::docker(&["rm", "-f", "-v", id])?;
+                println!("removed container {id}");
+            }
+        }
+    }
+    if state.run_dir.starts_with(dir) && state.run_dir.exists() {
+        std::fs::remove_dir_all(&state.run_dir)?;
+        println!("removed {}", state.run_dir.display());
+    }
+    for file in [dir.join("local.json"), state_path(dir)] {
+        if file.exists() {
+            std::fs::remove_file(&file)?;
+        }
+    }
+    // Leave no empty .tidegate/ behind either.
+    let _ = std::fs::remove_dir(dir);
+    println!("local cluster {} removed", state.cluster_id);
+    Ok(())
+}

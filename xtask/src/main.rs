@@ -1,0 +1,81 @@
+//! `cargo xtask`: everything the project needs beyond `cargo build`.
+//!
+//! Each subcommand is a module; `--help` on any of them says what it does.
+
+mod ci;
+mod deploy;
+mod setup;
+mod sh;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "tidegate project automation", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install and start everything the project needs on a fresh Debian
+    /// machine (packages, Rust toolchains and targets, bpf-linker, a Docker
+    /// engine on 198.18.0.0/15, bpffs, the demo images). Idempotent: a second
+    /// run changes nothing and says so.
+    Setup,
+    /// Build the eBPF programs (lands with issue #6).
+    BuildEbpf,
+    /// Build the example policy plugins (lands with issue #7).
+    BuildPlugins,
+    /// Start a cluster.
+    Deploy(deploy::DeployArgs),
+    /// What CI runs: setup, `cargo fmt --check`, `cargo clippy --all-targets
+    /// -- -D warnings`, then the whole test suite against real components.
+    Ci(ci::CiArgs),
+    /// Run benchmarks and regenerate docs/benchmarks.md (filled by #5–#8).
+    Bench {
+        /// Which benchmark to run (`http`, `tcp`, `plugins`, ...); all when omitted.
+        which: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run().map(|_| ()),
+        Command::BuildEbpf => not_yet("build-ebpf", 6),
+        Command::BuildPlugins => not_yet("build-plugins", 7),
+        Command::Deploy(args) => deploy::run(args),
+        Command::Ci(args) => ci::run(args),
+        Command::Bench { which } => bench(which),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn not_yet(what: &str, issue: u32) -> Result<()> {
+    anyhow::bail!("`cargo xtask {what}`: not yet — it lands with issue #{issue}")
+}
+
+fn bench(which: Option<String>) -> Result<()> {
+    match which {
+        Some(name) => anyhow::bail!(
+            "no benchmark named {name:?} yet: http lands with #5, tcp with #6, plugins with #7"
+        ),
+        None => {
+            println!("bench: no benchmarks yet (http #5, tcp #6, plugins #7, the full report #8)");
+            Ok(())
+        }
+    }
+}
+
+/// The workspace root (the folder holding the top-level Cargo.toml).
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
