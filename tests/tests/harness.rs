@@ -116,10 +116,10 @@ fn etcd_is_removed_on_drop_and_on_panic() {
 #[test]
 #[ignore = "helper, started by another test"]
 fn helper_parent_that_gets_killed() {
-    if std::env::var_os("TIDEGATE_HELPER").is_none() {
+    let Some(log) = std::env::var_os("TIDEGATE_HELPER_LOG") else {
         return;
-    }
-    let log = std::env::temp_dir().join(format!("tidegate-helper-{}.log", std::process::id()));
+    };
+    let log = std::path::PathBuf::from(log);
     let child = Supervised::spawn("sleep", "sleep", &["600".into()], &log).unwrap();
     println!("CHILD {}", child.pid());
     std::thread::sleep(Duration::from_secs(600));
@@ -128,6 +128,7 @@ fn helper_parent_that_gets_killed() {
 #[test]
 fn a_killed_test_process_leaves_no_child_behind() {
     let exe = std::env::current_exe().unwrap();
+    let logs = tempfile::tempdir().unwrap();
     let mut parent = Command::new(exe)
         .args([
             "--exact",
@@ -135,7 +136,7 @@ fn a_killed_test_process_leaves_no_child_behind() {
             "--ignored",
             "--nocapture",
         ])
-        .env("TIDEGATE_HELPER", "1")
+        .env("TIDEGATE_HELPER_LOG", logs.path().join("child.log"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
