@@ -276,6 +276,12 @@ fn teardown(dir: &Path, state: &State) -> Result<()> {
                 .args(["-KILL", &p.pid.to_string()])
                 .status();
         }
+        // A detached process's parent is init, which reaps it a moment
+        // later: wait for that too, so no zombie is left in the listing.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while start_time(p.pid) == Some(p.started) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         println!("stopped {} (pid {})", p.name, p.pid);
     }
     if tidegate_lab::docker::engine_up() {
