@@ -1,0 +1,159 @@
+//! Challenges in etcd, written put-if-revision.
+//!
+//! A write with `if_match: Some(r)` lands only while the stored record's
+//! mod_revision is still `r`; `Some(0)` means "only if it does not exist".
+//! Without `if_match` the write is unconditional (last writer wins), as an
+//! organizer's plain `PUT` expects.
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use tidegate_schema::{ChallengeName, ChallengeRecord, ChallengeSpec, Key, Keyspace, Record, V1};
+
+/// Why a challenge operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    #[error("challenge {name:?} is at revision {current}, not {expected} (If-Match)")]
+    RevisionMismatch {
+        name: String,
+        expected: i64,
+        /// 0 when it does not exist.
+        current: i64,
+    },
+    #[error("challenge {0:?} does not exist")]
+    NotFound(String),
+    #[error("stored challenge {key}: {error}")]
+    Corrupt { key: String, error: String },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// A record with the revision it was stored at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored<T> {
+    pub value: T,
+    pub revision: i64,
+}
+
+/// Challenge records under one keyspace.
+#[derive(Clone)]
+pub struct Challenges {
+    client: Client,
+    keys: Keyspace,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Challenges {
+    pub fn new(client: Client, keys: Keyspace) -> Self {
+        Self { client, keys }
+    }
+
+    fn key(&self, name: &ChallengeName) -> String {
+        self.keys.key(&Key::Challenge(name.clone()))
+    }
+
+    /// Stores `spec` as challenge `name` (keeping its policy pointer).
+    /// Returns the new revision and whether the challenge was created.
+    pub async fn put(
+        &self,
+        name: &ChallengeName,
+        spec: ChallengeSpec,
+        if_match: Option<i64>,
+    ) -> Result<(i64, bool), ChallengeError> {
+        let key = self.key(name);
+        let mut client = self.client.clone();
+        // Read first only to carry the policy pointer over; the Txn below
+        // guards against anything changing in between.
+        let current = self.get(name).await;
+        let (policy, seen) = match current {
+            Ok(s) => (s.value.policy, s.revision),
+            Err(ChallengeError::NotFound(_)) => (None, 0),
+            Err(e) => return Err(e),
+        };
+        if let Some(expected) = if_match.filter(|e| *e != seen) {
+            return Err(ChallengeError::RevisionMismatch {
+                name: name.to_string(),
+                expected,
+                current: seen,
+            });
+        }
+        let record = ChallengeRecord {
+            v: V1,
+            name: name.clone(),
+            spec,
+            policy,
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, seen)])
+            .and_then([TxnOp::put(key.as_str(), record.encode(), None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = client.txn(txn).await?;
+        if resp.succeeded() {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            return Ok((revision, seen == 0));
+        }
+        let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.mod_revision());
+        Err(ChallengeError::RevisionMismatch {
+            name: name.to_string(),
+            expected: if_match.unwrap_or(seen),
+            current,
+        })
+    }
+
+    /// The stored challenge and its revision.
+    pub async fn get(
+        &self,
+        name: &ChallengeName,
+    ) -> Result<Stored<ChallengeRecord>, ChallengeError> {
+        let key = self.key(name);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| ChallengeError::NotFound(name.to_string()))?;
+        let value = ChallengeRecord::decode(kv.value()).map_err(|e| ChallengeError::Corrupt {
+            key: key.clone(),
+            error: e.to_string(),
+        })?;
+        Ok(Stored {
+            value,
+            revision: kv.mod_revision(),
+        })
+    }
+
+    /// Deletes the challenge, optionally only at revision `if_match`.
+    pub async fn delete(
+        &self,
+        name: &ChallengeName,
+        if_match: Option<i64>,
+    ) -> Result<(), ChallengeError> {
+        let key = self.key(name);
+        let mut compares = vec![Compare::version(key.as_str(), CompareOp::Greater, 0)];
+        if let Some(r) = if_match {
+            compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, r));
+        }
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([TxnOp::delete(key.as_str(), None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.mod_revision());
+        match (current, if_match) {
+            (0, _) => Err(ChallengeError::NotFound(name.to_string())),
+            (current, Some(expected)) => Err(ChallengeError::RevisionMismatch {
+                name: name.to_string(),
+                expected,
+                current,
+            }),
+            (_, None) => Err(ChallengeError::NotFound(name.to_string())),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The spawn transaction: fencing, claims and the record in one Txn.
+//!
+//! One Txn, all bound to a new lease whose TTL is the instance's lifetime:
+//! - compare: the scheduler's election key still has the create revision
+//!   that is our fencing token (a paused ex-leader cannot commit);
+//! - compare: the instance key, each hostname claim, each TCP port claim and
+//!   the chosen team slot do not exist (so nothing is handed out twice and
+//!   `per_team_max` holds under any concurrency);
+//! - then: put the claims and the instance record.
+//!
+//! A lost race on a claim retries with fresh choices; a lost fence does not.
+
+use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use tidegate_schema::{
+    ChallengeRecord, ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord, Key, Keyspace,
+    Protocol, Record, TcpRoute, TeamId, V1, WorkerId,
+};
+
+/// How many times a spawn retries after losing a race for a claim.
+const MAX_ATTEMPTS: u32 = 16;
+
+/// Everything the scheduler decided before writing.
+#[derive(Debug, Clone)]
+pub struct SpawnPlan {
+    pub keys: Keyspace,
+    /// The scheduler's election key and its create revision (the token).
+    pub leader_key: String,
+    pub token: i64,
+    pub challenge: ChallengeRecord,
+    pub team: TeamId,
+    pub worker: WorkerId,
+    /// Hostnames are `{id}.{domain}` (first HTTP port) and `{id}-{port}.{domain}`.
+    pub domain: String,
+    /// Public TCP ports are drawn from this range.
+    pub tcp_ports: RangeInclusive<u16>,
+    pub ttl_secs: u64,
+    pub now: u64,
+}
+
+/// What the Txn wrote.
+#[derive(Debug, Clone)]
+pub struct Spawned {
+    pub record: InstanceRecord,
+    pub lease: i64,
+    pub revision: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(
+        "not the scheduler any more: fencing token {token} is stale (election key now {current})"
+    )]
+    Fenced { token: i64, current: i64 },
+    #[error("team {team:?} already has {max} live instance(s) of {challenge:?}")]
+    TeamLimit {
+        team: String,
+        challenge: String,
+        max: u32,
+    },
+    #[error("could not claim free names and ports after {MAX_ATTEMPTS} attempts")]
+    Contended,
+    #[error("the TCP port range {0:?} is too small for this challenge")]
+    PortRange(RangeInclusive<u16>),
+    #[error("invalid {what}: {error}")]
+    Invalid { what: &'static str, error: String },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// Writes one instance; `flag` makes the flag of a chosen instance id.
+pub async fn spawn(
+    client: &Client,
+    plan: &SpawnPlan,
+    flag: impl Fn(&InstanceId) -> String,
+) -> Result<Spawned, SpawnError> {
+    let mut client = client.clone();
+    let spec = &plan.challenge.spec;
+    let tcp_needed = spec
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Tcp)
+        .count();
+    if tcp_needed > plan.tcp_ports.len() {
+        return Err(SpawnError::PortRange(plan.tcp_ports.clone()));
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        let slot = free_team_slot(&mut client, plan).await?;
+        let record = draft(plan, &flag)?;
+        let lease = client.lease_grant(plan.ttl_secs as i64, None).await?.id();
+        match commit(&mut client, plan, &record, slot, lease).await {
+            Ok(revision) => {
+                return Ok(Spawned {
+                    record,
+                    lease,
+                    revision,
+                });
+            }
+            Err(e) => {
+                // Nothing is bound to the lease; drop it now rather than at expiry.
+                let _ = client.lease_revoke(lease).await;
+                match e {
+                    Some(e) => return Err(e),
+                    None => tracing::debug!(instance = %record.id, "lost a claim race; retrying"),
+                }
+            }
+        }
+    }
+    Err(SpawnError::Contended)
+}
+
+/// The lowest team slot not taken, or `TeamLimit`.
+async fn free_team_slot(client: &mut Client, plan: &SpawnPlan) -> Result<u32, SpawnError> {
+    let prefix = plan
+        .keys
+        .team_slots_prefix(&plan.challenge.name, &plan.team);
+    let taken: BTreeSet<String> = client
+        .get(
+            prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    let max = plan.challenge.spec.per_team_max;
+    (0..max)
+        .find(|slot| !taken.contains(&slot_key(plan, *slot)))
+        .ok_or_else(|| SpawnError::TeamLimit {
+            team: plan.team.to_string(),
+            challenge: plan.challenge.name.to_string(),
+            max,
+        })
+}
+
+fn slot_key(plan: &SpawnPlan, slot: u32) -> String {
+    plan.keys.key(&Key::TeamSlot {
+        challenge: plan.challenge.name.clone(),
+        team: plan.team.clone(),
+        slot,
+    })
+}
+
+/// A record with a fresh id, hostnames and random free-looking TCP ports.
+fn draft(
+    plan: &SpawnPlan,
+    flag: &impl Fn(&InstanceId) -> String,
+) -> Result<InstanceRecord, SpawnError> {
+    let spec = &plan.challenge.spec;
+    let id = InstanceId::from_random(rand::random());
+    let mut http = Vec::new();
+    let mut tcp: Vec<TcpRoute> = Vec::new();
+    for p in &spec.ports {
+        match p.protocol {
+            Protocol::Http => {
+                let label = if http.is_empty() {
+                    id.to_string()
+                } else {
+                    format!("{id}-{}", p.name)
+                };
+                let hostname =
+                    Hostname::parse(&format!("{label}.{}", plan.domain)).map_err(|e| {
+                        SpawnError::Invalid {
+                            what: "domain",
+                            error: e.to_string(),
+                        }
+                    })?;
+                http.push(HttpRoute {
+                    port_name: p.name.clone(),
+                    hostname,
+                    target_port: p.port,
+                });
+            }
+            Protocol::Tcp => {
+                let port = loop {
+                    let candidate = rand::random_range(plan.tcp_ports.clone());
+                    if !tcp.iter().any(|r| r.port == candidate) {
+                        break candidate;
+                    }
+                };
+                tcp.push(TcpRoute {
+                    port_name: p.name.clone(),
+                    port,
+                    target_port: p.port,
+                });
+            }
+        }
+    }
+    Ok(InstanceRecord {
+        v: V1,
+        flag: flag(&id),
+        id,
+        challenge: plan.challenge.name.clone(),
+        team: plan.team.clone(),
+        worker: plan.worker.clone(),
+        token: plan.token,
+        created_at: plan.now,
+        expires_at: plan.now + plan.ttl_secs,
+        renewals: 0,
+        http,
+        tcp,
+        container: ContainerSpec {
+            image: spec.image.clone(),
+            env: spec.env.clone(),
+            limits: spec.limits.clone(),
+            egress: spec.egress,
+            read_only_rootfs: spec.read_only_rootfs,
+            cap_add: spec.cap_add.clone(),
+        },
+    })
+}
+
+/// Runs the Txn. `Ok(revision)` on success; `Err(None)` when a claim was
+/// taken (retry); `Err(Some(e))` when retrying cannot help.
+async fn commit(
+    client: &mut Client,
+    plan: &SpawnPlan,
+    record: &InstanceRecord,
+    slot: u32,
+    lease: i64,
+) -> Result<i64, Option<SpawnError>> {
+    let ks = &plan.keys;
+    let id = record.id.to_string();
+    let mut claims = vec![
+        ks.key(&Key::Instance(record.id.clone())),
+        slot_key(plan, slot),
+    ];
+    claims.extend(
+        record
+            .http
+            .iter()
+            .map(|r| ks.key(&Key::HostnameClaim(r.hostname.clone()))),
+    );
+    claims.extend(record.tcp.iter().map(|r| ks.key(&Key::PortClaim(r.port))));
+    let mut compares = vec![Compare::create_revision(
+        plan.leader_key.as_str(),
+        CompareOp::Equal,
+        plan.token,
+    )];
+    compares.extend(
+        claims
+            .iter()
+            .map(|k| Compare::version(k.as_str(), CompareOp::Equal, 0)),
+    );
+    let with_lease = || Some(PutOptions::new().with_lease(lease));
+    let mut puts = vec![TxnOp::put(
+        claims[0].as_str(),
+        record.encode(),
+        with_lease(),
+    )];
+    puts.extend(
+        claims[1..]
+            .iter()
+            .map(|k| TxnOp::put(k.as_str(), id.as_str(), with_lease())),
+    );
+    let txn = Txn::new()
+        .when(compares)
+        .and_then(puts)
+        .or_else([TxnOp::get(plan.leader_key.as_str(), None)]);
+    let resp = client.txn(txn).await.map_err(|e| Some(e.into()))?;
+    if resp.succeeded() {
+        return Ok(resp.header().map_or(0, |h| h.revision()));
+    }
+    let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.create_revision());
+    if current != plan.token {
+        tracing::warn!(token = plan.token, current, instance = %record.id, "spawn refused: fenced");
+        return Err(Some(SpawnError::Fenced {
+            token: plan.token,
+            current,
+        }));
+    }
+    Err(None)
+}

@@ -1,0 +1,279 @@
+//! The store layer against a real 3-member etcd: put-if-revision, the spawn
+//! Txn's claims under concurrency, fencing, and lease expiry.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use tidegate_controller::{ChallengeError, Challenges, SpawnError, SpawnPlan, spawn};
+use tidegate_lab::etcd::EtcdCluster;
+use tidegate_schema::{ChallengeName, ChallengeSpec, Keyspace, TeamId, WorkerId, decode_json};
+
+fn spec(json: &str) -> ChallengeSpec {
+    decode_json(json.as_bytes()).unwrap()
+}
+
+fn web_spec() -> ChallengeSpec {
+    spec(
+        r#"{"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
+    )
+}
+
+async fn count(client: &mut Client, prefix: &str) -> usize {
+    client
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .count() as usize
+}
+
+/// Becomes leader of the keyspace's election; returns (leader key, token, lease).
+async fn campaign(client: &mut Client, ks: &Keyspace, ttl: i64) -> (String, i64, i64) {
+    let lease = client.lease_grant(ttl, None).await.unwrap().id();
+    let resp = client
+        .campaign(ks.election_name(), "test-leader", lease)
+        .await
+        .unwrap();
+    let leader = resp.leader().unwrap();
+    (leader.key_str().unwrap().to_string(), leader.rev(), lease)
+}
+
+fn plan(
+    ks: &Keyspace,
+    challenge: tidegate_schema::ChallengeRecord,
+    key: &str,
+    token: i64,
+    team: &str,
+) -> SpawnPlan {
+    SpawnPlan {
+        keys: ks.clone(),
+        leader_key: key.to_string(),
+        token,
+        challenge,
+        team: TeamId::parse(team).unwrap(),
+        worker: WorkerId::parse("worker-a").unwrap(),
+        domain: "ctf.localhost".into(),
+        tcp_ports: 20000..=29999,
+        ttl_secs: 600,
+        now: 1_700_000_000,
+    }
+}
+
+#[tokio::test]
+async fn if_match_lets_exactly_one_of_two_writers_win() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let store = Challenges::new(client.clone(), Keyspace::default());
+    let name = ChallengeName::parse("web").unwrap();
+    let (rev, created) = store.put(&name, web_spec(), Some(0)).await.unwrap();
+    assert!(created);
+
+    let mut a = web_spec();
+    a.per_team_max = 2;
+    let mut b = web_spec();
+    b.per_team_max = 3;
+    let (ra, rb) = tokio::join!(
+        store.put(&name, a, Some(rev)),
+        store.put(&name, b, Some(rev))
+    );
+    let (ok, err) = match (ra, rb) {
+        (Ok(ok), Err(err)) | (Err(err), Ok(ok)) => (ok, err),
+        other => panic!("wanted exactly one winner, got {other:?}"),
+    };
+    let ChallengeError::RevisionMismatch {
+        expected, current, ..
+    } = err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!((expected, current), (rev, ok.0));
+    let stored = store.get(&name).await.unwrap();
+    assert_eq!(stored.revision, ok.0);
+    assert!([2, 3].contains(&stored.value.spec.per_team_max));
+
+    // Create-only on an existing challenge, and a stale delete, change nothing.
+    assert!(matches!(
+        store.put(&name, web_spec(), Some(0)).await,
+        Err(ChallengeError::RevisionMismatch { .. })
+    ));
+    assert!(matches!(
+        store.delete(&name, Some(rev)).await,
+        Err(ChallengeError::RevisionMismatch { .. })
+    ));
+    assert_eq!(store.get(&name).await.unwrap(), stored);
+    store.delete(&name, Some(stored.revision)).await.unwrap();
+    assert!(matches!(
+        store.get(&name).await,
+        Err(ChallengeError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn fifty_concurrent_spawns_for_one_team_with_per_team_max_1_yield_exactly_one() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let ks = Keyspace::default();
+    let store = Challenges::new(client.clone(), ks.clone());
+    let name = ChallengeName::parse("web").unwrap();
+    store.put(&name, web_spec(), None).await.unwrap();
+    let challenge = store.get(&name).await.unwrap().value;
+    let (key, token, _) = campaign(&mut client, &ks, 30).await;
+
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (client, plan) = (
+                client.clone(),
+                plan(&ks, challenge.clone(), &key, token, "team-1"),
+            );
+            tokio::spawn(async move { spawn(&client, &plan, |id| format!("flag{{{id}}}")).await })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(SpawnError::TeamLimit { max: 1, .. }) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(
+        count(&mut client, &ks.prefix(tidegate_schema::Kind::Instances)).await,
+        1
+    );
+    assert_eq!(
+        count(&mut client, &ks.prefix(tidegate_schema::Kind::TeamSlots)).await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_spawns_never_share_a_hostname_or_port() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let ks = Keyspace::default();
+    let store = Challenges::new(client.clone(), ks.clone());
+    let name = ChallengeName::parse("multi").unwrap();
+    let multi = spec(
+        r#"{"image": "x", "per_team_max": 2, "ports": [
+            {"name": "web", "port": 80, "protocol": "http"},
+            {"name": "api", "port": 81, "protocol": "http"},
+            {"name": "nc", "port": 1337, "protocol": "tcp"}]}"#,
+    );
+    store.put(&name, multi, None).await.unwrap();
+    let challenge = store.get(&name).await.unwrap().value;
+    let (key, token, _) = campaign(&mut client, &ks, 30).await;
+
+    // A small port range makes collisions likely, so the claims are exercised.
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let mut p = plan(
+                &ks,
+                challenge.clone(),
+                &key,
+                token,
+                &format!("team-{}", i / 2),
+            );
+            p.tcp_ports = 30000..=30499;
+            let client = client.clone();
+            tokio::spawn(async move { spawn(&client, &p, |_| "flag{x}".into()).await })
+        })
+        .collect();
+    let mut hostnames = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for t in tasks {
+        let s = t.await.unwrap().unwrap();
+        for r in &s.record.http {
+            assert!(
+                hostnames.insert(r.hostname.clone()),
+                "hostname {} handed out twice",
+                r.hostname
+            );
+        }
+        for r in &s.record.tcp {
+            assert!(ports.insert(r.port), "port {} handed out twice", r.port);
+        }
+    }
+    assert_eq!((hostnames.len(), ports.len()), (400, 200));
+    assert_eq!(
+        count(
+            &mut client,
+            &ks.prefix(tidegate_schema::Kind::HostnameClaims)
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        count(&mut client, &ks.prefix(tidegate_schema::Kind::PortClaims)).await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_fenced_scheduler_writes_nothing() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let ks = Keyspace::default();
+    let store = Challenges::new(client.clone(), ks.clone());
+    let name = ChallengeName::parse("web").unwrap();
+    store.put(&name, web_spec(), None).await.unwrap();
+    let challenge = store.get(&name).await.unwrap().value;
+
+    let (old_key, old_token, old_lease) = campaign(&mut client, &ks, 30).await;
+    // The old leader's lease ends (as when it is paused past its TTL) and another wins.
+    client.lease_revoke(old_lease).await.unwrap();
+    let (new_key, new_token, _) = campaign(&mut client, &ks, 30).await;
+    assert!(new_token > old_token);
+
+    let stale = plan(&ks, challenge.clone(), &old_key, old_token, "team-1");
+    let err = spawn(&client, &stale, |_| "flag{x}".into())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SpawnError::Fenced { token, .. } if token == old_token),
+        "{err}"
+    );
+    assert_eq!(count(&mut client, "/tidegate/instances/").await, 0);
+    assert_eq!(count(&mut client, "/tidegate/claims/").await, 0);
+
+    let fresh = plan(&ks, challenge, &new_key, new_token, "team-1");
+    let s = spawn(&client, &fresh, |_| "flag{x}".into()).await.unwrap();
+    assert_eq!(s.record.token, new_token);
+}
+
+#[tokio::test]
+async fn an_expiring_lease_removes_every_key_of_the_instance() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let ks = Keyspace::default();
+    let store = Challenges::new(client.clone(), ks.clone());
+    let name = ChallengeName::parse("both").unwrap();
+    let both = spec(
+        r#"{"image": "x", "ports": [{"name": "web", "port": 80, "protocol": "http"},
+            {"name": "nc", "port": 1337, "protocol": "tcp"}]}"#,
+    );
+    store.put(&name, both, None).await.unwrap();
+    let challenge = store.get(&name).await.unwrap().value;
+    let (key, token, _) = campaign(&mut client, &ks, 30).await;
+    let mut p = plan(&ks, challenge, &key, token, "team-1");
+    p.ttl_secs = 2;
+    spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
+    assert_eq!(count(&mut client, "/tidegate/instances/").await, 1);
+    assert_eq!(count(&mut client, "/tidegate/claims/").await, 3);
+    let mut gone = false;
+    for _ in 0..100 {
+        if count(&mut client, "/tidegate/instances/").await == 0
+            && count(&mut client, "/tidegate/claims/").await == 0
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "instance keys outlived their 2 s lease by 10 s");
+}
