@@ -10,7 +10,7 @@
 //! exists: one etcd member.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -112,7 +112,7 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
             "cleaning up a local cluster that is no longer running ({})",
             state.cluster_id
         );
-        teardown(dir, &state)?;
+        teardown(dir, &state, &mut Vec::new())?;
     }
     let cluster_id = format!("local-{:08x}", rand::random::<u32>());
     let run_dir = dir.join(&cluster_id);
@@ -123,10 +123,12 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         processes: Vec::new(),
     };
     // Record the state before starting anything, so a failure half-way is undone.
-    let result = start(dir, &mut state);
+    // The processes we start are our children while we run: we reap them.
+    let mut children = Vec::new();
+    let result = start(dir, &mut state, &mut children);
     if let Err(e) = result {
         eprintln!("start failed, removing what was made: {e:#}");
-        teardown(dir, &state)?;
+        teardown(dir, &state, &mut children)?;
         return Err(e);
     }
     println!(
@@ -140,10 +142,10 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
     println!("running in the foreground; Ctrl-C stops it and removes everything it made");
     let why = wait_for_stop(&state)?;
     println!("\n{why}: stopping");
-    teardown(dir, &state)
+    teardown(dir, &state, &mut children)
 }
 
-fn start(dir: &Path, state: &mut State) -> Result<()> {
+fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()> {
     let save = |state: &State| -> Result<()> {
         std::fs::write(state_path(dir), serde_json::to_vec_pretty(state)?)?;
         Ok(())
@@ -154,7 +156,9 @@ fn start(dir: &Path, state: &mut State) -> Result<()> {
     let member = &members[0];
     let token = format!("tidegate-{}", state.cluster_id);
     let log = state.run_dir.join("etcd.log");
-    let pid = spawn_detached("etcd", &member.args(&members, &token), &log)?;
+    let child = spawn_detached("etcd", &member.args(&members, &token), &log)?;
+    let pid = child.id();
+    children.push(child);
     state.processes.push(Proc {
         name: "etcd".into(),
         pid,
@@ -193,7 +197,7 @@ fn random_token() -> String {
 
 /// Starts `program` in its own process group (so Ctrl-C reaches only us and
 /// we stop it in order), output appended to `log`.
-fn spawn_detached(program: &str, args: &[String], log: &Path) -> Result<u32> {
+fn spawn_detached(program: &str, args: &[String], log: &Path) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -207,7 +211,7 @@ fn spawn_detached(program: &str, args: &[String], log: &Path) -> Result<u32> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("could not start {program} (run `cargo xtask setup`)"))?;
-    Ok(child.id())
+    Ok(child)
 }
 
 fn start_time(pid: u32) -> Option<u64> {
@@ -256,12 +260,12 @@ fn down(dir: &Path) -> Result<()> {
         }
     };
     let state: State = serde_json::from_str(&text).context("reading .tidegate/local.state.json")?;
-    teardown(dir, &state)
+    teardown(dir, &state, &mut Vec::new())
 }
 
 /// Ends the cluster's processes (SIGTERM, then SIGKILL after 10 s), removes
 /// its containers, run dir, local.json and state file.
-fn teardown(dir: &Path, state: &State) -> Result<()> {
+fn teardown(dir: &Path, state: &State, children: &mut [Child]) -> Result<()> {
     for p in state.processes.iter().rev() {
         if !same_process(p) {
             continue;
@@ -276,10 +280,13 @@ fn teardown(dir: &Path, state: &State) -> Result<()> {
                 .args(["-KILL", &p.pid.to_string()])
                 .status();
         }
-        // A detached process's parent is init, which reaps it a moment
-        // later: wait for that too, so no zombie is left in the listing.
+        // Reap it: ourselves when it is our child (foreground), else init
+        // does it a moment later. Either way no zombie is left listed.
         let deadline = Instant::now() + Duration::from_secs(10);
         while start_time(p.pid) == Some(p.started) && Instant::now() < deadline {
+            for c in children.iter_mut().filter(|c| c.id() == p.pid) {
+                let _ = c.try_wait();
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         println!("stopped {} (pid {})", p.name, p.pid);
