@@ -64,6 +64,30 @@ fn plan(
     }
 }
 
+/// A running etcd, a client, and challenge `name` stored from `spec`.
+struct Fixture {
+    _etcd: EtcdCluster,
+    client: Client,
+    ks: Keyspace,
+    challenge: tidegate_schema::ChallengeRecord,
+}
+
+async fn fixture(members: usize, name: &str, spec: ChallengeSpec) -> Fixture {
+    let etcd = EtcdCluster::start(members).unwrap();
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let ks = Keyspace::default();
+    let store = Challenges::new(client.clone(), ks.clone());
+    let name = ChallengeName::parse(name).unwrap();
+    store.put(&name, spec, None).await.unwrap();
+    let challenge = store.get(&name).await.unwrap().value;
+    Fixture {
+        _etcd: etcd,
+        client,
+        ks,
+        challenge,
+    }
+}
+
 #[tokio::test]
 async fn if_match_lets_exactly_one_of_two_writers_win() {
     let etcd = EtcdCluster::start(3).unwrap();
@@ -115,13 +139,12 @@ async fn if_match_lets_exactly_one_of_two_writers_win() {
 
 #[tokio::test]
 async fn fifty_concurrent_spawns_for_one_team_with_per_team_max_1_yield_exactly_one() {
-    let etcd = EtcdCluster::start(3).unwrap();
-    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let ks = Keyspace::default();
-    let store = Challenges::new(client.clone(), ks.clone());
-    let name = ChallengeName::parse("web").unwrap();
-    store.put(&name, web_spec(), None).await.unwrap();
-    let challenge = store.get(&name).await.unwrap().value;
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(3, "web", web_spec()).await;
     let (key, token, _) = campaign(&mut client, &ks, 30).await;
 
     let tasks: Vec<_> = (0..50)
@@ -154,19 +177,18 @@ async fn fifty_concurrent_spawns_for_one_team_with_per_team_max_1_yield_exactly_
 
 #[tokio::test]
 async fn two_hundred_concurrent_spawns_never_share_a_hostname_or_port() {
-    let etcd = EtcdCluster::start(3).unwrap();
-    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let ks = Keyspace::default();
-    let store = Challenges::new(client.clone(), ks.clone());
-    let name = ChallengeName::parse("multi").unwrap();
     let multi = spec(
         r#"{"image": "x", "per_team_max": 2, "ports": [
             {"name": "web", "port": 80, "protocol": "http"},
             {"name": "api", "port": 81, "protocol": "http"},
             {"name": "nc", "port": 1337, "protocol": "tcp"}]}"#,
     );
-    store.put(&name, multi, None).await.unwrap();
-    let challenge = store.get(&name).await.unwrap().value;
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(3, "multi", multi).await;
     let (key, token, _) = campaign(&mut client, &ks, 30).await;
 
     // A small port range makes collisions likely, so the claims are exercised.
@@ -216,13 +238,12 @@ async fn two_hundred_concurrent_spawns_never_share_a_hostname_or_port() {
 
 #[tokio::test]
 async fn a_fenced_scheduler_writes_nothing() {
-    let etcd = EtcdCluster::start(3).unwrap();
-    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let ks = Keyspace::default();
-    let store = Challenges::new(client.clone(), ks.clone());
-    let name = ChallengeName::parse("web").unwrap();
-    store.put(&name, web_spec(), None).await.unwrap();
-    let challenge = store.get(&name).await.unwrap().value;
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(3, "web", web_spec()).await;
 
     let (old_key, old_token, old_lease) = campaign(&mut client, &ks, 30).await;
     // The old leader's lease ends (as when it is paused past its TTL) and another wins.
@@ -248,17 +269,16 @@ async fn a_fenced_scheduler_writes_nothing() {
 
 #[tokio::test]
 async fn an_expiring_lease_removes_every_key_of_the_instance() {
-    let etcd = EtcdCluster::start(1).unwrap();
-    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let ks = Keyspace::default();
-    let store = Challenges::new(client.clone(), ks.clone());
-    let name = ChallengeName::parse("both").unwrap();
     let both = spec(
         r#"{"image": "x", "ports": [{"name": "web", "port": 80, "protocol": "http"},
             {"name": "nc", "port": 1337, "protocol": "tcp"}]}"#,
     );
-    store.put(&name, both, None).await.unwrap();
-    let challenge = store.get(&name).await.unwrap().value;
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(1, "both", both).await;
     let (key, token, _) = campaign(&mut client, &ks, 30).await;
     let mut p = plan(&ks, challenge, &key, token, "team-1");
     p.ttl_secs = 2;
