@@ -59,7 +59,28 @@ impl Challenges {
 
     /// Stores `spec` as challenge `name` (keeping its policy pointer).
     /// Returns the new revision and whether the challenge was created.
+    /// Without `if_match`, a concurrent write in between is retried (last
+    /// writer wins); with it, the mismatch is the answer.
     pub async fn put(
+        &self,
+        name: &ChallengeName,
+        spec: ChallengeSpec,
+        if_match: Option<i64>,
+    ) -> Result<(i64, bool), ChallengeError> {
+        let mut attempts = 0;
+        loop {
+            match self.put_once(name, spec.clone(), if_match).await {
+                Err(ChallengeError::RevisionMismatch { .. })
+                    if if_match.is_none() && attempts < 8 =>
+                {
+                    attempts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn put_once(
         &self,
         name: &ChallengeName,
         spec: ChallengeSpec,

@@ -130,6 +130,21 @@ async fn if_match_lets_exactly_one_of_two_writers_win() {
         Err(ChallengeError::RevisionMismatch { .. })
     ));
     assert_eq!(store.get(&name).await.unwrap(), stored);
+    // Plain PUTs (no If-Match) racing each other all land, last writer wins.
+    let plain: Vec<_> = (0..10)
+        .map(|i| {
+            let (store, name) = (store.clone(), name.clone());
+            let mut s = web_spec();
+            s.per_team_max = 10 + i;
+            tokio::spawn(async move { store.put(&name, s, None).await })
+        })
+        .collect();
+    let mut last = 0;
+    for t in plain {
+        last = last.max(t.await.unwrap().unwrap().0);
+    }
+    let stored = store.get(&name).await.unwrap();
+    assert_eq!(stored.revision, last);
     store.delete(&name, Some(stored.revision)).await.unwrap();
     assert!(matches!(
         store.get(&name).await,
