@@ -3,6 +3,7 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use tidegate_lab::display_command as display;
 
 /// Runs `cmd`, echoing it first, with output going to our terminal.
 /// Fails with the command line and exit status when it does not succeed.
@@ -23,14 +24,4 @@ pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The command line of `cmd`, for messages.
-pub(crate) fn display(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
-    }
-    s
 }

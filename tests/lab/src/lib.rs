@@ -14,4 +14,4 @@ pub mod process;
 
 mod error;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, display as display_command};
