@@ -1,15 +1,87 @@
 //! The tidegate control plane: the only writer of desired state in etcd.
 //!
-//! So far: challenges written put-if-revision, the fenced spawn transaction
-//! that claims hostnames, TCP ports and a team slot in one Txn bound to the
-//! instance's lease, and the election that yields the fencing token. The
-//! REST API, scheduler loop, renewals and CLI of issue #3 build on them.
+//! `api` serves the REST API; `scheduler` keeps the replica in the election
+//! and sweeps while it leads; `spawn` and `lifecycle` are the guarded etcd
+//! transactions behind spawn, renew and delete; `view` is the replica's
+//! watch-fed picture of workers and instances.
 
+pub mod api;
 pub mod challenges;
+pub mod config;
 pub mod election;
+pub mod flag;
+pub mod lifecycle;
+pub mod scheduler;
 pub mod spawn;
 mod txn;
+pub mod view;
+
+use std::ops::RangeInclusive;
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwapOption;
+use etcd_client::Client;
+use tidegate_schema::Keyspace;
 
 pub use challenges::{ChallengeError, Challenges, Stored};
+pub use config::{Cli, Config, ConfigError};
 pub use election::{Leadership, campaign};
 pub use spawn::{SpawnError, SpawnPlan, Spawned, spawn};
+
+/// Counters shown in `GET /v1/status` (and, with #9, as Prometheus metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub spawns: AtomicU64,
+    pub spawn_refusals: AtomicU64,
+    pub renewals: AtomicU64,
+    pub deletions: AtomicU64,
+    /// Writes etcd refused because this replica's fencing token was stale.
+    pub fenced_writes: AtomicU64,
+    pub leader_changes: AtomicU64,
+    pub worker_gone_deletions: AtomicU64,
+}
+
+/// Everything a replica's handlers and tasks share.
+pub struct App {
+    pub cfg: Config,
+    pub client: Client,
+    pub ks: Keyspace,
+    pub tcp_ports: RangeInclusive<u16>,
+    pub challenges: Challenges,
+    pub view: view::SharedView,
+    /// Set while this replica is the elected scheduler.
+    pub leader: ArcSwapOption<scheduler::LeaderInfo>,
+    /// Serialises placement and the spawn Txn on the leader.
+    pub spawn_lock: tokio::sync::Mutex<()>,
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("id", &self.cfg.id)
+            .field("ks", &self.ks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds the shared state from a validated config and an etcd client.
+    pub fn new(cfg: Config, client: Client) -> Result<Self, ConfigError> {
+        let ks = Keyspace::new(&cfg.key_root).map_err(|e| ConfigError {
+            field: "key_root",
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            tcp_ports: cfg.tcp_port_range()?,
+            challenges: Challenges::new(client.clone(), ks.clone()),
+            view: view::SharedView::default(),
+            leader: ArcSwapOption::empty(),
+            spawn_lock: tokio::sync::Mutex::new(()),
+            counters: Counters::default(),
+            ks,
+            client,
+            cfg,
+        })
+    }
+}

@@ -88,7 +88,8 @@ pub async fn spawn(
     }
     for _ in 0..MAX_ATTEMPTS {
         let slot = free_team_slot(&mut client, plan).await?;
-        let record = draft(plan, &flag)?;
+        let mut record = draft(plan, &flag)?;
+        record.team_slot = slot;
         let lease = client.lease_grant(plan.ttl_secs as i64, None).await?.id();
         match commit(&mut client, plan, &record, slot, lease).await {
             Ok(revision) => {
@@ -200,6 +201,7 @@ fn draft(
         created_at: plan.now,
         expires_at: plan.now + plan.ttl_secs,
         renewals: 0,
+        team_slot: 0,
         http,
         tcp,
         container: ContainerSpec {

@@ -149,6 +149,10 @@ pub struct InstanceRecord {
     pub expires_at: UnixSecs,
     #[serde(default)]
     pub renewals: u32,
+    /// Which of the team's `per_team_max` slots of the challenge it holds
+    /// (`claims/team-slots/{challenge}/{team}/{slot}`).
+    #[serde(default)]
+    pub team_slot: u32,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
     #[serde(default)]

@@ -1,0 +1,267 @@
+//! The REST API under `/v1`: router, bearer scopes, JSON errors, helpers.
+//! Handlers live in `api/`.
+
+mod challenges;
+mod cluster;
+mod instances;
+pub mod openapi;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::App;
+
+/// Bodies larger than this are refused with 413.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The API's routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/v1/status", get(cluster::status))
+        .route("/v1/workers", get(cluster::workers))
+        .route("/v1/challenges", get(challenges::list))
+        .route(
+            "/v1/challenges/{name}",
+            get(challenges::get)
+                .put(challenges::put)
+                .delete(challenges::delete),
+        )
+        .route("/v1/instances", post(instances::spawn).get(instances::list))
+        .route(
+            "/v1/instances/{id}",
+            get(instances::get).delete(instances::delete),
+        )
+        .route("/v1/instances/{id}/renew", post(instances::renew))
+        .route("/v1/instances/{id}/flag", post(instances::flag))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see GET /v1/openapi.json",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(app)
+}
+
+/// Every 4xx/5xx body is JSON `{"error", "field"?}`, also the ones axum
+/// makes itself (413, 405, 415, bad paths).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_lowercase();
+    }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        message = format!("request body is larger than {MAX_BODY} bytes");
+    }
+    let mut resp = ApiError::new(status, message).into_response();
+    for (k, v) in parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k != header::CONTENT_TYPE && *k != header::CONTENT_LENGTH)
+    {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp
+}
+
+/// An error answer: `{"error": ..., "field"?: ..., "leader"?: ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    field: Option<String>,
+    leader: Option<String>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            field: None,
+            leader: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Whether this is an answer with `status`.
+    pub fn is_status(&self, status: StatusCode) -> bool {
+        self.status == status
+    }
+
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    fn header(mut self, name: header::HeaderName, value: &str) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+
+    pub fn bad_request(e: tidegate_schema::FieldError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.to_string()).field(e.field)
+    }
+
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, reason).header(header::RETRY_AFTER, "1")
+    }
+
+    pub fn etcd(e: etcd_client::Error) -> Self {
+        Self::unavailable(format!("etcd: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.error });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        if let Some(l) = self.leader {
+            body["leader"] = json!(l);
+        }
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// Runs an etcd call with the configured timeout; no quorum means 503, not a hang.
+pub async fn etcd<T, E: Into<ApiError>>(
+    app: &App,
+    fut: impl Future<Output = Result<T, E>>,
+) -> ApiResult<T> {
+    let limit = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "etcd did not answer within {} ms: is a quorum of its members up?",
+            app.cfg.etcd_timeout_ms
+        ))),
+    }
+}
+
+impl From<etcd_client::Error> for ApiError {
+    fn from(e: etcd_client::Error) -> Self {
+        Self::etcd(e)
+    }
+}
+
+/// Which token the caller presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    Platform,
+}
+
+impl FromRequestParts<Arc<App>> for Scope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing `Authorization: Bearer <token>`",
+                )
+                .header(header::WWW_AUTHENTICATE, "Bearer")
+            })?;
+        if crate::flag::matches(&app.cfg.admin_token, token) {
+            Ok(Scope::Admin)
+        } else if crate::flag::matches(&app.cfg.platform_token, token) {
+            Ok(Scope::Platform)
+        } else {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown token")
+                .header(header::WWW_AUTHENTICATE, "Bearer"))
+        }
+    }
+}
+
+impl Scope {
+    pub fn require_admin(self) -> ApiResult<()> {
+        match self {
+            Scope::Admin => Ok(()),
+            Scope::Platform => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this needs the admin token",
+            )),
+        }
+    }
+}
+
+/// The leader's token and key when this replica leads; otherwise a 307 to
+/// the leader (same path) or a 503 when nobody leads.
+pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::LeaderInfo>> {
+    if let Some(l) = app.leader.load_full() {
+        return Ok(l);
+    }
+    match etcd(app, cluster::current_leader(app)).await? {
+        Some(c) => {
+            let mut e = ApiError::new(
+                StatusCode::TEMPORARY_REDIRECT,
+                format!(
+                    "this replica is a standby; the scheduler is {} at {}",
+                    c.id, c.url
+                ),
+            )
+            .header(
+                header::LOCATION,
+                &format!("{}{path}", c.url.trim_end_matches('/')),
+            );
+            e.leader = Some(c.url);
+            Err(e)
+        }
+        None => Err(ApiError::unavailable(
+            "no scheduler is elected yet; retry shortly",
+        )),
+    }
+}
+
+/// A JSON answer with a status.
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+pub(crate) type AppState = State<Arc<App>>;

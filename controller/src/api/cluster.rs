@@ -1,0 +1,95 @@
+//! `/v1/status` and `/v1/workers`.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::{ApiResult, AppState, Scope, etcd, json_response};
+use crate::App;
+use crate::scheduler::Candidate;
+
+/// Who leads, as the election key says (None while nobody does).
+pub(super) async fn current_leader(app: &App) -> Result<Option<Candidate>, etcd_client::Error> {
+    let mut client = app.client.clone();
+    match client.leader(app.ks.election_name()).await {
+        Ok(resp) => Ok(resp
+            .kv()
+            .and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok())),
+        // etcd answers "election: no leader" as an error.
+        Err(e) if e.to_string().contains("no leader") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
+    let leader = app.leader.load_full();
+    let current = etcd(&app, current_leader(&app)).await?;
+    let mut client = app.client.clone();
+    let members = etcd(&app, client.member_list()).await?;
+    // A linearizable read of nothing: the cluster's current revision.
+    let probe = format!("{}/", app.ks);
+    let count = etcd(
+        &app,
+        client.get(
+            probe.as_str(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        ),
+    )
+    .await?;
+    let revision = count.header().map_or(0, |h| h.revision());
+    let members: Vec<Value> = members
+        .members()
+        .iter()
+        .map(|m| json!({ "name": m.name(), "id": format!("{:x}", m.id()), "client_urls": m.client_urls() }))
+        .collect();
+    let c = &app.counters;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "id": app.cfg.id,
+            "role": if leader.is_some() { "leader" } else { "standby" },
+            "token": leader.as_ref().map(|l| l.token),
+            "leader": current,
+            "etcd": { "members": members, "revision": revision },
+            "view_revision": app.view.lock().revision,
+            "counters": {
+                "spawns": c.spawns.load(Ordering::Relaxed),
+                "spawn_refusals": c.spawn_refusals.load(Ordering::Relaxed),
+                "renewals": c.renewals.load(Ordering::Relaxed),
+                "deletions": c.deletions.load(Ordering::Relaxed),
+                "fenced_writes": c.fenced_writes.load(Ordering::Relaxed),
+                "leader_changes": c.leader_changes.load(Ordering::Relaxed),
+                "worker_gone_deletions": c.worker_gone_deletions.load(Ordering::Relaxed),
+            },
+        }),
+    ))
+}
+
+pub(super) async fn workers(State(app): AppState, _scope: Scope) -> ApiResult {
+    let view = app.view.lock();
+    let items: Vec<Value> = view
+        .workers
+        .values()
+        .map(|w| {
+            let load = view.load(&w.id);
+            json!({
+                "id": w.id,
+                "address": w.address,
+                "http_entry": w.http_entry,
+                "tcp_host": w.tcp_host,
+                "capacity": w.capacity,
+                "instances": load,
+                "free": (w.capacity as usize).saturating_sub(load),
+                "version": w.version,
+                "started_at": w.started_at,
+            })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, json!({ "workers": items })))
+}

@@ -1,0 +1,251 @@
+//! Renew and delete: the rest of an instance's life after its spawn Txn.
+//!
+//! Renew gives the instance a new lease and moves every key of it (record,
+//! endpoint, claims, team slot) onto it in one Txn, guarded by the record's
+//! mod_revision and the scheduler's fence; the old lease is revoked after.
+//! Delete revokes the lease, which removes every key at once.
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tidegate_schema::{InstanceId, InstanceRecord, Key, Keyspace, Record, TtlSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("instance {0} does not exist")]
+    NotFound(String),
+    #[error("instance {id} was renewed {renewals} times; the challenge allows {max}")]
+    MaxRenewals { id: String, renewals: u32, max: u32 },
+    #[error("instance {id} already lives until its maximum lifetime ({max_secs} s after creation)")]
+    MaxLifetime { id: String, max_secs: u64 },
+    #[error(
+        "renewing instance {id} now would not extend it (it expires at {expires_at}); try later"
+    )]
+    TooEarly { id: String, expires_at: u64 },
+    #[error("instance {0} changed while renewing; try again")]
+    Conflict(String),
+    #[error("not the scheduler any more: fencing token {0} is stale")]
+    Fenced(i64),
+    #[error("stored instance {key}: {error}")]
+    Corrupt { key: String, error: String },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// An instance record with the etcd metadata renew and delete need.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub record: InstanceRecord,
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
+/// Reads an instance from etcd (linearizable).
+pub async fn get(
+    client: &Client,
+    ks: &Keyspace,
+    id: &InstanceId,
+) -> Result<Current, LifecycleError> {
+    let key = ks.key(&Key::Instance(id.clone()));
+    let resp = client.clone().get(key.as_str(), None).await?;
+    let kv = resp
+        .kvs()
+        .first()
+        .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
+    let record = InstanceRecord::decode(kv.value()).map_err(|e| LifecycleError::Corrupt {
+        key: key.clone(),
+        error: e.to_string(),
+    })?;
+    Ok(Current {
+        record,
+        lease: kv.lease(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+/// The expiry a renewal at `now` gives, or why there is none.
+pub fn renewed_expiry(
+    record: &InstanceRecord,
+    ttl: &TtlSpec,
+    now: u64,
+) -> Result<u64, LifecycleError> {
+    let id = record.id.to_string();
+    if record.renewals >= ttl.max_renewals {
+        return Err(LifecycleError::MaxRenewals {
+            id,
+            renewals: record.renewals,
+            max: ttl.max_renewals,
+        });
+    }
+    let ceiling = record.created_at + ttl.max_secs;
+    if record.expires_at >= ceiling {
+        return Err(LifecycleError::MaxLifetime {
+            id,
+            max_secs: ttl.max_secs,
+        });
+    }
+    let wanted = (now + ttl.default_secs).min(ceiling);
+    if wanted <= record.expires_at {
+        return Err(LifecycleError::TooEarly {
+            id,
+            expires_at: record.expires_at,
+        });
+    }
+    Ok(wanted)
+}
+
+/// Moves the instance onto a new lease lasting until `expires_at`.
+pub async fn renew(
+    client: &Client,
+    ks: &Keyspace,
+    fence: (&str, i64),
+    current: &Current,
+    expires_at: u64,
+    now: u64,
+) -> Result<InstanceRecord, LifecycleError> {
+    let mut client = client.clone();
+    let rec = &current.record;
+    let mut record = rec.clone();
+    record.expires_at = expires_at;
+    record.renewals += 1;
+
+    let instance_key = ks.key(&Key::Instance(rec.id.clone()));
+    let endpoint_key = ks.key(&Key::Endpoint(rec.id.clone()));
+    let endpoint = client.get(endpoint_key.as_str(), None).await?;
+    let endpoint = endpoint
+        .kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
+
+    let lease = client
+        .lease_grant(expires_at.saturating_sub(now).max(1) as i64, None)
+        .await?
+        .id();
+    let opts = || Some(PutOptions::new().with_lease(lease));
+    let id = rec.id.to_string();
+    let mut compares = vec![
+        Compare::create_revision(fence.0, CompareOp::Equal, fence.1),
+        Compare::mod_revision(
+            instance_key.as_str(),
+            CompareOp::Equal,
+            current.mod_revision,
+        ),
+    ];
+    let mut ops = vec![TxnOp::put(instance_key.as_str(), record.encode(), opts())];
+    match &endpoint {
+        Some((value, rev)) => {
+            compares.push(Compare::mod_revision(
+                endpoint_key.as_str(),
+                CompareOp::Equal,
+                *rev,
+            ));
+            ops.push(TxnOp::put(endpoint_key.as_str(), value.clone(), opts()));
+        }
+        None => compares.push(Compare::version(endpoint_key.as_str(), CompareOp::Equal, 0)),
+    }
+    let mut claims: Vec<String> = rec
+        .http
+        .iter()
+        .map(|r| ks.key(&Key::HostnameClaim(r.hostname.clone())))
+        .collect();
+    claims.extend(rec.tcp.iter().map(|r| ks.key(&Key::PortClaim(r.port))));
+    claims.push(ks.key(&Key::TeamSlot {
+        challenge: rec.challenge.clone(),
+        team: rec.team.clone(),
+        slot: rec.team_slot,
+    }));
+    for claim in &claims {
+        // The claim must still be ours (same lease) before it moves.
+        compares.push(Compare::lease(
+            claim.as_str(),
+            CompareOp::Equal,
+            current.lease,
+        ));
+        ops.push(TxnOp::put(claim.as_str(), id.as_str(), opts()));
+    }
+    let txn = Txn::new()
+        .when(compares)
+        .and_then(ops)
+        .or_else([TxnOp::get(fence.0, None)]);
+    let resp = client.txn(txn).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = client.lease_revoke(lease).await;
+            return Err(e.into());
+        }
+    };
+    if !resp.succeeded() {
+        let _ = client.lease_revoke(lease).await;
+        let leader = crate::txn::else_get(&resp).map_or(0, |kv| kv.create_revision());
+        if leader != fence.1 {
+            return Err(LifecycleError::Fenced(fence.1));
+        }
+        return Err(LifecycleError::Conflict(id));
+    }
+    if let Err(e) = client.lease_revoke(current.lease).await {
+        // The old lease expires by itself at the old expiry; nothing is bound to it now.
+        tracing::warn!(instance = %id, lease = current.lease, error = %e, "could not revoke the old lease");
+    }
+    Ok(record)
+}
+
+/// Deletes an instance by revoking its lease (every key goes with it).
+pub async fn delete(client: &Client, ks: &Keyspace, id: &InstanceId) -> Result<(), LifecycleError> {
+    let current = get(client, ks, id).await?;
+    let mut client = client.clone();
+    if current.lease != 0 {
+        client.lease_revoke(current.lease).await?;
+    } else {
+        // A record written by hand without a lease: remove the record itself.
+        client
+            .delete(ks.key(&Key::Instance(id.clone())).as_str(), None)
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(created: u64, expires: u64, renewals: u32) -> InstanceRecord {
+        let json = serde_json::json!({
+            "v": 1, "id": "0000000001", "challenge": "web", "team": "t", "worker": "w",
+            "token": 1, "created_at": created, "expires_at": expires, "renewals": renewals,
+            "http": [{"port_name": "web", "hostname": "0000000001.ctf.localhost", "target_port": 80}],
+            "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}},
+            "flag": "f"
+        });
+        InstanceRecord::decode(json.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn renewal_math() {
+        let ttl = TtlSpec {
+            default_secs: 600,
+            max_secs: 1000,
+            max_renewals: 2,
+        };
+        // Extends to now + default.
+        assert_eq!(renewed_expiry(&rec(0, 600, 0), &ttl, 300).unwrap(), 900);
+        // Capped at created + max.
+        assert_eq!(renewed_expiry(&rec(0, 900, 1), &ttl, 800).unwrap(), 1000);
+        // Already at the cap.
+        assert!(matches!(
+            renewed_expiry(&rec(0, 1000, 1), &ttl, 900),
+            Err(LifecycleError::MaxLifetime { .. })
+        ));
+        // Would not extend yet.
+        assert!(matches!(
+            renewed_expiry(&rec(0, 900, 1), &ttl, 100),
+            Err(LifecycleError::TooEarly {
+                expires_at: 900,
+                ..
+            })
+        ));
+        // Out of renewals.
+        assert!(matches!(
+            renewed_expiry(&rec(0, 600, 2), &ttl, 100),
+            Err(LifecycleError::MaxRenewals { max: 2, .. })
+        ));
+    }
+}

@@ -1,0 +1,99 @@
+//! `tidegate-controller`: the REST API and (when elected) the scheduler.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tidegate_controller::{App, Cli, Config, api, scheduler, view};
+
+/// Exit status for a configuration error (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cfg = match Config::load(Cli::parse()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tidegate-controller: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidegate-controller: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("TIDEGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(2))
+        .with_keep_alive(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(2),
+        );
+    let client = etcd_client::Client::connect(&cfg.etcd, Some(options)).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let app = Arc::new(App::new(cfg, client)?);
+    tracing::info!(id = %app.cfg.id, listen = %app.cfg.listen, etcd = ?app.cfg.etcd, "tidegate-controller starting");
+    let tasks = [
+        tokio::spawn(view::run(
+            app.client.clone(),
+            app.ks.clone(),
+            app.view.clone(),
+        )),
+        tokio::spawn(scheduler::run_election(app.clone())),
+        tokio::spawn(scheduler::run_sweeps(app.clone())),
+    ];
+    let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(shutdown());
+    let result = server.await;
+    for t in tasks {
+        t.abort();
+    }
+    // Hand leadership over at once instead of after the lease TTL.
+    if let Some(l) = app.leader.load_full() {
+        let _ = app.client.clone().lease_revoke(l.lease).await;
+        tracing::info!("resigned as scheduler");
+    }
+    result?;
+    Ok(())
+}
+
+async fn shutdown() {
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,123 @@
+//! The replica's background work: stay in the election, and while leading,
+//! sweep instances past their expiry and instances of vanished workers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tidegate_schema::WorkerId;
+
+use crate::App;
+use crate::election::campaign;
+
+/// What this replica holds while it leads.
+#[derive(Debug, Clone)]
+pub struct LeaderInfo {
+    /// Its election key and the key's create revision (the fencing token).
+    pub key: String,
+    pub token: i64,
+    pub lease: i64,
+}
+
+/// The value a candidate puts on its election key: who it is and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub id: String,
+    pub url: String,
+}
+
+/// Campaigns forever; publishes leadership in `app.leader` while it lasts.
+pub async fn run_election(app: Arc<App>) {
+    let me = Candidate {
+        id: app.cfg.id.clone(),
+        url: app.cfg.advertise(),
+    };
+    let value = serde_json::to_string(&me).unwrap_or_default();
+    loop {
+        match campaign(&app.client, &app.ks, &value, app.cfg.election_ttl_secs).await {
+            Ok(mut lead) => {
+                tracing::info!(token = lead.token, key = %lead.key, "became the scheduler");
+                app.counters.leader_changes.fetch_add(1, Ordering::Relaxed);
+                app.leader.store(Some(Arc::new(LeaderInfo {
+                    key: lead.key.clone(),
+                    token: lead.token,
+                    lease: lead.lease,
+                })));
+                lead.lost().await;
+                app.leader.store(None);
+                tracing::warn!(
+                    token = lead.token,
+                    "lost the scheduler lease; campaigning again"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// While leading: revoke the leases of instances past their expiry (etcd
+/// normally did already), and delete the instances of workers that have
+/// been gone longer than `worker_grace_secs` — their containers died with
+/// the worker or will be removed as orphans when it returns; deleting frees
+/// the team's slot so the team can spawn again elsewhere. Each deletion is
+/// logged with its reason.
+pub async fn run_sweeps(app: Arc<App>) {
+    let mut gone_since: BTreeMap<WorkerId, Instant> = BTreeMap::new();
+    let grace = Duration::from_secs(app.cfg.worker_grace_secs);
+    loop {
+        tokio::time::sleep(Duration::from_secs(app.cfg.sweep_interval_secs)).await;
+        if app.leader.load().is_none() {
+            gone_since.clear();
+            continue;
+        }
+        let now = crate::api::unix_now();
+        let (expired, orphaned) = {
+            let view = app.view.lock();
+            let absent: Vec<WorkerId> = view
+                .instances
+                .values()
+                .map(|i| i.record.worker.clone())
+                .filter(|w| !view.workers.contains_key(w))
+                .collect();
+            gone_since.retain(|w, _| absent.contains(w));
+            for w in absent {
+                gone_since.entry(w).or_insert_with(Instant::now);
+            }
+            let expired: Vec<_> = view
+                .instances
+                .values()
+                .filter(|i| i.record.expires_at < now)
+                .map(|i| (i.record.id.clone(), i.lease))
+                .collect();
+            let orphaned: Vec<_> = view
+                .instances
+                .values()
+                .filter(|i| {
+                    gone_since
+                        .get(&i.record.worker)
+                        .is_some_and(|t| t.elapsed() >= grace)
+                })
+                .map(|i| (i.record.id.clone(), i.lease, i.record.worker.clone()))
+                .collect();
+            (expired, orphaned)
+        };
+        let mut client = app.client.clone();
+        for (id, lease) in expired {
+            tracing::info!(instance = %id, "revoking the lease of an instance past its expiry");
+            let _ = client.lease_revoke(lease).await;
+        }
+        for (id, lease, worker) in orphaned {
+            tracing::warn!(instance = %id, %worker, grace_secs = grace.as_secs(),
+                "deleting instance: its worker has been gone longer than the grace period");
+            let _ = client.lease_revoke(lease).await;
+            app.counters
+                .worker_gone_deletions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Every replica's in-memory view of the cluster, fed by one watch of the
+//! whole key root: live workers, instances and their agent-reported status.
+//! Placement, listings and sweeps read it; nothing here is authoritative
+//! (every write is still a guarded Txn).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use etcd_client::Client;
+use tidegate_schema::{
+    EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kv, WorkerId,
+    WorkerRecord,
+};
+
+/// An instance as the view holds it.
+#[derive(Debug, Clone)]
+pub struct LiveInstance {
+    pub record: InstanceRecord,
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    pub workers: BTreeMap<WorkerId, WorkerRecord>,
+    pub instances: BTreeMap<InstanceId, LiveInstance>,
+    pub status: BTreeMap<InstanceId, InstanceStatus>,
+    /// The etcd revision the view reflects.
+    pub revision: i64,
+}
+
+impl View {
+    fn apply(&mut self, ks: &Keyspace, kv: &Kv) {
+        let Ok(key) = kv.parse_key(ks) else { return };
+        match key {
+            Key::Worker(id) => match kv.decode::<WorkerRecord>() {
+                Ok(w) => {
+                    self.workers.insert(id, w);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed worker record")
+                }
+            },
+            Key::Instance(id) => match kv.decode::<InstanceRecord>() {
+                Ok(record) => {
+                    self.instances.insert(
+                        id,
+                        LiveInstance {
+                            record,
+                            lease: kv.lease,
+                            mod_revision: kv.mod_revision,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed instance record")
+                }
+            },
+            Key::Endpoint(id) => match kv.decode::<EndpointRecord>() {
+                Ok(ep) => {
+                    self.status.insert(id, ep.status);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed endpoint record")
+                }
+            },
+            _ => {}
+        }
+    }
+
+    fn remove(&mut self, ks: &Keyspace, key: &str) {
+        match ks.parse(key) {
+            Ok(Key::Worker(id)) => {
+                self.workers.remove(&id);
+            }
+            Ok(Key::Instance(id)) => {
+                self.instances.remove(&id);
+            }
+            Ok(Key::Endpoint(id)) => {
+                self.status.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Live instances per worker.
+    pub fn load(&self, worker: &WorkerId) -> usize {
+        self.instances
+            .values()
+            .filter(|i| &i.record.worker == worker)
+            .count()
+    }
+
+    /// The worker with the most free slots, preferring the one running the
+    /// fewest instances of `challenge` (spreading it), then the lowest id.
+    pub fn place(&self, challenge: &str) -> Option<WorkerId> {
+        self.workers
+            .values()
+            .filter_map(|w| {
+                let load = self.load(&w.id);
+                let free = (w.capacity as usize).checked_sub(load).filter(|f| *f > 0)?;
+                let same = self
+                    .instances
+                    .values()
+                    .filter(|i| i.record.worker == w.id && i.record.challenge.as_str() == challenge)
+                    .count();
+                Some((std::cmp::Reverse(free), same, w.id.clone()))
+            })
+            .min()
+            .map(|(_, _, id)| id)
+    }
+
+    /// The status text of an instance for API answers.
+    pub fn status_text(&self, id: &InstanceId) -> String {
+        match self.status.get(id) {
+            None => "pending".into(),
+            Some(InstanceStatus::Starting) => "starting".into(),
+            Some(InstanceStatus::Running) => "running".into(),
+            Some(InstanceStatus::Failed { reason }) => format!("failed: {reason}"),
+        }
+    }
+}
+
+/// The shared view; updated by [`run`] and by the scheduler after its own writes.
+#[derive(Debug, Clone, Default)]
+pub struct SharedView(Arc<Mutex<View>>);
+
+impl SharedView {
+    pub fn lock(&self) -> MutexGuard<'_, View> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters: every entry is replaced whole.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an instance this replica just wrote, before its watch event arrives.
+    pub fn insert_own(&self, record: InstanceRecord, lease: i64, revision: i64) {
+        self.lock().instances.insert(
+            record.id.clone(),
+            LiveInstance {
+                record,
+                lease,
+                mod_revision: revision,
+            },
+        );
+    }
+}
+
+/// Keeps `view` equal to etcd under the key root, forever.
+pub async fn run(client: Client, ks: Keyspace, view: SharedView) {
+    let prefix = format!("{ks}/");
+    let mut watcher = tidegate_schema::Watcher::new(client, prefix);
+    let mut building: Option<View> = None;
+    loop {
+        match watcher.next().await {
+            Event::Init => building = Some(View::default()),
+            Event::InitApply(kv) => {
+                if let Some(b) = building.as_mut() {
+                    b.apply(&ks, &kv);
+                }
+            }
+            Event::InitDone { revision } => {
+                if let Some(mut b) = building.take() {
+                    b.revision = revision;
+                    *view.lock() = b;
+                }
+            }
+            Event::Apply(kv) => {
+                let mut v = view.lock();
+                v.apply(&ks, &kv);
+                v.revision = v.revision.max(kv.mod_revision);
+            }
+            Event::Delete { key, revision } => {
+                let mut v = view.lock();
+                v.remove(&ks, &key);
+                v.revision = v.revision.max(revision);
+            }
+        }
+    }
+}
