@@ -141,7 +141,7 @@ impl ApiError {
     }
 
     pub fn etcd(e: etcd_client::Error) -> Self {
-        Self::unavailable(format!("etcd: {e}"))
+        Self::unavailable(format!("etcd is unreachable or has no quorum: {e}"))
     }
 }
 

@@ -51,7 +51,7 @@ pub struct Spawned {
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error(
-        "not the scheduler any more: fencing token {token} is stale (election key now {current})"
+        "not the scheduler any more: fencing token {token} is stale ({})", fence_state(*current)
     )]
     Fenced { token: i64, current: i64 },
     #[error("team {team:?} already has {max} live instance(s) of {challenge:?}")]
@@ -68,6 +68,14 @@ pub enum SpawnError {
     Invalid { what: &'static str, error: String },
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+}
+
+fn fence_state(current: i64) -> String {
+    if current == 0 {
+        "its election key is gone".into()
+    } else {
+        format!("its election key was recreated at revision {current}")
+    }
 }
 
 /// Writes one instance; `flag` makes the flag of a chosen instance id.

@@ -1,0 +1,214 @@
+//! Controller replicas under failure, as real processes against a real
+//! 3-member etcd: leader killed, leader paused past its lease, etcd quorum
+//! lost and restored.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{Client, GetOptions};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tidegate_lab::etcd::EtcdCluster;
+
+/// Two replicas, c1 the leader; a worker and the `web` challenge registered.
+async fn two_replicas(
+    etcd: &EtcdCluster,
+    dir: &std::path::Path,
+) -> (Controller, Controller, Client) {
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    register_worker(&client, "worker-a", 100).await;
+    let c1 = Controller::start(etcd, "c1", dir).await;
+    assert!(eventually(10, || c1.is_leader()).await, "c1 never led");
+    let c2 = Controller::start(etcd, "c2", dir).await;
+    assert_eq!(c2.status().await["role"], "standby");
+    assert_eq!(
+        c1.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    for c in [&c1, &c2] {
+        assert!(
+            eventually(5, || async {
+                c.call(reqwest::Method::GET, "/v1/workers", None, None)
+                    .await
+                    .1["workers"][0]["id"]
+                    == "worker-a"
+            })
+            .await
+        );
+    }
+    (c1, c2, client)
+}
+
+/// The fencing tokens of every instance record in etcd.
+async fn tokens(client: &Client) -> Vec<i64> {
+    let resp = client
+        .clone()
+        .get(
+            "/tidegate/instances/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            serde_json::from_slice::<Value>(kv.value()).unwrap()["token"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_standby_redirects_then_takes_over_within_two_ttls_when_the_leader_is_killed() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c1, c2, _client) = two_replicas(&etcd, dir.path()).await;
+
+    let (s, body) = c2.spawn("web", "t1").await;
+    assert_eq!(s, StatusCode::TEMPORARY_REDIRECT, "{body}");
+    assert_eq!(body["leader"], c1.url.as_str());
+    assert!(body["error"].as_str().unwrap().contains("c1"));
+    assert_eq!(c2.status().await["leader"]["id"], "c1");
+
+    let killed = Instant::now();
+    c1.proc.kill().unwrap();
+    assert!(
+        eventually(4 * ELECTION_TTL, || c2.is_leader()).await,
+        "no takeover"
+    );
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_secs(2 * ELECTION_TTL),
+        "takeover took {took:?}"
+    );
+    eprintln!("takeover after SIGKILL of the leader: {took:?}");
+    let status = c2.status().await;
+    assert_eq!(status["leader"]["id"], "c2");
+    let (s, body) = c2.spawn("web", "t1").await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+}
+
+#[tokio::test]
+async fn a_leader_paused_past_its_lease_lands_no_write_when_it_resumes() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (c1, c2, client) = two_replicas(&etcd, dir.path()).await;
+    let old_token = c1.status().await["token"].as_i64().unwrap();
+
+    c1.proc.signal("STOP").unwrap();
+    assert!(
+        eventually(5 * ELECTION_TTL, || c2.is_leader()).await,
+        "no takeover while c1 is stopped"
+    );
+    let new_token = c2.status().await["token"].as_i64().unwrap();
+    assert!(new_token > old_token);
+
+    // Spawns reach the paused ex-leader; they run when the process resumes.
+    let pending: Vec<_> = (0..10)
+        .map(|i| {
+            let url = c1.url.clone();
+            tokio::spawn(async move {
+                let r = reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .unwrap()
+                    .post(format!("{url}/v1/instances"))
+                    .bearer_auth(PLATFORM)
+                    .body(format!(r#"{{"challenge": "web", "team": "paused-{i}"}}"#))
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c1.proc.signal("CONT").unwrap();
+    let mut fenced = 0;
+    for p in pending {
+        let (status, body) = p.await.unwrap();
+        eprintln!("paused ex-leader answered {status} {body}");
+        match status {
+            // It tried, and etcd refused the stale token.
+            StatusCode::SERVICE_UNAVAILABLE if body.contains("fencing token") => fenced += 1,
+            // It noticed the lost lease first and pointed at the new leader.
+            StatusCode::TEMPORARY_REDIRECT => assert!(body.contains("c2"), "{body}"),
+            other => panic!("unexpected answer {other}: {body}"),
+        }
+    }
+    let counters = c1.status().await["counters"].clone();
+    eprintln!("{fenced} of 10 were fenced; counters: {counters}");
+    assert_eq!(counters["fenced_writes"].as_u64().unwrap(), fenced);
+    assert!(
+        fenced >= 1,
+        "the paused leader never tried to write (all redirected)"
+    );
+    assert!(
+        !tokens(&client).await.contains(&old_token),
+        "a write with the stale token landed"
+    );
+    // The new leader schedules normally, and c1 rejoins as a standby.
+    assert_eq!(c2.spawn("web", "t-after").await.0, StatusCode::CREATED);
+    assert!(eventually(5, || async { c1.status().await["role"] == "standby" }).await);
+    assert!(tokens(&client).await.iter().all(|t| *t == new_token));
+}
+
+#[tokio::test]
+async fn losing_etcd_quorum_answers_503_quickly_and_recovers_without_restart() {
+    let mut etcd = EtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    register_worker(&client, "worker-a", 100).await;
+    let c = Controller::start(&etcd, "c1", dir.path()).await;
+    assert!(eventually(10, || c.is_leader()).await);
+    c.put_challenge("web", web_spec()).await;
+    assert!(
+        eventually(5, || async {
+            c.call(reqwest::Method::GET, "/v1/workers", None, None)
+                .await
+                .1["workers"][0]["id"]
+                == "worker-a"
+        })
+        .await
+    );
+    assert_eq!(c.spawn("web", "before").await.0, StatusCode::CREATED);
+
+    etcd.kill_member(1).unwrap();
+    etcd.kill_member(2).unwrap();
+    for team in ["q1", "q2", "q3"] {
+        let started = Instant::now();
+        let (s, body) = c.spawn("web", team).await;
+        let took = started.elapsed();
+        eprintln!("spawn without quorum: {s} in {took:?}: {body}");
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(!body["error"].as_str().unwrap().is_empty());
+        assert!(took < Duration::from_secs(5), "503 took {took:?}");
+    }
+
+    etcd.restart_member(1).unwrap();
+    etcd.restart_member(2).unwrap();
+    etcd.wait_healthy(0).unwrap();
+    let started = Instant::now();
+    let mut recovered = false;
+    for i in 0..300 {
+        if c.spawn("web", &format!("after-{i}")).await.0 == StatusCode::CREATED {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "spawns did not succeed within 30 s of quorum returning"
+    );
+    eprintln!(
+        "spawns succeeded again {:?} after quorum returned",
+        started.elapsed()
+    );
+    assert!(c.proc.is_alive(), "the controller had to restart");
+}
