@@ -6,8 +6,8 @@
 //! cluster. What it made is recorded in `.tidegate/local.state.json`, so
 //! `--down` ends exactly those processes, by pid, and nothing else.
 //!
-//! Until the controller (#3) and the agents (#4–#6) exist it starts what
-//! exists: one etcd member.
+//! Until the agents (#4–#6) exist it starts what exists: one etcd member
+//! and the controller.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,7 +29,7 @@ pub(crate) struct DeployArgs {
 #[derive(Debug, clap::Subcommand)]
 enum Target {
     /// A local cluster: 1 etcd member, the controller, two agents with
-    /// distinct addresses (starting what exists so far).
+    /// distinct addresses (starting what exists so far: etcd, controller).
     Local(LocalArgs),
 }
 
@@ -46,7 +46,7 @@ struct LocalArgs {
 /// `.tidegate/local.json`: the contract other tools (CLI, tests, scripts) read.
 #[derive(Debug, Serialize, Deserialize)]
 struct LocalJson {
-    /// The controller's API; null until the controller exists (#3).
+    /// The controller's API.
     api: Option<String>,
     admin_token: String,
     platform_token: String,
@@ -151,44 +151,152 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         Ok(())
     };
     save(state)?;
+    let controller_bin = build_daemons()?;
+
     let etcd_dir = state.run_dir.join("etcd");
     let members = plan_members(1, &etcd_dir)?;
     let member = &members[0];
     let token = format!("tidegate-{}", state.cluster_id);
     let log = state.run_dir.join("etcd.log");
-    let child = spawn_detached("etcd", &member.args(&members, &token), &log)?;
-    let pid = child.id();
-    children.push(child);
-    state.processes.push(Proc {
-        name: "etcd".into(),
-        pid,
-        started: start_time(pid).unwrap_or(0),
-    });
+    let pid = launch(
+        state,
+        children,
+        "etcd",
+        "etcd",
+        &member.args(&members, &token),
+        &log,
+    )?;
     save(state)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !healthy(member.client_port) {
-        if Instant::now() > deadline || !pid_alive(pid) {
-            bail!("etcd did not become healthy; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(pid, &log, || healthy(member.client_port))?;
     println!(
-        "etcd       {}  (pid {pid}, log {})",
+        "etcd        {}  (pid {pid}, log {})",
         member.client_url(),
         log.display()
     );
 
+    let admin_token = random_token();
+    let platform_token = random_token();
+    let api_port = tidegate_lab::ports::free_port()?;
+    let api = format!("http://127.0.0.1:{api_port}");
+    let args: Vec<String> = [
+        "--id",
+        "controller-1",
+        "--listen",
+        &format!("127.0.0.1:{api_port}"),
+        "--etcd",
+        &member.client_url(),
+        "--domain",
+        DOMAIN,
+        "--admin-token",
+        &admin_token,
+        "--platform-token",
+        &platform_token,
+        "--flag-secret",
+        &random_token(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let log = state.run_dir.join("controller.log");
+    let pid = launch(
+        state,
+        children,
+        "controller",
+        &controller_bin.display().to_string(),
+        &args,
+        &log,
+    )?;
+    save(state)?;
+    wait_for(pid, &log, || http_ok(api_port, "/v1/openapi.json"))?;
+    println!("controller  {api}  (pid {pid}, log {})", log.display());
+
     let local = LocalJson {
-        api: None,
-        admin_token: random_token(),
-        platform_token: random_token(),
+        api: Some(api),
+        admin_token,
+        platform_token,
         http_entries: Vec::new(),
         tcp_hosts: Vec::new(),
-        domain: "ctf.localhost".into(),
+        domain: DOMAIN.into(),
         etcd: vec![member.client_url()],
     };
     std::fs::write(dir.join("local.json"), serde_json::to_vec_pretty(&local)?)?;
     Ok(())
+}
+
+/// The wildcard domain of a local cluster (`*.ctf.localhost` resolves to loopback).
+const DOMAIN: &str = "ctf.localhost";
+
+/// Builds the daemons; returns the controller binary's path.
+fn build_daemons() -> Result<PathBuf> {
+    crate::sh::run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "tidegate-controller",
+        "--bins",
+    ]))?;
+    // The daemons land next to this xtask binary (same target dir and profile).
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("tidegate-controller");
+    if !bin.exists() {
+        bail!(
+            "built tidegate-controller but it is not at {}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Starts a process of the cluster and records it in `state`.
+fn launch(
+    state: &mut State,
+    children: &mut Vec<Child>,
+    name: &str,
+    program: &str,
+    args: &[String],
+    log: &Path,
+) -> Result<u32> {
+    let child = spawn_detached(program, args, log)?;
+    let pid = child.id();
+    children.push(child);
+    state.processes.push(Proc {
+        name: name.into(),
+        pid,
+        started: start_time(pid).unwrap_or(0),
+    });
+    Ok(pid)
+}
+
+/// Waits up to 30 s for `ready`; fails early if the process exits.
+fn wait_for(pid: u32, log: &Path, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        if Instant::now() > deadline || !pid_alive(pid) {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "pid {pid} did not become ready; {}:\n{}",
+                log.display(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Whether `GET path` on 127.0.0.1:`port` answers 200.
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }
 
 fn random_token() -> String {

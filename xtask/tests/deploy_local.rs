@@ -1,5 +1,5 @@
 //! `cargo xtask deploy local`: detached and foreground clusters come up
-//! healthy and leave nothing behind (process, run dir, local.json).
+//! healthy and leave nothing behind (processes, run dir, local.json).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -19,20 +19,26 @@ fn pid_alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-fn etcd_pid(state_dir: &Path) -> u32 {
+/// The pids of the cluster's processes; etcd and the controller must be among them.
+fn cluster_pids(state_dir: &Path) -> Vec<u32> {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("local.state.json")).unwrap())
             .unwrap();
-    let p = &state["processes"][0];
-    assert_eq!(p["name"], "etcd");
-    u32::try_from(p["pid"].as_u64().unwrap()).unwrap()
+    let procs = state["processes"].as_array().unwrap();
+    let names: Vec<&str> = procs.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["etcd", "controller"]);
+    procs
+        .iter()
+        .map(|p| u32::try_from(p["pid"].as_u64().unwrap()).unwrap())
+        .collect()
 }
 
-/// Checks local.json's contract and that its etcd answers a real client.
+/// Checks local.json's contract: its etcd answers etcdctl, its API answers
+/// curl with the admin token and its controller leads.
 fn check_local_json(state_dir: &Path) {
     let local: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("local.json")).unwrap()).unwrap();
-    for field in ["admin_token", "platform_token", "domain"] {
+    for field in ["api", "admin_token", "platform_token", "domain"] {
         assert!(
             local[field].as_str().is_some_and(|s| !s.is_empty()),
             "{field} in {local}"
@@ -53,10 +59,35 @@ fn check_local_json(state_dir: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    let api = local["api"].as_str().unwrap();
+    let auth = format!(
+        "Authorization: Bearer {}",
+        local["admin_token"].as_str().unwrap()
+    );
+    let mut role = String::new();
+    for _ in 0..100 {
+        let out = Command::new("curl")
+            .args(["-sS", "-H", &auth, &format!("{api}/v1/status")])
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        role = status["role"].as_str().unwrap_or_default().to_string();
+        if role == "leader" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        role, "leader",
+        "the local controller never became the scheduler"
+    );
 }
 
-fn assert_gone(state_dir: &Path, pid: u32) {
-    assert!(!pid_alive(pid), "etcd {pid} still running");
+fn assert_gone(state_dir: &Path, pids: &[u32]) {
+    for pid in pids {
+        assert!(!pid_alive(*pid), "pid {pid} still running");
+    }
     assert!(
         !state_dir.exists(),
         "{} left behind: {:?}",
@@ -84,17 +115,17 @@ fn detach_then_down_leaves_nothing() {
     let (ok, text) = run(&["deploy", "local", "--detach"]);
     assert!(ok, "{text}");
     check_local_json(&dir);
-    let pid = etcd_pid(&dir);
-    assert!(pid_alive(pid));
+    let pids = cluster_pids(&dir);
+    assert!(pids.iter().all(|p| pid_alive(*p)));
 
     // A second cluster on the same state dir is refused, the first untouched.
     let (ok, text) = run(&["deploy", "local", "--detach"]);
     assert!(!ok && text.contains("already running"), "{text}");
-    assert!(pid_alive(pid));
+    assert!(pids.iter().all(|p| pid_alive(*p)));
 
     let (ok, text) = run(&["deploy", "local", "--down"]);
     assert!(ok, "{text}");
-    assert_gone(&dir, pid);
+    assert_gone(&dir, &pids);
     let (ok, text) = run(&["deploy", "local", "--down"]);
     assert!(ok && text.contains("nothing to stop"), "{text}");
 }
@@ -110,9 +141,9 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !dir.join("local.json").exists() {
-        assert!(Instant::now() < deadline, "no local.json within 60 s");
+        assert!(Instant::now() < deadline, "no local.json within 120 s");
         assert!(
             child.try_wait().unwrap().is_none(),
             "deploy local exited early"
@@ -120,7 +151,7 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
         std::thread::sleep(Duration::from_millis(100));
     }
     check_local_json(&dir);
-    let pid = etcd_pid(&dir);
+    let pids = cluster_pids(&dir);
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -128,5 +159,5 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
     assert!(st.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "deploy local exited with {status}");
-    assert_gone(&dir, pid);
+    assert_gone(&dir, &pids);
 }

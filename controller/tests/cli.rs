@@ -1,0 +1,117 @@
+//! The `tidegate` CLI against a real controller and etcd.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use etcd_client::Client;
+use serde_json::Value;
+use tidegate_lab::etcd::EtcdCluster;
+
+/// Runs `tidegate args...` in `cwd` with no TIDEGATE_* env; returns (ok, stdout, stderr).
+fn tidegate(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .current_dir(cwd)
+        .env_remove("TIDEGATE_API")
+        .env_remove("TIDEGATE_TOKEN")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn organizer_workflow_through_the_cli() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controller::start(&etcd, "c1", dir.path()).await;
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    register_worker(&client, "worker-a", 8).await;
+    assert!(eventually(10, || c.is_leader()).await);
+
+    // Address and token from .tidegate/local.json in a parent folder.
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(project.join(".tidegate")).unwrap();
+    std::fs::create_dir_all(project.join("challenges")).unwrap();
+    std::fs::write(
+        project.join(".tidegate/local.json"),
+        serde_json::json!({"api": c.url, "admin_token": ADMIN, "platform_token": PLATFORM})
+            .to_string(),
+    )
+    .unwrap();
+    let cwd = project.join("challenges");
+    std::fs::write(
+        cwd.join("web.toml"),
+        "image = \"tidegate/demo-http:1\"\nper_team_max = 2\n\n[[ports]]\nname = \"web\"\nport = 8080\nprotocol = \"http\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = tidegate(&cwd, &["challenge", "apply", "-f", "web.toml"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("challenge web created at revision"),
+        "{out}"
+    );
+    let (ok, out, _) = tidegate(&cwd, &["challenge", "ls"]);
+    assert!(
+        ok && out.lines().nth(1).unwrap().starts_with("web "),
+        "{out}"
+    );
+    assert!(out.contains("http/web:8080"), "{out}");
+
+    // A bad spec: non-zero exit, the field named, nothing changed.
+    std::fs::write(
+        cwd.join("bad.json"),
+        r#"{"name": "web", "image": "x", "ports": [{"name": "a", "port": 1, "protocol": "udp"}]}"#,
+    )
+    .unwrap();
+    let (ok, _, err) = tidegate(&cwd, &["challenge", "apply", "-f", "bad.json"]);
+    assert!(!ok);
+    assert!(
+        err.contains("400") && err.contains("field ports[0].protocol"),
+        "{err}"
+    );
+    let (_, out, _) = tidegate(&cwd, &["challenge", "get", "web", "--json"]);
+    let got: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["spec"]["image"], "tidegate/demo-http:1");
+
+    // Instances: spawn (JSON for scripts), list (table), renew refused early, rm.
+    let (ok, out, err) = tidegate(&cwd, &["instance", "spawn", "web", "team-1", "--json"]);
+    assert!(ok, "{err}");
+    let inst: Value = serde_json::from_str(&out).unwrap();
+    let id = inst["id"].as_str().unwrap();
+    let (ok, out, _) = tidegate(&cwd, &["instance", "ls", "--team", "team-1"]);
+    assert!(
+        ok && out.contains(id) && out.contains(&format!("http://{id}.ctf.localhost/")),
+        "{out}"
+    );
+    let (ok, out, _) = tidegate(&cwd, &["worker", "ls"]);
+    assert!(
+        ok && out.contains("worker-a") && out.contains("1/8"),
+        "{out}"
+    );
+    let (ok, out, _) = tidegate(&cwd, &["status"]);
+    assert!(ok && out.contains("replica c1 is leader"), "{out}");
+    let (ok, _, err) = tidegate(&cwd, &["instance", "renew", id]);
+    assert!(!ok && err.contains("409"), "{err}");
+    let (ok, _, err) = tidegate(&cwd, &["instance", "rm", id]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tidegate(&cwd, &["instance", "get", id]);
+    assert!(!ok && err.contains("404"), "{err}");
+
+    // Explicit flags win over local.json; a wrong token is reported.
+    let (ok, _, err) = tidegate(
+        dir.path(),
+        &["--api", &c.url, "--token", "not-a-token", "challenge", "ls"],
+    );
+    assert!(!ok && err.contains("401"), "{err}");
+    let (ok, _, err) = tidegate(dir.path(), &["challenge", "ls"]);
+    assert!(!ok && err.contains("no API address"), "{err}");
+}
