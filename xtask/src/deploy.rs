@@ -208,6 +208,7 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
     save(state)?;
     wait_for(pid, &log, || http_ok(api_port, "/v1/openapi.json"))?;
     println!("controller  {api}  (pid {pid}, log {})", log.display());
+    register_demo_challenges(api_port, &admin_token)?;
 
     let local = LocalJson {
         api: Some(api),
@@ -287,16 +288,61 @@ fn wait_for(pid: u32, log: &Path, mut ready: impl FnMut() -> bool) -> Result<()>
 
 /// Whether `GET path` on 127.0.0.1:`port` answers 200.
 fn http_ok(port: u16, path: &str) -> bool {
+    http(port, "GET", path, None, "").is_some_and(|(status, _)| status == 200)
+}
+
+/// One HTTP/1.0 request to 127.0.0.1:`port`; the status and body, if any answer.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
-        return false;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The demo challenges every local cluster starts with.
+const DEMO_CHALLENGES: [(&str, &str); 2] = [
+    (
+        "demo-http",
+        r#"{"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
+    ),
+    (
+        "demo-tcp",
+        r#"{"image": "tidegate/demo-tcp:1", "ports": [{"name": "echo", "port": 1337, "protocol": "tcp"}]}"#,
+    ),
+];
+
+fn register_demo_challenges(api_port: u16, admin_token: &str) -> Result<()> {
+    for (name, spec) in DEMO_CHALLENGES {
+        let path = format!("/v1/challenges/{name}");
+        match http(api_port, "PUT", &path, Some(admin_token), spec) {
+            Some((200 | 201, _)) => println!("challenge   {name}"),
+            Some((status, body)) => bail!("registering {name}: {status} {body}"),
+            None => bail!("registering {name}: the controller did not answer"),
+        }
     }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+    Ok(())
 }
 
 fn random_token() -> String {

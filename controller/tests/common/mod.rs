@@ -50,6 +50,7 @@ election_ttl_secs = {ELECTION_TTL}
 etcd_timeout_ms = 1500
 tcp_ports = "30000-39999"
 sweep_interval_secs = 1
+worker_grace_secs = 2
 "#
             ),
         )
