@@ -132,9 +132,11 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         return Err(e);
     }
     println!(
-        "not started yet: the controller (issue #3) and the agents (issues #4–#6) do not exist yet"
+        "not started yet: the agents (issues #4–#6) do not exist yet"
     );
     println!("wrote {}", dir.join("local.json").display());
+    let cli = std::env::current_exe()?.with_file_name("tidegate");
+    println!("CLI: {} status   (reads the address and admin token from local.json)", cli.display());
     if detach {
         println!("detached: `cargo xtask deploy local --down` stops it");
         return Ok(());
