@@ -131,12 +131,13 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         teardown(dir, &state, &mut children)?;
         return Err(e);
     }
-    println!(
-        "not started yet: the agents (issues #4–#6) do not exist yet"
-    );
+    println!("not started yet: the agents (issues #4–#6) do not exist yet");
     println!("wrote {}", dir.join("local.json").display());
     let cli = std::env::current_exe()?.with_file_name("tidegate");
-    println!("CLI: {} status   (reads the address and admin token from local.json)", cli.display());
+    println!(
+        "CLI: {} status   (reads the address and admin token from local.json)",
+        cli.display()
+    );
     if detach {
         println!("detached: `cargo xtask deploy local --down` stops it");
         return Ok(());
