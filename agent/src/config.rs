@@ -1,0 +1,193 @@
+//! The agent's configuration: TOML file, then environment, then flags.
+//! `validate()` runs before anything starts; a bad value exits 64 naming the field.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+use tidegate_schema::{Keyspace, WorkerId};
+
+/// Command line; every flag also reads `TIDEGATE_<NAME>` and overrides the file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidegate-agent",
+    version,
+    about = "tidegate data plane: runs this worker's instances"
+)]
+pub struct Cli {
+    /// TOML config file (fields as below, snake_case).
+    #[arg(long, env = "TIDEGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This worker's id (a DNS label).
+    #[arg(long, env = "TIDEGATE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Address other agents use to reach this one.
+    #[arg(long, env = "TIDEGATE_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<IpAddr>,
+    /// The HTTP entry point (Pingora, #5).
+    #[arg(long, env = "TIDEGATE_HTTP_ENTRY")]
+    pub http_entry: Option<SocketAddr>,
+    /// The address whose ports the TCP redirector serves (#6).
+    #[arg(long, env = "TIDEGATE_TCP_HOST")]
+    pub tcp_host: Option<IpAddr>,
+    /// How many instances this worker runs at most.
+    #[arg(long, env = "TIDEGATE_CAPACITY")]
+    pub capacity: Option<u32>,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, env = "TIDEGATE_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// Where the Prometheus metrics are served.
+    #[arg(long, env = "TIDEGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This worker's id (a DNS label, unique in the cluster).
+    pub worker_id: String,
+    /// Address other agents use to reach this one.
+    pub advertise_address: IpAddr,
+    /// The HTTP entry point players' requests arrive on.
+    pub http_entry: SocketAddr,
+    /// The address whose ports the TCP redirector serves.
+    pub tcp_host: IpAddr,
+    /// How many instances this worker runs at most.
+    pub capacity: u32,
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// Root of every key (as the controller's `key_root`).
+    pub key_root: String,
+    /// The Docker engine's socket.
+    pub docker_socket: String,
+    /// Pull images that are not present. Off where no registry is reachable.
+    pub pull_images: bool,
+    /// Docker network of instances without egress (internal, no inter-container traffic).
+    pub isolated_network: String,
+    /// Docker network of instances whose spec sets `egress` (outbound allowed, no inter-container traffic).
+    pub egress_network: String,
+    /// Extra label `tidegate.cluster=<value>` on every container (used by `deploy local`).
+    pub cluster_label: Option<String>,
+    /// How many times an exited container is restarted before its status is `failed`.
+    pub max_restarts: u32,
+    /// How often Docker's state is compared with the desired state, in milliseconds.
+    pub reconcile_interval_ms: u64,
+    /// TTL of this worker's membership lease in seconds.
+    pub membership_ttl_secs: i64,
+    /// Where the Prometheus metrics are served.
+    pub metrics_listen: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            worker_id: std::fs::read_to_string("/etc/hostname")
+                .map(|s| s.trim().to_ascii_lowercase())
+                .unwrap_or_else(|_| "worker".into()),
+            advertise_address: IpAddr::from([127, 0, 0, 1]),
+            http_entry: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tcp_host: IpAddr::from([127, 0, 0, 1]),
+            capacity: 32,
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            key_root: tidegate_schema::keys::DEFAULT_ROOT.into(),
+            docker_socket: "unix:///var/run/docker.sock".into(),
+            pull_images: true,
+            isolated_network: "tidegate-isolated".into(),
+            egress_network: "tidegate-egress".into(),
+            cluster_label: None,
+            max_restarts: 5,
+            reconcile_interval_ms: 500,
+            membership_ttl_secs: 10,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// A config value that cannot be used, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// File, then the flags and environment variables that were given.
+    pub fn load(cli: Cli) -> Result<Self, ConfigError> {
+        let mut cfg = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
+                toml::from_str(&text)
+                    .map_err(|e| bad("config", format!("{}: {e}", path.display())))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! overlay {
+            ($($f:ident),*) => { $( if let Some(v) = cli.$f { cfg.$f = v; } )* };
+        }
+        overlay!(
+            worker_id,
+            advertise_address,
+            http_entry,
+            tcp_host,
+            capacity,
+            etcd,
+            metrics_listen
+        );
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))?;
+        if self.capacity == 0 {
+            return Err(bad("capacity", "at least 1"));
+        }
+        if self.http_entry.port() == 0 {
+            return Err(bad("http_entry", "needs a port"));
+        }
+        if self.etcd.is_empty() || self.etcd.iter().any(|e| !e.starts_with("http")) {
+            return Err(bad("etcd", "one or more http(s):// client URLs"));
+        }
+        Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
+        if !self.docker_socket.starts_with("unix://") {
+            return Err(bad("docker_socket", "a unix:// socket path"));
+        }
+        for (field, name) in [
+            ("isolated_network", &self.isolated_network),
+            ("egress_network", &self.egress_network),
+        ] {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(bad(field, "a Docker network name"));
+            }
+        }
+        if self.isolated_network == self.egress_network {
+            return Err(bad("egress_network", "must differ from isolated_network"));
+        }
+        if !(50..=60_000).contains(&self.reconcile_interval_ms) {
+            return Err(bad("reconcile_interval_ms", "50 to 60000"));
+        }
+        if !(2..=300).contains(&self.membership_ttl_secs) {
+            return Err(bad("membership_ttl_secs", "2 to 300"));
+        }
+        Ok(())
+    }
+
+    /// The worker id, parsed.
+    pub fn worker(&self) -> Result<WorkerId, ConfigError> {
+        WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))
+    }
+}

@@ -1,0 +1,417 @@
+//! The reconciler: drives Docker until this worker's containers equal the
+//! instance records assigned to it in etcd.
+//!
+//! One task owns the state. It applies watch events (a relist replaces the
+//! whole desired set at `InitDone`) and, every `reconcile_interval_ms`,
+//! compares Docker's list with the desired set: it starts what is missing,
+//! adopts what already runs (same container id, no restart), removes
+//! orphans, restarts exited containers with backoff up to `max_restarts`,
+//! and writes each instance's endpoint and status under the instance's
+//! lease, so they vanish with it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, PutOptions};
+use tidegate_schema::{
+    EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, Kv,
+    Record, V1, Watcher, WorkerId,
+};
+
+use crate::metrics::Metrics;
+use crate::runtime::{Observed, Runtime, RuntimeError};
+
+/// One instance this worker should run.
+#[derive(Debug)]
+struct Tracked {
+    record: InstanceRecord,
+    lease: i64,
+    container: Option<String>,
+    status: InstanceStatus,
+    address: Option<std::net::IpAddr>,
+    restarts: u32,
+    retry_at: Option<Instant>,
+    /// What etcd holds for this instance's endpoint (None: not written yet).
+    reported: Option<(InstanceStatus, Option<String>, Option<std::net::IpAddr>)>,
+    /// When the record was first seen, for the reconcile latency metric.
+    seen: Instant,
+}
+
+/// The reconciler's state.
+pub struct Reconciler {
+    client: Client,
+    ks: Keyspace,
+    worker: WorkerId,
+    runtime: Runtime,
+    metrics: Arc<Metrics>,
+    max_restarts: u32,
+    desired: BTreeMap<InstanceId, Tracked>,
+    /// Records being collected during a (re)list.
+    listing: Option<Vec<Kv>>,
+    /// Whether a full list has been applied (before that nothing is removed).
+    synced: bool,
+    /// The highest fencing token seen in any record.
+    max_token: i64,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("worker", &self.worker)
+            .field("desired", &self.desired.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn backoff(restarts: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << restarts.min(6))).min(Duration::from_secs(30))
+}
+
+impl Reconciler {
+    pub fn new(
+        client: Client,
+        ks: Keyspace,
+        worker: WorkerId,
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        max_restarts: u32,
+    ) -> Self {
+        Self {
+            client,
+            ks,
+            worker,
+            runtime,
+            metrics,
+            max_restarts,
+            desired: BTreeMap::new(),
+            listing: None,
+            synced: false,
+            max_token: 0,
+        }
+    }
+
+    /// Runs until `stop` resolves.
+    pub async fn run(mut self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
+        let mut watcher = Watcher::new(self.client.clone(), self.ks.prefix(Kind::Instances));
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                event = watcher.next() => {
+                    self.apply(event).await;
+                    self.metrics.set_watch_revision(watcher.revision());
+                }
+                _ = tick.tick() => self.reconcile().await,
+                _ = &mut stop => return,
+            }
+        }
+    }
+
+    async fn apply(&mut self, event: Event) {
+        match event {
+            Event::Init => self.listing = Some(Vec::new()),
+            Event::InitApply(kv) => {
+                if let Some(l) = self.listing.as_mut() {
+                    l.push(kv);
+                }
+            }
+            Event::InitDone { revision } => {
+                let kvs = self.listing.take().unwrap_or_default();
+                let mut keep = BTreeSet::new();
+                for kv in kvs {
+                    if let Some(id) = self.upsert(&kv) {
+                        keep.insert(id);
+                    }
+                }
+                let gone: Vec<InstanceId> = self
+                    .desired
+                    .keys()
+                    .filter(|id| !keep.contains(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.forget(&id).await;
+                }
+                self.synced = true;
+                tracing::info!(revision, instances = self.desired.len(), "instances listed");
+                self.reconcile().await;
+            }
+            Event::Apply(kv) => {
+                if self.upsert(&kv).is_some() {
+                    self.reconcile().await;
+                }
+            }
+            Event::Delete { key, .. } => {
+                if let Ok(Key::Instance(id)) = self.ks.parse(&key) {
+                    self.forget(&id).await;
+                }
+            }
+        }
+    }
+
+    /// Takes a record into the desired set if it is ours and acceptable;
+    /// returns its id when it is.
+    fn upsert(&mut self, kv: &Kv) -> Option<InstanceId> {
+        let id = match self.ks.parse(&kv.key) {
+            Ok(Key::Instance(id)) => id,
+            Ok(_) => return None,
+            Err(e) => {
+                self.metrics.malformed();
+                tracing::warn!(key = %kv.key, error = %e, "skipping a key that is not an instance key");
+                return None;
+            }
+        };
+        let record = match kv.decode::<InstanceRecord>() {
+            Ok(r) if r.id == id => r,
+            Ok(r) => {
+                self.metrics.malformed();
+                tracing::warn!(key = %kv.key, id = %r.id, "skipping a record whose id differs from its key");
+                return None;
+            }
+            Err(e) => {
+                self.metrics.malformed();
+                tracing::warn!(key = %kv.key, error = %e, "skipping a malformed instance record");
+                return None;
+            }
+        };
+        // Fencing: a record written after a newer scheduler was elected
+        // (its create revision is past that scheduler's token) must carry
+        // at least that token. Records of an older, then-legitimate leader
+        // keep running.
+        if record.token < self.max_token && kv.create_revision > self.max_token {
+            self.metrics.fenced();
+            tracing::warn!(key = %kv.key, token = record.token, newest_token = self.max_token,
+                "refusing a record from a fenced scheduler: its token {} is older than token {} seen before it was written",
+                record.token, self.max_token);
+            return None;
+        }
+        self.max_token = self.max_token.max(record.token);
+        if record.worker != self.worker {
+            return None;
+        }
+        match self.desired.get_mut(&id) {
+            Some(t) => {
+                // A renewal: new lease (the endpoint moved with it), new expiry.
+                t.record = record;
+                t.lease = kv.lease;
+            }
+            None => {
+                self.desired.insert(
+                    id.clone(),
+                    Tracked {
+                        record,
+                        lease: kv.lease,
+                        container: None,
+                        status: InstanceStatus::Starting,
+                        address: None,
+                        restarts: 0,
+                        retry_at: None,
+                        reported: None,
+                        seen: Instant::now(),
+                    },
+                );
+            }
+        }
+        Some(id)
+    }
+
+    /// The record is gone (deleted or expired): remove its container now.
+    async fn forget(&mut self, id: &InstanceId) {
+        if let Some(c) = self.desired.remove(id).and_then(|t| t.container) {
+            {
+                match self.runtime.remove(&c).await {
+                    Ok(()) => {
+                        tracing::info!(instance = %id, container = %c, "removed the container of a deleted instance")
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, "could not remove container; the sweep retries")
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass: Docker's view against the desired set.
+    async fn reconcile(&mut self) {
+        let observed = match self.runtime.list().await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list containers");
+                return;
+            }
+        };
+        let mut by_instance: BTreeMap<String, Vec<Observed>> = BTreeMap::new();
+        for o in observed {
+            by_instance.entry(o.instance.clone()).or_default().push(o);
+        }
+        // Orphans: containers of ours without a record (only once we know all records).
+        if self.synced {
+            for (instance, containers) in &by_instance {
+                let wanted = InstanceId::parse(instance)
+                    .ok()
+                    .and_then(|id| self.desired.get(&id));
+                for c in containers {
+                    let ours = wanted
+                        .is_some_and(|t| t.container.as_deref().is_none_or(|mine| mine == c.id));
+                    if !ours {
+                        match self.runtime.remove(&c.id).await {
+                            Ok(()) => {
+                                self.metrics.orphan_removed();
+                                tracing::info!(container = %c.id, instance = %instance, "removed an orphan container");
+                            }
+                            Err(e) => {
+                                tracing::warn!(container = %c.id, error = %e, "could not remove orphan")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let ids: Vec<InstanceId> = self.desired.keys().cloned().collect();
+        for id in ids {
+            let seen = by_instance
+                .get(id.as_str())
+                .and_then(|cs| cs.first().cloned());
+            self.step(&id, seen).await;
+            self.report(&id).await;
+        }
+        self.metrics
+            .set_states(self.desired.values().map(|t| &t.status));
+    }
+
+    /// Moves one instance towards running.
+    async fn step(&mut self, id: &InstanceId, seen: Option<Observed>) {
+        let max_restarts = self.max_restarts;
+        let Some(t) = self.desired.get_mut(id) else {
+            return;
+        };
+        if matches!(t.status, InstanceStatus::Failed { .. }) {
+            return;
+        }
+        if t.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        match seen {
+            Some(o) if o.running && o.address.is_some() => {
+                if t.container.is_none() {
+                    tracing::info!(instance = %id, container = %o.id, "adopted a running container");
+                }
+                t.container = Some(o.id);
+                t.address = o.address;
+                if t.status != InstanceStatus::Running {
+                    self.metrics.reconciled(t.seen.elapsed());
+                }
+                t.status = InstanceStatus::Running;
+                t.retry_at = None;
+            }
+            Some(o) if o.exited => {
+                t.container = Some(o.id.clone());
+                let code = self.runtime.exit_code(&o.id).await.unwrap_or(-1);
+                if t.restarts >= max_restarts {
+                    tracing::warn!(instance = %id, code, restarts = t.restarts, "container keeps exiting; giving up");
+                    t.status = InstanceStatus::Failed {
+                        reason: format!("exited with code {code} after {} restarts", t.restarts),
+                    };
+                    return;
+                }
+                let wait = backoff(t.restarts);
+                if t.retry_at.is_none() {
+                    // First sight of this exit: wait before restarting.
+                    tracing::info!(instance = %id, code, restarts = t.restarts, ?wait, "container exited; restarting after backoff");
+                    t.retry_at = Some(Instant::now() + wait);
+                    t.status = InstanceStatus::Starting;
+                    return;
+                }
+                t.restarts += 1;
+                t.retry_at = None;
+                if let Err(e) = self.runtime.start(&o.id).await {
+                    tracing::warn!(instance = %id, error = %e, "restart failed");
+                }
+            }
+            Some(o) if o.running => {
+                // Running but without an address yet: look again next pass.
+                t.container = Some(o.id);
+            }
+            Some(o) => {
+                // Created but not started (e.g. the agent died in between).
+                t.container = Some(o.id.clone());
+                if let Err(e) = self.runtime.start(&o.id).await {
+                    tracing::warn!(instance = %id, error = %e, "start failed");
+                    t.retry_at = Some(Instant::now() + backoff(t.restarts));
+                }
+            }
+            None => {
+                let record = t.record.clone();
+                t.status = InstanceStatus::Starting;
+                match self.runtime.create(&record).await {
+                    Ok(container) => {
+                        tracing::info!(instance = %id, %container, image = %record.container.image, "created container");
+                        t.container = Some(container.clone());
+                        if let Err(e) = self.runtime.start(&container).await {
+                            tracing::warn!(instance = %id, error = %e, "start failed");
+                            t.retry_at = Some(Instant::now() + backoff(t.restarts));
+                            t.restarts += 1;
+                        }
+                    }
+                    Err(RuntimeError::ImageMissing { image, reason }) => {
+                        // Not retried: a missing image does not appear by itself.
+                        tracing::warn!(instance = %id, %image, %reason, "image missing");
+                        t.status = InstanceStatus::Failed {
+                            reason: format!(
+                                "image {image} is not on this worker and could not be pulled: {reason}"
+                            ),
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, "create failed");
+                        t.retry_at = Some(Instant::now() + backoff(t.restarts));
+                        t.restarts += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the endpoint record when what etcd holds differs.
+    async fn report(&mut self, id: &InstanceId) {
+        let Some(t) = self.desired.get_mut(id) else {
+            return;
+        };
+        let now = (t.status.clone(), t.container.clone(), t.address);
+        if t.reported.as_ref() == Some(&now) || t.lease == 0 {
+            return;
+        }
+        let record = EndpointRecord {
+            v: V1,
+            instance: id.clone(),
+            worker: self.worker.clone(),
+            container_id: t.container.clone(),
+            address: if t.status == InstanceStatus::Running {
+                t.address
+            } else {
+                None
+            },
+            status: t.status.clone(),
+            updated_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let key = self.ks.key(&Key::Endpoint(id.clone()));
+        let put = self
+            .client
+            .put(
+                key.as_str(),
+                record.encode(),
+                Some(PutOptions::new().with_lease(t.lease)),
+            )
+            .await;
+        match put {
+            Ok(_) => t.reported = Some(now),
+            // The lease may have just been replaced by a renewal: the watch
+            // brings the new one and the next pass writes again.
+            Err(e) => tracing::debug!(instance = %id, error = %e, "could not write endpoint"),
+        }
+    }
+}

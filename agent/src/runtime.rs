@@ -1,0 +1,295 @@
+//! The Docker side: hardened containers through bollard.
+//!
+//! Every instance container: labels naming instance, challenge, team and
+//! worker; the challenge's env plus `FLAG`; memory, CPU and pids limits;
+//! `cap-drop ALL` plus the spec's `cap_add`; `no-new-privileges`; optional
+//! read-only rootfs; no published ports. It joins one of two networks with
+//! inter-container traffic disabled: `isolated` (internal: no route out)
+//! or, when the spec sets `egress`, `egress`. The host — and so the agent —
+//! reaches every container's address on either.
+
+use std::collections::HashMap;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, NetworkCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions,
+};
+use futures::StreamExt;
+use tidegate_schema::InstanceRecord;
+
+use crate::config::Config;
+
+pub const LABEL_INSTANCE: &str = "tidegate.instance";
+pub const LABEL_CHALLENGE: &str = "tidegate.challenge";
+pub const LABEL_TEAM: &str = "tidegate.team";
+pub const LABEL_WORKER: &str = "tidegate.worker";
+pub const LABEL_CLUSTER: &str = "tidegate.cluster";
+
+/// Why a container could not be made to run.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("image {image} is not on this worker and could not be pulled: {reason}")]
+    ImageMissing { image: String, reason: String },
+    #[error("docker: {0}")]
+    Docker(#[from] DockerError),
+}
+
+/// A container of this worker, as Docker lists it.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub id: String,
+    pub instance: String,
+    pub running: bool,
+    pub exited: bool,
+    pub address: Option<std::net::IpAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    docker: Docker,
+    worker: String,
+    cluster: Option<String>,
+    isolated: String,
+    egress: String,
+    pull: bool,
+}
+
+fn not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl Runtime {
+    /// Connects (negotiating the API version: Debian's engine speaks 1.41).
+    pub async fn connect(cfg: &Config) -> Result<Self, DockerError> {
+        let docker =
+            Docker::connect_with_unix(&cfg.docker_socket, 60, bollard::API_DEFAULT_VERSION)?
+                .negotiate_version()
+                .await?;
+        Ok(Self {
+            docker,
+            worker: cfg.worker_id.clone(),
+            cluster: cfg.cluster_label.clone(),
+            isolated: cfg.isolated_network.clone(),
+            egress: cfg.egress_network.clone(),
+            pull: cfg.pull_images,
+        })
+    }
+
+    /// Creates the two instance networks if they do not exist.
+    pub async fn ensure_networks(&self) -> Result<(), DockerError> {
+        for (name, internal) in [(&self.isolated, true), (&self.egress, false)] {
+            match self.docker.inspect_network(name, None).await {
+                Ok(_) => continue,
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+            let mut options = HashMap::new();
+            options.insert(
+                "com.docker.network.bridge.enable_icc".to_string(),
+                "false".to_string(),
+            );
+            let req = NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some("bridge".into()),
+                internal: Some(internal),
+                options: Some(options),
+                labels: Some(HashMap::from([(
+                    "tidegate.network".to_string(),
+                    "instances".to_string(),
+                )])),
+                ..Default::default()
+            };
+            match self.docker.create_network(req).await {
+                Ok(_) => tracing::info!(network = %name, internal, "created instance network"),
+                // Another agent on the same engine made it first.
+                Err(DockerError::DockerResponseServerError {
+                    status_code: 409, ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every container carrying this worker's label.
+    pub async fn list(&self) -> Result<Vec<Observed>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_WORKER}={}", self.worker)],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let instance = c.labels.as_ref()?.get(LABEL_INSTANCE)?.clone();
+                let address = c
+                    .network_settings
+                    .as_ref()
+                    .and_then(|n| n.networks.as_ref())
+                    .and_then(|n| n.values().find_map(|e| e.ip_address.clone()))
+                    .and_then(|ip| ip.parse().ok());
+                Some(Observed {
+                    id: c.id?,
+                    instance,
+                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    exited: matches!(
+                        c.state,
+                        Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD)
+                    ),
+                    address,
+                })
+            })
+            .collect())
+    }
+
+    fn body(&self, rec: &InstanceRecord) -> ContainerCreateBody {
+        let c = &rec.container;
+        let mut env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("FLAG={}", rec.flag));
+        let mut labels = HashMap::from([
+            (LABEL_INSTANCE.to_string(), rec.id.to_string()),
+            (LABEL_CHALLENGE.to_string(), rec.challenge.to_string()),
+            (LABEL_TEAM.to_string(), rec.team.to_string()),
+            (LABEL_WORKER.to_string(), self.worker.clone()),
+        ]);
+        if let Some(cluster) = &self.cluster {
+            labels.insert(LABEL_CLUSTER.to_string(), cluster.clone());
+        }
+        let network = if c.egress {
+            &self.egress
+        } else {
+            &self.isolated
+        };
+        ContainerCreateBody {
+            image: Some(c.image.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            hostname: Some(rec.id.to_string()),
+            host_config: Some(HostConfig {
+                memory: Some(i64::from(c.limits.memory_mib) * 1024 * 1024),
+                memory_swap: Some(i64::from(c.limits.memory_mib) * 1024 * 1024),
+                nano_cpus: Some((c.limits.cpus * 1e9) as i64),
+                pids_limit: Some(i64::from(c.limits.pids)),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(
+                    c.cap_add
+                        .iter()
+                        .map(|cap| cap.trim_start_matches("CAP_").to_string())
+                        .collect(),
+                ),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                readonly_rootfs: Some(c.read_only_rootfs),
+                network_mode: Some(network.clone()),
+                publish_all_ports: Some(false),
+                init: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Creates the instance's container (pulling its image if allowed).
+    pub async fn create(&self, rec: &InstanceRecord) -> Result<String, RuntimeError> {
+        let name = format!("tidegate-{}", rec.id);
+        let options = || {
+            Some(CreateContainerOptions {
+                name: Some(name.clone()),
+                ..Default::default()
+            })
+        };
+        match self
+            .docker
+            .create_container(options(), self.body(rec))
+            .await
+        {
+            Ok(r) => return Ok(r.id),
+            Err(e) if not_found(&e) => {}
+            // A container of that name without our labels' record: replace it.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                self.remove(&name).await?;
+                return Ok(self
+                    .docker
+                    .create_container(options(), self.body(rec))
+                    .await?
+                    .id);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let image = rec.container.image.clone();
+        if !self.pull {
+            return Err(RuntimeError::ImageMissing {
+                image,
+                reason: "pulling is disabled on this worker (pull_images = false)".into(),
+            });
+        }
+        let mut pull = self.docker.create_image(
+            Some(bollard::query_parameters::CreateImageOptions {
+                from_image: Some(image.clone()),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        while let Some(step) = pull.next().await {
+            if let Err(e) = step {
+                return Err(RuntimeError::ImageMissing {
+                    image,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(self
+            .docker
+            .create_container(options(), self.body(rec))
+            .await?
+            .id)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
+        self.docker
+            .start_container(id, None::<StartContainerOptions>)
+            .await
+    }
+
+    /// The exit code of a stopped container.
+    pub async fn exit_code(&self, id: &str) -> Result<i64, DockerError> {
+        let info = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await?;
+        Ok(info.state.and_then(|s| s.exit_code).unwrap_or(-1))
+    }
+
+    /// Removes a container (and its anonymous volumes); gone already is fine.
+    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(id, Some(options)).await {
+            Err(e) if not_found(&e) => Ok(()),
+            other => other,
+        }
+    }
+}
