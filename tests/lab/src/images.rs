@@ -34,13 +34,16 @@ type Recipe = (
     &'static [&'static str],
 );
 
+/// busybox `sh` that prints a line and exits with code 3: a crashing challenge.
+pub const DEMO_EXIT: &str = "tidegate/demo-exit:1";
+
 const BUSYBOX: &str = "/bin/busybox";
 const DROPBEAR: &str = "/usr/sbin/dropbear";
 
 /// Builds whichever demo images are missing; returns the names it built.
 pub fn ensure_demo_images() -> Result<Vec<String>> {
     require_engine()?;
-    let recipes: [Recipe; 3] = [
+    let recipes: [Recipe; 4] = [
         (
             DEMO_HTTP,
             http_rootfs,
@@ -55,6 +58,11 @@ pub fn ensure_demo_images() -> Result<Vec<String>> {
             DEMO_SSH,
             ssh_rootfs,
             &[r#"CMD ["/bin/sh", "/start-ssh.sh"]"#],
+        ),
+        (
+            DEMO_EXIT,
+            busybox_rootfs,
+            &[r#"CMD ["/bin/sh", "-c", "echo crashing; exit 3"]"#],
         ),
     ];
     let mut built = Vec::new();

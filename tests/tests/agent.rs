@@ -1,0 +1,555 @@
+//! The agent against real Docker, real etcd and a real controller: hardened
+//! containers, lease expiry, restart adoption, orphans, resync after
+//! compaction, hostile records, network isolation, fencing, crash loops and
+//! missing images.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use etcd_client::{Client, CompactionOptions};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tidegate_lab::daemons::{Agent, Controller, eventually, web_spec};
+use tidegate_lab::docker::docker;
+use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::images::{DEMO_EXIT, ensure_demo_images};
+use tidegate_lab::netns::NetnsHost;
+use tidegate_lab::process::Supervised;
+
+/// etcd, a controller, one agent; everything removed on drop (containers
+/// included, also the ones a test leaves).
+struct Cluster {
+    agent: Option<Agent>,
+    controller: Controller,
+    client: Client,
+    _etcd: EtcdCluster,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        if let Ok(containers) = worker_containers(&worker()) {
+            for id in containers {
+                let _ = docker(&["rm", "-f", "-v", &id]);
+            }
+        }
+    }
+}
+
+fn worker_containers(worker: &str) -> tidegate_lab::Result<Vec<String>> {
+    let filter = format!("label=tidegate.worker={worker}");
+    Ok(docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])?
+        .lines()
+        .map(String::from)
+        .collect())
+}
+
+/// The worker id of this test process (several test processes share one Docker engine).
+fn worker() -> String {
+    format!("worker-a-{}", std::process::id())
+}
+
+async fn cluster(extra: &str) -> Cluster {
+    ensure_demo_images().unwrap();
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&etcd, "c1", dir.path()).await;
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let agent = Agent::start(&etcd, &worker(), dir.path(), extra).await;
+    assert!(eventually(10, || controller.is_leader()).await);
+    assert!(
+        eventually(10, || async {
+            controller
+                .call(Method::GET, "/v1/workers", None, None)
+                .await
+                .1["workers"][0]["id"]
+                == worker().as_str()
+        })
+        .await,
+        "the agent never registered"
+    );
+    Cluster {
+        agent: Some(agent),
+        controller,
+        client,
+        _etcd: etcd,
+        dir,
+    }
+}
+
+impl Cluster {
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().unwrap()
+    }
+
+    async fn spawn(&self, challenge: &str, team: &str) -> String {
+        let (s, body) = self.controller.spawn(challenge, team).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    async fn status(&self, id: &str) -> Value {
+        self.controller
+            .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
+            .await
+            .1["status"]
+            .clone()
+    }
+
+    async fn wait_status(&self, id: &str, want: &str) {
+        let ok = eventually(30, || async {
+            self.status(id)
+                .await
+                .as_str()
+                .is_some_and(|s| s.starts_with(want))
+        })
+        .await;
+        assert!(
+            ok,
+            "instance {id} never reached {want:?}: {}\n{}",
+            self.status(id).await,
+            self.agent().proc.log_tail(20)
+        );
+    }
+
+    /// The container id and address the agent reported for an instance.
+    async fn endpoint(&self, id: &str) -> (String, String) {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("/tidegate/endpoints/{id}"), None)
+            .await
+            .unwrap();
+        let ep: Value = serde_json::from_slice(resp.kvs()[0].value()).unwrap();
+        (
+            ep["container_id"].as_str().unwrap().to_string(),
+            ep["address"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+}
+
+fn inspect(container: &str, format: &str) -> String {
+    docker(&["inspect", "--format", format, container]).unwrap()
+}
+
+fn gone(container: &str) -> bool {
+    docker(&["inspect", container]).is_err()
+}
+
+async fn wait_gone(container: &str) -> bool {
+    eventually(15, || async { gone(container) }).await
+}
+
+#[tokio::test]
+async fn a_spawned_instance_runs_hardened_with_no_published_ports_and_is_removed_on_delete() {
+    let c = cluster("").await;
+    let mut spec = web_spec();
+    spec["limits"] = json!({"memory_mib": 64, "cpus": 0.25, "pids": 32});
+    spec["env"] = json!({"MODE": "test"});
+    c.controller.put_challenge("web", spec).await;
+    let id = c.spawn("web", "team-1").await;
+    c.wait_status(&id, "running").await;
+    let (container, address) = c.endpoint(&id).await;
+
+    let labels: Value =
+        serde_json::from_str(&inspect(&container, "{{json .Config.Labels}}")).unwrap();
+    assert_eq!(labels["tidegate.instance"], id.as_str());
+    assert_eq!(labels["tidegate.challenge"], "web");
+    assert_eq!(labels["tidegate.team"], "team-1");
+    assert_eq!(
+        inspect(&container, "{{json .HostConfig.CapDrop}}"),
+        r#"["ALL"]"#
+    );
+    assert_eq!(
+        inspect(&container, "{{json .HostConfig.SecurityOpt}}"),
+        r#"["no-new-privileges"]"#
+    );
+    assert_eq!(
+        inspect(&container, "{{.HostConfig.Memory}}"),
+        (64 * 1024 * 1024).to_string()
+    );
+    assert_eq!(inspect(&container, "{{.HostConfig.NanoCpus}}"), "250000000");
+    assert_eq!(inspect(&container, "{{.HostConfig.PidsLimit}}"), "32");
+    assert_eq!(
+        inspect(&container, "{{.HostConfig.NetworkMode}}"),
+        "tidegate-isolated"
+    );
+    let ports = inspect(&container, "{{json .NetworkSettings.Ports}}");
+    assert!(!ports.contains("HostPort"), "published ports: {ports}");
+    let env = inspect(&container, "{{json .Config.Env}}");
+    assert!(env.contains("\"MODE=test\""), "{env}");
+
+    // The agent reaches the container; the page shows the instance's flag.
+    let rec = c
+        .client
+        .clone()
+        .get(format!("/tidegate/instances/{id}"), None)
+        .await
+        .unwrap();
+    let flag = serde_json::from_slice::<Value>(rec.kvs()[0].value()).unwrap()["flag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let page = reqwest::get(format!("http://{address}:8080/cgi-bin/flag"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page.trim(), flag);
+
+    let (s, _) = c
+        .controller
+        .call(Method::DELETE, &format!("/v1/instances/{id}"), None, None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(
+        wait_gone(&container).await,
+        "container {container} survived the delete"
+    );
+    assert!(
+        c.agent()
+            .metric("tidegate_agent_reconcile_seconds_count")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn lease_expiry_with_no_controller_removes_the_container() {
+    let c = cluster("").await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let challenge = tidegate_controller::Challenges::new(
+        c.client.clone(),
+        tidegate_schema::Keyspace::default(),
+    )
+    .get(&tidegate_schema::ChallengeName::parse("web").unwrap())
+    .await
+    .unwrap()
+    .value;
+    // Stop the controller, then schedule by hand with a 3 s lifetime.
+    c.controller.proc.signal("KILL").unwrap();
+    let lead =
+        tidegate_controller::campaign(&c.client, &tidegate_schema::Keyspace::default(), "test", 5)
+            .await
+            .unwrap();
+    let plan = tidegate_controller::SpawnPlan {
+        keys: tidegate_schema::Keyspace::default(),
+        leader_key: lead.key.clone(),
+        token: lead.token,
+        challenge,
+        team: tidegate_schema::TeamId::parse("t1").unwrap(),
+        worker: tidegate_schema::WorkerId::parse(&worker()).unwrap(),
+        domain: "ctf.localhost".into(),
+        tcp_ports: 30000..=30999,
+        ttl_secs: 3,
+        now: 0,
+    };
+    let s = tidegate_controller::spawn(&c.client, &plan, |_| "flag{x}".into())
+        .await
+        .unwrap();
+    let id = s.record.id.to_string();
+    assert!(
+        eventually(10, || async {
+            !worker_containers(&worker()).unwrap().is_empty()
+        })
+        .await,
+        "no container started for {id}"
+    );
+    let container = worker_containers(&worker()).unwrap().remove(0);
+    assert!(
+        wait_gone(&container).await,
+        "the container of expired instance {id} survived"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_agent_adopts_its_containers_and_removes_an_orphan() {
+    let mut c = cluster("").await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let mut ids = Vec::new();
+    for team in ["t1", "t2", "t3"] {
+        let id = c.spawn("web", team).await;
+        ids.push(id);
+    }
+    let mut containers = Vec::new();
+    for id in &ids {
+        c.wait_status(id, "running").await;
+        let (container, _) = c.endpoint(id).await;
+        containers.push((
+            container.clone(),
+            inspect(&container, "{{.State.StartedAt}}"),
+        ));
+    }
+    let mut agent = c.agent.take().unwrap();
+    agent.proc.kill().unwrap(); // SIGKILL: no shutdown code runs
+    let orphan = docker(&[
+        "run",
+        "-d",
+        "--label",
+        &format!("tidegate.worker={}", worker()),
+        "--label",
+        "tidegate.instance=00000000ff",
+        "--network",
+        "tidegate-isolated",
+        "tidegate/demo-http:1",
+    ])
+    .unwrap();
+    c.agent = Some(agent.restart(c.dir.path()).await);
+    assert!(wait_gone(&orphan).await, "the orphan survived the restart");
+    for (container, started) in &containers {
+        assert!(
+            !gone(container),
+            "adopted container {container} was removed"
+        );
+        assert_eq!(
+            &inspect(container, "{{.State.StartedAt}}"),
+            started,
+            "container {container} was restarted"
+        );
+    }
+    let now: BTreeSet<String> = worker_containers(&worker()).unwrap().into_iter().collect();
+    let want: BTreeSet<String> = containers.into_iter().map(|(c, _)| c).collect();
+    assert_eq!(now, want);
+    assert!(c.agent().log().contains("adopted a running container"));
+}
+
+#[tokio::test]
+async fn after_a_compaction_while_the_agent_was_down_it_ends_with_exactly_the_right_containers() {
+    let mut c = cluster("").await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let keep = c.spawn("web", "t1").await;
+    let drop_me = c.spawn("web", "t2").await;
+    c.wait_status(&keep, "running").await;
+    c.wait_status(&drop_me, "running").await;
+    let (kept, _) = c.endpoint(&keep).await;
+    let (dropped, _) = c.endpoint(&drop_me).await;
+
+    let mut agent = c.agent.take().unwrap();
+    agent.proc.kill().unwrap();
+    c.controller
+        .call(
+            Method::DELETE,
+            &format!("/v1/instances/{drop_me}"),
+            None,
+            None,
+        )
+        .await;
+    let added = c.spawn("web", "t3").await;
+    let rev = c
+        .client
+        .clone()
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.client
+        .clone()
+        .compact(rev, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+
+    c.agent = Some(agent.restart(c.dir.path()).await);
+    c.wait_status(&added, "running").await;
+    let (new_container, _) = c.endpoint(&added).await;
+    assert!(
+        wait_gone(&dropped).await,
+        "the deleted instance's container survived"
+    );
+    let now: BTreeSet<String> = worker_containers(&worker()).unwrap().into_iter().collect();
+    assert_eq!(now, BTreeSet::from([kept, new_container]));
+}
+
+#[tokio::test]
+async fn garbage_under_an_instance_key_is_logged_and_skipped() {
+    let c = cluster("").await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let mut client = c.client.clone();
+    client
+        .put("/tidegate/instances/abcdef0123", "{not json", None)
+        .await
+        .unwrap();
+    client
+        .put("/tidegate/instances/NOT-AN-ID", "{}", None)
+        .await
+        .unwrap();
+    let id = c.spawn("web", "t1").await;
+    c.wait_status(&id, "running").await;
+    let log = c.agent().log();
+    assert!(
+        log.contains("/tidegate/instances/abcdef0123") && log.contains("malformed instance record"),
+        "{log}"
+    );
+    assert!(log.contains("/tidegate/instances/NOT-AN-ID"), "{log}");
+    assert!(c.agent().proc.is_alive());
+    assert!(
+        c.agent()
+            .metric("tidegate_agent_malformed_records_total")
+            .await
+            .unwrap()
+            >= 2.0
+    );
+}
+
+/// Whether `container` can open a TCP connection to `ip:port` within 2 s.
+fn can_connect(container: &str, ip: &str, port: u16) -> bool {
+    docker(&[
+        "exec",
+        container,
+        "sh",
+        "-c",
+        &format!("echo | nc -w 2 {ip} {port}"),
+    ])
+    .is_ok()
+}
+
+#[tokio::test]
+async fn instances_cannot_reach_each_other_or_the_outside_unless_egress_is_on() {
+    let c = cluster("").await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let mut open = web_spec();
+    open["egress"] = json!(true);
+    c.controller.put_challenge("open", open).await;
+    let a = c.spawn("web", "t1").await;
+    let b = c.spawn("web", "t2").await;
+    let e = c.spawn("open", "t3").await;
+    for id in [&a, &b, &e] {
+        c.wait_status(id, "running").await;
+    }
+    let (ca, _) = c.endpoint(&a).await;
+    let (_, ip_b) = c.endpoint(&b).await;
+    let (ce, _) = c.endpoint(&e).await;
+
+    // "Outside": a test host in its own netns, answering on port 9000.
+    let host = NetnsHost::create().unwrap();
+    let outside = host.addr().to_string();
+    let log = c.dir.path().join("outside.log");
+    let _server = Supervised::spawn(
+        "outside",
+        "ip",
+        &[
+            "netns",
+            "exec",
+            host.name(),
+            "ncat",
+            "-lk",
+            &outside,
+            "9000",
+            "-c",
+            "echo hi",
+        ]
+        .map(String::from),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        eventually(5, || async { can_connect(&ce, &outside, 9000) }).await,
+        "egress instance cannot reach the outside host"
+    );
+    assert!(
+        can_connect(&ca, "127.0.0.1", 8080),
+        "the instance cannot reach itself"
+    );
+    assert!(
+        !can_connect(&ca, &ip_b, 8080),
+        "instance a reached instance b"
+    );
+    assert!(
+        !can_connect(&ca, &outside, 9000),
+        "instance a reached the outside without egress"
+    );
+}
+
+#[tokio::test]
+async fn a_record_from_a_fenced_scheduler_is_refused() {
+    let c = cluster("").await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let id = c.spawn("web", "t1").await;
+    c.wait_status(&id, "running").await;
+    let rec = c
+        .client
+        .clone()
+        .get(format!("/tidegate/instances/{id}"), None)
+        .await
+        .unwrap();
+    let mut stale: Value = serde_json::from_slice(rec.kvs()[0].value()).unwrap();
+    let token = stale["token"].as_i64().unwrap();
+    assert!(token > 1);
+    // Written by hand after the current leader was elected, with an older token.
+    stale["id"] = json!("00000000aa");
+    stale["token"] = json!(1);
+    c.client
+        .clone()
+        .put("/tidegate/instances/00000000aa", stale.to_string(), None)
+        .await
+        .unwrap();
+    let refused = eventually(10, || async {
+        c.agent()
+            .log()
+            .contains("refusing a record from a fenced scheduler")
+    })
+    .await;
+    assert!(refused, "{}", c.agent().log());
+    let log = c.agent().log();
+    assert!(
+        log.contains(&format!("its token 1 is older than token {token}")),
+        "{log}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        worker_containers(&worker()).unwrap().len(),
+        1,
+        "a container was started for the stale record"
+    );
+}
+
+#[tokio::test]
+async fn a_crashing_container_is_restarted_with_backoff_then_marked_failed() {
+    let c = cluster("max_restarts = 2").await;
+    c.controller
+        .put_challenge(
+            "crash",
+            json!({"image": DEMO_EXIT, "ports": [{"name": "web", "port": 80, "protocol": "http"}]}),
+        )
+        .await;
+    let id = c.spawn("crash", "t1").await;
+    c.wait_status(&id, "failed").await;
+    let status = c.status(&id).await;
+    assert_eq!(status, "failed: exited with code 3 after 2 restarts");
+    let (container, _) = c.endpoint(&id).await;
+    assert_eq!(
+        inspect(&container, "{{.RestartCount}}"),
+        "0",
+        "docker restarted it, not the agent"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_image_is_reported_once_without_a_retry_storm() {
+    let c = cluster("").await;
+    c.controller
+        .put_challenge("ghost", json!({"image": "tidegate/does-not-exist:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}))
+        .await;
+    let id = c.spawn("ghost", "t1").await;
+    c.wait_status(&id, "failed").await;
+    let status = c.status(&id).await;
+    assert!(
+        status
+            .as_str()
+            .unwrap()
+            .contains("image tidegate/does-not-exist:1 is not on this worker"),
+        "{status}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attempts = c.agent().log().matches("image missing").count();
+    assert_eq!(
+        attempts, 1,
+        "the agent retried a missing image {attempts} times"
+    );
+}
