@@ -6,8 +6,8 @@
 //! cluster. What it made is recorded in `.tidegate/local.state.json`, so
 //! `--down` ends exactly those processes, by pid, and nothing else.
 //!
-//! Until the agents (#4–#6) exist it starts what exists: one etcd member
-//! and the controller.
+//! It starts what exists: one etcd member, the controller and two agents
+//! (on 127.0.0.2 and 127.0.0.3); the agents' proxies land with #5 and #6.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,7 +29,7 @@ pub(crate) struct DeployArgs {
 #[derive(Debug, clap::Subcommand)]
 enum Target {
     /// A local cluster: 1 etcd member, the controller, two agents with
-    /// distinct addresses (starting what exists so far: etcd, controller).
+    /// distinct addresses.
     Local(LocalArgs),
 }
 
@@ -131,7 +131,9 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         teardown(dir, &state, &mut children)?;
         return Err(e);
     }
-    println!("not started yet: the agents (issues #4–#6) do not exist yet");
+    println!(
+        "not yet: the agents' HTTP proxy (#5) and TCP redirector (#6); instances answer on their container address"
+    );
     println!("wrote {}", dir.join("local.json").display());
     let cli = std::env::current_exe()?.with_file_name("tidegate");
     println!(
@@ -154,7 +156,7 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         Ok(())
     };
     save(state)?;
-    let controller_bin = build_daemons()?;
+    let bins = build_daemons()?;
 
     let etcd_dir = state.run_dir.join("etcd");
     let members = plan_members(1, &etcd_dir)?;
@@ -204,7 +206,7 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         state,
         children,
         "controller",
-        &controller_bin.display().to_string(),
+        &bins.controller.display().to_string(),
         &args,
         &log,
     )?;
@@ -212,13 +214,16 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
     wait_for(pid, &log, || http_ok(api_port, "/v1/openapi.json"))?;
     println!("controller  {api}  (pid {pid}, log {})", log.display());
     register_demo_challenges(api_port, &admin_token)?;
+    let (http_entries, tcp_hosts) =
+        start_agents(state, children, &bins.agent, &member.client_url())?;
+    save(state)?;
 
     let local = LocalJson {
         api: Some(api),
         admin_token,
         platform_token,
-        http_entries: Vec::new(),
-        tcp_hosts: Vec::new(),
+        http_entries,
+        tcp_hosts,
         domain: DOMAIN.into(),
         etcd: vec![member.client_url()],
     };
@@ -230,24 +235,86 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
 const DOMAIN: &str = "ctf.localhost";
 
 /// Builds the daemons; returns the controller binary's path.
-fn build_daemons() -> Result<PathBuf> {
-    crate::sh::run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--quiet",
-        "-p",
-        "tidegate-controller",
-        "--bins",
-    ]))?;
+fn build_daemons() -> Result<Daemons> {
+    // TIDEGATE_PREBUILT: tests use the binaries the test build already made
+    // (a second build with other features would replace them under running tests).
+    if std::env::var_os("TIDEGATE_PREBUILT").is_none() {
+        crate::sh::run(Command::new("cargo").current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "tidegate-controller",
+            "-p",
+            "tidegate-agent",
+            "--bins",
+        ]))?;
+    }
     // The daemons land next to this xtask binary (same target dir and profile).
     let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("tidegate-controller");
-    if !bin.exists() {
-        bail!(
-            "built tidegate-controller but it is not at {}",
-            bin.display()
+    let find = |name: &str| -> Result<PathBuf> {
+        let bin = exe.with_file_name(name);
+        if !bin.exists() {
+            bail!("{name} is not built at {}", bin.display());
+        }
+        Ok(bin)
+    };
+    Ok(Daemons {
+        controller: find("tidegate-controller")?,
+        agent: find("tidegate-agent")?,
+    })
+}
+
+/// Paths of the built daemons.
+struct Daemons {
+    controller: PathBuf,
+    agent: PathBuf,
+}
+
+/// The two local agents: worker id and the loopback address each serves on.
+const AGENTS: [(&str, [u8; 4]); 2] = [("worker-a", [127, 0, 0, 2]), ("worker-b", [127, 0, 0, 3])];
+
+/// Starts the agents; returns their HTTP entries and TCP hosts.
+fn start_agents(
+    state: &mut State,
+    children: &mut Vec<Child>,
+    bin: &Path,
+    etcd: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut http_entries = Vec::new();
+    let mut tcp_hosts = Vec::new();
+    for (worker, ip) in AGENTS {
+        let addr = std::net::Ipv4Addr::from(ip);
+        let metrics_port = tidegate_lab::ports::free_port()?;
+        let http_port = tidegate_lab::ports::free_port()?;
+        let config = state.run_dir.join(format!("{worker}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "worker_id = \"{worker}\"\nadvertise_address = \"{addr}\"\nhttp_entry = \"{addr}:{http_port}\"\n\
+                 tcp_host = \"{addr}\"\ncapacity = 16\netcd = [\"{etcd}\"]\npull_images = false\n\
+                 cluster_label = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
+                state.cluster_id
+            ),
+        )?;
+        let log = state.run_dir.join(format!("{worker}.log"));
+        let args = ["--config".to_string(), config.display().to_string()];
+        let pid = launch(
+            state,
+            children,
+            worker,
+            &bin.display().to_string(),
+            &args,
+            &log,
+        )?;
+        wait_for(pid, &log, || http_ok(metrics_port, "/metrics"))?;
+        println!(
+            "agent       {worker} on {addr}  (http {addr}:{http_port}, metrics 127.0.0.1:{metrics_port}, pid {pid}, log {})",
+            log.display()
         );
+        http_entries.push(format!("{addr}:{http_port}"));
+        tcp_hosts.push(addr.to_string());
     }
-    Ok(bin)
+    Ok((http_entries, tcp_hosts))
 }
 
 /// Starts a process of the cluster and records it in `state`.
@@ -430,23 +497,28 @@ fn teardown(dir: &Path, state: &State, children: &mut [Child]) -> Result<()> {
         let _ = Command::new("kill").arg(p.pid.to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while same_process(p) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         if same_process(p) {
             let _ = Command::new("kill")
                 .args(["-KILL", &p.pid.to_string()])
                 .status();
         }
-        // Reap it: ourselves when it is our child (foreground), else init
-        // does it a moment later. Either way no zombie is left listed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while start_time(p.pid) == Some(p.started) && Instant::now() < deadline {
-            for c in children.iter_mut().filter(|c| c.id() == p.pid) {
-                let _ = c.try_wait();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         println!("stopped {} (pid {})", p.name, p.pid);
+    }
+    // Reap them: ourselves when they are our children (foreground), else
+    // init does it a moment later. Either way no zombie is left listed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state
+        .processes
+        .iter()
+        .any(|p| start_time(p.pid) == Some(p.started))
+        && Instant::now() < deadline
+    {
+        for c in children.iter_mut() {
+            let _ = c.try_wait();
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     if tidegate_lab::docker::engine_up() {
         let label = format!("label=tidegate.cluster={}", state.cluster_id);

@@ -19,14 +19,14 @@ fn pid_alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-/// The pids of the cluster's processes; etcd and the controller must be among them.
+/// The pids of the cluster's processes: etcd, the controller, two agents.
 fn cluster_pids(state_dir: &Path) -> Vec<u32> {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("local.state.json")).unwrap())
             .unwrap();
     let procs = state["processes"].as_array().unwrap();
     let names: Vec<&str> = procs.iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["etcd", "controller"]);
+    assert_eq!(names, ["etcd", "controller", "worker-a", "worker-b"]);
     procs
         .iter()
         .map(|p| u32::try_from(p["pid"].as_u64().unwrap()).unwrap())
@@ -45,9 +45,17 @@ fn check_local_json(state_dir: &Path) {
         );
     }
     assert_ne!(local["admin_token"], local["platform_token"]);
-    for field in ["http_entries", "tcp_hosts", "etcd"] {
-        assert!(local[field].is_array(), "{field} in {local}");
+    for (field, n) in [("http_entries", 2), ("tcp_hosts", 2), ("etcd", 1)] {
+        assert_eq!(
+            local[field].as_array().map(Vec::len),
+            Some(n),
+            "{field} in {local}"
+        );
     }
+    assert_ne!(
+        local["tcp_hosts"][0], local["tcp_hosts"][1],
+        "agents share an address"
+    );
     let etcd = local["etcd"][0].as_str().unwrap();
     let out = Command::new("etcdctl")
         .args(["--endpoints", etcd, "put", "/tidegate-deploy-test", "ok"])
@@ -82,6 +90,82 @@ fn check_local_json(state_dir: &Path) {
         role, "leader",
         "the local controller never became the scheduler"
     );
+    let out = Command::new("curl")
+        .args(["-sS", "-H", &auth, &format!("{api}/v1/challenges")])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list["challenges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["demo-http", "demo-tcp"]);
+
+    // A demo instance starts on one of the agents.
+    let platform = format!(
+        "Authorization: Bearer {}",
+        local["platform_token"].as_str().unwrap()
+    );
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            &platform,
+            "-d",
+            r#"{"challenge": "demo-http", "team": "t1"}"#,
+            &format!("{api}/v1/instances"),
+        ])
+        .output()
+        .unwrap();
+    let inst: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = inst["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("spawn failed: {inst}"));
+    let mut status = String::new();
+    for _ in 0..100 {
+        let out = Command::new("curl")
+            .args(["-sS", "-H", &platform, &format!("{api}/v1/instances/{id}")])
+            .output()
+            .unwrap();
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        status = got["status"].as_str().unwrap_or_default().to_string();
+        if status == "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status, "running");
+}
+
+/// The cluster's id, from its state file.
+fn cluster_id(state_dir: &Path) -> String {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("local.state.json")).unwrap())
+            .unwrap();
+    state["cluster_id"].as_str().unwrap().to_string()
+}
+
+/// Containers labelled with the cluster's id.
+fn cluster_containers(state_dir: &Path) -> Vec<String> {
+    cluster_containers_of(&cluster_id(state_dir))
+}
+
+fn cluster_containers_of(cluster: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=tidegate.cluster={cluster}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 fn assert_gone(state_dir: &Path, pids: &[u32]) {
@@ -117,6 +201,8 @@ fn detach_then_down_leaves_nothing() {
     check_local_json(&dir);
     let pids = cluster_pids(&dir);
     assert!(pids.iter().all(|p| pid_alive(*p)));
+    let cluster = cluster_id(&dir);
+    assert_eq!(cluster_containers(&dir).len(), 1);
 
     // A second cluster on the same state dir is refused, the first untouched.
     let (ok, text) = run(&["deploy", "local", "--detach"]);
@@ -126,6 +212,11 @@ fn detach_then_down_leaves_nothing() {
     let (ok, text) = run(&["deploy", "local", "--down"]);
     assert!(ok, "{text}");
     assert_gone(&dir, &pids);
+    assert_eq!(
+        cluster_containers_of(&cluster),
+        Vec::<String>::new(),
+        "containers left behind"
+    );
     let (ok, text) = run(&["deploy", "local", "--down"]);
     assert!(ok && text.contains("nothing to stop"), "{text}");
 }
@@ -137,6 +228,7 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
     let mut child = Command::new(XTASK)
         .args(["deploy", "local"])
         .env("TIDEGATE_STATE_DIR", &dir)
+        .env("TIDEGATE_PREBUILT", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -152,6 +244,8 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
     }
     check_local_json(&dir);
     let pids = cluster_pids(&dir);
+    let cluster = cluster_id(&dir);
+    assert_eq!(cluster_containers(&dir).len(), 1);
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -160,4 +254,9 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
     let status = child.wait().unwrap();
     assert!(status.success(), "deploy local exited with {status}");
     assert_gone(&dir, &pids);
+    assert_eq!(
+        cluster_containers_of(&cluster),
+        Vec::<String>::new(),
+        "containers left behind"
+    );
 }
