@@ -26,6 +26,9 @@ pub enum ChallengeError {
     Etcd(#[from] etcd_client::Error),
 }
 
+/// How often a plain PUT (no If-Match) retries after losing a race.
+const MAX_PLAIN_PUT_ATTEMPTS: u32 = 64;
+
 /// A record with the revision it was stored at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored<T> {
@@ -70,10 +73,14 @@ impl Challenges {
         let mut attempts = 0;
         loop {
             match self.put_once(name, spec.clone(), if_match).await {
+                // Each lost race means another writer won, so this ends; the
+                // bound and the jitter only guard against a pathological storm.
                 Err(ChallengeError::RevisionMismatch { .. })
-                    if if_match.is_none() && attempts < 8 =>
+                    if if_match.is_none() && attempts < MAX_PLAIN_PUT_ATTEMPTS =>
                 {
                     attempts += 1;
+                    let jitter = rand::random_range(1..=5u64 * u64::from(attempts.min(8)));
+                    tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
                 }
                 other => return other,
             }
