@@ -553,3 +553,47 @@ async fn a_missing_image_is_reported_once_without_a_retry_storm() {
         "the agent retried a missing image {attempts} times"
     );
 }
+
+#[tokio::test]
+async fn membership_comes_back_after_its_lease_is_lost_and_leaves_on_clean_shutdown() {
+    let mut c = cluster("").await;
+    let key = format!("/tidegate/workers/{}", worker());
+    let lease = c
+        .client
+        .clone()
+        .get(key.as_str(), None)
+        .await
+        .unwrap()
+        .kvs()[0]
+        .lease();
+    c.client.clone().lease_revoke(lease).await.unwrap();
+    let back = eventually(10, || async {
+        let kvs = c.client.clone().get(key.as_str(), None).await.unwrap();
+        kvs.kvs().first().is_some_and(|kv| kv.lease() != lease)
+    })
+    .await;
+    assert!(
+        back,
+        "the worker did not register again after losing its lease"
+    );
+    assert_eq!(
+        c.agent().metric("tidegate_agent_registrations_total").await,
+        Some(2.0)
+    );
+
+    // SIGTERM: the agent revokes its lease, so the worker leaves at once.
+    let agent = c.agent.take().unwrap();
+    agent.proc.signal("TERM").unwrap();
+    let left = eventually(5, || async {
+        c.client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty()
+    })
+    .await;
+    assert!(left, "the worker key outlived a clean shutdown");
+    assert!(agent.log().contains("deregistered"));
+}
