@@ -77,6 +77,22 @@ pub struct Config {
     pub membership_ttl_secs: i64,
     /// Where the Prometheus metrics are served.
     pub metrics_listen: SocketAddr,
+    /// Worker threads of the HTTP proxy.
+    pub http_threads: usize,
+    /// Largest request body the proxy forwards, in bytes (413 above).
+    pub max_body_bytes: u64,
+    /// Largest total size of request headers, in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// How long connecting to an instance may take, in milliseconds (504 after).
+    pub upstream_connect_timeout_ms: u64,
+    /// How long an instance may stay silent mid-request, in milliseconds (504 after).
+    pub upstream_read_timeout_ms: u64,
+    /// Optional TLS entry point (HTTP/1.1 and HTTP/2) with a wildcard certificate.
+    pub https_entry: Option<SocketAddr>,
+    /// PEM certificate chain for `https_entry`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `https_entry`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -100,6 +116,14 @@ impl Default for Config {
             reconcile_interval_ms: 500,
             membership_ttl_secs: 10,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            http_threads: 2,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            upstream_connect_timeout_ms: 3000,
+            upstream_read_timeout_ms: 60_000,
+            https_entry: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -182,6 +206,24 @@ impl Config {
         }
         if !(2..=300).contains(&self.membership_ttl_secs) {
             return Err(bad("membership_ttl_secs", "2 to 300"));
+        }
+        if !(1..=64).contains(&self.http_threads) {
+            return Err(bad("http_threads", "1 to 64"));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(bad("max_header_bytes", "at least 1024"));
+        }
+        if self.upstream_connect_timeout_ms == 0 || self.upstream_read_timeout_ms == 0 {
+            return Err(bad("upstream_read_timeout_ms", "timeouts must be above 0"));
+        }
+        if self.https_entry.is_some() {
+            for (field, path) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+                match path {
+                    Some(p) if p.exists() => {}
+                    Some(p) => return Err(bad(field, format!("{} does not exist", p.display()))),
+                    None => return Err(bad(field, "required with https_entry")),
+                }
+            }
         }
         Ok(())
     }

@@ -2,13 +2,19 @@
 //!
 //! `membership` keeps the worker registered; `reconcile` drives Docker
 //! (through `runtime`) until the containers equal the instance records
-//! assigned to this worker; `metrics` serves Prometheus text. The HTTP
-//! proxy (#5) and the TCP redirector (#6) join here.
+//! assigned to this worker; `routes` keeps the hostname table every agent
+//! serves from; `http` is the Pingora proxy using it (with `policy`, the
+//! edge admission hook, and `stats`, per-instance counters); `metrics`
+//! serves Prometheus text. The TCP redirector (#6) joins here.
 
 pub mod config;
+pub mod http;
 pub mod membership;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
+pub mod routes;
 pub mod runtime;
+pub mod stats;
 
 pub use config::{Cli, Config, ConfigError};

@@ -71,16 +71,22 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("creating the instance networks")?;
     let metrics = Arc::new(Metrics::default());
+    let routes_for_metrics: tidegate_agent::routes::SharedRoutes = Arc::default();
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("metrics_listen {}", cfg.metrics_listen))?;
     let m = metrics.clone();
+    let table = routes_for_metrics.clone();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let m = m.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+            let (m, table) = (m.clone(), table.clone());
+            async move {
+                let mut body = m.render();
+                tidegate_agent::metrics::render_routes(&mut body, &table.load());
+                ([("content-type", "text/plain; version=0.0.4")], body)
+            }
         }),
     );
     let metrics_server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -108,6 +114,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     tracing::info!(worker = %worker, etcd = ?cfg.etcd, "tidegate-agent starting");
 
+    let routes = routes_for_metrics.clone();
+    let builds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let routes_task = tokio::spawn(tidegate_agent::routes::run(
+        client.clone(),
+        ks.clone(),
+        worker.clone(),
+        routes.clone(),
+        builds,
+    ));
+    let proxy = start_proxy(&cfg, routes, worker.to_string())?;
+
     let reconciler = Reconciler::new(
         client.clone(),
         ks,
@@ -124,6 +141,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // and are adopted when the agent comes back.
     membership.abort();
     metrics_server.abort();
+    routes_task.abort();
+    proxy.stop();
     let lease = *lease_rx.borrow();
     if lease != 0 {
         let _ = client.clone().lease_revoke(lease).await;
@@ -144,4 +163,78 @@ async fn shutdown() {
         _ = term => {}
     }
     tracing::info!("shutting down");
+}
+
+/// The Pingora server, on its own threads; stopped on shutdown.
+struct Proxy {
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Pingora's shutdown signal: our own channel instead of Unix signals.
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+        pingora::server::ShutdownSignal::FastShutdown
+    }
+}
+
+fn start_proxy(
+    cfg: &Config,
+    routes: tidegate_agent::routes::SharedRoutes,
+    me: String,
+) -> anyhow::Result<Proxy> {
+    use pingora::server::configuration::ServerConf;
+    use tidegate_agent::http::{EdgeProxy, HttpLimits};
+    let conf = ServerConf {
+        threads: cfg.http_threads,
+        ..ServerConf::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let proxy = EdgeProxy {
+        routes,
+        me,
+        limits: HttpLimits {
+            max_body_bytes: cfg.max_body_bytes,
+            max_header_bytes: cfg.max_header_bytes,
+            connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
+            read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
+        },
+        policy: Arc::new(tidegate_agent::policy::AllowAll),
+    };
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    // Bind now so a taken port fails the start with a clear error.
+    std::net::TcpListener::bind(cfg.http_entry)
+        .with_context(|| format!("http_entry {}", cfg.http_entry))?;
+    service.add_tcp(&cfg.http_entry.to_string());
+    if let (Some(addr), Some(cert), Some(key)) = (cfg.https_entry, &cfg.tls_cert, &cfg.tls_key) {
+        let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
+        .map_err(|e| anyhow::anyhow!("TLS certificate {}: {e}", cert.display()))?;
+        tls.enable_h2();
+        service.add_tls_with_settings(&addr.to_string(), None, tls);
+    }
+    server.add_service(service);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    std::thread::Builder::new()
+        .name("pingora".into())
+        .spawn(move || {
+            server.run(pingora::server::RunArgs {
+                shutdown_signal: Box::new(StopSignal(rx)),
+            })
+        })?;
+    tracing::info!(http = %cfg.http_entry, https = ?cfg.https_entry, "HTTP proxy listening");
+    Ok(Proxy { stop: tx })
 }

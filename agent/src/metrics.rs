@@ -133,3 +133,23 @@ impl Metrics {
         out
     }
 }
+
+/// Appends the route table's size and every instance's HTTP series.
+pub fn render_routes(out: &mut String, table: &crate::routes::RouteTable) {
+    let _ = writeln!(
+        out,
+        "# HELP tidegate_agent_routes HTTP hostnames in this agent's route table.\n# TYPE tidegate_agent_routes gauge\ntidegate_agent_routes {}",
+        table.by_host.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tidegate_agent_routes_revision The etcd revision of the route table.\n# TYPE tidegate_agent_routes_revision gauge\ntidegate_agent_routes_revision {}",
+        table.revision
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for route in table.by_host.values() {
+        if seen.insert(route.instance.as_str()) {
+            route.stats.render(out, route.instance.as_str());
+        }
+    }
+}

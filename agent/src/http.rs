@@ -1,0 +1,356 @@
+//! The HTTP data plane: a Pingora proxy routing by Host header.
+//!
+//! Host (port stripped, lowercased) → the route snapshot (lock-free load).
+//! A local instance is proxied to its container; a remote one to its
+//! owner's HTTP entry with the Host kept and an `x-tidegate-hop` header —
+//! the owner always routes locally, and a hop that would be forwarded again
+//! is refused (508) so a stale table can never loop. Answers: unknown host
+//! 404, known but not running 503 + Retry-After, refused/reset 502,
+//! timeout 504; an HTML page, or JSON when the client accepts JSON.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType};
+use tidegate_schema::Hostname;
+
+use crate::policy::{Connection, EdgePolicy, Verdict};
+use crate::routes::{Route, SharedRoutes, Target};
+
+/// The header a forwarding agent adds; its presence means "route locally or fail".
+pub const HOP_HEADER: &str = "x-tidegate-hop";
+
+/// Limits and timeouts of the proxy.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// The proxy's per-request state.
+#[derive(Debug)]
+pub struct Ctx {
+    route: Option<Arc<Route>>,
+    host: String,
+    started: Instant,
+    body_bytes: u64,
+}
+
+/// The Pingora `ProxyHttp` of an agent.
+pub struct EdgeProxy {
+    pub routes: SharedRoutes,
+    pub me: String,
+    pub limits: HttpLimits,
+    pub policy: Arc<dyn EdgePolicy>,
+}
+
+impl std::fmt::Debug for EdgeProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeProxy")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn wants_json(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Writes a complete error answer; the connection stays usable.
+async fn answer(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    retry_after: Option<u64>,
+) -> Result<()> {
+    let (body, ctype) = if wants_json(session) {
+        (
+            serde_json::json!({ "error": message, "status": status }).to_string(),
+            "application/json",
+        )
+    } else {
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        (
+            format!(
+                "<!doctype html><meta charset=utf-8><title>{status} {reason}</title>\
+                 <h1>{status} {reason}</h1><p>{}</p><p><small>tidegate</small></p>\n",
+                escape(message)
+            ),
+            "text/html; charset=utf-8",
+        )
+    };
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, ctype)?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if let Some(secs) = retry_after {
+        resp.insert_header(header::RETRY_AFTER, secs.to_string())?;
+    }
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
+    Ok(())
+}
+
+/// The request's host: the Host header (HTTP/1) or the URI authority (HTTP/2).
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: None,
+            host: String::new(),
+            started: Instant::now(),
+            body_bytes: 0,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > self.limits.max_header_bytes {
+            answer(session, 431, "request headers are too large", None).await?;
+            return Ok(true);
+        }
+        let Some(raw) = request_host(req) else {
+            answer(session, 400, "the request has no Host header", None).await?;
+            return Ok(true);
+        };
+        let Some(host) = Hostname::from_host_header(raw) else {
+            answer(
+                session,
+                404,
+                &format!("no instance is served at {raw:?}"),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.host = host.to_string();
+        let table = self.routes.load();
+        let Some(route) = table.get(host.as_str()).cloned() else {
+            answer(
+                session,
+                404,
+                &format!("no instance is served at {host}"),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        };
+        let hop = session.req_header().headers.get(HOP_HEADER).is_some();
+        match &route.target {
+            Target::NotReady(why) => {
+                let msg = format!("instance {} is not running: {why}", route.instance);
+                answer(session, 503, &msg, Some(2)).await?;
+                return Ok(true);
+            }
+            Target::Remote(_) if hop => {
+                answer(
+                    session,
+                    508,
+                    "routing loop: another agent forwarded this to a non-owner",
+                    None,
+                )
+                .await?;
+                return Ok(true);
+            }
+            _ => {}
+        }
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let conn = Connection {
+            instance: route.instance.as_str(),
+            team: &route.team,
+            challenge: &route.challenge,
+            source: client,
+            protocol: "http",
+            host: host.as_str(),
+        };
+        if let Verdict::Reject(reason) = self.policy.admit(&conn) {
+            answer(session, 403, &reason, None).await?;
+            return Ok(true);
+        }
+        let declared = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+            answer(
+                session,
+                413,
+                &format!(
+                    "request body is larger than {} bytes",
+                    self.limits.max_body_bytes
+                ),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        }
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let addr = match ctx.route.as_ref().map(|r| &r.target) {
+            Some(Target::Local(a) | Target::Remote(a)) => *a,
+            _ => {
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "no route in upstream_peer",
+                ));
+            }
+        };
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.limits.connect_timeout);
+        peer.options.read_timeout = Some(self.limits.read_timeout);
+        peer.options.write_timeout = Some(self.limits.read_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        if let Some(ip) = client {
+            let xff = match up
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            up.insert_header("x-forwarded-for", xff)?;
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if up.headers.get("x-forwarded-proto").is_none() {
+            up.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
+        }
+        if up.headers.get("x-forwarded-host").is_none() {
+            up.insert_header("x-forwarded-host", ctx.host.as_str())?;
+        }
+        if matches!(
+            ctx.route.as_ref().map(|r| &r.target),
+            Some(Target::Remote(_))
+        ) {
+            up.insert_header(HOP_HEADER, self.me.as_str())?;
+            // HTTP/2 clients send no Host header; the owner routes by it.
+            if up.headers.get(header::HOST).is_none() {
+                up.insert_header(header::HOST, ctx.host.as_str())?;
+            }
+        } else {
+            up.remove_header(HOP_HEADER);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.body_bytes > self.limits.max_body_bytes {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body too large",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+        use ErrorType::*;
+        let (code, message) = match e.etype() {
+            HTTPStatus(413) => (
+                413,
+                format!(
+                    "request body is larger than {} bytes",
+                    self.limits.max_body_bytes
+                ),
+            ),
+            HTTPStatus(code) => (*code, format!("error {code}")),
+            ConnectTimedout | ReadTimedout | WriteTimedout => {
+                (504, "the instance did not answer in time".to_string())
+            }
+            _ if e.esource() == &pingora::ErrorSource::Upstream => (
+                502,
+                "the instance refused or dropped the connection".to_string(),
+            ),
+            ReadError | WriteError | ConnectionClosed => (0, String::new()),
+            _ => (502, "the instance could not be reached".to_string()),
+        };
+        if code > 0 {
+            let _ = answer(session, code, &message, None).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(route) = &ctx.route {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            route.stats.request(
+                status,
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+                ctx.started.elapsed(),
+            );
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The route table every agent keeps: hostname → where to send the request.
+//!
+//! Fed by one watch of the key root (instances, endpoints, workers). The
+//! table is an immutable snapshot behind an `ArcSwap`: the request path
+//! loads it without a lock; the watch task builds the next one and swaps it
+//! in after each batch of events.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use etcd_client::Client;
+use futures::FutureExt;
+use tidegate_schema::{
+    EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kv, WorkerId,
+    WorkerRecord,
+};
+
+use crate::stats::InstanceStats;
+
+/// Where a hostname's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The instance runs here: its container's address and port.
+    Local(SocketAddr),
+    /// Another worker owns it: that agent's HTTP entry (it routes locally).
+    Remote(SocketAddr),
+    /// Known, but not running (yet, or any more).
+    NotReady(String),
+}
+
+/// One HTTP route.
+#[derive(Debug)]
+pub struct Route {
+    pub instance: InstanceId,
+    pub team: String,
+    pub challenge: String,
+    pub target: Target,
+    pub stats: Arc<InstanceStats>,
+}
+
+/// An immutable snapshot of every HTTP route.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub by_host: HashMap<String, Arc<Route>>,
+    /// The etcd revision the snapshot reflects.
+    pub revision: i64,
+}
+
+impl RouteTable {
+    /// The route of a normalised hostname.
+    pub fn get(&self, host: &str) -> Option<&Arc<Route>> {
+        self.by_host.get(host)
+    }
+}
+
+/// The shared, swappable table.
+pub type SharedRoutes = Arc<ArcSwap<RouteTable>>;
+
+/// What the watch has told us, from which tables are built.
+#[derive(Debug, Default)]
+struct Known {
+    instances: HashMap<InstanceId, InstanceRecord>,
+    endpoints: HashMap<InstanceId, EndpointRecord>,
+    workers: HashMap<WorkerId, WorkerRecord>,
+    /// Per-instance counters survive table rebuilds.
+    stats: HashMap<InstanceId, Arc<InstanceStats>>,
+}
+
+impl Known {
+    fn apply(&mut self, ks: &Keyspace, kv: &Kv) {
+        match ks.parse(&kv.key) {
+            Ok(Key::Instance(id)) => match kv.decode::<InstanceRecord>() {
+                Ok(r) if r.id == id => {
+                    self.instances.insert(id, r);
+                }
+                // The reconciler logs malformed records; here they simply route nowhere.
+                _ => {
+                    self.instances.remove(&id);
+                }
+            },
+            Ok(Key::Endpoint(id)) => match kv.decode::<EndpointRecord>() {
+                Ok(e) => {
+                    self.endpoints.insert(id, e);
+                }
+                Err(_) => {
+                    self.endpoints.remove(&id);
+                }
+            },
+            Ok(Key::Worker(id)) => match kv.decode::<WorkerRecord>() {
+                Ok(w) => {
+                    self.workers.insert(id, w);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed worker record")
+                }
+            },
+            _ => {}
+        }
+    }
+
+    fn remove(&mut self, ks: &Keyspace, key: &str) {
+        match ks.parse(key) {
+            Ok(Key::Instance(id)) => {
+                self.instances.remove(&id);
+                self.stats.remove(&id);
+            }
+            Ok(Key::Endpoint(id)) => {
+                self.endpoints.remove(&id);
+            }
+            Ok(Key::Worker(id)) => {
+                self.workers.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    fn build(&mut self, me: &WorkerId, revision: i64) -> RouteTable {
+        let mut by_host = HashMap::with_capacity(self.instances.len());
+        for (id, rec) in &self.instances {
+            let stats = self.stats.entry(id.clone()).or_default().clone();
+            for r in &rec.http {
+                let target = if &rec.worker != me {
+                    match self.workers.get(&rec.worker) {
+                        Some(w) => Target::Remote(w.http_entry),
+                        None => {
+                            Target::NotReady(format!("its worker {} is not connected", rec.worker))
+                        }
+                    }
+                } else {
+                    match self.endpoints.get(id) {
+                        Some(EndpointRecord {
+                            status: InstanceStatus::Running,
+                            address: Some(addr),
+                            ..
+                        }) => Target::Local(SocketAddr::new(*addr, r.target_port)),
+                        Some(EndpointRecord {
+                            status: InstanceStatus::Failed { reason },
+                            ..
+                        }) => Target::NotReady(format!("it failed: {reason}")),
+                        _ => Target::NotReady("it is starting".into()),
+                    }
+                };
+                by_host.insert(
+                    r.hostname.to_string(),
+                    Arc::new(Route {
+                        instance: id.clone(),
+                        team: rec.team.to_string(),
+                        challenge: rec.challenge.to_string(),
+                        target,
+                        stats: stats.clone(),
+                    }),
+                );
+            }
+        }
+        RouteTable { by_host, revision }
+    }
+}
+
+/// Keeps `routes` equal to etcd under the key root, forever.
+pub async fn run(
+    client: Client,
+    ks: Keyspace,
+    me: WorkerId,
+    routes: SharedRoutes,
+    builds: Arc<AtomicU64>,
+) {
+    let mut watcher = tidegate_schema::Watcher::new(client, format!("{ks}/"));
+    let mut known = Known::default();
+    let mut building: Option<Known> = None;
+    loop {
+        let mut event = Some(watcher.next().await);
+        let mut changed = false;
+        // Apply every event already received before building one table.
+        while let Some(e) = event.take() {
+            match e {
+                Event::Init => building = Some(Known::default()),
+                Event::InitApply(kv) => {
+                    if let Some(b) = building.as_mut() {
+                        b.apply(&ks, &kv);
+                    }
+                }
+                Event::InitDone { .. } => {
+                    if let Some(mut b) = building.take() {
+                        b.stats = std::mem::take(&mut known.stats);
+                        known = b;
+                        changed = true;
+                    }
+                }
+                Event::Apply(kv) if building.is_none() => {
+                    known.apply(&ks, &kv);
+                    changed = true;
+                }
+                Event::Delete { key, .. } if building.is_none() => {
+                    known.remove(&ks, &key);
+                    changed = true;
+                }
+                _ => {}
+            }
+            event = watcher.next().now_or_never();
+        }
+        if changed && building.is_none() {
+            let table = known.build(&me, watcher.revision());
+            routes.store(Arc::new(table));
+            builds.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: serde_json::Value) -> Kv {
+        Kv {
+            key: key.into(),
+            value: value.to_string().into_bytes(),
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    fn instance(id: &str, worker: &str) -> serde_json::Value {
+        serde_json::json!({"v": 1, "id": id, "challenge": "web", "team": "t", "worker": worker, "token": 1,
+            "created_at": 0, "expires_at": 10,
+            "http": [{"port_name": "web", "hostname": format!("{id}.ctf.localhost"), "target_port": 8080}],
+            "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}, "flag": "f"})
+    }
+
+    #[test]
+    fn local_remote_and_not_ready() {
+        let ks = Keyspace::default();
+        let me = WorkerId::parse("a").unwrap();
+        let mut k = Known::default();
+        k.apply(
+            &ks,
+            &kv(
+                "/tidegate/instances/000000000a",
+                instance("000000000a", "a"),
+            ),
+        );
+        k.apply(
+            &ks,
+            &kv(
+                "/tidegate/instances/000000000b",
+                instance("000000000b", "b"),
+            ),
+        );
+        k.apply(
+            &ks,
+            &kv(
+                "/tidegate/instances/000000000c",
+                instance("000000000c", "gone"),
+            ),
+        );
+        k.apply(&ks, &kv("/tidegate/workers/b", serde_json::json!({"v": 1, "id": "b", "address": "127.0.0.3",
+            "http_entry": "127.0.0.3:8080", "tcp_host": "127.0.0.3", "capacity": 1, "version": "0", "started_at": 0})));
+        let t = k.build(&me, 1);
+        assert_eq!(
+            t.get("000000000a.ctf.localhost").unwrap().target,
+            Target::NotReady("it is starting".into())
+        );
+        assert_eq!(
+            t.get("000000000b.ctf.localhost").unwrap().target,
+            Target::Remote("127.0.0.3:8080".parse().unwrap())
+        );
+        assert!(matches!(
+            t.get("000000000c.ctf.localhost").unwrap().target,
+            Target::NotReady(_)
+        ));
+        k.apply(&ks, &kv("/tidegate/endpoints/000000000a", serde_json::json!({"v": 1, "instance": "000000000a",
+            "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 1})));
+        let t = k.build(&me, 2);
+        assert_eq!(
+            t.get("000000000a.ctf.localhost").unwrap().target,
+            Target::Local("198.19.0.9:8080".parse().unwrap())
+        );
+        // Stats survive rebuilds; deletes drop the route.
+        let s1 = t.get("000000000a.ctf.localhost").unwrap().stats.clone();
+        let t2 = k.build(&me, 3);
+        assert!(Arc::ptr_eq(
+            &s1,
+            &t2.get("000000000a.ctf.localhost").unwrap().stats
+        ));
+        k.remove(&ks, "/tidegate/instances/000000000a");
+        assert!(k.build(&me, 4).get("000000000a.ctf.localhost").is_none());
+    }
+}
