@@ -34,6 +34,9 @@ type Recipe = (
     &'static [&'static str],
 );
 
+/// busybox `nc` on 8080 that accepts and never answers: a hung challenge.
+pub const DEMO_SILENT: &str = "tidegate/demo-silent:1";
+
 /// busybox `sh` that prints a line and exits with code 3: a crashing challenge.
 pub const DEMO_EXIT: &str = "tidegate/demo-exit:1";
 
@@ -43,7 +46,7 @@ const DROPBEAR: &str = "/usr/sbin/dropbear";
 /// Builds whichever demo images are missing; returns the names it built.
 pub fn ensure_demo_images() -> Result<Vec<String>> {
     require_engine()?;
-    let recipes: [Recipe; 4] = [
+    let recipes: [Recipe; 5] = [
         (
             DEMO_HTTP,
             http_rootfs,
@@ -63,6 +66,11 @@ pub fn ensure_demo_images() -> Result<Vec<String>> {
             DEMO_EXIT,
             busybox_rootfs,
             &[r#"CMD ["/bin/sh", "-c", "echo crashing; exit 3"]"#],
+        ),
+        (
+            DEMO_SILENT,
+            busybox_rootfs,
+            &[r#"CMD ["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/sleep", "600"]"#],
         ),
     ];
     let mut built = Vec::new();
@@ -196,4 +204,57 @@ fn copy_into(root: &Path, path: &str) -> Result<()> {
     }
     std::fs::copy(path, &dest)?;
     Ok(())
+}
+
+/// An image holding one binary of the project's (with the libraries `ldd`
+/// lists) that runs it with `args`. Tagged by the binary's size and mtime,
+/// so a rebuilt binary gets a new image. Returns the image name.
+pub fn binary_image(repo: &str, binary: &Path, args: &[&str]) -> Result<String> {
+    require_engine()?;
+    let meta = std::fs::metadata(binary)?;
+    let stamp = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = format!("{repo}:{:x}-{stamp}", meta.len());
+    if image_exists(&name) {
+        return Ok(name);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-image-")
+        .tempdir()?;
+    let root = work.path().join("rootfs");
+    let dest = root.join("app");
+    std::fs::create_dir_all(&root)?;
+    std::fs::copy(binary, &dest)?;
+    for line in run(Command::new("ldd").arg(binary))?.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            copy_into(&root, path)?;
+        }
+    }
+    let tar = work.path().join("rootfs.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--owner=0", "--group=0", "-cf"])
+        .arg(&tar)
+        .arg("."))?;
+    let cmd = serde_json::to_string(
+        &std::iter::once("/app")
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    docker(&[
+        "import",
+        "--change",
+        &format!("CMD {cmd}"),
+        &tar.display().to_string(),
+        &name,
+    ])?;
+    Ok(name)
 }

@@ -1,0 +1,370 @@
+//! The HTTP data plane: two real agents with their Pingora proxies, real
+//! containers, real clients (curl, a WebSocket client).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, PutOptions};
+use futures::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tidegate_lab::daemons::{Agent, Controller, eventually, web_spec};
+use tidegate_lab::docker::docker;
+use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::images::{DEMO_HTTP_BODY, DEMO_SILENT, binary_image, ensure_demo_images};
+use tidegate_lab::ports::free_port;
+
+/// etcd, a controller and two agents (a on 127.0.0.2, b on 127.0.0.3).
+struct Plane {
+    a: Agent,
+    b: Agent,
+    a_http: String,
+    b_http: String,
+    controller: Controller,
+    client: Client,
+    _etcd: EtcdCluster,
+    _dir: tempfile::TempDir,
+}
+
+fn worker(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        for w in [&self.a.worker, &self.b.worker] {
+            let filter = format!("label=tidegate.worker={w}");
+            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
+                for id in ids.lines() {
+                    let _ = docker(&["rm", "-f", "-v", id]);
+                }
+            }
+        }
+    }
+}
+
+async fn plane(extra: &str) -> Plane {
+    ensure_demo_images().unwrap();
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&etcd, "c1", dir.path()).await;
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let a_http = format!("127.0.0.2:{}", free_port().unwrap());
+    let b_http = format!("127.0.0.3:{}", free_port().unwrap());
+    let cfg = |addr: &str, http: &str| {
+        format!(
+            "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{extra}"
+        )
+    };
+    let a = Agent::start(&etcd, &worker("a"), dir.path(), &cfg("127.0.0.2", &a_http)).await;
+    let b = Agent::start(&etcd, &worker("b"), dir.path(), &cfg("127.0.0.3", &b_http)).await;
+    assert!(eventually(10, || controller.is_leader()).await);
+    assert!(
+        eventually(10, || async {
+            controller
+                .call(Method::GET, "/v1/workers", None, None)
+                .await
+                .1["workers"]
+                .as_array()
+                .is_some_and(|w| w.len() == 2)
+        })
+        .await
+    );
+    Plane {
+        a,
+        b,
+        a_http,
+        b_http,
+        controller,
+        client,
+        _etcd: etcd,
+        _dir: dir,
+    }
+}
+
+/// A GET through an agent's entry with a Host header: (status, headers, body).
+async fn get(
+    entry: &str,
+    host: &str,
+    accept: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut req = reqwest::Client::new()
+        .get(format!("http://{entry}/"))
+        .header("host", host)
+        .timeout(Duration::from_secs(20));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let (s, h) = (r.status().as_u16(), r.headers().clone());
+            (s, h, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, Default::default(), e.to_string()),
+    }
+}
+
+impl Plane {
+    /// Spawns `challenge` for `team` and waits until its hostname answers 200 through agent a.
+    async fn running(&self, challenge: &str, team: &str) -> (String, String, String) {
+        let (s, inst) = self.controller.spawn(challenge, team).await;
+        assert_eq!(s, StatusCode::CREATED, "{inst}");
+        let id = inst["id"].as_str().unwrap().to_string();
+        let host = inst["http"][0]["hostname"].as_str().unwrap().to_string();
+        let ok = eventually(30, || async {
+            self.controller
+                .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
+                .await
+                .1["status"]
+                == "running"
+        })
+        .await;
+        assert!(ok, "instance {id} never ran");
+        (id, host, inst["worker"].as_str().unwrap().to_string())
+    }
+}
+
+#[tokio::test]
+async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {
+    let p = plane("").await;
+    p.controller.put_challenge("web", web_spec()).await;
+    let (id, host, owner) = p.running("web", "t1").await;
+    // Through the owner and through the other agent; Host is case- and port-insensitive.
+    for entry in [&p.a_http, &p.b_http] {
+        let ok = eventually(10, || async { get(entry, &host, None).await.0 == 200 }).await;
+        assert!(ok, "{host} not served through {entry}");
+        let (s, _, body) = get(entry, &format!("{}:80", host.to_uppercase()), None).await;
+        assert_eq!(s, 200);
+        assert!(body.contains(DEMO_HTTP_BODY), "{body}");
+    }
+    eprintln!("instance {id} runs on {owner}; served through both agents");
+    // Unknown host: 404, HTML or JSON.
+    let (s, _, body) = get(&p.a_http, "nope.ctf.localhost", None).await;
+    assert_eq!(s, 404);
+    assert!(body.contains("<h1>404"), "{body}");
+    let (s, h, body) = get(&p.b_http, "nope.ctf.localhost", Some("application/json")).await;
+    assert_eq!(s, 404);
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], 404);
+
+    // Forwarded headers reach the container (busybox httpd's CGI sees them).
+    // Delete: both agents stop routing within one watch delay.
+    let (s, _) = p
+        .controller
+        .call(Method::DELETE, &format!("/v1/instances/{id}"), None, None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let deleted = Instant::now();
+    for entry in [&p.a_http, &p.b_http] {
+        let gone = eventually(5, || async { get(entry, &host, None).await.0 == 404 }).await;
+        assert!(gone, "{host} still routed through {entry}");
+    }
+    eprintln!(
+        "both agents answered 404 {:?} after the delete",
+        deleted.elapsed()
+    );
+    let metrics = p.a.metrics().await.unwrap();
+    assert!(
+        metrics.contains("tidegate_agent_routes 0"),
+        "route table not empty"
+    );
+}
+
+#[tokio::test]
+async fn error_answers_503_502_504_and_the_hop_guard() {
+    let p = plane("upstream_read_timeout_ms = 1500").await;
+    p.controller
+        .put_challenge("ghost", json!({"image": "tidegate/does-not-exist:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}))
+        .await;
+    p.controller
+        .put_challenge("closed", json!({"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 9999, "protocol": "http"}]}))
+        .await;
+    p.controller
+        .put_challenge("silent", json!({"image": DEMO_SILENT, "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}))
+        .await;
+
+    // Known but not running: 503 with Retry-After (through either agent).
+    let (s, inst) = p.controller.spawn("ghost", "t1").await;
+    assert_eq!(s, StatusCode::CREATED);
+    let host = inst["http"][0]["hostname"].as_str().unwrap().to_string();
+    for entry in [&p.a_http, &p.b_http] {
+        assert!(
+            eventually(10, || async { get(entry, &host, None).await.0 == 503 }).await,
+            "no 503 via {entry}"
+        );
+        let (_, h, body) = get(entry, &host, Some("application/json")).await;
+        assert_eq!(h["retry-after"], "2");
+        assert!(body.contains("not running"), "{body}");
+    }
+
+    // Nothing listens on the declared port: 502.
+    let (_, host, _) = p.running("closed", "t1").await;
+    for entry in [&p.a_http, &p.b_http] {
+        let (s, _, body) = get(entry, &host, None).await;
+        assert_eq!(s, 502, "{body}");
+    }
+
+    // Accepts but never answers: 504 after the read timeout.
+    let (_, host, _) = p.running("silent", "t1").await;
+    let started = Instant::now();
+    let (s, _, body) = get(&p.a_http, &host, None).await;
+    assert_eq!(s, 504, "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+
+    // A forwarded request that would be forwarded again: 508, never a loop.
+    let (_, host, owner) = {
+        p.controller.put_challenge("web", web_spec()).await;
+        p.running("web", "t2").await
+    };
+    let non_owner = if owner == p.a.worker {
+        &p.b_http
+    } else {
+        &p.a_http
+    };
+    let r = reqwest::Client::new()
+        .get(format!("http://{non_owner}/"))
+        .header("host", &host)
+        .header("x-tidegate-hop", "someone")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 508);
+}
+
+#[tokio::test]
+async fn a_websocket_echo_works_through_both_agents() {
+    let p = plane("").await;
+    let image = binary_image(
+        "tidegate/test-ws-echo",
+        std::path::Path::new(env!("CARGO_BIN_EXE_ws-echo")),
+        &[],
+    )
+    .unwrap();
+    p.controller
+        .put_challenge(
+            "ws",
+            json!({"image": image, "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}),
+        )
+        .await;
+    let (_, host, _) = p.running("ws", "t1").await;
+    for entry in [&p.a_http, &p.b_http] {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{entry}/echo"),
+            )
+            .unwrap();
+        req.headers_mut().insert("host", host.parse().unwrap());
+        let stream = tokio::net::TcpStream::connect(entry.as_str())
+            .await
+            .unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 101);
+        for i in 0..3 {
+            let text = format!("hello {i} via {entry}");
+            ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone()))
+                .await
+                .unwrap();
+            let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(back.into_text().unwrap().as_str(), text);
+        }
+        ws.close(None).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn instances_keep_answering_through_both_agents_with_every_controller_dead() {
+    let mut p = plane("").await;
+    p.controller.put_challenge("web", web_spec()).await;
+    let (_, host, _) = p.running("web", "t1").await;
+    p.controller.proc.kill().unwrap();
+    // Longer than the controller's election TTL and a few watch delays.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..20 {
+        for entry in [&p.a_http, &p.b_http] {
+            let (s, _, body) = get(entry, &host, None).await;
+            assert_eq!(s, 200, "{body}");
+        }
+    }
+    let _ = &mut p;
+}
+
+#[tokio::test]
+async fn ten_thousand_routes_load_and_look_up_correctly() {
+    let p = plane("").await;
+    p.controller.put_challenge("web", web_spec()).await;
+    let (_, real_host, _) = p.running("web", "t-real").await;
+    // 10,000 instance records written straight to etcd, owned by a worker
+    // "bulk" whose HTTP entry is a closed port (routes only, no containers).
+    let mut client = p.client.clone();
+    let lease = client.lease_grant(600, None).await.unwrap().id();
+    let closed = free_port().unwrap();
+    let b = "bulk";
+    let worker_rec = json!({"v": 1, "id": b, "address": "127.0.0.1", "http_entry": format!("127.0.0.1:{closed}"),
+        "tcp_host": "127.0.0.1", "capacity": 1, "version": "test", "started_at": 0});
+    client
+        .put(
+            "/tidegate/workers/bulk",
+            worker_rec.to_string(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for chunk in (0..10_000u64).collect::<Vec<_>>().chunks(100) {
+        let mut ops = Vec::new();
+        for i in chunk {
+            let id = format!("{:010x}", 0x10_0000_0000 + i);
+            let rec = json!({"v": 1, "id": id, "challenge": "web", "team": format!("bulk-{i}"), "worker": b, "token": 1,
+                "created_at": 0, "expires_at": 9_999_999_999u64,
+                "http": [{"port_name": "web", "hostname": format!("{id}.ctf.localhost"), "target_port": 8080}],
+                "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}, "flag": "f"});
+            ops.push(etcd_client::TxnOp::put(
+                format!("/tidegate/instances/{id}"),
+                rec.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+        client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap();
+    }
+    let loaded = eventually(60, || async {
+        p.a.metric("tidegate_agent_routes")
+            .await
+            .is_some_and(|n| n >= 10_001.0)
+    })
+    .await;
+    assert!(loaded, "agent a never loaded 10,001 routes");
+    eprintln!(
+        "10,000 routes written and loaded by agent a in {:?}",
+        started.elapsed()
+    );
+    // Lookups: the real instance still answers; a bulk host routes to the
+    // bulk worker's (closed) entry, so 502; one past the last bulk id is 404.
+    for _ in 0..10 {
+        assert_eq!(get(&p.a_http, &real_host, None).await.0, 200);
+        assert_eq!(get(&p.b_http, &real_host, None).await.0, 200);
+    }
+    for host in ["1000000000", "1000001234", "100000270f"] {
+        let (s, _, body) = get(&p.a_http, &format!("{host}.ctf.localhost"), None).await;
+        assert_eq!(s, 502, "{host}: {body}");
+    }
+    assert_eq!(
+        get(&p.a_http, "1000002710.ctf.localhost", None).await.0,
+        404,
+        "one past the last bulk id"
+    );
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", p.a.proc.pid())).unwrap();
+    let rss = rss
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?")
+        .to_string();
+    eprintln!("agent a with 10,001 routes: {rss}");
+}
