@@ -2,6 +2,7 @@
 //!
 //! Each subcommand is a module; `--help` on any of them says what it does.
 
+mod bench;
 mod ci;
 mod deploy;
 mod setup;
@@ -35,7 +36,7 @@ enum Command {
     /// What CI runs: setup, `cargo fmt --check`, `cargo clippy --all-targets
     /// -- -D warnings`, then the whole test suite against real components.
     Ci(ci::CiArgs),
-    /// Run benchmarks and regenerate docs/benchmarks.md (filled by #5–#8).
+    /// Run benchmarks and regenerate docs/benchmarks.md (`http` so far; tcp #6, plugins #7, the rest #8).
     Bench {
         /// Which benchmark to run (`http`, `tcp`, `plugins`, ...); all when omitted.
         which: Option<String>,
@@ -50,7 +51,7 @@ fn main() {
         Command::BuildPlugins => not_yet("build-plugins", 7),
         Command::Deploy(args) => deploy::run(args),
         Command::Ci(args) => ci::run(args),
-        Command::Bench { which } => bench(which),
+        Command::Bench { which } => bench::run(which),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -60,18 +61,6 @@ fn main() {
 
 fn not_yet(what: &str, issue: u32) -> Result<()> {
     anyhow::bail!("`cargo xtask {what}`: not yet — it lands with issue #{issue}")
-}
-
-fn bench(which: Option<String>) -> Result<()> {
-    match which {
-        Some(name) => anyhow::bail!(
-            "no benchmark named {name:?} yet: http lands with #5, tcp with #6, plugins with #7"
-        ),
-        None => {
-            println!("bench: no benchmarks yet (http #5, tcp #6, plugins #7, the full report #8)");
-            Ok(())
-        }
-    }
 }
 
 /// The workspace root (the folder holding the top-level Cargo.toml).
