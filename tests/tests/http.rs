@@ -368,3 +368,63 @@ async fn ten_thousand_routes_load_and_look_up_correctly() {
         .to_string();
     eprintln!("agent a with 10,001 routes: {rss}");
 }
+
+#[tokio::test]
+async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=*.ctf.localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:*.ctf.localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let a_tls = free_port().unwrap();
+    let extra = format!(
+        "https_entry = \"127.0.0.2:{a_tls}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let p = plane(&extra).await;
+    p.controller.put_challenge("web", web_spec()).await;
+    let (_, host, _) = p.running("web", "t1").await;
+    for (flag, want) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&cert)
+            .args([
+                flag,
+                "-w",
+                "\n%{http_code} %{http_version}",
+                "--resolve",
+                &format!("{host}:{a_tls}:127.0.0.2"),
+            ])
+            .arg(format!("https://{host}:{a_tls}/"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(DEMO_HTTP_BODY),
+            "{flag}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.trim_end().ends_with(&format!("200 {want}")),
+            "{flag}: {text}"
+        );
+    }
+}

@@ -33,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "ncat",
     "openssh-client",
     "dropbear-bin",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
