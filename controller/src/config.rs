@@ -47,6 +47,9 @@ pub struct Cli {
     /// Secret the per-instance flags are derived from (at least 16 bytes).
     #[arg(long, env = "TIDEGATE_FLAG_SECRET", hide_env_values = true)]
     pub flag_secret: Option<String>,
+    /// Port players use for HTTP instances (in the `url` of answers).
+    #[arg(long, env = "TIDEGATE_PUBLIC_HTTP_PORT")]
+    pub public_http_port: Option<u16>,
 }
 
 /// The whole configuration after merging.
@@ -148,7 +151,8 @@ impl Config {
             domain,
             admin_token,
             platform_token,
-            flag_secret
+            flag_secret,
+            public_http_port
         );
         if cli.advertise_url.is_some() {
             cfg.advertise_url = cli.advertise_url;

@@ -33,6 +33,9 @@ fn worker(name: &str) -> String {
 
 impl Drop for Plane {
     fn drop(&mut self) {
+        // Agents first, so none creates a container after the sweep below.
+        let _ = self.a.proc.kill();
+        let _ = self.b.proc.kill();
         for w in [&self.a.worker, &self.b.worker] {
             let filter = format!("label=tidegate.worker={w}");
             if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {

@@ -132,7 +132,7 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         return Err(e);
     }
     println!(
-        "not yet: the agents' HTTP proxy (#5) and TCP redirector (#6); instances answer on their container address"
+        "try: tidegate instance spawn demo-http team-1, then open the url it prints (any agent serves any instance); TCP ports wait for #6"
     );
     println!("wrote {}", dir.join("local.json").display());
     let cli = std::env::current_exe()?.with_file_name("tidegate");
@@ -179,6 +179,7 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         log.display()
     );
 
+    let http_port = common_free_port()?;
     let admin_token = random_token();
     let platform_token = random_token();
     let api_port = tidegate_lab::ports::free_port()?;
@@ -198,6 +199,8 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         &platform_token,
         "--flag-secret",
         &random_token(),
+        "--public-http-port",
+        &http_port.to_string(),
     ]
     .map(String::from)
     .to_vec();
@@ -214,8 +217,13 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
     wait_for(pid, &log, || http_ok(api_port, "/v1/openapi.json"))?;
     println!("controller  {api}  (pid {pid}, log {})", log.display());
     register_demo_challenges(api_port, &admin_token)?;
-    let (http_entries, tcp_hosts) =
-        start_agents(state, children, &bins.agent, &member.client_url())?;
+    let (http_entries, tcp_hosts) = start_agents(
+        state,
+        children,
+        &bins.agent,
+        &member.client_url(),
+        http_port,
+    )?;
     save(state)?;
 
     let local = LocalJson {
@@ -271,7 +279,23 @@ struct Daemons {
 }
 
 /// The two local agents: worker id and the loopback address each serves on.
-const AGENTS: [(&str, [u8; 4]); 2] = [("worker-a", [127, 0, 0, 2]), ("worker-b", [127, 0, 0, 3])];
+/// worker-a takes 127.0.0.1, where `*.ctf.localhost` resolves, so a browser
+/// reaches instances directly; both use the same HTTP port.
+const AGENTS: [(&str, [u8; 4]); 2] = [("worker-a", [127, 0, 0, 1]), ("worker-b", [127, 0, 0, 2])];
+
+/// A port free on every agent address.
+fn common_free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let port = tidegate_lab::ports::free_port()?;
+        let free = AGENTS.iter().all(|(_, ip)| {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::from(*ip), port)).is_ok()
+        });
+        if free {
+            return Ok(port);
+        }
+    }
+    bail!("found no port free on all agent addresses")
+}
 
 /// Starts the agents; returns their HTTP entries and TCP hosts.
 fn start_agents(
@@ -279,13 +303,13 @@ fn start_agents(
     children: &mut Vec<Child>,
     bin: &Path,
     etcd: &str,
+    http_port: u16,
 ) -> Result<(Vec<String>, Vec<String>)> {
     let mut http_entries = Vec::new();
     let mut tcp_hosts = Vec::new();
     for (worker, ip) in AGENTS {
         let addr = std::net::Ipv4Addr::from(ip);
         let metrics_port = tidegate_lab::ports::free_port()?;
-        let http_port = tidegate_lab::ports::free_port()?;
         let config = state.run_dir.join(format!("{worker}.toml"));
         std::fs::write(
             &config,

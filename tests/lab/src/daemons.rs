@@ -233,6 +233,7 @@ impl Agent {
     }
 
     async fn start_with(worker: &str, config: PathBuf, port: u16, dir: &Path) -> Agent {
+        sweep_dead_lab_containers();
         let log = dir.join(format!("{worker}.log"));
         let proc = Supervised::spawn(
             worker,
@@ -277,5 +278,34 @@ impl Agent {
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.proc.log()).unwrap_or_default()
+    }
+}
+
+/// Removes containers that agents of a test process made (label
+/// `tidegate.cluster=lab-<pid>`) when that process is gone: a test killed
+/// before its guards ran leaves nothing behind for long.
+pub fn sweep_dead_lab_containers() {
+    let Ok(rows) = crate::docker::docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=tidegate.cluster",
+        "--format",
+        "{{.ID}} {{.Label \"tidegate.cluster\"}}",
+    ]) else {
+        return;
+    };
+    for row in rows.lines() {
+        let mut parts = row.split_whitespace();
+        let (Some(id), Some(cluster)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let dead = cluster
+            .strip_prefix("lab-")
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !crate::process::pid_alive(pid));
+        if dead {
+            let _ = crate::docker::docker(&["rm", "-f", "-v", id]);
+        }
     }
 }
