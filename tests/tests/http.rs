@@ -142,6 +142,16 @@ async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {
         assert!(body.contains(DEMO_HTTP_BODY), "{body}");
     }
     eprintln!("instance {id} runs on {owner}; served through both agents");
+    // Per-instance metrics on both agents (each counts what it proxied).
+    for agent in [&p.a, &p.b] {
+        let n = agent
+            .metric(&format!(
+                "tidegate_http_requests_total{{instance=\"{id}\"}}"
+            ))
+            .await
+            .unwrap_or(0.0);
+        assert!(n >= 2.0, "{} counted {n} requests for {id}", agent.worker);
+    }
     // Unknown host: 404, HTML or JSON.
     let (s, _, body) = get(&p.a_http, "nope.ctf.localhost", None).await;
     assert_eq!(s, 404);
@@ -176,7 +186,7 @@ async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {
 
 #[tokio::test]
 async fn error_answers_503_502_504_and_the_hop_guard() {
-    let p = plane("upstream_read_timeout_ms = 1500").await;
+    let p = plane("upstream_read_timeout_ms = 1500\nmax_body_bytes = 1024").await;
     p.controller
         .put_challenge("ghost", json!({"image": "tidegate/does-not-exist:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}))
         .await;
@@ -214,6 +224,16 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
     let (s, _, body) = get(&p.a_http, &host, None).await;
     assert_eq!(s, 504, "{body}");
     assert!(started.elapsed() >= Duration::from_millis(1500));
+
+    // A body over max_body_bytes: 413 before anything reaches the instance.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/", p.a_http))
+        .header("host", &host)
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
 
     // A forwarded request that would be forwarded again: 508, never a loop.
     let (_, host, owner) = {

@@ -215,6 +215,15 @@ impl Agent {
             "worker_id = \"{worker}\"\netcd = [{endpoints}]\npull_images = false\nmetrics_listen = \"127.0.0.1:{port}\"\nreconcile_interval_ms = 200\nmembership_ttl_secs = 3\ncluster_label = \"lab-{}\"\n{extra}\n",
             std::process::id()
         );
+        // Each agent its own HTTP entry unless the test chose one.
+        let text = if extra.contains("http_entry") {
+            text
+        } else {
+            format!(
+                "{text}http_entry = \"127.0.0.1:{}\"\n",
+                free_port().unwrap()
+            )
+        };
         std::fs::write(&config, text).unwrap();
         Agent::start_with(worker, config, port, dir).await
     }
