@@ -595,5 +595,9 @@ async fn membership_comes_back_after_its_lease_is_lost_and_leaves_on_clean_shutd
     })
     .await;
     assert!(left, "the worker key outlived a clean shutdown");
-    assert!(agent.log().contains("deregistered"));
+    assert!(
+        eventually(10, || async { !agent.proc.is_alive() }).await,
+        "the agent did not exit on SIGTERM"
+    );
+    assert!(agent.log().contains("deregistered"), "{}", agent.log());
 }
