@@ -5,7 +5,8 @@
 //! assigned to this worker; `routes` keeps the hostname table every agent
 //! serves from; `http` is the Pingora proxy using it (with `policy`, the
 //! edge admission hook, and `stats`, per-instance counters); `metrics`
-//! serves Prometheus text. The TCP redirector (#6) joins here.
+//! serves Prometheus text; `tcp` is the userspace TCP path (a listener per
+//! instance port), the fallback of the eBPF redirector of #6.
 
 pub mod config;
 pub mod http;
@@ -16,5 +17,6 @@ pub mod reconcile;
 pub mod routes;
 pub mod runtime;
 pub mod stats;
+pub mod tcp;
 
 pub use config::{Cli, Config, ConfigError};

@@ -115,7 +115,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(worker = %worker, etcd = ?cfg.etcd, "tidegate-agent starting");
 
     let routes = routes_for_metrics.clone();
-    let builds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (builds, builds_rx) = tokio::sync::watch::channel(0u64);
     let routes_task = tokio::spawn(tidegate_agent::routes::run(
         client.clone(),
         ks.clone(),
@@ -123,7 +123,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         routes.clone(),
         builds,
     ));
-    let proxy = start_proxy(&cfg, routes, worker.to_string())?;
+    let policy: Arc<dyn tidegate_agent::policy::EdgePolicy> =
+        Arc::new(tidegate_agent::policy::AllowAll);
+    let proxy = start_proxy(&cfg, routes.clone(), worker.to_string(), policy.clone())?;
+    let tcp_task = tokio::spawn(tidegate_agent::tcp::run(
+        cfg.tcp_host,
+        routes,
+        builds_rx,
+        policy,
+    ));
 
     let reconciler = Reconciler::new(
         client.clone(),
@@ -142,6 +150,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     membership.abort();
     metrics_server.abort();
     routes_task.abort();
+    tcp_task.abort();
     proxy.stop();
     let lease = *lease_rx.borrow();
     if lease != 0 {
@@ -192,6 +201,7 @@ fn start_proxy(
     cfg: &Config,
     routes: tidegate_agent::routes::SharedRoutes,
     me: String,
+    policy: Arc<dyn tidegate_agent::policy::EdgePolicy>,
 ) -> anyhow::Result<Proxy> {
     use pingora::server::configuration::ServerConf;
     use tidegate_agent::http::{EdgeProxy, HttpLimits};
@@ -210,7 +220,7 @@ fn start_proxy(
             connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
             read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
         },
-        policy: Arc::new(tidegate_agent::policy::AllowAll),
+        policy,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     // Bind now so a taken port fails the start with a clear error.

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use etcd_client::Client;
@@ -41,10 +40,12 @@ pub struct Route {
     pub stats: Arc<InstanceStats>,
 }
 
-/// An immutable snapshot of every HTTP route.
+/// An immutable snapshot of every HTTP and TCP route.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub by_host: HashMap<String, Arc<Route>>,
+    /// Public TCP port → route; a remote target is the owner's `tcp_host` on the same port.
+    pub by_port: HashMap<u16, Arc<Route>>,
     /// The etcd revision the snapshot reflects.
     pub revision: i64,
 }
@@ -117,45 +118,66 @@ impl Known {
         }
     }
 
+    /// Where traffic for `rec`'s container port `target_port` goes from this
+    /// agent; `remote` gives the owner's entry for that traffic.
+    fn target(
+        &self,
+        me: &WorkerId,
+        id: &InstanceId,
+        rec: &InstanceRecord,
+        target_port: u16,
+        remote: impl Fn(&WorkerRecord) -> SocketAddr,
+    ) -> Target {
+        if &rec.worker != me {
+            return match self.workers.get(&rec.worker) {
+                Some(w) => Target::Remote(remote(w)),
+                None => Target::NotReady(format!("its worker {} is not connected", rec.worker)),
+            };
+        }
+        match self.endpoints.get(id) {
+            Some(EndpointRecord {
+                status: InstanceStatus::Running,
+                address: Some(addr),
+                ..
+            }) => Target::Local(SocketAddr::new(*addr, target_port)),
+            Some(EndpointRecord {
+                status: InstanceStatus::Failed { reason },
+                ..
+            }) => Target::NotReady(format!("it failed: {reason}")),
+            _ => Target::NotReady("it is starting".into()),
+        }
+    }
+
     fn build(&mut self, me: &WorkerId, revision: i64) -> RouteTable {
         let mut by_host = HashMap::with_capacity(self.instances.len());
+        let mut by_port = HashMap::new();
         for (id, rec) in &self.instances {
             let stats = self.stats.entry(id.clone()).or_default().clone();
+            let route = |target| {
+                Arc::new(Route {
+                    instance: id.clone(),
+                    team: rec.team.to_string(),
+                    challenge: rec.challenge.to_string(),
+                    target,
+                    stats: stats.clone(),
+                })
+            };
             for r in &rec.http {
-                let target = if &rec.worker != me {
-                    match self.workers.get(&rec.worker) {
-                        Some(w) => Target::Remote(w.http_entry),
-                        None => {
-                            Target::NotReady(format!("its worker {} is not connected", rec.worker))
-                        }
-                    }
-                } else {
-                    match self.endpoints.get(id) {
-                        Some(EndpointRecord {
-                            status: InstanceStatus::Running,
-                            address: Some(addr),
-                            ..
-                        }) => Target::Local(SocketAddr::new(*addr, r.target_port)),
-                        Some(EndpointRecord {
-                            status: InstanceStatus::Failed { reason },
-                            ..
-                        }) => Target::NotReady(format!("it failed: {reason}")),
-                        _ => Target::NotReady("it is starting".into()),
-                    }
-                };
-                by_host.insert(
-                    r.hostname.to_string(),
-                    Arc::new(Route {
-                        instance: id.clone(),
-                        team: rec.team.to_string(),
-                        challenge: rec.challenge.to_string(),
-                        target,
-                        stats: stats.clone(),
-                    }),
-                );
+                let target = self.target(me, id, rec, r.target_port, |w| w.http_entry);
+                by_host.insert(r.hostname.to_string(), route(target));
+            }
+            for r in &rec.tcp {
+                let target = self.target(me, id, rec, r.target_port, |w| {
+                    SocketAddr::new(w.tcp_host, r.port)
+                });
+                by_port.insert(r.port, route(target));
             }
         }
-        RouteTable { by_host, revision }
+        RouteTable {
+            by_host,
+            by_port,
+            revision,
+        }
     }
 }
 
@@ -165,7 +187,7 @@ pub async fn run(
     ks: Keyspace,
     me: WorkerId,
     routes: SharedRoutes,
-    builds: Arc<AtomicU64>,
+    builds: tokio::sync::watch::Sender<u64>,
 ) {
     let mut watcher = tidegate_schema::Watcher::new(client, format!("{ks}/"));
     let mut known = Known::default();
@@ -204,7 +226,7 @@ pub async fn run(
         if changed && building.is_none() {
             let table = known.build(&me, watcher.revision());
             routes.store(Arc::new(table));
-            builds.fetch_add(1, Ordering::Relaxed);
+            builds.send_modify(|n| *n += 1);
         }
     }
 }
