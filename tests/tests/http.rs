@@ -3,130 +3,19 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions};
+use common::{get, plane};
+
+use etcd_client::PutOptions;
 use futures::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tidegate_lab::daemons::{Agent, Controller, eventually, web_spec};
-use tidegate_lab::docker::docker;
-use tidegate_lab::etcd::EtcdCluster;
-use tidegate_lab::images::{DEMO_HTTP_BODY, DEMO_SILENT, binary_image, ensure_demo_images};
+use tidegate_lab::daemons::{eventually, web_spec};
+use tidegate_lab::images::{DEMO_HTTP_BODY, DEMO_SILENT, binary_image};
 use tidegate_lab::ports::free_port;
-
-/// etcd, a controller and two agents (a on 127.0.0.2, b on 127.0.0.3).
-struct Plane {
-    a: Agent,
-    b: Agent,
-    a_http: String,
-    b_http: String,
-    controller: Controller,
-    client: Client,
-    _etcd: EtcdCluster,
-    _dir: tempfile::TempDir,
-}
-
-fn worker(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-impl Drop for Plane {
-    fn drop(&mut self) {
-        // Agents first, so none creates a container after the sweep below.
-        let _ = self.a.proc.kill();
-        let _ = self.b.proc.kill();
-        for w in [&self.a.worker, &self.b.worker] {
-            let filter = format!("label=tidegate.worker={w}");
-            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
-                for id in ids.lines() {
-                    let _ = docker(&["rm", "-f", "-v", id]);
-                }
-            }
-        }
-    }
-}
-
-async fn plane(extra: &str) -> Plane {
-    ensure_demo_images().unwrap();
-    let etcd = EtcdCluster::start(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let controller = Controller::start(&etcd, "c1", dir.path()).await;
-    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let a_http = format!("127.0.0.2:{}", free_port().unwrap());
-    let b_http = format!("127.0.0.3:{}", free_port().unwrap());
-    let cfg = |addr: &str, http: &str| {
-        format!(
-            "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{extra}"
-        )
-    };
-    let a = Agent::start(&etcd, &worker("a"), dir.path(), &cfg("127.0.0.2", &a_http)).await;
-    let b = Agent::start(&etcd, &worker("b"), dir.path(), &cfg("127.0.0.3", &b_http)).await;
-    assert!(eventually(10, || controller.is_leader()).await);
-    assert!(
-        eventually(10, || async {
-            controller
-                .call(Method::GET, "/v1/workers", None, None)
-                .await
-                .1["workers"]
-                .as_array()
-                .is_some_and(|w| w.len() == 2)
-        })
-        .await
-    );
-    Plane {
-        a,
-        b,
-        a_http,
-        b_http,
-        controller,
-        client,
-        _etcd: etcd,
-        _dir: dir,
-    }
-}
-
-/// A GET through an agent's entry with a Host header: (status, headers, body).
-async fn get(
-    entry: &str,
-    host: &str,
-    accept: Option<&str>,
-) -> (u16, reqwest::header::HeaderMap, String) {
-    let mut req = reqwest::Client::new()
-        .get(format!("http://{entry}/"))
-        .header("host", host)
-        .timeout(Duration::from_secs(20));
-    if let Some(a) = accept {
-        req = req.header("accept", a);
-    }
-    match req.send().await {
-        Ok(r) => {
-            let (s, h) = (r.status().as_u16(), r.headers().clone());
-            (s, h, r.text().await.unwrap_or_default())
-        }
-        Err(e) => (0, Default::default(), e.to_string()),
-    }
-}
-
-impl Plane {
-    /// Spawns `challenge` for `team` and waits until its hostname answers 200 through agent a.
-    async fn running(&self, challenge: &str, team: &str) -> (String, String, String) {
-        let (s, inst) = self.controller.spawn(challenge, team).await;
-        assert_eq!(s, StatusCode::CREATED, "{inst}");
-        let id = inst["id"].as_str().unwrap().to_string();
-        let host = inst["http"][0]["hostname"].as_str().unwrap().to_string();
-        let ok = eventually(30, || async {
-            self.controller
-                .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
-                .await
-                .1["status"]
-                == "running"
-        })
-        .await;
-        assert!(ok, "instance {id} never ran");
-        (id, host, inst["worker"].as_str().unwrap().to_string())
-    }
-}
 
 #[tokio::test]
 async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {

@@ -132,7 +132,7 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         return Err(e);
     }
     println!(
-        "try: tidegate instance spawn demo-http team-1, then open the url it prints (any agent serves any instance); TCP ports wait for #6"
+        "try: tidegate instance spawn demo-http team-1 (open the url it prints) or demo-tcp (ncat 127.0.0.1 <port>); any agent serves any instance"
     );
     println!("wrote {}", dir.join("local.json").display());
     let cli = std::env::current_exe()?.with_file_name("tidegate");

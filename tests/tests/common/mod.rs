@@ -1,0 +1,127 @@
+//! Shared by the data-plane tests: etcd, a controller and two agents with
+//! distinct addresses, and a plain HTTP client.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // each test file uses a part of this
+
+use std::time::Duration;
+
+use etcd_client::Client;
+use reqwest::{Method, StatusCode};
+use tidegate_lab::daemons::{Agent, Controller, eventually};
+use tidegate_lab::docker::docker;
+use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::images::ensure_demo_images;
+use tidegate_lab::ports::free_port;
+
+/// etcd, a controller and two agents (a on 127.0.0.2, b on 127.0.0.3).
+pub struct Plane {
+    pub a: Agent,
+    pub b: Agent,
+    pub a_http: String,
+    pub b_http: String,
+    pub controller: Controller,
+    pub client: Client,
+    pub _etcd: EtcdCluster,
+    pub _dir: tempfile::TempDir,
+}
+
+pub fn worker(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        // Agents first, so none creates a container after the sweep below.
+        let _ = self.a.proc.kill();
+        let _ = self.b.proc.kill();
+        for w in [&self.a.worker, &self.b.worker] {
+            let filter = format!("label=tidegate.worker={w}");
+            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
+                for id in ids.lines() {
+                    let _ = docker(&["rm", "-f", "-v", id]);
+                }
+            }
+        }
+    }
+}
+
+pub async fn plane(extra: &str) -> Plane {
+    ensure_demo_images().unwrap();
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&etcd, "c1", dir.path()).await;
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let a_http = format!("127.0.0.2:{}", free_port().unwrap());
+    let b_http = format!("127.0.0.3:{}", free_port().unwrap());
+    let cfg = |addr: &str, http: &str| {
+        format!(
+            "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{extra}"
+        )
+    };
+    let a = Agent::start(&etcd, &worker("a"), dir.path(), &cfg("127.0.0.2", &a_http)).await;
+    let b = Agent::start(&etcd, &worker("b"), dir.path(), &cfg("127.0.0.3", &b_http)).await;
+    assert!(eventually(10, || controller.is_leader()).await);
+    assert!(
+        eventually(10, || async {
+            controller
+                .call(Method::GET, "/v1/workers", None, None)
+                .await
+                .1["workers"]
+                .as_array()
+                .is_some_and(|w| w.len() == 2)
+        })
+        .await
+    );
+    Plane {
+        a,
+        b,
+        a_http,
+        b_http,
+        controller,
+        client,
+        _etcd: etcd,
+        _dir: dir,
+    }
+}
+
+/// A GET through an agent's entry with a Host header: (status, headers, body).
+pub async fn get(
+    entry: &str,
+    host: &str,
+    accept: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut req = reqwest::Client::new()
+        .get(format!("http://{entry}/"))
+        .header("host", host)
+        .timeout(Duration::from_secs(20));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let (s, h) = (r.status().as_u16(), r.headers().clone());
+            (s, h, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, Default::default(), e.to_string()),
+    }
+}
+
+impl Plane {
+    /// Spawns `challenge` for `team` and waits until its hostname answers 200 through agent a.
+    pub async fn running(&self, challenge: &str, team: &str) -> (String, String, String) {
+        let (s, inst) = self.controller.spawn(challenge, team).await;
+        assert_eq!(s, StatusCode::CREATED, "{inst}");
+        let id = inst["id"].as_str().unwrap().to_string();
+        let host = inst["http"][0]["hostname"].as_str().unwrap().to_string();
+        let ok = eventually(30, || async {
+            self.controller
+                .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
+                .await
+                .1["status"]
+                == "running"
+        })
+        .await;
+        assert!(ok, "instance {id} never ran");
+        (id, host, inst["worker"].as_str().unwrap().to_string())
+    }
+}
