@@ -91,10 +91,15 @@ fn build(name: &str, rootfs: fn(&Path) -> Result<()>, changes: &[&str]) -> Resul
     let root = work.path().join("rootfs");
     std::fs::create_dir_all(&root)?;
     rootfs(&root)?;
-    let tar = work.path().join("rootfs.tar");
+    import_rootfs(work.path(), &root, name, changes)
+}
+
+/// `tar` of `root` (owned by root) imported as image `name` with `changes`.
+fn import_rootfs(work: &Path, root: &Path, name: &str, changes: &[&str]) -> Result<()> {
+    let tar = work.join("rootfs.tar");
     run(Command::new("tar")
         .arg("-C")
-        .arg(&root)
+        .arg(root)
         .args(["--owner=0", "--group=0", "-cf"])
         .arg(&tar)
         .arg("."))?;
@@ -107,6 +112,20 @@ fn build(name: &str, rootfs: fn(&Path) -> Result<()>, changes: &[&str]) -> Resul
     args.push(name.to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     docker(&args)?;
+    Ok(())
+}
+
+/// Copies the dynamic libraries `binary` needs into `root`, at the paths ldd reports.
+fn copy_libraries(root: &Path, binary: &Path) -> Result<()> {
+    for line in run(Command::new("ldd").arg(binary))?.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            copy_into(root, path)?;
+        }
+    }
     Ok(())
 }
 
@@ -172,16 +191,7 @@ fn ssh_rootfs(root: &Path) -> Result<()> {
         )));
     }
     copy_into(root, DROPBEAR)?;
-    // The dynamic libraries dropbear needs, at the paths ldd reports.
-    for line in run(Command::new("ldd").arg(DROPBEAR))?.lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rhs)) => rhs.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            copy_into(root, path)?;
-        }
-    }
+    copy_libraries(root, Path::new(DROPBEAR))?;
     write(root, "/etc/shadow", "root:*:19000:0:99999:7:::\n", 0o600)?;
     write(root, "/etc/shells", "/bin/sh\n", 0o644)?;
     std::fs::create_dir_all(root.join("etc/dropbear"))?;
@@ -227,34 +237,13 @@ pub fn binary_image(repo: &str, binary: &Path, args: &[&str]) -> Result<String> 
     let dest = root.join("app");
     std::fs::create_dir_all(&root)?;
     std::fs::copy(binary, &dest)?;
-    for line in run(Command::new("ldd").arg(binary))?.lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rhs)) => rhs.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            copy_into(&root, path)?;
-        }
-    }
-    let tar = work.path().join("rootfs.tar");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .args(["--owner=0", "--group=0", "-cf"])
-        .arg(&tar)
-        .arg("."))?;
+    copy_libraries(&root, binary)?;
     let cmd = serde_json::to_string(
         &std::iter::once("/app")
             .chain(args.iter().copied())
             .collect::<Vec<_>>(),
     )
     .unwrap_or_default();
-    docker(&[
-        "import",
-        "--change",
-        &format!("CMD {cmd}"),
-        &tar.display().to_string(),
-        &name,
-    ])?;
+    import_rootfs(work.path(), &root, &name, &[&format!("CMD {cmd}")])?;
     Ok(name)
 }
