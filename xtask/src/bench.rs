@@ -24,10 +24,15 @@ const HOST: &str = "00000be4c0.ctf.localhost";
 
 pub(crate) fn run(which: Option<String>) -> Result<()> {
     match which.as_deref() {
-        None | Some("http") => http(),
-        Some(other) => bail!(
-            "no benchmark named {other:?} yet: `http` exists; tcp lands with #6, plugins with #7"
-        ),
+        None => {
+            http()?;
+            tcp()
+        }
+        Some("http") => http(),
+        Some("tcp") => tcp(),
+        Some(other) => {
+            bail!("no benchmark named {other:?}: `http` and `tcp` exist; plugins lands with #7")
+        }
     }
 }
 
@@ -282,6 +287,155 @@ fn http() -> Result<()> {
         ours / haproxy_rps,
     );
     write_report("HTTP proxy", &section)?;
+    println!("\n{section}");
+    Ok(())
+}
+
+/// iperf3 receiver throughput in Gbit/s of one 5 s single-stream run.
+fn iperf3(host: &str, port: u16) -> Result<f64> {
+    let out = Command::new("iperf3")
+        .args(["-c", host, "-p", &port.to_string(), "-t", "5", "-J"])
+        .output()
+        .context("running iperf3 (cargo xtask setup installs it)")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 to {host}:{port}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| {
+            format!(
+                "iperf3 to {host}:{port} reported no throughput: {}",
+                v["error"]
+            )
+        })
+}
+
+/// `tcp`: iperf3 through the agent's TCP path and HAProxy TCP mode, against
+/// the direct loopback connection, alternating rounds.
+fn tcp() -> Result<()> {
+    let root = workspace_root();
+    println!("building the agent (release)");
+    sh::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "tidegate-agent",
+        "--bins",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-bench-")
+        .tempdir()?;
+    let dir = work.path();
+    let port = free_port()?;
+    let server = Supervised::spawn(
+        "iperf3",
+        "iperf3",
+        &["-s", "-B", "127.0.0.1", "-p", &port.to_string()].map(String::from),
+        &dir.join("iperf3.log"),
+    )?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend f\n  bind 127.0.0.3:{port}\n  default_backend b\nbackend b\n  server s 127.0.0.1:{port}\n"
+        ),
+    )?;
+    let haproxy = Supervised::spawn(
+        "haproxy",
+        "haproxy",
+        &["-db".into(), "-f".into(), cfg.display().to_string()],
+        &dir.join("haproxy.log"),
+    )?;
+    // The instance's public port is the iperf3 port; its owner is a worker
+    // whose tcp_host is 127.0.0.1, so the agent on 127.0.0.2 forwards there.
+    let etcd = EtcdCluster::start(1)?;
+    let endpoint = etcd.endpoints()[0].clone();
+    let put = |key: &str, value: &str| -> Result<()> {
+        sh::run(Command::new("etcdctl").env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &endpoint,
+            "put",
+            key,
+            value,
+        ]))
+    };
+    put(
+        "/tidegate/workers/origin",
+        r#"{"v":1,"id":"origin","address":"127.0.0.1","http_entry":"127.0.0.1:1","tcp_host":"127.0.0.1","capacity":1,"version":"bench","started_at":0}"#,
+    )?;
+    put(
+        "/tidegate/instances/00000be4c1",
+        &format!(
+            r#"{{"v":1,"id":"00000be4c1","challenge":"bench","team":"bench","worker":"origin","token":1,"created_at":0,"expires_at":9999999999,"tcp":[{{"port_name":"data","port":{port},"target_port":{port}}}],"container":{{"image":"none","limits":{{"memory_mib":256,"cpus":0.5,"pids":128}}}},"flag":"f"}}"#
+        ),
+    )?;
+    let agent_cfg = dir.join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "worker_id = \"bench\"\netcd = [\"{endpoint}\"]\nhttp_entry = \"127.0.0.2:{}\"\ntcp_host = \"127.0.0.2\"\npull_images = false\nmetrics_listen = \"127.0.0.1:{}\"\n",
+            free_port()?,
+            free_port()?
+        ),
+    )?;
+    let agent = Supervised::spawn(
+        "agent",
+        &target.join("release/tidegate-agent").display().to_string(),
+        &["--config".into(), agent_cfg.display().to_string()],
+        &dir.join("agent.log"),
+    )?;
+    let listening = |host: &str| {
+        wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect((host, port)).is_ok()
+        })
+    };
+    for host in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        if !listening(host) {
+            bail!(
+                "nothing listens on {host}:{port}; agent log:\n{}",
+                agent.log_tail(20)
+            );
+        }
+    }
+    let targets = [
+        ("direct loopback", "127.0.0.1"),
+        ("HAProxy 2.6 (tcp mode)", "127.0.0.3"),
+        ("tidegate agent (userspace copy)", "127.0.0.2"),
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..ROUNDS {
+        for (i, (name, host)) in targets.iter().enumerate() {
+            let g = iperf3(host, port)?;
+            println!("round {} {name:32} {g:6.2} Gbit/s", round + 1);
+            results[i].push(g);
+        }
+    }
+    drop((agent, haproxy, server, etcd));
+    let direct = median(results[0].clone());
+    let mut table = String::from("| path | Gbit/s (median) | vs direct |\n|---|---:|---:|\n");
+    for ((name, _), r) in targets.iter().zip(&results) {
+        let m = median(r.clone());
+        table += &format!("| {name} | {m:.2} | {:.2}× |\n", m / direct);
+    }
+    let ours = median(results[2].clone());
+    let section = format!(
+        "## TCP throughput (`cargo xtask bench tcp`)\n\n\
+         iperf3 single stream, 5 s, receiver side, {ROUNDS} rounds alternating, medians; server on 127.0.0.1, \
+         HAProxy (1 thread) on 127.0.0.3, the agent's TCP path on 127.0.0.2 (release build; the userspace fallback, \
+         tokio `copy_bidirectional`; the eBPF redirector and splice paths of #6 are not measured yet).\n\n{table}\n\
+         Target: ≥ 0.9× direct loopback. Measured: {:.2}×. Connection rate not measured yet.\n",
+        ours / direct
+    );
+    write_report("TCP throughput", &section)?;
     println!("\n{section}");
     Ok(())
 }
