@@ -8,6 +8,8 @@ use clap::Parser;
 use serde::Deserialize;
 use tidegate_schema::{Keyspace, WorkerId};
 
+use crate::tcp::{DataPath, Steering};
+
 /// Command line; every flag also reads `TIDEGATE_<NAME>` and overrides the file.
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +42,12 @@ pub struct Cli {
     /// Where the Prometheus metrics are served.
     #[arg(long, env = "TIDEGATE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// How TCP connections reach the agent: auto (eBPF, else listeners), ebpf, listeners.
+    #[arg(long, env = "TIDEGATE_TCP_STEERING", value_enum)]
+    pub tcp_steering: Option<Steering>,
+    /// How TCP bytes move: splice (default), sockhash (in-kernel, opt-in), copy.
+    #[arg(long, env = "TIDEGATE_TCP_DATA_PATH", value_enum)]
+    pub tcp_data_path: Option<DataPath>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +101,17 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `https_entry`.
     pub tls_key: Option<PathBuf>,
+    /// How TCP connections reach the agent: `auto` (eBPF sk_lookup if it
+    /// loads, else one listener per port, said in one log line), `ebpf`
+    /// (refuse to start without it) or `listeners`.
+    pub tcp_steering: Steering,
+    /// How TCP bytes move: `splice` (splice(2) through a pipe per direction,
+    /// the default), `sockhash` (in-kernel redirect; no backpressure, see
+    /// docs/architecture.md) or `copy` (userspace copy).
+    pub tcp_data_path: DataPath,
+    /// Pipe size per direction of the splice path, in bytes: what one
+    /// direction of one connection holds in flight at most.
+    pub tcp_pipe_bytes: usize,
 }
 
 impl Default for Config {
@@ -124,6 +143,9 @@ impl Default for Config {
             https_entry: None,
             tls_cert: None,
             tls_key: None,
+            tcp_steering: Steering::Auto,
+            tcp_data_path: DataPath::Splice,
+            tcp_pipe_bytes: 1024 * 1024,
         }
     }
 }
@@ -165,7 +187,9 @@ impl Config {
             tcp_host,
             capacity,
             etcd,
-            metrics_listen
+            metrics_listen,
+            tcp_steering,
+            tcp_data_path
         );
         cfg.validate()?;
         Ok(cfg)
@@ -215,6 +239,21 @@ impl Config {
         }
         if self.upstream_connect_timeout_ms == 0 || self.upstream_read_timeout_ms == 0 {
             return Err(bad("upstream_read_timeout_ms", "timeouts must be above 0"));
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&self.tcp_pipe_bytes) {
+            return Err(bad("tcp_pipe_bytes", "4096 to 67108864"));
+        }
+        if self.tcp_data_path == DataPath::Sockhash && self.tcp_steering == Steering::Listeners {
+            return Err(bad(
+                "tcp_data_path",
+                "sockhash needs eBPF; set tcp_steering to auto or ebpf",
+            ));
+        }
+        if self.tcp_steering != Steering::Listeners && self.tcp_host.is_ipv6() {
+            return Err(bad(
+                "tcp_host",
+                "eBPF steering serves IPv4 only; use an IPv4 address or tcp_steering = \"listeners\"",
+            ));
         }
         if self.https_entry.is_some() {
             for (field, path) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {

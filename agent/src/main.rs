@@ -9,6 +9,7 @@ use clap::Parser;
 use tidegate_agent::metrics::Metrics;
 use tidegate_agent::reconcile::Reconciler;
 use tidegate_agent::runtime::Runtime;
+use tidegate_agent::tcp::TcpOptions;
 use tidegate_agent::{Cli, Config, membership};
 use tidegate_schema::{Keyspace, V1, WorkerRecord};
 
@@ -71,6 +72,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("creating the instance networks")?;
     let metrics = Arc::new(Metrics::default());
+    // eBPF loads (or the fallback is chosen) before anything is served.
+    let tcp = Arc::new(tidegate_agent::tcp::TcpPlane::prepare(TcpOptions {
+        host: cfg.tcp_host,
+        steering: cfg.tcp_steering,
+        data_path: cfg.tcp_data_path,
+        pipe_bytes: cfg.tcp_pipe_bytes,
+    })?);
     let routes_for_metrics: tidegate_agent::routes::SharedRoutes = Arc::default();
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
@@ -78,12 +86,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("metrics_listen {}", cfg.metrics_listen))?;
     let m = metrics.clone();
     let table = routes_for_metrics.clone();
+    let tcp_metrics = tcp.clone();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let (m, table) = (m.clone(), table.clone());
+            let (m, table, tcp) = (m.clone(), table.clone(), tcp_metrics.clone());
             async move {
                 let mut body = m.render();
+                tcp.render_metrics(&mut body);
                 tidegate_agent::metrics::render_routes(&mut body, &table.load());
                 ([("content-type", "text/plain; version=0.0.4")], body)
             }
@@ -126,12 +136,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let policy: Arc<dyn tidegate_agent::policy::EdgePolicy> =
         Arc::new(tidegate_agent::policy::AllowAll);
     let proxy = start_proxy(&cfg, routes.clone(), worker.to_string(), policy.clone())?;
-    let tcp_task = tokio::spawn(tidegate_agent::tcp::run(
-        cfg.tcp_host,
-        routes,
-        builds_rx,
-        policy,
-    ));
+    let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy));
 
     let reconciler = Reconciler::new(
         client.clone(),

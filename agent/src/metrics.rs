@@ -146,8 +146,13 @@ pub fn render_routes(out: &mut String, table: &crate::routes::RouteTable) {
         "# HELP tidegate_agent_routes_revision The etcd revision of the route table.\n# TYPE tidegate_agent_routes_revision gauge\ntidegate_agent_routes_revision {}",
         table.revision
     );
+    let _ = writeln!(
+        out,
+        "# HELP tidegate_agent_tcp_routes TCP ports in this agent's route table.\n# TYPE tidegate_agent_tcp_routes gauge\ntidegate_agent_tcp_routes {}",
+        table.by_port.len()
+    );
     let mut seen = std::collections::BTreeSet::new();
-    for route in table.by_host.values() {
+    for route in table.by_host.values().chain(table.by_port.values()) {
         if seen.insert(route.instance.as_str()) {
             route.stats.render(out, route.instance.as_str());
         }

@@ -21,7 +21,14 @@ pub struct InstanceStats {
     latency_sum_micros: AtomicU64,
     /// Unix time in milliseconds of the last request or connection.
     pub last_activity_ms: AtomicU64,
+    /// TCP connections accepted and spliced to the instance.
     pub tcp_connections: AtomicU64,
+    /// TCP connections open now.
+    pub tcp_active: AtomicU64,
+    /// Bytes from players to the instance over TCP.
+    pub tcp_bytes_in: AtomicU64,
+    /// Bytes from the instance to players over TCP.
+    pub tcp_bytes_out: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -100,6 +107,14 @@ impl InstanceStats {
             self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "tidegate_http_request_seconds_count{{{l}}} {count}");
+        for (name, n) in [
+            ("tidegate_tcp_connections_total", &self.tcp_connections),
+            ("tidegate_tcp_active_connections", &self.tcp_active),
+            ("tidegate_tcp_received_bytes_total", &self.tcp_bytes_in),
+            ("tidegate_tcp_sent_bytes_total", &self.tcp_bytes_out),
+        ] {
+            let _ = writeln!(out, "{name}{{{l}}} {}", n.load(Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "tidegate_instance_last_activity_seconds{{{l}}} {}",

@@ -307,7 +307,8 @@ async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
     assert!(st.success());
     let a_tls = free_port().unwrap();
     let extra = format!(
-        "https_entry = \"127.0.0.2:{a_tls}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        "https_entry = \"{}:{a_tls}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        common::hosts().0,
         cert.display(),
         key.display()
     );
@@ -323,7 +324,7 @@ async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
                 "-w",
                 "\n%{http_code} %{http_version}",
                 "--resolve",
-                &format!("{host}:{a_tls}:127.0.0.2"),
+                &format!("{host}:{a_tls}:{}", p.a_host),
             ])
             .arg(format!("https://{host}:{a_tls}/"))
             .output()

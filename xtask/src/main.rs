@@ -3,6 +3,8 @@
 //! Each subcommand is a module; `--help` on any of them says what it does.
 
 mod bench;
+#[path = "../../ebpf/build_ebpf.rs"]
+mod build_ebpf;
 mod ci;
 mod deploy;
 mod setup;
@@ -27,7 +29,9 @@ enum Command {
     /// engine on 198.18.0.0/15, bpffs, the demo images). Idempotent: a second
     /// run changes nothing and says so.
     Setup,
-    /// Build the eBPF programs (lands with issue #6).
+    /// Build the eBPF programs (ebpf/programs: nightly, -Z build-std=core,
+    /// bpfel-unknown-none, bpf-linker) into <target dir>/ebpf and print the
+    /// object's path. The agent's build script runs the same build.
     BuildEbpf,
     /// Build the example policy plugins (lands with issue #7).
     BuildPlugins,
@@ -47,7 +51,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::run().map(|_| ()),
-        Command::BuildEbpf => not_yet("build-ebpf", 6),
+        Command::BuildEbpf => build_ebpf(),
         Command::BuildPlugins => not_yet("build-plugins", 7),
         Command::Deploy(args) => deploy::run(args),
         Command::Ci(args) => ci::run(args),
@@ -61,6 +65,17 @@ fn main() {
 
 fn not_yet(what: &str, issue: u32) -> Result<()> {
     anyhow::bail!("`cargo xtask {what}`: not yet — it lands with issue #{issue}")
+}
+
+fn build_ebpf() -> Result<()> {
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let object =
+        build_ebpf::build(&root.join("ebpf"), &target.join("ebpf")).map_err(anyhow::Error::msg)?;
+    println!("{}", object.display());
+    Ok(())
 }
 
 /// The workspace root (the folder holding the top-level Cargo.toml).

@@ -197,12 +197,26 @@ pub struct Agent {
     pub worker: String,
     pub metrics_url: String,
     pub config: PathBuf,
+    /// A command the agent runs under (e.g. `setpriv` dropping capabilities).
+    pub wrapper: Vec<String>,
 }
 
 impl Agent {
     /// Starts worker `worker` with `extra` TOML lines appended to its config
     /// (images are never pulled), and waits for its metrics endpoint.
     pub async fn start(etcd: &EtcdCluster, worker: &str, dir: &Path, extra: &str) -> Agent {
+        Agent::start_wrapped(etcd, worker, dir, extra, &[]).await
+    }
+
+    /// As [`Agent::start`], run under `wrapper` (a command that execs the
+    /// rest of its arguments, e.g. `setpriv --bounding-set -bpf --`).
+    pub async fn start_wrapped(
+        etcd: &EtcdCluster,
+        worker: &str,
+        dir: &Path,
+        extra: &str,
+        wrapper: &[&str],
+    ) -> Agent {
         let port = free_port().unwrap();
         let endpoints = etcd
             .endpoints()
@@ -225,12 +239,17 @@ impl Agent {
             )
         };
         std::fs::write(&config, text).unwrap();
-        Agent::start_with(worker, config, port, dir).await
+        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        Agent::start_with(worker, config, port, dir, wrapper).await
     }
 
     /// Starts the agent again from the same config (after a kill).
     pub async fn restart(self, dir: &Path) -> Agent {
-        let (worker, config) = (self.worker.clone(), self.config.clone());
+        let (worker, config, wrapper) = (
+            self.worker.clone(),
+            self.config.clone(),
+            self.wrapper.clone(),
+        );
         let port: u16 = self
             .metrics_url
             .rsplit(':')
@@ -238,24 +257,36 @@ impl Agent {
             .and_then(|p| p.trim_end_matches("/metrics").parse().ok())
             .unwrap_or(0);
         drop(self);
-        Agent::start_with(&worker, config, port, dir).await
+        Agent::start_with(&worker, config, port, dir, wrapper).await
     }
 
-    async fn start_with(worker: &str, config: PathBuf, port: u16, dir: &Path) -> Agent {
+    async fn start_with(
+        worker: &str,
+        config: PathBuf,
+        port: u16,
+        dir: &Path,
+        wrapper: Vec<String>,
+    ) -> Agent {
         sweep_dead_lab_containers();
         let log = dir.join(format!("{worker}.log"));
-        let proc = Supervised::spawn(
-            worker,
-            &binary("tidegate-agent"),
-            &["--config".into(), config.display().to_string()],
-            &log,
-        )
-        .unwrap_or_else(|e| panic!("starting agent {worker}: {e}"));
+        let agent_args = ["--config".into(), config.display().to_string()];
+        let (program, args) = match wrapper.split_first() {
+            None => (binary("tidegate-agent"), agent_args.to_vec()),
+            Some((first, rest)) => {
+                let mut args = rest.to_vec();
+                args.push(binary("tidegate-agent"));
+                args.extend(agent_args);
+                (first.clone(), args)
+            }
+        };
+        let proc = Supervised::spawn(worker, &program, &args, &log)
+            .unwrap_or_else(|e| panic!("starting agent {worker}: {e}"));
         let agent = Agent {
             proc,
             worker: worker.to_string(),
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
             config,
+            wrapper,
         };
         for _ in 0..100 {
             if agent.metrics().await.is_some() {

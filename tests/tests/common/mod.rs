@@ -13,8 +13,12 @@ use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::images::ensure_demo_images;
 use tidegate_lab::ports::free_port;
 
-/// etcd, a controller and two agents (a on 127.0.0.2, b on 127.0.0.3).
+/// etcd, a controller and two agents on loopback addresses of their own
+/// (`a_host`, `b_host`: 127.N.M.2 and .3, from the test process's pid), so
+/// tests running side by side never share a TCP port or a steering program.
 pub struct Plane {
+    pub a_host: String,
+    pub b_host: String,
     pub a: Agent,
     pub b: Agent,
     pub a_http: String,
@@ -45,21 +49,48 @@ impl Drop for Plane {
     }
 }
 
+/// The loopback addresses of this test process's two agents.
+pub fn hosts() -> (String, String) {
+    let pid = std::process::id();
+    let net = format!("127.{}.{}", 100 + pid % 150, (pid / 150) % 250 + 1);
+    (format!("{net}.2"), format!("{net}.3"))
+}
+
 pub async fn plane(extra: &str) -> Plane {
+    plane_wrapped(extra, &[]).await
+}
+
+/// As [`plane`], both agents run under `wrapper` (see `Agent::start_wrapped`).
+pub async fn plane_wrapped(extra: &str, wrapper: &[&str]) -> Plane {
     ensure_demo_images().unwrap();
     let etcd = EtcdCluster::start(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let controller = Controller::start(&etcd, "c1", dir.path()).await;
     let client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let a_http = format!("127.0.0.2:{}", free_port().unwrap());
-    let b_http = format!("127.0.0.3:{}", free_port().unwrap());
+    let (a_host, b_host) = hosts();
+    let a_http = format!("{a_host}:{}", free_port().unwrap());
+    let b_http = format!("{b_host}:{}", free_port().unwrap());
     let cfg = |addr: &str, http: &str| {
         format!(
             "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{extra}"
         )
     };
-    let a = Agent::start(&etcd, &worker("a"), dir.path(), &cfg("127.0.0.2", &a_http)).await;
-    let b = Agent::start(&etcd, &worker("b"), dir.path(), &cfg("127.0.0.3", &b_http)).await;
+    let a = Agent::start_wrapped(
+        &etcd,
+        &worker("a"),
+        dir.path(),
+        &cfg(&a_host, &a_http),
+        wrapper,
+    )
+    .await;
+    let b = Agent::start_wrapped(
+        &etcd,
+        &worker("b"),
+        dir.path(),
+        &cfg(&b_host, &b_http),
+        wrapper,
+    )
+    .await;
     assert!(eventually(10, || controller.is_leader()).await);
     assert!(
         eventually(10, || async {
@@ -73,6 +104,8 @@ pub async fn plane(extra: &str) -> Plane {
         .await
     );
     Plane {
+        a_host,
+        b_host,
         a,
         b,
         a_http,

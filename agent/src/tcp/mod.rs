@@ -1,0 +1,311 @@
+//! The TCP data plane: every instance's public port on the agent's
+//! `tcp_host`, spliced to the instance (here, or on the owning agent).
+//!
+//! Steering — how a connection reaches the agent:
+//! - eBPF (`ebpf`): an `sk_lookup` program hands connections on allocated
+//!   ports to one listening socket; the route table is mirrored into a BPF
+//!   map after every swap, so a port opens or closes the moment the map
+//!   changes and nothing is bound per port.
+//! - Listeners (`listeners`): one bound listener per port, rebound after
+//!   every route-table swap. Used when eBPF cannot load (no CAP_BPF) or when
+//!   configured.
+//!
+//! Data paths — how bytes move once a connection is paired with its backend:
+//! `splice` (default: splice(2) through a pipe per direction, bytes never
+//! copied to userspace), `sockhash` (in-kernel `sk_skb` redirect; opt-in,
+//! see docs/architecture.md "TCP data paths" for why), `copy` (tokio copy).
+//! Each forwards half-close and resets and releases everything on close.
+
+pub mod ebpf;
+pub mod listeners;
+pub mod sockhash;
+pub mod splice;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::policy::{Connection, EdgePolicy, Verdict};
+use crate::routes::{SharedRoutes, Target};
+
+/// Accept queue of the TCP listeners (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// How long connecting to an instance (or its owning agent) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How connections reach the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Steering {
+    /// eBPF `sk_lookup` if it loads, else listeners (one log line says which).
+    Auto,
+    /// eBPF `sk_lookup` or the agent does not start.
+    Ebpf,
+    /// One listener bound per instance port.
+    Listeners,
+}
+
+/// How bytes move between a player and the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// splice(2) through a kernel pipe per direction.
+    Splice,
+    /// In-kernel sockhash + `sk_skb` redirect (needs eBPF).
+    Sockhash,
+    /// Userspace copy (tokio).
+    Copy,
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataPath::Splice => "splice",
+            DataPath::Sockhash => "sockhash",
+            DataPath::Copy => "copy",
+        })
+    }
+}
+
+/// What the TCP data plane is given.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    pub host: IpAddr,
+    pub steering: Steering,
+    pub data_path: DataPath,
+    /// Pipe size per direction of the splice path, in bytes.
+    pub pipe_bytes: usize,
+}
+
+/// The TCP data plane, prepared: eBPF loaded (or the fallback chosen).
+#[derive(Debug)]
+pub struct TcpPlane {
+    opts: TcpOptions,
+    data_path: DataPath,
+    redirector: Option<Arc<ebpf::Redirector>>,
+}
+
+impl TcpPlane {
+    /// Loads the eBPF programs unless steering is `listeners`. Fails only
+    /// when `steering = ebpf` and they cannot load; with `auto` one log
+    /// line says why eBPF is not used and the listeners take over.
+    pub fn prepare(opts: TcpOptions) -> anyhow::Result<Self> {
+        let redirector = match opts.steering {
+            Steering::Listeners => None,
+            Steering::Ebpf | Steering::Auto => {
+                match ebpf::Redirector::load(opts.host, opts.data_path == DataPath::Sockhash) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) if opts.steering == Steering::Auto => {
+                        tracing::warn!(
+                            error = %format!("{e:#}"),
+                            "eBPF TCP steering unavailable; falling back to one listener per instance port"
+                        );
+                        None
+                    }
+                    Err(e) => return Err(e.context("tcp_steering = ebpf")),
+                }
+            }
+        };
+        let mut data_path = opts.data_path;
+        if data_path == DataPath::Sockhash && redirector.is_none() {
+            tracing::warn!("tcp_data_path sockhash needs eBPF; using splice");
+            data_path = DataPath::Splice;
+        }
+        Ok(Self {
+            opts,
+            data_path,
+            redirector,
+        })
+    }
+
+    /// The data path in use.
+    pub fn data_path(&self) -> DataPath {
+        self.data_path
+    }
+
+    /// Whether eBPF steers the ports.
+    pub fn steered(&self) -> bool {
+        self.redirector.is_some()
+    }
+
+    /// Serves TCP until `builds` closes.
+    pub async fn run(
+        self: Arc<Self>,
+        routes: SharedRoutes,
+        builds: tokio::sync::watch::Receiver<u64>,
+        policy: Arc<dyn EdgePolicy>,
+    ) -> anyhow::Result<()> {
+        let host = self.opts.host;
+        let relay = Arc::new(Relay {
+            routes: routes.clone(),
+            policy,
+            host,
+            data_path: self.data_path,
+            pipe_bytes: self.opts.pipe_bytes,
+            redirector: self.redirector.clone(),
+        });
+        match &self.redirector {
+            Some(r) => {
+                tracing::info!(%host, data_path = %self.data_path, "TCP ports steered by eBPF sk_lookup");
+                ebpf::serve(r.clone(), host, relay, routes, builds).await
+            }
+            None => {
+                tracing::info!(%host, data_path = %self.data_path, "TCP ports served by one listener each");
+                listeners::run(host, relay, routes, builds).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Appends the data plane's own series to a Prometheus text body.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_tcp_ebpf_steering 1 if eBPF sk_lookup steers the TCP ports, 0 with one listener per port.\n# TYPE tidegate_tcp_ebpf_steering gauge\ntidegate_tcp_ebpf_steering {}",
+            u8::from(self.redirector.is_some())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_tcp_data_path_info The TCP data path in use.\n# TYPE tidegate_tcp_data_path_info gauge\ntidegate_tcp_data_path_info{{path=\"{}\"}} 1",
+            self.data_path
+        );
+        if let Some(r) = &self.redirector {
+            let _ = writeln!(
+                out,
+                "# HELP tidegate_tcp_steered_ports Ports in the BPF port map, read from the kernel.\n# TYPE tidegate_tcp_steered_ports gauge\ntidegate_tcp_steered_ports {}",
+                r.steered_ports().len()
+            );
+            if self.data_path == DataPath::Sockhash {
+                let [pairs, targets, peers] = r.spliced_entries();
+                let _ = writeln!(
+                    out,
+                    "# HELP tidegate_tcp_sockhash_entries Entries of the in-kernel splice maps, read from the kernel.\n# TYPE tidegate_tcp_sockhash_entries gauge"
+                );
+                let (spliced, refused) = r.spliced_pairs();
+                let _ = writeln!(
+                    out,
+                    "# HELP tidegate_tcp_sockhash_pairs_total Connections spliced in the kernel, and those it refused (served by splice(2)).\n# TYPE tidegate_tcp_sockhash_pairs_total counter\ntidegate_tcp_sockhash_pairs_total{{result=\"spliced\"}} {spliced}\ntidegate_tcp_sockhash_pairs_total{{result=\"refused\"}} {refused}"
+                );
+                let ids = r.spliced_map_ids();
+                for (map, n) in [("PAIRS", pairs), ("TARGETS", targets), ("PEERS", peers)] {
+                    let id = ids
+                        .iter()
+                        .find(|(name, _)| *name == map)
+                        .map_or(0, |(_, id)| *id);
+                    let _ = writeln!(
+                        out,
+                        "tidegate_tcp_sockhash_entries{{map=\"{map}\",id=\"{id}\"}} {n}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Pairs an accepted connection with its backend and moves the bytes.
+pub struct Relay {
+    routes: SharedRoutes,
+    policy: Arc<dyn EdgePolicy>,
+    host: IpAddr,
+    data_path: DataPath,
+    pipe_bytes: usize,
+    redirector: Option<Arc<ebpf::Redirector>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("host", &self.host)
+            .field("data_path", &self.data_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Serves one accepted connection that arrived for public `port`.
+    pub async fn serve(&self, client: TcpStream, peer: SocketAddr, port: u16) {
+        if let Err(e) = self.serve_inner(client, peer, port).await {
+            tracing::debug!(port, %peer, error = %e, "TCP connection ended with an error");
+        }
+    }
+
+    async fn serve_inner(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        port: u16,
+    ) -> std::io::Result<()> {
+        let Some(route) = self.routes.load().by_port.get(&port).cloned() else {
+            return Ok(());
+        };
+        let upstream = match &route.target {
+            Target::Local(a) => *a,
+            Target::Remote(a) => *a,
+            Target::NotReady(why) => {
+                tracing::debug!(port, %peer, why = %why, "TCP connection to an instance that is not ready");
+                return Ok(());
+            }
+        };
+        let conn = Connection {
+            instance: route.instance.as_str(),
+            team: &route.team,
+            challenge: &route.challenge,
+            source: Some(peer.ip()),
+            protocol: "tcp",
+            host: "",
+        };
+        if let Verdict::Reject(reason) = self.policy.admit(&conn) {
+            tracing::info!(port, %peer, %reason, "connection refused by policy");
+            return Ok(());
+        }
+        let server = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(upstream))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        let stats = &route.stats;
+        stats.tcp_connections.fetch_add(1, Ordering::Relaxed);
+        stats.tcp_active.fetch_add(1, Ordering::Relaxed);
+        stats.touch();
+        let moved = match (self.data_path, &self.redirector) {
+            (DataPath::Sockhash, Some(r)) => {
+                sockhash::pump(r, client, server, self.pipe_bytes, stats).await
+            }
+            (DataPath::Copy, _) => copy(client, server, stats).await,
+            _ => splice::pump(client, server, self.pipe_bytes, stats).await,
+        };
+        stats.tcp_active.fetch_sub(1, Ordering::Relaxed);
+        stats.touch();
+        moved
+    }
+
+    /// Connects to the instance (or its owning agent).
+    async fn connect(&self, upstream: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = if upstream.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.connect(upstream).await
+    }
+}
+
+/// The userspace copy path.
+async fn copy(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    stats: &crate::stats::InstanceStats,
+) -> std::io::Result<()> {
+    let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+    stats.tcp_bytes_in.fetch_add(up, Ordering::Relaxed);
+    stats.tcp_bytes_out.fetch_add(down, Ordering::Relaxed);
+    Ok(())
+}
