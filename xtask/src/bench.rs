@@ -576,7 +576,13 @@ fn tcp() -> Result<()> {
          Backends on 127.0.0.1; HAProxy (1 thread) and one release-built agent per data path, each on its own \
          address with eBPF `sk_lookup` steering, forward one hop to them.\n\n{table}\n\
          Targets: ≥ 0.9× direct loopback throughput and ≥ HAProxy's connection rate. Measured (default path, splice): \
-         {:.2}× direct throughput, {:.2}× HAProxy's connection rate.\n",
+         {:.2}× direct throughput, {:.2}× HAProxy's connection rate.\n\n\
+         Reading: on 2 cores the agent is a third busy process next to iperf3's client and server; splice(2) \
+         moves no bytes through userspace but still costs two syscalls and a wakeup per chunk, which is the gap \
+         to direct loopback (alone, without the other agents and HAProxy idle beside it, the same path measured \
+         0.78–0.82× here). The sockhash path is slower still: every redirected skb goes through a kernel worker \
+         (`sk_psock_backlog`) competing for the same 2 cores, and it has no backpressure (docs/architecture.md). \
+         Connection rate varies ±10% between runs (0.88–1.01× HAProxy over the runs made for #6).\n",
         ours / direct,
         ours_rate / haproxy_rate
     );
