@@ -80,6 +80,11 @@ fn build_ebpf() -> Result<()> {
 
 /// The workspace root (the folder holding the top-level Cargo.toml).
 fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // `cargo xtask` (cargo run) sets it at run time: prefer that to the
+    // build-time value, which is another checkout's when two checkouts
+    // share one target dir (CI's clone and a working copy do).
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
