@@ -222,28 +222,14 @@ fn demo_images_run_and_answer_real_clients() {
         Container::run(&["-e", &format!("AUTHORIZED_KEY={}", public.trim()), DEMO_SSH]).unwrap();
     let ip = ssh.ip().unwrap();
     let out = eventually(|| {
-        let out = Command::new("ssh")
-            .arg("-i")
-            .arg(&key)
-            .args(["-p", &DEMO_SSH_PORT.to_string()])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=3",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .arg(format!("root@{ip}"))
-            .arg("echo ssh-says-hi; cat /proc/1/cmdline | tr '\\0' ' '")
-            .output()
-            .ok()?;
+        let out = tidegate_lab::images::ssh_command(
+            &key,
+            &ip.to_string(),
+            DEMO_SSH_PORT,
+            "echo ssh-says-hi; cat /proc/1/cmdline | tr '\\0' ' '",
+        )
+        .output()
+        .ok()?;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())

@@ -476,31 +476,17 @@ async fn ssh_through_either_agent() {
     assert!(s.is_success(), "{body}");
     let (s, inst) = p.controller.spawn("ssh", "t1").await;
     assert_eq!(s, reqwest::StatusCode::CREATED, "{inst}");
-    let port = inst["tcp"][0]["port"].as_u64().unwrap().to_string();
+    let port = inst["tcp"][0]["port"].as_u64().unwrap() as u16;
     for host in [p.a_host.clone(), p.b_host.clone()] {
         let ran = eventually(30, || async {
-            let out = tokio::process::Command::new("ssh")
-                .arg("-i")
-                .arg(&key)
-                .args(["-p", &port])
-                .args([
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                ])
-                .args([
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "ConnectTimeout=3",
-                    "-o",
-                    "LogLevel=ERROR",
-                ])
-                .arg(format!("root@{host}"))
-                .arg("echo ssh-through-tidegate; cat /proc/1/cmdline | tr '\\0' ' '")
-                .output()
-                .await;
+            let out = tokio::process::Command::from(tidegate_lab::images::ssh_command(
+                &key,
+                &host,
+                port,
+                "echo ssh-through-tidegate; cat /proc/1/cmdline | tr '\\0' ' '",
+            ))
+            .output()
+            .await;
             out.is_ok_and(|o| {
                 let text = String::from_utf8_lossy(&o.stdout);
                 o.status.success()

@@ -247,3 +247,19 @@ pub fn binary_image(repo: &str, binary: &Path, args: &[&str]) -> Result<String> 
     import_rootfs(work.path(), &root, &name, &[&format!("CMD {cmd}")])?;
     Ok(name)
 }
+
+/// An `ssh` client command for a demo SSH challenge: key `key`, no host-key
+/// checks or prompts, 3 s connect timeout, running `command` as root.
+pub fn ssh_command(key: &Path, host: &str, port: u16, command: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string()])
+        .args(["-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=3"])
+        .args(["-o", "LogLevel=ERROR"])
+        .arg(format!("root@{host}"))
+        .arg(command);
+    cmd
+}
