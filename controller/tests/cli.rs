@@ -50,7 +50,7 @@ async fn organizer_workflow_through_the_cli() {
     let cwd = project.join("challenges");
     std::fs::write(
         cwd.join("web.toml"),
-        "image = \"tidegate/demo-http:1\"\nper_team_max = 2\n\n[[ports]]\nname = \"web\"\nport = 8080\nprotocol = \"http\"\n",
+        "image = \"tidegate/demo-http:1\"\nper_team_max = 2\n\n[ttl]\ndefault_secs = 600\nmax_secs = 600\n\n[[ports]]\nname = \"web\"\nport = 8080\nprotocol = \"http\"\n",
     )
     .unwrap();
     let (ok, out, err) = tidegate(&cwd, &["challenge", "apply", "-f", "web.toml"]);
@@ -82,7 +82,9 @@ async fn organizer_workflow_through_the_cli() {
     let got: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(got["spec"]["image"], "tidegate/demo-http:1");
 
-    // Instances: spawn (JSON for scripts), list (table), renew refused early, rm.
+    // Instances: spawn (JSON for scripts), list (table), renew refused (the
+    // challenge's TTL is already its maximum lifetime: 409 whatever the
+    // clock; "too early" depended on spawn and renew falling in one second), rm.
     let (ok, out, err) = tidegate(&cwd, &["instance", "spawn", "web", "team-1", "--json"]);
     assert!(ok, "{err}");
     let inst: Value = serde_json::from_str(&out).unwrap();
@@ -100,7 +102,10 @@ async fn organizer_workflow_through_the_cli() {
     let (ok, out, _) = tidegate(&cwd, &["status"]);
     assert!(ok && out.contains("replica c1 is leader"), "{out}");
     let (ok, _, err) = tidegate(&cwd, &["instance", "renew", id]);
-    assert!(!ok && err.contains("409"), "{err}");
+    assert!(
+        !ok && err.contains("409") && err.contains("maximum lifetime"),
+        "{err}"
+    );
     let (ok, _, err) = tidegate(&cwd, &["instance", "rm", id]);
     assert!(ok, "{err}");
     let (ok, _, err) = tidegate(&cwd, &["instance", "get", id]);
