@@ -210,16 +210,8 @@ fn demo_images_run_and_answer_real_clients() {
     );
 
     let keydir = tempfile::tempdir().unwrap();
-    let key = keydir.path().join("id");
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    let ssh =
-        Container::run(&["-e", &format!("AUTHORIZED_KEY={}", public.trim()), DEMO_SSH]).unwrap();
+    let (key, public) = tidegate_lab::images::ssh_keypair(keydir.path()).unwrap();
+    let ssh = Container::run(&["-e", &format!("AUTHORIZED_KEY={public}"), DEMO_SSH]).unwrap();
     let ip = ssh.ip().unwrap();
     let out = eventually(|| {
         let out = tidegate_lab::images::ssh_command(

@@ -500,18 +500,11 @@ async fn required_ebpf_without_cap_bpf_is_a_clear_startup_error() {
 async fn ssh_through_either_agent() {
     let p = plane("").await;
     let keydir = tempfile::tempdir().unwrap();
-    let key = keydir.path().join("id");
-    let st = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (key, public) = tidegate_lab::images::ssh_keypair(keydir.path()).unwrap();
     let spec = serde_json::json!({
         "image": tidegate_lab::images::DEMO_SSH,
         "ports": [{"name": "ssh", "port": tidegate_lab::images::DEMO_SSH_PORT, "protocol": "tcp"}],
-        "env": {"AUTHORIZED_KEY": public.trim()},
+        "env": {"AUTHORIZED_KEY": public},
         "cap_add": ["CHOWN", "SETUID", "SETGID", "DAC_OVERRIDE", "FOWNER", "SYS_CHROOT", "KILL"],
     });
     let (s, body) = p.controller.put_challenge("ssh", spec).await;

@@ -143,26 +143,13 @@ fn http() -> Result<()> {
          frontend f\n  bind 127.0.0.1:{haproxy_port}\n  default_backend b\nbackend b\n  server origin 127.0.0.1:{origin_port}\n"
         ),
     )?;
-    let haproxy = Supervised::spawn(
-        "haproxy",
-        "haproxy",
-        &["-db".into(), "-f".into(), cfg.display().to_string()],
-        &dir.join("haproxy.log"),
-    )?;
+    let haproxy = haproxy(dir, &cfg)?;
 
     // tidegate: etcd, the route (the instance's owner is a worker whose HTTP
     // entry is the origin, so the agent proxies straight to it), one agent.
     let etcd = EtcdCluster::start(1)?;
     let endpoint = etcd.endpoints()[0].clone();
-    let put = |key: &str, value: &str| -> Result<()> {
-        sh::run(Command::new("etcdctl").env("ETCDCTL_API", "3").args([
-            "--endpoints",
-            &endpoint,
-            "put",
-            key,
-            value,
-        ]))
-    };
+    let put = |key: &str, value: &str| etcd_put(&endpoint, key, value);
     put(
         "/tidegate/workers/origin",
         &format!(
@@ -460,26 +447,13 @@ fn tcp() -> Result<()> {
          frontend fe\n  bind 127.0.0.3:{echo_port}\n  default_backend be\nbackend be\n  server s 127.0.0.1:{echo_port}\n"
         ),
     )?;
-    let haproxy = Supervised::spawn(
-        "haproxy",
-        "haproxy",
-        &["-db".into(), "-f".into(), cfg.display().to_string()],
-        &dir.join("haproxy.log"),
-    )?;
+    let haproxy = haproxy(dir, &cfg)?;
     // The instance's public ports are the backends' ports; its owner is a
     // worker whose tcp_host is 127.0.0.1, so each agent forwards there:
     // one proxy hop, as for HAProxy.
     let etcd = EtcdCluster::start(1)?;
     let endpoint = etcd.endpoints()[0].clone();
-    let put = |key: &str, value: &str| -> Result<()> {
-        sh::run(Command::new("etcdctl").env("ETCDCTL_API", "3").args([
-            "--endpoints",
-            &endpoint,
-            "put",
-            key,
-            value,
-        ]))
-    };
+    let put = |key: &str, value: &str| etcd_put(&endpoint, key, value);
     put(
         "/tidegate/workers/origin",
         r#"{"v":1,"id":"origin","address":"127.0.0.1","http_entry":"127.0.0.1:1","tcp_host":"127.0.0.1","capacity":1,"version":"bench","started_at":0}"#,
@@ -589,6 +563,27 @@ fn tcp() -> Result<()> {
     write_report("TCP throughput", &section)?;
     println!("\n{section}");
     Ok(())
+}
+
+/// HAProxy in the foreground with config file `cfg`, logging into `dir`.
+fn haproxy(dir: &Path, cfg: &Path) -> Result<Supervised> {
+    Ok(Supervised::spawn(
+        "haproxy",
+        "haproxy",
+        &["-db".into(), "-f".into(), cfg.display().to_string()],
+        &dir.join("haproxy.log"),
+    )?)
+}
+
+/// Writes one key straight into etcd (the benchmarks' hand-made routes).
+fn etcd_put(endpoint: &str, key: &str, value: &str) -> Result<()> {
+    sh::run(Command::new("etcdctl").env("ETCDCTL_API", "3").args([
+        "--endpoints",
+        endpoint,
+        "put",
+        key,
+        value,
+    ]))
 }
 
 fn nginx(dir: &Path, name: &str, server: &str) -> Result<Supervised> {

@@ -32,6 +32,8 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tidegat
 /// Loaded programs and their maps.
 pub struct Redirector {
     _bpf: Ebpf,
+    /// The steered address, as `bpf_sk_lookup.local_ip4` holds it.
+    ipv4: u32,
     entry: Mutex<Array<MapData, Entry>>,
     listener: Mutex<SockMap<MapData>>,
     /// The map and what we last wrote into it.
@@ -126,6 +128,7 @@ impl Redirector {
         };
         Ok(Self {
             _bpf: bpf,
+            ipv4,
             entry: Mutex::new(entry),
             listener: Mutex::new(listener),
             ports: Mutex::new((ports, HashSet::new())),
@@ -134,14 +137,14 @@ impl Redirector {
     }
 
     /// Makes `listener` the socket steered connections land on, and turns steering on.
-    fn set_listener(&self, listener: &TcpListener, host: IpAddr) -> anyhow::Result<()> {
+    fn set_listener(&self, listener: &TcpListener) -> anyhow::Result<()> {
         lock(&self.listener)
             .set(0, &listener.as_raw_fd(), 0)
             .context("putting the listener into the sockmap")?;
         lock(&self.entry).set(
             0,
             Entry {
-                ipv4: ipv4_of(host)?,
+                ipv4: self.ipv4,
                 ready: 1,
             },
             0,
@@ -153,20 +156,22 @@ impl Redirector {
     pub fn sync_ports(&self, want: &HashSet<u16>) -> usize {
         let mut guard = lock(&self.ports);
         let (map, have) = &mut *guard;
+        let add: Vec<u16> = want.difference(have).copied().collect();
+        let remove: Vec<u16> = have.difference(want).copied().collect();
         let mut changed = 0;
-        for port in want.difference(&have.clone()) {
+        for port in add {
             match map.insert(port, 1, 0) {
                 Ok(()) => {
-                    have.insert(*port);
+                    have.insert(port);
                     changed += 1;
                 }
                 Err(e) => tracing::warn!(port, error = %e, "cannot open a TCP port in the BPF map"),
             }
         }
-        for port in have.clone().difference(want) {
-            match map.remove(port) {
+        for port in remove {
+            match map.remove(&port) {
                 Ok(()) => {
-                    have.remove(port);
+                    have.remove(&port);
                     changed += 1;
                 }
                 Err(e) => {
@@ -373,7 +378,7 @@ pub async fn serve(
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(host, 0))?;
     let listener = socket.listen(super::LISTEN_BACKLOG)?;
-    redirector.set_listener(&listener, host)?;
+    redirector.set_listener(&listener)?;
     let accept = tokio::spawn(async move {
         loop {
             match listener.accept().await {

@@ -123,16 +123,6 @@ impl TcpPlane {
         })
     }
 
-    /// The data path in use.
-    pub fn data_path(&self) -> DataPath {
-        self.data_path
-    }
-
-    /// Whether eBPF steers the ports.
-    pub fn steered(&self) -> bool {
-        self.redirector.is_some()
-    }
-
     /// Serves TCP until `builds` closes.
     pub async fn run(
         self: Arc<Self>,
@@ -144,7 +134,6 @@ impl TcpPlane {
         let relay = Arc::new(Relay {
             routes: routes.clone(),
             policy,
-            host,
             data_path: self.data_path,
             pipe_bytes: self.opts.pipe_bytes,
             redirector: self.redirector.clone(),
@@ -212,7 +201,6 @@ impl TcpPlane {
 pub struct Relay {
     routes: SharedRoutes,
     policy: Arc<dyn EdgePolicy>,
-    host: IpAddr,
     data_path: DataPath,
     pipe_bytes: usize,
     redirector: Option<Arc<ebpf::Redirector>>,
@@ -221,7 +209,6 @@ pub struct Relay {
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
-            .field("host", &self.host)
             .field("data_path", &self.data_path)
             .finish_non_exhaustive()
     }

@@ -263,3 +263,18 @@ pub fn ssh_command(key: &Path, host: &str, port: u16, command: &str) -> std::pro
         .arg(command);
     cmd
 }
+
+/// A fresh ed25519 key pair in `dir` (no passphrase): the private key's
+/// path and the public key's text, for the demo SSH image's `AUTHORIZED_KEY`.
+pub fn ssh_keypair(dir: &Path) -> Result<(std::path::PathBuf, String)> {
+    let key = dir.join("id");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()?;
+    if !status.success() {
+        return Err(Error::NotReady(format!("ssh-keygen exited with {status}")));
+    }
+    let public = std::fs::read_to_string(key.with_extension("pub"))?;
+    Ok((key, public.trim().to_string()))
+}
