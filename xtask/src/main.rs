@@ -33,7 +33,12 @@ enum Command {
     /// bpfel-unknown-none, bpf-linker) into <target dir>/ebpf and print the
     /// object's path. The agent's build script runs the same build.
     BuildEbpf,
-    /// Build the example policy plugins (lands with issue #7).
+    /// Build the policy plugins (plugins/: the examples and the test
+    /// fixtures, with the SDK) for wasm32-unknown-unknown, wrap each into a
+    /// component with no WASI imports, and print the path of each component
+    /// written (<target dir>/plugins/components/<name>.wasm). Build-time
+    /// settings of the examples come from the environment (see each
+    /// example's docs, e.g. `IDLE_REAPER_SECS=600`).
     BuildPlugins,
     /// Start a cluster.
     Deploy(deploy::DeployArgs),
@@ -52,7 +57,7 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::run().map(|_| ()),
         Command::BuildEbpf => build_ebpf(),
-        Command::BuildPlugins => not_yet("build-plugins", 7),
+        Command::BuildPlugins => build_plugins(),
         Command::Deploy(args) => deploy::run(args),
         Command::Ci(args) => ci::run(args),
         Command::Bench { which } => bench::run(which),
@@ -63,10 +68,6 @@ fn main() {
     }
 }
 
-fn not_yet(what: &str, issue: u32) -> Result<()> {
-    anyhow::bail!("`cargo xtask {what}`: not yet — it lands with issue #{issue}")
-}
-
 fn build_ebpf() -> Result<()> {
     let root = workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -75,6 +76,19 @@ fn build_ebpf() -> Result<()> {
     let object =
         build_ebpf::build(&root.join("ebpf"), &target.join("ebpf")).map_err(anyhow::Error::msg)?;
     println!("{}", object.display());
+    Ok(())
+}
+
+fn build_plugins() -> Result<()> {
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let built = tidegate_lab::plugins::build(&root.join("plugins"), &target.join("plugins"), &[])
+        .map_err(anyhow::Error::msg)?;
+    for b in built {
+        println!("{}", b.component.display());
+    }
     Ok(())
 }
 

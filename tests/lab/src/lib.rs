@@ -10,6 +10,7 @@ pub mod docker;
 pub mod etcd;
 pub mod images;
 pub mod netns;
+pub mod plugins;
 pub mod ports;
 pub mod process;
 

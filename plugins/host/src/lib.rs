@@ -1,0 +1,562 @@
+//! Runs organizers' policy plugins: WebAssembly components of the world
+//! `tidegate:policy/policy` (plugins/wit/policy.wit), for the controller
+//! (`admit-spawn`, `renew`, `on-idle`) and the agents (`admit-connection`).
+//!
+//! - One [`Host`] per process: a wasmtime engine with the pooling allocator
+//!   and epoch interruption, and a linker with only the two imports the
+//!   world allows (`log`, `clock`) — no WASI, so a plugin that wants files,
+//!   sockets or environment fails to load with a message saying so.
+//! - [`Host::load`] validates, compiles and pre-instantiates a component
+//!   once, caching it by sha256 digest: a digest already loaded is never
+//!   compiled again.
+//! - Every hook call gets a fresh store (nothing leaks between calls), an
+//!   epoch deadline (default 5 ms) and a memory cap (default 32 MiB). A
+//!   trap, a timeout or a memory blow-up is a [`CallError`] naming the
+//!   plugin, the hook and the cause; callers apply the challenge's fallback.
+
+mod store;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
+};
+
+pub use store::{ArtifactStore, DirStore, StoreError};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "../wit",
+        additional_derives: [PartialEq, Eq],
+    });
+}
+
+pub use bindings::tidegate::policy::log::Level;
+pub use bindings::tidegate::policy::types::{
+    Activity, Connection, Hooks, IdleDecision, InstanceInfo, Protocol, RenewDecision,
+    SpawnDecision, SpawnRequest, Verdict,
+};
+
+/// The largest component accepted.
+pub const MAX_COMPONENT_BYTES: usize = 10 * 1024 * 1024;
+
+/// Per-call limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget of one hook call (measured in 1 ms epoch ticks).
+    pub deadline: Duration,
+    /// Linear memory one call may use.
+    pub memory_bytes: usize,
+    /// Hook calls that may run at once (pooling allocator slots).
+    pub max_concurrent: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_millis(5),
+            memory_bytes: 32 * 1024 * 1024,
+            max_concurrent: 256,
+        }
+    }
+}
+
+/// `sha256:` and 64 lowercase hex characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    /// The digest of a blob.
+    pub fn of(bytes: &[u8]) -> Self {
+        let hash = Sha256::digest(bytes);
+        let mut s = String::with_capacity(71);
+        s.push_str("sha256:");
+        for b in hash {
+            s.push_str(&format!("{b:02x}"));
+        }
+        Self(s)
+    }
+
+    /// Parses `sha256:<64 lowercase hex>`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let hex = s.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?} is not sha256: followed by 64 lowercase hex characters"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 12 hex characters, for log lines.
+    pub fn short(&self) -> &str {
+        self.0.get(7..19).unwrap_or(&self.0)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why bytes are not a usable plugin (each a 400 at upload).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the plugin is {0} bytes; at most {MAX_COMPONENT_BYTES} are accepted")]
+    TooBig(usize),
+    #[error("not WebAssembly: a component starts with the bytes \\0asm")]
+    NotWasm,
+    #[error(
+        "a core WebAssembly module, not a component: wrap it with `wasm-tools component new` (cargo xtask build-plugins does)"
+    )]
+    CoreModule,
+    #[error("not a valid WebAssembly component: {0}")]
+    Invalid(String),
+    #[error("the component does not target the world tidegate:policy/policy@0.1.0: {0}")]
+    WrongWorld(String),
+    #[error("the plugin failed when asked which hooks it implements: {0}")]
+    Hooks(CallError),
+}
+
+/// What went wrong inside one hook call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy {digest} {hook}: {cause}")]
+pub struct CallError {
+    pub digest: String,
+    pub hook: &'static str,
+    pub cause: Cause,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Cause {
+    #[error("did not finish within {0} ms (stopped)")]
+    Timeout(u64),
+    #[error("tried to use more than {0} MiB of memory (stopped)")]
+    Memory(usize),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("could not start: {0}")]
+    Instantiate(String),
+}
+
+impl Cause {
+    /// A short label for metrics: `timeout`, `memory`, `trap`, `instantiate`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Cause::Timeout(_) => "timeout",
+            Cause::Memory(_) => "memory",
+            Cause::Trap(_) => "trap",
+            Cause::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// What one call's store holds.
+struct CallState {
+    digest: Arc<str>,
+    hook: &'static str,
+    memory_cap: usize,
+    memory_hit: bool,
+}
+
+impl ResourceLimiter for CallState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_hit = true;
+            wasmtime::bail!("memory cap of {} bytes reached", self.memory_cap);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl bindings::tidegate::policy::log::Host for CallState {
+    fn log(&mut self, level: Level, message: String) {
+        // A plugin's line is bounded so that it cannot flood the host's log.
+        let mut message = message;
+        if message.len() > 1024 {
+            let mut end = 1024;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let (digest, hook) = (&*self.digest, self.hook);
+        match level {
+            Level::Debug => tracing::debug!(plugin = digest, hook, "{message}"),
+            Level::Info => tracing::info!(plugin = digest, hook, "{message}"),
+            Level::Warn => tracing::warn!(plugin = digest, hook, "{message}"),
+            Level::Error => tracing::error!(plugin = digest, hook, "{message}"),
+        }
+    }
+}
+
+impl bindings::tidegate::policy::clock::Host for CallState {
+    fn now_ms(&mut self) -> u64 {
+        unix_ms()
+    }
+}
+
+impl bindings::tidegate::policy::types::Host for CallState {}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The engine, the linker and the compiled plugins of one process.
+pub struct Host {
+    engine: Engine,
+    linker: Linker<CallState>,
+    limits: Limits,
+    cache: Mutex<HashMap<Digest, Arc<Plugin>>>,
+    ticker: Arc<Ticker>,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Advances the engine's epoch every millisecond while a call is running
+/// (and sleeps otherwise, so an idle process does not wake 1000 times a second).
+struct Ticker {
+    engine: Engine,
+    in_flight: AtomicUsize,
+    thread: Mutex<Option<std::thread::Thread>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> std::io::Result<Arc<Self>> {
+        let ticker = Arc::new(Self {
+            engine,
+            in_flight: AtomicUsize::new(0),
+            thread: Mutex::new(None),
+        });
+        let weak: Weak<Ticker> = Arc::downgrade(&ticker);
+        let handle = std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                loop {
+                    let Some(t) = weak.upgrade() else { return };
+                    if t.in_flight.load(Ordering::Acquire) == 0 {
+                        drop(t);
+                        // Woken by `enter`; the timeout lets a dropped host end the thread.
+                        std::thread::park_timeout(Duration::from_millis(500));
+                        continue;
+                    }
+                    drop(t);
+                    std::thread::sleep(Duration::from_millis(1));
+                    match weak.upgrade() {
+                        Some(t) => t.engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })?;
+        if let Ok(mut slot) = ticker.thread.lock() {
+            *slot = Some(handle.thread().clone());
+        }
+        Ok(ticker)
+    }
+
+    fn enter(&self) -> TickGuard<'_> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0
+            && let Ok(slot) = self.thread.lock()
+            && let Some(t) = slot.as_ref()
+        {
+            t.unpark();
+        }
+        TickGuard(self)
+    }
+}
+
+struct TickGuard<'a>(&'a Ticker);
+
+impl Drop for TickGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Host {
+    /// A host with these per-call limits.
+    pub fn new(limits: Limits) -> wasmtime::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(limits.max_concurrent)
+            .total_core_instances(limits.max_concurrent * 4)
+            .total_memories(limits.max_concurrent * 2)
+            .total_tables(limits.max_concurrent * 4)
+            .max_memory_size(limits.memory_bytes);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        bindings::Policy::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)?;
+        let ticker = Ticker::start(engine.clone())?;
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            cache: Mutex::new(HashMap::new()),
+            ticker,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The plugin with this digest, if it was loaded before.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Plugin>> {
+        self.cache.lock().ok()?.get(digest).cloned()
+    }
+
+    /// Validates, compiles and pre-instantiates `bytes`, or returns the
+    /// cached plugin of the same digest. Asks the plugin which hooks it
+    /// implements (a call under the usual limits).
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<Plugin>, LoadError> {
+        check_header(bytes)?;
+        let digest = Digest::of(bytes);
+        if let Some(p) = self.get(&digest) {
+            return Ok(p);
+        }
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid(root_cause(&e)))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::WrongWorld(root_cause(&e)))?;
+        let pre =
+            bindings::PolicyPre::new(pre).map_err(|e| LoadError::WrongWorld(root_cause(&e)))?;
+        let mut plugin = Plugin {
+            digest: digest.clone(),
+            label: Arc::from(digest.as_str()),
+            pre,
+            engine: self.engine.clone(),
+            ticker: self.ticker.clone(),
+            limits: self.limits,
+            hooks: Hooks::empty(),
+            size: bytes.len(),
+        };
+        plugin.hooks = plugin
+            .call("hooks", |p, s| p.call_hooks(s))
+            .map_err(LoadError::Hooks)?;
+        let plugin = Arc::new(plugin);
+        if let Ok(mut cache) = self.cache.lock() {
+            // A racing load of the same bytes wins or loses harmlessly.
+            cache.entry(digest).or_insert_with(|| plugin.clone());
+        }
+        Ok(plugin)
+    }
+
+    /// Drops cached plugins whose digest is not in `keep`.
+    pub fn retain(&self, keep: &dyn Fn(&Digest) -> bool) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|d, _| keep(d));
+        }
+    }
+
+    /// How many compiled plugins are cached.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() > MAX_COMPONENT_BYTES {
+        return Err(LoadError::TooBig(bytes.len()));
+    }
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    // The 4 bytes after the magic: version 1, layer 0 for a core module;
+    // layer 1 for a component.
+    match &bytes[4..8] {
+        [1, 0, 0, 0] => Err(LoadError::CoreModule),
+        [_, _, 1, 0] => Ok(()),
+        other => Err(LoadError::Invalid(format!(
+            "unknown WebAssembly version/layer bytes {other:02x?}"
+        ))),
+    }
+}
+
+/// The innermost message of an error chain (wasmtime's outer layers say
+/// little, e.g. "failed to parse WebAssembly module").
+fn root_cause(e: &wasmtime::Error) -> String {
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    chain.join(": ")
+}
+
+/// A compiled, pre-instantiated plugin.
+pub struct Plugin {
+    digest: Digest,
+    label: Arc<str>,
+    pre: bindings::PolicyPre<CallState>,
+    engine: Engine,
+    ticker: Arc<Ticker>,
+    limits: Limits,
+    hooks: Hooks,
+    size: usize,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("digest", &self.digest)
+            .field("hooks", &self.hooks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The hooks the plugin says it implements.
+    pub fn hooks(&self) -> Hooks {
+        self.hooks
+    }
+
+    /// The hooks as their WIT names.
+    pub fn hook_names(&self) -> Vec<&'static str> {
+        [
+            (Hooks::ADMIT_SPAWN, "admit-spawn"),
+            (Hooks::RENEW, "renew"),
+            (Hooks::ADMIT_CONNECTION, "admit-connection"),
+            (Hooks::ON_IDLE, "on-idle"),
+        ]
+        .into_iter()
+        .filter(|(h, _)| self.hooks.contains(*h))
+        .map(|(_, n)| n)
+        .collect()
+    }
+
+    /// The component's size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// `admit-spawn`; `None` when the plugin does not implement it.
+    pub fn admit_spawn(&self, req: &SpawnRequest) -> Option<Result<SpawnDecision, CallError>> {
+        self.hooks
+            .contains(Hooks::ADMIT_SPAWN)
+            .then(|| self.call("admit-spawn", |p, s| p.call_admit_spawn(s, req)))
+    }
+
+    /// `renew`; `None` when the plugin does not implement it.
+    pub fn renew(&self, info: &InstanceInfo) -> Option<Result<RenewDecision, CallError>> {
+        self.hooks
+            .contains(Hooks::RENEW)
+            .then(|| self.call("renew", |p, s| p.call_renew(s, info)))
+    }
+
+    /// `admit-connection`; `None` when the plugin does not implement it.
+    pub fn admit_connection(&self, conn: &Connection) -> Option<Result<Verdict, CallError>> {
+        self.hooks
+            .contains(Hooks::ADMIT_CONNECTION)
+            .then(|| self.call("admit-connection", |p, s| p.call_admit_connection(s, conn)))
+    }
+
+    /// `on-idle`; `None` when the plugin does not implement it.
+    pub fn on_idle(&self, activity: &Activity) -> Option<Result<IdleDecision, CallError>> {
+        self.hooks
+            .contains(Hooks::ON_IDLE)
+            .then(|| self.call("on-idle", |p, s| p.call_on_idle(s, activity)))
+    }
+
+    /// Instantiates into a fresh store with the deadline and memory cap,
+    /// runs `f`, and drops the store.
+    fn call<T>(
+        &self,
+        hook: &'static str,
+        f: impl FnOnce(&bindings::Policy, &mut Store<CallState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let mut store = Store::new(
+            &self.engine,
+            CallState {
+                digest: self.label.clone(),
+                hook,
+                memory_cap: self.limits.memory_bytes,
+                memory_hit: false,
+            },
+        );
+        store.limiter(|s| s);
+        let ticks = self.limits.deadline.as_millis().max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let _ticking = self.ticker.enter();
+        let err = |cause| CallError {
+            digest: self.digest.to_string(),
+            hook,
+            cause,
+        };
+        let policy = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| err(classify(&e, &store, ticks, self.limits, true)))?;
+        f(&policy, &mut store).map_err(|e| err(classify(&e, &store, ticks, self.limits, false)))
+    }
+}
+
+fn classify(
+    e: &wasmtime::Error,
+    store: &Store<CallState>,
+    ticks: u64,
+    limits: Limits,
+    instantiating: bool,
+) -> Cause {
+    if store.data().memory_hit {
+        return Cause::Memory(limits.memory_bytes / (1024 * 1024));
+    }
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return Cause::Timeout(ticks);
+    }
+    let msg = root_cause(e);
+    if instantiating && e.downcast_ref::<Trap>().is_none() {
+        return Cause::Instantiate(msg);
+    }
+    Cause::Trap(msg)
+}
+
+#[cfg(test)]
+mod tests;
