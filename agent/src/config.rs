@@ -48,6 +48,9 @@ pub struct Cli {
     /// How TCP bytes move: splice (default), sockhash (in-kernel, opt-in), copy.
     #[arg(long, env = "TIDEGATE_TCP_DATA_PATH", value_enum)]
     pub tcp_data_path: Option<DataPath>,
+    /// Directory of policy plugin blobs (the controllers' artifact store).
+    #[arg(long, env = "TIDEGATE_ARTIFACT_DIR")]
+    pub artifact_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +115,14 @@ pub struct Config {
     /// Pipe size per direction of the splice path, in bytes: what one
     /// direction of one connection holds in flight at most.
     pub tcp_pipe_bytes: usize,
+    /// The artifact store of policy plugins (the same directory the
+    /// controllers write; a shared mount across machines). Blobs are
+    /// verified against their digest when read.
+    pub artifact_dir: PathBuf,
+    /// How long one `admit-connection` call may run, in milliseconds.
+    pub plugin_deadline_ms: u64,
+    /// How much memory one policy hook call may use, in MiB.
+    pub plugin_memory_mib: usize,
 }
 
 impl Default for Config {
@@ -146,6 +157,9 @@ impl Default for Config {
             tcp_steering: Steering::Auto,
             tcp_data_path: DataPath::Splice,
             tcp_pipe_bytes: 1024 * 1024,
+            artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
+            plugin_deadline_ms: 5,
+            plugin_memory_mib: 32,
         }
     }
 }
@@ -189,7 +203,8 @@ impl Config {
             etcd,
             metrics_listen,
             tcp_steering,
-            tcp_data_path
+            tcp_data_path,
+            artifact_dir
         );
         cfg.validate()?;
         Ok(cfg)
@@ -239,6 +254,12 @@ impl Config {
         }
         if self.upstream_connect_timeout_ms == 0 || self.upstream_read_timeout_ms == 0 {
             return Err(bad("upstream_read_timeout_ms", "timeouts must be above 0"));
+        }
+        if !(1..=1000).contains(&self.plugin_deadline_ms) {
+            return Err(bad("plugin_deadline_ms", "1 to 1000"));
+        }
+        if !(1..=1024).contains(&self.plugin_memory_mib) {
+            return Err(bad("plugin_memory_mib", "1 to 1024"));
         }
         if !(4096..=64 * 1024 * 1024).contains(&self.tcp_pipe_bytes) {
             return Err(bad("tcp_pipe_bytes", "4096 to 67108864"));

@@ -80,6 +80,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         pipe_bytes: cfg.tcp_pipe_bytes,
     })?);
     let routes_for_metrics: tidegate_agent::routes::SharedRoutes = Arc::default();
+    let plugin_host = tidegate_plugin_host::Host::new(tidegate_plugin_host::Limits {
+        deadline: Duration::from_millis(cfg.plugin_deadline_ms),
+        memory_bytes: cfg.plugin_memory_mib * 1024 * 1024,
+        ..tidegate_plugin_host::Limits::default()
+    })
+    .context("starting the policy plugin engine")?;
+    let store = tidegate_plugin_host::DirStore::new(&cfg.artifact_dir)
+        .map_err(|e| anyhow::anyhow!("artifact_dir: {e}"))?;
+    let policy = Arc::new(tidegate_agent::policy::PluginPolicy::new(
+        plugin_host,
+        Arc::new(store),
+    ));
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
@@ -87,18 +99,34 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let m = metrics.clone();
     let table = routes_for_metrics.clone();
     let tcp_metrics = tcp.clone();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (m, table, tcp) = (m.clone(), table.clone(), tcp_metrics.clone());
-            async move {
-                let mut body = m.render();
-                tcp.render_metrics(&mut body);
-                tidegate_agent::metrics::render_routes(&mut body, &table.load());
-                ([("content-type", "text/plain; version=0.0.4")], body)
-            }
-        }),
-    );
+    let policy_metrics = policy.clone();
+    let activity_table = routes_for_metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (m, table, tcp, policy) = (
+                    m.clone(),
+                    table.clone(),
+                    tcp_metrics.clone(),
+                    policy_metrics.clone(),
+                );
+                async move {
+                    let mut body = m.render();
+                    tcp.render_metrics(&mut body);
+                    policy.render_metrics(&mut body);
+                    tidegate_agent::metrics::render_routes(&mut body, &table.load());
+                    ([("content-type", "text/plain; version=0.0.4")], body)
+                }
+            }),
+        )
+        .route(
+            "/activity",
+            axum::routing::get(move || {
+                let table = activity_table.clone();
+                async move { axum::Json(tidegate_agent::stats::activity(&table.load())) }
+            }),
+        );
     let metrics_server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let record = WorkerRecord {
@@ -108,6 +136,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         http_entry: cfg.http_entry,
         tcp_host: cfg.tcp_host,
         capacity: cfg.capacity,
+        metrics: Some(cfg.metrics_listen),
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -126,15 +155,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let routes = routes_for_metrics.clone();
     let (builds, builds_rx) = tokio::sync::watch::channel(0u64);
+    let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(Arc::default());
     let routes_task = tokio::spawn(tidegate_agent::routes::run(
         client.clone(),
         ks.clone(),
         worker.clone(),
         routes.clone(),
         builds,
+        wanted_tx,
     ));
-    let policy: Arc<dyn tidegate_agent::policy::EdgePolicy> =
-        Arc::new(tidegate_agent::policy::AllowAll);
+    let policy_task = tokio::spawn(policy.clone().run(wanted_rx));
+    let policy: Arc<dyn tidegate_agent::policy::EdgePolicy> = policy;
     let proxy = start_proxy(&cfg, routes.clone(), worker.to_string(), policy.clone())?;
     let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy));
 
@@ -155,6 +186,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     membership.abort();
     metrics_server.abort();
     routes_task.abort();
+    policy_task.abort();
     tcp_task.abort();
     proxy.stop();
     let lease = *lease_rx.borrow();

@@ -13,10 +13,11 @@ use arc_swap::ArcSwap;
 use etcd_client::Client;
 use futures::FutureExt;
 use tidegate_schema::{
-    EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kv, WorkerId,
-    WorkerRecord,
+    ChallengeRecord, EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key,
+    Keyspace, Kv, WorkerId, WorkerRecord,
 };
 
+use crate::policy::{Wanted, WantedPolicies};
 use crate::stats::InstanceStats;
 
 /// Where a hostname's requests go.
@@ -68,6 +69,8 @@ struct Known {
     workers: HashMap<WorkerId, WorkerRecord>,
     /// Per-instance counters survive table rebuilds.
     stats: HashMap<InstanceId, Arc<InstanceStats>>,
+    /// Challenges with a policy plugin.
+    policies: HashMap<String, Wanted>,
 }
 
 impl Known {
@@ -98,6 +101,27 @@ impl Known {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed worker record")
                 }
             },
+            Ok(Key::Challenge(name)) => match kv.decode::<ChallengeRecord>() {
+                Ok(c) => match c.policy {
+                    Some(p) => {
+                        self.policies.insert(
+                            name.to_string(),
+                            Wanted {
+                                digest: p.digest,
+                                fallback: c.spec.policy_fallback,
+                            },
+                        );
+                    }
+                    None => {
+                        self.policies.remove(name.as_str());
+                    }
+                },
+                Err(e) => {
+                    // Keep what we had: a hand-written bad record must not
+                    // switch a challenge's policy off at the edge.
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed challenge record")
+                }
+            },
             _ => {}
         }
     }
@@ -113,6 +137,9 @@ impl Known {
             }
             Ok(Key::Worker(id)) => {
                 self.workers.remove(&id);
+            }
+            Ok(Key::Challenge(name)) => {
+                self.policies.remove(name.as_str());
             }
             _ => {}
         }
@@ -188,6 +215,7 @@ pub async fn run(
     me: WorkerId,
     routes: SharedRoutes,
     builds: tokio::sync::watch::Sender<u64>,
+    policies: tokio::sync::watch::Sender<WantedPolicies>,
 ) {
     let mut watcher = tidegate_schema::Watcher::new(client, format!("{ks}/"));
     let mut known = Known::default();
@@ -227,6 +255,13 @@ pub async fn run(
             let table = known.build(&me, watcher.revision());
             routes.store(Arc::new(table));
             builds.send_modify(|n| *n += 1);
+            policies.send_if_modified(|current| {
+                if **current == known.policies {
+                    return false;
+                }
+                *current = Arc::new(known.policies.clone());
+                true
+            });
         }
     }
 }

@@ -122,3 +122,23 @@ impl InstanceStats {
         );
     }
 }
+
+/// What `/activity` says of each instance running here: the leader's
+/// `on-idle` check reads it (the owner sees all of an instance's traffic,
+/// also what other agents forwarded).
+pub fn activity(table: &crate::routes::RouteTable) -> serde_json::Value {
+    let mut instances = serde_json::Map::new();
+    for route in table.by_host.values().chain(table.by_port.values()) {
+        if !matches!(route.target, crate::routes::Target::Local(_)) {
+            continue;
+        }
+        instances.insert(
+            route.instance.to_string(),
+            serde_json::json!({
+                "last_activity_ms": route.stats.last_activity_ms.load(Ordering::Relaxed),
+                "open_connections": route.stats.tcp_active.load(Ordering::Relaxed),
+            }),
+        );
+    }
+    serde_json::json!({ "now_ms": now_ms(), "revision": table.revision, "instances": instances })
+}

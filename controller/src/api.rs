@@ -5,6 +5,7 @@ mod challenges;
 mod cluster;
 mod instances;
 pub mod openapi;
+mod policies;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+
+use tidegate_plugin_host::MAX_COMPONENT_BYTES;
 
 use crate::App;
 
@@ -42,6 +45,15 @@ pub fn router(app: Arc<App>) -> Router {
             get(challenges::get)
                 .put(challenges::put)
                 .delete(challenges::delete),
+        )
+        .route(
+            "/v1/challenges/{name}/policy",
+            get(policies::get)
+                .put(policies::put)
+                .delete(policies::delete)
+                // Components up to 10 MiB; a bit more is read so that an
+                // oversized one gets a 400 saying so.
+                .layer(DefaultBodyLimit::max(2 * MAX_COMPONENT_BYTES)),
         )
         .route("/v1/instances", post(instances::spawn).get(instances::list))
         .route(
@@ -81,7 +93,9 @@ async fn json_errors(resp: Response) -> Response {
         message = status.canonical_reason().unwrap_or("error").to_lowercase();
     }
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        message = format!("request body is larger than {MAX_BODY} bytes");
+        message = format!(
+            "request body is too large: at most {MAX_BODY} bytes ({MAX_COMPONENT_BYTES} for a policy plugin)"
+        );
     }
     let mut resp = ApiError::new(status, message).into_response();
     for (k, v) in parts
@@ -102,6 +116,7 @@ pub struct ApiError {
     field: Option<String>,
     leader: Option<String>,
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl ApiError {
@@ -112,6 +127,7 @@ impl ApiError {
             field: None,
             leader: None,
             headers: Vec::new(),
+            extra: None,
         }
     }
 
@@ -125,7 +141,15 @@ impl ApiError {
         self
     }
 
-    fn header(mut self, name: header::HeaderName, value: &str) -> Self {
+    /// An extra member of the JSON body (e.g. `"policy": {...}`).
+    pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.extra
+            .get_or_insert_default()
+            .insert(key.to_string(), value);
+        self
+    }
+
+    pub(crate) fn header(mut self, name: header::HeaderName, value: &str) -> Self {
         if let Ok(v) = HeaderValue::from_str(value) {
             self.headers.push((name, v));
         }
@@ -153,6 +177,9 @@ impl IntoResponse for ApiError {
         }
         if let Some(l) = self.leader {
             body["leader"] = json!(l);
+        }
+        for (k, v) in self.extra.into_iter().flat_map(|m| *m) {
+            body[k] = v;
         }
         let mut resp = (self.status, axum::Json(body)).into_response();
         for (k, v) in self.headers {

@@ -6,7 +6,9 @@
 //! organizer's plain `PUT` expects.
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
-use tidegate_schema::{ChallengeName, ChallengeRecord, ChallengeSpec, Key, Keyspace, Record, V1};
+use tidegate_schema::{
+    ChallengeName, ChallengeRecord, ChallengeSpec, Key, Keyspace, PolicyRef, Record, V1,
+};
 
 /// Why a challenge operation did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,56 @@ impl Challenges {
             expected: if_match.unwrap_or(seen),
             current,
         })
+    }
+
+    /// Sets (or with `None` removes) the challenge's policy pointer, keeping
+    /// its spec; put-if-revision like [`Challenges::put`]. Returns the new
+    /// revision and the pointer it replaced.
+    pub async fn set_policy(
+        &self,
+        name: &ChallengeName,
+        policy: Option<PolicyRef>,
+        if_match: Option<i64>,
+    ) -> Result<(i64, Option<PolicyRef>), ChallengeError> {
+        let mut attempts = 0;
+        loop {
+            let current = self.get(name).await?;
+            let expected = if_match.unwrap_or(current.revision);
+            if expected != current.revision {
+                return Err(ChallengeError::RevisionMismatch {
+                    name: name.to_string(),
+                    expected,
+                    current: current.revision,
+                });
+            }
+            let mut record = current.value;
+            let previous = std::mem::replace(&mut record.policy, policy.clone());
+            let key = self.key(name);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    expected,
+                )])
+                .and_then([TxnOp::put(key.as_str(), record.encode(), None)])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let resp = self.client.clone().txn(txn).await?;
+            if resp.succeeded() {
+                return Ok((resp.header().map_or(0, |h| h.revision()), previous));
+            }
+            let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.mod_revision());
+            if current == 0 {
+                return Err(ChallengeError::NotFound(name.to_string()));
+            }
+            if if_match.is_some() || attempts >= MAX_PLAIN_PUT_ATTEMPTS {
+                return Err(ChallengeError::RevisionMismatch {
+                    name: name.to_string(),
+                    expected,
+                    current,
+                });
+            }
+            attempts += 1;
+        }
     }
 
     /// The stored challenge and its revision.

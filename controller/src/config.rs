@@ -50,6 +50,9 @@ pub struct Cli {
     /// Port players use for HTTP instances (in the `url` of answers).
     #[arg(long, env = "TIDEGATE_PUBLIC_HTTP_PORT")]
     pub public_http_port: Option<u16>,
+    /// Directory of policy plugin blobs (shared with the agents).
+    #[arg(long, env = "TIDEGATE_ARTIFACT_DIR")]
+    pub artifact_dir: Option<PathBuf>,
 }
 
 /// The whole configuration after merging.
@@ -87,6 +90,16 @@ pub struct Config {
     pub sweep_interval_secs: u64,
     /// How long a worker may be absent before its instances are deleted.
     pub worker_grace_secs: u64,
+    /// The artifact store of policy plugins: a directory (shared by every
+    /// controller and agent, e.g. a network mount, when they are on several
+    /// machines). Blobs are named by digest and verified when read.
+    pub artifact_dir: PathBuf,
+    /// How long one policy hook call may run, in milliseconds.
+    pub plugin_deadline_ms: u64,
+    /// How much memory one policy hook call may use, in MiB.
+    pub plugin_memory_mib: usize,
+    /// How often the leader asks `on-idle` policies about live instances.
+    pub idle_check_secs: u64,
 }
 
 impl Default for Config {
@@ -110,6 +123,10 @@ impl Default for Config {
             flag_secret: String::new(),
             sweep_interval_secs: 5,
             worker_grace_secs: 60,
+            artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
+            plugin_deadline_ms: 5,
+            plugin_memory_mib: 32,
+            idle_check_secs: 30,
         }
     }
 }
@@ -152,7 +169,8 @@ impl Config {
             admin_token,
             platform_token,
             flag_secret,
-            public_http_port
+            public_http_port,
+            artifact_dir
         );
         if cli.advertise_url.is_some() {
             cfg.advertise_url = cli.advertise_url;
@@ -197,6 +215,18 @@ impl Config {
         }
         if self.sweep_interval_secs == 0 {
             return Err(bad("sweep_interval_secs", "at least 1"));
+        }
+        if !(1..=1000).contains(&self.plugin_deadline_ms) {
+            return Err(bad("plugin_deadline_ms", "1 to 1000"));
+        }
+        if !(1..=1024).contains(&self.plugin_memory_mib) {
+            return Err(bad("plugin_memory_mib", "1 to 1024"));
+        }
+        if self.idle_check_secs == 0 {
+            return Err(bad("idle_check_secs", "at least 1"));
+        }
+        if self.artifact_dir.as_os_str().is_empty() {
+            return Err(bad("artifact_dir", "set a directory"));
         }
         Ok(())
     }

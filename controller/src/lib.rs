@@ -11,12 +11,14 @@ pub mod config;
 pub mod election;
 pub mod flag;
 pub mod lifecycle;
+pub mod policy;
 pub mod scheduler;
 pub mod spawn;
 mod txn;
 pub mod view;
 
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwapOption;
@@ -39,6 +41,12 @@ pub struct Counters {
     pub fenced_writes: AtomicU64,
     pub leader_changes: AtomicU64,
     pub worker_gone_deletions: AtomicU64,
+    /// Spawns and renewals a policy plugin refused (deny, queue, refuse).
+    pub policy_denials: AtomicU64,
+    /// Plugin calls that trapped, timed out or ran out of memory.
+    pub policy_failures: AtomicU64,
+    /// Instances expired by an `on-idle` policy.
+    pub idle_expirations: AtomicU64,
 }
 
 /// Everything a replica's handlers and tasks share.
@@ -54,6 +62,11 @@ pub struct App {
     /// Serialises placement and the spawn Txn on the leader.
     pub spawn_lock: tokio::sync::Mutex<()>,
     pub counters: Counters,
+    /// Policy plugins: the wasmtime host and the artifact store.
+    pub policies: Arc<policy::Policies>,
+    /// Spawns this replica made in the last hour (Unix secs, team,
+    /// challenge), for the `team-recent` count plugins see.
+    pub recent_spawns: std::sync::Mutex<std::collections::VecDeque<(u64, String, String)>>,
 }
 
 impl std::fmt::Debug for App {
@@ -72,7 +85,19 @@ impl App {
             field: "key_root",
             message: e.to_string(),
         })?;
+        let limits = tidegate_plugin_host::Limits {
+            deadline: std::time::Duration::from_millis(cfg.plugin_deadline_ms),
+            memory_bytes: cfg.plugin_memory_mib * 1024 * 1024,
+            ..tidegate_plugin_host::Limits::default()
+        };
+        let policies =
+            policy::Policies::new(&cfg.artifact_dir, limits).map_err(|e| ConfigError {
+                field: "artifact_dir",
+                message: format!("{}: {e}", cfg.artifact_dir.display()),
+            })?;
         Ok(Self {
+            policies: Arc::new(policies),
+            recent_spawns: std::sync::Mutex::default(),
             tcp_ports: cfg.tcp_port_range()?,
             challenges: Challenges::new(client.clone(), ks.clone()),
             view: view::SharedView::default(),

@@ -61,11 +61,14 @@ pub async fn get(
     })
 }
 
-/// The expiry a renewal at `now` gives, or why there is none.
+/// The expiry a renewal at `now` extending by `extend_secs` (the
+/// challenge's default TTL, or what its `renew` policy granted) gives, or
+/// why there is none: the renewal count and the maximum lifetime still cap.
 pub fn renewed_expiry(
     record: &InstanceRecord,
     ttl: &TtlSpec,
     now: u64,
+    extend_secs: u64,
 ) -> Result<u64, LifecycleError> {
     let id = record.id.to_string();
     if record.renewals >= ttl.max_renewals {
@@ -82,7 +85,7 @@ pub fn renewed_expiry(
             max_secs: ttl.max_secs,
         });
     }
-    let wanted = (now + ttl.default_secs).min(ceiling);
+    let wanted = (now + extend_secs).min(ceiling);
     if wanted <= record.expires_at {
         return Err(LifecycleError::TooEarly {
             id,
@@ -218,6 +221,14 @@ mod tests {
         InstanceRecord::decode(json.to_string().as_bytes()).unwrap()
     }
 
+    fn renewed_expiry_default(
+        r: &InstanceRecord,
+        ttl: &TtlSpec,
+        now: u64,
+    ) -> Result<u64, LifecycleError> {
+        renewed_expiry(r, ttl, now, ttl.default_secs)
+    }
+
     #[test]
     fn renewal_math() {
         let ttl = TtlSpec {
@@ -226,17 +237,23 @@ mod tests {
             max_renewals: 2,
         };
         // Extends to now + default.
-        assert_eq!(renewed_expiry(&rec(0, 600, 0), &ttl, 300).unwrap(), 900);
+        assert_eq!(
+            renewed_expiry_default(&rec(0, 600, 0), &ttl, 300).unwrap(),
+            900
+        );
         // Capped at created + max.
-        assert_eq!(renewed_expiry(&rec(0, 900, 1), &ttl, 800).unwrap(), 1000);
+        assert_eq!(
+            renewed_expiry_default(&rec(0, 900, 1), &ttl, 800).unwrap(),
+            1000
+        );
         // Already at the cap.
         assert!(matches!(
-            renewed_expiry(&rec(0, 1000, 1), &ttl, 900),
+            renewed_expiry_default(&rec(0, 1000, 1), &ttl, 900),
             Err(LifecycleError::MaxLifetime { .. })
         ));
         // Would not extend yet.
         assert!(matches!(
-            renewed_expiry(&rec(0, 900, 1), &ttl, 100),
+            renewed_expiry_default(&rec(0, 900, 1), &ttl, 100),
             Err(LifecycleError::TooEarly {
                 expires_at: 900,
                 ..
@@ -244,7 +261,7 @@ mod tests {
         ));
         // Out of renewals.
         assert!(matches!(
-            renewed_expiry(&rec(0, 600, 2), &ttl, 100),
+            renewed_expiry_default(&rec(0, 600, 2), &ttl, 100),
             Err(LifecycleError::MaxRenewals { max: 2, .. })
         ));
     }

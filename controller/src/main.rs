@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tidegate_controller::{App, Cli, Config, api, scheduler, view};
+use tidegate_controller::{App, Cli, Config, api, policy, scheduler, view};
 
 /// Exit status for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -69,6 +69,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         )),
         tokio::spawn(scheduler::run_election(app.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),
+        tokio::spawn(policy::run_idle_checks(app.clone())),
     ];
     let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(shutdown());
     let result = server.await;

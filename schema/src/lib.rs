@@ -14,6 +14,6 @@ pub use records::{
     ChallengeRecord, ContainerSpec, EndpointRecord, HttpRoute, InstanceRecord, InstanceStatus,
     PolicyRef, Record, TcpRoute, V1, WorkerRecord,
 };
-pub use spec::{ChallengeSpec, FlagSpec, Limits, PortSpec, Protocol, TtlSpec};
+pub use spec::{ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, TtlSpec};
 pub use validate::{FieldError, Invalid, Validate, decode_json};
 pub use watch::{Event, Kv, Watcher};

@@ -69,6 +69,16 @@ pub struct ChallengeRecord {
 pub struct PolicyRef {
     /// `sha256:` and 64 lowercase hex characters.
     pub digest: String,
+    /// The hooks the plugin implements (`admit-spawn`, `renew`,
+    /// `admit-connection`, `on-idle`), as it said at upload.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// The component's size in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// When it was uploaded (Unix seconds).
+    #[serde(default)]
+    pub uploaded_at: UnixSecs,
 }
 
 impl Validate for ChallengeRecord {
@@ -266,6 +276,10 @@ pub struct WorkerRecord {
     pub tcp_host: IpAddr,
     /// How many instances it may run at once.
     pub capacity: u32,
+    /// Where the agent serves `/metrics` and `/activity` (the last traffic
+    /// of each instance it runs, read by the leader for `on-idle` policies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
     /// The agent's version, for mixed-version clusters.
     pub version: String,
     pub started_at: UnixSecs,

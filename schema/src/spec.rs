@@ -66,6 +66,21 @@ pub struct ChallengeSpec {
     /// Capabilities added back after `cap-drop ALL` (from [`ALLOWED_CAPS`]).
     #[serde(default)]
     pub cap_add: Vec<String>,
+    /// What a policy plugin's decision becomes when the plugin traps, runs
+    /// past its deadline or its memory cap: `deny` (default) or `allow`.
+    #[serde(default)]
+    pub policy_fallback: PolicyFallback,
+}
+
+/// The decision used when a challenge's policy plugin fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyFallback {
+    /// Refuse the spawn, renewal or connection (the answer names the failure).
+    #[default]
+    Deny,
+    /// Go on as if the challenge had no policy.
+    Allow,
 }
 
 fn default_per_team_max() -> u32 {

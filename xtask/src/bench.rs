@@ -26,12 +26,14 @@ pub(crate) fn run(which: Option<String>) -> Result<()> {
     match which.as_deref() {
         None => {
             http()?;
-            tcp()
+            tcp()?;
+            plugins()
         }
         Some("http") => http(),
         Some("tcp") => tcp(),
+        Some("plugins") => plugins(),
         Some(other) => {
-            bail!("no benchmark named {other:?}: `http` and `tcp` exist; plugins lands with #7")
+            bail!("no benchmark named {other:?}: `http`, `tcp` and `plugins` exist")
         }
     }
 }
@@ -642,4 +644,177 @@ fn write_report(title: &str, section: &str) -> Result<()> {
     std::fs::write(&path, format!("{header}\n{}\n", sections.join("\n\n")))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Median of three runs of `plugin-bench calls` for one plugin and hook.
+fn plugin_calls(bench: &Path, component: &Path, hook: &str) -> Result<(f64, f64, f64, f64)> {
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    let mut rate = Vec::new();
+    let mut compile = Vec::new();
+    for _ in 0..ROUNDS {
+        let out = sh::output(Command::new(bench).args([
+            "calls",
+            &component.display().to_string(),
+            hook,
+            "20000",
+        ]))
+        .with_context(|| format!("plugin-bench calls {} {hook} failed", component.display()))?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("plugin-bench said {out:?}"))?;
+        let f = |k: &str| v[k].as_f64().context("plugin-bench output");
+        p50.push(f("p50_us")?);
+        p99.push(f("p99_us")?);
+        rate.push(f("calls_per_sec")?);
+        compile.push(f("compile_ms")?);
+    }
+    Ok((median(p50), median(p99), median(rate), median(compile)))
+}
+
+/// Spawn answers per second from `plugin-bench api` (16 clients, 3 s).
+fn spawn_rate(bench: &Path, url: &str, status: &str) -> Result<f64> {
+    let out = sh::output(Command::new(bench).args(["api", url, ADMIN_TOKEN, "16", "3"]))
+        .context("plugin-bench api failed")?;
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("plugin-bench said {out:?}"))?;
+    let per_sec = v["per_sec"].as_object().context("plugin-bench output")?;
+    if per_sec.keys().any(|k| k != status) {
+        bail!("spawns answered other than {status}: {v}");
+    }
+    per_sec
+        .get(status)
+        .and_then(|r| r.as_f64())
+        .context("no answers at all")
+}
+
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+/// `plugins`: the cost of a policy call (fresh instance from the
+/// pre-instantiated component, the call, the drop) and spawn decisions per
+/// second through a release controller with and without a policy.
+fn plugins() -> Result<()> {
+    let root = workspace_root();
+    println!("building the controller, plugin-bench (release) and the plugins");
+    sh::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "tidegate-controller",
+        "-p",
+        "tidegate-tests",
+        "--bin",
+        "tidegate-controller",
+        "--bin",
+        "plugin-bench",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let built = tidegate_lab::plugins::build(&root.join("plugins"), &target.join("plugins"), &[])
+        .map_err(anyhow::Error::msg)?;
+    let path = |name: &str| {
+        built
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| b.component.clone())
+            .with_context(|| format!("plugin {name} was not built"))
+    };
+    let bench = target.join("release/plugin-bench");
+    let (s50, s99, srate, scompile) = plugin_calls(&bench, &path("team-limit")?, "admit-spawn")?;
+    let (c50, c99, crate_, ccompile) =
+        plugin_calls(&bench, &path("allowlist")?, "admit-connection")?;
+    println!(
+        "admit-spawn p50 {s50:.1} µs p99 {s99:.1} µs; admit-connection p50 {c50:.1} µs p99 {c99:.1} µs"
+    );
+
+    // Spawn decisions through the API: etcd, one release controller, no
+    // agents. Without a policy a spawn reaches placement and is answered
+    // 503 (no worker); with `allowlist` it is decided (403) by the plugin
+    // before placement. Same etcd read of the challenge in both.
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-bench-")
+        .tempdir()?;
+    let dir = work.path();
+    let etcd = EtcdCluster::start(1)?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let cfg = dir.join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\netcd = [{:?}]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+             platform_token = \"bench-platform-token-0123456789\"\nflag_secret = \"bench-flag-secret-0123456789\"\n\
+             election_ttl_secs = 2\nartifact_dir = \"{}\"\n",
+            etcd.endpoints()[0],
+            dir.join("artifacts").display()
+        ),
+    )?;
+    let _controller = Supervised::spawn(
+        "controller",
+        &target
+            .join("release/tidegate-controller")
+            .display()
+            .to_string(),
+        &["--config".into(), cfg.display().to_string()],
+        &dir.join("controller.log"),
+    )?;
+    let body_file = dir.join("body");
+    let http = |method: &str, path: &str, body: Vec<u8>| -> Result<String> {
+        std::fs::write(&body_file, body)?;
+        sh::output(
+            Command::new("curl")
+                .args(["-sS", "-X", method, "-H"])
+                .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+                .arg("--data-binary")
+                .arg(format!("@{}", body_file.display()))
+                .args(["-w", " %{http_code}"])
+                .arg(format!("{url}{path}")),
+        )
+        .with_context(|| format!("curl {method} {path} failed"))
+    };
+    let leading = wait_until(Duration::from_secs(15), || {
+        http("GET", "/v1/status", Vec::new()).is_ok_and(|s| s.contains("\"role\":\"leader\""))
+    });
+    if !leading {
+        bail!("the controller did not lead within 15 s");
+    }
+    let spec = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
+    let out = http("PUT", "/v1/challenges/web", spec.as_bytes().to_vec())?;
+    if !out.ends_with(" 201") {
+        bail!("creating the challenge: {out}");
+    }
+    let without = spawn_rate(&bench, &url, "503")?;
+    let out = http(
+        "PUT",
+        "/v1/challenges/web/policy",
+        std::fs::read(path("allowlist")?)?,
+    )?;
+    if !out.ends_with(" 200") {
+        bail!("uploading allowlist: {out}");
+    }
+    let with = spawn_rate(&bench, &url, "403")?;
+    println!("spawn answers/s: {without:.0} without a policy, {with:.0} decided by allowlist");
+
+    let verdict = if s99 <= 50.0 && c99 <= 50.0 {
+        "met"
+    } else {
+        "NOT met"
+    };
+    let section = format!(
+        "## Policy plugins (issue #7)\n\n\
+         `cargo xtask bench plugins`. One policy call = what the controller and the agents do per decision: a \
+         fresh instance from the cached, pre-instantiated component (pooling allocator), the hook call with its \
+         CPU-time deadline and memory cap armed, and the store dropped. 20,000 calls one after another after 1,000 \
+         warm-up calls, median of {ROUNDS} runs; release build, examples built by `cargo xtask build-plugins`.\n\n\
+         | call | p50 | p99 | calls/s (1 thread) | compile once |\n|---|---|---|---|---|\n\
+         | `team-limit` admit-spawn | {s50:.1} µs | {s99:.1} µs | {srate:.0} | {scompile:.0} ms |\n\
+         | `allowlist` admit-connection | {c50:.1} µs | {c99:.1} µs | {crate_:.0} | {ccompile:.0} ms |\n\n\
+         Target instantiate + call + drop p99 ≤ 50 µs: **{verdict}**.\n\n\
+         Spawn decisions through the API (release controller, 1-member etcd, 16 clients for 3 s, each spawn a new \
+         team): with `allowlist` denying, **{with:.0} decisions/s**; the same requests with no policy, which read \
+         the same challenge and then fail placement (no worker, 503): {without:.0}/s. The plugin's share of a \
+         decision is the call above; the rest is HTTP, the etcd read of the challenge and the per-leader spawn lock.\n"
+    );
+    write_report("Policy plugins", &section)
 }

@@ -34,6 +34,25 @@ pub(crate) fn run(args: CiArgs) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The policy plugins' guest workspace (wasm32): the same rules.
+    let plugins = root.join("plugins");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    println!("== plugins/: cargo fmt --check, cargo clippy (wasm32-unknown-unknown)");
+    sh::run(
+        Command::new("cargo")
+            .current_dir(&plugins)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    sh::run(
+        Command::new("cargo")
+            .current_dir(&plugins)
+            .args(["clippy", "--locked", "--target", "wasm32-unknown-unknown"])
+            .arg("--target-dir")
+            .arg(target.join("plugins-clippy"))
+            .args(["--", "-D", "warnings"]),
+    )?;
     println!("== tests (cargo nextest, real etcd, Docker and netns)");
     sh::run(Command::new("cargo").current_dir(&root).args([
         "nextest",

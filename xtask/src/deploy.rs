@@ -201,6 +201,8 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         &random_token(),
         "--public-http-port",
         &http_port.to_string(),
+        "--artifact-dir",
+        &state.run_dir.join("artifacts").display().to_string(),
     ]
     .map(String::from)
     .to_vec();
@@ -316,8 +318,10 @@ fn start_agents(
             format!(
                 "worker_id = \"{worker}\"\nadvertise_address = \"{addr}\"\nhttp_entry = \"{addr}:{http_port}\"\n\
                  tcp_host = \"{addr}\"\ncapacity = 16\netcd = [\"{etcd}\"]\npull_images = false\n\
-                 cluster_label = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
-                state.cluster_id
+                 cluster_label = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 artifact_dir = \"{}\"\n",
+                state.cluster_id,
+                state.run_dir.join("artifacts").display()
             ),
         )?;
         let log = state.run_dir.join(format!("{worker}.log"));

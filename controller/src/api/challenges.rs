@@ -11,13 +11,13 @@ use tidegate_schema::{ChallengeName, ChallengeRecord, ChallengeSpec, Kind, Recor
 use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response};
 use crate::ChallengeError;
 
-fn parse_name(name: &str) -> ApiResult<ChallengeName> {
+pub(super) fn parse_name(name: &str) -> ApiResult<ChallengeName> {
     ChallengeName::parse(name)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).field("name"))
 }
 
 /// `If-Match: "123"` (or `123`); `"0"` means "create only".
-fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+pub(super) fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
@@ -60,7 +60,7 @@ fn challenge_json(rec: &ChallengeRecord, revision: i64) -> serde_json::Value {
     })
 }
 
-fn with_etag(mut resp: Response, revision: i64) -> Response {
+pub(super) fn with_etag(mut resp: Response, revision: i64) -> Response {
     if let Ok(v) = format!("\"{revision}\"").parse() {
         resp.headers_mut().insert(header::ETAG, v);
     }

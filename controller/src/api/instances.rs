@@ -8,12 +8,18 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::sync::Arc;
+
+use tidegate_plugin_host::{InstanceInfo, RenewDecision, SpawnDecision};
+use tidegate_schema::spec::MIN_TTL_SECS;
 use tidegate_schema::{
-    ChallengeName, FieldError, InstanceId, InstanceRecord, TeamId, Validate, decode_json,
+    ChallengeName, ChallengeRecord, FieldError, InstanceId, InstanceRecord, PolicyFallback, TeamId,
+    Validate, decode_json,
 };
 
 use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading, unix_now};
 use crate::lifecycle::{self, LifecycleError};
+use crate::policy::Decided;
 use crate::{App, ChallengeError, SpawnError, SpawnPlan};
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +145,56 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
         }
         Err(e) => return Err(e),
     };
+    // The challenge's policy decides before placement (and under the spawn
+    // lock, so the counts it sees include every earlier spawn).
+    let mut ttl_secs = challenge.spec.ttl.default_secs;
+    let mut fallback_note = None;
+    if let Some(policy) = &challenge.policy {
+        let request = spawn_request(&app, &challenge, &req.team);
+        let pinfo = |decision: &str| json!({"digest": policy.digest, "hook": "admit-spawn", "decision": decision});
+        match app.policies.admit_spawn(&challenge, &request).await {
+            None => {}
+            Some(Decided::Plugin(SpawnDecision::Allow(None))) => {}
+            Some(Decided::Plugin(SpawnDecision::Allow(Some(t)))) => {
+                ttl_secs = u64::from(t).clamp(MIN_TTL_SECS, challenge.spec.ttl.max_secs);
+            }
+            Some(Decided::Plugin(SpawnDecision::Deny(reason))) => {
+                app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
+                return Err(
+                    ApiError::new(StatusCode::FORBIDDEN, reason).with("policy", pinfo("deny"))
+                );
+            }
+            Some(Decided::Plugin(SpawnDecision::Queue(secs))) => {
+                app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
+                let secs = secs.max(1);
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("the challenge's policy asks to retry in {secs} s"),
+                )
+                .header(axum::http::header::RETRY_AFTER, &secs.to_string())
+                .with("policy", pinfo("queue")));
+            }
+            Some(Decided::Fallback { fallback, error }) => {
+                app.counters.policy_failures.fetch_add(1, Ordering::Relaxed);
+                match fallback {
+                    PolicyFallback::Deny => {
+                        app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
+                        return Err(ApiError::new(
+                            StatusCode::FORBIDDEN,
+                            format!("{error}; the challenge's policy_fallback is deny"),
+                        )
+                        .with("policy", pinfo("fallback-deny")));
+                    }
+                    PolicyFallback::Allow => {
+                        fallback_note = Some(json!({
+                            "digest": policy.digest, "hook": "admit-spawn",
+                            "decision": "fallback-allow", "error": error,
+                        }));
+                    }
+                }
+            }
+        }
+    }
     let worker = {
         let view = app.view.lock();
         if view.workers.is_empty() {
@@ -155,7 +211,7 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
         keys: app.ks.clone(),
         leader_key: leader.key.clone(),
         token: leader.token,
-        ttl_secs: challenge.spec.ttl.default_secs,
+        ttl_secs,
         team: req.team.clone(),
         worker,
         domain: app.cfg.domain.clone(),
@@ -186,10 +242,66 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
         }
     };
     app.counters.spawns.fetch_add(1, Ordering::Relaxed);
-    let body = instance_json(&app, &spawned.record, "pending".into());
+    if let Ok(mut recent) = app.recent_spawns.lock() {
+        recent.push_back((now, req.team.to_string(), req.challenge.to_string()));
+    }
+    let mut body = instance_json(&app, &spawned.record, "pending".into());
+    if let Some(note) = fallback_note {
+        body["policy"] = note;
+    }
     app.view
         .insert_own(spawned.record, spawned.lease, spawned.revision);
     Ok(json_response(StatusCode::CREATED, body))
+}
+
+/// What `admit-spawn` is told: the team's counts and the cluster's room,
+/// from this replica's view (the leader's, which places every spawn).
+fn spawn_request(
+    app: &App,
+    challenge: &ChallengeRecord,
+    team: &TeamId,
+) -> tidegate_plugin_host::SpawnRequest {
+    let now = unix_now();
+    let view = app.view.lock();
+    let mut team_live = 0u32;
+    let mut team_live_all = 0u32;
+    let mut per_worker: std::collections::BTreeMap<&str, u32> = Default::default();
+    for i in view.instances.values() {
+        *per_worker.entry(i.record.worker.as_str()).or_default() += 1;
+        if i.record.team == *team {
+            team_live_all += 1;
+            if i.record.challenge == challenge.name {
+                team_live += 1;
+            }
+        }
+    }
+    let mut capacity = 0u32;
+    let mut free = 0u32;
+    for w in view.workers.values() {
+        capacity = capacity.saturating_add(w.capacity);
+        let used = per_worker.get(w.id.as_str()).copied().unwrap_or(0);
+        free = free.saturating_add(w.capacity.saturating_sub(used));
+    }
+    drop(view);
+    let team_recent = app.recent_spawns.lock().map_or(0, |mut recent| {
+        while recent.front().is_some_and(|(t, _, _)| *t + 3600 < now) {
+            recent.pop_front();
+        }
+        recent
+            .iter()
+            .filter(|(_, t, c)| t == team.as_str() && c == challenge.name.as_str())
+            .count() as u32
+    });
+    tidegate_plugin_host::SpawnRequest {
+        team: team.to_string(),
+        challenge: challenge.name.to_string(),
+        team_live,
+        team_live_all,
+        team_recent,
+        cluster_free_slots: free,
+        cluster_capacity: capacity,
+        now_ms: tidegate_plugin_host::unix_ms(),
+    }
 }
 
 pub(super) async fn list(
@@ -254,7 +366,12 @@ pub(super) async fn renew(
     })
     .await?;
     let now = unix_now();
-    let expires_at = lifecycle::renewed_expiry(&current.record, &challenge.value.spec.ttl, now)?;
+    let ttl = &challenge.value.spec.ttl;
+    let extend = match renew_policy(&app, &challenge.value, &current.record).await? {
+        Some(secs) => secs,
+        None => ttl.default_secs,
+    };
+    let expires_at = lifecycle::renewed_expiry(&current.record, ttl, now, extend)?;
     let fence = (leader.key.as_str(), leader.token);
     let record = etcd(
         &app,
@@ -267,6 +384,65 @@ pub(super) async fn renew(
         StatusCode::OK,
         instance_json(&app, &record, status),
     ))
+}
+
+/// The extension the challenge's `renew` hook grants (`None`: no hook, or
+/// the fallback allows the default), or its refusal as the API error.
+async fn renew_policy(
+    app: &Arc<App>,
+    challenge: &ChallengeRecord,
+    record: &InstanceRecord,
+) -> ApiResult<Option<u64>> {
+    let Some(policy) = &challenge.policy else {
+        return Ok(None);
+    };
+    let pinfo =
+        |decision: &str| json!({"digest": policy.digest, "hook": "renew", "decision": decision});
+    let info = InstanceInfo {
+        instance: record.id.to_string(),
+        team: record.team.to_string(),
+        challenge: record.challenge.to_string(),
+        created_ms: record.created_at * 1000,
+        expires_ms: record.expires_at * 1000,
+        renewals: record.renewals,
+        now_ms: tidegate_plugin_host::unix_ms(),
+    };
+    let outcome = match app.policies.plugin(policy).await {
+        Ok(plugin) => match plugin.renew(&info) {
+            None => return Ok(None),
+            Some(Ok(d)) => Decided::Plugin(d),
+            Some(Err(e)) => crate::policy::failed(
+                challenge,
+                "renew",
+                challenge.spec.policy_fallback,
+                e.to_string(),
+            ),
+        },
+        Err(error) => {
+            crate::policy::failed(challenge, "renew", challenge.spec.policy_fallback, error)
+        }
+    };
+    match outcome {
+        Decided::Plugin(RenewDecision::Extend(secs)) => Ok(Some(u64::from(secs))),
+        Decided::Plugin(RenewDecision::Refuse(reason)) => {
+            app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::new(StatusCode::FORBIDDEN, reason).with("policy", pinfo("refuse")))
+        }
+        Decided::Fallback { fallback, error } => {
+            app.counters.policy_failures.fetch_add(1, Ordering::Relaxed);
+            match fallback {
+                PolicyFallback::Allow => Ok(None),
+                PolicyFallback::Deny => {
+                    app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
+                    Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        format!("{error}; the challenge's policy_fallback is deny"),
+                    )
+                    .with("policy", pinfo("fallback-deny")))
+                }
+            }
+        }
+    }
 }
 
 pub(super) async fn delete(

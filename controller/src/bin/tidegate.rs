@@ -43,6 +43,9 @@ enum Command {
     /// Workers.
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// Challenges' policy plugins (WebAssembly components; organizers).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// This replica's role, the leader, etcd members and revision.
     Status,
 }
@@ -83,6 +86,25 @@ enum InstanceCmd {
     Renew { id: String },
     /// Delete an instance.
     Rm { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Upload a component (e.g. from `cargo xtask build-plugins`) as the
+    /// challenge's policy. It is checked, dry-run and stored by digest first;
+    /// a bad one is refused and changes nothing.
+    Upload {
+        challenge: String,
+        file: PathBuf,
+        /// Only if the challenge is still at this revision.
+        #[arg(long)]
+        if_match: Option<i64>,
+    },
+    /// Show the challenge's policy: digest, hooks, fallback.
+    Get { challenge: String },
+    /// Remove the challenge's policy (its spawns and connections are then
+    /// decided by the spec alone).
+    Rm { challenge: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,12 +170,24 @@ async fn call(
     body: Option<Value>,
     if_match: Option<i64>,
 ) -> Result<Value> {
+    let body = body.map(|b| (b.to_string().into_bytes(), "application/json"));
+    send(cli, method, path, body, if_match).await
+}
+
+/// Sends a request with a body of the given content type.
+async fn send(
+    cli: &Cli,
+    method: Method,
+    path: &str,
+    body: Option<(Vec<u8>, &str)>,
+    if_match: Option<i64>,
+) -> Result<Value> {
     let (api, token) = target(cli)?;
     let mut req = reqwest::Client::new()
         .request(method.clone(), format!("{api}{path}"))
         .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.body(b.to_string());
+    if let Some((bytes, content_type)) = body {
+        req = req.header("Content-Type", content_type).body(bytes);
     }
     if let Some(r) = if_match {
         req = req.header("If-Match", format!("\"{r}\""));
@@ -238,6 +272,45 @@ async fn run(cli: Cli) -> Result<()> {
                 )
                 .await?;
                 json!({ "deleted": name })
+            }
+        },
+        Command::Policy(p) => match p {
+            PolicyCmd::Upload {
+                challenge,
+                file,
+                if_match,
+            } => {
+                let bytes =
+                    std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                send(
+                    &cli,
+                    Method::PUT,
+                    &format!("/v1/challenges/{challenge}/policy"),
+                    Some((bytes, "application/wasm")),
+                    *if_match,
+                )
+                .await?
+            }
+            PolicyCmd::Get { challenge } => {
+                call(
+                    &cli,
+                    Method::GET,
+                    &format!("/v1/challenges/{challenge}/policy"),
+                    None,
+                    None,
+                )
+                .await?
+            }
+            PolicyCmd::Rm { challenge } => {
+                call(
+                    &cli,
+                    Method::DELETE,
+                    &format!("/v1/challenges/{challenge}/policy"),
+                    None,
+                    None,
+                )
+                .await?;
+                json!({ "removed": challenge })
             }
         },
         Command::Instance(i) => match i {
@@ -443,6 +516,21 @@ fn human(cmd: &Command, v: &Value) -> String {
                 &["ID", "HTTP_ENTRY", "TCP_HOST", "USED/CAPACITY", "VERSION"],
                 rows,
             )
+        }
+        Command::Policy(PolicyCmd::Upload { .. } | PolicyCmd::Get { .. }) => format!(
+            "challenge {}: policy {}\nhooks: {}\nsize: {} bytes, fallback: {}, revision {}\n",
+            text(&v["challenge"]),
+            text(&v["digest"]),
+            v["hooks"]
+                .as_array()
+                .map(|h| h.iter().map(text).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+            text(&v["size"]),
+            text(&v["fallback"]),
+            text(&v["revision"]),
+        ),
+        Command::Policy(PolicyCmd::Rm { challenge }) => {
+            format!("challenge {challenge}: policy removed\n")
         }
         Command::Status => format!(
             "replica {} is {} (token {})\nleader: {} at {}\netcd revision {}, {} member(s)\n",

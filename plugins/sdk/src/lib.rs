@@ -38,6 +38,7 @@
 //! unless the challenge says `allow`).
 
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated lowering of the records
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",

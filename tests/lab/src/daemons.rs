@@ -77,7 +77,10 @@ etcd_timeout_ms = 1500
 tcp_ports = "30000-39999"
 sweep_interval_secs = 1
 worker_grace_secs = 2
-"#
+idle_check_secs = 1
+artifact_dir = "{artifacts}"
+"#,
+                artifacts = dir.join("artifacts").display()
             ),
         )
         .unwrap();
@@ -159,6 +162,32 @@ worker_grace_secs = 2
         .await
     }
 
+    /// `PUT /v1/challenges/{name}/policy` with the component bytes (admin).
+    pub async fn put_policy(&self, name: &str, component: Vec<u8>) -> (StatusCode, Value) {
+        let resp = reqwest::Client::new()
+            .put(format!("{}/v1/challenges/{name}/policy", self.url))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/wasm")
+            .body(component)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        match resp {
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => (
+                StatusCode::from_u16(599).unwrap(),
+                Value::String(e.to_string()),
+            ),
+        }
+    }
+
     pub async fn put_challenge(&self, name: &str, spec: Value) -> (StatusCode, Value) {
         self.call(
             Method::PUT,
@@ -226,8 +255,9 @@ impl Agent {
             .join(", ");
         let config = dir.join(format!("{worker}.toml"));
         let text = format!(
-            "worker_id = \"{worker}\"\netcd = [{endpoints}]\npull_images = false\nmetrics_listen = \"127.0.0.1:{port}\"\nreconcile_interval_ms = 200\nmembership_ttl_secs = 3\ncluster_label = \"lab-{}\"\n{extra}\n",
-            std::process::id()
+            "worker_id = \"{worker}\"\netcd = [{endpoints}]\npull_images = false\nmetrics_listen = \"127.0.0.1:{port}\"\nreconcile_interval_ms = 200\nmembership_ttl_secs = 3\ncluster_label = \"lab-{}\"\nartifact_dir = \"{}\"\n{extra}\n",
+            std::process::id(),
+            dir.join("artifacts").display()
         );
         // Each agent its own HTTP entry unless the test chose one.
         let text = if extra.contains("http_entry") {

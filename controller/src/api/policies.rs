@@ -1,0 +1,148 @@
+//! `/v1/challenges/{name}/policy`: upload, show and remove a challenge's
+//! policy plugin (admin scope).
+//!
+//! Upload = validate the bytes (WebAssembly, a component, the policy
+//! world), compile, dry-run `admit-spawn` on a sample request, store the
+//! blob by digest in the artifact store, then point the challenge at the
+//! digest with put-if-revision. Any failure before the last step changes
+//! nothing.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::json;
+use tidegate_plugin_host::MAX_COMPONENT_BYTES;
+use tidegate_schema::{ChallengeRecord, PolicyRef};
+
+use super::challenges::{if_match, parse_name, with_etag};
+use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, unix_now};
+use crate::policy::UploadError;
+
+fn policy_json(rec: &ChallengeRecord, policy: &PolicyRef, revision: i64) -> serde_json::Value {
+    json!({
+        "challenge": rec.name,
+        "digest": policy.digest,
+        "hooks": policy.hooks,
+        "size": policy.size,
+        "uploaded_at": policy.uploaded_at,
+        "fallback": rec.spec.policy_fallback,
+        "revision": revision,
+    })
+}
+
+pub(super) async fn put(
+    State(app): AppState,
+    scope: Scope,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    scope.require_admin()?;
+    let name = parse_name(&name)?;
+    let expected = if_match(&headers)?;
+    // The challenge must exist before anything is compiled or stored.
+    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    if let Some(e) = expected.filter(|e| *e != stored.revision) {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            format!(
+                "challenge {:?} is at revision {}, not {e} (If-Match)",
+                name.as_str(),
+                stored.revision
+            ),
+        ));
+    }
+    if body.len() > MAX_COMPONENT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the plugin is {} bytes; at most {MAX_COMPONENT_BYTES} are accepted",
+                body.len()
+            ),
+        )
+        .field("body"));
+    }
+    let policies = app.policies.clone();
+    let challenge = name.to_string();
+    let size = body.len() as u64;
+    let plugin = tokio::task::spawn_blocking(move || policies.upload(&challenge, &body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            UploadError::Store(m) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the artifact store refused the plugin: {m}"),
+            ),
+            e => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).field("body"),
+        })?;
+    let policy = PolicyRef {
+        digest: plugin.digest().to_string(),
+        hooks: plugin.hook_names().iter().map(|h| h.to_string()).collect(),
+        size,
+        uploaded_at: unix_now(),
+    };
+    let (revision, previous) = etcd(
+        &app,
+        app.challenges
+            .set_policy(&name, Some(policy.clone()), Some(stored.revision)),
+    )
+    .await?;
+    tracing::info!(challenge = %name, digest = %policy.digest, hooks = ?policy.hooks,
+        previous = previous.as_ref().map(|p| p.digest.as_str()), "policy uploaded");
+    let mut rec = stored.value;
+    rec.policy = Some(policy.clone());
+    Ok(with_etag(
+        json_response(StatusCode::OK, policy_json(&rec, &policy, revision)),
+        revision,
+    ))
+}
+
+pub(super) async fn get(
+    State(app): AppState,
+    _scope: Scope,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let name = parse_name(&name)?;
+    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    let Some(policy) = &stored.value.policy else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("challenge {:?} has no policy", name.as_str()),
+        ));
+    };
+    Ok(with_etag(
+        json_response(
+            StatusCode::OK,
+            policy_json(&stored.value, policy, stored.revision),
+        ),
+        stored.revision,
+    ))
+}
+
+pub(super) async fn delete(
+    State(app): AppState,
+    scope: Scope,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    scope.require_admin()?;
+    let name = parse_name(&name)?;
+    let expected = if_match(&headers)?;
+    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    if stored.value.policy.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("challenge {:?} has no policy", name.as_str()),
+        ));
+    }
+    let (revision, previous) = etcd(
+        &app,
+        app.challenges
+            .set_policy(&name, None, Some(expected.unwrap_or(stored.revision))),
+    )
+    .await?;
+    tracing::info!(challenge = %name, previous = previous.as_ref().map(|p| p.digest.as_str()),
+        "policy removed");
+    Ok(with_etag(StatusCode::NO_CONTENT.into_response(), revision))
+}

@@ -1,0 +1,506 @@
+//! Policy plugins end to end (issue #7): uploads through the real API, the
+//! example policies' decisions seen through the API and the agents, a
+//! runaway and a memory-hungry plugin, and a policy swap under load.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{get, plane};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tidegate_lab::daemons::{ADMIN, Controller, binary, eventually, web_spec};
+use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::plugins::{component, core_module};
+
+/// etcd and one controller (no agents): enough for uploads and for every
+/// decision taken before placement.
+struct ControlOnly {
+    controller: Controller,
+    dir: tempfile::TempDir,
+    _etcd: EtcdCluster,
+}
+
+async fn control_only() -> ControlOnly {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&etcd, "c1", dir.path()).await;
+    assert!(eventually(10, || controller.is_leader()).await);
+    ControlOnly {
+        controller,
+        dir,
+        _etcd: etcd,
+    }
+}
+
+async fn challenge(c: &Controller, name: &str) -> Value {
+    c.call(Method::GET, &format!("/v1/challenges/{name}"), None, None)
+        .await
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_checked_and_bad_ones_change_nothing() {
+    let p = control_only().await;
+    let c = &p.controller;
+    // No such challenge: nothing compiled or stored.
+    let (s, body) = c.put_policy("nope", component("team-limit")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    let before = challenge(c, "web").await;
+    let mut too_big = b"\0asm\x0d\0\x01\0".to_vec();
+    too_big.resize(10 * 1024 * 1024 + 1, 0);
+    let bad: [(&str, Vec<u8>, &str); 5] = [
+        ("junk", b"#!/bin/sh\necho hi\n".to_vec(), "not WebAssembly"),
+        (
+            "core module",
+            core_module("team-limit"),
+            "a core WebAssembly module, not a component",
+        ),
+        (
+            "other world",
+            component("other-world"),
+            "does not target the world tidegate:policy/policy",
+        ),
+        (
+            "dry run traps",
+            component("dry-run-trap"),
+            "the dry run of admit-spawn failed",
+        ),
+        ("too big", too_big, "at most 10485760"),
+    ];
+    for (what, bytes, expected) in bad {
+        let (s, body) = c.put_policy("web", bytes).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{what}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{what}: {error}");
+        assert_eq!(
+            challenge(c, "web").await,
+            before,
+            "{what} changed the challenge"
+        );
+    }
+    let (s, _) = c
+        .call(Method::GET, "/v1/challenges/web/policy", None, None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Nothing reached the artifact store.
+    let stored = || {
+        std::fs::read_dir(p.dir.path().join("artifacts"))
+            .map(|d| d.filter_map(|e| e.ok()).count())
+            .unwrap_or(0)
+    };
+    assert_eq!(stored(), 0);
+    // The platform token may not upload.
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/challenges/web/policy", c.url))
+        .bearer_auth(tidegate_lab::daemons::PLATFORM)
+        .body(component("team-limit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // A good one: stored by digest, pointed at, shown.
+    let (s, up) = c.put_policy("web", component("allowlist")).await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+    let digest = up["digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{up}");
+    assert_eq!(up["hooks"], json!(["admit-spawn", "admit-connection"]));
+    assert_eq!(up["fallback"], "deny");
+    let file = p
+        .dir
+        .path()
+        .join("artifacts")
+        .join(format!("{}.wasm", digest.replace(':', "-")));
+    assert_eq!(std::fs::read(&file).unwrap(), component("allowlist"));
+    let (s, got) = c
+        .call(Method::GET, "/v1/challenges/web/policy", None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(got["digest"], digest.as_str());
+    assert_eq!(
+        challenge(c, "web").await["policy"]["digest"],
+        digest.as_str()
+    );
+    // Replacing the spec keeps the policy.
+    assert_eq!(c.put_challenge("web", web_spec()).await.0, StatusCode::OK);
+    assert_eq!(
+        challenge(c, "web").await["policy"]["digest"],
+        digest.as_str()
+    );
+    // A stale If-Match is refused.
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/challenges/web/policy", c.url))
+        .bearer_auth(ADMIN)
+        .header("if-match", "\"1\"")
+        .body(component("team-limit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED);
+
+    // The CLI: upload, get, rm.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary("tidegate"))
+            .args(["--api", &c.url, "--token", ADMIN])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let wasm = p.dir.path().join("team-limit.wasm");
+    std::fs::write(&wasm, component("team-limit")).unwrap();
+    let (ok, out) = cli(&["policy", "upload", "web", wasm.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("hooks: admit-spawn"), "{out}");
+    let (ok, out) = cli(&["policy", "get", "web"]);
+    assert!(
+        ok && out.contains("sha256:") && !out.contains(&digest),
+        "{out}"
+    );
+    let junk = p.dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"junk").unwrap();
+    let (ok, out) = cli(&["policy", "upload", "web", junk.to_str().unwrap()]);
+    assert!(!ok && out.contains("not WebAssembly"), "{out}");
+    let (ok, out) = cli(&["policy", "rm", "web"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["policy", "get", "web"]);
+    assert!(!ok && out.contains("has no policy"), "{out}");
+    assert!(challenge(c, "web").await["policy"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
+    let p = plane("").await;
+    let c = &p.controller;
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    // An instance of a team that will not be on the list, spawned before it.
+    let (_, mallory_host, _) = p.running("web", "mallory").await;
+    let (s, up) = c.put_policy("web", component("allowlist")).await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+
+    // The API: the unlisted team is denied with the plugin's reason.
+    let (s, body) = c.spawn("web", "eve").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["error"],
+        "team eve is not on the allowlist of challenge web"
+    );
+    assert_eq!(body["policy"]["hook"], "admit-spawn");
+    assert_eq!(body["policy"]["decision"], "deny");
+    let (_, red_host, _) = p.running("web", "red").await;
+
+    // The agents: both refuse mallory's instance (admit-connection), both
+    // serve red's.
+    for entry in [&p.a_http, &p.b_http] {
+        let refused = eventually(10, || async {
+            let (s, _, body) = get(entry, &mallory_host, None).await;
+            s == 403 && body.contains("team mallory is not on the allowlist")
+        })
+        .await;
+        assert!(refused, "agent {entry} still admits mallory");
+        let (s, _, body) = get(entry, &red_host, None).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let rejected =
+        p.a.metric("tidegate_policy_edge_decisions_total{decision=\"reject\"}")
+            .await
+            .unwrap();
+    assert!(rejected >= 1.0, "{rejected}");
+
+    // Removing the policy lets mallory back in at the edge.
+    let (s, _) = c
+        .call(
+            Method::DELETE,
+            "/v1/challenges/web/policy",
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(
+        eventually(10, || async {
+            get(&p.a_http, &mallory_host, None).await.0 == 200
+        })
+        .await
+    );
+
+    // team-limit (test build: 2 live per team, over every challenge).
+    let mut spec = web_spec();
+    spec["per_team_max"] = json!(5);
+    assert_eq!(c.put_challenge("many", spec).await.0, StatusCode::CREATED);
+    assert_eq!(
+        c.put_policy("many", component("team-limit")).await.0,
+        StatusCode::OK
+    );
+    // red already runs one instance (of web): one more is allowed.
+    assert_eq!(c.spawn("many", "red").await.0, StatusCode::CREATED);
+    let (s, body) = c.spawn("many", "red").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["error"],
+        "team red already runs 2 instances (the limit is 2); stop one first"
+    );
+    assert_eq!(c.spawn("many", "blue").await.0, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_ttl_shortens_instances_when_the_cluster_is_busy() {
+    // Two agents of 2 slots each: 4 in the cluster.
+    let p = plane("capacity = 2").await;
+    let c = &p.controller;
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        c.put_policy("web", component("load-ttl")).await.0,
+        StatusCode::OK
+    );
+    let mut lifetimes = Vec::new();
+    for team in ["t1", "t2", "t3", "t4"] {
+        let (s, body) = c.spawn("web", team).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        lifetimes.push(body["expires_at"].as_u64().unwrap() - body["created_at"].as_u64().unwrap());
+    }
+    // 4, 3 and 2 slots free: the challenge's TTL (1800 s); 1 free of 4
+    // (≤ a quarter): the policy's busy TTL (300 s).
+    assert_eq!(lifetimes, [1800, 1800, 1800, 300]);
+    // None free: queue — 429 with Retry-After.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/instances", c.url))
+        .bearer_auth(tidegate_lab::daemons::PLATFORM)
+        .body(json!({"challenge": "web", "team": "t5"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "60");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["policy"]["decision"], "queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reaper_expires_the_idle_instance_and_keeps_the_busy_one() {
+    let p = plane("").await;
+    let c = &p.controller;
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    // The test build reaps after 6 s without traffic; the controller checks every second.
+    assert_eq!(
+        c.put_policy("web", component("idle-reaper")).await.0,
+        StatusCode::OK
+    );
+    let (idle, _, _) = p.running("web", "idle-team").await;
+    let (busy, busy_host, _) = p.running("web", "busy-team").await;
+    let exists = |id: String| async move {
+        c.call(Method::GET, &format!("/v1/instances/{id}"), None, None)
+            .await
+            .0
+            == StatusCode::OK
+    };
+    // Traffic to the busy one (through both agents, so also forwarded
+    // requests count) every 500 ms, until the idle one is gone.
+    let started = Instant::now();
+    let mut idle_gone = None;
+    let mut i = 0u32;
+    while started.elapsed() < Duration::from_secs(40) {
+        let entry = if i.is_multiple_of(2) {
+            &p.a_http
+        } else {
+            &p.b_http
+        };
+        i += 1;
+        assert_eq!(get(entry, &busy_host, None).await.0, 200);
+        if idle_gone.is_none() && !exists(idle.clone()).await {
+            idle_gone = Some(started.elapsed());
+        }
+        // Go on for 8 s past the reaping: longer than the idle limit.
+        if idle_gone.is_some_and(|t| started.elapsed() > t + Duration::from_secs(8)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gone = idle_gone.expect("the idle instance was never expired");
+    assert!(exists(busy.clone()).await, "the busy instance was expired");
+    let log = std::fs::read_to_string(c.proc.log()).unwrap();
+    assert!(
+        log.contains("its challenge's on-idle policy says it is idle") && log.contains(&idle),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("on-idle policy says it is idle") && l.contains(&busy)),
+        "{log}"
+    );
+    eprintln!(
+        "idle instance expired {:.1} s into the test",
+        gone.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_and_hungry_plugins_fall_back_fast_and_everything_stays_healthy() {
+    let p = plane("").await;
+    let c = &p.controller;
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    let (_, host, _) = p.running("web", "early").await;
+    for (plugin, cause) in [
+        ("runaway", "did not finish within 5 ms"),
+        ("hog", "more than 32 MiB of memory"),
+    ] {
+        let (s, up) = c.put_policy("web", component(plugin)).await;
+        assert_eq!(s, StatusCode::OK, "{plugin}: {up}");
+        for team in ["a1", "a2", "a3", "a4", "a5"] {
+            let started = Instant::now();
+            let (s, body) = c.spawn("web", team).await;
+            let took = started.elapsed();
+            assert_eq!(s, StatusCode::FORBIDDEN, "{plugin}: {body}");
+            let error = body["error"].as_str().unwrap();
+            assert!(error.contains(cause), "{plugin}: {error}");
+            assert!(error.contains("policy_fallback is deny"), "{error}");
+            assert_eq!(body["policy"]["decision"], "fallback-deny");
+            assert!(
+                took < Duration::from_millis(100),
+                "{plugin}: the API took {took:?}"
+            );
+        }
+    }
+    // The runaway also implements admit-connection: the agents stop it and
+    // refuse the request (fallback deny), quickly.
+    assert_eq!(
+        c.put_policy("web", component("runaway")).await.0,
+        StatusCode::OK
+    );
+    for entry in [&p.a_http, &p.b_http] {
+        let refused = eventually(10, || async {
+            let started = Instant::now();
+            let (s, _, body) = get(entry, &host, None).await;
+            s == 403
+                && body.contains("did not finish within 5 ms")
+                && started.elapsed() < Duration::from_millis(100)
+        })
+        .await;
+        assert!(refused, "agent {entry} did not fall back");
+    }
+    // With `policy_fallback = "allow"` the same failure lets the spawn through.
+    let mut spec = web_spec();
+    spec["policy_fallback"] = json!("allow");
+    assert_eq!(c.put_challenge("web", spec).await.0, StatusCode::OK);
+    let (s, body) = c.spawn("web", "b1").await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["policy"]["decision"], "fallback-allow");
+    assert!(
+        eventually(10, || async { get(&p.a_http, &host, None).await.0 == 200 }).await,
+        "fallback allow at the edge"
+    );
+    // Every process is still up and answering.
+    assert!(c.is_leader().await);
+    assert!(p.a.metrics().await.is_some() && p.b.metrics().await.is_some());
+    let fallbacks =
+        p.a.metric("tidegate_policy_edge_decisions_total{decision=\"fallback_reject\"}")
+            .await
+            .unwrap();
+    assert!(fallbacks >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_the_policy_under_100_spawns_in_flight_loses_none() {
+    let p = control_only().await;
+    let c = &p.controller;
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    let (s, old) = c.put_policy("web", component("allowlist")).await;
+    assert_eq!(s, StatusCode::OK);
+    let old = old["digest"].as_str().unwrap().to_string();
+    let closed = component("closed");
+    // 100 spawns of unlisted teams, one every 4 ms. The upload starts after
+    // the 30th; the last 10 wait until it has returned, so the swap lands
+    // mid-stream however long compiling takes.
+    let spawn = |i: u64| {
+        let c = c.url.clone();
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{c}/v1/instances"))
+                .bearer_auth(tidegate_lab::daemons::PLATFORM)
+                .body(json!({"challenge": "web", "team": format!("team{i}")}).to_string())
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            (i, status, resp.json::<Value>().await.unwrap())
+        })
+    };
+    let mut spawns = Vec::new();
+    let mut upload = None;
+    for i in 0..100u64 {
+        if i == 30 {
+            let (url, closed) = (c.url.clone(), closed.clone());
+            upload = Some(tokio::spawn(async move {
+                reqwest::Client::new()
+                    .put(format!("{url}/v1/challenges/web/policy"))
+                    .bearer_auth(ADMIN)
+                    .body(closed)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            }));
+        }
+        if i == 90 {
+            let new = upload.take().unwrap().await.unwrap();
+            assert!(new["digest"].is_string(), "{new}");
+            upload = Some(tokio::spawn(async move { new }));
+        }
+        spawns.push(spawn(i));
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    let new = upload.unwrap().await.unwrap();
+    let new = new["digest"].as_str().unwrap().to_string();
+    let (mut by_old, mut by_new) = (0, 0);
+    for s in spawns {
+        let (i, status, body) = s.await.unwrap();
+        assert_eq!(status, StatusCode::FORBIDDEN, "spawn {i}: {body}");
+        assert_eq!(body["policy"]["decision"], "deny", "spawn {i}: {body}");
+        let digest = body["policy"]["digest"].as_str().unwrap();
+        let error = body["error"].as_str().unwrap();
+        if digest == old {
+            assert_eq!(
+                error,
+                format!("team team{i} is not on the allowlist of challenge web")
+            );
+            by_old += 1;
+        } else {
+            assert_eq!(digest, new, "spawn {i}: {body}");
+            assert_eq!(error, "challenge web is closed");
+            by_new += 1;
+        }
+    }
+    eprintln!("decided by the old policy: {by_old}, by the new: {by_new}");
+    assert_eq!(by_old + by_new, 100);
+    assert!(by_old > 0 && by_new > 0, "the swap did not land mid-flight");
+}
