@@ -338,6 +338,7 @@ async fn idle_reaper_expires_the_idle_instance_and_keeps_the_busy_one() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let gone = idle_gone.expect("the idle instance was never expired");
+    assert_eq!(c.status().await["counters"]["idle_expirations"], 1);
     assert!(exists(busy.clone()).await, "the busy instance was expired");
     let log = std::fs::read_to_string(c.proc.log()).unwrap();
     assert!(

@@ -66,6 +66,10 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
                 "fenced_writes": c.fenced_writes.load(Ordering::Relaxed),
                 "leader_changes": c.leader_changes.load(Ordering::Relaxed),
                 "worker_gone_deletions": c.worker_gone_deletions.load(Ordering::Relaxed),
+                "policy_denials": c.policy_denials.load(Ordering::Relaxed),
+                "policy_failures": c.policy_failures.load(Ordering::Relaxed),
+                "idle_expirations": c.idle_expirations.load(Ordering::Relaxed),
+                "plugins_compiled": app.policies.host.cached(),
             },
         }),
     ))

@@ -13,6 +13,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/v1/challenges/{name}", "get"),
     ("/v1/challenges/{name}", "put"),
     ("/v1/challenges/{name}", "delete"),
+    ("/v1/challenges/{name}/policy", "get"),
+    ("/v1/challenges/{name}/policy", "put"),
+    ("/v1/challenges/{name}/policy", "delete"),
     ("/v1/instances", "post"),
     ("/v1/instances", "get"),
     ("/v1/instances/{id}", "get"),
@@ -74,7 +77,8 @@ pub fn spec() -> Value {
                     "per_team_max": { "type": "integer" },
                     "flag": { "type": "object", "properties": { "template": { "type": "string" } } },
                     "egress": { "type": "boolean" }, "read_only_rootfs": { "type": "boolean" },
-                    "cap_add": { "type": "array", "items": { "type": "string" } } } },
+                    "cap_add": { "type": "array", "items": { "type": "string" } },
+                    "policy_fallback": { "type": "string", "enum": ["deny", "allow"], "description": "what a failing policy plugin's decision becomes (default deny)" } } },
                 "SpawnRequest": { "type": "object", "required": ["challenge", "team"], "additionalProperties": false, "properties": {
                     "challenge": { "type": "string" }, "team": { "type": "string" } } },
                 "FlagRequest": { "type": "object", "required": ["flag"], "additionalProperties": false, "properties": { "flag": { "type": "string" } } }
@@ -92,17 +96,27 @@ pub fn spec() -> Value {
                     &with(&[("200", "replaced"), ("201", "created"), ("400", "invalid spec, naming the field"), ("403", "needs admin"), ("412", "revision differs"), ("413", "body too large")])), "ChallengeSpec"),
                 "delete": op("Delete; optional If-Match", "admin", &with(&[("204", "deleted"), ("404", "no such challenge"), ("412", "revision differs")]))
             },
+            "/v1/challenges/{name}/policy": {
+                "get": op("The challenge's policy plugin: digest, hooks, size, fallback", "any", &with(&[("200", "policy"), ("404", "no such challenge, or no policy")])),
+                "put": {
+                    "summary": "Upload a WebAssembly component (world tidegate:policy/policy@0.1.0, at most 10 MiB) as the challenge's policy: checked, dry-run (admit-spawn), stored by sha256, then pointed at; optional If-Match",
+                    "description": "Scope: admin.",
+                    "requestBody": { "required": true, "content": { "application/wasm": { "schema": { "type": "string", "format": "binary" } } } },
+                    "responses": op("", "admin", &with(&[("200", "policy"), ("400", "not wasm, a core module, another world, a missing export, too big, or the dry run trapped"), ("403", "needs admin"), ("404", "no such challenge"), ("412", "revision differs")]))["responses"].clone()
+                },
+                "delete": op("Remove the challenge's policy; optional If-Match", "admin", &with(&[("204", "removed"), ("404", "no such challenge, or no policy"), ("412", "revision differs")]))
+            },
             "/v1/instances": {
-                "post": with_body(op("Spawn an instance for a team (standbys answer 307 to the scheduler)", "platform or admin",
-                    &with(&[("201", "instance"), ("307", "this replica is a standby"), ("400", "invalid request, naming the field"), ("403", "denied by the challenge's policy"), ("404", "no such challenge"), ("409", "the team is at its per_team_max")])), "SpawnRequest"),
+                "post": with_body(op("Spawn an instance for a team (standbys answer 307 to the scheduler). A policy's denial is a 403 whose `error` is its reason and `policy` names digest, hook and decision; `queue` is a 429 with Retry-After", "platform or admin",
+                    &with(&[("201", "instance"), ("307", "this replica is a standby"), ("400", "invalid request, naming the field"), ("403", "denied by the challenge's policy (or its failure under policy_fallback deny)"), ("404", "no such challenge"), ("409", "the team is at its per_team_max"), ("429", "the policy asks to retry after Retry-After seconds")])), "SpawnRequest"),
                 "get": op("Live instances; filter with ?team=&challenge=", "any", &with(&[("200", "instances")]))
             },
             "/v1/instances/{id}": {
                 "get": op("One instance", "any", &with(&[("200", "instance"), ("404", "no such instance")])),
                 "delete": op("Delete an instance (revokes its lease)", "any", &with(&[("204", "deleted"), ("404", "no such instance")]))
             },
-            "/v1/instances/{id}/renew": { "post": op("Extend the lifetime per the challenge's ttl rules", "any",
-                &with(&[("200", "instance with its new expires_at"), ("307", "this replica is a standby"), ("404", "no such instance"), ("409", "max renewals or max lifetime reached")])) },
+            "/v1/instances/{id}/renew": { "post": op("Extend the lifetime per the challenge's ttl rules (and its policy's renew hook)", "any",
+                &with(&[("200", "instance with its new expires_at"), ("307", "this replica is a standby"), ("403", "refused by the challenge's policy"), ("404", "no such instance"), ("409", "max renewals or max lifetime reached")])) },
             "/v1/instances/{id}/flag": { "post": with_body(op("Check a flag (constant-time)", "any", &with(&[("200", "{\"correct\": bool}"), ("404", "no such instance")])), "FlagRequest") }
         }
     })
