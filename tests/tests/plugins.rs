@@ -505,3 +505,56 @@ async fn swapping_the_policy_under_100_spawns_in_flight_loses_none() {
     assert_eq!(by_old + by_new, 100);
     assert!(by_old > 0 && by_new > 0, "the swap did not land mid-flight");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_loads_the_policy_by_digest_and_a_missing_blob_falls_back() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = Controller::start(&etcd, "c1", dir.path()).await;
+    assert!(eventually(10, || c1.is_leader()).await);
+    let c2 = Controller::start(&etcd, "c2", dir.path()).await;
+    assert_eq!(
+        c1.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        c1.put_policy("web", component("allowlist")).await.0,
+        StatusCode::OK
+    );
+    let (s, body) = c1.spawn("web", "eve").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(c2.status().await["counters"]["plugins_compiled"], 0);
+
+    // The leader dies; the standby takes over and meets the digest for the
+    // first time: it fetches the blob, verifies and compiles it.
+    drop(c1);
+    assert!(eventually(15, || c2.is_leader()).await);
+    let (s, body) = c2.spawn("web", "eve").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["error"],
+        "team eve is not on the allowlist of challenge web"
+    );
+    assert_eq!(c2.status().await["counters"]["plugins_compiled"], 1);
+
+    // A record written by hand pointing at a blob the store does not have:
+    // the spawn falls back (deny) and says why.
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let missing = format!("sha256:{}", "ab".repeat(32));
+    let record = json!({"v": 1, "name": "ghost", "spec": web_spec(),
+        "policy": {"digest": missing, "hooks": ["admit-spawn"]}});
+    client
+        .put("/tidegate/challenges/ghost", record.to_string(), None)
+        .await
+        .unwrap();
+    let (s, body) = c2.spawn("ghost", "eve").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("is not in the store") && error.contains("policy_fallback is deny"),
+        "{error}"
+    );
+    assert_eq!(body["policy"]["decision"], "fallback-deny");
+}

@@ -31,6 +31,13 @@ fn policy_json(rec: &ChallengeRecord, policy: &PolicyRef, revision: i64) -> serd
     })
 }
 
+fn no_policy(name: &tidegate_schema::ChallengeName) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("challenge {:?} has no policy", name.as_str()),
+    )
+}
+
 pub(super) async fn put(
     State(app): AppState,
     scope: Scope,
@@ -106,10 +113,7 @@ pub(super) async fn get(
     let name = parse_name(&name)?;
     let stored = etcd(&app, app.challenges.get(&name)).await?;
     let Some(policy) = &stored.value.policy else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("challenge {:?} has no policy", name.as_str()),
-        ));
+        return Err(no_policy(&name));
     };
     Ok(with_etag(
         json_response(
@@ -131,10 +135,7 @@ pub(super) async fn delete(
     let expected = if_match(&headers)?;
     let stored = etcd(&app, app.challenges.get(&name)).await?;
     if stored.value.policy.is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("challenge {:?} has no policy", name.as_str()),
-        ));
+        return Err(no_policy(&name));
     }
     let (revision, previous) = etcd(
         &app,

@@ -128,20 +128,7 @@ artifact_dir = "{artifacts}"
         if let Some(b) = body {
             req = req.body(b.to_string());
         }
-        match req.send().await {
-            Ok(resp) => {
-                let status = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
-            }
-            Err(e) => (
-                StatusCode::from_u16(599).unwrap(),
-                Value::String(e.to_string()),
-            ),
-        }
+        answer(req.send().await).await
     }
 
     pub async fn status(&self) -> Value {
@@ -172,20 +159,7 @@ artifact_dir = "{artifacts}"
             .timeout(Duration::from_secs(20))
             .send()
             .await;
-        match resp {
-            Ok(r) => {
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
-            }
-            Err(e) => (
-                StatusCode::from_u16(599).unwrap(),
-                Value::String(e.to_string()),
-            ),
-        }
+        answer(resp).await
     }
 
     pub async fn put_challenge(&self, name: &str, spec: Value) -> (StatusCode, Value) {
@@ -196,6 +170,25 @@ artifact_dir = "{artifacts}"
             Some(ADMIN),
         )
         .await
+    }
+}
+
+/// An API answer as (status, JSON body or the text as a string); a request
+/// that got no answer is status 599 with the error.
+async fn answer(resp: reqwest::Result<reqwest::Response>) -> (StatusCode, Value) {
+    match resp {
+        Ok(r) => {
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(e) => (
+            StatusCode::from_u16(599).unwrap(),
+            Value::String(e.to_string()),
+        ),
     }
 }
 
