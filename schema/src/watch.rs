@@ -103,6 +103,23 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 1000;
+
+/// The end of the key range holding every key that starts with `prefix`
+/// (etcd's prefix range end: the last byte below 0xff incremented).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff (or no prefix): to the end of the keyspace.
+    vec![0]
+}
+
 impl Watcher {
     /// A watcher that starts with a full list of `prefix`.
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
@@ -155,17 +172,35 @@ impl Watcher {
     async fn step(&mut self) -> Result<(), etcd_client::Error> {
         match &mut self.state {
             State::List => {
-                let resp = self
-                    .client
-                    .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                    .await?;
-                let revision = resp.header().map_or(0, |h| h.revision());
+                // In pages, all at the first page's revision (one consistent
+                // snapshot): a single range over 10,000 instances would pass
+                // the gRPC message limit (4 MiB) and fail forever.
+                let end = prefix_end(self.prefix.as_bytes());
+                let mut from = self.prefix.as_bytes().to_vec();
+                let mut revision = 0;
+                let mut kvs = Vec::new();
+                loop {
+                    let mut options = GetOptions::new()
+                        .with_range(end.clone())
+                        .with_limit(LIST_PAGE);
+                    if revision > 0 {
+                        options = options.with_revision(revision);
+                    }
+                    let resp = self.client.get(from.clone(), Some(options)).await?;
+                    if revision == 0 {
+                        revision = resp.header().map_or(0, |h| h.revision());
+                    }
+                    kvs.extend(resp.kvs().iter().map(Kv::from_etcd));
+                    match resp.kvs().last() {
+                        Some(last) if resp.more() => {
+                            from = last.key().to_vec();
+                            from.push(0);
+                        }
+                        _ => break,
+                    }
+                }
                 self.queue.push_back(Event::Init);
-                self.queue.extend(
-                    resp.kvs()
-                        .iter()
-                        .map(|kv| Event::InitApply(Kv::from_etcd(kv))),
-                );
+                self.queue.extend(kvs.into_iter().map(Event::InitApply));
                 self.queue.push_back(Event::InitDone { revision });
                 self.revision = revision;
                 self.lists += 1;

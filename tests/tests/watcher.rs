@@ -260,3 +260,43 @@ async fn malformed_values_reach_the_consumer_as_errors_naming_the_key() {
         .unwrap();
     assert!(matches!(next(&mut w).await, Event::Apply(_)));
 }
+
+#[tokio::test]
+async fn lists_more_than_one_grpc_message_in_consistent_pages() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    // 3,000 keys of 2 KiB: 6 MB, more than a 4 MiB gRPC message, as 10,000
+    // instance records are. A key just past the prefix must not be listed.
+    let value = "x".repeat(2048);
+    for chunk in (0..3000).collect::<Vec<u32>>().chunks(100) {
+        let ops: Vec<_> = chunk
+            .iter()
+            .map(|i| etcd_client::TxnOp::put(format!("/big/k{i:05}"), value.as_str(), None))
+            .collect();
+        client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap();
+    }
+    client.put("/big0", "outside", None).await.unwrap();
+    let mut w = Watcher::new(client.clone(), "/big/");
+    let mut view = View::default();
+    // (One unpaged range of it fails: the reason for the pages.)
+    assert!(
+        client
+            .get("/big/", Some(GetOptions::new().with_prefix()))
+            .await
+            .is_err()
+    );
+    let revision = |r: etcd_client::GetResponse| r.header().unwrap().revision();
+    let now = revision(client.get("/big0", None).await.unwrap());
+    catch_up(&mut w, &mut view, now).await;
+    assert_eq!(view.live.len(), 3000);
+    assert!(view.live.values().all(|v| v == value.as_bytes()));
+    assert_eq!(w.lists(), 1);
+    let late = client.put("/big/k99999", "late", None).await.unwrap();
+    catch_up(&mut w, &mut view, late.header().unwrap().revision()).await;
+    assert_eq!(view.live.len(), 3001);
+    assert_eq!(view.live["/big/k99999"], b"late");
+    assert!(!view.live.contains_key("/big0"));
+}

@@ -27,13 +27,15 @@ pub(crate) fn run(which: Option<String>) -> Result<()> {
         None => {
             http()?;
             tcp()?;
-            plugins()
+            plugins()?;
+            routes()
         }
         Some("http") => http(),
         Some("tcp") => tcp(),
         Some("plugins") => plugins(),
+        Some("routes") => routes(),
         Some(other) => {
-            bail!("no benchmark named {other:?}: `http`, `tcp` and `plugins` exist")
+            bail!("no benchmark named {other:?}: `http`, `tcp`, `plugins` and `routes` exist")
         }
     }
 }
@@ -737,48 +739,8 @@ fn plugins() -> Result<()> {
         .tempdir()?;
     let dir = work.path();
     let etcd = EtcdCluster::start(1)?;
-    let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
-    let cfg = dir.join("controller.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\netcd = [{:?}]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
-             platform_token = \"bench-platform-token-0123456789\"\nflag_secret = \"bench-flag-secret-0123456789\"\n\
-             election_ttl_secs = 2\nartifact_dir = \"{}\"\n",
-            etcd.endpoints()[0],
-            dir.join("artifacts").display()
-        ),
-    )?;
-    let _controller = Supervised::spawn(
-        "controller",
-        &target
-            .join("release/tidegate-controller")
-            .display()
-            .to_string(),
-        &["--config".into(), cfg.display().to_string()],
-        &dir.join("controller.log"),
-    )?;
-    let body_file = dir.join("body");
-    let http = |method: &str, path: &str, body: Vec<u8>| -> Result<String> {
-        std::fs::write(&body_file, body)?;
-        sh::output(
-            Command::new("curl")
-                .args(["-sS", "-X", method, "-H"])
-                .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
-                .arg("--data-binary")
-                .arg(format!("@{}", body_file.display()))
-                .args(["-w", " %{http_code}"])
-                .arg(format!("{url}{path}")),
-        )
-        .with_context(|| format!("curl {method} {path} failed"))
-    };
-    let leading = wait_until(Duration::from_secs(15), || {
-        http("GET", "/v1/status", Vec::new()).is_ok_and(|s| s.contains("\"role\":\"leader\""))
-    });
-    if !leading {
-        bail!("the controller did not lead within 15 s");
-    }
+    let (_controller, url) = release_controller(&target, dir, &etcd.endpoints())?;
+    let http = |method: &str, path: &str, body: Vec<u8>| api(dir, &url, method, path, body);
     let spec = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
     let out = http("PUT", "/v1/challenges/web", spec.as_bytes().to_vec())?;
     if !out.ends_with(" 201") {
@@ -817,4 +779,266 @@ fn plugins() -> Result<()> {
          decision is the call above; the rest is HTTP, the etcd read of the challenge and the per-leader spawn lock.\n"
     );
     write_report("Policy plugins", &section)
+}
+
+/// A release controller on etcd `endpoints`, leading; its API URL.
+fn release_controller(
+    target: &Path,
+    dir: &Path,
+    endpoints: &[String],
+) -> Result<(Supervised, String)> {
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let cfg = dir.join("controller.toml");
+    let etcd: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    std::fs::write(
+        &cfg,
+        format!(
+            "id = \"bench\"\nlisten = \"127.0.0.1:{port}\"\netcd = [{}]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+             platform_token = \"bench-platform-token-0123456789\"\nflag_secret = \"bench-flag-secret-0123456789\"\n\
+             election_ttl_secs = 2\nartifact_dir = \"{}\"\ntcp_ports = \"30000-39999\"\n",
+            etcd.join(", "),
+            dir.join("artifacts").display()
+        ),
+    )?;
+    let controller = Supervised::spawn(
+        "controller",
+        &target
+            .join("release/tidegate-controller")
+            .display()
+            .to_string(),
+        &["--config".into(), cfg.display().to_string()],
+        &dir.join("controller.log"),
+    )?;
+    let leading = wait_until(Duration::from_secs(15), || {
+        api(dir, &url, "GET", "/v1/status", Vec::new())
+            .is_ok_and(|s| s.contains("\"role\":\"leader\""))
+    });
+    if !leading {
+        bail!("the controller did not lead within 15 s");
+    }
+    Ok((controller, url))
+}
+
+/// One API call with the admin token through curl: the body, a space and the status code.
+fn api(dir: &Path, url: &str, method: &str, path: &str, body: Vec<u8>) -> Result<String> {
+    let body_file = dir.join(format!("body-{}", std::process::id()));
+    std::fs::write(&body_file, body)?;
+    sh::output(
+        Command::new("curl")
+            .args(["-sS", "-X", method, "-H"])
+            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body_file.display()))
+            .args(["-w", " %{http_code}"])
+            .arg(format!("{url}{path}")),
+    )
+    .with_context(|| format!("curl {method} {path} failed"))
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// `routes`: route propagation (API 201 → every agent routes the hostname)
+/// and spawn → routable (the first 200) with a 3-member etcd and 3 agents;
+/// then an agent started against 10,000 instance records: time until its
+/// table holds them all, and its RSS.
+fn routes() -> Result<()> {
+    const SPAWNS: usize = 40;
+    const RESYNC: usize = 10_000;
+    let root = workspace_root();
+    println!("building the controller, the agent and route-bench (release)");
+    sh::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "tidegate-controller",
+        "-p",
+        "tidegate-agent",
+        "-p",
+        "tidegate-tests",
+        "--bin",
+        "tidegate-controller",
+        "--bin",
+        "tidegate-agent",
+        "--bin",
+        "route-bench",
+    ]))?;
+    tidegate_lab::images::ensure_demo_images()?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-bench-")
+        .tempdir()?;
+    let dir = work.path();
+    let etcd = EtcdCluster::start(3)?;
+    let endpoints = etcd.endpoints();
+    let (_controller, url) = release_controller(&target, dir, &endpoints)?;
+    let label = format!("bench-routes-{}", std::process::id());
+    let agent = |name: &str, addr: &str| -> Result<(Supervised, String, u16)> {
+        let http = format!("{addr}:{}", free_port()?);
+        let metrics = free_port()?;
+        let cfg = dir.join(format!("{name}.toml"));
+        let etcd: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+        std::fs::write(
+            &cfg,
+            format!(
+                "worker_id = \"{name}\"\netcd = [{}]\nadvertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\n\
+                 tcp_host = \"{addr}\"\npull_images = false\nmetrics_listen = \"127.0.0.1:{metrics}\"\n\
+                 cluster_label = \"{label}\"\nartifact_dir = \"{}\"\nreconcile_interval_ms = 200\n",
+                etcd.join(", "),
+                dir.join("artifacts").display()
+            ),
+        )?;
+        let proc = Supervised::spawn(
+            name,
+            &target.join("release/tidegate-agent").display().to_string(),
+            &["--config".into(), cfg.display().to_string()],
+            &dir.join(format!("{name}.log")),
+        )?;
+        let up = wait_until(Duration::from_secs(15), || {
+            sh::output(
+                Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{metrics}/metrics")]),
+            )
+            .is_some()
+        });
+        if !up {
+            bail!("agent {name} did not start:\n{}", proc.log_tail(20));
+        }
+        Ok((proc, http, metrics))
+    };
+    let remove_containers = || {
+        if let Some(ids) = sh::output(Command::new("docker").args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=tidegate.cluster={label}"),
+        ])) {
+            for id in ids.split_whitespace() {
+                let _ = sh::output(Command::new("docker").args(["rm", "-f", "-v", id]));
+            }
+        }
+    };
+    let result = (|| -> Result<(Vec<f64>, Vec<f64>)> {
+        let agents = [
+            agent("bench-a", "127.0.0.2")?,
+            agent("bench-b", "127.0.0.3")?,
+            agent("bench-c", "127.0.0.4")?,
+        ];
+        let spec = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
+        let out = api(
+            dir,
+            &url,
+            "PUT",
+            "/v1/challenges/web",
+            spec.as_bytes().to_vec(),
+        )?;
+        if !out.ends_with(" 201") {
+            bail!("creating the challenge: {out}");
+        }
+        let registered = wait_until(Duration::from_secs(15), || {
+            api(dir, &url, "GET", "/v1/workers", Vec::new())
+                .is_ok_and(|s| s.matches("\"bench-").count() >= 3)
+        });
+        if !registered {
+            bail!("the 3 agents did not register");
+        }
+        let mut args: Vec<String> = vec![
+            "propagation".into(),
+            url.clone(),
+            ADMIN_TOKEN.into(),
+            "web".into(),
+            SPAWNS.to_string(),
+        ];
+        args.extend(agents.iter().map(|a| a.1.clone()));
+        let out = sh::output(Command::new(target.join("release/route-bench")).args(&args))
+            .context("route-bench propagation failed")?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        let samples = |k: &str| -> Vec<f64> {
+            v[k].as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_f64())
+                .collect()
+        };
+        Ok((samples("propagation_ms"), samples("routable_ms")))
+    })();
+    remove_containers();
+    let (propagation, routable) = result?;
+    if propagation.len() != SPAWNS || routable.len() != SPAWNS {
+        bail!("route-bench returned too few samples");
+    }
+    let (p50, p99) = (
+        percentile(propagation.clone(), 0.5),
+        percentile(propagation, 0.99),
+    );
+    let (r50, r99) = (
+        percentile(routable.clone(), 0.5),
+        percentile(routable, 0.99),
+    );
+    println!(
+        "route propagation p50 {p50:.1} ms p99 {p99:.1} ms; spawn → routable p50 {r50:.0} ms p99 {r99:.0} ms"
+    );
+
+    // Resync: 10,000 records of another worker, then a fresh agent.
+    sh::output(Command::new(target.join("release/route-bench")).args([
+        "seed",
+        &endpoints[0],
+        &RESYNC.to_string(),
+    ]))
+    .context("route-bench seed failed")?;
+    let started = std::time::Instant::now();
+    let (proc, _, metrics) = agent("bench-resync", "127.0.0.5")?;
+    let mut synced = None;
+    while started.elapsed() < Duration::from_secs(120) {
+        let routes = sh::output(
+            Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{metrics}/metrics")]),
+        )
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix("tidegate_agent_routes ")
+                        .map(|v| v.trim().parse::<usize>().ok())
+                })
+                .flatten()
+        });
+        if routes.is_some_and(|r| r >= RESYNC) {
+            synced = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let synced = synced.context("the agent never held the 10,000 routes")?;
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", proc.pid()))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    drop(proc);
+    remove_containers();
+    let rss_mib = rss_kib as f64 / 1024.0;
+    println!(
+        "resync of {RESYNC} instances: {:.2} s from process start, RSS {rss_mib:.0} MiB",
+        synced.as_secs_f64()
+    );
+    let verdict = if p99 <= 50.0 { "met" } else { "NOT met" };
+    let section = format!(
+        "## Route propagation and resync (`cargo xtask bench routes`)\n\n\
+         A 3-member etcd on loopback, one release controller, three release agents (each its own loopback \
+         address), the demo HTTP image. {SPAWNS} spawns one after another, each deleted after it served.\n\n\
+         | measure | p50 | p99 |\n|---|---:|---:|\n\
+         | route propagation: API 201 → all 3 agents route the hostname (polled every 1 ms) | {p50:.1} ms | {p99:.1} ms |\n\
+         | spawn → routable: POST sent → first 200 through an agent (includes the container start) | {r50:.0} ms | {r99:.0} ms |\n\n\
+         Target route propagation p99 ≤ 50 ms: **{verdict}**.\n\n\
+         Resync: {RESYNC} instance records (and endpoints) of another worker written into etcd, then a new agent \
+         started: **{:.2} s** from process start until its table held all {RESYNC} hostnames (etcd connect, \
+         list, build, eBPF load included); its RSS then: **{rss_mib:.0} MiB**.\n",
+        synced.as_secs_f64()
+    );
+    write_report("Route propagation", &section)
 }

@@ -45,9 +45,13 @@ enum Command {
     /// What CI runs: setup, `cargo fmt --check`, `cargo clippy --all-targets
     /// -- -D warnings`, then the whole test suite against real components.
     Ci(ci::CiArgs),
-    /// Run benchmarks and regenerate docs/benchmarks.md (`http` so far; tcp #6, plugins #7, the rest #8).
+    /// Run benchmarks and regenerate their sections of docs/benchmarks.md:
+    /// `http` (vs nginx and HAProxy), `tcp` (vs direct loopback and HAProxy,
+    /// each data path), `plugins` (policy call cost, spawn decisions/s),
+    /// `routes` (route propagation and spawn → routable with a 3-member
+    /// etcd, 10,000-instance resync and agent RSS).
     Bench {
-        /// Which benchmark to run (`http`, `tcp`, `plugins`, ...); all when omitted.
+        /// Which benchmark to run; all when omitted.
         which: Option<String>,
     },
 }

@@ -1,0 +1,159 @@
+//! Measurements behind `cargo xtask bench routes` (built in release).
+//!
+//! - `propagation <api> <token> <challenge> <n> <agent entry>...`: `n`
+//!   spawns one after another; for each, from the API's 201 until every
+//!   agent routes the new hostname (its entry stops answering 404 for it),
+//!   polled every millisecond per agent, and from sending the spawn until
+//!   the first agent answers 200 (the container serves). Each instance is
+//!   deleted afterwards. Prints JSON with the samples in milliseconds.
+//! - `seed <etcd endpoint> <n>`: writes `n` instance records (and their
+//!   endpoints) of a worker `ghost` straight into etcd, 100 per Txn.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Txn, TxnOp};
+use serde_json::{Value, json};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some("propagation") if args.len() >= 7 => {
+            propagation(&args[2], &args[3], &args[4], &args[5], &args[6..]).await
+        }
+        Some("seed") if args.len() == 4 => seed(&args[2], &args[3]).await,
+        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | seed <etcd endpoint> <n>".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("route-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Polls `entry` with `host` until the answer is not 404 (routed) or is
+/// `want` when given; returns when that happened.
+async fn wait_for(
+    http: &reqwest::Client,
+    entry: &str,
+    host: &str,
+    want: Option<u16>,
+) -> Result<Instant, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = http
+            .get(format!("http://{entry}/"))
+            .header("host", host)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        let done = match want {
+            Some(w) => status == w,
+            None => status != 404 && status != 0,
+        };
+        if done {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{entry} never routed {host} (last answer {status})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn propagation(
+    api: &str,
+    token: &str,
+    challenge: &str,
+    n: &str,
+    agents: &[String],
+) -> Result<(), String> {
+    let n: usize = n.parse().map_err(|_| "n must be a number")?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut propagation_ms = Vec::new();
+    let mut routable_ms = Vec::new();
+    for i in 0..n {
+        let sent = Instant::now();
+        let resp = http
+            .post(format!("{api}/v1/instances"))
+            .bearer_auth(token)
+            .body(json!({"challenge": challenge, "team": format!("route-bench-{i}")}).to_string())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let answered = Instant::now();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.map_err(|e| e.to_string())?;
+        if status != 201 {
+            return Err(format!("spawn {i} answered {status}: {body}"));
+        }
+        let host = body["http"][0]["hostname"]
+            .as_str()
+            .ok_or("no hostname in the answer")?
+            .to_string();
+        let id = body["id"].as_str().ok_or("no id")?.to_string();
+        let waits = agents.iter().map(|a| wait_for(&http, a, &host, None));
+        let routed = futures::future::try_join_all(waits).await?;
+        let last = routed.into_iter().max().unwrap_or(answered);
+        propagation_ms.push(last.duration_since(answered).as_secs_f64() * 1000.0);
+        let serving = wait_for(&http, &agents[0], &host, Some(200)).await?;
+        routable_ms.push(serving.duration_since(sent).as_secs_f64() * 1000.0);
+        let _ = http
+            .delete(format!("{api}/v1/instances/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+    }
+    println!(
+        "{}",
+        json!({"propagation_ms": propagation_ms, "routable_ms": routable_ms})
+    );
+    Ok(())
+}
+
+async fn seed(endpoint: &str, n: &str) -> Result<(), String> {
+    let n: usize = n.parse().map_err(|_| "n must be a number")?;
+    let mut client = Client::connect([endpoint], None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let worker = json!({"v": 1, "id": "ghost", "address": "127.0.0.1", "http_entry": "127.0.0.1:1",
+        "tcp_host": "127.0.0.1", "capacity": 100000, "version": "bench", "started_at": 0});
+    client
+        .put("/tidegate/workers/ghost", worker.to_string(), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let mut ops = Vec::new();
+        for i in chunk {
+            let id = format!("{:010x}", 0xb000_0000_u64 + *i as u64);
+            let record = json!({"v": 1, "id": id, "challenge": "bench", "team": format!("t{i}"),
+                "worker": "ghost", "token": 1, "created_at": 0, "expires_at": 9_999_999_999u64,
+                "http": [{"port_name": "web", "hostname": format!("{id}.ctf.localhost"), "target_port": 8080}],
+                "container": {"image": "none", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}},
+                "flag": "f"});
+            let endpoint = json!({"v": 1, "instance": id, "worker": "ghost", "address": "198.19.0.9",
+                "status": {"state": "running"}, "updated_at": 0});
+            ops.push(TxnOp::put(
+                format!("/tidegate/instances/{id}"),
+                record.to_string(),
+                None,
+            ));
+            ops.push(TxnOp::put(
+                format!("/tidegate/endpoints/{id}"),
+                endpoint.to_string(),
+                None,
+            ));
+        }
+        client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    println!("{}", json!({"seeded": n}));
+    Ok(())
+}
