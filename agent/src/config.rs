@@ -288,8 +288,53 @@ impl Config {
         Ok(())
     }
 
+    /// Where the leader can reach this agent's `/activity` (for `on-idle`
+    /// policies): the metrics listener, with the advertised address when it
+    /// listens on all addresses; none when it listens on loopback while
+    /// other machines would have to reach it (then `on-idle` keeps this
+    /// worker's instances, and the agent says so at start).
+    pub fn activity_address(&self) -> Option<SocketAddr> {
+        let ip = self.metrics_listen.ip();
+        if ip.is_unspecified() {
+            Some(SocketAddr::new(
+                self.advertise_address,
+                self.metrics_listen.port(),
+            ))
+        } else if ip.is_loopback() && !self.advertise_address.is_loopback() {
+            None
+        } else {
+            Some(self.metrics_listen)
+        }
+    }
+
     /// The worker id, parsed.
     pub fn worker(&self) -> Result<WorkerId, ConfigError> {
         WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_activity_address_is_one_the_leader_can_reach() {
+        let mut cfg = Config {
+            advertise_address: IpAddr::from([198, 18, 0, 7]),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            ..Config::default()
+        };
+        assert_eq!(
+            cfg.activity_address(),
+            Some(SocketAddr::from(([198, 18, 0, 7], 9464)))
+        );
+        cfg.metrics_listen = SocketAddr::from(([198, 18, 0, 7], 9500));
+        assert_eq!(cfg.activity_address(), Some(cfg.metrics_listen));
+        // Loopback while others reach us elsewhere: unreachable, so none.
+        cfg.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 9464));
+        assert_eq!(cfg.activity_address(), None);
+        // A one-machine cluster on loopback.
+        cfg.advertise_address = IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(cfg.activity_address(), Some(cfg.metrics_listen));
     }
 }

@@ -136,7 +136,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         http_entry: cfg.http_entry,
         tcp_host: cfg.tcp_host,
         capacity: cfg.capacity,
-        metrics: Some(cfg.metrics_listen),
+        metrics: cfg.activity_address(),
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -152,6 +152,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         lease_tx,
     ));
     tracing::info!(worker = %worker, etcd = ?cfg.etcd, "tidegate-agent starting");
+    if cfg.activity_address().is_none() {
+        tracing::warn!(metrics_listen = %cfg.metrics_listen, advertise_address = %cfg.advertise_address,
+            "metrics_listen is loopback: the leader cannot read this worker's /activity, so on-idle policies keep its instances; listen on an address the controllers reach (e.g. 0.0.0.0:9464)");
+    }
 
     let routes = routes_for_metrics.clone();
     let (builds, builds_rx) = tokio::sync::watch::channel(0u64);
