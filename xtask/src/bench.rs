@@ -96,6 +96,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `cargo build --release` of these binaries of these packages.
+fn build_release(packages: &[&str], bins: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(["build", "--release", "--quiet"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    for b in bins {
+        cmd.args(["--bin", b]);
+    }
+    sh::run(&mut cmd)
+}
+
 fn http() -> Result<()> {
     let root = workspace_root();
     println!("building the agent (release)");
@@ -107,9 +121,7 @@ fn http() -> Result<()> {
         "tidegate-agent",
         "--bins",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = crate::target_dir();
     let agent_bin = target.join("release/tidegate-agent");
     let work = tempfile::Builder::new()
         .prefix("tidegate-bench-")
@@ -405,24 +417,12 @@ fn conn_rate(host: &str, port: u16, secs: u64) -> Result<f64> {
 /// data path and HAProxy TCP mode, against the direct loopback connection,
 /// alternating rounds.
 fn tcp() -> Result<()> {
-    let root = workspace_root();
     println!("building the agent and the echo backend (release)");
-    sh::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "tidegate-agent",
-        "-p",
-        "tidegate-tests",
-        "--bin",
-        "tidegate-agent",
-        "--bin",
-        "tcp-echo",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    build_release(
+        &["tidegate-agent", "tidegate-tests"],
+        &["tidegate-agent", "tcp-echo"],
+    )?;
+    let target = crate::target_dir();
     let work = tempfile::Builder::new()
         .prefix("tidegate-bench-")
         .tempdir()?;
@@ -697,22 +697,11 @@ const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 fn plugins() -> Result<()> {
     let root = workspace_root();
     println!("building the controller, plugin-bench (release) and the plugins");
-    sh::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "tidegate-controller",
-        "-p",
-        "tidegate-tests",
-        "--bin",
-        "tidegate-controller",
-        "--bin",
-        "plugin-bench",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    build_release(
+        &["tidegate-controller", "tidegate-tests"],
+        &["tidegate-controller", "plugin-bench"],
+    )?;
+    let target = crate::target_dir();
     let built = tidegate_lab::plugins::build(&root.join("plugins"), &target.join("plugins"), &[])
         .map_err(anyhow::Error::msg)?;
     let path = |name: &str| {
@@ -849,29 +838,13 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 fn routes() -> Result<()> {
     const SPAWNS: usize = 40;
     const RESYNC: usize = 10_000;
-    let root = workspace_root();
     println!("building the controller, the agent and route-bench (release)");
-    sh::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "tidegate-controller",
-        "-p",
-        "tidegate-agent",
-        "-p",
-        "tidegate-tests",
-        "--bin",
-        "tidegate-controller",
-        "--bin",
-        "tidegate-agent",
-        "--bin",
-        "route-bench",
-    ]))?;
+    build_release(
+        &["tidegate-controller", "tidegate-agent", "tidegate-tests"],
+        &["tidegate-controller", "tidegate-agent", "route-bench"],
+    )?;
     tidegate_lab::images::ensure_demo_images()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = crate::target_dir();
     let work = tempfile::Builder::new()
         .prefix("tidegate-bench-")
         .tempdir()?;

@@ -36,9 +36,7 @@ pub(crate) fn run(args: CiArgs) -> Result<()> {
     ]))?;
     // The policy plugins' guest workspace (wasm32): the same rules.
     let plugins = root.join("plugins");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = crate::target_dir();
     println!("== plugins/: cargo fmt --check, cargo clippy (wasm32-unknown-unknown)");
     sh::run(
         Command::new("cargo")

@@ -74,9 +74,7 @@ fn main() {
 
 fn build_ebpf() -> Result<()> {
     let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir();
     let object =
         build_ebpf::build(&root.join("ebpf"), &target.join("ebpf")).map_err(anyhow::Error::msg)?;
     println!("{}", object.display());
@@ -85,15 +83,20 @@ fn build_ebpf() -> Result<()> {
 
 fn build_plugins() -> Result<()> {
     let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir();
     let built = tidegate_lab::plugins::build(&root.join("plugins"), &target.join("plugins"), &[])
         .map_err(anyhow::Error::msg)?;
     for b in built {
         println!("{}", b.component.display());
     }
     Ok(())
+}
+
+/// The cargo target dir: `CARGO_TARGET_DIR`, else `<workspace>/target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// The workspace root (the folder holding the top-level Cargo.toml).
