@@ -117,6 +117,8 @@ pub struct ApiError {
     leader: Option<String>,
     headers: Vec<(header::HeaderName, HeaderValue)>,
     extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
+    /// The etcd request behind it never reached a member (safe to retry).
+    never_sent: bool,
 }
 
 impl ApiError {
@@ -128,6 +130,7 @@ impl ApiError {
             leader: None,
             headers: Vec::new(),
             extra: None,
+            never_sent: false,
         }
     }
 
@@ -165,7 +168,14 @@ impl ApiError {
     }
 
     pub fn etcd(e: etcd_client::Error) -> Self {
-        Self::unavailable(format!("etcd is unreachable or has no quorum: {e}"))
+        Self::unavailable(format!("etcd is unreachable or has no quorum: {e}")).unsent_if(&e)
+    }
+
+    /// A 503 for a failed etcd request, marked retryable when `e` says the
+    /// request never reached a member.
+    pub fn unsent_if(mut self, e: &etcd_client::Error) -> Self {
+        self.never_sent = tidegate_schema::endpoints::never_sent(e);
+        self
     }
 }
 
@@ -192,13 +202,27 @@ impl IntoResponse for ApiError {
 pub type ApiResult<T = Response> = Result<T, ApiError>;
 
 /// Runs an etcd call with the configured timeout; no quorum means 503, not a hang.
-pub async fn etcd<T, E: Into<ApiError>>(
+pub async fn etcd<T, E: Into<ApiError>, F: Future<Output = Result<T, E>>>(
     app: &App,
-    fut: impl Future<Output = Result<T, E>>,
+    mut op: impl FnMut() -> F,
 ) -> ApiResult<T> {
     let limit = Duration::from_millis(app.cfg.etcd_timeout_ms);
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r.map_err(Into::into),
+    let attempts = async {
+        // A request that never reached a member (it was balanced onto one
+        // that is down) had no effect: try again on another one at once.
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match op().await.map_err(Into::into) {
+                Err(e) if e.never_sent => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(limit, attempts).await {
+        Ok(r) => r,
         Err(_) => Err(ApiError::unavailable(format!(
             "etcd did not answer within {} ms: is a quorum of its members up?",
             app.cfg.etcd_timeout_ms
@@ -264,7 +288,7 @@ pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::L
     if let Some(l) = app.leader.load_full() {
         return Ok(l);
     }
-    match etcd(app, cluster::current_leader(app)).await? {
+    match etcd(app, || cluster::current_leader(app)).await? {
         Some(c) => {
             let mut e = ApiError::new(
                 StatusCode::TEMPORARY_REDIRECT,

@@ -70,6 +70,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(scheduler::run_election(app.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),
         tokio::spawn(policy::run_idle_checks(app.clone())),
+        tokio::spawn(tidegate_schema::endpoints::prune_dead_endpoints(
+            app.client.clone(),
+            app.cfg.etcd.clone(),
+        )),
     ];
     let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(shutdown());
     let result = server.await;

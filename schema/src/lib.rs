@@ -1,6 +1,7 @@
 //! The etcd key schema shared by controller and agent: keys, records, their
 //! validation, and the list-then-watch watcher.
 
+pub mod endpoints;
 pub mod keys;
 pub mod names;
 pub mod records;

@@ -88,8 +88,8 @@ fn etcd_is_removed_on_drop_and_on_panic() {
     let cluster = EtcdCluster::start(1).unwrap();
     let pid = cluster.process(0).unwrap().pid();
     let dir = cluster.members()[0].data_dir.clone();
-    let port = cluster.members()[0].client_port;
-    assert!(healthy(port) && dir.exists());
+    let addr = cluster.members()[0].client_addr();
+    assert!(healthy(addr) && dir.exists());
     drop(cluster);
     assert!(!pid_alive(pid), "etcd {pid} alive after drop");
     assert!(!dir.exists(), "{} left behind", dir.display());

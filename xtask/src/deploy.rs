@@ -172,7 +172,7 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         &log,
     )?;
     save(state)?;
-    wait_for(pid, &log, || healthy(member.client_port))?;
+    wait_for(pid, &log, || healthy(member.client_addr()))?;
     println!(
         "etcd        {}  (pid {pid}, log {})",
         member.client_url(),

@@ -5,6 +5,7 @@
 mod bench;
 #[path = "../../ebpf/build_ebpf.rs"]
 mod build_ebpf;
+mod chaos;
 mod ci;
 mod deploy;
 mod setup;
@@ -42,6 +43,12 @@ enum Command {
     BuildPlugins,
     /// Start a cluster.
     Deploy(deploy::DeployArgs),
+    /// The fault-injection suite: 3 etcd members, 2 controllers and 3
+    /// agents on their own network namespaces under a steady load; kills,
+    /// pauses, quorum loss, a partition and a compaction, one per phase;
+    /// then the invariant check. Prints a table per phase and
+    /// `violations: N`; fails on any violation or unexpected failure.
+    Chaos(chaos::ChaosArgs),
     /// What CI runs: setup, `cargo fmt --check`, `cargo clippy --all-targets
     /// -- -D warnings`, then the whole test suite against real components.
     Ci(ci::CiArgs),
@@ -63,6 +70,7 @@ fn main() {
         Command::BuildEbpf => build_ebpf(),
         Command::BuildPlugins => build_plugins(),
         Command::Deploy(args) => deploy::run(args),
+        Command::Chaos(args) => chaos::run(args),
         Command::Ci(args) => ci::run(args),
         Command::Bench { which } => bench::run(which),
     };

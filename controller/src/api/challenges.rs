@@ -78,7 +78,8 @@ pub(super) async fn put(
     let name = parse_name(&name)?;
     let expected = if_match(&headers)?;
     let spec: ChallengeSpec = decode_json(&body).map_err(ApiError::bad_request)?;
-    let (revision, created) = etcd(&app, app.challenges.put(&name, spec.clone(), expected)).await?;
+    let (revision, created) =
+        etcd(&app, || app.challenges.put(&name, spec.clone(), expected)).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -94,7 +95,7 @@ pub(super) async fn get(
     Path(name): Path<String>,
 ) -> ApiResult {
     let name = parse_name(&name)?;
-    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    let stored = etcd(&app, || app.challenges.get(&name)).await?;
     Ok(with_etag(
         json_response(
             StatusCode::OK,
@@ -113,18 +114,22 @@ pub(super) async fn delete(
     scope.require_admin()?;
     let name = parse_name(&name)?;
     let expected = if_match(&headers)?;
-    etcd(&app, app.challenges.delete(&name, expected)).await?;
+    etcd(&app, || app.challenges.delete(&name, expected)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Every stored challenge; a malformed one is listed under `errors`, not hidden.
 pub(super) async fn list(State(app): AppState, _scope: Scope) -> ApiResult {
     let prefix = app.ks.prefix(Kind::Challenges);
-    let mut client = app.client.clone();
-    let resp = etcd(
-        &app,
-        client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-    )
+    let resp = etcd(&app, || {
+        let mut client = app.client.clone();
+        let prefix = prefix.clone();
+        async move {
+            client
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+        }
+    })
     .await?;
     let mut items = Vec::new();
     let mut errors = Vec::new();

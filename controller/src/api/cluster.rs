@@ -25,22 +25,22 @@ pub(super) async fn current_leader(app: &App) -> Result<Option<Candidate>, etcd_
 
 pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
     let leader = app.leader.load_full();
-    let current = etcd(&app, current_leader(&app)).await?;
-    let mut client = app.client.clone();
-    let members = etcd(&app, client.member_list()).await?;
+    let current = etcd(&app, || current_leader(&app)).await?;
+    let members = etcd(&app, || {
+        let mut client = app.client.clone();
+        async move { client.member_list().await }
+    })
+    .await?;
     // A linearizable read of nothing: the cluster's current revision.
     let probe = format!("{}/", app.ks);
-    let count = etcd(
-        &app,
-        client.get(
-            probe.as_str(),
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        ),
-    )
+    let count = etcd(&app, || {
+        let mut client = app.client.clone();
+        let probe = probe.clone();
+        let options = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        async move { client.get(probe, Some(options)).await }
+    })
     .await?;
     let revision = count.header().map_or(0, |h| h.revision());
     let members: Vec<Value> = members

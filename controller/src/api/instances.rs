@@ -110,7 +110,9 @@ impl From<LifecycleError> for ApiError {
             | LifecycleError::Conflict(_) => StatusCode::CONFLICT,
             LifecycleError::Fenced(_) => return ApiError::unavailable(e.to_string()),
             LifecycleError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            LifecycleError::Etcd(_) => return ApiError::unavailable(e.to_string()),
+            LifecycleError::Etcd(inner) => {
+                return ApiError::unavailable(e.to_string()).unsent_if(inner);
+            }
         };
         ApiError::new(status, e.to_string())
     }
@@ -119,6 +121,7 @@ impl From<LifecycleError> for ApiError {
 impl From<SpawnError> for ApiError {
     fn from(e: SpawnError) -> Self {
         match e {
+            SpawnError::Etcd(ref inner) => ApiError::unavailable(e.to_string()).unsent_if(inner),
             SpawnError::TeamLimit { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             SpawnError::Invalid { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -134,7 +137,7 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
     // One spawn at a time per leader: placement then sees every earlier
     // spawn, so no worker is given more than its capacity.
     let _serial = app.spawn_lock.lock().await;
-    let challenge = match etcd(&app, app.challenges.get(&req.challenge)).await {
+    let challenge = match etcd(&app, || app.challenges.get(&req.challenge)).await {
         Ok(c) => c.value,
         Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
             return Err(ApiError::new(
@@ -221,7 +224,7 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
     };
     let secret = app.cfg.flag_secret.as_bytes();
     let spec = plan.challenge.spec.clone();
-    let result = etcd(&app, async {
+    let result = etcd(&app, || async {
         crate::spawn(&app.client, &plan, |id| {
             crate::flag::render(secret, &spec, req.team.as_str(), req.challenge.as_str(), id)
         })
@@ -333,7 +336,7 @@ pub(super) async fn list(
 
 pub(super) async fn get(State(app): AppState, _scope: Scope, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
-    let current = etcd(&app, lifecycle::get(&app.client, &app.ks, &id)).await?;
+    let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
     let status = app.view.lock().status_text(&id);
     Ok(json_response(
         StatusCode::OK,
@@ -348,8 +351,8 @@ pub(super) async fn renew(
 ) -> ApiResult {
     let id = parse_id(&id)?;
     let leader = leading(&app, &format!("/v1/instances/{id}/renew")).await?;
-    let current = etcd(&app, lifecycle::get(&app.client, &app.ks, &id)).await?;
-    let challenge = etcd(&app, async {
+    let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
+    let challenge = etcd(&app, || async {
         app.challenges
             .get(&current.record.challenge)
             .await
@@ -373,10 +376,9 @@ pub(super) async fn renew(
     };
     let expires_at = lifecycle::renewed_expiry(&current.record, ttl, now, extend)?;
     let fence = (leader.key.as_str(), leader.token);
-    let record = etcd(
-        &app,
-        lifecycle::renew(&app.client, &app.ks, fence, &current, expires_at, now),
-    )
+    let record = etcd(&app, || {
+        lifecycle::renew(&app.client, &app.ks, fence, &current, expires_at, now)
+    })
     .await?;
     app.counters.renewals.fetch_add(1, Ordering::Relaxed);
     let status = app.view.lock().status_text(&id);
@@ -451,7 +453,7 @@ pub(super) async fn delete(
     Path(id): Path<String>,
 ) -> ApiResult {
     let id = parse_id(&id)?;
-    etcd(&app, lifecycle::delete(&app.client, &app.ks, &id)).await?;
+    etcd(&app, || lifecycle::delete(&app.client, &app.ks, &id)).await?;
     app.counters.deletions.fetch_add(1, Ordering::Relaxed);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -464,7 +466,7 @@ pub(super) async fn flag(
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     let req: FlagRequest = decode_json(&body).map_err(ApiError::bad_request)?;
-    let current = etcd(&app, lifecycle::get(&app.client, &app.ks, &id)).await?;
+    let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
     let correct = crate::flag::matches(&current.record.flag, req.flag.trim());
     Ok(json_response(StatusCode::OK, json!({ "correct": correct })))
 }

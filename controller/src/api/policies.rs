@@ -49,7 +49,7 @@ pub(super) async fn put(
     let name = parse_name(&name)?;
     let expected = if_match(&headers)?;
     // The challenge must exist before anything is compiled or stored.
-    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    let stored = etcd(&app, || app.challenges.get(&name)).await?;
     if let Some(e) = expected.filter(|e| *e != stored.revision) {
         return Err(ApiError::new(
             StatusCode::PRECONDITION_FAILED,
@@ -89,11 +89,10 @@ pub(super) async fn put(
         size,
         uploaded_at: unix_now(),
     };
-    let (revision, previous) = etcd(
-        &app,
+    let (revision, previous) = etcd(&app, || {
         app.challenges
-            .set_policy(&name, Some(policy.clone()), Some(stored.revision)),
-    )
+            .set_policy(&name, Some(policy.clone()), Some(stored.revision))
+    })
     .await?;
     tracing::info!(challenge = %name, digest = %policy.digest, hooks = ?policy.hooks,
         previous = previous.as_ref().map(|p| p.digest.as_str()), "policy uploaded");
@@ -111,7 +110,7 @@ pub(super) async fn get(
     Path(name): Path<String>,
 ) -> ApiResult {
     let name = parse_name(&name)?;
-    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    let stored = etcd(&app, || app.challenges.get(&name)).await?;
     let Some(policy) = &stored.value.policy else {
         return Err(no_policy(&name));
     };
@@ -133,15 +132,14 @@ pub(super) async fn delete(
     scope.require_admin()?;
     let name = parse_name(&name)?;
     let expected = if_match(&headers)?;
-    let stored = etcd(&app, app.challenges.get(&name)).await?;
+    let stored = etcd(&app, || app.challenges.get(&name)).await?;
     if stored.value.policy.is_none() {
         return Err(no_policy(&name));
     }
-    let (revision, previous) = etcd(
-        &app,
+    let (revision, previous) = etcd(&app, || {
         app.challenges
-            .set_policy(&name, None, Some(expected.unwrap_or(stored.revision))),
-    )
+            .set_policy(&name, None, Some(expected.unwrap_or(stored.revision)))
+    })
     .await?;
     tracing::info!(challenge = %name, previous = previous.as_ref().map(|p| p.digest.as_str()),
         "policy removed");

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // test support: a panic is the failure report
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,11 +14,18 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::etcd::EtcdCluster;
+use crate::netns::NetnsHost;
 use crate::ports::free_port;
 use crate::process::Supervised;
 
-/// The path of a workspace binary, next to the running test's `deps/` folder.
+/// The path of a workspace binary: in `$TIDEGATE_BIN_DIR` when set (e.g. a
+/// deliberately broken build), else next to the running test's `deps/` folder.
 pub fn binary(name: &str) -> String {
+    if let Some(dir) = std::env::var_os("TIDEGATE_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        assert!(path.exists(), "{} does not exist", path.display());
+        return path.display().to_string();
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe
         .parent()
@@ -43,19 +51,63 @@ pub const ADMIN: &str = "admin-token-0123456789";
 pub const PLATFORM: &str = "platform-token-0123456789";
 pub const ELECTION_TTL: u64 = 2;
 
+/// The command prefix that runs a program on `host` (nothing for this one).
+fn wrapper_for(host: Option<&NetnsHost>) -> Vec<String> {
+    host.map(|h| ["ip", "netns", "exec", h.name()].map(String::from).to_vec())
+        .unwrap_or_default()
+}
+
+/// Starts `program args...` under `wrapper` (a command that execs the rest
+/// of its arguments, so the pid stays the program's).
+fn spawn_wrapped(
+    name: &str,
+    wrapper: &[String],
+    program: String,
+    args: Vec<String>,
+    log: &Path,
+) -> Supervised {
+    let (program, args) = match wrapper.split_first() {
+        None => (program, args),
+        Some((first, rest)) => {
+            let mut all = rest.to_vec();
+            all.push(program);
+            all.extend(args);
+            (first.clone(), all)
+        }
+    };
+    Supervised::spawn(name, &program, &args, log).unwrap_or_else(|e| panic!("starting {name}: {e}"))
+}
+
 /// A controller process; killed on drop.
 #[derive(Debug)]
 pub struct Controller {
     pub proc: Supervised,
     pub url: String,
     pub id: String,
+    config: PathBuf,
+    wrapper: Vec<String>,
 }
 
 impl Controller {
     /// Starts replica `id` with a 2 s election TTL and waits until it answers.
     pub async fn start(etcd: &EtcdCluster, id: &str, dir: &Path) -> Controller {
-        let port = free_port().unwrap();
-        let url = format!("http://127.0.0.1:{port}");
+        Controller::start_on(etcd, id, dir, None, &[]).await
+    }
+
+    /// As [`Controller::start`], on test host `host` (listening on its port
+    /// 8000) when given, with `overrides` replacing config fields (TOML values).
+    pub async fn start_on(
+        etcd: &EtcdCluster,
+        id: &str,
+        dir: &Path,
+        host: Option<&NetnsHost>,
+        overrides: &[(&str, &str)],
+    ) -> Controller {
+        let listen = match host {
+            Some(h) => SocketAddr::from((h.addr(), 8000)),
+            None => SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap())),
+        };
+        let url = format!("http://{listen}");
         let endpoints = etcd
             .endpoints()
             .iter()
@@ -63,42 +115,69 @@ impl Controller {
             .collect::<Vec<_>>()
             .join(", ");
         let config = dir.join(format!("{id}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"id = "{id}"
-listen = "127.0.0.1:{port}"
-etcd = [{endpoints}]
-admin_token = "{ADMIN}"
-platform_token = "{PLATFORM}"
-flag_secret = "test-flag-secret-0123456789"
-election_ttl_secs = {ELECTION_TTL}
-etcd_timeout_ms = 1500
-tcp_ports = "30000-39999"
-sweep_interval_secs = 1
-worker_grace_secs = 2
-idle_check_secs = 1
-artifact_dir = "{artifacts}"
-"#,
-                artifacts = dir.join("artifacts").display()
+        let fields = [
+            ("id", format!("{id:?}")),
+            ("listen", format!("\"{listen}\"")),
+            ("etcd", format!("[{endpoints}]")),
+            ("admin_token", format!("{ADMIN:?}")),
+            ("platform_token", format!("{PLATFORM:?}")),
+            ("flag_secret", "\"test-flag-secret-0123456789\"".into()),
+            ("election_ttl_secs", ELECTION_TTL.to_string()),
+            ("etcd_timeout_ms", "1500".into()),
+            ("tcp_ports", "\"30000-39999\"".into()),
+            ("sweep_interval_secs", "1".into()),
+            ("worker_grace_secs", "2".into()),
+            ("idle_check_secs", "1".into()),
+            (
+                "artifact_dir",
+                format!("{:?}", dir.join("artifacts").display().to_string()),
             ),
-        )
-        .unwrap();
-        let proc = Supervised::spawn(
-            id,
-            &binary("tidegate-controller"),
-            &["--config".into(), config.display().to_string()],
-            &dir.join(format!("{id}.log")),
-        )
-        .unwrap();
+        ];
+        let text: String = fields
+            .iter()
+            .map(|(key, value)| {
+                let value = overrides
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map_or(value.as_str(), |(_, v)| v);
+                format!("{key} = {value}\n")
+            })
+            .collect();
+        std::fs::write(&config, text).unwrap();
         let c = Controller {
-            proc,
+            proc: Controller::launch(id, &config, &wrapper_for(host), dir),
             url,
             id: id.to_string(),
+            config,
+            wrapper: wrapper_for(host),
         };
+        c.wait_answering().await;
+        c
+    }
+
+    fn launch(id: &str, config: &Path, wrapper: &[String], dir: &Path) -> Supervised {
+        spawn_wrapped(
+            id,
+            wrapper,
+            binary("tidegate-controller"),
+            vec!["--config".into(), config.display().to_string()],
+            &dir.join(format!("{id}.log")),
+        )
+    }
+
+    /// Starts the controller again from the same config (after a kill).
+    pub async fn restart(&mut self, dir: &Path) {
+        self.proc.kill().unwrap();
+        self.proc = Controller::launch(&self.id, &self.config, &self.wrapper, dir);
+        self.wait_answering().await;
+    }
+
+    async fn wait_answering(&self) {
+        let id = &self.id;
+        let c = self;
         for _ in 0..100 {
             if c.call(Method::GET, "/v1/openapi.json", None, None).await.0 == StatusCode::OK {
-                return c;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -218,6 +297,7 @@ pub struct Agent {
     pub proc: Supervised,
     pub worker: String,
     pub metrics_url: String,
+    metrics: SocketAddr,
     pub config: PathBuf,
     /// A command the agent runs under (e.g. `setpriv` dropping capabilities).
     pub wrapper: Vec<String>,
@@ -239,7 +319,42 @@ impl Agent {
         extra: &str,
         wrapper: &[&str],
     ) -> Agent {
-        let port = free_port().unwrap();
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
+        let http_entry = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
+        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        Agent::configure(etcd, worker, dir, extra, wrapper, metrics, http_entry).await
+    }
+
+    /// As [`Agent::start`], on test host `host`: HTTP entry on its port 8080,
+    /// metrics on 9100, TCP on its address, advertised to the other agents.
+    pub async fn start_on(
+        etcd: &EtcdCluster,
+        worker: &str,
+        dir: &Path,
+        extra: &str,
+        host: &NetnsHost,
+    ) -> Agent {
+        let extra = format!(
+            "advertise_address = \"{ip}\"\ntcp_host = \"{ip}\"\n{extra}",
+            ip = host.addr()
+        );
+        let (metrics, http_entry) = (
+            SocketAddr::from((host.addr(), 9100)),
+            SocketAddr::from((host.addr(), 8080)),
+        );
+        let wrapper = wrapper_for(Some(host));
+        Agent::configure(etcd, worker, dir, &extra, wrapper, metrics, http_entry).await
+    }
+
+    async fn configure(
+        etcd: &EtcdCluster,
+        worker: &str,
+        dir: &Path,
+        extra: &str,
+        wrapper: Vec<String>,
+        metrics: SocketAddr,
+        http_entry: SocketAddr,
+    ) -> Agent {
         let endpoints = etcd
             .endpoints()
             .iter()
@@ -247,23 +362,35 @@ impl Agent {
             .collect::<Vec<_>>()
             .join(", ");
         let config = dir.join(format!("{worker}.toml"));
-        let text = format!(
-            "worker_id = \"{worker}\"\netcd = [{endpoints}]\npull_images = false\nmetrics_listen = \"127.0.0.1:{port}\"\nreconcile_interval_ms = 200\nmembership_ttl_secs = 3\ncluster_label = \"lab-{}\"\nartifact_dir = \"{}\"\n{extra}\n",
-            std::process::id(),
-            dir.join("artifacts").display()
-        );
-        // Each agent its own HTTP entry unless the test chose one.
-        let text = if extra.contains("http_entry") {
-            text
-        } else {
-            format!(
-                "{text}http_entry = \"127.0.0.1:{}\"\n",
-                free_port().unwrap()
-            )
+        let defaults = [
+            ("worker_id", format!("{worker:?}")),
+            ("etcd", format!("[{endpoints}]")),
+            ("pull_images", "false".into()),
+            ("metrics_listen", format!("\"{metrics}\"")),
+            ("http_entry", format!("\"{http_entry}\"")),
+            ("reconcile_interval_ms", "200".into()),
+            ("membership_ttl_secs", "3".into()),
+            ("cluster_label", format!("\"lab-{}\"", std::process::id())),
+            (
+                "artifact_dir",
+                format!("{:?}", dir.join("artifacts").display().to_string()),
+            ),
+        ];
+        // `extra` wins over a default of the same key.
+        let chosen = |key: &str| {
+            extra
+                .lines()
+                .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
         };
+        let mut text: String = defaults
+            .iter()
+            .filter(|(key, _)| !chosen(key))
+            .map(|(key, value)| format!("{key} = {value}\n"))
+            .collect();
+        text.push_str(extra);
+        text.push('\n');
         std::fs::write(&config, text).unwrap();
-        let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
-        Agent::start_with(worker, config, port, dir, wrapper).await
+        Agent::start_with(worker, config, metrics, dir, wrapper).await
     }
 
     /// Starts the agent again from the same config (after a kill).
@@ -273,41 +400,32 @@ impl Agent {
             self.config.clone(),
             self.wrapper.clone(),
         );
-        let port: u16 = self
-            .metrics_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim_end_matches("/metrics").parse().ok())
-            .unwrap_or(0);
+        let metrics = self.metrics;
         drop(self);
-        Agent::start_with(&worker, config, port, dir, wrapper).await
+        Agent::start_with(&worker, config, metrics, dir, wrapper).await
     }
 
     async fn start_with(
         worker: &str,
         config: PathBuf,
-        port: u16,
+        metrics: SocketAddr,
         dir: &Path,
         wrapper: Vec<String>,
     ) -> Agent {
         sweep_dead_lab_containers();
         let log = dir.join(format!("{worker}.log"));
-        let agent_args = ["--config".into(), config.display().to_string()];
-        let (program, args) = match wrapper.split_first() {
-            None => (binary("tidegate-agent"), agent_args.to_vec()),
-            Some((first, rest)) => {
-                let mut args = rest.to_vec();
-                args.push(binary("tidegate-agent"));
-                args.extend(agent_args);
-                (first.clone(), args)
-            }
-        };
-        let proc = Supervised::spawn(worker, &program, &args, &log)
-            .unwrap_or_else(|e| panic!("starting agent {worker}: {e}"));
+        let proc = spawn_wrapped(
+            worker,
+            &wrapper,
+            binary("tidegate-agent"),
+            vec!["--config".into(), config.display().to_string()],
+            &log,
+        );
         let agent = Agent {
             proc,
             worker: worker.to_string(),
-            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+            metrics_url: format!("http://{metrics}/metrics"),
+            metrics,
             config,
             wrapper,
         };

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::netns::NetnsHost;
 use crate::ports::free_ports;
 use crate::process::{Supervised, wait_until};
 
@@ -16,6 +17,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct MemberSpec {
     pub name: String,
+    /// The address it listens on (loopback, or its test host's).
+    pub ip: Ipv4Addr,
+    /// The network namespace it runs in (a test host), if any.
+    pub netns: Option<String>,
     pub client_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
@@ -24,11 +29,16 @@ pub struct MemberSpec {
 impl MemberSpec {
     /// The URL clients use.
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+
+    /// Where its client port is.
+    pub fn client_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, self.client_port))
     }
 
     fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("http://{}:{}", self.ip, self.peer_port)
     }
 
     /// The `etcd` command-line arguments for this member of `cluster`.
@@ -69,6 +79,8 @@ pub fn plan_members(n: usize, dir: &Path) -> Result<Vec<MemberSpec>> {
     Ok((0..n)
         .map(|i| MemberSpec {
             name: format!("m{i}"),
+            ip: Ipv4Addr::LOCALHOST,
+            netns: None,
             client_port: ports[2 * i],
             peer_port: ports[2 * i + 1],
             data_dir: dir.join(format!("m{i}.etcd")),
@@ -76,14 +88,13 @@ pub fn plan_members(n: usize, dir: &Path) -> Result<Vec<MemberSpec>> {
         .collect())
 }
 
-/// Whether the member at `client_port` answers `/health` with `"health":"true"`
+/// Whether the member at `addr` answers `/health` with `"health":"true"`
 /// (which needs a leader, so a member without quorum answers false).
-pub fn healthy(client_port: u16) -> bool {
-    http_get(client_port, "/health").is_some_and(|body| body.contains(r#""health":"true""#))
+pub fn healthy(addr: SocketAddr) -> bool {
+    http_get(addr, "/health").is_some_and(|body| body.contains(r#""health":"true""#))
 }
 
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
@@ -114,6 +125,32 @@ impl EtcdCluster {
             .prefix("tidegate-etcd-")
             .tempdir()?;
         let specs = plan_members(n, dir.path())?;
+        Self::start_members(specs, dir)
+    }
+
+    /// Starts one member on each test host (ports 2379 and 2380 of its
+    /// address, as on real machines) and waits until all are healthy.
+    pub fn start_on(hosts: &[&NetnsHost]) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tidegate-etcd-")
+            .tempdir()?;
+        let specs = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| MemberSpec {
+                name: format!("m{i}"),
+                ip: host.addr(),
+                netns: Some(host.name().to_string()),
+                client_port: 2379,
+                peer_port: 2380,
+                data_dir: dir.path().join(format!("m{i}.etcd")),
+            })
+            .collect();
+        Self::start_members(specs, dir)
+    }
+
+    fn start_members(specs: Vec<MemberSpec>, dir: tempfile::TempDir) -> Result<Self> {
+        let n = specs.len();
         let token = format!("tidegate-test-{:08x}", rand::random::<u32>());
         let mut cluster = Self {
             procs: specs.iter().map(|_| None).collect(),
@@ -133,8 +170,15 @@ impl EtcdCluster {
     fn spawn_member(&mut self, i: usize) -> Result<()> {
         let spec = &self.specs[i];
         let log = self.dir.path().join(format!("{}.log", spec.name));
-        let args = spec.args(&self.specs, &self.token);
-        self.procs[i] = Some(Supervised::spawn(&spec.name, "etcd", &args, &log)?);
+        let mut args = spec.args(&self.specs, &self.token);
+        let program = match &spec.netns {
+            None => "etcd",
+            Some(ns) => {
+                args.splice(0..0, ["netns", "exec", ns, "etcd"].map(String::from));
+                "ip"
+            }
+        };
+        self.procs[i] = Some(Supervised::spawn(&spec.name, program, &args, &log)?);
         Ok(())
     }
 
@@ -155,8 +199,8 @@ impl EtcdCluster {
 
     /// Waits until member `i` reports healthy; the error carries its log tail.
     pub fn wait_healthy(&self, i: usize) -> Result<()> {
-        let port = self.specs[i].client_port;
-        if wait_until(READY_TIMEOUT, || healthy(port)) {
+        let addr = self.specs[i].client_addr();
+        if wait_until(READY_TIMEOUT, || healthy(addr)) {
             return Ok(());
         }
         let tail = self.procs[i]
@@ -164,7 +208,7 @@ impl EtcdCluster {
             .map(|p| p.log_tail(20))
             .unwrap_or_default();
         Err(Error::NotReady(format!(
-            "etcd member {} (client port {port}) not healthy after {READY_TIMEOUT:?}:\n{tail}",
+            "etcd member {} ({addr}) not healthy after {READY_TIMEOUT:?}:\n{tail}",
             self.specs[i].name
         )))
     }

@@ -125,6 +125,113 @@ impl NetnsHost {
     }
 }
 
+impl NetnsHost {
+    fn iptables(&self, args: &[&str]) -> Result<()> {
+        let mut argv = vec!["iptables", "-w"];
+        argv.extend_from_slice(args);
+        self.exec(&argv).map(drop)
+    }
+
+    /// Cuts the host off: every packet in or out of it is dropped, except on
+    /// its loopback (established connections hang, as on a real partition).
+    pub fn partition(&self) -> Result<()> {
+        self.iptables(&["-I", "INPUT", "!", "-i", "lo", "-j", "DROP"])?;
+        self.iptables(&["-I", "OUTPUT", "!", "-o", "lo", "-j", "DROP"])
+    }
+
+    /// Cuts the host's link to TCP `port` of other hosts: its next packet on
+    /// an open connection gets a reset, and new connections are refused.
+    pub fn cut_port(&self, port: u16) -> Result<()> {
+        let port = port.to_string();
+        self.iptables(&[
+            "-I",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ])
+    }
+
+    /// Undoes [`partition`](Self::partition) and [`cut_port`](Self::cut_port).
+    pub fn heal(&self) -> Result<()> {
+        self.iptables(&["-F"])
+    }
+}
+
+/// Lets test hosts reach each other and the containers on Docker's
+/// networks through this namespace, for as long as it lives: Docker's
+/// FORWARD policy is DROP, so the guard inserts ACCEPT rules into the
+/// `DOCKER-USER` chain (Docker's place for them) and masquerades the hosts'
+/// connections into Docker bridges (an internal network's containers have
+/// no route back to 198.18.128.0/17). Containers still cannot open
+/// connections to the hosts. Removed on drop.
+#[derive(Debug)]
+pub struct Routed {
+    rules: Vec<Vec<String>>,
+}
+
+const HOSTS_NET: &str = "198.18.128.0/17";
+
+impl Routed {
+    /// Inserts the rules (and turns on IPv4 forwarding, as Docker does).
+    pub fn enable() -> Result<Self> {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        let rules: Vec<Vec<String>> = [
+            vec!["filter", "DOCKER-USER", "-s", HOSTS_NET, "-j", "ACCEPT"],
+            vec![
+                "filter",
+                "DOCKER-USER",
+                "-d",
+                HOSTS_NET,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+            vec![
+                "nat",
+                "POSTROUTING",
+                "-s",
+                HOSTS_NET,
+                "-o",
+                "br-+",
+                "-j",
+                "MASQUERADE",
+            ],
+        ]
+        .into_iter()
+        .map(|r| r.into_iter().map(String::from).collect())
+        .collect();
+        let mut guard = Self { rules: Vec::new() };
+        for rule in rules {
+            let (table, rest) = rule.split_at(2);
+            let mut args = vec!["-w", "-t", &table[0], "-I", &table[1]];
+            args.extend(rest.iter().map(String::as_str));
+            run(Command::new("iptables").args(&args))?;
+            guard.rules.push(rule);
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let (table, rest) = rule.split_at(2);
+            let mut args = vec!["-w", "-t", &table[0], "-D", &table[1]];
+            args.extend(rest.iter().map(String::as_str));
+            let _ = run(Command::new("iptables").args(&args));
+        }
+    }
+}
+
 impl Drop for NetnsHost {
     fn drop(&mut self) {
         // Deleting the namespace destroys the inner veth and with it the pair.

@@ -1,0 +1,721 @@
+//! The invariants of docs/architecture.md (DESIGN's list), checked against a
+//! recorded [`History`]:
+//!
+//! - no hostname or TCP port is ever held by two live instances (replay of
+//!   etcd's changes);
+//! - every acknowledged spawn reached etcd and ended only by expiry or a
+//!   delete request — never silently lost;
+//! - no write from a fenced scheduler: an instance is created only with the
+//!   token of the leader at that revision, and an acknowledged renewal was
+//!   committed while the controller that acknowledged it led;
+//! - no agent routes an instance more than one watch delay after etcd
+//!   deleted it (later only if that agent was cut off at the time);
+//! - after each phase, containers = live records on every worker and each
+//!   agent's route table matches etcd at its revision (checked by the run,
+//!   recorded as [`Settle`]s).
+//!
+//! Failed requests are sorted into expected (explained by a fault window)
+//! and unexpected.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::history::{Call, History, Op, Outcome, Probe, Secs, Target, split_key};
+
+/// How long an agent may take to apply a change etcd committed.
+pub(crate) const WATCH_DELAY: Secs = 2.0;
+/// After a controller or etcd fault ends, API failures are still explained
+/// this long (a 2 s election TTL, lease expiry, client reconnects).
+pub(crate) const CONTROL_RECOVERY: Secs = 8.0;
+/// After one etcd member of three is lost, failures are explained this long
+/// (the remaining members elect a raft leader: 500 ms election timeout here).
+pub(crate) const ETCD_ELECTION: Secs = 2.0;
+/// After an agent fault ends, failed probes through or to it are still
+/// explained this long (restart, relist, adoption).
+pub(crate) const AGENT_RECOVERY: Secs = 6.0;
+
+/// A broken invariant.
+#[derive(Debug, Clone)]
+pub(crate) struct Violation {
+    pub(crate) phase: usize,
+    pub(crate) kind: &'static str,
+    pub(crate) detail: String,
+}
+
+/// A failed request, explained by a fault or not.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) phase: usize,
+    pub(crate) kind: String,
+    pub(crate) expected: bool,
+}
+
+/// The checker's findings.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) violations: Vec<Violation>,
+    pub(crate) failures: Vec<Failure>,
+}
+
+impl Report {
+    pub(crate) fn unexpected(&self) -> usize {
+        self.failures.iter().filter(|f| !f.expected).count()
+    }
+}
+
+/// What replaying etcd's changes established.
+#[derive(Debug, Default)]
+struct Replay {
+    /// Revision and time each instance was created.
+    created: BTreeMap<String, (i64, Secs)>,
+    /// Time, revision and last `expires_at` of each deletion.
+    deleted: BTreeMap<String, (Secs, i64, u64)>,
+    /// The worker each instance was placed on.
+    owner: BTreeMap<String, String>,
+    /// When each instance's endpoint first said `running`.
+    running: BTreeMap<String, Secs>,
+    /// (instance, expires_at) of each put → (revision, id of the leader then).
+    puts: BTreeMap<(String, u64), (i64, Option<String>)>,
+    /// Each instance's `expires_at` over time.
+    expiry: BTreeMap<String, Vec<(Secs, u64)>>,
+}
+
+fn phase_of(h: &History, at: Secs) -> usize {
+    h.phases
+        .iter()
+        .position(|p| at < p.to)
+        .unwrap_or(h.phases.len().saturating_sub(1))
+}
+
+fn names(rec: &Value) -> Vec<String> {
+    let hosts = rec["http"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["hostname"].as_str())
+        .map(|h| format!("hostname {h}"));
+    let ports = rec["tcp"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["port"].as_u64())
+        .map(|p| format!("port {p}"));
+    hosts.chain(ports).collect()
+}
+
+fn replay(h: &History, out: &mut Report) -> Replay {
+    let mut r = Replay::default();
+    let mut live: BTreeMap<String, Value> = BTreeMap::new();
+    let mut holders: BTreeMap<String, String> = BTreeMap::new();
+    // Election key → (creation revision = token, candidate id).
+    let mut election: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    for e in &h.events {
+        let phase = phase_of(h, e.at);
+        if e.key.starts_with("/tidegate/election/") {
+            match &e.value {
+                Some(v) => {
+                    // The candidate's id, inside a JSON value or bare.
+                    let id = serde_json::from_slice::<Value>(v)
+                        .ok()
+                        .and_then(|j| j["id"].as_str().map(String::from))
+                        .unwrap_or_else(|| String::from_utf8_lossy(v).into_owned());
+                    election.insert(e.key.clone(), (e.create_revision, id));
+                }
+                None => {
+                    election.remove(&e.key);
+                }
+            }
+            continue;
+        }
+        let Some((kind, id)) = split_key(&e.key) else {
+            continue;
+        };
+        match (kind, &e.value) {
+            ("instances", Some(v)) => {
+                let Ok(rec) = serde_json::from_slice::<Value>(v) else {
+                    out.violations.push(Violation {
+                        phase,
+                        kind: "bad record",
+                        detail: format!("{} at revision {} is not JSON", e.key, e.revision),
+                    });
+                    continue;
+                };
+                let leader = election.values().min_by_key(|(rev, _)| *rev).cloned();
+                if !live.contains_key(id) {
+                    let token = rec["token"].as_i64().unwrap_or(-1);
+                    if leader.as_ref().is_none_or(|(t, _)| *t != token) {
+                        out.violations.push(Violation {
+                            phase,
+                            kind: "fenced write",
+                            detail: format!(
+                                "instance {id} created at revision {} with token {token} while {}",
+                                e.revision,
+                                leader.as_ref().map_or("nobody led".to_string(), |(t, l)| {
+                                    format!("{l} led with token {t}")
+                                })
+                            ),
+                        });
+                    }
+                    r.created.insert(id.to_string(), (e.revision, e.at));
+                    if let Some(w) = rec["worker"].as_str() {
+                        r.owner.insert(id.to_string(), w.to_string());
+                    }
+                }
+                for name in names(&rec) {
+                    match holders.get(&name) {
+                        Some(other) if other != id => out.violations.push(Violation {
+                            phase,
+                            kind: "held twice",
+                            detail: format!(
+                                "{name} given to {id} at revision {} while {other} held it",
+                                e.revision
+                            ),
+                        }),
+                        _ => {
+                            holders.insert(name, id.to_string());
+                        }
+                    }
+                }
+                let expires = rec["expires_at"].as_u64().unwrap_or_default();
+                r.expiry
+                    .entry(id.to_string())
+                    .or_default()
+                    .push((e.at, expires));
+                r.puts.insert(
+                    (id.to_string(), expires),
+                    (e.revision, leader.map(|(_, l)| l)),
+                );
+                live.insert(id.to_string(), rec);
+            }
+            ("instances", None) => {
+                if let Some(rec) = live.remove(id) {
+                    for name in names(&rec) {
+                        if holders.get(&name).is_some_and(|h| h == id) {
+                            holders.remove(&name);
+                        }
+                    }
+                    let expires = rec["expires_at"].as_u64().unwrap_or_default();
+                    r.deleted
+                        .insert(id.to_string(), (e.at, e.revision, expires));
+                }
+            }
+            ("endpoints", Some(v)) => {
+                let running = serde_json::from_slice::<Value>(v)
+                    .is_ok_and(|ep| ep["status"].as_str() == Some("running"));
+                if running {
+                    r.running.entry(id.to_string()).or_insert(e.at);
+                }
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+fn acked_spawns(h: &History, r: &Replay, out: &mut Report) {
+    for c in h
+        .calls
+        .iter()
+        .filter(|c| c.op == Op::Spawn && c.status == 201)
+    {
+        let Some(id) = &c.instance else { continue };
+        let phase = phase_of(h, c.at);
+        if !r.created.contains_key(id) {
+            out.violations.push(Violation {
+                phase,
+                kind: "lost spawn",
+                detail: format!(
+                    "spawn of {id} acknowledged at {:.1} s never reached etcd",
+                    c.at
+                ),
+            });
+            continue;
+        }
+        let Some(&(d, rev, expires)) = r.deleted.get(id) else {
+            continue;
+        };
+        let expired = expires as f64 <= h.start_unix + d + 1.0;
+        let asked = h.calls.iter().any(|x| {
+            x.op == Op::Delete
+                && x.instance.as_ref() == Some(id)
+                && x.at <= d
+                && ((200..300).contains(&x.status) || x.failed())
+        });
+        if !expired && !asked {
+            out.violations.push(Violation {
+                phase: phase_of(h, d),
+                kind: "lost spawn",
+                detail: format!(
+                    "{id} (acknowledged at {:.1} s) was deleted at revision {rev} ({d:.1} s), {:.0} s before its expiry, with no delete request",
+                    c.at,
+                    expires as f64 - (h.start_unix + d)
+                ),
+            });
+        }
+    }
+}
+
+fn acked_renewals(h: &History, r: &Replay, out: &mut Report) {
+    for c in h
+        .calls
+        .iter()
+        .filter(|c| c.op == Op::Renew && c.status == 200)
+    {
+        let (Some(id), Some(expires)) = (&c.instance, c.body["expires_at"].as_u64()) else {
+            continue;
+        };
+        let phase = phase_of(h, c.at);
+        let by = h.controller_ids.get(c.controller).cloned();
+        match r.puts.get(&(id.clone(), expires)) {
+            None => out.violations.push(Violation {
+                phase,
+                kind: "lost renewal",
+                detail: format!(
+                    "renewal of {id} to {expires} acknowledged at {:.1} s never reached etcd",
+                    c.at
+                ),
+            }),
+            Some((rev, leader)) if leader != &by => out.violations.push(Violation {
+                phase,
+                kind: "fenced write",
+                detail: format!(
+                    "renewal of {id} acknowledged by {} committed at revision {rev} while {} led",
+                    by.unwrap_or_default(),
+                    leader.clone().unwrap_or_else(|| "nobody".into())
+                ),
+            }),
+            Some(_) => {}
+        }
+    }
+}
+
+/// When agent `agent` could first have learnt of a change committed at `d`:
+/// the end of a fault that cut it off around then, else `d`.
+fn learnable(h: &History, agent: usize, d: Secs) -> Secs {
+    h.faults
+        .iter()
+        .filter(|f| matches!(f.target, Target::Agent(a) | Target::AgentEtcdLink(a) if a == agent))
+        .filter(|f| f.from <= d + WATCH_DELAY && f.to >= d)
+        .map(|f| f.to)
+        .fold(d, f64::max)
+}
+
+fn overlaps(at: Secs, took: Secs, from: Secs, to: Secs) -> bool {
+    at <= to && at + took >= from
+}
+
+fn api_failure_explained(h: &History, c: &Call) -> bool {
+    h.faults.iter().any(|f| match &f.target {
+        // One member of three lost: no visible effect, except while the
+        // others elect a new raft leader when it led.
+        Target::Etcd(members) if members.len() == 1 => {
+            overlaps(c.at, c.took, f.from, f.from + ETCD_ELECTION)
+        }
+        Target::Controller(_) | Target::Etcd(_) => {
+            overlaps(c.at, c.took, f.from, f.to + CONTROL_RECOVERY)
+        }
+        _ => false,
+    })
+}
+
+fn probe_failure_explained(h: &History, p: &Probe, owner: Option<usize>) -> bool {
+    h.faults.iter().any(|f| match f.target {
+        Target::Agent(a) => {
+            (a == p.agent || Some(a) == owner)
+                && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY)
+        }
+        _ => false,
+    })
+}
+
+fn probes(h: &History, r: &Replay, out: &mut Report) {
+    for p in &h.probes {
+        let phase = phase_of(h, p.at);
+        match r.deleted.get(&p.instance) {
+            Some(&(d, _, _)) if p.at + p.took + 1.0 >= d => {
+                let routed = matches!(p.outcome, Outcome::Served | Outcome::Routed(_));
+                let limit = learnable(h, p.agent, d) + WATCH_DELAY;
+                if routed && !p.tcp && p.at > limit {
+                    out.violations.push(Violation {
+                        phase,
+                        kind: "stale route",
+                        detail: format!(
+                            "{} routed {} ({:?}) at {:.1} s, {:.1} s after etcd deleted it",
+                            h.workers.get(p.agent).cloned().unwrap_or_default(),
+                            p.instance,
+                            p.outcome,
+                            p.at,
+                            p.at - d
+                        ),
+                    });
+                }
+            }
+            _ => {
+                // A live instance: counted only once it served for a second
+                // and while it is not about to expire.
+                let running = r.running.get(&p.instance).is_some_and(|t| *t + 1.0 <= p.at);
+                let expires = r
+                    .expiry
+                    .get(&p.instance)
+                    .and_then(|v| v.iter().rev().find(|(at, _)| *at <= p.at).map(|(_, e)| *e));
+                let expiring = expires.is_some_and(|e| e as f64 - (h.start_unix + p.at) < 3.0);
+                if !running || expiring || p.outcome == Outcome::Served {
+                    continue;
+                }
+                let owner = r
+                    .owner
+                    .get(&p.instance)
+                    .and_then(|w| h.workers.iter().position(|x| x == w));
+                out.failures.push(Failure {
+                    phase,
+                    kind: format!("probe {}", if p.tcp { "tcp" } else { "http" }),
+                    expected: probe_failure_explained(h, p, owner),
+                });
+            }
+        }
+    }
+}
+
+/// Checks every invariant against `h`.
+pub(crate) fn check(h: &History) -> Report {
+    let mut out = Report::default();
+    let r = replay(h, &mut out);
+    acked_spawns(h, &r, &mut out);
+    acked_renewals(h, &r, &mut out);
+    probes(h, &r, &mut out);
+    for c in h.calls.iter().filter(|c| c.failed()) {
+        out.failures.push(Failure {
+            phase: phase_of(h, c.at),
+            kind: format!("api {} {}", c.op.name(), c.status),
+            expected: api_failure_explained(h, c),
+        });
+    }
+    for s in h.settles.iter().filter(|s| !s.disagreements.is_empty()) {
+        out.violations.push(Violation {
+            phase: s.phase,
+            kind: "diverged",
+            detail: s.disagreements.join("; "),
+        });
+    }
+    for e in &h.harness_errors {
+        out.failures.push(Failure {
+            phase: h.phases.len().saturating_sub(1),
+            kind: format!("harness: {e}"),
+            expected: false,
+        });
+    }
+    out
+}
+
+fn tally<'a>(kinds: impl Iterator<Item = &'a str>) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in kinds {
+        *counts.entry(k).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return "-".into();
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The per-phase table, the violations, and the closing `violations: N`.
+pub(crate) fn render(h: &History, report: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| phase | secs | API ops/s | probes/s | faults injected | failed, expected | failed, unexpected | violations |\n|---|---:|---:|---:|---|---|---|---:|"
+    );
+    for (i, p) in h.phases.iter().enumerate() {
+        let secs = (p.to - p.from).max(0.001);
+        let in_phase = |at: Secs| at >= p.from && at < p.to;
+        let ops = h
+            .calls
+            .iter()
+            .filter(|c| in_phase(c.at) && c.status != 599)
+            .count();
+        let probes = h.probes.iter().filter(|x| in_phase(x.at)).count();
+        let faults: Vec<&str> = h
+            .faults
+            .iter()
+            .filter(|f| f.phase == i)
+            .map(|f| f.what.as_str())
+            .collect();
+        let failures = |expected: bool| {
+            tally(
+                report
+                    .failures
+                    .iter()
+                    .filter(|f| f.phase == i && f.expected == expected)
+                    .map(|f| f.kind.as_str()),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {secs:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            p.name,
+            ops as f64 / secs,
+            probes as f64 / secs,
+            if faults.is_empty() {
+                "-".to_string()
+            } else {
+                faults.join("; ")
+            },
+            failures(true),
+            failures(false),
+            report.violations.iter().filter(|v| v.phase == i).count()
+        );
+    }
+    for v in &report.violations {
+        let phase = h.phases.get(v.phase).map_or("?", |p| p.name.as_str());
+        let _ = writeln!(s, "VIOLATION [{phase}] {}: {}", v.kind, v.detail);
+    }
+    let _ = writeln!(
+        s,
+        "calls: {}, probes: {}, etcd changes: {}, unexpected failures: {}",
+        h.calls.len(),
+        h.probes.len(),
+        h.events.len(),
+        report.unexpected()
+    );
+    let _ = writeln!(s, "violations: {}", report.violations.len());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checker on small hand-made histories: each invariant can fail.
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::history::{Event, Fault, Phase};
+
+    fn history() -> History {
+        History {
+            start_unix: 1_000_000.0,
+            phases: vec![Phase {
+                name: "p".into(),
+                from: 0.0,
+                to: 100.0,
+            }],
+            controller_ids: vec!["c0".into(), "c1".into()],
+            workers: vec!["w0".into(), "w1".into()],
+            ..History::default()
+        }
+    }
+
+    fn put(h: &mut History, at: Secs, key: &str, create: i64, value: Value) {
+        let revision = h.events.len() as i64 + 10;
+        h.events.push(Event {
+            at,
+            revision,
+            key: key.into(),
+            create_revision: if create == 0 { revision } else { create },
+            value: Some(value.to_string().into_bytes()),
+        });
+    }
+
+    fn delete(h: &mut History, at: Secs, key: &str) {
+        let revision = h.events.len() as i64 + 10;
+        h.events.push(Event {
+            at,
+            revision,
+            key: key.into(),
+            create_revision: 0,
+            value: None,
+        });
+    }
+
+    fn elect(h: &mut History, id: &str) -> i64 {
+        put(
+            h,
+            0.0,
+            &format!("/tidegate/election/scheduler/{id}"),
+            0,
+            json!(id),
+        );
+        h.events
+            .last()
+            .map(|e| e.create_revision)
+            .unwrap_or_default()
+    }
+
+    fn record(id: &str, token: i64, host: &str, expires: u64) -> Value {
+        json!({"id": id, "token": token, "worker": "w1", "expires_at": expires,
+               "http": [{"hostname": host}], "tcp": []})
+    }
+
+    fn spawned(h: &mut History, at: Secs, id: &str) {
+        h.calls.push(Call {
+            at,
+            took: 0.1,
+            op: Op::Spawn,
+            controller: 0,
+            instance: Some(id.into()),
+            status: 201,
+            body: json!({"id": id}),
+        });
+    }
+
+    fn kinds(r: &Report) -> Vec<&'static str> {
+        r.violations.iter().map(|v| v.kind).collect()
+    }
+
+    #[test]
+    fn a_clean_history_has_no_violations() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        spawned(&mut h, 1.0, "a");
+        put(
+            &mut h,
+            1.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", t, "a.x", 1_000_010),
+        );
+        delete(&mut h, 10.5, "/tidegate/instances/a");
+        h.probes.push(Probe {
+            at: 11.0,
+            took: 0.01,
+            agent: 0,
+            instance: "a".into(),
+            tcp: false,
+            outcome: Outcome::NotRouted,
+        });
+        let r = check(&h);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert!(render(&h, &r).ends_with("violations: 0\n"));
+    }
+
+    #[test]
+    fn a_creation_with_a_stale_token_is_a_fenced_write() {
+        let mut h = history();
+        let old = elect(&mut h, "c0");
+        delete(&mut h, 1.0, "/tidegate/election/scheduler/c0");
+        elect(&mut h, "c1");
+        put(
+            &mut h,
+            2.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", old, "a.x", 1_000_100),
+        );
+        assert_eq!(kinds(&check(&h)), ["fenced write"]);
+    }
+
+    #[test]
+    fn a_hostname_held_twice_is_caught() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        put(
+            &mut h,
+            1.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", t, "same.x", 1_000_100),
+        );
+        put(
+            &mut h,
+            2.0,
+            "/tidegate/instances/b",
+            0,
+            record("b", t, "same.x", 1_000_100),
+        );
+        assert_eq!(kinds(&check(&h)), ["held twice"]);
+    }
+
+    #[test]
+    fn an_acknowledged_spawn_deleted_early_without_a_request_is_lost() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        spawned(&mut h, 1.0, "a");
+        put(
+            &mut h,
+            1.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", t, "a.x", 1_000_100),
+        );
+        delete(&mut h, 5.0, "/tidegate/instances/a");
+        spawned(&mut h, 1.0, "never");
+        assert_eq!(kinds(&check(&h)), ["lost spawn", "lost spawn"]);
+        // A delete request (even one whose answer was lost) explains it.
+        h.calls.push(Call {
+            at: 4.0,
+            took: 10.0,
+            op: Op::Delete,
+            controller: 1,
+            instance: Some("a".into()),
+            status: 599,
+            body: Value::Null,
+        });
+        assert_eq!(kinds(&check(&h)), ["lost spawn"]);
+    }
+
+    #[test]
+    fn a_route_after_the_watch_delay_is_stale_unless_the_agent_was_cut_off() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        put(
+            &mut h,
+            1.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", t, "a.x", 1_000_100),
+        );
+        delete(&mut h, 5.0, "/tidegate/instances/a");
+        let probe = |at| Probe {
+            at,
+            took: 0.01,
+            agent: 1,
+            instance: "a".into(),
+            tcp: false,
+            outcome: Outcome::Served,
+        };
+        h.probes.push(probe(6.0));
+        assert!(check(&h).violations.is_empty(), "within one watch delay");
+        h.probes.push(probe(9.0));
+        assert_eq!(kinds(&check(&h)), ["stale route"]);
+        h.faults.push(Fault {
+            phase: 0,
+            what: "partition w1".into(),
+            target: Target::Agent(1),
+            from: 4.0,
+            to: 8.0,
+        });
+        assert!(check(&h).violations.is_empty(), "cut off until 8 s");
+    }
+
+    #[test]
+    fn failures_inside_a_fault_window_are_expected_and_others_not() {
+        let mut h = history();
+        let call = |at| Call {
+            at,
+            took: 1.5,
+            op: Op::Spawn,
+            controller: 0,
+            instance: None,
+            status: 503,
+            body: Value::Null,
+        };
+        h.calls.push(call(3.0));
+        h.calls.push(call(50.0));
+        h.faults.push(Fault {
+            phase: 0,
+            what: "kill c0".into(),
+            target: Target::Controller(0),
+            from: 2.0,
+            to: 4.0,
+        });
+        let r = check(&h);
+        let expected: Vec<bool> = r.failures.iter().map(|f| f.expected).collect();
+        assert_eq!(expected, [true, false]);
+        assert_eq!(r.unexpected(), 1);
+    }
+}

@@ -1,0 +1,692 @@
+//! `chaos`: the fault-injection suite behind `cargo xtask chaos`.
+//!
+//! Brings up 3 etcd members, 2 controllers and 3 agents, each on its own
+//! test host (a network namespace with a 198.18.128.0/17 address; the agents
+//! share this machine's Docker engine), runs a steady load (see [`load`]),
+//! injects one fault per phase, records everything (see [`history`]) and
+//! checks the invariants (see [`check`]). Prints a table per phase ending
+//! with `violations: N`; exits 1 if N > 0 or a request failed unexpectedly.
+//!
+//! Usage: `chaos [--short] [--out DIR]` (root, Docker running, binaries
+//! built; `$TIDEGATE_BIN_DIR` points at other controller/agent binaries).
+
+mod check;
+mod history;
+mod load;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use etcd_client::{Client, CompactionOptions, GetOptions};
+use serde_json::{Value, json};
+use tidegate_lab::daemons::{Agent, Controller};
+use tidegate_lab::docker::docker;
+use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::images::{DEMO_HTTP, DEMO_TCP, ensure_demo_images};
+use tidegate_lab::netns::{NetnsHost, Routed};
+
+use crate::history::{Clock, Fault, Op, Phase, Settle, Target, learn, record_etcd};
+use crate::load::Shared;
+
+type Res<T> = Result<T, String>;
+
+/// How long each part of a phase lasts.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    baseline: f64,
+    lead: f64,
+    hold: f64,
+    recover: f64,
+}
+
+const FULL: Pace = Pace {
+    baseline: 15.0,
+    lead: 4.0,
+    hold: 8.0,
+    recover: 8.0,
+};
+const SHORT: Pace = Pace {
+    baseline: 6.0,
+    lead: 2.0,
+    hold: 6.0,
+    recover: 6.0,
+};
+
+/// Removes every container of this run's agents (label
+/// `tidegate.cluster=lab-<pid>`) on drop, after the agents are gone.
+struct Containers;
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let label = format!("label=tidegate.cluster=lab-{}", std::process::id());
+        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &label]) {
+            for id in ids.split_whitespace() {
+                let _ = docker(&["rm", "-f", "-v", id]);
+            }
+        }
+    }
+}
+
+/// The cluster. Fields drop in order: processes, containers, etcd, hosts,
+/// then the forwarding rules.
+struct Lab {
+    agents: Vec<Option<Agent>>,
+    controllers: Vec<Controller>,
+    _containers: Containers,
+    etcd: EtcdCluster,
+    client: Client,
+    agent_hosts: Vec<NetnsHost>,
+    _controller_hosts: Vec<NetnsHost>,
+    _etcd_hosts: Vec<NetnsHost>,
+    _routed: Routed,
+    dir: PathBuf,
+}
+
+fn hosts(n: usize) -> Res<Vec<NetnsHost>> {
+    (0..n)
+        .map(|_| NetnsHost::create().map_err(|e| format!("creating a test host: {e}")))
+        .collect()
+}
+
+fn challenge(image: &str, port: Value) -> Value {
+    json!({
+        "image": image,
+        "ports": [port],
+        "ttl": {"default_secs": 30, "max_secs": 150, "max_renewals": 3},
+    })
+}
+
+impl Lab {
+    async fn start(dir: &Path) -> Res<Lab> {
+        ensure_demo_images().map_err(|e| format!("demo images: {e}"))?;
+        let routed = Routed::enable().map_err(|e| format!("forwarding rules: {e}"))?;
+        let etcd_hosts = hosts(3)?;
+        let controller_hosts = hosts(2)?;
+        let agent_hosts = hosts(3)?;
+        let etcd = EtcdCluster::start_on(&etcd_hosts.iter().collect::<Vec<_>>())
+            .map_err(|e| format!("etcd: {e}"))?;
+        let client = Client::connect(etcd.endpoints(), None)
+            .await
+            .map_err(|e| format!("etcd client: {e}"))?;
+        // Long worker grace: a killed or cut-off agent's instances must
+        // survive it (deleting them would be a loss the checker reports).
+        let overrides = [("worker_grace_secs", "120")];
+        let mut controllers = Vec::new();
+        for (i, host) in controller_hosts.iter().enumerate() {
+            let id = format!("c{i}");
+            controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), &overrides).await);
+        }
+        let mut agents = Vec::new();
+        for (i, host) in agent_hosts.iter().enumerate() {
+            let extra = "capacity = 8\nmembership_ttl_secs = 6\n";
+            agents.push(Some(
+                Agent::start_on(&etcd, &format!("w{i}"), dir, extra, host).await,
+            ));
+        }
+        let lab = Lab {
+            agents,
+            controllers,
+            _containers: Containers,
+            etcd,
+            client,
+            agent_hosts,
+            _controller_hosts: controller_hosts,
+            _etcd_hosts: etcd_hosts,
+            _routed: routed,
+            dir: dir.to_path_buf(),
+        };
+        let web = challenge(
+            DEMO_HTTP,
+            json!({"name": "web", "port": 8080, "protocol": "http"}),
+        );
+        let echo = challenge(
+            DEMO_TCP,
+            json!({"name": "echo", "port": 1337, "protocol": "tcp"}),
+        );
+        for (name, spec) in [("web", web), ("echo", echo)] {
+            let (status, body) = lab.controllers[0].put_challenge(name, spec).await;
+            if !status.is_success() {
+                return Err(format!("PUT challenge {name}: {status} {body}"));
+            }
+        }
+        Ok(lab)
+    }
+
+    /// The controller that says it leads (waits up to 15 s for one).
+    async fn leader(&self) -> Res<usize> {
+        for _ in 0..150 {
+            for (i, c) in self.controllers.iter().enumerate() {
+                if c.proc.is_alive() && c.is_leader().await {
+                    return Ok(i);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err("no controller leads after 15 s".into())
+    }
+
+    /// The etcd member that leads the raft group (falls back to member 0).
+    async fn etcd_leader(&self) -> usize {
+        for (i, endpoint) in self.etcd.endpoints().iter().enumerate() {
+            if let Ok(mut c) = Client::connect([endpoint.as_str()], None).await
+                && let Ok(s) = c.status().await
+                && s.header().is_some_and(|h| h.member_id() == s.leader())
+            {
+                return i;
+            }
+        }
+        0
+    }
+
+    fn worker_logs(&self) -> Vec<String> {
+        self.agents
+            .iter()
+            .map(|a| a.as_ref().map(Agent::log).unwrap_or_default())
+            .collect()
+    }
+}
+
+/// Runs the phases under load and returns the history.
+async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
+    let mut phase = Phases {
+        s: s.clone(),
+        index: 0,
+    };
+
+    phase.begin("baseline");
+    sleep(pace.baseline).await;
+    phase.end(lab).await?;
+
+    phase.begin("kill leader controller");
+    sleep(pace.lead).await;
+    let l = lab.leader().await?;
+    lab.controllers[l]
+        .proc
+        .signal("KILL")
+        .map_err(|e| e.to_string())?;
+    let f = phase.fault(&format!("SIGKILL c{l}"), Target::Controller(l));
+    sleep(pace.hold).await;
+    lab.controllers[l].restart(&lab.dir).await;
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("pause leader past its lease");
+    sleep(pace.lead).await;
+    let l = lab.leader().await?;
+    lab.controllers[l]
+        .proc
+        .signal("STOP")
+        .map_err(|e| e.to_string())?;
+    let f = phase.fault(
+        &format!("SIGSTOP c{l} {:.0} s", pace.hold),
+        Target::Controller(l),
+    );
+    // Requests queued at the paused leader: it handles them when it wakes,
+    // after another replica took over. None may commit.
+    let queued: Vec<_> = (0..6)
+        .map(|i| {
+            let s = s.clone();
+            let team = load::TEAMS[i % load::TEAMS.len()];
+            tokio::spawn(async move { s.spawn("web", team, Some(l)).await })
+        })
+        .collect();
+    sleep(pace.hold).await;
+    lab.controllers[l]
+        .proc
+        .signal("CONT")
+        .map_err(|e| e.to_string())?;
+    phase.heal(f);
+    for q in queued {
+        let _ = q.await;
+    }
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("kill one etcd member");
+    sleep(pace.lead).await;
+    let m = lab.etcd_leader().await;
+    lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
+    let f = phase.fault(
+        &format!("SIGKILL etcd m{m} (raft leader)"),
+        Target::Etcd(vec![m]),
+    );
+    sleep(pace.hold).await;
+    lab.etcd.restart_member(m).map_err(|e| e.to_string())?;
+    lab.etcd.wait_healthy(m).map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("kill two etcd members (quorum loss)");
+    sleep(pace.lead).await;
+    let m = lab.etcd_leader().await;
+    let other = (m + 1) % 3;
+    lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
+    lab.etcd.kill_member(other).map_err(|e| e.to_string())?;
+    let f = phase.fault(
+        &format!("SIGKILL etcd m{m}, m{other}"),
+        Target::Etcd(vec![m, other]),
+    );
+    sleep(pace.hold).await;
+    for i in [m, other] {
+        lab.etcd.restart_member(i).map_err(|e| e.to_string())?;
+    }
+    for i in 0..3 {
+        lab.etcd.wait_healthy(i).map_err(|e| e.to_string())?;
+    }
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("kill -9 an agent, restart it");
+    sleep(pace.lead).await;
+    let a = 1;
+    let agent = lab.agents[a].take().ok_or("agent w1 is not running")?;
+    agent.proc.signal("KILL").map_err(|e| e.to_string())?;
+    let f = phase.fault("SIGKILL agent w1", Target::Agent(a));
+    sleep(pace.hold).await;
+    lab.agents[a] = Some(agent.restart(&lab.dir).await);
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("partition an agent, heal");
+    sleep(pace.lead).await;
+    let a = 2;
+    lab.agent_hosts[a].partition().map_err(|e| e.to_string())?;
+    let f = phase.fault("drop all traffic of w2's host", Target::Agent(a));
+    sleep(pace.hold).await;
+    lab.agent_hosts[a].heal().map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("compaction while an agent's watch is cut");
+    sleep(pace.lead).await;
+    let a = 0;
+    let relists_before = relists(&lab.worker_logs()[a]);
+    lab.agent_hosts[a]
+        .cut_port(2379)
+        .map_err(|e| e.to_string())?;
+    let f = phase.fault("reset w0's etcd connections", Target::AgentEtcdLink(a));
+    // Let the agent notice (its lease keep-alive runs every 2 s), then
+    // change what it owns and compact past all of it.
+    sleep(2.5).await;
+    for (id, _) in s.live(|k| k.worker == "w0").into_iter().take(2) {
+        s.delete(&id).await;
+    }
+    s.spawn("web", "t0", None).await;
+    sleep(0.5).await;
+    let revision = lab
+        .client
+        .get("/tidegate/", None)
+        .await
+        .map_err(|e| e.to_string())?
+        .header()
+        .map_or(0, |h| h.revision());
+    lab.client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .map_err(|e| format!("compaction: {e}"))?;
+    sleep(0.5).await;
+    lab.agent_hosts[a].heal().map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.recover).await;
+    let relisted = relists(&lab.worker_logs()[a]) > relists_before;
+    s.history().faults[f].what = format!(
+        "reset w0's etcd connections, compact at {revision}; w0 relisted: {}",
+        if relisted { "yes" } else { "no" }
+    );
+    phase.end(lab).await?;
+    Ok(())
+}
+
+fn relists(log: &str) -> usize {
+    log.matches("watch fell behind compaction").count()
+}
+
+async fn sleep(secs: f64) {
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+}
+
+/// Marks phases and faults in the history and checks each phase's end.
+struct Phases {
+    s: Arc<Shared>,
+    index: usize,
+}
+
+impl Phases {
+    fn begin(&mut self, name: &str) {
+        let now = self.s.clock.now();
+        println!("chaos: [{:6.1} s] phase {}: {name}", now, self.index);
+        self.s.history().phases.push(Phase {
+            name: name.to_string(),
+            from: now,
+            to: f64::INFINITY,
+        });
+    }
+
+    fn fault(&self, what: &str, target: Target) -> usize {
+        let now = self.s.clock.now();
+        println!("chaos: [{now:6.1} s]   fault: {what}");
+        let mut h = self.s.history();
+        h.faults.push(Fault {
+            phase: self.index,
+            what: what.to_string(),
+            target,
+            from: now,
+            to: f64::INFINITY,
+        });
+        h.faults.len() - 1
+    }
+
+    fn heal(&self, fault: usize) {
+        let now = self.s.clock.now();
+        println!("chaos: [{now:6.1} s]   healed");
+        self.s.history().faults[fault].to = now;
+    }
+
+    /// Pauses the API load, waits until Docker, etcd and every agent's
+    /// route table agree (up to 30 s), records that, and resumes.
+    async fn end(&mut self, lab: &Lab) -> Res<()> {
+        self.s.paused.store(true, Ordering::Relaxed);
+        let mut disagreements = Vec::new();
+        let mut state = (0, 0);
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (d, revision, live) = compare(lab, &self.s).await?;
+            disagreements = d;
+            state = (revision, live);
+            if disagreements.is_empty() {
+                break;
+            }
+        }
+        let now = self.s.clock.now();
+        {
+            let mut h = self.s.history();
+            h.settles.push(Settle {
+                phase: self.index,
+                at: now,
+                disagreements: disagreements.clone(),
+                revision: state.0,
+                live_instances: state.1,
+            });
+            if let Some(p) = h.phases.last_mut() {
+                p.to = now;
+            }
+        }
+        println!(
+            "chaos: [{now:6.1} s]   end state: revision {}, {} live instances, {}",
+            state.0,
+            state.1,
+            if disagreements.is_empty() {
+                "containers, records and route tables agree".to_string()
+            } else {
+                format!("DISAGREE: {}", disagreements.join("; "))
+            }
+        );
+        self.s.paused.store(false, Ordering::Relaxed);
+        self.index += 1;
+        Ok(())
+    }
+}
+
+/// What differs between etcd's live instances, the running containers,
+/// and each agent's route table (size at the revision it reports).
+async fn compare(lab: &Lab, s: &Shared) -> Res<(Vec<String>, i64, usize)> {
+    let resp = lab
+        .client
+        .clone()
+        .get(
+            "/tidegate/instances/",
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| format!("reading instances: {e}"))?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let records: BTreeSet<(String, String)> = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
+        .map(|r| {
+            let field = |f: &str| r[f].as_str().unwrap_or_default().to_string();
+            (field("id"), field("worker"))
+        })
+        .collect();
+    let label = format!("label=tidegate.cluster=lab-{}", std::process::id());
+    let rows = docker(&[
+        "ps",
+        "--filter",
+        &label,
+        "--format",
+        "{{.Label \"tidegate.instance\"}} {{.Label \"tidegate.worker\"}}",
+    ])
+    .map_err(|e| format!("docker ps: {e}"))?;
+    let containers: BTreeSet<(String, String)> = rows
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(i, w)| (i.to_string(), w.to_string()))
+        .collect();
+    let mut out = Vec::new();
+    for (id, w) in records.difference(&containers) {
+        out.push(format!("record {id} on {w} has no running container"));
+    }
+    for (id, w) in containers.difference(&records) {
+        out.push(format!(
+            "container of {id} runs on {w} without a live record"
+        ));
+    }
+    for agent in lab.agents.iter().flatten() {
+        let (Some(rev), Some(routes)) = (
+            agent.metric("tidegate_agent_routes_revision").await,
+            agent.metric("tidegate_agent_routes").await,
+        ) else {
+            out.push(format!("{} does not answer /metrics", agent.worker));
+            continue;
+        };
+        let want = hostnames_at(s, rev as i64);
+        if routes as usize != want {
+            out.push(format!(
+                "{} routes {routes} hostnames at revision {rev}; etcd had {want} then",
+                agent.worker
+            ));
+        }
+    }
+    Ok((out, revision, records.len()))
+}
+
+/// How many HTTP hostnames the live instance records had at `revision`.
+fn hostnames_at(s: &Shared, revision: i64) -> usize {
+    let h = s.history();
+    let mut live: BTreeMap<&str, bool> = BTreeMap::new();
+    for e in h.events.iter().take_while(|e| e.revision <= revision) {
+        let Some(("instances", id)) = history::split_key(&e.key) else {
+            continue;
+        };
+        match &e.value {
+            Some(v) => {
+                let http = serde_json::from_slice::<Value>(v)
+                    .is_ok_and(|r| r["http"].as_array().is_some_and(|a| !a.is_empty()));
+                live.insert(id, http);
+            }
+            None => {
+                live.remove(id);
+            }
+        }
+    }
+    live.values().filter(|http| **http).count()
+}
+
+fn write_history(s: &Shared, dir: &Path, report: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let h = s.history();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("history.txt"))?);
+    writeln!(f, "# start (unix) {:.3}", h.start_unix)?;
+    for p in &h.phases {
+        writeln!(f, "phase {:.3}..{:.3} {}", p.from, p.to, p.name)?;
+    }
+    for x in &h.faults {
+        writeln!(
+            f,
+            "fault {:.3}..{:.3} {:?} {}",
+            x.from, x.to, x.target, x.what
+        )?;
+    }
+    for c in &h.calls {
+        writeln!(
+            f,
+            "call {:.3} +{:.3} {} c{} {} {} {}",
+            c.at,
+            c.took,
+            c.op.name(),
+            c.controller,
+            c.instance.as_deref().unwrap_or("-"),
+            c.status,
+            c.body
+        )?;
+    }
+    for p in &h.probes {
+        writeln!(
+            f,
+            "probe {:.3} +{:.3} w{} {} {} {:?}",
+            p.at,
+            p.took,
+            p.agent,
+            if p.tcp { "tcp" } else { "http" },
+            p.instance,
+            p.outcome
+        )?;
+    }
+    for e in &h.events {
+        let value = e
+            .value
+            .as_ref()
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        writeln!(
+            f,
+            "etcd {:.3} {} {} {}",
+            e.at,
+            e.revision,
+            e.key,
+            value.as_deref().unwrap_or("<deleted>")
+        )?;
+    }
+    for st in &h.settles {
+        writeln!(
+            f,
+            "settle phase {} at {:.3}: revision {}, {} live, {:?}",
+            st.phase, st.at, st.revision, st.live_instances, st.disagreements
+        )?;
+    }
+    std::fs::write(dir.join("report.md"), report)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pace = if args.iter().any(|a| a == "--short") {
+        SHORT
+    } else {
+        FULL
+    };
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("tidegate-chaos"));
+    let _ = std::fs::remove_dir_all(&out);
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("chaos: cannot create {}: {e}", out.display());
+        std::process::exit(2);
+    }
+    match chaos(&out, pace).await {
+        Ok(clean) => std::process::exit(if clean { 0 } else { 1 }),
+        Err(e) => {
+            eprintln!(
+                "chaos: the run could not complete: {e}\n(logs in {})",
+                out.display()
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs everything; `Ok(true)` when there were no violations and no
+/// unexpected failures.
+async fn chaos(out: &Path, pace: Pace) -> Res<bool> {
+    let clock = Clock::new();
+    let mut lab = Lab::start(out).await?;
+    let s = Arc::new(Shared::new(
+        clock,
+        lab.controllers.iter().map(|c| c.url.clone()).collect(),
+        lab.agent_hosts
+            .iter()
+            .map(|h| (std::net::SocketAddr::from((h.addr(), 8080)), h.addr()))
+            .collect(),
+    ));
+    {
+        let mut h = s.history();
+        h.controller_ids = lab.controllers.iter().map(|c| c.id.clone()).collect();
+        h.workers = (0..lab.agents.len()).map(|i| format!("w{i}")).collect();
+    }
+    let recorder = {
+        let s = s.clone();
+        let errors = s.clone();
+        tokio::spawn(record_etcd(
+            lab.client.clone(),
+            clock,
+            move |e| {
+                learn(&mut s.known(), &e);
+                s.history().events.push(e);
+            },
+            move |msg| errors.history().harness_errors.push(msg),
+        ))
+    };
+    let mut tasks = Vec::new();
+    for seed in 0..3 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(
+            async move { load::client(&s, seed + 1).await },
+        ));
+    }
+    for seed in 0..2 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(
+            async move { load::prober(&s, seed + 101).await },
+        ));
+    }
+    let result = run(&mut lab, &s, pace).await;
+    s.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Let the recorder see the last changes.
+    sleep(1.0).await;
+    recorder.abort();
+    result?;
+    let report = {
+        let h = s.history();
+        let r = check::check(&h);
+        let text = check::render(&h, &r);
+        (text, r.violations.is_empty() && r.unexpected() == 0)
+    };
+    print!("{}", report.0);
+    if let Err(e) = write_history(&s, out, &report.0) {
+        eprintln!("chaos: could not write the history: {e}");
+    }
+    println!("chaos: history, report and logs in {}", out.display());
+    // Count the spawns that were acknowledged, for the reader.
+    let acked = s
+        .history()
+        .calls
+        .iter()
+        .filter(|c| c.op == Op::Spawn && c.status == 201)
+        .count();
+    println!("chaos: {acked} spawns acknowledged");
+    Ok(report.1)
+}
