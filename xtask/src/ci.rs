@@ -1,4 +1,5 @@
-//! `cargo xtask ci`: what CI runs, in order, stopping at the first failure.
+//! `cargo xtask ci`: what CI runs, in order, stopping at the first failure
+//! (the test suite runs to its end before stopping, as does the chaos run).
 
 use std::process::Command;
 
@@ -58,5 +59,14 @@ pub(crate) fn run(args: CiArgs) -> Result<()> {
         "--workspace",
         "--no-fail-fast",
     ]))?;
+    // The fault-injection suite, short phases (the binaries are built: the
+    // tests above needed them).
+    println!("== chaos (short): faults under load, invariant check");
+    sh::run(
+        Command::new(target.join("debug/chaos"))
+            .arg("--short")
+            .arg("--out")
+            .arg(target.join("chaos-ci")),
+    )?;
     Ok(())
 }

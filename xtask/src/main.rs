@@ -50,7 +50,8 @@ enum Command {
     /// `violations: N`; fails on any violation or unexpected failure.
     Chaos(chaos::ChaosArgs),
     /// What CI runs: setup, `cargo fmt --check`, `cargo clippy --all-targets
-    /// -- -D warnings`, then the whole test suite against real components.
+    /// -- -D warnings`, the whole test suite against real components, then
+    /// `cargo xtask chaos --short`.
     Ci(ci::CiArgs),
     /// Run benchmarks and regenerate their sections of docs/benchmarks.md:
     /// `http` (vs nginx and HAProxy), `tcp` (vs direct loopback and HAProxy,

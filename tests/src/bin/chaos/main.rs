@@ -111,6 +111,11 @@ impl Lab {
         let client = Client::connect(etcd.endpoints(), None)
             .await
             .map_err(|e| format!("etcd client: {e}"))?;
+        // The run's own client rides through member loss like the daemons.
+        tokio::spawn(tidegate_schema::endpoints::prune_dead_endpoints(
+            client.clone(),
+            etcd.endpoints(),
+        ));
         // Long worker grace: a killed or cut-off agent's instances must
         // survive it (deleting them would be a loss the checker reports).
         let overrides = [("worker_grace_secs", "120")];
@@ -398,9 +403,14 @@ impl Phases {
         let mut state = (0, 0);
         for _ in 0..60 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let (d, revision, live) = compare(lab, &self.s).await?;
-            disagreements = d;
-            state = (revision, live);
+            match compare(lab, &self.s).await {
+                Ok((d, revision, live)) => {
+                    disagreements = d;
+                    state = (revision, live);
+                }
+                // e.g. the run's own client tried a member that just restarted
+                Err(e) => disagreements = vec![e],
+            }
             if disagreements.is_empty() {
                 break;
             }
