@@ -11,6 +11,9 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
+/// How soon a failed keep-alive is tried again.
+const RETRY: Duration = Duration::from_millis(250);
+
 /// Keeps the worker registered until the task is dropped; publishes the
 /// current lease in `lease` (0 while unregistered).
 pub async fn run(
@@ -36,10 +39,14 @@ pub async fn run(
         metrics.registered();
         let _ = lease.send(id);
         tracing::info!(worker = %record.id, lease = id, "registered");
-        // Keep alive until etcd says the lease is gone or stays unreachable for a TTL.
+        // Keep alive until etcd says the lease is gone or stays unreachable
+        // for a TTL. After a failed keep-alive, try again every 250 ms: a
+        // short cut from etcd must not cost the lease (other agents would
+        // briefly see this worker gone and answer 503 for its instances).
         let mut last_ok = tokio::time::Instant::now();
+        let mut failing = false;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::time::sleep(if failing { RETRY } else { period }).await;
             let answer = match client.lease_keep_alive(id).await {
                 Ok((mut keeper, mut stream)) => match keeper.keep_alive().await {
                     Ok(()) => stream.message().await.ok().flatten().map(|r| r.ttl()),
@@ -47,6 +54,7 @@ pub async fn run(
                 },
                 Err(_) => None,
             };
+            failing = answer.is_none();
             match answer {
                 Some(t) if t > 0 => last_ok = tokio::time::Instant::now(),
                 Some(_) => break,

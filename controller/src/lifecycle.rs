@@ -192,18 +192,38 @@ pub async fn renew(
 }
 
 /// Deletes an instance by revoking its lease (every key goes with it).
+///
+/// A renewal moves the keys to a new lease and then revokes the old one, so
+/// a delete racing it may revoke a lease that no longer holds the keys (or
+/// one already gone). The record is therefore read again after each revoke
+/// until it is gone: a renewal that read the record before the revoke and
+/// commits after it fails its mod-revision compare, so this converges.
 pub async fn delete(client: &Client, ks: &Keyspace, id: &InstanceId) -> Result<(), LifecycleError> {
-    let current = get(client, ks, id).await?;
-    let mut client = client.clone();
-    if current.lease != 0 {
-        client.lease_revoke(current.lease).await?;
-    } else {
-        // A record written by hand without a lease: remove the record itself.
-        client
-            .delete(ks.key(&Key::Instance(id.clone())).as_str(), None)
-            .await?;
+    let mut revoked = false;
+    for _ in 0..5 {
+        let current = match get(client, ks, id).await {
+            Ok(c) => c,
+            // Gone after our revoke (or one racing it): deleted as asked.
+            Err(LifecycleError::NotFound(_)) if revoked => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut client = client.clone();
+        if current.lease == 0 {
+            // A record written by hand without a lease: remove the record itself.
+            client
+                .delete(ks.key(&Key::Instance(id.clone())).as_str(), None)
+                .await?;
+            return Ok(());
+        }
+        match client.lease_revoke(current.lease).await {
+            Ok(_) => {}
+            // Already revoked: by a renewal that moved the keys, or by expiry.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        revoked = true;
     }
-    Ok(())
+    Err(LifecycleError::Conflict(id.to_string()))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
-use tidegate_controller::{ChallengeError, Challenges, SpawnError, SpawnPlan, spawn};
+use tidegate_controller::{ChallengeError, Challenges, SpawnError, SpawnPlan, lifecycle, spawn};
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_schema::{ChallengeName, ChallengeSpec, Keyspace, TeamId, WorkerId, decode_json};
 
@@ -249,6 +249,49 @@ async fn two_hundred_concurrent_spawns_never_share_a_hostname_or_port() {
         count(&mut client, &ks.prefix(tidegate_schema::Kind::PortClaims)).await,
         200
     );
+}
+
+/// A renewal moves the keys to a new lease and revokes the old one; a
+/// delete that read the old lease must still delete (the chaos suite saw
+/// it answer 503 "requested lease not found" and leave the instance).
+#[tokio::test]
+async fn a_delete_racing_a_renewal_still_deletes() {
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(1, "web", web_spec()).await;
+    let (key, token, _) = campaign(&mut client, &ks, 30).await;
+    let mut renewed_first = 0;
+    for i in 0..20u64 {
+        let p = plan(&ks, challenge.clone(), &key, token, &format!("team-{i}"));
+        let s = spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
+        let id = s.record.id.clone();
+        let current = lifecycle::get(&client, &ks, &id).await.unwrap();
+        let now = s.record.created_at;
+        let (renewed, deleted) = tokio::join!(
+            lifecycle::renew(
+                &client,
+                &ks,
+                (&key, token),
+                &current,
+                s.record.expires_at + 60,
+                now
+            ),
+            async {
+                // Staggered so that the delete's read and revoke land before,
+                // inside and after the renewal's Txn over the 20 rounds.
+                tokio::time::sleep(Duration::from_micros(250 * i)).await;
+                lifecycle::delete(&client, &ks, &id).await
+            },
+        );
+        deleted.unwrap_or_else(|e| panic!("delete of {id} racing a renewal: {e}"));
+        renewed_first += usize::from(renewed.is_ok());
+        let left = count(&mut client, &format!("/tidegate/instances/{id}")).await;
+        assert_eq!(left, 0, "{id} survived its delete");
+    }
+    println!("renewal committed before the delete in {renewed_first} of 20 races");
 }
 
 #[tokio::test]

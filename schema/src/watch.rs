@@ -79,7 +79,9 @@ enum State {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+// Short: after an outage heals, a watcher resumes within a second (a
+// retry is one small request per watcher).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A watcher over every key under one prefix.
 pub struct Watcher {

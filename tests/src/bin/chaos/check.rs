@@ -22,7 +22,9 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::history::{Call, History, Op, Outcome, Probe, Secs, Target, split_key};
+use crate::history::{
+    Call, History, Op, Outcome, Probe, Secs, Target, endpoint_running, split_key,
+};
 
 /// How long an agent may take to apply a change etcd committed.
 pub(crate) const WATCH_DELAY: Secs = 2.0;
@@ -57,6 +59,8 @@ pub(crate) struct Failure {
 pub(crate) struct Report {
     pub(crate) violations: Vec<Violation>,
     pub(crate) failures: Vec<Failure>,
+    /// Per phase: probes of live, running instances (served, sent).
+    pub(crate) live_probes: BTreeMap<usize, (usize, usize)>,
 }
 
 impl Report {
@@ -201,12 +205,8 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                         .insert(id.to_string(), (e.at, e.revision, expires));
                 }
             }
-            ("endpoints", Some(v)) => {
-                let running = serde_json::from_slice::<Value>(v)
-                    .is_ok_and(|ep| ep["status"].as_str() == Some("running"));
-                if running {
-                    r.running.entry(id.to_string()).or_insert(e.at);
-                }
+            ("endpoints", Some(v)) if endpoint_running(v) => {
+                r.running.entry(id.to_string()).or_insert(e.at);
             }
             _ => {}
         }
@@ -251,6 +251,32 @@ fn acked_spawns(h: &History, r: &Replay, out: &mut Report) {
                     "{id} (acknowledged at {:.1} s) was deleted at revision {rev} ({d:.1} s), {:.0} s before its expiry, with no delete request",
                     c.at,
                     expires as f64 - (h.start_unix + d)
+                ),
+            });
+        }
+    }
+}
+
+/// A delete answered 204 removed the record before it answered (the run's
+/// watch may see it up to a second later).
+fn acked_deletes(h: &History, r: &Replay, out: &mut Report) {
+    for c in h
+        .calls
+        .iter()
+        .filter(|c| c.op == Op::Delete && c.status == 204)
+    {
+        let Some(id) = &c.instance else { continue };
+        let gone = r
+            .deleted
+            .get(id)
+            .is_some_and(|(d, _, _)| *d <= c.at + c.took + 1.0);
+        if !gone {
+            out.violations.push(Violation {
+                phase: phase_of(h, c.at),
+                kind: "lost delete",
+                detail: format!(
+                    "delete of {id} answered 204 at {:.1} s but its record was still there a second later",
+                    c.at + c.took
                 ),
             });
         }
@@ -320,10 +346,19 @@ fn api_failure_explained(h: &History, c: &Call) -> bool {
     })
 }
 
-fn probe_failure_explained(h: &History, p: &Probe, owner: Option<usize>) -> bool {
+/// Whether a failed probe of a live instance created at `created` is
+/// explained: the probing agent or the instance's owner was down or cut
+/// off, or the probing agent was cut from etcd when the instance appeared
+/// (it could not know its route yet).
+fn probe_failure_explained(h: &History, p: &Probe, owner: Option<usize>, created: Secs) -> bool {
     h.faults.iter().any(|f| match f.target {
         Target::Agent(a) => {
             (a == p.agent || Some(a) == owner)
+                && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY)
+        }
+        Target::AgentEtcdLink(a) => {
+            a == p.agent
+                && created + WATCH_DELAY >= f.from
                 && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY)
         }
         _ => false,
@@ -361,17 +396,24 @@ fn probes(h: &History, r: &Replay, out: &mut Report) {
                     .get(&p.instance)
                     .and_then(|v| v.iter().rev().find(|(at, _)| *at <= p.at).map(|(_, e)| *e));
                 let expiring = expires.is_some_and(|e| e as f64 - (h.start_unix + p.at) < 3.0);
-                if !running || expiring || p.outcome == Outcome::Served {
+                if !running || expiring {
+                    continue;
+                }
+                let counts = out.live_probes.entry(phase).or_default();
+                counts.1 += 1;
+                if p.outcome == Outcome::Served {
+                    counts.0 += 1;
                     continue;
                 }
                 let owner = r
                     .owner
                     .get(&p.instance)
                     .and_then(|w| h.workers.iter().position(|x| x == w));
+                let created = r.created.get(&p.instance).map_or(0.0, |c| c.1);
                 out.failures.push(Failure {
                     phase,
                     kind: format!("probe {}", if p.tcp { "tcp" } else { "http" }),
-                    expected: probe_failure_explained(h, p, owner),
+                    expected: probe_failure_explained(h, p, owner, created),
                 });
             }
         }
@@ -384,6 +426,7 @@ pub(crate) fn check(h: &History) -> Report {
     let r = replay(h, &mut out);
     acked_spawns(h, &r, &mut out);
     acked_renewals(h, &r, &mut out);
+    acked_deletes(h, &r, &mut out);
     probes(h, &r, &mut out);
     for c in h.calls.iter().filter(|c| c.failed()) {
         out.failures.push(Failure {
@@ -398,6 +441,20 @@ pub(crate) fn check(h: &History) -> Report {
             kind: "diverged",
             detail: s.disagreements.join("; "),
         });
+    }
+    // A phase without a single probe of a live instance proves nothing
+    // about the data plane.
+    for (i, p) in h.phases.iter().enumerate() {
+        if !out.live_probes.contains_key(&i) {
+            out.failures.push(Failure {
+                phase: i,
+                kind: format!(
+                    "harness: no probe reached a live instance during {:?}",
+                    p.name
+                ),
+                expected: false,
+            });
+        }
     }
     for e in &h.harness_errors {
         out.failures.push(Failure {
@@ -429,7 +486,7 @@ pub(crate) fn render(h: &History, report: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| phase | secs | API ops/s | probes/s | faults injected | failed, expected | failed, unexpected | violations |\n|---|---:|---:|---:|---|---|---|---:|"
+        "| phase | secs | API ops/s | probes/s | live probes served | faults injected | failed, expected | failed, unexpected | violations |\n|---|---:|---:|---:|---:|---|---|---|---:|"
     );
     for (i, p) in h.phases.iter().enumerate() {
         let secs = (p.to - p.from).max(0.001);
@@ -457,10 +514,12 @@ pub(crate) fn render(h: &History, report: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {secs:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {secs:.0} | {:.1} | {:.1} | {}/{} | {} | {} | {} | {} |",
             p.name,
             ops as f64 / secs,
             probes as f64 / secs,
+            report.live_probes.get(&i).map_or(0, |c| c.0),
+            report.live_probes.get(&i).map_or(0, |c| c.1),
             if faults.is_empty() {
                 "-".to_string()
             } else {
@@ -579,18 +638,66 @@ mod tests {
             0,
             record("a", t, "a.x", 1_000_010),
         );
+        running(&mut h, 2.0, "a");
         delete(&mut h, 10.5, "/tidegate/instances/a");
-        h.probes.push(Probe {
-            at: 11.0,
-            took: 0.01,
-            agent: 0,
-            instance: "a".into(),
-            tcp: false,
-            outcome: Outcome::NotRouted,
-        });
+        h.probes.push(probe(5.0, "a", Outcome::Served));
+        h.probes.push(probe(11.0, "a", Outcome::NotRouted));
         let r = check(&h);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.unexpected(), 0, "{:?}", r.failures);
+        assert_eq!(r.live_probes.get(&0), Some(&(1, 1)));
         assert!(render(&h, &r).ends_with("violations: 0\n"));
+    }
+
+    #[test]
+    fn a_failed_probe_of_a_live_instance_needs_a_fault_and_probes_are_required() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        put(
+            &mut h,
+            1.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", t, "a.x", 1_000_100),
+        );
+        running(&mut h, 2.0, "a");
+        let r = check(&h);
+        assert_eq!(
+            r.unexpected(),
+            1,
+            "a phase without live probes: {:?}",
+            r.failures
+        );
+        h.probes
+            .push(probe(5.0, "a", Outcome::Failed("refused".into())));
+        let r = check(&h);
+        assert_eq!(r.live_probes.get(&0), Some(&(0, 1)));
+        assert_eq!(r.unexpected(), 1, "{:?}", r.failures);
+        // Its owner (w1) was down then: explained.
+        h.faults.push(Fault {
+            phase: 0,
+            what: "kill w1".into(),
+            target: Target::Agent(1),
+            from: 4.0,
+            to: 4.5,
+        });
+        assert_eq!(check(&h).unexpected(), 0);
+    }
+
+    fn running(h: &mut History, at: Secs, id: &str) {
+        let ep = json!({"v": 1, "instance": id, "worker": "w1", "status": {"state": "running"}, "updated_at": 0});
+        put(h, at, &format!("/tidegate/endpoints/{id}"), 0, ep);
+    }
+
+    fn probe(at: Secs, id: &str, outcome: Outcome) -> Probe {
+        Probe {
+            at,
+            took: 0.01,
+            agent: 0,
+            instance: id.into(),
+            tcp: false,
+            outcome,
+        }
     }
 
     #[test]
@@ -607,6 +714,32 @@ mod tests {
             record("a", old, "a.x", 1_000_100),
         );
         assert_eq!(kinds(&check(&h)), ["fenced write"]);
+    }
+
+    #[test]
+    fn a_delete_answered_204_must_have_deleted() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        put(
+            &mut h,
+            1.0,
+            "/tidegate/instances/a",
+            0,
+            record("a", t, "a.x", 1_000_100),
+        );
+        let deleted = |at| Call {
+            at,
+            took: 0.1,
+            op: Op::Delete,
+            controller: 0,
+            instance: Some("a".into()),
+            status: 204,
+            body: Value::Null,
+        };
+        h.calls.push(deleted(5.0));
+        assert_eq!(kinds(&check(&h)), ["lost delete"]);
+        delete(&mut h, 5.2, "/tidegate/instances/a");
+        assert!(check(&h).violations.is_empty());
     }
 
     #[test]
@@ -714,8 +847,12 @@ mod tests {
             to: 4.0,
         });
         let r = check(&h);
-        let expected: Vec<bool> = r.failures.iter().map(|f| f.expected).collect();
+        let expected: Vec<bool> = r
+            .failures
+            .iter()
+            .filter(|f| f.kind.starts_with("api"))
+            .map(|f| f.expected)
+            .collect();
         assert_eq!(expected, [true, false]);
-        assert_eq!(r.unexpected(), 1);
     }
 }

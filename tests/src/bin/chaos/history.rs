@@ -214,10 +214,8 @@ pub(crate) fn learn(known: &mut BTreeMap<String, Known>, event: &Event) {
             }
         }
         ("endpoints", Some(v)) => {
-            let running = serde_json::from_slice::<Value>(v)
-                .is_ok_and(|e| e["status"].as_str() == Some("running"));
             if let Some(k) = known.get_mut(id)
-                && running
+                && endpoint_running(v)
                 && k.running_since.is_none()
             {
                 k.running_since = Some(event.at);
@@ -225,6 +223,13 @@ pub(crate) fn learn(known: &mut BTreeMap<String, Known>, event: &Event) {
         }
         _ => {}
     }
+}
+
+/// Whether an endpoint record says its container runs.
+pub(crate) fn endpoint_running(value: &[u8]) -> bool {
+    // `"status": {"state": "running"}` (schema::InstanceStatus)
+    serde_json::from_slice::<Value>(value)
+        .is_ok_and(|e| e["status"]["state"].as_str() == Some("running"))
 }
 
 /// `/tidegate/<kind>/<id>` → (kind, id) for instances and endpoints.

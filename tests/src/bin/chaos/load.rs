@@ -18,6 +18,8 @@ use crate::history::{Call, Clock, History, Known, Op, Outcome, Probe};
 
 /// Teams of the load; each keeps at most one instance per challenge.
 pub(crate) const TEAMS: [&str; 8] = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"];
+/// How long a probe waits for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The challenges of the load: an HTTP one and a TCP one.
 pub(crate) const CHALLENGES: [&str; 2] = ["web", "echo"];
 
@@ -128,9 +130,11 @@ impl Shared {
         }
     }
 
-    /// One API operation, recorded. Asks the hinted controller (or only
-    /// `pinned`), follows a standby's 307 to the leader, and tries the other
-    /// controller once when the first gives no answer.
+    /// One API operation. Asks the hinted controller (or only `pinned`),
+    /// follows a standby's 307 to the leader, and tries the other controller
+    /// once when the first gives no answer. Every attempt is recorded (an
+    /// attempt without an answer may still have taken effect); returns the
+    /// last.
     pub(crate) async fn call(
         &self,
         op: Op,
@@ -143,14 +147,27 @@ impl Shared {
             Op::Spawn | Op::Renew => Method::POST,
             Op::Delete => Method::DELETE,
         };
-        let at = self.clock.now();
         let mut to = pinned.unwrap_or_else(|| self.hint.load(Ordering::Relaxed));
-        let mut answer = (599, Value::Null);
+        let mut last = None;
         for _ in 0..3 {
             // A request pinned to one controller (e.g. a paused one) waits
             // for it; the load gives up after 5 s and tries the other.
             let timeout = Duration::from_secs(if pinned.is_some() { 60 } else { 5 });
-            answer = self.send(to, &method, path, &body, timeout).await;
+            let at = self.clock.now();
+            let answer = self.send(to, &method, path, &body, timeout).await;
+            let call = Call {
+                at,
+                took: self.clock.now() - at,
+                op,
+                controller: to,
+                instance: instance
+                    .clone()
+                    .or_else(|| answer.1["id"].as_str().map(String::from)),
+                status: answer.0,
+                body: answer.1.clone(),
+            };
+            self.history().calls.push(call.clone());
+            last = Some(call);
             if pinned.is_some() {
                 break;
             }
@@ -167,20 +184,18 @@ impl Shared {
                 _ => break,
             }
         }
-        if pinned.is_none() && answer.0 != 599 {
-            self.hint.store(to, Ordering::Relaxed);
-        }
-        let instance = instance.or_else(|| answer.1["id"].as_str().map(String::from));
-        let call = Call {
-            at,
-            took: self.clock.now() - at,
+        let call = last.unwrap_or(Call {
+            at: self.clock.now(),
+            took: 0.0,
             op,
             controller: to,
             instance,
-            status: answer.0,
-            body: answer.1,
-        };
-        self.history().calls.push(call.clone());
+            status: 599,
+            body: Value::Null,
+        });
+        if pinned.is_none() && call.status != 599 {
+            self.hint.store(call.controller, Ordering::Relaxed);
+        }
         call
     }
 
@@ -293,7 +308,7 @@ async fn http_probe(http: &reqwest::Client, entry: SocketAddr, host: &str) -> Ou
     let resp = http
         .get(format!("http://{entry}/"))
         .header("host", host)
-        .timeout(Duration::from_secs(3))
+        .timeout(PROBE_TIMEOUT)
         .send()
         .await;
     match resp {
@@ -319,7 +334,7 @@ async fn tcp_probe(addr: SocketAddr, n: u64) -> Outcome {
         BufReader::new(&mut stream).read_line(&mut back).await?;
         Ok::<_, std::io::Error>(back == line)
     };
-    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
         Ok(Ok(true)) => Outcome::Served,
         Ok(Ok(false)) => Outcome::Failed("wrong echo".into()),
         Ok(Err(e)) => Outcome::Failed(e.to_string()),

@@ -208,11 +208,12 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     phase.begin("kill leader controller");
     sleep(pace.lead).await;
     let l = lab.leader().await?;
+    // Each fault's window opens just before it is injected.
+    let f = phase.fault(&format!("SIGKILL c{l}"), Target::Controller(l));
     lab.controllers[l]
         .proc
         .signal("KILL")
         .map_err(|e| e.to_string())?;
-    let f = phase.fault(&format!("SIGKILL c{l}"), Target::Controller(l));
     sleep(pace.hold).await;
     lab.controllers[l].restart(&lab.dir).await;
     phase.heal(f);
@@ -222,21 +223,22 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     phase.begin("pause leader past its lease");
     sleep(pace.lead).await;
     let l = lab.leader().await?;
-    lab.controllers[l]
-        .proc
-        .signal("STOP")
-        .map_err(|e| e.to_string())?;
     let f = phase.fault(
         &format!("SIGSTOP c{l} {:.0} s", pace.hold),
         Target::Controller(l),
     );
+    lab.controllers[l]
+        .proc
+        .signal("STOP")
+        .map_err(|e| e.to_string())?;
     // Requests queued at the paused leader: it handles them when it wakes,
-    // after another replica took over. None may commit.
+    // after another replica took over. None may commit. Teams of their own,
+    // so that no "team already has one" answer comes before the fenced Txn.
     let queued: Vec<_> = (0..6)
         .map(|i| {
             let s = s.clone();
-            let team = load::TEAMS[i % load::TEAMS.len()];
-            tokio::spawn(async move { s.spawn("web", team, Some(l)).await })
+            let team = format!("paused-{}-{i}", phase.index);
+            tokio::spawn(async move { s.spawn("web", &team, Some(l)).await })
         })
         .collect();
     sleep(pace.hold).await;
@@ -254,11 +256,11 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     phase.begin("kill one etcd member");
     sleep(pace.lead).await;
     let m = lab.etcd_leader().await;
-    lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
     let f = phase.fault(
         &format!("SIGKILL etcd m{m} (raft leader)"),
         Target::Etcd(vec![m]),
     );
+    lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
     sleep(pace.hold).await;
     lab.etcd.restart_member(m).map_err(|e| e.to_string())?;
     lab.etcd.wait_healthy(m).map_err(|e| e.to_string())?;
@@ -270,12 +272,12 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.lead).await;
     let m = lab.etcd_leader().await;
     let other = (m + 1) % 3;
-    lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
-    lab.etcd.kill_member(other).map_err(|e| e.to_string())?;
     let f = phase.fault(
         &format!("SIGKILL etcd m{m}, m{other}"),
         Target::Etcd(vec![m, other]),
     );
+    lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
+    lab.etcd.kill_member(other).map_err(|e| e.to_string())?;
     sleep(pace.hold).await;
     for i in [m, other] {
         lab.etcd.restart_member(i).map_err(|e| e.to_string())?;
@@ -291,8 +293,8 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.lead).await;
     let a = 1;
     let agent = lab.agents[a].take().ok_or("agent w1 is not running")?;
-    agent.proc.signal("KILL").map_err(|e| e.to_string())?;
     let f = phase.fault("SIGKILL agent w1", Target::Agent(a));
+    agent.proc.signal("KILL").map_err(|e| e.to_string())?;
     sleep(pace.hold).await;
     lab.agents[a] = Some(agent.restart(&lab.dir).await);
     phase.heal(f);
@@ -302,8 +304,8 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     phase.begin("partition an agent, heal");
     sleep(pace.lead).await;
     let a = 2;
-    lab.agent_hosts[a].partition().map_err(|e| e.to_string())?;
     let f = phase.fault("drop all traffic of w2's host", Target::Agent(a));
+    lab.agent_hosts[a].partition().map_err(|e| e.to_string())?;
     sleep(pace.hold).await;
     lab.agent_hosts[a].heal().map_err(|e| e.to_string())?;
     phase.heal(f);
@@ -314,10 +316,10 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.lead).await;
     let a = 0;
     let relists_before = relists(&lab.worker_logs()[a]);
+    let f = phase.fault("reset w0's etcd connections", Target::AgentEtcdLink(a));
     lab.agent_hosts[a]
         .cut_port(2379)
         .map_err(|e| e.to_string())?;
-    let f = phase.fault("reset w0's etcd connections", Target::AgentEtcdLink(a));
     // Let the agent notice (its lease keep-alive runs every 2 s), then
     // change what it owns and compact past all of it.
     sleep(2.5).await;
@@ -664,7 +666,7 @@ async fn chaos(out: &Path, pace: Pace) -> Res<bool> {
             async move { load::client(&s, seed + 1).await },
         ));
     }
-    for seed in 0..2 {
+    for seed in 0..3 {
         let s = s.clone();
         tasks.push(tokio::spawn(
             async move { load::prober(&s, seed + 101).await },
