@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tidegate_schema::{
     EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, Kv,
     Record, V1, Watcher, WorkerId,
@@ -399,18 +399,29 @@ impl Reconciler {
                 .map_or(0, |d| d.as_secs()),
         };
         let key = self.ks.key(&Key::Endpoint(id.clone()));
-        let put = self
-            .client
-            .put(
+        let instance_key = self.ks.key(&Key::Instance(id.clone()));
+        // Only while the instance is still on the lease this agent knows: a
+        // renewal that moved it to a new lease is about to revoke the old
+        // one, and an endpoint written on it would vanish with it (players
+        // then got 503 for a running instance until it expired). If the
+        // compare fails, the watch brings the new lease and the next pass
+        // writes again.
+        let txn = Txn::new()
+            .when([Compare::lease(
+                instance_key.as_str(),
+                CompareOp::Equal,
+                t.lease,
+            )])
+            .and_then([TxnOp::put(
                 key.as_str(),
                 record.encode(),
                 Some(PutOptions::new().with_lease(t.lease)),
-            )
-            .await;
-        match put {
-            Ok(_) => t.reported = Some(now),
-            // The lease may have just been replaced by a renewal: the watch
-            // brings the new one and the next pass writes again.
+            )]);
+        match self.client.txn(txn).await {
+            Ok(r) if r.succeeded() => t.reported = Some(now),
+            Ok(_) => {
+                tracing::debug!(instance = %id, lease = t.lease, "instance moved to another lease; endpoint written on the next pass")
+            }
             Err(e) => tracing::debug!(instance = %id, error = %e, "could not write endpoint"),
         }
     }
