@@ -13,6 +13,12 @@ use tidegate_agent::tcp::TcpOptions;
 use tidegate_agent::{Cli, Config, membership};
 use tidegate_schema::{Keyspace, V1, WorkerRecord};
 
+// The proxy allocates per request (header maps, buffers); with glibc's
+// malloc, allocation and free were a fifth of the agent's CPU time under
+// `cargo xtask bench http` (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
