@@ -605,6 +605,12 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Puts instance `id`'s record: created by `token`, serving `host`.
+    fn instance(h: &mut History, at: Secs, id: &str, token: i64, host: &str, expires: u64) {
+        let key = format!("/tidegate/instances/{id}");
+        put(h, at, &key, 0, record(id, token, host, expires));
+    }
+
     fn record(id: &str, token: i64, host: &str, expires: u64) -> Value {
         json!({"id": id, "token": token, "worker": "w1", "expires_at": expires,
                "http": [{"hostname": host}], "tcp": []})
@@ -631,13 +637,7 @@ mod tests {
         let mut h = history();
         let t = elect(&mut h, "c0");
         spawned(&mut h, 1.0, "a");
-        put(
-            &mut h,
-            1.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", t, "a.x", 1_000_010),
-        );
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_010);
         running(&mut h, 2.0, "a");
         delete(&mut h, 10.5, "/tidegate/instances/a");
         h.probes.push(probe(5.0, "a", Outcome::Served));
@@ -653,13 +653,7 @@ mod tests {
     fn a_failed_probe_of_a_live_instance_needs_a_fault_and_probes_are_required() {
         let mut h = history();
         let t = elect(&mut h, "c0");
-        put(
-            &mut h,
-            1.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", t, "a.x", 1_000_100),
-        );
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
         running(&mut h, 2.0, "a");
         let r = check(&h);
         assert_eq!(
@@ -706,13 +700,7 @@ mod tests {
         let old = elect(&mut h, "c0");
         delete(&mut h, 1.0, "/tidegate/election/scheduler/c0");
         elect(&mut h, "c1");
-        put(
-            &mut h,
-            2.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", old, "a.x", 1_000_100),
-        );
+        instance(&mut h, 2.0, "a", old, "a.x", 1_000_100);
         assert_eq!(kinds(&check(&h)), ["fenced write"]);
     }
 
@@ -720,13 +708,7 @@ mod tests {
     fn a_delete_answered_204_must_have_deleted() {
         let mut h = history();
         let t = elect(&mut h, "c0");
-        put(
-            &mut h,
-            1.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", t, "a.x", 1_000_100),
-        );
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
         let deleted = |at| Call {
             at,
             took: 0.1,
@@ -746,20 +728,8 @@ mod tests {
     fn a_hostname_held_twice_is_caught() {
         let mut h = history();
         let t = elect(&mut h, "c0");
-        put(
-            &mut h,
-            1.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", t, "same.x", 1_000_100),
-        );
-        put(
-            &mut h,
-            2.0,
-            "/tidegate/instances/b",
-            0,
-            record("b", t, "same.x", 1_000_100),
-        );
+        instance(&mut h, 1.0, "a", t, "same.x", 1_000_100);
+        instance(&mut h, 2.0, "b", t, "same.x", 1_000_100);
         assert_eq!(kinds(&check(&h)), ["held twice"]);
     }
 
@@ -768,13 +738,7 @@ mod tests {
         let mut h = history();
         let t = elect(&mut h, "c0");
         spawned(&mut h, 1.0, "a");
-        put(
-            &mut h,
-            1.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", t, "a.x", 1_000_100),
-        );
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
         delete(&mut h, 5.0, "/tidegate/instances/a");
         spawned(&mut h, 1.0, "never");
         assert_eq!(kinds(&check(&h)), ["lost spawn", "lost spawn"]);
@@ -795,13 +759,7 @@ mod tests {
     fn a_route_after_the_watch_delay_is_stale_unless_the_agent_was_cut_off() {
         let mut h = history();
         let t = elect(&mut h, "c0");
-        put(
-            &mut h,
-            1.0,
-            "/tidegate/instances/a",
-            0,
-            record("a", t, "a.x", 1_000_100),
-        );
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
         delete(&mut h, 5.0, "/tidegate/instances/a");
         let probe = |at| Probe {
             at,
