@@ -16,7 +16,7 @@ use crate::{setup, sh, target_dir, workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ChaosArgs {
-    /// Shorter phases (about 2.5 minutes in all): what `cargo xtask ci` runs.
+    /// Shorter phases (3–4 minutes in all): what `cargo xtask ci` runs.
     #[arg(long)]
     short: bool,
     /// Run against a build with a planted bug and expect violations:
