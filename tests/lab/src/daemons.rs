@@ -51,6 +51,24 @@ pub const ADMIN: &str = "admin-token-0123456789";
 pub const PLATFORM: &str = "platform-token-0123456789";
 pub const ELECTION_TTL: u64 = 2;
 
+/// A TOML config: each default `key = value` whose key `extra` does not
+/// set, then `extra`'s lines.
+fn config_text(defaults: &[(&str, String)], extra: &str) -> String {
+    let chosen = |key: &str| {
+        extra
+            .lines()
+            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+    };
+    let mut text: String = defaults
+        .iter()
+        .filter(|(key, _)| !chosen(key))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect();
+    text.push_str(extra);
+    text.push('\n');
+    text
+}
+
 /// The command prefix that runs a program on `host` (nothing for this one).
 fn wrapper_for(host: Option<&NetnsHost>) -> Vec<String> {
     host.map(|h| ["ip", "netns", "exec", h.name()].map(String::from).to_vec())
@@ -91,17 +109,18 @@ pub struct Controller {
 impl Controller {
     /// Starts replica `id` with a 2 s election TTL and waits until it answers.
     pub async fn start(etcd: &EtcdCluster, id: &str, dir: &Path) -> Controller {
-        Controller::start_on(etcd, id, dir, None, &[]).await
+        Controller::start_on(etcd, id, dir, None, "").await
     }
 
     /// As [`Controller::start`], on test host `host` (listening on its port
-    /// 8000) when given, with `overrides` replacing config fields (TOML values).
+    /// 8000) when given, with `extra` TOML lines added to its config (a key
+    /// there replaces the default).
     pub async fn start_on(
         etcd: &EtcdCluster,
         id: &str,
         dir: &Path,
         host: Option<&NetnsHost>,
-        overrides: &[(&str, &str)],
+        extra: &str,
     ) -> Controller {
         let listen = match host {
             Some(h) => SocketAddr::from((h.addr(), 8000)),
@@ -133,17 +152,7 @@ impl Controller {
                 format!("{:?}", dir.join("artifacts").display().to_string()),
             ),
         ];
-        let text: String = fields
-            .iter()
-            .map(|(key, value)| {
-                let value = overrides
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .map_or(value.as_str(), |(_, v)| v);
-                format!("{key} = {value}\n")
-            })
-            .collect();
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, config_text(&fields, extra)).unwrap();
         let c = Controller {
             proc: Controller::launch(id, &config, &wrapper_for(host), dir),
             url,
@@ -376,20 +385,7 @@ impl Agent {
                 format!("{:?}", dir.join("artifacts").display().to_string()),
             ),
         ];
-        // `extra` wins over a default of the same key.
-        let chosen = |key: &str| {
-            extra
-                .lines()
-                .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
-        };
-        let mut text: String = defaults
-            .iter()
-            .filter(|(key, _)| !chosen(key))
-            .map(|(key, value)| format!("{key} = {value}\n"))
-            .collect();
-        text.push_str(extra);
-        text.push('\n');
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, config_text(&defaults, extra)).unwrap();
         Agent::start_with(worker, config, metrics, dir, wrapper).await
     }
 

@@ -118,11 +118,11 @@ impl Lab {
         ));
         // Long worker grace: a killed or cut-off agent's instances must
         // survive it (deleting them would be a loss the checker reports).
-        let overrides = [("worker_grace_secs", "120")];
+        let extra = "worker_grace_secs = 120";
         let mut controllers = Vec::new();
         for (i, host) in controller_hosts.iter().enumerate() {
             let id = format!("c{i}");
-            controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), &overrides).await);
+            controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), extra).await);
         }
         let mut agents = Vec::new();
         for (i, host) in agent_hosts.iter().enumerate() {
