@@ -63,15 +63,6 @@ fn init_logging() {
     }
 }
 
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let worker = cfg.worker()?;
     let ks = Keyspace::new(&cfg.key_root)?;
@@ -79,9 +70,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
     let client = etcd_client::Client::connect(&cfg.etcd, Some(options)).await?;
-    // Dropped (and so aborted) when `run` returns.
-    let _pruner = AbortOnDrop(tokio::spawn(
-        tidegate_schema::endpoints::prune_dead_endpoints(client.clone(), cfg.etcd.clone()),
+    let pruner = tokio::spawn(tidegate_schema::endpoints::prune_dead_endpoints(
+        client.clone(),
+        cfg.etcd.clone(),
     ));
     let runtime = Runtime::connect(&cfg)
         .await
@@ -207,6 +198,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // Clean shutdown: leave the cluster at once; containers keep running
     // and are adopted when the agent comes back.
     membership.abort();
+    pruner.abort();
     metrics_server.abort();
     routes_task.abort();
     policy_task.abort();

@@ -379,7 +379,7 @@ impl Agent {
             ("http_entry", format!("\"{http_entry}\"")),
             ("reconcile_interval_ms", "200".into()),
             ("membership_ttl_secs", "3".into()),
-            ("cluster_label", format!("\"lab-{}\"", std::process::id())),
+            ("cluster_label", format!("{:?}", lab_cluster())),
             (
                 "artifact_dir",
                 format!("{:?}", dir.join("artifacts").display().to_string()),
@@ -446,15 +446,37 @@ impl Agent {
 
     /// One metric's value (the first sample whose name and labels start with `series`).
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.metrics().await?;
-        text.lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        sample(&self.metrics().await?, series)
     }
 
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.proc.log()).unwrap_or_default()
+    }
+}
+
+/// The value of one series (name and labels, e.g. `tidegate_agent_routes`)
+/// in a Prometheus text body.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The `tidegate.cluster` label of the containers this process's agents
+/// make: `lab-<pid>`.
+pub fn lab_cluster() -> String {
+    format!("lab-{}", std::process::id())
+}
+
+/// Removes every container this process's agents made (e.g. after killing
+/// them, as a crash would leave them).
+pub fn remove_lab_containers() {
+    let filter = format!("label=tidegate.cluster={}", lab_cluster());
+    if let Ok(ids) = crate::docker::docker(&["ps", "-aq", "--filter", &filter]) {
+        for id in ids.split_whitespace() {
+            let _ = crate::docker::docker(&["rm", "-f", "-v", id]);
+        }
     }
 }
 

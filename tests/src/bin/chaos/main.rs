@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions, GetOptions};
 use serde_json::{Value, json};
-use tidegate_lab::daemons::{Agent, Controller};
+use tidegate_lab::daemons::{Agent, Controller, lab_cluster, remove_lab_containers, sample};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::images::{DEMO_HTTP, DEMO_TCP, ensure_demo_images};
@@ -61,12 +61,7 @@ struct Containers;
 
 impl Drop for Containers {
     fn drop(&mut self) {
-        let label = format!("label=tidegate.cluster=lab-{}", std::process::id());
-        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &label]) {
-            for id in ids.split_whitespace() {
-                let _ = docker(&["rm", "-f", "-v", id]);
-            }
-        }
+        remove_lab_containers();
     }
 }
 
@@ -469,7 +464,7 @@ async fn compare(lab: &Lab, s: &Shared) -> Res<(Vec<String>, i64, usize)> {
             (field("id"), field("worker"))
         })
         .collect();
-    let label = format!("label=tidegate.cluster=lab-{}", std::process::id());
+    let label = format!("label=tidegate.cluster={}", lab_cluster());
     let rows = docker(&[
         "ps",
         "--filter",
@@ -493,9 +488,10 @@ async fn compare(lab: &Lab, s: &Shared) -> Res<(Vec<String>, i64, usize)> {
         ));
     }
     for agent in lab.agents.iter().flatten() {
+        let text = agent.metrics().await.unwrap_or_default();
         let (Some(rev), Some(routes)) = (
-            agent.metric("tidegate_agent_routes_revision").await,
-            agent.metric("tidegate_agent_routes").await,
+            sample(&text, "tidegate_agent_routes_revision"),
+            sample(&text, "tidegate_agent_routes"),
         ) else {
             out.push(format!("{} does not answer /metrics", agent.worker));
             continue;
