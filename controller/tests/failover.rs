@@ -127,7 +127,29 @@ async fn a_leader_paused_past_its_lease_lands_no_write_when_it_resumes() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Resume only once all ten are connected (the kernel accepts them while
+    // c1 is stopped): a fixed 300 ms wait was not always enough on a loaded
+    // CI machine, and requests arriving after the resume are redirected.
+    let port = c1.url.rsplit(':').next().unwrap().to_string();
+    let connected = || {
+        let out = std::process::Command::new("ss")
+            .args([
+                "-Htn",
+                "state",
+                "established",
+                &format!("( sport = :{port} )"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    for _ in 0..100 {
+        if connected() >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     c1.proc.signal("CONT").unwrap();
     let mut fenced = 0;
     for p in pending {
