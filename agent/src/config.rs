@@ -68,6 +68,11 @@ pub struct Config {
     pub capacity: u32,
     /// etcd client URLs.
     pub etcd: Vec<String>,
+    /// `[etcd_tls]`: CA of the etcd members and this daemon's client
+    /// certificate; needed for `https://` endpoints.
+    pub etcd_tls: Option<tidegate_schema::connect::EtcdTls>,
+    /// `[etcd_auth]`: etcd user and a file with its password.
+    pub etcd_auth: Option<tidegate_schema::connect::EtcdAuth>,
     /// Root of every key (as the controller's `key_root`).
     pub key_root: String,
     /// The Docker engine's socket.
@@ -136,6 +141,8 @@ impl Default for Config {
             tcp_host: IpAddr::from([127, 0, 0, 1]),
             capacity: 32,
             etcd: vec!["http://127.0.0.1:2379".into()],
+            etcd_tls: None,
+            etcd_auth: None,
             key_root: tidegate_schema::keys::DEFAULT_ROOT.into(),
             docker_socket: "unix:///var/run/docker.sock".into(),
             pull_images: true,
@@ -218,9 +225,14 @@ impl Config {
         if self.http_entry.port() == 0 {
             return Err(bad("http_entry", "needs a port"));
         }
-        if self.etcd.is_empty() || self.etcd.iter().any(|e| !e.starts_with("http")) {
-            return Err(bad("etcd", "one or more http(s):// client URLs"));
-        }
+        tidegate_schema::connect::check_endpoints(&self.etcd, self.etcd_tls.as_ref()).map_err(
+            |e| match e {
+                tidegate_schema::connect::ConnectError::Config { field, message } => {
+                    bad(field, message)
+                }
+                e => bad("etcd", e.to_string()),
+            },
+        )?;
         Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
         if !self.docker_socket.starts_with("unix://") {
             return Err(bad("docker_socket", "a unix:// socket path"));

@@ -66,10 +66,9 @@ fn init_logging() {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let worker = cfg.worker()?;
     let ks = Keyspace::new(&cfg.key_root)?;
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    let client = etcd_client::Client::connect(&cfg.etcd, Some(options)).await?;
+    let client =
+        tidegate_schema::connect::connect(&cfg.etcd, cfg.etcd_tls.as_ref(), cfg.etcd_auth.as_ref())
+            .await?;
     let pruner = tokio::spawn(tidegate_schema::endpoints::prune_dead_endpoints(
         client.clone(),
         cfg.etcd.clone(),
@@ -82,6 +81,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("creating the instance networks")?;
     let metrics = Arc::new(Metrics::default());
+    let etcd_probe = tokio::spawn(tidegate_schema::telemetry::probe_etcd(
+        client.clone(),
+        ks.key(&tidegate_schema::Key::Worker(worker.clone())),
+        metrics.etcd.clone(),
+    ));
     // eBPF loads (or the fallback is chosen) before anything is served.
     let tcp = Arc::new(tidegate_agent::tcp::TcpPlane::prepare(TcpOptions {
         host: cfg.tcp_host,
@@ -122,10 +126,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     policy_metrics.clone(),
                 );
                 async move {
-                    let mut body = m.render();
+                    let table = table.load();
+                    let mut body = m.render(table.revision);
                     tcp.render_metrics(&mut body);
                     policy.render_metrics(&mut body);
-                    tidegate_agent::metrics::render_routes(&mut body, &table.load());
+                    tidegate_agent::metrics::render_routes(&mut body, &table);
                     ([("content-type", "text/plain; version=0.0.4")], body)
                 }
             }),
@@ -177,6 +182,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         routes.clone(),
         builds,
         wanted_tx,
+        metrics.etcd.clone(),
     ));
     let policy_task = tokio::spawn(policy.clone().run(wanted_rx));
     let policy: Arc<dyn tidegate_agent::policy::EdgePolicy> = policy;
@@ -199,6 +205,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // and are adopted when the agent comes back.
     membership.abort();
     pruner.abort();
+    etcd_probe.abort();
     metrics_server.abort();
     routes_task.abort();
     policy_task.abort();

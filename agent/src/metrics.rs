@@ -20,6 +20,8 @@ pub struct Metrics {
     orphans: AtomicU64,
     watch_revision: AtomicI64,
     registrations: AtomicU64,
+    /// etcd round trips and watch lag.
+    pub etcd: std::sync::Arc<tidegate_schema::telemetry::EtcdHealth>,
 }
 
 impl Metrics {
@@ -68,9 +70,12 @@ impl Metrics {
         self.watch_revision.store(r, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition; `routes_revision` is what the route
+    /// table's watch has delivered.
+    pub fn render(&self, routes_revision: i64) -> String {
         let mut out = String::new();
+        self.etcd
+            .render(&mut out, "tidegate_agent", routes_revision);
         let states = *self.states.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(
             out,

@@ -418,7 +418,12 @@ impl Reconciler {
                 Some(PutOptions::new().with_lease(t.lease)),
             )]);
         match self.client.txn(txn).await {
-            Ok(r) if r.succeeded() => t.reported = Some(now),
+            Ok(r) if r.succeeded() => {
+                t.reported = Some(now);
+                if let Some(h) = r.header() {
+                    self.metrics.etcd.wrote(h.revision());
+                }
+            }
             Ok(_) => {
                 tracing::debug!(instance = %id, lease = t.lease, "instance moved to another lease; endpoint written on the next pass")
             }

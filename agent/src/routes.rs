@@ -216,6 +216,7 @@ pub async fn run(
     routes: SharedRoutes,
     builds: tokio::sync::watch::Sender<u64>,
     policies: tokio::sync::watch::Sender<WantedPolicies>,
+    etcd: Arc<tidegate_schema::telemetry::EtcdHealth>,
 ) {
     let mut watcher = tidegate_schema::Watcher::new(client, format!("{ks}/"));
     let mut known = Known::default();
@@ -255,6 +256,7 @@ pub async fn run(
             let table = known.build(&me, watcher.revision());
             routes.store(Arc::new(table));
             builds.send_modify(|n| *n += 1);
+            etcd.delivered(watcher.revision());
             policies.send_if_modified(|current| {
                 if **current == known.policies {
                     return false;

@@ -62,6 +62,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/instances/{id}/renew", post(instances::renew))
         .route("/v1/instances/{id}/flag", post(instances::flag))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -114,11 +115,12 @@ pub struct ApiError {
     status: StatusCode,
     error: String,
     field: Option<String>,
-    leader: Option<String>,
     headers: Vec<(header::HeaderName, HeaderValue)>,
     extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
     /// The etcd request behind it never reached a member (safe to retry).
     never_sent: bool,
+    /// Why a spawn or renewal was refused, for metrics and the dashboard.
+    reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -127,11 +129,31 @@ impl ApiError {
             status,
             error: error.into(),
             field: None,
-            leader: None,
             headers: Vec::new(),
             extra: None,
             never_sent: false,
+            reason: None,
         }
+    }
+
+    /// Labels a refusal (`tidegate_controller_refusals_total{reason}`).
+    pub fn reason(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    /// The refusal label: the one given, or `unavailable` for any 503.
+    pub fn refusal(&self) -> Option<&'static str> {
+        self.reason
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some("unavailable"))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.error
     }
 
     /// Whether this is an answer with `status`.
@@ -184,9 +206,6 @@ impl IntoResponse for ApiError {
         let mut body = json!({ "error": self.error });
         if let Some(f) = self.field {
             body["field"] = json!(f);
-        }
-        if let Some(l) = self.leader {
-            body["leader"] = json!(l);
         }
         for (k, v) in self.extra.into_iter().flat_map(|m| *m) {
             body[k] = v;
@@ -290,7 +309,7 @@ pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::L
     }
     match etcd(app, || cluster::current_leader(app)).await? {
         Some(c) => {
-            let mut e = ApiError::new(
+            let e = ApiError::new(
                 StatusCode::TEMPORARY_REDIRECT,
                 format!(
                     "this replica is a standby; the scheduler is {} at {}",
@@ -301,13 +320,22 @@ pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::L
                 header::LOCATION,
                 &format!("{}{path}", c.url.trim_end_matches('/')),
             );
-            e.leader = Some(c.url);
-            Err(e)
+            Err(e.with("leader", json!(c.url)))
         }
         None => Err(ApiError::unavailable(
             "no scheduler is elected yet; retry shortly",
         )),
     }
+}
+
+/// `GET /metrics`: Prometheus text, no token (like the agents' metrics;
+/// expose the API only where Prometheus, organizers and the platform are).
+async fn metrics(State(app): AppState) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&app),
+    )
+        .into_response()
 }
 
 /// A JSON answer with a status.

@@ -67,6 +67,11 @@ pub struct Config {
     pub advertise_url: Option<String>,
     /// etcd client URLs.
     pub etcd: Vec<String>,
+    /// `[etcd_tls]`: CA of the etcd members and this daemon's client
+    /// certificate; needed for `https://` endpoints.
+    pub etcd_tls: Option<tidegate_schema::connect::EtcdTls>,
+    /// `[etcd_auth]`: etcd user and a file with its password.
+    pub etcd_auth: Option<tidegate_schema::connect::EtcdAuth>,
     /// Root of every key (several clusters can share one etcd).
     pub key_root: String,
     /// Wildcard domain of instance hostnames (`{id}.{domain}`).
@@ -111,6 +116,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             advertise_url: None,
             etcd: vec!["http://127.0.0.1:2379".into()],
+            etcd_tls: None,
+            etcd_auth: None,
             key_root: tidegate_schema::keys::DEFAULT_ROOT.into(),
             domain: "ctf.localhost".into(),
             public_http_scheme: "http".into(),
@@ -184,9 +191,14 @@ impl Config {
         if self.id.is_empty() || self.id.len() > 64 || self.id.chars().any(char::is_whitespace) {
             return Err(bad("id", "1-64 characters, no spaces"));
         }
-        if self.etcd.is_empty() || self.etcd.iter().any(|e| !e.starts_with("http")) {
-            return Err(bad("etcd", "one or more http(s):// client URLs"));
-        }
+        tidegate_schema::connect::check_endpoints(&self.etcd, self.etcd_tls.as_ref()).map_err(
+            |e| match e {
+                tidegate_schema::connect::ConnectError::Config { field, message } => {
+                    bad(field, message)
+                }
+                e => bad("etcd", e.to_string()),
+            },
+        )?;
         Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
         Hostname::parse(&self.domain).map_err(|e| bad("domain", e.to_string()))?;
         self.tcp_port_range()?;

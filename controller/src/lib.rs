@@ -11,6 +11,7 @@ pub mod config;
 pub mod election;
 pub mod flag;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod scheduler;
 pub mod spawn;
@@ -30,7 +31,7 @@ pub use config::{Cli, Config, ConfigError};
 pub use election::{Leadership, campaign};
 pub use spawn::{SpawnError, SpawnPlan, Spawned, spawn};
 
-/// Counters shown in `GET /v1/status` (and, with #9, as Prometheus metrics).
+/// Counters shown in `GET /v1/status` and `GET /metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub spawns: AtomicU64,
@@ -62,6 +63,8 @@ pub struct App {
     /// Serialises placement and the spawn Txn on the leader.
     pub spawn_lock: tokio::sync::Mutex<()>,
     pub counters: Counters,
+    /// etcd health and refusals, for `/metrics` and the dashboard.
+    pub telemetry: metrics::Telemetry,
     /// Policy plugins: the wasmtime host and the artifact store.
     pub policies: Arc<policy::Policies>,
     /// Spawns this replica made in the last hour (Unix secs, team,
@@ -104,6 +107,7 @@ impl App {
             leader: ArcSwapOption::empty(),
             spawn_lock: tokio::sync::Mutex::new(()),
             counters: Counters::default(),
+            telemetry: metrics::Telemetry::default(),
             ks,
             client,
             cfg,

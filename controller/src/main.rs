@@ -51,13 +51,9 @@ fn init_logging() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(std::time::Duration::from_secs(2))
-        .with_keep_alive(
-            std::time::Duration::from_secs(2),
-            std::time::Duration::from_secs(2),
-        );
-    let client = etcd_client::Client::connect(&cfg.etcd, Some(options)).await?;
+    let client =
+        tidegate_schema::connect::connect(&cfg.etcd, cfg.etcd_tls.as_ref(), cfg.etcd_auth.as_ref())
+            .await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let app = Arc::new(App::new(cfg, client)?);
     tracing::info!(id = %app.cfg.id, listen = %app.cfg.listen, etcd = ?app.cfg.etcd, "tidegate-controller starting");
@@ -66,6 +62,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             app.client.clone(),
             app.ks.clone(),
             app.view.clone(),
+            app.telemetry.etcd.clone(),
+        )),
+        tokio::spawn(tidegate_schema::telemetry::probe_etcd(
+            app.client.clone(),
+            app.ks.election_name(),
+            app.telemetry.etcd.clone(),
         )),
         tokio::spawn(scheduler::run_election(app.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),

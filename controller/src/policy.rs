@@ -6,12 +6,15 @@
 //! meets a digest it has not compiled (another replica took the upload)
 //! fetches the blob from the artifact store, verifies and compiles it once.
 
+use std::fmt::Write;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tidegate_plugin_host::{
     ArtifactStore, CallError, Digest, DirStore, Host, Limits, LoadError, Plugin, SpawnDecision,
     SpawnRequest,
 };
+use tidegate_schema::telemetry::Histogram;
 use tidegate_schema::{ChallengeRecord, PolicyFallback, PolicyRef};
 
 /// The team name of the upload's dry-run request.
@@ -21,6 +24,77 @@ pub const DRY_RUN_TEAM: &str = "tidegate-dry-run";
 pub struct Policies {
     pub host: Host,
     pub store: Arc<dyn ArtifactStore>,
+    pub calls: PluginCalls,
+}
+
+/// Bucket bounds (seconds) of plugin call latency.
+const CALL_BUCKETS: [f64; 9] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+];
+
+/// The hooks the controller calls.
+const HOOKS: [&str; 3] = ["admit-spawn", "renew", "on-idle"];
+
+/// Latency and failures of plugin calls, per hook.
+#[derive(Debug)]
+pub struct PluginCalls {
+    latency: [Histogram; 3],
+    failures: [AtomicU64; 3],
+}
+
+impl Default for PluginCalls {
+    fn default() -> Self {
+        Self {
+            latency: HOOKS.map(|_| Histogram::new(&CALL_BUCKETS)),
+            failures: HOOKS.map(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl PluginCalls {
+    /// Runs one hook call (`None`: the plugin does not implement it) and
+    /// records its time and whether it failed (trap, deadline, memory).
+    pub fn timed<T>(
+        &self,
+        hook: &'static str,
+        call: impl FnOnce() -> Option<Result<T, CallError>>,
+    ) -> Option<Result<T, CallError>> {
+        let i = HOOKS.iter().position(|h| *h == hook).unwrap_or(0);
+        let started = std::time::Instant::now();
+        let answer = call();
+        if let Some(a) = &answer {
+            self.latency[i].observe(started.elapsed());
+            if a.is_err() {
+                self.failures[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        answer
+    }
+
+    /// `{prefix}_plugin_call_seconds{hook}` and `{prefix}_plugin_failures_total{hook}`.
+    pub fn render(&self, out: &mut String, prefix: &str) {
+        let name = format!("{prefix}_plugin_call_seconds");
+        for (i, hook) in HOOKS.iter().enumerate() {
+            self.latency[i].render(
+                out,
+                &name,
+                "Time of policy plugin calls, by hook.",
+                &format!("hook=\"{hook}\""),
+                i == 0,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {prefix}_plugin_failures_total Plugin calls that trapped, hit the deadline or the memory limit, by hook.\n# TYPE {prefix}_plugin_failures_total counter"
+        );
+        for (i, hook) in HOOKS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{prefix}_plugin_failures_total{{hook=\"{hook}\"}} {}",
+                self.failures[i].load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for Policies {
@@ -60,6 +134,7 @@ impl Policies {
         Ok(Self {
             host: Host::new(limits)?,
             store: Arc::new(store),
+            calls: PluginCalls::default(),
         })
     }
 
@@ -108,7 +183,10 @@ impl Policies {
             Ok(p) => p,
             Err(error) => return Some(failed(challenge, "admit-spawn", fallback, error)),
         };
-        match plugin.admit_spawn(req)? {
+        match self
+            .calls
+            .timed("admit-spawn", || plugin.admit_spawn(req))?
+        {
             Ok(d) => Some(Decided::Plugin(d)),
             Err(e) => Some(failed(challenge, "admit-spawn", fallback, e.to_string())),
         }
@@ -164,7 +242,6 @@ pub struct ActivityReport {
 /// instance. A worker that does not answer, or a plugin that fails, keeps
 /// its instances: reaping is never done on missing data.
 pub async fn run_idle_checks(app: Arc<crate::App>) {
-    use std::sync::atomic::Ordering;
     let http = match reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
         .build()
@@ -256,7 +333,11 @@ pub async fn run_idle_checks(app: Arc<crate::App>) {
                     now_ms: tidegate_plugin_host::unix_ms(),
                     open_connections: seen.open_connections,
                 };
-                match plugin.on_idle(&activity) {
+                match app
+                    .policies
+                    .calls
+                    .timed("on-idle", || plugin.on_idle(&activity))
+                {
                     Some(Ok(tidegate_plugin_host::IdleDecision::Expire)) => {
                         tracing::info!(instance = %rec.id, team = %rec.team, challenge = %rec.challenge,
                             last_activity_ms = seen.last_activity_ms,

@@ -146,7 +146,12 @@ impl SharedView {
 }
 
 /// Keeps `view` equal to etcd under the key root, forever.
-pub async fn run(client: Client, ks: Keyspace, view: SharedView) {
+pub async fn run(
+    client: Client,
+    ks: Keyspace,
+    view: SharedView,
+    etcd: Arc<tidegate_schema::telemetry::EtcdHealth>,
+) {
     let prefix = format!("{ks}/");
     let mut watcher = tidegate_schema::Watcher::new(client, prefix);
     let mut building: Option<View> = None;
@@ -163,16 +168,19 @@ pub async fn run(client: Client, ks: Keyspace, view: SharedView) {
                     b.revision = revision;
                     *view.lock() = b;
                 }
+                etcd.delivered(revision);
             }
             Event::Apply(kv) => {
                 let mut v = view.lock();
                 v.apply(&ks, &kv);
                 v.revision = v.revision.max(kv.mod_revision);
+                etcd.delivered(v.revision);
             }
             Event::Delete { key, revision } => {
                 let mut v = view.lock();
                 v.remove(&ks, &key);
                 v.revision = v.revision.max(revision);
+                etcd.delivered(v.revision);
             }
         }
     }

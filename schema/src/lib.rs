@@ -1,11 +1,13 @@
 //! The etcd key schema shared by controller and agent: keys, records, their
 //! validation, and the list-then-watch watcher.
 
+pub mod connect;
 pub mod endpoints;
 pub mod keys;
 pub mod names;
 pub mod records;
 pub mod spec;
+pub mod telemetry;
 pub mod validate;
 pub mod watch;
 

@@ -114,7 +114,14 @@ impl From<LifecycleError> for ApiError {
                 return ApiError::unavailable(e.to_string()).unsent_if(inner);
             }
         };
-        ApiError::new(status, e.to_string())
+        let reason = match &e {
+            LifecycleError::MaxRenewals { .. } => "max_renewals",
+            LifecycleError::MaxLifetime { .. } => "max_lifetime",
+            LifecycleError::TooEarly { .. } => "too_early",
+            LifecycleError::Conflict(_) => "conflict",
+            _ => "other",
+        };
+        ApiError::new(status, e.to_string()).reason(reason)
     }
 }
 
@@ -122,29 +129,71 @@ impl From<SpawnError> for ApiError {
     fn from(e: SpawnError) -> Self {
         match e {
             SpawnError::Etcd(ref inner) => ApiError::unavailable(e.to_string()).unsent_if(inner),
-            SpawnError::TeamLimit { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            SpawnError::TeamLimit { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string()).reason("team_limit")
+            }
             SpawnError::Invalid { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
-            _ => ApiError::unavailable(e.to_string()),
+            SpawnError::Fenced { .. } => ApiError::unavailable(e.to_string()).reason("fenced"),
+            SpawnError::Contended => ApiError::unavailable(e.to_string()).reason("contended"),
+            SpawnError::PortRange(_) => ApiError::unavailable(e.to_string()).reason("port_range"),
         }
     }
 }
 
+/// Counts and keeps a refused spawn or renewal (not redirects or bad requests).
+fn refused(
+    app: &App,
+    op: &'static str,
+    team: &str,
+    challenge: &str,
+    instance: Option<&InstanceId>,
+    e: &ApiError,
+) {
+    let Some(reason) = e.refusal() else { return };
+    app.telemetry.refused(crate::metrics::Refusal {
+        at: unix_now(),
+        op,
+        team: team.to_string(),
+        challenge: challenge.to_string(),
+        instance: instance.map(ToString::to_string),
+        reason,
+        status: e.status().as_u16(),
+        message: e.message().to_string(),
+    });
+}
+
 pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> ApiResult {
     let req: SpawnRequest = decode_json(&body).map_err(ApiError::bad_request)?;
-    let leader = leading(&app, "/v1/instances").await?;
+    let result = spawn_parsed(&app, &req).await;
+    if let Err(e) = &result {
+        refused(
+            &app,
+            "spawn",
+            req.team.as_str(),
+            req.challenge.as_str(),
+            None,
+            e,
+        );
+    }
+    result
+}
+
+async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
+    let leader = leading(app, "/v1/instances").await?;
     // One spawn at a time per leader: placement then sees every earlier
     // spawn, so no worker is given more than its capacity.
     let _serial = app.spawn_lock.lock().await;
-    let challenge = match etcd(&app, || app.challenges.get(&req.challenge)).await {
+    let challenge = match etcd(app, || app.challenges.get(&req.challenge)).await {
         Ok(c) => c.value,
         Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("challenge {:?} does not exist", req.challenge.as_str()),
             )
-            .field("challenge"));
+            .field("challenge")
+            .reason("unknown_challenge"));
         }
         Err(e) => return Err(e),
     };
@@ -153,7 +202,7 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
     let mut ttl_secs = challenge.spec.ttl.default_secs;
     let mut fallback_note = None;
     if let Some(policy) = &challenge.policy {
-        let request = spawn_request(&app, &challenge, &req.team);
+        let request = spawn_request(app, &challenge, &req.team);
         let pinfo = |decision: &str| json!({"digest": policy.digest, "hook": "admit-spawn", "decision": decision});
         match app.policies.admit_spawn(&challenge, &request).await {
             None => {}
@@ -163,9 +212,9 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
             }
             Some(Decided::Plugin(SpawnDecision::Deny(reason))) => {
                 app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-                return Err(
-                    ApiError::new(StatusCode::FORBIDDEN, reason).with("policy", pinfo("deny"))
-                );
+                return Err(ApiError::new(StatusCode::FORBIDDEN, reason)
+                    .with("policy", pinfo("deny"))
+                    .reason("policy_deny"));
             }
             Some(Decided::Plugin(SpawnDecision::Queue(secs))) => {
                 app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +224,8 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
                     format!("the challenge's policy asks to retry in {secs} s"),
                 )
                 .header(axum::http::header::RETRY_AFTER, &secs.to_string())
-                .with("policy", pinfo("queue")));
+                .with("policy", pinfo("queue"))
+                .reason("policy_queue"));
             }
             Some(Decided::Fallback { fallback, error }) => {
                 app.counters.policy_failures.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +236,8 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
                             StatusCode::FORBIDDEN,
                             format!("{error}; the challenge's policy_fallback is deny"),
                         )
-                        .with("policy", pinfo("fallback-deny")));
+                        .with("policy", pinfo("fallback-deny"))
+                        .reason("policy_fallback_deny"));
                     }
                     PolicyFallback::Allow => {
                         fallback_note = Some(json!({
@@ -201,12 +252,14 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
     let worker = {
         let view = app.view.lock();
         if view.workers.is_empty() {
-            return Err(ApiError::unavailable(
-                "no worker is registered: start an agent",
-            ));
+            return Err(
+                ApiError::unavailable("no worker is registered: start an agent")
+                    .reason("no_worker"),
+            );
         }
         view.place(challenge.name.as_str()).ok_or_else(|| {
             ApiError::unavailable("no worker has a free slot; retry when an instance ends")
+                .reason("no_capacity")
         })?
     };
     let now = unix_now();
@@ -224,7 +277,7 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
     };
     let secret = app.cfg.flag_secret.as_bytes();
     let spec = plan.challenge.spec.clone();
-    let result = etcd(&app, || async {
+    let result = etcd(app, || async {
         crate::spawn(&app.client, &plan, |id| {
             crate::flag::render(secret, &spec, req.team.as_str(), req.challenge.as_str(), id)
         })
@@ -245,10 +298,11 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
         }
     };
     app.counters.spawns.fetch_add(1, Ordering::Relaxed);
+    app.telemetry.etcd.wrote(spawned.revision);
     if let Ok(mut recent) = app.recent_spawns.lock() {
         recent.push_back((now, req.team.to_string(), req.challenge.to_string()));
     }
-    let mut body = instance_json(&app, &spawned.record, "pending".into());
+    let mut body = instance_json(app, &spawned.record, "pending".into());
     if let Some(note) = fallback_note {
         body["policy"] = note;
     }
@@ -352,7 +406,28 @@ pub(super) async fn renew(
     let id = parse_id(&id)?;
     let leader = leading(&app, &format!("/v1/instances/{id}/renew")).await?;
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
-    let challenge = etcd(&app, || async {
+    let result = renew_current(&app, &leader, &current).await;
+    if let Err(e) = &result {
+        let r = &current.record;
+        refused(
+            &app,
+            "renew",
+            r.team.as_str(),
+            r.challenge.as_str(),
+            Some(&r.id),
+            e,
+        );
+    }
+    result
+}
+
+async fn renew_current(
+    app: &Arc<App>,
+    leader: &crate::scheduler::LeaderInfo,
+    current: &lifecycle::Current,
+) -> ApiResult {
+    let id = &current.record.id;
+    let challenge = etcd(app, || async {
         app.challenges
             .get(&current.record.challenge)
             .await
@@ -363,28 +438,29 @@ pub(super) async fn renew(
                         "challenge {:?} was deleted; its instances cannot be renewed",
                         current.record.challenge.as_str()
                     ),
-                ),
+                )
+                .reason("challenge_deleted"),
                 e => e.into(),
             })
     })
     .await?;
     let now = unix_now();
     let ttl = &challenge.value.spec.ttl;
-    let extend = match renew_policy(&app, &challenge.value, &current.record).await? {
+    let extend = match renew_policy(app, &challenge.value, &current.record).await? {
         Some(secs) => secs,
         None => ttl.default_secs,
     };
     let expires_at = lifecycle::renewed_expiry(&current.record, ttl, now, extend)?;
     let fence = (leader.key.as_str(), leader.token);
-    let record = etcd(&app, || {
-        lifecycle::renew(&app.client, &app.ks, fence, &current, expires_at, now)
+    let record = etcd(app, || {
+        lifecycle::renew(&app.client, &app.ks, fence, current, expires_at, now)
     })
     .await?;
     app.counters.renewals.fetch_add(1, Ordering::Relaxed);
-    let status = app.view.lock().status_text(&id);
+    let status = app.view.lock().status_text(id);
     Ok(json_response(
         StatusCode::OK,
-        instance_json(&app, &record, status),
+        instance_json(app, &record, status),
     ))
 }
 
@@ -410,7 +486,7 @@ async fn renew_policy(
         now_ms: tidegate_plugin_host::unix_ms(),
     };
     let outcome = match app.policies.plugin(policy).await {
-        Ok(plugin) => match plugin.renew(&info) {
+        Ok(plugin) => match app.policies.calls.timed("renew", || plugin.renew(&info)) {
             None => return Ok(None),
             Some(Ok(d)) => Decided::Plugin(d),
             Some(Err(e)) => crate::policy::failed(
@@ -428,7 +504,9 @@ async fn renew_policy(
         Decided::Plugin(RenewDecision::Extend(secs)) => Ok(Some(u64::from(secs))),
         Decided::Plugin(RenewDecision::Refuse(reason)) => {
             app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-            Err(ApiError::new(StatusCode::FORBIDDEN, reason).with("policy", pinfo("refuse")))
+            Err(ApiError::new(StatusCode::FORBIDDEN, reason)
+                .with("policy", pinfo("refuse"))
+                .reason("policy_refuse"))
         }
         Decided::Fallback { fallback, error } => {
             app.counters.policy_failures.fetch_add(1, Ordering::Relaxed);
@@ -440,7 +518,8 @@ async fn renew_policy(
                         StatusCode::FORBIDDEN,
                         format!("{error}; the challenge's policy_fallback is deny"),
                     )
-                    .with("policy", pinfo("fallback-deny")))
+                    .with("policy", pinfo("fallback-deny"))
+                    .reason("policy_fallback_deny"))
                 }
             }
         }

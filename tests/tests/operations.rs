@@ -1,0 +1,241 @@
+//! Operations (#9) on a live local cluster: both daemons' Prometheus
+//! endpoints read with `curl` after real spawns and traffic, and the
+//! organizer dashboard loaded in headless Chromium.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Plane, get, plane};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use tidegate_lab::daemons::{eventually, web_spec};
+use tidegate_lab::images::{DEMO_TCP, DEMO_TCP_PORT};
+use tidegate_lab::plugins::component;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// `curl -sf url`: the body, or the failure with curl's stderr.
+fn curl(url: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-f", "--max-time", "5", url])
+        .output()
+        .expect("running curl");
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The sum of every sample of `name` whose labels contain all of `labels`
+/// (e.g. `hook="renew"`); `None` when no sample matches.
+fn total(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, l) = series.split_once('{').unwrap_or((series, ""));
+        if n == name && labels.iter().all(|want| l.contains(want)) {
+            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    found
+}
+
+/// Asserts each `(name, labels)` has a sample and their sum is above zero.
+fn assert_non_zero(what: &str, text: &str, wanted: &[(&str, &[&str])]) {
+    let mut missing = Vec::new();
+    for (name, labels) in wanted {
+        match total(text, name, labels) {
+            Some(v) if v > 0.0 => {}
+            other => missing.push(format!("{name}{labels:?} = {other:?}")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{what}: zero or absent: {missing:#?}\n--- {what} /metrics ---\n{text}"
+    );
+}
+
+/// Reads a line echoed by an instance's public TCP port on `host`.
+async fn echo_line(host: &str, port: u16) -> bool {
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    if s.write_all(b"ping\n").await.is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        BufReader::new(&mut s).read_line(&mut line),
+    )
+    .await;
+    matches!(read, Ok(Ok(_))) && line == "ping\n"
+}
+
+/// Challenges: `web` under the allowlist policy (admit-spawn and
+/// admit-connection), `echo` (TCP), `slow` under a runaway plugin whose
+/// fallback denies.
+async fn challenges(p: &Plane) {
+    let c = &p.controller;
+    for (name, spec) in [
+        ("web", web_spec()),
+        (
+            "echo",
+            json!({"image": DEMO_TCP, "ports": [{"name": "echo", "port": DEMO_TCP_PORT, "protocol": "tcp"}]}),
+        ),
+        ("slow", web_spec()),
+    ] {
+        let (s, body) = c.put_challenge(name, spec).await;
+        assert!(s.is_success(), "{name}: {body}");
+    }
+    for (challenge, plugin) in [("web", "allowlist"), ("slow", "runaway")] {
+        let (s, body) = c.put_policy(challenge, component(plugin)).await;
+        assert!(s.is_success(), "{challenge}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
+    let p = plane("").await;
+    let c = &p.controller;
+    challenges(&p).await;
+
+    // Refusals: the allowlist denies mallory; the runaway plugin fails and
+    // the challenge's fallback (deny) applies.
+    let (s, body) = c.spawn("web", "mallory").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, body) = c.spawn("slow", "red").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+
+    let (web, host, owner) = p.running("web", "red").await;
+    let (s, _, body) = get(&p.a_http, &host, None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, echo) = c.spawn("echo", "red").await;
+    assert_eq!(s, StatusCode::CREATED, "{echo}");
+    let port = echo["tcp"][0]["port"].as_u64().unwrap() as u16;
+    assert!(
+        eventually(30, || echo_line(&p.a_host, port)).await,
+        "the echo instance never answered on {}:{port}",
+        p.a_host
+    );
+    // A renewal a moment later extends the instance.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, body) = c
+        .call(
+            Method::POST,
+            &format!("/v1/instances/{web}/renew"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // Probes run every 2 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let text = curl(&format!("{}/metrics", c.url));
+    assert_non_zero(
+        "controller",
+        &text,
+        &[
+            ("tidegate_controller_etcd_rtt_seconds_count", &[]),
+            ("tidegate_controller_etcd_watch_lag_seconds_count", &[]),
+            ("tidegate_controller_etcd_revision", &[]),
+            ("tidegate_controller_leader", &[]),
+            ("tidegate_controller_leader_changes_total", &[]),
+            ("tidegate_controller_spawns_total", &[]),
+            ("tidegate_controller_renewals_total", &[]),
+            (
+                "tidegate_controller_refusals_total",
+                &["op=\"spawn\"", "reason=\"policy_deny\""],
+            ),
+            (
+                "tidegate_controller_refusals_total",
+                &["op=\"spawn\"", "reason=\"policy_fallback_deny\""],
+            ),
+            (
+                "tidegate_controller_plugin_call_seconds_count",
+                &["hook=\"admit-spawn\""],
+            ),
+            (
+                "tidegate_controller_plugin_failures_total",
+                &["hook=\"admit-spawn\""],
+            ),
+            ("tidegate_controller_instances", &["status=\"running\""]),
+            ("tidegate_controller_workers", &[]),
+            ("tidegate_controller_capacity", &[]),
+        ],
+    );
+    // The spawns were 2 (web, echo); the refusals 2; exactly as made.
+    assert_eq!(
+        total(&text, "tidegate_controller_spawns_total", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        total(
+            &text,
+            "tidegate_controller_refusals_total",
+            &["op=\"spawn\""]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+
+    // Agent a took the player's request and TCP connection.
+    let a = curl(&p.a.metrics_url);
+    let web_label = format!("instance=\"{web}\"");
+    assert_non_zero(
+        "agent a",
+        &a,
+        &[
+            ("tidegate_agent_etcd_rtt_seconds_count", &[]),
+            ("tidegate_agent_etcd_revision", &[]),
+            ("tidegate_agent_routes", &[]),
+            ("tidegate_agent_tcp_routes", &[]),
+            ("tidegate_http_requests_total", &[&web_label]),
+            ("tidegate_http_request_seconds_count", &[&web_label]),
+            ("tidegate_tcp_connections_total", &[]),
+            ("tidegate_tcp_received_bytes_total", &[]),
+            ("tidegate_policy_calls_total", &[]),
+            (
+                "tidegate_policy_edge_decisions_total",
+                &["decision=\"allow\""],
+            ),
+        ],
+    );
+    // The owner of the web instance runs its container and saw its own
+    // endpoint write come back through its watch.
+    let owner_metrics = if owner == p.a.worker {
+        a
+    } else {
+        curl(&p.b.metrics_url)
+    };
+    assert_non_zero(
+        "owner",
+        &owner_metrics,
+        &[
+            ("tidegate_agent_containers", &["state=\"running\""]),
+            ("tidegate_agent_etcd_watch_lag_seconds_count", &[]),
+            ("tidegate_agent_reconcile_seconds_count", &[]),
+        ],
+    );
+}
+
+#[test]
+fn total_sums_matching_samples_only() {
+    let text = "# HELP x y\nx{a=\"1\",b=\"2\"} 3\nx{a=\"1\"} 4\nxy 9\nx 1\n";
+    assert_eq!(total(text, "x", &["a=\"1\""]), Some(7.0));
+    assert_eq!(total(text, "x", &[]), Some(8.0));
+    assert_eq!(total(text, "x", &["b=\"2\""]), Some(3.0));
+    assert_eq!(total(text, "z", &[]), None);
+}
