@@ -3,6 +3,7 @@
 
 mod challenges;
 mod cluster;
+mod dashboard;
 mod instances;
 pub mod openapi;
 mod policies;
@@ -63,6 +64,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/instances/{id}/renew", post(instances::renew))
         .route("/v1/instances/{id}/flag", post(instances::flag))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/v1/dashboard", get(dashboard::data))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Plane, get, plane};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
-use tidegate_lab::daemons::{eventually, web_spec};
+use tidegate_lab::daemons::{ADMIN, eventually, web_spec};
 use tidegate_lab::images::{DEMO_TCP, DEMO_TCP_PORT};
 use tidegate_lab::plugins::component;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -228,6 +228,119 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
             ("tidegate_agent_etcd_watch_lag_seconds_count", &[]),
             ("tidegate_agent_reconcile_seconds_count", &[]),
         ],
+    );
+}
+
+/// Runs headless Chromium (Debian's package, as root: no sandbox) with a
+/// throwaway profile; returns its stdout.
+fn chromium(args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            // Let the page's fetch finish and render before the DOM is taken.
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .expect("running chromium (installed by cargo xtask setup)");
+    assert!(
+        out.status.success(),
+        "chromium {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_live_instance_in_headless_chromium() {
+    let p = plane("").await;
+    let c = &p.controller;
+    challenges(&p).await;
+    let (s, body) = c.spawn("web", "mallory").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (id, _, worker) = p.running("web", "red").await;
+    let page = format!("{}/dashboard", c.url);
+    let with_token = format!("{page}#token={ADMIN}");
+
+    let dom = chromium(&["--dump-dom", &with_token]);
+    for (what, needle) in [
+        (
+            "the live instance",
+            format!(
+                "<td>{id}</td><td>red</td><td>web</td><td>{worker}</td><td class=\"running\">running</td>"
+            ),
+        ),
+        (
+            "both workers",
+            format!(
+                "<td>{}</td><td class=\"registered\">registered</td>",
+                p.a.worker
+            ),
+        ),
+        (
+            "both workers",
+            format!(
+                "<td>{}</td><td class=\"registered\">registered</td>",
+                p.b.worker
+            ),
+        ),
+        (
+            "the refusal",
+            "<td>spawn</td><td>mallory</td><td>web</td><td class=\"error\">policy_deny</td>"
+                .to_string(),
+        ),
+        (
+            "the policies",
+            "<td>admit-spawn, admit-connection</td><td>deny</td>".to_string(),
+        ),
+    ] {
+        assert!(
+            dom.contains(&needle),
+            "the dashboard does not show {what} ({needle}):\n{dom}"
+        );
+    }
+
+    // Without a token it asks for one and shows nothing; a wrong one is refused.
+    let dom = chromium(&["--dump-dom", &page]);
+    assert!(!dom.contains(&id), "{dom}");
+    assert!(
+        dom.contains(r#"<form id="login">"#),
+        "no login form shown:\n{dom}"
+    );
+    let dom = chromium(&["--dump-dom", &format!("{page}#token=not-the-admin-token")]);
+    assert!(!dom.contains(&id), "{dom}");
+    assert!(dom.contains("unknown token"), "{dom}");
+    // The platform token is not enough: the dashboard is for organizers.
+    let dom = chromium(&[
+        "--dump-dom",
+        &format!("{page}#token={}", tidegate_lab::daemons::PLATFORM),
+    ]);
+    assert!(!dom.contains(&id), "{dom}");
+    assert!(dom.contains("this needs the admin token"), "{dom}");
+
+    // A phone-sized screenshot, kept as the test's artifact.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shot = dir.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=412,1400",
+        &with_token,
+    ]);
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG: {}", shot.display());
+    eprintln!(
+        "dashboard screenshot: {} ({} bytes)",
+        shot.display(),
+        png.len()
     );
 }
 

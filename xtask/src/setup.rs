@@ -34,6 +34,7 @@ const PACKAGES: &[&str] = &[
     "openssh-client",
     "dropbear-bin",
     "openssl",
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";

@@ -120,8 +120,23 @@ pub(super) async fn delete(
 
 /// Every stored challenge; a malformed one is listed under `errors`, not hidden.
 pub(super) async fn list(State(app): AppState, _scope: Scope) -> ApiResult {
+    let (records, errors) = load_all(&app).await?;
+    let items: Vec<_> = records
+        .iter()
+        .map(|(rec, revision)| challenge_json(rec, *revision))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "challenges": items, "errors": errors }),
+    ))
+}
+
+/// Every challenge with its revision, and the keys that do not decode.
+pub(super) async fn load_all(
+    app: &crate::App,
+) -> ApiResult<(Vec<(ChallengeRecord, i64)>, Vec<serde_json::Value>)> {
     let prefix = app.ks.prefix(Kind::Challenges);
-    let resp = etcd(&app, || {
+    let resp = etcd(app, || {
         let mut client = app.client.clone();
         let prefix = prefix.clone();
         async move {
@@ -135,15 +150,12 @@ pub(super) async fn list(State(app): AppState, _scope: Scope) -> ApiResult {
     let mut errors = Vec::new();
     for kv in resp.kvs() {
         match ChallengeRecord::decode(kv.value()) {
-            Ok(rec) => items.push(challenge_json(&rec, kv.mod_revision())),
+            Ok(rec) => items.push((rec, kv.mod_revision())),
             Err(e) => errors.push(json!({
                 "key": String::from_utf8_lossy(kv.key()),
                 "error": e.to_string(),
             })),
         }
     }
-    Ok(json_response(
-        StatusCode::OK,
-        json!({ "challenges": items, "errors": errors }),
-    ))
+    Ok((items, errors))
 }

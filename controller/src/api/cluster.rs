@@ -76,9 +76,13 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
 }
 
 pub(super) async fn workers(State(app): AppState, _scope: Scope) -> ApiResult {
-    let view = app.view.lock();
-    let items: Vec<Value> = view
-        .workers
+    let items = workers_json(&app.view.lock());
+    Ok(json_response(StatusCode::OK, json!({ "workers": items })))
+}
+
+/// The registered workers with their load.
+pub(super) fn workers_json(view: &crate::view::View) -> Vec<Value> {
+    view.workers
         .values()
         .map(|w| {
             let load = view.load(&w.id);
@@ -94,6 +98,5 @@ pub(super) async fn workers(State(app): AppState, _scope: Scope) -> ApiResult {
                 "started_at": w.started_at,
             })
         })
-        .collect();
-    Ok(json_response(StatusCode::OK, json!({ "workers": items })))
+        .collect()
 }
