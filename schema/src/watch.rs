@@ -93,6 +93,10 @@ pub struct Watcher {
     revision: i64,
     lists: u64,
     backoff: Duration,
+    /// The etcd cluster the view came from (0 before the first list): a
+    /// cluster restored from a snapshot is a new one, and its history is
+    /// not the one this watcher followed.
+    cluster_id: u64,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -122,6 +126,31 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Whether the history a watch resumed on is not the one the view followed:
+/// another cluster (restored from a snapshot), or, on the watch's creation
+/// reply, a revision below what was already delivered (restored with the
+/// same cluster token). Either way only a relist is correct.
+fn rewound(
+    known_cluster: u64,
+    resume_from: i64,
+    created: bool,
+    cluster: u64,
+    revision: i64,
+) -> Option<String> {
+    if known_cluster != 0 && cluster != 0 && cluster != known_cluster {
+        return Some(format!(
+            "etcd is another cluster now ({known_cluster:x} → {cluster:x}: restored from a snapshot?)"
+        ));
+    }
+    if created && revision < resume_from - 1 {
+        return Some(format!(
+            "etcd's revision went back from {} to {revision} (restored from a snapshot?)",
+            resume_from - 1
+        ));
+    }
+    None
+}
+
 impl Watcher {
     /// A watcher that starts with a full list of `prefix`.
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
@@ -133,6 +162,7 @@ impl Watcher {
             revision: 0,
             lists: 0,
             backoff: BACKOFF_MIN,
+            cluster_id: 0,
         }
     }
 
@@ -191,6 +221,7 @@ impl Watcher {
                     let resp = self.client.get(from.clone(), Some(options)).await?;
                     if revision == 0 {
                         revision = resp.header().map_or(0, |h| h.revision());
+                        self.cluster_id = resp.header().map_or(0, |h| h.cluster_id());
                     }
                     kvs.extend(resp.kvs().iter().map(Kv::from_etcd));
                     match resp.kvs().last() {
@@ -248,6 +279,19 @@ impl Watcher {
                     self.state = State::List;
                     return Ok(());
                 }
+                if let Some(why) = resp.header().and_then(|h| {
+                    rewound(
+                        self.cluster_id,
+                        resume_from,
+                        resp.created(),
+                        h.cluster_id(),
+                        h.revision(),
+                    )
+                }) {
+                    tracing::warn!(prefix = %self.prefix, wanted = resume_from, "{why}; relisting");
+                    self.state = State::List;
+                    return Ok(());
+                }
                 if resp.canceled() {
                     tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
                     self.state = State::Watch { from: resume_from };
@@ -279,5 +323,25 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewound;
+
+    #[test]
+    fn a_restored_cluster_or_a_revision_going_back_means_relist() {
+        // Same cluster, watch created at or past what was delivered: fine.
+        assert_eq!(rewound(7, 101, true, 7, 100), None);
+        assert_eq!(rewound(7, 101, true, 7, 250), None);
+        // Not the creation reply: its header may lag, only the id counts.
+        assert_eq!(rewound(7, 101, false, 7, 50), None);
+        // Before the first list nothing is known about the cluster.
+        assert_eq!(rewound(0, 1, true, 9, 1), None);
+        let other = rewound(7, 101, false, 9, 500).unwrap();
+        assert!(other.contains("another cluster"), "{other}");
+        let back = rewound(7, 101, true, 7, 60).unwrap();
+        assert!(back.contains("went back from 100 to 60"), "{back}");
     }
 }

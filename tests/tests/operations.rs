@@ -344,6 +344,99 @@ async fn the_dashboard_shows_the_live_instance_in_headless_chromium() {
     );
 }
 
+/// Whether Docker runs a container of instance `id`.
+fn container_exists(id: &str) -> bool {
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=tidegate.instance={id}"),
+        ])
+        .output()
+        .expect("running docker");
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+/// The answer to `GET /` of `host` through both agents.
+async fn through_both(p: &Plane, host: &str) -> (u16, u16) {
+    (
+        get(&p.a_http, host, None).await.0,
+        get(&p.b_http, host, None).await.0,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_snapshot_restore_brings_instances_and_routes_back() {
+    let mut p = plane("").await;
+    let c = &p.controller;
+    let (s, body) = c.put_challenge("web", web_spec()).await;
+    assert!(s.is_success(), "{body}");
+    let (kept, kept_host, _) = p.running("web", "red").await;
+    assert_eq!(through_both(&p, &kept_host).await, (200, 200));
+
+    // Backup, as deploy/README.md says: etcdctl snapshot save.
+    let snapshot = p._dir.path().join("backup.db");
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", p._etcd.endpoints().join(",")))
+        .args(["snapshot", "save"])
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An instance spawned after the backup: the restore loses it.
+    let (lost, lost_host, _) = p.running("web", "blue").await;
+    assert_eq!(through_both(&p, &lost_host).await, (200, 200));
+
+    // Disaster: every member's data is wiped; restore per the guide.
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/etcd/restore-member.sh");
+    p._etcd.restore_from(&snapshot, &script).unwrap();
+
+    // The backed-up instance is served again through both agents and the
+    // API knows it; the later one is gone everywhere, container included.
+    let c = &p.controller;
+    let settled = eventually(30, || async {
+        through_both(&p, &kept_host).await == (200, 200)
+            && through_both(&p, &lost_host).await == (404, 404)
+            && !container_exists(&lost)
+    })
+    .await;
+    assert!(
+        settled,
+        "after the restore: kept {kept} answers {:?}, lost {lost} answers {:?} (container there: {})\n--- agent a ---\n{}",
+        through_both(&p, &kept_host).await,
+        through_both(&p, &lost_host).await,
+        container_exists(&lost),
+        p.a.log()
+    );
+    let (s, body) = c
+        .call(Method::GET, &format!("/v1/instances/{kept}"), None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "running", "{body}");
+    let (s, body) = c
+        .call(Method::GET, &format!("/v1/instances/{lost}"), None, None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    assert!(container_exists(&kept));
+
+    // The cluster works on: a new spawn runs and is routed.
+    let (_, new_host, _) = p.running("web", "green").await;
+    assert!(
+        eventually(10, || async {
+            through_both(&p, &new_host).await == (200, 200)
+        })
+        .await
+    );
+}
+
 #[test]
 fn total_sums_matching_samples_only() {
     let text = "# HELP x y\nx{a=\"1\",b=\"2\"} 3\nx{a=\"1\"} 4\nxy 9\nx 1\n";

@@ -221,6 +221,52 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// The disaster drill of deploy/README.md: kills every member, wipes its
+    /// data dir, rebuilds it from `snapshot` with `script`
+    /// (deploy/etcd/restore-member.sh) under a new cluster token, starts
+    /// every member and waits until all are healthy.
+    pub fn restore_from(&mut self, snapshot: &Path, script: &Path) -> Result<()> {
+        for i in 0..self.specs.len() {
+            self.kill_member(i)?;
+        }
+        self.token = format!("tidegate-restored-{:08x}", rand::random::<u32>());
+        let initial_cluster = self
+            .specs
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for spec in &self.specs {
+            if spec.data_dir.exists() {
+                std::fs::remove_dir_all(&spec.data_dir)?;
+            }
+            let out = std::process::Command::new(script)
+                .arg(snapshot)
+                .arg(&spec.name)
+                .arg(spec.peer_url())
+                .arg(&initial_cluster)
+                .arg(&self.token)
+                .arg(&spec.data_dir)
+                .output()?;
+            if !out.status.success() {
+                return Err(Error::NotReady(format!(
+                    "{} {}: {}{}",
+                    script.display(),
+                    spec.name,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        for i in 0..self.specs.len() {
+            self.spawn_member(i)?;
+        }
+        for i in 0..self.specs.len() {
+            self.wait_healthy(i)?;
+        }
+        Ok(())
+    }
+
     /// Starts member `i` again from its data dir. Does not wait for health:
     /// a lone member of a 3-member cluster has no quorum until a second one
     /// returns.
