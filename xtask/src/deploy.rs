@@ -21,9 +21,16 @@ use tidegate_lab::process::pid_alive;
 use crate::workspace_root;
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct DeployArgs {
     #[command(subcommand)]
-    target: Target,
+    target: Option<Target>,
+    /// Deploy to the hosts of this inventory over SSH (see deploy/README.md
+    /// and deploy/inventory.example.toml).
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -77,7 +84,13 @@ struct Proc {
 
 pub(crate) fn run(args: DeployArgs) -> Result<()> {
     match args.target {
-        Target::Local(local) => {
+        None => match &args.inventory {
+            Some(inventory) => crate::remote::run(inventory, &args.remote),
+            None => bail!(
+                "say where: `cargo xtask deploy local` (this machine) or `cargo xtask deploy --inventory FILE` (hosts over SSH)"
+            ),
+        },
+        Some(Target::Local(local)) => {
             // TIDEGATE_STATE_DIR lets tests run a cluster beside a developer's own.
             let dir = std::env::var_os("TIDEGATE_STATE_DIR")
                 .map(PathBuf::from)
@@ -420,7 +433,7 @@ fn http(
 }
 
 /// The demo challenges every local cluster starts with.
-const DEMO_CHALLENGES: [(&str, &str); 2] = [
+pub(crate) const DEMO_CHALLENGES: [(&str, &str); 2] = [
     (
         "demo-http",
         r#"{"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,

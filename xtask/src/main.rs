@@ -8,6 +8,7 @@ mod build_ebpf;
 mod chaos;
 mod ci;
 mod deploy;
+mod remote;
 mod setup;
 mod sh;
 
@@ -41,7 +42,9 @@ enum Command {
     /// settings of the examples come from the environment (see each
     /// example's docs, e.g. `IDLE_REAPER_SECS=600`).
     BuildPlugins,
-    /// Start a cluster.
+    /// Start a cluster: `deploy local` on this machine, or `deploy
+    /// --inventory FILE` on real hosts over SSH (`--dry-run` prints every
+    /// step; a second run with nothing changed is a no-op; `--down [--purge]`).
     Deploy(deploy::DeployArgs),
     /// The fault-injection suite: 3 etcd members, 2 controllers and 3
     /// agents on their own network namespaces under a steady load; kills,

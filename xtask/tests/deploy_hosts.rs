@@ -1,0 +1,468 @@
+//! `cargo xtask deploy --inventory`: three hosts (network namespaces, each
+//! running dropbear as its sshd and given a directory as its root) get a
+//! whole cluster from nothing over SSH: etcd with TLS and auth, two
+//! controllers, three agents. The demo instances answer through every host;
+//! a second run changes nothing; `--down --purge` leaves nothing running.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tidegate_lab::netns::{NetnsHost, Routed};
+use tidegate_lab::process::Supervised;
+
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `cargo xtask deploy --inventory <inv> <args>` with the test's (dev)
+/// binaries, or with `TIDEGATE_DEPLOY_PROFILE=release` building and
+/// shipping release ones as in production.
+fn deploy(inventory: &Path, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(XTASK);
+    cmd.args(["deploy", "--inventory"]).arg(inventory);
+    match std::env::var("TIDEGATE_DEPLOY_PROFILE") {
+        Ok(profile) => cmd.args(["--profile", &profile]),
+        Err(_) => cmd.args(["--profile", "dev"]).env("TIDEGATE_PREBUILT", "1"),
+    };
+    let out = cmd.args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("--- deploy {args:?} ---\n{text}");
+    (out.status.success(), text)
+}
+
+/// A test host with an sshd that lets the test's key in as root. The
+/// authorized key lives in a home directory mounted over /root in the
+/// sshd's own mount namespace, so the machine's /root is never touched.
+struct SshHost {
+    net: NetnsHost,
+    name: String,
+    root: PathBuf,
+    _sshd: Supervised,
+}
+
+fn ssh_host(name: &str, dir: &Path, public_key: &str) -> SshHost {
+    let net = NetnsHost::create().unwrap();
+    let home = dir.join(format!("{name}-home"));
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(home.join(".ssh/authorized_keys"), public_key).unwrap();
+    run(Command::new("chmod").args(["-R", "go-rwx"]).arg(&home));
+    let host_key = dir.join(format!("{name}-hostkey"));
+    run(Command::new("dropbearkey")
+        .args(["-t", "ed25519", "-f"])
+        .arg(&host_key));
+    let script = format!(
+        "mount --bind {home} /root && exec dropbear -F -E -s -p {addr}:22 -r {key} -P {pid}",
+        home = home.display(),
+        addr = net.addr(),
+        key = host_key.display(),
+        pid = dir.join(format!("{name}-dropbear.pid")).display(),
+    );
+    let args: Vec<String> = [
+        "netns",
+        "exec",
+        net.name(),
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        &script,
+    ]
+    .map(String::from)
+    .to_vec();
+    let sshd = Supervised::spawn(
+        &format!("sshd-{name}"),
+        "ip",
+        &args,
+        &dir.join(format!("{name}-dropbear.log")),
+    )
+    .unwrap();
+    let addr = std::net::SocketAddr::from((net.addr(), 22));
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    assert!(up, "dropbear on {addr}: {}", sshd.log_tail(20));
+    let root = dir.join(format!("{name}-root"));
+    std::fs::create_dir_all(&root).unwrap();
+    SshHost {
+        net,
+        name: name.to_string(),
+        root,
+        _sshd: sshd,
+    }
+}
+
+/// The pid in a host's pidfile of `service`, if it runs.
+fn service_pid(h: &SshHost, service: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(h.root.join(format!("run/tidegate/{service}.pid"))).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+const SERVICES: [&str; 3] = ["tidegate-etcd", "tidegate-controller", "tidegate-agent"];
+
+/// Ends whatever the deploy started, even when the test failed half-way,
+/// and removes the agents' containers.
+struct Cleanup<'a> {
+    hosts: &'a [SshHost],
+    workers: Vec<String>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for h in self.hosts {
+            for s in SERVICES {
+                if let Some(pid) = service_pid(h, s) {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            }
+        }
+        for w in &self.workers {
+            let ids = Command::new("docker")
+                .args([
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &format!("label=tidegate.worker={w}"),
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for id in ids.split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+    }
+}
+
+/// One HTTP/1.0 GET with a Host header: (status, body).
+fn get(addr: &str, host: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", "5", "-H", &format!("Host: {host}")]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    cmd.args(["-w", "\n%{http_code}", &format!("http://{addr}{path}")]);
+    let out = String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn post(addr: &str, path: &str, token: &str, body: &str) -> serde_json::Value {
+    let out = run(Command::new("curl").args([
+        "-s",
+        "--max-time",
+        "10",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        body,
+        &format!("http://{addr}{path}"),
+    ]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
+}
+
+/// A line echoed through `addr`.
+fn echo(addr: std::net::SocketAddr) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    if s.write_all(b"hello tidegate\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok() && line == "hello tidegate\n"
+}
+
+fn eventually(secs: u64, mut ok: impl FnMut() -> bool) -> bool {
+    (0..secs * 4).any(|_| {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        false
+    })
+}
+
+#[test]
+fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is_a_no_op() {
+    let dir = tempfile::Builder::new()
+        .prefix("tidegate-deploy-")
+        .tempdir()
+        .unwrap();
+    let key = dir.path().join("id_ed25519");
+    run(Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "tidegate-deploy-test",
+            "-f",
+        ])
+        .arg(&key));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    // Agents in the namespaces reach their containers through this machine.
+    let _routed = Routed::enable().unwrap();
+    let pid = std::process::id();
+    let hosts: Vec<SshHost> = ["a", "b", "c"]
+        .iter()
+        .map(|n| ssh_host(&format!("d{pid}{n}"), dir.path(), &public))
+        .collect();
+    let _cleanup = Cleanup {
+        hosts: &hosts,
+        workers: hosts.iter().map(|h| h.name.clone()).collect(),
+    };
+    let mut inventory = format!(
+        "name = \"deploy-test\"\ndomain = \"ctf.test\"\ninit = \"direct\"\nartifact_dir = {:?}\n\n[ssh]\nidentity = {:?}\noptions = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \"-o\", \"LogLevel=ERROR\"]\n",
+        dir.path().join("artifacts").display().to_string(),
+        key.display().to_string(),
+    );
+    for (i, h) in hosts.iter().enumerate() {
+        // All three run etcd and an agent (one zone each); a and b a controller.
+        let roles = if i < 2 {
+            "[\"etcd\", \"controller\", \"agent\"]"
+        } else {
+            "[\"etcd\", \"agent\"]"
+        };
+        inventory.push_str(&format!(
+            "\n[[host]]\nname = {:?}\naddress = \"{}\"\nzone = \"zone-{i}\"\nroles = {roles}\nroot = {:?}\n",
+            h.name,
+            h.net.addr(),
+            h.root.display().to_string(),
+        ));
+    }
+    let inv = dir.path().join("inventory.toml");
+    std::fs::write(&inv, &inventory).unwrap();
+
+    // The dry run says what it would do and does nothing.
+    let (ok, out) = deploy(&inv, &["--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("would start or restart (if its files changed) tidegate-etcd on"),
+        "{out}"
+    );
+    assert!(out.contains("would enable etcd auth once"), "{out}");
+    assert!(
+        hosts
+            .iter()
+            .all(|h| SERVICES.iter().all(|s| service_pid(h, s).is_none())),
+        "the dry run started something"
+    );
+    assert!(
+        !dir.path().join(".deploy-test.deploy").exists(),
+        "the dry run wrote state"
+    );
+
+    // From nothing.
+    let (ok, out) = deploy(&inv, &[]);
+    assert!(ok, "{out}");
+    for h in &hosts {
+        assert!(
+            service_pid(h, "tidegate-etcd").is_some(),
+            "{}: no etcd",
+            h.name
+        );
+        assert!(
+            service_pid(h, "tidegate-agent").is_some(),
+            "{}: no agent",
+            h.name
+        );
+    }
+    let secrets: toml::Value = toml::from_str(
+        &std::fs::read_to_string(dir.path().join(".deploy-test.deploy/secrets.toml")).unwrap(),
+    )
+    .unwrap();
+    let platform = secrets["platform_token"].as_str().unwrap().to_string();
+    let admin = secrets["admin_token"].as_str().unwrap().to_string();
+    let api = format!("{}:7080", hosts[0].net.addr());
+
+    // etcd speaks only TLS, and with auth on, a client certificate without
+    // the right user cannot read tidegate's keys.
+    let pki = dir.path().join(".deploy-test.deploy/pki");
+    let etcd0 = format!("https://{}:2379", hosts[0].net.addr());
+    let plain = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            &format!("--endpoints=http://{}:2379", hosts[0].net.addr()),
+            "--command-timeout=3s",
+            "get",
+            "/tidegate/",
+            "--prefix",
+            "--keys-only",
+        ])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "etcd answered plain HTTP");
+    let as_agent = |args: &[&str]| {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={etcd0}"))
+            .arg(format!("--cacert={}", pki.join("ca.pem").display()))
+            .arg(format!(
+                "--cert={}",
+                pki.join("client-tidegate-agent.pem").display()
+            ))
+            .arg(format!(
+                "--key={}",
+                pki.join("client-tidegate-agent-key.pem").display()
+            ))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let denied = as_agent(&["user", "list"]);
+    assert!(
+        !denied.status.success(),
+        "the agent's certificate may list etcd users: auth is off"
+    );
+    let allowed = as_agent(&["get", "/tidegate/workers/", "--prefix", "--keys-only"]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&allowed.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count(),
+        3
+    );
+
+    // The demo instances answer through every host.
+    let web = post(
+        &api,
+        "/v1/instances",
+        &platform,
+        r#"{"challenge": "demo-http", "team": "red"}"#,
+    );
+    let hostname = web["http"][0]["hostname"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{web}"))
+        .to_string();
+    let tcp = post(
+        &api,
+        "/v1/instances",
+        &platform,
+        r#"{"challenge": "demo-tcp", "team": "red"}"#,
+    );
+    let port = tcp["tcp"][0]["port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{tcp}")) as u16;
+    for h in &hosts {
+        let entry = format!("{}:80", h.net.addr());
+        assert!(
+            eventually(60, || {
+                let (s, body) = get(&entry, &hostname, "/", None);
+                s == 200 && body.contains("tidegate demo-http")
+            }),
+            "demo-http through {}: {:?}",
+            h.name,
+            get(&entry, &hostname, "/", None)
+        );
+        assert!(
+            eventually(30, || echo(std::net::SocketAddr::from((
+                h.net.addr(),
+                port
+            )))),
+            "demo-tcp through {} port {port}",
+            h.name
+        );
+    }
+    // Every daemon serves its metrics; the dashboard data has the instance.
+    for h in &hosts {
+        let (s, body) = get(&format!("{}:9464", h.net.addr()), "x", "/metrics", None);
+        assert!(
+            s == 200 && body.contains("tidegate_agent_etcd_rtt_seconds_count"),
+            "{}: {s}",
+            h.name
+        );
+        // The agent runs with only CAP_BPF, CAP_NET_ADMIN and
+        // CAP_NET_BIND_SERVICE (the unit's set) and still steers TCP by eBPF.
+        assert!(
+            body.contains("tidegate_tcp_ebpf_steering 1"),
+            "{}: eBPF did not load",
+            h.name
+        );
+    }
+    let (s, body) = get(&api, "x", "/v1/dashboard", Some(&admin));
+    assert!(s == 200 && body.contains(&hostname), "{s} {body}");
+
+    // A second run: every file unchanged, every service left alone.
+    let before: Vec<Option<u32>> = hosts
+        .iter()
+        .flat_map(|h| SERVICES.map(|s| service_pid(h, s)))
+        .collect();
+    let (ok, out) = deploy(&inv, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains(": 0 file(s) written"), "{out}");
+    assert!(
+        out.contains("0 service(s) (re)started, 8 already running; 0 other change(s)"),
+        "{out}"
+    );
+    assert!(out.contains("deploy deploy-test: nothing changed"), "{out}");
+    let after: Vec<Option<u32>> = hosts
+        .iter()
+        .flat_map(|h| SERVICES.map(|s| service_pid(h, s)))
+        .collect();
+    assert_eq!(before, after, "the second run restarted something");
+
+    // Changing one host's config restarts exactly that service.
+    let agent_toml = hosts[2].root.join("etc/tidegate/agent.toml");
+    let mut text = std::fs::read_to_string(&agent_toml).unwrap();
+    text.push_str("# edited by hand\n");
+    std::fs::write(&agent_toml, text).unwrap();
+    let (ok, out) = deploy(&inv, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains(": 1 file(s) written"), "{out}");
+    assert!(
+        out.contains("tidegate-agent restarted (its files changed)"),
+        "{out}"
+    );
+    let again: Vec<Option<u32>> = hosts
+        .iter()
+        .flat_map(|h| SERVICES.map(|s| service_pid(h, s)))
+        .collect();
+    let moved: Vec<usize> = (0..before.len())
+        .filter(|i| before[*i] != again[*i])
+        .collect();
+    assert_eq!(
+        moved,
+        [8],
+        "only host c's agent should restart: {before:?} → {again:?}"
+    );
+
+    // Down and purge: nothing runs, nothing is left in the hosts' roots.
+    let (ok, out) = deploy(&inv, &["--down", "--purge"]);
+    assert!(ok, "{out}");
+    for h in &hosts {
+        for s in SERVICES {
+            assert_eq!(service_pid(h, s), None, "{} {s} still runs", h.name);
+        }
+        assert!(!h.root.join("etc/tidegate").exists());
+        assert!(!h.root.join("var/lib/tidegate/etcd").exists());
+    }
+}
