@@ -53,7 +53,7 @@ pub struct Cli {
     pub artifact_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This worker's id (a DNS label, unique in the cluster).
@@ -328,6 +328,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reference_config_in_deploy_names_every_field() {
+        let missing =
+            tidegate_lab::config::fields_not_in::<Config>(include_str!("../../deploy/agent.toml"));
+        assert_eq!(
+            missing,
+            Ok(vec![]),
+            "deploy/agent.toml does not document these"
+        );
+    }
 
     #[test]
     fn the_activity_address_is_one_the_leader_can_reach() {

@@ -56,7 +56,7 @@ pub struct Cli {
 }
 
 /// The whole configuration after merging.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This replica's id, shown in `GET /v1/status`.
@@ -264,5 +264,25 @@ impl Config {
         self.advertise_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_config_in_deploy_names_every_field() {
+        let missing = tidegate_lab::config::fields_not_in::<Config>(include_str!(
+            "../../deploy/controller.toml"
+        ));
+        assert_eq!(
+            missing,
+            Ok(vec![]),
+            "deploy/controller.toml does not document these"
+        );
+        // And it passes validation as written.
+        let cfg: Config = toml::from_str(include_str!("../../deploy/controller.toml")).unwrap();
+        assert!(cfg.validate().is_ok(), "{:?}", cfg.validate());
     }
 }

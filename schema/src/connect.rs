@@ -9,7 +9,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use serde::Deserialize;
 
 /// `[etcd_tls]`: how to check etcd's certificate and prove our own.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdTls {
     /// PEM file of the CA that signed the etcd members' certificates.
@@ -27,7 +27,7 @@ pub struct EtcdTls {
 }
 
 /// `[etcd_auth]`: an etcd user (etcd's `auth enable`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdAuth {
     pub username: String,

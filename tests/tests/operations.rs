@@ -220,6 +220,29 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
     } else {
         curl(&p.b.metrics_url)
     };
+    // Every series the Grafana dashboard charts is one the daemons expose.
+    let dashboard = include_str!("../../deploy/grafana/tidegate.json");
+    let exposed = format!("{text}\n{owner_metrics}\n{}", curl(&p.b.metrics_url));
+    let mut charted: Vec<&str> = dashboard
+        .match_indices("tidegate_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    charted.sort_unstable();
+    charted.dedup();
+    let unknown: Vec<&&str> = charted
+        .iter()
+        .filter(|m| !exposed.lines().any(|l| l.starts_with(**m)))
+        .collect();
+    assert!(
+        charted.len() > 20 && unknown.is_empty(),
+        "deploy/grafana/tidegate.json charts series no daemon exposes: {unknown:?}"
+    );
     assert_non_zero(
         "owner",
         &owner_metrics,

@@ -587,11 +587,21 @@ fn plan_host<'a>(
     inv: &'a Inventory,
     h: &'a Host,
     secrets: &Secrets,
-    pki: &Path,
+    pki: Option<&Path>,
     built: Option<&Built>,
 ) -> Result<HostPlan<'a>> {
     let root = inv.root_of(h);
     let r = |p: &str| at(&root, p);
+    // Without a PKI (the dry run) certificates are empty placeholders.
+    let read_pki = |name: &str| -> Result<Vec<u8>> {
+        match pki {
+            Some(dir) => {
+                let p = dir.join(name);
+                std::fs::read(&p).with_context(|| p.display().to_string())
+            }
+            None => Ok(Vec::new()),
+        }
+    };
     let read =
         |p: &Path| -> Result<Vec<u8>> { std::fs::read(p).with_context(|| p.display().to_string()) };
     let mut files = Vec::new();
@@ -607,7 +617,7 @@ fn plan_host<'a>(
     let all: Vec<&'static str> = vec!["tidegate-etcd", "tidegate-controller", "tidegate-agent"];
     files.push(File {
         path: ca.clone(),
-        bytes: read(&pki.join("ca.pem"))?,
+        bytes: read_pki("ca.pem")?,
         mode: 0o644,
         services: all,
     });
@@ -625,7 +635,7 @@ fn plan_host<'a>(
         ] {
             files.push(File {
                 path: r(&format!("/etc/tidegate/pki/{to}")),
-                bytes: read(&pki.join(from))?,
+                bytes: read_pki(&from)?,
                 mode,
                 services: vec![svc],
             });
@@ -637,7 +647,7 @@ fn plan_host<'a>(
         ] {
             files.push(File {
                 path: r(&format!("/etc/tidegate/pki/{to}")),
-                bytes: read(&pki.join(from))?,
+                bytes: read_pki(from)?,
                 mode,
                 services: vec![],
             });
@@ -727,7 +737,7 @@ log-outputs: [stderr]\n",
         ] {
             files.push(File {
                 path: r(&format!("/etc/tidegate/pki/{to}")),
-                bytes: read(&pki.join(from))?,
+                bytes: read_pki(&from)?,
                 mode,
                 services: vec![svc],
             });
@@ -1058,13 +1068,15 @@ pub(crate) fn run(inventory: &Path, args: &RemoteArgs) -> Result<()> {
         return down(&inv, args.purge);
     }
     std::fs::create_dir_all(&state)?;
+    let began = Instant::now();
     let built = build(&args.profile)?;
+    let built_at = began.elapsed();
     let secrets = secrets(&state)?;
     let pki = pki(&state, &inv)?;
     let plans: Vec<HostPlan> = inv
         .hosts
         .iter()
-        .map(|h| plan_host(&inv, h, &secrets, &pki, Some(&built)))
+        .map(|h| plan_host(&inv, h, &secrets, Some(&pki), Some(&built)))
         .collect::<Result<_>>()?;
     let mut tally = Tally::default();
 
@@ -1262,8 +1274,15 @@ pub(crate) fn run(inventory: &Path, args: &RemoteArgs) -> Result<()> {
     }
 
     println!(
-        "deploy {}: {} file(s) written, {} unchanged; {} service(s) (re)started, {} already running; {} other change(s)",
-        inv.name, tally.files_changed, tally.files_same, tally.started, tally.running, tally.other
+        "deploy {}: {} file(s) written, {} unchanged; {} service(s) (re)started, {} already running; {} other change(s); {:.1} s (build {:.1} s)",
+        inv.name,
+        tally.files_changed,
+        tally.files_same,
+        tally.started,
+        tally.running,
+        tally.other,
+        began.elapsed().as_secs_f64(),
+        built_at.as_secs_f64(),
     );
     if tally.files_changed + tally.started + tally.other == 0 {
         println!("deploy {}: nothing changed", inv.name);
@@ -1526,15 +1545,11 @@ fn dry_run(inv: &Inventory, state: &Path, args: &RemoteArgs) -> Result<()> {
             h.address,
             inv.ssh.port
         );
-        let plan = plan_host(inv, h, &fake, Path::new("/nonexistent"), None);
-        // Without the PKI the plan cannot read certificates: list the paths
-        // it would write from a plan made with empty files.
-        let paths = match plan {
-            Ok(p) => p.files.into_iter().map(|f| f.path).collect::<Vec<_>>(),
-            Err(_) => dry_paths(inv, h),
-        };
-        for p in paths {
-            println!("  would copy {p} if it differs (sha256)");
+        if inv.init == Init::Systemd {
+            println!("  would create the system user tidegate (group docker) if missing");
+        }
+        for f in plan_host(inv, h, &fake, None, None)?.files {
+            println!("  would copy {} if it differs (sha256)", f.path);
         }
     }
     for (step, role) in [
@@ -1567,47 +1582,6 @@ fn dry_run(inv: &Inventory, state: &Path, args: &RemoteArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The paths a host gets, for the dry run.
-fn dry_paths(inv: &Inventory, h: &Host) -> Vec<String> {
-    let root = inv.root_of(h);
-    let mut p = vec!["/etc/tidegate/pki/ca.pem".to_string()];
-    if h.roles.contains(&Role::Etcd) {
-        p.extend(
-            [
-                "/etc/tidegate/pki/etcd-member.pem",
-                "/etc/tidegate/pki/etcd-member-key.pem",
-                "/etc/tidegate/pki/etcd-root.pem",
-                "/etc/tidegate/pki/etcd-root-key.pem",
-                "/etc/tidegate/etcd.yml",
-            ]
-            .map(String::from),
-        );
-    }
-    for (role, bin) in [(Role::Controller, "controller"), (Role::Agent, "agent")] {
-        if h.roles.contains(&role) {
-            p.extend([
-                format!("/etc/tidegate/pki/etcd-{bin}.pem"),
-                format!("/etc/tidegate/pki/etcd-{bin}-key.pem"),
-                format!("/etc/tidegate/etcd-password-{bin}"),
-                format!("/etc/tidegate/{bin}.toml"),
-                format!("/usr/local/bin/tidegate-{bin}"),
-            ]);
-        }
-    }
-    if inv.init == Init::Systemd {
-        for (role, svc) in [
-            (Role::Etcd, "tidegate-etcd"),
-            (Role::Controller, "tidegate-controller"),
-            (Role::Agent, "tidegate-agent"),
-        ] {
-            if h.roles.contains(&role) {
-                p.push(format!("/etc/systemd/system/{svc}.service"));
-            }
-        }
-    }
-    p.into_iter().map(|x| at(&root, &x)).collect()
 }
 
 #[cfg(test)]
@@ -1684,7 +1658,7 @@ roles = ["etcd", "agent"]
         ] {
             std::fs::write(dir.path().join(name), name).unwrap();
         }
-        let plan = plan_host(&inv, &inv.hosts[0], &secrets, dir.path(), None).unwrap();
+        let plan = plan_host(&inv, &inv.hosts[0], &secrets, Some(dir.path()), None).unwrap();
         let unit = |n: &str| {
             String::from_utf8(
                 plan.files
@@ -1741,6 +1715,79 @@ roles = ["etcd", "agent"]
             toml.contains("[etcd_auth]\nusername = \"tidegate-agent\""),
             "{toml}"
         );
+    }
+
+    /// deploy/systemd/*.service and deploy/etcd/etcd.example.yml are what
+    /// deploy writes for the first host of deploy/inventory.example.toml.
+    /// `TIDEGATE_UPDATE_DEPLOY=1 cargo test -p xtask` rewrites them.
+    #[test]
+    fn the_files_in_deploy_are_what_deploy_writes() {
+        let deploy = workspace_root().join("deploy");
+        let inv = Inventory::load(&deploy.join("inventory.example.toml")).unwrap();
+        let pki = tempfile::tempdir().unwrap();
+        for name in [
+            "ca.pem",
+            "member-node-a.pem",
+            "member-node-a-key.pem",
+            "client-root.pem",
+            "client-root-key.pem",
+            "client-tidegate-controller.pem",
+            "client-tidegate-controller-key.pem",
+            "client-tidegate-agent.pem",
+            "client-tidegate-agent-key.pem",
+        ] {
+            std::fs::write(pki.path().join(name), "").unwrap();
+        }
+        let secrets = Secrets {
+            admin_token: String::new(),
+            platform_token: String::new(),
+            flag_secret: String::new(),
+            etcd_root_password: String::new(),
+            etcd_controller_password: String::new(),
+            etcd_agent_password: String::new(),
+        };
+        let plan = plan_host(&inv, &inv.hosts[0], &secrets, Some(pki.path()), None).unwrap();
+        let update = std::env::var_os("TIDEGATE_UPDATE_DEPLOY").is_some();
+        let mut compared = 0;
+        for f in &plan.files {
+            let committed = if let Some(unit) = f.path.strip_prefix("/etc/systemd/system/") {
+                deploy.join("systemd").join(unit)
+            } else if f.path == "/etc/tidegate/etcd.yml" {
+                deploy.join("etcd/etcd.example.yml")
+            } else {
+                continue;
+            };
+            if update {
+                std::fs::create_dir_all(committed.parent().unwrap()).unwrap();
+                std::fs::write(&committed, &f.bytes).unwrap();
+            }
+            let text = std::fs::read(&committed).unwrap_or_default();
+            assert!(
+                text == f.bytes,
+                "{} differs from what deploy writes to {}; TIDEGATE_UPDATE_DEPLOY=1 cargo test -p xtask rewrites it",
+                committed.display(),
+                f.path
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, 4, "three units and etcd.yml");
+    }
+
+    #[test]
+    fn the_example_load_balancer_config_is_valid() {
+        let cfg = workspace_root().join("deploy/haproxy.example.cfg");
+        let out = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()
+            .expect("haproxy (cargo xtask setup installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && !text.contains("WARNING"), "{text}");
     }
 
     #[test]

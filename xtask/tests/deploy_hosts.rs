@@ -420,7 +420,7 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
     assert!(ok, "{out}");
     assert!(out.contains(": 0 file(s) written"), "{out}");
     assert!(
-        out.contains("0 service(s) (re)started, 8 already running; 0 other change(s)"),
+        out.contains("0 service(s) (re)started, 8 already running; 0 other change(s);"),
         "{out}"
     );
     assert!(out.contains("deploy deploy-test: nothing changed"), "{out}");

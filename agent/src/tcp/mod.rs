@@ -39,7 +39,7 @@ const LISTEN_BACKLOG: u32 = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How connections reach the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Steering {
     /// eBPF `sk_lookup` if it loads, else listeners (one log line says which).
@@ -51,7 +51,7 @@ pub enum Steering {
 }
 
 /// How bytes move between a player and the instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPath {
     /// splice(2) through a kernel pipe per direction.

@@ -5,6 +5,7 @@
 //! test process through a watchdog pipe (see [`process`]), so even a test
 //! killed with SIGKILL leaves no etcd behind.
 
+pub mod config;
 pub mod daemons;
 pub mod docker;
 pub mod etcd;
