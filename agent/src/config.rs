@@ -225,14 +225,8 @@ impl Config {
         if self.http_entry.port() == 0 {
             return Err(bad("http_entry", "needs a port"));
         }
-        tidegate_schema::connect::check_endpoints(&self.etcd, self.etcd_tls.as_ref()).map_err(
-            |e| match e {
-                tidegate_schema::connect::ConnectError::Config { field, message } => {
-                    bad(field, message)
-                }
-                e => bad("etcd", e.to_string()),
-            },
-        )?;
+        tidegate_schema::connect::check_config(&self.etcd, self.etcd_tls.as_ref())
+            .map_err(|(field, message)| bad(field, message))?;
         Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
         if !self.docker_socket.starts_with("unix://") {
             return Err(bad("docker_socket", "a unix:// socket path"));

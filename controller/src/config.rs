@@ -191,14 +191,8 @@ impl Config {
         if self.id.is_empty() || self.id.len() > 64 || self.id.chars().any(char::is_whitespace) {
             return Err(bad("id", "1-64 characters, no spaces"));
         }
-        tidegate_schema::connect::check_endpoints(&self.etcd, self.etcd_tls.as_ref()).map_err(
-            |e| match e {
-                tidegate_schema::connect::ConnectError::Config { field, message } => {
-                    bad(field, message)
-                }
-                e => bad("etcd", e.to_string()),
-            },
-        )?;
+        tidegate_schema::connect::check_config(&self.etcd, self.etcd_tls.as_ref())
+            .map_err(|(field, message)| bad(field, message))?;
         Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
         Hostname::parse(&self.domain).map_err(|e| bad("domain", e.to_string()))?;
         self.tcp_port_range()?;

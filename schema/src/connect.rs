@@ -103,6 +103,17 @@ pub fn check_endpoints(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<()
     Ok(())
 }
 
+/// [`check_endpoints`] for a config's `validate()`: the field and message.
+pub fn check_config(
+    endpoints: &[String],
+    tls: Option<&EtcdTls>,
+) -> Result<(), (&'static str, String)> {
+    check_endpoints(endpoints, tls).map_err(|e| match e {
+        ConnectError::Config { field, message } => (field, message),
+        e => ("etcd", e.to_string()),
+    })
+}
+
 /// Connects with a 2 s connect timeout and 2 s HTTP/2 keep-alives; with
 /// auth, tokens are refreshed when etcd expires them.
 pub async fn connect(

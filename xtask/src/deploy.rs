@@ -402,7 +402,7 @@ fn http_ok(port: u16, path: &str) -> bool {
     http(port, "GET", path, None, "").is_some_and(|(status, _)| status == 200)
 }
 
-/// One HTTP/1.0 request to 127.0.0.1:`port`; the status and body, if any answer.
+/// One HTTP/1.0 request to 127.0.0.1:`port`.
 fn http(
     port: u16,
     method: &str,
@@ -410,26 +410,7 @@ fn http(
     token: Option<&str>,
     body: &str,
 ) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    crate::sh::http(&format!("127.0.0.1:{port}"), method, path, token, body)
 }
 
 /// The demo challenges every local cluster starts with.

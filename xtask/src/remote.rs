@@ -22,12 +22,14 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::sh::http;
 use crate::workspace_root;
 
 /// The inventory file: the cluster and its hosts.
@@ -548,10 +550,25 @@ impl Service {
 /// One file deploy keeps on a host.
 struct File {
     path: String,
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
     mode: u32,
     /// The services that restart when it changes.
     services: Vec<&'static str>,
+}
+
+/// Installed name, the bytes (none in the dry run), whether a change
+/// restarts the service.
+type Binary<'a> = (&'static str, Option<&'a Arc<[u8]>>, bool);
+
+/// What a controller or agent host gets besides the shared files.
+struct Daemon<'a> {
+    /// `controller` or `agent`: names its etcd user, config and binary.
+    role: &'static str,
+    password: &'a str,
+    config: String,
+    /// Installed name, local file (none in the dry run), restarts the service.
+    binaries: Vec<Binary<'a>>,
+    service: Service,
 }
 
 /// Everything one host gets.
@@ -563,10 +580,11 @@ struct HostPlan<'a> {
     services: Vec<Service>,
 }
 
+/// The binaries, read once (the same bytes go to every host).
 struct Built {
-    controller: PathBuf,
-    agent: PathBuf,
-    cli: PathBuf,
+    controller: Arc<[u8]>,
+    agent: Arc<[u8]>,
+    cli: Arc<[u8]>,
 }
 
 fn etcd_urls(inv: &Inventory, port: u16) -> Vec<String> {
@@ -602,8 +620,6 @@ fn plan_host<'a>(
             None => Ok(Vec::new()),
         }
     };
-    let read =
-        |p: &Path| -> Result<Vec<u8>> { std::fs::read(p).with_context(|| p.display().to_string()) };
     let mut files = Vec::new();
     let mut services = Vec::new();
     let etcd_clients = etcd_urls(inv, inv.ports.etcd_client);
@@ -617,7 +633,7 @@ fn plan_host<'a>(
     let all: Vec<&'static str> = vec!["tidegate-etcd", "tidegate-controller", "tidegate-agent"];
     files.push(File {
         path: ca.clone(),
-        bytes: read_pki("ca.pem")?,
+        bytes: read_pki("ca.pem")?.into(),
         mode: 0o644,
         services: all,
     });
@@ -635,7 +651,7 @@ fn plan_host<'a>(
         ] {
             files.push(File {
                 path: r(&format!("/etc/tidegate/pki/{to}")),
-                bytes: read_pki(&from)?,
+                bytes: read_pki(&from)?.into(),
                 mode,
                 services: vec![svc],
             });
@@ -647,7 +663,7 @@ fn plan_host<'a>(
         ] {
             files.push(File {
                 path: r(&format!("/etc/tidegate/pki/{to}")),
-                bytes: read_pki(from)?,
+                bytes: read_pki(from)?.into(),
                 mode,
                 services: vec![],
             });
@@ -695,7 +711,7 @@ log-outputs: [stderr]\n",
         );
         files.push(File {
             path: r("/etc/tidegate/etcd.yml"),
-            bytes: yml.into_bytes(),
+            bytes: yml.into_bytes().into(),
             mode: 0o644,
             services: vec![svc],
         });
@@ -717,12 +733,20 @@ log-outputs: [stderr]\n",
         });
     }
 
-    let client_files = |role: &str, password: &str, files: &mut Vec<File>| -> Result<()> {
-        let svc: &'static str = if role == "controller" {
-            "tidegate-controller"
-        } else {
-            "tidegate-agent"
-        };
+    let etcd_access = |role: &str| {
+        format!(
+            "etcd = [{}]\n\n[etcd_tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[etcd_auth]\nusername = \"tidegate-{role}\"\npassword_file = {:?}\n",
+            list(&etcd_clients),
+            ca,
+            r(&format!("/etc/tidegate/pki/etcd-{role}.pem")),
+            r(&format!("/etc/tidegate/pki/etcd-{role}-key.pem")),
+            r(&format!("/etc/tidegate/etcd-password-{role}")),
+        )
+    };
+    // A tidegate daemon: its etcd client certificate and password, its
+    // config, its binary and its service.
+    let mut daemon = |d: Daemon<'_>| -> Result<()> {
+        let (role, svc) = (d.role, d.service.name);
         for (from, to, mode) in [
             (
                 format!("client-tidegate-{role}.pem"),
@@ -737,45 +761,44 @@ log-outputs: [stderr]\n",
         ] {
             files.push(File {
                 path: r(&format!("/etc/tidegate/pki/{to}")),
-                bytes: read_pki(&from)?,
+                bytes: read_pki(&from)?.into(),
                 mode,
                 services: vec![svc],
             });
         }
         files.push(File {
             path: r(&format!("/etc/tidegate/etcd-password-{role}")),
-            bytes: format!("{password}\n").into_bytes(),
+            bytes: format!("{}\n", d.password).into_bytes().into(),
             mode: 0o640,
             services: vec![svc],
         });
+        files.push(File {
+            path: r(&format!("/etc/tidegate/{role}.toml")),
+            bytes: d.config.into_bytes().into(),
+            mode: 0o640,
+            services: vec![svc],
+        });
+        for (name, local, restarts) in d.binaries {
+            files.push(File {
+                path: r(&format!("/usr/local/bin/{name}")),
+                bytes: local.cloned().unwrap_or_else(|| Arc::from(Vec::new())),
+                mode: 0o755,
+                services: if restarts { vec![svc] } else { vec![] },
+            });
+        }
+        services.push(d.service);
         Ok(())
     };
-    let etcd_access = |role: &str| {
-        format!(
-            "etcd = [{}]\n\n[etcd_tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[etcd_auth]\nusername = \"tidegate-{role}\"\npassword_file = {:?}\n",
-            list(&etcd_clients),
-            ca,
-            r(&format!("/etc/tidegate/pki/etcd-{role}.pem")),
-            r(&format!("/etc/tidegate/pki/etcd-{role}-key.pem")),
-            r(&format!("/etc/tidegate/etcd-password-{role}")),
-        )
-    };
-    let binary = |name: &str, local: Option<&PathBuf>, svc: Vec<&'static str>| -> Result<File> {
-        Ok(File {
-            path: r(&format!("/usr/local/bin/{name}")),
-            bytes: match local {
-                Some(p) => read(p)?,
-                None => Vec::new(),
-            },
-            mode: 0o755,
-            services: svc,
-        })
+    let daemon_service = |role: &str| {
+        vec![
+            r(&format!("/usr/local/bin/tidegate-{role}")),
+            "--config".to_string(),
+            r(&format!("/etc/tidegate/{role}.toml")),
+        ]
     };
 
     if h.roles.contains(&Role::Controller) {
-        let svc = "tidegate-controller";
-        client_files("controller", &secrets.etcd_controller_password, &mut files)?;
-        let toml = format!(
+        let config = format!(
             "# Controller {name} of {cluster} (zone {zone}). Written by `cargo xtask deploy`;\n# every field: deploy/controller.toml.\n\
 id = {name:?}\n\
 listen = \"{addr}:{api}\"\n\
@@ -801,40 +824,31 @@ artifact_dir = {artifacts:?}\n\
             artifacts = inv.artifact_dir.display().to_string(),
             etcd = etcd_access("controller"),
         );
-        files.push(File {
-            path: r("/etc/tidegate/controller.toml"),
-            bytes: toml.into_bytes(),
-            mode: 0o640,
-            services: vec![svc],
-        });
-        files.push(binary(
-            "tidegate-controller",
-            built.map(|b| &b.controller),
-            vec![svc],
-        )?);
-        files.push(binary("tidegate", built.map(|b| &b.cli), vec![])?);
-        services.push(Service {
-            name: svc,
-            description: "tidegate controller (REST API and scheduler)",
-            exec: vec![
-                r("/usr/local/bin/tidegate-controller"),
-                "--config".into(),
-                r("/etc/tidegate/controller.toml"),
+        daemon(Daemon {
+            role: "controller",
+            password: &secrets.etcd_controller_password,
+            config,
+            binaries: vec![
+                ("tidegate-controller", built.map(|b| &b.controller), true),
+                ("tidegate", built.map(|b| &b.cli), false),
             ],
-            user: "tidegate",
-            groups: &[],
-            caps: &[],
-            writes: vec![inv.artifact_dir.display().to_string()],
-            env: vec![("TIDEGATE_LOG_FORMAT", "json")],
-            after: "tidegate-etcd.service",
-            notify: false,
-        });
+            service: Service {
+                name: "tidegate-controller",
+                description: "tidegate controller (REST API and scheduler)",
+                exec: daemon_service("controller"),
+                user: "tidegate",
+                groups: &[],
+                caps: &[],
+                writes: vec![inv.artifact_dir.display().to_string()],
+                env: vec![("TIDEGATE_LOG_FORMAT", "json")],
+                after: "tidegate-etcd.service",
+                notify: false,
+            },
+        })?;
     }
 
     if h.roles.contains(&Role::Agent) {
-        let svc = "tidegate-agent";
-        client_files("agent", &secrets.etcd_agent_password, &mut files)?;
-        let toml = format!(
+        let config = format!(
             "# Agent {name} of {cluster} (zone {zone}). Written by `cargo xtask deploy`;\n# every field: deploy/agent.toml.\n\
 worker_id = {name:?}\n\
 advertise_address = \"{ip}\"\n\
@@ -854,39 +868,30 @@ artifact_dir = {artifacts:?}\n\
             artifacts = inv.artifact_dir.display().to_string(),
             etcd = etcd_access("agent"),
         );
-        files.push(File {
-            path: r("/etc/tidegate/agent.toml"),
-            bytes: toml.into_bytes(),
-            mode: 0o640,
-            services: vec![svc],
-        });
-        files.push(binary(
-            "tidegate-agent",
-            built.map(|b| &b.agent),
-            vec![svc],
-        )?);
-        services.push(Service {
-            name: svc,
-            description: "tidegate agent (instances, HTTP proxy, eBPF TCP redirector)",
-            exec: vec![
-                r("/usr/local/bin/tidegate-agent"),
-                "--config".into(),
-                r("/etc/tidegate/agent.toml"),
-            ],
-            user: "tidegate",
-            groups: &["docker"],
-            caps: AGENT_CAPS,
-            writes: vec![inv.artifact_dir.display().to_string()],
-            env: vec![("TIDEGATE_LOG_FORMAT", "json")],
-            after: "docker.service tidegate-etcd.service",
-            notify: false,
-        });
+        daemon(Daemon {
+            role: "agent",
+            password: &secrets.etcd_agent_password,
+            config,
+            binaries: vec![("tidegate-agent", built.map(|b| &b.agent), true)],
+            service: Service {
+                name: "tidegate-agent",
+                description: "tidegate agent (instances, HTTP proxy, eBPF TCP redirector)",
+                exec: daemon_service("agent"),
+                user: "tidegate",
+                groups: &["docker"],
+                caps: AGENT_CAPS,
+                writes: vec![inv.artifact_dir.display().to_string()],
+                env: vec![("TIDEGATE_LOG_FORMAT", "json")],
+                after: "docker.service tidegate-etcd.service",
+                notify: false,
+            },
+        })?;
     }
     if inv.init == Init::Systemd {
         for s in &services {
             files.push(File {
                 path: r(&format!("/etc/systemd/system/{}.service", s.name)),
-                bytes: s.unit().into_bytes(),
+                bytes: s.unit().into_bytes().into(),
                 mode: 0o644,
                 services: vec![s.name],
             });
@@ -957,13 +962,19 @@ impl Remote<'_> {
 // ---------------------------------------------------------------- the run
 
 fn build(profile: &str) -> Result<Built> {
-    // TIDEGATE_PREBUILT: tests use the binaries the test build already made,
-    // next to this xtask binary.
-    let dir = if std::env::var_os("TIDEGATE_PREBUILT").is_some() {
-        std::env::current_exe()?
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
+    // TIDEGATE_PREBUILT: tests use binaries already built (a directory of
+    // them, or those next to this xtask binary).
+    let dir = if let Some(prebuilt) = std::env::var_os("TIDEGATE_PREBUILT") {
+        // A directory holding them, or (any other value) this binary's own.
+        let named = PathBuf::from(prebuilt);
+        if named.is_dir() {
+            named
+        } else {
+            std::env::current_exe()?
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        }
     } else {
         crate::sh::run(Command::new("cargo").current_dir(workspace_root()).args([
             "build",
@@ -977,12 +988,11 @@ fn build(profile: &str) -> Result<Built> {
         ]))?;
         crate::target_dir().join(if profile == "dev" { "debug" } else { profile })
     };
-    let find = |name: &str| -> Result<PathBuf> {
+    let find = |name: &str| -> Result<Arc<[u8]>> {
         let p = dir.join(name);
-        if !p.exists() {
-            bail!("{name} is not built at {}", p.display());
-        }
-        Ok(p)
+        let bytes =
+            std::fs::read(&p).with_context(|| format!("{name} is not built at {}", p.display()))?;
+        Ok(bytes.into())
     };
     Ok(Built {
         controller: find("tidegate-controller")?,
@@ -1423,37 +1433,6 @@ fn wait(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Result<()>
     bail!("not healthy after {limit:?}: {what}")
 }
 
-/// One HTTP/1.0 request; the status and body, if any answer.
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> Option<(u16, String)> {
-    use std::io::Read;
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
 fn down(inv: &Inventory, purge: bool) -> Result<()> {
     for role in [Role::Agent, Role::Controller, Role::Etcd] {
         let svc = match role {
@@ -1666,7 +1645,7 @@ roles = ["etcd", "agent"]
                     .find(|f| f.path == format!("/etc/systemd/system/{n}.service"))
                     .unwrap()
                     .bytes
-                    .clone(),
+                    .to_vec(),
             )
             .unwrap()
         };
@@ -1707,7 +1686,7 @@ roles = ["etcd", "agent"]
                 .find(|f| f.path == "/etc/tidegate/agent.toml")
                 .unwrap()
                 .bytes
-                .clone(),
+                .to_vec(),
         )
         .unwrap();
         assert!(toml.contains("etcd = [\"https://198.18.200.2:2379\", \"https://198.18.200.6:2379\", \"https://198.18.200.10:2379\"]"), "{toml}");
@@ -1763,7 +1742,7 @@ roles = ["etcd", "agent"]
             }
             let text = std::fs::read(&committed).unwrap_or_default();
             assert!(
-                text == f.bytes,
+                text[..] == f.bytes[..],
                 "{} differs from what deploy writes to {}; TIDEGATE_UPDATE_DEPLOY=1 cargo test -p xtask rewrites it",
                 committed.display(),
                 f.path

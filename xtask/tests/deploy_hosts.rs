@@ -34,7 +34,9 @@ fn deploy(inventory: &Path, args: &[&str]) -> (bool, String) {
     cmd.args(["deploy", "--inventory"]).arg(inventory);
     match std::env::var("TIDEGATE_DEPLOY_PROFILE") {
         Ok(profile) => cmd.args(["--profile", &profile]),
-        Err(_) => cmd.args(["--profile", "dev"]).env("TIDEGATE_PREBUILT", "1"),
+        Err(_) => cmd
+            .args(["--profile", "dev"])
+            .env("TIDEGATE_PREBUILT", prebuilt(inventory)),
     };
     let out = cmd.args(args).output().unwrap();
     let text = format!(
@@ -44,6 +46,21 @@ fn deploy(inventory: &Path, args: &[&str]) -> (bool, String) {
     );
     eprintln!("--- deploy {args:?} ---\n{text}");
     (out.status.success(), text)
+}
+
+/// A copy of the test build's daemons beside the inventory, made once: other
+/// tests may rebuild target/debug while this one runs, and a changed binary
+/// would make the no-op run copy it again.
+fn prebuilt(inventory: &Path) -> PathBuf {
+    let dir = inventory.with_file_name("bin");
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let built = Path::new(XTASK).parent().unwrap();
+        for name in ["tidegate-controller", "tidegate-agent", "tidegate"] {
+            std::fs::copy(built.join(name), dir.join(name)).unwrap();
+        }
+    }
+    dir
 }
 
 /// A test host with an sshd that lets the test's key in as root. The
