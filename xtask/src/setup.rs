@@ -35,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "dropbear-bin",
     "openssl",
     "chromium",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";

@@ -369,6 +369,34 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         3
     );
 
+    // The backup timer's snapshot works on a member, through its loopback
+    // listener with the root certificate (deploy/etcd/tidegate-etcd-backup.service).
+    let snapshot = dir.path().join("backup.db");
+    let root_pki = hosts[0].root.join("etc/tidegate/pki");
+    let saved = hosts[0]
+        .net
+        .command("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints=https://127.0.0.1:2379")
+        .arg(format!("--cacert={}", root_pki.join("ca.pem").display()))
+        .arg(format!(
+            "--cert={}",
+            root_pki.join("etcd-root.pem").display()
+        ))
+        .arg(format!(
+            "--key={}",
+            root_pki.join("etcd-root-key.pem").display()
+        ))
+        .args(["snapshot", "save"])
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    assert!(
+        saved.status.success() && snapshot.exists(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+
     // The demo instances answer through every host.
     let web = post(
         &api,
