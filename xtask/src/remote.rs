@@ -1189,37 +1189,67 @@ pub(crate) fn run(inventory: &Path, args: &RemoteArgs) -> Result<()> {
     }
 
     // 3. Services, in order: etcd everywhere, auth, controllers, agents.
-    let ensure = |svc: &str, tally: &mut Tally| -> Result<Vec<&Host>> {
-        let mut started = Vec::new();
-        for p in &plans {
-            let Some(s) = p.services.iter().find(|s| s.name == svc) else {
-                continue;
-            };
-            let r = Remote {
-                inv: &inv,
-                host: p.host,
-            };
-            let status = r.run(&status_script(inv.init, &p.root, svc), None)?;
-            let dirty = changed
-                .get(p.host.name.as_str())
-                .is_some_and(|c| c.contains(svc));
-            if status.trim() == "running" && !dirty {
-                tally.running += 1;
-                continue;
+    // A restart is rolling: the next host's service restarts only once this
+    // one's is back (`back`), so an upgrade never takes a whole tier down
+    // (etcd keeps quorum; the load balancer always has agents). Services
+    // that were not running start without waiting: a new etcd member cannot
+    // be healthy before the others start.
+    let ensure =
+        |svc: &str, tally: &mut Tally, back: &dyn Fn(&HostPlan) -> bool| -> Result<Vec<&Host>> {
+            let mut started = Vec::new();
+            for p in &plans {
+                let Some(s) = p.services.iter().find(|s| s.name == svc) else {
+                    continue;
+                };
+                let r = Remote {
+                    inv: &inv,
+                    host: p.host,
+                };
+                let status = r.run(&status_script(inv.init, &p.root, svc), None)?;
+                let dirty = changed
+                    .get(p.host.name.as_str())
+                    .is_some_and(|c| c.contains(svc));
+                if status.trim() == "running" && !dirty {
+                    tally.running += 1;
+                    continue;
+                }
+                let why = if status.trim() == "running" {
+                    "restarted (its files changed)"
+                } else {
+                    "started"
+                };
+                r.run(&start_script(inv.init, &p.root, s), None)?;
+                println!("host {:<12} {svc} {why}", p.host.name);
+                if status.trim() == "running" {
+                    wait(
+                        &format!("host {} {svc} back", p.host.name),
+                        Duration::from_secs(60),
+                        || back(p),
+                    )?;
+                }
+                tally.started += 1;
+                started.push(p.host);
             }
-            let why = if status.trim() == "running" {
-                "restarted (its files changed)"
-            } else {
-                "started"
-            };
-            r.run(&start_script(inv.init, &p.root, s), None)?;
-            println!("host {:<12} {svc} {why}", p.host.name);
-            tally.started += 1;
-            started.push(p.host);
+            Ok(started)
+        };
+    ensure("tidegate-etcd", &mut tally, &|p| {
+        let member = format!(
+            "https://{}:{}",
+            url_host(p.host.address),
+            inv.ports.etcd_client
+        );
+        let one = etcdctl_prefix(&inv, &p.root).replacen(
+            &etcd_urls(&inv, inv.ports.etcd_client).join(","),
+            &member,
+            1,
+        );
+        Remote {
+            inv: &inv,
+            host: p.host,
         }
-        Ok(started)
-    };
-    ensure("tidegate-etcd", &mut tally)?;
+        .run(&format!("{one} endpoint health"), None)
+        .is_ok()
+    })?;
     let first_etcd = inv.with_role(Role::Etcd)[0];
     let etcd_root = plans
         .iter()
@@ -1242,46 +1272,53 @@ pub(crate) fn run(inventory: &Path, args: &RemoteArgs) -> Result<()> {
     if etcd_auth(&inv, first_etcd, &etcdctl, &secrets, &state)? {
         tally.other += 1;
     }
-    ensure("tidegate-controller", &mut tally)?;
-    let api = inv
+    let api_of = |h: &Host| format!("{}:{}", url_host(h.address), inv.ports.api);
+    let status_ok = |addr: &str| {
+        http(addr, "GET", "/v1/status", Some(&secrets.admin_token), "")
+            .is_some_and(|(s, body)| s == 200 && body.contains("\"leader\":{"))
+    };
+    ensure("tidegate-controller", &mut tally, &|p| {
+        status_ok(&api_of(p.host))
+    })?;
+    let api: Vec<String> = inv
         .with_role(Role::Controller)
-        .iter()
-        .map(|h| format!("{}:{}", url_host(h.address), inv.ports.api))
-        .collect::<Vec<_>>();
+        .into_iter()
+        .map(api_of)
+        .collect();
     wait(
         "controllers: answering, a scheduler elected",
         Duration::from_secs(60),
-        || {
-            api.iter().all(|a| {
-                http(a, "GET", "/v1/status", Some(&secrets.admin_token), "")
-                    .is_some_and(|(s, body)| s == 200 && body.contains("\"leader\":{"))
-            })
-        },
+        || api.iter().all(|a| status_ok(a)),
     )?;
-    ensure("tidegate-agent", &mut tally)?;
-    let agents: Vec<String> = inv
+    let registered = |workers: &[&str]| {
+        http(
+            &api[0],
+            "GET",
+            "/v1/workers",
+            Some(&secrets.admin_token),
+            "",
+        )
+        .is_some_and(|(s, body)| {
+            s == 200
+                && workers
+                    .iter()
+                    .all(|w| body.contains(&format!("\"id\":\"{w}\"")))
+        })
+    };
+    ensure("tidegate-agent", &mut tally, &|p| {
+        let metrics = format!("{}:{}", url_host(p.host.address), inv.ports.metrics);
+        http(&metrics, "GET", "/metrics", None, "").is_some_and(|(s, _)| s == 200)
+            && registered(&[p.host.name.as_str()])
+    })?;
+    let agents: Vec<&str> = inv
         .with_role(Role::Agent)
         .iter()
-        .map(|h| h.name.clone())
+        .map(|h| h.name.as_str())
         .collect();
     wait(
         "agents: every worker registered",
         Duration::from_secs(60),
-        || {
-            http(
-                &api[0],
-                "GET",
-                "/v1/workers",
-                Some(&secrets.admin_token),
-                "",
-            )
-            .is_some_and(|(s, body)| {
-                s == 200
-                    && agents
-                        .iter()
-                        .all(|a| body.contains(&format!("\"id\":\"{a}\"")))
-            })
-        },
+        || registered(&agents),
     )?;
     if inv.demo {
         tally.other += demo(&inv, &api[0], &secrets)?;

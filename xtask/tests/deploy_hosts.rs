@@ -475,18 +475,33 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         .collect();
     assert_eq!(before, after, "the second run restarted something");
 
-    // Changing one host's config restarts exactly that service.
-    let agent_toml = hosts[2].root.join("etc/tidegate/agent.toml");
-    let mut text = std::fs::read_to_string(&agent_toml).unwrap();
-    text.push_str("# edited by hand\n");
-    std::fs::write(&agent_toml, text).unwrap();
+    // Changed configs restart exactly those services, one host after the
+    // other: the next restarts only once the previous is back.
+    for h in &hosts[1..] {
+        let agent_toml = h.root.join("etc/tidegate/agent.toml");
+        let mut text = std::fs::read_to_string(&agent_toml).unwrap();
+        text.push_str("# edited by hand\n");
+        std::fs::write(&agent_toml, text).unwrap();
+    }
     let (ok, out) = deploy(&inv, &[]);
     assert!(ok, "{out}");
-    assert!(out.contains(": 1 file(s) written"), "{out}");
-    assert!(
-        out.contains("tidegate-agent restarted (its files changed)"),
-        "{out}"
-    );
+    assert!(out.contains(": 2 file(s) written"), "{out}");
+    let steps: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("tidegate-agent restarted") || l.contains("tidegate-agent back"))
+        .collect();
+    let (b, c) = (&hosts[1].name, &hosts[2].name);
+    assert_eq!(steps.len(), 4, "{out}");
+    for (line, (host, what)) in
+        steps
+            .iter()
+            .zip([(b, "restarted"), (b, "back"), (c, "restarted"), (c, "back")])
+    {
+        assert!(
+            line.contains(host.as_str()) && line.contains(what),
+            "{line:?} in:\n{out}"
+        );
+    }
     let again: Vec<Option<u32>> = hosts
         .iter()
         .flat_map(|h| SERVICES.map(|s| service_pid(h, s)))
@@ -496,8 +511,8 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         .collect();
     assert_eq!(
         moved,
-        [8],
-        "only host c's agent should restart: {before:?} → {again:?}"
+        [5, 8],
+        "only the agents of b and c should restart: {before:?} → {again:?}"
     );
 
     // Down and purge: nothing runs, nothing is left in the hosts' roots.
