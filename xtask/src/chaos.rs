@@ -134,18 +134,6 @@ fn build_planted(root: &Path, dir: &Path, plant: &Plant) -> Result<PathBuf> {
     std::fs::write(&path, text.replacen(plant.old, plant.new, 1))?;
     println!("== planted {:?} in {}", plant.name, plant.file);
     let planted_target = dir.join("target");
-    sh::run(
-        Command::new("cargo")
-            .current_dir(&src)
-            .env("CARGO_TARGET_DIR", &planted_target)
-            .args([
-                "build",
-                "-p",
-                "tidegate-controller",
-                "-p",
-                "tidegate-agent",
-                "--bins",
-            ]),
-    )?;
+    sh::run(sh::build_daemons(&src).env("CARGO_TARGET_DIR", &planted_target))?;
     Ok(planted_target.join("debug"))
 }

@@ -262,15 +262,7 @@ fn build_daemons() -> Result<Daemons> {
     // TIDEGATE_PREBUILT: tests use the binaries the test build already made
     // (a second build with other features would replace them under running tests).
     if std::env::var_os("TIDEGATE_PREBUILT").is_none() {
-        crate::sh::run(Command::new("cargo").current_dir(workspace_root()).args([
-            "build",
-            "--quiet",
-            "-p",
-            "tidegate-controller",
-            "-p",
-            "tidegate-agent",
-            "--bins",
-        ]))?;
+        crate::sh::run(crate::sh::build_daemons(&workspace_root()).arg("--quiet"))?;
     }
     // The daemons land next to this xtask binary (same target dir and profile).
     let exe = std::env::current_exe()?;

@@ -30,7 +30,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::sh::http;
-use crate::workspace_root;
 
 /// The inventory file: the cluster and its hosts.
 #[derive(Debug, Deserialize)]
@@ -301,6 +300,20 @@ struct Secrets {
     etcd_agent_password: String,
 }
 
+impl Secrets {
+    /// What the dry run and tests render configs with.
+    fn placeholders() -> Self {
+        Self {
+            admin_token: "<admin token>".into(),
+            platform_token: "<platform token>".into(),
+            flag_secret: "<flag secret>".into(),
+            etcd_root_password: "<password>".into(),
+            etcd_controller_password: "<password>".into(),
+            etcd_agent_password: "<password>".into(),
+        }
+    }
+}
+
 fn random_secret() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -398,26 +411,7 @@ fn pki(dir: &Path, inv: &Inventory) -> Result<PathBuf> {
         openssl(&args, &pki)?;
         println!("made the etcd CA: {}", pki.join("ca.pem").display());
     }
-    let mut certs: Vec<(String, String, &str)> = inv
-        .with_role(Role::Etcd)
-        .iter()
-        .map(|h| {
-            // 127.0.0.1 too: etcdctl on the member (backups) uses loopback.
-            let san = format!(
-                "subjectAltName=DNS:{},DNS:localhost,IP:{},IP:127.0.0.1",
-                h.name, h.address
-            );
-            (format!("member-{}", h.name), san, "serverAuth,clientAuth")
-        })
-        .collect();
-    for user in ["root", "tidegate-controller", "tidegate-agent"] {
-        certs.push((
-            format!("client-{user}"),
-            format!("subjectAltName=DNS:{user}"),
-            "clientAuth",
-        ));
-    }
-    for (name, san, usage) in certs {
+    for (name, san, usage) in certificates(inv) {
         if pki.join(format!("{name}.pem")).exists() {
             continue;
         }
@@ -463,6 +457,31 @@ fn pki(dir: &Path, inv: &Inventory) -> Result<PathBuf> {
         )?;
     }
     Ok(pki)
+}
+
+/// The certificates besides the CA: `(file stem, SANs, extended key usage)`.
+/// One per etcd member (server and peer), one per etcd user (client).
+fn certificates(inv: &Inventory) -> Vec<(String, String, &'static str)> {
+    let mut certs: Vec<(String, String, &'static str)> = inv
+        .with_role(Role::Etcd)
+        .iter()
+        .map(|h| {
+            // 127.0.0.1 too: etcdctl on the member (backups) uses loopback.
+            let san = format!(
+                "subjectAltName=DNS:{},DNS:localhost,IP:{},IP:127.0.0.1",
+                h.name, h.address
+            );
+            (format!("member-{}", h.name), san, "serverAuth,clientAuth")
+        })
+        .collect();
+    for user in ["root", "tidegate-controller", "tidegate-agent"] {
+        certs.push((
+            format!("client-{user}"),
+            format!("subjectAltName=DNS:{user}"),
+            "clientAuth",
+        ));
+    }
+    certs
 }
 
 // ---------------------------------------------------------------- services
@@ -980,16 +999,9 @@ fn build(profile: &str) -> Result<Built> {
                 .unwrap_or_default()
         }
     } else {
-        crate::sh::run(Command::new("cargo").current_dir(workspace_root()).args([
-            "build",
-            "--profile",
-            profile,
-            "-p",
-            "tidegate-controller",
-            "-p",
-            "tidegate-agent",
-            "--bins",
-        ]))?;
+        crate::sh::run(
+            crate::sh::build_daemons(&crate::workspace_root()).args(["--profile", profile]),
+        )?;
         crate::target_dir().join(if profile == "dev" { "debug" } else { profile })
     };
     let find = |name: &str| -> Result<Arc<[u8]>> {
@@ -1541,14 +1553,7 @@ fn dry_run(inv: &Inventory, state: &Path, args: &RemoteArgs) -> Result<()> {
         state.join("secrets.toml").display(),
         state.join("pki").display()
     );
-    let fake = Secrets {
-        admin_token: "<admin token>".into(),
-        platform_token: "<platform token>".into(),
-        flag_secret: "<flag secret>".into(),
-        etcd_root_password: String::new(),
-        etcd_controller_password: String::new(),
-        etcd_agent_password: String::new(),
-    };
+    let fake = Secrets::placeholders();
     for h in &inv.hosts {
         let roles: Vec<String> = h
             .roles
@@ -1628,6 +1633,18 @@ zone = "z3"
 roles = ["etcd", "agent"]
 "#;
 
+    /// Empty files for every certificate and key the plan reads.
+    fn fake_pki(inv: &Inventory) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "").unwrap();
+        for (name, _, _) in certificates(inv) {
+            for file in [format!("{name}.pem"), format!("{name}-key.pem")] {
+                std::fs::write(dir.path().join(file), "").unwrap();
+            }
+        }
+        dir
+    }
+
     fn inventory(text: &str) -> Result<Inventory> {
         let inv: Inventory = toml::from_str(text)?;
         inv.validate()?;
@@ -1656,28 +1673,7 @@ roles = ["etcd", "agent"]
     #[test]
     fn units_keep_only_the_agents_capabilities() {
         let inv = inventory(INVENTORY).unwrap();
-        let secrets = Secrets {
-            admin_token: "a".into(),
-            platform_token: "p".into(),
-            flag_secret: "f".into(),
-            etcd_root_password: "r".into(),
-            etcd_controller_password: "c".into(),
-            etcd_agent_password: "g".into(),
-        };
-        let dir = tempfile::tempdir().unwrap();
-        for name in [
-            "ca.pem",
-            "member-a.pem",
-            "member-a-key.pem",
-            "client-root.pem",
-            "client-root-key.pem",
-            "client-tidegate-controller.pem",
-            "client-tidegate-controller-key.pem",
-            "client-tidegate-agent.pem",
-            "client-tidegate-agent-key.pem",
-        ] {
-            std::fs::write(dir.path().join(name), name).unwrap();
-        }
+        let (secrets, dir) = (Secrets::placeholders(), fake_pki(&inv));
         let plan = plan_host(&inv, &inv.hosts[0], &secrets, Some(dir.path()), None).unwrap();
         let unit = |n: &str| {
             String::from_utf8(
@@ -1742,30 +1738,9 @@ roles = ["etcd", "agent"]
     /// `TIDEGATE_UPDATE_DEPLOY=1 cargo test -p xtask` rewrites them.
     #[test]
     fn the_files_in_deploy_are_what_deploy_writes() {
-        let deploy = workspace_root().join("deploy");
+        let deploy = crate::workspace_root().join("deploy");
         let inv = Inventory::load(&deploy.join("inventory.example.toml")).unwrap();
-        let pki = tempfile::tempdir().unwrap();
-        for name in [
-            "ca.pem",
-            "member-node-a.pem",
-            "member-node-a-key.pem",
-            "client-root.pem",
-            "client-root-key.pem",
-            "client-tidegate-controller.pem",
-            "client-tidegate-controller-key.pem",
-            "client-tidegate-agent.pem",
-            "client-tidegate-agent-key.pem",
-        ] {
-            std::fs::write(pki.path().join(name), "").unwrap();
-        }
-        let secrets = Secrets {
-            admin_token: String::new(),
-            platform_token: String::new(),
-            flag_secret: String::new(),
-            etcd_root_password: String::new(),
-            etcd_controller_password: String::new(),
-            etcd_agent_password: String::new(),
-        };
+        let (secrets, pki) = (Secrets::placeholders(), fake_pki(&inv));
         let plan = plan_host(&inv, &inv.hosts[0], &secrets, Some(pki.path()), None).unwrap();
         let update = std::env::var_os("TIDEGATE_UPDATE_DEPLOY").is_some();
         let mut compared = 0;
@@ -1797,7 +1772,7 @@ roles = ["etcd", "agent"]
     /// binaries not being installed on this machine.
     #[test]
     fn systemd_accepts_the_units() {
-        let deploy = workspace_root().join("deploy");
+        let deploy = crate::workspace_root().join("deploy");
         let out = Command::new("systemd-analyze")
             .arg("verify")
             .args(
@@ -1822,7 +1797,7 @@ roles = ["etcd", "agent"]
 
     #[test]
     fn the_example_load_balancer_config_is_valid() {
-        let cfg = workspace_root().join("deploy/haproxy.example.cfg");
+        let cfg = crate::workspace_root().join("deploy/haproxy.example.cfg");
         let out = Command::new("haproxy")
             .arg("-c")
             .arg("-f")

@@ -18,6 +18,22 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo build` of the controller and agent packages' binaries (the
+/// daemons and the `tidegate` CLI; the agent embeds the eBPF object) of the
+/// workspace at `dir`; callers add flags or environment.
+pub(crate) fn build_daemons(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(dir).args([
+        "build",
+        "-p",
+        "tidegate-controller",
+        "-p",
+        "tidegate-agent",
+        "--bins",
+    ]);
+    cmd
+}
+
 /// Runs `cmd` quietly and returns its stdout when it exits 0.
 pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;

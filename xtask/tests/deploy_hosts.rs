@@ -211,6 +211,17 @@ fn echo(addr: std::net::SocketAddr) -> bool {
     BufReader::new(s).read_line(&mut line).is_ok() && line == "hello tidegate\n"
 }
 
+/// `cmd` (an etcdctl) against `endpoint` with `dir`'s ca.pem and the given
+/// client certificate and key from `dir`.
+fn etcdctl(mut cmd: Command, endpoint: &str, dir: &Path, (cert, key): (&str, &str)) -> Command {
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg(format!("--cacert={}", dir.join("ca.pem").display()))
+        .arg(format!("--cert={}", dir.join(cert).display()))
+        .arg(format!("--key={}", dir.join(key).display()));
+    cmd
+}
+
 fn eventually(secs: u64, mut ok: impl FnMut() -> bool) -> bool {
     (0..secs * 4).any(|_| {
         if ok() {
@@ -334,21 +345,15 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         .unwrap();
     assert!(!plain.status.success(), "etcd answered plain HTTP");
     let as_agent = |args: &[&str]| {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={etcd0}"))
-            .arg(format!("--cacert={}", pki.join("ca.pem").display()))
-            .arg(format!(
-                "--cert={}",
-                pki.join("client-tidegate-agent.pem").display()
-            ))
-            .arg(format!(
-                "--key={}",
-                pki.join("client-tidegate-agent-key.pem").display()
-            ))
-            .args(args)
-            .output()
-            .unwrap()
+        etcdctl(
+            Command::new("etcdctl"),
+            &etcd0,
+            &pki,
+            ("client-tidegate-agent.pem", "client-tidegate-agent-key.pem"),
+        )
+        .args(args)
+        .output()
+        .unwrap()
     };
     let denied = as_agent(&["user", "list"]);
     assert!(
@@ -373,24 +378,16 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
     // listener with the root certificate (deploy/etcd/tidegate-etcd-backup.service).
     let snapshot = dir.path().join("backup.db");
     let root_pki = hosts[0].root.join("etc/tidegate/pki");
-    let saved = hosts[0]
-        .net
-        .command("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints=https://127.0.0.1:2379")
-        .arg(format!("--cacert={}", root_pki.join("ca.pem").display()))
-        .arg(format!(
-            "--cert={}",
-            root_pki.join("etcd-root.pem").display()
-        ))
-        .arg(format!(
-            "--key={}",
-            root_pki.join("etcd-root-key.pem").display()
-        ))
-        .args(["snapshot", "save"])
-        .arg(&snapshot)
-        .output()
-        .unwrap();
+    let saved = etcdctl(
+        hosts[0].net.command("etcdctl"),
+        "https://127.0.0.1:2379",
+        &root_pki,
+        ("etcd-root.pem", "etcd-root-key.pem"),
+    )
+    .args(["snapshot", "save"])
+    .arg(&snapshot)
+    .output()
+    .unwrap();
     assert!(
         saved.status.success() && snapshot.exists(),
         "{}",

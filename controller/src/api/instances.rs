@@ -119,7 +119,8 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::MaxLifetime { .. } => "max_lifetime",
             LifecycleError::TooEarly { .. } => "too_early",
             LifecycleError::Conflict(_) => "conflict",
-            _ => "other",
+            LifecycleError::NotFound(_) => "not_found",
+            _ => "corrupt_record",
         };
         ApiError::new(status, e.to_string()).reason(reason)
     }
