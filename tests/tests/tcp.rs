@@ -147,10 +147,21 @@ async fn suite(p: &Plane, path: Path, ebpf: bool) {
             Err(e) => *failures.entry(e.to_string()).or_insert(0) += 1,
         }
     }
-    assert_eq!(
-        good, 1000,
-        "of 1,000 concurrent connections only {good} echoed correctly: {failures:?}"
-    );
+    if good != 1000 {
+        let mut why = String::new();
+        for (name, agent) in [("a", &p.a), ("b", &p.b)] {
+            for stage in ["not_ready", "connect", "transfer"] {
+                let series = format!("tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}}");
+                why += &format!(" {name}:{stage}={:?}", agent.metric(&series).await);
+            }
+        }
+        panic!(
+            "of 1,000 concurrent connections only {good} echoed correctly: {failures:?}; agents' failed connections:{why}"
+        );
+    }
+    let failed =
+        |stage: &str| format!("tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}}");
+    let transfer_failures = both(p, &failed("transfer")).await;
 
     // Resets: 50 clients abort mid-stream (RST); the agents let go of them.
     for i in 0..50 {
@@ -164,6 +175,13 @@ async fn suite(p: &Plane, path: Path, ebpf: bool) {
     let active = format!("tidegate_tcp_active_connections{{instance=\"{id}\"}}");
     let idle = eventually(20, || async { both(p, &active).await == 0.0 }).await;
     assert!(idle, "connections left open: {}", both(p, &active).await);
+    // Each agent that accepted a reset client counts it (b's forwarded half
+    // may be counted by a too).
+    let resets = both(p, &failed("transfer")).await - transfer_failures;
+    assert!(
+        resets >= 50.0,
+        "transfer failures counted for 50 resets: {resets}"
+    );
     let counted = both(
         p,
         &format!("tidegate_tcp_connections_total{{instance=\"{id}\"}}"),

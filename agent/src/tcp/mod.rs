@@ -23,7 +23,7 @@ pub mod splice;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -36,7 +36,9 @@ use crate::routes::{SharedRoutes, Target};
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// How long connecting to an instance (or its owning agent) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Covers three lost SYNs (resent after 1, 3 and 7 s): a challenge whose
+/// small accept queue overflows under a burst still gets the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How connections reach the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
@@ -88,6 +90,18 @@ pub struct TcpPlane {
     opts: TcpOptions,
     data_path: DataPath,
     redirector: Option<Arc<ebpf::Redirector>>,
+    failures: Arc<Failures>,
+}
+
+/// Accepted connections that ended without being served, or in an error.
+#[derive(Debug, Default)]
+struct Failures {
+    /// The port has no route any more, or its instance is not ready.
+    not_ready: AtomicU64,
+    /// Connecting to the instance (or its owning agent) failed or timed out.
+    connect: AtomicU64,
+    /// Moving bytes failed: a reset or an error on either side.
+    transfer: AtomicU64,
 }
 
 impl TcpPlane {
@@ -120,6 +134,7 @@ impl TcpPlane {
             opts,
             data_path,
             redirector,
+            failures: Arc::default(),
         })
     }
 
@@ -137,6 +152,7 @@ impl TcpPlane {
             data_path: self.data_path,
             pipe_bytes: self.opts.pipe_bytes,
             redirector: self.redirector.clone(),
+            failures: self.failures.clone(),
         });
         match &self.redirector {
             Some(r) => {
@@ -164,6 +180,22 @@ impl TcpPlane {
             "# HELP tidegate_tcp_data_path_info The TCP data path in use.\n# TYPE tidegate_tcp_data_path_info gauge\ntidegate_tcp_data_path_info{{path=\"{}\"}} 1",
             self.data_path
         );
+        let f = &self.failures;
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_tcp_failed_connections_total Accepted connections not served (no route or instance not ready; connecting to the instance failed) or ended in an error (transfer).\n# TYPE tidegate_tcp_failed_connections_total counter"
+        );
+        for (stage, n) in [
+            ("not_ready", &f.not_ready),
+            ("connect", &f.connect),
+            ("transfer", &f.transfer),
+        ] {
+            let _ = writeln!(
+                out,
+                "tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         if let Some(r) = &self.redirector {
             let _ = writeln!(
                 out,
@@ -204,6 +236,7 @@ pub struct Relay {
     data_path: DataPath,
     pipe_bytes: usize,
     redirector: Option<Arc<ebpf::Redirector>>,
+    failures: Arc<Failures>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -229,12 +262,14 @@ impl Relay {
         port: u16,
     ) -> std::io::Result<()> {
         let Some(route) = self.routes.load().by_port.get(&port).cloned() else {
+            self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
         let upstream = match &route.target {
             Target::Local(a) => *a,
             Target::Remote(a) => *a,
             Target::NotReady(why) => {
+                self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(port, %peer, why = %why, "TCP connection to an instance that is not ready");
                 return Ok(());
             }
@@ -251,11 +286,23 @@ impl Relay {
             tracing::info!(port, %peer, %reason, "connection refused by policy");
             return Ok(());
         }
-        let server = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(upstream))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
+        let server = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(upstream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.failures.connect.fetch_add(1, Ordering::Relaxed);
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("connecting to {upstream}: {e}"),
+                ));
+            }
+            Err(_) => {
+                self.failures.connect.fetch_add(1, Ordering::Relaxed);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {upstream} timed out after {CONNECT_TIMEOUT:?}"),
+                ));
+            }
+        };
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         let stats = &route.stats;
@@ -271,6 +318,9 @@ impl Relay {
         };
         stats.tcp_active.fetch_sub(1, Ordering::Relaxed);
         stats.touch();
+        if moved.is_err() {
+            self.failures.transfer.fetch_add(1, Ordering::Relaxed);
+        }
         moved
     }
 
