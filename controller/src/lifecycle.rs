@@ -112,11 +112,6 @@ pub async fn renew(
 
     let instance_key = ks.key(&Key::Instance(rec.id.clone()));
     let endpoint_key = ks.key(&Key::Endpoint(rec.id.clone()));
-    let endpoint = client.get(endpoint_key.as_str(), None).await?;
-    let endpoint = endpoint
-        .kvs()
-        .first()
-        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
 
     let lease = client
         .lease_grant(expires_at.saturating_sub(now).max(1) as i64, None)
@@ -132,18 +127,26 @@ pub async fn renew(
             current.mod_revision,
         ),
     ];
-    let mut ops = vec![TxnOp::put(instance_key.as_str(), record.encode(), opts())];
-    match &endpoint {
-        Some((value, rev)) => {
-            compares.push(Compare::mod_revision(
-                endpoint_key.as_str(),
-                CompareOp::Equal,
-                *rev,
-            ));
-            ops.push(TxnOp::put(endpoint_key.as_str(), value.clone(), opts()));
-        }
-        None => compares.push(Compare::version(endpoint_key.as_str(), CompareOp::Equal, 0)),
-    }
+    // The owning agent writes the endpoint (its container's status)
+    // whenever that changes, so its value and revision are not compared:
+    // the endpoint moves to the new lease with whatever value it has when
+    // the Txn commits (or is not there yet: the agent writes it on the new
+    // lease once its watch shows the renewal).
+    let move_endpoint = Txn::new()
+        .when([Compare::version(
+            endpoint_key.as_str(),
+            CompareOp::Greater,
+            0,
+        )])
+        .and_then([TxnOp::put(
+            endpoint_key.as_str(),
+            "",
+            Some(PutOptions::new().with_lease(lease).with_ignore_value()),
+        )]);
+    let mut ops = vec![
+        TxnOp::put(instance_key.as_str(), record.encode(), opts()),
+        TxnOp::txn(move_endpoint),
+    ];
     let mut claims: Vec<String> = rec
         .http
         .iter()

@@ -238,6 +238,47 @@ async fn challenges_auth_and_bad_inputs_write_nothing() {
     assert!(doc["paths"]["/v1/instances"]["post"].is_object());
 }
 
+/// Several renewals of one instance at once (a player double-clicking
+/// "extend", or a platform retrying): the one that commits extends it; the
+/// others are decided again on the renewed record, so they are told it is
+/// too early instead of "changed while renewing; try again".
+#[tokio::test]
+async fn concurrent_renewals_are_decided_again_not_refused_as_conflicts() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controller::start(&etcd, "c1", dir.path()).await;
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    register_worker(&client, "worker-a", 10).await;
+    let spec = json!({"image": "x", "ports": [{"name": "web", "port": 80, "protocol": "http"}],
+        "ttl": {"default_secs": 30, "max_secs": 600, "max_renewals": 50}});
+    assert_eq!(c.put_challenge("web", spec).await.0, StatusCode::CREATED);
+    assert!(
+        eventually(5, || async {
+            c.call(Method::GET, "/v1/workers", None, None).await.1["workers"][0]["id"] == "worker-a"
+        })
+        .await
+    );
+    let (s, inst) = c.spawn("web", "team-1").await;
+    assert_eq!(s, StatusCode::CREATED, "{inst}");
+    let path = format!("/v1/instances/{}/renew", inst["id"].as_str().unwrap());
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let answers =
+            futures::future::join_all((0..6).map(|_| c.call(Method::POST, &path, None, None)))
+                .await;
+        let ok = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+        assert!(ok >= 1, "round {round}: no renewal committed: {answers:?}");
+        for (s, body) in &answers {
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(
+                *s == StatusCode::OK
+                    || (*s == StatusCode::CONFLICT && error.contains("would not extend")),
+                "round {round}: {s} {body}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn instance_lifecycle_spawn_get_flag_renew_delete() {
     let etcd = EtcdCluster::start(1).unwrap();

@@ -294,6 +294,98 @@ async fn a_delete_racing_a_renewal_still_deletes() {
     println!("renewal committed before the delete in {renewed_first} of 20 races");
 }
 
+/// The owning agent writes the endpoint (its container's status) when that
+/// changes: once the container runs, again on every restart. Renewals
+/// racing those writes all commit, and the endpoint moves to each new lease
+/// with the agent's newest value. (Before, a renewal compared the
+/// endpoint's revision between its read and its Txn and answered 409.)
+#[tokio::test]
+async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_status() {
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(1, "web", web_spec()).await;
+    let (key, token, _) = campaign(&mut client, &ks, 30).await;
+    let p = plan(&ks, challenge, &key, token, "team-1");
+    let s = spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
+    let id = s.record.id.clone();
+    let endpoint_key = ks.key(&tidegate_schema::Key::Endpoint(id.clone()));
+    let instance_key = ks.key(&tidegate_schema::Key::Instance(id.clone()));
+    let mut expires_at = s.record.expires_at;
+    let mut renew = async |client: &Client| {
+        let current = lifecycle::get(client, &ks, &id).await.unwrap();
+        expires_at += 60;
+        lifecycle::renew(
+            client,
+            &ks,
+            (&key, token),
+            &current,
+            expires_at,
+            s.record.created_at,
+        )
+        .await
+    };
+
+    // No endpoint yet (the container is starting): none is made up.
+    renew(&client).await.unwrap();
+    assert_eq!(count(&mut client, &endpoint_key).await, 0);
+
+    // The agent's writer, as in reconcile.rs: only on the lease the
+    // instance is on; when that moved, it reads the new one and writes again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (mut client, stop) = (client.clone(), stop.clone());
+        let (endpoint_key, instance_key) = (endpoint_key.clone(), instance_key.clone());
+        tokio::spawn(async move {
+            let mut written = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = client.get(instance_key.as_str(), None).await.unwrap();
+                let lease = got.kvs()[0].lease();
+                let txn = etcd_client::Txn::new()
+                    .when([etcd_client::Compare::lease(
+                        instance_key.as_str(),
+                        etcd_client::CompareOp::Equal,
+                        lease,
+                    )])
+                    .and_then([etcd_client::TxnOp::put(
+                        endpoint_key.as_str(),
+                        format!("status {}", written + 1),
+                        Some(etcd_client::PutOptions::new().with_lease(lease)),
+                    )]);
+                if client.txn(txn).await.unwrap().succeeded() {
+                    written += 1;
+                }
+            }
+            written
+        })
+    };
+    let mut conflicts = Vec::new();
+    for round in 0..40 {
+        if let Err(e) = renew(&client).await {
+            conflicts.push(format!("renewal {round}: {e}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written >= 40, "the writer wrote only {written} times");
+    assert!(conflicts.is_empty(), "{conflicts:?}");
+
+    let instance = client.get(instance_key.as_str(), None).await.unwrap();
+    let endpoint = client.get(endpoint_key.as_str(), None).await.unwrap();
+    assert_eq!(
+        endpoint.kvs()[0].lease(),
+        instance.kvs()[0].lease(),
+        "the endpoint is on the instance's lease"
+    );
+    assert_eq!(
+        endpoint.kvs()[0].value_str().unwrap(),
+        format!("status {written}"),
+        "the endpoint holds the agent's last write"
+    );
+}
+
 #[tokio::test]
 async fn a_fenced_scheduler_writes_nothing() {
     let Fixture {

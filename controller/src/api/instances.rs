@@ -399,6 +399,10 @@ pub(super) async fn get(State(app): AppState, _scope: Scope, Path(id): Path<Stri
     ))
 }
 
+/// How many times a renewal is decided and written before a conflict is
+/// the answer.
+const RENEW_ATTEMPTS: u32 = 4;
+
 pub(super) async fn renew(
     State(app): AppState,
     _scope: Scope,
@@ -406,8 +410,23 @@ pub(super) async fn renew(
 ) -> ApiResult {
     let id = parse_id(&id)?;
     let leader = leading(&app, &format!("/v1/instances/{id}/renew")).await?;
-    let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
-    let result = renew_current(&app, &leader, &current).await;
+    let mut attempt = 1;
+    let (current, result) = loop {
+        let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
+        let result = renew_current(&app, &leader, &current).await;
+        // The owning agent reports its container's status on the endpoint
+        // key (starting → running, restarts) whenever it changes; a
+        // renewal that read the instance before such a write fails its
+        // compare. Read it again and decide again rather than hand the
+        // player a 409 for the agent's bookkeeping.
+        match &result {
+            Err(e) if e.refusal() == Some("conflict") && attempt < RENEW_ATTEMPTS => {
+                tracing::debug!(instance = %id, attempt, "instance changed while renewing; again");
+                attempt += 1;
+            }
+            _ => break (current, result),
+        }
+    };
     if let Err(e) = &result {
         let r = &current.record;
         refused(

@@ -117,7 +117,7 @@ pub fn spec() -> Value {
                 "delete": op("Delete an instance (revokes its lease)", "any", &with(&[("204", "deleted"), ("404", "no such instance")]))
             },
             "/v1/instances/{id}/renew": { "post": op("Extend the lifetime per the challenge's ttl rules (and its policy's renew hook)", "any",
-                &with(&[("200", "instance with its new expires_at"), ("307", "this replica is a standby"), ("403", "refused by the challenge's policy"), ("404", "no such instance"), ("409", "max renewals or max lifetime reached")])) },
+                &with(&[("200", "instance with its new expires_at"), ("307", "this replica is a standby"), ("403", "refused by the challenge's policy"), ("404", "no such instance"), ("409", "max renewals or max lifetime reached, or too early to extend it")])) },
             "/v1/instances/{id}/flag": { "post": with_body(op("Check a flag (constant-time)", "any", &with(&[("200", "{\"correct\": bool}"), ("404", "no such instance")])), "FlagRequest") },
             "/v1/dashboard": { "get": op("What the organizer dashboard (GET /dashboard, an HTML page) shows: this replica, the leader, workers (registered or absent), live instances, this replica's recent refusals, policies in force", "admin", &with(&[("200", "dashboard data"), ("403", "needs admin")])) }
         }
