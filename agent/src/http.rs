@@ -48,6 +48,10 @@ pub struct Ctx {
 pub struct EdgeProxy {
     pub routes: SharedRoutes,
     pub me: String,
+    /// This agent's registered address, when it is one of this host's:
+    /// requests forwarded to other agents come from it, so the owner knows
+    /// the edge agent already asked the policy.
+    pub forward_from: Option<std::net::IpAddr>,
     pub limits: HttpLimits,
     pub policy: Arc<dyn EdgePolicy>,
 }
@@ -174,7 +178,14 @@ impl ProxyHttp for EdgeProxy {
             .await?;
             return Ok(true);
         };
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let hop = session.req_header().headers.get(HOP_HEADER).is_some();
+        // Forwarded by an agent (a player cannot send from an agent's
+        // address): the edge agent asked the policy with the player's address.
+        let forwarded = hop && client.is_some_and(|ip| table.agents.contains(&ip));
         match &route.target {
             Target::NotReady(why) => {
                 let msg = format!("instance {} is not running: {why}", route.instance);
@@ -193,10 +204,6 @@ impl ProxyHttp for EdgeProxy {
             }
             _ => {}
         }
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let conn = Connection {
             instance: route.instance.as_str(),
             team: &route.team,
@@ -205,7 +212,7 @@ impl ProxyHttp for EdgeProxy {
             protocol: "http",
             host: host.as_str(),
         };
-        if let Verdict::Reject(reason) = self.policy.admit(&conn) {
+        if !forwarded && let Verdict::Reject(reason) = self.policy.admit(&conn) {
             answer(session, 403, &reason, None).await?;
             return Ok(true);
         }
@@ -243,6 +250,14 @@ impl ProxyHttp for EdgeProxy {
             }
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
+        if let (Some(Target::Remote(_)), Some(ip)) =
+            (ctx.route.as_ref().map(|r| &r.target), self.forward_from)
+            && ip.is_ipv4() == addr.is_ipv4()
+        {
+            let mut bind = pingora::connectors::l4::BindTo::default();
+            bind.addr = Some(std::net::SocketAddr::new(ip, 0));
+            peer.options.bind_to = Some(bind);
+        }
         peer.options.connection_timeout = Some(self.limits.connect_timeout);
         peer.options.read_timeout = Some(self.limits.read_timeout);
         peer.options.write_timeout = Some(self.limits.read_timeout);

@@ -86,9 +86,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         ks.key(&tidegate_schema::Key::Worker(worker.clone())),
         metrics.etcd.clone(),
     ));
+    let forward_from = forward_from(cfg.advertise_address);
     // eBPF loads (or the fallback is chosen) before anything is served.
     let tcp = Arc::new(tidegate_agent::tcp::TcpPlane::prepare(TcpOptions {
         host: cfg.tcp_host,
+        forward_from,
         steering: cfg.tcp_steering,
         data_path: cfg.tcp_data_path,
         pipe_bytes: cfg.tcp_pipe_bytes,
@@ -186,7 +188,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     let policy_task = tokio::spawn(policy.clone().run(wanted_rx));
     let policy: Arc<dyn tidegate_agent::policy::EdgePolicy> = policy;
-    let proxy = start_proxy(&cfg, routes.clone(), worker.to_string(), policy.clone())?;
+    let proxy = start_proxy(
+        &cfg,
+        routes.clone(),
+        worker.to_string(),
+        forward_from,
+        policy.clone(),
+    )?;
     let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy));
 
     let reconciler = Reconciler::new(
@@ -256,10 +264,27 @@ impl pingora::server::ShutdownSignalWatch for StopSignal {
     }
 }
 
+/// `advertise_address` if it is an address of this host: connections and
+/// requests forwarded to other agents are sent from it, so the owner can
+/// tell them from players' (see `tcp::hop`).
+fn forward_from(advertise: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    match std::net::TcpListener::bind((advertise, 0)) {
+        Ok(_) => Some(advertise),
+        Err(e) => {
+            tracing::warn!(
+                %advertise, error = %e,
+                "advertise_address is not an address of this host (NAT?): connections forwarded to other agents leave from the kernel's choice, so the owning agent takes them for players' (it asks the edge policy again and cannot stop a forwarding loop)"
+            );
+            None
+        }
+    }
+}
+
 fn start_proxy(
     cfg: &Config,
     routes: tidegate_agent::routes::SharedRoutes,
     me: String,
+    forward_from: Option<std::net::IpAddr>,
     policy: Arc<dyn tidegate_agent::policy::EdgePolicy>,
 ) -> anyhow::Result<Proxy> {
     use pingora::server::configuration::ServerConf;
@@ -273,6 +298,7 @@ fn start_proxy(
     let proxy = EdgeProxy {
         routes,
         me,
+        forward_from,
         limits: HttpLimits {
             max_body_bytes: cfg.max_body_bytes,
             max_header_bytes: cfg.max_header_bytes,

@@ -49,6 +49,9 @@ pub struct RouteTable {
     pub by_port: HashMap<u16, Arc<Route>>,
     /// The etcd revision the snapshot reflects.
     pub revision: i64,
+    /// Registered agents' addresses (this one's too): connections from them
+    /// may be forwarded players (see `tcp::hop`).
+    pub agents: std::collections::HashSet<std::net::IpAddr>,
 }
 
 impl RouteTable {
@@ -204,6 +207,7 @@ impl Known {
             by_host,
             by_port,
             revision,
+            agents: self.workers.values().map(|w| w.address).collect(),
         }
     }
 }

@@ -216,6 +216,22 @@ async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
         let (s, _, body) = get(entry, &red_host, None).await;
         assert_eq!(s, 200, "{body}");
     }
+    // The policy is asked once per request, by the agent the player
+    // reached: the owner knows a request forwarded from another agent's
+    // address was admitted there (a rate-limiting policy counts each once).
+    let allowed = || async {
+        let series = "tidegate_policy_edge_decisions_total{decision=\"allow\"}";
+        p.a.metric(series).await.unwrap_or(0.0) + p.b.metric(series).await.unwrap_or(0.0)
+    };
+    let before = allowed().await;
+    for entry in [&p.a_http, &p.b_http] {
+        assert_eq!(get(entry, &red_host, None).await.0, 200);
+    }
+    assert_eq!(
+        allowed().await - before,
+        2.0,
+        "two requests (one through the owner, one forwarded) asked the policy this many times"
+    );
     let rejected =
         p.a.metric("tidegate_policy_edge_decisions_total{decision=\"reject\"}")
             .await

@@ -444,6 +444,73 @@ async fn copy_path_with_ebpf_steering() {
     suite(&p, Path::Copy, true).await;
 }
 
+/// A worker registered with another agent's address (a copied config)
+/// makes both agents forward its instances to agent b, which would forward
+/// them to itself forever. A connection forwarded once is never forwarded
+/// again: b closes it, counts it and says why; HTTP answers 508.
+#[tokio::test]
+async fn a_forwarding_loop_is_cut_after_one_hop() {
+    let p = plane("").await;
+    let mut etcd = p.client.clone();
+    let lease = etcd.lease_grant(600, None).await.unwrap().id();
+    let ghost = serde_json::json!({"v": 1, "id": "ghost", "address": p.b_host,
+        "http_entry": p.b_http, "tcp_host": p.b_host, "capacity": 10000,
+        "version": "copied config", "started_at": 1});
+    etcd.put(
+        "/tidegate/workers/ghost",
+        ghost.to_string(),
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    let registered = eventually(10, || async {
+        p.controller
+            .call(Method::GET, "/v1/workers", None, None)
+            .await
+            .1["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 3)
+    })
+    .await;
+    assert!(registered, "the ghost worker never showed up");
+    let spec = serde_json::json!({"image": "x", "ports": [
+        {"name": "web", "port": 80, "protocol": "http"},
+        {"name": "tcp", "port": 1337, "protocol": "tcp"}]});
+    let (s, body) = p.controller.put_challenge("looped", spec).await;
+    assert!(s.is_success(), "{body}");
+    let (s, inst) = p.controller.spawn("looped", "t1").await;
+    assert_eq!(s, reqwest::StatusCode::CREATED, "{inst}");
+    assert_eq!(inst["worker"], "ghost", "the emptiest worker gets it");
+    let port = inst["tcp"][0]["port"].as_u64().unwrap() as u16;
+    let hostname = inst["http"][0]["hostname"].as_str().unwrap().to_string();
+
+    let loops = "tidegate_tcp_failed_connections_total{stage=\"loop\"}";
+    for addr in entries(&p, port) {
+        let n = p.b.metric(loops).await.unwrap_or(0.0);
+        // Routed (forwarded) as soon as the agents see the instance.
+        let cut = eventually(10, || async {
+            let _ = echo(&addr, "anyone there?\n").await;
+            p.b.metric(loops).await.unwrap_or(0.0) > n
+        })
+        .await;
+        assert!(cut, "no loop cut at b for a connection through {addr}");
+        // Every connection is closed at once, with nothing sent back.
+        let t = Instant::now();
+        let reply = echo(&addr, "anyone there?\n").await;
+        assert!(
+            matches!(&reply, Ok(r) if r.is_empty()) || reply.is_err(),
+            "{addr}: {reply:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(3), "{addr} hung");
+    }
+    assert!(p.b.log().contains("TCP routing loop"), "{}", p.b.log());
+    assert_eq!(p.a.metric(loops).await, Some(0.0), "a forwards, b cuts");
+    for entry in [&p.a_http, &p.b_http] {
+        let (s, _, body) = common::get(entry, &hostname, None).await;
+        assert_eq!(s, 508, "{entry}: {body}");
+    }
+}
+
 /// Without CAP_BPF (and the admin caps that would stand in for it) the
 /// agent says so in one log line and serves every port with a listener.
 #[tokio::test]

@@ -17,6 +17,7 @@
 //! Each forwards half-close and resets and releases everything on close.
 
 pub mod ebpf;
+pub mod hop;
 pub mod listeners;
 pub mod sockhash;
 pub mod splice;
@@ -27,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::policy::{Connection, EdgePolicy, Verdict};
@@ -78,6 +80,10 @@ impl std::fmt::Display for DataPath {
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
     pub host: IpAddr,
+    /// This agent's registered address, when it is one of this host's:
+    /// connections it forwards to other agents come from it, which is how
+    /// they know them (see [`hop`]).
+    pub forward_from: Option<IpAddr>,
     pub steering: Steering,
     pub data_path: DataPath,
     /// Pipe size per direction of the splice path, in bytes.
@@ -102,6 +108,10 @@ struct Failures {
     connect: AtomicU64,
     /// Moving bytes failed: a reset or an error on either side.
     transfer: AtomicU64,
+    /// Another agent forwarded it here, and this agent would forward it
+    /// again: the tables disagree on the owner, or two workers are
+    /// registered with one address.
+    loops: AtomicU64,
 }
 
 impl TcpPlane {
@@ -153,6 +163,7 @@ impl TcpPlane {
             pipe_bytes: self.opts.pipe_bytes,
             redirector: self.redirector.clone(),
             failures: self.failures.clone(),
+            forward_from: self.opts.forward_from,
         });
         match &self.redirector {
             Some(r) => {
@@ -183,12 +194,13 @@ impl TcpPlane {
         let f = &self.failures;
         let _ = writeln!(
             out,
-            "# HELP tidegate_tcp_failed_connections_total Accepted connections not served (no route or instance not ready; connecting to the instance failed) or ended in an error (transfer).\n# TYPE tidegate_tcp_failed_connections_total counter"
+            "# HELP tidegate_tcp_failed_connections_total Accepted connections not served (no route or instance not ready; connecting to the instance failed; forwarded by another agent and to be forwarded again: loop) or ended in an error (transfer).\n# TYPE tidegate_tcp_failed_connections_total counter"
         );
         for (stage, n) in [
             ("not_ready", &f.not_ready),
             ("connect", &f.connect),
             ("transfer", &f.transfer),
+            ("loop", &f.loops),
         ] {
             let _ = writeln!(
                 out,
@@ -237,6 +249,7 @@ pub struct Relay {
     pipe_bytes: usize,
     redirector: Option<Arc<ebpf::Redirector>>,
     failures: Arc<Failures>,
+    forward_from: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -257,16 +270,33 @@ impl Relay {
 
     async fn serve_inner(
         &self,
-        client: TcpStream,
+        mut client: TcpStream,
         peer: SocketAddr,
         port: u16,
     ) -> std::io::Result<()> {
-        let Some(route) = self.routes.load().by_port.get(&port).cloned() else {
+        let table = self.routes.load_full();
+        // From another agent: it may have forwarded a player here.
+        let forwarded = if table.agents.contains(&peer.ip()) {
+            hop::take_header(&mut client).await?
+        } else {
+            None
+        };
+        let source = forwarded.unwrap_or(peer);
+        let Some(route) = table.by_port.get(&port).cloned() else {
             self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
+        drop(table);
         let upstream = match &route.target {
             Target::Local(a) => *a,
+            Target::Remote(a) if forwarded.is_some() => {
+                self.failures.loops.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    port, from_agent = %peer, player = %source, owner = %a, instance = %route.instance,
+                    "TCP routing loop: another agent forwarded this connection here, and this agent's table says {a} owns it; closed. Are two workers registered with one address?"
+                );
+                return Ok(());
+            }
             Target::Remote(a) => *a,
             Target::NotReady(why) => {
                 self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
@@ -274,35 +304,47 @@ impl Relay {
                 return Ok(());
             }
         };
-        let conn = Connection {
-            instance: route.instance.as_str(),
-            team: &route.team,
-            challenge: &route.challenge,
-            source: Some(peer.ip()),
-            protocol: "tcp",
-            host: "",
-        };
-        if let Verdict::Reject(reason) = self.policy.admit(&conn) {
-            tracing::info!(port, %peer, %reason, "connection refused by policy");
-            return Ok(());
+        // The forwarding agent already asked the edge policy.
+        if forwarded.is_none() {
+            let conn = Connection {
+                instance: route.instance.as_str(),
+                team: &route.team,
+                challenge: &route.challenge,
+                source: Some(source.ip()),
+                protocol: "tcp",
+                host: "",
+            };
+            if let Verdict::Reject(reason) = self.policy.admit(&conn) {
+                tracing::info!(port, %peer, %reason, "connection refused by policy");
+                return Ok(());
+            }
         }
-        let server = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(upstream)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.failures.connect.fetch_add(1, Ordering::Relaxed);
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("connecting to {upstream}: {e}"),
-                ));
-            }
-            Err(_) => {
-                self.failures.connect.fetch_add(1, Ordering::Relaxed);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("connecting to {upstream} timed out after {CONNECT_TIMEOUT:?}"),
-                ));
-            }
-        };
+        let remote = matches!(route.target, Target::Remote(_));
+        let server =
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(upstream, remote)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.failures.connect.fetch_add(1, Ordering::Relaxed);
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("connecting to {upstream}: {e}"),
+                    ));
+                }
+                Err(_) => {
+                    self.failures.connect.fetch_add(1, Ordering::Relaxed);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connecting to {upstream} timed out after {CONNECT_TIMEOUT:?}"),
+                    ));
+                }
+            };
+        let mut server = server;
+        let mut sent = 0;
+        if remote {
+            let header = hop::header(source, client.local_addr()?);
+            server.write_all(&header).await?;
+            sent = header.len();
+        }
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         let stats = &route.stats;
@@ -310,8 +352,11 @@ impl Relay {
         stats.tcp_active.fetch_add(1, Ordering::Relaxed);
         stats.touch();
         let moved = match (self.data_path, &self.redirector) {
-            (DataPath::Sockhash, Some(r)) => {
-                sockhash::pump(r, client, server, self.pipe_bytes, stats).await
+            // A header taken off the client may have come in one skb with
+            // the player's first bytes; the verdict program would redirect
+            // that whole skb, header and all. splice(2) moves what is left.
+            (DataPath::Sockhash, Some(r)) if forwarded.is_none() => {
+                sockhash::pump(r, client, server, sent, self.pipe_bytes, stats).await
             }
             (DataPath::Copy, _) => copy(client, server, stats).await,
             _ => splice::pump(client, server, self.pipe_bytes, stats).await,
@@ -324,13 +369,22 @@ impl Relay {
         moved
     }
 
-    /// Connects to the instance (or its owning agent).
-    async fn connect(&self, upstream: SocketAddr) -> std::io::Result<TcpStream> {
+    /// Connects to the instance, or to its owning agent from this agent's
+    /// registered address (so the owner knows the connection is forwarded).
+    async fn connect(&self, upstream: SocketAddr, remote: bool) -> std::io::Result<TcpStream> {
         let socket = if upstream.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
+        if let Some(ip) = self
+            .forward_from
+            .filter(|ip| remote && ip.is_ipv4() == upstream.is_ipv4())
+        {
+            // (Binding takes a port from ip_local_port_range per source
+            // address: ~28,000 forwarded connections open at once.)
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
         socket.connect(upstream).await
     }
 }

@@ -28,16 +28,30 @@ use crate::stats::InstanceStats;
 
 /// Moves bytes both ways in the kernel until both directions have ended.
 /// A pair the kernel refuses (e.g. a socket already closed) goes through
-/// the splice(2) path instead.
+/// the splice(2) path instead. `server_sent` bytes (the hop header) were
+/// written to `server` already.
 pub async fn pump(
     r: &Redirector,
     client: TcpStream,
     server: TcpStream,
+    server_sent: usize,
     pipe_bytes: usize,
     stats: &InstanceStats,
 ) -> io::Result<()> {
-    // Nothing has been sent on either socket yet: what `bytes_acked` says
-    // now (1 on the socket we connected: its SYN) is the baseline.
+    // The hop header is acknowledged before the baseline is taken, or its
+    // late acknowledgement would count as the player's bytes below.
+    let mut pause = Duration::from_millis(1);
+    for _ in 0..20 {
+        match tcp_counters(&server) {
+            Ok(c) if c.bytes_acked <= server_sent as u64 => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            _ => break,
+        }
+    }
+    // Nothing else has been sent on either socket yet: what `bytes_acked`
+    // says now (1 on the socket we connected: its SYN) is the baseline.
     let (Ok(client_base), Ok(server_base)) = (tcp_counters(&client), tcp_counters(&server)) else {
         return splice::pump(client, server, pipe_bytes, stats).await;
     };
