@@ -234,22 +234,19 @@ impl PluginPolicy {
     pub fn render_metrics(&self, out: &mut String) {
         let c = &self.counters;
         let (loaded, broken) = self.loaded();
-        let _ = writeln!(
+        let n = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        tidegate_schema::telemetry::counters(
             out,
-            "# HELP tidegate_policy_edge_decisions_total admit-connection decisions at this agent.\n# TYPE tidegate_policy_edge_decisions_total counter"
+            "tidegate_policy_edge_decisions_total",
+            "admit-connection decisions at this agent.",
+            "decision",
+            &[
+                ("allow", n(&c.allowed)),
+                ("reject", n(&c.rejected)),
+                ("fallback_allow", n(&c.failed_allowed)),
+                ("fallback_reject", n(&c.failed_rejected)),
+            ],
         );
-        for (label, v) in [
-            ("allow", &c.allowed),
-            ("reject", &c.rejected),
-            ("fallback_allow", &c.failed_allowed),
-            ("fallback_reject", &c.failed_rejected),
-        ] {
-            let _ = writeln!(
-                out,
-                "tidegate_policy_edge_decisions_total{{decision=\"{label}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
         let _ = writeln!(
             out,
             "# HELP tidegate_policy_calls_total Plugin calls made at this agent.\n# TYPE tidegate_policy_calls_total counter\ntidegate_policy_calls_total {}\n# HELP tidegate_policy_call_seconds_total Time spent in plugin calls.\n# TYPE tidegate_policy_call_seconds_total counter\ntidegate_policy_call_seconds_total {:.6}",

@@ -93,6 +93,14 @@ pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     );
 }
 
+/// A counter family with its header: one line per value of `label`.
+pub fn counters(out: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
+}
+
 /// A gauge line with its header.
 pub fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
     let _ = writeln!(

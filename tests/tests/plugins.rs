@@ -13,6 +13,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tidegate_lab::daemons::{ADMIN, Controller, binary, eventually, web_spec};
 use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::images::{DEMO_TCP, DEMO_TCP_PORT};
 use tidegate_lab::plugins::{component, core_module};
 
 /// etcd and one controller (no agents): enough for uploads and for every
@@ -33,6 +34,23 @@ async fn control_only() -> ControlOnly {
         dir,
         _etcd: etcd,
     }
+}
+
+/// One line through busybox's echo at `addr`: true if it came back.
+async fn line_echo(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let round = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"hello\n").await?;
+        s.shutdown().await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        std::io::Result::Ok(out == "hello\n")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), round).await,
+        Ok(Ok(true))
+    )
 }
 
 async fn challenge(c: &Controller, name: &str) -> Value {
@@ -231,6 +249,33 @@ async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
         allowed().await - before,
         2.0,
         "two requests (one through the owner, one forwarded) asked the policy this many times"
+    );
+    // TCP too: the forwarding agent names the player in a hop header.
+    let nc = json!({"image": DEMO_TCP, "ports": [{"name": "nc", "port": DEMO_TCP_PORT, "protocol": "tcp"}]});
+    assert_eq!(c.put_challenge("nc", nc).await.0, StatusCode::CREATED);
+    assert_eq!(
+        c.put_policy("nc", component("allowlist")).await.0,
+        StatusCode::OK
+    );
+    let (s, inst) = c.spawn("nc", "organizers").await;
+    assert_eq!(s, StatusCode::CREATED, "{inst}");
+    let port = inst["tcp"][0]["port"].as_u64().unwrap();
+    let entries = [
+        format!("{}:{port}", p.a_host),
+        format!("{}:{port}", p.b_host),
+    ];
+    for addr in &entries {
+        let served = eventually(30, || async { line_echo(addr).await }).await;
+        assert!(served, "no echo through {addr}");
+    }
+    let before = allowed().await;
+    for addr in &entries {
+        assert!(line_echo(addr).await, "{addr}");
+    }
+    assert_eq!(
+        allowed().await - before,
+        2.0,
+        "two TCP connections (one forwarded) asked the policy this many times"
     );
     let rejected =
         p.a.metric("tidegate_policy_edge_decisions_total{decision=\"reject\"}")

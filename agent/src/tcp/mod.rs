@@ -191,23 +191,19 @@ impl TcpPlane {
             "# HELP tidegate_tcp_data_path_info The TCP data path in use.\n# TYPE tidegate_tcp_data_path_info gauge\ntidegate_tcp_data_path_info{{path=\"{}\"}} 1",
             self.data_path
         );
-        let f = &self.failures;
-        let _ = writeln!(
+        let (f, n) = (&self.failures, |v: &AtomicU64| v.load(Ordering::Relaxed));
+        tidegate_schema::telemetry::counters(
             out,
-            "# HELP tidegate_tcp_failed_connections_total Accepted connections not served (no route or instance not ready; connecting to the instance failed; forwarded by another agent and to be forwarded again: loop) or ended in an error (transfer).\n# TYPE tidegate_tcp_failed_connections_total counter"
+            "tidegate_tcp_failed_connections_total",
+            "Accepted connections not served (no route or instance not ready; connecting to the instance failed; forwarded by another agent and to be forwarded again: loop) or ended in an error (transfer).",
+            "stage",
+            &[
+                ("not_ready", n(&f.not_ready)),
+                ("connect", n(&f.connect)),
+                ("transfer", n(&f.transfer)),
+                ("loop", n(&f.loops)),
+            ],
         );
-        for (stage, n) in [
-            ("not_ready", &f.not_ready),
-            ("connect", &f.connect),
-            ("transfer", &f.transfer),
-            ("loop", &f.loops),
-        ] {
-            let _ = writeln!(
-                out,
-                "tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
         if let Some(r) = &self.redirector {
             let _ = writeln!(
                 out,
@@ -315,12 +311,12 @@ impl Relay {
                 host: "",
             };
             if let Verdict::Reject(reason) = self.policy.admit(&conn) {
-                tracing::info!(port, %peer, %reason, "connection refused by policy");
+                tracing::info!(port, player = %source, %reason, "connection refused by policy");
                 return Ok(());
             }
         }
         let remote = matches!(route.target, Target::Remote(_));
-        let server =
+        let mut server =
             match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(upstream, remote)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -338,7 +334,6 @@ impl Relay {
                     ));
                 }
             };
-        let mut server = server;
         let mut sent = 0;
         if remote {
             let header = hop::header(source, client.local_addr()?);
