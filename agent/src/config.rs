@@ -105,10 +105,16 @@ pub struct Config {
     pub upstream_read_timeout_ms: u64,
     /// Optional TLS entry point (HTTP/1.1 and HTTP/2) with a wildcard certificate.
     pub https_entry: Option<SocketAddr>,
-    /// PEM certificate chain for `https_entry`.
+    /// PEM certificate chain for `https_entry` and `tls_tcp_entry`.
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `https_entry`.
+    /// PEM private key for `https_entry` and `tls_tcp_entry`.
     pub tls_key: Option<PathBuf>,
+    /// Optional entry point for TCP over TLS: the agent terminates TLS with
+    /// `tls_cert` and routes by SNI (`{instance}-{port name}.{domain}`, the
+    /// `tls_hostname` the API gives for each TCP port) to that TCP port of
+    /// the instance, in plaintext. One port (e.g. 443 on an address of its
+    /// own) for every TCP challenge, for players behind strict firewalls.
+    pub tls_tcp_entry: Option<SocketAddr>,
     /// How TCP connections reach the agent: `auto` (eBPF sk_lookup if it
     /// loads, else one listener per port, said in one log line), `ebpf`
     /// (refuse to start without it) or `listeners`.
@@ -161,6 +167,7 @@ impl Default for Config {
             https_entry: None,
             tls_cert: None,
             tls_key: None,
+            tls_tcp_entry: None,
             tcp_steering: Steering::Auto,
             tcp_data_path: DataPath::Splice,
             tcp_pipe_bytes: 1024 * 1024,
@@ -282,12 +289,18 @@ impl Config {
                 "eBPF steering serves IPv4 only; use an IPv4 address or tcp_steering = \"listeners\"",
             ));
         }
-        if self.https_entry.is_some() {
+        for (entry, set) in [
+            ("https_entry", self.https_entry.is_some()),
+            ("tls_tcp_entry", self.tls_tcp_entry.is_some()),
+        ] {
+            if !set {
+                continue;
+            }
             for (field, path) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
                 match path {
                     Some(p) if p.exists() => {}
                     Some(p) => return Err(bad(field, format!("{} does not exist", p.display()))),
-                    None => return Err(bad(field, "required with https_entry")),
+                    None => return Err(bad(field, format!("required with {entry}"))),
                 }
             }
         }

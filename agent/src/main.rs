@@ -94,6 +94,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         steering: cfg.tcp_steering,
         data_path: cfg.tcp_data_path,
         pipe_bytes: cfg.tcp_pipe_bytes,
+        tls: match (cfg.tls_tcp_entry, &cfg.tls_cert, &cfg.tls_key) {
+            (Some(entry), Some(cert), Some(key)) => Some((entry, cert.clone(), key.clone())),
+            _ => None,
+        },
     })?);
     let routes_for_metrics: tidegate_agent::routes::SharedRoutes = Arc::default();
     let plugin_host = tidegate_plugin_host::Host::new(tidegate_plugin_host::Limits {

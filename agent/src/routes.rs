@@ -47,6 +47,9 @@ pub struct RouteTable {
     pub by_host: HashMap<String, Arc<Route>>,
     /// Public TCP port → route; a remote target is the owner's `tcp_host` on the same port.
     pub by_port: HashMap<u16, Arc<Route>>,
+    /// `{instance}-{port name}` (the first label of the SNI a player sends
+    /// to `tls_tcp_entry`) → the same route as its public port.
+    pub by_sni: HashMap<String, Arc<Route>>,
     /// The etcd revision the snapshot reflects.
     pub revision: i64,
     /// Registered agents' addresses (this one's too): connections from them
@@ -181,6 +184,7 @@ impl Known {
     fn build(&mut self, me: &WorkerId, revision: i64) -> RouteTable {
         let mut by_host = HashMap::with_capacity(self.instances.len());
         let mut by_port = HashMap::new();
+        let mut by_sni = HashMap::new();
         for (id, rec) in &self.instances {
             let stats = self.stats.entry(id.clone()).or_default().clone();
             let route = |target| {
@@ -200,12 +204,15 @@ impl Known {
                 let target = self.target(me, id, rec, r.target_port, |w| {
                     SocketAddr::new(w.tcp_host, r.port)
                 });
-                by_port.insert(r.port, route(target));
+                let route = route(target);
+                by_sni.insert(format!("{id}-{}", r.port_name), route.clone());
+                by_port.insert(r.port, route);
             }
         }
         RouteTable {
             by_host,
             by_port,
+            by_sni,
             revision,
             agents: self.workers.values().map(|w| w.address).collect(),
         }

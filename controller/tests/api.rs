@@ -318,6 +318,10 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
     );
     let port = inst["tcp"][0]["port"].as_u64().unwrap();
     assert!((30000..=39999).contains(&port));
+    assert_eq!(
+        inst["tcp"][0]["tls_hostname"],
+        format!("{id}-nc.ctf.localhost")
+    );
     assert_eq!(inst["status"], "pending");
     assert_eq!(count(&client, "/tidegate/claims/").await, 4);
 

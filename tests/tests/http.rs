@@ -284,27 +284,7 @@ async fn ten_thousand_routes_load_and_look_up_correctly() {
 #[tokio::test]
 async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let st = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=*.ctf.localhost",
-        ])
-        .args(["-addext", "subjectAltName=DNS:*.ctf.localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let (cert, key) = common::wildcard_cert(certs.path());
     let a_tls = free_port().unwrap();
     let extra = format!(
         "https_entry = \"{}:{a_tls}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",

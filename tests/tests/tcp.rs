@@ -511,6 +511,122 @@ async fn a_forwarding_loop_is_cut_after_one_hop() {
     }
 }
 
+/// One TLS port for every TCP challenge: `ncat --ssl` with the SNI the API
+/// names (`tls_hostname`) reaches the instance through either agent, the
+/// bytes counted as the instance's; an SNI of no instance, no SNI and a
+/// client that is not speaking TLS are closed and counted.
+#[tokio::test]
+async fn tcp_over_tls_is_routed_by_sni_through_either_agent() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = common::wildcard_cert(certs.path());
+    let tls_port = tidegate_lab::ports::free_port().unwrap();
+    let p = plane(&format!(
+        "tls_tcp_entry = \"{{host}}:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ))
+    .await;
+    let (s, body) = p
+        .controller
+        .put_challenge(
+            "echo",
+            serde_json::json!({"image": echo_image(), "ports": [{"name": "nc", "port": 1337, "protocol": "tcp"}]}),
+        )
+        .await;
+    assert!(s.is_success(), "{body}");
+    let (s, inst) = p.controller.spawn("echo", "t1").await;
+    assert_eq!(s, reqwest::StatusCode::CREATED, "{inst}");
+    let id = inst["id"].as_str().unwrap().to_string();
+    let sni = inst["tcp"][0]["tls_hostname"].as_str().unwrap().to_string();
+    assert_eq!(sni, format!("{id}-nc.ctf.localhost"));
+
+    // Sends `line` (stdin stays open: ncat closes the whole TLS connection
+    // at EOF) and returns the first line that comes back, or "" on close.
+    let ncat = |host: String, sni: String, line: String| {
+        let cert = cert.clone();
+        async move {
+            let mut child = tokio::process::Command::new("ncat")
+                .args(["--ssl", "--ssl-verify", "--ssl-trustfile"])
+                .arg(&cert)
+                .args([
+                    "--ssl-servername",
+                    &sni,
+                    "-w",
+                    "3",
+                    &host,
+                    &tls_port.to_string(),
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(line.as_bytes()).await;
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            let mut first = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut first)).await;
+            first
+        }
+    };
+    for host in [p.a_host.clone(), p.b_host.clone()] {
+        let line = format!("hello over TLS via {host}\n");
+        let echoed = eventually(30, || async {
+            ncat(host.clone(), sni.clone(), line.clone()).await == line
+        })
+        .await;
+        assert!(
+            echoed,
+            "no echo over TLS via {host}: {:?}\n{}",
+            ncat(host.clone(), sni.clone(), line.clone()).await,
+            p.a.log()
+        );
+    }
+    let received = both(
+        &p,
+        &format!("tidegate_tcp_received_bytes_total{{instance=\"{id}\"}}"),
+    )
+    .await;
+    assert!(
+        received >= 40.0,
+        "bytes counted for the instance: {received}"
+    );
+
+    // Closed, not served: an SNI of no instance, and a client that is not
+    // speaking TLS at all.
+    let failed = |stage: &'static str| {
+        let p = &p;
+        async move {
+            p.a.metric(&format!(
+                "tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}}"
+            ))
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    let (not_ready, tls) = (failed("not_ready").await, failed("tls").await);
+    let out = ncat(
+        p.a_host.clone(),
+        "0000000000-nc.ctf.localhost".into(),
+        "anyone?\n".into(),
+    )
+    .await;
+    assert_eq!(out, "", "an unknown SNI got an answer");
+    let mut plain = TcpStream::connect((p.a_host.as_str(), tls_port))
+        .await
+        .unwrap();
+    plain.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut reply)).await;
+    assert!(
+        !String::from_utf8_lossy(&reply).contains("HTTP"),
+        "plain text was answered: {reply:?}"
+    );
+    assert_eq!(failed("not_ready").await, not_ready + 1.0);
+    assert!(eventually(5, || async { failed("tls").await == tls + 1.0 }).await);
+}
+
 /// Without CAP_BPF (and the admin caps that would stand in for it) the
 /// agent says so in one log line and serves every port with a listener.
 #[tokio::test]

@@ -21,6 +21,7 @@ pub mod hop;
 pub mod listeners;
 pub mod sockhash;
 pub mod splice;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::policy::{Connection, EdgePolicy, Verdict};
-use crate::routes::{SharedRoutes, Target};
+use crate::routes::{Route, SharedRoutes, Target};
 
 /// Accept queue of the TCP listeners (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -88,6 +89,8 @@ pub struct TcpOptions {
     pub data_path: DataPath,
     /// Pipe size per direction of the splice path, in bytes.
     pub pipe_bytes: usize,
+    /// `tls_tcp_entry` with `tls_cert` and `tls_key`.
+    pub tls: Option<(SocketAddr, std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// The TCP data plane, prepared: eBPF loaded (or the fallback chosen).
@@ -97,6 +100,7 @@ pub struct TcpPlane {
     data_path: DataPath,
     redirector: Option<Arc<ebpf::Redirector>>,
     failures: Arc<Failures>,
+    tls: std::sync::Mutex<Option<tls::Entry>>,
 }
 
 /// Accepted connections that ended without being served, or in an error.
@@ -112,6 +116,8 @@ struct Failures {
     /// again: the tables disagree on the owner, or two workers are
     /// registered with one address.
     loops: AtomicU64,
+    /// The TLS handshake on `tls_tcp_entry` failed or timed out.
+    tls: AtomicU64,
 }
 
 impl TcpPlane {
@@ -135,6 +141,10 @@ impl TcpPlane {
                 }
             }
         };
+        let tls = match &opts.tls {
+            Some((entry, cert, key)) => Some(tls::Entry::bind(*entry, cert, key)?),
+            None => None,
+        };
         let mut data_path = opts.data_path;
         if data_path == DataPath::Sockhash && redirector.is_none() {
             tracing::warn!("tcp_data_path sockhash needs eBPF; using splice");
@@ -145,6 +155,7 @@ impl TcpPlane {
             data_path,
             redirector,
             failures: Arc::default(),
+            tls: std::sync::Mutex::new(tls),
         })
     }
 
@@ -165,7 +176,16 @@ impl TcpPlane {
             failures: self.failures.clone(),
             forward_from: self.opts.forward_from,
         });
-        match &self.redirector {
+        let entry = self.tls.lock().ok().and_then(|mut t| t.take());
+        let tls_task = entry.map(|entry| {
+            let relay = relay.clone();
+            tokio::spawn(async move {
+                if let Err(e) = tls::serve(entry, relay).await {
+                    tracing::error!(error = %format!("{e:#}"), "tls_tcp_entry stopped");
+                }
+            })
+        });
+        let served = match &self.redirector {
             Some(r) => {
                 tracing::info!(%host, data_path = %self.data_path, "TCP ports steered by eBPF sk_lookup");
                 ebpf::serve(r.clone(), host, relay, routes, builds).await
@@ -175,7 +195,11 @@ impl TcpPlane {
                 listeners::run(host, relay, routes, builds).await;
                 Ok(())
             }
+        };
+        if let Some(t) = tls_task {
+            t.abort();
         }
+        served
     }
 
     /// Appends the data plane's own series to a Prometheus text body.
@@ -202,6 +226,7 @@ impl TcpPlane {
                 ("connect", n(&f.connect)),
                 ("transfer", n(&f.transfer)),
                 ("loop", n(&f.loops)),
+                ("tls", n(&f.tls)),
             ],
         );
         if let Some(r) = &self.redirector {
@@ -277,42 +302,109 @@ impl Relay {
         } else {
             None
         };
-        let source = forwarded.unwrap_or(peer);
-        let Some(route) = table.by_port.get(&port).cloned() else {
+        let route = table.by_port.get(&port).cloned();
+        drop(table);
+        let Some(route) = route else {
             self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
-        drop(table);
+        let local = client.local_addr()?;
+        let source = forwarded.unwrap_or(peer);
+        let Some((server, sent)) = self
+            .open(&route, source, forwarded.is_some(), local, "")
+            .await?
+        else {
+            return Ok(());
+        };
+        let _ = client.set_nodelay(true);
+        let stats = &route.stats;
+        self.moving(stats, async {
+            match (self.data_path, &self.redirector) {
+                // A header taken off the client may have come in one skb
+                // with the player's first bytes; the verdict program would
+                // redirect that whole skb, header and all. splice(2)
+                // moves what is left.
+                (DataPath::Sockhash, Some(r)) if forwarded.is_none() => {
+                    sockhash::pump(r, client, server, sent, self.pipe_bytes, stats).await
+                }
+                (DataPath::Copy, _) => copy(client, server, stats).await,
+                _ => splice::pump(client, server, self.pipe_bytes, stats).await,
+            }
+        })
+        .await
+    }
+
+    /// Serves one connection from `tls_tcp_entry` after its handshake.
+    pub async fn serve_tls(&self, mut client: tls::ServerStream, peer: SocketAddr) {
+        let (tcp, session) = client.get_ref();
+        let local = tcp.local_addr();
+        let sni = session.server_name().map(str::to_string);
+        let route = tls::sni_key(sni.as_deref())
+            .and_then(|key| self.routes.load().by_sni.get(&key).cloned());
+        let (Some(route), Ok(local)) = (route, local) else {
+            self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, ?sni, "TLS connection for no instance");
+            // close_notify, so the client sees a clean end rather than a reset.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
+            return;
+        };
+        let sni = sni.unwrap_or_default();
+        let result = async {
+            let Some((server, _)) = self.open(&route, peer, false, local, &sni).await? else {
+                let _ = client.shutdown().await;
+                return Ok(());
+            };
+            let stats = &route.stats;
+            self.moving(stats, copy(&mut client, server, stats)).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, %sni, error = %e, "TLS connection ended with an error");
+        }
+    }
+
+    /// Decides where a connection for `route` goes and connects there: the
+    /// loop guard, the edge policy (unless another agent asked it already),
+    /// the connect, and the hop header toward an owning agent. `None`: not
+    /// served (and counted).
+    async fn open(
+        &self,
+        route: &Route,
+        source: SocketAddr,
+        forwarded: bool,
+        local: SocketAddr,
+        host: &str,
+    ) -> std::io::Result<Option<(TcpStream, usize)>> {
         let upstream = match &route.target {
             Target::Local(a) => *a,
-            Target::Remote(a) if forwarded.is_some() => {
+            Target::Remote(a) if forwarded => {
                 self.failures.loops.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
-                    port, from_agent = %peer, player = %source, owner = %a, instance = %route.instance,
+                    port = local.port(), player = %source, owner = %a, instance = %route.instance,
                     "TCP routing loop: another agent forwarded this connection here, and this agent's table says {a} owns it; closed. Are two workers registered with one address?"
                 );
-                return Ok(());
+                return Ok(None);
             }
             Target::Remote(a) => *a,
             Target::NotReady(why) => {
                 self.failures.not_ready.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(port, %peer, why = %why, "TCP connection to an instance that is not ready");
-                return Ok(());
+                tracing::debug!(port = local.port(), player = %source, why = %why, "TCP connection to an instance that is not ready");
+                return Ok(None);
             }
         };
         // The forwarding agent already asked the edge policy.
-        if forwarded.is_none() {
+        if !forwarded {
             let conn = Connection {
                 instance: route.instance.as_str(),
                 team: &route.team,
                 challenge: &route.challenge,
                 source: Some(source.ip()),
                 protocol: "tcp",
-                host: "",
+                host,
             };
             if let Verdict::Reject(reason) = self.policy.admit(&conn) {
-                tracing::info!(port, player = %source, %reason, "connection refused by policy");
-                return Ok(());
+                tracing::info!(port = local.port(), player = %source, %reason, "connection refused by policy");
+                return Ok(None);
             }
         }
         let remote = matches!(route.target, Target::Remote(_));
@@ -336,26 +428,25 @@ impl Relay {
             };
         let mut sent = 0;
         if remote {
-            let header = hop::header(source, client.local_addr()?);
+            // The owner serves it as a connection to this public port.
+            let header = hop::header(source, SocketAddr::new(local.ip(), upstream.port()));
             server.write_all(&header).await?;
             sent = header.len();
         }
-        let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
-        let stats = &route.stats;
+        Ok(Some((server, sent)))
+    }
+
+    /// Runs `pump` with the connection counted as active, and counts how it ended.
+    async fn moving(
+        &self,
+        stats: &crate::stats::InstanceStats,
+        pump: impl std::future::Future<Output = std::io::Result<()>>,
+    ) -> std::io::Result<()> {
         stats.tcp_connections.fetch_add(1, Ordering::Relaxed);
         stats.tcp_active.fetch_add(1, Ordering::Relaxed);
         stats.touch();
-        let moved = match (self.data_path, &self.redirector) {
-            // A header taken off the client may have come in one skb with
-            // the player's first bytes; the verdict program would redirect
-            // that whole skb, header and all. splice(2) moves what is left.
-            (DataPath::Sockhash, Some(r)) if forwarded.is_none() => {
-                sockhash::pump(r, client, server, sent, self.pipe_bytes, stats).await
-            }
-            (DataPath::Copy, _) => copy(client, server, stats).await,
-            _ => splice::pump(client, server, self.pipe_bytes, stats).await,
-        };
+        let moved = pump.await;
         stats.tcp_active.fetch_sub(1, Ordering::Relaxed);
         stats.touch();
         if moved.is_err() {
@@ -384,14 +475,78 @@ impl Relay {
     }
 }
 
-/// The userspace copy path.
-async fn copy(
-    mut client: TcpStream,
+/// The userspace copy path (also TLS's): bytes are counted, and the
+/// instance marked active, chunk by chunk as they move, so a long session
+/// counts for the idle policy while it lasts.
+async fn copy<C>(
+    client: C,
     mut server: TcpStream,
     stats: &crate::stats::InstanceStats,
-) -> std::io::Result<()> {
-    let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut server).await?;
-    stats.tcp_bytes_in.fetch_add(up, Ordering::Relaxed);
-    stats.tcp_bytes_out.fetch_add(down, Ordering::Relaxed);
+) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = Counted {
+        inner: client,
+        stats,
+    };
+    tokio::io::copy_bidirectional(&mut client, &mut server).await?;
     Ok(())
+}
+
+/// The player's side of a copied connection: reads count as bytes in,
+/// writes as bytes out.
+struct Counted<'a, S> {
+    inner: S,
+    stats: &'a crate::stats::InstanceStats,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.stats
+                .tcp_bytes_in
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.stats.touch();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.stats
+                .tcp_bytes_out
+                .fetch_add(*n as u64, Ordering::Relaxed);
+            self.stats.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

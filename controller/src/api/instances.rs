@@ -84,7 +84,14 @@ pub(super) fn instance_json(app: &App, rec: &InstanceRecord, status: String) -> 
     let tcp: Vec<Value> = rec
         .tcp
         .iter()
-        .map(|r| json!({ "port_name": r.port_name, "port": r.port }))
+        .map(|r| {
+            json!({
+                "port_name": r.port_name,
+                "port": r.port,
+                // The SNI for the agents' `tls_tcp_entry`, if they have one.
+                "tls_hostname": format!("{}-{}.{}", rec.id, r.port_name, app.cfg.domain),
+            })
+        })
         .collect();
     json!({
         "id": rec.id,

@@ -56,6 +56,26 @@ pub fn hosts() -> (String, String) {
     (format!("{net}.2"), format!("{net}.3"))
 }
 
+/// A self-signed certificate for `*.ctf.localhost` in `dir`: (cert, key).
+pub fn wildcard_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=*.ctf.localhost"])
+        .args(["-addext", "subjectAltName=DNS:*.ctf.localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl req failed");
+    (cert, key)
+}
+
+/// Both agents get `extra` in their config, `{host}` replaced by their address.
 pub async fn plane(extra: &str) -> Plane {
     plane_wrapped(extra, &[]).await
 }
@@ -72,7 +92,8 @@ pub async fn plane_wrapped(extra: &str, wrapper: &[&str]) -> Plane {
     let b_http = format!("{b_host}:{}", free_port().unwrap());
     let cfg = |addr: &str, http: &str| {
         format!(
-            "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{extra}"
+            "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{}",
+            extra.replace("{host}", addr)
         )
     };
     let a = Agent::start_wrapped(
