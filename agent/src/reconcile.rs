@@ -34,6 +34,11 @@ struct Tracked {
     retry_at: Option<Instant>,
     /// What etcd holds for this instance's endpoint (None: not written yet).
     reported: Option<(InstanceStatus, Option<String>, Option<std::net::IpAddr>)>,
+    /// The endpoint's mod_revision as this agent last wrote or read it (0:
+    /// none). Each write expects it, so a write whose outcome was unknown
+    /// (etcd recovering) cannot land after a newer one and leave an old
+    /// status in force.
+    endpoint_rev: i64,
     /// When the record was first seen, for the reconcile latency metric.
     seen: Instant,
 }
@@ -209,6 +214,7 @@ impl Reconciler {
                         restarts: 0,
                         retry_at: None,
                         reported: None,
+                        endpoint_rev: 0,
                         seen: Instant::now(),
                     },
                 );
@@ -407,25 +413,39 @@ impl Reconciler {
         // compare fails, the watch brings the new lease and the next pass
         // writes again.
         let txn = Txn::new()
-            .when([Compare::lease(
-                instance_key.as_str(),
-                CompareOp::Equal,
-                t.lease,
-            )])
+            .when([
+                Compare::lease(instance_key.as_str(), CompareOp::Equal, t.lease),
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, t.endpoint_rev),
+            ])
             .and_then([TxnOp::put(
                 key.as_str(),
                 record.encode(),
                 Some(PutOptions::new().with_lease(t.lease)),
-            )]);
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
         match self.client.txn(txn).await {
             Ok(r) if r.succeeded() => {
                 t.reported = Some(now);
                 if let Some(h) = r.header() {
+                    t.endpoint_rev = h.revision();
                     self.metrics.etcd.wrote(h.revision());
                 }
             }
-            Ok(_) => {
-                tracing::debug!(instance = %id, lease = t.lease, "instance moved to another lease; endpoint written on the next pass")
+            Ok(r) => {
+                // Moved by a renewal, written by an earlier run of this
+                // agent, or an earlier write of ours landed late: expect
+                // what is there now, and write again on the next pass.
+                t.endpoint_rev = r
+                    .op_responses()
+                    .into_iter()
+                    .find_map(|op| match op {
+                        etcd_client::TxnOpResponse::Get(g) => {
+                            Some(g.kvs().first().map_or(0, |kv| kv.mod_revision()))
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                tracing::debug!(instance = %id, lease = t.lease, endpoint_rev = t.endpoint_rev, "instance moved to another lease or endpoint changed; endpoint written on the next pass")
             }
             Err(e) => tracing::debug!(instance = %id, error = %e, "could not write endpoint"),
         }
