@@ -41,7 +41,7 @@ pub async fn pump(
     // The hop header is acknowledged before the baseline is taken, or its
     // late acknowledgement would count as the player's bytes below.
     let mut pause = Duration::from_millis(1);
-    for _ in 0..20 {
+    for _ in 0..if server_sent > 0 { 20 } else { 0 } {
         match tcp_counters(&server) {
             Ok(c) if c.bytes_acked <= server_sent as u64 => {
                 tokio::time::sleep(pause).await;
