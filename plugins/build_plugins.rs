@@ -2,8 +2,8 @@
 // wasm32-unknown-unknown and wraps each cdylib into a component with
 // wit-component (what `wasm-tools component new` runs), so the components
 // import nothing but the world's `log` and `clock` — no WASI. Included by
-// the test lab (`tidegate_lab::plugins`), which `cargo xtask build-plugins`
-// and the tests both use.
+// `tidegate_local::plugins`, which `cargo xtask build-plugins`, the
+// benchmarks and the tests all use.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

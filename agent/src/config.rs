@@ -1,14 +1,12 @@
-//! The agent's configuration: TOML file, then environment, then flags.
-//! `validate()` runs before anything starts; a bad value exits 64 naming the field.
+//! The agent's configuration: the TOML file (`AgentConfig`, shared with
+//! the tools that write it), then environment, then flags. `validate()`
+//! runs before anything starts; a bad value exits 64 naming the field.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
-use serde::Deserialize;
-use tidegate_schema::{Keyspace, WorkerId};
-
-use crate::tcp::{DataPath, Steering};
+use tidegate_schema::config::{AgentConfig, ConfigError, ConfigFile, DataPath, Steering};
 
 /// Command line; every flag also reads `TIDEGATE_<NAME>` and overrides the file.
 #[derive(Debug, Parser)]
@@ -18,7 +16,7 @@ use crate::tcp::{DataPath, Steering};
     about = "tidegate data plane: runs this worker's instances"
 )]
 pub struct Cli {
-    /// TOML config file (fields as below, snake_case).
+    /// TOML config file (fields as in deploy/agent.toml).
     #[arg(long, env = "TIDEGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// This worker's id (a DNS label).
@@ -27,10 +25,10 @@ pub struct Cli {
     /// Address other agents use to reach this one.
     #[arg(long, env = "TIDEGATE_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<IpAddr>,
-    /// The HTTP entry point (Pingora, #5).
+    /// The HTTP entry point players' requests arrive on.
     #[arg(long, env = "TIDEGATE_HTTP_ENTRY")]
     pub http_entry: Option<SocketAddr>,
-    /// The address whose ports the TCP redirector serves (#6).
+    /// The address whose ports the TCP data plane serves.
     #[arg(long, env = "TIDEGATE_TCP_HOST")]
     pub tcp_host: Option<IpAddr>,
     /// How many instances this worker runs at most.
@@ -43,328 +41,38 @@ pub struct Cli {
     #[arg(long, env = "TIDEGATE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// How TCP connections reach the agent: auto (eBPF, else listeners), ebpf, listeners.
-    #[arg(long, env = "TIDEGATE_TCP_STEERING", value_enum)]
+    #[arg(long, env = "TIDEGATE_TCP_STEERING")]
     pub tcp_steering: Option<Steering>,
     /// How TCP bytes move: splice (default), sockhash (in-kernel, opt-in), copy.
-    #[arg(long, env = "TIDEGATE_TCP_DATA_PATH", value_enum)]
+    #[arg(long, env = "TIDEGATE_TCP_DATA_PATH")]
     pub tcp_data_path: Option<DataPath>,
     /// Directory of policy plugin blobs (the controllers' artifact store).
     #[arg(long, env = "TIDEGATE_ARTIFACT_DIR")]
     pub artifact_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// This worker's id (a DNS label, unique in the cluster).
-    pub worker_id: String,
-    /// Address other agents use to reach this one.
-    pub advertise_address: IpAddr,
-    /// The HTTP entry point players' requests arrive on.
-    pub http_entry: SocketAddr,
-    /// The address whose ports the TCP redirector serves.
-    pub tcp_host: IpAddr,
-    /// How many instances this worker runs at most.
-    pub capacity: u32,
-    /// etcd client URLs.
-    pub etcd: Vec<String>,
-    /// `[etcd_tls]`: CA of the etcd members and this daemon's client
-    /// certificate; needed for `https://` endpoints.
-    pub etcd_tls: Option<tidegate_schema::connect::EtcdTls>,
-    /// `[etcd_auth]`: etcd user and a file with its password.
-    pub etcd_auth: Option<tidegate_schema::connect::EtcdAuth>,
-    /// Root of every key (as the controller's `key_root`).
-    pub key_root: String,
-    /// The Docker engine's socket.
-    pub docker_socket: String,
-    /// Pull images that are not present. Off where no registry is reachable.
-    pub pull_images: bool,
-    /// Docker network of instances without egress (internal, no inter-container traffic).
-    pub isolated_network: String,
-    /// Docker network of instances whose spec sets `egress` (outbound allowed, no inter-container traffic).
-    pub egress_network: String,
-    /// Extra label `tidegate.cluster=<value>` on every container (used by `deploy local`).
-    pub cluster_label: Option<String>,
-    /// How many times an exited container is restarted before its status is `failed`.
-    pub max_restarts: u32,
-    /// How often Docker's state is compared with the desired state, in milliseconds.
-    pub reconcile_interval_ms: u64,
-    /// TTL of this worker's membership lease in seconds.
-    pub membership_ttl_secs: i64,
-    /// Where the Prometheus metrics are served.
-    pub metrics_listen: SocketAddr,
-    /// Worker threads of the HTTP proxy.
-    pub http_threads: usize,
-    /// Largest request body the proxy forwards, in bytes (413 above).
-    pub max_body_bytes: u64,
-    /// Largest total size of request headers, in bytes (431 above).
-    pub max_header_bytes: usize,
-    /// How long connecting to an instance may take, in milliseconds (504 after).
-    pub upstream_connect_timeout_ms: u64,
-    /// How long an instance may stay silent mid-request, in milliseconds (504 after).
-    pub upstream_read_timeout_ms: u64,
-    /// Optional TLS entry point (HTTP/1.1 and HTTP/2) with a wildcard certificate.
-    pub https_entry: Option<SocketAddr>,
-    /// PEM certificate chain for `https_entry` and `tls_tcp_entry`.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `https_entry` and `tls_tcp_entry`.
-    pub tls_key: Option<PathBuf>,
-    /// Optional entry point for TCP over TLS: the agent terminates TLS with
-    /// `tls_cert` and routes by SNI (`{instance}-{port name}.{domain}`, the
-    /// `tls_hostname` the API gives for each TCP port) to that TCP port of
-    /// the instance, in plaintext. One port (e.g. 443 on an address of its
-    /// own) for every TCP challenge, for players behind strict firewalls.
-    pub tls_tcp_entry: Option<SocketAddr>,
-    /// How TCP connections reach the agent: `auto` (eBPF sk_lookup if it
-    /// loads, else one listener per port, said in one log line), `ebpf`
-    /// (refuse to start without it) or `listeners`.
-    pub tcp_steering: Steering,
-    /// How TCP bytes move: `splice` (splice(2) through a pipe per direction,
-    /// the default), `sockhash` (in-kernel redirect; no backpressure, see
-    /// docs/architecture.md) or `copy` (userspace copy).
-    pub tcp_data_path: DataPath,
-    /// Pipe size per direction of the splice path, in bytes: what one
-    /// direction of one connection holds in flight at most.
-    pub tcp_pipe_bytes: usize,
-    /// The artifact store of policy plugins (the same directory the
-    /// controllers write; a shared mount across machines). Blobs are
-    /// verified against their digest when read.
-    pub artifact_dir: PathBuf,
-    /// How long one `admit-connection` call may run, in milliseconds.
-    pub plugin_deadline_ms: u64,
-    /// How much memory one policy hook call may use, in MiB.
-    pub plugin_memory_mib: usize,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            worker_id: std::fs::read_to_string("/etc/hostname")
-                .map(|s| s.trim().to_ascii_lowercase())
-                .unwrap_or_else(|_| "worker".into()),
-            advertise_address: IpAddr::from([127, 0, 0, 1]),
-            http_entry: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            tcp_host: IpAddr::from([127, 0, 0, 1]),
-            capacity: 32,
-            etcd: vec!["http://127.0.0.1:2379".into()],
-            etcd_tls: None,
-            etcd_auth: None,
-            key_root: tidegate_schema::keys::DEFAULT_ROOT.into(),
-            docker_socket: "unix:///var/run/docker.sock".into(),
-            pull_images: true,
-            isolated_network: "tidegate-isolated".into(),
-            egress_network: "tidegate-egress".into(),
-            cluster_label: None,
-            max_restarts: 5,
-            reconcile_interval_ms: 500,
-            membership_ttl_secs: 10,
-            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            http_threads: 2,
-            max_body_bytes: 10 * 1024 * 1024,
-            max_header_bytes: 64 * 1024,
-            upstream_connect_timeout_ms: 3000,
-            upstream_read_timeout_ms: 60_000,
-            https_entry: None,
-            tls_cert: None,
-            tls_key: None,
-            tls_tcp_entry: None,
-            tcp_steering: Steering::Auto,
-            tcp_data_path: DataPath::Splice,
-            tcp_pipe_bytes: 1024 * 1024,
-            artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
-            plugin_deadline_ms: 5,
-            plugin_memory_mib: 32,
-        }
+/// The file (or the defaults), then the flags and environment variables
+/// that were given, validated.
+pub fn load(cli: Cli) -> Result<AgentConfig, ConfigError> {
+    let mut cfg = match &cli.config {
+        Some(path) => AgentConfig::from_file(path)?,
+        None => AgentConfig::default(),
+    };
+    macro_rules! overlay {
+        ($($f:ident),*) => { $( if let Some(v) = cli.$f { cfg.$f = v; } )* };
     }
-}
-
-/// A config value that cannot be used, naming the field.
-#[derive(Debug, thiserror::Error)]
-#[error("config {field}: {message}")]
-pub struct ConfigError {
-    pub field: &'static str,
-    pub message: String,
-}
-
-fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        message: message.into(),
-    }
-}
-
-impl Config {
-    /// File, then the flags and environment variables that were given.
-    pub fn load(cli: Cli) -> Result<Self, ConfigError> {
-        let mut cfg = match &cli.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
-                toml::from_str(&text)
-                    .map_err(|e| bad("config", format!("{}: {e}", path.display())))?
-            }
-            None => Config::default(),
-        };
-        macro_rules! overlay {
-            ($($f:ident),*) => { $( if let Some(v) = cli.$f { cfg.$f = v; } )* };
-        }
-        overlay!(
-            worker_id,
-            advertise_address,
-            http_entry,
-            tcp_host,
-            capacity,
-            etcd,
-            metrics_listen,
-            tcp_steering,
-            tcp_data_path,
-            artifact_dir
-        );
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))?;
-        if self.capacity == 0 {
-            return Err(bad("capacity", "at least 1"));
-        }
-        if self.http_entry.port() == 0 {
-            return Err(bad("http_entry", "needs a port"));
-        }
-        tidegate_schema::connect::check_config(&self.etcd, self.etcd_tls.as_ref())
-            .map_err(|(field, message)| bad(field, message))?;
-        Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
-        if !self.docker_socket.starts_with("unix://") {
-            return Err(bad("docker_socket", "a unix:// socket path"));
-        }
-        for (field, name) in [
-            ("isolated_network", &self.isolated_network),
-            ("egress_network", &self.egress_network),
-        ] {
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
-                return Err(bad(field, "a Docker network name"));
-            }
-        }
-        if self.isolated_network == self.egress_network {
-            return Err(bad("egress_network", "must differ from isolated_network"));
-        }
-        if !(50..=60_000).contains(&self.reconcile_interval_ms) {
-            return Err(bad("reconcile_interval_ms", "50 to 60000"));
-        }
-        if !(2..=300).contains(&self.membership_ttl_secs) {
-            return Err(bad("membership_ttl_secs", "2 to 300"));
-        }
-        if !(1..=64).contains(&self.http_threads) {
-            return Err(bad("http_threads", "1 to 64"));
-        }
-        if self.max_header_bytes < 1024 {
-            return Err(bad("max_header_bytes", "at least 1024"));
-        }
-        if self.upstream_connect_timeout_ms == 0 || self.upstream_read_timeout_ms == 0 {
-            return Err(bad("upstream_read_timeout_ms", "timeouts must be above 0"));
-        }
-        if !(1..=1000).contains(&self.plugin_deadline_ms) {
-            return Err(bad("plugin_deadline_ms", "1 to 1000"));
-        }
-        if !(1..=1024).contains(&self.plugin_memory_mib) {
-            return Err(bad("plugin_memory_mib", "1 to 1024"));
-        }
-        if !(4096..=64 * 1024 * 1024).contains(&self.tcp_pipe_bytes) {
-            return Err(bad("tcp_pipe_bytes", "4096 to 67108864"));
-        }
-        if self.tcp_data_path == DataPath::Sockhash && self.tcp_steering == Steering::Listeners {
-            return Err(bad(
-                "tcp_data_path",
-                "sockhash needs eBPF; set tcp_steering to auto or ebpf",
-            ));
-        }
-        if self.tcp_steering != Steering::Listeners && self.tcp_host.is_ipv6() {
-            return Err(bad(
-                "tcp_host",
-                "eBPF steering serves IPv4 only; use an IPv4 address or tcp_steering = \"listeners\"",
-            ));
-        }
-        for (entry, set) in [
-            ("https_entry", self.https_entry.is_some()),
-            ("tls_tcp_entry", self.tls_tcp_entry.is_some()),
-        ] {
-            if !set {
-                continue;
-            }
-            for (field, path) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
-                match path {
-                    Some(p) if p.exists() => {}
-                    Some(p) => return Err(bad(field, format!("{} does not exist", p.display()))),
-                    None => return Err(bad(field, format!("required with {entry}"))),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Where the leader can reach this agent's `/activity` (for `on-idle`
-    /// policies): the metrics listener, with the advertised address when it
-    /// listens on all addresses; none when it listens on loopback while
-    /// other machines would have to reach it (then `on-idle` keeps this
-    /// worker's instances, and the agent says so at start).
-    pub fn activity_address(&self) -> Option<SocketAddr> {
-        let ip = self.metrics_listen.ip();
-        if ip.is_unspecified() {
-            Some(SocketAddr::new(
-                self.advertise_address,
-                self.metrics_listen.port(),
-            ))
-        } else if ip.is_loopback() && !self.advertise_address.is_loopback() {
-            None
-        } else {
-            Some(self.metrics_listen)
-        }
-    }
-
-    /// The worker id, parsed.
-    pub fn worker(&self) -> Result<WorkerId, ConfigError> {
-        WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_reference_config_in_deploy_names_every_field() {
-        let missing =
-            tidegate_lab::config::fields_not_in::<Config>(include_str!("../../deploy/agent.toml"));
-        assert_eq!(
-            missing,
-            Ok(vec![]),
-            "deploy/agent.toml does not document these"
-        );
-    }
-
-    #[test]
-    fn the_activity_address_is_one_the_leader_can_reach() {
-        let mut cfg = Config {
-            advertise_address: IpAddr::from([198, 18, 0, 7]),
-            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
-            ..Config::default()
-        };
-        assert_eq!(
-            cfg.activity_address(),
-            Some(SocketAddr::from(([198, 18, 0, 7], 9464)))
-        );
-        cfg.metrics_listen = SocketAddr::from(([198, 18, 0, 7], 9500));
-        assert_eq!(cfg.activity_address(), Some(cfg.metrics_listen));
-        // Loopback while others reach us elsewhere: unreachable, so none.
-        cfg.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 9464));
-        assert_eq!(cfg.activity_address(), None);
-        // A one-machine cluster on loopback.
-        cfg.advertise_address = IpAddr::from([127, 0, 0, 1]);
-        assert_eq!(cfg.activity_address(), Some(cfg.metrics_listen));
-    }
+    overlay!(
+        worker_id,
+        advertise_address,
+        http_entry,
+        tcp_host,
+        capacity,
+        etcd,
+        metrics_listen,
+        tcp_steering,
+        tcp_data_path,
+        artifact_dir
+    );
+    cfg.validate()?;
+    Ok(cfg)
 }

@@ -360,7 +360,7 @@ impl ProxyHttp for EdgeProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         if let Some(route) = &ctx.route {
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            route.stats.request(
+            route.traffic.request(
                 status,
                 session.body_bytes_read() as u64,
                 session.body_bytes_sent() as u64,

@@ -1,12 +1,16 @@
 //! The tidegate data plane on one worker.
 //!
-//! `membership` keeps the worker registered; `reconcile` drives Docker
-//! (through `runtime`) until the containers equal the instance records
-//! assigned to this worker; `routes` keeps the hostname table every agent
-//! serves from; `http` is the Pingora proxy using it (with `policy`, the
-//! edge admission hook, and `stats`, per-instance counters); `metrics`
-//! serves Prometheus text; `tcp` is the userspace TCP path (a listener per
-//! instance port), the fallback of the eBPF redirector of #6.
+//! Where things happen: `membership` keeps the worker registered;
+//! `reconcile` drives Docker (through `runtime`, where a record becomes a
+//! hardened container) until the containers equal the instance records
+//! assigned to this worker, and reports each one's status; `routes` keeps
+//! the table every agent routes from (hostname and public port → the
+//! instance, here or on its owner); `http` is the Pingora proxy that routes
+//! a request by its Host; `tcp` routes a connection by its public port
+//! (eBPF `sk_lookup` steering, then splice(2), sockhash or copy) and serves
+//! TCP over TLS by SNI; `policy` is the edge admission hook both ask;
+//! `metrics` is what `/metrics` and `/activity` serve; `config` merges the
+//! config file with flags.
 
 pub mod config;
 pub mod http;
@@ -16,7 +20,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod routes;
 pub mod runtime;
-pub mod stats;
 pub mod tcp;
-
-pub use config::{Cli, Config, ConfigError};

@@ -1,165 +1,239 @@
-//! Prometheus text metrics of the agent. Activity data stays here (and in
-//! logs), never in etcd.
+//! What the agent measures, for its `GET /metrics` (Prometheus text):
+//! the reconciler and membership (`tidegate_agent_*`, here), etcd's health,
+//! every instance's traffic (`traffic`), the TCP data plane
+//! (`tidegate_tcp_*`, in `tcp`) and the edge policies (`tidegate_policy_*`,
+//! in `policy`). Activity data stays here (and in logs), never in etcd.
 
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+pub mod traffic;
+
+use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tidegate_etcd::EtcdHealth;
 use tidegate_schema::InstanceStatus;
+
+use crate::routes::SharedRoutes;
 
 /// Upper bounds of the reconcile latency histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
 
-#[derive(Debug, Default)]
+/// Container states, as the `state` label of `tidegate_agent_containers`.
+const STATES: [&str; 3] = ["starting", "running", "failed"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// The reconciler's and membership's measures, and etcd's health.
+#[derive(Debug)]
 pub struct Metrics {
-    states: Mutex<[u64; 3]>,
-    latency: Mutex<([u64; BUCKETS.len()], u64, f64)>,
-    malformed: AtomicU64,
-    fenced: AtomicU64,
-    orphans: AtomicU64,
-    watch_revision: AtomicI64,
-    registrations: AtomicU64,
+    containers: Family<StateLabel, Gauge>,
+    reconcile: Histogram,
+    malformed: Counter,
+    fenced: Counter,
+    orphans: Counter,
+    registrations: Counter,
+    watch_revision: Gauge,
     /// etcd round trips and watch lag.
-    pub etcd: std::sync::Arc<tidegate_schema::telemetry::EtcdHealth>,
+    pub etcd: Arc<EtcdHealth>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let containers = Family::<StateLabel, Gauge>::default();
+        for state in STATES {
+            containers.get_or_create(&StateLabel { state }).set(0);
+        }
+        Self {
+            containers,
+            reconcile: Histogram::new(BUCKETS),
+            malformed: Counter::default(),
+            fenced: Counter::default(),
+            orphans: Counter::default(),
+            registrations: Counter::default(),
+            watch_revision: Gauge::default(),
+            etcd: Arc::default(),
+        }
+    }
 }
 
 impl Metrics {
-    pub fn set_states<'a>(&self, states: impl Iterator<Item = &'a InstanceStatus>) {
-        let mut counts = [0u64; 3];
-        for s in states {
-            counts[match s {
-                InstanceStatus::Starting => 0,
-                InstanceStatus::Running => 1,
-                InstanceStatus::Failed { .. } => 2,
-            }] += 1;
+    /// Registers `tidegate_agent_*` in `registry` (the `tidegate_agent` prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        self.etcd.register(registry);
+        registry.register(
+            "containers",
+            "Instances of this worker by state",
+            self.containers.clone(),
+        );
+        registry.register(
+            "reconcile_seconds",
+            "Time from seeing an instance record to its container running",
+            self.reconcile.clone(),
+        );
+        for (name, help, c) in [
+            (
+                "malformed_records",
+                "Instance keys or records skipped as malformed",
+                &self.malformed,
+            ),
+            (
+                "fenced_records",
+                "Records refused for carrying a stale fencing token",
+                &self.fenced,
+            ),
+            (
+                "orphans_removed",
+                "Containers removed because no record wanted them",
+                &self.orphans,
+            ),
+            (
+                "registrations",
+                "Times this worker (re)registered its membership",
+                &self.registrations,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
         }
-        *self.states.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+        registry.register(
+            "watch_revision",
+            "The etcd revision the agent's view reflects",
+            self.watch_revision.clone(),
+        );
+    }
+
+    pub fn set_states<'a>(&self, states: impl Iterator<Item = &'a InstanceStatus>) {
+        let mut counts = [0i64; STATES.len()];
+        for s in states {
+            if let Some(i) = STATES.iter().position(|n| *n == s.name()) {
+                counts[i] += 1;
+            }
+        }
+        for (state, n) in STATES.into_iter().zip(counts) {
+            self.containers.get_or_create(&StateLabel { state }).set(n);
+        }
     }
 
     /// Time from first seeing a record to its container running.
     pub fn reconciled(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                h.0[i] += 1;
-            }
-        }
-        h.1 += 1;
-        h.2 += secs;
+        self.reconcile.observe(took.as_secs_f64());
     }
 
     pub fn malformed(&self) {
-        self.malformed.fetch_add(1, Ordering::Relaxed);
+        self.malformed.inc();
     }
 
     pub fn fenced(&self) {
-        self.fenced.fetch_add(1, Ordering::Relaxed);
+        self.fenced.inc();
     }
 
     pub fn orphan_removed(&self) {
-        self.orphans.fetch_add(1, Ordering::Relaxed);
+        self.orphans.inc();
     }
 
     pub fn registered(&self) {
-        self.registrations.fetch_add(1, Ordering::Relaxed);
+        self.registrations.inc();
     }
 
     pub fn set_watch_revision(&self, r: i64) {
-        self.watch_revision.store(r, Ordering::Relaxed);
-    }
-
-    /// The Prometheus text exposition; `routes_revision` is what the route
-    /// table's watch has delivered.
-    pub fn render(&self, routes_revision: i64) -> String {
-        let mut out = String::new();
-        self.etcd
-            .render(&mut out, "tidegate_agent", routes_revision);
-        let states = *self.states.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_agent_containers Instances of this worker by state."
-        );
-        let _ = writeln!(out, "# TYPE tidegate_agent_containers gauge");
-        for (name, n) in ["starting", "running", "failed"].iter().zip(states) {
-            let _ = writeln!(out, "tidegate_agent_containers{{state=\"{name}\"}} {n}");
-        }
-        let (buckets, count, sum) = *self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_agent_reconcile_seconds Time from seeing an instance record to its container running."
-        );
-        let _ = writeln!(out, "# TYPE tidegate_agent_reconcile_seconds histogram");
-        for (bound, n) in BUCKETS.iter().zip(buckets) {
-            let _ = writeln!(
-                out,
-                "tidegate_agent_reconcile_seconds_bucket{{le=\"{bound}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "tidegate_agent_reconcile_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(out, "tidegate_agent_reconcile_seconds_sum {sum}");
-        let _ = writeln!(out, "tidegate_agent_reconcile_seconds_count {count}");
-        for (name, help, v) in [
-            (
-                "tidegate_agent_malformed_records_total",
-                "Instance keys or records skipped as malformed.",
-                self.malformed.load(Ordering::Relaxed),
-            ),
-            (
-                "tidegate_agent_fenced_records_total",
-                "Records refused for carrying a stale fencing token.",
-                self.fenced.load(Ordering::Relaxed),
-            ),
-            (
-                "tidegate_agent_orphans_removed_total",
-                "Containers removed because no record wanted them.",
-                self.orphans.load(Ordering::Relaxed),
-            ),
-            (
-                "tidegate_agent_registrations_total",
-                "Times this worker (re)registered its membership.",
-                self.registrations.load(Ordering::Relaxed),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_agent_watch_revision The etcd revision the agent's view reflects.\n# TYPE tidegate_agent_watch_revision gauge\ntidegate_agent_watch_revision {}",
-            self.watch_revision.load(Ordering::Relaxed)
-        );
-        out
+        self.watch_revision.set(r);
     }
 }
 
-/// Appends the route table's size and every instance's HTTP series.
-pub fn render_routes(out: &mut String, table: &crate::routes::RouteTable) {
-    let _ = writeln!(
-        out,
-        "# HELP tidegate_agent_routes HTTP hostnames in this agent's route table.\n# TYPE tidegate_agent_routes gauge\ntidegate_agent_routes {}",
-        table.by_host.len()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP tidegate_agent_routes_revision The etcd revision of the route table.\n# TYPE tidegate_agent_routes_revision gauge\ntidegate_agent_routes_revision {}",
-        table.revision
-    );
-    let _ = writeln!(
-        out,
-        "# HELP tidegate_agent_tcp_routes TCP ports in this agent's route table.\n# TYPE tidegate_agent_tcp_routes gauge\ntidegate_agent_tcp_routes {}",
-        table.by_port.len()
-    );
-    let mut seen = std::collections::BTreeSet::new();
-    for route in table.by_host.values().chain(table.by_port.values()) {
-        if seen.insert(route.instance.as_str()) {
-            route.stats.render(out, route.instance.as_str());
+/// The route table's size and revision (`tidegate_agent_routes*`), read
+/// from the current snapshot when `/metrics` is read.
+#[derive(Debug)]
+pub struct RouteTableCollector(pub SharedRoutes);
+
+impl Collector for RouteTableCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let table = self.0.load();
+        for (name, help, value) in [
+            (
+                "tidegate_agent_routes",
+                "HTTP hostnames in this agent's route table",
+                table.by_host.len() as i64,
+            ),
+            (
+                "tidegate_agent_routes_revision",
+                "The etcd revision of the route table",
+                table.revision,
+            ),
+            (
+                "tidegate_agent_tcp_routes",
+                "TCP ports in this agent's route table",
+                table.by_port.len() as i64,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(m)?;
         }
+        Ok(())
+    }
+}
+
+/// Every metric of the agent in one registry.
+pub fn registry(
+    metrics: &Metrics,
+    routes: &SharedRoutes,
+    tcp: &crate::tcp::TcpPlane,
+    policy: &crate::policy::PluginPolicy,
+) -> Registry {
+    let mut registry = Registry::default();
+    metrics.register(registry.sub_registry_with_prefix("tidegate_agent"));
+    registry.register_collector(Box::new(RouteTableCollector(routes.clone())));
+    tcp.register(registry.sub_registry_with_prefix("tidegate_tcp"));
+    policy.register(registry.sub_registry_with_prefix("tidegate_policy"));
+    registry.register_collector(Box::new(traffic::TrafficCollector(routes.clone())));
+    registry
+}
+
+/// The Prometheus text of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
+    out
+}
+
+/// Serves `GET /metrics` (the Prometheus text of `registry`) and
+/// `GET /activity` (each local instance's last traffic, for the leader's
+/// `on-idle` check) on `listener`, until aborted.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry, routes: SharedRoutes) {
+    let registry = Arc::new(registry);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        )],
+                        render(&registry),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/activity",
+            axum::routing::get(move || {
+                let routes = routes.clone();
+                async move { axum::Json(traffic::activity(&routes.load())) }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics listener stopped");
     }
 }

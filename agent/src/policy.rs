@@ -5,13 +5,17 @@
 //! implement the hook) admit everything.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tidegate_plugin_host::{ArtifactStore, Digest, Host, Plugin};
 use tidegate_schema::PolicyFallback;
 
@@ -51,19 +55,20 @@ impl EdgePolicy for AllowAll {
     }
 }
 
-/// A challenge's policy as etcd names it.
+/// A challenge's policy as etcd names it (the digest of its plugin and its
+/// fallback): what the edge should apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Wanted {
+pub struct PolicyWanted {
     pub digest: String,
     pub fallback: PolicyFallback,
 }
 
 /// Challenge name → its policy, as the route watch last saw it.
-pub type WantedPolicies = Arc<HashMap<String, Wanted>>;
+pub type PolicyWants = Arc<HashMap<String, PolicyWanted>>;
 
-/// A challenge's policy as the edge applies it.
+/// A challenge's policy as the edge applies it now.
 #[derive(Debug)]
-enum Slot {
+enum AppliedPolicy {
     Loaded {
         plugin: Arc<Plugin>,
         fallback: PolicyFallback,
@@ -76,24 +81,58 @@ enum Slot {
     },
 }
 
-/// Counters of edge decisions, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct EdgeCounters {
-    pub allowed: AtomicU64,
-    pub rejected: AtomicU64,
-    pub failed_allowed: AtomicU64,
-    pub failed_rejected: AtomicU64,
-    /// Calls into plugins and their total time (microseconds).
-    pub calls: AtomicU64,
-    pub call_micros: AtomicU64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// The edge's measures (`tidegate_policy_*`); the request path adds to
+/// counter handles taken once, so each decision costs one atomic add.
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    decisions: Family<DecisionLabel, Counter>,
+    pub allowed: Counter,
+    pub rejected: Counter,
+    pub failed_allowed: Counter,
+    pub failed_rejected: Counter,
+    /// Calls into plugins, and their total time in seconds.
+    pub calls: Counter,
+    pub call_seconds: Counter<f64, AtomicU64>,
+    plugins: Family<StateLabel, Gauge>,
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        let decisions = Family::<DecisionLabel, Counter>::default();
+        let handle = |decision| decisions.get_or_create_owned(&DecisionLabel { decision });
+        let plugins = Family::<StateLabel, Gauge>::default();
+        for state in ["loaded", "broken"] {
+            plugins.get_or_create(&StateLabel { state }).set(0);
+        }
+        Self {
+            allowed: handle("allow"),
+            rejected: handle("reject"),
+            failed_allowed: handle("fallback_allow"),
+            failed_rejected: handle("fallback_reject"),
+            decisions,
+            calls: Counter::default(),
+            call_seconds: Counter::default(),
+            plugins,
+        }
+    }
 }
 
 /// Runs each challenge's `admit-connection` plugin.
 pub struct PluginPolicy {
     host: Host,
     store: Arc<dyn ArtifactStore>,
-    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
-    pub counters: EdgeCounters,
+    applied: ArcSwap<HashMap<String, Arc<AppliedPolicy>>>,
+    pub metrics: EdgeMetrics,
     /// Unix ms of the last failure log line (one a second at most).
     last_failure_log: AtomicU64,
 }
@@ -111,8 +150,8 @@ impl PluginPolicy {
         Self {
             host,
             store,
-            slots: ArcSwap::default(),
-            counters: EdgeCounters::default(),
+            applied: ArcSwap::default(),
+            metrics: EdgeMetrics::default(),
             last_failure_log: AtomicU64::new(0),
         }
     }
@@ -120,7 +159,7 @@ impl PluginPolicy {
     /// Keeps the loaded plugins equal to `wanted` forever: a new digest is
     /// fetched, verified and compiled off the runtime, then swapped in (the
     /// old plugin serves until then); a broken one is retried every 5 s.
-    pub async fn run(self: Arc<Self>, mut wanted: tokio::sync::watch::Receiver<WantedPolicies>) {
+    pub async fn run(self: Arc<Self>, mut wanted: tokio::sync::watch::Receiver<PolicyWants>) {
         loop {
             let current = wanted.borrow_and_update().clone();
             let me = self.clone();
@@ -142,26 +181,26 @@ impl PluginPolicy {
     }
 
     /// One pass; returns whether any policy is broken.
-    fn sync(&self, wanted: &HashMap<String, Wanted>) -> bool {
-        let old = self.slots.load_full();
+    fn sync(&self, wanted: &HashMap<String, PolicyWanted>) -> bool {
+        let old = self.applied.load_full();
         let mut next = HashMap::with_capacity(wanted.len());
         let mut broken = false;
         for (challenge, w) in wanted {
             let reusable = old.get(challenge).filter(|s| match s.as_ref() {
-                Slot::Loaded { plugin, fallback } => {
+                AppliedPolicy::Loaded { plugin, fallback } => {
                     plugin.digest().as_str() == w.digest && *fallback == w.fallback
                 }
-                Slot::Broken { .. } => false,
+                AppliedPolicy::Broken { .. } => false,
             });
-            if let Some(slot) = reusable {
-                next.insert(challenge.clone(), slot.clone());
+            if let Some(applied) = reusable {
+                next.insert(challenge.clone(), applied.clone());
                 continue;
             }
-            let slot = match self.load(&w.digest) {
+            let applied = match self.load(&w.digest) {
                 Ok(plugin) => {
                     tracing::info!(%challenge, digest = %w.digest, hooks = ?plugin.hook_names(),
                         "policy loaded");
-                    Slot::Loaded {
+                    AppliedPolicy::Loaded {
                         plugin,
                         fallback: w.fallback,
                     }
@@ -170,39 +209,47 @@ impl PluginPolicy {
                     broken = true;
                     tracing::warn!(%challenge, digest = %w.digest, %error, fallback = ?w.fallback,
                         "policy unavailable; its fallback applies at the edge (retrying)");
-                    Slot::Broken {
+                    AppliedPolicy::Broken {
                         digest: w.digest.clone(),
-                        error,
+                        error: error.to_string(),
                         fallback: w.fallback,
                     }
                 }
             };
-            next.insert(challenge.clone(), Arc::new(slot));
+            next.insert(challenge.clone(), Arc::new(applied));
         }
-        self.slots.store(Arc::new(next));
+        self.applied.store(Arc::new(next));
+        let (n_loaded, n_broken) = self.loaded();
+        for (state, n) in [("loaded", n_loaded), ("broken", n_broken)] {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            self.metrics
+                .plugins
+                .get_or_create(&StateLabel { state })
+                .set(n);
+        }
         // Compiled plugins nobody names any more are dropped.
         self.host
             .retain(&|d: &Digest| wanted.values().any(|w| w.digest == d.as_str()));
         broken
     }
 
-    fn load(&self, digest: &str) -> Result<Arc<Plugin>, String> {
+    fn load(&self, digest: &str) -> Result<Arc<Plugin>, LoadError> {
         let digest = Digest::parse(digest)?;
         if let Some(p) = self.host.get(&digest) {
             return Ok(p);
         }
-        let bytes = self.store.get(&digest).map_err(|e| e.to_string())?;
-        self.host.load(&bytes).map_err(|e| e.to_string())
+        let bytes = self.store.get(&digest)?;
+        Ok(self.host.load(&bytes)?)
     }
 
     /// Policies loaded now, and how many are broken.
     pub fn loaded(&self) -> (usize, usize) {
-        let slots = self.slots.load();
-        let broken = slots
+        let applied = self.applied.load();
+        let broken = applied
             .values()
-            .filter(|s| matches!(s.as_ref(), Slot::Broken { .. }))
+            .filter(|s| matches!(s.as_ref(), AppliedPolicy::Broken { .. }))
             .count();
-        (slots.len() - broken, broken)
+        (applied.len() - broken, broken)
     }
 
     fn fallback(&self, fallback: PolicyFallback, cause: String) -> Verdict {
@@ -218,57 +265,58 @@ impl PluginPolicy {
         }
         match fallback {
             PolicyFallback::Allow => {
-                self.counters.failed_allowed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.failed_allowed.inc();
                 Verdict::Allow
             }
             PolicyFallback::Deny => {
-                self.counters
-                    .failed_rejected
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.failed_rejected.inc();
                 Verdict::Reject(format!("{cause}; the challenge's policy_fallback is deny"))
             }
         }
     }
 
-    /// The Prometheus lines of the edge policies.
-    pub fn render_metrics(&self, out: &mut String) {
-        let c = &self.counters;
-        let (loaded, broken) = self.loaded();
-        let n = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-        tidegate_schema::telemetry::counters(
-            out,
-            "tidegate_policy_edge_decisions_total",
-            "admit-connection decisions at this agent.",
-            "decision",
-            &[
-                ("allow", n(&c.allowed)),
-                ("reject", n(&c.rejected)),
-                ("fallback_allow", n(&c.failed_allowed)),
-                ("fallback_reject", n(&c.failed_rejected)),
-            ],
+    /// Registers `tidegate_policy_*` (in the `tidegate_policy` prefix registry).
+    pub fn register(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "edge_decisions",
+            "admit-connection decisions at this agent",
+            m.decisions.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_policy_calls_total Plugin calls made at this agent.\n# TYPE tidegate_policy_calls_total counter\ntidegate_policy_calls_total {}\n# HELP tidegate_policy_call_seconds_total Time spent in plugin calls.\n# TYPE tidegate_policy_call_seconds_total counter\ntidegate_policy_call_seconds_total {:.6}",
-            c.calls.load(Ordering::Relaxed),
-            c.call_micros.load(Ordering::Relaxed) as f64 / 1e6
+        registry.register("calls", "Plugin calls made at this agent", m.calls.clone());
+        registry.register(
+            "call_seconds",
+            "Time spent in plugin calls",
+            m.call_seconds.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_policy_plugins Challenges' policies at this agent by state.\n# TYPE tidegate_policy_plugins gauge\ntidegate_policy_plugins{{state=\"loaded\"}} {loaded}\ntidegate_policy_plugins{{state=\"broken\"}} {broken}"
+        registry.register(
+            "plugins",
+            "Challenges' policies at this agent by state",
+            m.plugins.clone(),
         );
     }
 }
 
+/// Why a policy could not be loaded at the edge (its fallback applies).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Digest(#[from] tidegate_plugin_host::DigestError),
+    #[error(transparent)]
+    Store(#[from] tidegate_plugin_host::StoreError),
+    #[error(transparent)]
+    Compile(#[from] tidegate_plugin_host::LoadError),
+}
+
 impl EdgePolicy for PluginPolicy {
     fn admit(&self, conn: &Connection<'_>) -> Verdict {
-        let slots = self.slots.load();
-        let Some(slot) = slots.get(conn.challenge) else {
+        let applied = self.applied.load();
+        let Some(policy) = applied.get(conn.challenge) else {
             return Verdict::Allow;
         };
-        let (plugin, fallback) = match slot.as_ref() {
-            Slot::Loaded { plugin, fallback } => (plugin, *fallback),
-            Slot::Broken {
+        let (plugin, fallback) = match policy.as_ref() {
+            AppliedPolicy::Loaded { plugin, fallback } => (plugin, *fallback),
+            AppliedPolicy::Broken {
                 digest,
                 error,
                 fallback,
@@ -291,18 +339,18 @@ impl EdgePolicy for PluginPolicy {
         let started = std::time::Instant::now();
         let answer = plugin.admit_connection(&wit);
         if answer.is_some() {
-            self.counters.calls.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .call_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.metrics.calls.inc();
+            self.metrics
+                .call_seconds
+                .inc_by(started.elapsed().as_secs_f64());
         }
         match answer {
             None | Some(Ok(tidegate_plugin_host::Verdict::Allow)) => {
-                self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.allowed.inc();
                 Verdict::Allow
             }
             Some(Ok(tidegate_plugin_host::Verdict::Reject(reason))) => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.metrics.rejected.inc();
                 Verdict::Reject(reason)
             }
             Some(Err(e)) => self.fallback(fallback, e.to_string()),

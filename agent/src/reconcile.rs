@@ -6,17 +6,18 @@
 //! compares Docker's list with the desired set: it starts what is missing,
 //! adopts what already runs (same container id, no restart), removes
 //! orphans, restarts exited containers with backoff up to `max_restarts`,
-//! and writes each instance's endpoint and status under the instance's
-//! lease, so they vanish with it.
+//! and writes each instance's status (where its container listens, and
+//! how it is doing) under the instance's lease, so it vanishes with it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::{
-    EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, Kv,
-    Record, V1, Watcher, WorkerId,
+    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, Record, StatusRecord, V1,
+    WorkerId,
 };
 
 use crate::metrics::Metrics;
@@ -32,13 +33,13 @@ struct Tracked {
     address: Option<std::net::IpAddr>,
     restarts: u32,
     retry_at: Option<Instant>,
-    /// What etcd holds for this instance's endpoint (None: not written yet).
+    /// What etcd holds for this instance's status (None: not written yet).
     reported: Option<(InstanceStatus, Option<String>, Option<std::net::IpAddr>)>,
-    /// The endpoint's mod_revision as this agent last wrote or read it (0:
+    /// The status key's mod_revision as this agent last wrote or read it (0:
     /// none). Each write expects it, so a write whose outcome was unknown
     /// (etcd recovering) cannot land after a newer one and leave an old
     /// status in force.
-    endpoint_rev: i64,
+    status_rev: i64,
     /// When the record was first seen, for the reconcile latency metric.
     seen: Instant,
 }
@@ -198,7 +199,7 @@ impl Reconciler {
         }
         match self.desired.get_mut(&id) {
             Some(t) => {
-                // A renewal: new lease (the endpoint moved with it), new expiry.
+                // A renewal: new lease (the status moved with it), new expiry.
                 t.record = record;
                 t.lease = kv.lease;
             }
@@ -214,7 +215,7 @@ impl Reconciler {
                         restarts: 0,
                         retry_at: None,
                         reported: None,
-                        endpoint_rev: 0,
+                        status_rev: 0,
                         seen: Instant::now(),
                     },
                 );
@@ -380,7 +381,7 @@ impl Reconciler {
         }
     }
 
-    /// Writes the endpoint record when what etcd holds differs.
+    /// Writes the status record when what etcd holds differs.
     async fn report(&mut self, id: &InstanceId) {
         let Some(t) = self.desired.get_mut(id) else {
             return;
@@ -389,7 +390,7 @@ impl Reconciler {
         if t.reported.as_ref() == Some(&now) || t.lease == 0 {
             return;
         }
-        let record = EndpointRecord {
+        let record = StatusRecord {
             v: V1,
             instance: id.clone(),
             worker: self.worker.clone(),
@@ -400,22 +401,20 @@ impl Reconciler {
                 None
             },
             status: t.status.clone(),
-            updated_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            updated_at: tidegate_schema::time::unix_secs(),
         };
-        let key = self.ks.key(&Key::Endpoint(id.clone()));
+        let key = self.ks.key(&Key::Status(id.clone()));
         let instance_key = self.ks.key(&Key::Instance(id.clone()));
         // Only while the instance is still on the lease this agent knows: a
         // renewal that moved it to a new lease is about to revoke the old
-        // one, and an endpoint written on it would vanish with it (players
+        // one, and a status written on it would vanish with it (players
         // then got 503 for a running instance until it expired). If the
         // compare fails, the watch brings the new lease and the next pass
         // writes again.
         let txn = Txn::new()
             .when([
                 Compare::lease(instance_key.as_str(), CompareOp::Equal, t.lease),
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, t.endpoint_rev),
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, t.status_rev),
             ])
             .and_then([TxnOp::put(
                 key.as_str(),
@@ -427,7 +426,7 @@ impl Reconciler {
             Ok(r) if r.succeeded() => {
                 t.reported = Some(now);
                 if let Some(h) = r.header() {
-                    t.endpoint_rev = h.revision();
+                    t.status_rev = h.revision();
                     self.metrics.etcd.wrote(h.revision());
                 }
             }
@@ -435,19 +434,10 @@ impl Reconciler {
                 // Moved by a renewal, written by an earlier run of this
                 // agent, or an earlier write of ours landed late: expect
                 // what is there now, and write again on the next pass.
-                t.endpoint_rev = r
-                    .op_responses()
-                    .into_iter()
-                    .find_map(|op| match op {
-                        etcd_client::TxnOpResponse::Get(g) => {
-                            Some(g.kvs().first().map_or(0, |kv| kv.mod_revision()))
-                        }
-                        _ => None,
-                    })
-                    .unwrap_or(0);
-                tracing::debug!(instance = %id, lease = t.lease, endpoint_rev = t.endpoint_rev, "instance moved to another lease or endpoint changed; endpoint written on the next pass")
+                t.status_rev = tidegate_etcd::guard::else_get(&r).map_or(0, |kv| kv.mod_revision());
+                tracing::debug!(instance = %id, lease = t.lease, status_rev = t.status_rev, "instance moved to another lease or status changed; status written on the next pass")
             }
-            Err(e) => tracing::debug!(instance = %id, error = %e, "could not write endpoint"),
+            Err(e) => tracing::debug!(instance = %id, error = %e, "could not write the status"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The route table every agent keeps: hostname → where to send the request.
 //!
-//! Fed by one watch of the key root (instances, endpoints, workers). The
+//! Fed by one watch of the key root (instances, their status, workers,
+//! challenges' policies). The
 //! table is an immutable snapshot behind an `ArcSwap`: the request path
 //! loads it without a lock; the watch task builds the next one and swaps it
 //! in after each batch of events.
@@ -12,13 +13,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use etcd_client::Client;
 use futures::FutureExt;
+use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::{
-    ChallengeRecord, EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key,
-    Keyspace, Kv, WorkerId, WorkerRecord,
+    ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, StatusRecord,
+    WorkerId, WorkerRecord,
 };
 
-use crate::policy::{Wanted, WantedPolicies};
-use crate::stats::InstanceStats;
+use crate::metrics::traffic::InstanceTraffic;
+use crate::policy::{PolicyWanted, PolicyWants};
 
 /// Where a hostname's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +40,7 @@ pub struct Route {
     pub team: String,
     pub challenge: String,
     pub target: Target,
-    pub stats: Arc<InstanceStats>,
+    pub traffic: Arc<InstanceTraffic>,
 }
 
 /// An immutable snapshot of every HTTP and TCP route.
@@ -67,19 +69,20 @@ impl RouteTable {
 /// The shared, swappable table.
 pub type SharedRoutes = Arc<ArcSwap<RouteTable>>;
 
-/// What the watch has told us, from which tables are built.
+/// The cluster as the watch has told it so far (instances, their status,
+/// workers, challenges' policies): the source every route table is built from.
 #[derive(Debug, Default)]
-struct Known {
+struct WatchedCluster {
     instances: HashMap<InstanceId, InstanceRecord>,
-    endpoints: HashMap<InstanceId, EndpointRecord>,
+    statuses: HashMap<InstanceId, StatusRecord>,
     workers: HashMap<WorkerId, WorkerRecord>,
     /// Per-instance counters survive table rebuilds.
-    stats: HashMap<InstanceId, Arc<InstanceStats>>,
+    traffic: HashMap<InstanceId, Arc<InstanceTraffic>>,
     /// Challenges with a policy plugin.
-    policies: HashMap<String, Wanted>,
+    policies: HashMap<String, PolicyWanted>,
 }
 
-impl Known {
+impl WatchedCluster {
     fn apply(&mut self, ks: &Keyspace, kv: &Kv) {
         match ks.parse(&kv.key) {
             Ok(Key::Instance(id)) => match kv.decode::<InstanceRecord>() {
@@ -91,12 +94,12 @@ impl Known {
                     self.instances.remove(&id);
                 }
             },
-            Ok(Key::Endpoint(id)) => match kv.decode::<EndpointRecord>() {
-                Ok(e) => {
-                    self.endpoints.insert(id, e);
+            Ok(Key::Status(id)) => match kv.decode::<StatusRecord>() {
+                Ok(st) => {
+                    self.statuses.insert(id, st);
                 }
                 Err(_) => {
-                    self.endpoints.remove(&id);
+                    self.statuses.remove(&id);
                 }
             },
             Ok(Key::Worker(id)) => match kv.decode::<WorkerRecord>() {
@@ -112,7 +115,7 @@ impl Known {
                     Some(p) => {
                         self.policies.insert(
                             name.to_string(),
-                            Wanted {
+                            PolicyWanted {
                                 digest: p.digest,
                                 fallback: c.spec.policy_fallback,
                             },
@@ -136,10 +139,10 @@ impl Known {
         match ks.parse(key) {
             Ok(Key::Instance(id)) => {
                 self.instances.remove(&id);
-                self.stats.remove(&id);
+                self.traffic.remove(&id);
             }
-            Ok(Key::Endpoint(id)) => {
-                self.endpoints.remove(&id);
+            Ok(Key::Status(id)) => {
+                self.statuses.remove(&id);
             }
             Ok(Key::Worker(id)) => {
                 self.workers.remove(&id);
@@ -167,13 +170,13 @@ impl Known {
                 None => Target::NotReady(format!("its worker {} is not connected", rec.worker)),
             };
         }
-        match self.endpoints.get(id) {
-            Some(EndpointRecord {
+        match self.statuses.get(id) {
+            Some(StatusRecord {
                 status: InstanceStatus::Running,
                 address: Some(addr),
                 ..
             }) => Target::Local(SocketAddr::new(*addr, target_port)),
-            Some(EndpointRecord {
+            Some(StatusRecord {
                 status: InstanceStatus::Failed { reason },
                 ..
             }) => Target::NotReady(format!("it failed: {reason}")),
@@ -186,14 +189,14 @@ impl Known {
         let mut by_port = HashMap::new();
         let mut by_sni = HashMap::new();
         for (id, rec) in &self.instances {
-            let stats = self.stats.entry(id.clone()).or_default().clone();
+            let traffic = self.traffic.entry(id.clone()).or_default().clone();
             let route = |target| {
                 Arc::new(Route {
                     instance: id.clone(),
                     team: rec.team.to_string(),
                     challenge: rec.challenge.to_string(),
                     target,
-                    stats: stats.clone(),
+                    traffic: traffic.clone(),
                 })
             };
             for r in &rec.http {
@@ -226,19 +229,19 @@ pub async fn run(
     me: WorkerId,
     routes: SharedRoutes,
     builds: tokio::sync::watch::Sender<u64>,
-    policies: tokio::sync::watch::Sender<WantedPolicies>,
-    etcd: Arc<tidegate_schema::telemetry::EtcdHealth>,
+    policies: tokio::sync::watch::Sender<PolicyWants>,
+    etcd: Arc<EtcdHealth>,
 ) {
-    let mut watcher = tidegate_schema::Watcher::new(client, format!("{ks}/"));
-    let mut known = Known::default();
-    let mut building: Option<Known> = None;
+    let mut watcher = Watcher::new(client, format!("{ks}/"));
+    let mut known = WatchedCluster::default();
+    let mut building: Option<WatchedCluster> = None;
     loop {
         let mut event = Some(watcher.next().await);
         let mut changed = false;
         // Apply every event already received before building one table.
         while let Some(e) = event.take() {
             match e {
-                Event::Init => building = Some(Known::default()),
+                Event::Init => building = Some(WatchedCluster::default()),
                 Event::InitApply(kv) => {
                     if let Some(b) = building.as_mut() {
                         b.apply(&ks, &kv);
@@ -246,7 +249,7 @@ pub async fn run(
                 }
                 Event::InitDone { .. } => {
                     if let Some(mut b) = building.take() {
-                        b.stats = std::mem::take(&mut known.stats);
+                        b.traffic = std::mem::take(&mut known.traffic);
                         known = b;
                         changed = true;
                     }
@@ -300,33 +303,31 @@ mod tests {
             "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}, "flag": "f"})
     }
 
+    fn key(ks: &Keyspace, key: Key) -> String {
+        ks.key(&key)
+    }
+
+    fn id(s: &str) -> InstanceId {
+        InstanceId::parse(s).unwrap()
+    }
+
     #[test]
     fn local_remote_and_not_ready() {
         let ks = Keyspace::default();
         let me = WorkerId::parse("a").unwrap();
-        let mut k = Known::default();
-        k.apply(
-            &ks,
-            &kv(
-                "/tidegate/instances/000000000a",
-                instance("000000000a", "a"),
-            ),
-        );
-        k.apply(
-            &ks,
-            &kv(
-                "/tidegate/instances/000000000b",
-                instance("000000000b", "b"),
-            ),
-        );
-        k.apply(
-            &ks,
-            &kv(
-                "/tidegate/instances/000000000c",
-                instance("000000000c", "gone"),
-            ),
-        );
-        k.apply(&ks, &kv("/tidegate/workers/b", serde_json::json!({"v": 1, "id": "b", "address": "127.0.0.3",
+        let mut k = WatchedCluster::default();
+        for (i, worker) in [
+            ("000000000a", "a"),
+            ("000000000b", "b"),
+            ("000000000c", "gone"),
+        ] {
+            k.apply(
+                &ks,
+                &kv(&key(&ks, Key::Instance(id(i))), instance(i, worker)),
+            );
+        }
+        let b = Key::Worker(WorkerId::parse("b").unwrap());
+        k.apply(&ks, &kv(&key(&ks, b), serde_json::json!({"v": 1, "id": "b", "address": "127.0.0.3",
             "http_entry": "127.0.0.3:8080", "tcp_host": "127.0.0.3", "capacity": 1, "version": "0", "started_at": 0})));
         let t = k.build(&me, 1);
         assert_eq!(
@@ -341,21 +342,22 @@ mod tests {
             t.get("000000000c.ctf.localhost").unwrap().target,
             Target::NotReady(_)
         ));
-        k.apply(&ks, &kv("/tidegate/endpoints/000000000a", serde_json::json!({"v": 1, "instance": "000000000a",
+        let status = key(&ks, Key::Status(id("000000000a")));
+        k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
             "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 1})));
         let t = k.build(&me, 2);
         assert_eq!(
             t.get("000000000a.ctf.localhost").unwrap().target,
             Target::Local("198.19.0.9:8080".parse().unwrap())
         );
-        // Stats survive rebuilds; deletes drop the route.
-        let s1 = t.get("000000000a.ctf.localhost").unwrap().stats.clone();
+        // Traffic counters survive rebuilds; deletes drop the route.
+        let s1 = t.get("000000000a.ctf.localhost").unwrap().traffic.clone();
         let t2 = k.build(&me, 3);
         assert!(Arc::ptr_eq(
             &s1,
-            &t2.get("000000000a.ctf.localhost").unwrap().stats
+            &t2.get("000000000a.ctf.localhost").unwrap().traffic
         ));
-        k.remove(&ks, "/tidegate/instances/000000000a");
+        k.remove(&ks, &key(&ks, Key::Instance(id("000000000a"))));
         assert!(k.build(&me, 4).get("000000000a.ctf.localhost").is_none());
     }
 }

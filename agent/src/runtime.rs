@@ -22,7 +22,7 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use tidegate_schema::InstanceRecord;
 
-use crate::config::Config;
+use tidegate_schema::config::AgentConfig;
 
 pub const LABEL_INSTANCE: &str = "tidegate.instance";
 pub const LABEL_CHALLENGE: &str = "tidegate.challenge";
@@ -71,7 +71,7 @@ fn not_found(e: &DockerError) -> bool {
 
 impl Runtime {
     /// Connects (negotiating the API version: Debian's engine speaks 1.41).
-    pub async fn connect(cfg: &Config) -> Result<Self, DockerError> {
+    pub async fn connect(cfg: &AgentConfig) -> Result<Self, DockerError> {
         let docker =
             Docker::connect_with_unix(&cfg.docker_socket, 60, bollard::API_DEFAULT_VERSION)?
                 .negotiate_version()

@@ -1,11 +1,15 @@
-//! The REST API under `/v1`: router, bearer scopes, JSON errors, helpers.
-//! Handlers live in `api/`.
+//! The REST API under `/v1`: the routes (each handler in `api/`, documented
+//! by its `#[utoipa::path]`), bearer scopes, the etcd call wrapper, and the
+//! leader check. Handlers only map outcomes to HTTP: decisions are in
+//! `policy`, placement in `view`, writes in `spawn` and `lifecycle`.
 
+mod bodies;
 mod challenges;
 mod cluster;
 mod dashboard;
+mod error;
 mod instances;
-pub mod openapi;
+mod openapi;
 mod policies;
 
 use std::future::Future;
@@ -15,57 +19,64 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde_json::json;
-
+use axum::routing::get;
 use tidegate_plugin_host::MAX_COMPONENT_BYTES;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+pub use error::{ApiError, ApiResult};
 
 use crate::App;
 
 /// Bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 1024 * 1024;
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+/// Routes served but left out of the OpenAPI document: they are not JSON
+/// API endpoints (Prometheus text, the dashboard's HTML page).
+pub const UNDOCUMENTED: &[(&str, &str)] = &[("/metrics", "GET"), ("/dashboard", "GET")];
 
-/// The API's routes.
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/v1/openapi.json", get(openapi::document))
-        .route("/v1/status", get(cluster::status))
-        .route("/v1/workers", get(cluster::workers))
-        .route("/v1/challenges", get(challenges::list))
-        .route(
-            "/v1/challenges/{name}",
-            get(challenges::get)
-                .put(challenges::put)
-                .delete(challenges::delete),
-        )
-        .route(
-            "/v1/challenges/{name}/policy",
-            get(policies::get)
-                .put(policies::put)
-                .delete(policies::delete)
+/// Every documented route: the one list both the router and the OpenAPI
+/// document are made from.
+fn documented() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(openapi::document))
+        .routes(routes!(cluster::status))
+        .routes(routes!(cluster::workers))
+        .routes(routes!(challenges::list))
+        .routes(routes!(
+            challenges::get,
+            challenges::put,
+            challenges::delete
+        ))
+        .routes(
+            routes!(policies::get, policies::put, policies::delete)
                 // Components up to 10 MiB; a bit more is read so that an
                 // oversized one gets a 400 saying so.
                 .layer(DefaultBodyLimit::max(2 * MAX_COMPONENT_BYTES)),
         )
-        .route("/v1/instances", post(instances::spawn).get(instances::list))
-        .route(
-            "/v1/instances/{id}",
-            get(instances::get).delete(instances::delete),
-        )
-        .route("/v1/instances/{id}/renew", post(instances::renew))
-        .route("/v1/instances/{id}/flag", post(instances::flag))
+        .routes(routes!(instances::spawn, instances::list))
+        .routes(routes!(instances::get, instances::delete))
+        .routes(routes!(instances::renew))
+        .routes(routes!(instances::flag))
+        .routes(routes!(dashboard::data))
+}
+
+/// The OpenAPI document of every documented route (`GET /v1/openapi.json`).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let mut doc = documented().into_openapi();
+    openapi::add_common_responses(&mut doc);
+    doc
+}
+
+/// Every route, the fallback and the layers, before the state is given.
+fn routes() -> Router<Arc<App>> {
+    let (router, _) = documented().split_for_parts();
+    router
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard::page))
-        .route("/v1/dashboard", get(dashboard::data))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -73,155 +84,13 @@ pub fn router(app: Arc<App>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::map_response(json_errors))
-        .with_state(app)
+        .layer(axum::middleware::map_response(error::json_errors))
 }
 
-/// Every 4xx/5xx body is JSON `{"error", "field"?}`, also the ones axum
-/// makes itself (413, 405, 415, bad paths).
-async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.as_u16() < 400 || is_json {
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .unwrap_or_default();
-    let mut message = String::from_utf8_lossy(&text).trim().to_string();
-    if message.is_empty() {
-        message = status.canonical_reason().unwrap_or("error").to_lowercase();
-    }
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        message = format!(
-            "request body is too large: at most {MAX_BODY} bytes ({MAX_COMPONENT_BYTES} for a policy plugin)"
-        );
-    }
-    let mut resp = ApiError::new(status, message).into_response();
-    for (k, v) in parts
-        .headers
-        .iter()
-        .filter(|(k, _)| *k != header::CONTENT_TYPE && *k != header::CONTENT_LENGTH)
-    {
-        resp.headers_mut().insert(k.clone(), v.clone());
-    }
-    resp
+/// The API's routes.
+pub fn router(app: Arc<App>) -> Router {
+    routes().with_state(app)
 }
-
-/// An error answer: `{"error": ..., "field"?: ..., "leader"?: ...}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    error: String,
-    field: Option<String>,
-    headers: Vec<(header::HeaderName, HeaderValue)>,
-    extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
-    /// The etcd request behind it never reached a member (safe to retry).
-    never_sent: bool,
-    /// Why a spawn or renewal was refused, for metrics and the dashboard.
-    reason: Option<&'static str>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        Self {
-            status,
-            error: error.into(),
-            field: None,
-            headers: Vec::new(),
-            extra: None,
-            never_sent: false,
-            reason: None,
-        }
-    }
-
-    /// Labels a refusal (`tidegate_controller_refusals_total{reason}`).
-    pub fn reason(mut self, reason: &'static str) -> Self {
-        self.reason = Some(reason);
-        self
-    }
-
-    /// The refusal label: the one given, or `unavailable` for any 503.
-    pub fn refusal(&self) -> Option<&'static str> {
-        self.reason
-            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some("unavailable"))
-    }
-
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    pub fn message(&self) -> &str {
-        &self.error
-    }
-
-    /// Whether this is an answer with `status`.
-    pub fn is_status(&self, status: StatusCode) -> bool {
-        self.status == status
-    }
-
-    pub fn field(mut self, field: impl Into<String>) -> Self {
-        self.field = Some(field.into());
-        self
-    }
-
-    /// An extra member of the JSON body (e.g. `"policy": {...}`).
-    pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
-        self.extra
-            .get_or_insert_default()
-            .insert(key.to_string(), value);
-        self
-    }
-
-    pub(crate) fn header(mut self, name: header::HeaderName, value: &str) -> Self {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            self.headers.push((name, v));
-        }
-        self
-    }
-
-    pub fn bad_request(e: tidegate_schema::FieldError) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, e.to_string()).field(e.field)
-    }
-
-    pub fn unavailable(reason: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, reason).header(header::RETRY_AFTER, "1")
-    }
-
-    pub fn etcd(e: etcd_client::Error) -> Self {
-        Self::unavailable(format!("etcd is unreachable or has no quorum: {e}")).unsent_if(&e)
-    }
-
-    /// A 503 for a failed etcd request, marked retryable when `e` says the
-    /// request never reached a member.
-    pub fn unsent_if(mut self, e: &etcd_client::Error) -> Self {
-        self.never_sent = tidegate_schema::endpoints::never_sent(e);
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.error });
-        if let Some(f) = self.field {
-            body["field"] = json!(f);
-        }
-        for (k, v) in self.extra.into_iter().flat_map(|m| *m) {
-            body[k] = v;
-        }
-        let mut resp = (self.status, axum::Json(body)).into_response();
-        for (k, v) in self.headers {
-            resp.headers_mut().insert(k, v);
-        }
-        resp
-    }
-}
-
-pub type ApiResult<T = Response> = Result<T, ApiError>;
 
 /// Runs an etcd call with the configured timeout; no quorum means 503, not a hang.
 pub async fn etcd<T, E: Into<ApiError>, F: Future<Output = Result<T, E>>>(
@@ -249,12 +118,6 @@ pub async fn etcd<T, E: Into<ApiError>, F: Future<Output = Result<T, E>>>(
             "etcd did not answer within {} ms: is a quorum of its members up?",
             app.cfg.etcd_timeout_ms
         ))),
-    }
-}
-
-impl From<etcd_client::Error> for ApiError {
-    fn from(e: etcd_client::Error) -> Self {
-        Self::etcd(e)
     }
 }
 
@@ -310,21 +173,23 @@ pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::L
     if let Some(l) = app.leader.load_full() {
         return Ok(l);
     }
-    match etcd(app, || cluster::current_leader(app)).await? {
-        Some(c) => {
-            let e = ApiError::new(
-                StatusCode::TEMPORARY_REDIRECT,
-                format!(
-                    "this replica is a standby; the scheduler is {} at {}",
-                    c.id, c.url
-                ),
-            )
-            .header(
-                header::LOCATION,
-                &format!("{}{path}", c.url.trim_end_matches('/')),
-            );
-            Err(e.with("leader", json!(c.url)))
-        }
+    match etcd(app, || {
+        crate::election::current_leader(&app.client, &app.ks)
+    })
+    .await?
+    {
+        Some(c) => Err(ApiError::new(
+            StatusCode::TEMPORARY_REDIRECT,
+            format!(
+                "this replica is a standby; the scheduler is {} at {}",
+                c.id, c.url
+            ),
+        )
+        .header(
+            header::LOCATION,
+            &format!("{}{path}", c.url.trim_end_matches('/')),
+        )
+        .leader(c.url)),
         None => Err(ApiError::unavailable(
             "no scheduler is elected yet; retry shortly",
         )),
@@ -335,15 +200,21 @@ pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::L
 /// expose the API only where Prometheus, organizers and the platform are).
 async fn metrics(State(app): AppState) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&app),
+        [(
+            header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        app.render_metrics(),
     )
         .into_response()
 }
 
 /// A JSON answer with a status.
-pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: impl serde::Serialize) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
 pub(crate) type AppState = State<Arc<App>>;
+
+#[cfg(test)]
+mod tests;

@@ -127,7 +127,7 @@ impl Challenges {
             let revision = resp.header().map_or(0, |h| h.revision());
             return Ok((revision, seen == 0));
         }
-        let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.mod_revision());
+        let current = tidegate_etcd::guard::else_get(&resp).map_or(0, |kv| kv.mod_revision());
         Err(ChallengeError::RevisionMismatch {
             name: name.to_string(),
             expected: if_match.unwrap_or(seen),
@@ -170,7 +170,7 @@ impl Challenges {
             if resp.succeeded() {
                 return Ok((resp.header().map_or(0, |h| h.revision()), previous));
             }
-            let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.mod_revision());
+            let current = tidegate_etcd::guard::else_get(&resp).map_or(0, |kv| kv.mod_revision());
             if current == 0 {
                 return Err(ChallengeError::NotFound(name.to_string()));
             }
@@ -225,7 +225,7 @@ impl Challenges {
         if resp.succeeded() {
             return Ok(());
         }
-        let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.mod_revision());
+        let current = tidegate_etcd::guard::else_get(&resp).map_or(0, |kv| kv.mod_revision());
         match (current, if_match) {
             (0, _) => Err(ChallengeError::NotFound(name.to_string())),
             (current, Some(expected)) => Err(ChallengeError::RevisionMismatch {

@@ -10,9 +10,32 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use serde::{Deserialize, Serialize};
 use tidegate_schema::Keyspace;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// The value a candidate puts on its election key: who it is and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub id: String,
+    pub url: String,
+}
+
+/// Who leads, as the election key says (`None` while nobody does).
+pub async fn current_leader(
+    client: &Client,
+    ks: &Keyspace,
+) -> Result<Option<Candidate>, etcd_client::Error> {
+    match client.clone().leader(ks.election_name()).await {
+        Ok(resp) => Ok(resp
+            .kv()
+            .and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok())),
+        // etcd answers "election: no leader" as an error.
+        Err(e) if e.to_string().contains("no leader") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 /// A won election. Dropping it stops the keep-alive (the lease then expires).
 #[derive(Debug)]

@@ -1,7 +1,7 @@
 //! Renew and delete: the rest of an instance's life after its spawn Txn.
 //!
 //! Renew gives the instance a new lease and moves every key of it (record,
-//! endpoint, claims, team slot) onto it in one Txn, guarded by the record's
+//! status, claims, team slot) onto it in one Txn, guarded by the record's
 //! mod_revision and the scheduler's fence; the old lease is revoked after.
 //! Delete revokes the lease, which removes every key at once.
 
@@ -111,7 +111,7 @@ pub async fn renew(
     record.renewals += 1;
 
     let instance_key = ks.key(&Key::Instance(rec.id.clone()));
-    let endpoint_key = ks.key(&Key::Endpoint(rec.id.clone()));
+    let status_key = ks.key(&Key::Status(rec.id.clone()));
 
     let lease = client
         .lease_grant(expires_at.saturating_sub(now).max(1) as i64, None)
@@ -127,25 +127,21 @@ pub async fn renew(
             current.mod_revision,
         ),
     ];
-    // The owning agent writes the endpoint (its container's status)
-    // whenever that changes, so its value and revision are not compared:
-    // the endpoint moves to the new lease with whatever value it has when
+    // The owning agent writes the instance's status (its container's state
+    // and address) whenever that changes, so its value and revision are not
+    // compared: the status moves to the new lease with whatever value it has when
     // the Txn commits (or is not there yet: the agent writes it on the new
     // lease once its watch shows the renewal).
-    let move_endpoint = Txn::new()
-        .when([Compare::version(
-            endpoint_key.as_str(),
-            CompareOp::Greater,
-            0,
-        )])
+    let move_status = Txn::new()
+        .when([Compare::version(status_key.as_str(), CompareOp::Greater, 0)])
         .and_then([TxnOp::put(
-            endpoint_key.as_str(),
+            status_key.as_str(),
             "",
             Some(PutOptions::new().with_lease(lease).with_ignore_value()),
         )]);
     let mut ops = vec![
         TxnOp::put(instance_key.as_str(), record.encode(), opts()),
-        TxnOp::txn(move_endpoint),
+        TxnOp::txn(move_status),
     ];
     let mut claims: Vec<String> = rec
         .http
@@ -181,7 +177,7 @@ pub async fn renew(
     };
     if !resp.succeeded() {
         let _ = client.lease_revoke(lease).await;
-        let leader = crate::txn::else_get(&resp).map_or(0, |kv| kv.create_revision());
+        let leader = tidegate_etcd::guard::else_get(&resp).map_or(0, |kv| kv.create_revision());
         if leader != fence.1 {
             return Err(LifecycleError::Fenced(fence.1));
         }

@@ -4,13 +4,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tidegate_controller::{App, Cli, Config, api, policy, scheduler, view};
+use tidegate_controller::config::{Cli, load};
+use tidegate_controller::{App, api, policy, scheduler, view};
+use tidegate_schema::config::ControllerConfig;
 
 /// Exit status for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cfg = match Config::load(Cli::parse()) {
+    let cfg = match load(Cli::parse()) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("tidegate-controller: {e}");
@@ -50,10 +52,9 @@ fn init_logging() {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let client =
-        tidegate_schema::connect::connect(&cfg.etcd, cfg.etcd_tls.as_ref(), cfg.etcd_auth.as_ref())
-            .await?;
+        tidegate_etcd::connect(&cfg.etcd, cfg.etcd_tls.as_ref(), cfg.etcd_auth.as_ref()).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let app = Arc::new(App::new(cfg, client)?);
     tracing::info!(id = %app.cfg.id, listen = %app.cfg.listen, etcd = ?app.cfg.etcd, "tidegate-controller starting");
@@ -62,17 +63,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             app.client.clone(),
             app.ks.clone(),
             app.view.clone(),
-            app.telemetry.etcd.clone(),
+            app.metrics.etcd.clone(),
         )),
-        tokio::spawn(tidegate_schema::telemetry::probe_etcd(
+        tokio::spawn(tidegate_etcd::probe_etcd(
             app.client.clone(),
             app.ks.election_name(),
-            app.telemetry.etcd.clone(),
+            app.metrics.etcd.clone(),
         )),
         tokio::spawn(scheduler::run_election(app.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),
         tokio::spawn(policy::run_idle_checks(app.clone())),
-        tokio::spawn(tidegate_schema::endpoints::prune_dead_endpoints(
+        tokio::spawn(tidegate_etcd::prune_dead_members(
             app.client.clone(),
             app.cfg.etcd.clone(),
         )),

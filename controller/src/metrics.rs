@@ -1,17 +1,20 @@
-//! `GET /metrics` of the controller (Prometheus text, no token: bind the
-//! API where only the platform, the organizers and Prometheus reach it) and
-//! the recent refusals the organizer dashboard lists.
+//! What the controller measures: Prometheus series for `GET /metrics` (no
+//! token: bind the API where only the platform, the organizers and
+//! Prometheus reach it), the counters `GET /v1/status` shows, and the
+//! recent refusals the organizer dashboard lists.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tidegate_schema::InstanceStatus;
-use tidegate_schema::telemetry::{EtcdHealth, counter, gauge};
+use tidegate_etcd::EtcdHealth;
 
-use crate::App;
+use crate::view::View;
 
 /// How many refusals the dashboard keeps (per replica).
 const RECENT: usize = 100;
@@ -34,25 +37,176 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// What the controller measures beyond [`crate::Counters`].
-#[derive(Debug, Default)]
-pub struct Telemetry {
-    pub etcd: Arc<EtcdHealth>,
-    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    recent: Mutex<VecDeque<Refusal>>,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    op: &'static str,
+    reason: &'static str,
 }
 
-impl Telemetry {
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+/// Every instance status the controller's gauge shows (the agent's three,
+/// and `pending` before the agent reports).
+const STATUSES: [&str; 4] = ["pending", "starting", "running", "failed"];
+
+/// The controller's measures. Counters are Prometheus counters (an atomic
+/// add each); the gauges that mirror the view are set when `/metrics` is read.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub spawns: Counter,
+    /// Spawns that failed at the Txn (fenced, contended, etcd).
+    pub spawn_refusals: Counter,
+    pub renewals: Counter,
+    pub deletions: Counter,
+    /// Writes etcd refused because this replica's fencing token was stale.
+    pub fenced_writes: Counter,
+    pub leader_changes: Counter,
+    pub worker_gone_deletions: Counter,
+    /// Spawns and renewals a policy plugin refused (deny, queue, refuse).
+    pub policy_denials: Counter,
+    /// Plugin calls that trapped, timed out or ran out of memory.
+    pub policy_failures: Counter,
+    /// Instances expired by an `on-idle` policy.
+    pub idle_expirations: Counter,
+    /// etcd round trips and watch lag.
+    pub etcd: Arc<EtcdHealth>,
+    refusals: Family<RefusalLabels, Counter>,
+    recent: Mutex<VecDeque<Refusal>>,
+    leader: Gauge,
+    workers: Gauge,
+    capacity: Gauge,
+    instances: Family<StatusLabel, Gauge>,
+    view_revision: Gauge,
+    plugins_compiled: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("tidegate_controller"),
+            spawns: Counter::default(),
+            spawn_refusals: Counter::default(),
+            renewals: Counter::default(),
+            deletions: Counter::default(),
+            fenced_writes: Counter::default(),
+            leader_changes: Counter::default(),
+            worker_gone_deletions: Counter::default(),
+            policy_denials: Counter::default(),
+            policy_failures: Counter::default(),
+            idle_expirations: Counter::default(),
+            etcd: Arc::default(),
+            refusals: Family::default(),
+            recent: Mutex::default(),
+            leader: Gauge::default(),
+            workers: Gauge::default(),
+            capacity: Gauge::default(),
+            instances: Family::default(),
+            view_revision: Gauge::default(),
+            plugins_compiled: Gauge::default(),
+        };
+        m.register();
+        m
+    }
+}
+
+impl Metrics {
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "leader",
+            "1 while this replica is the elected scheduler",
+            self.leader.clone(),
+        );
+        for (name, help, c) in [
+            (
+                "leader_changes",
+                "Times this replica became the scheduler",
+                &self.leader_changes,
+            ),
+            ("spawns", "Instances this replica spawned", &self.spawns),
+            (
+                "renewals",
+                "Renewals this replica committed",
+                &self.renewals,
+            ),
+            (
+                "deletions",
+                "Deletions this replica committed",
+                &self.deletions,
+            ),
+            (
+                "fenced_writes",
+                "Writes etcd refused because this replica's fencing token was stale",
+                &self.fenced_writes,
+            ),
+            (
+                "worker_gone_deletions",
+                "Instances deleted because their worker was gone past worker_grace_secs",
+                &self.worker_gone_deletions,
+            ),
+            (
+                "idle_expirations",
+                "Instances expired by an on-idle policy",
+                &self.idle_expirations,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "refusals",
+            "Spawns and renewals refused, by operation and reason",
+            self.refusals.clone(),
+        );
+        r.register(
+            "workers",
+            "Workers registered (this replica's view)",
+            self.workers.clone(),
+        );
+        r.register(
+            "capacity",
+            "Instance slots of all registered workers",
+            self.capacity.clone(),
+        );
+        for status in STATUSES {
+            self.instances.get_or_create(&StatusLabel { status }).set(0);
+        }
+        r.register(
+            "instances",
+            "Live instances by status (this replica's view)",
+            self.instances.clone(),
+        );
+        r.register(
+            "view_revision",
+            "The etcd revision this replica's view reflects",
+            self.view_revision.clone(),
+        );
+        r.register(
+            "plugins_compiled",
+            "Policy plugins compiled and cached by this replica",
+            self.plugins_compiled.clone(),
+        );
+        self.etcd.register(r);
+    }
+
+    /// The registry, for parts that measure themselves (plugin calls).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Counts a refusal by operation and reason and keeps it for the dashboard.
     pub fn refused(&self, r: Refusal) {
         tracing::info!(op = r.op, team = %r.team, challenge = %r.challenge, reason = r.reason,
             status = r.status, message = %r.message, "refused");
-        *self
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((r.op, r.reason))
-            .or_default() += 1;
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                op: r.op,
+                reason: r.reason,
+            })
+            .inc();
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == RECENT {
             recent.pop_back();
@@ -70,128 +224,34 @@ impl Telemetry {
             .collect()
     }
 
-    fn render_refusals(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_controller_refusals_total Spawns and renewals refused, by operation and reason.\n# TYPE tidegate_controller_refusals_total counter"
-        );
-        for ((op, reason), n) in self
-            .refusals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "tidegate_controller_refusals_total{{op=\"{op}\",reason=\"{reason}\"}} {n}"
-            );
+    /// The Prometheus text: the gauges that mirror `view`, leadership and
+    /// the plugin cache are set first.
+    pub fn render(&self, view: &View, leading: bool, plugins_compiled: usize) -> String {
+        self.leader.set(i64::from(leading));
+        self.workers.set(gauge_value(view.workers.len()));
+        self.capacity
+            .set(view.workers.values().map(|w| i64::from(w.capacity)).sum());
+        let mut counts = [0usize; STATUSES.len()];
+        for id in view.instances.keys() {
+            let status = view.status.get(id).map_or("pending", |s| s.name());
+            if let Some(i) = STATUSES.iter().position(|s| *s == status) {
+                counts[i] += 1;
+            }
         }
+        for (status, n) in STATUSES.into_iter().zip(counts) {
+            self.instances
+                .get_or_create(&StatusLabel { status })
+                .set(gauge_value(n));
+        }
+        self.view_revision.set(view.revision);
+        self.plugins_compiled.set(gauge_value(plugins_compiled));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
     }
 }
 
-/// The whole exposition of one replica.
-pub fn render(app: &App) -> String {
-    let mut out = String::new();
-    let c = &app.counters;
-    let leading = app.leader.load().is_some();
-    gauge(
-        &mut out,
-        "tidegate_controller_leader",
-        "1 while this replica is the elected scheduler.",
-        u8::from(leading),
-    );
-    for (name, help, v) in [
-        (
-            "tidegate_controller_leader_changes_total",
-            "Times this replica became the scheduler.",
-            &c.leader_changes,
-        ),
-        (
-            "tidegate_controller_spawns_total",
-            "Instances this replica spawned.",
-            &c.spawns,
-        ),
-        (
-            "tidegate_controller_renewals_total",
-            "Renewals this replica committed.",
-            &c.renewals,
-        ),
-        (
-            "tidegate_controller_deletions_total",
-            "Deletions this replica committed.",
-            &c.deletions,
-        ),
-        (
-            "tidegate_controller_fenced_writes_total",
-            "Writes etcd refused because this replica's fencing token was stale.",
-            &c.fenced_writes,
-        ),
-        (
-            "tidegate_controller_worker_gone_deletions_total",
-            "Instances deleted because their worker was gone past worker_grace_secs.",
-            &c.worker_gone_deletions,
-        ),
-        (
-            "tidegate_controller_idle_expirations_total",
-            "Instances expired by an on-idle policy.",
-            &c.idle_expirations,
-        ),
-    ] {
-        counter(&mut out, name, help, v.load(Ordering::Relaxed));
-    }
-    app.telemetry.render_refusals(&mut out);
-    app.policies.calls.render(&mut out, "tidegate_controller");
-    {
-        let view = app.view.lock();
-        gauge(
-            &mut out,
-            "tidegate_controller_workers",
-            "Workers registered (this replica's view).",
-            view.workers.len(),
-        );
-        gauge(
-            &mut out,
-            "tidegate_controller_capacity",
-            "Instance slots of all registered workers.",
-            view.workers
-                .values()
-                .map(|w| u64::from(w.capacity))
-                .sum::<u64>(),
-        );
-        let mut states: BTreeMap<&str, usize> = ["pending", "starting", "running", "failed"]
-            .map(|s| (s, 0))
-            .into();
-        for id in view.instances.keys() {
-            let s = match view.status.get(id) {
-                None => "pending",
-                Some(InstanceStatus::Starting) => "starting",
-                Some(InstanceStatus::Running) => "running",
-                Some(InstanceStatus::Failed { .. }) => "failed",
-            };
-            *states.entry(s).or_default() += 1;
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tidegate_controller_instances Live instances by status (this replica's view).\n# TYPE tidegate_controller_instances gauge"
-        );
-        for (s, n) in states {
-            let _ = writeln!(out, "tidegate_controller_instances{{status=\"{s}\"}} {n}");
-        }
-        gauge(
-            &mut out,
-            "tidegate_controller_view_revision",
-            "The etcd revision this replica's view reflects.",
-            view.revision,
-        );
-        app.telemetry
-            .etcd
-            .render(&mut out, "tidegate_controller", view.revision);
-    }
-    gauge(
-        &mut out,
-        "tidegate_controller_plugins_compiled",
-        "Policy plugins compiled and cached by this replica.",
-        app.policies.host.cached(),
-    );
-    out
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -3,14 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tidegate_schema::WorkerId;
 
 use crate::App;
-use crate::election::campaign;
+use crate::election::{Candidate, campaign};
 
 /// What this replica holds while it leads.
 #[derive(Debug, Clone)]
@@ -19,13 +17,6 @@ pub struct LeaderInfo {
     pub key: String,
     pub token: i64,
     pub lease: i64,
-}
-
-/// The value a candidate puts on its election key: who it is and where.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
-    pub id: String,
-    pub url: String,
 }
 
 /// Campaigns forever; publishes leadership in `app.leader` while it lasts.
@@ -39,7 +30,7 @@ pub async fn run_election(app: Arc<App>) {
         match campaign(&app.client, &app.ks, &value, app.cfg.election_ttl_secs).await {
             Ok(mut lead) => {
                 tracing::info!(token = lead.token, key = %lead.key, "became the scheduler");
-                app.counters.leader_changes.fetch_add(1, Ordering::Relaxed);
+                app.metrics.leader_changes.inc();
                 app.leader.store(Some(Arc::new(LeaderInfo {
                     key: lead.key.clone(),
                     token: lead.token,
@@ -75,7 +66,7 @@ pub async fn run_sweeps(app: Arc<App>) {
             gone_since.clear();
             continue;
         }
-        let now = crate::api::unix_now();
+        let now = tidegate_schema::time::unix_secs();
         let (expired, orphaned) = {
             let view = app.view.lock();
             let absent: Vec<WorkerId> = view
@@ -115,9 +106,7 @@ pub async fn run_sweeps(app: Arc<App>) {
             tracing::warn!(instance = %id, %worker, grace_secs = grace.as_secs(),
                 "deleting instance: its worker has been gone longer than the grace period");
             let _ = client.lease_revoke(lease).await;
-            app.counters
-                .worker_gone_deletions
-                .fetch_add(1, Ordering::Relaxed);
+            app.metrics.worker_gone_deletions.inc();
         }
     }
 }

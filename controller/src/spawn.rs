@@ -274,7 +274,7 @@ async fn commit(
     if resp.succeeded() {
         return Ok(resp.header().map_or(0, |h| h.revision()));
     }
-    let current = crate::txn::else_get(&resp).map_or(0, |kv| kv.create_revision());
+    let current = tidegate_etcd::guard::else_get(&resp).map_or(0, |kv| kv.create_revision());
     if current != plan.token {
         tracing::warn!(token = plan.token, current, instance = %record.id, "spawn refused: fenced");
         return Err(Some(SpawnError::Fenced {

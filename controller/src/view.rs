@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use etcd_client::Client;
+use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::{
-    EndpointRecord, Event, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kv, WorkerId,
-    WorkerRecord,
+    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, StatusRecord, WorkerId, WorkerRecord,
 };
 
 /// An instance as the view holds it.
@@ -56,12 +56,12 @@ impl View {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed instance record")
                 }
             },
-            Key::Endpoint(id) => match kv.decode::<EndpointRecord>() {
-                Ok(ep) => {
-                    self.status.insert(id, ep.status);
+            Key::Status(id) => match kv.decode::<StatusRecord>() {
+                Ok(st) => {
+                    self.status.insert(id, st.status);
                 }
                 Err(e) => {
-                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed endpoint record")
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed status record")
                 }
             },
             _ => {}
@@ -76,7 +76,7 @@ impl View {
             Ok(Key::Instance(id)) => {
                 self.instances.remove(&id);
             }
-            Ok(Key::Endpoint(id)) => {
+            Ok(Key::Status(id)) => {
                 self.status.remove(&id);
             }
             _ => {}
@@ -146,14 +146,9 @@ impl SharedView {
 }
 
 /// Keeps `view` equal to etcd under the key root, forever.
-pub async fn run(
-    client: Client,
-    ks: Keyspace,
-    view: SharedView,
-    etcd: Arc<tidegate_schema::telemetry::EtcdHealth>,
-) {
+pub async fn run(client: Client, ks: Keyspace, view: SharedView, etcd: Arc<EtcdHealth>) {
     let prefix = format!("{ks}/");
-    let mut watcher = tidegate_schema::Watcher::new(client, prefix);
+    let mut watcher = Watcher::new(client, prefix);
     let mut building: Option<View> = None;
     loop {
         match watcher.next().await {

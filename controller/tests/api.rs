@@ -323,7 +323,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
         format!("{id}-nc.ctf.localhost")
     );
     assert_eq!(inst["status"], "pending");
-    assert_eq!(count(&client, "/tidegate/claims/").await, 4);
+    assert_eq!(count(&client, &keys::claims()).await, 4);
 
     let (s, got) = c
         .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
@@ -339,11 +339,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
     assert_eq!(list["instances"].as_array().unwrap().len(), 0);
 
     // The flag: the stored one is right, anything else is wrong.
-    let stored = client
-        .clone()
-        .get(format!("/tidegate/instances/{id}"), None)
-        .await
-        .unwrap();
+    let stored = client.clone().get(keys::instance(&id), None).await.unwrap();
     let rec: Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
     let flag = rec["flag"].as_str().unwrap();
     assert!(flag.starts_with("CTF{") && flag.len() == 5 + 32, "{flag}");
@@ -376,7 +372,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
     let leases: BTreeSet<i64> = client
         .clone()
         .get(
-            "/tidegate/",
+            keys::all(),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await
@@ -395,7 +391,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
         1,
         "keys on several leases after renew: {leases:?}"
     );
-    assert_eq!(count(&client, "/tidegate/claims/").await, 4);
+    assert_eq!(count(&client, &keys::claims()).await, 4);
     let mut last = (StatusCode::OK, Value::Null);
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -461,8 +457,11 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT);
     }
-    assert_eq!(count(&client, "/tidegate/instances/").await, 0);
-    assert_eq!(count(&client, "/tidegate/claims/").await, 0);
+    assert_eq!(
+        count(&client, &keys::prefix(tidegate_schema::Kind::Instances)).await,
+        0
+    );
+    assert_eq!(count(&client, &keys::claims()).await, 0);
     assert_eq!(
         c.call(Method::DELETE, &format!("/v1/instances/{id}"), None, None)
             .await

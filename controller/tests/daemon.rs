@@ -125,7 +125,7 @@ async fn instances_of_a_vanished_worker_are_deleted_after_the_grace_period() {
     .await;
     assert!(gone, "the instance of the vanished worker was not deleted");
     assert_eq!(c.status().await["counters"]["worker_gone_deletions"], 1);
-    assert_eq!(count(&client, "/tidegate/claims/").await, 0);
+    assert_eq!(count(&client, &keys::claims()).await, 0);
     // The team's slot is free again: it can spawn on the remaining worker.
     let (s, inst) = c.spawn("web", "t1").await;
     assert_eq!(

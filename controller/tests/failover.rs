@@ -48,7 +48,7 @@ async fn records(client: &Client) -> Vec<(String, i64)> {
     let resp = client
         .clone()
         .get(
-            "/tidegate/instances/",
+            keys::prefix(tidegate_schema::Kind::Instances),
             Some(GetOptions::new().with_prefix()),
         )
         .await

@@ -9,7 +9,10 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 use tidegate_controller::{ChallengeError, Challenges, SpawnError, SpawnPlan, lifecycle, spawn};
 use tidegate_lab::etcd::EtcdCluster;
-use tidegate_schema::{ChallengeName, ChallengeSpec, Keyspace, TeamId, WorkerId, decode_json};
+use tidegate_lab::keys;
+use tidegate_schema::{
+    ChallengeName, ChallengeSpec, Keyspace, Kind, TeamId, WorkerId, decode_json,
+};
 
 fn spec(json: &str) -> ChallengeSpec {
     decode_json(json.as_bytes()).unwrap()
@@ -288,7 +291,7 @@ async fn a_delete_racing_a_renewal_still_deletes() {
         );
         deleted.unwrap_or_else(|e| panic!("delete of {id} racing a renewal: {e}"));
         renewed_first += usize::from(renewed.is_ok());
-        let left = count(&mut client, &format!("/tidegate/instances/{id}")).await;
+        let left = count(&mut client, &keys::instance(id.as_str())).await;
         assert_eq!(left, 0, "{id} survived its delete");
     }
     println!("renewal committed before the delete in {renewed_first} of 20 races");
@@ -311,7 +314,7 @@ async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_s
     let p = plan(&ks, challenge, &key, token, "team-1");
     let s = spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
     let id = s.record.id.clone();
-    let endpoint_key = ks.key(&tidegate_schema::Key::Endpoint(id.clone()));
+    let status_key = ks.key(&tidegate_schema::Key::Status(id.clone()));
     let instance_key = ks.key(&tidegate_schema::Key::Instance(id.clone()));
     let mut expires_at = s.record.expires_at;
     let mut renew = async |client: &Client| {
@@ -330,14 +333,14 @@ async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_s
 
     // No endpoint yet (the container is starting): none is made up.
     renew(&client).await.unwrap();
-    assert_eq!(count(&mut client, &endpoint_key).await, 0);
+    assert_eq!(count(&mut client, &status_key).await, 0);
 
     // The agent's writer, as in reconcile.rs: only on the lease the
     // instance is on; when that moved, it reads the new one and writes again.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (mut client, stop) = (client.clone(), stop.clone());
-        let (endpoint_key, instance_key) = (endpoint_key.clone(), instance_key.clone());
+        let (status_key, instance_key) = (status_key.clone(), instance_key.clone());
         tokio::spawn(async move {
             let mut written = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -350,7 +353,7 @@ async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_s
                         lease,
                     )])
                     .and_then([etcd_client::TxnOp::put(
-                        endpoint_key.as_str(),
+                        status_key.as_str(),
                         format!("status {}", written + 1),
                         Some(etcd_client::PutOptions::new().with_lease(lease)),
                     )]);
@@ -373,7 +376,7 @@ async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_s
     assert!(conflicts.is_empty(), "{conflicts:?}");
 
     let instance = client.get(instance_key.as_str(), None).await.unwrap();
-    let endpoint = client.get(endpoint_key.as_str(), None).await.unwrap();
+    let endpoint = client.get(status_key.as_str(), None).await.unwrap();
     assert_eq!(
         endpoint.kvs()[0].lease(),
         instance.kvs()[0].lease(),
@@ -409,8 +412,8 @@ async fn a_fenced_scheduler_writes_nothing() {
         matches!(err, SpawnError::Fenced { token, .. } if token == old_token),
         "{err}"
     );
-    assert_eq!(count(&mut client, "/tidegate/instances/").await, 0);
-    assert_eq!(count(&mut client, "/tidegate/claims/").await, 0);
+    assert_eq!(count(&mut client, &keys::prefix(Kind::Instances)).await, 0);
+    assert_eq!(count(&mut client, &keys::claims()).await, 0);
 
     let fresh = plan(&ks, challenge, &new_key, new_token, "team-1");
     let s = spawn(&client, &fresh, |_| "flag{x}".into()).await.unwrap();
@@ -433,12 +436,12 @@ async fn an_expiring_lease_removes_every_key_of_the_instance() {
     let mut p = plan(&ks, challenge, &key, token, "team-1");
     p.ttl_secs = 2;
     spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
-    assert_eq!(count(&mut client, "/tidegate/instances/").await, 1);
-    assert_eq!(count(&mut client, "/tidegate/claims/").await, 3);
+    assert_eq!(count(&mut client, &keys::prefix(Kind::Instances)).await, 1);
+    assert_eq!(count(&mut client, &keys::claims()).await, 3);
     let mut gone = false;
     for _ in 0..100 {
-        if count(&mut client, "/tidegate/instances/").await == 0
-            && count(&mut client, "/tidegate/claims/").await == 0
+        if count(&mut client, &keys::prefix(Kind::Instances)).await == 0
+            && count(&mut client, &keys::claims()).await == 0
         {
             gone = true;
             break;

@@ -3,7 +3,7 @@
 //! ```text
 //! {root}/challenges/{challenge}                    ChallengeRecord
 //! {root}/instances/{id}                            InstanceRecord   (instance lease)
-//! {root}/endpoints/{id}                            EndpointRecord   (instance lease)
+//! {root}/status/{id}                               StatusRecord     (instance lease)
 //! {root}/workers/{worker}                          WorkerRecord     (worker lease)
 //! {root}/claims/hostnames/{hostname}               instance id      (instance lease)
 //! {root}/claims/ports/{port}                       instance id      (instance lease)
@@ -25,7 +25,9 @@ pub const DEFAULT_ROOT: &str = "/tidegate";
 pub enum Key {
     Challenge(ChallengeName),
     Instance(InstanceId),
-    Endpoint(InstanceId),
+    /// Where an instance's container listens and how it is doing, as its
+    /// agent reports it.
+    Status(InstanceId),
     Worker(WorkerId),
     HostnameClaim(Hostname),
     PortClaim(u16),
@@ -46,7 +48,7 @@ pub enum Key {
 pub enum Kind {
     Challenges,
     Instances,
-    Endpoints,
+    Statuses,
     Workers,
     HostnameClaims,
     PortClaims,
@@ -59,7 +61,7 @@ impl Kind {
         match self {
             Kind::Challenges => "challenges",
             Kind::Instances => "instances",
-            Kind::Endpoints => "endpoints",
+            Kind::Statuses => "status",
             Kind::Workers => "workers",
             Kind::HostnameClaims => "claims/hostnames",
             Kind::PortClaims => "claims/ports",
@@ -71,7 +73,7 @@ impl Kind {
     const ALL: [Kind; 8] = [
         Kind::Challenges,
         Kind::Instances,
-        Kind::Endpoints,
+        Kind::Statuses,
         Kind::Workers,
         Kind::HostnameClaims,
         Kind::PortClaims,
@@ -139,6 +141,16 @@ impl Keyspace {
         format!("{}/{}/", self.root, kind.path())
     }
 
+    /// The prefix of every key of this keyspace (`{root}/`).
+    pub fn root_prefix(&self) -> String {
+        format!("{}/", self.root)
+    }
+
+    /// The prefix of every claim (hostnames, ports, team slots), ending in `/`.
+    pub fn claims_prefix(&self) -> String {
+        format!("{}/claims/", self.root)
+    }
+
     /// The prefix of one team's slots of one challenge, ending in `/`.
     pub fn team_slots_prefix(&self, challenge: &ChallengeName, team: &TeamId) -> String {
         format!("{}{challenge}/{team}/", self.prefix(Kind::TeamSlots))
@@ -154,7 +166,7 @@ impl Keyspace {
         match key {
             Key::Challenge(n) => format!("{}{n}", self.prefix(Kind::Challenges)),
             Key::Instance(id) => format!("{}{id}", self.prefix(Kind::Instances)),
-            Key::Endpoint(id) => format!("{}{id}", self.prefix(Kind::Endpoints)),
+            Key::Status(id) => format!("{}{id}", self.prefix(Kind::Statuses)),
             Key::Worker(w) => format!("{}{w}", self.prefix(Kind::Workers)),
             Key::HostnameClaim(h) => format!("{}{h}", self.prefix(Kind::HostnameClaims)),
             Key::PortClaim(p) => format!("{}{p}", self.prefix(Kind::PortClaims)),
@@ -180,7 +192,7 @@ impl Keyspace {
             let parsed = match kind {
                 Kind::Challenges => ChallengeName::parse(rest).map(Key::Challenge),
                 Kind::Instances => InstanceId::parse(rest).map(Key::Instance),
-                Kind::Endpoints => InstanceId::parse(rest).map(Key::Endpoint),
+                Kind::Statuses => InstanceId::parse(rest).map(Key::Status),
                 Kind::Workers => WorkerId::parse(rest).map(Key::Worker),
                 Kind::HostnameClaims => Hostname::parse(rest).map(Key::HostnameClaim),
                 Kind::PortClaims => {
@@ -256,10 +268,7 @@ mod tests {
             ks().key(&Key::Instance(id.clone())),
             "/tidegate/instances/a3f4b92c8d"
         );
-        assert_eq!(
-            ks().key(&Key::Endpoint(id)),
-            "/tidegate/endpoints/a3f4b92c8d"
-        );
+        assert_eq!(ks().key(&Key::Status(id)), "/tidegate/status/a3f4b92c8d");
         assert_eq!(
             ks().key(&Key::PortClaim(31337)),
             "/tidegate/claims/ports/31337"
@@ -277,6 +286,15 @@ mod tests {
             "/tidegate/election/scheduler/694d8a1b"
         );
         assert_eq!(ks().election_name(), "/tidegate/election/scheduler");
+        assert_eq!(ks().root_prefix(), "/tidegate/");
+        assert!(
+            ks().prefix(Kind::HostnameClaims)
+                .starts_with(&ks().claims_prefix())
+        );
+        assert!(
+            ks().prefix(Kind::TeamSlots)
+                .starts_with(&ks().claims_prefix())
+        );
     }
 
     #[test]
@@ -330,7 +348,7 @@ mod tests {
         prop_oneof![
             dns_label().prop_map(|s| Key::Challenge(ChallengeName::parse(&s).unwrap())),
             any::<u64>().prop_map(|b| Key::Instance(InstanceId::from_random(b))),
-            any::<u64>().prop_map(|b| Key::Endpoint(InstanceId::from_random(b))),
+            any::<u64>().prop_map(|b| Key::Status(InstanceId::from_random(b))),
             dns_label().prop_map(|s| Key::Worker(WorkerId::parse(&s).unwrap())),
             prop::collection::vec(dns_label(), 1..5)
                 .prop_map(|l| Key::HostnameClaim(Hostname::parse(&l.join(".")).unwrap())),
@@ -356,7 +374,7 @@ mod tests {
         }
 
         #[test]
-        fn parse_then_build_is_identity(s in "/tidegate/(instances|endpoints|workers|challenges|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
+        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|workers|challenges|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
             // Whatever parses must build back to the same bytes: one key per value.
             if let Ok(key) = ks().parse(&s) {
                 prop_assert_eq!(ks().key(&key), s);

@@ -1,22 +1,23 @@
-//! The etcd key schema shared by controller and agent: keys, records, their
-//! validation, and the list-then-watch watcher.
+//! The shapes every tidegate process agrees on, with their validation and
+//! no I/O: the etcd keys (`Keyspace`) and the records under them, the
+//! challenge spec, the agents' `/activity` report, and the daemons' config
+//! files. The etcd client that reads and writes them is `tidegate-etcd`.
 
-pub mod connect;
-pub mod endpoints;
+pub mod activity;
+pub mod config;
 pub mod keys;
 pub mod names;
 pub mod records;
 pub mod spec;
-pub mod telemetry;
+pub mod time;
 pub mod validate;
-pub mod watch;
 
+pub use activity::{ActivityReport, InstanceActivity};
 pub use keys::{Key, KeyError, Keyspace, Kind};
 pub use names::{ChallengeName, Hostname, InstanceId, PortName, TeamId, WorkerId};
 pub use records::{
-    ChallengeRecord, ContainerSpec, EndpointRecord, HttpRoute, InstanceRecord, InstanceStatus,
-    PolicyRef, Record, TcpRoute, V1, WorkerRecord,
+    ChallengeRecord, ContainerSpec, HttpRoute, InstanceRecord, InstanceStatus, PolicyRef, Record,
+    StatusRecord, TcpRoute, V1, WorkerRecord,
 };
 pub use spec::{ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, TtlSpec};
 pub use validate::{FieldError, Invalid, Validate, decode_json};
-pub use watch::{Event, Kv, Watcher};

@@ -25,6 +25,7 @@ macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $what:literal, $check:expr, $rule:literal) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[serde(transparent)]
         pub struct $name(String);
 

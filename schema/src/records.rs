@@ -64,6 +64,7 @@ pub struct ChallengeRecord {
 }
 
 /// Which policy plugin a challenge runs, and what happens when it fails.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyRef {
@@ -232,11 +233,23 @@ pub enum InstanceStatus {
     Failed { reason: String },
 }
 
-/// Where an instance actually listens: written by its agent under the
-/// instance's lease, so it vanishes with the instance.
+impl InstanceStatus {
+    /// The state's name (`starting`, `running`, `failed`), for labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            InstanceStatus::Starting => "starting",
+            InstanceStatus::Running => "running",
+            InstanceStatus::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// An instance's status (key `status/{id}`): where its container listens
+/// and how it is doing. Written by its agent under the instance's lease,
+/// so it vanishes with the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EndpointRecord {
+pub struct StatusRecord {
     pub v: V1,
     pub instance: InstanceId,
     pub worker: WorkerId,
@@ -249,7 +262,7 @@ pub struct EndpointRecord {
     pub updated_at: UnixSecs,
 }
 
-impl Validate for EndpointRecord {
+impl Validate for StatusRecord {
     fn validate(&self) -> Result<(), FieldError> {
         if matches!(self.status, InstanceStatus::Running) && self.address.is_none() {
             return Err(FieldError::new(
@@ -260,7 +273,7 @@ impl Validate for EndpointRecord {
         Ok(())
     }
 }
-impl Record for EndpointRecord {}
+impl Record for StatusRecord {}
 
 /// A worker's membership, under its keep-alive lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,6 +37,7 @@ pub const ALLOWED_CAPS: &[&str] = &[
 ];
 
 /// A challenge: what to run for each team, and the rules for its instances.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeSpec {
@@ -73,6 +74,7 @@ pub struct ChallengeSpec {
 }
 
 /// The decision used when a challenge's policy plugin fails.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyFallback {
@@ -88,6 +90,7 @@ fn default_per_team_max() -> u32 {
 }
 
 /// One port of a challenge.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
@@ -97,6 +100,7 @@ pub struct PortSpec {
     pub protocol: Protocol,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -105,6 +109,7 @@ pub enum Protocol {
 }
 
 /// Resource limits of each instance's container.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -127,6 +132,7 @@ impl Default for Limits {
 }
 
 /// How long instances live.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TtlSpec {
@@ -149,6 +155,7 @@ impl Default for TtlSpec {
 }
 
 /// How each instance's flag is made.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlagSpec {

@@ -15,8 +15,10 @@ use tidegate_lab::daemons::{Agent, Controller, eventually, web_spec};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::images::{DEMO_EXIT, ensure_demo_images};
+use tidegate_lab::keys;
 use tidegate_lab::netns::NetnsHost;
 use tidegate_lab::process::Supervised;
+use tidegate_schema::config::AgentConfig;
 
 /// etcd, a controller, one agent; everything removed on drop (containers
 /// included, also the ones a test leaves).
@@ -52,13 +54,13 @@ fn worker() -> String {
     format!("worker-a-{}", std::process::id())
 }
 
-async fn cluster(extra: &str) -> Cluster {
+async fn cluster(configure: impl FnOnce(&mut AgentConfig)) -> Cluster {
     ensure_demo_images().unwrap();
     let etcd = EtcdCluster::start(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let controller = Controller::start(&etcd, "c1", dir.path()).await;
     let client = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let agent = Agent::start(&etcd, &worker(), dir.path(), extra).await;
+    let agent = Agent::start(&etcd, &worker(), dir.path(), configure).await;
     assert!(eventually(10, || controller.is_leader()).await);
     assert!(
         eventually(10, || async {
@@ -116,11 +118,11 @@ impl Cluster {
     }
 
     /// The container id and address the agent reported for an instance.
-    async fn endpoint(&self, id: &str) -> (String, String) {
+    async fn reported(&self, id: &str) -> (String, String) {
         let resp = self
             .client
             .clone()
-            .get(format!("/tidegate/endpoints/{id}"), None)
+            .get(keys::status(id), None)
             .await
             .unwrap();
         let ep: Value = serde_json::from_slice(resp.kvs()[0].value()).unwrap();
@@ -145,14 +147,14 @@ async fn wait_gone(container: &str) -> bool {
 
 #[tokio::test]
 async fn a_spawned_instance_runs_hardened_with_no_published_ports_and_is_removed_on_delete() {
-    let c = cluster("").await;
+    let c = cluster(|_| {}).await;
     let mut spec = web_spec();
     spec["limits"] = json!({"memory_mib": 64, "cpus": 0.25, "pids": 32});
     spec["env"] = json!({"MODE": "test"});
     c.controller.put_challenge("web", spec).await;
     let id = c.spawn("web", "team-1").await;
     c.wait_status(&id, "running").await;
-    let (container, address) = c.endpoint(&id).await;
+    let (container, address) = c.reported(&id).await;
 
     let labels: Value =
         serde_json::from_str(&inspect(&container, "{{json .Config.Labels}}")).unwrap();
@@ -186,7 +188,7 @@ async fn a_spawned_instance_runs_hardened_with_no_published_ports_and_is_removed
     let rec = c
         .client
         .clone()
-        .get(format!("/tidegate/instances/{id}"), None)
+        .get(keys::instance(&id), None)
         .await
         .unwrap();
     let flag = serde_json::from_slice::<Value>(rec.kvs()[0].value()).unwrap()["flag"]
@@ -221,7 +223,7 @@ async fn a_spawned_instance_runs_hardened_with_no_published_ports_and_is_removed
 
 #[tokio::test]
 async fn lease_expiry_with_no_controller_removes_the_container() {
-    let c = cluster("").await;
+    let c = cluster(|_| {}).await;
     c.controller.put_challenge("web", web_spec()).await;
     let challenge = tidegate_controller::Challenges::new(
         c.client.clone(),
@@ -269,7 +271,7 @@ async fn lease_expiry_with_no_controller_removes_the_container() {
 
 #[tokio::test]
 async fn a_killed_agent_adopts_its_containers_and_removes_an_orphan() {
-    let mut c = cluster("").await;
+    let mut c = cluster(|_| {}).await;
     c.controller.put_challenge("web", web_spec()).await;
     let mut ids = Vec::new();
     for team in ["t1", "t2", "t3"] {
@@ -279,7 +281,7 @@ async fn a_killed_agent_adopts_its_containers_and_removes_an_orphan() {
     let mut containers = Vec::new();
     for id in &ids {
         c.wait_status(id, "running").await;
-        let (container, _) = c.endpoint(id).await;
+        let (container, _) = c.reported(id).await;
         containers.push((
             container.clone(),
             inspect(&container, "{{.State.StartedAt}}"),
@@ -320,14 +322,14 @@ async fn a_killed_agent_adopts_its_containers_and_removes_an_orphan() {
 
 #[tokio::test]
 async fn after_a_compaction_while_the_agent_was_down_it_ends_with_exactly_the_right_containers() {
-    let mut c = cluster("").await;
+    let mut c = cluster(|_| {}).await;
     c.controller.put_challenge("web", web_spec()).await;
     let keep = c.spawn("web", "t1").await;
     let drop_me = c.spawn("web", "t2").await;
     c.wait_status(&keep, "running").await;
     c.wait_status(&drop_me, "running").await;
-    let (kept, _) = c.endpoint(&keep).await;
-    let (dropped, _) = c.endpoint(&drop_me).await;
+    let (kept, _) = c.reported(&keep).await;
+    let (dropped, _) = c.reported(&drop_me).await;
 
     let mut agent = c.agent.take().unwrap();
     agent.proc.kill().unwrap();
@@ -357,7 +359,7 @@ async fn after_a_compaction_while_the_agent_was_down_it_ends_with_exactly_the_ri
 
     c.agent = Some(agent.restart(c.dir.path()).await);
     c.wait_status(&added, "running").await;
-    let (new_container, _) = c.endpoint(&added).await;
+    let (new_container, _) = c.reported(&added).await;
     assert!(
         wait_gone(&dropped).await,
         "the deleted instance's container survived"
@@ -368,25 +370,25 @@ async fn after_a_compaction_while_the_agent_was_down_it_ends_with_exactly_the_ri
 
 #[tokio::test]
 async fn garbage_under_an_instance_key_is_logged_and_skipped() {
-    let c = cluster("").await;
+    let c = cluster(|_| {}).await;
     c.controller.put_challenge("web", web_spec()).await;
     let mut client = c.client.clone();
     client
-        .put("/tidegate/instances/abcdef0123", "{not json", None)
+        .put(keys::instance("abcdef0123"), "{not json", None)
         .await
         .unwrap();
     client
-        .put("/tidegate/instances/NOT-AN-ID", "{}", None)
+        .put(keys::instance("NOT-AN-ID"), "{}", None)
         .await
         .unwrap();
     let id = c.spawn("web", "t1").await;
     c.wait_status(&id, "running").await;
     let log = c.agent().log();
     assert!(
-        log.contains("/tidegate/instances/abcdef0123") && log.contains("malformed instance record"),
+        log.contains(&keys::instance("abcdef0123")) && log.contains("malformed instance record"),
         "{log}"
     );
-    assert!(log.contains("/tidegate/instances/NOT-AN-ID"), "{log}");
+    assert!(log.contains(&keys::instance("NOT-AN-ID")), "{log}");
     assert!(c.agent().proc.is_alive());
     assert!(
         c.agent()
@@ -411,7 +413,7 @@ fn can_connect(container: &str, ip: &str, port: u16) -> bool {
 
 #[tokio::test]
 async fn instances_cannot_reach_each_other_or_the_outside_unless_egress_is_on() {
-    let c = cluster("").await;
+    let c = cluster(|_| {}).await;
     c.controller.put_challenge("web", web_spec()).await;
     let mut open = web_spec();
     open["egress"] = json!(true);
@@ -422,9 +424,9 @@ async fn instances_cannot_reach_each_other_or_the_outside_unless_egress_is_on() 
     for id in [&a, &b, &e] {
         c.wait_status(id, "running").await;
     }
-    let (ca, _) = c.endpoint(&a).await;
-    let (_, ip_b) = c.endpoint(&b).await;
-    let (ce, _) = c.endpoint(&e).await;
+    let (ca, _) = c.reported(&a).await;
+    let (_, ip_b) = c.reported(&b).await;
+    let (ce, _) = c.reported(&e).await;
 
     // "Outside": a test host in its own netns, answering on port 9000.
     let host = NetnsHost::create().unwrap();
@@ -468,14 +470,14 @@ async fn instances_cannot_reach_each_other_or_the_outside_unless_egress_is_on() 
 
 #[tokio::test]
 async fn a_record_from_a_fenced_scheduler_is_refused() {
-    let c = cluster("").await;
+    let c = cluster(|_| {}).await;
     c.controller.put_challenge("web", web_spec()).await;
     let id = c.spawn("web", "t1").await;
     c.wait_status(&id, "running").await;
     let rec = c
         .client
         .clone()
-        .get(format!("/tidegate/instances/{id}"), None)
+        .get(keys::instance(&id), None)
         .await
         .unwrap();
     let mut stale: Value = serde_json::from_slice(rec.kvs()[0].value()).unwrap();
@@ -486,7 +488,7 @@ async fn a_record_from_a_fenced_scheduler_is_refused() {
     stale["token"] = json!(1);
     c.client
         .clone()
-        .put("/tidegate/instances/00000000aa", stale.to_string(), None)
+        .put(keys::instance("00000000aa"), stale.to_string(), None)
         .await
         .unwrap();
     let refused = eventually(10, || async {
@@ -511,7 +513,7 @@ async fn a_record_from_a_fenced_scheduler_is_refused() {
 
 #[tokio::test]
 async fn a_crashing_container_is_restarted_with_backoff_then_marked_failed() {
-    let c = cluster("max_restarts = 2").await;
+    let c = cluster(|c| c.max_restarts = 2).await;
     c.controller
         .put_challenge(
             "crash",
@@ -522,7 +524,7 @@ async fn a_crashing_container_is_restarted_with_backoff_then_marked_failed() {
     c.wait_status(&id, "failed").await;
     let status = c.status(&id).await;
     assert_eq!(status, "failed: exited with code 3 after 2 restarts");
-    let (container, _) = c.endpoint(&id).await;
+    let (container, _) = c.reported(&id).await;
     assert_eq!(
         inspect(&container, "{{.RestartCount}}"),
         "0",
@@ -532,7 +534,7 @@ async fn a_crashing_container_is_restarted_with_backoff_then_marked_failed() {
 
 #[tokio::test]
 async fn a_missing_image_is_reported_once_without_a_retry_storm() {
-    let c = cluster("").await;
+    let c = cluster(|_| {}).await;
     c.controller
         .put_challenge("ghost", json!({"image": "tidegate/does-not-exist:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}))
         .await;
@@ -556,8 +558,8 @@ async fn a_missing_image_is_reported_once_without_a_retry_storm() {
 
 #[tokio::test]
 async fn membership_comes_back_after_its_lease_is_lost_and_leaves_on_clean_shutdown() {
-    let mut c = cluster("").await;
-    let key = format!("/tidegate/workers/{}", worker());
+    let mut c = cluster(|_| {}).await;
+    let key = keys::worker(&worker());
     let lease = c
         .client
         .clone()

@@ -19,7 +19,7 @@ use tidegate_lab::ports::free_port;
 
 #[tokio::test]
 async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     p.controller.put_challenge("web", web_spec()).await;
     let (id, host, owner) = p.running("web", "t1").await;
     // Through the owner and through the other agent; Host is case- and port-insensitive.
@@ -75,7 +75,11 @@ async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {
 
 #[tokio::test]
 async fn error_answers_503_502_504_and_the_hop_guard() {
-    let p = plane("upstream_read_timeout_ms = 1500\nmax_body_bytes = 1024").await;
+    let p = plane(|c| {
+        c.upstream_read_timeout_ms = 1500;
+        c.max_body_bytes = 1024;
+    })
+    .await;
     p.controller
         .put_challenge("ghost", json!({"image": "tidegate/does-not-exist:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}))
         .await;
@@ -146,7 +150,7 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
 
 #[tokio::test]
 async fn a_websocket_echo_works_through_both_agents() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let image = binary_image(
         "tidegate/test-ws-echo",
         std::path::Path::new(env!("CARGO_BIN_EXE_ws-echo")),
@@ -190,7 +194,7 @@ async fn a_websocket_echo_works_through_both_agents() {
 
 #[tokio::test]
 async fn instances_keep_answering_through_both_agents_with_every_controller_dead() {
-    let mut p = plane("").await;
+    let mut p = plane(|_| {}).await;
     p.controller.put_challenge("web", web_spec()).await;
     let (_, host, _) = p.running("web", "t1").await;
     p.controller.proc.kill().unwrap();
@@ -207,7 +211,7 @@ async fn instances_keep_answering_through_both_agents_with_every_controller_dead
 
 #[tokio::test]
 async fn ten_thousand_routes_load_and_look_up_correctly() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     p.controller.put_challenge("web", web_spec()).await;
     let (_, real_host, _) = p.running("web", "t-real").await;
     // 10,000 instance records written straight to etcd, owned by a worker
@@ -220,7 +224,7 @@ async fn ten_thousand_routes_load_and_look_up_correctly() {
         "tcp_host": "127.0.0.1", "capacity": 1, "version": "test", "started_at": 0});
     client
         .put(
-            "/tidegate/workers/bulk",
+            tidegate_lab::keys::worker(b),
             worker_rec.to_string(),
             Some(PutOptions::new().with_lease(lease)),
         )
@@ -236,7 +240,7 @@ async fn ten_thousand_routes_load_and_look_up_correctly() {
                 "http": [{"port_name": "web", "hostname": format!("{id}.ctf.localhost"), "target_port": 8080}],
                 "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}, "flag": "f"});
             ops.push(etcd_client::TxnOp::put(
-                format!("/tidegate/instances/{id}"),
+                tidegate_lab::keys::instance(&id),
                 rec.to_string(),
                 Some(PutOptions::new().with_lease(lease)),
             ));
@@ -286,13 +290,13 @@ async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = common::wildcard_cert(certs.path());
     let a_tls = free_port().unwrap();
-    let extra = format!(
-        "https_entry = \"{}:{a_tls}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
-        common::hosts().0,
-        cert.display(),
-        key.display()
-    );
-    let p = plane(&extra).await;
+    let https_entry = format!("{}:{a_tls}", common::hosts().0).parse().unwrap();
+    let p = plane(|c| {
+        c.https_entry = Some(https_entry);
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
     p.controller.put_challenge("web", web_spec()).await;
     let (_, host, _) = p.running("web", "t1").await;
     for (flag, want) in [("--http1.1", "1.1"), ("--http2", "2")] {

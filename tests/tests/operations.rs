@@ -107,7 +107,7 @@ async fn challenges(p: &Plane) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let c = &p.controller;
     challenges(&p).await;
 
@@ -283,7 +283,7 @@ fn chromium(args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_live_instance_in_headless_chromium() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let c = &p.controller;
     challenges(&p).await;
     let (s, body) = c.spawn("web", "mallory").await;
@@ -391,7 +391,7 @@ async fn through_both(p: &Plane, host: &str) -> (u16, u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_snapshot_restore_brings_instances_and_routes_back() {
-    let mut p = plane("").await;
+    let mut p = plane(|_| {}).await;
     let c = &p.controller;
     let (s, body) = c.put_challenge("web", web_spec()).await;
     assert!(s.is_success(), "{body}");

@@ -200,7 +200,7 @@ async fn uploads_are_checked_and_bad_ones_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let c = &p.controller;
     assert_eq!(
         c.put_challenge("web", web_spec()).await.0,
@@ -322,7 +322,7 @@ async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_ttl_shortens_instances_when_the_cluster_is_busy() {
     // Two agents of 2 slots each: 4 in the cluster.
-    let p = plane("capacity = 2").await;
+    let p = plane(|c| c.capacity = 2).await;
     let c = &p.controller;
     assert_eq!(
         c.put_challenge("web", web_spec()).await.0,
@@ -357,7 +357,7 @@ async fn load_ttl_shortens_instances_when_the_cluster_is_busy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_reaper_expires_the_idle_instance_and_keeps_the_busy_one() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let c = &p.controller;
     assert_eq!(
         c.put_challenge("web", web_spec()).await.0,
@@ -420,7 +420,7 @@ async fn idle_reaper_expires_the_idle_instance_and_keeps_the_busy_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_and_hungry_plugins_fall_back_fast_and_everything_stays_healthy() {
     const FALLBACK_BOUND: Duration = Duration::from_secs(1);
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let c = &p.controller;
     assert_eq!(
         c.put_challenge("web", web_spec()).await.0,
@@ -612,7 +612,11 @@ async fn a_new_leader_loads_the_policy_by_digest_and_a_missing_blob_falls_back()
     let record = json!({"v": 1, "name": "ghost", "spec": web_spec(),
         "policy": {"digest": missing, "hooks": ["admit-spawn"]}});
     client
-        .put("/tidegate/challenges/ghost", record.to_string(), None)
+        .put(
+            tidegate_lab::keys::challenge("ghost"),
+            record.to_string(),
+            None,
+        )
         .await
         .unwrap();
     let (s, body) = c2.spawn("ghost", "eve").await;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::{Plane, plane, plane_wrapped};
 use reqwest::Method;
 use tidegate_lab::daemons::{Agent, eventually};
+use tidegate_schema::config::{DataPath, Steering};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -419,14 +420,22 @@ async fn memory_bounded(p: &Plane) {
 
 #[tokio::test]
 async fn splice_path_with_ebpf_steering() {
-    let p = plane("tcp_steering = \"ebpf\"\ntcp_data_path = \"splice\"\n").await;
+    let p = plane(|c| {
+        c.tcp_steering = Steering::Ebpf;
+        c.tcp_data_path = DataPath::Splice;
+    })
+    .await;
     suite(&p, Path::Splice, true).await;
     memory_bounded(&p).await;
 }
 
 #[tokio::test]
 async fn sockhash_path_with_ebpf_steering() {
-    let p = plane("tcp_steering = \"ebpf\"\ntcp_data_path = \"sockhash\"\n").await;
+    let p = plane(|c| {
+        c.tcp_steering = Steering::Ebpf;
+        c.tcp_data_path = DataPath::Sockhash;
+    })
+    .await;
     assert_eq!(
         p.a.metric("tidegate_tcp_data_path_info{path=\"sockhash\"}")
             .await,
@@ -440,7 +449,11 @@ async fn sockhash_path_with_ebpf_steering() {
 
 #[tokio::test]
 async fn copy_path_with_ebpf_steering() {
-    let p = plane("tcp_steering = \"ebpf\"\ntcp_data_path = \"copy\"\n").await;
+    let p = plane(|c| {
+        c.tcp_steering = Steering::Ebpf;
+        c.tcp_data_path = DataPath::Copy;
+    })
+    .await;
     suite(&p, Path::Copy, true).await;
 }
 
@@ -450,14 +463,14 @@ async fn copy_path_with_ebpf_steering() {
 /// again: b closes it, counts it and says why; HTTP answers 508.
 #[tokio::test]
 async fn a_forwarding_loop_is_cut_after_one_hop() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let mut etcd = p.client.clone();
     let lease = etcd.lease_grant(600, None).await.unwrap().id();
     let ghost = serde_json::json!({"v": 1, "id": "ghost", "address": p.b_host,
         "http_entry": p.b_http, "tcp_host": p.b_host, "capacity": 10000,
         "version": "copied config", "started_at": 1});
     etcd.put(
-        "/tidegate/workers/ghost",
+        tidegate_lab::keys::worker("ghost"),
         ghost.to_string(),
         Some(etcd_client::PutOptions::new().with_lease(lease)),
     )
@@ -520,11 +533,11 @@ async fn tcp_over_tls_is_routed_by_sni_through_either_agent() {
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = common::wildcard_cert(certs.path());
     let tls_port = tidegate_lab::ports::free_port().unwrap();
-    let p = plane(&format!(
-        "tls_tcp_entry = \"{{host}}:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-        cert.display(),
-        key.display()
-    ))
+    let p = plane(|c| {
+        c.tls_tcp_entry = Some(std::net::SocketAddr::new(c.tcp_host, tls_port));
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
     .await;
     let (s, body) = p
         .controller
@@ -632,7 +645,7 @@ async fn tcp_over_tls_is_routed_by_sni_through_either_agent() {
 #[tokio::test]
 async fn without_cap_bpf_the_agent_falls_back_to_listeners() {
     let p = plane_wrapped(
-        "",
+        |_| {},
         &[
             "setpriv",
             "--bounding-set",
@@ -699,7 +712,7 @@ async fn required_ebpf_without_cap_bpf_is_a_clear_startup_error() {
 /// through either agent runs a command in the container.
 #[tokio::test]
 async fn ssh_through_either_agent() {
-    let p = plane("").await;
+    let p = plane(|_| {}).await;
     let keydir = tempfile::tempdir().unwrap();
     let (key, public) = tidegate_lab::images::ssh_keypair(keydir.path()).unwrap();
     let spec = serde_json::json!({

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions, GetOptions};
+use tidegate_etcd::{Event, Watcher};
 use tidegate_lab::etcd::EtcdCluster;
-use tidegate_schema::{Event, InstanceRecord, Key, Keyspace, Kind, Watcher};
+use tidegate_schema::{InstanceRecord, Key, Keyspace, Kind};
 
 const STEP: Duration = Duration::from_secs(15);
 
@@ -85,9 +86,13 @@ async fn lists_at_a_revision_then_watches_from_the_next() {
             .await
             .unwrap();
     }
-    c.put("/tidegate/instancesX", "outside the prefix", None)
-        .await
-        .unwrap();
+    c.put(
+        format!("{}instancesX", Keyspace::default().root_prefix()),
+        "outside the prefix",
+        None,
+    )
+    .await
+    .unwrap();
 
     let mut w = Watcher::new(c.clone(), prefix.clone());
     assert_eq!(next(&mut w).await, Event::Init);
@@ -105,9 +110,13 @@ async fn lists_at_a_revision_then_watches_from_the_next() {
 
     let put = c.put(format!("{prefix}k3"), "v3", None).await.unwrap();
     let del = c.delete(format!("{prefix}k0"), None).await.unwrap();
-    c.put("/tidegate/other/x", "not watched", None)
-        .await
-        .unwrap();
+    c.put(
+        format!("{}other/x", Keyspace::default().root_prefix()),
+        "not watched",
+        None,
+    )
+    .await
+    .unwrap();
     match next(&mut w).await {
         Event::Apply(kv) => {
             assert_eq!(kv.key, format!("{prefix}k3"));
@@ -129,7 +138,7 @@ async fn lists_at_a_revision_then_watches_from_the_next() {
 async fn relists_after_compaction_and_ends_with_exactly_etcds_view() {
     let etcd = EtcdCluster::start(1).unwrap();
     let mut c = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let prefix = "/tidegate/endpoints/";
+    let prefix = &Keyspace::default().prefix(Kind::Statuses);
     for i in 0..5 {
         c.put(format!("{prefix}k{i}"), "old", None).await.unwrap();
     }
@@ -167,7 +176,7 @@ async fn relists_after_compaction_and_ends_with_exactly_etcds_view() {
 async fn resumes_without_relisting_when_history_is_intact() {
     let etcd = EtcdCluster::start(1).unwrap();
     let mut c = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let prefix = "/tidegate/workers/";
+    let prefix = &Keyspace::default().prefix(Kind::Workers);
     let mut w = Watcher::new(c.clone(), prefix);
     let mut view = View::default();
     catch_up(&mut w, &mut view, 1).await;
@@ -185,7 +194,7 @@ async fn resumes_without_relisting_when_history_is_intact() {
 async fn loses_and_repeats_nothing_while_etcd_members_die() {
     let mut etcd = EtcdCluster::start(3).unwrap();
     let mut c = Client::connect(etcd.endpoints(), None).await.unwrap();
-    let prefix = "/tidegate/instances/";
+    let prefix = &Keyspace::default().prefix(Kind::Instances);
     let mut w = Watcher::new(c.clone(), prefix);
     assert_eq!(next(&mut w).await, Event::Init);
     assert!(matches!(next(&mut w).await, Event::InitDone { .. }));

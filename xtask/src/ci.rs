@@ -1,5 +1,7 @@
 //! `cargo xtask ci`: what CI runs, in order, stopping at the first failure
-//! (the test suite runs to its end before stopping, as does the chaos run).
+//! (the test suite runs to its end before stopping, as does the chaos run):
+//! setup, fmt, clippy, the test suite, every benchmark in its short form,
+//! the fault-injection suite.
 
 use std::process::Command;
 
@@ -59,6 +61,10 @@ pub(crate) fn run(args: CiArgs) -> Result<()> {
         "--workspace",
         "--no-fail-fast",
     ]))?;
+    // Every benchmark, one short round with the debug build the tests
+    // used: a change that breaks one fails here. Speed is not asserted.
+    println!("== bench --short: every benchmark once, figures not asserted");
+    crate::bench::run(crate::bench::BenchArgs::short())?;
     // The fault-injection suite, short phases (the binaries are built: the
     // tests above needed them).
     println!("== chaos (short): faults under load, invariant check");

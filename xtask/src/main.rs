@@ -8,7 +8,6 @@ mod build_ebpf;
 mod chaos;
 mod ci;
 mod deploy;
-mod remote;
 mod setup;
 mod sh;
 
@@ -61,10 +60,9 @@ enum Command {
     /// each data path), `plugins` (policy call cost, spawn decisions/s),
     /// `routes` (route propagation and spawn → routable with a 3-member
     /// etcd, 10,000-instance resync and agent RSS).
-    Bench {
-        /// Which benchmark to run; all when omitted.
-        which: Option<String>,
-    },
+    /// `--short`: one round of about a second each with the debug build,
+    /// nothing written (what `cargo xtask ci` runs).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -76,7 +74,7 @@ fn main() {
         Command::Deploy(args) => deploy::run(args),
         Command::Chaos(args) => chaos::run(args),
         Command::Ci(args) => ci::run(args),
-        Command::Bench { which } => bench::run(which),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -96,7 +94,7 @@ fn build_ebpf() -> Result<()> {
 fn build_plugins() -> Result<()> {
     let root = workspace_root();
     let target = target_dir();
-    let built = tidegate_lab::plugins::build(&root.join("plugins"), &target.join("plugins"), &[])
+    let built = tidegate_local::plugins::build(&root.join("plugins"), &target.join("plugins"), &[])
         .map_err(anyhow::Error::msg)?;
     for b in built {
         println!("{}", b.component.display());

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tidegate_lab::docker::{self, DAEMON_JSON, DOCKERD_LOG};
+use tidegate_local::docker::{self, DAEMON_JSON, DOCKERD_LOG};
 
 use crate::sh;
 
@@ -272,7 +272,7 @@ fn bpffs() -> Result<Outcome> {
 }
 
 fn demo_images() -> Result<Outcome> {
-    let built = tidegate_lab::images::ensure_demo_images()?;
+    let built = tidegate_local::images::ensure_demo_images()?;
     Ok(if built.is_empty() {
         Outcome::AlreadyDone("tidegate demo images present".into())
     } else {

@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
-use tidegate_lab::display_command as display;
+use tidegate_local::display_command as display;
 
 /// Runs `cmd`, echoing it first, with output going to our terminal.
 /// Fails with the command line and exit status when it does not succeed.

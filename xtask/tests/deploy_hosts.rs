@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tidegate_lab::netns::{NetnsHost, Routed};
-use tidegate_lab::process::Supervised;
+use tidegate_local::netns::{NetnsHost, Routed};
+use tidegate_local::process::Supervised;
+use tidegate_schema::{Keyspace, Kind};
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
@@ -331,13 +332,14 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
     // the right user cannot read tidegate's keys.
     let pki = dir.path().join(".deploy-test.deploy/pki");
     let etcd0 = format!("https://{}:2379", hosts[0].net.addr());
+    let keys = Keyspace::default();
     let plain = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args([
             &format!("--endpoints=http://{}:2379", hosts[0].net.addr()),
             "--command-timeout=3s",
             "get",
-            "/tidegate/",
+            &keys.root_prefix(),
             "--prefix",
             "--keys-only",
         ])
@@ -360,7 +362,8 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         !denied.status.success(),
         "the agent's certificate may list etcd users: auth is off"
     );
-    let allowed = as_agent(&["get", "/tidegate/workers/", "--prefix", "--keys-only"]);
+    let workers = keys.prefix(Kind::Workers);
+    let allowed = as_agent(&["get", &workers, "--prefix", "--keys-only"]);
     assert!(
         allowed.status.success(),
         "{}",

@@ -15,7 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockHash, SockMap};
 use aya::programs::{SkLookup, SkSkb};
 use aya::{Ebpf, include_bytes_aligned};
@@ -24,6 +23,7 @@ use tidegate_ebpf_common::{Entry, Peer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::Relay;
+use super::error::{Result, Step, TcpError};
 use crate::routes::SharedRoutes;
 
 /// The object `cargo xtask build-ebpf` (through build.rs) produced.
@@ -61,60 +61,77 @@ struct Splicer {
     peers: Mutex<BpfHashMap<MapData, u64, Peer>>,
 }
 
-fn ipv4_of(host: IpAddr) -> anyhow::Result<u32> {
+fn ipv4_of(host: IpAddr) -> Result<u32> {
     match host {
         // bpf_sk_lookup.local_ip4 is in network byte order: the address's
         // bytes as they are, read as a native integer.
         IpAddr::V4(v4) => Ok(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(_) => anyhow::bail!("eBPF steering serves an IPv4 tcp_host only, not {host}"),
+        IpAddr::V6(_) => Err(TcpError::new(
+            "tcp_host",
+            format!("eBPF steering serves an IPv4 tcp_host only, not {host}"),
+        )),
     }
 }
 
 impl Redirector {
     /// Loads and attaches the programs; `sockhash` also loads the splice program.
-    pub fn load(host: IpAddr, sockhash: bool) -> anyhow::Result<Self> {
+    pub fn load(host: IpAddr, sockhash: bool) -> Result<Self> {
         let ipv4 = ipv4_of(host)?;
         let mut bpf = Ebpf::load(OBJECT)
-            .context("loading the eBPF object (needs CAP_BPF and CAP_NET_ADMIN, or root)")?;
+            .step("loading the eBPF object (needs CAP_BPF and CAP_NET_ADMIN, or root)")?;
         let mut ids = Vec::new();
         let mut take = |bpf: &mut Ebpf, name: &'static str| {
-            let map = bpf
-                .take_map(name)
-                .with_context(|| format!("the eBPF object has no map {name}"))?;
+            let step = format!("taking map {name} from the eBPF object");
+            let map = bpf.take_map(name).step(&step)?;
             if let aya::maps::Map::SockHash(data) | aya::maps::Map::HashMap(data) = &map {
-                ids.push((name, data.info()?.id()));
+                ids.push((name, data.info().step(&step)?.id()));
             }
-            anyhow::Ok(map)
+            Ok::<_, TcpError>(map)
         };
-        let mut entry: Array<MapData, Entry> = take(&mut bpf, common::MAP_ENTRY)?.try_into()?;
-        let listener: SockMap<MapData> = take(&mut bpf, common::MAP_LISTENER)?.try_into()?;
-        let ports: BpfHashMap<MapData, u16, u8> = take(&mut bpf, common::MAP_PORTS)?.try_into()?;
-        let pairs: SockHash<MapData, u64> = take(&mut bpf, common::MAP_PAIRS)?.try_into()?;
-        let targets: SockHash<MapData, u64> = take(&mut bpf, common::MAP_TARGETS)?.try_into()?;
-        let peers: BpfHashMap<MapData, u64, Peer> =
-            take(&mut bpf, common::MAP_PEERS)?.try_into()?;
-        entry.set(0, Entry { ipv4, ready: 0 }, 0)?;
+        let typed = |name: &str| format!("map {name} has the wrong type");
+        let mut entry: Array<MapData, Entry> = take(&mut bpf, common::MAP_ENTRY)?
+            .try_into()
+            .step(typed(common::MAP_ENTRY))?;
+        let listener: SockMap<MapData> = take(&mut bpf, common::MAP_LISTENER)?
+            .try_into()
+            .step(typed(common::MAP_LISTENER))?;
+        let ports: BpfHashMap<MapData, u16, u8> = take(&mut bpf, common::MAP_PORTS)?
+            .try_into()
+            .step(typed(common::MAP_PORTS))?;
+        let pairs: SockHash<MapData, u64> = take(&mut bpf, common::MAP_PAIRS)?
+            .try_into()
+            .step(typed(common::MAP_PAIRS))?;
+        let targets: SockHash<MapData, u64> = take(&mut bpf, common::MAP_TARGETS)?
+            .try_into()
+            .step(typed(common::MAP_TARGETS))?;
+        let peers: BpfHashMap<MapData, u64, Peer> = take(&mut bpf, common::MAP_PEERS)?
+            .try_into()
+            .step(typed(common::MAP_PEERS))?;
+        entry
+            .set(0, Entry { ipv4, ready: 0 }, 0)
+            .step("writing the steered address")?;
         tracing::debug!(?ids, "eBPF maps created");
 
-        let netns =
-            std::fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+        let netns = std::fs::File::open("/proc/self/ns/net").step("opening /proc/self/ns/net")?;
         let steer: &mut SkLookup = bpf
             .program_mut(common::PROG_STEER)
-            .context("the eBPF object has no steering program")?
-            .try_into()?;
-        steer.load().context("loading the sk_lookup program")?;
+            .step("finding the steering program in the eBPF object")?
+            .try_into()
+            .step("the steering program has the wrong type")?;
+        steer.load().step("loading the sk_lookup program")?;
         steer
             .attach(netns.as_fd())
-            .context("attaching the sk_lookup program to this network namespace")?;
+            .step("attaching the sk_lookup program to this network namespace")?;
 
         let splice = if sockhash {
             let prog: &mut SkSkb = bpf
                 .program_mut(common::PROG_SPLICE)
-                .context("the eBPF object has no splice program")?
-                .try_into()?;
-            prog.load().context("loading the sk_skb program")?;
+                .step("finding the splice program in the eBPF object")?
+                .try_into()
+                .step("the splice program has the wrong type")?;
+            prog.load().step("loading the sk_skb program")?;
             prog.attach(pairs.fd())
-                .context("attaching the sk_skb program to the sockhash")?;
+                .step("attaching the sk_skb program to the sockhash")?;
             Some(Splicer {
                 spliced: Default::default(),
                 refused: Default::default(),
@@ -137,19 +154,17 @@ impl Redirector {
     }
 
     /// Makes `listener` the socket steered connections land on, and turns steering on.
-    fn set_listener(&self, listener: &TcpListener) -> anyhow::Result<()> {
+    fn set_listener(&self, listener: &TcpListener) -> Result<()> {
         lock(&self.listener)
             .set(0, &listener.as_raw_fd(), 0)
-            .context("putting the listener into the sockmap")?;
-        lock(&self.entry).set(
-            0,
-            Entry {
-                ipv4: self.ipv4,
-                ready: 1,
-            },
-            0,
-        )?;
-        Ok(())
+            .step("putting the listener into the sockmap")?;
+        let ready = Entry {
+            ipv4: self.ipv4,
+            ready: 1,
+        };
+        lock(&self.entry)
+            .set(0, ready, 0)
+            .step("turning steering on")
     }
 
     /// Makes the steered ports exactly `want`; returns how many changed.
@@ -217,16 +232,13 @@ impl Redirector {
 
     /// Hands a connected pair to the kernel: bytes arriving on either socket
     /// are sent out of the other. On error nothing stays in the maps.
-    pub(crate) fn pair(&self, a: &TcpStream, b: &TcpStream) -> anyhow::Result<Pair> {
-        let s = self
-            .splice
-            .as_ref()
-            .context("the sockhash path is not loaded")?;
-        let ca = rustix::net::sockopt::socket_cookie(a)?;
-        let cb = rustix::net::sockopt::socket_cookie(b)?;
+    pub(crate) fn pair(&self, a: &TcpStream, b: &TcpStream) -> Result<Pair> {
+        let s = self.splice.as_ref().step("the sockhash path")?;
+        let ca = rustix::net::sockopt::socket_cookie(a).step("reading a socket cookie")?;
+        let cb = rustix::net::sockopt::socket_cookie(b).step("reading a socket cookie")?;
         let pair = Pair { a: ca, b: cb };
         // Peers first: a socket may receive data the moment it is in PAIRS.
-        let result = (|| -> anyhow::Result<()> {
+        let result = (|| -> std::result::Result<(), aya::maps::MapError> {
             let mut peers = lock(&s.peers);
             peers.insert(
                 ca,
@@ -259,13 +271,13 @@ impl Redirector {
         if let Err(e) = result {
             self.unpair(&pair);
             s.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(e);
+            return Err(TcpError::new("inserting a pair into the sockhash maps", e));
         }
         s.spliced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Bytes that arrived before the insert wait for a data-ready call;
         // setting the receive low-water mark makes one.
-        set_rcvlowat(a, 1)?;
-        set_rcvlowat(b, 1)?;
+        set_rcvlowat(a, 1).step("setting SO_RCVLOWAT")?;
+        set_rcvlowat(b, 1).step("setting SO_RCVLOWAT")?;
         Ok(pair)
     }
 
@@ -374,10 +386,13 @@ pub async fn serve(
     relay: Arc<Relay>,
     routes: SharedRoutes,
     mut builds: tokio::sync::watch::Receiver<u64>,
-) -> anyhow::Result<()> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(host, 0))?;
-    let listener = socket.listen(super::LISTEN_BACKLOG)?;
+) -> Result<()> {
+    let listener = TcpSocket::new_v4()
+        .and_then(|socket| {
+            socket.bind(SocketAddr::new(host, 0))?;
+            socket.listen(super::LISTEN_BACKLOG)
+        })
+        .step(format!("the steered listener on {host}"))?;
     redirector.set_listener(&listener)?;
     let accept = tokio::spawn(async move {
         loop {

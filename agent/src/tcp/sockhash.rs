@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use super::ebpf::{Redirector, tcp_counters};
 use super::splice;
-use crate::stats::InstanceStats;
+use crate::metrics::traffic::InstanceTraffic;
 
 /// Moves bytes both ways in the kernel until both directions have ended.
 /// A pair the kernel refuses (e.g. a socket already closed) goes through
@@ -36,7 +36,7 @@ pub async fn pump(
     server: TcpStream,
     server_sent: usize,
     pipe_bytes: usize,
-    stats: &InstanceStats,
+    traffic: &InstanceTraffic,
 ) -> io::Result<()> {
     // The hop header is acknowledged before the baseline is taken, or its
     // late acknowledgement would count as the player's bytes below.
@@ -53,13 +53,13 @@ pub async fn pump(
     // Nothing else has been sent on either socket yet: what `bytes_acked`
     // says now (1 on the socket we connected: its SYN) is the baseline.
     let (Ok(client_base), Ok(server_base)) = (tcp_counters(&client), tcp_counters(&server)) else {
-        return splice::pump(client, server, pipe_bytes, stats).await;
+        return splice::pump(client, server, pipe_bytes, traffic).await;
     };
     let pair = match r.pair(&client, &server) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %format!("{e:#}"), "cannot splice this pair in the kernel; using splice(2)");
-            return splice::pump(client, server, pipe_bytes, stats).await;
+            return splice::pump(client, server, pipe_bytes, traffic).await;
         }
     };
     let result = tokio::try_join!(
@@ -77,8 +77,8 @@ pub async fn pump(
         server = ?tcp_counters(&server).ok(),
         "kernel-spliced connection closed"
     );
-    stats.tcp_bytes_in.fetch_add(up, Relaxed);
-    stats.tcp_bytes_out.fetch_add(down, Relaxed);
+    traffic.tcp_bytes_in.fetch_add(up, Relaxed);
+    traffic.tcp_bytes_out.fetch_add(down, Relaxed);
     r.unpair(&pair);
     if result.is_err() {
         splice::reset(&client);

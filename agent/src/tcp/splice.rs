@@ -12,7 +12,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::stats::InstanceStats;
+use crate::metrics::traffic::InstanceTraffic;
 
 /// Moves bytes both ways until both directions have ended. Half-close is
 /// forwarded (EOF on one side → `shutdown(SHUT_WR)` on the other); an error
@@ -21,10 +21,16 @@ pub async fn pump(
     client: TcpStream,
     server: TcpStream,
     pipe_bytes: usize,
-    stats: &InstanceStats,
+    traffic: &InstanceTraffic,
 ) -> io::Result<()> {
-    let up = one_way(&client, &server, pipe_bytes, &stats.tcp_bytes_in, stats);
-    let down = one_way(&server, &client, pipe_bytes, &stats.tcp_bytes_out, stats);
+    let up = one_way(&client, &server, pipe_bytes, &traffic.tcp_bytes_in, traffic);
+    let down = one_way(
+        &server,
+        &client,
+        pipe_bytes,
+        &traffic.tcp_bytes_out,
+        traffic,
+    );
     let result = tokio::try_join!(up, down).map(|_| ());
     if result.is_err() {
         reset(&client);
@@ -43,7 +49,7 @@ async fn one_way(
     dst: &TcpStream,
     pipe_bytes: usize,
     counter: &AtomicU64,
-    stats: &InstanceStats,
+    traffic: &InstanceTraffic,
 ) -> io::Result<()> {
     let (pipe_r, pipe_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
     // Pipes default to 64 KiB; a bigger one moves more per wakeup.
@@ -82,6 +88,6 @@ async fn one_way(
             }
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        stats.touch();
+        traffic.touch();
     }
 }

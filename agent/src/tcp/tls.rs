@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
@@ -21,6 +20,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::Relay;
+use super::error::{Result, Step, TcpError};
 
 /// A player's connection after the handshake.
 pub type ServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
@@ -45,42 +45,42 @@ impl std::fmt::Debug for Entry {
 impl Entry {
     /// Loads the certificate and binds `entry`: a bad file or a taken port
     /// fails the agent's start, naming the field.
-    pub fn bind(entry: SocketAddr, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+    pub fn bind(entry: SocketAddr, cert: &Path, key: &Path) -> Result<Self> {
         let acceptor = acceptor(cert, key)?;
         let listener = std::net::TcpListener::bind(entry)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .with_context(|| format!("tls_tcp_entry {entry}"))?;
+            .step(format!("tls_tcp_entry {entry}"))?;
         Ok(Self { listener, acceptor })
     }
 }
 
 /// The TLS side of `tls_tcp_entry`, from PEM files.
-fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
     let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("tls_cert {}", cert.display()))?;
-    anyhow::ensure!(
-        !chain.is_empty(),
-        "tls_cert {}: no certificate in it",
-        cert.display()
-    );
-    let key =
-        PrivateKeyDer::from_pem_file(key).with_context(|| format!("tls_key {}", key.display()))?;
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .step(format!("tls_cert {}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(TcpError::new(
+            format!("tls_cert {}", cert.display()),
+            "no certificate in it",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).step(format!("tls_key {}", key.display()))?;
     let config = ServerConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .context("TLS versions")?
+    .step("TLS versions")?
     .with_no_client_auth()
     .with_single_cert(chain, key)
-    .context("tls_cert and tls_key do not make a certificate")?;
+    .step("tls_cert and tls_key do not make a certificate")?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Accepts on `entry` until the task is dropped.
-pub async fn serve(entry: Entry, relay: Arc<Relay>) -> anyhow::Result<()> {
+pub async fn serve(entry: Entry, relay: Arc<Relay>) -> Result<()> {
     let Entry { listener, acceptor } = entry;
-    let listener = TcpListener::from_std(listener).context("tls_tcp_entry")?;
+    let listener = TcpListener::from_std(listener).step("tls_tcp_entry")?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(entry = %addr, "TCP over TLS served, routed by SNI");
     }
@@ -99,18 +99,12 @@ pub async fn serve(entry: Entry, relay: Arc<Relay>) -> anyhow::Result<()> {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    relay
-                        .failures
-                        .tls
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    relay.failures.tls.inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    relay
-                        .failures
-                        .tls
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    relay.failures.tls.inc();
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }

@@ -5,11 +5,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use etcd_client::GetOptions;
-use serde_json::json;
 use tidegate_schema::{ChallengeName, ChallengeRecord, ChallengeSpec, Kind, Record, decode_json};
 
+use super::bodies::{Challenge, ChallengeList, ChallengeWritten, ErrorBody, StoredError};
 use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response};
-use crate::ChallengeError;
 
 pub(super) fn parse_name(name: &str) -> ApiResult<ChallengeName> {
     ChallengeName::parse(name)
@@ -36,28 +35,13 @@ pub(super) fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
         })
 }
 
-impl From<ChallengeError> for ApiError {
-    fn from(e: ChallengeError) -> Self {
-        match e {
-            ChallengeError::RevisionMismatch { .. } => {
-                ApiError::new(StatusCode::PRECONDITION_FAILED, e.to_string())
-            }
-            ChallengeError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            ChallengeError::Corrupt { .. } => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-            }
-            ChallengeError::Etcd(e) => ApiError::etcd(e),
-        }
+fn challenge(rec: ChallengeRecord, revision: i64) -> Challenge {
+    Challenge {
+        name: rec.name,
+        revision,
+        spec: rec.spec,
+        policy: rec.policy,
     }
-}
-
-fn challenge_json(rec: &ChallengeRecord, revision: i64) -> serde_json::Value {
-    json!({
-        "name": rec.name,
-        "revision": revision,
-        "spec": rec.spec,
-        "policy": rec.policy,
-    })
 }
 
 pub(super) fn with_etag(mut resp: Response, revision: i64) -> Response {
@@ -67,6 +51,24 @@ pub(super) fn with_etag(mut resp: Response, revision: i64) -> Response {
     resp
 }
 
+/// Creates or replaces a challenge.
+#[utoipa::path(
+    put, path = "/v1/challenges/{name}", tag = "challenges", operation_id = "put_challenge",
+    params(
+        ("name" = String, Path, description = "the challenge's name (a DNS label)"),
+        ("If-Match" = Option<String>, Header, description = "its revision in quotes; \"0\": create only"),
+    ),
+    request_body = ChallengeSpec,
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "replaced", body = ChallengeWritten, headers(("ETag" = String, description = "the new revision"))),
+        (status = 201, description = "created", body = ChallengeWritten, headers(("ETag" = String, description = "the new revision"))),
+        (status = 400, description = "an invalid spec, naming the field", body = ErrorBody),
+        (status = 403, description = "this needs the admin token", body = ErrorBody),
+        (status = 412, description = "the challenge is at another revision", body = ErrorBody),
+        (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
+    )
+)]
 pub(super) async fn put(
     State(app): AppState,
     scope: Scope,
@@ -85,10 +87,25 @@ pub(super) async fn put(
     } else {
         StatusCode::OK
     };
-    let body = json!({ "name": name, "revision": revision, "created": created, "spec": spec });
+    let body = ChallengeWritten {
+        name,
+        revision,
+        created,
+        spec,
+    };
     Ok(with_etag(json_response(status, body), revision))
 }
 
+/// One challenge; its ETag is its revision.
+#[utoipa::path(
+    get, path = "/v1/challenges/{name}", tag = "challenges", operation_id = "get_challenge",
+    params(("name" = String, Path, description = "the challenge's name")),
+    responses(
+        (status = 200, description = "the challenge", body = Challenge, headers(("ETag" = String, description = "its revision"))),
+        (status = 400, description = "not a challenge name", body = ErrorBody),
+        (status = 404, description = "no such challenge", body = ErrorBody),
+    )
+)]
 pub(super) async fn get(
     State(app): AppState,
     _scope: Scope,
@@ -96,15 +113,28 @@ pub(super) async fn get(
 ) -> ApiResult {
     let name = parse_name(&name)?;
     let stored = etcd(&app, || app.challenges.get(&name)).await?;
+    let revision = stored.revision;
     Ok(with_etag(
-        json_response(
-            StatusCode::OK,
-            challenge_json(&stored.value, stored.revision),
-        ),
-        stored.revision,
+        json_response(StatusCode::OK, challenge(stored.value, revision)),
+        revision,
     ))
 }
 
+/// Deletes a challenge (its live instances live on until they expire).
+#[utoipa::path(
+    delete, path = "/v1/challenges/{name}", tag = "challenges", operation_id = "delete_challenge",
+    params(
+        ("name" = String, Path, description = "the challenge's name"),
+        ("If-Match" = Option<String>, Header, description = "its revision in quotes"),
+    ),
+    security(("admin" = [])),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 403, description = "this needs the admin token", body = ErrorBody),
+        (status = 404, description = "no such challenge", body = ErrorBody),
+        (status = 412, description = "the challenge is at another revision", body = ErrorBody),
+    )
+)]
 pub(super) async fn delete(
     State(app): AppState,
     scope: Scope,
@@ -119,22 +149,26 @@ pub(super) async fn delete(
 }
 
 /// Every stored challenge; a malformed one is listed under `errors`, not hidden.
+#[utoipa::path(
+    get, path = "/v1/challenges", tag = "challenges", operation_id = "list_challenges",
+    responses((status = 200, description = "every challenge, and the stored values that are not one", body = ChallengeList))
+)]
 pub(super) async fn list(State(app): AppState, _scope: Scope) -> ApiResult {
     let (records, errors) = load_all(&app).await?;
-    let items: Vec<_> = records
-        .iter()
-        .map(|(rec, revision)| challenge_json(rec, *revision))
+    let challenges = records
+        .into_iter()
+        .map(|(rec, revision)| challenge(rec, revision))
         .collect();
     Ok(json_response(
         StatusCode::OK,
-        json!({ "challenges": items, "errors": errors }),
+        ChallengeList { challenges, errors },
     ))
 }
 
 /// Every challenge with its revision, and the keys that do not decode.
 pub(super) async fn load_all(
     app: &crate::App,
-) -> ApiResult<(Vec<(ChallengeRecord, i64)>, Vec<serde_json::Value>)> {
+) -> ApiResult<(Vec<(ChallengeRecord, i64)>, Vec<StoredError>)> {
     let prefix = app.ks.prefix(Kind::Challenges);
     let resp = etcd(app, || {
         let mut client = app.client.clone();
@@ -151,10 +185,10 @@ pub(super) async fn load_all(
     for kv in resp.kvs() {
         match ChallengeRecord::decode(kv.value()) {
             Ok(rec) => items.push((rec, kv.mod_revision())),
-            Err(e) => errors.push(json!({
-                "key": String::from_utf8_lossy(kv.key()),
-                "error": e.to_string(),
-            })),
+            Err(e) => errors.push(StoredError {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                error: e.to_string(),
+            }),
         }
     }
     Ok((items, errors))

@@ -1,38 +1,31 @@
 //! `/v1/status` and `/v1/workers`.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
+use super::bodies::{ErrorBody, Worker, WorkerList};
 use super::{ApiResult, AppState, Scope, etcd, json_response};
-use crate::App;
-use crate::scheduler::Candidate;
+use crate::election::current_leader;
 
-/// Who leads, as the election key says (None while nobody does).
-pub(super) async fn current_leader(app: &App) -> Result<Option<Candidate>, etcd_client::Error> {
-    let mut client = app.client.clone();
-    match client.leader(app.ks.election_name()).await {
-        Ok(resp) => Ok(resp
-            .kv()
-            .and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok())),
-        // etcd answers "election: no leader" as an error.
-        Err(e) if e.to_string().contains("no leader") => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
+/// This replica's role, the leader, etcd's members and revision, counters.
+#[utoipa::path(
+    get, path = "/v1/status", tag = "cluster", operation_id = "status",
+    responses(
+        (status = 200, description = "this replica: role, token (when it leads), the leader, etcd members and revision, its view's revision and counters", body = serde_json::Value),
+        (status = 503, description = "etcd has no quorum", body = ErrorBody),
+    )
+)]
 pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
     let leader = app.leader.load_full();
-    let current = etcd(&app, || current_leader(&app)).await?;
+    let current = etcd(&app, || current_leader(&app.client, &app.ks)).await?;
     let members = etcd(&app, || {
         let mut client = app.client.clone();
         async move { client.member_list().await }
     })
     .await?;
     // A linearizable read of nothing: the cluster's current revision.
-    let probe = format!("{}/", app.ks);
+    let probe = app.ks.root_prefix();
     let count = etcd(&app, || {
         let mut client = app.client.clone();
         let probe = probe.clone();
@@ -48,7 +41,7 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
         .iter()
         .map(|m| json!({ "name": m.name(), "id": format!("{:x}", m.id()), "client_urls": m.client_urls() }))
         .collect();
-    let c = &app.counters;
+    let m = &app.metrics;
     Ok(json_response(
         StatusCode::OK,
         json!({
@@ -59,44 +52,36 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
             "etcd": { "members": members, "revision": revision },
             "view_revision": app.view.lock().revision,
             "counters": {
-                "spawns": c.spawns.load(Ordering::Relaxed),
-                "spawn_refusals": c.spawn_refusals.load(Ordering::Relaxed),
-                "renewals": c.renewals.load(Ordering::Relaxed),
-                "deletions": c.deletions.load(Ordering::Relaxed),
-                "fenced_writes": c.fenced_writes.load(Ordering::Relaxed),
-                "leader_changes": c.leader_changes.load(Ordering::Relaxed),
-                "worker_gone_deletions": c.worker_gone_deletions.load(Ordering::Relaxed),
-                "policy_denials": c.policy_denials.load(Ordering::Relaxed),
-                "policy_failures": c.policy_failures.load(Ordering::Relaxed),
-                "idle_expirations": c.idle_expirations.load(Ordering::Relaxed),
+                "spawns": m.spawns.get(),
+                "spawn_refusals": m.spawn_refusals.get(),
+                "renewals": m.renewals.get(),
+                "deletions": m.deletions.get(),
+                "fenced_writes": m.fenced_writes.get(),
+                "leader_changes": m.leader_changes.get(),
+                "worker_gone_deletions": m.worker_gone_deletions.get(),
+                "policy_denials": m.policy_denials.get(),
+                "policy_failures": m.policy_failures.get(),
+                "idle_expirations": m.idle_expirations.get(),
                 "plugins_compiled": app.policies.host.cached(),
             },
         }),
     ))
 }
 
+/// Live workers with their capacity and load.
+#[utoipa::path(
+    get, path = "/v1/workers", tag = "cluster", operation_id = "list_workers",
+    responses((status = 200, description = "the registered workers", body = WorkerList))
+)]
 pub(super) async fn workers(State(app): AppState, _scope: Scope) -> ApiResult {
-    let items = workers_json(&app.view.lock());
-    Ok(json_response(StatusCode::OK, json!({ "workers": items })))
+    let workers = workers_of(&app.view.lock());
+    Ok(json_response(StatusCode::OK, WorkerList { workers }))
 }
 
 /// The registered workers with their load.
-pub(super) fn workers_json(view: &crate::view::View) -> Vec<Value> {
+pub(super) fn workers_of(view: &crate::view::View) -> Vec<Worker> {
     view.workers
         .values()
-        .map(|w| {
-            let load = view.load(&w.id);
-            json!({
-                "id": w.id,
-                "address": w.address,
-                "http_entry": w.http_entry,
-                "tcp_host": w.tcp_host,
-                "capacity": w.capacity,
-                "instances": load,
-                "free": (w.capacity as usize).saturating_sub(load),
-                "version": w.version,
-                "started_at": w.started_at,
-            })
-        })
+        .map(|w| Worker::new(w, view.load(&w.id)))
         .collect()
 }

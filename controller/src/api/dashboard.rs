@@ -9,7 +9,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{ApiResult, AppState, Scope, challenges, cluster, etcd, instances, json_response};
+use super::bodies::{ErrorBody, Instance};
+use super::{ApiResult, AppState, Scope, challenges, cluster, etcd, json_response};
+use crate::election::current_leader;
 
 const PAGE: &str = include_str!("dashboard.html");
 
@@ -30,10 +32,20 @@ pub(super) async fn page() -> Response {
         .into_response()
 }
 
-/// Everything the page shows, in one answer (admin scope).
+/// What the organizer dashboard (`GET /dashboard`, an HTML page) shows:
+/// this replica, the leader, workers (registered or absent), live
+/// instances, this replica's recent refusals, policies in force.
+#[utoipa::path(
+    get, path = "/v1/dashboard", tag = "cluster", operation_id = "dashboard",
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "the dashboard's data", body = serde_json::Value),
+        (status = 403, description = "this needs the admin token", body = ErrorBody),
+    )
+)]
 pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
     scope.require_admin()?;
-    let leader = etcd(&app, || cluster::current_leader(&app)).await?;
+    let leader = etcd(&app, || current_leader(&app.client, &app.ks)).await?;
     let (records, errors) = challenges::load_all(&app).await?;
     let policies: Vec<Value> = records
         .iter()
@@ -51,7 +63,10 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
         .collect();
     let (workers, items, revision) = {
         let view = app.view.lock();
-        let mut workers = cluster::workers_json(&view);
+        let mut workers: Vec<Value> = cluster::workers_of(&view)
+            .into_iter()
+            .filter_map(|w| serde_json::to_value(w).ok())
+            .collect();
         for w in &mut workers {
             w["state"] = json!("registered");
         }
@@ -73,7 +88,10 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
         let mut items: Vec<Value> = view
             .instances
             .values()
-            .map(|i| instances::instance_json(&app, &i.record, view.status_text(&i.record.id)))
+            .filter_map(|i| {
+                let status = view.status_text(&i.record.id);
+                serde_json::to_value(Instance::new(&app, &i.record, status)).ok()
+            })
             .collect();
         items.sort_by_key(|i| std::cmp::Reverse(i["created_at"].as_u64().unwrap_or(0)));
         (workers, items, view.revision)
@@ -87,10 +105,10 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
             },
             "leader": leader,
             "revision": revision,
-            "now": super::unix_now(),
+            "now": tidegate_schema::time::unix_secs(),
             "workers": workers,
             "instances": items,
-            "refusals": app.telemetry.recent(),
+            "refusals": app.metrics.recent(),
             "policies": policies,
             "challenges": records.len(),
             "challenge_errors": errors,

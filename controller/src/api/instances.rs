@@ -1,153 +1,26 @@
 //! `/v1/instances`: spawn, list, get, renew, delete, flag check.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Value, json};
-use std::sync::Arc;
+use tidegate_schema::time::unix_secs;
+use tidegate_schema::{InstanceId, decode_json};
 
-use tidegate_plugin_host::{InstanceInfo, RenewDecision, SpawnDecision};
-use tidegate_schema::spec::MIN_TTL_SECS;
-use tidegate_schema::{
-    ChallengeName, ChallengeRecord, FieldError, InstanceId, InstanceRecord, PolicyFallback, TeamId,
-    Validate, decode_json,
+use super::bodies::{
+    ErrorBody, FlagCheck, FlagResult, Instance, InstanceList, ListQuery, PolicyDecision,
+    SpawnRequest,
 };
-
-use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading, unix_now};
-use crate::lifecycle::{self, LifecycleError};
-use crate::policy::Decided;
+use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading};
+use crate::lifecycle;
+use crate::policy::{self, Admission, Renewal};
 use crate::{App, ChallengeError, SpawnError, SpawnPlan};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpawnRequest {
-    challenge: ChallengeName,
-    team: TeamId,
-}
-
-impl Validate for SpawnRequest {
-    fn validate(&self) -> Result<(), FieldError> {
-        Ok(())
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FlagRequest {
-    flag: String,
-}
-
-impl Validate for FlagRequest {
-    fn validate(&self) -> Result<(), FieldError> {
-        if self.flag.len() > 1024 {
-            return Err(FieldError::new("flag", "at most 1024 bytes"));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct ListQuery {
-    team: Option<String>,
-    challenge: Option<String>,
-}
 
 fn parse_id(id: &str) -> ApiResult<InstanceId> {
     InstanceId::parse(id)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).field("id"))
-}
-
-/// The answer shape of every instance endpoint.
-pub(super) fn instance_json(app: &App, rec: &InstanceRecord, status: String) -> Value {
-    let port = match (
-        app.cfg.public_http_scheme.as_str(),
-        app.cfg.public_http_port,
-    ) {
-        ("http", 80) | ("https", 443) => String::new(),
-        (_, p) => format!(":{p}"),
-    };
-    let http: Vec<Value> = rec
-        .http
-        .iter()
-        .map(|r| {
-            json!({
-                "port_name": r.port_name,
-                "hostname": r.hostname,
-                "url": format!("{}://{}{port}/", app.cfg.public_http_scheme, r.hostname),
-            })
-        })
-        .collect();
-    let tcp: Vec<Value> = rec
-        .tcp
-        .iter()
-        .map(|r| {
-            json!({
-                "port_name": r.port_name,
-                "port": r.port,
-                // The SNI for the agents' `tls_tcp_entry`, if they have one.
-                "tls_hostname": format!("{}-{}.{}", rec.id, r.port_name, app.cfg.domain),
-            })
-        })
-        .collect();
-    json!({
-        "id": rec.id,
-        "challenge": rec.challenge,
-        "team": rec.team,
-        "worker": rec.worker,
-        "created_at": rec.created_at,
-        "expires_at": rec.expires_at,
-        "renewals": rec.renewals,
-        "http": http,
-        "tcp": tcp,
-        "status": status,
-    })
-}
-
-impl From<LifecycleError> for ApiError {
-    fn from(e: LifecycleError) -> Self {
-        let status = match &e {
-            LifecycleError::NotFound(_) => StatusCode::NOT_FOUND,
-            LifecycleError::MaxRenewals { .. }
-            | LifecycleError::MaxLifetime { .. }
-            | LifecycleError::TooEarly { .. }
-            | LifecycleError::Conflict(_) => StatusCode::CONFLICT,
-            LifecycleError::Fenced(_) => return ApiError::unavailable(e.to_string()),
-            LifecycleError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            LifecycleError::Etcd(inner) => {
-                return ApiError::unavailable(e.to_string()).unsent_if(inner);
-            }
-        };
-        let reason = match &e {
-            LifecycleError::MaxRenewals { .. } => "max_renewals",
-            LifecycleError::MaxLifetime { .. } => "max_lifetime",
-            LifecycleError::TooEarly { .. } => "too_early",
-            LifecycleError::Conflict(_) => "conflict",
-            LifecycleError::NotFound(_) => "not_found",
-            _ => "corrupt_record",
-        };
-        ApiError::new(status, e.to_string()).reason(reason)
-    }
-}
-
-impl From<SpawnError> for ApiError {
-    fn from(e: SpawnError) -> Self {
-        match e {
-            SpawnError::Etcd(ref inner) => ApiError::unavailable(e.to_string()).unsent_if(inner),
-            SpawnError::TeamLimit { .. } => {
-                ApiError::new(StatusCode::CONFLICT, e.to_string()).reason("team_limit")
-            }
-            SpawnError::Invalid { .. } => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-            }
-            SpawnError::Fenced { .. } => ApiError::unavailable(e.to_string()).reason("fenced"),
-            SpawnError::Contended => ApiError::unavailable(e.to_string()).reason("contended"),
-            SpawnError::PortRange(_) => ApiError::unavailable(e.to_string()).reason("port_range"),
-        }
-    }
 }
 
 /// Counts and keeps a refused spawn or renewal (not redirects or bad requests).
@@ -160,8 +33,8 @@ fn refused(
     e: &ApiError,
 ) {
     let Some(reason) = e.refusal() else { return };
-    app.telemetry.refused(crate::metrics::Refusal {
-        at: unix_now(),
+    app.metrics.refused(crate::metrics::Refusal {
+        at: unix_secs(),
         op,
         team: team.to_string(),
         challenge: challenge.to_string(),
@@ -172,6 +45,23 @@ fn refused(
     });
 }
 
+/// Spawns an instance for a team. Standbys answer 307 to the scheduler.
+/// A policy's denial is a 403 whose `error` is its reason and whose
+/// `policy` names digest, hook and decision; `queue` is a 429 with
+/// Retry-After.
+#[utoipa::path(
+    post, path = "/v1/instances", tag = "instances", operation_id = "spawn_instance",
+    request_body = SpawnRequest,
+    responses(
+        (status = 201, description = "the new instance", body = Instance),
+        (status = 307, description = "this replica is a standby", body = ErrorBody, headers(("Location" = String, description = "the same path on the scheduler"))),
+        (status = 400, description = "an invalid request, naming the field", body = ErrorBody),
+        (status = 403, description = "denied by the challenge's policy (or its failure under policy_fallback deny)", body = ErrorBody),
+        (status = 404, description = "no such challenge", body = ErrorBody),
+        (status = 409, description = "the team is at its per_team_max", body = ErrorBody),
+        (status = 429, description = "the policy asks to retry after Retry-After seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+    )
+)]
 pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> ApiResult {
     let req: SpawnRequest = decode_json(&body).map_err(ApiError::bad_request)?;
     let result = spawn_parsed(&app, &req).await;
@@ -207,56 +97,10 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
     };
     // The challenge's policy decides before placement (and under the spawn
     // lock, so the counts it sees include every earlier spawn).
-    let mut ttl_secs = challenge.spec.ttl.default_secs;
-    let mut fallback_note = None;
-    if let Some(policy) = &challenge.policy {
-        let request = spawn_request(app, &challenge, &req.team);
-        let pinfo = |decision: &str| json!({"digest": policy.digest, "hook": "admit-spawn", "decision": decision});
-        match app.policies.admit_spawn(&challenge, &request).await {
-            None => {}
-            Some(Decided::Plugin(SpawnDecision::Allow(None))) => {}
-            Some(Decided::Plugin(SpawnDecision::Allow(Some(t)))) => {
-                ttl_secs = u64::from(t).clamp(MIN_TTL_SECS, challenge.spec.ttl.max_secs);
-            }
-            Some(Decided::Plugin(SpawnDecision::Deny(reason))) => {
-                app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-                return Err(ApiError::new(StatusCode::FORBIDDEN, reason)
-                    .with("policy", pinfo("deny"))
-                    .reason("policy_deny"));
-            }
-            Some(Decided::Plugin(SpawnDecision::Queue(secs))) => {
-                app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-                let secs = secs.max(1);
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!("the challenge's policy asks to retry in {secs} s"),
-                )
-                .header(axum::http::header::RETRY_AFTER, &secs.to_string())
-                .with("policy", pinfo("queue"))
-                .reason("policy_queue"));
-            }
-            Some(Decided::Fallback { fallback, error }) => {
-                app.counters.policy_failures.fetch_add(1, Ordering::Relaxed);
-                match fallback {
-                    PolicyFallback::Deny => {
-                        app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-                        return Err(ApiError::new(
-                            StatusCode::FORBIDDEN,
-                            format!("{error}; the challenge's policy_fallback is deny"),
-                        )
-                        .with("policy", pinfo("fallback-deny"))
-                        .reason("policy_fallback_deny"));
-                    }
-                    PolicyFallback::Allow => {
-                        fallback_note = Some(json!({
-                            "digest": policy.digest, "hook": "admit-spawn",
-                            "decision": "fallback-allow", "error": error,
-                        }));
-                    }
-                }
-            }
-        }
-    }
+    let (ttl_secs, fallback_note) = match policy::admit_spawn(app, &challenge, &req.team).await {
+        Admission::Admit { ttl_secs, note } => (ttl_secs, note),
+        Admission::Refused(r) => return Err(r.into()),
+    };
     let worker = {
         let view = app.view.lock();
         if view.workers.is_empty() {
@@ -270,7 +114,7 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
                 .reason("no_capacity")
         })?
     };
-    let now = unix_now();
+    let now = unix_secs();
     let plan = SpawnPlan {
         keys: app.ks.clone(),
         leader_key: leader.key.clone(),
@@ -292,7 +136,7 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
         .await
         .map_err(|e| {
             if matches!(e, SpawnError::Fenced { .. }) {
-                app.counters.fenced_writes.fetch_add(1, Ordering::Relaxed);
+                app.metrics.fenced_writes.inc();
             }
             ApiError::from(e)
         })
@@ -301,81 +145,38 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
     let spawned = match result {
         Ok(s) => s,
         Err(e) => {
-            app.counters.spawn_refusals.fetch_add(1, Ordering::Relaxed);
+            app.metrics.spawn_refusals.inc();
             return Err(e);
         }
     };
-    app.counters.spawns.fetch_add(1, Ordering::Relaxed);
-    app.telemetry.etcd.wrote(spawned.revision);
-    if let Ok(mut recent) = app.recent_spawns.lock() {
-        recent.push_back((now, req.team.to_string(), req.challenge.to_string()));
-    }
-    let mut body = instance_json(app, &spawned.record, "pending".into());
-    if let Some(note) = fallback_note {
-        body["policy"] = note;
-    }
+    app.metrics.spawns.inc();
+    app.metrics.etcd.wrote(spawned.revision);
+    app.recent_spawns.record(now, &req.team, &req.challenge);
+    let mut body = Instance::new(app, &spawned.record, "pending".into());
+    body.policy = fallback_note.map(|note| PolicyDecision {
+        digest: note.digest,
+        hook: note.hook.into(),
+        decision: "fallback-allow".into(),
+        error: Some(note.error),
+    });
     app.view
         .insert_own(spawned.record, spawned.lease, spawned.revision);
     Ok(json_response(StatusCode::CREATED, body))
 }
 
-/// What `admit-spawn` is told: the team's counts and the cluster's room,
-/// from this replica's view (the leader's, which places every spawn).
-fn spawn_request(
-    app: &App,
-    challenge: &ChallengeRecord,
-    team: &TeamId,
-) -> tidegate_plugin_host::SpawnRequest {
-    let now = unix_now();
-    let view = app.view.lock();
-    let mut team_live = 0u32;
-    let mut team_live_all = 0u32;
-    let mut per_worker: std::collections::BTreeMap<&str, u32> = Default::default();
-    for i in view.instances.values() {
-        *per_worker.entry(i.record.worker.as_str()).or_default() += 1;
-        if i.record.team == *team {
-            team_live_all += 1;
-            if i.record.challenge == challenge.name {
-                team_live += 1;
-            }
-        }
-    }
-    let mut capacity = 0u32;
-    let mut free = 0u32;
-    for w in view.workers.values() {
-        capacity = capacity.saturating_add(w.capacity);
-        let used = per_worker.get(w.id.as_str()).copied().unwrap_or(0);
-        free = free.saturating_add(w.capacity.saturating_sub(used));
-    }
-    drop(view);
-    let team_recent = app.recent_spawns.lock().map_or(0, |mut recent| {
-        while recent.front().is_some_and(|(t, _, _)| *t + 3600 < now) {
-            recent.pop_front();
-        }
-        recent
-            .iter()
-            .filter(|(_, t, c)| t == team.as_str() && c == challenge.name.as_str())
-            .count() as u32
-    });
-    tidegate_plugin_host::SpawnRequest {
-        team: team.to_string(),
-        challenge: challenge.name.to_string(),
-        team_live,
-        team_live_all,
-        team_recent,
-        cluster_free_slots: free,
-        cluster_capacity: capacity,
-        now_ms: tidegate_plugin_host::unix_ms(),
-    }
-}
-
+/// Live instances, as this replica's view holds them.
+#[utoipa::path(
+    get, path = "/v1/instances", tag = "instances", operation_id = "list_instances",
+    params(ListQuery),
+    responses((status = 200, description = "live instances", body = InstanceList))
+)]
 pub(super) async fn list(
     State(app): AppState,
     _scope: Scope,
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
     let view = app.view.lock();
-    let items: Vec<Value> = view
+    let instances = view
         .instances
         .values()
         .filter(|i| {
@@ -388,21 +189,35 @@ pub(super) async fn list(
                 .as_deref()
                 .is_none_or(|c| i.record.challenge.as_str() == c)
         })
-        .map(|i| instance_json(&app, &i.record, view.status_text(&i.record.id)))
+        .map(|i| Instance::new(&app, &i.record, view.status_text(&i.record.id)))
         .collect();
+    let revision = view.revision;
     Ok(json_response(
         StatusCode::OK,
-        json!({ "instances": items, "revision": view.revision }),
+        InstanceList {
+            instances,
+            revision,
+        },
     ))
 }
 
+/// One instance.
+#[utoipa::path(
+    get, path = "/v1/instances/{id}", tag = "instances", operation_id = "get_instance",
+    params(("id" = String, Path, description = "the instance's id: 10 lowercase hex characters")),
+    responses(
+        (status = 200, description = "the instance", body = Instance),
+        (status = 400, description = "not an instance id", body = ErrorBody),
+        (status = 404, description = "no such instance", body = ErrorBody),
+    )
+)]
 pub(super) async fn get(State(app): AppState, _scope: Scope, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
     let status = app.view.lock().status_text(&id);
     Ok(json_response(
         StatusCode::OK,
-        instance_json(&app, &current.record, status),
+        Instance::new(&app, &current.record, status),
     ))
 }
 
@@ -410,6 +225,19 @@ pub(super) async fn get(State(app): AppState, _scope: Scope, Path(id): Path<Stri
 /// the answer.
 const RENEW_ATTEMPTS: u32 = 4;
 
+/// Extends an instance's life per its challenge's ttl rules (and its
+/// policy's `renew` hook). Standbys answer 307 to the scheduler.
+#[utoipa::path(
+    post, path = "/v1/instances/{id}/renew", tag = "instances", operation_id = "renew_instance",
+    params(("id" = String, Path, description = "the instance's id")),
+    responses(
+        (status = 200, description = "the instance with its new expires_at", body = Instance),
+        (status = 307, description = "this replica is a standby", body = ErrorBody, headers(("Location" = String, description = "the same path on the scheduler"))),
+        (status = 403, description = "refused by the challenge's policy", body = ErrorBody),
+        (status = 404, description = "no such instance", body = ErrorBody),
+        (status = 409, description = "max renewals or max lifetime reached, too early to extend it, or its challenge was deleted", body = ErrorBody),
+    )
+)]
 pub(super) async fn renew(
     State(app): AppState,
     _scope: Scope,
@@ -421,7 +249,7 @@ pub(super) async fn renew(
     let (current, result) = loop {
         let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
         let result = renew_current(&app, &leader, &current).await;
-        // The owning agent reports its container's status on the endpoint
+        // The owning agent reports its container's status on the status
         // key (starting → running, restarts) whenever it changes; a
         // renewal that read the instance before such a write fails its
         // compare. Read it again and decide again rather than hand the
@@ -471,11 +299,11 @@ async fn renew_current(
             })
     })
     .await?;
-    let now = unix_now();
+    let now = unix_secs();
     let ttl = &challenge.value.spec.ttl;
-    let extend = match renew_policy(app, &challenge.value, &current.record).await? {
-        Some(secs) => secs,
-        None => ttl.default_secs,
+    let extend = match policy::renew(app, &challenge.value, &current.record).await {
+        Renewal::Extend(secs) => secs.unwrap_or(ttl.default_secs),
+        Renewal::Refused(r) => return Err(r.into()),
     };
     let expires_at = lifecycle::renewed_expiry(&current.record, ttl, now, extend)?;
     let fence = (leader.key.as_str(), leader.token);
@@ -483,76 +311,23 @@ async fn renew_current(
         lifecycle::renew(&app.client, &app.ks, fence, current, expires_at, now)
     })
     .await?;
-    app.counters.renewals.fetch_add(1, Ordering::Relaxed);
+    app.metrics.renewals.inc();
     let status = app.view.lock().status_text(id);
     Ok(json_response(
         StatusCode::OK,
-        instance_json(app, &record, status),
+        Instance::new(app, &record, status),
     ))
 }
 
-/// The extension the challenge's `renew` hook grants (`None`: no hook, or
-/// the fallback allows the default), or its refusal as the API error.
-async fn renew_policy(
-    app: &Arc<App>,
-    challenge: &ChallengeRecord,
-    record: &InstanceRecord,
-) -> ApiResult<Option<u64>> {
-    let Some(policy) = &challenge.policy else {
-        return Ok(None);
-    };
-    let pinfo =
-        |decision: &str| json!({"digest": policy.digest, "hook": "renew", "decision": decision});
-    let info = InstanceInfo {
-        instance: record.id.to_string(),
-        team: record.team.to_string(),
-        challenge: record.challenge.to_string(),
-        created_ms: record.created_at * 1000,
-        expires_ms: record.expires_at * 1000,
-        renewals: record.renewals,
-        now_ms: tidegate_plugin_host::unix_ms(),
-    };
-    let outcome = match app.policies.plugin(policy).await {
-        Ok(plugin) => match app.policies.calls.timed("renew", || plugin.renew(&info)) {
-            None => return Ok(None),
-            Some(Ok(d)) => Decided::Plugin(d),
-            Some(Err(e)) => crate::policy::failed(
-                challenge,
-                "renew",
-                challenge.spec.policy_fallback,
-                e.to_string(),
-            ),
-        },
-        Err(error) => {
-            crate::policy::failed(challenge, "renew", challenge.spec.policy_fallback, error)
-        }
-    };
-    match outcome {
-        Decided::Plugin(RenewDecision::Extend(secs)) => Ok(Some(u64::from(secs))),
-        Decided::Plugin(RenewDecision::Refuse(reason)) => {
-            app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-            Err(ApiError::new(StatusCode::FORBIDDEN, reason)
-                .with("policy", pinfo("refuse"))
-                .reason("policy_refuse"))
-        }
-        Decided::Fallback { fallback, error } => {
-            app.counters.policy_failures.fetch_add(1, Ordering::Relaxed);
-            match fallback {
-                PolicyFallback::Allow => Ok(None),
-                PolicyFallback::Deny => {
-                    app.counters.policy_denials.fetch_add(1, Ordering::Relaxed);
-                    Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        format!("{error}; the challenge's policy_fallback is deny"),
-                    )
-                    .with("policy", pinfo("fallback-deny"))
-                    .reason("policy_fallback_deny"))
-                }
-            }
-        }
-    }
-}
-
+/// Deletes an instance (revokes its lease: every key goes at once).
+#[utoipa::path(
+    delete, path = "/v1/instances/{id}", tag = "instances", operation_id = "delete_instance",
+    params(("id" = String, Path, description = "the instance's id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 404, description = "no such instance", body = ErrorBody),
+    )
+)]
 pub(super) async fn delete(
     State(app): AppState,
     _scope: Scope,
@@ -560,10 +335,21 @@ pub(super) async fn delete(
 ) -> ApiResult {
     let id = parse_id(&id)?;
     etcd(&app, || lifecycle::delete(&app.client, &app.ks, &id)).await?;
-    app.counters.deletions.fetch_add(1, Ordering::Relaxed);
+    app.metrics.deletions.inc();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Checks a flag against the instance's (in constant time).
+#[utoipa::path(
+    post, path = "/v1/instances/{id}/flag", tag = "instances", operation_id = "check_flag",
+    params(("id" = String, Path, description = "the instance's id")),
+    request_body = FlagCheck,
+    responses(
+        (status = 200, description = "whether the flag is the instance's", body = FlagResult),
+        (status = 400, description = "an invalid request, naming the field", body = ErrorBody),
+        (status = 404, description = "no such instance", body = ErrorBody),
+    )
+)]
 pub(super) async fn flag(
     State(app): AppState,
     _scope: Scope,
@@ -571,8 +357,8 @@ pub(super) async fn flag(
     body: Bytes,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
-    let req: FlagRequest = decode_json(&body).map_err(ApiError::bad_request)?;
+    let req: FlagCheck = decode_json(&body).map_err(ApiError::bad_request)?;
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
     let correct = crate::flag::matches(&current.record.flag, req.flag.trim());
-    Ok(json_response(StatusCode::OK, json!({ "correct": correct })))
+    Ok(json_response(StatusCode::OK, FlagResult { correct }))
 }

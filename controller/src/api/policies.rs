@@ -11,24 +11,24 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde_json::json;
 use tidegate_plugin_host::MAX_COMPONENT_BYTES;
 use tidegate_schema::{ChallengeRecord, PolicyRef};
 
+use super::bodies::{ErrorBody, Policy};
 use super::challenges::{if_match, parse_name, with_etag};
-use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, unix_now};
+use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response};
 use crate::policy::UploadError;
 
-fn policy_json(rec: &ChallengeRecord, policy: &PolicyRef, revision: i64) -> serde_json::Value {
-    json!({
-        "challenge": rec.name,
-        "digest": policy.digest,
-        "hooks": policy.hooks,
-        "size": policy.size,
-        "uploaded_at": policy.uploaded_at,
-        "fallback": rec.spec.policy_fallback,
-        "revision": revision,
-    })
+fn policy_body(rec: &ChallengeRecord, policy: &PolicyRef, revision: i64) -> Policy {
+    Policy {
+        challenge: rec.name.clone(),
+        digest: policy.digest.clone(),
+        hooks: policy.hooks.clone(),
+        size: policy.size,
+        uploaded_at: policy.uploaded_at,
+        fallback: rec.spec.policy_fallback,
+        revision,
+    }
 }
 
 fn no_policy(name: &tidegate_schema::ChallengeName) -> ApiError {
@@ -38,6 +38,25 @@ fn no_policy(name: &tidegate_schema::ChallengeName) -> ApiError {
     )
 }
 
+/// Uploads a WebAssembly component (world `tidegate:policy/policy@0.1.0`,
+/// at most 10 MiB) as the challenge's policy: checked, dry-run
+/// (`admit-spawn`), stored by sha256, then pointed at.
+#[utoipa::path(
+    put, path = "/v1/challenges/{name}/policy", tag = "policies", operation_id = "put_policy",
+    params(
+        ("name" = String, Path, description = "the challenge's name"),
+        ("If-Match" = Option<String>, Header, description = "the challenge's revision in quotes"),
+    ),
+    request_body(description = "the component", content_type = "application/wasm", content = Vec<u8>),
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "the policy in force", body = Policy, headers(("ETag" = String, description = "the challenge's new revision"))),
+        (status = 400, description = "not wasm, a core module, another world, a missing export, too big, or the dry run trapped", body = ErrorBody),
+        (status = 403, description = "this needs the admin token", body = ErrorBody),
+        (status = 404, description = "no such challenge", body = ErrorBody),
+        (status = 412, description = "the challenge is at another revision", body = ErrorBody),
+    )
+)]
 pub(super) async fn put(
     State(app): AppState,
     scope: Scope,
@@ -87,7 +106,7 @@ pub(super) async fn put(
         digest: plugin.digest().to_string(),
         hooks: plugin.hook_names().iter().map(|h| h.to_string()).collect(),
         size,
-        uploaded_at: unix_now(),
+        uploaded_at: tidegate_schema::time::unix_secs(),
     };
     let (revision, previous) = etcd(&app, || {
         app.challenges
@@ -99,11 +118,20 @@ pub(super) async fn put(
     let mut rec = stored.value;
     rec.policy = Some(policy.clone());
     Ok(with_etag(
-        json_response(StatusCode::OK, policy_json(&rec, &policy, revision)),
+        json_response(StatusCode::OK, policy_body(&rec, &policy, revision)),
         revision,
     ))
 }
 
+/// The challenge's policy plugin: digest, hooks, size, fallback.
+#[utoipa::path(
+    get, path = "/v1/challenges/{name}/policy", tag = "policies", operation_id = "get_policy",
+    params(("name" = String, Path, description = "the challenge's name")),
+    responses(
+        (status = 200, description = "the policy in force", body = Policy, headers(("ETag" = String, description = "the challenge's revision"))),
+        (status = 404, description = "no such challenge, or no policy", body = ErrorBody),
+    )
+)]
 pub(super) async fn get(
     State(app): AppState,
     _scope: Scope,
@@ -117,12 +145,27 @@ pub(super) async fn get(
     Ok(with_etag(
         json_response(
             StatusCode::OK,
-            policy_json(&stored.value, policy, stored.revision),
+            policy_body(&stored.value, policy, stored.revision),
         ),
         stored.revision,
     ))
 }
 
+/// Removes the challenge's policy.
+#[utoipa::path(
+    delete, path = "/v1/challenges/{name}/policy", tag = "policies", operation_id = "delete_policy",
+    params(
+        ("name" = String, Path, description = "the challenge's name"),
+        ("If-Match" = Option<String>, Header, description = "the challenge's revision in quotes"),
+    ),
+    security(("admin" = [])),
+    responses(
+        (status = 204, description = "removed", headers(("ETag" = String, description = "the challenge's new revision"))),
+        (status = 403, description = "this needs the admin token", body = ErrorBody),
+        (status = 404, description = "no such challenge, or no policy", body = ErrorBody),
+        (status = 412, description = "the challenge is at another revision", body = ErrorBody),
+    )
+)]
 pub(super) async fn delete(
     State(app): AppState,
     scope: Scope,

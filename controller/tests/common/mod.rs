@@ -6,6 +6,7 @@
 use etcd_client::{Client, PutOptions};
 use serde_json::json;
 pub use tidegate_lab::daemons::*;
+pub use tidegate_lab::keys;
 
 /// Registers a worker the way an agent does (record under a lease).
 pub async fn register_worker(client: &Client, id: &str, capacity: u32) -> i64 {
@@ -14,7 +15,7 @@ pub async fn register_worker(client: &Client, id: &str, capacity: u32) -> i64 {
     let rec = json!({"v": 1, "id": id, "address": "127.0.0.2", "http_entry": "127.0.0.2:8080",
         "tcp_host": "127.0.0.2", "capacity": capacity, "version": "test", "started_at": 1});
     c.put(
-        format!("/tidegate/workers/{id}"),
+        keys::worker(id),
         rec.to_string(),
         Some(PutOptions::new().with_lease(lease)),
     )

@@ -30,6 +30,8 @@ use wasmtime::{
 };
 
 pub use store::{ArtifactStore, DirStore, StoreError};
+/// Unix time in milliseconds (what plugins are told `now` is).
+pub use tidegate_schema::time::unix_ms;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -87,7 +89,7 @@ impl Digest {
     }
 
     /// Parses `sha256:<64 lowercase hex>`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, DigestError> {
         let hex = s.strip_prefix("sha256:").unwrap_or("");
         if hex.len() == 64
             && hex
@@ -96,9 +98,7 @@ impl Digest {
         {
             Ok(Self(s.to_string()))
         } else {
-            Err(format!(
-                "{s:?} is not sha256: followed by 64 lowercase hex characters"
-            ))
+            Err(DigestError(s.to_string()))
         }
     }
 
@@ -111,6 +111,11 @@ impl Digest {
         self.0.get(7..19).unwrap_or(&self.0)
     }
 }
+
+/// A string that is not a digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not sha256: followed by 64 lowercase hex characters")]
+pub struct DigestError(String);
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -263,13 +268,6 @@ impl bindings::tidegate::policy::clock::Host for CallState {
 }
 
 impl bindings::tidegate::policy::types::Host for CallState {}
-
-/// Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The engine, the linker and the compiled plugins of one process.
 pub struct Host {

@@ -68,14 +68,14 @@ fn version_error_says_so() {
 }
 
 #[test]
-fn endpoint_status_shapes() {
+fn status_record_shapes() {
     let running = json!({"v": 1, "instance": "a3f4b92c8d", "worker": "w1",
         "address": "198.19.0.5", "status": {"state": "running"}, "updated_at": 5});
-    let rec = EndpointRecord::decode(running.to_string().as_bytes()).unwrap();
+    let rec = StatusRecord::decode(running.to_string().as_bytes()).unwrap();
     assert_eq!(rec.status, InstanceStatus::Running);
     let failed = json!({"v": 1, "instance": "a3f4b92c8d", "worker": "w1",
         "status": {"state": "failed", "reason": "image missing"}, "updated_at": 5});
-    let rec = EndpointRecord::decode(failed.to_string().as_bytes()).unwrap();
+    let rec = StatusRecord::decode(failed.to_string().as_bytes()).unwrap();
     assert_eq!(
         rec.status,
         InstanceStatus::Failed {
@@ -85,7 +85,7 @@ fn endpoint_status_shapes() {
     let no_addr = json!({"v": 1, "instance": "a3f4b92c8d", "worker": "w1",
         "status": {"state": "running"}, "updated_at": 5});
     assert_eq!(
-        EndpointRecord::decode(no_addr.to_string().as_bytes())
+        StatusRecord::decode(no_addr.to_string().as_bytes())
             .unwrap_err()
             .field,
         "address"

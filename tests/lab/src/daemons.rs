@@ -6,12 +6,14 @@
 
 #![allow(clippy::unwrap_used)] // test support: a panic is the failure report
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use tidegate_local::daemons::write_config;
+use tidegate_schema::config::{AgentConfig, ControllerConfig};
 
 use crate::etcd::EtcdCluster;
 use crate::netns::NetnsHost;
@@ -50,24 +52,6 @@ pub fn binary(name: &str) -> String {
 pub const ADMIN: &str = "admin-token-0123456789";
 pub const PLATFORM: &str = "platform-token-0123456789";
 pub const ELECTION_TTL: u64 = 2;
-
-/// A TOML config: each default `key = value` whose key `extra` does not
-/// set, then `extra`'s lines.
-fn config_text(defaults: &[(&str, String)], extra: &str) -> String {
-    let chosen = |key: &str| {
-        extra
-            .lines()
-            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
-    };
-    let mut text: String = defaults
-        .iter()
-        .filter(|(key, _)| !chosen(key))
-        .map(|(key, value)| format!("{key} = {value}\n"))
-        .collect();
-    text.push_str(extra);
-    text.push('\n');
-    text
-}
 
 /// The command prefix that runs a program on `host` (nothing for this one).
 fn wrapper_for(host: Option<&NetnsHost>) -> Vec<String> {
@@ -109,50 +93,43 @@ pub struct Controller {
 impl Controller {
     /// Starts replica `id` with a 2 s election TTL and waits until it answers.
     pub async fn start(etcd: &EtcdCluster, id: &str, dir: &Path) -> Controller {
-        Controller::start_on(etcd, id, dir, None, "").await
+        Controller::start_on(etcd, id, dir, None, |_| {}).await
     }
 
     /// As [`Controller::start`], on test host `host` (listening on its port
-    /// 8000) when given, with `extra` TOML lines added to its config (a key
-    /// there replaces the default).
+    /// 8000) when given, its config changed by `configure` after the test
+    /// settings are filled in.
     pub async fn start_on(
         etcd: &EtcdCluster,
         id: &str,
         dir: &Path,
         host: Option<&NetnsHost>,
-        extra: &str,
+        configure: impl FnOnce(&mut ControllerConfig),
     ) -> Controller {
         let listen = match host {
             Some(h) => SocketAddr::from((h.addr(), 8000)),
             None => SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap())),
         };
         let url = format!("http://{listen}");
-        let endpoints = etcd
-            .endpoints()
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut cfg = ControllerConfig {
+            id: id.to_string(),
+            listen,
+            etcd: etcd.endpoints(),
+            admin_token: ADMIN.into(),
+            platform_token: PLATFORM.into(),
+            flag_secret: "test-flag-secret-0123456789".into(),
+            election_ttl_secs: ELECTION_TTL as i64,
+            etcd_timeout_ms: 1500,
+            tcp_ports: "30000-39999".into(),
+            sweep_interval_secs: 1,
+            worker_grace_secs: 2,
+            idle_check_secs: 1,
+            artifact_dir: dir.join("artifacts"),
+            ..ControllerConfig::default()
+        };
+        configure(&mut cfg);
         let config = dir.join(format!("{id}.toml"));
-        let fields = [
-            ("id", format!("{id:?}")),
-            ("listen", format!("\"{listen}\"")),
-            ("etcd", format!("[{endpoints}]")),
-            ("admin_token", format!("{ADMIN:?}")),
-            ("platform_token", format!("{PLATFORM:?}")),
-            ("flag_secret", "\"test-flag-secret-0123456789\"".into()),
-            ("election_ttl_secs", ELECTION_TTL.to_string()),
-            ("etcd_timeout_ms", "1500".into()),
-            ("tcp_ports", "\"30000-39999\"".into()),
-            ("sweep_interval_secs", "1".into()),
-            ("worker_grace_secs", "2".into()),
-            ("idle_check_secs", "1".into()),
-            (
-                "artifact_dir",
-                format!("{:?}", dir.join("artifacts").display().to_string()),
-            ),
-        ];
-        std::fs::write(&config, config_text(&fields, extra)).unwrap();
+        write_config(&cfg, &config).unwrap();
         let c = Controller {
             proc: Controller::launch(id, &config, &wrapper_for(host), dir),
             url,
@@ -313,10 +290,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts worker `worker` with `extra` TOML lines appended to its config
-    /// (images are never pulled), and waits for its metrics endpoint.
-    pub async fn start(etcd: &EtcdCluster, worker: &str, dir: &Path, extra: &str) -> Agent {
-        Agent::start_wrapped(etcd, worker, dir, extra, &[]).await
+    /// Starts worker `worker`, its config changed by `configure` after the
+    /// test settings are filled in (images are never pulled), and waits for
+    /// its metrics endpoint.
+    pub async fn start(
+        etcd: &EtcdCluster,
+        worker: &str,
+        dir: &Path,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> Agent {
+        Agent::start_wrapped(etcd, worker, dir, configure, &[]).await
     }
 
     /// As [`Agent::start`], run under `wrapper` (a command that execs the
@@ -325,13 +308,15 @@ impl Agent {
         etcd: &EtcdCluster,
         worker: &str,
         dir: &Path,
-        extra: &str,
+        configure: impl FnOnce(&mut AgentConfig),
         wrapper: &[&str],
     ) -> Agent {
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
         let http_entry = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
         let wrapper = wrapper.iter().map(|s| s.to_string()).collect();
-        Agent::configure(etcd, worker, dir, extra, wrapper, metrics, http_entry).await
+        let mut cfg = Agent::test_config(etcd, worker, dir, metrics, http_entry);
+        configure(&mut cfg);
+        Agent::write_and_start(cfg, dir, wrapper).await
     }
 
     /// As [`Agent::start`], on test host `host`: HTTP entry on its port 8080,
@@ -340,55 +325,46 @@ impl Agent {
         etcd: &EtcdCluster,
         worker: &str,
         dir: &Path,
-        extra: &str,
+        configure: impl FnOnce(&mut AgentConfig),
         host: &NetnsHost,
     ) -> Agent {
-        let extra = format!(
-            "advertise_address = \"{ip}\"\ntcp_host = \"{ip}\"\n{extra}",
-            ip = host.addr()
-        );
-        let (metrics, http_entry) = (
-            SocketAddr::from((host.addr(), 9100)),
-            SocketAddr::from((host.addr(), 8080)),
-        );
-        let wrapper = wrapper_for(Some(host));
-        Agent::configure(etcd, worker, dir, &extra, wrapper, metrics, http_entry).await
+        let ip = IpAddr::V4(host.addr());
+        let (metrics, http_entry) = (SocketAddr::new(ip, 9100), SocketAddr::new(ip, 8080));
+        let mut cfg = Agent::test_config(etcd, worker, dir, metrics, http_entry);
+        cfg.advertise_address = ip;
+        cfg.tcp_host = ip;
+        configure(&mut cfg);
+        Agent::write_and_start(cfg, dir, wrapper_for(Some(host))).await
     }
 
-    async fn configure(
+    /// The test settings: no image pulls, a fast reconcile and membership,
+    /// this process's cluster label.
+    fn test_config(
         etcd: &EtcdCluster,
         worker: &str,
         dir: &Path,
-        extra: &str,
-        wrapper: Vec<String>,
         metrics: SocketAddr,
         http_entry: SocketAddr,
-    ) -> Agent {
-        let endpoints = etcd
-            .endpoints()
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let config = dir.join(format!("{worker}.toml"));
-        let defaults = [
-            ("worker_id", format!("{worker:?}")),
-            ("etcd", format!("[{endpoints}]")),
-            ("pull_images", "false".into()),
-            ("metrics_listen", format!("\"{metrics}\"")),
-            ("http_entry", format!("\"{http_entry}\"")),
-            ("reconcile_interval_ms", "200".into()),
-            ("membership_ttl_secs", "3".into()),
-            ("cluster_label", format!("{:?}", lab_cluster())),
-            (
-                "artifact_dir",
-                format!("{:?}", dir.join("artifacts").display().to_string()),
-            ),
-        ];
-        std::fs::write(&config, config_text(&defaults, extra)).unwrap();
-        Agent::start_with(worker, config, metrics, dir, wrapper).await
+    ) -> AgentConfig {
+        AgentConfig {
+            worker_id: worker.to_string(),
+            etcd: etcd.endpoints(),
+            pull_images: false,
+            metrics_listen: metrics,
+            http_entry,
+            reconcile_interval_ms: 200,
+            membership_ttl_secs: 3,
+            cluster_label: Some(lab_cluster()),
+            artifact_dir: dir.join("artifacts"),
+            ..AgentConfig::default()
+        }
     }
 
+    async fn write_and_start(cfg: AgentConfig, dir: &Path, wrapper: Vec<String>) -> Agent {
+        let config = dir.join(format!("{}.toml", cfg.worker_id));
+        write_config(&cfg, &config).unwrap();
+        Agent::start_with(&cfg.worker_id, config, cfg.metrics_listen, dir, wrapper).await
+    }
     /// Starts the agent again from the same config (after a kill).
     pub async fn restart(self, dir: &Path) -> Agent {
         let (worker, config, wrapper) = (

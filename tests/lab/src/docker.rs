@@ -1,66 +1,13 @@
-//! The Docker engine, driven through the `docker` CLI (a real client).
+//! Containers a test starts itself, labelled with the test's pid, and the
+//! sweep of those a killed test left behind (the engine helpers are
+//! `tidegate_local::docker`'s).
 
-use std::process::{Command, Stdio};
-
-use crate::error::{Error, Result, run};
-
-/// The daemon config `cargo xtask setup` writes: every Docker network on
-/// 198.18.0.0/15 (the benchmarking range), nothing on 172.16/12.
-pub const DAEMON_JSON: &str = r#"{
-  "bip": "198.18.0.1/24",
-  "default-address-pools": [{"base": "198.19.0.0/16", "size": 24}]
-}"#;
-
-/// Where the dockerd that setup starts writes its log.
-pub const DOCKERD_LOG: &str = "/var/log/tidegate/dockerd.log";
+use tidegate_local::Result;
+pub use tidegate_local::docker::*;
 
 /// The label every container a test starts carries, with the test's pid, so
 /// that leftovers of a killed test can be recognised.
 pub const TEST_LABEL: &str = "tidegate.test.owner";
-
-/// Whether a Docker engine answers on the default socket.
-pub fn engine_up() -> bool {
-    Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Fails with a message saying what to do when no engine answers.
-pub fn require_engine() -> Result<()> {
-    if engine_up() {
-        Ok(())
-    } else {
-        Err(Error::NotReady(
-            "no Docker engine answers on /var/run/docker.sock: run `cargo xtask setup`".into(),
-        ))
-    }
-}
-
-/// The subnet of the default bridge network.
-pub fn bridge_subnet() -> Result<String> {
-    Ok(run(Command::new("docker").args([
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{(index .IPAM.Config 0).Subnet}}",
-    ]))?
-    .trim()
-    .to_string())
-}
-
-/// Runs `docker args...` and returns its trimmed stdout.
-pub fn docker(args: &[&str]) -> Result<String> {
-    Ok(run(Command::new("docker").args(args))?.trim().to_string())
-}
-
-/// Whether the image `name` is present in the engine.
-pub fn image_exists(name: &str) -> bool {
-    docker(&["image", "inspect", "--format", "{{.Id}}", name]).is_ok()
-}
 
 /// A container started by a test; removed (with its anonymous volumes) on drop.
 #[derive(Debug)]
@@ -103,8 +50,7 @@ impl Container {
 
     /// The container's log output so far.
     pub fn logs(&self) -> String {
-        run(Command::new("docker").args(["logs", &self.id]))
-            .unwrap_or_else(|e| format!("(no logs: {e})"))
+        docker(&["logs", &self.id]).unwrap_or_else(|e| format!("(no logs: {e})"))
     }
 }
 
@@ -131,7 +77,9 @@ pub fn sweep_dead_test_containers() -> Result<usize> {
         let (Some(id), Some(owner)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let alive = owner.parse::<u32>().is_ok_and(crate::process::pid_alive);
+        let alive = owner
+            .parse::<u32>()
+            .is_ok_and(tidegate_local::process::pid_alive);
         if !alive {
             docker(&["rm", "-f", "-v", id])?;
             removed += 1;

@@ -6,10 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-#[path = "../../../plugins/build_plugins.rs"]
-mod build;
-
-pub use build::{Built, TARGET, build};
+pub use tidegate_local::plugins::{Built, TARGET, build};
 
 /// Build-time settings of the test build (see each example's docs).
 pub const TEST_SETTINGS: &[(&str, &str)] = &[

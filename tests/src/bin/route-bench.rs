@@ -7,12 +7,16 @@
 //!   the first agent answers 200 (the container serves). Each instance is
 //!   deleted afterwards. Prints JSON with the samples in milliseconds.
 //! - `seed <etcd endpoint> <n>`: writes `n` instance records (and their
-//!   endpoints) of a worker `ghost` straight into etcd, 100 per Txn.
+//!   status) of a worker `ghost` straight into etcd, 100 per Txn.
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Txn, TxnOp};
 use serde_json::{Value, json};
+use tidegate_schema::{
+    ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
+    Limits, PortName, Record, StatusRecord, V1, WorkerId, WorkerRecord,
+};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -121,33 +125,35 @@ async fn seed(endpoint: &str, n: &str) -> Result<(), String> {
     let mut client = Client::connect([endpoint], None)
         .await
         .map_err(|e| e.to_string())?;
-    let worker = json!({"v": 1, "id": "ghost", "address": "127.0.0.1", "http_entry": "127.0.0.1:1",
-        "tcp_host": "127.0.0.1", "capacity": 100000, "version": "bench", "started_at": 0});
+    let ks = Keyspace::default();
+    let ghost = WorkerId::parse("ghost").map_err(|e| e.to_string())?;
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let worker = WorkerRecord {
+        v: V1,
+        id: ghost.clone(),
+        address: loopback,
+        http_entry: std::net::SocketAddr::new(loopback, 1),
+        tcp_host: loopback,
+        capacity: 100_000,
+        metrics: None,
+        version: "bench".into(),
+        started_at: 0,
+    };
     client
-        .put("/tidegate/workers/ghost", worker.to_string(), None)
+        .put(ks.key(&Key::Worker(ghost.clone())), worker.encode(), None)
         .await
         .map_err(|e| e.to_string())?;
     for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
         let mut ops = Vec::new();
         for i in chunk {
-            let id = format!("{:010x}", 0xb000_0000_u64 + *i as u64);
-            let record = json!({"v": 1, "id": id, "challenge": "bench", "team": format!("t{i}"),
-                "worker": "ghost", "token": 1, "created_at": 0, "expires_at": 9_999_999_999u64,
-                "http": [{"port_name": "web", "hostname": format!("{id}.ctf.localhost"), "target_port": 8080}],
-                "container": {"image": "none", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}},
-                "flag": "f"});
-            let endpoint = json!({"v": 1, "instance": id, "worker": "ghost", "address": "198.19.0.9",
-                "status": {"state": "running"}, "updated_at": 0});
+            let id = InstanceId::from_random(0xb000_0000_u64 + *i as u64);
+            let (record, status) = ghost_instance(&id, *i, &ghost)?;
             ops.push(TxnOp::put(
-                format!("/tidegate/instances/{id}"),
-                record.to_string(),
+                ks.key(&Key::Instance(id.clone())),
+                record.encode(),
                 None,
             ));
-            ops.push(TxnOp::put(
-                format!("/tidegate/endpoints/{id}"),
-                endpoint.to_string(),
-                None,
-            ));
+            ops.push(TxnOp::put(ks.key(&Key::Status(id)), status.encode(), None));
         }
         client
             .txn(Txn::new().and_then(ops))
@@ -156,4 +162,50 @@ async fn seed(endpoint: &str, n: &str) -> Result<(), String> {
     }
     println!("{}", json!({"seeded": n}));
     Ok(())
+}
+
+/// Instance `id` (the `i`th) of worker `ghost`, and its status: running.
+fn ghost_instance(
+    id: &InstanceId,
+    i: usize,
+    ghost: &WorkerId,
+) -> Result<(InstanceRecord, StatusRecord), String> {
+    let e = |e: tidegate_schema::Invalid| e.to_string();
+    let record = InstanceRecord {
+        v: V1,
+        id: id.clone(),
+        challenge: "bench".parse().map_err(e)?,
+        team: format!("t{i}").parse().map_err(e)?,
+        worker: ghost.clone(),
+        token: 1,
+        created_at: 0,
+        expires_at: 9_999_999_999,
+        renewals: 0,
+        team_slot: 0,
+        http: vec![HttpRoute {
+            port_name: PortName::parse("web").map_err(e)?,
+            hostname: Hostname::parse(&format!("{id}.ctf.localhost")).map_err(e)?,
+            target_port: 8080,
+        }],
+        tcp: Vec::new(),
+        container: ContainerSpec {
+            image: "none".into(),
+            env: Default::default(),
+            limits: Limits::default(),
+            egress: false,
+            read_only_rootfs: false,
+            cap_add: Vec::new(),
+        },
+        flag: "f".into(),
+    };
+    let status = StatusRecord {
+        v: V1,
+        instance: id.clone(),
+        worker: ghost.clone(),
+        container_id: None,
+        address: Some(std::net::IpAddr::from([198, 19, 0, 9])),
+        status: InstanceStatus::Running,
+        updated_at: 0,
+    };
+    Ok((record, status))
 }

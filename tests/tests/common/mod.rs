@@ -12,6 +12,7 @@ use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::images::ensure_demo_images;
 use tidegate_lab::ports::free_port;
+use tidegate_schema::config::AgentConfig;
 
 /// etcd, a controller and two agents on loopback addresses of their own
 /// (`a_host`, `b_host`: 127.N.M.2 and .3, from the test process's pid), so
@@ -75,13 +76,14 @@ pub fn wildcard_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::P
     (cert, key)
 }
 
-/// Both agents get `extra` in their config, `{host}` replaced by their address.
-pub async fn plane(extra: &str) -> Plane {
-    plane_wrapped(extra, &[]).await
+/// Both agents' configs are changed by `configure` (after their addresses
+/// are set: `tcp_host` is the agent's own).
+pub async fn plane(configure: impl Fn(&mut AgentConfig)) -> Plane {
+    plane_wrapped(configure, &[]).await
 }
 
 /// As [`plane`], both agents run under `wrapper` (see `Agent::start_wrapped`).
-pub async fn plane_wrapped(extra: &str, wrapper: &[&str]) -> Plane {
+pub async fn plane_wrapped(configure: impl Fn(&mut AgentConfig), wrapper: &[&str]) -> Plane {
     ensure_demo_images().unwrap();
     let etcd = EtcdCluster::start(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -91,16 +93,20 @@ pub async fn plane_wrapped(extra: &str, wrapper: &[&str]) -> Plane {
     let a_http = format!("{a_host}:{}", free_port().unwrap());
     let b_http = format!("{b_host}:{}", free_port().unwrap());
     let cfg = |addr: &str, http: &str| {
-        format!(
-            "advertise_address = \"{addr}\"\nhttp_entry = \"{http}\"\ntcp_host = \"{addr}\"\n{}",
-            extra.replace("{host}", addr)
-        )
+        let (addr, http) = (addr.parse().unwrap(), http.parse().unwrap());
+        let configure = &configure;
+        move |c: &mut AgentConfig| {
+            c.advertise_address = addr;
+            c.http_entry = http;
+            c.tcp_host = addr;
+            configure(c);
+        }
     };
     let a = Agent::start_wrapped(
         &etcd,
         &worker("a"),
         dir.path(),
-        &cfg(&a_host, &a_http),
+        cfg(&a_host, &a_http),
         wrapper,
     )
     .await;
@@ -108,7 +114,7 @@ pub async fn plane_wrapped(extra: &str, wrapper: &[&str]) -> Plane {
         &etcd,
         &worker("b"),
         dir.path(),
-        &cfg(&b_host, &b_http),
+        cfg(&b_host, &b_http),
         wrapper,
     )
     .await;

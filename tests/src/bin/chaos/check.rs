@@ -21,10 +21,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde_json::Value;
+use tidegate_schema::{Keyspace, Kind};
 
-use crate::history::{
-    Call, History, Op, Outcome, Probe, Secs, Target, endpoint_running, split_key,
-};
+use crate::history::{Call, History, Op, Outcome, Probe, Secs, Target, split_key, status_running};
 
 /// How long an agent may take to apply a change etcd committed.
 pub(crate) const WATCH_DELAY: Secs = 2.0;
@@ -115,9 +114,10 @@ fn replay(h: &History, out: &mut Report) -> Replay {
     let mut holders: BTreeMap<String, String> = BTreeMap::new();
     // Election key → (creation revision = token, candidate id).
     let mut election: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    let election_prefix = Keyspace::default().prefix(Kind::Election);
     for e in &h.events {
         let phase = phase_of(h, e.at);
-        if e.key.starts_with("/tidegate/election/") {
+        if e.key.starts_with(&election_prefix) {
             match &e.value {
                 Some(v) => {
                     // The candidate's id, inside a JSON value or bare.
@@ -205,7 +205,7 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                         .insert(id.to_string(), (e.at, e.revision, expires));
                 }
             }
-            ("endpoints", Some(v)) if endpoint_running(v) => {
+            ("status", Some(v)) if status_running(v) => {
                 r.running.entry(id.to_string()).or_insert(e.at);
             }
             _ => {}
@@ -555,6 +555,11 @@ mod tests {
     use super::*;
     use crate::history::{Event, Fault, Phase};
 
+    /// Instance `id`'s key (ids as given: these tests use short ones).
+    fn instance_key(id: &str) -> String {
+        format!("{}{id}", Keyspace::default().prefix(Kind::Instances))
+    }
+
     fn history() -> History {
         History {
             start_unix: 1_000_000.0,
@@ -595,7 +600,7 @@ mod tests {
         put(
             h,
             0.0,
-            &format!("/tidegate/election/scheduler/{id}"),
+            &format!("{}{id}", Keyspace::default().prefix(Kind::Election)),
             0,
             json!(id),
         );
@@ -607,7 +612,7 @@ mod tests {
 
     /// Puts instance `id`'s record: created by `token`, serving `host`.
     fn instance(h: &mut History, at: Secs, id: &str, token: i64, host: &str, expires: u64) {
-        let key = format!("/tidegate/instances/{id}");
+        let key = instance_key(id);
         put(h, at, &key, 0, record(id, token, host, expires));
     }
 
@@ -639,7 +644,7 @@ mod tests {
         spawned(&mut h, 1.0, "a");
         instance(&mut h, 1.0, "a", t, "a.x", 1_000_010);
         running(&mut h, 2.0, "a");
-        delete(&mut h, 10.5, "/tidegate/instances/a");
+        delete(&mut h, 10.5, &instance_key("a"));
         h.probes.push(probe(5.0, "a", Outcome::Served));
         h.probes.push(probe(11.0, "a", Outcome::NotRouted));
         let r = check(&h);
@@ -680,7 +685,8 @@ mod tests {
 
     fn running(h: &mut History, at: Secs, id: &str) {
         let ep = json!({"v": 1, "instance": id, "worker": "w1", "status": {"state": "running"}, "updated_at": 0});
-        put(h, at, &format!("/tidegate/endpoints/{id}"), 0, ep);
+        let key = format!("{}{id}", Keyspace::default().prefix(Kind::Statuses));
+        put(h, at, &key, 0, ep);
     }
 
     fn probe(at: Secs, id: &str, outcome: Outcome) -> Probe {
@@ -698,7 +704,8 @@ mod tests {
     fn a_creation_with_a_stale_token_is_a_fenced_write() {
         let mut h = history();
         let old = elect(&mut h, "c0");
-        delete(&mut h, 1.0, "/tidegate/election/scheduler/c0");
+        let c0 = format!("{}c0", Keyspace::default().prefix(Kind::Election));
+        delete(&mut h, 1.0, &c0);
         elect(&mut h, "c1");
         instance(&mut h, 2.0, "a", old, "a.x", 1_000_100);
         assert_eq!(kinds(&check(&h)), ["fenced write"]);
@@ -720,7 +727,7 @@ mod tests {
         };
         h.calls.push(deleted(5.0));
         assert_eq!(kinds(&check(&h)), ["lost delete"]);
-        delete(&mut h, 5.2, "/tidegate/instances/a");
+        delete(&mut h, 5.2, &instance_key("a"));
         assert!(check(&h).violations.is_empty());
     }
 
@@ -739,7 +746,7 @@ mod tests {
         let t = elect(&mut h, "c0");
         spawned(&mut h, 1.0, "a");
         instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
-        delete(&mut h, 5.0, "/tidegate/instances/a");
+        delete(&mut h, 5.0, &instance_key("a"));
         spawned(&mut h, 1.0, "never");
         assert_eq!(kinds(&check(&h)), ["lost spawn", "lost spawn"]);
         // A delete request (even one whose answer was lost) explains it.
@@ -760,7 +767,7 @@ mod tests {
         let mut h = history();
         let t = elect(&mut h, "c0");
         instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
-        delete(&mut h, 5.0, "/tidegate/instances/a");
+        delete(&mut h, 5.0, &instance_key("a"));
         let probe = |at| Probe {
             at,
             took: 0.01,

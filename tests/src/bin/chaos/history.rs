@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, EventType, WatchOptions};
 use serde_json::Value;
+use tidegate_schema::{Keyspace, Kind};
 
 /// Seconds since the run started.
 pub(crate) type Secs = f64;
@@ -187,7 +188,7 @@ pub(crate) struct Known {
     pub(crate) ended: Option<Secs>,
 }
 
-/// Applies one instance or endpoint event to `known`.
+/// Applies one instance or status event to `known`.
 pub(crate) fn learn(known: &mut BTreeMap<String, Known>, event: &Event) {
     let Some((kind, id)) = split_key(&event.key) else {
         return;
@@ -213,9 +214,9 @@ pub(crate) fn learn(known: &mut BTreeMap<String, Known>, event: &Event) {
                 k.ended = Some(event.at);
             }
         }
-        ("endpoints", Some(v)) => {
+        ("status", Some(v)) => {
             if let Some(k) = known.get_mut(id)
-                && endpoint_running(v)
+                && status_running(v)
                 && k.running_since.is_none()
             {
                 k.running_since = Some(event.at);
@@ -225,21 +226,23 @@ pub(crate) fn learn(known: &mut BTreeMap<String, Known>, event: &Event) {
     }
 }
 
-/// Whether an endpoint record says its container runs.
-pub(crate) fn endpoint_running(value: &[u8]) -> bool {
+/// Whether a status record says its container runs.
+pub(crate) fn status_running(value: &[u8]) -> bool {
     // `"status": {"state": "running"}` (schema::InstanceStatus)
     serde_json::from_slice::<Value>(value)
         .is_ok_and(|e| e["status"]["state"].as_str() == Some("running"))
 }
 
-/// `/tidegate/<kind>/<id>` → (kind, id) for instances and endpoints.
-pub(crate) fn split_key(key: &str) -> Option<(&str, &str)> {
-    let rest = key.strip_prefix("/tidegate/")?;
-    let (kind, id) = rest.split_once('/')?;
-    matches!(kind, "instances" | "endpoints").then_some((kind, id))
+/// An instance's key or its status key → (`instances` or `status`, id).
+/// Ids are taken as they are (the checker's tests use short ones).
+pub(crate) fn split_key(key: &str) -> Option<(&'static str, &str)> {
+    let ks = Keyspace::default();
+    [(Kind::Instances, "instances"), (Kind::Statuses, "status")]
+        .into_iter()
+        .find_map(|(kind, name)| key.strip_prefix(&ks.prefix(kind)).map(|id| (name, id)))
 }
 
-/// Watches every key under `/tidegate/` from revision 1 and hands each
+/// Watches every key under the key root from revision 1 and hands each
 /// change to `sink`, resuming after errors from the next unseen revision.
 /// A compaction past the next revision is a harness error (reported once).
 pub(crate) async fn record_etcd(
@@ -251,7 +254,8 @@ pub(crate) async fn record_etcd(
     let mut next = 1;
     loop {
         let options = WatchOptions::new().with_prefix().with_start_revision(next);
-        let mut stream = match client.clone().watch("/tidegate/", Some(options)).await {
+        let root = Keyspace::default().root_prefix();
+        let mut stream = match client.clone().watch(root, Some(options)).await {
             Ok(s) => s,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(200)).await;

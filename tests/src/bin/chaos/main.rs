@@ -27,6 +27,8 @@ use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::images::{DEMO_HTTP, DEMO_TCP, ensure_demo_images};
 use tidegate_lab::netns::{NetnsHost, Routed};
+use tidegate_schema::config::{AgentConfig, ControllerConfig};
+use tidegate_schema::{Keyspace, Kind};
 
 use crate::history::{Clock, Fault, Op, Phase, Settle, Target, learn, record_etcd};
 use crate::load::Shared;
@@ -107,23 +109,26 @@ impl Lab {
             .await
             .map_err(|e| format!("etcd client: {e}"))?;
         // The run's own client rides through member loss like the daemons.
-        tokio::spawn(tidegate_schema::endpoints::prune_dead_endpoints(
+        tokio::spawn(tidegate_etcd::prune_dead_members(
             client.clone(),
             etcd.endpoints(),
         ));
         // Long worker grace: a killed or cut-off agent's instances must
         // survive it (deleting them would be a loss the checker reports).
-        let extra = "worker_grace_secs = 120";
         let mut controllers = Vec::new();
         for (i, host) in controller_hosts.iter().enumerate() {
             let id = format!("c{i}");
-            controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), extra).await);
+            let grace = |c: &mut ControllerConfig| c.worker_grace_secs = 120;
+            controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), grace).await);
         }
         let mut agents = Vec::new();
         for (i, host) in agent_hosts.iter().enumerate() {
-            let extra = "capacity = 8\nmembership_ttl_secs = 6\n";
+            let settings = |c: &mut AgentConfig| {
+                c.capacity = 8;
+                c.membership_ttl_secs = 6;
+            };
             agents.push(Some(
-                Agent::start_on(&etcd, &format!("w{i}"), dir, extra, host).await,
+                Agent::start_on(&etcd, &format!("w{i}"), dir, settings, host).await,
             ));
         }
         let lab = Lab {
@@ -325,7 +330,7 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(0.5).await;
     let revision = lab
         .client
-        .get("/tidegate/", None)
+        .get(Keyspace::default().root_prefix(), None)
         .await
         .map_err(|e| e.to_string())?
         .header()
@@ -449,7 +454,7 @@ async fn compare(lab: &Lab, s: &Shared) -> Res<(Vec<String>, i64, usize)> {
         .client
         .clone()
         .get(
-            "/tidegate/instances/",
+            Keyspace::default().prefix(Kind::Instances),
             Some(GetOptions::new().with_prefix()),
         )
         .await

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
 
-use crate::keys::{Key, KeyError, Keyspace};
-use crate::records::Record;
-use crate::validate::FieldError;
+use tidegate_schema::{FieldError, Key, KeyError, Keyspace, Record};
 
 /// One key and its value, as etcd holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,43 +201,7 @@ impl Watcher {
 
     async fn step(&mut self) -> Result<(), etcd_client::Error> {
         match &mut self.state {
-            State::List => {
-                // In pages, all at the first page's revision (one consistent
-                // snapshot): a single range over 10,000 instances would pass
-                // the gRPC message limit (4 MiB) and fail forever.
-                let end = prefix_end(self.prefix.as_bytes());
-                let mut from = self.prefix.as_bytes().to_vec();
-                let mut revision = 0;
-                let mut kvs = Vec::new();
-                loop {
-                    let mut options = GetOptions::new()
-                        .with_range(end.clone())
-                        .with_limit(LIST_PAGE);
-                    if revision > 0 {
-                        options = options.with_revision(revision);
-                    }
-                    let resp = self.client.get(from.clone(), Some(options)).await?;
-                    if revision == 0 {
-                        revision = resp.header().map_or(0, |h| h.revision());
-                        self.cluster_id = resp.header().map_or(0, |h| h.cluster_id());
-                    }
-                    kvs.extend(resp.kvs().iter().map(Kv::from_etcd));
-                    match resp.kvs().last() {
-                        Some(last) if resp.more() => {
-                            from = last.key().to_vec();
-                            from.push(0);
-                        }
-                        _ => break,
-                    }
-                }
-                self.queue.push_back(Event::Init);
-                self.queue.extend(kvs.into_iter().map(Event::InitApply));
-                self.queue.push_back(Event::InitDone { revision });
-                self.revision = revision;
-                self.lists += 1;
-                self.backoff = BACKOFF_MIN;
-                self.state = State::Watch { from: revision + 1 };
-            }
+            State::List => self.list().await,
             State::Watch { from } => {
                 let from = *from;
                 let options = WatchOptions::new()
@@ -254,75 +216,125 @@ impl Watcher {
                     stream: Box::new(stream),
                     next: from,
                 };
+                Ok(())
             }
             State::Receiving { stream, next } => {
                 let resume_from = *next;
-                let msg = match stream.message().await {
-                    Ok(msg) => msg,
+                match stream.message().await {
+                    Ok(Some(resp)) => {
+                        self.receive(resp, resume_from);
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        tracing::debug!(prefix = %self.prefix, "watch stream ended; resuming");
+                        self.state = State::Watch { from: resume_from };
+                        Ok(())
+                    }
                     Err(e) => {
                         self.state = State::Watch { from: resume_from };
-                        return Err(e);
+                        Err(e)
                     }
-                };
-                let Some(resp) = msg else {
-                    tracing::debug!(prefix = %self.prefix, "watch stream ended; resuming");
-                    self.state = State::Watch { from: resume_from };
-                    return Ok(());
-                };
-                if resp.compact_revision() > 0 {
-                    tracing::warn!(
-                        prefix = %self.prefix,
-                        wanted = resume_from,
-                        compacted_to = resp.compact_revision(),
-                        "watch fell behind compaction; relisting"
-                    );
-                    self.state = State::List;
-                    return Ok(());
                 }
-                if let Some(why) = resp.header().and_then(|h| {
-                    rewound(
-                        self.cluster_id,
-                        resume_from,
-                        resp.created(),
-                        h.cluster_id(),
-                        h.revision(),
-                    )
-                }) {
-                    tracing::warn!(prefix = %self.prefix, wanted = resume_from, "{why}; relisting");
-                    self.state = State::List;
-                    return Ok(());
-                }
-                if resp.canceled() {
-                    tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
-                    self.state = State::Watch { from: resume_from };
-                    return Ok(());
-                }
-                self.backoff = BACKOFF_MIN;
-                let mut delivered = resume_from;
-                for event in resp.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    delivered = delivered.max(kv.mod_revision() + 1);
-                    self.queue.push_back(match event.event_type() {
-                        EventType::Put => Event::Apply(Kv::from_etcd(kv)),
-                        EventType::Delete => Event::Delete {
-                            key: String::from_utf8_lossy(kv.key()).into_owned(),
-                            revision: kv.mod_revision(),
-                        },
-                    });
-                }
-                // A progress notification (no events, not the creation
-                // reply) says every event up to its header revision was sent.
-                if let Some(h) = resp
-                    .header()
-                    .filter(|_| resp.events().is_empty() && !resp.created())
-                {
-                    delivered = delivered.max(h.revision() + 1);
-                }
-                *next = delivered;
-                self.revision = self.revision.max(delivered - 1);
             }
         }
+    }
+
+    /// The full list, in pages, all at the first page's revision (one
+    /// consistent snapshot): a single range over 10,000 instances would pass
+    /// the gRPC message limit (4 MiB) and fail forever.
+    async fn list(&mut self) -> Result<(), etcd_client::Error> {
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = self.client.get(from.clone(), Some(options)).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+                self.cluster_id = resp.header().map_or(0, |h| h.cluster_id());
+            }
+            kvs.extend(resp.kvs().iter().map(Kv::from_etcd));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        self.queue.push_back(Event::Init);
+        self.queue.extend(kvs.into_iter().map(Event::InitApply));
+        self.queue.push_back(Event::InitDone { revision });
+        self.revision = revision;
+        self.lists += 1;
+        self.backoff = BACKOFF_MIN;
+        self.state = State::Watch { from: revision + 1 };
         Ok(())
+    }
+
+    /// One message of the watch stream, which was to start at `resume_from`:
+    /// its events are queued, or a compaction, a restored cluster or a
+    /// cancel sends the watcher back to listing or re-watching.
+    fn receive(&mut self, resp: etcd_client::WatchResponse, resume_from: i64) {
+        if resp.compact_revision() > 0 {
+            tracing::warn!(
+                prefix = %self.prefix,
+                wanted = resume_from,
+                compacted_to = resp.compact_revision(),
+                "watch fell behind compaction; relisting"
+            );
+            self.state = State::List;
+            return;
+        }
+        if let Some(why) = resp.header().and_then(|h| {
+            rewound(
+                self.cluster_id,
+                resume_from,
+                resp.created(),
+                h.cluster_id(),
+                h.revision(),
+            )
+        }) {
+            tracing::warn!(prefix = %self.prefix, wanted = resume_from, "{why}; relisting");
+            self.state = State::List;
+            return;
+        }
+        if resp.canceled() {
+            tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
+            self.state = State::Watch { from: resume_from };
+            return;
+        }
+        self.backoff = BACKOFF_MIN;
+        let mut delivered = resume_from;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            delivered = delivered.max(kv.mod_revision() + 1);
+            self.queue.push_back(match event.event_type() {
+                EventType::Put => Event::Apply(Kv::from_etcd(kv)),
+                EventType::Delete => Event::Delete {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    revision: kv.mod_revision(),
+                },
+            });
+        }
+        // A progress notification (no events, not the creation reply) says
+        // every event up to its header revision was sent.
+        if let Some(h) = resp
+            .header()
+            .filter(|_| resp.events().is_empty() && !resp.created())
+        {
+            delivered = delivered.max(h.revision() + 1);
+        }
+        if let State::Receiving { next, .. } = &mut self.state {
+            *next = delivered;
+        }
+        self.revision = self.revision.max(delivered - 1);
     }
 }
 

@@ -1,6 +1,6 @@
-//! Test hosts: network namespaces joined to this one by a veth pair, with
-//! addresses from 198.18.128.0/17 (part of the benchmarking range; Docker
-//! has 198.18.0.0/24 and 198.19.0.0/16).
+//! Hosts on this machine for tests: network namespaces joined to this one
+//! by a veth pair, with addresses from 198.18.128.0/17 (part of the
+//! benchmarking range; Docker has 198.18.0.0/24 and 198.19.0.0/16).
 //!
 //! Host `i` gets the /30 at 198.18.(128 + i / 64).((i % 64) * 4): `.1` on
 //! this side, `.2` inside. Slots are claimed with `ip netns add`, which fails
@@ -9,7 +9,8 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use crate::error::{Error, Result, run};
+use crate::etcd::MemberHost;
+use crate::{Error, Result, run};
 
 /// How many hosts can exist at once.
 pub const MAX_HOSTS: u32 = 64 * 128;
@@ -122,6 +123,16 @@ impl NetnsHost {
             .split_first()
             .ok_or_else(|| Error::NotReady("exec needs a program".into()))?;
         run(self.command(program).args(args))
+    }
+}
+
+impl MemberHost for NetnsHost {
+    fn netns(&self) -> &str {
+        &self.name
+    }
+
+    fn addr(&self) -> Ipv4Addr {
+        self.nth(2)
     }
 }
 

@@ -1,6 +1,6 @@
 use std::process::Command;
 
-/// What went wrong while setting up or tearing down a test component.
+/// What went wrong while starting, checking or stopping a component.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("could not run `{command}`: {source}")]
@@ -34,7 +34,7 @@ pub fn display(cmd: &Command) -> String {
 
 /// Runs `cmd` to completion, returning its stdout; a non-zero exit is an
 /// error carrying stderr.
-pub(crate) fn run(cmd: &mut Command) -> Result<String> {
+pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().map_err(|source| Error::Spawn {
         command: display(cmd),
         source,

@@ -7,7 +7,7 @@
 //!
 //! - [`never_sent`] says whether an error is of that kind, so the request
 //!   can be retried at once on another member (it had no effect);
-//! - [`prune_dead_endpoints`] takes an unreachable member out of the
+//! - [`prune_dead_members`] takes an unreachable member out of the
 //!   balance within half a second and puts it back when it answers again.
 
 use std::error::Error as StdError;
@@ -57,7 +57,7 @@ fn authority(endpoint: &str) -> &str {
 /// Checks every endpoint every 500 ms with a TCP connect; an endpoint that
 /// refuses or times out leaves `client`'s balance (never the last one) and
 /// returns once it accepts connections again. Runs until aborted.
-pub async fn prune_dead_endpoints(client: Client, endpoints: Vec<String>) {
+pub async fn prune_dead_members(client: Client, endpoints: Vec<String>) {
     if endpoints.len() < 2 {
         return;
     }

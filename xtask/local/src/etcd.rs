@@ -1,4 +1,5 @@
-//! Real etcd clusters of 1 or 3 (or more) members on loopback.
+//! Real etcd clusters of 1 or 3 (or more) members, on loopback or on hosts
+//! of the caller's (network namespaces), torn down on drop.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -6,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::netns::NetnsHost;
 use crate::ports::free_ports;
 use crate::process::{Supervised, wait_until};
 
@@ -107,6 +107,14 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(body)
 }
 
+/// A host an etcd member can run on: a network namespace with an address.
+pub trait MemberHost {
+    /// The network namespace (`ip netns exec <name>`).
+    fn netns(&self) -> &str;
+    /// The address the member listens on.
+    fn addr(&self) -> Ipv4Addr;
+}
+
 /// A running etcd cluster owned by a test; every member is killed and every
 /// data dir removed on drop.
 #[derive(Debug)]
@@ -128,9 +136,9 @@ impl EtcdCluster {
         Self::start_members(specs, dir)
     }
 
-    /// Starts one member on each test host (ports 2379 and 2380 of its
-    /// address, as on real machines) and waits until all are healthy.
-    pub fn start_on(hosts: &[&NetnsHost]) -> Result<Self> {
+    /// Starts one member on each host (ports 2379 and 2380 of its address,
+    /// as on real machines) and waits until all are healthy.
+    pub fn start_on<H: MemberHost>(hosts: &[&H]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tidegate-etcd-")
             .tempdir()?;
@@ -140,7 +148,7 @@ impl EtcdCluster {
             .map(|(i, host)| MemberSpec {
                 name: format!("m{i}"),
                 ip: host.addr(),
-                netns: Some(host.name().to_string()),
+                netns: Some(host.netns().to_string()),
                 client_port: 2379,
                 peer_port: 2380,
                 data_dir: dir.path().join(format!("m{i}.etcd")),

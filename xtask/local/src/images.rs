@@ -221,12 +221,7 @@ fn copy_into(root: &Path, path: &str) -> Result<()> {
 /// so a rebuilt binary gets a new image. Returns the image name.
 pub fn binary_image(repo: &str, binary: &Path, args: &[&str]) -> Result<String> {
     require_engine()?;
-    let meta = std::fs::metadata(binary)?;
-    let stamp = meta
-        .modified()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let name = format!("{repo}:{:x}-{stamp}", meta.len());
+    let name = stamped(repo, binary)?;
     if image_exists(&name) {
         return Ok(name);
     }
@@ -277,4 +272,51 @@ pub fn ssh_keypair(dir: &Path) -> Result<(std::path::PathBuf, String)> {
     }
     let public = std::fs::read_to_string(key.with_extension("pub"))?;
     Ok((key, public.trim().to_string()))
+}
+
+/// `repo` tagged by `binary`'s size and mtime.
+fn stamped(repo: &str, binary: &Path) -> Result<String> {
+    let meta = std::fs::metadata(binary)?;
+    let stamp = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(format!("{repo}:{:x}-{stamp}", meta.len()))
+}
+
+/// The port iperf3's server listens on in [`bench_tcp_image`].
+pub const BENCH_IPERF_PORT: u16 = 5201;
+/// The port the echo server listens on in [`bench_tcp_image`].
+pub const BENCH_ECHO_PORT: u16 = 1337;
+
+/// The TCP benchmark's instance: busybox, Debian's `iperf3` server on
+/// [`BENCH_IPERF_PORT`] and the project's `tcp-echo` (the binary at `echo`)
+/// on [`BENCH_ECHO_PORT`]. Tagged by `echo`'s size and mtime.
+pub fn bench_tcp_image(echo: &Path) -> Result<String> {
+    const IPERF3: &str = "/usr/bin/iperf3";
+    require_engine()?;
+    let name = stamped("tidegate/bench-tcp", echo)?;
+    if image_exists(&name) {
+        return Ok(name);
+    }
+    if !Path::new(IPERF3).exists() {
+        return Err(Error::NotReady(format!(
+            "{IPERF3} is missing: install iperf3 (`cargo xtask setup`)"
+        )));
+    }
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-image-")
+        .tempdir()?;
+    let root = work.path().join("rootfs");
+    busybox_rootfs(&root)?;
+    copy_into(&root, IPERF3)?;
+    copy_libraries(&root, Path::new(IPERF3))?;
+    std::fs::copy(echo, root.join("app"))?;
+    copy_libraries(&root, echo)?;
+    let start = format!(
+        "{IPERF3} -s -p {BENCH_IPERF_PORT} -D && exec /app --listen 0.0.0.0:{BENCH_ECHO_PORT}"
+    );
+    let cmd = serde_json::to_string(&["/bin/sh", "-c", &start]).unwrap_or_default();
+    import_rootfs(work.path(), &root, &name, &[&format!("CMD {cmd}")])?;
+    Ok(name)
 }

@@ -1,0 +1,89 @@
+//! The Pingora server of `tidegate-agent`, on its own threads; stopped on
+//! shutdown through our own signal instead of Unix signals.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tidegate_agent::http::{EdgeProxy, HttpLimits};
+use tidegate_agent::policy::EdgePolicy;
+use tidegate_agent::routes::SharedRoutes;
+use tidegate_schema::WorkerId;
+use tidegate_schema::config::AgentConfig;
+
+/// The running proxy.
+pub(crate) struct Proxy {
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub(crate) fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Pingora's shutdown signal: our own channel.
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+        pingora::server::ShutdownSignal::FastShutdown
+    }
+}
+
+/// Binds `http_entry` (and `https_entry`) and starts serving.
+pub(crate) fn start(
+    cfg: &AgentConfig,
+    routes: SharedRoutes,
+    me: &WorkerId,
+    forward_from: Option<std::net::IpAddr>,
+    policy: Arc<dyn EdgePolicy>,
+) -> anyhow::Result<Proxy> {
+    use pingora::server::configuration::ServerConf;
+    let conf = ServerConf {
+        threads: cfg.http_threads,
+        ..ServerConf::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let proxy = EdgeProxy {
+        routes,
+        me: me.to_string(),
+        forward_from,
+        limits: HttpLimits {
+            max_body_bytes: cfg.max_body_bytes,
+            max_header_bytes: cfg.max_header_bytes,
+            connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
+            read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
+        },
+        policy,
+    };
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    // Bind now so a taken port fails the start with a clear error.
+    std::net::TcpListener::bind(cfg.http_entry)
+        .with_context(|| format!("http_entry {}", cfg.http_entry))?;
+    service.add_tcp(&cfg.http_entry.to_string());
+    if let (Some(addr), Some(cert), Some(key)) = (cfg.https_entry, &cfg.tls_cert, &cfg.tls_key) {
+        let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
+        .map_err(|e| anyhow::anyhow!("TLS certificate {}: {e}", cert.display()))?;
+        tls.enable_h2();
+        service.add_tls_with_settings(&addr.to_string(), None, tls);
+    }
+    server.add_service(service);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    std::thread::Builder::new()
+        .name("pingora".into())
+        .spawn(move || {
+            server.run(pingora::server::RunArgs {
+                shutdown_signal: Box::new(StopSignal(rx)),
+            })
+        })?;
+    tracing::info!(http = %cfg.http_entry, https = ?cfg.https_entry, "HTTP proxy listening");
+    Ok(Proxy { stop: tx })
+}

@@ -1,0 +1,42 @@
+//! Why the TCP data plane could not start or stopped: each error names the
+//! step that failed (`loading the sk_lookup program: ...`).
+
+use std::error::Error as StdError;
+
+/// A failed step of the TCP data plane and its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {cause}")]
+pub struct TcpError {
+    step: String,
+    #[source]
+    cause: Box<dyn StdError + Send + Sync>,
+}
+
+pub type Result<T, E = TcpError> = std::result::Result<T, E>;
+
+impl TcpError {
+    /// `step` failed because of `cause`.
+    pub fn new(step: impl Into<String>, cause: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self {
+            step: step.into(),
+            cause: cause.into(),
+        }
+    }
+}
+
+/// Names the step a fallible call was.
+pub(crate) trait Step<T> {
+    fn step(self, step: impl Into<String>) -> Result<T>;
+}
+
+impl<T, E: StdError + Send + Sync + 'static> Step<T> for std::result::Result<T, E> {
+    fn step(self, step: impl Into<String>) -> Result<T> {
+        self.map_err(|e| TcpError::new(step, e))
+    }
+}
+
+impl<T> Step<T> for Option<T> {
+    fn step(self, step: impl Into<String>) -> Result<T> {
+        self.ok_or_else(|| TcpError::new(step, "not found"))
+    }
+}

@@ -1,0 +1,288 @@
+//! The JSON bodies of the API: what requests carry and answers hold. The
+//! handlers build these types and the OpenAPI document is generated from
+//! them, so the two cannot drift apart.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use tidegate_schema::{
+    ChallengeName, ChallengeSpec, FieldError, Hostname, InstanceId, InstanceRecord, PolicyFallback,
+    PolicyRef, PortName, TeamId, Validate, WorkerId, WorkerRecord,
+};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::App;
+
+/// Every 4xx and 5xx answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    /// What is wrong, and what to do.
+    pub(crate) error: String,
+    /// The request field at fault (a 400).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) field: Option<String>,
+    /// The scheduler's URL (a 307 from a standby).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) leader: Option<String>,
+    /// Which policy refused, and how (a 403 or 429 from a policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) policy: Option<PolicyDecision>,
+}
+
+impl ErrorBody {
+    pub(crate) fn new(error: String) -> Self {
+        Self {
+            error,
+            field: None,
+            leader: None,
+            policy: None,
+        }
+    }
+}
+
+/// `POST /v1/instances`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SpawnRequest {
+    pub(crate) challenge: ChallengeName,
+    pub(crate) team: TeamId,
+}
+
+impl Validate for SpawnRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+
+/// `POST /v1/instances/{id}/flag`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FlagCheck {
+    /// The submitted flag (at most 1024 bytes; surrounding spaces ignored).
+    #[schema(max_length = 1024)]
+    pub(crate) flag: String,
+}
+
+impl Validate for FlagCheck {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.flag.len() > 1024 {
+            return Err(FieldError::new("flag", "at most 1024 bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a submitted flag is the instance's.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FlagResult {
+    pub(crate) correct: bool,
+}
+
+/// `GET /v1/instances` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only this team's instances.
+    pub(crate) team: Option<String>,
+    /// Only instances of this challenge.
+    pub(crate) challenge: Option<String>,
+}
+
+/// A policy's decision, as an answer names it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct PolicyDecision {
+    /// The plugin's digest (`sha256:...`).
+    pub(crate) digest: String,
+    /// `admit-spawn` or `renew`.
+    pub(crate) hook: String,
+    /// `deny`, `queue`, `refuse`, `fallback-deny` or `fallback-allow`.
+    pub(crate) decision: String,
+    /// Why the plugin failed (a fallback's decision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) error: Option<String>,
+}
+
+/// An instance.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Instance {
+    id: InstanceId,
+    challenge: ChallengeName,
+    team: TeamId,
+    worker: WorkerId,
+    /// Unix seconds.
+    created_at: u64,
+    /// Unix seconds; renewals move it.
+    expires_at: u64,
+    renewals: u32,
+    http: Vec<HttpAddress>,
+    tcp: Vec<TcpAddress>,
+    /// `pending`, `starting`, `running` or `failed: <reason>`.
+    status: String,
+    /// Set when a failed policy's fallback allowed the spawn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) policy: Option<PolicyDecision>,
+}
+
+/// Where players reach an HTTP port of an instance.
+#[derive(Debug, Serialize, ToSchema)]
+struct HttpAddress {
+    port_name: PortName,
+    hostname: Hostname,
+    url: String,
+}
+
+/// Where players reach a TCP port of an instance.
+#[derive(Debug, Serialize, ToSchema)]
+struct TcpAddress {
+    port_name: PortName,
+    /// The public port on every agent.
+    port: u16,
+    /// The SNI that reaches this port through an agent's `tls_tcp_entry`.
+    tls_hostname: String,
+}
+
+impl Instance {
+    /// `rec` as players and platforms see it, with its `status`.
+    pub(crate) fn new(app: &App, rec: &InstanceRecord, status: String) -> Self {
+        let scheme = app.cfg.public_http_scheme.as_str();
+        let port = match (scheme, app.cfg.public_http_port) {
+            ("http", 80) | ("https", 443) => String::new(),
+            (_, p) => format!(":{p}"),
+        };
+        Self {
+            id: rec.id.clone(),
+            challenge: rec.challenge.clone(),
+            team: rec.team.clone(),
+            worker: rec.worker.clone(),
+            created_at: rec.created_at,
+            expires_at: rec.expires_at,
+            renewals: rec.renewals,
+            http: rec
+                .http
+                .iter()
+                .map(|r| HttpAddress {
+                    port_name: r.port_name.clone(),
+                    hostname: r.hostname.clone(),
+                    url: format!("{scheme}://{}{port}/", r.hostname),
+                })
+                .collect(),
+            tcp: rec
+                .tcp
+                .iter()
+                .map(|r| TcpAddress {
+                    port_name: r.port_name.clone(),
+                    port: r.port,
+                    tls_hostname: format!("{}-{}.{}", rec.id, r.port_name, app.cfg.domain),
+                })
+                .collect(),
+            status,
+            policy: None,
+        }
+    }
+}
+
+/// Live instances, as this replica's view holds them.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct InstanceList {
+    pub(crate) instances: Vec<Instance>,
+    /// The etcd revision the view reflects.
+    pub(crate) revision: i64,
+}
+
+/// A stored challenge.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Challenge {
+    pub(crate) name: ChallengeName,
+    /// Its etcd revision (the ETag; If-Match takes it).
+    pub(crate) revision: i64,
+    pub(crate) spec: ChallengeSpec,
+    pub(crate) policy: Option<PolicyRef>,
+}
+
+/// A challenge just written.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ChallengeWritten {
+    pub(crate) name: ChallengeName,
+    pub(crate) revision: i64,
+    /// Whether it did not exist before.
+    pub(crate) created: bool,
+    pub(crate) spec: ChallengeSpec,
+}
+
+/// Every challenge, and the stored values that are not one.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ChallengeList {
+    pub(crate) challenges: Vec<Challenge>,
+    pub(crate) errors: Vec<StoredError>,
+}
+
+/// A stored value that does not decode (written by hand, or by a newer version).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StoredError {
+    pub(crate) key: String,
+    pub(crate) error: String,
+}
+
+/// A challenge's policy plugin.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Policy {
+    pub(crate) challenge: ChallengeName,
+    pub(crate) digest: String,
+    /// The hooks the plugin implements.
+    pub(crate) hooks: Vec<String>,
+    /// The component's size in bytes.
+    pub(crate) size: u64,
+    /// Unix seconds.
+    pub(crate) uploaded_at: u64,
+    pub(crate) fallback: PolicyFallback,
+    /// The challenge's etcd revision.
+    pub(crate) revision: i64,
+}
+
+/// A registered worker and its load.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Worker {
+    id: WorkerId,
+    #[schema(value_type = String)]
+    address: IpAddr,
+    #[schema(value_type = String)]
+    http_entry: SocketAddr,
+    #[schema(value_type = String)]
+    tcp_host: IpAddr,
+    capacity: u32,
+    /// Live instances it runs.
+    instances: usize,
+    /// Instances it may still take.
+    free: usize,
+    version: String,
+    /// Unix seconds.
+    started_at: u64,
+}
+
+impl Worker {
+    /// `w`, running `instances`.
+    pub(crate) fn new(w: &WorkerRecord, instances: usize) -> Self {
+        Self {
+            id: w.id.clone(),
+            address: w.address,
+            http_entry: w.http_entry,
+            tcp_host: w.tcp_host,
+            capacity: w.capacity,
+            instances,
+            free: (w.capacity as usize).saturating_sub(instances),
+            version: w.version.clone(),
+            started_at: w.started_at,
+        }
+    }
+}
+
+/// The registered workers.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WorkerList {
+    pub(crate) workers: Vec<Worker>,
+}

@@ -1,0 +1,125 @@
+//! `App`: everything a replica's handlers and background tasks share.
+
+use std::collections::VecDeque;
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use etcd_client::Client;
+use tidegate_schema::config::{ConfigError, ControllerConfig};
+use tidegate_schema::{ChallengeName, Keyspace, TeamId};
+
+use crate::challenges::Challenges;
+use crate::metrics::Metrics;
+use crate::policy::Policies;
+use crate::scheduler::LeaderInfo;
+use crate::view::SharedView;
+
+/// Everything a replica's handlers and tasks share.
+pub struct App {
+    pub cfg: ControllerConfig,
+    pub client: Client,
+    pub ks: Keyspace,
+    pub tcp_ports: RangeInclusive<u16>,
+    pub challenges: Challenges,
+    pub view: SharedView,
+    /// Set while this replica is the elected scheduler.
+    pub leader: ArcSwapOption<LeaderInfo>,
+    /// Serialises placement and the spawn Txn on the leader.
+    pub spawn_lock: tokio::sync::Mutex<()>,
+    /// Prometheus series, status counters, recent refusals, etcd health.
+    pub metrics: Metrics,
+    /// Policy plugins: the wasmtime host and the artifact store.
+    pub policies: Arc<Policies>,
+    /// Spawns this replica made in the last hour, for the `team-recent`
+    /// count plugins see.
+    pub recent_spawns: RecentSpawns,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("id", &self.cfg.id)
+            .field("ks", &self.ks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds the shared state from a validated config and an etcd client.
+    pub fn new(cfg: ControllerConfig, client: Client) -> Result<Self, ConfigError> {
+        let ks = Keyspace::new(&cfg.key_root).map_err(|e| ConfigError {
+            field: "key_root",
+            message: e.to_string(),
+        })?;
+        let limits = tidegate_plugin_host::Limits {
+            deadline: std::time::Duration::from_millis(cfg.plugin_deadline_ms),
+            memory_bytes: cfg.plugin_memory_mib * 1024 * 1024,
+            ..tidegate_plugin_host::Limits::default()
+        };
+        let policies = Policies::new(&cfg.artifact_dir, limits).map_err(|e| ConfigError {
+            field: "artifact_dir",
+            message: format!("{}: {e}", cfg.artifact_dir.display()),
+        })?;
+        let mut metrics = Metrics::default();
+        policies.calls.register(metrics.registry_mut());
+        Ok(Self {
+            policies: Arc::new(policies),
+            recent_spawns: RecentSpawns::default(),
+            tcp_ports: cfg.tcp_port_range()?,
+            challenges: Challenges::new(client.clone(), ks.clone()),
+            view: SharedView::default(),
+            leader: ArcSwapOption::empty(),
+            spawn_lock: tokio::sync::Mutex::new(()),
+            metrics,
+            ks,
+            client,
+            cfg,
+        })
+    }
+
+    /// `GET /metrics`: the Prometheus text of this replica.
+    pub fn render_metrics(&self) -> String {
+        let view = self.view.lock();
+        self.metrics.render(
+            &view,
+            self.leader.load().is_some(),
+            self.policies.host.cached(),
+        )
+    }
+}
+
+/// How far back [`RecentSpawns`] counts.
+const RECENT_SECS: u64 = 3600;
+
+/// Spawns this replica made in the last hour: (Unix secs, team, challenge).
+#[derive(Debug, Default)]
+pub struct RecentSpawns(Mutex<VecDeque<(u64, TeamId, ChallengeName)>>);
+
+impl RecentSpawns {
+    /// Notes a spawn made at `now`.
+    pub fn record(&self, now: u64, team: &TeamId, challenge: &ChallengeName) {
+        if let Ok(mut recent) = self.0.lock() {
+            recent.push_back((now, team.clone(), challenge.clone()));
+        }
+    }
+
+    /// How many spawns of `challenge` for `team` were made in the hour
+    /// before `now` (older ones are forgotten).
+    pub fn count(&self, now: u64, team: &TeamId, challenge: &ChallengeName) -> u32 {
+        let Ok(mut recent) = self.0.lock() else {
+            return 0;
+        };
+        while recent
+            .front()
+            .is_some_and(|(t, _, _)| *t + RECENT_SECS < now)
+        {
+            recent.pop_front();
+        }
+        let n = recent
+            .iter()
+            .filter(|(_, t, c)| t == team && c == challenge)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}

@@ -1,0 +1,167 @@
+//! The controller's config file (`deploy/controller.toml` documents every field).
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, EtcdAuth, EtcdTls, bad, check_etcd};
+use crate::keys::{DEFAULT_ROOT, Keyspace};
+use crate::names::Hostname;
+
+/// The controller's config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// This replica's id, shown in `GET /v1/status`.
+    pub id: String,
+    /// Address the REST API listens on.
+    pub listen: SocketAddr,
+    /// URL others use to reach this replica; standbys redirect writes to the leader's.
+    pub advertise_url: Option<String>,
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// `[etcd_tls]`: CA of the etcd members and this daemon's client
+    /// certificate; needed for `https://` endpoints.
+    pub etcd_tls: Option<EtcdTls>,
+    /// `[etcd_auth]`: etcd user and a file with its password.
+    pub etcd_auth: Option<EtcdAuth>,
+    /// Root of every key (several clusters can share one etcd).
+    pub key_root: String,
+    /// Wildcard domain of instance hostnames (`{id}.{domain}`).
+    pub domain: String,
+    /// Scheme and port players use for HTTP instances, for the `url` in answers.
+    pub public_http_scheme: String,
+    pub public_http_port: u16,
+    /// Public TCP ports handed to instances, inclusive, e.g. `"20000-29999"`.
+    pub tcp_ports: String,
+    /// Election lease TTL in seconds: a dead leader is replaced within about this long.
+    pub election_ttl_secs: i64,
+    /// How long an etcd call may take before the API answers 503.
+    pub etcd_timeout_ms: u64,
+    /// Bearer token of the `admin` scope (organizers).
+    pub admin_token: String,
+    /// Bearer token of the `platform` scope (the CTF platform).
+    pub platform_token: String,
+    /// Secret the per-instance flags are derived from (HMAC-SHA256).
+    pub flag_secret: String,
+    /// How often the leader sweeps expired instances and instances of vanished workers.
+    pub sweep_interval_secs: u64,
+    /// How long a worker may be absent before its instances are deleted.
+    pub worker_grace_secs: u64,
+    /// The artifact store of policy plugins: a directory (shared by every
+    /// controller and agent, e.g. a network mount, when they are on several
+    /// machines). Blobs are named by digest and verified when read.
+    pub artifact_dir: PathBuf,
+    /// How long one policy hook call may run, in milliseconds.
+    pub plugin_deadline_ms: u64,
+    /// How much memory one policy hook call may use, in MiB.
+    pub plugin_memory_mib: usize,
+    /// How often the leader asks `on-idle` policies about live instances.
+    pub idle_check_secs: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            id: super::hostname().unwrap_or_else(|| "controller".into()),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            advertise_url: None,
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            etcd_tls: None,
+            etcd_auth: None,
+            key_root: DEFAULT_ROOT.into(),
+            domain: "ctf.localhost".into(),
+            public_http_scheme: "http".into(),
+            public_http_port: 80,
+            tcp_ports: "20000-29999".into(),
+            election_ttl_secs: 5,
+            etcd_timeout_ms: 3000,
+            admin_token: String::new(),
+            platform_token: String::new(),
+            flag_secret: String::new(),
+            sweep_interval_secs: 5,
+            worker_grace_secs: 60,
+            artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
+            plugin_deadline_ms: 5,
+            plugin_memory_mib: 32,
+            idle_check_secs: 30,
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id.is_empty() || self.id.len() > 64 || self.id.chars().any(char::is_whitespace) {
+            return Err(bad("id", "1-64 characters, no spaces"));
+        }
+        check_etcd(&self.etcd, self.etcd_tls.as_ref())?;
+        Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
+        Hostname::parse(&self.domain).map_err(|e| bad("domain", e.to_string()))?;
+        self.tcp_port_range()?;
+        if !(1..=300).contains(&self.election_ttl_secs) {
+            return Err(bad("election_ttl_secs", "1 to 300"));
+        }
+        if !(100..=60_000).contains(&self.etcd_timeout_ms) {
+            return Err(bad("etcd_timeout_ms", "100 to 60000"));
+        }
+        for (field, token) in [
+            ("admin_token", &self.admin_token),
+            ("platform_token", &self.platform_token),
+        ] {
+            if token.len() < 16 {
+                return Err(bad(field, "set a token of at least 16 characters"));
+            }
+        }
+        if self.admin_token == self.platform_token {
+            return Err(bad("platform_token", "must differ from admin_token"));
+        }
+        if self.flag_secret.len() < 16 {
+            return Err(bad("flag_secret", "set a secret of at least 16 bytes"));
+        }
+        if !["http", "https"].contains(&self.public_http_scheme.as_str()) {
+            return Err(bad("public_http_scheme", "http or https"));
+        }
+        if self.sweep_interval_secs == 0 {
+            return Err(bad("sweep_interval_secs", "at least 1"));
+        }
+        if !(1..=1000).contains(&self.plugin_deadline_ms) {
+            return Err(bad("plugin_deadline_ms", "1 to 1000"));
+        }
+        if !(1..=1024).contains(&self.plugin_memory_mib) {
+            return Err(bad("plugin_memory_mib", "1 to 1024"));
+        }
+        if self.idle_check_secs == 0 {
+            return Err(bad("idle_check_secs", "at least 1"));
+        }
+        if self.artifact_dir.as_os_str().is_empty() {
+            return Err(bad("artifact_dir", "set a directory"));
+        }
+        Ok(())
+    }
+
+    /// `tcp_ports` parsed.
+    pub fn tcp_port_range(&self) -> Result<RangeInclusive<u16>, ConfigError> {
+        let (lo, hi) = self
+            .tcp_ports
+            .split_once('-')
+            .ok_or_else(|| bad("tcp_ports", "a range like 20000-29999"))?;
+        let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p >= 1024);
+        match (parse(lo), parse(hi)) {
+            (Some(lo), Some(hi)) if lo <= hi => Ok(lo..=hi),
+            _ => Err(bad(
+                "tcp_ports",
+                format!("{:?} is not a range of ports 1024-65535", self.tcp_ports),
+            )),
+        }
+    }
+
+    /// Where this replica is reached.
+    pub fn advertise(&self) -> String {
+        self.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}

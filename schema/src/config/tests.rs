@@ -1,0 +1,142 @@
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use super::*;
+
+/// Dotted keys of a TOML table (`etcd_tls.ca_file`).
+fn keys(table: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
+    for (k, v) in table {
+        let key = format!("{prefix}{k}");
+        match v {
+            toml::Value::Table(t) => keys(t, &format!("{key}."), out),
+            _ => {
+                out.insert(key);
+            }
+        }
+    }
+}
+
+/// Parses `text` as `T` (a config with `deny_unknown_fields`, so a misspelt
+/// field fails here) and returns the fields `T` has that `text` does not
+/// set: a field missing from the file takes its default and shows up when
+/// the parsed config is written back.
+fn fields_not_in<T: ConfigFile>(text: &str) -> Result<Vec<String>, String> {
+    let parsed: T = toml::from_str(text).map_err(|e| e.to_string())?;
+    let written = toml::Table::try_from(&parsed).map_err(|e| e.to_string())?;
+    let given: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let (mut all, mut set) = (BTreeSet::new(), BTreeSet::new());
+    keys(&written, "", &mut all);
+    keys(&given, "", &mut set);
+    Ok(all.difference(&set).cloned().collect())
+}
+
+#[test]
+fn the_reference_agent_config_in_deploy_names_every_field() {
+    let missing = fields_not_in::<AgentConfig>(include_str!("../../../deploy/agent.toml"));
+    assert_eq!(
+        missing,
+        Ok(vec![]),
+        "deploy/agent.toml does not document these"
+    );
+}
+
+#[test]
+fn the_reference_controller_config_in_deploy_names_every_field() {
+    let text = include_str!("../../../deploy/controller.toml");
+    let missing = fields_not_in::<ControllerConfig>(text);
+    assert_eq!(
+        missing,
+        Ok(vec![]),
+        "deploy/controller.toml does not document these"
+    );
+    // And it passes validation as written.
+    let cfg: ControllerConfig = toml::from_str(text).unwrap();
+    assert!(cfg.validate().is_ok(), "{:?}", cfg.validate());
+}
+
+#[test]
+fn a_written_config_reads_back_the_same() {
+    let agent = AgentConfig {
+        worker_id: "w1".into(),
+        tcp_data_path: DataPath::Copy,
+        tls_tcp_entry: Some(SocketAddr::from(([127, 0, 0, 1], 8443))),
+        etcd_auth: Some(EtcdAuth {
+            username: "tidegate-agent".into(),
+            password_file: "/etc/tidegate/etcd-password-agent".into(),
+        }),
+        ..AgentConfig::default()
+    };
+    let back: AgentConfig = toml::from_str(&agent.to_toml()).unwrap();
+    assert_eq!(back, agent);
+    let controller = ControllerConfig {
+        advertise_url: Some("http://198.18.128.1:7080".into()),
+        ..ControllerConfig::default()
+    };
+    let back: ControllerConfig = toml::from_str(&controller.to_toml()).unwrap();
+    assert_eq!(back, controller);
+}
+
+#[test]
+fn enums_parse_from_their_config_names() {
+    assert_eq!("sockhash".parse::<DataPath>(), Ok(DataPath::Sockhash));
+    assert_eq!(DataPath::Splice.to_string(), "splice");
+    assert_eq!("ebpf".parse::<Steering>(), Ok(Steering::Ebpf));
+    let e = "bpf".parse::<Steering>().unwrap_err();
+    assert_eq!(
+        e,
+        "\"bpf\" is not a TCP steering: one of auto, ebpf, listeners"
+    );
+}
+
+#[test]
+fn the_activity_address_is_one_the_leader_can_reach() {
+    let mut cfg = AgentConfig {
+        advertise_address: IpAddr::from([198, 18, 0, 7]),
+        metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+        ..AgentConfig::default()
+    };
+    assert_eq!(
+        cfg.activity_address(),
+        Some(SocketAddr::from(([198, 18, 0, 7], 9464)))
+    );
+    cfg.metrics_listen = SocketAddr::from(([198, 18, 0, 7], 9500));
+    assert_eq!(cfg.activity_address(), Some(cfg.metrics_listen));
+    // Loopback while others reach us elsewhere: unreachable, so none.
+    cfg.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 9464));
+    assert_eq!(cfg.activity_address(), None);
+    // A one-machine cluster on loopback.
+    cfg.advertise_address = IpAddr::from([127, 0, 0, 1]);
+    assert_eq!(cfg.activity_address(), Some(cfg.metrics_listen));
+}
+
+fn tls() -> EtcdTls {
+    EtcdTls {
+        ca_file: "/nonexistent/ca.pem".into(),
+        cert_file: None,
+        key_file: None,
+        server_name: None,
+    }
+}
+
+#[test]
+fn endpoint_schemes_must_match_the_tls_setting() {
+    let https = vec!["https://198.18.0.2:2379".to_string()];
+    let http = vec!["http://198.18.0.2:2379".to_string()];
+    assert!(check_etcd(&http, None).is_ok());
+    assert!(check_etcd(&https, Some(&tls())).is_ok());
+    let e = check_etcd(&https, None).unwrap_err().to_string();
+    assert!(e.contains("add [etcd_tls]"), "{e}");
+    let e = check_etcd(&http, Some(&tls())).unwrap_err().to_string();
+    assert!(e.contains("use https://"), "{e}");
+    let e = check_etcd(&["198.18.0.2:2379".into()], None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an http:// or https:// URL"), "{e}");
+    assert!(check_etcd(&[], None).is_err());
+    let half = EtcdTls {
+        cert_file: Some("/c.pem".into()),
+        ..tls()
+    };
+    let e = check_etcd(&https, Some(&half)).unwrap_err().to_string();
+    assert!(e.contains("cert_file and key_file go together"), "{e}");
+}

@@ -1,0 +1,46 @@
+//! The etcd keys of the lab's daemons (the default key root), for tests
+//! that read or write etcd directly: built from `tidegate_schema::Keyspace`,
+//! with ids taken as given so that a test can also write keys that are not
+//! valid on purpose.
+
+use tidegate_schema::{Keyspace, Kind};
+
+/// The daemons' keyspace.
+pub fn ks() -> Keyspace {
+    Keyspace::default()
+}
+
+/// The prefix of every key of `kind`.
+pub fn prefix(kind: Kind) -> String {
+    ks().prefix(kind)
+}
+
+/// Every key (`{root}/`).
+pub fn all() -> String {
+    ks().root_prefix()
+}
+
+/// Every claim.
+pub fn claims() -> String {
+    ks().claims_prefix()
+}
+
+/// Instance `id`'s record.
+pub fn instance(id: &str) -> String {
+    format!("{}{id}", prefix(Kind::Instances))
+}
+
+/// Instance `id`'s status.
+pub fn status(id: &str) -> String {
+    format!("{}{id}", prefix(Kind::Statuses))
+}
+
+/// Worker `id`'s membership.
+pub fn worker(id: &str) -> String {
+    format!("{}{id}", prefix(Kind::Workers))
+}
+
+/// Challenge `name`'s record.
+pub fn challenge(name: &str) -> String {
+    format!("{}{name}", prefix(Kind::Challenges))
+}

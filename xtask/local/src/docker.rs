@@ -1,0 +1,59 @@
+//! The Docker engine, driven through the `docker` CLI (a real client).
+
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Result, run};
+
+/// The daemon config `cargo xtask setup` writes: every Docker network on
+/// 198.18.0.0/15 (the benchmarking range), nothing on 172.16/12.
+pub const DAEMON_JSON: &str = r#"{
+  "bip": "198.18.0.1/24",
+  "default-address-pools": [{"base": "198.19.0.0/16", "size": 24}]
+}"#;
+
+/// Where the dockerd that setup starts writes its log.
+pub const DOCKERD_LOG: &str = "/var/log/tidegate/dockerd.log";
+
+/// Whether a Docker engine answers on the default socket.
+pub fn engine_up() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Fails with a message saying what to do when no engine answers.
+pub fn require_engine() -> Result<()> {
+    if engine_up() {
+        Ok(())
+    } else {
+        Err(Error::NotReady(
+            "no Docker engine answers on /var/run/docker.sock: run `cargo xtask setup`".into(),
+        ))
+    }
+}
+
+/// The subnet of the default bridge network.
+pub fn bridge_subnet() -> Result<String> {
+    Ok(run(Command::new("docker").args([
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Subnet}}",
+    ]))?
+    .trim()
+    .to_string())
+}
+
+/// Runs `docker args...` and returns its trimmed stdout.
+pub fn docker(args: &[&str]) -> Result<String> {
+    Ok(run(Command::new("docker").args(args))?.trim().to_string())
+}
+
+/// Whether the image `name` is present in the engine.
+pub fn image_exists(name: &str) -> bool {
+    docker(&["image", "inspect", "--format", "{{.Id}}", name]).is_ok()
+}
