@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use agent::{AgentConfig, DataPath, Steering};
+pub use agent::{AgentConfig, DataPath, Steering, UnknownName};
 pub use controller::ControllerConfig;
 pub use etcd::{EtcdAuth, EtcdTls, check_etcd};
 

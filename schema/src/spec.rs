@@ -196,84 +196,9 @@ impl Validate for ChallengeSpec {
                 format!("at most {MAX_PORTS} ports"),
             ));
         }
-        let mut names = BTreeSet::new();
-        let mut numbers = BTreeSet::new();
-        for (i, p) in self.ports.iter().enumerate() {
-            if p.port == 0 {
-                return Err(FieldError::new(
-                    format!("ports[{i}].port"),
-                    "must be 1 to 65535",
-                ));
-            }
-            if !names.insert(p.name.as_str()) {
-                return Err(FieldError::new(
-                    format!("ports[{i}].name"),
-                    format!("{:?} listed twice", p.name.as_str()),
-                ));
-            }
-            if !numbers.insert(p.port) {
-                return Err(FieldError::new(
-                    format!("ports[{i}].port"),
-                    format!("port {} listed twice", p.port),
-                ));
-            }
-        }
-        if self.env.len() > 64 {
-            return Err(FieldError::new("env", "at most 64 variables"));
-        }
-        for (k, v) in &self.env {
-            let field = format!("env.{k}");
-            let valid_name = !k.is_empty()
-                && k.len() <= 128
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && !k.as_bytes()[0].is_ascii_digit();
-            if !valid_name {
-                return Err(FieldError::new(
-                    field,
-                    "names are letters, digits and '_', not starting with a digit",
-                ));
-            }
-            if RESERVED_ENV.contains(&k.as_str()) {
-                return Err(FieldError::new(
-                    field,
-                    "is set by tidegate (the instance's flag)",
-                ));
-            }
-            if v.len() > 4096 || v.contains('\0') {
-                return Err(FieldError::new(
-                    field,
-                    "values are at most 4096 bytes, without NUL",
-                ));
-            }
-        }
-        in_range("limits.memory_mib", self.limits.memory_mib, 16, 65536)?;
-        if !self.limits.cpus.is_finite() {
-            return Err(FieldError::new("limits.cpus", "must be a number"));
-        }
-        in_range("limits.cpus", self.limits.cpus, 0.01, 64.0)?;
-        in_range("limits.pids", self.limits.pids, 16, 32768)?;
-        in_range(
-            "ttl.default_secs",
-            self.ttl.default_secs,
-            MIN_TTL_SECS,
-            MAX_TTL_SECS,
-        )?;
-        in_range(
-            "ttl.max_secs",
-            self.ttl.max_secs,
-            MIN_TTL_SECS,
-            MAX_TTL_SECS,
-        )?;
-        if self.ttl.default_secs > self.ttl.max_secs {
-            return Err(FieldError::new(
-                "ttl.default_secs",
-                format!(
-                    "{} is more than ttl.max_secs ({})",
-                    self.ttl.default_secs, self.ttl.max_secs
-                ),
-            ));
-        }
-        in_range("ttl.max_renewals", self.ttl.max_renewals, 0, 1000)?;
+        self.validate_ports()?;
+        self.validate_env()?;
+        self.validate_limits_and_ttl()?;
         in_range("per_team_max", self.per_team_max, 1, 100)?;
         let t = &self.flag.template;
         if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
@@ -302,6 +227,98 @@ impl Validate for ChallengeSpec {
 }
 
 impl ChallengeSpec {
+    /// Each port: a number, a name and a number used once.
+    fn validate_ports(&self) -> Result<(), FieldError> {
+        let mut names = BTreeSet::new();
+        let mut numbers = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.port == 0 {
+                return Err(FieldError::new(
+                    format!("ports[{i}].port"),
+                    "must be 1 to 65535",
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(FieldError::new(
+                    format!("ports[{i}].name"),
+                    format!("{:?} listed twice", p.name.as_str()),
+                ));
+            }
+            if !numbers.insert(p.port) {
+                return Err(FieldError::new(
+                    format!("ports[{i}].port"),
+                    format!("port {} listed twice", p.port),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// At most 64 variables with names and values the container can have.
+    fn validate_env(&self) -> Result<(), FieldError> {
+        if self.env.len() > 64 {
+            return Err(FieldError::new("env", "at most 64 variables"));
+        }
+        for (k, v) in &self.env {
+            let field = format!("env.{k}");
+            let valid_name = !k.is_empty()
+                && k.len() <= 128
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !k.as_bytes()[0].is_ascii_digit();
+            if !valid_name {
+                return Err(FieldError::new(
+                    field,
+                    "names are letters, digits and '_', not starting with a digit",
+                ));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(FieldError::new(
+                    field,
+                    "is set by tidegate (the instance's flag)",
+                ));
+            }
+            if v.len() > 4096 || v.contains('\0') {
+                return Err(FieldError::new(
+                    field,
+                    "values are at most 4096 bytes, without NUL",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_limits_and_ttl(&self) -> Result<(), FieldError> {
+        in_range("limits.memory_mib", self.limits.memory_mib, 16, 65536)?;
+        if !self.limits.cpus.is_finite() {
+            return Err(FieldError::new("limits.cpus", "must be a number"));
+        }
+        in_range("limits.cpus", self.limits.cpus, 0.01, 64.0)?;
+        in_range("limits.pids", self.limits.pids, 16, 32768)?;
+        in_range(
+            "ttl.default_secs",
+            self.ttl.default_secs,
+            MIN_TTL_SECS,
+            MAX_TTL_SECS,
+        )?;
+        in_range(
+            "ttl.max_secs",
+            self.ttl.max_secs,
+            MIN_TTL_SECS,
+            MAX_TTL_SECS,
+        )?;
+        if self.ttl.default_secs > self.ttl.max_secs {
+            return Err(FieldError::new(
+                "ttl.default_secs",
+                format!(
+                    "{} is more than ttl.max_secs ({})",
+                    self.ttl.default_secs, self.ttl.max_secs
+                ),
+            ));
+        }
+        in_range("ttl.max_renewals", self.ttl.max_renewals, 0, 1000)?;
+        Ok(())
+    }
+
     /// The flag of one instance, given the HMAC text for it.
     pub fn render_flag(&self, hmac_hex: &str) -> String {
         self.flag.template.replace(FLAG_PLACEHOLDER, hmac_hex)

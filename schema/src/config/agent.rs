@@ -51,6 +51,15 @@ impl DataPath {
     ];
 }
 
+/// A name that is none of an enum's (a flag or environment value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not a {what}: one of {}", names.join(", "))]
+pub struct UnknownName {
+    given: String,
+    what: &'static str,
+    names: Vec<&'static str>,
+}
+
 /// `Display` and `FromStr` of a lowercase enum from its `ALL` table.
 macro_rules! named_enum {
     ($t:ty, $what:literal) => {
@@ -65,16 +74,17 @@ macro_rules! named_enum {
         }
 
         impl FromStr for $t {
-            type Err = String;
+            type Err = UnknownName;
 
-            fn from_str(s: &str) -> Result<Self, String> {
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
                 Self::ALL
                     .iter()
                     .find(|(_, n)| *n == s)
                     .map(|(v, _)| *v)
-                    .ok_or_else(|| {
-                        let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
-                        format!("{s:?} is not a {}: one of {}", $what, names.join(", "))
+                    .ok_or_else(|| UnknownName {
+                        given: s.to_string(),
+                        what: $what,
+                        names: Self::ALL.iter().map(|(_, n)| *n).collect(),
                     })
             }
         }

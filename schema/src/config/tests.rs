@@ -81,7 +81,7 @@ fn enums_parse_from_their_config_names() {
     assert_eq!("sockhash".parse::<DataPath>(), Ok(DataPath::Sockhash));
     assert_eq!(DataPath::Splice.to_string(), "splice");
     assert_eq!("ebpf".parse::<Steering>(), Ok(Steering::Ebpf));
-    let e = "bpf".parse::<Steering>().unwrap_err();
+    let e = "bpf".parse::<Steering>().unwrap_err().to_string();
     assert_eq!(
         e,
         "\"bpf\" is not a TCP steering: one of auto, ebpf, listeners"

@@ -1,0 +1,181 @@
+//! Answers as plain tables for people (`--json` prints the API's JSON).
+
+use serde_json::Value;
+
+use crate::{ChallengeCmd, Command, InstanceCmd, PolicyCmd, WorkerCmd};
+
+/// A plain table, columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut s = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        s += &line(r);
+    }
+    s
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn instance_rows(items: &[Value]) -> String {
+    let rows = items
+        .iter()
+        .map(|i| {
+            let http: Vec<String> = i["http"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|h| text(&h["url"]))
+                .collect();
+            let tcp: Vec<String> = i["tcp"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| text(&t["port"]))
+                .collect();
+            vec![
+                text(&i["id"]),
+                text(&i["challenge"]),
+                text(&i["team"]),
+                text(&i["worker"]),
+                text(&i["status"]),
+                text(&i["expires_at"]),
+                [http, tcp.iter().map(|p| format!("tcp:{p}")).collect()]
+                    .concat()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "CHALLENGE",
+            "TEAM",
+            "WORKER",
+            "STATUS",
+            "EXPIRES_AT",
+            "ENDPOINTS",
+        ],
+        rows,
+    )
+}
+
+pub(crate) fn human(cmd: &Command, v: &Value) -> String {
+    match cmd {
+        Command::Challenge(ChallengeCmd::Ls) => {
+            let rows = v["challenges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let ports: Vec<String> = c["spec"]["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            format!(
+                                "{}/{}:{}",
+                                text(&p["protocol"]),
+                                text(&p["name"]),
+                                text(&p["port"])
+                            )
+                        })
+                        .collect();
+                    vec![
+                        text(&c["name"]),
+                        text(&c["revision"]),
+                        text(&c["spec"]["image"]),
+                        ports.join(" "),
+                    ]
+                })
+                .collect();
+            let mut s = table(&["NAME", "REVISION", "IMAGE", "PORTS"], rows);
+            for e in v["errors"].as_array().into_iter().flatten() {
+                s += &format!("unreadable: {} ({})\n", text(&e["key"]), text(&e["error"]));
+            }
+            s
+        }
+        Command::Challenge(ChallengeCmd::Apply { .. }) => {
+            let verb = if v["created"] == true {
+                "created"
+            } else {
+                "updated"
+            };
+            format!(
+                "challenge {} {verb} at revision {}\n",
+                text(&v["name"]),
+                text(&v["revision"])
+            )
+        }
+        Command::Instance(InstanceCmd::Ls { .. }) => {
+            instance_rows(v["instances"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+        }
+        Command::Instance(
+            InstanceCmd::Spawn { .. } | InstanceCmd::Get { .. } | InstanceCmd::Renew { .. },
+        ) => instance_rows(std::slice::from_ref(v)),
+        Command::Worker(WorkerCmd::Ls) => {
+            let rows = v["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| {
+                    vec![
+                        text(&w["id"]),
+                        text(&w["http_entry"]),
+                        text(&w["tcp_host"]),
+                        format!("{}/{}", text(&w["instances"]), text(&w["capacity"])),
+                        text(&w["version"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["ID", "HTTP_ENTRY", "TCP_HOST", "USED/CAPACITY", "VERSION"],
+                rows,
+            )
+        }
+        Command::Policy(PolicyCmd::Upload { .. } | PolicyCmd::Get { .. }) => format!(
+            "challenge {}: policy {}\nhooks: {}\nsize: {} bytes, fallback: {}, revision {}\n",
+            text(&v["challenge"]),
+            text(&v["digest"]),
+            v["hooks"]
+                .as_array()
+                .map(|h| h.iter().map(text).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+            text(&v["size"]),
+            text(&v["fallback"]),
+            text(&v["revision"]),
+        ),
+        Command::Policy(PolicyCmd::Rm { challenge }) => {
+            format!("challenge {challenge}: policy removed\n")
+        }
+        Command::Status => format!(
+            "replica {} is {} (token {})\nleader: {} at {}\netcd revision {}, {} member(s)\n",
+            text(&v["id"]),
+            text(&v["role"]),
+            text(&v["token"]),
+            text(&v["leader"]["id"]),
+            text(&v["leader"]["url"]),
+            text(&v["etcd"]["revision"]),
+            v["etcd"]["members"].as_array().map_or(0, Vec::len),
+        ),
+        _ => serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+    }
+}
