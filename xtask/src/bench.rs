@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tidegate_local::daemons::write_config;
+use tidegate_local::etcd::EtcdCluster;
 use tidegate_local::ports::free_port;
 use tidegate_local::process::{Supervised, wait_until};
 use tidegate_schema::config::{AgentConfig, ControllerConfig};
@@ -183,6 +184,42 @@ fn haproxy(dir: &Path, cfg: &Path) -> Result<Supervised> {
 
 /// The admin token of the benchmarks' controllers.
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+/// A benchmark's control plane: etcd, one controller leading, and the
+/// working directory of their files; stopped and removed when dropped.
+struct ControlPlane {
+    _controller: Supervised,
+    etcd: EtcdCluster,
+    /// The controller's API.
+    url: String,
+    work: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// `members` etcd members and a controller of the build in `bin_dir`.
+    fn start(bin_dir: &Path, members: usize) -> Result<Self> {
+        let work = work_dir()?;
+        let etcd = EtcdCluster::start(members)?;
+        let (controller, url) = controller(bin_dir, work.path(), &etcd.endpoints())?;
+        Ok(Self {
+            _controller: controller,
+            etcd,
+            url,
+            work,
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
+/// A fresh working directory, removed when dropped.
+fn work_dir() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("tidegate-bench-")
+        .tempdir()?)
+}
 
 /// A controller (of the build in `bin_dir`) on etcd `endpoints`, leading; its API URL.
 fn controller(bin_dir: &Path, dir: &Path, endpoints: &[String]) -> Result<(Supervised, String)> {

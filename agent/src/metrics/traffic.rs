@@ -116,7 +116,7 @@ pub struct TrafficCollector(pub SharedRoutes);
 
 /// The per-instance counters: name (without `_total`), help, and the value.
 type CounterOf = fn(&InstanceTraffic) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 5] = [
+const COUNTERS: [(&str, &str, CounterOf); 6] = [
     (
         "tidegate_http_requests",
         "HTTP requests served, by instance",
@@ -133,6 +133,11 @@ const COUNTERS: [(&str, &str, CounterOf); 5] = [
         |t| &t.bytes_out,
     ),
     (
+        "tidegate_tcp_connections",
+        "TCP connections accepted and spliced to the instance, by instance",
+        |t| &t.tcp_connections,
+    ),
+    (
         "tidegate_tcp_received_bytes",
         "Bytes from players to the instance over TCP, by instance",
         |t| &t.tcp_bytes_in,
@@ -143,6 +148,9 @@ const COUNTERS: [(&str, &str, CounterOf); 5] = [
         |t| &t.tcp_bytes_out,
     ),
 ];
+
+/// Every instance's traffic, by id.
+type All<'a> = [(&'a str, &'a InstanceTraffic)];
 
 impl Collector for TrafficCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -165,62 +173,73 @@ impl Collector for TrafficCollector {
                     .encode_counter::<NoLabelSet, _, u64>(&field(t).load(Relaxed), None)?;
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "tidegate_http_responses",
-            "HTTP responses by status class, by instance",
-            None,
-            MetricType::Counter,
-        )?;
-        for (id, t) in &all {
-            for (i, n) in t.status.iter().enumerate() {
-                let class = format!("{}xx", i + 1);
-                m.encode_family(&[("instance", *id), ("class", class.as_str())])?
-                    .encode_counter::<NoLabelSet, _, u64>(&n.load(Relaxed), None)?;
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "tidegate_http_request_seconds",
-            "Time from a request's arrival to its response's end, by instance",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (id, t) in &all {
-            let (buckets, sum, count) = t.latency();
-            m.encode_family(&[("instance", *id)])?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "tidegate_tcp_connections",
-            "TCP connections accepted and spliced to the instance, by instance",
-            None,
-            MetricType::Counter,
-        )?;
-        for (id, t) in &all {
-            m.encode_family(&[("instance", *id)])?
-                .encode_counter::<NoLabelSet, _, u64>(&t.tcp_connections.load(Relaxed), None)?;
-        }
-        let mut m = encoder.encode_descriptor(
+        responses(&mut encoder, &all)?;
+        latency(&mut encoder, &all)?;
+        gauges(
+            &mut encoder,
             "tidegate_tcp_active_connections",
             "TCP connections open now, by instance",
-            None,
-            MetricType::Gauge,
+            &all,
+            |t| t.tcp_active.load(Relaxed) as f64,
         )?;
-        for (id, t) in &all {
-            m.encode_family(&[("instance", *id)])?
-                .encode_gauge(&t.tcp_active.load(Relaxed))?;
-        }
-        let mut m = encoder.encode_descriptor(
+        gauges(
+            &mut encoder,
             "tidegate_instance_last_activity_seconds",
             "Unix time of the instance's last request or connection (0: none yet), by instance",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (id, t) in &all {
-            let secs = t.last_activity_ms.load(Relaxed) as f64 / 1e3;
-            m.encode_family(&[("instance", *id)])?.encode_gauge(&secs)?;
-        }
-        Ok(())
+            &all,
+            |t| t.last_activity_ms.load(Relaxed) as f64 / 1e3,
+        )
     }
+}
+
+/// `tidegate_http_responses_total{instance, class}`.
+fn responses(encoder: &mut DescriptorEncoder, all: &All<'_>) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(
+        "tidegate_http_responses",
+        "HTTP responses by status class, by instance",
+        None,
+        MetricType::Counter,
+    )?;
+    for (id, t) in all {
+        for (i, n) in t.status.iter().enumerate() {
+            let class = format!("{}xx", i + 1);
+            m.encode_family(&[("instance", *id), ("class", class.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&n.load(Relaxed), None)?;
+        }
+    }
+    Ok(())
+}
+
+/// `tidegate_http_request_seconds{instance}`.
+fn latency(encoder: &mut DescriptorEncoder, all: &All<'_>) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(
+        "tidegate_http_request_seconds",
+        "Time from a request's arrival to its response's end, by instance",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (id, t) in all {
+        let (buckets, sum, count) = t.latency();
+        m.encode_family(&[("instance", *id)])?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// A gauge family with one series per instance.
+fn gauges(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    all: &All<'_>,
+    value: impl Fn(&InstanceTraffic) -> f64,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (id, t) in all {
+        m.encode_family(&[("instance", *id)])?
+            .encode_gauge(&value(t))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use tower::ServiceExt;
+use utoipa::openapi::path::PathItem;
 
 use super::{UNDOCUMENTED, openapi_document, router, routes};
 use crate::App;
@@ -44,20 +45,25 @@ fn served(router: &axum::Router<Arc<App>>) -> BTreeSet<Route> {
     out
 }
 
+/// Each method of a path item, and its operation if documented.
+fn methods(item: &PathItem) -> [(&'static str, bool); 8] {
+    [
+        ("GET", item.get.is_some()),
+        ("PUT", item.put.is_some()),
+        ("POST", item.post.is_some()),
+        ("DELETE", item.delete.is_some()),
+        ("PATCH", item.patch.is_some()),
+        ("HEAD", item.head.is_some()),
+        ("OPTIONS", item.options.is_some()),
+        ("TRACE", item.trace.is_some()),
+    ]
+}
+
 fn documented(doc: &utoipa::openapi::OpenApi) -> BTreeSet<Route> {
     let mut out = BTreeSet::new();
     for (path, item) in &doc.paths.paths {
-        for (method, op) in [
-            ("GET", &item.get),
-            ("PUT", &item.put),
-            ("POST", &item.post),
-            ("DELETE", &item.delete),
-            ("PATCH", &item.patch),
-            ("HEAD", &item.head),
-            ("OPTIONS", &item.options),
-            ("TRACE", &item.trace),
-        ] {
-            if op.is_some() {
+        for (method, op) in methods(item) {
+            if op {
                 out.insert((path.clone(), method.to_string()));
             }
         }
@@ -143,13 +149,7 @@ async fn documented_methods_are_served_and_others_are_405() {
     let router = router(app);
     for (path, item) in &openapi_document().paths.paths {
         let uri = path.replace("{name}", "web").replace("{id}", "0123456789");
-        for (method, op) in [
-            ("GET", &item.get),
-            ("PUT", &item.put),
-            ("POST", &item.post),
-            ("DELETE", &item.delete),
-            ("PATCH", &item.patch),
-        ] {
+        for (method, op) in methods(item).into_iter().take(5) {
             let req = Request::builder()
                 .method(method)
                 .uri(&uri)
@@ -161,7 +161,7 @@ async fn documented_methods_are_served_and_others_are_405() {
                 .await
                 .expect("an answer")
                 .status();
-            if op.is_some() {
+            if op {
                 assert!(
                     status.as_u16() != 404 && status.as_u16() != 405,
                     "{method} {path}: {status}"

@@ -13,4 +13,6 @@ pub mod docker;
 pub mod keys;
 pub mod plugins;
 
-pub use tidegate_local::{Error, Result, display_command, etcd, images, netns, ports, process};
+pub use tidegate_local::{
+    Error, Result, display_command, etcd, images, netns, ports, process, routes,
+};

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Txn, TxnOp};
 use serde_json::{Value, json};
+use tidegate_lab::routes::{self, ghost_worker};
 use tidegate_schema::{
-    ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
-    Limits, PortName, Record, StatusRecord, V1, WorkerId, WorkerRecord,
+    Hostname, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Record, StatusRecord, V1,
+    WorkerId,
 };
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -127,18 +128,7 @@ async fn seed(endpoint: &str, n: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let ks = Keyspace::default();
     let ghost = WorkerId::parse("ghost").map_err(|e| e.to_string())?;
-    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
-    let worker = WorkerRecord {
-        v: V1,
-        id: ghost.clone(),
-        address: loopback,
-        http_entry: std::net::SocketAddr::new(loopback, 1),
-        tcp_host: loopback,
-        capacity: 100_000,
-        metrics: None,
-        version: "bench".into(),
-        started_at: 0,
-    };
+    let worker = ghost_worker(&ghost, std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
     client
         .put(ks.key(&Key::Worker(ghost.clone())), worker.encode(), None)
         .await
@@ -171,39 +161,15 @@ fn ghost_instance(
     ghost: &WorkerId,
 ) -> Result<(InstanceRecord, StatusRecord), String> {
     let e = |e: tidegate_schema::Invalid| e.to_string();
-    let record = InstanceRecord {
-        v: V1,
-        id: id.clone(),
-        challenge: "bench".parse().map_err(e)?,
-        team: format!("t{i}").parse().map_err(e)?,
-        worker: ghost.clone(),
-        token: 1,
-        created_at: 0,
-        expires_at: 9_999_999_999,
-        renewals: 0,
-        team_slot: 0,
-        http: vec![HttpRoute {
-            port_name: PortName::parse("web").map_err(e)?,
-            hostname: Hostname::parse(&format!("{id}.ctf.localhost")).map_err(e)?,
-            target_port: 8080,
-        }],
-        tcp: Vec::new(),
-        container: ContainerSpec {
-            image: "none".into(),
-            env: Default::default(),
-            limits: Limits::default(),
-            egress: false,
-            read_only_rootfs: false,
-            cap_add: Vec::new(),
-        },
-        flag: "f".into(),
-    };
+    let team = format!("t{i}").parse().map_err(e)?;
+    let hostname = Hostname::parse(&format!("{id}.ctf.localhost")).map_err(e)?;
+    let record = routes::ghost_instance(id, &team, ghost, hostname).map_err(e)?;
     let status = StatusRecord {
         v: V1,
         instance: id.clone(),
         worker: ghost.clone(),
         container_id: None,
-        address: Some(std::net::IpAddr::from([198, 19, 0, 9])),
+        address: Some(routes::GHOST_ADDRESS),
         status: InstanceStatus::Running,
         updated_at: 0,
     };

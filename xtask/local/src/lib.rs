@@ -13,6 +13,7 @@ pub mod netns;
 pub mod plugins;
 pub mod ports;
 pub mod process;
+pub mod routes;
 
 mod error;
 

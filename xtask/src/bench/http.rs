@@ -7,7 +7,7 @@
 //! the origin as its HTTP entry, so it proxies straight there: one hop, as
 //! for the peers.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -15,10 +15,8 @@ use anyhow::{Context, Result, bail};
 use tidegate_local::etcd::EtcdCluster;
 use tidegate_local::ports::free_port;
 use tidegate_local::process::{Supervised, wait_until};
-use tidegate_schema::{
-    ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord, Key, Keyspace, Limits,
-    PortName, Record, V1, WorkerId, WorkerRecord,
-};
+use tidegate_local::routes::{ghost_instance, ghost_worker};
+use tidegate_schema::{Hostname, InstanceId, Key, Keyspace, Record, WorkerId};
 
 use super::{Figures, Mode, agent, agent_config, haproxy, median};
 
@@ -36,9 +34,7 @@ struct Sample {
 pub(super) fn run(mode: Mode) -> Result<Figures> {
     println!("building the agent");
     let bin_dir = mode.build(&["tidegate-agent"], &["tidegate-agent"])?;
-    let work = tempfile::Builder::new()
-        .prefix("tidegate-bench-")
-        .tempdir()?;
+    let work = super::work_dir()?;
     let dir = work.path();
 
     // The origin: nginx serving a small static body, 1 worker.
@@ -121,47 +117,10 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
 /// with the origin as its HTTP entry, so the agent forwards to it.
 fn put_route(endpoint: &str, origin_port: u16) -> Result<()> {
     let ks = Keyspace::default();
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let owner = WorkerId::parse("origin")?;
-    let worker = WorkerRecord {
-        v: V1,
-        id: owner.clone(),
-        address: loopback,
-        http_entry: SocketAddr::new(loopback, origin_port),
-        tcp_host: loopback,
-        capacity: 1,
-        metrics: None,
-        version: "bench".into(),
-        started_at: 0,
-    };
+    let worker = ghost_worker(&owner, SocketAddr::from(([127, 0, 0, 1], origin_port)));
     let id = InstanceId::parse("00000be4c0")?;
-    let instance = InstanceRecord {
-        v: V1,
-        id: id.clone(),
-        challenge: "bench".parse()?,
-        team: "bench".parse()?,
-        worker: owner.clone(),
-        token: 1,
-        created_at: 0,
-        expires_at: 9_999_999_999,
-        renewals: 0,
-        team_slot: 0,
-        http: vec![HttpRoute {
-            port_name: PortName::parse("web")?,
-            hostname: Hostname::parse(HOST)?,
-            target_port: 80,
-        }],
-        tcp: Vec::new(),
-        container: ContainerSpec {
-            image: "none".into(),
-            env: Default::default(),
-            limits: Limits::default(),
-            egress: false,
-            read_only_rootfs: false,
-            cap_add: Vec::new(),
-        },
-        flag: "f".into(),
-    };
+    let instance = ghost_instance(&id, &"bench".parse()?, &owner, Hostname::parse(HOST)?)?;
     etcd_put(endpoint, &ks.key(&Key::Worker(owner)), &worker.encode())?;
     etcd_put(endpoint, &ks.key(&Key::Instance(id)), &instance.encode())
 }

@@ -6,9 +6,8 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use tidegate_local::etcd::EtcdCluster;
 
-use super::{ADMIN_TOKEN, Figures, Mode, api, controller, median};
+use super::{ADMIN_TOKEN, ControlPlane, Figures, Mode, api, median};
 use crate::{sh, workspace_root};
 
 /// One `plugin-bench calls` figure set: p50 and p99 (µs), calls/s, compile (ms).
@@ -46,19 +45,15 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     // Without a policy a spawn reaches placement and is answered 503 (no
     // worker); with `allowlist` it is decided (403) by the plugin before
     // placement. Same etcd read of the challenge in both.
-    let work = tempfile::Builder::new()
-        .prefix("tidegate-bench-")
-        .tempdir()?;
-    let dir = work.path();
-    let etcd = EtcdCluster::start(1)?;
-    let (_controller, url) = controller(&bin_dir, dir, &etcd.endpoints())?;
-    let http = |method: &str, path: &str, body: Vec<u8>| api(dir, &url, method, path, body);
+    let plane = ControlPlane::start(&bin_dir, 1)?;
+    let (dir, url) = (plane.dir(), plane.url.as_str());
+    let http = |method: &str, path: &str, body: Vec<u8>| api(dir, url, method, path, body);
     let spec = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
     let out = http("PUT", "/v1/challenges/web", spec.as_bytes().to_vec())?;
     if !out.ends_with(" 201") {
         bail!("creating the challenge: {out}");
     }
-    let without = spawn_rate(mode, &bench, &url, "503")?;
+    let without = spawn_rate(mode, &bench, url, "503")?;
     let out = http(
         "PUT",
         "/v1/challenges/web/policy",
@@ -67,7 +62,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     if !out.ends_with(" 200") {
         bail!("uploading allowlist: {out}");
     }
-    let with = spawn_rate(mode, &bench, &url, "403")?;
+    let with = spawn_rate(mode, &bench, url, "403")?;
     println!("spawn answers/s: {without:.0} without a policy, {with:.0} decided by allowlist");
     Ok(figures(mode, spawn, connection, without, with))
 }

@@ -9,12 +9,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tidegate_local::etcd::EtcdCluster;
 use tidegate_local::ports::free_port;
 use tidegate_local::process::{Supervised, wait_until};
 
 use super::{
-    ADMIN_TOKEN, Containers, Figures, Mode, agent, agent_config, api, controller, percentile,
+    ADMIN_TOKEN, Containers, ControlPlane, Figures, Mode, agent, agent_config, api, percentile,
 };
 use crate::sh;
 
@@ -29,13 +28,9 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         &["tidegate-controller", "tidegate-agent", "route-bench"],
     )?;
     tidegate_local::images::ensure_demo_images()?;
-    let work = tempfile::Builder::new()
-        .prefix("tidegate-bench-")
-        .tempdir()?;
-    let dir = work.path();
-    let etcd = EtcdCluster::start(3)?;
-    let endpoints = etcd.endpoints();
-    let (_controller, url) = controller(&bin_dir, dir, &endpoints)?;
+    let plane = ControlPlane::start(&bin_dir, 3)?;
+    let (dir, url) = (plane.dir(), plane.url.as_str());
+    let endpoints = plane.etcd.endpoints();
     let label = format!("bench-routes-{}", std::process::id());
     let containers = Containers(label.clone());
     let start = |name: &str, addr: &str| -> Result<Agent> {
@@ -53,7 +48,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         start("bench-b", "127.0.0.3")?,
         start("bench-c", "127.0.0.4")?,
     ];
-    let (propagation, routable) = propagation(&bin_dir, dir, &url, &agents, spawns)?;
+    let (propagation, routable) = propagation(&bin_dir, dir, url, &agents, spawns)?;
     drop(agents);
     drop(containers);
     let (p50, p99) = (

@@ -15,13 +15,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tidegate_local::etcd::EtcdCluster;
 use tidegate_local::images::{BENCH_ECHO_PORT, BENCH_IPERF_PORT, bench_tcp_image};
 use tidegate_local::ports::free_port;
 use tidegate_local::process::{Supervised, wait_until};
 use tidegate_schema::config::{DataPath, Steering};
 
-use super::{Containers, Figures, Mode, agent, agent_config, api, controller, haproxy, median};
+use super::{Containers, ControlPlane, Figures, Mode, agent, agent_config, api, haproxy, median};
 
 /// The owning agents: data path and address.
 const OWNERS: [(DataPath, &str); 3] = [
@@ -52,12 +51,8 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         &["tidegate-controller", "tidegate-agent", "tcp-echo"],
     )?;
     let image = bench_tcp_image(&bin_dir.join("tcp-echo"))?;
-    let work = tempfile::Builder::new()
-        .prefix("tidegate-bench-")
-        .tempdir()?;
-    let dir = work.path();
-    let etcd = EtcdCluster::start(1)?;
-    let (_controller, url) = controller(&bin_dir, dir, &etcd.endpoints())?;
+    let plane = ControlPlane::start(&bin_dir, 1)?;
+    let (dir, url, etcd) = (plane.dir(), plane.url.as_str(), &plane.etcd);
     let label = format!("bench-tcp-{}", std::process::id());
     let _containers = Containers(label.clone());
     let start = |worker: &str, path: DataPath, host: &str| -> Result<Supervised> {
@@ -75,7 +70,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     for (path, host) in OWNERS {
         agents.push(start(&format!("bench-{path}"), path, host)?);
     }
-    let instances = spawn_instances(dir, &url, &image)?;
+    let instances = spawn_instances(dir, url, &image)?;
     // The edge agent joins once every instance has its owner.
     agents.push(start("bench-edge", DataPath::Splice, EDGE)?);
     let direct = &instances[0];
