@@ -254,6 +254,64 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
     );
 }
 
+/// `promtool check metrics` (Prometheus's own parser and linter of the
+/// text format, put by `cargo xtask setup`) on `text`: its complaints.
+fn promtool(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("/usr/local/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup puts it in /usr/local/bin)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Both daemons' `/metrics`, with every kind of series present (refusals,
+/// plugin calls, per-instance HTTP and TCP traffic, edge decisions), are
+/// valid Prometheus text: every sample under the HELP and TYPE of its
+/// family, counters ending in `_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_daemons_metrics_pass_prometheus_own_checker() {
+    assert!(
+        promtool("tidegate_x_total{instance=\"a\"} 1\n").is_err(),
+        "promtool accepts a sample without HELP and TYPE: it would catch nothing"
+    );
+    let p = plane(|_| {}).await;
+    let c = &p.controller;
+    challenges(&p).await;
+    let (s, body) = c.spawn("web", "mallory").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (_, host, _) = p.running("web", "red").await;
+    let (s, _, body) = get(&p.a_http, &host, None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, echo) = c.spawn("echo", "red").await;
+    assert_eq!(s, StatusCode::CREATED, "{echo}");
+    let port = echo["tcp"][0]["port"].as_u64().unwrap() as u16;
+    assert!(eventually(30, || echo_line(&p.a_host, port)).await);
+    for (what, url) in [
+        ("controller", format!("{}/metrics", c.url)),
+        ("agent a", p.a.metrics_url.clone()),
+        ("agent b", p.b.metrics_url.clone()),
+    ] {
+        let text = curl(&url);
+        if let Err(complaints) = promtool(&text) {
+            panic!("{what}: promtool check metrics: {complaints}\n--- /metrics ---\n{text}");
+        }
+    }
+}
+
 /// Runs headless Chromium (Debian's package, as root: no sandbox) with a
 /// throwaway profile; returns its stdout.
 fn chromium(args: &[&str]) -> String {

@@ -54,8 +54,9 @@ pub(crate) fn run() -> Result<usize> {
     if !is_root() {
         bail!("setup installs packages and starts dockerd: run it as root");
     }
-    let steps: [Step; 6] = [
+    let steps: [Step; 7] = [
         ("debian packages", packages),
+        ("promtool", promtool),
         ("rust toolchains", rust_toolchains),
         ("bpf-linker", bpf_linker),
         ("docker engine", docker_engine),
@@ -125,6 +126,37 @@ fn packages() -> Result<Outcome> {
     }
     result?;
     Ok(Outcome::Changed(format!("installed {}", missing.join(" "))))
+}
+
+/// Where setup puts promtool.
+pub(crate) const PROMTOOL: &str = "/usr/local/bin/promtool";
+
+/// Prometheus's own checker of the text format (`promtool check metrics`),
+/// which a test runs on both daemons' `/metrics`: taken out of Debian's
+/// `prometheus` package without installing (or starting) the server.
+fn promtool() -> Result<Outcome> {
+    if let Some(v) = sh::output(Command::new(PROMTOOL).arg("--version")) {
+        return Ok(Outcome::AlreadyDone(
+            v.lines().next().unwrap_or_default().to_string(),
+        ));
+    }
+    let work = tempfile::tempdir()?;
+    sh::run(
+        Command::new("apt-get")
+            .current_dir(work.path())
+            .args(["download", "-q", "prometheus"]),
+    )?;
+    let deb = std::fs::read_dir(work.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    let unpacked = work.path().join("x");
+    sh::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    std::fs::copy(unpacked.join("usr/bin/promtool"), PROMTOOL)
+        .context("the prometheus package has no usr/bin/promtool")?;
+    Ok(Outcome::Changed(format!(
+        "extracted {PROMTOOL} from Debian's prometheus package"
+    )))
 }
 
 fn rust_toolchains() -> Result<Outcome> {
