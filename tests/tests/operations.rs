@@ -265,7 +265,12 @@ fn promtool(text: &str) -> Result<(), String> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("promtool (cargo xtask setup puts it in /usr/local/bin)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     if out.status.success() {
         Ok(())

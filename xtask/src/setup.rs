@@ -141,11 +141,11 @@ fn promtool() -> Result<Outcome> {
         ));
     }
     let work = tempfile::tempdir()?;
-    sh::run(
-        Command::new("apt-get")
-            .current_dir(work.path())
-            .args(["download", "-q", "prometheus"]),
-    )?;
+    sh::run(Command::new("apt-get").current_dir(work.path()).args([
+        "download",
+        "-q",
+        "prometheus",
+    ]))?;
     let deb = std::fs::read_dir(work.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))

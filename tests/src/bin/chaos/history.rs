@@ -4,7 +4,7 @@
 //! works only from this record.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, WatchOptions};
 use serde_json::Value;
@@ -159,9 +159,7 @@ pub(crate) struct Clock {
 
 impl Clock {
     pub(crate) fn new() -> Self {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let unix = tidegate_schema::time::unix_ms() as f64 / 1000.0;
         Self {
             start: Instant::now(),
             start_unix: unix,

@@ -205,6 +205,19 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.baseline).await;
     phase.end(lab).await?;
 
+    controller_faults(lab, s, &mut phase, pace).await?;
+    etcd_faults(lab, &mut phase, pace).await?;
+    agent_faults(lab, &mut phase, pace).await?;
+    compaction_under_a_cut_watch(lab, s, &mut phase, pace).await
+}
+
+/// The leader killed, then paused past its lease with requests queued.
+async fn controller_faults(
+    lab: &mut Lab,
+    s: &Arc<Shared>,
+    phase: &mut Phases,
+    pace: Pace,
+) -> Res<()> {
     phase.begin("kill leader controller");
     sleep(pace.lead).await;
     let l = lab.leader().await?;
@@ -253,6 +266,11 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.recover).await;
     phase.end(lab).await?;
 
+    Ok(())
+}
+
+/// One etcd member lost, then two (quorum).
+async fn etcd_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
     phase.begin("kill one etcd member");
     sleep(pace.lead).await;
     let m = lab.etcd_leader().await;
@@ -289,6 +307,11 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.recover).await;
     phase.end(lab).await?;
 
+    Ok(())
+}
+
+/// An agent killed and restarted, then another partitioned.
+async fn agent_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
     phase.begin("kill -9 an agent, restart it");
     sleep(pace.lead).await;
     let a = 1;
@@ -312,6 +335,16 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     sleep(pace.recover).await;
     phase.end(lab).await?;
 
+    Ok(())
+}
+
+/// A compaction while an agent's etcd connections are cut: it must relist.
+async fn compaction_under_a_cut_watch(
+    lab: &mut Lab,
+    s: &Arc<Shared>,
+    phase: &mut Phases,
+    pace: Pace,
+) -> Res<()> {
     phase.begin("compaction while an agent's watch is cut");
     sleep(pace.lead).await;
     let a = 0;
