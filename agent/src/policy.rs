@@ -58,13 +58,13 @@ impl EdgePolicy for AllowAll {
 /// A challenge's policy as etcd names it (the digest of its plugin and its
 /// fallback): what the edge should apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyWanted {
+pub struct PolicyPointer {
     pub digest: String,
     pub fallback: PolicyFallback,
 }
 
 /// Challenge name → its policy, as the route watch last saw it.
-pub type PolicyWants = Arc<HashMap<String, PolicyWanted>>;
+pub type PolicyPointers = Arc<HashMap<String, PolicyPointer>>;
 
 /// A challenge's policy as the edge applies it now.
 #[derive(Debug)]
@@ -159,7 +159,7 @@ impl PluginPolicy {
     /// Keeps the loaded plugins equal to `wanted` forever: a new digest is
     /// fetched, verified and compiled off the runtime, then swapped in (the
     /// old plugin serves until then); a broken one is retried every 5 s.
-    pub async fn run(self: Arc<Self>, mut wanted: tokio::sync::watch::Receiver<PolicyWants>) {
+    pub async fn run(self: Arc<Self>, mut wanted: tokio::sync::watch::Receiver<PolicyPointers>) {
         loop {
             let current = wanted.borrow_and_update().clone();
             let me = self.clone();
@@ -181,7 +181,7 @@ impl PluginPolicy {
     }
 
     /// One pass; returns whether any policy is broken.
-    fn sync(&self, wanted: &HashMap<String, PolicyWanted>) -> bool {
+    fn sync(&self, wanted: &HashMap<String, PolicyPointer>) -> bool {
         let old = self.applied.load_full();
         let mut next = HashMap::with_capacity(wanted.len());
         let mut broken = false;
@@ -233,7 +233,7 @@ impl PluginPolicy {
         broken
     }
 
-    fn load(&self, digest: &str) -> Result<Arc<Plugin>, LoadError> {
+    fn load(&self, digest: &str) -> Result<Arc<Plugin>, Unavailable> {
         let digest = Digest::parse(digest)?;
         if let Some(p) = self.host.get(&digest) {
             return Ok(p);
@@ -299,7 +299,7 @@ impl PluginPolicy {
 
 /// Why a policy could not be loaded at the edge (its fallback applies).
 #[derive(Debug, thiserror::Error)]
-enum LoadError {
+enum Unavailable {
     #[error(transparent)]
     Digest(#[from] tidegate_plugin_host::DigestError),
     #[error(transparent)]

@@ -20,7 +20,7 @@ use tidegate_schema::{
 };
 
 use crate::metrics::traffic::InstanceTraffic;
-use crate::policy::{PolicyWanted, PolicyWants};
+use crate::policy::{PolicyPointer, PolicyPointers};
 
 /// Where a hostname's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +79,7 @@ struct WatchedCluster {
     /// Per-instance counters survive table rebuilds.
     traffic: HashMap<InstanceId, Arc<InstanceTraffic>>,
     /// Challenges with a policy plugin.
-    policies: HashMap<String, PolicyWanted>,
+    policies: HashMap<String, PolicyPointer>,
 }
 
 impl WatchedCluster {
@@ -115,7 +115,7 @@ impl WatchedCluster {
                     Some(p) => {
                         self.policies.insert(
                             name.to_string(),
-                            PolicyWanted {
+                            PolicyPointer {
                                 digest: p.digest,
                                 fallback: c.spec.policy_fallback,
                             },
@@ -229,10 +229,10 @@ pub async fn run(
     me: WorkerId,
     routes: SharedRoutes,
     builds: tokio::sync::watch::Sender<u64>,
-    policies: tokio::sync::watch::Sender<PolicyWants>,
+    policies: tokio::sync::watch::Sender<PolicyPointers>,
     etcd: Arc<EtcdHealth>,
 ) {
-    let mut watcher = Watcher::new(client, format!("{ks}/"));
+    let mut watcher = Watcher::new(client, ks.root_prefix());
     let mut known = WatchedCluster::default();
     let mut building: Option<WatchedCluster> = None;
     loop {

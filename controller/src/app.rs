@@ -80,12 +80,12 @@ impl App {
 
     /// `GET /metrics`: the Prometheus text of this replica.
     pub fn render_metrics(&self) -> String {
-        let view = self.view.lock();
-        self.metrics.render(
-            &view,
+        self.metrics.observe(
+            &self.view.lock(),
             self.leader.load().is_some(),
             self.policies.host.cached(),
-        )
+        );
+        self.metrics.render()
     }
 }
 

@@ -224,9 +224,8 @@ impl Metrics {
             .collect()
     }
 
-    /// The Prometheus text: the gauges that mirror `view`, leadership and
-    /// the plugin cache are set first.
-    pub fn render(&self, view: &View, leading: bool, plugins_compiled: usize) -> String {
+    /// Sets the gauges that mirror `view`, leadership and the plugin cache.
+    pub fn observe(&self, view: &View, leading: bool, plugins_compiled: usize) {
         self.leader.set(i64::from(leading));
         self.workers.set(gauge_value(view.workers.len()));
         self.capacity
@@ -245,6 +244,10 @@ impl Metrics {
         }
         self.view_revision.set(view.revision);
         self.plugins_compiled.set(gauge_value(plugins_compiled));
+    }
+
+    /// The Prometheus text.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);

@@ -45,7 +45,7 @@ impl std::fmt::Debug for Policies {
 /// Why a challenge's plugin could not be had: its digest is not one, the
 /// blob is missing or corrupt in the store, or it does not compile.
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
+pub enum Unavailable {
     #[error(transparent)]
     Digest(#[from] tidegate_plugin_host::DigestError),
     #[error(transparent)]
@@ -59,11 +59,22 @@ pub enum LoadError {
     Task(String),
 }
 
+/// Why the plugin machinery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] tidegate_plugin_host::StoreError),
+    #[error("the plugin engine: {0}")]
+    Engine(String),
+}
+
 impl Policies {
-    pub fn new(dir: &std::path::Path, limits: Limits) -> anyhow::Result<Self> {
-        let store = DirStore::new(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    /// The engine with `limits`, and the artifact store in `dir`.
+    pub fn new(dir: &std::path::Path, limits: Limits) -> Result<Self, StartError> {
+        let store = DirStore::new(dir)?;
+        let host = Host::new(limits).map_err(|e| StartError::Engine(format!("{e:#}")))?;
         Ok(Self {
-            host: Host::new(limits)?,
+            host,
             store: Arc::new(store),
             calls: PluginCalls::default(),
         })
@@ -71,7 +82,7 @@ impl Policies {
 
     /// The compiled plugin of a challenge's policy: cached, or fetched from
     /// the store, verified and compiled (off the runtime).
-    pub async fn plugin(self: &Arc<Self>, policy: &PolicyRef) -> Result<Arc<Plugin>, LoadError> {
+    pub async fn plugin(self: &Arc<Self>, policy: &PolicyRef) -> Result<Arc<Plugin>, Unavailable> {
         let digest = Digest::parse(&policy.digest)?;
         if let Some(p) = self.host.get(&digest) {
             return Ok(p);
@@ -81,9 +92,9 @@ impl Policies {
             let bytes = me.store.get(&digest)?;
             me.host
                 .load(&bytes)
-                .map_err(|error| LoadError::Compile { digest, error })
+                .map_err(|error| Unavailable::Compile { digest, error })
         })
         .await
-        .map_err(|e| LoadError::Task(e.to_string()))?
+        .map_err(|e| Unavailable::Task(e.to_string()))?
     }
 }

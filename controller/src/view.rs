@@ -147,7 +147,7 @@ impl SharedView {
 
 /// Keeps `view` equal to etcd under the key root, forever.
 pub async fn run(client: Client, ks: Keyspace, view: SharedView, etcd: Arc<EtcdHealth>) {
-    let prefix = format!("{ks}/");
+    let prefix = ks.root_prefix();
     let mut watcher = Watcher::new(client, prefix);
     let mut building: Option<View> = None;
     loop {

@@ -36,6 +36,10 @@ pub(crate) fn bad(field: &'static str, message: impl Into<String>) -> ConfigErro
 
 /// A config file format: TOML, every field defaulted.
 pub trait ConfigFile: Serialize + DeserializeOwned + Default {
+    /// Fields written even when they equal their default, because the
+    /// default depends on the machine reading the file (its hostname).
+    const ALWAYS_WRITTEN: &'static [&'static str];
+
     /// Parses a TOML file (unknown fields are errors).
     fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -43,15 +47,27 @@ pub trait ConfigFile: Serialize + DeserializeOwned + Default {
         toml::from_str(&text).map_err(|e| bad("config", format!("{}: {e}", path.display())))
     }
 
-    /// The TOML text of this config, every field written out.
-    fn to_toml(&self) -> String {
-        // A struct of strings, numbers, paths and tables always serializes.
-        toml::to_string(self).unwrap_or_default()
+    /// The TOML text of this config: the fields that differ from their
+    /// defaults (and [`Self::ALWAYS_WRITTEN`]), so a file says what was chosen
+    /// and a later release's defaults apply to the rest.
+    fn to_toml(&self) -> Result<String, ConfigError> {
+        let unwritable = |e: toml::ser::Error| bad("config", format!("cannot be written: {e}"));
+        let mut table = toml::Table::try_from(self).map_err(unwritable)?;
+        let defaults = toml::Table::try_from(Self::default()).map_err(unwritable)?;
+        table.retain(|k, v| {
+            Self::ALWAYS_WRITTEN.contains(&k) || defaults.get(k) != Some(v)
+        });
+        toml::to_string(&table).map_err(unwritable)
     }
 }
 
-impl ConfigFile for AgentConfig {}
-impl ConfigFile for ControllerConfig {}
+impl ConfigFile for AgentConfig {
+    const ALWAYS_WRITTEN: &'static [&'static str] = &["worker_id"];
+}
+
+impl ConfigFile for ControllerConfig {
+    const ALWAYS_WRITTEN: &'static [&'static str] = &["id"];
+}
 
 /// The hostname (`/etc/hostname`), the default id of a daemon.
 fn hostname() -> Option<String> {

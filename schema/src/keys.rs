@@ -151,6 +151,13 @@ impl Keyspace {
         format!("{}/claims/", self.root)
     }
 
+    /// A key of `kind` ending in `rest` as given, unchecked: for tests and
+    /// tools that write what the parser must refuse (a malformed id), or
+    /// ids of their own making. Everything else builds keys with [`Self::key`].
+    pub fn key_of(&self, kind: Kind, rest: &str) -> String {
+        format!("{}{rest}", self.prefix(kind))
+    }
+
     /// The prefix of one team's slots of one challenge, ending in `/`.
     pub fn team_slots_prefix(&self, challenge: &ChallengeName, team: &TeamId) -> String {
         format!("{}{challenge}/{team}/", self.prefix(Kind::TeamSlots))

@@ -1,7 +1,8 @@
-//! The shapes every tidegate process agrees on, with their validation and
-//! no I/O: the etcd keys (`Keyspace`) and the records under them, the
-//! challenge spec, the agents' `/activity` report, and the daemons' config
-//! files. The etcd client that reads and writes them is `tidegate-etcd`.
+//! The shapes every tidegate process agrees on, with their validation: the
+//! etcd keys (`Keyspace`) and the records under them, the challenge spec,
+//! the agents' `/activity` report, and the daemons' config files. No
+//! network and no etcd client (that is `tidegate-etcd`); the only I/O is
+//! reading a config file (and `/etc/hostname` for a default id).
 
 pub mod activity;
 pub mod config;

@@ -674,17 +674,19 @@ async fn required_ebpf_without_cap_bpf_is_a_clear_startup_error() {
     let etcd = tidegate_lab::etcd::EtcdCluster::start(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
-    let host = common::hosts().0;
-    std::fs::write(
-        &config,
-        format!(
-            "worker_id = \"nobpf\"\netcd = [\"{}\"]\ntcp_host = \"{host}\"\ntcp_steering = \"ebpf\"\nhttp_entry = \"{host}:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\npull_images = false\n",
-            etcd.endpoints()[0],
-            tidegate_lab::ports::free_port().unwrap(),
-            tidegate_lab::ports::free_port().unwrap()
-        ),
-    )
-    .unwrap();
+    let host: std::net::IpAddr = common::hosts().0.parse().unwrap();
+    let free = || tidegate_lab::ports::free_port().unwrap();
+    let cfg = tidegate_schema::config::AgentConfig {
+        worker_id: "nobpf".into(),
+        etcd: etcd.endpoints(),
+        tcp_host: host,
+        tcp_steering: Steering::Ebpf,
+        http_entry: std::net::SocketAddr::new(host, free()),
+        metrics_listen: std::net::SocketAddr::from(([127, 0, 0, 1], free())),
+        pull_images: false,
+        ..Default::default()
+    };
+    tidegate_lab::daemons::write_config(&cfg, &config).unwrap();
     let out = tokio::process::Command::new("setpriv")
         .args([
             "--bounding-set",

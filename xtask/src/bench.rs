@@ -111,19 +111,22 @@ impl Mode {
         if self.short { short } else { full }
     }
 
-    /// Builds `bins` of `packages` (release, or the debug build the tests
-    /// use) and returns the directory they are in.
+    /// Builds `bins` of `packages` (release), or every binary of the
+    /// workspace in the debug build the tests use (with the same features,
+    /// so after the tests nothing is rebuilt); returns their directory.
     fn build(self, packages: &[&str], bins: &[&str]) -> Result<PathBuf> {
         let mut cmd = Command::new("cargo");
         cmd.current_dir(workspace_root()).args(["build", "--quiet"]);
-        if !self.short {
+        if self.short {
+            cmd.args(["--workspace", "--bins"]);
+        } else {
             cmd.arg("--release");
-        }
-        for p in packages {
-            cmd.args(["-p", p]);
-        }
-        for b in bins {
-            cmd.args(["--bin", b]);
+            for p in packages {
+                cmd.args(["-p", p]);
+            }
+            for b in bins {
+                cmd.args(["--bin", b]);
+            }
         }
         sh::run(&mut cmd)?;
         Ok(crate::target_dir().join(if self.short { "debug" } else { "release" }))

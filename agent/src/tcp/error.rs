@@ -3,14 +3,29 @@
 
 use std::error::Error as StdError;
 
-/// A failed step of the TCP data plane and its cause.
-#[derive(Debug, thiserror::Error)]
-#[error("{step}: {cause}")]
+/// A failed step of the TCP data plane and its cause. It shows the step
+/// and the cause's whole chain (`loading the sk_lookup program: ...:
+/// Operation not permitted`) and has no source of its own, so that a
+/// caller printing the chain does not print it twice.
+#[derive(Debug)]
 pub struct TcpError {
     step: String,
-    #[source]
     cause: Box<dyn StdError + Send + Sync>,
 }
+
+impl std::fmt::Display for TcpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.cause)?;
+        let mut next = self.cause.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+impl StdError for TcpError {}
 
 pub type Result<T, E = TcpError> = std::result::Result<T, E>;
 

@@ -83,7 +83,6 @@ fn every_served_route_is_documented_and_every_documented_one_served() {
         served.contains(&("/v1/status".into(), "GET".into())),
         "the routes could not be read from axum's Debug output: {served:?}"
     );
-    assert_eq!(documented.len(), 17, "{documented:?}");
     let undocumented: Vec<_> = served
         .difference(&documented)
         .filter(|r| !excluded.contains(*r))

@@ -99,7 +99,9 @@ impl EtcdHealth {
 
     /// Our watch delivered everything up to `revision`.
     pub fn delivered(&self, revision: i64) {
-        self.delivered.fetch_max(revision, Ordering::Relaxed);
+        // Stored, not maximised: after a restore the watch relists at a
+        // lower revision, and so does what it delivered.
+        self.delivered.store(revision, Ordering::Relaxed);
         self.update_behind();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(&(r, at)) = p.front() {

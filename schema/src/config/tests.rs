@@ -66,14 +66,21 @@ fn a_written_config_reads_back_the_same() {
         }),
         ..AgentConfig::default()
     };
-    let back: AgentConfig = toml::from_str(&agent.to_toml()).unwrap();
+    let text = agent.to_toml().unwrap();
+    let back: AgentConfig = toml::from_str(&text).unwrap();
     assert_eq!(back, agent);
+    // Only what differs from the defaults, and the worker id always.
+    assert!(text.contains("worker_id = \"w1\""), "{text}");
+    assert!(text.contains("tcp_data_path = \"copy\""), "{text}");
+    assert!(!text.contains("capacity"), "{text}");
     let controller = ControllerConfig {
         advertise_url: Some("http://198.18.128.1:7080".into()),
         ..ControllerConfig::default()
     };
-    let back: ControllerConfig = toml::from_str(&controller.to_toml()).unwrap();
+    let text = controller.to_toml().unwrap();
+    let back: ControllerConfig = toml::from_str(&text).unwrap();
     assert_eq!(back, controller);
+    assert!(text.starts_with("id = "), "{text}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tidegate_local::daemons::write_config;
+pub use tidegate_local::daemons::write_config;
 use tidegate_schema::config::{AgentConfig, ControllerConfig};
 
 use crate::etcd::EtcdCluster;

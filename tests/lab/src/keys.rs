@@ -27,20 +27,20 @@ pub fn claims() -> String {
 
 /// Instance `id`'s record.
 pub fn instance(id: &str) -> String {
-    format!("{}{id}", prefix(Kind::Instances))
+    ks().key_of(Kind::Instances, id)
 }
 
 /// Instance `id`'s status.
 pub fn status(id: &str) -> String {
-    format!("{}{id}", prefix(Kind::Statuses))
+    ks().key_of(Kind::Statuses, id)
 }
 
 /// Worker `id`'s membership.
 pub fn worker(id: &str) -> String {
-    format!("{}{id}", prefix(Kind::Workers))
+    ks().key_of(Kind::Workers, id)
 }
 
 /// Challenge `name`'s record.
 pub fn challenge(name: &str) -> String {
-    format!("{}{name}", prefix(Kind::Challenges))
+    ks().key_of(Kind::Challenges, name)
 }

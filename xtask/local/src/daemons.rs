@@ -19,6 +19,9 @@ pub fn write_config(config: &impl ConfigFile, path: &Path) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    file.write_all(config.to_toml().as_bytes())?;
+    let text = config
+        .to_toml()
+        .map_err(|e| crate::Error::NotReady(format!("{}: {e}", path.display())))?;
+    file.write_all(text.as_bytes())?;
     Ok(())
 }

@@ -257,7 +257,9 @@ fn figures(
         "## HTTP proxy (`cargo xtask bench http`)\n\n\
          wrk `-t1 -c{CONNECTIONS} -d{secs}s --latency` with a Host header, {rounds} rounds alternating between targets, medians shown. \
          Every proxy has one worker thread and sits in front of the same origin (nginx, 1 worker, a {body_bytes}-byte static file, keep-alive). \
-         tidegate is a release build of the agent with `http_threads = 1`, routing the Host through its etcd-fed table; \
+         tidegate is a release build of the agent with `http_threads = 1`, routing the Host through its etcd-fed table \
+         to the instance's owner, a worker registered by hand with the origin as its HTTP entry (so the agent makes \
+         one hop to the origin, as the peers do, and adds the hop header nginx ignores); \
          agent RSS after the run: {agent_rss} kB.\n\n{table}\n\
          Targets: ≥ 1.2× nginx and ≥ 1.0× HAProxy. Measured: {:.2}× nginx, {:.2}× HAProxy.\n\n\
          Reading: every proxy runs one worker thread on 2 cores shared with wrk and the origin, so this compares \

@@ -400,7 +400,16 @@ fn spawn_detached(program: &str, args: &[String], log: &Path) -> Result<Child> {
         .create(true)
         .append(true)
         .open(log)?;
-    let child = Command::new(program)
+    let mut cmd = Command::new(program);
+    // The daemons take their settings from the files written here, not from
+    // whatever `TIDEGATE_*` the caller's shell holds (logging aside).
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with("TIDEGATE_") && !name.starts_with("TIDEGATE_LOG") {
+            cmd.env_remove(name);
+        }
+    }
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)

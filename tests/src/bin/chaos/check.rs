@@ -557,7 +557,7 @@ mod tests {
 
     /// Instance `id`'s key (ids as given: these tests use short ones).
     fn instance_key(id: &str) -> String {
-        format!("{}{id}", Keyspace::default().prefix(Kind::Instances))
+        Keyspace::default().key_of(Kind::Instances, id)
     }
 
     fn history() -> History {
@@ -600,7 +600,7 @@ mod tests {
         put(
             h,
             0.0,
-            &format!("{}{id}", Keyspace::default().prefix(Kind::Election)),
+            &Keyspace::default().key_of(Kind::Election, id),
             0,
             json!(id),
         );
@@ -685,7 +685,7 @@ mod tests {
 
     fn running(h: &mut History, at: Secs, id: &str) {
         let ep = json!({"v": 1, "instance": id, "worker": "w1", "status": {"state": "running"}, "updated_at": 0});
-        let key = format!("{}{id}", Keyspace::default().prefix(Kind::Statuses));
+        let key = Keyspace::default().key_of(Kind::Statuses, id);
         put(h, at, &key, 0, ep);
     }
 
@@ -704,7 +704,7 @@ mod tests {
     fn a_creation_with_a_stale_token_is_a_fenced_write() {
         let mut h = history();
         let old = elect(&mut h, "c0");
-        let c0 = format!("{}c0", Keyspace::default().prefix(Kind::Election));
+        let c0 = Keyspace::default().key_of(Kind::Election, "c0");
         delete(&mut h, 1.0, &c0);
         elect(&mut h, "c1");
         instance(&mut h, 2.0, "a", old, "a.x", 1_000_100);

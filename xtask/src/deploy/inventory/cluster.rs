@@ -64,7 +64,7 @@ pub(super) fn etcd_auth(
         "{etcdctl} role add root >/dev/null 2>&1 || true\n{etcdctl} user grant-role root root >/dev/null 2>&1 || true"
     );
     // Every key under the key root (the daemons' default).
-    let keys = format!("{}/", Keyspace::default());
+    let keys = Keyspace::default().root_prefix();
     for role in ["tidegate-controller", "tidegate-agent"] {
         let _ = writeln!(
             script,

@@ -72,8 +72,8 @@ pub(super) fn print(inv: &Inventory, state: &Path, args: &InventoryArgs) -> Resu
             Role::Etcd => {
                 println!("would wait for `etcdctl endpoint health` on every member");
                 println!(
-                    "would enable etcd auth once: users root, tidegate-controller, tidegate-agent; roles readwrite on {}/",
-                    tidegate_schema::Keyspace::default()
+                    "would enable etcd auth once: users root, tidegate-controller, tidegate-agent; roles readwrite on {}",
+                    tidegate_schema::Keyspace::default().root_prefix()
                 );
             }
             Role::Controller => println!(

@@ -139,7 +139,7 @@ pub(super) fn plan_host<'a>(
         p.daemon(Daemon {
             role: "controller",
             password: &secrets.etcd_controller_password,
-            config: p.config_text("Controller", "controller", &config),
+            config: p.config_text("Controller", "controller", &config)?,
             binaries: vec![
                 ("tidegate-controller", built.map(|b| &b.controller), true),
                 ("tidegate", built.map(|b| &b.cli), false),
@@ -175,7 +175,7 @@ pub(super) fn plan_host<'a>(
         p.daemon(Daemon {
             role: "agent",
             password: &secrets.etcd_agent_password,
-            config: p.config_text("Agent", "agent", &config),
+            config: p.config_text("Agent", "agent", &config)?,
             binaries: vec![("tidegate-agent", built.map(|b| &b.agent), true)],
             service: Service {
                 name: "tidegate-agent",
@@ -374,15 +374,15 @@ log-outputs: [stderr]\n",
     }
 
     /// A daemon's config file: a header saying where it comes from, then
-    /// every field of `config`.
-    fn config_text(&self, what: &str, role: &str, config: &impl ConfigFile) -> String {
-        format!(
+    /// the fields of `config` that are not defaults.
+    fn config_text(&self, what: &str, role: &str, config: &impl ConfigFile) -> Result<String> {
+        Ok(format!(
             "# {what} {} of {} (zone {}). Written by `cargo xtask deploy`;\n# every field: deploy/{role}.toml.\n{}",
             self.h.name,
             self.inv.name,
             self.h.zone,
-            config.to_toml()
-        )
+            config.to_toml()?
+        ))
     }
 
     /// The command line of daemon `role`.
