@@ -54,9 +54,7 @@ pub trait ConfigFile: Serialize + DeserializeOwned + Default {
         let unwritable = |e: toml::ser::Error| bad("config", format!("cannot be written: {e}"));
         let mut table = toml::Table::try_from(self).map_err(unwritable)?;
         let defaults = toml::Table::try_from(Self::default()).map_err(unwritable)?;
-        table.retain(|k, v| {
-            Self::ALWAYS_WRITTEN.contains(&k) || defaults.get(k) != Some(v)
-        });
+        table.retain(|k, v| Self::ALWAYS_WRITTEN.contains(&k) || defaults.get(k) != Some(v));
         toml::to_string(&table).map_err(unwritable)
     }
 }

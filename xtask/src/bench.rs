@@ -337,7 +337,7 @@ fn write_report(title: &str, section: &str) -> Result<()> {
     let mut sections: Vec<String> = old
         .split("\n## ")
         .skip(1)
-        .map(|s| format!("## {s}"))
+        .map(|s| format!("## {}", s.trim_end()))
         .filter(|s| !s.starts_with(&format!("## {title}")))
         .collect();
     sections.push(section.trim_end().to_string());

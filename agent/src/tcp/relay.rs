@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use nix::sys::socket::sockopt::IpBindAddressNoPort;
 use tidegate_schema::config::DataPath;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -223,8 +224,11 @@ impl Relay {
             .forward_from
             .filter(|ip| remote && ip.is_ipv4() == upstream.is_ipv4())
         {
-            // (Binding takes a port from ip_local_port_range per source
-            // address: ~28,000 forwarded connections open at once.)
+            // The port is picked at connect, per destination (as pingora
+            // does for its forwarded hop): a port picked at bind is one no
+            // other socket holds, TIME_WAIT included, so a storm of short
+            // forwarded connections would use up the range in seconds.
+            nix::sys::socket::setsockopt(&socket, IpBindAddressNoPort, &true)?;
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         socket.connect(upstream).await

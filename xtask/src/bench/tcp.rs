@@ -51,6 +51,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         &["tidegate-controller", "tidegate-agent", "tcp-echo"],
     )?;
     let image = bench_tcp_image(&bin_dir.join("tcp-echo"))?;
+    let _kernel = KernelSettings::set()?;
     let plane = ControlPlane::start(&bin_dir, 1)?;
     let (dir, url, etcd) = (plane.dir(), plane.url.as_str(), &plane.etcd);
     let label = format!("bench-tcp-{}", std::process::id());
@@ -124,6 +125,45 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     let (gbits, rates) = measure(mode, &targets)?;
     drop(agents);
     Ok(figures(mode, &targets, &gbits, &rates))
+}
+
+/// Two kernel settings for the run, restored when dropped. The
+/// connection-rate runs open 15,000 to 45,000 connections per row and round
+/// toward one instance address and port (directly, through HAProxy, through
+/// the agents); each ends in TIME_WAIT on this host, and each one that
+/// reaches a Docker network is a conntrack entry for 120 s after. With the
+/// defaults (TIME_WAIT ports reused only toward loopback, 262,144 conntrack
+/// entries) the rate of every row collapses tenfold once the local ports are
+/// all in TIME_WAIT, and the third round drops SYNs once the table is full
+/// ("nf_conntrack: table full" in the kernel log), whoever proxies.
+struct KernelSettings(Vec<(&'static str, String)>);
+
+const KERNEL_SETTINGS: [(&str, &str); 2] = [
+    ("/proc/sys/net/ipv4/tcp_tw_reuse", "1"),
+    // (Present once Docker's NAT loaded the conntrack module.)
+    ("/proc/sys/net/netfilter/nf_conntrack_max", "1048576"),
+];
+
+impl KernelSettings {
+    fn set() -> Result<Self> {
+        let mut was = Self(Vec::new());
+        for (path, value) in KERNEL_SETTINGS {
+            let Ok(old) = std::fs::read_to_string(path) else {
+                continue;
+            };
+            std::fs::write(path, value).with_context(|| format!("writing {path} (root?)"))?;
+            was.0.push((path, old.trim().to_string()));
+        }
+        Ok(was)
+    }
+}
+
+impl Drop for KernelSettings {
+    fn drop(&mut self) {
+        for (path, old) in &self.0 {
+            let _ = std::fs::write(path, old);
+        }
+    }
 }
 
 fn target(name: &str, host: &str, data: u16, echo: u16) -> Target {
@@ -429,7 +469,12 @@ fn figures(mode: Mode, targets: &[Target], gbits: &[Vec<f64>], rates: &[Vec<f64>
          echo server, `cpus = 2`), one on each of three release agents, each agent on its own loopback address with eBPF \
          `sk_lookup` steering and its own data path. \"Direct\" and HAProxy (1 thread) reach one instance's container on its \
          Docker network; each agent serves its own instance; a fourth agent, owning none, forwards to the splice agent with \
-         the hop header (PROXY v2) that the owner takes off, so that row is two agent hops.\n\n{table}\n\
+         the hop header (PROXY v2) that the owner takes off, so that row is two agent hops. \
+         During the run `net.ipv4.tcp_tw_reuse` is 1 and `net.netfilter.nf_conntrack_max` 1,048,576 (both restored \
+         after): every row's connections end in TIME_WAIT toward the same instance address and port and stay in conntrack \
+         for 120 s; with the defaults the rate of every row collapses tenfold once the local ports are all in TIME_WAIT, \
+         and SYNs are dropped once the conntrack table is full. A worker expecting such connection rates is set the same \
+         (deploy/README.md).\n\n{table}\n\
          Targets: ≥ 0.9× direct throughput and ≥ HAProxy's connection rate. Measured (default path, splice): \
          {:.2}× direct throughput, {:.2}× HAProxy's connection rate.\n\n\
          Reading: on 2 cores every agent is one more busy process next to iperf3's client and server and the container's \
