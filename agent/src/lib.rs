@@ -9,10 +9,12 @@
 //! a request by its Host; `tcp` routes a connection by its public port
 //! (eBPF `sk_lookup` steering, then splice(2), sockhash or copy) and serves
 //! TCP over TLS by SNI; `policy` is the edge admission hook both ask;
-//! `metrics` is what `/metrics` and `/activity` serve; `config` merges the
-//! config file with flags.
+//! `metrics` is what `/metrics` and `/activity` serve; `hostnet` is what
+//! the agent sets in the host's kernel for the instance networks
+//! (neighbour pinning); `config` merges the config file with flags.
 
 pub mod config;
+pub mod hostnet;
 pub mod http;
 pub mod membership;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tidegate_agent::config::{Cli, load};
+use tidegate_agent::membership::ClaimError;
 use tidegate_agent::metrics::Metrics;
 use tidegate_agent::policy::{EdgePolicy, PluginPolicy};
 use tidegate_agent::reconcile::Reconciler;
@@ -26,7 +27,8 @@ mod proxy;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Exit status for a configuration error (sysexits EX_USAGE).
+/// Exit status for a configuration error (sysexits EX_USAGE), and for a
+/// `worker_id` a live agent holds.
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
@@ -52,7 +54,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<ClaimError>() {
+                Some(ClaimError::Held { .. }) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -75,7 +80,17 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let ks = Keyspace::new(&cfg.key_root)?;
     let client =
         tidegate_etcd::connect(&cfg.etcd, cfg.etcd_tls.as_ref(), cfg.etcd_auth.as_ref()).await?;
-    let runtime = Runtime::connect(&cfg)
+    // Before anything touches Docker or the network: a second agent with a
+    // live worker's id stops here.
+    let record = worker_record(&cfg, &worker);
+    let first_lease = membership::claim(
+        &mut client.clone(),
+        &ks.key(&Key::Worker(worker.clone())),
+        &record,
+        cfg.membership_ttl_secs,
+    )
+    .await?;
+    let mut runtime = Runtime::connect(&cfg)
         .await
         .with_context(|| format!("connecting to Docker at {}", cfg.docker_socket))?;
     runtime
@@ -109,15 +124,17 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(membership::run(
             client.clone(),
             ks.clone(),
-            worker_record(&cfg, &worker),
+            record,
             cfg.membership_ttl_secs,
             metrics.clone(),
             lease_tx,
+            first_lease,
         )),
         tokio::spawn(tidegate_agent::routes::run(
             client.clone(),
             ks.clone(),
             worker.clone(),
+            cfg.tcp_port_range()?,
             routes.clone(),
             builds,
             wanted_tx,

@@ -1,11 +1,16 @@
 //! Membership: `/workers/{id}` under a keep-alive lease. Re-registers when
 //! the lease is lost (etcd unreachable past the TTL, or revoked); the
 //! caller revokes it on clean shutdown.
+//!
+//! The key is created, never overwritten: a second agent started with a
+//! live worker's id would run (and remove) that worker's instances. After
+//! a crash the old key lives until its lease runs out (at most
+//! `membership_ttl_secs`); the restarted agent waits for that.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tidegate_schema::{Key, Keyspace, Record, WorkerRecord};
 use tokio::sync::watch;
 
@@ -14,8 +19,107 @@ use crate::metrics::Metrics;
 /// How soon a failed keep-alive is tried again.
 const RETRY: Duration = Duration::from_millis(250);
 
-/// Keeps the worker registered until the task is dropped; publishes the
-/// current lease in `lease` (0 while unregistered).
+/// Why this worker could not register.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(
+        "worker_id {worker} is held by a live agent ({holder}): two agents with one worker_id would both run its instances; give this agent its own worker_id"
+    )]
+    Held { worker: String, holder: String },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// How often a holder's lease is looked at while deciding whether it lives.
+const LOOK: Duration = Duration::from_millis(500);
+
+/// Creates `record`'s key under a new lease (returned). If the key exists,
+/// its lease is watched until it is renewed (a live agent holds the id:
+/// [`ClaimError::Held`]) or runs out (a previous run of this worker that
+/// died: its key goes with it, and the create is tried again). Another
+/// agent's lease is never revoked.
+pub async fn claim(
+    client: &mut Client,
+    key: &str,
+    record: &WorkerRecord,
+    ttl: i64,
+) -> Result<i64, ClaimError> {
+    loop {
+        let id = client.lease_grant(ttl, None).await?.id();
+        let txn = Txn::new()
+            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                record.encode(),
+                Some(PutOptions::new().with_lease(id)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = client.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(id);
+        }
+        let _ = client.lease_revoke(id).await;
+        let Some(held) = tidegate_etcd::guard::else_get(&resp) else {
+            continue; // gone in between
+        };
+        let holder = WorkerRecord::decode(held.value()).ok();
+        if held.lease() != 0 && is_kept_alive(client, held.lease(), ttl).await? {
+            return Err(ClaimError::Held {
+                worker: record.id.to_string(),
+                holder: match holder {
+                    Some(h) => format!(
+                        "address {}, HTTP entry {}, started at unix {}",
+                        h.address, h.http_entry, h.started_at
+                    ),
+                    None => "its record does not decode".into(),
+                },
+            });
+        }
+        if held.lease() == 0 {
+            // Written by hand without a lease (no agent does that): it would
+            // never go away by itself.
+            tracing::warn!(worker = %record.id, "replacing a worker key that has no lease");
+            client
+                .txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            key,
+                            CompareOp::Equal,
+                            held.mod_revision(),
+                        )])
+                        .and_then([TxnOp::delete(key, None)]),
+                )
+                .await?;
+        }
+        // Otherwise its lease ran out (a previous run of this worker that
+        // died): the key is gone, try again.
+    }
+}
+
+/// Whether lease `id` is renewed before it runs out (a `ttl`-second lease
+/// and a second of slack): true for a live holder, false once it expired.
+async fn is_kept_alive(client: &mut Client, id: i64, ttl: i64) -> Result<bool, ClaimError> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(ttl.max(1) as u64 + 1);
+    let mut last = i64::MAX;
+    while tokio::time::Instant::now() < until {
+        let left = client.lease_time_to_live(id, None).await?.ttl();
+        if left <= 0 {
+            return Ok(false);
+        }
+        if left > last {
+            return Ok(true);
+        }
+        last = left;
+        tokio::time::sleep(LOOK).await;
+    }
+    // Neither renewed nor expired in a whole TTL: etcd is not keeping time
+    // as expected; do not take a key that may be live.
+    Ok(true)
+}
+
+/// Keeps the worker registered until the task is dropped, starting from
+/// the lease [`claim`] returned; publishes the current lease in `lease` (0
+/// while unregistered).
 pub async fn run(
     client: Client,
     ks: Keyspace,
@@ -23,12 +127,18 @@ pub async fn run(
     ttl: i64,
     metrics: Arc<Metrics>,
     lease: watch::Sender<i64>,
+    first: i64,
 ) {
     let key = ks.key(&Key::Worker(record.id.clone()));
     let period = Duration::from_secs(ttl.max(3) as u64) / 3;
     let mut client = client;
+    let mut first = Some(first);
     loop {
-        let id = match register(&mut client, &key, &record, ttl).await {
+        let claimed = match first.take() {
+            Some(id) => Ok(id),
+            None => claim(&mut client, &key, &record, ttl).await,
+        };
+        let id = match claimed {
             Ok(id) => id,
             Err(e) => {
                 tracing::warn!(error = %e, "could not register this worker; retrying");
@@ -65,17 +175,4 @@ pub async fn run(
         let _ = lease.send(0);
         tracing::warn!(worker = %record.id, "membership lease lost; registering again");
     }
-}
-
-async fn register(
-    client: &mut Client,
-    key: &str,
-    record: &WorkerRecord,
-    ttl: i64,
-) -> Result<i64, etcd_client::Error> {
-    let id = client.lease_grant(ttl, None).await?.id();
-    client
-        .put(key, record.encode(), Some(PutOptions::new().with_lease(id)))
-        .await?;
-    Ok(id)
 }

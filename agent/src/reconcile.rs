@@ -20,6 +20,7 @@ use tidegate_schema::{
     WorkerId,
 };
 
+use crate::hostnet::Neighbours;
 use crate::metrics::Metrics;
 use crate::runtime::{Observed, Runtime, RuntimeError};
 
@@ -59,6 +60,8 @@ pub struct Reconciler {
     synced: bool,
     /// The highest fencing token seen in any record.
     max_token: i64,
+    /// Running containers' addresses pinned on their bridges.
+    neighbours: Neighbours,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -94,6 +97,7 @@ impl Reconciler {
             listing: None,
             synced: false,
             max_token: 0,
+            neighbours: Neighbours::default(),
         }
     }
 
@@ -249,10 +253,15 @@ impl Reconciler {
                 return;
             }
         };
+        let mut pins = BTreeSet::new();
         let mut by_instance: BTreeMap<String, Vec<Observed>> = BTreeMap::new();
         for o in observed {
+            if let (true, Some(addr), Some((mac, bridge))) = (o.running, o.address, &o.link) {
+                pins.insert((bridge.clone(), addr, mac.clone()));
+            }
             by_instance.entry(o.instance.clone()).or_default().push(o);
         }
+        self.neighbours.sync(pins).await;
         // Orphans: containers of ours without a record (only once we know all records).
         if self.synced {
             for (instance, containers) in &by_instance {
@@ -369,6 +378,13 @@ impl Reconciler {
                             reason: format!(
                                 "image {image} is not on this worker and could not be pulled: {reason}"
                             ),
+                        };
+                    }
+                    Err(e @ RuntimeError::NoDiskQuota { .. }) => {
+                        // Not retried: the worker's storage does not change by itself.
+                        tracing::warn!(instance = %id, error = %e, "cannot bound the writable layer");
+                        t.status = InstanceStatus::Failed {
+                            reason: e.to_string(),
                         };
                     }
                     Err(e) => {

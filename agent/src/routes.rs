@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -80,6 +81,8 @@ struct WatchedCluster {
     traffic: HashMap<InstanceId, Arc<InstanceTraffic>>,
     /// Challenges with a policy plugin.
     policies: HashMap<String, PolicyPointer>,
+    /// Instances already logged for naming a port outside `tcp_ports`.
+    off_range: std::collections::HashSet<InstanceId>,
 }
 
 impl WatchedCluster {
@@ -184,7 +187,16 @@ impl WatchedCluster {
         }
     }
 
-    fn build(&mut self, me: &WorkerId, revision: i64) -> RouteTable {
+    /// The table of this moment. A TCP port outside `tcp_ports` is not
+    /// routed (an instance must never take a daemon's port, and the
+    /// controllers only hand out `tcp_ports`): logged once per instance.
+    fn build(
+        &mut self,
+        me: &WorkerId,
+        revision: i64,
+        tcp_ports: &RangeInclusive<u16>,
+    ) -> RouteTable {
+        let mut off_range = std::collections::HashSet::new();
         let mut by_host = HashMap::with_capacity(self.instances.len());
         let mut by_port = HashMap::new();
         let mut by_sni = HashMap::new();
@@ -204,6 +216,14 @@ impl WatchedCluster {
                 by_host.insert(r.hostname.to_string(), route(target));
             }
             for r in &rec.tcp {
+                if !tcp_ports.contains(&r.port) {
+                    if !self.off_range.contains(id) {
+                        tracing::warn!(instance = %id, port = r.port, tcp_ports = ?tcp_ports,
+                            "not routing an instance's TCP port outside tcp_ports");
+                    }
+                    off_range.insert(id.clone());
+                    continue;
+                }
                 let target = self.target(me, id, rec, r.target_port, |w| {
                     SocketAddr::new(w.tcp_host, r.port)
                 });
@@ -212,6 +232,7 @@ impl WatchedCluster {
                 by_port.insert(r.port, route);
             }
         }
+        self.off_range = off_range;
         RouteTable {
             by_host,
             by_port,
@@ -222,11 +243,14 @@ impl WatchedCluster {
     }
 }
 
-/// Keeps `routes` equal to etcd under the key root, forever.
+/// Keeps `routes` equal to etcd under the key root, forever; TCP ports
+/// outside `tcp_ports` are left out.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
     ks: Keyspace,
     me: WorkerId,
+    tcp_ports: RangeInclusive<u16>,
     routes: SharedRoutes,
     builds: tokio::sync::watch::Sender<u64>,
     policies: tokio::sync::watch::Sender<PolicyPointers>,
@@ -267,7 +291,7 @@ pub async fn run(
             event = watcher.next().now_or_never();
         }
         if changed && building.is_none() {
-            let table = known.build(&me, watcher.revision());
+            let table = known.build(&me, watcher.revision(), &tcp_ports);
             routes.store(Arc::new(table));
             builds.send_modify(|n| *n += 1);
             etcd.delivered(watcher.revision());
@@ -307,6 +331,8 @@ mod tests {
         ks.key(&key)
     }
 
+    const PORTS: RangeInclusive<u16> = 20000..=29999;
+
     fn id(s: &str) -> InstanceId {
         InstanceId::parse(s).unwrap()
     }
@@ -329,7 +355,7 @@ mod tests {
         let b = Key::Worker(WorkerId::parse("b").unwrap());
         k.apply(&ks, &kv(&key(&ks, b), serde_json::json!({"v": 1, "id": "b", "address": "127.0.0.3",
             "http_entry": "127.0.0.3:8080", "tcp_host": "127.0.0.3", "capacity": 1, "version": "0", "started_at": 0})));
-        let t = k.build(&me, 1);
+        let t = k.build(&me, 1, &PORTS);
         assert_eq!(
             t.get("000000000a.ctf.localhost").unwrap().target,
             Target::NotReady("it is starting".into())
@@ -345,19 +371,46 @@ mod tests {
         let status = key(&ks, Key::Status(id("000000000a")));
         k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
             "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 1})));
-        let t = k.build(&me, 2);
+        let t = k.build(&me, 2, &PORTS);
         assert_eq!(
             t.get("000000000a.ctf.localhost").unwrap().target,
             Target::Local("198.19.0.9:8080".parse().unwrap())
         );
         // Traffic counters survive rebuilds; deletes drop the route.
         let s1 = t.get("000000000a.ctf.localhost").unwrap().traffic.clone();
-        let t2 = k.build(&me, 3);
+        let t2 = k.build(&me, 3, &PORTS);
         assert!(Arc::ptr_eq(
             &s1,
             &t2.get("000000000a.ctf.localhost").unwrap().traffic
         ));
         k.remove(&ks, &key(&ks, Key::Instance(id("000000000a"))));
-        assert!(k.build(&me, 4).get("000000000a.ctf.localhost").is_none());
+        assert!(
+            k.build(&me, 4, &PORTS)
+                .get("000000000a.ctf.localhost")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_port_outside_tcp_ports_is_not_routed() {
+        let ks = Keyspace::default();
+        let me = WorkerId::parse("a").unwrap();
+        let mut k = WatchedCluster::default();
+        for (i, port) in [
+            ("000000000a", 20001),
+            ("000000000b", 2379),
+            ("000000000c", 40000),
+        ] {
+            let mut rec = instance(i, "a");
+            rec["tcp"] =
+                serde_json::json!([{"port_name": "nc", "port": port, "target_port": 1337}]);
+            k.apply(&ks, &kv(&key(&ks, Key::Instance(id(i))), rec));
+        }
+        let t = k.build(&me, 1, &PORTS);
+        let ports: Vec<u16> = t.by_port.keys().copied().collect();
+        assert_eq!(ports, vec![20001]);
+        assert!(t.by_sni.contains_key("000000000a-nc"));
+        assert!(!t.by_sni.contains_key("000000000b-nc"));
+        assert_eq!(k.off_range.len(), 2);
     }
 }

@@ -1,9 +1,12 @@
 //! The Docker side: hardened containers through bollard.
 //!
 //! Every instance container: labels naming instance, challenge, team and
-//! worker; the challenge's env plus `FLAG`; memory, CPU and pids limits;
-//! `cap-drop ALL` plus the spec's `cap_add`; `no-new-privileges`; optional
-//! read-only rootfs; no published ports. It joins one of two networks with
+//! worker; the challenge's env plus `FLAG`; memory, CPU, pids, `nofile` and
+//! `nproc` limits and an IO weight; its log in two rotated json-file parts
+//! of `log_mib` in all; `cap-drop ALL` plus the spec's `cap_add` (and
+//! `unsafe_caps`); `no-new-privileges`; a read-only rootfs with sized tmpfs
+//! mounts (or a writable layer of `disk_mib`, which Docker bounds only on
+//! xfs with `pquota`, unless `allow_unbounded_rootfs`); no published ports. It joins one of two networks with
 //! inter-container traffic disabled: `isolated` (internal: no route out)
 //! or, when the spec sets `egress`, `egress`. The host — and so the agent —
 //! reaches every container's address on either.
@@ -13,7 +16,8 @@ use std::collections::HashMap;
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, NetworkCreateRequest,
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig,
+    NetworkCreateRequest, ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
@@ -21,6 +25,7 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 use tidegate_schema::InstanceRecord;
+use tidegate_schema::records::ContainerSpec;
 
 use tidegate_schema::config::AgentConfig;
 
@@ -35,8 +40,26 @@ pub const LABEL_CLUSTER: &str = "tidegate.cluster";
 pub enum RuntimeError {
     #[error("image {image} is not on this worker and could not be pulled: {reason}")]
     ImageMissing { image: String, reason: String },
+    #[error(
+        "this worker's Docker cannot bound a writable root filesystem ({reason}): give the challenge read_only_rootfs = true with tmpfs mounts, or set allow_unbounded_rootfs = true in this agent's config"
+    )]
+    NoDiskQuota { reason: String },
     #[error("docker: {0}")]
     Docker(#[from] DockerError),
+}
+
+/// A create error, named when it is the missing disk quota.
+fn classify(e: DockerError) -> RuntimeError {
+    match &e {
+        DockerError::DockerResponseServerError { message, .. }
+            if message.contains("storage-opt") =>
+        {
+            RuntimeError::NoDiskQuota {
+                reason: message.clone(),
+            }
+        }
+        _ => e.into(),
+    }
 }
 
 /// A container of this worker, as Docker lists it.
@@ -47,6 +70,8 @@ pub struct Observed {
     pub running: bool,
     pub exited: bool,
     pub address: Option<std::net::IpAddr>,
+    /// The container's MAC address and the bridge of its network.
+    pub link: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +82,9 @@ pub struct Runtime {
     isolated: String,
     egress: String,
     pull: bool,
+    unbounded_rootfs: bool,
+    /// Instance network name → its Linux bridge (known after `ensure_networks`).
+    bridges: HashMap<String, String>,
 }
 
 fn not_found(e: &DockerError) -> bool {
@@ -83,41 +111,64 @@ impl Runtime {
             isolated: cfg.isolated_network.clone(),
             egress: cfg.egress_network.clone(),
             pull: cfg.pull_images,
+            unbounded_rootfs: cfg.allow_unbounded_rootfs,
+            bridges: HashMap::new(),
         })
     }
 
-    /// Creates the two instance networks if they do not exist.
-    pub async fn ensure_networks(&self) -> Result<(), DockerError> {
-        for (name, internal) in [(&self.isolated, true), (&self.egress, false)] {
-            match self.docker.inspect_network(name, None).await {
-                Ok(_) => continue,
-                Err(e) if not_found(&e) => {}
-                Err(e) => return Err(e),
+    /// Creates the two instance networks if they do not exist, and learns
+    /// their bridges.
+    pub async fn ensure_networks(&mut self) -> Result<(), DockerError> {
+        for (name, internal) in [(self.isolated.clone(), true), (self.egress.clone(), false)] {
+            self.create_network(&name, internal).await?;
+            let net = self.docker.inspect_network(&name, None).await?;
+            let bridge = net
+                .options
+                .as_ref()
+                .and_then(|o| o.get("com.docker.network.bridge.name").cloned())
+                .or_else(|| Some(format!("br-{}", net.id.as_deref()?.get(..12)?)));
+            if let Some(bridge) = bridge {
+                self.bridges.insert(name, bridge);
             }
-            let mut options = HashMap::new();
-            options.insert(
-                "com.docker.network.bridge.enable_icc".to_string(),
-                "false".to_string(),
-            );
-            let req = NetworkCreateRequest {
-                name: name.clone(),
-                driver: Some("bridge".into()),
-                internal: Some(internal),
-                options: Some(options),
-                labels: Some(HashMap::from([(
-                    "tidegate.network".to_string(),
-                    "instances".to_string(),
-                )])),
-                ..Default::default()
-            };
-            match self.docker.create_network(req).await {
-                Ok(_) => tracing::info!(network = %name, internal, "created instance network"),
-                // Another agent on the same engine made it first.
-                Err(DockerError::DockerResponseServerError {
-                    status_code: 409, ..
-                }) => {}
-                Err(e) => return Err(e),
-            }
+        }
+        Ok(())
+    }
+
+    /// The instance networks' bridges: network name → Linux bridge.
+    pub fn bridges(&self) -> &HashMap<String, String> {
+        &self.bridges
+    }
+
+    /// Creates one instance network (inter-container traffic off) unless it exists.
+    async fn create_network(&self, name: &str, internal: bool) -> Result<(), DockerError> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+        let mut options = HashMap::new();
+        options.insert(
+            "com.docker.network.bridge.enable_icc".to_string(),
+            "false".to_string(),
+        );
+        let req = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            internal: Some(internal),
+            options: Some(options),
+            labels: Some(HashMap::from([(
+                "tidegate.network".to_string(),
+                "instances".to_string(),
+            )])),
+            ..Default::default()
+        };
+        match self.docker.create_network(req).await {
+            Ok(_) => tracing::info!(network = %name, internal, "created instance network"),
+            // Another agent on the same engine made it first.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {}
+            Err(e) => return Err(e),
         }
         Ok(())
     }
@@ -140,12 +191,19 @@ impl Runtime {
             .into_iter()
             .filter_map(|c| {
                 let instance = c.labels.as_ref()?.get(LABEL_INSTANCE)?.clone();
-                let address = c
+                let (network, endpoint) = c
                     .network_settings
                     .as_ref()
                     .and_then(|n| n.networks.as_ref())
-                    .and_then(|n| n.values().find_map(|e| e.ip_address.clone()))
+                    .and_then(|n| n.iter().find(|(_, e)| e.ip_address.is_some()))
+                    .map_or((None, None), |(n, e)| (Some(n), Some(e)));
+                let address = endpoint
+                    .and_then(|e| e.ip_address.as_deref())
                     .and_then(|ip| ip.parse().ok());
+                let link = endpoint
+                    .and_then(|e| e.mac_address.clone())
+                    .filter(|m| !m.is_empty())
+                    .zip(network.and_then(|n| self.bridges.get(n).cloned()));
                 Some(Observed {
                     id: c.id?,
                     instance,
@@ -155,6 +213,7 @@ impl Runtime {
                         Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD)
                     ),
                     address,
+                    link,
                 })
             })
             .collect())
@@ -183,25 +242,62 @@ impl Runtime {
             env: Some(env),
             labels: Some(labels),
             hostname: Some(rec.id.to_string()),
-            host_config: Some(HostConfig {
-                memory: Some(i64::from(c.limits.memory_mib) * 1024 * 1024),
-                memory_swap: Some(i64::from(c.limits.memory_mib) * 1024 * 1024),
-                nano_cpus: Some((c.limits.cpus * 1e9) as i64),
-                pids_limit: Some(i64::from(c.limits.pids)),
-                cap_drop: Some(vec!["ALL".into()]),
-                cap_add: Some(
-                    c.cap_add
-                        .iter()
-                        .map(|cap| cap.trim_start_matches("CAP_").to_string())
-                        .collect(),
-                ),
-                security_opt: Some(vec!["no-new-privileges".into()]),
-                readonly_rootfs: Some(c.read_only_rootfs),
-                network_mode: Some(network.clone()),
-                publish_all_ports: Some(false),
-                init: Some(false),
-                ..Default::default()
-            }),
+            host_config: Some(self.host_config(c, network)),
+            ..Default::default()
+        }
+    }
+
+    /// The limits and hardening of one container (see the module doc).
+    fn host_config(&self, c: &ContainerSpec, network: &str) -> HostConfig {
+        let l = &c.limits;
+        let mib = |n: u32| i64::from(n) * 1024 * 1024;
+        let ulimit = |name: &str, n: u32| ResourcesUlimits {
+            name: Some(name.into()),
+            soft: Some(i64::from(n)),
+            hard: Some(i64::from(n)),
+        };
+        let tmpfs = c
+            .tmpfs
+            .iter()
+            .map(|t| {
+                let opts = format!("rw,nosuid,nodev,size={}m,mode=1777", t.size_mib);
+                (t.path.clone(), opts)
+            })
+            .collect();
+        // Two files of half the budget each: what is on disk never exceeds it.
+        let part_kib = (u64::from(l.log_mib) * 1024 / 2).max(1);
+        let log = HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), format!("{part_kib}k")),
+                ("max-file".to_string(), "2".to_string()),
+            ])),
+        };
+        let storage = (!c.read_only_rootfs && !self.unbounded_rootfs)
+            .then(|| HashMap::from([("size".to_string(), format!("{}m", l.disk_mib))]));
+        HostConfig {
+            memory: Some(mib(l.memory_mib)),
+            memory_swap: Some(mib(l.memory_mib)),
+            nano_cpus: Some((l.cpus * 1e9) as i64),
+            pids_limit: Some(i64::from(l.pids)),
+            ulimits: Some(vec![ulimit("nofile", l.nofile), ulimit("nproc", l.nproc)]),
+            blkio_weight: Some(l.io_weight),
+            log_config: Some(log),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(
+                c.cap_add
+                    .iter()
+                    .chain(&c.unsafe_caps)
+                    .map(|cap| cap.trim_start_matches("CAP_").to_string())
+                    .collect(),
+            ),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            readonly_rootfs: Some(c.read_only_rootfs),
+            tmpfs: Some(tmpfs),
+            storage_opt: storage,
+            network_mode: Some(network.to_string()),
+            publish_all_ports: Some(false),
+            init: Some(false),
             ..Default::default()
         }
     }
@@ -233,7 +329,7 @@ impl Runtime {
                     .await?
                     .id);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(classify(e)),
         }
         let image = rec.container.image.clone();
         if !self.pull {

@@ -16,6 +16,16 @@ fn bad_configuration_exits_64_and_names_the_field() {
         ("membership_ttl_secs = 1", "membership_ttl_secs"),
         ("capcity = 3", "capcity"),
         ("http_entry = \"not an address\"", "http_entry"),
+        (
+            "tcp_ports = \"30000-39999\"",
+            "tcp_ports: \"30000-39999\" overlaps the ephemeral",
+        ),
+        (
+            "tcp_ports = \"2000-3000\"",
+            "holds port 2379, etcd's client port",
+        ),
+        ("tcp_ports = \"7000-7999\"", "holds port 7080"),
+        ("tcp_ports = \"9000-9999\"", "holds port 9464"),
     ];
     for (line, field) in cases {
         let path = dir.path().join("agent.toml");

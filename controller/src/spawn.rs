@@ -218,7 +218,9 @@ fn draft(
             limits: spec.limits.clone(),
             egress: spec.egress,
             read_only_rootfs: spec.read_only_rootfs,
+            tmpfs: spec.tmpfs.clone(),
             cap_add: spec.cap_add.clone(),
+            unsafe_caps: spec.unsafe_caps.clone(),
         },
     })
 }

@@ -317,7 +317,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
         format!("http://{id}.ctf.localhost/")
     );
     let port = inst["tcp"][0]["port"].as_u64().unwrap();
-    assert!((30000..=39999).contains(&port));
+    assert!((20000..=29999).contains(&port));
     assert_eq!(
         inst["tcp"][0]["tls_hostname"],
         format!("{id}-nc.ctf.localhost")

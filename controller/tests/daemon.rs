@@ -64,6 +64,22 @@ fn bad_configuration_exits_64_and_names_the_field() {
         (
             vec![
                 "--config".into(),
+                write("ephemeral.toml", "tcp_ports = \"30000-39999\""),
+            ],
+            good.to_vec(),
+            "tcp_ports: \"30000-39999\" overlaps the ephemeral",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write("daemons.toml", "tcp_ports = \"7000-9999\""),
+            ],
+            good.to_vec(),
+            "holds port 7080, the controller API",
+        ),
+        (
+            vec![
+                "--config".into(),
                 write("typo.toml", "electoin_ttl_secs = 3"),
             ],
             good.to_vec(),

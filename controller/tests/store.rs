@@ -219,7 +219,7 @@ async fn two_hundred_concurrent_spawns_never_share_a_hostname_or_port() {
                 token,
                 &format!("team-{}", i / 2),
             );
-            p.tcp_ports = 30000..=30499;
+            p.tcp_ports = 20000..=20499;
             let client = client.clone();
             tokio::spawn(async move { spawn(&client, &p, |_| "flag{x}".into()).await })
         })

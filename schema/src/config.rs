@@ -9,6 +9,7 @@
 mod agent;
 mod controller;
 mod etcd;
+mod ports;
 
 use std::path::Path;
 
@@ -18,6 +19,7 @@ use serde::de::DeserializeOwned;
 pub use agent::{AgentConfig, DataPath, Steering, UnknownName};
 pub use controller::ControllerConfig;
 pub use etcd::{EtcdAuth, EtcdTls, check_etcd};
+pub use ports::{DAEMON_PORTS, DEFAULT_EPHEMERAL, ephemeral_ports, tcp_port_range, url_ports};
 
 /// A config value that cannot be used, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::names::{ChallengeName, Hostname, InstanceId, PortName, TeamId, WorkerId};
-use crate::spec::{ChallengeSpec, Limits};
+use crate::spec::{ChallengeSpec, Limits, TmpfsSpec};
 use crate::validate::{FieldError, Validate, decode_json};
 
 /// The record format version this build reads and writes.
@@ -141,7 +141,11 @@ pub struct ContainerSpec {
     #[serde(default)]
     pub read_only_rootfs: bool,
     #[serde(default)]
+    pub tmpfs: Vec<TmpfsSpec>,
+    #[serde(default)]
     pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub unsafe_caps: Vec<String>,
 }
 
 /// An instance: desired state, written only by the elected scheduler.

@@ -29,12 +29,19 @@ pub const ALLOWED_CAPS: &[&str] = &[
     "SETUID",
     "SETPCAP",
     "NET_BIND_SERVICE",
-    "NET_RAW",
     "SYS_CHROOT",
     "AUDIT_WRITE",
     "SETFCAP",
     "SYS_PTRACE",
 ];
+
+/// Capabilities that let an instance attack its neighbours (raw sockets:
+/// ARP and IP spoofing on the shared bridge). A challenge gets one only by
+/// naming it in `unsafe_caps` (docs/security.md).
+pub const UNSAFE_CAPS: &[&str] = &["NET_RAW"];
+
+/// At most this many tmpfs mounts per challenge.
+pub const MAX_TMPFS: usize = 8;
 
 /// A challenge: what to run for each team, and the rules for its instances.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -61,12 +68,23 @@ pub struct ChallengeSpec {
     /// Let the container open outbound connections (off by default).
     #[serde(default)]
     pub egress: bool,
-    /// Mount the image's root filesystem read-only.
-    #[serde(default)]
+    /// Mount the image's root filesystem read-only (the default): the
+    /// container writes only to its `tmpfs` mounts, each bounded. `false`
+    /// gives it a writable layer, which the agent runs only where Docker
+    /// can bound it or its config says `allow_unbounded_rootfs`.
+    #[serde(default = "yes")]
     pub read_only_rootfs: bool,
+    /// Writable in-memory mounts (counted in the memory limit). Default:
+    /// `/tmp` of 64 MiB.
+    #[serde(default = "default_tmpfs")]
+    pub tmpfs: Vec<TmpfsSpec>,
     /// Capabilities added back after `cap-drop ALL` (from [`ALLOWED_CAPS`]).
     #[serde(default)]
     pub cap_add: Vec<String>,
+    /// Capabilities from [`UNSAFE_CAPS`], for a challenge that really needs
+    /// one: set by the organizer on purpose (docs/security.md).
+    #[serde(default)]
+    pub unsafe_caps: Vec<String>,
     /// What a policy plugin's decision becomes when the plugin traps, runs
     /// past its deadline or its memory cap: `deny` (default) or `allow`.
     #[serde(default)]
@@ -87,6 +105,28 @@ pub enum PolicyFallback {
 
 fn default_per_team_max() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_tmpfs() -> Vec<TmpfsSpec> {
+    vec![TmpfsSpec {
+        path: "/tmp".into(),
+        size_mib: 64,
+    }]
+}
+
+/// One writable in-memory mount of each instance.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TmpfsSpec {
+    /// Where it is mounted: an absolute path, not `/`.
+    pub path: String,
+    /// Its size in MiB (1 to 4096; all mounts together at most `limits.memory_mib`).
+    pub size_mib: u32,
 }
 
 /// One port of a challenge.
@@ -119,6 +159,23 @@ pub struct Limits {
     pub cpus: f64,
     /// Process limit (16 to 32768; default 128).
     pub pids: u32,
+    /// Container log kept on the worker in MiB, in two rotated files (1 to
+    /// 1024; default 8). Older output is dropped.
+    pub log_mib: u32,
+    /// Open files per process, the `nofile` ulimit (64 to 65536; default 1024).
+    pub nofile: u32,
+    /// Processes per user inside the instance, the `nproc` ulimit (16 to
+    /// 32768; default 256).
+    pub nproc: u32,
+    /// Size of the writable layer in MiB when `read_only_rootfs = false`
+    /// (64 to 65536; default 512). Docker bounds it only on overlay2 over
+    /// xfs with `pquota`; elsewhere such a challenge fails to start unless
+    /// the agent's config says `allow_unbounded_rootfs`.
+    pub disk_mib: u32,
+    /// Relative block IO weight (10 to 1000; default 100). Applied where
+    /// the kernel's IO scheduler supports weights (BFQ); Docker logs and
+    /// drops it elsewhere.
+    pub io_weight: u16,
 }
 
 impl Default for Limits {
@@ -127,6 +184,11 @@ impl Default for Limits {
             memory_mib: 256,
             cpus: 0.5,
             pids: 128,
+            log_mib: 8,
+            disk_mib: 512,
+            nofile: 1024,
+            nproc: 256,
+            io_weight: 100,
         }
     }
 }
@@ -213,16 +275,8 @@ impl Validate for ChallengeSpec {
                 format!("{FLAG_PLACEHOLDER} may appear once"),
             ));
         }
-        for (i, cap) in self.cap_add.iter().enumerate() {
-            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
-            if !ALLOWED_CAPS.contains(&bare) {
-                return Err(FieldError::new(
-                    format!("cap_add[{i}]"),
-                    format!("{cap:?} is not one of {}", ALLOWED_CAPS.join(", ")),
-                ));
-            }
-        }
-        Ok(())
+        self.validate_caps()?;
+        self.validate_tmpfs()
     }
 }
 
@@ -250,6 +304,86 @@ impl ChallengeSpec {
                     format!("port {} listed twice", p.port),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `cap_add` from [`ALLOWED_CAPS`], `unsafe_caps` from [`UNSAFE_CAPS`].
+    fn validate_caps(&self) -> Result<(), FieldError> {
+        for (i, cap) in self.cap_add.iter().enumerate() {
+            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
+            if UNSAFE_CAPS.contains(&bare) {
+                return Err(FieldError::new(
+                    format!("cap_add[{i}]"),
+                    format!(
+                        "{cap:?} lets an instance spoof its neighbours; a challenge that really needs it \
+                         names it in unsafe_caps (docs/security.md)"
+                    ),
+                ));
+            }
+            if !ALLOWED_CAPS.contains(&bare) {
+                return Err(FieldError::new(
+                    format!("cap_add[{i}]"),
+                    format!("{cap:?} is not one of {}", ALLOWED_CAPS.join(", ")),
+                ));
+            }
+        }
+        for (i, cap) in self.unsafe_caps.iter().enumerate() {
+            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
+            if !UNSAFE_CAPS.contains(&bare) {
+                return Err(FieldError::new(
+                    format!("unsafe_caps[{i}]"),
+                    format!("{cap:?} is not one of {}", UNSAFE_CAPS.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Absolute, distinct paths; sizes within the memory limit.
+    fn validate_tmpfs(&self) -> Result<(), FieldError> {
+        if self.tmpfs.len() > MAX_TMPFS {
+            return Err(FieldError::new(
+                "tmpfs",
+                format!("at most {MAX_TMPFS} mounts"),
+            ));
+        }
+        let mut paths = BTreeSet::new();
+        let mut total = 0u64;
+        for (i, t) in self.tmpfs.iter().enumerate() {
+            let p = t.path.as_str();
+            let clean = p.starts_with('/')
+                && p.len() > 1
+                && p.len() <= 255
+                && !p.ends_with('/')
+                && p.split('/')
+                    .skip(1)
+                    .all(|c| !c.is_empty() && c != "." && c != "..")
+                && p.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b',' && b != b':');
+            if !clean {
+                return Err(FieldError::new(
+                    format!("tmpfs[{i}].path"),
+                    format!("{p:?} is not an absolute path below / (no '..', ',' or ':')"),
+                ));
+            }
+            if !paths.insert(p) {
+                return Err(FieldError::new(
+                    format!("tmpfs[{i}].path"),
+                    format!("{p:?} listed twice"),
+                ));
+            }
+            in_range(&format!("tmpfs[{i}].size_mib"), t.size_mib, 1, 4096)?;
+            total += u64::from(t.size_mib);
+        }
+        if total > u64::from(self.limits.memory_mib) {
+            return Err(FieldError::new(
+                "tmpfs",
+                format!(
+                    "{total} MiB in all is more than limits.memory_mib ({}): tmpfs is memory",
+                    self.limits.memory_mib
+                ),
+            ));
         }
         Ok(())
     }
@@ -294,6 +428,11 @@ impl ChallengeSpec {
         }
         in_range("limits.cpus", self.limits.cpus, 0.01, 64.0)?;
         in_range("limits.pids", self.limits.pids, 16, 32768)?;
+        in_range("limits.log_mib", self.limits.log_mib, 1, 1024)?;
+        in_range("limits.disk_mib", self.limits.disk_mib, 64, 65536)?;
+        in_range("limits.nofile", self.limits.nofile, 64, 65536)?;
+        in_range("limits.nproc", self.limits.nproc, 16, 32768)?;
+        in_range("limits.io_weight", self.limits.io_weight, 10, 1000)?;
         in_range(
             "ttl.default_secs",
             self.ttl.default_secs,

@@ -18,7 +18,7 @@ use tidegate_lab::images::{DEMO_EXIT, ensure_demo_images};
 use tidegate_lab::keys;
 use tidegate_lab::netns::NetnsHost;
 use tidegate_lab::process::Supervised;
-use tidegate_schema::config::AgentConfig;
+use tidegate_schema::config::{AgentConfig, ConfigFile};
 
 /// etcd, a controller, one agent; everything removed on drop (containers
 /// included, also the ones a test leaves).
@@ -175,6 +175,25 @@ async fn a_spawned_instance_runs_hardened_with_no_published_ports_and_is_removed
     );
     assert_eq!(inspect(&container, "{{.HostConfig.NanoCpus}}"), "250000000");
     assert_eq!(inspect(&container, "{{.HostConfig.PidsLimit}}"), "32");
+    // Bounded by default: read-only root, /tmp of 64 MiB, 8 MiB of log in
+    // two files, nofile and nproc.
+    assert_eq!(
+        inspect(&container, "{{.HostConfig.ReadonlyRootfs}}"),
+        "true"
+    );
+    let tmpfs: Value =
+        serde_json::from_str(&inspect(&container, "{{json .HostConfig.Tmpfs}}")).unwrap();
+    assert_eq!(tmpfs["/tmp"], "rw,nosuid,nodev,size=64m,mode=1777");
+    assert_eq!(
+        inspect(&container, "{{json .HostConfig.LogConfig}}"),
+        r#"{"Type":"json-file","Config":{"max-file":"2","max-size":"4096k"}}"#
+    );
+    let ulimits = inspect(&container, "{{json .HostConfig.Ulimits}}");
+    assert!(
+        ulimits.contains(r#"{"Name":"nofile","Hard":1024,"Soft":1024}"#)
+            && ulimits.contains(r#"{"Name":"nproc","Hard":256,"Soft":256}"#),
+        "{ulimits}"
+    );
     assert_eq!(
         inspect(&container, "{{.HostConfig.NetworkMode}}"),
         "tidegate-isolated"
@@ -247,7 +266,7 @@ async fn lease_expiry_with_no_controller_removes_the_container() {
         team: tidegate_schema::TeamId::parse("t1").unwrap(),
         worker: tidegate_schema::WorkerId::parse(&worker()).unwrap(),
         domain: "ctf.localhost".into(),
-        tcp_ports: 30000..=30999,
+        tcp_ports: 20000..=20999,
         ttl_secs: 3,
         now: 0,
     };
@@ -602,4 +621,49 @@ async fn membership_comes_back_after_its_lease_is_lost_and_leaves_on_clean_shutd
         "the agent did not exit on SIGTERM"
     );
     assert!(agent.log().contains("deregistered"), "{}", agent.log());
+}
+
+#[tokio::test]
+async fn a_second_agent_with_a_live_worker_id_exits_64_and_the_first_keeps_its_instances() {
+    let c = cluster(|_| {}).await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let id = c.spawn("web", "t1").await;
+    c.wait_status(&id, "running").await;
+    let (container, _) = c.reported(&id).await;
+    let key = keys::worker(&worker());
+    let lease_of = || async {
+        let got = c.client.clone().get(key.as_str(), None).await.unwrap();
+        got.kvs().first().map(|kv| kv.lease())
+    };
+    let lease = lease_of().await;
+
+    // The same worker_id on other ports, as a copied config would be.
+    let mut cfg = AgentConfig::from_file(&c.agent().config).unwrap();
+    let port = |_| tidegate_lab::ports::free_port().unwrap();
+    cfg.metrics_listen.set_port(port(()));
+    cfg.http_entry.set_port(port(()));
+    let second = c.dir.path().join("second.toml");
+    tidegate_lab::daemons::write_config(&cfg, &second).unwrap();
+    let run = tokio::process::Command::new(tidegate_lab::daemons::binary("tidegate-agent"))
+        .args(["--config", &second.display().to_string()])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the second agent kept running")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("worker_id {} is held by a live agent", worker())),
+        "{stderr}"
+    );
+    assert_eq!(lease_of().await, lease, "the worker key changed hands");
+    assert!(c.agent().proc.is_alive());
+    assert!(!gone(&container), "the first agent's container was removed");
+    assert_eq!(
+        c.agent().metric("tidegate_agent_registrations_total").await,
+        Some(1.0)
+    );
+    c.wait_status(&id, "running").await;
 }

@@ -722,6 +722,8 @@ async fn ssh_through_either_agent() {
         "ports": [{"name": "ssh", "port": tidegate_lab::images::DEMO_SSH_PORT, "protocol": "tcp"}],
         "env": {"AUTHORIZED_KEY": public},
         "cap_add": ["CHOWN", "SETUID", "SETGID", "DAC_OVERRIDE", "FOWNER", "SYS_CHROOT", "KILL"],
+        // The root filesystem is read-only: the key and host keys go to tmpfs.
+        "tmpfs": [{"path": "/root", "size_mib": 1}, {"path": "/etc/dropbear", "size_mib": 1}],
     });
     let (s, body) = p.controller.put_challenge("ssh", spec).await;
     assert!(s.is_success(), "{body}");

@@ -237,7 +237,7 @@ fn controller(bin_dir: &Path, dir: &Path, endpoints: &[String]) -> Result<(Super
         flag_secret: "bench-flag-secret-0123456789".into(),
         election_ttl_secs: 2,
         artifact_dir: dir.join("artifacts"),
-        tcp_ports: "30000-39999".into(),
+        tcp_ports: "20000-29999".into(),
         ..ControllerConfig::default()
     };
     let path = dir.join("controller.toml");

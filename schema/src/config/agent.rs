@@ -2,12 +2,15 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, EtcdAuth, EtcdTls, bad, check_etcd};
+use super::{
+    ConfigError, EtcdAuth, EtcdTls, bad, check_etcd, ephemeral_ports, tcp_port_range, url_ports,
+};
 use crate::keys::{DEFAULT_ROOT, Keyspace};
 use crate::names::WorkerId;
 
@@ -105,6 +108,10 @@ pub struct AgentConfig {
     pub http_entry: SocketAddr,
     /// The address whose ports the TCP redirector serves.
     pub tcp_host: IpAddr,
+    /// The public TCP ports this agent serves for instances (the
+    /// controllers' `tcp_ports`): a record naming another port is not
+    /// routed. Below the ephemeral range, clear of the daemons' ports.
+    pub tcp_ports: String,
     /// How many instances this worker runs at most.
     pub capacity: u32,
     /// etcd client URLs.
@@ -120,6 +127,11 @@ pub struct AgentConfig {
     pub docker_socket: String,
     /// Pull images that are not present. Off where no registry is reachable.
     pub pull_images: bool,
+    /// Run challenges with `read_only_rootfs = false` even where Docker
+    /// cannot bound the writable layer (overlay2 on anything but xfs with
+    /// `pquota`): an instance can then fill this worker's disk. Off by
+    /// default: such a challenge's instances fail, naming this setting.
+    pub allow_unbounded_rootfs: bool,
     /// Docker network of instances without egress (internal, no inter-container traffic).
     pub isolated_network: String,
     /// Docker network of instances whose spec sets `egress` (outbound allowed, no inter-container traffic).
@@ -186,6 +198,7 @@ impl Default for AgentConfig {
             advertise_address: IpAddr::from([127, 0, 0, 1]),
             http_entry: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tcp_host: IpAddr::from([127, 0, 0, 1]),
+            tcp_ports: "20000-29999".into(),
             capacity: 32,
             etcd: vec!["http://127.0.0.1:2379".into()],
             etcd_tls: None,
@@ -193,6 +206,7 @@ impl Default for AgentConfig {
             key_root: DEFAULT_ROOT.into(),
             docker_socket: "unix:///var/run/docker.sock".into(),
             pull_images: true,
+            allow_unbounded_rootfs: false,
             isolated_network: "tidegate-isolated".into(),
             egress_network: "tidegate-egress".into(),
             cluster_label: None,
@@ -230,6 +244,7 @@ impl AgentConfig {
             return Err(bad("http_entry", "needs a port"));
         }
         check_etcd(&self.etcd, self.etcd_tls.as_ref())?;
+        self.tcp_port_range()?;
         Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
         if !self.docker_socket.starts_with("unix://") {
             return Err(bad("docker_socket", "a unix:// socket path"));
@@ -320,6 +335,33 @@ impl AgentConfig {
         } else {
             Some(self.metrics_listen)
         }
+    }
+
+    /// `tcp_ports` parsed, checked against the daemons' ports, this agent's
+    /// own listeners, the etcd endpoints and this host's ephemeral range.
+    pub fn tcp_port_range(&self) -> Result<RangeInclusive<u16>, ConfigError> {
+        let mut taken = vec![
+            (
+                self.http_entry.port(),
+                "this agent's http_entry".to_string(),
+            ),
+            (
+                self.metrics_listen.port(),
+                "this agent's metrics_listen".into(),
+            ),
+        ];
+        for (entry, what) in [
+            (self.https_entry, "this agent's https_entry"),
+            (self.tls_tcp_entry, "this agent's tls_tcp_entry"),
+        ] {
+            taken.extend(entry.map(|e| (e.port(), what.to_string())));
+        }
+        taken.extend(
+            url_ports(&self.etcd)
+                .into_iter()
+                .map(|p| (p, "an etcd endpoint".into())),
+        );
+        tcp_port_range(&self.tcp_ports, &taken, ephemeral_ports())
     }
 
     /// The worker id, parsed.

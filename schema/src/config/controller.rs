@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, EtcdAuth, EtcdTls, bad, check_etcd};
+use super::{
+    ConfigError, EtcdAuth, EtcdTls, bad, check_etcd, ephemeral_ports, tcp_port_range, url_ports,
+};
 use crate::keys::{DEFAULT_ROOT, Keyspace};
 use crate::names::Hostname;
 
@@ -34,7 +36,8 @@ pub struct ControllerConfig {
     /// Scheme and port players use for HTTP instances, for the `url` in answers.
     pub public_http_scheme: String,
     pub public_http_port: u16,
-    /// Public TCP ports handed to instances, inclusive, e.g. `"20000-29999"`.
+    /// Public TCP ports handed to instances, inclusive, e.g. `"20000-29999"`:
+    /// below the ephemeral range, clear of the daemons' and etcd's ports.
     pub tcp_ports: String,
     /// Election lease TTL in seconds: a dead leader is replaced within about this long.
     pub election_ttl_secs: i64,
@@ -142,20 +145,16 @@ impl ControllerConfig {
         Ok(())
     }
 
-    /// `tcp_ports` parsed.
+    /// `tcp_ports` parsed, checked against the daemons' ports, this
+    /// replica's listener, the etcd endpoints and this host's ephemeral range.
     pub fn tcp_port_range(&self) -> Result<RangeInclusive<u16>, ConfigError> {
-        let (lo, hi) = self
-            .tcp_ports
-            .split_once('-')
-            .ok_or_else(|| bad("tcp_ports", "a range like 20000-29999"))?;
-        let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p >= 1024);
-        match (parse(lo), parse(hi)) {
-            (Some(lo), Some(hi)) if lo <= hi => Ok(lo..=hi),
-            _ => Err(bad(
-                "tcp_ports",
-                format!("{:?} is not a range of ports 1024-65535", self.tcp_ports),
-            )),
-        }
+        let mut taken = vec![(self.listen.port(), "this controller's listen".to_string())];
+        taken.extend(
+            url_ports(&self.etcd)
+                .into_iter()
+                .map(|p| (p, "an etcd endpoint".into())),
+        );
+        tcp_port_range(&self.tcp_ports, &taken, ephemeral_ports())
     }
 
     /// Where this replica is reached.

@@ -147,3 +147,62 @@ fn endpoint_schemes_must_match_the_tls_setting() {
     let e = check_etcd(&https, Some(&half)).unwrap_err().to_string();
     assert!(e.contains("cert_file and key_file go together"), "{e}");
 }
+
+#[test]
+fn tcp_ports_stay_clear_of_daemons_listeners_and_the_ephemeral_range() {
+    let eph = DEFAULT_EPHEMERAL;
+    let own = [(8443, "this agent's https_entry".to_string())];
+    assert_eq!(
+        tcp_port_range("20000-29999", &own, eph.clone()),
+        Ok(20000..=29999)
+    );
+    for (value, says) in [
+        ("2000-3000", "holds port 2379, etcd's client port"),
+        ("2380-2380", "holds port 2380, etcd's peer port"),
+        ("7000-7999", "holds port 7080, the controller API"),
+        ("9000-9999", "holds port 9464, the agent's metrics"),
+        ("8000-8999", "holds port 8443, this agent's https_entry"),
+        (
+            "30000-39999",
+            "overlaps the ephemeral port range 32768-60999",
+        ),
+        ("60999-61000", "overlaps the ephemeral port range"),
+        ("80-90", "not a range of ports 1024-65535"),
+        ("29999-20000", "not a range of ports"),
+        ("20000", "a range like 20000-29999"),
+    ] {
+        let e = tcp_port_range(value, &own, eph.clone()).unwrap_err();
+        assert_eq!(e.field, "tcp_ports");
+        assert!(e.message.contains(says), "{value}: {}", e.message);
+    }
+    // Above the ephemeral range is fine too.
+    assert!(tcp_port_range("61000-62000", &own, eph).is_ok());
+    assert_eq!(
+        url_ports(&["https://10.0.0.1:2379".into(), "http://h:12379/".into()]),
+        vec![2379, 12379]
+    );
+}
+
+#[test]
+fn both_configs_check_tcp_ports_against_their_own_listeners() {
+    let agent = AgentConfig {
+        http_entry: "127.0.0.1:20080".parse().unwrap(),
+        ..AgentConfig::default()
+    };
+    let e = agent.validate().unwrap_err();
+    assert!(
+        e.message
+            .contains("holds port 20080, this agent's http_entry"),
+        "{e}"
+    );
+    let controller = ControllerConfig {
+        listen: "127.0.0.1:21000".parse().unwrap(),
+        ..ControllerConfig::default()
+    };
+    let e = controller.tcp_port_range().unwrap_err();
+    assert!(
+        e.message
+            .contains("holds port 21000, this controller's listen"),
+        "{e}"
+    );
+}

@@ -158,6 +158,64 @@ fn each_bad_input_names_its_field() {
             "cap_add[0]",
             Box::new(|v| v["cap_add"] = json!(["SYS_ADMIN"])),
         ),
+        (
+            "cap_add[1]",
+            Box::new(|v| v["cap_add"] = json!(["CHOWN", "NET_RAW"])),
+        ),
+        (
+            "unsafe_caps[0]",
+            Box::new(|v| v["unsafe_caps"] = json!(["SYS_ADMIN"])),
+        ),
+        (
+            "tmpfs[0].path",
+            Box::new(|v| v["tmpfs"] = json!([{"path": "tmp", "size_mib": 1}])),
+        ),
+        (
+            "tmpfs[0].path",
+            Box::new(|v| v["tmpfs"] = json!([{"path": "/a/../etc", "size_mib": 1}])),
+        ),
+        (
+            "tmpfs[0].path",
+            Box::new(|v| v["tmpfs"] = json!([{"path": "/", "size_mib": 1}])),
+        ),
+        (
+            "tmpfs[0].path",
+            Box::new(|v| v["tmpfs"] = json!([{"path": "/x,exec", "size_mib": 1}])),
+        ),
+        (
+            "tmpfs[1].path",
+            Box::new(|v| {
+                v["tmpfs"] = json!([{"path": "/a", "size_mib": 1}, {"path": "/a", "size_mib": 1}])
+            }),
+        ),
+        (
+            "tmpfs[0].size_mib",
+            Box::new(|v| v["tmpfs"] = json!([{"path": "/a", "size_mib": 0}])),
+        ),
+        (
+            "tmpfs",
+            Box::new(|v| v["tmpfs"] = json!([{"path": "/a", "size_mib": 4000}])),
+        ),
+        (
+            "limits.log_mib",
+            Box::new(|v| v["limits"] = json!({"log_mib": 0})),
+        ),
+        (
+            "limits.disk_mib",
+            Box::new(|v| v["limits"] = json!({"disk_mib": 1})),
+        ),
+        (
+            "limits.nofile",
+            Box::new(|v| v["limits"] = json!({"nofile": 1})),
+        ),
+        (
+            "limits.nproc",
+            Box::new(|v| v["limits"] = json!({"nproc": 1})),
+        ),
+        (
+            "limits.io_weight",
+            Box::new(|v| v["limits"] = json!({"io_weight": 5})),
+        ),
     ];
     for (want, edit) in cases {
         let got = error_field(edit);
@@ -185,6 +243,23 @@ fn messages_say_what_is_wrong() {
     assert_eq!(
         decode(&v).unwrap_err().to_string(),
         "ports[1].port: port 1 listed twice"
+    );
+    let mut v = base();
+    v["cap_add"] = json!(["NET_RAW"]);
+    let e = decode(&v).unwrap_err();
+    assert!(e.message.contains("unsafe_caps"), "{e}");
+    v["cap_add"] = json!([]);
+    v["unsafe_caps"] = json!(["NET_RAW"]);
+    assert_eq!(decode(&v).unwrap().unsafe_caps, ["NET_RAW"]);
+    // Safe defaults: read-only root with a /tmp of 64 MiB.
+    let spec = decode(&base()).unwrap();
+    assert!(spec.read_only_rootfs);
+    assert_eq!(
+        spec.tmpfs,
+        [TmpfsSpec {
+            path: "/tmp".into(),
+            size_mib: 64
+        }]
     );
     let e = decode_json::<ChallengeSpec>(b"").unwrap_err();
     assert_eq!(e.to_string(), ".: empty or truncated JSON");
@@ -221,4 +296,37 @@ proptest! {
         let unique = names.len() == ports.len() && numbers.len() == ports.len();
         prop_assert_eq!(decode(&v).is_ok(), unique);
     }
+}
+
+#[test]
+fn the_readme_challenge_table_names_every_field() {
+    let readme = include_str!("../../../README.md");
+    let documented: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("| `")?
+                .split_once('`')
+                .map(|(f, _)| f.to_string())
+        })
+        .collect();
+    let spec = serde_json::to_value(decode(&base()).unwrap()).unwrap();
+    let mut fields = std::collections::BTreeSet::new();
+    for (k, v) in spec.as_object().unwrap() {
+        match (k.as_str(), v) {
+            ("limits", Value::Object(inner)) => {
+                fields.extend(inner.keys().map(|f| format!("limits.{f}")));
+            }
+            ("flag", _) => {
+                fields.insert("flag.template".to_string());
+            }
+            _ => {
+                fields.insert(k.clone());
+            }
+        }
+    }
+    let missing: Vec<_> = fields.difference(&documented).collect();
+    assert!(
+        missing.is_empty(),
+        "README's challenge table lacks {missing:?}"
+    );
 }

@@ -120,7 +120,7 @@ impl Controller {
             flag_secret: "test-flag-secret-0123456789".into(),
             election_ttl_secs: ELECTION_TTL as i64,
             etcd_timeout_ms: 1500,
-            tcp_ports: "30000-39999".into(),
+            tcp_ports: "20000-29999".into(),
             sweep_interval_secs: 1,
             worker_grace_secs: 2,
             idle_check_secs: 1,

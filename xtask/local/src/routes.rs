@@ -55,7 +55,9 @@ pub fn ghost_instance(
             limits: Limits::default(),
             egress: false,
             read_only_rootfs: false,
+            tmpfs: Vec::new(),
             cap_add: Vec::new(),
+            unsafe_caps: Vec::new(),
         },
         flag: "f".into(),
     })

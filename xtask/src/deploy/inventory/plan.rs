@@ -164,6 +164,7 @@ pub(super) fn plan_host<'a>(
             advertise_address: h.address,
             http_entry: SocketAddr::new(h.address, inv.ports.http),
             tcp_host: h.address,
+            tcp_ports: inv.tcp_ports.clone(),
             metrics_listen: SocketAddr::new(h.address, inv.ports.metrics),
             capacity: h.capacity,
             artifact_dir: inv.artifact_dir.clone(),
