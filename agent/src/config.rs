@@ -49,6 +49,9 @@ pub struct Cli {
     /// Directory of policy plugin blobs (the controllers' artifact store).
     #[arg(long, env = "TIDEGATE_ARTIFACT_DIR")]
     pub artifact_dir: Option<PathBuf>,
+    /// File with the cluster's hop key (the same on every agent).
+    #[arg(long, env = "TIDEGATE_HOP_KEY_FILE")]
+    pub hop_key_file: Option<PathBuf>,
 }
 
 /// The file (or the defaults), then the flags and environment variables
@@ -73,6 +76,9 @@ pub fn load(cli: Cli) -> Result<AgentConfig, ConfigError> {
         tcp_data_path,
         artifact_dir
     );
+    if let Some(path) = cli.hop_key_file {
+        cfg.hop_key_file = Some(path);
+    }
     cfg.validate()?;
     Ok(cfg)
 }

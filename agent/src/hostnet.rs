@@ -1,84 +1,268 @@
 //! The host's side of the instance networks: what the agent sets in the
 //! kernel so that one instance cannot take over another's traffic.
 //!
-//! Neighbour pinning: every running instance's address is a permanent
-//! neighbour entry (`ip neigh replace … nud permanent`) on its bridge. An
-//! instance with raw sockets (`unsafe_caps = ["NET_RAW"]`) can send an ARP
-//! reply claiming another instance's address; the kernel never changes a
-//! permanent entry, so the host keeps sending that instance's traffic to
-//! the right container.
+//! Neighbour pinning: every container on the instance networks has a
+//! permanent neighbour entry (`ip neigh replace … nud permanent`) on its
+//! bridge, with the MAC Docker gave it. An instance with raw sockets
+//! (`unsafe_caps = ["NET_RAW"]`) can send ARP replies claiming another
+//! instance's address; the kernel never changes a permanent entry, so the
+//! host keeps sending that instance's traffic to the right container. The
+//! set is what Docker lists on the networks (every agent sharing an engine
+//! computes the same one); permanent entries on those bridges that Docker
+//! no longer lists are removed, so an address given to a new container
+//! never keeps an old MAC.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use tokio::io::AsyncWriteExt;
+
 /// One pinned neighbour: bridge, address, MAC.
 pub type Neighbour = (String, IpAddr, String);
 
-/// The permanent entries this agent keeps.
-#[derive(Debug, Default)]
-pub struct Neighbours {
-    pinned: BTreeSet<Neighbour>,
-    /// Bridges whose leftover permanent entries (a previous run) were flushed.
-    flushed: BTreeSet<String>,
-}
-
-impl Neighbours {
-    /// Makes the pinned set equal to `want`: pins the new, unpins the gone.
-    /// A bridge seen for the first time is flushed of permanent entries first.
-    pub async fn sync(&mut self, want: BTreeSet<Neighbour>) {
-        for (bridge, ..) in &want {
-            if self.flushed.insert(bridge.clone())
-                && let Err(e) = ip(&["neigh", "flush", "dev", bridge, "nud", "permanent"]).await
-            {
-                tracing::warn!(%bridge, error = %e, "cannot flush old neighbour entries");
-            }
-        }
-        let gone: Vec<Neighbour> = self.pinned.difference(&want).cloned().collect();
-        for (bridge, addr, _) in gone {
-            let a = addr.to_string();
-            // Gone already (the bridge went with its network) is fine.
-            let _ = ip(&["neigh", "del", &a, "dev", &bridge]).await;
-            self.pinned
-                .retain(|(b, x, _)| !(b == &bridge && *x == addr));
-        }
-        for n in want.difference(&self.pinned.clone()) {
-            let (bridge, addr, mac) = n;
-            let a = addr.to_string();
-            let pin = [
-                "neigh",
-                "replace",
-                &a,
-                "lladdr",
-                mac,
-                "nud",
-                "permanent",
-                "dev",
-                bridge,
-            ];
-            match ip(&pin).await {
-                Ok(()) => {
-                    self.pinned.insert(n.clone());
-                }
-                Err(e) => {
-                    tracing::warn!(%bridge, address = %addr, error = %e, "cannot pin an instance's neighbour entry; retrying")
-                }
-            }
+/// Makes the permanent entries on `bridges` equal to `want`, with one
+/// `ip -batch` for the changes.
+pub async fn pin_neighbours(bridges: &[String], want: &BTreeSet<Neighbour>) -> Result<(), String> {
+    let have = permanent_entries(bridges).await?;
+    let mut batch = String::new();
+    for (bridge, addr, mac) in want.difference(&have) {
+        batch += &format!("neigh replace {addr} lladdr {mac} nud permanent dev {bridge}\n");
+    }
+    for (bridge, addr, _) in have.difference(want) {
+        if !want.iter().any(|(b, a, _)| b == bridge && a == addr) {
+            batch += &format!("neigh del {addr} dev {bridge}\n");
         }
     }
-}
-
-/// Runs `ip` with `args`; the error is its stderr.
-async fn ip(args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut child = tokio::process::Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| format!("ip: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(batch.as_bytes())
+            .await
+            .map_err(|e| format!("ip -batch: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("ip -batch: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "ip -batch: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The permanent neighbour entries on `bridges`.
+async fn permanent_entries(bridges: &[String]) -> Result<BTreeSet<Neighbour>, String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "neigh", "show", "nud", "permanent"])
+        .output()
+        .await
+        .map_err(|e| format!("ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip neigh show: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("ip -j neigh: {e}"))?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            let dev = e["dev"].as_str()?;
+            bridges.iter().any(|b| b == dev).then_some(())?;
+            Some((
+                dev.to_string(),
+                e["dst"].as_str()?.parse().ok()?,
+                e["lladdr"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// The chain every instance bridge's traffic to this host goes through.
+const HOST_CHAIN: &str = "TIDEGATE-HOST";
+
+/// The host firewall: instances cannot open connections to any address of
+/// this host (its daemons, etcd, anything listening on 0.0.0.0), over IPv4
+/// or IPv6; replies to connections the host opened (the agent proxying to
+/// them) pass. Egress instances cannot open connections to `egress_deny`
+/// (private ranges and cloud metadata by default: where a cluster's own
+/// machines are). Rules are added when missing and never duplicated, so
+/// agents sharing a host keep one set.
+///
+/// ```text
+/// -N TIDEGATE-HOST
+/// -A TIDEGATE-HOST -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+/// -A TIDEGATE-HOST -j DROP
+/// -I INPUT -i <each instance bridge> -j TIDEGATE-HOST          (and ip6tables)
+/// -I DOCKER-USER -i <egress bridge> -d <each egress_deny> -m conntrack --ctstate NEW -j DROP
+/// ```
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    pub bridges: Vec<String>,
+    pub egress_bridge: Option<String>,
+    pub egress_deny: Vec<String>,
+}
+
+impl Firewall {
+    /// Adds whatever rule is missing. An IPv6 failure is an error only
+    /// when the host has IPv6 (ip6tables answers).
+    pub async fn ensure(&self) -> Result<(), String> {
+        for cmd in ["iptables", "ip6tables"] {
+            let chain = self.ensure_chain(cmd).await;
+            if cmd == "ip6tables" && chain.is_err() && !has_ipv6().await {
+                continue;
+            }
+            chain?;
+            for bridge in &self.bridges {
+                ensure_rule(cmd, "INPUT", &["-i", bridge, "-j", HOST_CHAIN]).await?;
+            }
+        }
+        if let Some(bridge) = &self.egress_bridge {
+            for cidr in self.egress_deny.iter().filter(|c| !c.contains(':')) {
+                let rule = [
+                    "-i",
+                    bridge,
+                    "-d",
+                    cidr,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-j",
+                    "DROP",
+                ];
+                ensure_rule("iptables", "DOCKER-USER", &rule).await?;
+            }
+            self.prune_egress(bridge).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes out drop rules on the egress bridge for networks no longer in
+    /// `egress_deny` (a changed config), so they do not outlive it.
+    async fn prune_egress(&self, bridge: &str) -> Result<(), String> {
+        let out = tokio::process::Command::new("iptables")
+            .args(["-w", "-S", "DOCKER-USER"])
+            .output()
+            .await
+            .map_err(|e| format!("iptables: {e}"))?;
+        let rules = String::from_utf8_lossy(&out.stdout);
+        for line in rules.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let ours = words.first() == Some(&"-A")
+                && words.windows(2).any(|w| w == ["-i", bridge])
+                && words.ends_with(&["-j", "DROP"]);
+            let dest = words
+                .windows(2)
+                .find(|w| w[0] == "-d")
+                .map(|w| w[1].trim_end_matches("/32"));
+            let kept = dest.is_some_and(|d| {
+                self.egress_deny
+                    .iter()
+                    .any(|c| c.trim_end_matches("/32") == d)
+            });
+            if ours && !kept {
+                let mut delete = words[1..].to_vec();
+                delete.insert(0, "-D");
+                iptables("iptables", &delete).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes this firewall's jumps and egress rules (the red team's
+    /// positive control of the firewall).
+    pub async fn remove(&self) {
+        for cmd in ["iptables", "ip6tables"] {
+            for bridge in &self.bridges {
+                let _ = iptables(cmd, &["-D", "INPUT", "-i", bridge, "-j", HOST_CHAIN]).await;
+            }
+        }
+        if let Some(bridge) = &self.egress_bridge {
+            for cidr in &self.egress_deny {
+                let rule = [
+                    "-i",
+                    bridge,
+                    "-d",
+                    cidr,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-j",
+                    "DROP",
+                ];
+                let _ = iptables("iptables", &[&["-D", "DOCKER-USER"][..], &rule].concat()).await;
+            }
+        }
+    }
+
+    /// The host chain with its two rules, in order.
+    async fn ensure_chain(&self, cmd: &str) -> Result<(), String> {
+        let _ = iptables(cmd, &["-N", HOST_CHAIN]).await;
+        let established = [
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "RETURN",
+        ];
+        let first = [&["-C", HOST_CHAIN][..], &established].concat();
+        let last = ["-C", HOST_CHAIN, "-j", "DROP"];
+        if iptables(cmd, &first).await.is_ok() && iptables(cmd, &last).await.is_ok() {
+            return Ok(());
+        }
+        iptables(cmd, &["-F", HOST_CHAIN]).await?;
+        iptables(cmd, &[&["-A", HOST_CHAIN][..], &established].concat()).await?;
+        iptables(cmd, &["-A", HOST_CHAIN, "-j", "DROP"]).await
+    }
+}
+
+/// Inserts `rule` at the top of `chain` unless it is there.
+async fn ensure_rule(cmd: &str, chain: &str, rule: &[&str]) -> Result<(), String> {
+    if iptables(cmd, &[&["-C", chain][..], rule].concat())
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    iptables(cmd, &[&["-I", chain, "1"][..], rule].concat()).await
+}
+
+async fn has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+        && std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+            .is_ok_and(|v| v.trim() == "0")
+}
+
+/// `cmd -w args` (the filter table); the error names the command.
+async fn iptables(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new(cmd)
+        .arg("-w")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))

@@ -2,9 +2,11 @@
 //!
 //! Host (port stripped, lowercased) → the route snapshot (lock-free load).
 //! A local instance is proxied to its container; a remote one to its
-//! owner's HTTP entry with the Host kept and an `x-tidegate-hop` header —
-//! the owner always routes locally, and a hop that would be forwarded again
-//! is refused (508) so a stale table can never loop. Answers: unknown host
+//! owner's HTTP entry with the Host kept and an `x-tidegate-hop` header
+//! carrying a proof (see [`crate::hop`]). The owner serves a proven hop
+//! without asking the policy again, and refuses one that would be
+//! forwarded again (508) so a stale table can never loop; a header without
+//! a valid proof is ignored (the request is the peer's own). Answers: unknown host
 //! 404, known but not running 503 + Retry-After, refused/reset 502,
 //! timeout 504; an HTML page, or JSON when the client accepts JSON.
 
@@ -20,10 +22,12 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 use tidegate_schema::Hostname;
 
+use crate::hop::{Hop, Hops, Protocol};
 use crate::policy::{Connection, EdgePolicy, Verdict};
 use crate::routes::{Route, SharedRoutes, Target};
 
-/// The header a forwarding agent adds; its presence means "route locally or fail".
+/// The header a forwarding agent adds: with a valid proof, it means "route
+/// locally or fail".
 pub const HOP_HEADER: &str = "x-tidegate-hop";
 
 /// Limits and timeouts of the proxy.
@@ -47,20 +51,53 @@ pub struct Ctx {
 /// The Pingora `ProxyHttp` of an agent.
 pub struct EdgeProxy {
     pub routes: SharedRoutes,
-    pub me: String,
     /// This agent's registered address, when it is one of this host's:
     /// requests forwarded to other agents come from it, so the owner knows
     /// the edge agent already asked the policy.
     pub forward_from: Option<std::net::IpAddr>,
     pub limits: HttpLimits,
     pub policy: Arc<dyn EdgePolicy>,
+    pub hops: Arc<Hops>,
 }
 
 impl std::fmt::Debug for EdgeProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EdgeProxy")
-            .field("me", &self.me)
+            .field("me", &self.hops.me())
             .finish_non_exhaustive()
+    }
+}
+
+impl EdgeProxy {
+    /// Whether the request carries a valid proof that another agent
+    /// forwarded it here (for `route`'s instance, to this connection's
+    /// local address, from its peer). A claim without one is counted,
+    /// logged with the real source, and otherwise ignored.
+    fn proven(&self, session: &Session, route: &Route) -> bool {
+        let Some(value) = session.req_header().headers.get(HOP_HEADER) else {
+            return false;
+        };
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+        let (Some(peer), Some(local)) = (peer, local) else {
+            return false;
+        };
+        let hop = Hop {
+            protocol: Protocol::Http,
+            source: peer.ip(),
+            destination: local,
+            instance: route.instance.as_str(),
+        };
+        let claim = crate::hop::parse_http(value.as_bytes());
+        match self.hops.check(&hop, claim) {
+            Ok(()) => true,
+            Err(reason) => {
+                let claimed = String::from_utf8_lossy(value.as_bytes());
+                let claimed: String = claimed.chars().take(120).collect();
+                self.hops.refuse(Protocol::Http, reason, peer, &claimed);
+                false
+            }
+        }
     }
 }
 
@@ -178,21 +215,18 @@ impl ProxyHttp for EdgeProxy {
             .await?;
             return Ok(true);
         };
+        let forwarded = self.proven(session, &route);
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let hop = session.req_header().headers.get(HOP_HEADER).is_some();
-        // Forwarded by an agent (a player cannot send from an agent's
-        // address): the edge agent asked the policy with the player's address.
-        let forwarded = hop && client.is_some_and(|ip| table.agents.contains(&ip));
         match &route.target {
             Target::NotReady(why) => {
                 let msg = format!("instance {} is not running: {why}", route.instance);
                 answer(session, 503, &msg, Some(2)).await?;
                 return Ok(true);
             }
-            Target::Remote(_) if hop => {
+            Target::Remote(_) if forwarded => {
                 answer(
                     session,
                     508,
@@ -213,6 +247,7 @@ impl ProxyHttp for EdgeProxy {
             host: host.as_str(),
         };
         if !forwarded && let Verdict::Reject(reason) = self.policy.admit(&conn) {
+            tracing::info!(host = %host, player = ?client, %reason, "request refused by policy");
             answer(session, 403, &reason, None).await?;
             return Ok(true);
         }
@@ -293,11 +328,27 @@ impl ProxyHttp for EdgeProxy {
         if up.headers.get("x-forwarded-host").is_none() {
             up.insert_header("x-forwarded-host", ctx.host.as_str())?;
         }
-        if matches!(
-            ctx.route.as_ref().map(|r| &r.target),
-            Some(Target::Remote(_))
-        ) {
-            up.insert_header(HOP_HEADER, self.me.as_str())?;
+        if let Some(Target::Remote(owner)) = ctx.route.as_ref().map(|r| &r.target) {
+            // The proof holds only from the address the request leaves from.
+            let proof = match (
+                self.forward_from,
+                session.client_addr().and_then(|a| a.as_inet()),
+            ) {
+                (Some(source), Some(client)) => ctx.route.as_ref().map(|r| {
+                    let hop = Hop {
+                        protocol: Protocol::Http,
+                        source,
+                        destination: *owner,
+                        instance: r.instance.as_str(),
+                    };
+                    crate::hop::http_value(&self.hops.sign(&hop, *client))
+                }),
+                _ => None,
+            };
+            match proof {
+                Some(p) => up.insert_header(HOP_HEADER, p)?,
+                None => up.remove_header(HOP_HEADER).map_or((), |_| ()),
+            }
             // HTTP/2 clients send no Host header; the owner routes by it.
             if up.headers.get(header::HOST).is_none() {
                 up.insert_header(header::HOST, ctx.host.as_str())?;

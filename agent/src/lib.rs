@@ -14,6 +14,7 @@
 //! (neighbour pinning); `config` merges the config file with flags.
 
 pub mod config;
+pub mod hop;
 pub mod hostnet;
 pub mod http;
 pub mod membership;

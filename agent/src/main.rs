@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tidegate_agent::config::{Cli, load};
+use tidegate_agent::hop::Hops;
+use tidegate_agent::hostnet::Firewall;
 use tidegate_agent::membership::ClaimError;
 use tidegate_agent::metrics::Metrics;
 use tidegate_agent::policy::{EdgePolicy, PluginPolicy};
@@ -40,6 +42,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    if let Ok(planted) = std::env::var("TIDEGATE_PLANTED")
+        && cfg!(debug_assertions)
+    {
+        tracing::warn!(%planted, "defences switched off for the red team's positive controls (debug build, TIDEGATE_PLANTED)");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -98,12 +105,14 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .await
         .context("creating the instance networks")?;
     let metrics = Arc::new(Metrics::default());
+    let firewall = host_firewall(&cfg, &runtime, &metrics).await;
     let forward_from = forward_from(cfg.advertise_address);
+    let hops = Arc::new(hop_key(&cfg, &worker)?);
     // eBPF loads (or the fallback is chosen) before anything is served.
     let tcp = Arc::new(TcpPlane::prepare(tcp_options(&cfg, forward_from))?);
     let policy = Arc::new(plugin_policy(&cfg)?);
     let routes: SharedRoutes = Arc::default();
-    let registry = metrics::registry(&metrics, &routes, &tcp, &policy);
+    let registry = metrics::registry(&metrics, &routes, &tcp, &policy, &hops);
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("metrics_listen {}", cfg.metrics_listen))?;
@@ -148,8 +157,14 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             "metrics_listen is loopback: the leader cannot read this worker's /activity, so on-idle policies keep its instances; listen on an address the controllers reach (e.g. 0.0.0.0:9464)");
     }
     let policy: Arc<dyn EdgePolicy> = policy;
-    let proxy = proxy::start(&cfg, routes.clone(), &worker, forward_from, policy.clone())?;
-    let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy));
+    let proxy = proxy::start(
+        &cfg,
+        routes.clone(),
+        forward_from,
+        policy.clone(),
+        hops.clone(),
+    )?;
+    let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy, hops));
     let reconciler = Reconciler::new(
         client.clone(),
         ks,
@@ -157,6 +172,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         runtime,
         metrics,
         cfg.max_restarts,
+        firewall,
     );
     reconciler
         .run(Duration::from_millis(cfg.reconcile_interval_ms), shutdown())
@@ -191,6 +207,31 @@ async fn shutdown() {
     tracing::info!("shutting down");
 }
 
+/// The host firewall of the instance networks (`hostnet`), or none with
+/// `allow_host_access`. Rules other agents on this host keep are left as
+/// they are (only the red team's positive control takes them out).
+async fn host_firewall(
+    cfg: &AgentConfig,
+    runtime: &Runtime,
+    metrics: &Metrics,
+) -> Option<Firewall> {
+    let bridges = runtime.bridges();
+    let fw = Firewall {
+        bridges: bridges.values().cloned().collect(),
+        egress_bridge: bridges.get(&cfg.egress_network).cloned(),
+        egress_deny: cfg.egress_deny.clone(),
+    };
+    if cfg.allow_host_access {
+        tracing::warn!(bridges = ?fw.bridges, "allow_host_access: this agent keeps no firewall; unless another agent on this host does, instances can open connections to this host's addresses (its daemons, etcd) and egress instances to egress_deny");
+        if tidegate_schema::config::planted("firewall") {
+            fw.remove().await;
+        }
+        metrics.set_host_firewall(true);
+        return None;
+    }
+    Some(fw)
+}
+
 /// This worker's membership record.
 fn worker_record(cfg: &AgentConfig, worker: &WorkerId) -> WorkerRecord {
     WorkerRecord {
@@ -218,6 +259,19 @@ fn tcp_options(cfg: &AgentConfig, forward_from: Option<IpAddr>) -> TcpOptions {
             (Some(entry), Some(cert), Some(key)) => Some((entry, cert.clone(), key.clone())),
             _ => None,
         },
+    }
+}
+
+/// The cluster's hop key (`hop_key_file`), or one of this agent's own.
+fn hop_key(cfg: &AgentConfig, worker: &WorkerId) -> anyhow::Result<Hops> {
+    match &cfg.hop_key_file {
+        Some(path) => Hops::from_file(path, worker.as_str()).map_err(anyhow::Error::msg),
+        None => {
+            tracing::warn!(
+                "no hop_key_file: requests and connections other agents forward here are served as players' (the edge policy is asked again, with the forwarding agent's address as the source); set the same key file on every agent"
+            );
+            Ok(Hops::random(worker.as_str()))
+        }
     }
 }
 

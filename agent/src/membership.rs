@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tidegate_schema::config::planted;
 use tidegate_schema::{Key, Keyspace, Record, WorkerRecord};
 use tokio::sync::watch;
 
@@ -46,8 +47,14 @@ pub async fn claim(
 ) -> Result<i64, ClaimError> {
     loop {
         let id = client.lease_grant(ttl, None).await?.id();
+        // (Planted: the pre-fix unguarded put, for `cargo xtask redteam`.)
+        let guard = if planted("unique-worker") {
+            Vec::new()
+        } else {
+            vec![Compare::version(key, CompareOp::Equal, 0)]
+        };
         let txn = Txn::new()
-            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .when(guard)
             .and_then([TxnOp::put(
                 key,
                 record.encode(),

@@ -44,6 +44,7 @@ pub struct Metrics {
     orphans: Counter,
     registrations: Counter,
     watch_revision: Gauge,
+    host_firewall: Gauge,
     /// etcd round trips and watch lag.
     pub etcd: Arc<EtcdHealth>,
 }
@@ -62,6 +63,7 @@ impl Default for Metrics {
             orphans: Counter::default(),
             registrations: Counter::default(),
             watch_revision: Gauge::default(),
+            host_firewall: Gauge::default(),
             etcd: Arc::default(),
         }
     }
@@ -110,6 +112,11 @@ impl Metrics {
             "The etcd revision the agent's view reflects",
             self.watch_revision.clone(),
         );
+        registry.register(
+            "host_firewall",
+            "1 while the rules keeping instances off this host are in place (or allow_host_access), else 0: no instance starts",
+            self.host_firewall.clone(),
+        );
     }
 
     pub fn set_states<'a>(&self, states: impl Iterator<Item = &'a InstanceStatus>) {
@@ -147,6 +154,10 @@ impl Metrics {
 
     pub fn set_watch_revision(&self, r: i64) {
         self.watch_revision.set(r);
+    }
+
+    pub fn set_host_firewall(&self, in_place: bool) {
+        self.host_firewall.set(i64::from(in_place));
     }
 }
 
@@ -188,8 +199,10 @@ pub fn registry(
     routes: &SharedRoutes,
     tcp: &crate::tcp::TcpPlane,
     policy: &crate::policy::PluginPolicy,
+    hops: &crate::hop::Hops,
 ) -> Registry {
     let mut registry = Registry::default();
+    hops.register(&mut registry);
     metrics.register(registry.sub_registry_with_prefix("tidegate_agent"));
     registry.register_collector(Box::new(RouteTableCollector(routes.clone())));
     tcp.register(registry.sub_registry_with_prefix("tidegate_tcp"));

@@ -8,7 +8,6 @@ use anyhow::Context;
 use tidegate_agent::http::{EdgeProxy, HttpLimits};
 use tidegate_agent::policy::EdgePolicy;
 use tidegate_agent::routes::SharedRoutes;
-use tidegate_schema::WorkerId;
 use tidegate_schema::config::AgentConfig;
 
 /// The running proxy.
@@ -38,9 +37,9 @@ impl pingora::server::ShutdownSignalWatch for StopSignal {
 pub(crate) fn start(
     cfg: &AgentConfig,
     routes: SharedRoutes,
-    me: &WorkerId,
     forward_from: Option<std::net::IpAddr>,
     policy: Arc<dyn EdgePolicy>,
+    hops: Arc<tidegate_agent::hop::Hops>,
 ) -> anyhow::Result<Proxy> {
     use pingora::server::configuration::ServerConf;
     let conf = ServerConf {
@@ -51,7 +50,6 @@ pub(crate) fn start(
     server.bootstrap();
     let proxy = EdgeProxy {
         routes,
-        me: me.to_string(),
         forward_from,
         limits: HttpLimits {
             max_body_bytes: cfg.max_body_bytes,
@@ -60,6 +58,7 @@ pub(crate) fn start(
             read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
         },
         policy,
+        hops,
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     // Bind now so a taken port fails the start with a clear error.

@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tidegate_etcd::{Event, Kv, Watcher};
+use tidegate_schema::config::planted;
 use tidegate_schema::{
     InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, Record, StatusRecord, V1,
     WorkerId,
 };
 
-use crate::hostnet::Neighbours;
+use crate::hostnet::{Firewall, pin_neighbours};
 use crate::metrics::Metrics;
 use crate::runtime::{Observed, Runtime, RuntimeError};
 
@@ -60,8 +61,15 @@ pub struct Reconciler {
     synced: bool,
     /// The highest fencing token seen in any record.
     max_token: i64,
-    /// Running containers' addresses pinned on their bridges.
-    neighbours: Neighbours,
+    /// Whether the last neighbour pinning failed (logged once).
+    pinning_failed: bool,
+    /// The host firewall (None: `allow_host_access`), and whether its rules
+    /// are in place: no container is created while they are not.
+    firewall: Option<Firewall>,
+    host_safe: bool,
+    firewall_checked: Option<Instant>,
+    /// The firewall error last logged.
+    firewall_said: Option<String>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -85,6 +93,7 @@ impl Reconciler {
         runtime: Runtime,
         metrics: Arc<Metrics>,
         max_restarts: u32,
+        firewall: Option<Firewall>,
     ) -> Self {
         Self {
             client,
@@ -97,7 +106,11 @@ impl Reconciler {
             listing: None,
             synced: false,
             max_token: 0,
-            neighbours: Neighbours::default(),
+            pinning_failed: false,
+            host_safe: firewall.is_none(),
+            firewall,
+            firewall_checked: None,
+            firewall_said: None,
         }
     }
 
@@ -253,15 +266,12 @@ impl Reconciler {
                 return;
             }
         };
-        let mut pins = BTreeSet::new();
+        self.check_firewall().await;
+        self.pin_neighbours().await;
         let mut by_instance: BTreeMap<String, Vec<Observed>> = BTreeMap::new();
         for o in observed {
-            if let (true, Some(addr), Some((mac, bridge))) = (o.running, o.address, &o.link) {
-                pins.insert((bridge.clone(), addr, mac.clone()));
-            }
             by_instance.entry(o.instance.clone()).or_default().push(o);
         }
-        self.neighbours.sync(pins).await;
         // Orphans: containers of ours without a record (only once we know all records).
         if self.synced {
             for (instance, containers) in &by_instance {
@@ -297,9 +307,68 @@ impl Reconciler {
             .set_states(self.desired.values().map(|t| &t.status));
     }
 
+    /// Every 10 s, puts back any missing rule of the host firewall; while
+    /// that fails, no container is created (said once, and when it clears).
+    async fn check_firewall(&mut self) {
+        let Some(fw) = &self.firewall else {
+            return;
+        };
+        if self
+            .firewall_checked
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.firewall_checked = Some(Instant::now());
+        let ok = fw.ensure().await;
+        self.metrics.set_host_firewall(ok.is_ok());
+        match ok {
+            Ok(()) => {
+                if !self.host_safe {
+                    tracing::info!(bridges = ?fw.bridges, "host firewall in place: instances cannot reach this host; starting instances");
+                }
+                self.host_safe = true;
+                self.firewall_said = None;
+            }
+            Err(e) => {
+                if self.firewall_said.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "cannot keep the host firewall (instances could reach this host's daemons and etcd): starting no instance until it works; fix iptables or set allow_host_access = true");
+                }
+                self.host_safe = false;
+                self.firewall_said = Some(e);
+            }
+        }
+    }
+
+    /// Pins every container's address on the instance bridges
+    /// (`hostnet`); a failure is logged once until it clears.
+    async fn pin_neighbours(&mut self) {
+        let bridges: Vec<String> = self.runtime.bridges().values().cloned().collect();
+        let want = if planted("neighbour-pinning") {
+            Ok(BTreeSet::new())
+        } else {
+            self.runtime.endpoints().await.map_err(|e| e.to_string())
+        };
+        let result = match want {
+            Ok(want) => pin_neighbours(&bridges, &want).await,
+            Err(e) => Err(e),
+        };
+        match (result, self.pinning_failed) {
+            (Ok(()), true) => {
+                tracing::info!("instances' neighbour entries are pinned again");
+                self.pinning_failed = false;
+            }
+            (Err(e), false) => {
+                tracing::warn!(error = %e, "cannot pin the instances' neighbour entries (an instance with NET_RAW could claim another's address); retrying");
+                self.pinning_failed = true;
+            }
+            _ => {}
+        }
+    }
+
     /// Moves one instance towards running.
     async fn step(&mut self, id: &InstanceId, seen: Option<Observed>) {
-        let max_restarts = self.max_restarts;
+        let (max_restarts, host_safe) = (self.max_restarts, self.host_safe);
         let Some(t) = self.desired.get_mut(id) else {
             return;
         };
@@ -357,6 +426,10 @@ impl Reconciler {
                     tracing::warn!(instance = %id, error = %e, "start failed");
                     t.retry_at = Some(Instant::now() + backoff(t.restarts));
                 }
+            }
+            None if !host_safe => {
+                // Nothing starts until the host firewall is in place.
+                t.status = InstanceStatus::Starting;
             }
             None => {
                 let record = t.record.clone();

@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use etcd_client::Client;
 use futures::FutureExt;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
+use tidegate_schema::config::planted;
 use tidegate_schema::{
     ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, StatusRecord,
     WorkerId, WorkerRecord,
@@ -216,7 +217,7 @@ impl WatchedCluster {
                 by_host.insert(r.hostname.to_string(), route(target));
             }
             for r in &rec.tcp {
-                if !tcp_ports.contains(&r.port) {
+                if !tcp_ports.contains(&r.port) && !planted("port-range") {
                     if !self.off_range.contains(id) {
                         tracing::warn!(instance = %id, port = r.port, tcp_ports = ?tcp_ports,
                             "not routing an instance's TCP port outside tcp_ports");

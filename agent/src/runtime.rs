@@ -11,7 +11,9 @@
 //! or, when the spec sets `egress`, `egress`. The host — and so the agent —
 //! reaches every container's address on either.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+
+use crate::hostnet::Neighbour;
 
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
@@ -27,7 +29,7 @@ use futures::StreamExt;
 use tidegate_schema::InstanceRecord;
 use tidegate_schema::records::ContainerSpec;
 
-use tidegate_schema::config::AgentConfig;
+use tidegate_schema::config::{AgentConfig, planted};
 
 pub const LABEL_INSTANCE: &str = "tidegate.instance";
 pub const LABEL_CHALLENGE: &str = "tidegate.challenge";
@@ -70,8 +72,6 @@ pub struct Observed {
     pub running: bool,
     pub exited: bool,
     pub address: Option<std::net::IpAddr>,
-    /// The container's MAC address and the bridge of its network.
-    pub link: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +139,26 @@ impl Runtime {
         &self.bridges
     }
 
+    /// Every container on the instance networks (this worker's or not, as
+    /// Docker lists them): bridge, address, MAC.
+    pub async fn endpoints(&self) -> Result<BTreeSet<Neighbour>, DockerError> {
+        let mut all = BTreeSet::new();
+        for (network, bridge) in &self.bridges {
+            let net = self.docker.inspect_network(network, None).await?;
+            for e in net.containers.unwrap_or_default().into_values() {
+                let addr = e
+                    .ipv4_address
+                    .as_deref()
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse().ok());
+                if let (Some(addr), Some(mac)) = (addr, e.mac_address.filter(|m| !m.is_empty())) {
+                    all.insert((bridge.clone(), addr, mac));
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// Creates one instance network (inter-container traffic off) unless it exists.
     async fn create_network(&self, name: &str, internal: bool) -> Result<(), DockerError> {
         match self.docker.inspect_network(name, None).await {
@@ -191,19 +211,12 @@ impl Runtime {
             .into_iter()
             .filter_map(|c| {
                 let instance = c.labels.as_ref()?.get(LABEL_INSTANCE)?.clone();
-                let (network, endpoint) = c
+                let address = c
                     .network_settings
                     .as_ref()
                     .and_then(|n| n.networks.as_ref())
-                    .and_then(|n| n.iter().find(|(_, e)| e.ip_address.is_some()))
-                    .map_or((None, None), |(n, e)| (Some(n), Some(e)));
-                let address = endpoint
-                    .and_then(|e| e.ip_address.as_deref())
+                    .and_then(|n| n.values().find_map(|e| e.ip_address.clone()))
                     .and_then(|ip| ip.parse().ok());
-                let link = endpoint
-                    .and_then(|e| e.mac_address.clone())
-                    .filter(|m| !m.is_empty())
-                    .zip(network.and_then(|n| self.bridges.get(n).cloned()));
                 Some(Observed {
                     id: c.id?,
                     instance,
@@ -213,7 +226,6 @@ impl Runtime {
                         Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD)
                     ),
                     address,
-                    link,
                 })
             })
             .collect())
@@ -260,7 +272,11 @@ impl Runtime {
             .tmpfs
             .iter()
             .map(|t| {
-                let opts = format!("rw,nosuid,nodev,size={}m,mode=1777", t.size_mib);
+                let opts = if planted("tmpfs-size") {
+                    "rw,nosuid,nodev,mode=1777".to_string()
+                } else {
+                    format!("rw,nosuid,nodev,size={}m,mode=1777", t.size_mib)
+                };
                 (t.path.clone(), opts)
             })
             .collect();
@@ -282,7 +298,7 @@ impl Runtime {
             pids_limit: Some(i64::from(l.pids)),
             ulimits: Some(vec![ulimit("nofile", l.nofile), ulimit("nproc", l.nproc)]),
             blkio_weight: Some(l.io_weight),
-            log_config: Some(log),
+            log_config: (!planted("log-limit")).then_some(log),
             cap_drop: Some(vec!["ALL".into()]),
             cap_add: Some(
                 c.cap_add

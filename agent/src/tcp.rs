@@ -165,6 +165,7 @@ impl TcpPlane {
         routes: SharedRoutes,
         builds: tokio::sync::watch::Receiver<u64>,
         policy: Arc<dyn EdgePolicy>,
+        hops: Arc<crate::hop::Hops>,
     ) -> Result<()> {
         let host = self.opts.host;
         let relay = Arc::new(Relay {
@@ -175,6 +176,7 @@ impl TcpPlane {
             redirector: self.redirector.clone(),
             failures: self.failures.clone(),
             forward_from: self.opts.forward_from,
+            hops,
         });
         let entry = self.tls.lock().ok().and_then(|mut t| t.take());
         let tls_task = entry.map(|entry| {

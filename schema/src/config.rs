@@ -69,6 +69,16 @@ impl ConfigFile for ControllerConfig {
     const ALWAYS_WRITTEN: &'static [&'static str] = &["id"];
 }
 
+/// Whether `defence` is switched off for a positive control of `cargo
+/// xtask redteam --planted` (each attack must then get through). Only
+/// debug builds read `TIDEGATE_PLANTED` (defence names, comma-separated);
+/// a release build never switches a defence off.
+pub fn planted(defence: &str) -> bool {
+    cfg!(debug_assertions)
+        && std::env::var("TIDEGATE_PLANTED")
+            .is_ok_and(|v| v.split(',').any(|d| d.trim() == defence))
+}
+
 /// The hostname (`/etc/hostname`), the default id of a daemon.
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/etc/hostname")

@@ -128,7 +128,10 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
 
-    // A forwarded request that would be forwarded again: 508, never a loop.
+    // A player's own x-tidegate-hop proves nothing: the non-owner counts
+    // it, serves the request as the player's and forwards it (with a proof
+    // of its own) to the owner. (A proven hop forwarded again gets 508:
+    // tcp.rs, a_forwarding_loop_is_cut_after_one_hop.)
     let (_, host, owner) = {
         p.controller.put_challenge("web", web_spec()).await;
         p.running("web", "t2").await
@@ -138,6 +141,9 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
     } else {
         &p.a_http
     };
+    let non_owner_agent = if owner == p.a.worker { &p.b } else { &p.a };
+    let refused = r#"tidegate_hop_refused_total{protocol="http",reason="malformed"}"#;
+    let before = non_owner_agent.metric(refused).await.unwrap_or(0.0);
     let r = reqwest::Client::new()
         .get(format!("http://{non_owner}/"))
         .header("host", &host)
@@ -145,7 +151,8 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 508);
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(non_owner_agent.metric(refused).await, Some(before + 1.0));
 }
 
 #[tokio::test]

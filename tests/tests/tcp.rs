@@ -644,8 +644,10 @@ async fn tcp_over_tls_is_routed_by_sni_through_either_agent() {
 /// agent says so in one log line and serves every port with a listener.
 #[tokio::test]
 async fn without_cap_bpf_the_agent_falls_back_to_listeners() {
+    // Without CAP_NET_ADMIN the agent cannot keep the host firewall either,
+    // and would start no instance: this host's rules are the test's.
     let p = plane_wrapped(
-        |_| {},
+        |c| c.allow_host_access = true,
         &[
             "setpriv",
             "--bounding-set",

@@ -21,15 +21,13 @@ mod tcp;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tidegate_local::daemons::write_config;
-use tidegate_local::etcd::EtcdCluster;
-use tidegate_local::ports::free_port;
-use tidegate_local::process::{Supervised, wait_until};
-use tidegate_schema::config::{AgentConfig, ControllerConfig};
+use tidegate_local::process::Supervised;
 
+pub(crate) use crate::cluster::{
+    ADMIN_TOKEN, Containers, ControlPlane, agent, agent_config, api, work_dir,
+};
 use crate::{sh, workspace_root};
 
 #[derive(Debug, clap::Args)]
@@ -183,150 +181,6 @@ fn haproxy(dir: &Path, cfg: &Path) -> Result<Supervised> {
         &["-db".into(), "-f".into(), cfg.display().to_string()],
         &dir.join("haproxy.log"),
     )?)
-}
-
-/// The admin token of the benchmarks' controllers.
-const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
-
-/// A benchmark's control plane: etcd, one controller leading, and the
-/// working directory of their files; stopped and removed when dropped.
-struct ControlPlane {
-    _controller: Supervised,
-    etcd: EtcdCluster,
-    /// The controller's API.
-    url: String,
-    work: tempfile::TempDir,
-}
-
-impl ControlPlane {
-    /// `members` etcd members and a controller of the build in `bin_dir`.
-    fn start(bin_dir: &Path, members: usize) -> Result<Self> {
-        let work = work_dir()?;
-        let etcd = EtcdCluster::start(members)?;
-        let (controller, url) = controller(bin_dir, work.path(), &etcd.endpoints())?;
-        Ok(Self {
-            _controller: controller,
-            etcd,
-            url,
-            work,
-        })
-    }
-
-    fn dir(&self) -> &Path {
-        self.work.path()
-    }
-}
-
-/// A fresh working directory, removed when dropped.
-fn work_dir() -> Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new()
-        .prefix("tidegate-bench-")
-        .tempdir()?)
-}
-
-/// A controller (of the build in `bin_dir`) on etcd `endpoints`, leading; its API URL.
-fn controller(bin_dir: &Path, dir: &Path, endpoints: &[String]) -> Result<(Supervised, String)> {
-    let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
-    let cfg = ControllerConfig {
-        id: "bench".into(),
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        etcd: endpoints.to_vec(),
-        admin_token: ADMIN_TOKEN.into(),
-        platform_token: "bench-platform-token-0123456789".into(),
-        flag_secret: "bench-flag-secret-0123456789".into(),
-        election_ttl_secs: 2,
-        artifact_dir: dir.join("artifacts"),
-        tcp_ports: "20000-29999".into(),
-        ..ControllerConfig::default()
-    };
-    let path = dir.join("controller.toml");
-    write_config(&cfg, &path)?;
-    let controller = Supervised::spawn(
-        "controller",
-        &bin_dir.join("tidegate-controller").display().to_string(),
-        &["--config".into(), path.display().to_string()],
-        &dir.join("controller.log"),
-    )?;
-    let leading = wait_until(Duration::from_secs(15), || {
-        api(dir, &url, "GET", "/v1/status", Vec::new())
-            .is_ok_and(|s| s.contains("\"role\":\"leader\""))
-    });
-    if !leading {
-        bail!(
-            "the controller did not lead within 15 s:\n{}",
-            controller.log_tail(20)
-        );
-    }
-    Ok((controller, url))
-}
-
-/// The settings every benchmark agent has: no image pulls, metrics on a
-/// free loopback port, the artifact store and containers' label of the run.
-fn agent_config(worker: &str, etcd: &[String], dir: &Path, label: &str) -> Result<AgentConfig> {
-    Ok(AgentConfig {
-        worker_id: worker.into(),
-        etcd: etcd.to_vec(),
-        pull_images: false,
-        metrics_listen: std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-        artifact_dir: dir.join("artifacts"),
-        cluster_label: Some(label.into()),
-        ..AgentConfig::default()
-    })
-}
-
-/// Starts an agent (of the build in `bin_dir`) with `cfg` and waits until
-/// its metrics answer.
-fn agent(bin_dir: &Path, dir: &Path, cfg: &AgentConfig) -> Result<Supervised> {
-    let name = &cfg.worker_id;
-    let path = dir.join(format!("{name}.toml"));
-    write_config(cfg, &path)?;
-    let proc = Supervised::spawn(
-        name,
-        &bin_dir.join("tidegate-agent").display().to_string(),
-        &["--config".into(), path.display().to_string()],
-        &dir.join(format!("{name}.log")),
-    )?;
-    let metrics = format!("http://{}/metrics", cfg.metrics_listen);
-    let up = wait_until(Duration::from_secs(20), || {
-        sh::output(Command::new("curl").args(["-sf", &metrics])).is_some()
-    });
-    if !up {
-        bail!("agent {name} did not start:\n{}", proc.log_tail(20));
-    }
-    Ok(proc)
-}
-
-/// Removes the containers of label `tidegate.cluster={label}` when dropped.
-struct Containers(String);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        let filter = format!("label=tidegate.cluster={}", self.0);
-        if let Some(ids) =
-            sh::output(Command::new("docker").args(["ps", "-aq", "--filter", &filter]))
-        {
-            for id in ids.split_whitespace() {
-                let _ = sh::output(Command::new("docker").args(["rm", "-f", "-v", id]));
-            }
-        }
-    }
-}
-
-/// One API call with the admin token through curl: the body, a space and the status code.
-fn api(dir: &Path, url: &str, method: &str, path: &str, body: Vec<u8>) -> Result<String> {
-    let body_file = dir.join(format!("body-{}", std::process::id()));
-    std::fs::write(&body_file, body)?;
-    sh::output(
-        Command::new("curl")
-            .args(["-sS", "-X", method, "-H"])
-            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
-            .arg("--data-binary")
-            .arg(format!("@{}", body_file.display()))
-            .args(["-w", " %{http_code}"])
-            .arg(format!("{url}{path}")),
-    )
-    .with_context(|| format!("curl {method} {path} failed"))
 }
 
 /// Replaces the section `## {title}…` of docs/benchmarks.md (or appends it),

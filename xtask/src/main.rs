@@ -7,7 +7,9 @@ mod bench;
 mod build_ebpf;
 mod chaos;
 mod ci;
+mod cluster;
 mod deploy;
+mod redteam;
 mod setup;
 mod sh;
 
@@ -63,6 +65,13 @@ enum Command {
     /// `--short`: one round of about a second each with the debug build,
     /// nothing written (what `cargo xtask ci` runs).
     Bench(bench::BenchArgs),
+    /// Attack a local cluster with production settings the way players
+    /// would (from inside instances, from the network, with a stolen worker
+    /// credential): one row per attack, `attacks: N tried, M succeeded`,
+    /// and a failure if any succeeded. `--planted <defence>` switches one
+    /// defence off and checks its attacks then succeed; `--controls` does
+    /// that for every defence (docs/security.md).
+    Redteam(redteam::RedteamArgs),
 }
 
 fn main() {
@@ -75,6 +84,7 @@ fn main() {
         Command::Chaos(args) => chaos::run(args),
         Command::Ci(args) => ci::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Redteam(args) => redteam::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -265,7 +265,7 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         workers: hosts.iter().map(|h| h.name.clone()).collect(),
     };
     let mut inventory = format!(
-        "name = \"deploy-test\"\ndomain = \"ctf.test\"\ninit = \"direct\"\nartifact_dir = {:?}\n\n[ssh]\nidentity = {:?}\noptions = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \"-o\", \"LogLevel=ERROR\"]\n",
+        "name = \"deploy-test\"\ndomain = \"ctf.test\"\ninit = \"direct\"\n# The hosts share this machine's Docker engine from namespaces of their own.\nallow_host_access = true\nartifact_dir = {:?}\n\n[ssh]\nidentity = {:?}\noptions = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \"-o\", \"LogLevel=ERROR\"]\n",
         dir.path().join("artifacts").display().to_string(),
         key.display().to_string(),
     );

@@ -12,7 +12,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::copy::copy;
+use super::hop::Taken;
 use super::{CONNECT_TIMEOUT, Failures, ebpf, hop, sockhash, splice, tls};
+use crate::hop::{Hop, Hops, Protocol};
 use crate::metrics::traffic::InstanceTraffic;
 use crate::policy::{Connection, EdgePolicy, Verdict};
 use crate::routes::{Route, SharedRoutes, Target};
@@ -26,6 +28,7 @@ pub struct Relay {
     pub(super) redirector: Option<Arc<ebpf::Redirector>>,
     pub(super) failures: Arc<Failures>,
     pub(super) forward_from: Option<IpAddr>,
+    pub(super) hops: Arc<Hops>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -51,11 +54,11 @@ impl Relay {
         port: u16,
     ) -> std::io::Result<()> {
         let table = self.routes.load_full();
-        // From another agent: it may have forwarded a player here.
-        let forwarded = if table.agents.contains(&peer.ip()) {
+        // From another agent's address: it may have forwarded a player here.
+        let taken = if table.agents.contains(&peer.ip()) {
             hop::take_header(&mut client).await?
         } else {
-            None
+            Taken::Nothing
         };
         let route = table.by_port.get(&port).cloned();
         drop(table);
@@ -64,11 +67,8 @@ impl Relay {
             return Ok(());
         };
         let local = client.local_addr()?;
-        let source = forwarded.unwrap_or(peer);
-        let Some((server, sent)) = self
-            .open(&route, source, forwarded.is_some(), local, "")
-            .await?
-        else {
+        let (source, forwarded) = self.proven(&taken, peer, local, &route);
+        let Some((server, sent)) = self.open(&route, source, forwarded, local, "").await? else {
             return Ok(());
         };
         let _ = client.set_nodelay(true);
@@ -79,7 +79,7 @@ impl Relay {
                 // with the player's first bytes; the verdict program would
                 // redirect that whole skb, header and all. splice(2)
                 // moves what is left.
-                (DataPath::Sockhash, Some(r)) if forwarded.is_none() => {
+                (DataPath::Sockhash, Some(r)) if taken == Taken::Nothing => {
                     sockhash::pump(r, client, server, sent, self.pipe_bytes, traffic).await
                 }
                 (DataPath::Copy, _) => copy(client, server, traffic).await,
@@ -87,6 +87,35 @@ impl Relay {
             }
         })
         .await
+    }
+
+    /// Who the connection is from, and whether another agent proved it
+    /// forwarded it (for `route`'s instance, to `local`, from `peer`). A
+    /// header without a valid proof is the peer's own connection.
+    fn proven(
+        &self,
+        taken: &Taken,
+        peer: SocketAddr,
+        local: SocketAddr,
+        route: &Route,
+    ) -> (SocketAddr, bool) {
+        let Taken::Header { source, proof } = taken else {
+            return (peer, false);
+        };
+        let hop = Hop {
+            protocol: Protocol::Tcp,
+            source: peer.ip(),
+            destination: local,
+            instance: route.instance.as_str(),
+        };
+        match self.hops.check(&hop, proof.clone()) {
+            Ok(()) => (*source, true),
+            Err(reason) => {
+                self.hops
+                    .refuse(Protocol::Tcp, reason, peer, &source.to_string());
+                (peer, false)
+            }
+        }
     }
 
     /// Serves one connection from `tls_tcp_entry` after its handshake.
@@ -184,8 +213,18 @@ impl Relay {
             };
         let mut sent = 0;
         if remote {
-            // The owner serves it as a connection to this public port.
-            let header = hop::header(source, SocketAddr::new(local.ip(), upstream.port()));
+            // The owner serves it as a connection to this public port; the
+            // proof holds only from the address the connection leaves from.
+            let proof = self.forward_from.map(|ip| {
+                let hop = Hop {
+                    protocol: Protocol::Tcp,
+                    source: ip,
+                    destination: upstream,
+                    instance: route.instance.as_str(),
+                };
+                self.hops.sign(&hop, source)
+            });
+            let header = hop::header(source, upstream, proof.as_ref());
             server.write_all(&header).await?;
             sent = header.len();
         }

@@ -132,6 +132,15 @@ pub struct AgentConfig {
     /// `pquota`): an instance can then fill this worker's disk. Off by
     /// default: such a challenge's instances fail, naming this setting.
     pub allow_unbounded_rootfs: bool,
+    /// Let instances open connections to this host's addresses (its
+    /// daemons, etcd, anything listening on 0.0.0.0). Off by default: the
+    /// agent keeps firewall rules dropping them (`TIDEGATE-HOST`) and
+    /// starts no instance while it cannot, saying why.
+    pub allow_host_access: bool,
+    /// Networks egress instances may not open connections to (CIDRs; IPv4
+    /// only, as the instance networks): where a cluster's own machines and
+    /// a cloud's metadata service are.
+    pub egress_deny: Vec<String>,
     /// Docker network of instances without egress (internal, no inter-container traffic).
     pub isolated_network: String,
     /// Docker network of instances whose spec sets `egress` (outbound allowed, no inter-container traffic).
@@ -156,6 +165,13 @@ pub struct AgentConfig {
     pub upstream_connect_timeout_ms: u64,
     /// How long an instance may stay silent mid-request, in milliseconds (504 after).
     pub upstream_read_timeout_ms: u64,
+    /// File with the cluster's hop key: at least 32 bytes (a trailing
+    /// newline is not part of it), the same on every agent, readable by the
+    /// agent only. Requests and connections one agent forwards to another
+    /// carry an HMAC made with it; without a valid one the owner serves
+    /// them as players' (the edge policy is asked again). Unset: a key of
+    /// this agent's own, so no forwarded hop is trusted.
+    pub hop_key_file: Option<PathBuf>,
     /// Optional TLS entry point (HTTP/1.1 and HTTP/2) with a wildcard certificate.
     pub https_entry: Option<SocketAddr>,
     /// PEM certificate chain for `https_entry` and `tls_tcp_entry`.
@@ -207,6 +223,16 @@ impl Default for AgentConfig {
             docker_socket: "unix:///var/run/docker.sock".into(),
             pull_images: true,
             allow_unbounded_rootfs: false,
+            allow_host_access: false,
+            egress_deny: [
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "169.254.0.0/16",
+            ]
+            .map(String::from)
+            .to_vec(),
             isolated_network: "tidegate-isolated".into(),
             egress_network: "tidegate-egress".into(),
             cluster_label: None,
@@ -220,6 +246,7 @@ impl Default for AgentConfig {
             upstream_connect_timeout_ms: 3000,
             upstream_read_timeout_ms: 60_000,
             https_entry: None,
+            hop_key_file: None,
             tls_cert: None,
             tls_key: None,
             tls_tcp_entry: None,
@@ -261,6 +288,14 @@ impl AgentConfig {
                 return Err(bad(field, "a Docker network name"));
             }
         }
+        for (i, cidr) in self.egress_deny.iter().enumerate() {
+            if !is_ipv4_cidr(cidr) {
+                return Err(bad(
+                    "egress_deny",
+                    format!("entry {i}: {cidr:?} is not an IPv4 network like 10.0.0.0/8"),
+                ));
+            }
+        }
         if self.isolated_network == self.egress_network {
             return Err(bad("egress_network", "must differ from isolated_network"));
         }
@@ -298,6 +333,14 @@ impl AgentConfig {
             return Err(bad(
                 "tcp_host",
                 "eBPF steering serves IPv4 only; use an IPv4 address or tcp_steering = \"listeners\"",
+            ));
+        }
+        if let Some(p) = &self.hop_key_file
+            && !p.exists()
+        {
+            return Err(bad(
+                "hop_key_file",
+                format!("{} does not exist", p.display()),
             ));
         }
         for (entry, set) in [
@@ -368,4 +411,11 @@ impl AgentConfig {
     pub fn worker(&self) -> Result<WorkerId, ConfigError> {
         WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))
     }
+}
+
+/// `a.b.c.d/n` with n at most 32.
+fn is_ipv4_cidr(s: &str) -> bool {
+    s.split_once('/').is_some_and(|(ip, len)| {
+        ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|n| n <= 32)
+    })
 }

@@ -356,6 +356,7 @@ impl Agent {
             membership_ttl_secs: 3,
             cluster_label: Some(lab_cluster()),
             artifact_dir: dir.join("artifacts"),
+            hop_key_file: Some(tidegate_local::daemons::hop_key_file(dir).unwrap()),
             ..AgentConfig::default()
         }
     }

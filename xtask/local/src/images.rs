@@ -320,3 +320,40 @@ pub fn bench_tcp_image(echo: &Path) -> Result<String> {
     import_rootfs(work.path(), &root, &name, &[&format!("CMD {cmd}")])?;
     Ok(name)
 }
+
+/// The port the red team's instances serve HTTP on (busybox `httpd`).
+pub const REDTEAM_HTTP_PORT: u16 = 8080;
+/// The port the red team's instances echo TCP on (the project's `tcp-echo`).
+pub const REDTEAM_TCP_PORT: u16 = 1337;
+
+/// The red team's instance: a player's shell (busybox), the `player` tool
+/// at `/player` (the binary at `player`), busybox `httpd` on
+/// [`REDTEAM_HTTP_PORT`] serving `/www` (with `/cgi-bin/flag`) and `tcp-echo`
+/// (at `echo`) on [`REDTEAM_TCP_PORT`]. Tagged by both binaries.
+pub fn redteam_image(player: &Path, echo: &Path) -> Result<String> {
+    require_engine()?;
+    let (p, e) = (stamped("x", player)?, stamped("x", echo)?);
+    let name = format!(
+        "tidegate/redteam:{}-{}",
+        p.trim_start_matches("x:"),
+        e.trim_start_matches("x:")
+    );
+    if image_exists(&name) {
+        return Ok(name);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("tidegate-image-")
+        .tempdir()?;
+    let root = work.path().join("rootfs");
+    http_rootfs(&root)?;
+    std::fs::copy(player, root.join("player"))?;
+    copy_libraries(&root, player)?;
+    std::fs::copy(echo, root.join("echo"))?;
+    copy_libraries(&root, echo)?;
+    let start = format!(
+        "/echo --listen 0.0.0.0:{REDTEAM_TCP_PORT} & exec /bin/busybox httpd -f -p {REDTEAM_HTTP_PORT} -h /www"
+    );
+    let cmd = serde_json::to_string(&["/bin/sh", "-c", &start]).unwrap_or_default();
+    import_rootfs(work.path(), &root, &name, &[&format!("CMD {cmd}")])?;
+    Ok(name)
+}

@@ -78,6 +78,13 @@ pub(crate) struct Inventory {
     demo: bool,
     #[serde(default)]
     ports: Ports,
+    /// Let instances open connections to their agent's host (each agent's
+    /// `allow_host_access`). Off: agents keep the host firewall. Only for
+    /// hosts that share one Docker engine from network namespaces of their
+    /// own (the deploy tests), where an agent cannot see the engine's
+    /// bridges to firewall them.
+    #[serde(default)]
+    allow_host_access: bool,
     #[serde(rename = "host")]
     hosts: Vec<Host>,
 }

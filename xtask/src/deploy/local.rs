@@ -296,6 +296,7 @@ fn start_agents(
             cluster_label: Some(state.cluster_id.clone()),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
             artifact_dir: state.run_dir.join("artifacts"),
+            hop_key_file: Some(tidegate_local::daemons::hop_key_file(&state.run_dir)?),
             ..AgentConfig::default()
         };
         let config = state.run_dir.join(format!("{worker}.toml"));

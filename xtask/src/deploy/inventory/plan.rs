@@ -171,8 +171,17 @@ pub(super) fn plan_host<'a>(
             etcd: etcd_urls(inv, inv.ports.etcd_client),
             etcd_tls: Some(p.etcd_tls("agent")),
             etcd_auth: Some(p.etcd_auth("agent")),
+            hop_key_file: Some(p.path("/etc/tidegate/hop-key").into()),
+            allow_host_access: inv.allow_host_access,
             ..AgentConfig::default()
         };
+        let hop_key = format!("{}\n", secrets.hop_key).into_bytes();
+        p.file(
+            &p.path("/etc/tidegate/hop-key"),
+            hop_key,
+            0o640,
+            vec!["tidegate-agent"],
+        );
         p.daemon(Daemon {
             role: "agent",
             password: &secrets.etcd_agent_password,

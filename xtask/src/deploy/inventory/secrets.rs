@@ -20,6 +20,10 @@ pub(super) struct Secrets {
     pub(super) etcd_root_password: String,
     pub(super) etcd_controller_password: String,
     pub(super) etcd_agent_password: String,
+    /// The agents' hop key (added after the first release: a cluster's
+    /// existing file gets one on the next run).
+    #[serde(default)]
+    pub(super) hop_key: String,
 }
 
 impl Secrets {
@@ -32,12 +36,18 @@ impl Secrets {
             etcd_root_password: "<password>".into(),
             etcd_controller_password: "<password>".into(),
             etcd_agent_password: "<password>".into(),
+            hop_key: "<hop key>".into(),
         }
     }
 }
 
 fn random_secret() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// 256 bits, hex.
+fn random_key() -> String {
+    format!("{}{}", random_secret(), random_secret())
 }
 
 /// `.<name>.deploy/` beside the inventory.
@@ -51,7 +61,13 @@ pub(super) fn state_dir(inventory: &Path, inv: &Inventory) -> PathBuf {
 pub(super) fn secrets(dir: &Path) -> Result<Secrets> {
     let path = dir.join("secrets.toml");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return toml::from_str(&text).with_context(|| path.display().to_string());
+        let mut s: Secrets = toml::from_str(&text).with_context(|| path.display().to_string())?;
+        if s.hop_key.is_empty() {
+            s.hop_key = random_key();
+            write_private(&path, toml::to_string(&s)?.as_bytes())?;
+            println!("made the agents' hop key: {}", path.display());
+        }
+        return Ok(s);
     }
     let s = Secrets {
         admin_token: random_secret(),
@@ -60,6 +76,7 @@ pub(super) fn secrets(dir: &Path) -> Result<Secrets> {
         etcd_root_password: random_secret(),
         etcd_controller_password: random_secret(),
         etcd_agent_password: random_secret(),
+        hop_key: random_key(),
     };
     write_private(&path, toml::to_string(&s)?.as_bytes())?;
     println!(

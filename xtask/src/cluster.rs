@@ -1,0 +1,226 @@
+//! A local cluster of tidegate's own build for the benchmarks and the red
+//! team: an etcd, a controller that leads, agents from typed configs, and
+//! their containers removed at the end; the admin API through curl.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tidegate_local::daemons::write_config;
+use tidegate_local::etcd::EtcdCluster;
+use tidegate_local::ports::free_port;
+use tidegate_local::process::{Supervised, wait_until};
+use tidegate_schema::config::{AgentConfig, ControllerConfig};
+
+use crate::sh;
+
+/// The admin token of the cluster's controllers.
+pub(crate) const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+/// The platform token of the cluster's controllers.
+pub(crate) const PLATFORM_TOKEN: &str = "bench-platform-token-0123456789";
+
+/// A control plane: etcd, one controller leading, and the working directory
+/// of their files; stopped and removed when dropped.
+pub(crate) struct ControlPlane {
+    /// Stopped when dropped.
+    _controller: Supervised,
+    pub(crate) etcd: EtcdCluster,
+    /// The controller's API.
+    pub(crate) url: String,
+    work: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// `members` etcd members on loopback and a controller of the build in
+    /// `bin_dir`.
+    pub(crate) fn start(bin_dir: &Path, members: usize) -> Result<Self> {
+        let etcd = EtcdCluster::start(members)?;
+        Self::start_with(bin_dir, etcd, &[], |_| {})
+    }
+
+    /// A controller of the build in `bin_dir` on `etcd`, started through
+    /// `wrapper` (e.g. `env NAME=VALUE`), its config changed by `configure`.
+    pub(crate) fn start_with(
+        bin_dir: &Path,
+        etcd: EtcdCluster,
+        wrapper: &[String],
+        configure: impl FnOnce(&mut ControllerConfig),
+    ) -> Result<Self> {
+        let work = work_dir()?;
+        let mut cfg = controller_config(work.path(), &etcd.endpoints())?;
+        configure(&mut cfg);
+        let (controller, url) = controller(bin_dir, work.path(), &cfg, wrapper)?;
+        Ok(Self {
+            _controller: controller,
+            etcd,
+            url,
+            work,
+        })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
+/// A fresh working directory, removed when dropped.
+pub(crate) fn work_dir() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("tidegate-bench-")
+        .tempdir()?)
+}
+
+/// The settings of the cluster's controller: a free loopback port, the
+/// tokens above, a short election.
+fn controller_config(dir: &Path, endpoints: &[String]) -> Result<ControllerConfig> {
+    let port = free_port()?;
+    Ok(ControllerConfig {
+        id: "bench".into(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        etcd: endpoints.to_vec(),
+        admin_token: ADMIN_TOKEN.into(),
+        platform_token: PLATFORM_TOKEN.into(),
+        flag_secret: "bench-flag-secret-0123456789".into(),
+        election_ttl_secs: 2,
+        artifact_dir: dir.join("artifacts"),
+        tcp_ports: "20000-29999".into(),
+        ..ControllerConfig::default()
+    })
+}
+
+/// Starts the controller `cfg` (of the build in `bin_dir`, under `wrapper`)
+/// and waits until it leads; its API URL.
+fn controller(
+    bin_dir: &Path,
+    dir: &Path,
+    cfg: &ControllerConfig,
+    wrapper: &[String],
+) -> Result<(Supervised, String)> {
+    let url = format!("http://{}", cfg.listen);
+    let path = dir.join("controller.toml");
+    write_config(cfg, &path)?;
+    let (program, args) = wrapped(
+        wrapper,
+        &bin_dir.join("tidegate-controller"),
+        &["--config".into(), path.display().to_string()],
+    );
+    let controller = Supervised::spawn("controller", &program, &args, &dir.join("controller.log"))?;
+    let leading = wait_until(Duration::from_secs(15), || {
+        api(dir, &url, "GET", "/v1/status", Vec::new())
+            .is_ok_and(|s| s.contains("\"role\":\"leader\""))
+    });
+    if !leading {
+        bail!(
+            "the controller did not lead within 15 s:\n{}",
+            controller.log_tail(20)
+        );
+    }
+    Ok((controller, url))
+}
+
+/// `binary args` run under `wrapper` (a command that execs the rest of its
+/// arguments), as a program and its arguments.
+pub(crate) fn wrapped(wrapper: &[String], binary: &Path, args: &[String]) -> (String, Vec<String>) {
+    let binary = binary.display().to_string();
+    match wrapper.split_first() {
+        None => (binary, args.to_vec()),
+        Some((first, rest)) => {
+            let mut all = rest.to_vec();
+            all.push(binary);
+            all.extend_from_slice(args);
+            (first.clone(), all)
+        }
+    }
+}
+
+/// The settings every agent of the cluster has: no image pulls, metrics on
+/// a free loopback port, the artifact store and containers' label of the run.
+pub(crate) fn agent_config(
+    worker: &str,
+    etcd: &[String],
+    dir: &Path,
+    label: &str,
+) -> Result<AgentConfig> {
+    Ok(AgentConfig {
+        worker_id: worker.into(),
+        etcd: etcd.to_vec(),
+        pull_images: false,
+        metrics_listen: std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        artifact_dir: dir.join("artifacts"),
+        cluster_label: Some(label.into()),
+        hop_key_file: Some(tidegate_local::daemons::hop_key_file(dir)?),
+        ..AgentConfig::default()
+    })
+}
+
+/// Starts an agent (of the build in `bin_dir`) with `cfg` and waits until
+/// its metrics answer.
+pub(crate) fn agent(bin_dir: &Path, dir: &Path, cfg: &AgentConfig) -> Result<Supervised> {
+    agent_wrapped(bin_dir, dir, cfg, &[])
+}
+
+/// As [`agent`], started through `wrapper` (e.g. `ip netns exec NAME`).
+pub(crate) fn agent_wrapped(
+    bin_dir: &Path,
+    dir: &Path,
+    cfg: &AgentConfig,
+    wrapper: &[String],
+) -> Result<Supervised> {
+    let name = &cfg.worker_id;
+    let path = dir.join(format!("{name}.toml"));
+    write_config(cfg, &path)?;
+    let (program, args) = wrapped(
+        wrapper,
+        &bin_dir.join("tidegate-agent"),
+        &["--config".into(), path.display().to_string()],
+    );
+    let proc = Supervised::spawn(name, &program, &args, &dir.join(format!("{name}.log")))?;
+    let metrics = format!("http://{}/metrics", cfg.metrics_listen);
+    let curl = wrapped(wrapper, Path::new("curl"), &["-sf".into(), metrics]);
+    let up = wait_until(Duration::from_secs(20), || {
+        sh::output(Command::new(&curl.0).args(&curl.1)).is_some()
+    });
+    if !up {
+        bail!("agent {name} did not start:\n{}", proc.log_tail(20));
+    }
+    Ok(proc)
+}
+
+/// Removes the containers of label `tidegate.cluster={label}` when dropped.
+pub(crate) struct Containers(pub(crate) String);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let filter = format!("label=tidegate.cluster={}", self.0);
+        if let Some(ids) =
+            sh::output(Command::new("docker").args(["ps", "-aq", "--filter", &filter]))
+        {
+            for id in ids.split_whitespace() {
+                let _ = sh::output(Command::new("docker").args(["rm", "-f", "-v", id]));
+            }
+        }
+    }
+}
+
+/// One API call with the admin token through curl: the body, a space and the status code.
+pub(crate) fn api(
+    dir: &Path,
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<String> {
+    let body_file = dir.join(format!("body-{}", std::process::id()));
+    std::fs::write(&body_file, body)?;
+    sh::output(
+        Command::new("curl")
+            .args(["-sS", "-X", method, "-H"])
+            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body_file.display()))
+            .args(["-w", " %{http_code}"])
+            .arg(format!("{url}{path}")),
+    )
+    .with_context(|| format!("curl {method} {path} failed"))
+}

@@ -1,0 +1,207 @@
+//! `cargo xtask redteam`: every attack of docs/security.md, run the way a
+//! player would, against a local cluster with production settings
+//! (`redteam/range.rs`). Attacks come from inside an instance (a shell and
+//! the `player` tool), from the network, and with a stolen worker
+//! credential. One row per attack, then `attacks: N tried, M succeeded`;
+//! any success fails the command.
+//!
+//! Each defence has a positive control: `--planted <defence>` switches it
+//! off (a documented opt-out where one exists, else `TIDEGATE_PLANTED`,
+//! which only debug builds read) and runs that defence's attacks, which
+//! must then get through; one that does not is a broken attack. `--controls`
+//! runs every defence's control in turn.
+
+mod hop;
+mod host;
+mod instance;
+mod range;
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use range::Range;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RedteamArgs {
+    /// Switch off one defence and run only its attacks: each must succeed.
+    #[arg(long, value_name = "DEFENCE")]
+    planted: Option<String>,
+    /// Run every defence's positive control in turn (a cluster each).
+    #[arg(long, conflicts_with = "planted")]
+    controls: bool,
+}
+
+/// Where an attack comes from.
+#[derive(Debug, Clone, Copy)]
+enum From {
+    /// Code in an instance (root in the container, its caps and limits).
+    Instance,
+    /// A player on the network, or a process on an agent's host.
+    Network,
+    /// A worker's etcd credential and hop key, stolen.
+    Worker,
+}
+
+impl From {
+    fn name(self) -> &'static str {
+        match self {
+            From::Instance => "instance",
+            From::Network => "network",
+            From::Worker => "stolen worker",
+        }
+    }
+}
+
+/// What an attack achieved.
+#[derive(Debug)]
+enum Verdict {
+    /// The defence held; what the attacker saw.
+    Blocked(String),
+    /// The attack got through; what it got.
+    Succeeded(String),
+}
+
+/// What an attack runs against the range.
+type Run = Box<dyn Fn(&Range) -> Result<Verdict>>;
+
+/// One attack: what it does, from where, which defence stops it.
+struct Attack {
+    name: String,
+    from: From,
+    defence: &'static str,
+    run: Run,
+}
+
+impl Attack {
+    fn new(
+        name: impl Into<String>,
+        from: From,
+        defence: &'static str,
+        run: impl Fn(&Range) -> Result<Verdict> + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            from,
+            defence,
+            run: Box::new(run),
+        }
+    }
+}
+
+/// The defences, each with what switches it off for its positive control.
+const DEFENCES: &[(&str, &str)] = &[
+    (
+        "firewall",
+        "instances cannot open connections to the host or egress_deny (agent allow_host_access)",
+    ),
+    (
+        "hop-proof",
+        "agents trust a hop only with a valid HMAC proof, not by source address (TIDEGATE_PLANTED)",
+    ),
+    (
+        "neighbour-pinning",
+        "instances' addresses pinned on their bridges (TIDEGATE_PLANTED)",
+    ),
+    (
+        "log-limit",
+        "two rotated json-file parts of log_mib (TIDEGATE_PLANTED)",
+    ),
+    ("tmpfs-size", "sized tmpfs mounts (TIDEGATE_PLANTED)"),
+    (
+        "read-only-rootfs",
+        "read-only root filesystem (spec read_only_rootfs = false, agent allow_unbounded_rootfs)",
+    ),
+    (
+        "port-range",
+        "agents route only tcp_ports (TIDEGATE_PLANTED)",
+    ),
+    (
+        "unique-worker",
+        "worker registration is create-if-absent (TIDEGATE_PLANTED)",
+    ),
+];
+
+fn attacks() -> Vec<Attack> {
+    let mut all = host::attacks();
+    all.extend(hop::attacks());
+    all.extend(instance::attacks());
+    all
+}
+
+pub(crate) fn run(args: RedteamArgs) -> Result<()> {
+    if args.controls {
+        let mut broken = Vec::new();
+        for (defence, _) in DEFENCES {
+            println!("\n== positive control: --planted {defence}");
+            if let Err(e) = control(defence) {
+                println!("{e:#}");
+                broken.push(*defence);
+            }
+        }
+        if !broken.is_empty() {
+            bail!("broken attacks (their defence off, they still failed): {broken:?}");
+        }
+        println!("\nevery defence's attacks got through with it off");
+        return Ok(());
+    }
+    match args.planted.as_deref() {
+        Some(defence) => control(defence),
+        None => {
+            let range = Range::start(None)?;
+            let (tried, succeeded) = report(&range, &attacks())?;
+            if succeeded > 0 {
+                bail!("{succeeded} of {tried} attacks succeeded");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The positive control of `defence`: with it off, its attacks succeed.
+fn control(defence: &str) -> Result<()> {
+    if !DEFENCES.iter().any(|(d, _)| *d == defence) {
+        let names: Vec<_> = DEFENCES.iter().map(|(d, _)| *d).collect();
+        bail!("no defence named {defence:?}: one of {}", names.join(", "));
+    }
+    let chosen: Vec<Attack> = attacks()
+        .into_iter()
+        .filter(|a| a.defence == defence)
+        .collect();
+    let range = Range::start(Some(defence))?;
+    let (tried, succeeded) = report(&range, &chosen)?;
+    if succeeded < tried {
+        bail!(
+            "with {defence} off only {succeeded} of its {tried} attacks succeeded: the others are broken"
+        );
+    }
+    println!("positive control of {defence}: all {tried} attacks got through with it off");
+    Ok(())
+}
+
+/// Runs `attacks` against `range`, printing a row each and the total.
+fn report(range: &Range, attacks: &[Attack]) -> Result<(usize, usize)> {
+    println!("\n{:<66} {:<14} {:<18} result", "attack", "from", "defence");
+    let mut succeeded = 0;
+    for a in attacks {
+        let t = Instant::now();
+        let verdict =
+            (a.run)(range).map_err(|e| e.context(format!("attack {:?} is broken", a.name)))?;
+        let result = match verdict {
+            Verdict::Blocked(seen) => format!("blocked: {seen}"),
+            Verdict::Succeeded(got) => {
+                succeeded += 1;
+                format!("SUCCEEDED: {got}")
+            }
+        };
+        println!(
+            "{:<66} {:<14} {:<18} {result} ({:.1} s)",
+            a.name,
+            a.from.name(),
+            a.defence,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    println!("attacks: {} tried, {succeeded} succeeded", attacks.len());
+    Ok((attacks.len(), succeeded))
+}

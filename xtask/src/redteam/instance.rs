@@ -1,0 +1,330 @@
+//! Attacks from inside an instance: root in team mallory's container with
+//! its shell and the `player` tool, going for the host's disk and the
+//! neighbours' traffic; and the records and agents a stolen credential can
+//! fake.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tidegate_local::process::wait_until;
+use tidegate_schema::config::{AgentConfig, ConfigFile};
+
+use super::range::{Instance, Range};
+use super::{Attack, From, Verdict};
+use crate::sh;
+
+pub(super) fn attacks() -> Vec<Attack> {
+    vec![
+        Attack::new(
+            "ARP reply claiming alice's instance address",
+            From::Instance,
+            "neighbour-pinning",
+            arp_claim,
+        ),
+        Attack::new(
+            "stdout at full speed to fill the worker's disk",
+            From::Instance,
+            "log-limit",
+            log_flood,
+        ),
+        Attack::new(
+            "fill /tmp beyond its size",
+            From::Instance,
+            "tmpfs-size",
+            fill_tmp,
+        ),
+        Attack::new(
+            "fill the root filesystem",
+            From::Instance,
+            "read-only-rootfs",
+            fill_root,
+        ),
+        Attack::new(
+            "a record whose TCP port is a daemon's (7080)",
+            From::Worker,
+            "port-range",
+            daemon_port,
+        ),
+        Attack::new(
+            "a second agent with worker a's id",
+            From::Worker,
+            "unique-worker",
+            duplicate_worker,
+        ),
+    ]
+}
+
+/// The MAC address of `inst`'s container.
+fn mac(inst: &Instance) -> Result<String> {
+    sh::output(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}",
+        &inst.container,
+    ]))
+    .map(|m| m.trim().to_string())
+    .filter(|m| !m.is_empty())
+    .with_context(|| format!("no MAC for {}", inst.container))
+}
+
+/// The host's neighbour entry for `addr`: (device, MAC, state).
+fn neighbour(addr: std::net::IpAddr) -> Option<(String, String)> {
+    let out = sh::output(Command::new("ip").args(["neigh", "show", &addr.to_string()]))?;
+    let line = out.lines().next()?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mac = words
+        .iter()
+        .position(|w| *w == "lladdr")
+        .and_then(|i| words.get(i + 1))?;
+    Some((
+        mac.to_string(),
+        words.last().copied().unwrap_or("").to_string(),
+    ))
+}
+
+/// mallory's NET_RAW instance claims alice's address with gratuitous ARP
+/// replies; the host's entry for alice must keep alice's MAC.
+fn arp_claim(r: &Range) -> Result<Verdict> {
+    let (victim, attacker) = (&r.alice, &r.mallory_raw);
+    let (victim_mac, attacker_mac) = (mac(victim)?, mac(attacker)?);
+    // The host talks to alice (as the agent does), so it has an entry.
+    let url = format!(
+        "http://{}:{}/",
+        victim.address,
+        tidegate_local::images::REDTEAM_HTTP_PORT
+    );
+    sh::output(Command::new("curl").args(["-sf", "-m", "3", &url]))
+        .context("alice's instance does not answer the host")?;
+    let before = neighbour(victim.address).context("the host has no entry for alice")?;
+    if before.0 != victim_mac {
+        bail!("the host's entry for alice is {before:?} before the attack, not {victim_mac}");
+    }
+    // Past the kernel's 1 s lock time of a fresh entry.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = r.exec(
+        attacker,
+        &[
+            "/player",
+            "arp-claim",
+            "eth0",
+            &victim.address.to_string(),
+            "5",
+        ],
+    )?;
+    if !sent.starts_with("sent") {
+        bail!("the ARP claim was not sent: {sent}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = neighbour(victim.address).context("the entry for alice vanished")?;
+    Ok(if after.0 == attacker_mac {
+        Verdict::Succeeded(format!(
+            "the host now sends alice's traffic to mallory ({attacker_mac}, {})",
+            after.1
+        ))
+    } else {
+        Verdict::Blocked(format!("{sent}; the entry stays {} ({})", after.0, after.1))
+    })
+}
+
+/// The container's json-file log parts on the host, in bytes.
+fn log_bytes(inst: &Instance) -> Result<u64> {
+    let path =
+        sh::output(Command::new("docker").args(["inspect", "-f", "{{.LogPath}}", &inst.container]))
+            .map(|p| p.trim().to_string())
+            .context("no log path")?;
+    let dir = std::path::Path::new(&path)
+        .parent()
+        .context("log path has no directory")?;
+    let name = std::path::Path::new(&path)
+        .file_name()
+        .context("log path has no name")?
+        .to_string_lossy()
+        .to_string();
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(&name) {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Free bytes of the filesystem holding Docker's data.
+fn docker_free() -> Result<u64> {
+    let out = sh::output(Command::new("df").args(["-B1", "--output=avail", "/var/lib/docker"]))
+        .context("df /var/lib/docker")?;
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("df printed no number")
+}
+
+/// 30 s of `yes`-speed output into the container's log (PID 1's stdout);
+/// what stays on disk must be at most `limits.log_mib` (8 MiB), and the
+/// worker's free space must not drop by more.
+fn log_flood(r: &Range) -> Result<Verdict> {
+    const LIMIT: u64 = 8 << 20;
+    let secs = if r.planted.is_some() { "5" } else { "30" };
+    let free = docker_free()?;
+    let out = r.exec(
+        &r.mallory,
+        &["sh", "-c", &format!("/player spam {secs} > /proc/1/fd/1")],
+    )?;
+    // Docker writes the log asynchronously.
+    std::thread::sleep(Duration::from_secs(1));
+    let kept = log_bytes(&r.mallory)?;
+    let dropped = free.saturating_sub(docker_free()?);
+    let seen = format!(
+        "{secs} s of output; {kept} bytes kept; the disk's free space dropped by {dropped} bytes"
+    );
+    // (The disk is shared with the rest of the machine: 64 MiB of slack.)
+    Ok(if kept > LIMIT || dropped > LIMIT + (64 << 20) {
+        Verdict::Succeeded(seen)
+    } else {
+        let _ = out;
+        Verdict::Blocked(seen)
+    })
+}
+
+/// Writes 128 MiB into the 64 MiB `/tmp`.
+fn fill_tmp(r: &Range) -> Result<Verdict> {
+    let out = r.exec(&r.mallory, &["/player", "fill", "/tmp/fill", "128"])?;
+    let _ = r.exec(&r.mallory, &["rm", "-f", "/tmp/fill"]);
+    let written: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context(out.clone())?;
+    Ok(if written > 64 << 20 {
+        Verdict::Succeeded(out)
+    } else {
+        Verdict::Blocked(out)
+    })
+}
+
+/// Writes 64 MiB into the image's own filesystem.
+fn fill_root(r: &Range) -> Result<Verdict> {
+    let out = r.exec(&r.mallory, &["/player", "fill", "/fill", "64"])?;
+    let _ = r.exec(&r.mallory, &["rm", "-f", "/fill"]);
+    let written: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context(out.clone())?;
+    Ok(if written > 0 {
+        Verdict::Succeeded(out)
+    } else {
+        Verdict::Blocked(out)
+    })
+}
+
+/// etcdctl on the range's etcd (its admin, as a thief of it would).
+fn etcdctl(r: &Range, args: &[&str]) -> Option<String> {
+    let endpoints = r.endpoints().join(",");
+    sh::output(
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoints])
+            .args(args),
+    )
+}
+
+/// Writes `value` at `key` under a new lease of `ttl` seconds (as the
+/// scheduler writes instance records).
+fn etcd_put_leased(r: &Range, key: &str, value: &str, ttl: u32) -> Result<()> {
+    let granted =
+        etcdctl(r, &["lease", "grant", &ttl.to_string()]).context("etcdctl lease grant")?;
+    let lease = granted.split_whitespace().nth(1).context("no lease id")?;
+    etcdctl(r, &["put", &format!("--lease={lease}"), key, value])
+        .map(|_| ())
+        .with_context(|| format!("etcdctl put {key}"))
+}
+
+fn etcd_get(r: &Range, key: &str) -> Option<String> {
+    etcdctl(r, &["get", key, "--print-value-only"])
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// A copy of mallory's record, written by hand, whose TCP port is 7080
+/// (the controller API's default): agent a must not steer it.
+fn daemon_port(r: &Range) -> Result<Verdict> {
+    let key = |id: &str| format!("/tidegate/instances/{id}");
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&etcd_get(r, &key(&r.mallory.id)).context("mallory's record")?)?;
+    let id = "00000de7a1";
+    rec["id"] = id.into();
+    rec["http"] = serde_json::json!([]);
+    rec["tcp"][0]["port"] = 7080.into();
+    etcd_put_leased(r, &key(id), &rec.to_string(), 120)?;
+    let target = format!("{}:7080", r.a_cfg.tcp_host);
+    let mut last = String::new();
+    let echoed = wait_until(Duration::from_secs(20), || {
+        last = r
+            .player(
+                &[],
+                &["send", &r.a_cfg.tcp_host.to_string(), "7080", "", "hello"],
+            )
+            .unwrap_or_default();
+        last == "hello"
+    });
+    let _ = etcdctl(r, &["del", &key(id)]);
+    Ok(if echoed {
+        Verdict::Succeeded(format!("{target} reached the hand-written instance"))
+    } else {
+        Verdict::Blocked(format!("{target}: {last}"))
+    })
+}
+
+/// A second agent started with worker a's id (on host b, as a thief with
+/// worker a's credential would): it must exit 64 and leave a's key alone.
+fn duplicate_worker(r: &Range) -> Result<Verdict> {
+    let key = "/tidegate/workers/worker-a";
+    let before = etcd_get(r, key).context("worker a is not registered")?;
+    let mut cfg: AgentConfig = AgentConfig::from_file(&r.dir().join("worker-a.toml"))?;
+    let b = std::net::IpAddr::V4(r.host_b.addr());
+    cfg.advertise_address = b;
+    cfg.tcp_host = b;
+    cfg.http_entry = std::net::SocketAddr::new(b, 8081);
+    cfg.metrics_listen = std::net::SocketAddr::new(b, 9465);
+    let path = r.dir().join("thief.toml");
+    tidegate_local::daemons::write_config(&cfg, &path)?;
+    let mut cmd = r.host_b.command("env");
+    if let Some(p) = &r.planted {
+        cmd.arg(format!("TIDEGATE_PLANTED={p}"));
+    }
+    let mut child = cmd
+        .arg(r.bin_dir.join("tidegate-agent"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut code = None;
+    wait_until(Duration::from_secs(20), || {
+        code = child.try_wait().ok().flatten().map(|s| s.code());
+        code.is_some()
+    });
+    let after = etcd_get(r, key).unwrap_or_default();
+    if code.is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let taken = after != before;
+    Ok(match code {
+        Some(Some(64)) if !taken => {
+            Verdict::Blocked("the thief's agent exited 64; worker a's key unchanged".into())
+        }
+        _ => Verdict::Succeeded(format!(
+            "the thief's agent {}; worker a's key {}",
+            code.map_or("kept running".to_string(), |c| format!("exited {c:?}")),
+            if taken {
+                "now names the thief"
+            } else {
+                "unchanged"
+            }
+        )),
+    })
+}
