@@ -112,7 +112,12 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let tcp = Arc::new(TcpPlane::prepare(tcp_options(&cfg, forward_from))?);
     let policy = Arc::new(plugin_policy(&cfg)?);
     let routes: SharedRoutes = Arc::default();
-    let registry = metrics::registry(&metrics, &routes, &tcp, &policy, &hops);
+    let scrape = metrics::Scrape {
+        public: metrics::registry(&metrics, &routes, &tcp, &policy, &hops, false),
+        full: metrics::registry(&metrics, &routes, &tcp, &policy, &hops, true),
+        routes: routes.clone(),
+        token: scrape_token(&cfg)?,
+    };
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("metrics_listen {}", cfg.metrics_listen))?;
@@ -129,7 +134,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             ks.key(&Key::Worker(worker.clone())),
             metrics.etcd.clone(),
         )),
-        tokio::spawn(metrics::serve(metrics_listener, registry, routes.clone())),
+        tokio::spawn(metrics::serve(metrics_listener, scrape)),
         tokio::spawn(membership::run(
             client.clone(),
             ks.clone(),
@@ -271,6 +276,21 @@ fn hop_key(cfg: &AgentConfig, worker: &WorkerId) -> anyhow::Result<Hops> {
                 "no hop_key_file: requests and connections other agents forward here are served as players' (the edge policy is asked again, with the forwarding agent's address as the source); set the same key file on every agent"
             );
             Ok(Hops::random(worker.as_str()))
+        }
+    }
+}
+
+/// The scrape token (`scrape_token_file`), if set.
+fn scrape_token(cfg: &AgentConfig) -> anyhow::Result<Option<Vec<u8>>> {
+    match &cfg.scrape_token_file {
+        Some(path) => tidegate_schema::config::read_secret_file("scrape_token_file", path, 16)
+            .map(Some)
+            .map_err(anyhow::Error::msg),
+        None => {
+            tracing::warn!(
+                "no scrape_token_file: /metrics serves no per-instance series and /activity answers 401, so on-idle policies keep this worker's instances"
+            );
+            Ok(None)
         }
     }
 }

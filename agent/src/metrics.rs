@@ -193,13 +193,15 @@ impl Collector for RouteTableCollector {
     }
 }
 
-/// Every metric of the agent in one registry.
+/// Every metric of the agent in one registry; with `per_instance`, also
+/// the series labelled by instance (served only to the scrape token).
 pub fn registry(
     metrics: &Metrics,
     routes: &SharedRoutes,
     tcp: &crate::tcp::TcpPlane,
     policy: &crate::policy::PluginPolicy,
     hops: &crate::hop::Hops,
+    per_instance: bool,
 ) -> Registry {
     let mut registry = Registry::default();
     hops.register(&mut registry);
@@ -207,7 +209,9 @@ pub fn registry(
     registry.register_collector(Box::new(RouteTableCollector(routes.clone())));
     tcp.register(registry.sub_registry_with_prefix("tidegate_tcp"));
     policy.register(registry.sub_registry_with_prefix("tidegate_policy"));
-    registry.register_collector(Box::new(traffic::TrafficCollector(routes.clone())));
+    if per_instance {
+        registry.register_collector(Box::new(traffic::TrafficCollector(routes.clone())));
+    }
     registry
 }
 
@@ -222,35 +226,81 @@ pub fn render(registry: &Registry, last_len: &AtomicUsize) -> String {
     out
 }
 
-/// Serves `GET /metrics` (the Prometheus text of `registry`) and
-/// `GET /activity` (each local instance's last traffic, for the leader's
-/// `on-idle` check) on `listener`, until aborted.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Registry, routes: SharedRoutes) {
-    let registry = Arc::new(registry);
+/// What `/metrics` and `/activity` serve: the agent's own series to
+/// anyone, per-instance series and activity only to the scrape token.
+pub struct Scrape {
+    pub public: Registry,
+    pub full: Registry,
+    pub routes: SharedRoutes,
+    /// The scrape token (`scrape_token_file`); none: per-instance data is
+    /// served to no one.
+    pub token: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scrape")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scrape {
+    /// Whether `headers` carry `Authorization: Bearer <the token>`.
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+        use subtle::ConstantTimeEq;
+        if tidegate_schema::config::planted("scrape-token") {
+            return true;
+        }
+        let Some(token) = &self.token else {
+            return false;
+        };
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|given| bool::from(given.ct_eq(token)))
+    }
+}
+
+/// Serves `GET /metrics` (the Prometheus text) and `GET /activity` (each
+/// local instance's last traffic, for the leader's `on-idle` check) on
+/// `listener`, until aborted.
+pub async fn serve(listener: tokio::net::TcpListener, scrape: Scrape) {
+    let scrape = Arc::new(scrape);
     let last_len = Arc::new(AtomicUsize::new(0));
+    let metrics = {
+        let scrape = scrape.clone();
+        move |headers: axum::http::HeaderMap| {
+            let (scrape, last_len) = (scrape.clone(), last_len.clone());
+            async move {
+                let registry = if scrape.authorized(&headers) {
+                    &scrape.full
+                } else {
+                    &scrape.public
+                };
+                (
+                    [(
+                        "content-type",
+                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                    )],
+                    render(registry, &last_len),
+                )
+            }
+        }
+    };
+    let activity = move |headers: axum::http::HeaderMap| {
+        let scrape = scrape.clone();
+        async move {
+            if !scrape.authorized(&headers) {
+                let why = "/activity names this worker's instances: it needs Authorization: Bearer <the agent's scrape_token_file>";
+                return Err((axum::http::StatusCode::UNAUTHORIZED, why));
+            }
+            Ok(axum::Json(traffic::activity(&scrape.routes.load())))
+        }
+    };
     let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let (registry, last_len) = (registry.clone(), last_len.clone());
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                        )],
-                        render(&registry, &last_len),
-                    )
-                }
-            }),
-        )
-        .route(
-            "/activity",
-            axum::routing::get(move || {
-                let routes = routes.clone();
-                async move { axum::Json(traffic::activity(&routes.load())) }
-            }),
-        );
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/activity", axum::routing::get(activity));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "the metrics listener stopped");
     }

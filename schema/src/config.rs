@@ -69,6 +69,21 @@ impl ConfigFile for ControllerConfig {
     const ALWAYS_WRITTEN: &'static [&'static str] = &["id"];
 }
 
+/// The secret in the file `path` (config field `field`): its bytes without
+/// trailing whitespace, at least `min` of them. Errors name the field.
+pub fn read_secret_file(field: &str, path: &Path, min: usize) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{field} {}: {e}", path.display()))?;
+    let secret = raw.trim_ascii_end();
+    if secret.len() < min {
+        return Err(format!(
+            "{field} {}: {} bytes; at least {min} are needed",
+            path.display(),
+            secret.len()
+        ));
+    }
+    Ok(secret.to_vec())
+}
+
 /// Whether `defence` is switched off for a positive control of `cargo
 /// xtask redteam --planted` (each attack must then get through). Only
 /// debug builds read `TIDEGATE_PLANTED` (defence names, comma-separated);

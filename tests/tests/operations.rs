@@ -18,10 +18,18 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// `curl -sf url`: the body, or the failure with curl's stderr.
 fn curl(url: &str) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-f", "--max-time", "5", url])
-        .output()
-        .expect("running curl");
+    curl_with(url, None)
+}
+
+/// [`curl`] with `Authorization: Bearer <token>` when given.
+fn curl_with(url: &str, token: Option<String>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "-f", "--max-time", "5", url]);
+    if let Some(h) = &auth {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.output().expect("running curl");
     assert!(
         out.status.success(),
         "curl {url}: {}",
@@ -192,7 +200,7 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
     );
 
     // Agent a took the player's request and TCP connection.
-    let a = curl(&p.a.metrics_url);
+    let a = curl_with(&p.a.metrics_url, p.a.scrape_token());
     let web_label = format!("instance=\"{web}\"");
     assert_non_zero(
         "agent a",
@@ -215,14 +223,11 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
     );
     // The owner of the web instance runs its container and saw its own
     // endpoint write come back through its watch.
-    let owner_metrics = if owner == p.a.worker {
-        a
-    } else {
-        curl(&p.b.metrics_url)
-    };
+    let b = curl_with(&p.b.metrics_url, p.b.scrape_token());
+    let owner_metrics = if owner == p.a.worker { a } else { b.clone() };
     // Every series the Grafana dashboard charts is one the daemons expose.
     let dashboard = include_str!("../../deploy/grafana/tidegate.json");
-    let exposed = format!("{text}\n{owner_metrics}\n{}", curl(&p.b.metrics_url));
+    let exposed = format!("{text}\n{owner_metrics}\n{b}");
     let mut charted: Vec<&str> = dashboard
         .match_indices("tidegate_")
         .map(|(i, _)| {
@@ -252,6 +257,51 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
             ("tidegate_agent_reconcile_seconds_count", &[]),
         ],
     );
+}
+
+/// Per-instance series and `/activity` name instances (an id is the first
+/// label of its hostnames): only the scrape token gets them.
+#[tokio::test]
+async fn instance_names_are_served_only_to_the_scrape_token() {
+    let p = plane(|_| {}).await;
+    challenges(&p).await;
+    let (id, host, owner) = p.running("web", "red").await;
+    let owner = if owner == p.a.worker { &p.a } else { &p.b };
+    let (s, _, _) = get(&p.a_http, &host, None).await;
+    assert_eq!(s, 200);
+    let token = owner
+        .scrape_token()
+        .expect("the lab gives agents a scrape token");
+    let base = owner.metrics_url.trim_end_matches("/metrics");
+    let label = format!("instance=\"{id}\"");
+    let full = curl_with(&owner.metrics_url, Some(token.clone()));
+    assert!(
+        full.contains(&label),
+        "the token gets no per-instance series:\n{full}"
+    );
+    for who in [None, Some("not-the-token".to_string())] {
+        let public = curl_with(&owner.metrics_url, who.clone());
+        assert!(
+            !public.contains(&id) && public.contains("tidegate_agent_routes"),
+            "{who:?} sees instance {id} (or no agent series):\n{public}"
+        );
+        let activity = reqwest::Client::new().get(format!("{base}/activity"));
+        let activity = match &who {
+            Some(t) => activity.bearer_auth(t),
+            None => activity,
+        };
+        let r = activity.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{who:?}");
+        assert!(!r.text().await.unwrap().contains(&id));
+    }
+    let r = reqwest::Client::new()
+        .get(format!("{base}/activity"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains(&id));
 }
 
 /// `promtool check metrics` (Prometheus's own parser and linter of the
@@ -305,12 +355,12 @@ async fn both_daemons_metrics_pass_prometheus_own_checker() {
     assert_eq!(s, StatusCode::CREATED, "{echo}");
     let port = echo["tcp"][0]["port"].as_u64().unwrap() as u16;
     assert!(eventually(30, || echo_line(&p.a_host, port)).await);
-    for (what, url) in [
-        ("controller", format!("{}/metrics", c.url)),
-        ("agent a", p.a.metrics_url.clone()),
-        ("agent b", p.b.metrics_url.clone()),
+    for (what, url, token) in [
+        ("controller", format!("{}/metrics", c.url), None),
+        ("agent a", p.a.metrics_url.clone(), p.a.scrape_token()),
+        ("agent b", p.b.metrics_url.clone(), p.b.scrape_token()),
     ] {
-        let text = curl(&url);
+        let text = curl_with(&url, token);
         if let Err(complaints) = promtool(&text) {
             panic!("{what}: promtool check metrics: {complaints}\n--- /metrics ---\n{text}");
         }

@@ -1,7 +1,8 @@
 //! `cargo xtask ci`: what CI runs, in order, stopping at the first failure
 //! (the test suite runs to its end before stopping, as does the chaos run):
 //! setup, fmt, clippy, the test suite, every benchmark in its short form,
-//! the fault-injection suite.
+//! the fault-injection suite, the red team (every attack, then every
+//! defence's positive control).
 
 use std::process::Command;
 
@@ -74,5 +75,8 @@ pub(crate) fn run(args: CiArgs) -> Result<()> {
             .arg("--out")
             .arg(target.join("chaos-ci")),
     )?;
+    println!("== redteam: every attack (none may succeed), then every positive control");
+    crate::redteam::run(crate::redteam::RedteamArgs::all())?;
+    crate::redteam::run(crate::redteam::RedteamArgs::controls())?;
     Ok(())
 }

@@ -85,6 +85,7 @@ fn controller_config(dir: &Path, endpoints: &[String]) -> Result<ControllerConfi
         election_ttl_secs: 2,
         artifact_dir: dir.join("artifacts"),
         tcp_ports: "20000-29999".into(),
+        scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir)?),
         ..ControllerConfig::default()
     })
 }
@@ -150,6 +151,7 @@ pub(crate) fn agent_config(
         artifact_dir: dir.join("artifacts"),
         cluster_label: Some(label.into()),
         hop_key_file: Some(tidegate_local::daemons::hop_key_file(dir)?),
+        scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir)?),
         ..AgentConfig::default()
     })
 }
@@ -213,10 +215,16 @@ pub(crate) fn api(
 ) -> Result<String> {
     let body_file = dir.join(format!("body-{}", std::process::id()));
     std::fs::write(&body_file, body)?;
+    // The token goes in a header file: no process's argv holds it.
+    let header_file = dir.join("admin-header");
+    tidegate_local::daemons::write_private(
+        &header_file,
+        format!("Authorization: Bearer {ADMIN_TOKEN}\n").as_bytes(),
+    )?;
     sh::output(
         Command::new("curl")
             .args(["-sS", "-X", method, "-H"])
-            .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+            .arg(format!("@{}", header_file.display()))
             .arg("--data-binary")
             .arg(format!("@{}", body_file.display()))
             .args(["-w", " %{http_code}"])

@@ -32,6 +32,24 @@ pub(crate) struct RedteamArgs {
     controls: bool,
 }
 
+impl RedteamArgs {
+    /// Every attack, every defence on.
+    pub(crate) fn all() -> Self {
+        Self {
+            planted: None,
+            controls: false,
+        }
+    }
+
+    /// Every defence's positive control.
+    pub(crate) fn controls() -> Self {
+        Self {
+            planted: None,
+            controls: true,
+        }
+    }
+}
+
 /// Where an attack comes from.
 #[derive(Debug, Clone, Copy)]
 enum From {
@@ -98,6 +116,10 @@ const DEFENCES: &[(&str, &str)] = &[
     (
         "hop-proof",
         "agents trust a hop only with a valid HMAC proof, not by source address (TIDEGATE_PLANTED)",
+    ),
+    (
+        "scrape-token",
+        "agents serve per-instance series and /activity only to the scrape token (TIDEGATE_PLANTED)",
     ),
     (
         "neighbour-pinning",

@@ -64,6 +64,86 @@ fn prebuilt(inventory: &Path) -> PathBuf {
     dir
 }
 
+/// Watches, while a deploy runs, every process's command line for the
+/// cluster's secrets (once `secrets.toml` exists) and the hosts'
+/// `/etc/tidegate` for secret files others could read (a file being
+/// written must be its owner's alone).
+struct SecretWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl SecretWatch {
+    fn start(secrets: PathBuf, dirs: Vec<PathBuf>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut looks, mut leaks) = (0, std::collections::BTreeSet::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let values: Vec<(String, String)> = std::fs::read_to_string(&secrets)
+                    .ok()
+                    .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+                    .map(|t| {
+                        t.into_iter()
+                            .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+                            .filter(|(_, v)| v.len() >= 16)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                        continue;
+                    };
+                    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                    for (name, value) in &values {
+                        if cmdline.contains(value.as_str()) {
+                            let argv0 = cmdline.split(' ').next().unwrap_or("");
+                            leaks.insert(format!("{name} in the argv of {argv0}"));
+                        }
+                    }
+                }
+                for dir in &dirs {
+                    open_files(dir, &mut leaks);
+                }
+                looks += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (looks, leaks.into_iter().collect())
+        });
+        Self { stop, thread }
+    }
+
+    /// How many times it looked, and what leaked.
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Files under `dir` that others may read, also while being written
+/// (`*.deploy-tmp`): every one may hold a secret but certificates and
+/// etcd's member config (names, addresses and paths).
+fn open_files(dir: &Path, leaks: &mut std::collections::BTreeSet<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            open_files(&path, leaks);
+            continue;
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let name = name.trim_end_matches(".deploy-tmp");
+        let mode = meta.permissions().mode() & 0o777;
+        let public = (name.ends_with(".pem") && !name.contains("-key")) || name == "etcd.yml";
+        if mode & 0o007 != 0 && !public {
+            leaks.insert(format!("{} was {mode:o}", path.display()));
+        }
+    }
+}
+
 /// A test host with an sshd that lets the test's key in as root. The
 /// authorized key lives in a home directory mounted over /root in the
 /// sshd's own mount namespace, so the machine's /root is never touched.
@@ -305,9 +385,21 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         "the dry run wrote state"
     );
 
-    // From nothing.
+    // From nothing, watched: no secret in any process's argv (local or
+    // the hosts'), no secret file open to others at any moment.
+    let watcher = SecretWatch::start(
+        dir.path().join(".deploy-test.deploy/secrets.toml"),
+        hosts.iter().map(|h| h.root.join("etc/tidegate")).collect(),
+    );
     let (ok, out) = deploy(&inv, &[]);
+    let (looks, leaks) = watcher.stop();
     assert!(ok, "{out}");
+    assert!(looks > 10, "the secret watch looked only {looks} times");
+    assert!(
+        leaks.is_empty(),
+        "secrets leaked during the deploy:\n{}",
+        leaks.join("\n")
+    );
     for h in &hosts {
         assert!(
             service_pid(h, "tidegate-etcd").is_some(),

@@ -20,8 +20,17 @@ use crate::App;
 
 /// Runs the check while this replica leads, forever.
 pub async fn run_idle_checks(app: Arc<App>) {
+    let mut headers = reqwest::header::HeaderMap::new();
+    match scrape_header(&app.cfg) {
+        Ok(Some(h)) => {
+            headers.insert(reqwest::header::AUTHORIZATION, h);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "on-idle policies cannot read agents' /activity"),
+    }
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
+        .default_headers(headers)
         .build()
     {
         Ok(c) => c,
@@ -37,6 +46,29 @@ pub async fn run_idle_checks(app: Arc<App>) {
             check_once(&app, &http).await;
         }
     }
+}
+
+/// `Bearer <scrape token>` for agents' `/activity`, if a token is set.
+fn scrape_header(
+    cfg: &tidegate_schema::config::ControllerConfig,
+) -> Result<Option<reqwest::header::HeaderValue>, String> {
+    let Some(path) = &cfg.scrape_token_file else {
+        tracing::warn!(
+            "no scrape_token_file: agents refuse /activity, so on-idle policies keep every instance"
+        );
+        return Ok(None);
+    };
+    let token = tidegate_schema::config::read_secret_file("scrape_token_file", path, 16)?;
+    let mut value = b"Bearer ".to_vec();
+    value.extend_from_slice(&token);
+    let mut value = reqwest::header::HeaderValue::from_bytes(&value).map_err(|_| {
+        format!(
+            "scrape_token_file {}: not a valid header value",
+            path.display()
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// The challenges with an `on-idle` policy, and their compiled plugins.
@@ -116,7 +148,7 @@ async fn activity(
             }
         },
         Ok(r) => {
-            tracing::warn!(%worker, status = %r.status(), "on-idle check: /activity failed");
+            tracing::warn!(%worker, status = %r.status(), "on-idle check: /activity failed (401: the controllers' and agents' scrape_token_file differ or are unset)");
             None
         }
         Err(e) => {

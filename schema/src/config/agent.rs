@@ -172,6 +172,14 @@ pub struct AgentConfig {
     /// them as players' (the edge policy is asked again). Unset: a key of
     /// this agent's own, so no forwarded hop is trusted.
     pub hop_key_file: Option<PathBuf>,
+    /// File with the scrape token (at least 16 bytes; a trailing newline is
+    /// not part of it). Per-instance series on `/metrics` and `/activity`
+    /// name instances, and an instance's id is its hostname: they are
+    /// served only to `Authorization: Bearer <token>` (Prometheus'
+    /// `bearer_token_file`, the controllers' `scrape_token_file`). Others
+    /// get the agent's own series only. Unset: per-instance data is served
+    /// to no one, and `on-idle` policies keep this worker's instances.
+    pub scrape_token_file: Option<PathBuf>,
     /// Optional TLS entry point (HTTP/1.1 and HTTP/2) with a wildcard certificate.
     pub https_entry: Option<SocketAddr>,
     /// PEM certificate chain for `https_entry` and `tls_tcp_entry`.
@@ -247,6 +255,7 @@ impl Default for AgentConfig {
             upstream_read_timeout_ms: 60_000,
             https_entry: None,
             hop_key_file: None,
+            scrape_token_file: None,
             tls_cert: None,
             tls_key: None,
             tls_tcp_entry: None,

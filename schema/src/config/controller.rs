@@ -63,6 +63,9 @@ pub struct ControllerConfig {
     pub plugin_memory_mib: usize,
     /// How often the leader asks `on-idle` policies about live instances.
     pub idle_check_secs: u64,
+    /// File with the agents' scrape token (their `scrape_token_file`): the
+    /// leader sends it to read agents' `/activity` for `on-idle` policies.
+    pub scrape_token_file: Option<PathBuf>,
 }
 
 impl Default for ControllerConfig {
@@ -90,6 +93,7 @@ impl Default for ControllerConfig {
             plugin_deadline_ms: 5,
             plugin_memory_mib: 32,
             idle_check_secs: 30,
+            scrape_token_file: None,
         }
     }
 }
@@ -120,6 +124,14 @@ impl ControllerConfig {
         }
         if self.admin_token == self.platform_token {
             return Err(bad("platform_token", "must differ from admin_token"));
+        }
+        if let Some(p) = &self.scrape_token_file
+            && !p.exists()
+        {
+            return Err(bad(
+                "scrape_token_file",
+                format!("{} does not exist", p.display()),
+            ));
         }
         if self.flag_secret.len() < 16 {
             return Err(bad("flag_secret", "set a secret of at least 16 bytes"));

@@ -125,6 +125,7 @@ impl Controller {
             worker_grace_secs: 2,
             idle_check_secs: 1,
             artifact_dir: dir.join("artifacts"),
+            scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir).unwrap()),
             ..ControllerConfig::default()
         };
         configure(&mut cfg);
@@ -357,6 +358,7 @@ impl Agent {
             cluster_label: Some(lab_cluster()),
             artifact_dir: dir.join("artifacts"),
             hop_key_file: Some(tidegate_local::daemons::hop_key_file(dir).unwrap()),
+            scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir).unwrap()),
             ..AgentConfig::default()
         }
     }
@@ -416,9 +418,22 @@ impl Agent {
 
     /// The Prometheus text, if the agent answers.
     pub async fn metrics(&self) -> Option<String> {
-        let r = reqwest::get(&self.metrics_url).await.ok()?;
+        let mut req = reqwest::Client::new().get(&self.metrics_url);
+        if let Some(token) = self.scrape_token() {
+            req = req.bearer_auth(token);
+        }
+        let r = req.send().await.ok()?;
         r.status().is_success().then_some(())?;
         r.text().await.ok()
+    }
+
+    /// The scrape token of the agent's config, if it has one: the
+    /// per-instance series are served only with it.
+    pub fn scrape_token(&self) -> Option<String> {
+        use tidegate_schema::config::ConfigFile;
+        let cfg = tidegate_schema::config::AgentConfig::from_file(&self.config).ok()?;
+        let token = std::fs::read_to_string(cfg.scrape_token_file?).ok()?;
+        Some(token.trim_end().to_string())
     }
 
     /// One metric's value (the first sample whose name and labels start with `series`).

@@ -182,6 +182,7 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         flag_secret: random_token(),
         public_http_port: http_port,
         artifact_dir: state.run_dir.join("artifacts"),
+        scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(&state.run_dir)?),
         ..ControllerConfig::default()
     };
     let path = state.run_dir.join("controller.toml");
@@ -218,7 +219,11 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         domain: DOMAIN.into(),
         etcd: vec![member.client_url()],
     };
-    std::fs::write(dir.join("local.json"), serde_json::to_vec_pretty(&local)?)?;
+    // It holds the admin and platform tokens.
+    tidegate_local::daemons::write_private(
+        &dir.join("local.json"),
+        &serde_json::to_vec_pretty(&local)?,
+    )?;
     Ok(())
 }
 
@@ -297,6 +302,7 @@ fn start_agents(
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
             artifact_dir: state.run_dir.join("artifacts"),
             hop_key_file: Some(tidegate_local::daemons::hop_key_file(&state.run_dir)?),
+            scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(&state.run_dir)?),
             ..AgentConfig::default()
         };
         let config = state.run_dir.join(format!("{worker}.toml"));

@@ -1,4 +1,6 @@
-//! Spoofed agent-to-agent hops: a player claims that agent a forwarded
+//! Instance names from an agent's metrics endpoint (an id is a hostname,
+//! the only secret of an HTTP instance), and spoofed agent-to-agent hops:
+//! a player claims that agent a forwarded
 //! their request or connection, so that agent b (the owner of team locked's
 //! instance, whose edge policy refuses them) skips the policy. The claims
 //! come from agent a's own address: from this host (a process on an
@@ -95,6 +97,14 @@ fn forged_proxy_v2(dst: SocketAddr, tlv: bool) -> Result<String> {
 
 pub(super) fn attacks() -> Vec<Attack> {
     let mut all = Vec::new();
+    for path in ["/metrics", "/activity"] {
+        all.push(Attack::new(
+            format!("read instance names from agent b's {path}"),
+            From::Network,
+            "scrape-token",
+            move |r| names(r, path),
+        ));
+    }
     for sender in [Sender::Host, Sender::Egress] {
         for (v1, what) in [(false, "a worker's id"), (true, "a made-up v1 proof")] {
             all.push(Attack::new(
@@ -173,6 +183,24 @@ fn judge(r: &Range, got: &str, served: &str, before: f64) -> Result<Verdict> {
     Ok(Verdict::Blocked(format!(
         "{got}; b counted it and logged the source {source}"
     )))
+}
+
+/// Whether agent b's `path`, read without the scrape token, names the
+/// locked instance (its id is its hostname's first label).
+fn names(r: &Range, path: &str) -> Result<Verdict> {
+    let url = format!("http://{}{path}", r.b_cfg.metrics_listen);
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-w", " %{http_code}", &url])
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once(' ').unwrap_or((&text, ""));
+    let id = r.locked.id.as_str();
+    Ok(if body.contains(id) {
+        Verdict::Succeeded(format!("{status}; the answer names instance {id}"))
+    } else {
+        Verdict::Blocked(format!("{status}; {} bytes, no instance named", body.len()))
+    })
 }
 
 /// Agent b's `tidegate_hop_refused_total`, every label summed.

@@ -139,7 +139,9 @@ fn copy_files<'a>(
             let tmp = format!("{}.deploy-tmp", f.path);
             r.run(
                 &format!(
-                    "mkdir -p {d} && cat > {t} && chmod {m:o} {t} && mv -f {t} {p}",
+                    // The file is the owner's alone from creation (it may
+                    // hold a secret) until its mode is set.
+                    "mkdir -p {d} && (umask 077 && cat > {t}) && chmod {m:o} {t} && mv -f {t} {p}",
                     d = q(&dir),
                     t = q(&tmp),
                     m = f.mode,

@@ -52,9 +52,11 @@ pub(super) fn etcd_auth(
         ("tidegate-agent", &s.etcd_agent_password),
     ] {
         if !has(user) {
+            // printf is the shell's own: the password is in no argv (the
+            // script itself reaches the host on stdin).
             let _ = writeln!(
                 script,
-                "{etcdctl} user add {user} --interactive=false --new-user-password={}",
+                "printf '%s\\n' {} | {etcdctl} user add {user} --interactive=false >/dev/null",
                 q(password)
             );
         }
@@ -72,7 +74,7 @@ pub(super) fn etcd_auth(
         );
     }
     let _ = writeln!(script, "{etcdctl} auth enable");
-    r.run(&script, None)?;
+    r.run("sh -s", Some(script.as_bytes()))?;
     std::fs::write(&marker, "etcd auth was enabled by cargo xtask deploy\n")?;
     println!("etcd: auth enabled (users root, tidegate-controller, tidegate-agent)");
     Ok(true)

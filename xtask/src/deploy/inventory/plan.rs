@@ -134,8 +134,16 @@ pub(super) fn plan_host<'a>(
             etcd: etcd_urls(inv, inv.ports.etcd_client),
             etcd_tls: Some(p.etcd_tls("controller")),
             etcd_auth: Some(p.etcd_auth("controller")),
+            scrape_token_file: Some(p.path("/etc/tidegate/scrape-token").into()),
             ..ControllerConfig::default()
         };
+        let token = format!("{}\n", secrets.scrape_token).into_bytes();
+        p.file(
+            &p.path("/etc/tidegate/scrape-token"),
+            token,
+            0o640,
+            vec!["tidegate-controller"],
+        );
         p.daemon(Daemon {
             role: "controller",
             password: &secrets.etcd_controller_password,
@@ -173,12 +181,20 @@ pub(super) fn plan_host<'a>(
             etcd_auth: Some(p.etcd_auth("agent")),
             hop_key_file: Some(p.path("/etc/tidegate/hop-key").into()),
             allow_host_access: inv.allow_host_access,
+            scrape_token_file: Some(p.path("/etc/tidegate/scrape-token").into()),
             ..AgentConfig::default()
         };
         let hop_key = format!("{}\n", secrets.hop_key).into_bytes();
         p.file(
             &p.path("/etc/tidegate/hop-key"),
             hop_key,
+            0o640,
+            vec!["tidegate-agent"],
+        );
+        let token = format!("{}\n", secrets.scrape_token).into_bytes();
+        p.file(
+            &p.path("/etc/tidegate/scrape-token"),
+            token,
             0o640,
             vec!["tidegate-agent"],
         );
@@ -229,6 +245,12 @@ impl Planner<'_> {
     }
 
     fn file(&mut self, path: &str, bytes: Vec<u8>, mode: u32, services: Vec<&'static str>) {
+        // One file for several daemons of the host (the scrape token of a
+        // controller that is also an agent): written once, restarting each.
+        if let Some(f) = self.files.iter_mut().find(|f| f.path == path) {
+            f.services.extend(services);
+            return;
+        }
         self.files.push(File {
             path: path.to_string(),
             bytes: bytes.into(),

@@ -2,7 +2,6 @@
 //! `.<name>.deploy/`: the tokens and etcd passwords (`secrets.toml`) and the
 //! etcd CA with the members' and clients' certificates (`pki/`).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,6 +23,10 @@ pub(super) struct Secrets {
     /// existing file gets one on the next run).
     #[serde(default)]
     pub(super) hop_key: String,
+    /// The token for agents' per-instance metrics and `/activity` (added
+    /// like `hop_key`).
+    #[serde(default)]
+    pub(super) scrape_token: String,
 }
 
 impl Secrets {
@@ -37,6 +40,7 @@ impl Secrets {
             etcd_controller_password: "<password>".into(),
             etcd_agent_password: "<password>".into(),
             hop_key: "<hop key>".into(),
+            scrape_token: "<scrape token>".into(),
         }
     }
 }
@@ -62,10 +66,18 @@ pub(super) fn secrets(dir: &Path) -> Result<Secrets> {
     let path = dir.join("secrets.toml");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let mut s: Secrets = toml::from_str(&text).with_context(|| path.display().to_string())?;
-        if s.hop_key.is_empty() {
-            s.hop_key = random_key();
+        if s.hop_key.is_empty() || s.scrape_token.is_empty() {
+            if s.hop_key.is_empty() {
+                s.hop_key = random_key();
+            }
+            if s.scrape_token.is_empty() {
+                s.scrape_token = random_key();
+            }
             write_private(&path, toml::to_string(&s)?.as_bytes())?;
-            println!("made the agents' hop key: {}", path.display());
+            println!(
+                "made the agents' hop key and scrape token: {}",
+                path.display()
+            );
         }
         return Ok(s);
     }
@@ -77,6 +89,7 @@ pub(super) fn secrets(dir: &Path) -> Result<Secrets> {
         etcd_controller_password: random_secret(),
         etcd_agent_password: random_secret(),
         hop_key: random_key(),
+        scrape_token: random_key(),
     };
     write_private(&path, toml::to_string(&s)?.as_bytes())?;
     println!(
@@ -87,16 +100,7 @@ pub(super) fn secrets(dir: &Path) -> Result<Secrets> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| path.display().to_string())?;
-    f.write_all(bytes)?;
-    Ok(())
+    tidegate_local::daemons::write_private(path, bytes).with_context(|| path.display().to_string())
 }
 
 fn openssl(args: &[&str], dir: &Path) -> Result<()> {
