@@ -41,6 +41,7 @@ pub struct Metrics {
     reconcile: Histogram,
     malformed: Counter,
     fenced: Counter,
+    unlike_spec: Counter,
     orphans: Counter,
     registrations: Counter,
     watch_revision: Gauge,
@@ -60,6 +61,7 @@ impl Default for Metrics {
             reconcile: Histogram::new(BUCKETS),
             malformed: Counter::default(),
             fenced: Counter::default(),
+            unlike_spec: Counter::default(),
             orphans: Counter::default(),
             registrations: Counter::default(),
             watch_revision: Gauge::default(),
@@ -93,6 +95,11 @@ impl Metrics {
                 "fenced_records",
                 "Records refused for carrying a stale fencing token",
                 &self.fenced,
+            ),
+            (
+                "unlike_spec_records",
+                "Records refused because their container is not what their challenge's spec makes (no container started)",
+                &self.unlike_spec,
             ),
             (
                 "orphans_removed",
@@ -142,6 +149,10 @@ impl Metrics {
 
     pub fn fenced(&self) {
         self.fenced.inc();
+    }
+
+    pub fn unlike_spec(&self) {
+        self.unlike_spec.inc();
     }
 
     pub fn orphan_removed(&self) {

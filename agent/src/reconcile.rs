@@ -17,8 +17,8 @@ use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
-    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, Record, StatusRecord, V1,
-    WorkerId,
+    ChallengeRecord, ContainerSpec, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
+    Kind, Record, StatusRecord, V1, WorkerId,
 };
 
 use crate::hostnet::{Firewall, pin_neighbours};
@@ -432,7 +432,24 @@ impl Reconciler {
                 t.status = InstanceStatus::Starting;
             }
             None => {
-                let record = t.record.clone();
+                let mut record = t.record.clone();
+                match from_spec(&self.client, &self.ks, &record).await {
+                    Ok(container) => record.container = container,
+                    Err(Vetted::Unavailable(e)) => {
+                        tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec; retrying");
+                        t.retry_at = Some(Instant::now() + backoff(t.restarts));
+                        t.restarts += 1;
+                        return;
+                    }
+                    Err(Vetted::Refused(why)) => {
+                        tracing::error!(instance = %id, challenge = %record.challenge, spec_revision = record.spec_revision, %why, "refused: the record's container is not what its challenge's spec makes; no container started");
+                        self.metrics.unlike_spec();
+                        t.status = InstanceStatus::Failed {
+                            reason: format!("refused by the agent: {why}"),
+                        };
+                        return;
+                    }
+                }
                 t.status = InstanceStatus::Starting;
                 match self.runtime.create(&record).await {
                     Ok(container) => {
@@ -528,5 +545,58 @@ impl Reconciler {
             }
             Err(e) => tracing::debug!(instance = %id, error = %e, "could not write the status"),
         }
+    }
+}
+
+/// Why a record's container was not made.
+#[derive(Debug)]
+enum Vetted {
+    /// etcd could not say (retried).
+    Unavailable(String),
+    /// The record says another container than its spec makes.
+    Refused(String),
+}
+
+/// The container of `record`, made from its challenge's spec at the
+/// revision the record names (the current one when the record names none,
+/// or when etcd has compacted that revision away). A record whose own
+/// container differs (image, caps, limits, networks, env) is refused:
+/// whoever wrote it is not the scheduler, or the scheduler is not ours.
+async fn from_spec(
+    client: &Client,
+    ks: &Keyspace,
+    record: &InstanceRecord,
+) -> Result<ContainerSpec, Vetted> {
+    if planted("spec-derived") {
+        return Ok(record.container.clone());
+    }
+    let key = ks.key(&Key::Challenge(record.challenge.clone()));
+    let mut client = client.clone();
+    let at = (record.spec_revision > 0)
+        .then(|| etcd_client::GetOptions::new().with_revision(record.spec_revision));
+    let resp = match client.get(key.as_str(), at).await {
+        Err(e) if record.spec_revision > 0 && e.to_string().contains("compacted") => {
+            client.get(key.as_str(), None).await
+        }
+        other => other,
+    }
+    .map_err(|e| Vetted::Unavailable(format!("{key}: {e}")))?;
+    let kv = resp.kvs().first().ok_or_else(|| {
+        Vetted::Refused(format!(
+            "challenge {} has no spec at revision {}",
+            record.challenge, record.spec_revision
+        ))
+    })?;
+    let challenge =
+        ChallengeRecord::decode(kv.value()).map_err(|e| Vetted::Refused(format!("{key}: {e}")))?;
+    let made = ContainerSpec::of(&challenge.spec);
+    let differences = record.container.differences(&made);
+    if differences.is_empty() {
+        Ok(made)
+    } else {
+        Err(Vetted::Refused(format!(
+            "record vs spec: {}",
+            differences.join("; ")
+        )))
     }
 }

@@ -19,6 +19,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Files the config names are read when used; an unreadable one stops
+    // the start here, named.
+    if let Some(path) = &cfg.scrape_token_file
+        && let Err(e) = tidegate_schema::config::read_secret_file("scrape_token_file", path, 16)
+    {
+        eprintln!("tidegate-controller: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -30,6 +30,8 @@ pub struct SpawnPlan {
     pub leader_key: String,
     pub token: i64,
     pub challenge: ChallengeRecord,
+    /// `challenge`'s mod revision (0: agents check against the current spec).
+    pub challenge_revision: i64,
     pub team: TeamId,
     pub worker: WorkerId,
     /// Hostnames are `{id}.{domain}` (first HTTP port) and `{id}-{port}.{domain}`.
@@ -212,16 +214,8 @@ fn draft(
         team_slot: 0,
         http,
         tcp,
-        container: ContainerSpec {
-            image: spec.image.clone(),
-            env: spec.env.clone(),
-            limits: spec.limits.clone(),
-            egress: spec.egress,
-            read_only_rootfs: spec.read_only_rootfs,
-            tmpfs: spec.tmpfs.clone(),
-            cap_add: spec.cap_add.clone(),
-            unsafe_caps: spec.unsafe_caps.clone(),
-        },
+        container: ContainerSpec::of(spec),
+        spec_revision: plan.challenge_revision,
     })
 }
 

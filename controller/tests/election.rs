@@ -68,6 +68,7 @@ async fn a_standby_takes_over_when_the_leader_goes_silent_and_the_old_token_is_f
         tcp_ports: 20000..=20999,
         ttl_secs: 60,
         now: 0,
+        challenge_revision: 0,
     };
     let err = spawn(&client, &plan(&old.key, old.token), |_| "f".into())
         .await

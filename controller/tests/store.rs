@@ -64,6 +64,7 @@ fn plan(
         tcp_ports: 20000..=29999,
         ttl_secs: 600,
         now: 1_700_000_000,
+        challenge_revision: 0,
     }
 }
 

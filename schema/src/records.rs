@@ -148,6 +148,54 @@ pub struct ContainerSpec {
     pub unsafe_caps: Vec<String>,
 }
 
+impl ContainerSpec {
+    /// The container a challenge's instances run: what the scheduler
+    /// writes in each record and what agents check it against.
+    pub fn of(spec: &crate::ChallengeSpec) -> Self {
+        Self {
+            image: spec.image.clone(),
+            env: spec.env.clone(),
+            limits: spec.limits.clone(),
+            egress: spec.egress,
+            read_only_rootfs: spec.read_only_rootfs,
+            tmpfs: spec.tmpfs.clone(),
+            cap_add: spec.cap_add.clone(),
+            unsafe_caps: spec.unsafe_caps.clone(),
+        }
+    }
+
+    /// The fields where `self` and `other` differ, each with both values.
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let mut out = Vec::new();
+        macro_rules! field {
+            ($($f:ident),*) => {$(
+                if self.$f != other.$f {
+                    out.push(format!("{}: {:?} vs {:?}", stringify!($f), self.$f, other.$f));
+                }
+            )*};
+        }
+        field!(
+            image,
+            limits,
+            egress,
+            read_only_rootfs,
+            tmpfs,
+            cap_add,
+            unsafe_caps
+        );
+        if self.env != other.env {
+            // Values may be secrets: names only.
+            let names = |c: &Self| c.env.keys().cloned().collect::<Vec<_>>();
+            out.push(format!(
+                "env: {:?} vs {:?} (names; or a value differs)",
+                names(self),
+                names(other)
+            ));
+        }
+        out
+    }
+}
+
 /// An instance: desired state, written only by the elected scheduler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +221,12 @@ pub struct InstanceRecord {
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
     pub container: ContainerSpec,
+    /// The mod revision of the challenge record whose spec `container` was
+    /// made from ([`ContainerSpec::of`]): agents make the container from
+    /// that spec and refuse a record that says otherwise. 0: the current
+    /// spec (records written before this field, tests).
+    #[serde(default)]
+    pub spec_revision: i64,
     /// The instance's flag, given to the container as `FLAG`.
     pub flag: String,
 }

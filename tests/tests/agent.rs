@@ -269,6 +269,7 @@ async fn lease_expiry_with_no_controller_removes_the_container() {
         tcp_ports: 20000..=20999,
         ttl_secs: 3,
         now: 0,
+        challenge_revision: 0,
     };
     let s = tidegate_controller::spawn(&c.client, &plan, |_| "flag{x}".into())
         .await

@@ -11,6 +11,7 @@
 //! must then get through; one that does not is a broken attack. `--controls`
 //! runs every defence's control in turn.
 
+mod flags;
 mod hop;
 mod host;
 mod instance;
@@ -139,6 +140,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "agents route only tcp_ports (TIDEGATE_PLANTED)",
     ),
     (
+        "spec-derived",
+        "agents make containers from the challenge's spec and refuse records that differ (TIDEGATE_PLANTED)",
+    ),
+    (
         "unique-worker",
         "worker registration is create-if-absent (TIDEGATE_PLANTED)",
     ),
@@ -171,11 +176,12 @@ pub(crate) fn run(args: RedteamArgs) -> Result<()> {
         Some(defence) => control(defence),
         None => {
             let range = Range::start(None)?;
-            let (tried, succeeded) = report(&range, &attacks())?;
+            let (tried, succeeded, rows) = report(&range, &attacks())?;
+            let swept = flags::sweep(&range, &rows);
             if succeeded > 0 {
                 bail!("{succeeded} of {tried} attacks succeeded");
             }
-            Ok(())
+            swept
         }
     }
 }
@@ -191,7 +197,7 @@ fn control(defence: &str) -> Result<()> {
         .filter(|a| a.defence == defence)
         .collect();
     let range = Range::start(Some(defence))?;
-    let (tried, succeeded) = report(&range, &chosen)?;
+    let (tried, succeeded, _) = report(&range, &chosen)?;
     if succeeded < tried {
         bail!(
             "with {defence} off only {succeeded} of its {tried} attacks succeeded: the others are broken"
@@ -201,9 +207,11 @@ fn control(defence: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `attacks` against `range`, printing a row each and the total.
-fn report(range: &Range, attacks: &[Attack]) -> Result<(usize, usize)> {
-    println!("\n{:<66} {:<14} {:<18} result", "attack", "from", "defence");
+/// Runs `attacks` against `range`, printing a row each and the total;
+/// `(tried, succeeded, the rows)`.
+fn report(range: &Range, attacks: &[Attack]) -> Result<(usize, usize, String)> {
+    let mut rows = format!("\n{:<66} {:<14} {:<18} result", "attack", "from", "defence");
+    println!("{rows}");
     let mut succeeded = 0;
     for a in attacks {
         let t = Instant::now();
@@ -216,14 +224,16 @@ fn report(range: &Range, attacks: &[Attack]) -> Result<(usize, usize)> {
                 format!("SUCCEEDED: {got}")
             }
         };
-        println!(
+        let row = format!(
             "{:<66} {:<14} {:<18} {result} ({:.1} s)",
             a.name,
             a.from.name(),
             a.defence,
             t.elapsed().as_secs_f64()
         );
+        println!("{row}");
+        rows += &format!("\n{row}");
     }
     println!("attacks: {} tried, {succeeded} succeeded", attacks.len());
-    Ok((attacks.len(), succeeded))
+    Ok((attacks.len(), succeeded, rows))
 }

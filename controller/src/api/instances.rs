@@ -83,18 +83,19 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
     // One spawn at a time per leader: placement then sees every earlier
     // spawn, so no worker is given more than its capacity.
     let _serial = app.spawn_lock.lock().await;
-    let challenge = match etcd(app, || app.challenges.get(&req.challenge)).await {
-        Ok(c) => c.value,
-        Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("challenge {:?} does not exist", req.challenge.as_str()),
-            )
-            .field("challenge")
-            .reason("unknown_challenge"));
-        }
-        Err(e) => return Err(e),
-    };
+    let (challenge, challenge_revision) =
+        match etcd(app, || app.challenges.get(&req.challenge)).await {
+            Ok(c) => (c.value, c.revision),
+            Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("challenge {:?} does not exist", req.challenge.as_str()),
+                )
+                .field("challenge")
+                .reason("unknown_challenge"));
+            }
+            Err(e) => return Err(e),
+        };
     // The challenge's policy decides before placement (and under the spawn
     // lock, so the counts it sees include every earlier spawn).
     let (ttl_secs, fallback_note) = match policy::admit_spawn(app, &challenge, &req.team).await {
@@ -126,6 +127,7 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
         tcp_ports: app.tcp_ports.clone(),
         now,
         challenge,
+        challenge_revision,
     };
     let secret = app.cfg.flag_secret.as_bytes();
     let spec = plan.challenge.spec.clone();

@@ -125,14 +125,6 @@ impl ControllerConfig {
         if self.admin_token == self.platform_token {
             return Err(bad("platform_token", "must differ from admin_token"));
         }
-        if let Some(p) = &self.scrape_token_file
-            && !p.exists()
-        {
-            return Err(bad(
-                "scrape_token_file",
-                format!("{} does not exist", p.display()),
-            ));
-        }
         if self.flag_secret.len() < 16 {
             return Err(bad("flag_secret", "set a secret of at least 16 bytes"));
         }

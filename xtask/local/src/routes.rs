@@ -59,6 +59,7 @@ pub fn ghost_instance(
             cap_add: Vec::new(),
             unsafe_caps: Vec::new(),
         },
+        spec_revision: 0,
         flag: "f".into(),
     })
 }

@@ -47,6 +47,18 @@ pub(super) fn attacks() -> Vec<Attack> {
             daemon_port,
         ),
         Attack::new(
+            "a record whose cap_add has SYS_ADMIN",
+            From::Worker,
+            "spec-derived",
+            |r| unlike_spec(r, "SYS_ADMIN"),
+        ),
+        Attack::new(
+            "a record whose image is not its spec's",
+            From::Worker,
+            "spec-derived",
+            |r| unlike_spec(r, "image"),
+        ),
+        Attack::new(
             "a second agent with worker a's id",
             From::Worker,
             "unique-worker",
@@ -276,6 +288,58 @@ fn daemon_port(r: &Range) -> Result<Verdict> {
     } else {
         Verdict::Blocked(format!("{target}: {last}"))
     })
+}
+
+/// A copy of mallory's record for worker a, written by hand (with etcd's
+/// admin credential), whose container is not what its spec makes: with
+/// SYS_ADMIN added, or another image. No container may start for it.
+fn unlike_spec(r: &Range, change: &str) -> Result<Verdict> {
+    let key = |id: &str| format!("/tidegate/instances/{id}");
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&etcd_get(r, &key(&r.mallory.id)).context("mallory's record")?)?;
+    let id = if change == "image" {
+        "0000001a9e"
+    } else {
+        "00000ca95a"
+    };
+    rec["id"] = id.into();
+    rec["http"] = serde_json::json!([]);
+    rec["tcp"][0]["port"] = 29990.into();
+    if change == "image" {
+        rec["container"]["image"] = tidegate_local::images::DEMO_HTTP.into();
+    } else {
+        rec["container"]["cap_add"] = serde_json::json!([change]);
+    }
+    etcd_put_leased(r, &key(id), &rec.to_string(), 120)?;
+    let filter = format!("label=tidegate.instance={id}");
+    let mut found = String::new();
+    let started = wait_until(Duration::from_secs(10), || {
+        found = sh::output(Command::new("docker").args(["ps", "-aq", "--filter", &filter]))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        !found.is_empty()
+    });
+    let _ = etcdctl(r, &["del", &key(id)]);
+    if started {
+        return Ok(Verdict::Succeeded(format!(
+            "container {found} was made for it"
+        )));
+    }
+    let log = r.a.log_tail(200);
+    let refused = log
+        .lines()
+        .any(|l| l.contains("refused: the record's container") && l.contains(id));
+    if !refused {
+        bail!(
+            "no container for {id}, but agent a did not say it refused it:\n{}",
+            r.a.log_tail(10)
+        );
+    }
+    Ok(Verdict::Blocked(
+        "no container in 10 s; agent a refused it (tidegate_agent_unlike_spec_records_total)"
+            .into(),
+    ))
 }
 
 /// A second agent started with worker a's id (on host b, as a thief with
