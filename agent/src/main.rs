@@ -13,7 +13,7 @@ use tidegate_agent::hostnet::Firewall;
 use tidegate_agent::membership::ClaimError;
 use tidegate_agent::metrics::Metrics;
 use tidegate_agent::policy::{EdgePolicy, PluginPolicy};
-use tidegate_agent::reconcile::Reconciler;
+use tidegate_agent::reconcile::{HostChecks, Reconciler};
 use tidegate_agent::routes::SharedRoutes;
 use tidegate_agent::runtime::Runtime;
 use tidegate_agent::tcp::{TcpOptions, TcpPlane};
@@ -106,6 +106,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .context("creating the instance networks")?;
     let metrics = Arc::new(Metrics::default());
     let firewall = host_firewall(&cfg, &runtime, &metrics).await;
+    let refusal = host_root(&cfg, &runtime).await;
     let forward_from = forward_from(cfg.advertise_address);
     let hops = Arc::new(hop_key(&cfg, &worker)?);
     // eBPF loads (or the fallback is chosen) before anything is served.
@@ -177,7 +178,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         runtime,
         metrics,
         cfg.max_restarts,
-        firewall,
+        HostChecks { firewall, refusal },
     );
     reconciler
         .run(Duration::from_millis(cfg.reconcile_interval_ms), shutdown())
@@ -235,6 +236,31 @@ async fn host_firewall(
         return None;
     }
     Some(fw)
+}
+
+/// Why no instance may start here when the Docker engine runs container
+/// root as host root (no `userns-remap`) and the config does not say
+/// `allow_host_root`; `None` when instances may start.
+async fn host_root(cfg: &AgentConfig, runtime: &Runtime) -> Option<String> {
+    match runtime.remaps_root().await {
+        Ok(true) => None,
+        Ok(false) if cfg.allow_host_root => {
+            tracing::warn!(
+                "allow_host_root: the Docker engine does not remap container root (userns-remap), so root in an instance is root on this host once it escapes"
+            );
+            None
+        }
+        Ok(false) => {
+            let why = "this worker's Docker engine does not remap container root (userns-remap): root in an instance would be root on the host. Configure userns-remap (cargo xtask setup and deploy do) or set allow_host_root = true";
+            tracing::error!("{why}; starting no instance");
+            Some(why.to_string())
+        }
+        Err(e) => {
+            let why = format!("cannot ask the Docker engine whether it remaps container root: {e}");
+            tracing::error!("{why}; starting no instance");
+            Some(why)
+        }
+    }
 }
 
 /// This worker's membership record.

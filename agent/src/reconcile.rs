@@ -25,6 +25,15 @@ use crate::hostnet::{Firewall, pin_neighbours};
 use crate::metrics::Metrics;
 use crate::runtime::{Observed, Runtime, RuntimeError};
 
+/// What keeps instances off this host: the firewall (None:
+/// `allow_host_access`), and why no instance may start at all (an engine
+/// running container root as host root), if so.
+#[derive(Debug, Default)]
+pub struct HostChecks {
+    pub firewall: Option<Firewall>,
+    pub refusal: Option<String>,
+}
+
 /// One instance this worker should run.
 #[derive(Debug)]
 struct Tracked {
@@ -67,6 +76,8 @@ pub struct Reconciler {
     /// are in place: no container is created while they are not.
     firewall: Option<Firewall>,
     host_safe: bool,
+    /// Why this worker starts no instance at all (its engine), if so.
+    refusal: Option<String>,
     firewall_checked: Option<Instant>,
     /// The firewall error last logged.
     firewall_said: Option<String>,
@@ -93,8 +104,9 @@ impl Reconciler {
         runtime: Runtime,
         metrics: Arc<Metrics>,
         max_restarts: u32,
-        firewall: Option<Firewall>,
+        host: HostChecks,
     ) -> Self {
+        let HostChecks { firewall, refusal } = host;
         Self {
             client,
             ks,
@@ -108,6 +120,7 @@ impl Reconciler {
             max_token: 0,
             pinning_failed: false,
             host_safe: firewall.is_none(),
+            refusal,
             firewall,
             firewall_checked: None,
             firewall_said: None,
@@ -426,6 +439,12 @@ impl Reconciler {
                     tracing::warn!(instance = %id, error = %e, "start failed");
                     t.retry_at = Some(Instant::now() + backoff(t.restarts));
                 }
+            }
+            None if self.refusal.is_some() => {
+                let why = self.refusal.clone().unwrap_or_default();
+                t.status = InstanceStatus::Failed {
+                    reason: format!("refused by the agent: {why}"),
+                };
             }
             None if !host_safe => {
                 // Nothing starts until the host firewall is in place.

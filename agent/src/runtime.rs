@@ -314,8 +314,22 @@ impl Runtime {
             network_mode: Some(network.to_string()),
             publish_all_ports: Some(false),
             init: Some(false),
+            // The red team's positive control of userns-remap: this
+            // container's root is the host's root.
+            userns_mode: planted("userns").then(|| "host".to_string()),
             ..Default::default()
         }
+    }
+
+    /// Whether the engine maps container root to an unprivileged range of
+    /// the host (`userns-remap`).
+    pub async fn remaps_root(&self) -> Result<bool, DockerError> {
+        let info = self.docker.info().await?;
+        Ok(info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.contains("name=userns")))
     }
 
     /// Creates the instance's container (pulling its image if allowed).

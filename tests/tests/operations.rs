@@ -267,18 +267,18 @@ async fn instance_names_are_served_only_to_the_scrape_token() {
     challenges(&p).await;
     let (id, host, owner) = p.running("web", "red").await;
     let owner = if owner == p.a.worker { &p.a } else { &p.b };
-    let (s, _, _) = get(&p.a_http, &host, None).await;
-    assert_eq!(s, 200);
+    let served = eventually(10, || async { get(&p.a_http, &host, None).await.0 == 200 }).await;
+    assert!(served, "agent a does not serve {host}");
     let token = owner
         .scrape_token()
         .expect("the lab gives agents a scrape token");
     let base = owner.metrics_url.trim_end_matches("/metrics");
     let label = format!("instance=\"{id}\"");
-    let full = curl_with(&owner.metrics_url, Some(token.clone()));
-    assert!(
-        full.contains(&label),
-        "the token gets no per-instance series:\n{full}"
-    );
+    let named = eventually(10, || async {
+        curl_with(&owner.metrics_url, Some(token.clone())).contains(&label)
+    })
+    .await;
+    assert!(named, "the token gets no per-instance series of {id}");
     for who in [None, Some("not-the-token".to_string())] {
         let public = curl_with(&owner.metrics_url, who.clone());
         assert!(

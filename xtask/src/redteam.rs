@@ -127,6 +127,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "instances' addresses pinned on their bridges (TIDEGATE_PLANTED)",
     ),
     (
+        "userns",
+        "the engine's userns-remap: root in an instance is an unprivileged uid of the host (TIDEGATE_PLANTED: that container is made with --userns=host)",
+    ),
+    (
         "log-limit",
         "two rotated json-file parts of log_mib (TIDEGATE_PLANTED)",
     ),

@@ -223,7 +223,9 @@ fn docker_engine() -> Result<Outcome> {
     if config_changed {
         std::fs::create_dir_all("/etc/docker")?;
         std::fs::write(path, serde_json::to_string_pretty(&wanted)?)?;
-        did.push("wrote /etc/docker/daemon.json (198.18.0.0/15 networks)".to_string());
+        did.push(
+            "wrote /etc/docker/daemon.json (198.18.0.0/15 networks, userns-remap)".to_string(),
+        );
     }
     let running = docker::engine_up();
     if running && config_changed {

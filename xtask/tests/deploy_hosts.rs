@@ -400,6 +400,16 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         "secrets leaked during the deploy:\n{}",
         leaks.join("\n")
     );
+    // Every agent host's engine is told to remap container root.
+    for h in &hosts {
+        let json =
+            std::fs::read_to_string(h.root.join("etc/docker/daemon.json")).unwrap_or_default();
+        assert!(
+            json.contains("\"userns-remap\": \"default\""),
+            "{}: daemon.json {json:?}",
+            h.name
+        );
+    }
     for h in &hosts {
         assert!(
             service_pid(h, "tidegate-etcd").is_some(),

@@ -137,6 +137,10 @@ pub struct AgentConfig {
     /// agent keeps firewall rules dropping them (`TIDEGATE-HOST`) and
     /// starts no instance while it cannot, saying why.
     pub allow_host_access: bool,
+    /// Run instances on a Docker engine without `userns-remap`, where root
+    /// in a container is root on the host once it escapes. Off by default:
+    /// such an agent starts no instance and says why.
+    pub allow_host_root: bool,
     /// Networks egress instances may not open connections to (CIDRs; IPv4
     /// only, as the instance networks): where a cluster's own machines and
     /// a cloud's metadata service are.
@@ -232,6 +236,7 @@ impl Default for AgentConfig {
             pull_images: true,
             allow_unbounded_rootfs: false,
             allow_host_access: false,
+            allow_host_root: false,
             egress_deny: [
                 "10.0.0.0/8",
                 "172.16.0.0/12",

@@ -5,10 +5,12 @@ use std::process::{Command, Stdio};
 use crate::error::{Error, Result, run};
 
 /// The daemon config `cargo xtask setup` writes: every Docker network on
-/// 198.18.0.0/15 (the benchmarking range), nothing on 172.16/12.
+/// 198.18.0.0/15 (the benchmarking range), nothing on 172.16/12; root in a
+/// container mapped to the unprivileged `dockremap` range of the host.
 pub const DAEMON_JSON: &str = r#"{
   "bip": "198.18.0.1/24",
-  "default-address-pools": [{"base": "198.19.0.0/16", "size": 24}]
+  "default-address-pools": [{"base": "198.19.0.0/16", "size": 24}],
+  "userns-remap": "default"
 }"#;
 
 /// Where the dockerd that setup starts writes its log.

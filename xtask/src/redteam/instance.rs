@@ -29,6 +29,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             log_flood,
         ),
         Attack::new(
+            "root in an instance is root on the host (uid 0 → 0)",
+            From::Instance,
+            "userns",
+            host_root,
+        ),
+        Attack::new(
             "fill /tmp beyond its size",
             From::Instance,
             "tmpfs-size",
@@ -288,6 +294,23 @@ fn daemon_port(r: &Range) -> Result<Verdict> {
     } else {
         Verdict::Blocked(format!("{target}: {last}"))
     })
+}
+
+/// Mallory's root, seen from the host: `/proc/self/uid_map` in the
+/// container maps uid 0 to 0 only without `userns-remap`.
+fn host_root(r: &Range) -> Result<Verdict> {
+    let map = r.exec(&r.mallory, &["cat", "/proc/self/uid_map"])?;
+    let first = map.lines().next().unwrap_or("");
+    let fields: Vec<&str> = first.split_whitespace().collect();
+    match fields.as_slice() {
+        ["0", "0", ..] => Ok(Verdict::Succeeded(format!(
+            "uid_map {first:?}: root is the host's root"
+        ))),
+        ["0", outside, ..] => Ok(Verdict::Blocked(format!(
+            "uid_map {first:?}: root is uid {outside} on the host"
+        ))),
+        _ => bail!("unreadable uid_map in mallory's container: {map:?}"),
+    }
 }
 
 /// A copy of mallory's record for worker a, written by hand (with etcd's

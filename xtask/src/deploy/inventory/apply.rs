@@ -45,6 +45,11 @@ pub(super) fn apply(inv: &Inventory, state: &Path, profile: &str) -> Result<()> 
     let mut tally = Tally::default();
     check_hosts(inv, &plans)?;
     let changed = copy_files(inv, &plans, &mut tally)?;
+    for p in plans.iter().filter(|p| p.host.roles.contains(&Role::Agent)) {
+        if userns_remap(inv, p)? {
+            tally.other += 1;
+        }
+    }
     let run = Run {
         inv,
         plans: &plans,
@@ -159,6 +164,54 @@ fn copy_files<'a>(
         own_files(&r, inv, &p.root)?;
     }
     Ok(changed)
+}
+
+/// Makes the agent host's Docker engine map container root to an
+/// unprivileged range (`"userns-remap": "default"` in its daemon.json,
+/// other settings kept), then restarts it (systemd; with `init = direct`
+/// it says to). Agents start no instance on an engine without it. A
+/// daemon.json that names another remap is left as it is. Whether it
+/// changed anything.
+fn userns_remap(inv: &Inventory, p: &HostPlan) -> Result<bool> {
+    let r = Remote { inv, host: p.host };
+    let path = at(&p.root, "/etc/docker/daemon.json");
+    let text = r.run(&format!("cat {} 2>/dev/null || true", q(&path)), None)?;
+    let mut config: serde_json::Map<String, serde_json::Value> = if text.trim().is_empty() {
+        serde_json::Map::new()
+    } else {
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("host {}: {path} is not a JSON object: {e}", p.host.name)
+        })?
+    };
+    if config.contains_key("userns-remap") {
+        return Ok(false);
+    }
+    config.insert("userns-remap".into(), "default".into());
+    let bytes = serde_json::to_vec_pretty(&config)?;
+    let dir = at(&p.root, "/etc/docker");
+    r.run(
+        &format!(
+            "mkdir -p {d} && cat > {t} && chmod 644 {t} && mv -f {t} {f}",
+            d = q(&dir),
+            t = q(&format!("{path}.deploy-tmp")),
+            f = q(&path)
+        ),
+        Some(&bytes),
+    )?;
+    println!("host {:<12} set userns-remap in {path}", p.host.name);
+    if inv.init == Init::Systemd {
+        r.run("systemctl restart docker", None)?;
+        println!(
+            "host {:<12} restarted docker (images must be loaded again into the remapped engine)",
+            p.host.name
+        );
+    } else {
+        println!(
+            "host {:<12} restart its Docker engine to apply userns-remap (init = direct)",
+            p.host.name
+        );
+    }
+    Ok(true)
 }
 
 /// Gives the daemons' users their files (systemd), and makes the artifact store.

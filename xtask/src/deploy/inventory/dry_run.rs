@@ -79,7 +79,12 @@ pub(super) fn print(inv: &Inventory, state: &Path, args: &InventoryArgs) -> Resu
             Role::Controller => println!(
                 "would wait until every controller answers /v1/status and a scheduler is elected"
             ),
-            Role::Agent => println!("would wait until every agent is in /v1/workers"),
+            Role::Agent => {
+                println!(
+                    "would set \"userns-remap\": \"default\" in /etc/docker/daemon.json on each agent host where it is unset, and restart docker (systemd)"
+                );
+                println!("would wait until every agent is in /v1/workers");
+            }
         }
     }
     if inv.demo {
