@@ -91,6 +91,8 @@ pub struct Watcher {
     revision: i64,
     lists: u64,
     backoff: Duration,
+    /// A wait before the next step (after a cancelled watch).
+    pause: Option<Duration>,
     /// The etcd cluster the view came from (0 before the first list): a
     /// cluster restored from a snapshot is a new one, and its history is
     /// not the one this watcher followed.
@@ -160,6 +162,7 @@ impl Watcher {
             revision: 0,
             lists: 0,
             backoff: BACKOFF_MIN,
+            pause: None,
             cluster_id: 0,
         }
     }
@@ -190,6 +193,9 @@ impl Watcher {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return event;
+            }
+            if let Some(pause) = self.pause.take() {
+                tokio::time::sleep(pause).await;
             }
             if let Err(e) = self.step().await {
                 tracing::warn!(prefix = %self.prefix, error = %e, retry_in = ?self.backoff, "etcd watch failed");
@@ -306,7 +312,11 @@ impl Watcher {
             return;
         }
         if resp.canceled() {
-            tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled; resuming");
+            // A cancel that repeats (permission denied, an expired auth
+            // token) must not become a busy loop: wait, longer each time.
+            tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), retry_in = ?self.backoff, "watch cancelled; resuming");
+            self.pause = Some(self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
             self.state = State::Watch { from: resume_from };
             return;
         }
