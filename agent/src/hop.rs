@@ -24,8 +24,9 @@
 //! source, at most once a second.
 //!
 //! Within those seconds, a proof could be replayed only from the edge
-//! agent's own address, for the same player, instance and owner: it admits
-//! nothing the edge had not admitted.
+//! agent's own address, for the same player, instance and owner; such a
+//! replay skips the policy again (a rate-limiting policy does not see it,
+//! a policy changed in those seconds is not asked).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -62,6 +63,8 @@ pub enum Refused {
     /// The proof does not match (another key, or another source,
     /// destination, instance or client than signed).
     BadMac,
+    /// The claim comes from an address no registered agent has.
+    NotAnAgent,
 }
 
 impl Protocol {
@@ -80,6 +83,7 @@ impl Refused {
             Refused::NoProof => "no_proof",
             Refused::Stale => "stale",
             Refused::BadMac => "bad_mac",
+            Refused::NotAnAgent => "not_an_agent",
         }
     }
 
@@ -89,6 +93,7 @@ impl Refused {
             Refused::NoProof => "no proof",
             Refused::Stale => "stale (clocks more than 10 s apart?)",
             Refused::BadMac => "bad MAC",
+            Refused::NotAnAgent => "not from an agent's address",
         }
     }
 }
@@ -166,10 +171,11 @@ impl Hops {
     /// A key no other agent has: hops from other agents are then served as
     /// players' (policy asked again), and only this agent's own hops back
     /// to itself are recognised.
-    pub fn random(me: &str) -> Self {
+    pub fn random(me: &str) -> Result<Self, String> {
         let mut key = [0u8; 32];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key);
-        Self::new(&key, me).unwrap_or_else(|_| unreachable!("32 bytes is long enough"))
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| "no random bytes for a hop key".to_string())?;
+        Self::new(&key, me)
     }
 
     /// This agent's worker id.
@@ -381,7 +387,11 @@ mod tests {
     #[test]
     fn short_keys_and_malformed_headers_are_refused() {
         assert!(Hops::new(b"short", "a").is_err());
-        let good = http_value(&Hops::random("a").sign(&hop("i"), "1.2.3.4:5".parse().unwrap()));
+        let good = http_value(
+            &Hops::random("a")
+                .unwrap()
+                .sign(&hop("i"), "1.2.3.4:5".parse().unwrap()),
+        );
         assert!(parse_http(good.as_bytes()).is_ok());
         for bad in [
             "worker-a".to_string(),

@@ -133,18 +133,7 @@ impl Firewall {
         }
         if let Some(bridge) = &self.egress_bridge {
             for cidr in self.egress_deny.iter().filter(|c| !c.contains(':')) {
-                let rule = [
-                    "-i",
-                    bridge,
-                    "-d",
-                    cidr,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-j",
-                    "DROP",
-                ];
+                let rule = egress_rule(bridge, cidr);
                 ensure_rule("iptables", "DOCKER-USER", &rule).await?;
             }
             self.prune_egress(bridge).await?;
@@ -165,7 +154,7 @@ impl Firewall {
             let words: Vec<&str> = line.split_whitespace().collect();
             let ours = words.first() == Some(&"-A")
                 && words.windows(2).any(|w| w == ["-i", bridge])
-                && words.ends_with(&["-j", "DROP"]);
+                && words.windows(2).any(|w| w == ["--comment", EGRESS_TAG]);
             let dest = words
                 .windows(2)
                 .find(|w| w[0] == "-d")
@@ -194,18 +183,7 @@ impl Firewall {
         }
         if let Some(bridge) = &self.egress_bridge {
             for cidr in &self.egress_deny {
-                let rule = [
-                    "-i",
-                    bridge,
-                    "-d",
-                    cidr,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-j",
-                    "DROP",
-                ];
+                let rule = egress_rule(bridge, cidr);
                 let _ = iptables("iptables", &[&["-D", "DOCKER-USER"][..], &rule].concat()).await;
             }
         }
@@ -231,6 +209,30 @@ impl Firewall {
         iptables(cmd, &[&["-A", HOST_CHAIN][..], &established].concat()).await?;
         iptables(cmd, &["-A", HOST_CHAIN, "-j", "DROP"]).await
     }
+}
+
+/// The comment on every egress rule an agent adds: only rules with it are
+/// ever pruned (other software's DOCKER-USER rules are left alone).
+const EGRESS_TAG: &str = "tidegate-egress";
+
+/// The DOCKER-USER rule dropping new connections from `bridge` to `cidr`.
+fn egress_rule<'a>(bridge: &'a str, cidr: &'a str) -> [&'a str; 14] {
+    [
+        "-i",
+        bridge,
+        "-d",
+        cidr,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "comment",
+        "--comment",
+        EGRESS_TAG,
+        "-j",
+        "DROP",
+    ]
 }
 
 /// Inserts `rule` at the top of `chain` unless it is there.

@@ -22,7 +22,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 use tidegate_schema::Hostname;
 
-use crate::hop::{Hop, Hops, Protocol};
+use crate::hop::{Hop, Hops, Protocol, Refused};
 use crate::policy::{Connection, EdgePolicy, Verdict};
 use crate::routes::{Route, SharedRoutes, Target};
 
@@ -82,13 +82,22 @@ impl EdgeProxy {
         let (Some(peer), Some(local)) = (peer, local) else {
             return false;
         };
+        // Only agents forward: a claim from any other address is refused
+        // whatever its proof (as on TCP).
+        let from_agent = self.routes.load().agents.contains(&peer.ip());
         let hop = Hop {
             protocol: Protocol::Http,
             source: peer.ip(),
             destination: local,
             instance: route.instance.as_str(),
         };
-        let claim = crate::hop::parse_http(value.as_bytes());
+        let claim = crate::hop::parse_http(value.as_bytes()).and_then(|c| {
+            if from_agent {
+                Ok(c)
+            } else {
+                Err(Refused::NotAnAgent)
+            }
+        });
         match self.hops.check(&hop, claim) {
             Ok(()) => true,
             Err(reason) => {
@@ -330,10 +339,11 @@ impl ProxyHttp for EdgeProxy {
         }
         if let Some(Target::Remote(owner)) = ctx.route.as_ref().map(|r| &r.target) {
             // The proof holds only from the address the request leaves from.
-            let proof = match (
-                self.forward_from,
-                session.client_addr().and_then(|a| a.as_inet()),
-            ) {
+            // Only when the request leaves from it (same family as the owner).
+            let from = self
+                .forward_from
+                .filter(|ip| ip.is_ipv4() == owner.is_ipv4());
+            let proof = match (from, session.client_addr().and_then(|a| a.as_inet())) {
                 (Some(source), Some(client)) => ctx.route.as_ref().map(|r| {
                     let hop = Hop {
                         protocol: Protocol::Http,

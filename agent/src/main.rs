@@ -301,7 +301,7 @@ fn hop_key(cfg: &AgentConfig, worker: &WorkerId) -> anyhow::Result<Hops> {
             tracing::warn!(
                 "no hop_key_file: requests and connections other agents forward here are served as players' (the edge policy is asked again, with the forwarding agent's address as the source); set the same key file on every agent"
             );
-            Ok(Hops::random(worker.as_str()))
+            Hops::random(worker.as_str()).map_err(anyhow::Error::msg)
         }
     }
 }

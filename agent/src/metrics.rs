@@ -278,23 +278,24 @@ impl Scrape {
 /// `listener`, until aborted.
 pub async fn serve(listener: tokio::net::TcpListener, scrape: Scrape) {
     let scrape = Arc::new(scrape);
-    let last_len = Arc::new(AtomicUsize::new(0));
+    // Each registry's text is sized like its own last one.
+    let last_len = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
     let metrics = {
         let scrape = scrape.clone();
         move |headers: axum::http::HeaderMap| {
             let (scrape, last_len) = (scrape.clone(), last_len.clone());
             async move {
-                let registry = if scrape.authorized(&headers) {
-                    &scrape.full
+                let (registry, last_len) = if scrape.authorized(&headers) {
+                    (&scrape.full, &last_len[1])
                 } else {
-                    &scrape.public
+                    (&scrape.public, &last_len[0])
                 };
                 (
                     [(
                         "content-type",
                         prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                     )],
-                    render(registry, &last_len),
+                    render(registry, last_len),
                 )
             }
         }

@@ -322,14 +322,14 @@ impl Runtime {
     }
 
     /// Whether the engine maps container root to an unprivileged range of
-    /// the host (`userns-remap`).
+    /// the host (`userns-remap`, or a rootless engine).
     pub async fn remaps_root(&self) -> Result<bool, DockerError> {
         let info = self.docker.info().await?;
         Ok(info
             .security_options
             .unwrap_or_default()
             .iter()
-            .any(|o| o.contains("name=userns")))
+            .any(|o| o.contains("name=userns") || o.contains("name=rootless")))
     }
 
     /// Creates the instance's container (pulling its image if allowed).

@@ -343,7 +343,8 @@ async fn both_daemons_metrics_pass_prometheus_own_checker() {
         promtool("tidegate_x_total{instance=\"a\"} 1\n").is_err(),
         "promtool accepts a sample without HELP and TYPE: it would catch nothing"
     );
-    let p = plane(|_| {}).await;
+    // Metrics, not deadlines: a loaded run must not make the policy fall back.
+    let p = plane(|c| c.plugin_deadline_ms = 50).await;
     let c = &p.controller;
     challenges(&p).await;
     let (s, body) = c.spawn("web", "mallory").await;

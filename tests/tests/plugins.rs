@@ -200,7 +200,9 @@ async fn uploads_are_checked_and_bad_ones_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
-    let p = plane(|_| {}).await;
+    // Decisions, not deadlines (those are the runaway test's): a call
+    // preempted for 50 ms on a loaded 2-core run must not fall back.
+    let p = plane(|c| c.plugin_deadline_ms = 50).await;
     let c = &p.controller;
     assert_eq!(
         c.put_challenge("web", web_spec()).await.0,

@@ -215,15 +215,18 @@ impl Relay {
         if remote {
             // The owner serves it as a connection to this public port; the
             // proof holds only from the address the connection leaves from.
-            let proof = self.forward_from.map(|ip| {
-                let hop = Hop {
-                    protocol: Protocol::Tcp,
-                    source: ip,
-                    destination: upstream,
-                    instance: route.instance.as_str(),
-                };
-                self.hops.sign(&hop, source)
-            });
+            let proof = self
+                .forward_from
+                .filter(|ip| ip.is_ipv4() == upstream.is_ipv4())
+                .map(|ip| {
+                    let hop = Hop {
+                        protocol: Protocol::Tcp,
+                        source: ip,
+                        destination: upstream,
+                        instance: route.instance.as_str(),
+                    };
+                    self.hops.sign(&hop, source)
+                });
             let header = hop::header(source, upstream, proof.as_ref());
             server.write_all(&header).await?;
             sent = header.len();

@@ -306,7 +306,9 @@ impl AgentConfig {
             if !is_ipv4_cidr(cidr) {
                 return Err(bad(
                     "egress_deny",
-                    format!("entry {i}: {cidr:?} is not an IPv4 network like 10.0.0.0/8"),
+                    format!(
+                        "entry {i}: {cidr:?} is not an IPv4 network like 10.0.0.0/8 (no host bits set)"
+                    ),
                 ));
             }
         }
@@ -428,8 +430,14 @@ impl AgentConfig {
 }
 
 /// `a.b.c.d/n` with n at most 32.
+/// `a.b.c.d/n` with no host bits set (iptables stores the network
+/// address; anything else would never match the rule the agent checks).
 fn is_ipv4_cidr(s: &str) -> bool {
     s.split_once('/').is_some_and(|(ip, len)| {
-        ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|n| n <= 32)
+        let (Ok(ip), Ok(n)) = (ip.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) else {
+            return false;
+        };
+        let mask = u32::MAX.checked_shl(32 - n.min(32)).unwrap_or(0);
+        n <= 32 && u32::from(ip) & !mask == 0
     })
 }

@@ -206,3 +206,34 @@ fn both_configs_check_tcp_ports_against_their_own_listeners() {
         "{e}"
     );
 }
+
+#[test]
+fn egress_deny_takes_ipv4_networks_without_host_bits() {
+    for ok in [
+        "10.0.0.0/8",
+        "198.18.128.2/32",
+        "0.0.0.0/0",
+        "169.254.0.0/16",
+    ] {
+        let cfg = AgentConfig {
+            egress_deny: vec![ok.into()],
+            ..AgentConfig::default()
+        };
+        assert!(cfg.validate().is_ok(), "{ok}: {:?}", cfg.validate());
+    }
+    for bad in [
+        "10.0.0.1/8",
+        "192.168.1.1/24",
+        "10.0.0.0/33",
+        "10.0.0.0",
+        "fd00::/8",
+        "x/8",
+    ] {
+        let cfg = AgentConfig {
+            egress_deny: vec![bad.into()],
+            ..AgentConfig::default()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.field, "egress_deny", "{bad}");
+    }
+}

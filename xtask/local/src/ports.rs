@@ -17,7 +17,7 @@ const RANGE: std::ops::RangeInclusive<u16> = 10000..=19999;
 /// get the same one).
 static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port that was free on every address a moment ago.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(free_ports(1)?[0])
 }
@@ -37,7 +37,8 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
         if given.contains(&port) {
             continue;
         }
-        if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+        // Free on every address: callers bind 127.0.0.x and test hosts'.
+        if let Ok(listener) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
             given.insert(port);
             held.push(listener);
         }
