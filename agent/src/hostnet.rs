@@ -121,6 +121,15 @@ impl Firewall {
     /// Adds whatever rule is missing. An IPv6 failure is an error only
     /// when the host has IPv6 (ip6tables answers).
     pub async fn ensure(&self) -> Result<(), String> {
+        if let Some(b) = self
+            .bridges
+            .iter()
+            .find(|b| !std::path::Path::new("/sys/class/net").join(b).exists())
+        {
+            return Err(format!(
+                "bridge {b} of the instance networks is not in this agent's network namespace: the Docker engine's host must keep the firewall (allow_host_access on an agent that shares an engine from another namespace)"
+            ));
+        }
         for cmd in ["iptables", "ip6tables"] {
             let chain = self.ensure_chain(cmd).await;
             if cmd == "ip6tables" && chain.is_err() && !has_ipv6().await {

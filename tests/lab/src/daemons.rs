@@ -334,6 +334,10 @@ impl Agent {
         let mut cfg = Agent::test_config(etcd, worker, dir, metrics, http_entry);
         cfg.advertise_address = ip;
         cfg.tcp_host = ip;
+        // It shares this machine's Docker engine from a network namespace
+        // of its own, where the engine's bridges are not: their firewall
+        // is this machine's to keep, not this agent's.
+        cfg.allow_host_access = true;
         configure(&mut cfg);
         Agent::write_and_start(cfg, dir, wrapper_for(Some(host))).await
     }
