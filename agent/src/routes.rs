@@ -56,8 +56,9 @@ pub struct RouteTable {
     pub by_sni: HashMap<String, Arc<Route>>,
     /// The etcd revision the snapshot reflects.
     pub revision: i64,
-    /// Registered agents' addresses (this one's too): connections from them
-    /// may be forwarded players (see `tcp::hop`).
+    /// Registered agents' addresses (this one's too), and for two minutes
+    /// those of workers that left: hop claims are looked at only from them
+    /// (see `tcp::hop`, `crate::hop`); a claim still needs its proof.
     pub agents: std::collections::HashSet<std::net::IpAddr>,
 }
 
@@ -84,7 +85,15 @@ struct WatchedCluster {
     policies: HashMap<String, PolicyPointer>,
     /// Instances already logged for naming a port outside `tcp_ports`.
     off_range: std::collections::HashSet<InstanceId>,
+    /// Addresses of workers that left, and when: still looked at for hop
+    /// headers for [`FORMER_AGENT_GRACE`], so a header an agent sent while
+    /// its membership lapsed (etcd lost quorum, its lease ran out) is taken
+    /// off the stream instead of reaching the instance.
+    former_agents: HashMap<std::net::IpAddr, std::time::Instant>,
 }
+
+/// How long a departed worker's address stays among [`RouteTable::agents`].
+const FORMER_AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl WatchedCluster {
     fn apply(&mut self, ks: &Keyspace, kv: &Kv) {
@@ -149,7 +158,10 @@ impl WatchedCluster {
                 self.statuses.remove(&id);
             }
             Ok(Key::Worker(id)) => {
-                self.workers.remove(&id);
+                if let Some(w) = self.workers.remove(&id) {
+                    self.former_agents
+                        .insert(w.address, std::time::Instant::now());
+                }
             }
             Ok(Key::Challenge(name)) => {
                 self.policies.remove(name.as_str());
@@ -239,7 +251,15 @@ impl WatchedCluster {
             by_port,
             by_sni,
             revision,
-            agents: self.workers.values().map(|w| w.address).collect(),
+            agents: {
+                self.former_agents
+                    .retain(|_, left| left.elapsed() < FORMER_AGENT_GRACE);
+                self.workers
+                    .values()
+                    .map(|w| w.address)
+                    .chain(self.former_agents.keys().copied())
+                    .collect()
+            },
         }
     }
 }
@@ -275,6 +295,12 @@ pub async fn run(
                 Event::InitDone { .. } => {
                     if let Some(mut b) = building.take() {
                         b.traffic = std::mem::take(&mut known.traffic);
+                        b.former_agents = std::mem::take(&mut known.former_agents);
+                        for w in known.workers.values() {
+                            if !b.workers.values().any(|n| n.address == w.address) {
+                                b.former_agents.insert(w.address, std::time::Instant::now());
+                            }
+                        }
                         known = b;
                         changed = true;
                     }
@@ -390,6 +416,25 @@ mod tests {
                 .get("000000000a.ctf.localhost")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_worker_that_left_stays_among_the_agents_for_a_while() {
+        let ks = Keyspace::default();
+        let me = WorkerId::parse("a").unwrap();
+        let mut k = WatchedCluster::default();
+        let b = key(&ks, Key::Worker(WorkerId::parse("b").unwrap()));
+        k.apply(&ks, &kv(&b, serde_json::json!({"v": 1, "id": "b", "address": "127.0.0.3",
+            "http_entry": "127.0.0.3:8080", "tcp_host": "127.0.0.3", "capacity": 1, "version": "0", "started_at": 0})));
+        let addr: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        assert!(k.build(&me, 1, &PORTS).agents.contains(&addr));
+        // Its lease ran out (etcd lost quorum): a header it sent just now
+        // must still be taken off the stream.
+        k.remove(&ks, &b);
+        assert!(k.build(&me, 2, &PORTS).agents.contains(&addr));
+        k.former_agents
+            .insert(addr, std::time::Instant::now() - FORMER_AGENT_GRACE);
+        assert!(!k.build(&me, 3, &PORTS).agents.contains(&addr));
     }
 
     #[test]
