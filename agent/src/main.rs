@@ -95,6 +95,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         &ks.key(&Key::Worker(worker.clone())),
         &record,
         cfg.membership_ttl_secs,
+        None,
     )
     .await?;
     let mut runtime = Runtime::connect(&cfg)

@@ -39,11 +39,16 @@ const LOOK: Duration = Duration::from_millis(500);
 /// [`ClaimError::Held`]) or runs out (a previous run of this worker that
 /// died: its key goes with it, and the create is tried again). Another
 /// agent's lease is never revoked.
+///
+/// `previous` is this process's own last lease, when it registers again: a
+/// key still on it is this agent's, and is kept as it is (no delete, so
+/// other agents never see the worker gone while etcd comes back).
 pub async fn claim(
     client: &mut Client,
     key: &str,
     record: &WorkerRecord,
     ttl: i64,
+    previous: Option<i64>,
 ) -> Result<i64, ClaimError> {
     loop {
         let id = client.lease_grant(ttl, None).await?.id();
@@ -69,6 +74,9 @@ pub async fn claim(
         let Some(held) = tidegate_etcd::guard::else_get(&resp) else {
             continue; // gone in between
         };
+        if previous.is_some_and(|p| p == held.lease()) {
+            return Ok(held.lease());
+        }
         let holder = WorkerRecord::decode(held.value()).ok();
         if held.lease() != 0 && is_kept_alive(client, held.lease(), ttl).await? {
             return Err(ClaimError::Held {
@@ -140,10 +148,11 @@ pub async fn run(
     let period = Duration::from_secs(ttl.max(3) as u64) / 3;
     let mut client = client;
     let mut first = Some(first);
+    let mut previous = None;
     loop {
         let claimed = match first.take() {
             Some(id) => Ok(id),
-            None => claim(&mut client, &key, &record, ttl).await,
+            None => claim(&mut client, &key, &record, ttl, previous).await,
         };
         let id = match claimed {
             Ok(id) => id,
@@ -180,6 +189,7 @@ pub async fn run(
             }
         }
         let _ = lease.send(0);
+        previous = Some(id);
         tracing::warn!(worker = %record.id, "membership lease lost; registering again");
     }
 }
