@@ -106,6 +106,9 @@ impl Range {
         // namespace: the kernel rules of the instance networks are this
         // host's, kept by agent a.
         b_cfg.allow_host_access = true;
+        // Team locked's instance runs here: under the read-only-rootfs
+        // control its spec asks for a writable layer too.
+        b_cfg.allow_unbounded_rootfs = planted == Some("read-only-rootfs");
         let mut b_wrapper: Vec<String> = ["ip", "netns", "exec", host_b.name()]
             .map(String::from)
             .to_vec();
