@@ -77,7 +77,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         figures.check(name)?;
         if let Some((title, section)) = figures.report {
             if mode.short {
-                println!("bench {name} (short): {} figures", figures.values.len());
+                println!(
+                    "bench {name} (short): {} figures, from debug builds and one round: they show the \
+                     path works, not its speed",
+                    figures.values.len()
+                );
             } else {
                 write_report(&title, &section)?;
                 println!("\n{section}");

@@ -3,14 +3,15 @@
 //! - `calls <component> <hook> <n>`: `n` calls through the plugin host as
 //!   the controller and agents make them (fresh instance from the
 //!   pre-instantiated component, the call, the store dropped), one at a
-//!   time; prints JSON with the compile time and p50/p99/mean in µs.
+//!   time; prints JSON with the compile time, p50/p99/mean in µs and how
+//!   many calls the host stopped at their deadline.
 //! - `api <url> <token> <clients> <secs>`: `clients` loops posting spawns of
 //!   challenge `web` for distinct teams; prints JSON with answers/s by status.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tidegate_plugin_host::{Connection, Host, Limits, Protocol, SpawnRequest};
+use tidegate_plugin_host::{Cause, Connection, Host, Limits, Protocol, SpawnRequest};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -55,15 +56,19 @@ fn calls(path: &str, hook: &str, n: &str) -> Result<(), String> {
         protocol: Protocol::Http,
         host: "00000be4c0.ctf.localhost".into(),
     };
-    let one = || -> Result<(), String> {
-        let ok = match hook {
-            "admit-spawn" => plugin.admit_spawn(&request).map(|r| r.is_ok()),
-            "admit-connection" => plugin.admit_connection(&conn).map(|r| r.is_ok()),
+    // A call the host stopped at its deadline is counted, not fatal: on a
+    // busy 2-core machine a preempted call can cross 5 ms, and the bench
+    // measures what happens; any other failure is a broken plugin.
+    let one = || -> Result<bool, String> {
+        let result = match hook {
+            "admit-spawn" => plugin.admit_spawn(&request).map(|r| r.map(drop)),
+            "admit-connection" => plugin.admit_connection(&conn).map(|r| r.map(drop)),
             other => return Err(format!("unknown hook {other}")),
         };
-        match ok {
-            Some(true) => Ok(()),
-            Some(false) => Err("the call failed".into()),
+        match result {
+            Some(Ok(())) => Ok(false),
+            Some(Err(e)) if matches!(e.cause, Cause::Timeout(_)) => Ok(true),
+            Some(Err(e)) => Err(e.to_string()),
             None => Err(format!("the plugin does not implement {hook}")),
         }
     };
@@ -71,10 +76,11 @@ fn calls(path: &str, hook: &str, n: &str) -> Result<(), String> {
         one()?;
     }
     let mut micros = Vec::with_capacity(n);
+    let mut stopped = 0u64;
     let all = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
-        one()?;
+        stopped += u64::from(one()?);
         micros.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let per_sec = n as f64 / all.elapsed().as_secs_f64();
@@ -88,6 +94,7 @@ fn calls(path: &str, hook: &str, n: &str) -> Result<(), String> {
             "p99_us": percentile(&micros, 0.99),
             "mean_us": mean,
             "calls_per_sec": per_sec,
+            "stopped": stopped,
             "n": n,
         })
     );
