@@ -18,7 +18,7 @@ use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
     ChallengeRecord, ContainerSpec, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
-    Kind, Record, StatusRecord, V1, WorkerId,
+    Kind, Record, SecretRecord, StatusRecord, V1, WorkerId,
 };
 
 use crate::hostnet::{Firewall, pin_neighbours};
@@ -452,25 +452,43 @@ impl Reconciler {
             }
             None => {
                 let mut record = t.record.clone();
-                match from_spec(&self.client, &self.ks, &record).await {
-                    Ok(container) => record.container = container,
+                let vetted = match from_spec(&self.client, &self.ks, &record).await {
+                    Ok(container) => flag_of(&self.client, &self.ks, &self.worker, &record)
+                        .await
+                        .map(|flag| (container, flag)),
+                    Err(e) => Err(e),
+                };
+                let flag = match vetted {
+                    Ok((container, flag)) => {
+                        record.container = container;
+                        flag
+                    }
                     Err(Vetted::Unavailable(e)) => {
-                        tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec; retrying");
+                        tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec or the instance's secret; retrying");
                         t.retry_at = Some(Instant::now() + backoff(t.restarts));
                         t.restarts += 1;
                         return;
                     }
-                    Err(Vetted::Refused(why)) => {
-                        tracing::error!(instance = %id, challenge = %record.challenge, spec_revision = record.spec_revision, %why, "refused: the record's container is not what its challenge's spec makes; no container started");
-                        self.metrics.unlike_spec();
+                    Err(refused) => {
+                        let why = match refused {
+                            Vetted::Refused(why) => {
+                                tracing::error!(instance = %id, challenge = %record.challenge, spec_revision = record.spec_revision, %why, "refused: the record's container is not what its challenge's spec makes; no container started");
+                                self.metrics.unlike_spec();
+                                why
+                            }
+                            Vetted::NoSecret(why) | Vetted::Unavailable(why) => {
+                                tracing::error!(instance = %id, %why, "refused: no container started");
+                                why
+                            }
+                        };
                         t.status = InstanceStatus::Failed {
                             reason: format!("refused by the agent: {why}"),
                         };
                         return;
                     }
-                }
+                };
                 t.status = InstanceStatus::Starting;
-                match self.runtime.create(&record).await {
+                match self.runtime.create(&record, &flag).await {
                     Ok(container) => {
                         tracing::info!(instance = %id, %container, image = %record.container.image, "created container");
                         t.container = Some(container.clone());
@@ -528,7 +546,10 @@ impl Reconciler {
             status: t.status.clone(),
             updated_at: tidegate_schema::time::unix_secs(),
         };
-        let key = self.ks.key(&Key::Status(id.clone()));
+        let key = self.ks.key(&Key::Status {
+            worker: self.worker.clone(),
+            instance: id.clone(),
+        });
         let instance_key = self.ks.key(&Key::Instance(id.clone()));
         // Only while the instance is still on the lease this agent knows: a
         // renewal that moved it to a new lease is about to revoke the old
@@ -574,6 +595,39 @@ enum Vetted {
     Unavailable(String),
     /// The record says another container than its spec makes.
     Refused(String),
+    /// The instance has no secret (its record was not written by a
+    /// scheduler), or an unreadable one.
+    NoSecret(String),
+}
+
+/// The instance's flag, from `secrets/{this worker}/{id}` (written with the
+/// record in the spawn Txn, so present whenever the record is), or inline
+/// in a record written before secrets/ existed. A record with neither was
+/// not written by a scheduler.
+async fn flag_of(
+    client: &Client,
+    ks: &Keyspace,
+    worker: &WorkerId,
+    record: &InstanceRecord,
+) -> Result<String, Vetted> {
+    let key = ks.key(&Key::Secret {
+        worker: worker.clone(),
+        instance: record.id.clone(),
+    });
+    let resp = client
+        .clone()
+        .get(key.as_str(), None)
+        .await
+        .map_err(|e| Vetted::Unavailable(format!("{key}: {e}")))?;
+    match (resp.kvs().first(), &record.flag) {
+        (Some(kv), _) => SecretRecord::decode(kv.value())
+            .map(|s| s.flag)
+            .map_err(|e| Vetted::NoSecret(format!("{key}: {e}"))),
+        (None, Some(legacy)) => Ok(legacy.clone()),
+        (None, None) => Err(Vetted::NoSecret(format!(
+            "no secret at {key}: the record was not written by a scheduler"
+        ))),
+    }
 }
 
 /// The container of `record`, made from its challenge's spec at the

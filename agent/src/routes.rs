@@ -1,7 +1,8 @@
 //! The route table every agent keeps: hostname → where to send the request.
 //!
-//! Fed by one watch of the key root (instances, their status, workers,
-//! challenges' policies). The
+//! Fed by one watch per prefix this worker's etcd role may read (instances,
+//! workers, challenges' policies, and this worker's own statuses: never
+//! the key root, which holds other workers' secrets). The
 //! table is an immutable snapshot behind an `ArcSwap`: the request path
 //! loads it without a lock; the watch task builds the next one and swaps it
 //! in after each batch of events.
@@ -13,11 +14,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use etcd_client::Client;
-use futures::FutureExt;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
-    ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, StatusRecord,
+    ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, StatusRecord,
     WorkerId, WorkerRecord,
 };
 
@@ -54,7 +54,7 @@ pub struct RouteTable {
     /// `{instance}-{port name}` (the first label of the SNI a player sends
     /// to `tls_tcp_entry`) → the same route as its public port.
     pub by_sni: HashMap<String, Arc<Route>>,
-    /// The etcd revision the snapshot reflects.
+    /// The highest etcd revision any of its watches had delivered.
     pub revision: i64,
     /// Registered agents' addresses (this one's too), and for two minutes
     /// those of workers that left: hop claims are looked at only from them
@@ -107,12 +107,13 @@ impl WatchedCluster {
                     self.instances.remove(&id);
                 }
             },
-            Ok(Key::Status(id)) => match kv.decode::<StatusRecord>() {
+            // Only this worker's prefix is watched.
+            Ok(Key::Status { instance, .. }) => match kv.decode::<StatusRecord>() {
                 Ok(st) => {
-                    self.statuses.insert(id, st);
+                    self.statuses.insert(instance, st);
                 }
                 Err(_) => {
-                    self.statuses.remove(&id);
+                    self.statuses.remove(&instance);
                 }
             },
             Ok(Key::Worker(id)) => match kv.decode::<WorkerRecord>() {
@@ -154,8 +155,8 @@ impl WatchedCluster {
                 self.instances.remove(&id);
                 self.traffic.remove(&id);
             }
-            Ok(Key::Status(id)) => {
-                self.statuses.remove(&id);
+            Ok(Key::Status { instance, .. }) => {
+                self.statuses.remove(&instance);
             }
             Ok(Key::Worker(id)) => {
                 if let Some(w) = self.workers.remove(&id) {
@@ -264,8 +265,38 @@ impl WatchedCluster {
     }
 }
 
-/// Keeps `routes` equal to etcd under the key root, forever; TCP ports
-/// outside `tcp_ports` are left out.
+/// What one of the route watches covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Instances,
+    Workers,
+    Policies,
+    Statuses,
+}
+
+impl WatchedCluster {
+    /// Takes `part` from `listed` (a fresh list of that part's prefix).
+    fn replace(&mut self, part: Part, listed: WatchedCluster) {
+        match part {
+            Part::Instances => self.instances = listed.instances,
+            Part::Workers => {
+                for w in self.workers.values() {
+                    if !listed.workers.values().any(|n| n.address == w.address) {
+                        self.former_agents
+                            .insert(w.address, std::time::Instant::now());
+                    }
+                }
+                self.workers = listed.workers;
+            }
+            Part::Policies => self.policies = listed.policies,
+            Part::Statuses => self.statuses = listed.statuses,
+        }
+    }
+}
+
+/// Keeps `routes` equal to etcd, forever: one watch per prefix this
+/// worker may read, merged here; a table is built once every watch has
+/// listed and none is relisting. TCP ports outside `tcp_ports` are left out.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
@@ -277,51 +308,69 @@ pub async fn run(
     policies: tokio::sync::watch::Sender<PolicyPointers>,
     etcd: Arc<EtcdHealth>,
 ) {
-    let mut watcher = Watcher::new(client, ks.root_prefix());
+    let parts = [
+        (Part::Instances, ks.prefix(Kind::Instances)),
+        (Part::Workers, ks.prefix(Kind::Workers)),
+        (Part::Policies, ks.prefix(Kind::Challenges)),
+        (Part::Statuses, ks.worker_prefix(Kind::Statuses, &me)),
+    ];
+    // Each watch runs in its own task (a watcher's next() is only
+    // cancel-safe between events) and sends (part, event, revision).
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    for (i, (_, prefix)) in parts.iter().enumerate() {
+        let (tx, mut watcher) = (tx.clone(), Watcher::new(client.clone(), prefix.clone()));
+        tokio::spawn(async move {
+            loop {
+                let event = watcher.next().await;
+                if tx.send((i, event, watcher.revision())).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
     let mut known = WatchedCluster::default();
-    let mut building: Option<WatchedCluster> = None;
-    loop {
-        let mut event = Some(watcher.next().await);
+    let mut building: [Option<WatchedCluster>; 4] = Default::default();
+    let mut listed = [false; 4];
+    let mut revision = 0;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
         let mut changed = false;
         // Apply every event already received before building one table.
-        while let Some(e) = event.take() {
+        while let Some((i, e, rev)) = next.take() {
+            revision = revision.max(rev);
             match e {
-                Event::Init => building = Some(WatchedCluster::default()),
+                Event::Init => building[i] = Some(WatchedCluster::default()),
                 Event::InitApply(kv) => {
-                    if let Some(b) = building.as_mut() {
+                    if let Some(b) = building[i].as_mut() {
                         b.apply(&ks, &kv);
                     }
                 }
                 Event::InitDone { .. } => {
-                    if let Some(mut b) = building.take() {
-                        b.traffic = std::mem::take(&mut known.traffic);
-                        b.former_agents = std::mem::take(&mut known.former_agents);
-                        for w in known.workers.values() {
-                            if !b.workers.values().any(|n| n.address == w.address) {
-                                b.former_agents.insert(w.address, std::time::Instant::now());
-                            }
-                        }
-                        known = b;
+                    if let Some(b) = building[i].take() {
+                        known.replace(parts[i].0, b);
+                        listed[i] = true;
                         changed = true;
                     }
                 }
-                Event::Apply(kv) if building.is_none() => {
+                Event::Apply(kv) if building[i].is_none() => {
                     known.apply(&ks, &kv);
                     changed = true;
                 }
-                Event::Delete { key, .. } if building.is_none() => {
+                Event::Delete { key, .. } if building[i].is_none() => {
                     known.remove(&ks, &key);
                     changed = true;
                 }
                 _ => {}
             }
-            event = watcher.next().now_or_never();
+            next = rx.try_recv().ok();
         }
-        if changed && building.is_none() {
-            let table = known.build(&me, watcher.revision(), &tcp_ports);
+        let settled = listed.iter().all(|l| *l) && building.iter().all(Option::is_none);
+        if changed && settled {
+            let table = known.build(&me, revision, &tcp_ports);
             routes.store(Arc::new(table));
             builds.send_modify(|n| *n += 1);
-            etcd.delivered(watcher.revision());
+            etcd.delivered(revision);
             policies.send_if_modified(|current| {
                 if **current == known.policies {
                     return false;
@@ -351,7 +400,7 @@ mod tests {
         serde_json::json!({"v": 1, "id": id, "challenge": "web", "team": "t", "worker": worker, "token": 1,
             "created_at": 0, "expires_at": 10,
             "http": [{"port_name": "web", "hostname": format!("{id}.ctf.localhost"), "target_port": 8080}],
-            "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}, "flag": "f"})
+            "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}})
     }
 
     fn key(ks: &Keyspace, key: Key) -> String {
@@ -395,7 +444,13 @@ mod tests {
             t.get("000000000c.ctf.localhost").unwrap().target,
             Target::NotReady(_)
         ));
-        let status = key(&ks, Key::Status(id("000000000a")));
+        let status = key(
+            &ks,
+            Key::Status {
+                worker: me.clone(),
+                instance: id("000000000a"),
+            },
+        );
         k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
             "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 1})));
         let t = k.build(&me, 2, &PORTS);

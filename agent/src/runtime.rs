@@ -1,7 +1,8 @@
 //! The Docker side: hardened containers through bollard.
 //!
 //! Every instance container: labels naming instance, challenge, team and
-//! worker; the challenge's env plus `FLAG`; memory, CPU, pids, `nofile` and
+//! worker; the challenge's env plus `FLAG` (from the instance's secret
+//! record, which only this worker may read); memory, CPU, pids, `nofile` and
 //! `nproc` limits and an IO weight; its log in two rotated json-file parts
 //! of `log_mib` in all; `cap-drop ALL` plus the spec's `cap_add` (and
 //! `unsafe_caps`); `no-new-privileges`; a read-only rootfs with sized tmpfs
@@ -231,10 +232,10 @@ impl Runtime {
             .collect())
     }
 
-    fn body(&self, rec: &InstanceRecord) -> ContainerCreateBody {
+    fn body(&self, rec: &InstanceRecord, flag: &str) -> ContainerCreateBody {
         let c = &rec.container;
         let mut env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.push(format!("FLAG={}", rec.flag));
+        env.push(format!("FLAG={flag}"));
         let mut labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), rec.id.to_string()),
             (LABEL_CHALLENGE.to_string(), rec.challenge.to_string()),
@@ -333,7 +334,8 @@ impl Runtime {
     }
 
     /// Creates the instance's container (pulling its image if allowed).
-    pub async fn create(&self, rec: &InstanceRecord) -> Result<String, RuntimeError> {
+    /// Creates (not starts) the container of `rec`, with `flag` as `FLAG`.
+    pub async fn create(&self, rec: &InstanceRecord, flag: &str) -> Result<String, RuntimeError> {
         let name = format!("tidegate-{}", rec.id);
         let options = || {
             Some(CreateContainerOptions {
@@ -343,7 +345,7 @@ impl Runtime {
         };
         match self
             .docker
-            .create_container(options(), self.body(rec))
+            .create_container(options(), self.body(rec, flag))
             .await
         {
             Ok(r) => return Ok(r.id),
@@ -355,7 +357,7 @@ impl Runtime {
                 self.remove(&name).await?;
                 return Ok(self
                     .docker
-                    .create_container(options(), self.body(rec))
+                    .create_container(options(), self.body(rec, flag))
                     .await?
                     .id);
             }
@@ -386,7 +388,7 @@ impl Runtime {
         }
         Ok(self
             .docker
-            .create_container(options(), self.body(rec))
+            .create_container(options(), self.body(rec, flag))
             .await?
             .id)
     }

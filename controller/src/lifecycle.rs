@@ -6,7 +6,7 @@
 //! Delete revokes the lease, which removes every key at once.
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
-use tidegate_schema::{InstanceId, InstanceRecord, Key, Keyspace, Record, TtlSpec};
+use tidegate_schema::{InstanceId, InstanceRecord, Key, Keyspace, Record, SecretRecord, TtlSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -61,6 +61,29 @@ pub async fn get(
     })
 }
 
+/// The instance's flag: its secret record, or the flag inline in a record
+/// written before secrets/ existed; `None` when it has neither.
+pub async fn flag(
+    client: &Client,
+    ks: &Keyspace,
+    rec: &InstanceRecord,
+) -> Result<Option<String>, LifecycleError> {
+    let key = ks.key(&Key::Secret {
+        worker: rec.worker.clone(),
+        instance: rec.id.clone(),
+    });
+    let resp = client.clone().get(key.as_str(), None).await?;
+    match resp.kvs().first() {
+        Some(kv) => SecretRecord::decode(kv.value())
+            .map(|s| Some(s.flag))
+            .map_err(|e| LifecycleError::Corrupt {
+                key,
+                error: e.to_string(),
+            }),
+        None => Ok(rec.flag.clone()),
+    }
+}
+
 /// The expiry a renewal at `now` extending by `extend_secs` (the
 /// challenge's default TTL, or what its `renew` policy granted) gives, or
 /// why there is none: the renewal count and the maximum lifetime still cap.
@@ -111,7 +134,14 @@ pub async fn renew(
     record.renewals += 1;
 
     let instance_key = ks.key(&Key::Instance(rec.id.clone()));
-    let status_key = ks.key(&Key::Status(rec.id.clone()));
+    let status_key = ks.key(&Key::Status {
+        worker: rec.worker.clone(),
+        instance: rec.id.clone(),
+    });
+    let secret_key = ks.key(&Key::Secret {
+        worker: rec.worker.clone(),
+        instance: rec.id.clone(),
+    });
 
     let lease = client
         .lease_grant(expires_at.saturating_sub(now).max(1) as i64, None)
@@ -131,17 +161,23 @@ pub async fn renew(
     // and address) whenever that changes, so its value and revision are not
     // compared: the status moves to the new lease with whatever value it has when
     // the Txn commits (or is not there yet: the agent writes it on the new
-    // lease once its watch shows the renewal).
-    let move_status = Txn::new()
-        .when([Compare::version(status_key.as_str(), CompareOp::Greater, 0)])
-        .and_then([TxnOp::put(
-            status_key.as_str(),
-            "",
-            Some(PutOptions::new().with_lease(lease).with_ignore_value()),
-        )]);
+    // lease once its watch shows the renewal). The secret moves the same
+    // way (records written before secrets/ existed have none).
+    let move_if_there = |key: &str| {
+        TxnOp::txn(
+            Txn::new()
+                .when([Compare::version(key, CompareOp::Greater, 0)])
+                .and_then([TxnOp::put(
+                    key,
+                    "",
+                    Some(PutOptions::new().with_lease(lease).with_ignore_value()),
+                )]),
+        )
+    };
     let mut ops = vec![
         TxnOp::put(instance_key.as_str(), record.encode(), opts()),
-        TxnOp::txn(move_status),
+        move_if_there(&status_key),
+        move_if_there(&secret_key),
     ];
     let mut claims: Vec<String> = rec
         .http

@@ -232,7 +232,7 @@ impl Metrics {
             .set(view.workers.values().map(|w| i64::from(w.capacity)).sum());
         let mut counts = [0usize; STATUSES.len()];
         for id in view.instances.keys() {
-            let status = view.status.get(id).map_or("pending", |s| s.name());
+            let status = view.status_of(id).map_or("pending", |s| s.name());
             if let Some(i) = STATUSES.iter().position(|s| *s == status) {
                 counts[i] += 1;
             }

@@ -6,7 +6,8 @@
 //! - compare: the instance key, each hostname claim, each TCP port claim and
 //!   the chosen team slot do not exist (so nothing is handed out twice and
 //!   `per_team_max` holds under any concurrency);
-//! - then: put the claims and the instance record.
+//! - then: put the claims, the instance record and its secret
+//!   (`secrets/{worker}/{id}`, the flag, readable only by that worker).
 //!
 //! A lost race on a claim retries with fresh choices; a lost fence does not.
 
@@ -16,7 +17,7 @@ use std::ops::RangeInclusive;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use tidegate_schema::{
     ChallengeRecord, ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord, Key, Keyspace,
-    Protocol, Record, TcpRoute, TeamId, V1, WorkerId,
+    Protocol, Record, SecretRecord, TcpRoute, TeamId, V1, WorkerId,
 };
 
 /// How many times a spawn retries after losing a race for a claim.
@@ -98,10 +99,16 @@ pub async fn spawn(
     }
     for _ in 0..MAX_ATTEMPTS {
         let slot = free_team_slot(&mut client, plan).await?;
-        let mut record = draft(plan, &flag)?;
+        let mut record = draft(plan)?;
         record.team_slot = slot;
+        let secret = SecretRecord {
+            v: V1,
+            flag: flag(&record.id),
+            instance: record.id.clone(),
+            worker: record.worker.clone(),
+        };
         let lease = client.lease_grant(plan.ttl_secs as i64, None).await?.id();
-        match commit(&mut client, plan, &record, slot, lease).await {
+        match commit(&mut client, plan, &record, &secret, slot, lease).await {
             Ok(revision) => {
                 return Ok(Spawned {
                     record,
@@ -156,10 +163,7 @@ fn slot_key(plan: &SpawnPlan, slot: u32) -> String {
 }
 
 /// A record with a fresh id, hostnames and random free-looking TCP ports.
-fn draft(
-    plan: &SpawnPlan,
-    flag: &impl Fn(&InstanceId) -> String,
-) -> Result<InstanceRecord, SpawnError> {
+fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
     let spec = &plan.challenge.spec;
     let id = InstanceId::from_random(rand::random());
     let mut http = Vec::new();
@@ -202,7 +206,7 @@ fn draft(
     }
     Ok(InstanceRecord {
         v: V1,
-        flag: flag(&id),
+        flag: None,
         id,
         challenge: plan.challenge.name.clone(),
         team: plan.team.clone(),
@@ -219,12 +223,15 @@ fn draft(
     })
 }
 
-/// Runs the Txn. `Ok(revision)` on success; `Err(None)` when a claim was
-/// taken (retry); `Err(Some(e))` when retrying cannot help.
+/// Runs the Txn: the record, its claims and its secret (readable only by
+/// the record's worker) under one lease. `Ok(revision)` on success;
+/// `Err(None)` when a claim was taken (retry); `Err(Some(e))` when retrying
+/// cannot help.
 async fn commit(
     client: &mut Client,
     plan: &SpawnPlan,
     record: &InstanceRecord,
+    secret: &SecretRecord,
     slot: u32,
     lease: i64,
 ) -> Result<i64, Option<SpawnError>> {
@@ -262,6 +269,16 @@ async fn commit(
             .iter()
             .map(|k| TxnOp::put(k.as_str(), id.as_str(), with_lease())),
     );
+    // No compare of its own: the fresh id's record key (version 0 above)
+    // already guards it.
+    puts.push(TxnOp::put(
+        ks.key(&Key::Secret {
+            worker: record.worker.clone(),
+            instance: record.id.clone(),
+        }),
+        secret.encode(),
+        with_lease(),
+    ));
     let txn = Txn::new()
         .when(compares)
         .and_then(puts)

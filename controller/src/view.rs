@@ -24,7 +24,9 @@ pub struct LiveInstance {
 pub struct View {
     pub workers: BTreeMap<WorkerId, WorkerRecord>,
     pub instances: BTreeMap<InstanceId, LiveInstance>,
-    pub status: BTreeMap<InstanceId, InstanceStatus>,
+    /// Statuses by instance and the worker whose prefix they were written
+    /// under (only the record's own worker's counts: [`View::status_of`]).
+    pub status: BTreeMap<(InstanceId, WorkerId), InstanceStatus>,
     /// The etcd revision the view reflects.
     pub revision: i64,
 }
@@ -56,9 +58,9 @@ impl View {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed instance record")
                 }
             },
-            Key::Status(id) => match kv.decode::<StatusRecord>() {
+            Key::Status { worker, instance } => match kv.decode::<StatusRecord>() {
                 Ok(st) => {
-                    self.status.insert(id, st.status);
+                    self.status.insert((instance, worker), st.status);
                 }
                 Err(e) => {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed status record")
@@ -76,8 +78,8 @@ impl View {
             Ok(Key::Instance(id)) => {
                 self.instances.remove(&id);
             }
-            Ok(Key::Status(id)) => {
-                self.status.remove(&id);
+            Ok(Key::Status { worker, instance }) => {
+                self.status.remove(&(instance, worker));
             }
             _ => {}
         }
@@ -110,9 +112,16 @@ impl View {
             .map(|(_, _, id)| id)
     }
 
+    /// An instance's status as its own worker wrote it; a status under
+    /// another worker's prefix (that worker lying) is not looked at.
+    pub fn status_of(&self, id: &InstanceId) -> Option<&InstanceStatus> {
+        let owner = self.instances.get(id)?.record.worker.clone();
+        self.status.get(&(id.clone(), owner))
+    }
+
     /// The status text of an instance for API answers.
     pub fn status_text(&self, id: &InstanceId) -> String {
-        match self.status.get(id) {
+        match self.status_of(id) {
             None => "pending".into(),
             Some(InstanceStatus::Starting) => "starting".into(),
             Some(InstanceStatus::Running) => "running".into(),

@@ -338,10 +338,20 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
         .await;
     assert_eq!(list["instances"].as_array().unwrap().len(), 0);
 
-    // The flag: the stored one is right, anything else is wrong.
+    // The flag: not in the record every worker reads, but in the secret
+    // only the owner reads; the stored one is right, anything else wrong.
     let stored = client.clone().get(keys::instance(&id), None).await.unwrap();
     let rec: Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
-    let flag = rec["flag"].as_str().unwrap();
+    assert!(rec.get("flag").is_none(), "{rec}");
+    let worker = rec["worker"].as_str().unwrap();
+    let stored = client
+        .clone()
+        .get(keys::secret(worker, &id), None)
+        .await
+        .unwrap();
+    let secret: Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
+    assert_eq!(secret["worker"], rec["worker"], "{secret}");
+    let flag = secret["flag"].as_str().unwrap();
     assert!(flag.starts_with("CTF{") && flag.len() == 5 + 32, "{flag}");
     let flag_path = format!("/v1/instances/{id}/flag");
     let check = |f: String| c.call(Method::POST, &flag_path, Some(json!({"flag": f})), None);
@@ -392,6 +402,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
         "keys on several leases after renew: {leases:?}"
     );
     assert_eq!(count(&client, &keys::claims()).await, 4);
+    assert_eq!(count(&client, &keys::secret(worker, &id)).await, 1);
     let mut last = (StatusCode::OK, Value::Null);
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1100)).await;

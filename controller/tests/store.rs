@@ -315,7 +315,10 @@ async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_s
     let p = plan(&ks, challenge, &key, token, "team-1");
     let s = spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
     let id = s.record.id.clone();
-    let status_key = ks.key(&tidegate_schema::Key::Status(id.clone()));
+    let status_key = ks.key(&tidegate_schema::Key::Status {
+        worker: s.record.worker.clone(),
+        instance: id.clone(),
+    });
     let instance_key = ks.key(&tidegate_schema::Key::Instance(id.clone()));
     let mut expires_at = s.record.expires_at;
     let mut renew = async |client: &Client| {

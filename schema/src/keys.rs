@@ -3,7 +3,8 @@
 //! ```text
 //! {root}/challenges/{challenge}                    ChallengeRecord
 //! {root}/instances/{id}                            InstanceRecord   (instance lease)
-//! {root}/status/{id}                               StatusRecord     (instance lease)
+//! {root}/status/{worker}/{id}                      StatusRecord     (instance lease)
+//! {root}/secrets/{worker}/{id}                     SecretRecord     (instance lease)
 //! {root}/workers/{worker}                          WorkerRecord     (worker lease)
 //! {root}/claims/hostnames/{hostname}               instance id      (instance lease)
 //! {root}/claims/ports/{port}                       instance id      (instance lease)
@@ -12,6 +13,10 @@
 //! ```
 //!
 //! The root defaults to `/tidegate`, so several clusters can share an etcd.
+//!
+//! What one worker may touch is a set of prefixes ([`Keyspace::worker_grants`]):
+//! everything under `{worker}/` of `status/` and `secrets/` is that worker's
+//! alone, so etcd's prefix roles can say "this worker" and nothing more.
 
 use std::fmt;
 
@@ -26,8 +31,16 @@ pub enum Key {
     Challenge(ChallengeName),
     Instance(InstanceId),
     /// Where an instance's container listens and how it is doing, as its
-    /// agent reports it.
-    Status(InstanceId),
+    /// agent (`worker`) reports it.
+    Status {
+        worker: WorkerId,
+        instance: InstanceId,
+    },
+    /// What only the instance's own worker may read: its flag.
+    Secret {
+        worker: WorkerId,
+        instance: InstanceId,
+    },
     Worker(WorkerId),
     HostnameClaim(Hostname),
     PortClaim(u16),
@@ -49,6 +62,7 @@ pub enum Kind {
     Challenges,
     Instances,
     Statuses,
+    Secrets,
     Workers,
     HostnameClaims,
     PortClaims,
@@ -62,6 +76,7 @@ impl Kind {
             Kind::Challenges => "challenges",
             Kind::Instances => "instances",
             Kind::Statuses => "status",
+            Kind::Secrets => "secrets",
             Kind::Workers => "workers",
             Kind::HostnameClaims => "claims/hostnames",
             Kind::PortClaims => "claims/ports",
@@ -70,16 +85,39 @@ impl Kind {
         }
     }
 
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 9] = [
         Kind::Challenges,
         Kind::Instances,
         Kind::Statuses,
+        Kind::Secrets,
         Kind::Workers,
         Kind::HostnameClaims,
         Kind::PortClaims,
         Kind::TeamSlots,
         Kind::Election,
     ];
+}
+
+/// One permission of an etcd role: read (or read and write) one key, or
+/// every key under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub key: String,
+    pub prefix: bool,
+    pub write: bool,
+}
+
+impl Grant {
+    /// The arguments of `etcdctl role grant-permission {role}` for it.
+    pub fn etcdctl_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.prefix {
+            args.push("--prefix=true".to_string());
+        }
+        args.push(if self.write { "readwrite" } else { "read" }.to_string());
+        args.push(self.key.clone());
+        args
+    }
 }
 
 /// Why a string is not a tidegate key.
@@ -158,6 +196,42 @@ impl Keyspace {
         format!("{}{rest}", self.prefix(kind))
     }
 
+    /// The prefix of one worker's keys of `kind` (statuses, secrets),
+    /// ending in `/`.
+    pub fn worker_prefix(&self, kind: Kind, worker: &WorkerId) -> String {
+        format!("{}{worker}/", self.prefix(kind))
+    }
+
+    /// What worker `worker`'s etcd role is granted, and nothing else: read
+    /// what routing and making containers need (instances, workers,
+    /// challenges), read its own secrets, write its own membership and its
+    /// own statuses. Deploy and the lab's auth mode grant exactly these.
+    pub fn worker_grants(&self, worker: &WorkerId) -> Vec<Grant> {
+        let read = |key: String| Grant {
+            key,
+            prefix: true,
+            write: false,
+        };
+        vec![
+            read(self.prefix(Kind::Instances)),
+            read(self.prefix(Kind::Workers)),
+            read(self.prefix(Kind::Challenges)),
+            read(self.worker_prefix(Kind::Secrets, worker)),
+            Grant {
+                key: self.worker_prefix(Kind::Statuses, worker),
+                prefix: true,
+                write: true,
+            },
+            // The exact key: a prefix grant on `workers/w1` would also
+            // cover `workers/w10`.
+            Grant {
+                key: self.key(&Key::Worker(worker.clone())),
+                prefix: false,
+                write: true,
+            },
+        ]
+    }
+
     /// The prefix of one team's slots of one challenge, ending in `/`.
     pub fn team_slots_prefix(&self, challenge: &ChallengeName, team: &TeamId) -> String {
         format!("{}{challenge}/{team}/", self.prefix(Kind::TeamSlots))
@@ -173,7 +247,12 @@ impl Keyspace {
         match key {
             Key::Challenge(n) => format!("{}{n}", self.prefix(Kind::Challenges)),
             Key::Instance(id) => format!("{}{id}", self.prefix(Kind::Instances)),
-            Key::Status(id) => format!("{}{id}", self.prefix(Kind::Statuses)),
+            Key::Status { worker, instance } => {
+                format!("{}{instance}", self.worker_prefix(Kind::Statuses, worker))
+            }
+            Key::Secret { worker, instance } => {
+                format!("{}{instance}", self.worker_prefix(Kind::Secrets, worker))
+            }
             Key::Worker(w) => format!("{}{w}", self.prefix(Kind::Workers)),
             Key::HostnameClaim(h) => format!("{}{h}", self.prefix(Kind::HostnameClaims)),
             Key::PortClaim(p) => format!("{}{p}", self.prefix(Kind::PortClaims)),
@@ -199,7 +278,22 @@ impl Keyspace {
             let parsed = match kind {
                 Kind::Challenges => ChallengeName::parse(rest).map(Key::Challenge),
                 Kind::Instances => InstanceId::parse(rest).map(Key::Instance),
-                Kind::Statuses => InstanceId::parse(rest).map(Key::Status),
+                Kind::Statuses | Kind::Secrets => {
+                    let Some((w, id)) = rest.split_once('/') else {
+                        return Err(err(format!(
+                            "a {} key is {{worker}}/{{instance id}}",
+                            kind.path()
+                        )));
+                    };
+                    WorkerId::parse(w).and_then(|worker| {
+                        let instance = InstanceId::parse(id)?;
+                        Ok(if kind == Kind::Statuses {
+                            Key::Status { worker, instance }
+                        } else {
+                            Key::Secret { worker, instance }
+                        })
+                    })
+                }
                 Kind::Workers => WorkerId::parse(rest).map(Key::Worker),
                 Kind::HostnameClaims => Hostname::parse(rest).map(Key::HostnameClaim),
                 Kind::PortClaims => {
@@ -275,7 +369,21 @@ mod tests {
             ks().key(&Key::Instance(id.clone())),
             "/tidegate/instances/a3f4b92c8d"
         );
-        assert_eq!(ks().key(&Key::Status(id)), "/tidegate/status/a3f4b92c8d");
+        let worker = WorkerId::parse("w1").unwrap();
+        assert_eq!(
+            ks().key(&Key::Status {
+                worker: worker.clone(),
+                instance: id.clone()
+            }),
+            "/tidegate/status/w1/a3f4b92c8d"
+        );
+        assert_eq!(
+            ks().key(&Key::Secret {
+                worker,
+                instance: id
+            }),
+            "/tidegate/secrets/w1/a3f4b92c8d"
+        );
         assert_eq!(
             ks().key(&Key::PortClaim(31337)),
             "/tidegate/claims/ports/31337"
@@ -317,6 +425,9 @@ mod tests {
             "/tidegate/claims/ports/65536",
             "/tidegate/claims/team-slots/web/t1",
             "/tidegate/election/scheduler/0abc",
+            "/tidegate/status/a3f4b92c8d",
+            "/tidegate/secrets/w1/",
+            "/tidegate/secrets/w1/a3f4b92c8d/x",
             "/other/instances/a3f4b92c8d",
             "/tidegate/unknown/x",
         ] {
@@ -347,6 +458,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_workers_grants_cover_its_own_keys_only() {
+        let (w1, w10) = (
+            WorkerId::parse("w1").unwrap(),
+            WorkerId::parse("w10").unwrap(),
+        );
+        let id = InstanceId::parse("a3f4b92c8d").unwrap();
+        let grants = ks().worker_grants(&w1);
+        let allows = |key: &Key, write: bool| {
+            let k = ks().key(key);
+            grants.iter().any(|g| {
+                (g.write || !write)
+                    && if g.prefix {
+                        k.starts_with(&g.key)
+                    } else {
+                        k == g.key
+                    }
+            })
+        };
+        let secret = |w: &WorkerId| Key::Secret {
+            worker: w.clone(),
+            instance: id.clone(),
+        };
+        let status = |w: &WorkerId| Key::Status {
+            worker: w.clone(),
+            instance: id.clone(),
+        };
+        assert!(allows(&secret(&w1), false) && !allows(&secret(&w1), true));
+        assert!(!allows(&secret(&w10), false));
+        assert!(allows(&status(&w1), true) && !allows(&status(&w10), false));
+        assert!(allows(&Key::Worker(w1.clone()), true));
+        assert!(!allows(&Key::Worker(w10.clone()), true) && allows(&Key::Worker(w10), false));
+        assert!(allows(&Key::Instance(id.clone()), false) && !allows(&Key::Instance(id), true));
+        assert!(!allows(&Key::PortClaim(31337), false));
+        assert!(!allows(&Key::ElectionCandidate(7), false));
+        let c = Key::Challenge(ChallengeName::parse("web").unwrap());
+        assert!(allows(&c, false) && !allows(&c, true));
+        assert_eq!(
+            grants[5].etcdctl_args(),
+            ["readwrite", "/tidegate/workers/w1"]
+        );
+    }
+
     fn dns_label() -> impl Strategy<Value = String> {
         "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?"
     }
@@ -355,7 +509,14 @@ mod tests {
         prop_oneof![
             dns_label().prop_map(|s| Key::Challenge(ChallengeName::parse(&s).unwrap())),
             any::<u64>().prop_map(|b| Key::Instance(InstanceId::from_random(b))),
-            any::<u64>().prop_map(|b| Key::Status(InstanceId::from_random(b))),
+            (dns_label(), any::<u64>()).prop_map(|(w, b)| Key::Status {
+                worker: WorkerId::parse(&w).unwrap(),
+                instance: InstanceId::from_random(b)
+            }),
+            (dns_label(), any::<u64>()).prop_map(|(w, b)| Key::Secret {
+                worker: WorkerId::parse(&w).unwrap(),
+                instance: InstanceId::from_random(b)
+            }),
             dns_label().prop_map(|s| Key::Worker(WorkerId::parse(&s).unwrap())),
             prop::collection::vec(dns_label(), 1..5)
                 .prop_map(|l| Key::HostnameClaim(Hostname::parse(&l.join(".")).unwrap())),
@@ -381,7 +542,7 @@ mod tests {
         }
 
         #[test]
-        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|workers|challenges|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
+        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
             // Whatever parses must build back to the same bytes: one key per value.
             if let Ok(key) = ks().parse(&s) {
                 prop_assert_eq!(ks().key(&key), s);

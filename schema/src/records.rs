@@ -5,6 +5,7 @@
 //! hand that is not a record is reported, naming the field.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -227,8 +228,11 @@ pub struct InstanceRecord {
     /// spec (records written before this field, tests).
     #[serde(default)]
     pub spec_revision: i64,
-    /// The instance's flag, given to the container as `FLAG`.
-    pub flag: String,
+    /// Only in records written before flags moved to `secrets/{worker}/{id}`
+    /// ([`SecretRecord`]): read by agents and the flag check as a fallback,
+    /// never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<String>,
 }
 
 impl Validate for InstanceRecord {
@@ -302,9 +306,9 @@ impl InstanceStatus {
     }
 }
 
-/// An instance's status (key `status/{id}`): where its container listens
-/// and how it is doing. Written by its agent under the instance's lease,
-/// so it vanishes with the instance.
+/// An instance's status (key `status/{worker}/{id}`): where its container
+/// listens and how it is doing. Written by its agent under the instance's
+/// lease, so it vanishes with the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRecord {
@@ -332,6 +336,40 @@ impl Validate for StatusRecord {
     }
 }
 impl Record for StatusRecord {}
+
+/// What only an instance's own worker may read (key
+/// `secrets/{worker}/{id}`): its flag. Written by the scheduler in the spawn
+/// Txn, under the instance's lease, so it exists exactly as long as the
+/// record; the agent reads it once, when it makes the container.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRecord {
+    pub v: V1,
+    pub instance: InstanceId,
+    pub worker: WorkerId,
+    /// Given to the container as `FLAG`.
+    pub flag: String,
+}
+
+impl fmt::Debug for SecretRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the flag: a record printed in a log must not leak it.
+        f.debug_struct("SecretRecord")
+            .field("instance", &self.instance)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Validate for SecretRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.flag.is_empty() || self.flag.contains('\0') {
+            return Err(FieldError::new("flag", "must be non-empty, without NUL"));
+        }
+        Ok(())
+    }
+}
+impl Record for SecretRecord {}
 
 /// A worker's membership, under its keep-alive lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -117,12 +117,27 @@ impl Cluster {
         );
     }
 
+    /// The instance's record as etcd holds it.
+    async fn record(&self, id: &str) -> Value {
+        let rec = self
+            .client
+            .clone()
+            .get(keys::instance(id), None)
+            .await
+            .unwrap();
+        serde_json::from_slice(rec.kvs()[0].value()).unwrap()
+    }
+
     /// The container id and address the agent reported for an instance.
     async fn reported(&self, id: &str) -> (String, String) {
+        let worker = self.record(id).await["worker"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let resp = self
             .client
             .clone()
-            .get(keys::status(id), None)
+            .get(keys::status(&worker, id), None)
             .await
             .unwrap();
         let ep: Value = serde_json::from_slice(resp.kvs()[0].value()).unwrap();
@@ -203,14 +218,19 @@ async fn a_spawned_instance_runs_hardened_with_no_published_ports_and_is_removed
     let env = inspect(&container, "{{json .Config.Env}}");
     assert!(env.contains("\"MODE=test\""), "{env}");
 
-    // The agent reaches the container; the page shows the instance's flag.
-    let rec = c
+    // The agent reaches the container; the page shows the instance's flag,
+    // which the agent read from the secret only it may read (not from the
+    // record, which every worker reads).
+    let rec = c.record(&id).await;
+    assert!(rec.get("flag").is_none(), "{rec}");
+    let worker = rec["worker"].as_str().unwrap();
+    let secret = c
         .client
         .clone()
-        .get(keys::instance(&id), None)
+        .get(keys::secret(worker, &id), None)
         .await
         .unwrap();
-    let flag = serde_json::from_slice::<Value>(rec.kvs()[0].value()).unwrap()["flag"]
+    let flag = serde_json::from_slice::<Value>(secret.kvs()[0].value()).unwrap()["flag"]
         .as_str()
         .unwrap()
         .to_string();

@@ -11,6 +11,7 @@
 //! must then get through; one that does not is a broken attack. `--controls`
 //! runs every defence's control in turn.
 
+mod etcd;
 mod flags;
 mod hop;
 mod host;
@@ -151,12 +152,17 @@ const DEFENCES: &[(&str, &str)] = &[
         "unique-worker",
         "worker registration is create-if-absent (TIDEGATE_PLANTED)",
     ),
+    (
+        "etcd-roles",
+        "each worker's etcd user reads its own secrets and writes only its own keys (the range grants worker b readwrite on the root)",
+    ),
 ];
 
 fn attacks() -> Vec<Attack> {
     let mut all = host::attacks();
     all.extend(hop::attacks());
     all.extend(instance::attacks());
+    all.extend(etcd::attacks());
     all
 }
 

@@ -361,6 +361,11 @@ pub(super) async fn flag(
     let id = parse_id(&id)?;
     let req: FlagCheck = decode_json(&body).map_err(ApiError::bad_request)?;
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
-    let correct = crate::flag::matches(&current.record.flag, req.flag.trim());
+    let stored = etcd(&app, || {
+        lifecycle::flag(&app.client, &app.ks, &current.record)
+    })
+    .await?;
+    // An instance with no flag stored (a record written by hand) matches nothing.
+    let correct = stored.is_some_and(|f| crate::flag::matches(&f, req.flag.trim()));
     Ok(json_response(StatusCode::OK, FlagResult { correct }))
 }

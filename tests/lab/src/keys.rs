@@ -30,9 +30,14 @@ pub fn instance(id: &str) -> String {
     ks().key_of(Kind::Instances, id)
 }
 
-/// Instance `id`'s status.
-pub fn status(id: &str) -> String {
-    ks().key_of(Kind::Statuses, id)
+/// Instance `id`'s status, as worker `worker` reports it.
+pub fn status(worker: &str, id: &str) -> String {
+    ks().key_of(Kind::Statuses, &format!("{worker}/{id}"))
+}
+
+/// Instance `id`'s secret (its flag), readable only by worker `worker`.
+pub fn secret(worker: &str, id: &str) -> String {
+    ks().key_of(Kind::Secrets, &format!("{worker}/{id}"))
 }
 
 /// Worker `id`'s membership.

@@ -143,7 +143,11 @@ async fn seed(endpoint: &str, n: &str) -> Result<(), String> {
                 record.encode(),
                 None,
             ));
-            ops.push(TxnOp::put(ks.key(&Key::Status(id)), status.encode(), None));
+            let key = Key::Status {
+                worker: ghost.clone(),
+                instance: id,
+            };
+            ops.push(TxnOp::put(ks.key(&key), status.encode(), None));
         }
         client
             .txn(Txn::new().and_then(ops))

@@ -9,7 +9,7 @@ use etcd_client::Client;
 use reqwest::{Method, StatusCode};
 use tidegate_lab::daemons::{Agent, Controller, eventually};
 use tidegate_lab::docker::docker;
-use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::etcd::{EtcdCluster, EtcdUsers};
 use tidegate_lab::images::ensure_demo_images;
 use tidegate_lab::ports::free_port;
 use tidegate_schema::config::AgentConfig;
@@ -25,7 +25,10 @@ pub struct Plane {
     pub a_http: String,
     pub b_http: String,
     pub controller: Controller,
+    /// etcd's admin view (`root` when auth is on).
     pub client: Client,
+    /// With [`plane_secured`]: etcd's users (each worker's own).
+    pub users: Option<EtcdUsers>,
     pub _etcd: EtcdCluster,
     pub _dir: tempfile::TempDir,
 }
@@ -84,21 +87,43 @@ pub async fn plane(configure: impl Fn(&mut AgentConfig)) -> Plane {
 
 /// As [`plane`], both agents run under `wrapper` (see `Agent::start_wrapped`).
 pub async fn plane_wrapped(configure: impl Fn(&mut AgentConfig), wrapper: &[&str]) -> Plane {
+    plane_with(configure, wrapper, false).await
+}
+
+/// As [`plane`], with etcd's auth on and the production roles: the
+/// controller as its user, each agent as its worker's own user.
+pub async fn plane_secured(configure: impl Fn(&mut AgentConfig)) -> Plane {
+    plane_with(configure, &[], true).await
+}
+
+async fn plane_with(
+    configure: impl Fn(&mut AgentConfig),
+    wrapper: &[&str],
+    secured: bool,
+) -> Plane {
     ensure_demo_images().unwrap();
     let etcd = EtcdCluster::start(1).unwrap();
+    let users = secured.then(|| etcd.enable_auth(&[&worker("a"), &worker("b")]).unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let controller = Controller::start(&etcd, "c1", dir.path()).await;
-    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let controller = Controller::start_on(&etcd, "c1", dir.path(), None, |c| {
+        c.etcd_auth = users.as_ref().map(EtcdUsers::controller);
+    })
+    .await;
+    let options = users
+        .as_ref()
+        .map(|u| etcd_client::ConnectOptions::new().with_user("root", u.password("root").unwrap()));
+    let client = Client::connect(etcd.endpoints(), options).await.unwrap();
     let (a_host, b_host) = hosts();
     let a_http = format!("{a_host}:{}", free_port().unwrap());
     let b_http = format!("{b_host}:{}", free_port().unwrap());
     let cfg = |addr: &str, http: &str| {
         let (addr, http) = (addr.parse().unwrap(), http.parse().unwrap());
-        let configure = &configure;
+        let (configure, users) = (&configure, &users);
         move |c: &mut AgentConfig| {
             c.advertise_address = addr;
             c.http_entry = http;
             c.tcp_host = addr;
+            c.etcd_auth = users.as_ref().map(|u| u.worker(&c.worker_id));
             configure(c);
         }
     };
@@ -139,6 +164,7 @@ pub async fn plane_wrapped(configure: impl Fn(&mut AgentConfig), wrapper: &[&str
         b_http,
         controller,
         client,
+        users,
         _etcd: etcd,
         _dir: dir,
     }

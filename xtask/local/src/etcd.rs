@@ -115,6 +115,48 @@ pub trait MemberHost {
     fn addr(&self) -> Ipv4Addr;
 }
 
+/// The etcd user of worker `worker` (its role has the same name).
+pub fn worker_user(worker: &str) -> String {
+    format!("tidegate-worker-{worker}")
+}
+
+/// The controllers' etcd user (and role): readwrite on the key root.
+pub const CONTROLLER_USER: &str = "tidegate-controller";
+
+/// The users of a cluster with auth on ([`EtcdCluster::enable_auth`]):
+/// each password in a 0600 file of the cluster's directory.
+#[derive(Debug, Clone)]
+pub struct EtcdUsers {
+    dir: PathBuf,
+}
+
+impl EtcdUsers {
+    /// `[etcd_auth]` of `user`.
+    pub fn auth(&self, user: &str) -> tidegate_schema::config::EtcdAuth {
+        tidegate_schema::config::EtcdAuth {
+            username: user.to_string(),
+            password_file: self.dir.join(format!("{user}.password")),
+        }
+    }
+
+    /// `[etcd_auth]` of the controllers.
+    pub fn controller(&self) -> tidegate_schema::config::EtcdAuth {
+        self.auth(CONTROLLER_USER)
+    }
+
+    /// `[etcd_auth]` of worker `worker`.
+    pub fn worker(&self, worker: &str) -> tidegate_schema::config::EtcdAuth {
+        self.auth(&worker_user(worker))
+    }
+
+    /// `user`'s password (`root` for etcd's admin view).
+    pub fn password(&self, user: &str) -> Result<String> {
+        Ok(std::fs::read_to_string(self.auth(user).password_file)?
+            .trim()
+            .to_string())
+    }
+}
+
 /// A running etcd cluster owned by a test; every member is killed and every
 /// data dir removed on drop.
 #[derive(Debug)]
@@ -188,6 +230,82 @@ impl EtcdCluster {
         };
         self.procs[i] = Some(Supervised::spawn(&spec.name, program, &args, &log)?);
         Ok(())
+    }
+
+    /// Turns etcd's auth on with the production roles: `root`, the
+    /// controllers' user (readwrite on the key root) and one user and role
+    /// per worker in `workers`, granted exactly
+    /// [`Keyspace::worker_grants`](tidegate_schema::Keyspace::worker_grants).
+    /// Passwords go to etcdctl on stdin, never in argv.
+    pub fn enable_auth(&self, workers: &[&str]) -> Result<EtcdUsers> {
+        let users = EtcdUsers {
+            dir: self.dir.path().join("users"),
+        };
+        std::fs::create_dir_all(&users.dir)?;
+        let etcdctl = |args: &[String], stdin: Option<&str>| -> Result<String> {
+            let mut cmd = std::process::Command::new("etcdctl");
+            cmd.env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", self.endpoints().join(",")))
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let command = crate::error::display(&cmd);
+            let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+            if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                pipe.write_all(text.as_bytes())?;
+            }
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                return Err(Error::Failed {
+                    command,
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ks = tidegate_schema::Keyspace::default();
+        let mut roles: Vec<(String, Vec<tidegate_schema::Grant>)> = vec![
+            ("root".into(), Vec::new()),
+            (
+                CONTROLLER_USER.into(),
+                vec![tidegate_schema::Grant {
+                    key: ks.root_prefix(),
+                    prefix: true,
+                    write: true,
+                }],
+            ),
+        ];
+        for w in workers {
+            let id = tidegate_schema::WorkerId::parse(w)
+                .map_err(|e| Error::NotReady(format!("worker {w:?}: {e}")))?;
+            roles.push((worker_user(w), ks.worker_grants(&id)));
+        }
+        for (user, grants) in &roles {
+            let password = format!("{:032x}", rand::random::<u128>());
+            crate::daemons::write_private(
+                &users.auth(user).password_file,
+                format!("{password}\n").as_bytes(),
+            )?;
+            etcdctl(
+                &args(&["user", "add", user, "--interactive=false"]),
+                Some(&format!("{password}\n")),
+            )?;
+            etcdctl(&args(&["role", "add", user]), None)?;
+            for g in grants {
+                let mut a = args(&["role", "grant-permission", user]);
+                a.extend(g.etcdctl_args());
+                etcdctl(&a, None)?;
+            }
+            etcdctl(&args(&["user", "grant-role", user, user]), None)?;
+        }
+        etcdctl(&args(&["auth", "enable"]), None)?;
+        Ok(users)
     }
 
     /// Client URLs of every member, killed ones included.

@@ -60,7 +60,7 @@ pub fn ghost_instance(
             unsafe_caps: Vec::new(),
         },
         spec_revision: 0,
-        flag: "f".into(),
+        flag: None,
     })
 }
 

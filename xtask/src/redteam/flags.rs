@@ -1,6 +1,7 @@
 //! After a run: the flags the range minted must appear in nothing a
 //! player, another team or another worker can read. The flags are read
-//! from the instance records (etcd's admin view); then every daemon's log
+//! from the instances' secret records (etcd's admin view); then every
+//! key another worker's etcd role may read, every daemon's log
 //! and file in the range's directory, every API answer about instances and
 //! challenges (with the platform's token), both agents' `/metrics` (with
 //! and without the scrape token) and `/activity`, and the report's own
@@ -20,7 +21,7 @@ use crate::sh;
 pub(super) fn sweep(r: &Range, report: &str) -> Result<()> {
     let flags = minted(r)?;
     if flags.is_empty() {
-        bail!("the range's instance records hold no flag: the sweep would find nothing");
+        bail!("the range's secret records hold no flag: the sweep would find nothing");
     }
     let mut outputs: Vec<(String, String)> = vec![("this report".into(), report.to_string())];
     files(r.dir(), &mut outputs);
@@ -58,6 +59,21 @@ pub(super) fn sweep(r: &Range, report: &str) -> Result<()> {
             outputs.push((format!("agent {agent} {path}{what}"), body));
         }
     }
+    // Everything worker b's etcd user reads (its grants), but its own
+    // secrets: the flag of team locked's instance, which it runs.
+    let ks = tidegate_schema::Keyspace::default();
+    let b = tidegate_schema::WorkerId::parse(&r.b_cfg.worker_id).map_err(anyhow::Error::msg)?;
+    let user = tidegate_local::etcd::worker_user(&r.b_cfg.worker_id);
+    for grant in ks.worker_grants(&b) {
+        if grant
+            .key
+            .starts_with(&ks.prefix(tidegate_schema::Kind::Secrets))
+        {
+            continue;
+        }
+        let what = format!("etcd {} (read as worker b)", grant.key);
+        outputs.push((what, values(r, &user, &grant.key)?));
+    }
     let found: Vec<String> = outputs
         .iter()
         .filter(|(_, text)| flags.iter().any(|f| text.contains(f.as_str())))
@@ -75,21 +91,18 @@ pub(super) fn sweep(r: &Range, report: &str) -> Result<()> {
     Ok(())
 }
 
-/// The flags of the range's instances, from their records.
+/// The values under `prefix`, one per line, read as etcd user `user`.
+fn values(r: &Range, user: &str, prefix: &str) -> Result<String> {
+    let (ok, out, err) = r.etcdctl(user, &["get", "--prefix", prefix, "--print-value-only"])?;
+    if !ok {
+        bail!("etcdctl get {prefix} as {user}: {err}");
+    }
+    Ok(out)
+}
+
+/// The flags of the range's instances, from their secret records.
 fn minted(r: &Range) -> Result<Vec<String>> {
-    let values = sh::output(
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &r.endpoints().join(",")])
-            .args([
-                "get",
-                "--prefix",
-                "/tidegate/instances/",
-                "--print-value-only",
-            ]),
-    )
-    .context("etcdctl get the instance records")?;
-    Ok(values
+    Ok(values(r, "root", "/tidegate/secrets/")?
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| v["flag"].as_str().map(String::from))

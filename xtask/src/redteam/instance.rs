@@ -238,26 +238,37 @@ fn fill_root(r: &Range) -> Result<Verdict> {
     })
 }
 
-/// etcdctl on the range's etcd (its admin, as a thief of it would).
+/// etcdctl on the range's etcd as its admin (as a thief of it would).
 fn etcdctl(r: &Range, args: &[&str]) -> Option<String> {
-    let endpoints = r.endpoints().join(",");
-    sh::output(
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &endpoints])
-            .args(args),
-    )
+    r.etcdctl("root", args)
+        .ok()
+        .and_then(|(ok, out, _)| ok.then_some(out))
 }
 
-/// Writes `value` at `key` under a new lease of `ttl` seconds (as the
-/// scheduler writes instance records).
-fn etcd_put_leased(r: &Range, key: &str, value: &str, ttl: u32) -> Result<()> {
+/// Writes an instance record by hand (as the scheduler would: with its
+/// secret, for worker `rec.worker`, both under a new lease of `ttl`
+/// seconds).
+fn put_instance(r: &Range, rec: &serde_json::Value, ttl: u32) -> Result<()> {
     let granted =
         etcdctl(r, &["lease", "grant", &ttl.to_string()]).context("etcdctl lease grant")?;
     let lease = granted.split_whitespace().nth(1).context("no lease id")?;
-    etcdctl(r, &["put", &format!("--lease={lease}"), key, value])
-        .map(|_| ())
-        .with_context(|| format!("etcdctl put {key}"))
+    let (id, worker) = (
+        rec["id"].as_str().context("no id")?,
+        rec["worker"].as_str().context("no worker")?,
+    );
+    let secret = serde_json::json!({"v": 1, "instance": id, "worker": worker,
+        "flag": "flag{hand-written}"});
+    for (key, value) in [
+        (
+            format!("/tidegate/secrets/{worker}/{id}"),
+            secret.to_string(),
+        ),
+        (format!("/tidegate/instances/{id}"), rec.to_string()),
+    ] {
+        etcdctl(r, &["put", &format!("--lease={lease}"), &key, &value])
+            .with_context(|| format!("etcdctl put {key}"))?;
+    }
+    Ok(())
 }
 
 fn etcd_get(r: &Range, key: &str) -> Option<String> {
@@ -276,7 +287,7 @@ fn daemon_port(r: &Range) -> Result<Verdict> {
     rec["id"] = id.into();
     rec["http"] = serde_json::json!([]);
     rec["tcp"][0]["port"] = 7080.into();
-    etcd_put_leased(r, &key(id), &rec.to_string(), 120)?;
+    put_instance(r, &rec, 120)?;
     let target = format!("{}:7080", r.a_cfg.tcp_host);
     let mut last = String::new();
     let echoed = wait_until(Duration::from_secs(20), || {
@@ -333,7 +344,7 @@ fn unlike_spec(r: &Range, change: &str) -> Result<Verdict> {
     } else {
         rec["container"]["cap_add"] = serde_json::json!([change]);
     }
-    etcd_put_leased(r, &key(id), &rec.to_string(), 120)?;
+    put_instance(r, &rec, 120)?;
     let filter = format!("label=tidegate.instance={id}");
     let mut found = String::new();
     let started = wait_until(Duration::from_secs(10), || {

@@ -1,5 +1,6 @@
 //! The red team's range: a cluster laid out as in production, on this
-//! machine. etcd on a host of its own (a network namespace), the
+//! machine. etcd on a host of its own (a network namespace) with auth on
+//! and the production roles (each agent its worker's own user), the
 //! controller and agent `a` on this host's address toward the others
 //! (198.18.128.x), agent `b` on another host; each daemon of the debug
 //! build, so `TIDEGATE_PLANTED` can switch a defence off. Five instances:
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use tidegate_local::etcd::EtcdCluster;
+use tidegate_local::etcd::{EtcdCluster, EtcdUsers, worker_user};
 use tidegate_local::images::{REDTEAM_HTTP_PORT, REDTEAM_TCP_PORT, redteam_image};
 use tidegate_local::netns::{NetnsHost, Routed};
 use tidegate_local::ports::free_port;
@@ -44,6 +45,8 @@ pub(super) struct Range {
     pub(super) b: Supervised,
     pub(super) b_cfg: AgentConfig,
     pub(super) plane: ControlPlane,
+    /// etcd's users: root (the admin), the controllers', each worker's.
+    pub(super) users: EtcdUsers,
     _containers: Containers,
     pub(super) host_b: NetnsHost,
     _host_etcd: NetnsHost,
@@ -82,13 +85,35 @@ impl Range {
         let host_etcd = NetnsHost::create()?;
         let host_b = NetnsHost::create()?;
         let etcd = EtcdCluster::start_on(&[&host_etcd])?;
+        let users = etcd.enable_auth(&["worker-a", "worker-b"])?;
         let here = IpAddr::V4(host_b.host_side_addr());
         let env: Vec<String> = match planted {
             Some(d) => vec!["env".into(), format!("TIDEGATE_PLANTED={d}")],
             None => Vec::new(),
         };
+        if planted == Some("etcd-roles") {
+            // As before per-worker roles: every agent readwrite on the root.
+            let role = worker_user("worker-b");
+            let (ok, _, err) = etcdctl_as(
+                &etcd.endpoints(),
+                &users,
+                "root",
+                &[
+                    "role",
+                    "grant-permission",
+                    &role,
+                    "--prefix=true",
+                    "readwrite",
+                    "/tidegate/",
+                ],
+            )?;
+            if !ok {
+                bail!("widening {role}: {err}");
+            }
+        }
         let plane = ControlPlane::start_with(&bin_dir, etcd, &env, |c| {
             c.listen = SocketAddr::new(here, c.listen.port());
+            c.etcd_auth = Some(users.controller());
         })?;
         let label = format!("redteam-{}", std::process::id());
         let containers = Containers(label.clone());
@@ -102,6 +127,7 @@ impl Range {
         b_cfg.http_entry = SocketAddr::new(b_ip, 8080);
         b_cfg.metrics_listen = SocketAddr::new(b_ip, 9464);
         b_cfg.capacity = 1;
+        b_cfg.etcd_auth = Some(users.worker("worker-b"));
         // b shares this host's Docker engine from its own network
         // namespace: the kernel rules of the instance networks are this
         // host's, kept by agent a.
@@ -155,6 +181,7 @@ impl Range {
         a_cfg.http_entry = SocketAddr::new(here, free_port()?);
         a_cfg.metrics_listen = SocketAddr::new(here, free_port()?);
         a_cfg.capacity = 64;
+        a_cfg.etcd_auth = Some(users.worker("worker-a"));
         a_cfg.allow_unbounded_rootfs = planted == Some("read-only-rootfs");
         a_cfg.allow_host_access = planted == Some("firewall");
         // etcd is a cluster machine: as in production, where it sits in a
@@ -178,6 +205,7 @@ impl Range {
             a_cfg,
             b,
             plane,
+            users,
             _containers: containers,
             host_b,
             _host_etcd: host_etcd,
@@ -226,6 +254,12 @@ impl Range {
     /// The etcd endpoints.
     pub(super) fn endpoints(&self) -> Vec<String> {
         self.plane.etcd.endpoints()
+    }
+
+    /// etcdctl on the range's etcd as etcd user `user` (`root`: the admin);
+    /// (whether it succeeded, stdout, stderr).
+    pub(super) fn etcdctl(&self, user: &str, args: &[&str]) -> Result<(bool, String, String)> {
+        etcdctl_as(&self.endpoints(), &self.users, user, args)
     }
 
     /// Runs `args` in `inst`'s container as its root would; the output.
@@ -405,4 +439,24 @@ fn running(plane: &ControlPlane, id: &str, hostname: &str) -> Result<Instance> {
         hostname: hostname.to_string(),
         tcp_port: last["tcp"][0]["port"].as_u64().unwrap_or(0) as u16,
     })
+}
+
+/// etcdctl on `endpoints` as `user`, its password in the environment
+/// (`ETCDCTL_USER`), never in argv; (success, stdout, stderr).
+fn etcdctl_as(
+    endpoints: &[String],
+    users: &EtcdUsers,
+    user: &str,
+    args: &[&str],
+) -> Result<(bool, String, String)> {
+    let password = users.password(user)?;
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_USER", format!("{user}:{password}"))
+        .args(["--endpoints", &endpoints.join(",")])
+        .args(args)
+        .output()
+        .context("running etcdctl")?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
 }

@@ -685,7 +685,7 @@ mod tests {
 
     fn running(h: &mut History, at: Secs, id: &str) {
         let ep = json!({"v": 1, "instance": id, "worker": "w1", "status": {"state": "running"}, "updated_at": 0});
-        let key = Keyspace::default().key_of(Kind::Statuses, id);
+        let key = Keyspace::default().key_of(Kind::Statuses, &format!("w1/{id}"));
         put(h, at, &key, 0, ep);
     }
 

@@ -231,13 +231,16 @@ pub(crate) fn status_running(value: &[u8]) -> bool {
         .is_ok_and(|e| e["status"]["state"].as_str() == Some("running"))
 }
 
-/// An instance's key or its status key → (`instances` or `status`, id).
-/// Ids are taken as they are (the checker's tests use short ones).
+/// An instance's key or its status key (`status/{worker}/{id}`) →
+/// (`instances` or `status`, id). Ids are taken as they are (the checker's
+/// tests use short ones).
 pub(crate) fn split_key(key: &str) -> Option<(&'static str, &str)> {
     let ks = Keyspace::default();
-    [(Kind::Instances, "instances"), (Kind::Statuses, "status")]
-        .into_iter()
-        .find_map(|(kind, name)| key.strip_prefix(&ks.prefix(kind)).map(|id| (name, id)))
+    if let Some(id) = key.strip_prefix(&ks.prefix(Kind::Instances)) {
+        return Some(("instances", id));
+    }
+    let rest = key.strip_prefix(&ks.prefix(Kind::Statuses))?;
+    rest.split_once('/').map(|(_, id)| ("status", id))
 }
 
 /// Watches every key under the key root from revision 1 and hands each

@@ -1,0 +1,184 @@
+//! Least privilege in etcd: with auth on and the production roles, each
+//! agent runs as its worker's own etcd user. A stolen worker credential
+//! reads no other worker's secrets and writes nothing but its own
+//! membership and statuses; everything still routes and runs.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use common::{get, plane_secured};
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tidegate_lab::daemons::{eventually, web_spec};
+use tidegate_lab::etcd::worker_user;
+use tidegate_lab::keys;
+
+/// Whether etcd refused `result` for want of permission.
+fn denied<T: std::fmt::Debug>(what: &str, result: Result<T, etcd_client::Error>) {
+    match result {
+        Err(e) if e.to_string().contains("permission denied") => {}
+        other => panic!("{what}: expected permission denied, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_its_own_keys() {
+    // One slot each: the two instances land on different workers.
+    let p = plane_secured(|c| c.capacity = 1).await;
+    let (s, body) = p.controller.put_challenge("web", web_spec()).await;
+    assert!(s.is_success(), "{body}");
+    let (id1, host1, owner1) = p.running("web", "t1").await;
+    let (id2, host2, owner2) = p.running("web", "t2").await;
+    assert_ne!(owner1, owner2, "both instances on one worker");
+
+    // Every agent routes every instance with its narrow role (its watches
+    // cover only what it may read).
+    for entry in [&p.a_http, &p.b_http] {
+        for host in [&host1, &host2] {
+            let ok = eventually(10, || async { get(entry, host, None).await.0 == 200 }).await;
+            assert!(ok, "{host} not served through {entry}");
+        }
+    }
+
+    // Each container got its flag from the secret only its worker reads,
+    // and the flag check takes it.
+    let mut root = p.client.clone();
+    let mut flags = Vec::new();
+    for (id, owner, entry) in [(&id1, &owner1, &p.a_http), (&id2, &owner2, &p.b_http)] {
+        let secret = root.get(keys::secret(owner, id), None).await.unwrap();
+        let secret: Value = serde_json::from_slice(secret.kvs()[0].value()).unwrap();
+        let flag = secret["flag"].as_str().unwrap().to_string();
+        let host = if id == &id1 { &host1 } else { &host2 };
+        let page = reqwest::Client::new()
+            .get(format!("http://{entry}/cgi-bin/flag"))
+            .header("host", host.as_str())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(page.trim(), flag, "instance {id}");
+        let (_, checked) = p
+            .controller
+            .call(
+                Method::POST,
+                &format!("/v1/instances/{id}/flag"),
+                Some(json!({ "flag": flag })),
+                None,
+            )
+            .await;
+        assert_eq!(checked, json!({"correct": true}));
+        flags.push(flag);
+    }
+
+    // The stolen credential: worker 2's etcd user and password.
+    let users = p.users.as_ref().unwrap();
+    let user = worker_user(&owner2);
+    let options = ConnectOptions::new().with_user(user.clone(), users.password(&user).unwrap());
+    let mut stolen = Client::connect(p._etcd.endpoints(), Some(options))
+        .await
+        .unwrap();
+    let prefix = || Some(GetOptions::new().with_prefix());
+
+    // Its own secret: yes. Worker 1's, or everything: no.
+    let own = stolen.get(keys::secret(&owner2, &id2), None).await.unwrap();
+    assert_eq!(own.kvs().len(), 1);
+    denied(
+        "read worker 1's secret",
+        stolen.get(keys::secret(&owner1, &id1), None).await,
+    );
+    denied(
+        "list every secret",
+        stolen
+            .get(keys::prefix(tidegate_schema::Kind::Secrets), prefix())
+            .await,
+    );
+    denied("list the key root", stolen.get(keys::all(), prefix()).await);
+    denied(
+        "list the claims",
+        stolen.get(keys::claims(), prefix()).await,
+    );
+
+    // What it may read holds no flag (its own instance's included: the
+    // record every worker reads carries none).
+    for kind in [
+        tidegate_schema::Kind::Instances,
+        tidegate_schema::Kind::Workers,
+        tidegate_schema::Kind::Challenges,
+    ] {
+        let resp = stolen.get(keys::prefix(kind), prefix()).await.unwrap();
+        for kv in resp.kvs() {
+            let v = String::from_utf8_lossy(kv.value());
+            let key = kv.key_str().unwrap();
+            assert!(
+                !flags.iter().any(|f| v.contains(f.as_str())),
+                "{key} holds a flag"
+            );
+        }
+    }
+
+    // Writes: an instance record, a challenge, worker 1's membership and
+    // status, and worker 1's instance's lease.
+    let rec = root.get(keys::instance(&id1), None).await.unwrap();
+    let (rec_value, lease1) = (rec.kvs()[0].value().to_vec(), rec.kvs()[0].lease());
+    denied(
+        "put an instance record",
+        stolen
+            .put(keys::instance(&id1), rec_value.clone(), None)
+            .await,
+    );
+    denied(
+        "create an instance record",
+        stolen
+            .put(keys::instance("00000000ff"), rec_value, None)
+            .await,
+    );
+    denied(
+        "delete an instance record",
+        stolen.delete(keys::instance(&id1), None).await,
+    );
+    denied(
+        "put a challenge",
+        stolen.put(keys::challenge("web"), "{}", None).await,
+    );
+    denied(
+        "delete a challenge",
+        stolen.delete(keys::challenge("web"), None).await,
+    );
+    denied(
+        "put worker 1's membership",
+        stolen.put(keys::worker(&owner1), "{}", None).await,
+    );
+    denied(
+        "delete worker 1's membership",
+        stolen.delete(keys::worker(&owner1), None).await,
+    );
+    denied(
+        "put worker 1's status",
+        stolen.put(keys::status(&owner1, &id1), "{}", None).await,
+    );
+    denied(
+        "revoke worker 1's instance's lease",
+        stolen.lease_revoke(lease1).await,
+    );
+    denied(
+        "delete the claims",
+        stolen
+            .delete(
+                keys::claims(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await,
+    );
+
+    // Nothing changed: worker 1's instance still runs and is routed.
+    let (_, inst) = p
+        .controller
+        .call(Method::GET, &format!("/v1/instances/{id1}"), None, None)
+        .await;
+    assert_eq!(inst["status"], "running", "{inst}");
+    assert_eq!(get(&p.b_http, &host1, None).await.0, 200);
+}
