@@ -583,6 +583,11 @@ impl Reconciler {
                 t.status_rev = tidegate_etcd::guard::else_get(&r).map_or(0, |kv| kv.mod_revision());
                 tracing::debug!(instance = %id, lease = t.lease, status_rev = t.status_rev, "instance moved to another lease or status changed; status written on the next pass")
             }
+            // A refusal does not heal by itself: say so (an etcd that checks
+            // every key of the instance's lease refuses a worker's role).
+            Err(e) if e.to_string().contains("permission denied") => {
+                tracing::warn!(instance = %id, error = %e, "etcd refused this worker's status write: check its etcd role")
+            }
             Err(e) => tracing::debug!(instance = %id, error = %e, "could not write the status"),
         }
     }

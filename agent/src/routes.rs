@@ -54,7 +54,7 @@ pub struct RouteTable {
     /// `{instance}-{port name}` (the first label of the SNI a player sends
     /// to `tls_tcp_entry`) → the same route as its public port.
     pub by_sni: HashMap<String, Arc<Route>>,
-    /// The highest etcd revision any of its watches had delivered.
+    /// The highest etcd revision its watches had delivered.
     pub revision: i64,
     /// Registered agents' addresses (this one's too), and for two minutes
     /// those of workers that left: hop claims are looked at only from them
@@ -316,10 +316,12 @@ pub async fn run(
     ];
     // Each watch runs in its own task (a watcher's next() is only
     // cancel-safe between events) and sends (part, event, revision).
+    // Held here: the tasks end when `run` does.
+    let mut tasks = tokio::task::JoinSet::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     for (i, (_, prefix)) in parts.iter().enumerate() {
         let (tx, mut watcher) = (tx.clone(), Watcher::new(client.clone(), prefix.clone()));
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 let event = watcher.next().await;
                 if tx.send((i, event, watcher.revision())).await.is_err() {
@@ -332,13 +334,15 @@ pub async fn run(
     let mut known = WatchedCluster::default();
     let mut building: [Option<WatchedCluster>; 4] = Default::default();
     let mut listed = [false; 4];
-    let mut revision = 0;
+    // Each watch's revision as it last said (lower after a relist of a
+    // restored etcd: stored, not maximised).
+    let mut revisions = [0i64; 4];
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut changed = false;
         // Apply every event already received before building one table.
         while let Some((i, e, rev)) = next.take() {
-            revision = revision.max(rev);
+            revisions[i] = rev;
             match e {
                 Event::Init => building[i] = Some(WatchedCluster::default()),
                 Event::InitApply(kv) => {
@@ -367,10 +371,14 @@ pub async fn run(
         }
         let settled = listed.iter().all(|l| *l) && building.iter().all(Option::is_none);
         if changed && settled {
+            let revision = revisions.iter().copied().max().unwrap_or(0);
             let table = known.build(&me, revision, &tcp_ports);
             routes.store(Arc::new(table));
             builds.send_modify(|n| *n += 1);
-            etcd.delivered(revision);
+            // The watch lag compares this agent's own writes (its statuses)
+            // with what came back: that is the statuses watch.
+            let statuses = parts.iter().position(|(p, _)| *p == Part::Statuses);
+            etcd.delivered(statuses.map_or(revision, |i| revisions[i]));
             policies.send_if_modified(|current| {
                 if **current == known.policies {
                     return false;

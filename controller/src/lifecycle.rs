@@ -132,6 +132,9 @@ pub async fn renew(
     let mut record = rec.clone();
     record.expires_at = expires_at;
     record.renewals += 1;
+    // A record from before secrets/ carries its flag inline, where every
+    // worker reads it: the renewal moves it to the secret.
+    record.flag = None;
 
     let instance_key = ks.key(&Key::Instance(rec.id.clone()));
     let status_key = ks.key(&Key::Status {
@@ -174,10 +177,31 @@ pub async fn renew(
                 )]),
         )
     };
+    let move_secret = match &rec.flag {
+        None => move_if_there(&secret_key),
+        Some(flag) => {
+            let secret = SecretRecord {
+                v: tidegate_schema::V1,
+                instance: rec.id.clone(),
+                worker: rec.worker.clone(),
+                flag: flag.clone(),
+            };
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::version(secret_key.as_str(), CompareOp::Greater, 0)])
+                    .and_then([TxnOp::put(
+                        secret_key.as_str(),
+                        "",
+                        Some(PutOptions::new().with_lease(lease).with_ignore_value()),
+                    )])
+                    .or_else([TxnOp::put(secret_key.as_str(), secret.encode(), opts())]),
+            )
+        }
+    };
     let mut ops = vec![
         TxnOp::put(instance_key.as_str(), record.encode(), opts()),
         move_if_there(&status_key),
-        move_if_there(&secret_key),
+        move_secret,
     ];
     let mut claims: Vec<String> = rec
         .http

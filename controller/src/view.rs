@@ -59,8 +59,18 @@ impl View {
                 }
             },
             Key::Status { worker, instance } => match kv.decode::<StatusRecord>() {
-                Ok(st) => {
+                // Only the record's own worker's (the record comes first:
+                // instances/ sorts before status/, and is written first).
+                Ok(st)
+                    if self
+                        .instances
+                        .get(&instance)
+                        .is_some_and(|i| i.record.worker == worker) =>
+                {
                     self.status.insert((instance, worker), st.status);
+                }
+                Ok(_) => {
+                    tracing::debug!(key = %kv.key, "skipping a status not written by the instance's worker")
                 }
                 Err(e) => {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed status record")
@@ -76,7 +86,9 @@ impl View {
                 self.workers.remove(&id);
             }
             Ok(Key::Instance(id)) => {
-                self.instances.remove(&id);
+                if let Some(gone) = self.instances.remove(&id) {
+                    self.status.remove(&(id, gone.record.worker));
+                }
             }
             Ok(Key::Status { worker, instance }) => {
                 self.status.remove(&(instance, worker));
@@ -187,5 +199,54 @@ pub async fn run(client: Client, ks: Keyspace, view: SharedView, etcd: Arc<EtcdH
                 etcd.delivered(v.revision);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(ks: &Keyspace, key: &Key, value: serde_json::Value) -> Kv {
+        Kv {
+            key: ks.key(key),
+            value: value.to_string().into_bytes(),
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_records_own_worker_sets_its_status() {
+        let ks = Keyspace::default();
+        let id = InstanceId::parse("000000000a").unwrap();
+        let (w1, w2) = (
+            WorkerId::parse("w1").unwrap(),
+            WorkerId::parse("w2").unwrap(),
+        );
+        let mut v = View::default();
+        let record = serde_json::json!({"v": 1, "id": "000000000a", "challenge": "web", "team": "t",
+            "worker": "w1", "token": 1, "created_at": 0, "expires_at": 10,
+            "http": [{"port_name": "web", "hostname": "000000000a.ctf.localhost", "target_port": 8080}],
+            "container": {"image": "x", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}}});
+        v.apply(&ks, &kv(&ks, &Key::Instance(id.clone()), record));
+        let status = |worker: &WorkerId, state: &str| {
+            let key = Key::Status {
+                worker: worker.clone(),
+                instance: id.clone(),
+            };
+            let value = serde_json::json!({"v": 1, "instance": "000000000a", "worker": worker.as_str(),
+                "status": {"state": state, "reason": "x"}, "updated_at": 1});
+            kv(&ks, &key, value)
+        };
+        // Another worker's word (a stolen credential) is not kept at all.
+        v.apply(&ks, &status(&w2, "failed"));
+        assert_eq!(v.status_text(&id), "pending");
+        assert!(v.status.is_empty());
+        v.apply(&ks, &status(&w1, "failed"));
+        assert_eq!(v.status_text(&id), "failed: x");
+        // The instance gone, its status goes too.
+        v.remove(&ks, &ks.key(&Key::Instance(id.clone())));
+        assert!(v.status.is_empty());
     }
 }

@@ -298,13 +298,18 @@ async fn a_delete_racing_a_renewal_still_deletes() {
     println!("renewal committed before the delete in {renewed_first} of 20 races");
 }
 
-/// The owning agent writes the endpoint (its container's status) when that
-/// changes: once the container runs, again on every restart. Renewals
-/// racing those writes all commit, and the endpoint moves to each new lease
-/// with the agent's newest value. (Before, a renewal compared the
-/// endpoint's revision between its read and its Txn and answered 409.)
-#[tokio::test]
-async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_status() {
+/// A 1-member etcd with one instance of `web` for team-1, spawned by a
+/// leader that holds `key` with fencing token `token`.
+struct One {
+    _etcd: EtcdCluster,
+    client: Client,
+    ks: Keyspace,
+    key: String,
+    token: i64,
+    s: tidegate_controller::Spawned,
+}
+
+async fn one_instance(flag: &'static str) -> One {
     let Fixture {
         _etcd,
         mut client,
@@ -313,7 +318,32 @@ async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_s
     } = fixture(1, "web", web_spec()).await;
     let (key, token, _) = campaign(&mut client, &ks, 30).await;
     let p = plan(&ks, challenge, &key, token, "team-1");
-    let s = spawn(&client, &p, |_| "flag{x}".into()).await.unwrap();
+    let s = spawn(&client, &p, move |_| flag.into()).await.unwrap();
+    One {
+        _etcd,
+        client,
+        ks,
+        key,
+        token,
+        s,
+    }
+}
+
+/// The owning agent writes the endpoint (its container's status) when that
+/// changes: once the container runs, again on every restart. Renewals
+/// racing those writes all commit, and the endpoint moves to each new lease
+/// with the agent's newest value. (Before, a renewal compared the
+/// endpoint's revision between its read and its Txn and answered 409.)
+#[tokio::test]
+async fn renewals_racing_the_agents_endpoint_writes_commit_and_keep_the_newest_status() {
+    let One {
+        _etcd,
+        mut client,
+        ks,
+        key,
+        token,
+        s,
+    } = one_instance("flag{x}").await;
     let id = s.record.id.clone();
     let status_key = ks.key(&tidegate_schema::Key::Status {
         worker: s.record.worker.clone(),
@@ -453,4 +483,63 @@ async fn an_expiring_lease_removes_every_key_of_the_instance() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "instance keys outlived their 2 s lease by 10 s");
+}
+
+/// A record written before flags moved to `secrets/` carries its flag
+/// inline, where every worker reads it: renewing it moves the flag to the
+/// worker's secret (on the new lease) and writes the record without it; the
+/// flag check still finds it.
+#[tokio::test]
+async fn renewing_a_record_with_an_inline_flag_moves_the_flag_to_its_secret() {
+    let One {
+        _etcd,
+        mut client,
+        ks,
+        key,
+        token,
+        s,
+    } = one_instance("flag{old}").await;
+    let id = s.record.id.clone();
+    let secret_key = ks.key(&tidegate_schema::Key::Secret {
+        worker: s.record.worker.clone(),
+        instance: id.clone(),
+    });
+    let instance_key = ks.key(&tidegate_schema::Key::Instance(id.clone()));
+    // Make it look like an old record: the flag inline, no secret.
+    let mut old = s.record.clone();
+    old.flag = Some("flag{old}".into());
+    client
+        .put(
+            instance_key.as_str(),
+            tidegate_schema::Record::encode(&old),
+            Some(etcd_client::PutOptions::new().with_lease(s.lease)),
+        )
+        .await
+        .unwrap();
+    client.delete(secret_key.as_str(), None).await.unwrap();
+    let current = lifecycle::get(&client, &ks, &id).await.unwrap();
+    assert_eq!(current.record.flag.as_deref(), Some("flag{old}"));
+
+    let renewed = lifecycle::renew(
+        &client,
+        &ks,
+        (&key, token),
+        &current,
+        s.record.expires_at + 60,
+        s.record.created_at,
+    )
+    .await
+    .unwrap();
+    assert_eq!(renewed.flag, None);
+    let now = lifecycle::get(&client, &ks, &id).await.unwrap();
+    assert_eq!(now.record.flag, None, "the record still holds the flag");
+    let secret = client.get(secret_key.as_str(), None).await.unwrap();
+    let kv = &secret.kvs()[0];
+    assert_eq!(kv.lease(), now.lease, "the secret is not on the new lease");
+    let secret: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+    assert_eq!(secret["flag"], "flag{old}");
+    assert_eq!(
+        lifecycle::flag(&client, &ks, &now.record).await.unwrap(),
+        Some("flag{old}".to_string())
+    );
 }

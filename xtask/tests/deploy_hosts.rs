@@ -373,7 +373,7 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         out.contains("would start or restart (if its files changed) tidegate-etcd on"),
         "{out}"
     );
-    assert!(out.contains("would enable etcd auth once"), "{out}");
+    assert!(out.contains("would enable etcd auth: users root"), "{out}");
     assert!(
         hosts
             .iter()
@@ -448,24 +448,28 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         .output()
         .unwrap();
     assert!(!plain.status.success(), "etcd answered plain HTTP");
-    let as_agent = |args: &[&str]| {
-        etcdctl(
-            Command::new("etcdctl"),
-            &etcd0,
-            &pki,
-            ("client-tidegate-agent.pem", "client-tidegate-agent-key.pem"),
-        )
-        .args(args)
-        .output()
-        .unwrap()
+    // Each agent is its worker's own etcd user (here by its certificate's
+    // CN): it reads what routing needs, not another worker's secrets, and
+    // writes nothing of the scheduler's.
+    let as_user = |user: &str, args: &[&str]| {
+        let (cert, key) = (
+            format!("client-{user}.pem"),
+            format!("client-{user}-key.pem"),
+        );
+        etcdctl(Command::new("etcdctl"), &etcd0, &pki, (&cert, &key))
+            .args(args)
+            .output()
+            .unwrap()
     };
-    let denied = as_agent(&["user", "list"]);
+    let worker_a = format!("tidegate-worker-{}", hosts[0].name);
+    let as_a = |args: &[&str]| as_user(&worker_a, args);
+    let denied = as_a(&["user", "list"]);
     assert!(
         !denied.status.success(),
-        "the agent's certificate may list etcd users: auth is off"
+        "a worker's certificate may list etcd users: auth is off"
     );
     let workers = keys.prefix(Kind::Workers);
-    let allowed = as_agent(&["get", &workers, "--prefix", "--keys-only"]);
+    let allowed = as_a(&["get", &workers, "--prefix", "--keys-only"]);
     assert!(
         allowed.status.success(),
         "{}",
@@ -478,6 +482,27 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
             .count(),
         3
     );
+    let others = format!("{}{}/", keys.prefix(Kind::Secrets), hosts[1].name);
+    for args in [
+        vec!["get", others.as_str(), "--prefix"],
+        vec!["put", "/tidegate/instances/00000000aa", "{}"],
+        vec!["put", "/tidegate/challenges/demo-http", "{}"],
+    ] {
+        let out = as_a(&args);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+            "worker a may {args:?}"
+        );
+    }
+    // No user is left that every agent shares.
+    let listed = as_user("root", &["user", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(!listed.lines().any(|l| l == "tidegate-agent"), "{listed}");
+    for h in &hosts {
+        let user = format!("tidegate-worker-{}", h.name);
+        assert!(listed.lines().any(|l| l == user), "{listed}");
+    }
 
     // The backup timer's snapshot works on a member, through its loopback
     // listener with the root certificate (deploy/etcd/tidegate-etcd-backup.service).
@@ -585,8 +610,41 @@ fn an_inventory_of_three_ssh_hosts_becomes_a_working_cluster_and_a_second_run_is
         text.push_str("# edited by hand\n");
         std::fs::write(&agent_toml, text).unwrap();
     }
+    // An etcd user no daemon runs as any more (the agents' shared user of
+    // earlier releases, a worker taken out of the inventory) is deleted
+    // once every agent runs as its own.
+    for user in ["tidegate-agent", "tidegate-worker-gone"] {
+        let mut add = etcdctl(
+            Command::new("etcdctl"),
+            &etcd0,
+            &pki,
+            ("client-root.pem", "client-root-key.pem"),
+        );
+        let added = add
+            .args(["user", "add", user, "--interactive=false"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                child.stdin.take().unwrap().write_all(b"old-password\n")?;
+                child.wait()
+            })
+            .unwrap();
+        assert!(added.success(), "adding {user}");
+    }
     let (ok, out) = deploy(&inv, &[]);
     assert!(ok, "{out}");
+    assert!(
+        out.contains("etcd: deleted users no daemon runs as: tidegate-agent, tidegate-worker-gone"),
+        "{out}"
+    );
+    let listed = as_user("root", &["user", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        !listed.contains("tidegate-agent") && !listed.contains("tidegate-worker-gone"),
+        "{listed}"
+    );
     assert!(out.contains(": 2 file(s) written"), "{out}");
     let steps: Vec<&str> = out
         .lines()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use super::cluster::{demo, etcd_auth, etcdctl_prefix};
+use super::cluster::{demo, etcd_auth, etcd_prune_users, etcdctl_prefix};
 use super::plan::{Built, HostPlan, build, plan_host, sha256};
 use super::secrets::{Secrets, pki, secrets};
 use super::services::{start_script, status_script};
@@ -289,6 +289,11 @@ impl Run<'_> {
         wait("agents: every worker registered", || {
             self.registered(&api[0], &agents)
         })?;
+        // Only now that every agent runs as its own user: an agent still
+        // on the shared user would lose etcd, its lease and its instances.
+        if etcd_prune_users(inv, first_etcd, &etcdctl, self.secrets)? {
+            tally.other += 1;
+        }
         Ok(api[0].clone())
     }
 

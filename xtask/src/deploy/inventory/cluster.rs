@@ -1,12 +1,13 @@
-//! What a run does to the running cluster: etcd auth (once), and the demo
-//! challenges with their images.
+//! What a run does to the running cluster: etcd auth (a user and role per
+//! daemon, each worker its own), and the demo challenges with their images.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use tidegate_schema::Keyspace;
+use tidegate_local::etcd::{CONTROLLER_USER, worker_user};
+use tidegate_schema::{Grant, Keyspace, WorkerId};
 
 use super::secrets::Secrets;
 use super::ssh::Remote;
@@ -24,10 +25,39 @@ pub(super) fn etcdctl_prefix(inv: &Inventory, root: &Path) -> String {
     )
 }
 
-/// Turns on etcd auth once: users root, tidegate-controller and
-/// tidegate-agent, each but root with a role reading and writing the key
-/// root. Remembered in the state dir; checked again (users listed) on
-/// every run. Whether it changed anything.
+/// The etcd users of `inv`'s daemons, with their passwords and grants:
+/// root, the controllers' (readwrite on the key root), and one per agent
+/// host, granted exactly [`Keyspace::worker_grants`].
+fn users(inv: &Inventory, s: &Secrets) -> Result<Vec<(String, String, Vec<Grant>)>> {
+    let ks = Keyspace::default();
+    let mut users = vec![
+        ("root".to_string(), s.etcd_root_password.clone(), Vec::new()),
+        (
+            CONTROLLER_USER.to_string(),
+            s.etcd_controller_password.clone(),
+            vec![Grant {
+                key: ks.root_prefix(),
+                prefix: true,
+                write: true,
+            }],
+        ),
+    ];
+    for h in inv.with_role(Role::Agent) {
+        let id = WorkerId::parse(&h.name).map_err(anyhow::Error::msg)?;
+        users.push((
+            worker_user(&h.name),
+            s.worker_password(&h.name),
+            ks.worker_grants(&id),
+        ));
+    }
+    Ok(users)
+}
+
+/// Turns on etcd auth with a user and role per daemon: root, the
+/// controllers', and each worker's own. Runs its script when a user is
+/// missing (a new cluster, a new agent host, an upgrade from the shared
+/// agent user) or auth was never enabled; every step is idempotent.
+/// Whether it changed anything.
 pub(super) fn etcd_auth(
     inv: &Inventory,
     host: &Host,
@@ -39,18 +69,19 @@ pub(super) fn etcd_auth(
     let marker = state.join("etcd-auth-enabled");
     // With client-cert-auth the root certificate's CN authenticates as root
     // once auth is on (and anyone may list users while it is off).
-    let users = r.run(&format!("{etcdctl} user list"), None)?;
-    let has = |u: &str| users.lines().any(|l| l.trim() == u);
-    let want = ["root", "tidegate-controller", "tidegate-agent"];
-    if marker.exists() && want.iter().all(|u| has(u)) {
+    let listed = r.run(&format!("{etcdctl} user list"), None)?;
+    let has = |u: &str| listed.lines().any(|l| l.trim() == u);
+    let users = users(inv, s)?;
+    let missing: Vec<&str> = users
+        .iter()
+        .map(|(u, _, _)| u.as_str())
+        .filter(|u| !has(u))
+        .collect();
+    if marker.exists() && missing.is_empty() {
         return Ok(false);
     }
     let mut script = String::from("set -e\n");
-    for (user, password) in [
-        ("root", &s.etcd_root_password),
-        ("tidegate-controller", &s.etcd_controller_password),
-        ("tidegate-agent", &s.etcd_agent_password),
-    ] {
+    for (user, password, _) in &users {
         if !has(user) {
             // printf is the shell's own: the password is in no argv (the
             // script itself reaches the host on stdin).
@@ -61,22 +92,64 @@ pub(super) fn etcd_auth(
             );
         }
     }
-    let _ = writeln!(
-        script,
-        "{etcdctl} role add root >/dev/null 2>&1 || true\n{etcdctl} user grant-role root root >/dev/null 2>&1 || true"
-    );
-    // Every key under the key root (the daemons' default).
-    let keys = Keyspace::default().root_prefix();
-    for role in ["tidegate-controller", "tidegate-agent"] {
+    for (user, _, grants) in &users {
+        let _ = writeln!(script, "{etcdctl} role add {user} >/dev/null 2>&1 || true");
+        for grant in grants {
+            let _ = writeln!(
+                script,
+                "{etcdctl} role grant-permission {user} {} >/dev/null",
+                grant.etcdctl_args().join(" ")
+            );
+        }
         let _ = writeln!(
             script,
-            "{etcdctl} role add {role} >/dev/null 2>&1 || true\n{etcdctl} role grant-permission {role} --prefix=true readwrite {keys} >/dev/null\n{etcdctl} user grant-role {role} {role} >/dev/null 2>&1 || true"
+            "{etcdctl} user grant-role {user} {user} >/dev/null 2>&1 || true"
         );
     }
-    let _ = writeln!(script, "{etcdctl} auth enable");
+    // Ignored by etcd when auth is on already.
+    let _ = writeln!(script, "{etcdctl} auth enable >/dev/null");
     r.run("sh -s", Some(script.as_bytes()))?;
     std::fs::write(&marker, "etcd auth was enabled by cargo xtask deploy\n")?;
-    println!("etcd: auth enabled (users root, tidegate-controller, tidegate-agent)");
+    println!("etcd: auth on; users added: {}", missing.join(", "));
+    Ok(true)
+}
+
+/// Deletes the etcd users (and their roles) no daemon of the inventory
+/// runs as: the agents' shared `tidegate-agent` of earlier releases, and
+/// workers no longer in the inventory. Run once every agent runs as its
+/// own user. Whether it deleted any.
+pub(super) fn etcd_prune_users(
+    inv: &Inventory,
+    host: &Host,
+    etcdctl: &str,
+    s: &Secrets,
+) -> Result<bool> {
+    let r = Remote { inv, host };
+    let listed = r.run(&format!("{etcdctl} user list"), None)?;
+    let wanted: Vec<String> = users(inv, s)?.into_iter().map(|(u, _, _)| u).collect();
+    let stale: Vec<&str> = listed
+        .lines()
+        .map(str::trim)
+        .filter(|u| {
+            *u == "tidegate-agent"
+                || (u.starts_with(&worker_user("")) && !wanted.iter().any(|w| w == u))
+        })
+        .collect();
+    if stale.is_empty() {
+        return Ok(false);
+    }
+    let mut script = String::from("set -e\n");
+    for user in &stale {
+        let _ = writeln!(
+            script,
+            "{etcdctl} user delete {user} >/dev/null\n{etcdctl} role delete {user} >/dev/null 2>&1 || true"
+        );
+    }
+    r.run("sh -s", Some(script.as_bytes()))?;
+    println!(
+        "etcd: deleted users no daemon runs as: {}",
+        stale.join(", ")
+    );
     Ok(true)
 }
 

@@ -71,9 +71,15 @@ pub(super) fn print(inv: &Inventory, state: &Path, args: &InventoryArgs) -> Resu
         match role {
             Role::Etcd => {
                 println!("would wait for `etcdctl endpoint health` on every member");
+                let workers: Vec<String> = inv
+                    .with_role(Role::Agent)
+                    .iter()
+                    .map(|h| tidegate_local::etcd::worker_user(&h.name))
+                    .collect();
                 println!(
-                    "would enable etcd auth once: users root, tidegate-controller, tidegate-agent; roles readwrite on {}",
-                    tidegate_schema::Keyspace::default().root_prefix()
+                    "would enable etcd auth: users root, tidegate-controller (readwrite on {}) and one per worker, reading what routing needs and its own secrets, writing only its own keys: {}",
+                    tidegate_schema::Keyspace::default().root_prefix(),
+                    workers.join(", ")
                 );
             }
             Role::Controller => println!(

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
+use tidegate_local::etcd::{CONTROLLER_USER, worker_user};
 use tidegate_schema::config::{AgentConfig, ConfigFile, ControllerConfig, EtcdAuth, EtcdTls};
 
 use super::secrets::Secrets;
@@ -29,9 +30,11 @@ type Binary<'a> = (&'static str, Option<&'a Arc<[u8]>>, bool);
 
 /// What a controller or agent host gets besides the shared files.
 struct Daemon<'a> {
-    /// `controller` or `agent`: names its etcd user, config and binary.
+    /// `controller` or `agent`: names its config, binary and files.
     role: &'static str,
-    password: &'a str,
+    /// Its etcd user (its client certificate's CN).
+    user: String,
+    password: String,
     /// The config file's text.
     config: String,
     binaries: Vec<Binary<'a>>,
@@ -133,7 +136,7 @@ pub(super) fn plan_host<'a>(
             artifact_dir: inv.artifact_dir.clone(),
             etcd: etcd_urls(inv, inv.ports.etcd_client),
             etcd_tls: Some(p.etcd_tls("controller")),
-            etcd_auth: Some(p.etcd_auth("controller")),
+            etcd_auth: Some(p.etcd_auth("controller", CONTROLLER_USER)),
             scrape_token_file: Some(p.path("/etc/tidegate/scrape-token").into()),
             ..ControllerConfig::default()
         };
@@ -146,7 +149,8 @@ pub(super) fn plan_host<'a>(
         );
         p.daemon(Daemon {
             role: "controller",
-            password: &secrets.etcd_controller_password,
+            user: CONTROLLER_USER.to_string(),
+            password: secrets.etcd_controller_password.clone(),
             config: p.config_text("Controller", "controller", &config)?,
             binaries: vec![
                 ("tidegate-controller", built.map(|b| &b.controller), true),
@@ -178,7 +182,7 @@ pub(super) fn plan_host<'a>(
             artifact_dir: inv.artifact_dir.clone(),
             etcd: etcd_urls(inv, inv.ports.etcd_client),
             etcd_tls: Some(p.etcd_tls("agent")),
-            etcd_auth: Some(p.etcd_auth("agent")),
+            etcd_auth: Some(p.etcd_auth("agent", &worker_user(&h.name))),
             hop_key_file: Some(p.path("/etc/tidegate/hop-key").into()),
             allow_host_access: inv.allow_host_access,
             scrape_token_file: Some(p.path("/etc/tidegate/scrape-token").into()),
@@ -200,7 +204,10 @@ pub(super) fn plan_host<'a>(
         );
         p.daemon(Daemon {
             role: "agent",
-            password: &secrets.etcd_agent_password,
+            // Its worker's own user: it reads only its own secrets and
+            // writes only its own keys (Keyspace::worker_grants).
+            user: worker_user(&h.name),
+            password: secrets.worker_password(&h.name),
             config: p.config_text("Agent", "agent", &config)?,
             binaries: vec![("tidegate-agent", built.map(|b| &b.agent), true)],
             service: Service {
@@ -396,9 +403,9 @@ log-outputs: [stderr]\n",
     }
 
     /// `[etcd_auth]` of daemon `role`: its etcd user and password file.
-    fn etcd_auth(&self, role: &str) -> EtcdAuth {
+    fn etcd_auth(&self, role: &str, user: &str) -> EtcdAuth {
         EtcdAuth {
-            username: format!("tidegate-{role}"),
+            username: user.to_string(),
             password_file: self
                 .path(&format!("/etc/tidegate/etcd-password-{role}"))
                 .into(),
@@ -429,15 +436,15 @@ log-outputs: [stderr]\n",
     /// A tidegate daemon: its etcd client certificate and password, its
     /// config, its binaries and its service.
     fn daemon(&mut self, d: Daemon<'_>) -> Result<()> {
-        let (role, svc) = (d.role, d.service.name);
+        let (role, user, svc) = (d.role, &d.user, d.service.name);
         for (from, to, mode) in [
             (
-                format!("client-tidegate-{role}.pem"),
+                format!("client-{user}.pem"),
                 format!("etcd-{role}.pem"),
                 0o644,
             ),
             (
-                format!("client-tidegate-{role}-key.pem"),
+                format!("client-{user}-key.pem"),
                 format!("etcd-{role}-key.pem"),
                 0o640,
             ),

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use super::{Inventory, Role};
+use tidegate_local::etcd::{CONTROLLER_USER, worker_user};
 
 /// The tokens and passwords of one cluster.
 #[derive(Debug, serde::Serialize, Deserialize)]
@@ -18,6 +19,7 @@ pub(super) struct Secrets {
     pub(super) flag_secret: String,
     pub(super) etcd_root_password: String,
     pub(super) etcd_controller_password: String,
+    /// The seed of each worker's etcd password ([`Secrets::worker_password`]).
     pub(super) etcd_agent_password: String,
     /// The agents' hop key (added after the first release: a cluster's
     /// existing file gets one on the next run).
@@ -30,6 +32,19 @@ pub(super) struct Secrets {
 }
 
 impl Secrets {
+    /// Worker `worker`'s etcd password: SHA-256 of the agents' seed and its
+    /// name, so a host added later needs no new state, and one worker's
+    /// password says nothing about another's.
+    pub(super) fn worker_password(&self, worker: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(self.etcd_agent_password.as_bytes())
+            .chain_update(b"\0worker\0")
+            .chain_update(worker.as_bytes())
+            .finalize();
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// What the dry run and tests render configs with.
     pub(super) fn placeholders() -> Self {
         Self {
@@ -121,8 +136,8 @@ fn openssl(args: &[&str], dir: &Path) -> Result<()> {
 
 /// The etcd CA, one certificate per member (server and peer, SANs = its
 /// name and address) and client certificates for root, the controllers
-/// and the agents (CN = the etcd user). Made once; a member added to the
-/// inventory later gets its certificate on the next run.
+/// and each worker (CN = the etcd user). Made once; a member or worker
+/// added to the inventory later gets its certificate on the next run.
 pub(super) fn pki(dir: &Path, inv: &Inventory) -> Result<PathBuf> {
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki)?;
@@ -217,7 +232,13 @@ pub(super) fn certificates(inv: &Inventory) -> Vec<(String, String, &'static str
             (format!("member-{}", h.name), san, "serverAuth,clientAuth")
         })
         .collect();
-    for user in ["root", "tidegate-controller", "tidegate-agent"] {
+    let mut users = vec!["root".to_string(), CONTROLLER_USER.to_string()];
+    users.extend(
+        inv.with_role(Role::Agent)
+            .iter()
+            .map(|h| worker_user(&h.name)),
+    );
+    for user in users {
         certs.push((
             format!("client-{user}"),
             format!("subjectAltName=DNS:{user}"),

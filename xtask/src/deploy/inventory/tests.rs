@@ -32,7 +32,7 @@ fn fake_pki(inv: &Inventory) -> tempfile::TempDir {
     std::fs::write(dir.path().join("ca.pem"), "").unwrap();
     for (name, _, _) in certificates(inv) {
         for file in [format!("{name}.pem"), format!("{name}-key.pem")] {
-            std::fs::write(dir.path().join(file), "").unwrap();
+            std::fs::write(dir.path().join(&file), &file).unwrap();
         }
     }
     dir
@@ -119,9 +119,28 @@ fn units_keep_only_the_agents_capabilities() {
     )
     .unwrap();
     assert!(toml.contains("etcd = [\"https://198.18.200.2:2379\", \"https://198.18.200.6:2379\", \"https://198.18.200.10:2379\"]"), "{toml}");
+    // The agent is its worker's own etcd user, by password and by its
+    // certificate, with a password of its own.
+    let worker = &inv.hosts[0].name;
     assert!(
-        toml.contains("[etcd_auth]\nusername = \"tidegate-agent\""),
+        toml.contains(&format!(
+            "[etcd_auth]\nusername = \"tidegate-worker-{worker}\""
+        )),
         "{toml}"
+    );
+    let file = |path: &str| {
+        let f = plan.files.iter().find(|f| f.path == path).unwrap();
+        String::from_utf8(f.bytes.to_vec()).unwrap()
+    };
+    assert_eq!(
+        file("/etc/tidegate/pki/etcd-agent.pem"),
+        format!("client-tidegate-worker-{worker}.pem")
+    );
+    let password = file("/etc/tidegate/etcd-password-agent");
+    assert_eq!(password.trim(), secrets.worker_password(worker));
+    assert_ne!(
+        secrets.worker_password(worker),
+        secrets.worker_password(&inv.hosts[1].name)
     );
 }
 
