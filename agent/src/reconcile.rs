@@ -453,15 +453,15 @@ impl Reconciler {
             None => {
                 let mut record = t.record.clone();
                 let vetted = match from_spec(&self.client, &self.ks, &record).await {
-                    Ok(container) => flag_of(&self.client, &self.ks, &self.worker, &record)
+                    Ok(container) => secret_of(&self.client, &self.ks, &self.worker, &record)
                         .await
-                        .map(|flag| (container, flag)),
+                        .map(|secret| (container, secret)),
                     Err(e) => Err(e),
                 };
-                let flag = match vetted {
-                    Ok((container, flag)) => {
+                let secret = match vetted {
+                    Ok((container, secret)) => {
                         record.container = container;
-                        flag
+                        secret
                     }
                     Err(Vetted::Unavailable(e)) => {
                         tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec or the instance's secret; retrying");
@@ -488,7 +488,7 @@ impl Reconciler {
                     }
                 };
                 t.status = InstanceStatus::Starting;
-                match self.runtime.create(&record, &flag).await {
+                match self.runtime.create(&record, &secret).await {
                     Ok(container) => {
                         tracing::info!(instance = %id, %container, image = %record.container.image, "created container");
                         t.container = Some(container.clone());
@@ -605,16 +605,17 @@ enum Vetted {
     NoSecret(String),
 }
 
-/// The instance's flag, from `secrets/{this worker}/{id}` (written with the
-/// record in the spawn Txn, so present whenever the record is), or inline
-/// in a record written before secrets/ existed. A record with neither was
-/// not written by a scheduler.
-async fn flag_of(
+/// The instance's secret (its flag, the challenge's `secret_env` values),
+/// from `secrets/{this worker}/{id}` (written with the record in the spawn
+/// Txn, so present whenever the record is), or the flag inline in a record
+/// written before secrets/ existed. A record with neither was not written
+/// by a scheduler.
+async fn secret_of(
     client: &Client,
     ks: &Keyspace,
     worker: &WorkerId,
     record: &InstanceRecord,
-) -> Result<String, Vetted> {
+) -> Result<SecretRecord, Vetted> {
     let key = ks.key(&Key::Secret {
         worker: worker.clone(),
         instance: record.id.clone(),
@@ -625,10 +626,16 @@ async fn flag_of(
         .await
         .map_err(|e| Vetted::Unavailable(format!("{key}: {e}")))?;
     match (resp.kvs().first(), &record.flag) {
-        (Some(kv), _) => SecretRecord::decode(kv.value())
-            .map(|s| s.flag)
-            .map_err(|e| Vetted::NoSecret(format!("{key}: {e}"))),
-        (None, Some(legacy)) => Ok(legacy.clone()),
+        (Some(kv), _) => {
+            SecretRecord::decode(kv.value()).map_err(|e| Vetted::NoSecret(format!("{key}: {e}")))
+        }
+        (None, Some(legacy)) => Ok(SecretRecord {
+            v: V1,
+            instance: record.id.clone(),
+            worker: worker.clone(),
+            flag: legacy.clone(),
+            env: Default::default(),
+        }),
         (None, None) => Err(Vetted::NoSecret(format!(
             "no secret at {key}: the record was not written by a scheduler"
         ))),

@@ -1,8 +1,8 @@
 //! The Docker side: hardened containers through bollard.
 //!
 //! Every instance container: labels naming instance, challenge, team and
-//! worker; the challenge's env plus `FLAG` (from the instance's secret
-//! record, which only this worker may read); memory, CPU, pids, `nofile` and
+//! worker; the challenge's env plus, from the instance's secret record
+//! (which only this worker may read), its `secret_env` values and `FLAG`; memory, CPU, pids, `nofile` and
 //! `nproc` limits and an IO weight; its log in two rotated json-file parts
 //! of `log_mib` in all; `cap-drop ALL` plus the spec's `cap_add` (and
 //! `unsafe_caps`); `no-new-privileges`; a read-only rootfs with sized tmpfs
@@ -27,8 +27,8 @@ use bollard::query_parameters::{
     StartContainerOptions,
 };
 use futures::StreamExt;
-use tidegate_schema::InstanceRecord;
 use tidegate_schema::records::ContainerSpec;
+use tidegate_schema::{InstanceRecord, SecretRecord};
 
 use tidegate_schema::config::{AgentConfig, planted};
 
@@ -232,10 +232,15 @@ impl Runtime {
             .collect())
     }
 
-    fn body(&self, rec: &InstanceRecord, flag: &str) -> ContainerCreateBody {
+    fn body(&self, rec: &InstanceRecord, secret: &SecretRecord) -> ContainerCreateBody {
         let c = &rec.container;
-        let mut env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.push(format!("FLAG={flag}"));
+        let mut env: Vec<String> = c
+            .env
+            .iter()
+            .chain(&secret.env)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.push(format!("FLAG={}", secret.flag));
         let mut labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), rec.id.to_string()),
             (LABEL_CHALLENGE.to_string(), rec.challenge.to_string()),
@@ -334,8 +339,13 @@ impl Runtime {
     }
 
     /// Creates the instance's container (pulling its image if allowed).
-    /// Creates (not starts) the container of `rec`, with `flag` as `FLAG`.
-    pub async fn create(&self, rec: &InstanceRecord, flag: &str) -> Result<String, RuntimeError> {
+    /// Creates (not starts) the container of `rec`, with its secret's flag
+    /// as `FLAG` and its secret env values.
+    pub async fn create(
+        &self,
+        rec: &InstanceRecord,
+        secret: &SecretRecord,
+    ) -> Result<String, RuntimeError> {
         let name = format!("tidegate-{}", rec.id);
         let options = || {
             Some(CreateContainerOptions {
@@ -345,7 +355,7 @@ impl Runtime {
         };
         match self
             .docker
-            .create_container(options(), self.body(rec, flag))
+            .create_container(options(), self.body(rec, secret))
             .await
         {
             Ok(r) => return Ok(r.id),
@@ -357,7 +367,7 @@ impl Runtime {
                 self.remove(&name).await?;
                 return Ok(self
                     .docker
-                    .create_container(options(), self.body(rec, flag))
+                    .create_container(options(), self.body(rec, secret))
                     .await?
                     .id);
             }
@@ -388,7 +398,7 @@ impl Runtime {
         }
         Ok(self
             .docker
-            .create_container(options(), self.body(rec, flag))
+            .create_container(options(), self.body(rec, secret))
             .await?
             .id)
     }

@@ -1,13 +1,20 @@
 //! Challenges in etcd, written put-if-revision.
 //!
+//! A spec's `secret_env` values go to `challenge-secrets/{name}` in the
+//! same Txn as the record, which keeps only their names (every worker reads
+//! challenge records; only controllers read challenge secrets).
+//!
 //! A write with `if_match: Some(r)` lands only while the stored record's
 //! mod_revision is still `r`; `Some(0)` means "only if it does not exist".
 //! Without `if_match` the write is unconditional (last writer wins), as an
 //! organizer's plain `PUT` expects.
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use std::collections::BTreeMap;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tidegate_schema::{
-    ChallengeName, ChallengeRecord, ChallengeSpec, Key, Keyspace, PolicyRef, Record, V1,
+    ChallengeName, ChallengeRecord, ChallengeSecretRecord, ChallengeSpec, Key, Keyspace, PolicyRef,
+    Record, V1,
 };
 
 /// Why a challenge operation did not happen.
@@ -62,6 +69,36 @@ impl Challenges {
         self.keys.key(&Key::Challenge(name.clone()))
     }
 
+    fn secret_key(&self, name: &ChallengeName) -> String {
+        self.keys.key(&Key::ChallengeSecret(name.clone()))
+    }
+
+    /// The `secret_env` values of challenge `name` as they were at
+    /// `revision` (the challenge record's: both are written in one Txn), or
+    /// the current ones when etcd compacted that revision away.
+    pub async fn secret_env(
+        &self,
+        name: &ChallengeName,
+        revision: i64,
+    ) -> Result<BTreeMap<String, String>, ChallengeError> {
+        let key = self.secret_key(name);
+        let mut client = self.client.clone();
+        let at = Some(GetOptions::new().with_revision(revision));
+        let resp = match client.get(key.as_str(), at).await {
+            Err(e) if e.to_string().contains("compacted") => client.get(key.as_str(), None).await,
+            other => other,
+        }?;
+        match resp.kvs().first() {
+            None => Ok(BTreeMap::new()),
+            Some(kv) => ChallengeSecretRecord::decode(kv.value())
+                .map(|r| r.env)
+                .map_err(|e| ChallengeError::Corrupt {
+                    key,
+                    error: e.to_string(),
+                }),
+        }
+    }
+
     /// Stores `spec` as challenge `name` (keeping its policy pointer).
     /// Returns the new revision and whether the challenge was created.
     /// Without `if_match`, a concurrent write in between is retried (last
@@ -112,15 +149,27 @@ impl Challenges {
                 current: seen,
             });
         }
+        let (spec, values) = spec.without_secret_values();
         let record = ChallengeRecord {
             v: V1,
             name: name.clone(),
             spec,
             policy,
         };
+        let secret_key = self.secret_key(name);
+        let secrets = if values.is_empty() {
+            TxnOp::delete(secret_key.as_str(), None)
+        } else {
+            let secrets = ChallengeSecretRecord {
+                v: V1,
+                challenge: name.clone(),
+                env: values,
+            };
+            TxnOp::put(secret_key.as_str(), secrets.encode(), None)
+        };
         let txn = Txn::new()
             .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, seen)])
-            .and_then([TxnOp::put(key.as_str(), record.encode(), None)])
+            .and_then([TxnOp::put(key.as_str(), record.encode(), None), secrets])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = client.txn(txn).await?;
         if resp.succeeded() {
@@ -219,7 +268,10 @@ impl Challenges {
         }
         let txn = Txn::new()
             .when(compares)
-            .and_then([TxnOp::delete(key.as_str(), None)])
+            .and_then([
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::delete(self.secret_key(name).as_str(), None),
+            ])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.client.clone().txn(txn).await?;
         if resp.succeeded() {

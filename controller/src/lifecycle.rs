@@ -185,6 +185,7 @@ pub async fn renew(
                 instance: rec.id.clone(),
                 worker: rec.worker.clone(),
                 flag: flag.clone(),
+                env: Default::default(),
             };
             TxnOp::txn(
                 Txn::new()

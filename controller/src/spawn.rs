@@ -33,6 +33,9 @@ pub struct SpawnPlan {
     pub challenge: ChallengeRecord,
     /// `challenge`'s mod revision (0: agents check against the current spec).
     pub challenge_revision: i64,
+    /// The challenge's `secret_env` values (at `challenge_revision`), for
+    /// the instance's secret record.
+    pub secret_env: std::collections::BTreeMap<String, String>,
     pub team: TeamId,
     pub worker: WorkerId,
     /// Hostnames are `{id}.{domain}` (first HTTP port) and `{id}-{port}.{domain}`.
@@ -106,6 +109,7 @@ pub async fn spawn(
             flag: flag(&record.id),
             instance: record.id.clone(),
             worker: record.worker.clone(),
+            env: plan.secret_env.clone(),
         };
         let lease = client.lease_grant(plan.ttl_secs as i64, None).await?.id();
         match commit(&mut client, plan, &record, &secret, slot, lease).await {

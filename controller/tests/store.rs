@@ -65,6 +65,7 @@ fn plan(
         ttl_secs: 600,
         now: 1_700_000_000,
         challenge_revision: 0,
+        secret_env: Default::default(),
     }
 }
 

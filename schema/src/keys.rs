@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! {root}/challenges/{challenge}                    ChallengeRecord
+//! {root}/challenge-secrets/{challenge}             ChallengeSecretRecord (controllers only)
 //! {root}/instances/{id}                            InstanceRecord   (instance lease)
 //! {root}/status/{worker}/{id}                      StatusRecord     (instance lease)
 //! {root}/secrets/{worker}/{id}                     SecretRecord     (instance lease)
@@ -29,6 +30,8 @@ pub const DEFAULT_ROOT: &str = "/tidegate";
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
     Challenge(ChallengeName),
+    /// A challenge's `secret_env` values.
+    ChallengeSecret(ChallengeName),
     Instance(InstanceId),
     /// Where an instance's container listens and how it is doing, as its
     /// agent (`worker`) reports it.
@@ -60,6 +63,7 @@ pub enum Key {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Challenges,
+    ChallengeSecrets,
     Instances,
     Statuses,
     Secrets,
@@ -74,6 +78,7 @@ impl Kind {
     fn path(self) -> &'static str {
         match self {
             Kind::Challenges => "challenges",
+            Kind::ChallengeSecrets => "challenge-secrets",
             Kind::Instances => "instances",
             Kind::Statuses => "status",
             Kind::Secrets => "secrets",
@@ -85,8 +90,9 @@ impl Kind {
         }
     }
 
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Challenges,
+        Kind::ChallengeSecrets,
         Kind::Instances,
         Kind::Statuses,
         Kind::Secrets,
@@ -246,6 +252,7 @@ impl Keyspace {
     pub fn key(&self, key: &Key) -> String {
         match key {
             Key::Challenge(n) => format!("{}{n}", self.prefix(Kind::Challenges)),
+            Key::ChallengeSecret(n) => format!("{}{n}", self.prefix(Kind::ChallengeSecrets)),
             Key::Instance(id) => format!("{}{id}", self.prefix(Kind::Instances)),
             Key::Status { worker, instance } => {
                 format!("{}{instance}", self.worker_prefix(Kind::Statuses, worker))
@@ -277,6 +284,7 @@ impl Keyspace {
             };
             let parsed = match kind {
                 Kind::Challenges => ChallengeName::parse(rest).map(Key::Challenge),
+                Kind::ChallengeSecrets => ChallengeName::parse(rest).map(Key::ChallengeSecret),
                 Kind::Instances => InstanceId::parse(rest).map(Key::Instance),
                 Kind::Statuses | Kind::Secrets => {
                     let Some((w, id)) = rest.split_once('/') else {
@@ -495,6 +503,8 @@ mod tests {
         assert!(!allows(&Key::ElectionCandidate(7), false));
         let c = Key::Challenge(ChallengeName::parse("web").unwrap());
         assert!(allows(&c, false) && !allows(&c, true));
+        let c = Key::ChallengeSecret(ChallengeName::parse("web").unwrap());
+        assert!(!allows(&c, false));
         assert_eq!(
             grants[5].etcdctl_args(),
             ["readwrite", "/tidegate/workers/w1"]
@@ -508,6 +518,7 @@ mod tests {
     fn any_key() -> impl Strategy<Value = Key> {
         prop_oneof![
             dns_label().prop_map(|s| Key::Challenge(ChallengeName::parse(&s).unwrap())),
+            dns_label().prop_map(|s| Key::ChallengeSecret(ChallengeName::parse(&s).unwrap())),
             any::<u64>().prop_map(|b| Key::Instance(InstanceId::from_random(b))),
             (dns_label(), any::<u64>()).prop_map(|(w, b)| Key::Status {
                 worker: WorkerId::parse(&w).unwrap(),
@@ -542,7 +553,7 @@ mod tests {
         }
 
         #[test]
-        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
+        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|challenge-secrets|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
             // Whatever parses must build back to the same bytes: one key per value.
             if let Ok(key) = ks().parse(&s) {
                 prop_assert_eq!(ks().key(&key), s);

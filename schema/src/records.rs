@@ -349,6 +349,9 @@ pub struct SecretRecord {
     pub worker: WorkerId,
     /// Given to the container as `FLAG`.
     pub flag: String,
+    /// The challenge's `secret_env` (values), given to the container.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for SecretRecord {
@@ -360,6 +363,34 @@ impl fmt::Debug for SecretRecord {
             .finish_non_exhaustive()
     }
 }
+
+/// A challenge's `secret_env` values (key `challenge-secrets/{challenge}`),
+/// written with the challenge record in one Txn and read only by the
+/// controllers: the challenge record every worker reads holds the names.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeSecretRecord {
+    pub v: V1,
+    pub challenge: ChallengeName,
+    pub env: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for ChallengeSecretRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names only: a record printed in a log must not leak a value.
+        f.debug_struct("ChallengeSecretRecord")
+            .field("challenge", &self.challenge)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Validate for ChallengeSecretRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+impl Record for ChallengeSecretRecord {}
 
 impl Validate for SecretRecord {
     fn validate(&self) -> Result<(), FieldError> {

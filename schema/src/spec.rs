@@ -56,6 +56,13 @@ pub struct ChallengeSpec {
     /// Extra environment for the container. `FLAG` is set by tidegate.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Environment whose values are secrets (API keys, an admin bot's
+    /// password): kept apart from the challenge record, which every worker
+    /// reads, and given to each instance through its worker's secret
+    /// record. API answers list the names with empty values; a PUT sends
+    /// the values again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -388,13 +395,28 @@ impl ChallengeSpec {
         Ok(())
     }
 
-    /// At most 64 variables with names and values the container can have.
+    /// At most 64 variables in `env` and `secret_env` together, with names
+    /// and values the container can have, each name in one of them.
     fn validate_env(&self) -> Result<(), FieldError> {
-        if self.env.len() > 64 {
-            return Err(FieldError::new("env", "at most 64 variables"));
+        if self.env.len() + self.secret_env.len() > 64 {
+            return Err(FieldError::new(
+                "env",
+                "at most 64 variables (env and secret_env together)",
+            ));
         }
-        for (k, v) in &self.env {
-            let field = format!("env.{k}");
+        if let Some(k) = self.secret_env.keys().find(|k| self.env.contains_key(*k)) {
+            return Err(FieldError::new(
+                format!("secret_env.{k}"),
+                "is in env too: name it in one of them",
+            ));
+        }
+        let all = self
+            .env
+            .iter()
+            .map(|kv| ("env", kv))
+            .chain(self.secret_env.iter().map(|kv| ("secret_env", kv)));
+        for (map, (k, v)) in all {
+            let field = format!("{map}.{k}");
             let valid_name = !k.is_empty()
                 && k.len() <= 128
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -456,6 +478,14 @@ impl ChallengeSpec {
         }
         in_range("ttl.max_renewals", self.ttl.max_renewals, 0, 1000)?;
         Ok(())
+    }
+
+    /// The spec as stored in the challenge record and shown in API answers
+    /// (`secret_env` values emptied), and the secret values apart.
+    pub fn without_secret_values(mut self) -> (Self, BTreeMap<String, String>) {
+        let values = std::mem::take(&mut self.secret_env);
+        self.secret_env = values.keys().map(|k| (k.clone(), String::new())).collect();
+        (self, values)
     }
 
     /// The flag of one instance, given the HMAC text for it.

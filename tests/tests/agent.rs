@@ -290,6 +290,7 @@ async fn lease_expiry_with_no_controller_removes_the_container() {
         ttl_secs: 3,
         now: 0,
         challenge_revision: 0,
+        secret_env: Default::default(),
     };
     let s = tidegate_controller::spawn(&c.client, &plan, |_| "flag{x}".into())
         .await

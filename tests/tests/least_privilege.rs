@@ -1,7 +1,8 @@
 //! Least privilege in etcd: with auth on and the production roles, each
 //! agent runs as its worker's own etcd user. A stolen worker credential
-//! reads no other worker's secrets and writes nothing but its own
-//! membership and statuses; everything still routes and runs.
+//! reads no other worker's secrets (flags, `secret_env` values) and writes
+//! nothing but its own membership and statuses; everything still routes
+//! and runs.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -12,6 +13,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tidegate_lab::daemons::{eventually, web_spec};
+use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::worker_user;
 use tidegate_lab::keys;
 
@@ -27,8 +29,21 @@ fn denied<T: std::fmt::Debug>(what: &str, result: Result<T, etcd_client::Error>)
 async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_its_own_keys() {
     // One slot each: the two instances land on different workers.
     let p = plane_secured(|c| c.capacity = 1).await;
-    let (s, body) = p.controller.put_challenge("web", web_spec()).await;
+    const SECRET: &str = "admin-pw-5e0c1f7a92";
+    let mut spec = web_spec();
+    spec["secret_env"] = json!({ "ADMIN_PASSWORD": SECRET });
+    let (s, body) = p.controller.put_challenge("web", spec).await;
     assert!(s.is_success(), "{body}");
+    assert_eq!(
+        body["spec"]["secret_env"],
+        json!({"ADMIN_PASSWORD": ""}),
+        "{body}"
+    );
+    let (_, got) = p
+        .controller
+        .call(Method::GET, "/v1/challenges/web", None, None)
+        .await;
+    assert!(!got.to_string().contains(SECRET), "{got}");
     let (id1, host1, owner1) = p.running("web", "t1").await;
     let (id2, host2, owner2) = p.running("web", "t2").await;
     assert_ne!(owner1, owner2, "both instances on one worker");
@@ -72,7 +87,23 @@ async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_i
             .await;
         assert_eq!(checked, json!({"correct": true}));
         flags.push(flag);
+        // The secret env value reached the container, from the same secret.
+        let filter = format!("label=tidegate.instance={id}");
+        let container = docker(&["ps", "-q", "--filter", &filter]).unwrap();
+        let env = docker(&[
+            "inspect",
+            "--format",
+            "{{json .Config.Env}}",
+            container.trim(),
+        ])
+        .unwrap();
+        assert!(
+            env.contains(&format!("ADMIN_PASSWORD={SECRET}")),
+            "{id}: {env}"
+        );
+        assert_eq!(secret["env"]["ADMIN_PASSWORD"], SECRET);
     }
+    flags.push(SECRET.to_string());
 
     // The stolen credential: worker 2's etcd user and password.
     let users = p.users.as_ref().unwrap();
@@ -98,12 +129,21 @@ async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_i
     );
     denied("list the key root", stolen.get(keys::all(), prefix()).await);
     denied(
+        "read the challenges' secret env",
+        stolen
+            .get(
+                keys::prefix(tidegate_schema::Kind::ChallengeSecrets),
+                prefix(),
+            )
+            .await,
+    );
+    denied(
         "list the claims",
         stolen.get(keys::claims(), prefix()).await,
     );
 
-    // What it may read holds no flag (its own instance's included: the
-    // record every worker reads carries none).
+    // What it may read holds no flag and no secret env value (its own
+    // instance's included: the records every worker reads carry none).
     for kind in [
         tidegate_schema::Kind::Instances,
         tidegate_schema::Kind::Workers,
@@ -115,7 +155,7 @@ async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_i
             let key = kv.key_str().unwrap();
             assert!(
                 !flags.iter().any(|f| v.contains(f.as_str())),
-                "{key} holds a flag"
+                "{key} holds a flag or a secret env value"
             );
         }
     }

@@ -91,7 +91,8 @@ pub(super) async fn put(
         name,
         revision,
         created,
-        spec,
+        // As stored: secret_env values are not echoed.
+        spec: spec.without_secret_values().0,
     };
     Ok(with_etag(json_response(status, body), revision))
 }

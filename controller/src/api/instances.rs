@@ -96,6 +96,15 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
             }
             Err(e) => return Err(e),
         };
+    let secret_env = if challenge.spec.secret_env.is_empty() {
+        Default::default()
+    } else {
+        etcd(app, || {
+            app.challenges
+                .secret_env(&req.challenge, challenge_revision)
+        })
+        .await?
+    };
     // The challenge's policy decides before placement (and under the spawn
     // lock, so the counts it sees include every earlier spawn).
     let (ttl_secs, fallback_note) = match policy::admit_spawn(app, &challenge, &req.team).await {
@@ -128,6 +137,7 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
         now,
         challenge,
         challenge_revision,
+        secret_env,
     };
     let secret = app.cfg.flag_secret.as_bytes();
     let spec = plan.challenge.spec.clone();

@@ -114,6 +114,32 @@ fn each_bad_input_names_its_field() {
         ("env.FLAG", Box::new(|v| v["env"] = json!({"FLAG": "x"}))),
         ("env.1X", Box::new(|v| v["env"] = json!({"1X": "x"}))),
         (
+            "secret_env.FLAG",
+            Box::new(|v| v["secret_env"] = json!({"FLAG": "x"})),
+        ),
+        (
+            "secret_env.KEY",
+            Box::new(|v| {
+                v["env"] = json!({"KEY": "a"});
+                v["secret_env"] = json!({"KEY": "b"});
+            }),
+        ),
+        (
+            "secret_env.K",
+            Box::new(|v| v["secret_env"] = json!({"K": "a\0b"})),
+        ),
+        (
+            "env",
+            Box::new(|v| {
+                let many: serde_json::Map<_, _> =
+                    (0..40).map(|i| (format!("E{i}"), json!("x"))).collect();
+                let secret: serde_json::Map<_, _> =
+                    (0..40).map(|i| (format!("S{i}"), json!("x"))).collect();
+                v["env"] = serde_json::Value::Object(many);
+                v["secret_env"] = serde_json::Value::Object(secret);
+            }),
+        ),
+        (
             "limits.memory_mib",
             Box::new(|v| v["limits"] = json!({"memory_mib": 1})),
         ),
@@ -328,5 +354,26 @@ fn the_readme_challenge_table_names_every_field() {
     assert!(
         missing.is_empty(),
         "README's challenge table lacks {missing:?}"
+    );
+}
+
+#[test]
+fn secret_env_values_come_apart_from_the_spec_that_is_stored() {
+    let mut v = base();
+    v["env"] = json!({"MODE": "ctf"});
+    v["secret_env"] = json!({"API_KEY": "s3cr3t"});
+    let (stored, values) = decode(&v).unwrap().without_secret_values();
+    assert_eq!(
+        values,
+        BTreeMap::from([("API_KEY".into(), "s3cr3t".into())])
+    );
+    assert_eq!(stored.secret_env["API_KEY"], "");
+    assert_eq!(stored.env["MODE"], "ctf");
+    let text = serde_json::to_string(&stored).unwrap();
+    assert!(!text.contains("s3cr3t"), "{text}");
+    // What is stored is a valid spec again (names kept, values empty).
+    assert_eq!(
+        decode_json::<ChallengeSpec>(text.as_bytes()).unwrap(),
+        stored
     );
 }

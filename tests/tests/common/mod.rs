@@ -207,7 +207,17 @@ impl Plane {
                 == "running"
         })
         .await;
-        assert!(ok, "instance {id} never ran");
+        if !ok {
+            let (_, now) = self
+                .controller
+                .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
+                .await;
+            panic!(
+                "instance {id} never ran: {now}\nagent a:\n{}\nagent b:\n{}",
+                self.a.proc.log_tail(10),
+                self.b.proc.log_tail(10)
+            );
+        }
         (id, host, inst["worker"].as_str().unwrap().to_string())
     }
 }

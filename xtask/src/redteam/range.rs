@@ -66,6 +66,8 @@ pub(super) struct Range {
     pub(super) locked: Instance,
     /// A listener on 0.0.0.0 of this host (accepting, then dropping).
     pub(super) listener: SocketAddr,
+    /// The challenges' `secret_env` value (`ADMIN_PASSWORD`).
+    pub(super) secret_env_value: String,
 }
 
 impl Range {
@@ -142,6 +144,8 @@ impl Range {
         let b = agent_wrapped(&bin_dir, &dir, &b_cfg, &b_wrapper)?;
 
         let writable = planted == Some("read-only-rootfs");
+        // Swept for like the flags: it must reach no one but the instances.
+        let secret_env_value = format!("rt-secret-{:016x}", rand::random::<u64>());
         for (name, extra) in [
             ("rt-web", json!({})),
             ("rt-egress", json!({"egress": true})),
@@ -156,6 +160,7 @@ impl Range {
                 ],
                 "read_only_rootfs": !writable,
                 "per_team_max": 3,
+                "secret_env": {"ADMIN_PASSWORD": secret_env_value},
             });
             for (k, v) in extra.as_object().into_iter().flatten() {
                 spec[k] = v.clone();
@@ -220,6 +225,7 @@ impl Range {
             locked,
             b_cfg,
             listener: listening,
+            secret_env_value,
         };
         for inst in [
             &mut range.mallory,
