@@ -105,7 +105,7 @@ const HOST_CHAIN: &str = "TIDEGATE-HOST";
 ///
 /// ```text
 /// -N TIDEGATE-HOST
-/// -A TIDEGATE-HOST -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+/// -A TIDEGATE-HOST -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN
 /// -A TIDEGATE-HOST -j DROP
 /// -I INPUT -i <each instance bridge> -j TIDEGATE-HOST          (and ip6tables)
 /// -I DOCKER-USER -i <egress bridge> -d <each egress_deny> -m conntrack --ctstate NEW -j DROP
@@ -198,25 +198,26 @@ impl Firewall {
         }
     }
 
-    /// The host chain with its two rules, in order.
+    /// The host chain with its two rules, in order. Only replies pass
+    /// (`--ctdir REPLY`): a connection an instance opened while the rules
+    /// were missing does not survive their return. Rebuilt in one
+    /// `iptables-restore` commit, so the chain is never empty in between.
     async fn ensure_chain(&self, cmd: &str) -> Result<(), String> {
-        let _ = iptables(cmd, &["-N", HOST_CHAIN]).await;
-        let established = [
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "RELATED,ESTABLISHED",
-            "-j",
-            "RETURN",
-        ];
-        let first = [&["-C", HOST_CHAIN][..], &established].concat();
+        let replies = "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN";
+        let first: Vec<&str> = ["-C", HOST_CHAIN]
+            .into_iter()
+            .chain(replies.split(' '))
+            .collect();
         let last = ["-C", HOST_CHAIN, "-j", "DROP"];
         if iptables(cmd, &first).await.is_ok() && iptables(cmd, &last).await.is_ok() {
             return Ok(());
         }
-        iptables(cmd, &["-F", HOST_CHAIN]).await?;
-        iptables(cmd, &[&["-A", HOST_CHAIN][..], &established].concat()).await?;
-        iptables(cmd, &["-A", HOST_CHAIN, "-j", "DROP"]).await
+        // Declaring the chain in a --noflush restore empties just it, and
+        // the commit replaces its rules at once.
+        let rules = format!(
+            "*filter\n:{HOST_CHAIN} - [0:0]\n-A {HOST_CHAIN} {replies}\n-A {HOST_CHAIN} -j DROP\nCOMMIT\n"
+        );
+        restore(&format!("{cmd}-restore"), &rules).await
     }
 }
 
@@ -262,6 +263,36 @@ async fn has_ipv6() -> bool {
 }
 
 /// `cmd -w args` (the filter table); the error names the command.
+/// `{cmd} --noflush` with `rules` on stdin (one atomic commit).
+async fn restore(cmd: &str, rules: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(cmd)
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .await
+            .map_err(|e| format!("{cmd}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 async fn iptables(cmd: &str, args: &[&str]) -> Result<(), String> {
     let out = tokio::process::Command::new(cmd)
         .arg("-w")

@@ -169,10 +169,15 @@ pub async fn run(
         // for a TTL. After a failed keep-alive, try again every 250 ms: a
         // short cut from etcd must not cost the lease (other agents would
         // briefly see this worker gone and answer 503 for its instances).
+        //
+        // The first keep-alive goes out at once: a lease kept from before
+        // (`previous`, after etcd came back) may have little time left — a
+        // new etcd leader extends every lease by about one TTL from its
+        // election, which can be long before this agent got through.
         let mut last_ok = tokio::time::Instant::now();
-        let mut failing = false;
+        let mut wait = Duration::ZERO;
         loop {
-            tokio::time::sleep(if failing { RETRY } else { period }).await;
+            tokio::time::sleep(wait).await;
             let answer = match client.lease_keep_alive(id).await {
                 Ok((mut keeper, mut stream)) => match keeper.keep_alive().await {
                     Ok(()) => stream.message().await.ok().flatten().map(|r| r.ttl()),
@@ -180,7 +185,7 @@ pub async fn run(
                 },
                 Err(_) => None,
             };
-            failing = answer.is_none();
+            wait = if answer.is_none() { RETRY } else { period };
             match answer {
                 Some(t) if t > 0 => last_ok = tokio::time::Instant::now(),
                 Some(_) => break,

@@ -463,6 +463,11 @@ impl Reconciler {
                         record.container = container;
                         secret
                     }
+                    Err(Vetted::Gone) => {
+                        tracing::debug!(instance = %id, "deleted before its container was made");
+                        t.retry_at = Some(Instant::now() + backoff(t.restarts));
+                        return;
+                    }
                     Err(Vetted::Unavailable(e)) => {
                         tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec or the instance's secret; retrying");
                         t.retry_at = Some(Instant::now() + backoff(t.restarts));
@@ -480,6 +485,7 @@ impl Reconciler {
                                 tracing::error!(instance = %id, %why, "refused: no container started");
                                 why
                             }
+                            Vetted::Gone => return,
                         };
                         t.status = InstanceStatus::Failed {
                             reason: format!("refused by the agent: {why}"),
@@ -603,6 +609,9 @@ enum Vetted {
     /// The instance has no secret (its record was not written by a
     /// scheduler), or an unreadable one.
     NoSecret(String),
+    /// The record is gone from etcd (deleted or expired since the watch
+    /// said it): its delete is on the way.
+    Gone,
 }
 
 /// The instance's secret (its flag, the challenge's `secret_env` values),
@@ -620,12 +629,30 @@ async fn secret_of(
         worker: worker.clone(),
         instance: record.id.clone(),
     });
+    // Both in one snapshot: a secret missing because the instance was just
+    // deleted (its lease revoked) is not a record written by hand.
+    let record_key = ks.key(&Key::Instance(record.id.clone()));
+    let txn = Txn::new().and_then([
+        TxnOp::get(record_key.as_str(), None),
+        TxnOp::get(key.as_str(), None),
+    ]);
     let resp = client
         .clone()
-        .get(key.as_str(), None)
+        .txn(txn)
         .await
         .map_err(|e| Vetted::Unavailable(format!("{key}: {e}")))?;
-    match (resp.kvs().first(), &record.flag) {
+    let responses = resp.op_responses();
+    let found: Vec<Option<&etcd_client::KeyValue>> = responses
+        .iter()
+        .filter_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => Some(g.kvs().first()),
+            _ => None,
+        })
+        .collect();
+    let (Some(Some(_)), Some(secret)) = (found.first(), found.get(1)) else {
+        return Err(Vetted::Gone);
+    };
+    match (secret, &record.flag) {
         (Some(kv), _) => {
             SecretRecord::decode(kv.value()).map_err(|e| Vetted::NoSecret(format!("{key}: {e}")))
         }

@@ -92,6 +92,9 @@ struct WatchedCluster {
     former_agents: HashMap<std::net::IpAddr, std::time::Instant>,
 }
 
+/// What players are told about a failed instance.
+const FAILED: &str = "it failed; the organizers can see why";
+
 /// How long a departed worker's address stays among [`RouteTable::agents`].
 const FORMER_AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -194,9 +197,12 @@ impl WatchedCluster {
                 ..
             }) => Target::Local(SocketAddr::new(*addr, target_port)),
             Some(StatusRecord {
-                status: InstanceStatus::Failed { reason },
+                // Players see this text (the 503 page): the reason, which
+                // may name images, specs and exit codes, stays with the
+                // organizers (the API's status, the agent's log).
+                status: InstanceStatus::Failed { .. },
                 ..
-            }) => Target::NotReady(format!("it failed: {reason}")),
+            }) => Target::NotReady(FAILED.into()),
             _ => Target::NotReady("it is starting".into()),
         }
     }
@@ -466,6 +472,18 @@ mod tests {
             t.get("000000000a.ctf.localhost").unwrap().target,
             Target::Local("198.19.0.9:8080".parse().unwrap())
         );
+        // A failed instance: the players' text does not carry the reason.
+        k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
+            "worker": "a", "status": {"state": "failed", "reason": "record vs spec: image"}, "updated_at": 1})));
+        assert_eq!(
+            k.build(&me, 3, &PORTS)
+                .get("000000000a.ctf.localhost")
+                .unwrap()
+                .target,
+            Target::NotReady(FAILED.into())
+        );
+        k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
+            "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 2})));
         // Traffic counters survive rebuilds; deletes drop the route.
         let s1 = t.get("000000000a.ctf.localhost").unwrap().traffic.clone();
         let t2 = k.build(&me, 3, &PORTS);

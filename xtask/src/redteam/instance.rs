@@ -35,6 +35,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             host_root,
         ),
         Attack::new(
+            "plant a setuid-root file for the host",
+            From::Instance,
+            "userns",
+            planted_setuid,
+        ),
+        Attack::new(
             "fill /tmp beyond its size",
             From::Instance,
             "tmpfs-size",
@@ -322,6 +328,37 @@ fn host_root(r: &Range) -> Result<Verdict> {
         ))),
         _ => bail!("unreadable uid_map in mallory's container: {map:?}"),
     }
+}
+
+/// A setuid file that mallory's root makes, seen from the host (through
+/// `/proc/<pid>/root`): without userns-remap it is owned by the host's
+/// root, a setuid-root program waiting for anyone on the host to run it;
+/// with remapping, by the unprivileged uid root maps to.
+fn planted_setuid(r: &Range) -> Result<Verdict> {
+    use std::os::unix::fs::MetadataExt;
+    r.exec(&r.mallory, &["/bin/busybox", "cp", "/player", "/tmp/suid"])?;
+    r.exec(&r.mallory, &["/bin/busybox", "chmod", "4755", "/tmp/suid"])?;
+    let pid = sh::output(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{.State.Pid}}",
+        &r.mallory.container,
+    ]))
+    .context("mallory's pid")?;
+    let path = format!("/proc/{}/root/tmp/suid", pid.trim());
+    let meta = std::fs::metadata(&path).with_context(|| path.clone());
+    let _ = r.exec(&r.mallory, &["/bin/busybox", "rm", "-f", "/tmp/suid"]);
+    let meta = meta?;
+    if meta.mode() & 0o4000 == 0 {
+        bail!(
+            "{path}: the setuid bit did not stick (mode {:o})",
+            meta.mode()
+        );
+    }
+    Ok(match meta.uid() {
+        0 => Verdict::Succeeded(format!("{path}: setuid, owned by the host's root")),
+        uid => Verdict::Blocked(format!("{path}: setuid, owned by uid {uid} on the host")),
+    })
 }
 
 /// A copy of mallory's record for worker a, written by hand (with etcd's
