@@ -36,31 +36,7 @@ pub async fn pin_neighbours(bridges: &[String], want: &BTreeSet<Neighbour>) -> R
     if batch.is_empty() {
         return Ok(());
     }
-    let mut child = tokio::process::Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("ip: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(batch.as_bytes())
-            .await
-            .map_err(|e| format!("ip -batch: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("ip -batch: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip -batch: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    with_stdin("ip", &["-batch", "-"], &batch).await
 }
 
 /// The permanent neighbour entries on `bridges`.
@@ -265,29 +241,34 @@ async fn has_ipv6() -> bool {
 /// `cmd -w args` (the filter table); the error names the command.
 /// `{cmd} --noflush` with `rules` on stdin (one atomic commit).
 async fn restore(cmd: &str, rules: &str) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
+    with_stdin(cmd, &["-w", "--noflush"], rules).await
+}
+
+/// Runs `cmd args` with `input` on its stdin; an error carries its stderr.
+async fn with_stdin(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
+    let what = format!("{cmd} {}", args.join(" "));
     let mut child = tokio::process::Command::new(cmd)
-        .args(["-w", "--noflush"])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{cmd}: {e}"))?;
+        .map_err(|e| format!("{what}: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(rules.as_bytes())
+            .write_all(input.as_bytes())
             .await
-            .map_err(|e| format!("{cmd}: {e}"))?;
+            .map_err(|e| format!("{what}: {e}"))?;
     }
     let out = child
         .wait_with_output()
         .await
-        .map_err(|e| format!("{cmd}: {e}"))?;
+        .map_err(|e| format!("{what}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "{cmd}: {}",
+            "{what}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
