@@ -72,8 +72,14 @@ impl EdgeProxy {
     /// Whether the request carries a valid proof that another agent
     /// forwarded it here (for `route`'s instance, to this connection's
     /// local address, from its peer). A claim without one is counted,
-    /// logged with the real source, and otherwise ignored.
-    fn proven(&self, session: &Session, route: &Route) -> bool {
+    /// logged with the real source, and otherwise ignored. `agents`: the
+    /// registered agents' addresses of the table the route came from.
+    fn proven(
+        &self,
+        session: &Session,
+        route: &Route,
+        agents: &std::collections::HashSet<std::net::IpAddr>,
+    ) -> bool {
         let Some(value) = session.req_header().headers.get(HOP_HEADER) else {
             return false;
         };
@@ -84,7 +90,7 @@ impl EdgeProxy {
         };
         // Only agents forward: a claim from any other address is refused
         // whatever its proof (as on TCP).
-        let from_agent = self.routes.load().agents.contains(&peer.ip());
+        let from_agent = agents.contains(&peer.ip());
         let hop = Hop {
             protocol: Protocol::Http,
             source: peer.ip(),
@@ -224,7 +230,7 @@ impl ProxyHttp for EdgeProxy {
             .await?;
             return Ok(true);
         };
-        let forwarded = self.proven(session, &route);
+        let forwarded = self.proven(session, &route, &table.agents);
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())

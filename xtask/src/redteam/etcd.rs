@@ -47,11 +47,7 @@ fn as_b(r: &Range, args: &[&str]) -> Result<(bool, String)> {
 
 /// etcdctl as the admin; its stdout, or an error naming what failed.
 fn as_root(r: &Range, args: &[&str]) -> Result<String> {
-    let (ok, out, err) = r.etcdctl("root", args)?;
-    if !ok {
-        anyhow::bail!("etcdctl {args:?} as root: {err}");
-    }
-    Ok(out)
+    r.etcdctl_ok("root", args)
 }
 
 fn verdict(ok: bool, said: String, got: impl FnOnce(&str) -> String) -> Verdict {

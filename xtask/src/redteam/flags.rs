@@ -94,11 +94,7 @@ pub(super) fn sweep(r: &Range, report: &str) -> Result<()> {
 
 /// The values under `prefix`, one per line, read as etcd user `user`.
 fn values(r: &Range, user: &str, prefix: &str) -> Result<String> {
-    let (ok, out, err) = r.etcdctl(user, &["get", "--prefix", prefix, "--print-value-only"])?;
-    if !ok {
-        bail!("etcdctl get {prefix} as {user}: {err}");
-    }
-    Ok(out)
+    r.etcdctl_ok(user, &["get", "--prefix", prefix, "--print-value-only"])
 }
 
 /// The flags of the range's instances, from their secret records.

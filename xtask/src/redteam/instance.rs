@@ -246,9 +246,7 @@ fn fill_root(r: &Range) -> Result<Verdict> {
 
 /// etcdctl on the range's etcd as its admin (as a thief of it would).
 fn etcdctl(r: &Range, args: &[&str]) -> Option<String> {
-    r.etcdctl("root", args)
-        .ok()
-        .and_then(|(ok, out, _)| ok.then_some(out))
+    r.etcdctl_ok("root", args).ok()
 }
 
 /// Writes an instance record by hand (as the scheduler would: with its

@@ -268,6 +268,16 @@ impl Range {
         etcdctl_as(&self.endpoints(), &self.users, user, args)
     }
 
+    /// etcdctl as `user` that must succeed: its stdout, or an error naming
+    /// the command and what etcdctl said.
+    pub(super) fn etcdctl_ok(&self, user: &str, args: &[&str]) -> Result<String> {
+        let (ok, out, err) = self.etcdctl(user, args)?;
+        if !ok {
+            bail!("etcdctl {args:?} as {user}: {err}");
+        }
+        Ok(out)
+    }
+
     /// Runs `args` in `inst`'s container as its root would; the output.
     pub(super) fn exec(&self, inst: &Instance, args: &[&str]) -> Result<String> {
         let out = Command::new("docker")
