@@ -287,6 +287,8 @@ fn tcp_options(cfg: &AgentConfig, forward_from: Option<IpAddr>) -> TcpOptions {
         steering: cfg.tcp_steering,
         data_path: cfg.tcp_data_path,
         pipe_bytes: cfg.tcp_pipe_bytes,
+        max_per_source: cfg.tcp_max_connections_per_source,
+        max_per_instance: cfg.tcp_max_connections_per_instance,
         tls: match (cfg.tls_tcp_entry, &cfg.tls_cert, &cfg.tls_key) {
             (Some(entry), Some(cert), Some(key)) => Some((entry, cert.clone(), key.clone())),
             _ => None,

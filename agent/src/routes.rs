@@ -43,6 +43,8 @@ pub struct Route {
     pub challenge: String,
     pub target: Target,
     pub traffic: Arc<InstanceTraffic>,
+    /// The challenge's `tcp_idle_timeout_secs`.
+    pub tcp_idle: std::time::Duration,
 }
 
 /// An immutable snapshot of every HTTP and TCP route.
@@ -83,6 +85,8 @@ struct WatchedCluster {
     traffic: HashMap<InstanceId, Arc<InstanceTraffic>>,
     /// Challenges with a policy plugin.
     policies: HashMap<String, PolicyPointer>,
+    /// Challenges' `tcp_idle_timeout_secs`.
+    tcp_idle: HashMap<String, u32>,
     /// Instances already logged for naming a port outside `tcp_ports`.
     off_range: std::collections::HashSet<InstanceId>,
     /// Addresses of workers that left, and when: still looked at for hop
@@ -128,20 +132,24 @@ impl WatchedCluster {
                 }
             },
             Ok(Key::Challenge(name)) => match kv.decode::<ChallengeRecord>() {
-                Ok(c) => match c.policy {
-                    Some(p) => {
-                        self.policies.insert(
-                            name.to_string(),
-                            PolicyPointer {
-                                digest: p.digest,
-                                fallback: c.spec.policy_fallback,
-                            },
-                        );
+                Ok(c) => {
+                    self.tcp_idle
+                        .insert(name.to_string(), c.spec.tcp_idle_timeout_secs);
+                    match c.policy {
+                        Some(p) => {
+                            self.policies.insert(
+                                name.to_string(),
+                                PolicyPointer {
+                                    digest: p.digest,
+                                    fallback: c.spec.policy_fallback,
+                                },
+                            );
+                        }
+                        None => {
+                            self.policies.remove(name.as_str());
+                        }
                     }
-                    None => {
-                        self.policies.remove(name.as_str());
-                    }
-                },
+                }
                 Err(e) => {
                     // Keep what we had: a hand-written bad record must not
                     // switch a challenge's policy off at the edge.
@@ -169,6 +177,7 @@ impl WatchedCluster {
             }
             Ok(Key::Challenge(name)) => {
                 self.policies.remove(name.as_str());
+                self.tcp_idle.remove(name.as_str());
             }
             _ => {}
         }
@@ -229,6 +238,12 @@ impl WatchedCluster {
                     challenge: rec.challenge.to_string(),
                     target,
                     traffic: traffic.clone(),
+                    tcp_idle: std::time::Duration::from_secs(u64::from(
+                        self.tcp_idle
+                            .get(rec.challenge.as_str())
+                            .copied()
+                            .unwrap_or(tidegate_schema::spec::DEFAULT_TCP_IDLE_SECS),
+                    )),
                 })
             };
             for r in &rec.http {
@@ -294,7 +309,10 @@ impl WatchedCluster {
                 }
                 self.workers = listed.workers;
             }
-            Part::Policies => self.policies = listed.policies,
+            Part::Policies => {
+                self.policies = listed.policies;
+                self.tcp_idle = listed.tcp_idle;
+            }
             Part::Statuses => self.statuses = listed.statuses,
         }
     }

@@ -66,6 +66,9 @@ pub struct TcpOptions {
     pub data_path: DataPath,
     /// Pipe size per direction of the splice path, in bytes.
     pub pipe_bytes: usize,
+    /// Open connections at most from one player address, and to one instance.
+    pub max_per_source: u32,
+    pub max_per_instance: u32,
     /// `tls_tcp_entry` with `tls_cert` and `tls_key`.
     pub tls: Option<(SocketAddr, std::path::PathBuf, std::path::PathBuf)>,
 }
@@ -103,6 +106,12 @@ struct Failures {
     loops: Counter,
     /// The TLS handshake on `tls_tcp_entry` failed or timed out.
     tls: Counter,
+    /// Closed at accept: the player's address held `max_per_source` already.
+    per_source: Counter,
+    /// Closed at accept: the instance had `max_per_instance` open already.
+    per_instance: Counter,
+    /// Closed after the challenge's `tcp_idle_timeout_secs` without a byte.
+    idle: Counter,
 }
 
 impl Default for Failures {
@@ -115,6 +124,9 @@ impl Default for Failures {
             transfer: stage("transfer"),
             loops: stage("loop"),
             tls: stage("tls"),
+            per_source: stage("max_per_source"),
+            per_instance: stage("max_per_instance"),
+            idle: stage("idle_timeout"),
             family,
         }
     }
@@ -177,6 +189,11 @@ impl TcpPlane {
             failures: self.failures.clone(),
             forward_from: self.opts.forward_from,
             hops,
+            limits: relay::Limits {
+                per_source: self.opts.max_per_source,
+                per_instance: self.opts.max_per_instance,
+            },
+            sources: Arc::default(),
         });
         let entry = self.tls.lock().ok().and_then(|mut t| t.take());
         let tls_task = entry.map(|entry| {

@@ -34,6 +34,8 @@ pub struct App {
     /// Spawns this replica made in the last hour, for the `team-recent`
     /// count plugins see.
     pub recent_spawns: RecentSpawns,
+    /// The platform token's token buckets (`rate_limits`).
+    pub rate_limits: crate::ratelimit::RateLimiter,
 }
 
 impl std::fmt::Debug for App {
@@ -66,6 +68,7 @@ impl App {
         Ok(Self {
             policies: Arc::new(policies),
             recent_spawns: RecentSpawns::default(),
+            rate_limits: crate::ratelimit::RateLimiter::new(cfg.rate_limits),
             tcp_ports: cfg.tcp_port_range()?,
             challenges: Challenges::new(client.clone(), ks.clone()),
             view: SharedView::default(),

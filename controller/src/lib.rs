@@ -18,7 +18,9 @@ pub mod flag;
 pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
+pub mod ratelimit;
 pub mod scheduler;
+pub mod serve;
 pub mod spawn;
 pub mod view;
 

@@ -6,7 +6,9 @@
 //! Delete revokes the lease, which removes every key at once.
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
-use tidegate_schema::{InstanceId, InstanceRecord, Key, Keyspace, Record, SecretRecord, TtlSpec};
+use tidegate_schema::{
+    InstanceId, InstanceRecord, Key, Keyspace, Record, SecretRecord, TeamId, TtlSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -24,6 +26,10 @@ pub enum LifecycleError {
     Conflict(String),
     #[error("not the scheduler any more: fencing token {0} is stale")]
     Fenced(i64),
+    #[error(
+        "etcd did not confirm renewing instance {id} ({error}); GET it to see whether its expiry moved"
+    )]
+    Unsettled { id: String, error: String },
     #[error("stored instance {key}: {error}")]
     Corrupt { key: String, error: String },
     #[error("etcd: {0}")]
@@ -118,6 +124,14 @@ pub fn renewed_expiry(
     Ok(wanted)
 }
 
+/// A committed renewal.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub record: InstanceRecord,
+    /// etcd's answer was lost and the renewal was found committed after.
+    pub settled: bool,
+}
+
 /// Moves the instance onto a new lease lasting until `expires_at`.
 pub async fn renew(
     client: &Client,
@@ -126,7 +140,7 @@ pub async fn renew(
     current: &Current,
     expires_at: u64,
     now: u64,
-) -> Result<InstanceRecord, LifecycleError> {
+) -> Result<Renewed, LifecycleError> {
     let mut client = client.clone();
     let rec = &current.record;
     let mut record = rec.clone();
@@ -228,12 +242,24 @@ pub async fn renew(
         .when(compares)
         .and_then(ops)
         .or_else([TxnOp::get(fence.0, None)]);
-    let resp = client.txn(txn).await;
-    let resp = match resp {
+    let resp = match client.txn(txn).await {
         Ok(r) => r,
+        // The Txn may have committed even though no answer came (a timeout,
+        // a reset connection, a member paused mid-request): settle it before
+        // touching any lease.
         Err(e) => {
-            let _ = client.lease_revoke(lease).await;
-            return Err(e.into());
+            return match settle(&client, ks, current, lease).await {
+                Settled::Renewed(record) => {
+                    tracing::info!(instance = %id, error = %e, "etcd's answer to a renewal was lost; it had committed");
+                    revoke_old(&mut client, &id, current.lease).await;
+                    Ok(Renewed {
+                        record: *record,
+                        settled: true,
+                    })
+                }
+                Settled::NotRenewed => Err(e.into()),
+                Settled::Unknown(why) => Err(LifecycleError::Unsettled { id, error: why }),
+            };
         }
     };
     if !resp.succeeded() {
@@ -244,11 +270,88 @@ pub async fn renew(
         }
         return Err(LifecycleError::Conflict(id));
     }
-    if let Err(e) = client.lease_revoke(current.lease).await {
+    revoke_old(&mut client, &id, current.lease).await;
+    Ok(Renewed {
+        record,
+        settled: false,
+    })
+}
+
+/// Revokes the lease a renewal moved every key off.
+async fn revoke_old(client: &mut Client, id: &str, lease: i64) {
+    if let Err(e) = client.lease_revoke(lease).await {
         // The old lease expires by itself at the old expiry; nothing is bound to it now.
-        tracing::warn!(instance = %id, lease = current.lease, error = %e, "could not revoke the old lease");
+        tracing::warn!(instance = %id, lease, error = %e, "could not revoke the old lease");
     }
-    Ok(record)
+}
+
+/// How a renewal whose Txn got no answer turned out.
+#[derive(Debug)]
+pub enum Settled {
+    /// It committed: every key is on the new lease (the record as stored).
+    Renewed(Box<InstanceRecord>),
+    /// It did not commit and now never can; the new lease was revoked.
+    NotRenewed,
+    /// etcd did not answer the check either; both leases are left alone
+    /// (the new one holds nothing, or everything, and expires by itself).
+    Unknown(String),
+}
+
+/// Pauses between the attempts to settle an unanswered renewal.
+const SETTLE_PAUSES_MS: [u64; 4] = [0, 200, 500, 1000];
+
+/// Finds out whether an unanswered renewal Txn committed, and makes sure
+/// one that did not never will.
+///
+/// The check is itself a Txn: if the record still has the revision the
+/// renewal compared, it is rewritten in place (same value, same lease),
+/// which moves its revision on, so the renewal Txn, however late it
+/// reaches etcd, fails its compare. Only then is the new lease revoked. A
+/// lease that holds the record is never revoked.
+pub async fn settle(client: &Client, ks: &Keyspace, current: &Current, new_lease: i64) -> Settled {
+    let mut client = client.clone();
+    let instance_key = ks.key(&Key::Instance(current.record.id.clone()));
+    let instance_key = instance_key.as_str();
+    let check = || {
+        Txn::new()
+            .when([Compare::mod_revision(
+                instance_key,
+                CompareOp::Equal,
+                current.mod_revision,
+            )])
+            .and_then([TxnOp::put(
+                instance_key,
+                "",
+                Some(PutOptions::new().with_ignore_value().with_ignore_lease()),
+            )])
+            .or_else([TxnOp::get(instance_key, None)])
+    };
+    let mut last = String::new();
+    for pause in SETTLE_PAUSES_MS {
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        let resp = match client.txn(check()).await {
+            Ok(r) => r,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let stored = tidegate_etcd::guard::else_get(&resp);
+        if let Some(kv) = stored.filter(|kv| !resp.succeeded() && kv.lease() == new_lease) {
+            return match InstanceRecord::decode(kv.value()) {
+                Ok(record) => Settled::Renewed(Box::new(record)),
+                // Ours, but unreadable: keep the lease, say so.
+                Err(e) => Settled::Unknown(format!("the renewed record does not decode: {e}")),
+            };
+        }
+        // Not renewed (the record is unchanged and now fenced off, or it
+        // changed or went another way): the new lease holds nothing.
+        if let Err(e) = client.lease_revoke(new_lease).await {
+            tracing::debug!(lease = new_lease, error = %e, "could not revoke an unused lease; it expires by itself");
+        }
+        return Settled::NotRenewed;
+    }
+    Settled::Unknown(last)
 }
 
 /// Deletes an instance by revoking its lease (every key goes with it).
@@ -258,10 +361,20 @@ pub async fn renew(
 /// one already gone). The record is therefore read again after each revoke
 /// until it is gone: a renewal that read the record before the revoke and
 /// commits after it fails its mod-revision compare, so this converges.
-pub async fn delete(client: &Client, ks: &Keyspace, id: &InstanceId) -> Result<(), LifecycleError> {
+///
+/// With `team`, an instance of another team is `NotFound`, as a missing one.
+pub async fn delete(
+    client: &Client,
+    ks: &Keyspace,
+    id: &InstanceId,
+    team: Option<&TeamId>,
+) -> Result<(), LifecycleError> {
     let mut revoked = false;
     for _ in 0..5 {
         let current = match get(client, ks, id).await {
+            Ok(c) if team.is_some_and(|t| *t != c.record.team) => {
+                return Err(LifecycleError::NotFound(id.to_string()));
+            }
             Ok(c) => c,
             // Gone after our revoke (or one racing it): deleted as asked.
             Err(LifecycleError::NotFound(_)) if revoked => return Ok(()),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tidegate_controller::config::{Cli, load};
-use tidegate_controller::{App, api, policy, scheduler, view};
+use tidegate_controller::{App, api, policy, scheduler, serve, view};
 use tidegate_schema::config::ControllerConfig;
 
 /// Exit status for a configuration error (sysexits EX_USAGE).
@@ -86,8 +86,7 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             app.cfg.etcd.clone(),
         )),
     ];
-    let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(shutdown());
-    let result = server.await;
+    let result = serve::serve(listener, api::router(app.clone()), app.clone(), shutdown()).await;
     for t in tasks {
         t.abort();
     }

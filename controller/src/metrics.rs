@@ -44,6 +44,18 @@ struct RefusalLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLabels {
+    op: &'static str,
+    /// The team, or `*` for the platform token's overall bucket.
+    team: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: &'static str,
 }
@@ -58,6 +70,8 @@ const STATUSES: [&str; 4] = ["pending", "starting", "running", "failed"];
 pub struct Metrics {
     registry: Registry,
     pub spawns: Counter,
+    /// Renewals whose etcd answer was lost and that were found committed.
+    pub renewals_settled: Counter,
     /// Spawns that failed at the Txn (fenced, contended, etcd).
     pub spawn_refusals: Counter,
     pub renewals: Counter,
@@ -75,6 +89,8 @@ pub struct Metrics {
     /// etcd round trips and watch lag.
     pub etcd: Arc<EtcdHealth>,
     refusals: Family<RefusalLabels, Counter>,
+    rate_limited: Family<RateLabels, Counter>,
+    connections_refused: Family<ReasonLabel, Counter>,
     recent: Mutex<VecDeque<Refusal>>,
     leader: Gauge,
     workers: Gauge,
@@ -89,6 +105,7 @@ impl Default for Metrics {
         let mut m = Self {
             registry: Registry::with_prefix("tidegate_controller"),
             spawns: Counter::default(),
+            renewals_settled: Counter::default(),
             spawn_refusals: Counter::default(),
             renewals: Counter::default(),
             deletions: Counter::default(),
@@ -100,6 +117,8 @@ impl Default for Metrics {
             idle_expirations: Counter::default(),
             etcd: Arc::default(),
             refusals: Family::default(),
+            rate_limited: Family::default(),
+            connections_refused: Family::default(),
             recent: Mutex::default(),
             leader: Gauge::default(),
             workers: Gauge::default(),
@@ -114,6 +133,21 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts an API connection closed at accept (`max_connections`, `max_connections_per_source`).
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a request refused by a token bucket (`None`: the platform's).
+    pub fn rate_limited(&self, op: &'static str, team: Option<&tidegate_schema::TeamId>) {
+        let team = team.map_or_else(|| "*".to_string(), |t| t.as_str().to_string());
+        self.rate_limited
+            .get_or_create(&RateLabels { op, team })
+            .inc();
+    }
+
     fn register(&mut self) {
         let r = &mut self.registry;
         r.register(
@@ -132,6 +166,11 @@ impl Metrics {
                 "renewals",
                 "Renewals this replica committed",
                 &self.renewals,
+            ),
+            (
+                "renewals_settled",
+                "Renewals whose answer from etcd was lost and that were then found committed (answered 200, not revoked)",
+                &self.renewals_settled,
             ),
             (
                 "deletions",
@@ -160,6 +199,16 @@ impl Metrics {
             "refusals",
             "Spawns and renewals refused, by operation and reason",
             self.refusals.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Platform requests refused by a token bucket, by operation and team (* for the platform's overall bucket)",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "API connections closed at accept, by the cap they hit",
+            self.connections_refused.clone(),
         );
         r.register(
             "workers",

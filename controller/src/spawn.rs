@@ -133,6 +133,27 @@ pub async fn spawn(
     Err(SpawnError::Contended)
 }
 
+/// Pauses between the reads that settle an unanswered spawn Txn.
+const SETTLE_PAUSES_MS: [u64; 3] = [0, 200, 500];
+
+/// The revision at which a spawn whose Txn got no answer committed: its
+/// instance key is there on its lease. `None` when it is not (or etcd does
+/// not answer): the caller then revokes the lease, so that the Txn cannot
+/// commit later either.
+async fn committed(client: &mut Client, key: &str, lease: i64) -> Option<i64> {
+    for pause in SETTLE_PAUSES_MS {
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        if let Ok(resp) = client.get(key, None).await {
+            return resp
+                .kvs()
+                .first()
+                .filter(|kv| kv.lease() == lease)
+                .map(|kv| kv.mod_revision());
+        }
+    }
+    None
+}
+
 /// The lowest team slot not taken, or `TeamLimit`.
 async fn free_team_slot(client: &mut Client, plan: &SpawnPlan) -> Result<u32, SpawnError> {
     let prefix = plan
@@ -287,7 +308,21 @@ async fn commit(
         .when(compares)
         .and_then(puts)
         .or_else([TxnOp::get(plan.leader_key.as_str(), None)]);
-    let resp = client.txn(txn).await.map_err(|e| Some(e.into()))?;
+    let resp = match client.txn(txn).await {
+        Ok(r) => r,
+        // No answer does not mean no commit (a reset connection, a member
+        // gone mid-request): look before the caller revokes the lease.
+        Err(e) => {
+            let key = ks.key(&Key::Instance(record.id.clone()));
+            return match committed(client, &key, lease).await {
+                Some(revision) => {
+                    tracing::info!(instance = %id, error = %e, "etcd's answer to a spawn was lost; it had committed");
+                    Ok(revision)
+                }
+                None => Err(Some(e.into())),
+            };
+        }
+    };
     if resp.succeeded() {
         return Ok(resp.header().map_or(0, |h| h.revision()));
     }

@@ -288,7 +288,7 @@ async fn a_delete_racing_a_renewal_still_deletes() {
                 // Staggered so that the delete's read and revoke land before,
                 // inside and after the renewal's Txn over the 20 rounds.
                 tokio::time::sleep(Duration::from_micros(250 * i)).await;
-                lifecycle::delete(&client, &ks, &id).await
+                lifecycle::delete(&client, &ks, &id, None).await
             },
         );
         deleted.unwrap_or_else(|e| panic!("delete of {id} racing a renewal: {e}"));
@@ -531,7 +531,7 @@ async fn renewing_a_record_with_an_inline_flag_moves_the_flag_to_its_secret() {
     )
     .await
     .unwrap();
-    assert_eq!(renewed.flag, None);
+    assert_eq!(renewed.record.flag, None);
     let now = lifecycle::get(&client, &ks, &id).await.unwrap();
     assert_eq!(now.record.flag, None, "the record still holds the flag");
     let secret = client.get(secret_key.as_str(), None).await.unwrap();
@@ -542,5 +542,82 @@ async fn renewing_a_record_with_an_inline_flag_moves_the_flag_to_its_secret() {
     assert_eq!(
         lifecycle::flag(&client, &ks, &now.record).await.unwrap(),
         Some("flag{old}".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_renewal_whose_answer_was_lost_is_settled_without_losing_the_instance() {
+    let Fixture {
+        _etcd,
+        mut client,
+        ks,
+        challenge,
+    } = fixture(1, "web", web_spec()).await;
+    let (key, token, _) = campaign(&mut client, &ks, 30).await;
+
+    // It committed, and its answer never came: settling finds the record on
+    // the new lease, says so, and leaves that lease alone.
+    let s = spawn(
+        &client,
+        &plan(&ks, challenge.clone(), &key, token, "t1"),
+        |_| "flag{x}".into(),
+    )
+    .await
+    .unwrap();
+    let before = lifecycle::get(&client, &ks, &s.record.id).await.unwrap();
+    let expiry = s.record.expires_at + 60;
+    lifecycle::renew(
+        &client,
+        &ks,
+        (&key, token),
+        &before,
+        expiry,
+        s.record.created_at,
+    )
+    .await
+    .unwrap();
+    let after = lifecycle::get(&client, &ks, &s.record.id).await.unwrap();
+    match lifecycle::settle(&client, &ks, &before, after.lease).await {
+        lifecycle::Settled::Renewed(r) => assert_eq!(r.expires_at, expiry),
+        other => panic!("a committed renewal settled as {other:?}"),
+    }
+    let now = lifecycle::get(&client, &ks, &s.record.id).await.unwrap();
+    assert_eq!(now.lease, after.lease, "the renewed lease was given up");
+    let ttl = client.lease_time_to_live(after.lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0, "the lease holding the record was revoked");
+
+    // It never reached etcd: settling revokes the unused lease, and the
+    // renewal Txn, should it arrive late, can no longer commit.
+    let s = spawn(&client, &plan(&ks, challenge, &key, token, "t2"), |_| {
+        "flag{x}".into()
+    })
+    .await
+    .unwrap();
+    let before = lifecycle::get(&client, &ks, &s.record.id).await.unwrap();
+    let unused = client.lease_grant(600, None).await.unwrap().id();
+    assert!(matches!(
+        lifecycle::settle(&client, &ks, &before, unused).await,
+        lifecycle::Settled::NotRenewed
+    ));
+    let ttl = client.lease_time_to_live(unused, None).await.unwrap();
+    assert!(ttl.ttl() <= 0, "the unused lease is still there");
+    let late = lifecycle::renew(
+        &client,
+        &ks,
+        (&key, token),
+        &before,
+        s.record.expires_at + 60,
+        s.record.created_at,
+    )
+    .await;
+    assert!(
+        matches!(late, Err(lifecycle::LifecycleError::Conflict(_))),
+        "{late:?}"
+    );
+    let now = lifecycle::get(&client, &ks, &s.record.id).await.unwrap();
+    assert_eq!(
+        (now.lease, now.record.expires_at),
+        (before.lease, before.record.expires_at),
+        "the instance changed"
     );
 }

@@ -96,6 +96,24 @@ pub struct ChallengeSpec {
     /// past its deadline or its memory cap: `deny` (default) or `allow`.
     #[serde(default)]
     pub policy_fallback: PolicyFallback,
+    /// A TCP connection to an instance that moves no byte either way for
+    /// this many seconds is closed by the agent (10–86400).
+    #[serde(
+        default = "default_tcp_idle",
+        skip_serializing_if = "is_default_tcp_idle"
+    )]
+    pub tcp_idle_timeout_secs: u32,
+}
+
+/// [`ChallengeSpec::tcp_idle_timeout_secs`] when a spec does not say.
+pub const DEFAULT_TCP_IDLE_SECS: u32 = 600;
+
+fn default_tcp_idle() -> u32 {
+    DEFAULT_TCP_IDLE_SECS
+}
+
+fn is_default_tcp_idle(secs: &u32) -> bool {
+    *secs == DEFAULT_TCP_IDLE_SECS
 }
 
 /// The decision used when a challenge's policy plugin fails.
@@ -269,6 +287,12 @@ impl Validate for ChallengeSpec {
         self.validate_env()?;
         self.validate_limits_and_ttl()?;
         in_range("per_team_max", self.per_team_max, 1, 100)?;
+        in_range(
+            "tcp_idle_timeout_secs",
+            self.tcp_idle_timeout_secs,
+            10,
+            86_400,
+        )?;
         let t = &self.flag.template;
         if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
             return Err(FieldError::new(

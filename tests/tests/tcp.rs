@@ -757,3 +757,102 @@ async fn ssh_through_either_agent() {
         );
     }
 }
+
+/// Connects to `to` from the local address `source`.
+async fn connect_from(source: std::net::IpAddr, to: &str) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(to.parse().unwrap()).await
+}
+
+/// Whether a line sent on `s` comes back within 5 s.
+async fn echoes(s: &mut TcpStream, line: &str) -> bool {
+    if s.write_all(line.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; line.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if buf == line.as_bytes()
+    )
+}
+
+#[tokio::test]
+async fn idle_connections_close_at_the_specs_timeout_and_one_address_is_capped() {
+    let p = plane(|c| c.tcp_max_connections_per_source = 256).await;
+    let image = echo_image();
+    let (_, port) = tcp_instance(
+        &p,
+        "idle",
+        &image,
+        serde_json::json!({"tcp_idle_timeout_secs": 10}),
+    )
+    .await;
+    let [via_a, _] = entries(&p, port);
+    wait_echo(&via_a).await;
+
+    // One connection goes quiet, another keeps talking every 2 s.
+    let mut quiet = TcpStream::connect(&via_a).await.unwrap();
+    assert!(echoes(&mut quiet, "quiet\n").await);
+    let went_quiet = Instant::now();
+    let closed = tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(30), quiet.read(&mut buf)).await;
+        went_quiet.elapsed()
+    });
+    let mut talking = TcpStream::connect(&via_a).await.unwrap();
+    for i in 0..9 {
+        assert!(
+            echoes(&mut talking, &format!("still here {i}\n")).await,
+            "a talking connection was closed after {:?}",
+            went_quiet.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let after = closed.await.unwrap();
+    assert!(
+        after >= Duration::from_secs(9) && after < Duration::from_secs(25),
+        "the quiet connection closed after {after:?} (tcp_idle_timeout_secs = 10)"
+    );
+    assert!(
+        p.a.metric("tidegate_tcp_failed_connections_total{stage=\"idle_timeout\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // 1,000 connections from one address: 256 (the per-source cap) are
+    // served, the others closed at accept; another address still gets in.
+    // (An instance with the default idle timeout: opening them all takes a
+    // while.)
+    let (_, port) = tcp_instance(&p, "held", &image, serde_json::json!({})).await;
+    let [via_a, _] = entries(&p, port);
+    wait_echo(&via_a).await;
+    let one: std::net::IpAddr = [127, 0, 77, 1].into();
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        held.push(connect_from(one, &via_a).await.unwrap());
+    }
+    let mut served = 0;
+    for s in &mut held {
+        served += usize::from(echoes(s, "x\n").await);
+    }
+    assert_eq!(served, 256, "connections served from one address");
+    let refused =
+        p.a.metric("tidegate_tcp_failed_connections_total{stage=\"max_per_source\"}")
+            .await;
+    assert_eq!(refused, Some(744.0));
+    let mut other = connect_from([127, 0, 77, 2].into(), &via_a).await.unwrap();
+    assert!(echoes(&mut other, "another address\n").await);
+    drop(held);
+    // Their places come back once they close.
+    assert!(
+        eventually(10, || async {
+            match connect_from(one, &via_a).await {
+                Ok(mut s) => echoes(&mut s, "again\n").await,
+                Err(_) => false,
+            }
+        })
+        .await
+    );
+}

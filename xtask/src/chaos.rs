@@ -20,9 +20,10 @@ pub(crate) struct ChaosArgs {
     #[arg(long)]
     short: bool,
     /// Run against a build with a planted bug and expect violations:
-    /// `fence` (the spawn Txn no longer compares the leader's election key)
-    /// or `relist` (a watcher that fell behind compaction resumes without
-    /// listing again).
+    /// `fence` (the spawn Txn no longer compares the leader's election key),
+    /// `renew-revoke` (an unanswered renewal revokes its new lease, as before
+    /// renewals were settled) or `relist` (a watcher that fell behind
+    /// compaction resumes without listing again).
     #[arg(long, value_name = "BUG")]
     planted: Option<String>,
     /// Where the report, the history and every daemon's log go
@@ -46,6 +47,14 @@ const PLANTS: &[Plant] = &[
         old: "        plan.leader_key.as_str(),\n        CompareOp::Equal,\n        plan.token,",
         // Always true: any creation revision differs from -1.
         new: "        plan.leader_key.as_str(),\n        CompareOp::NotEqual,\n        -1,",
+    },
+    Plant {
+        // Before renewals were settled: an unanswered renewal Txn revokes
+        // its new lease, though it may have committed.
+        name: "renew-revoke",
+        file: "controller/src/lifecycle.rs",
+        old: "            return match settle(&client, ks, current, lease).await {",
+        new: "            let _ = client.lease_revoke(lease).await;\n            return match Settled::NotRenewed {",
     },
     Plant {
         name: "relist",

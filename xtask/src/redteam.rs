@@ -11,6 +11,7 @@
 //! must then get through; one that does not is a broken attack. `--controls`
 //! runs every defence's control in turn.
 
+mod api;
 mod etcd;
 mod flags;
 mod hop;
@@ -153,6 +154,18 @@ const DEFENCES: &[(&str, &str)] = &[
         "worker registration is create-if-absent (TIDEGATE_PLANTED)",
     ),
     (
+        "team-scope",
+        "instance operations with ?team= refuse another team's id as missing (TIDEGATE_PLANTED)",
+    ),
+    (
+        "rate-limit",
+        "token buckets per team for the platform's spawns, renewals, deletes and flag checks (TIDEGATE_PLANTED)",
+    ),
+    (
+        "tcp-caps",
+        "agents cap open TCP connections per player address and per instance (TIDEGATE_PLANTED)",
+    ),
+    (
         "etcd-roles",
         "each worker's etcd user reads its own secrets and writes only its own keys (the range grants worker b readwrite on the root)",
     ),
@@ -163,6 +176,7 @@ fn attacks() -> Vec<Attack> {
     all.extend(hop::attacks());
     all.extend(instance::attacks());
     all.extend(etcd::attacks());
+    all.extend(api::attacks());
     all
 }
 

@@ -36,6 +36,9 @@ pub struct InstanceTraffic {
     pub tcp_connections: AtomicU64,
     /// TCP connections open now.
     pub tcp_active: AtomicU64,
+    /// TCP connections holding a place under `tcp_max_connections_per_instance`
+    /// (from accept, before the connect to the instance).
+    pub tcp_admitted: AtomicU64,
     /// Bytes from players to the instance over TCP.
     pub tcp_bytes_in: AtomicU64,
     /// Bytes from the instance to players over TCP.

@@ -346,7 +346,7 @@ pub(crate) struct TcpCounters {
     pub bytes_received: u64,
 }
 
-pub(crate) fn tcp_counters(s: &TcpStream) -> std::io::Result<TcpCounters> {
+pub(crate) fn tcp_counters(s: &impl AsRawFd) -> std::io::Result<TcpCounters> {
     // struct tcp_info: 8 one-byte fields, 24 u32s, pacing_rate and
     // max_pacing_rate (u64 each), then tcpi_bytes_acked at byte 120 and
     // tcpi_bytes_received at byte 128 (both since Linux 4.1).

@@ -2,9 +2,12 @@
 //! the owner or the instance), the connect, the hop header toward an
 //! owning agent, and the data path that moves its bytes.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::sockopt::IpBindAddressNoPort;
 use tidegate_schema::config::DataPath;
@@ -29,6 +32,81 @@ pub struct Relay {
     pub(super) failures: Arc<Failures>,
     pub(super) forward_from: Option<IpAddr>,
     pub(super) hops: Arc<Hops>,
+    pub(super) limits: Limits,
+    pub(super) sources: Arc<Sources>,
+}
+
+/// Caps on open connections (`tcp_max_connections_per_*`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub(super) per_source: u32,
+    pub(super) per_instance: u32,
+}
+
+/// Open connections per player address.
+#[derive(Debug, Default)]
+pub(super) struct Sources(Mutex<HashMap<IpAddr, u32>>);
+
+/// One open connection's places (its player address's, its instance's);
+/// given back when dropped.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+    traffic: Arc<InstanceTraffic>,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.traffic.tcp_admitted.fetch_sub(1, Ordering::Relaxed);
+        let mut open = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// TCP keepalive on an accepted or connected socket: a peer that vanished
+/// (no FIN, no RST) is found after about 90 s instead of never.
+fn keepalive(s: impl AsFd) {
+    use rustix::net::sockopt;
+    let _ = sockopt::set_socket_keepalive(&s, true);
+    let _ = sockopt::set_tcp_keepidle(&s, Duration::from_secs(60));
+    let _ = sockopt::set_tcp_keepintvl(&s, Duration::from_secs(10));
+    let _ = sockopt::set_tcp_keepcnt(&s, 3);
+}
+
+/// A second handle on a socket whose first one a data path owns, to watch
+/// its counters.
+fn watch_handle(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
+    Ok(std::net::TcpStream::from(s.as_fd().try_clone_to_owned()?))
+}
+
+/// Returns once the player's socket has moved no byte (received from the
+/// player, or acknowledged by it) for `limit`. Its kernel counters see
+/// every data path, the in-kernel ones too. On a kernel without them it
+/// never returns.
+async fn idle(player: &std::net::TcpStream, limit: Duration) {
+    let moved = || ebpf::tcp_counters(player).map(|c| c.bytes_acked + c.bytes_received);
+    let Ok(mut last) = moved() else {
+        return std::future::pending().await;
+    };
+    let every = (limit / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        match moved() {
+            Ok(n) if n != last => {
+                last = n;
+                quiet_since = Instant::now();
+            }
+            Ok(_) if quiet_since.elapsed() >= limit => return,
+            Ok(_) => {}
+            Err(_) => return std::future::pending().await,
+        }
+    }
 }
 
 impl std::fmt::Debug for Relay {
@@ -68,12 +146,17 @@ impl Relay {
         };
         let local = client.local_addr()?;
         let (source, forwarded) = self.proven(&taken, peer, local, &route);
+        let Some(_slot) = self.admit(&route, source.ip(), port) else {
+            return Ok(());
+        };
         let Some((server, sent)) = self.open(&route, source, forwarded, local, "").await? else {
             return Ok(());
         };
         let _ = client.set_nodelay(true);
+        keepalive(&client);
+        let watch = watch_handle(&client)?;
         let traffic = &route.traffic;
-        self.transfer(traffic, async {
+        self.transfer(&route, &watch, async {
             match (self.data_path, &self.redirector) {
                 // A header taken off the client may have come in one skb
                 // with the player's first bytes; the verdict program would
@@ -87,6 +170,44 @@ impl Relay {
             }
         })
         .await
+    }
+
+    /// Takes a place for a connection from `source` to `route`'s instance,
+    /// or counts why there is none.
+    fn admit(&self, route: &Route, source: IpAddr, port: u16) -> Option<SourceSlot> {
+        let limits = if tidegate_schema::config::planted("tcp-caps") {
+            Limits {
+                per_source: u32::MAX,
+                per_instance: u32::MAX,
+            }
+        } else {
+            self.limits
+        };
+        let mut open = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.get(&source).copied().unwrap_or(0);
+        if n >= limits.per_source {
+            self.failures.per_source.inc();
+            tracing::debug!(port, player = %source, open = n, "TCP connection refused: the player's address is at tcp_max_connections_per_source");
+            return None;
+        }
+        let cap = u64::from(limits.per_instance);
+        let admitted = &route.traffic.tcp_admitted;
+        if admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a < cap).then_some(a + 1)
+            })
+            .is_err()
+        {
+            self.failures.per_instance.inc();
+            tracing::debug!(port, player = %source, instance = %route.instance, "TCP connection refused: the instance is at tcp_max_connections_per_instance");
+            return None;
+        }
+        *open.entry(source).or_default() += 1;
+        Some(SourceSlot {
+            sources: self.sources.clone(),
+            ip: source,
+            traffic: route.traffic.clone(),
+        })
     }
 
     /// Who the connection is from, and whether another agent proved it
@@ -133,13 +254,19 @@ impl Relay {
             return;
         };
         let sni = sni.unwrap_or_default();
+        let Some(_slot) = self.admit(&route, peer.ip(), local.port()) else {
+            let _ = client.shutdown().await;
+            return;
+        };
         let result = async {
             let Some((server, _)) = self.open(&route, peer, false, local, &sni).await? else {
                 let _ = client.shutdown().await;
                 return Ok(());
             };
+            keepalive(client.get_ref().0);
+            let watch = watch_handle(client.get_ref().0)?;
             let traffic = &route.traffic;
-            self.transfer(traffic, copy(&mut client, server, traffic))
+            self.transfer(&route, &watch, copy(&mut client, server, traffic))
                 .await
         }
         .await;
@@ -232,20 +359,32 @@ impl Relay {
             sent = header.len();
         }
         let _ = server.set_nodelay(true);
+        keepalive(&server);
         Ok(Some((server, sent)))
     }
 
     /// Runs `pump` (the data path moving the connection's bytes) with the
-    /// connection counted as active, and counts how it ended.
+    /// connection counted as active, until it ends or `player` (the
+    /// player's socket) has been idle for the challenge's
+    /// `tcp_idle_timeout_secs` (then both sockets close), and counts how it ended.
     async fn transfer(
         &self,
-        traffic: &InstanceTraffic,
+        route: &Route,
+        player: &std::net::TcpStream,
         pump: impl std::future::Future<Output = std::io::Result<()>>,
     ) -> std::io::Result<()> {
+        let traffic: &InstanceTraffic = &route.traffic;
         traffic.tcp_connections.fetch_add(1, Ordering::Relaxed);
         traffic.tcp_active.fetch_add(1, Ordering::Relaxed);
         traffic.touch();
-        let moved = pump.await;
+        let moved = tokio::select! {
+            moved = pump => moved,
+            () = idle(player, route.tcp_idle) => {
+                self.failures.idle.inc();
+                tracing::debug!(instance = %route.instance, idle = ?route.tcp_idle, "TCP connection closed: idle for the challenge's tcp_idle_timeout_secs");
+                Ok(())
+            }
+        };
         traffic.tcp_active.fetch_sub(1, Ordering::Relaxed);
         traffic.touch();
         if moved.is_err() {

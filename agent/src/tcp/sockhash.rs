@@ -62,29 +62,47 @@ pub async fn pump(
             return splice::pump(client, server, pipe_bytes, traffic).await;
         }
     };
+    // Counted and taken out of the maps however this ends: also when the
+    // caller drops this future (the idle timeout).
+    let paired = Paired { r, pair, traffic };
     let result = tokio::try_join!(
         one_way(&client, &server, server_base.bytes_acked),
         one_way(&server, &client, client_base.bytes_acked)
     )
     .map(|_| ());
-    use std::sync::atomic::Ordering::Relaxed;
-    let (up, down) = (r.redirected(pair.a), r.redirected(pair.b));
     tracing::trace!(
-        up,
-        down,
         ok = result.is_ok(),
         client = ?tcp_counters(&client).ok(),
         server = ?tcp_counters(&server).ok(),
         "kernel-spliced connection closed"
     );
-    traffic.tcp_bytes_in.fetch_add(up, Relaxed);
-    traffic.tcp_bytes_out.fetch_add(down, Relaxed);
-    r.unpair(&pair);
+    drop(paired);
     if result.is_err() {
         splice::reset(&client);
         splice::reset(&server);
     }
     result
+}
+
+/// A pair in the kernel's maps: on drop, its bytes are counted and it is
+/// taken out.
+struct Paired<'a> {
+    r: &'a Redirector,
+    pair: super::ebpf::Pair,
+    traffic: &'a InstanceTraffic,
+}
+
+impl Drop for Paired<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (up, down) = (
+            self.r.redirected(self.pair.a),
+            self.r.redirected(self.pair.b),
+        );
+        self.traffic.tcp_bytes_in.fetch_add(up, Relaxed);
+        self.traffic.tcp_bytes_out.fetch_add(down, Relaxed);
+        self.r.unpair(&self.pair);
+    }
 }
 
 /// Waits for `src` to stop sending, then forwards the half-close to `dst`.

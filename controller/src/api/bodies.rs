@@ -81,6 +81,16 @@ pub(crate) struct FlagResult {
     pub(crate) correct: bool,
 }
 
+/// `?team=` on one instance's operations: the team the platform acts for.
+/// Given, an instance of another team is answered 404, worded exactly as
+/// for an id that does not exist.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct TeamQuery {
+    /// The team whose instance this must be.
+    pub(crate) team: Option<String>,
+}
+
 /// `GET /v1/instances` filters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

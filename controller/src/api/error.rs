@@ -132,7 +132,9 @@ impl From<LifecycleError> for ApiError {
             | LifecycleError::MaxLifetime { .. }
             | LifecycleError::TooEarly { .. }
             | LifecycleError::Conflict(_) => StatusCode::CONFLICT,
-            LifecycleError::Fenced(_) => return ApiError::unavailable(e.to_string()),
+            LifecycleError::Fenced(_) | LifecycleError::Unsettled { .. } => {
+                return ApiError::unavailable(e.to_string());
+            }
             LifecycleError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             LifecycleError::Etcd(inner) => {
                 return ApiError::unavailable(e.to_string()).unsent_if(inner);

@@ -6,21 +6,74 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use tidegate_schema::config::planted;
 use tidegate_schema::time::unix_secs;
-use tidegate_schema::{InstanceId, decode_json};
+use tidegate_schema::{InstanceId, TeamId, decode_json};
 
 use super::bodies::{
     ErrorBody, FlagCheck, FlagResult, Instance, InstanceList, ListQuery, PolicyDecision,
-    SpawnRequest,
+    SpawnRequest, TeamQuery,
 };
 use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading};
 use crate::lifecycle;
 use crate::policy::{self, Admission, Renewal};
+use crate::ratelimit::Op;
 use crate::{App, ChallengeError, SpawnError, SpawnPlan};
 
 fn parse_id(id: &str) -> ApiResult<InstanceId> {
     InstanceId::parse(id)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).field("id"))
+}
+
+/// The `?team=` of a request, checked.
+fn team_param(q: &TeamQuery) -> ApiResult<Option<TeamId>> {
+    q.team
+        .as_deref()
+        .map(|t| {
+            serde_json::from_value::<TeamId>(serde_json::Value::String(t.to_string())).map_err(
+                |e| ApiError::new(StatusCode::BAD_REQUEST, format!("team: {e}")).field("team"),
+            )
+        })
+        .transpose()
+}
+
+/// The instance when the caller may act on it: with `?team=`, another
+/// team's instance is answered exactly as a missing one (no existence leak).
+fn owned(current: lifecycle::Current, team: Option<&TeamId>) -> ApiResult<lifecycle::Current> {
+    match team {
+        Some(t) if *t != current.record.team && !planted("team-scope") => {
+            Err(lifecycle::LifecycleError::NotFound(current.record.id.to_string()).into())
+        }
+        _ => Ok(current),
+    }
+}
+
+/// Takes a token of `op` for `team` (the platform token only; the admin
+/// token is not limited): past the bucket, 429 with Retry-After.
+fn rate_limit(app: &App, scope: Scope, op: Op, team: &TeamId) -> ApiResult<()> {
+    if scope == Scope::Admin || planted("rate-limit") {
+        return Ok(());
+    }
+    app.rate_limits.check(op, team).map_err(|l| {
+        app.metrics.rate_limited(op.as_str(), l.team.as_ref());
+        let whose = match &l.team {
+            Some(t) => format!(
+                "team {:?} made too many {} requests",
+                t.as_str(),
+                op.as_str()
+            ),
+            None => "the platform token made too many instance requests".to_string(),
+        };
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{whose}; retry after {} s", l.retry_after_secs),
+        )
+        .header(
+            axum::http::header::RETRY_AFTER,
+            &l.retry_after_secs.to_string(),
+        )
+        .reason("rate_limited")
+    })
 }
 
 /// Counts and keeps a refused spawn or renewal (not redirects or bad requests).
@@ -59,12 +112,12 @@ fn refused(
         (status = 403, description = "denied by the challenge's policy (or its failure under policy_fallback deny)", body = ErrorBody),
         (status = 404, description = "no such challenge", body = ErrorBody),
         (status = 409, description = "the team is at its per_team_max", body = ErrorBody),
-        (status = 429, description = "the policy asks to retry after Retry-After seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 429, description = "the policy asks to retry after Retry-After seconds, or the team's (or the platform's) spawn bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
-pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> ApiResult {
+pub(super) async fn spawn(State(app): AppState, scope: Scope, body: Bytes) -> ApiResult {
     let req: SpawnRequest = decode_json(&body).map_err(ApiError::bad_request)?;
-    let result = spawn_parsed(&app, &req).await;
+    let result = spawn_parsed(&app, scope, &req).await;
     if let Err(e) = &result {
         refused(
             &app,
@@ -78,11 +131,11 @@ pub(super) async fn spawn(State(app): AppState, _scope: Scope, body: Bytes) -> A
     result
 }
 
-async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
+async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiResult {
     let leader = leading(app, "/v1/instances").await?;
-    // One spawn at a time per leader: placement then sees every earlier
-    // spawn, so no worker is given more than its capacity.
-    let _serial = app.spawn_lock.lock().await;
+    // Counted where spawns are made (standbys redirect), and before the
+    // spawn lock: a refused request never holds it.
+    rate_limit(app, scope, Op::Spawn, &req.team)?;
     let (challenge, challenge_revision) =
         match etcd(app, || app.challenges.get(&req.challenge)).await {
             Ok(c) => (c.value, c.revision),
@@ -105,6 +158,14 @@ async fn spawn_parsed(app: &Arc<App>, req: &SpawnRequest) -> ApiResult {
         })
         .await?
     };
+    // A plugin met for the first time is compiled now, not under the lock
+    // (a failure is decided under it, with the challenge's fallback).
+    if let Some(p) = &challenge.policy {
+        let _ = app.policies.plugin(p).await;
+    }
+    // One spawn at a time per leader: placement then sees every earlier
+    // spawn, so no worker is given more than its capacity.
+    let _serial = app.spawn_lock.lock().await;
     // The challenge's policy decides before placement (and under the spawn
     // lock, so the counts it sees include every earlier spawn).
     let (ttl_secs, fallback_note) = match policy::admit_spawn(app, &challenge, &req.team).await {
@@ -216,16 +277,23 @@ pub(super) async fn list(
 /// One instance.
 #[utoipa::path(
     get, path = "/v1/instances/{id}", tag = "instances", operation_id = "get_instance",
-    params(("id" = String, Path, description = "the instance's id: 10 lowercase hex characters")),
+    params(("id" = String, Path, description = "the instance's id: 10 lowercase hex characters"), TeamQuery),
     responses(
         (status = 200, description = "the instance", body = Instance),
         (status = 400, description = "not an instance id", body = ErrorBody),
         (status = 404, description = "no such instance", body = ErrorBody),
     )
 )]
-pub(super) async fn get(State(app): AppState, _scope: Scope, Path(id): Path<String>) -> ApiResult {
+pub(super) async fn get(
+    State(app): AppState,
+    _scope: Scope,
+    Path(id): Path<String>,
+    Query(q): Query<TeamQuery>,
+) -> ApiResult {
     let id = parse_id(&id)?;
+    let team = team_param(&q)?;
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
+    let current = owned(current, team.as_ref())?;
     let status = app.view.lock().status_text(&id);
     Ok(json_response(
         StatusCode::OK,
@@ -241,25 +309,39 @@ const RENEW_ATTEMPTS: u32 = 4;
 /// policy's `renew` hook). Standbys answer 307 to the scheduler.
 #[utoipa::path(
     post, path = "/v1/instances/{id}/renew", tag = "instances", operation_id = "renew_instance",
-    params(("id" = String, Path, description = "the instance's id")),
+    params(("id" = String, Path, description = "the instance's id"), TeamQuery),
     responses(
         (status = 200, description = "the instance with its new expires_at", body = Instance),
         (status = 307, description = "this replica is a standby", body = ErrorBody, headers(("Location" = String, description = "the same path on the scheduler"))),
         (status = 403, description = "refused by the challenge's policy", body = ErrorBody),
         (status = 404, description = "no such instance", body = ErrorBody),
         (status = 409, description = "max renewals or max lifetime reached, too early to extend it, or its challenge was deleted", body = ErrorBody),
+        (status = 429, description = "the team's (or the platform's) renew bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
 pub(super) async fn renew(
     State(app): AppState,
-    _scope: Scope,
+    scope: Scope,
     Path(id): Path<String>,
+    Query(q): Query<TeamQuery>,
 ) -> ApiResult {
     let id = parse_id(&id)?;
-    let leader = leading(&app, &format!("/v1/instances/{id}/renew")).await?;
+    let team = team_param(&q)?;
+    let path = match &team {
+        Some(t) => format!("/v1/instances/{id}/renew?team={}", t.as_str()),
+        None => format!("/v1/instances/{id}/renew"),
+    };
+    let leader = leading(&app, &path).await?;
+    if let Some(t) = &team {
+        rate_limit(&app, scope, Op::Renew, t)?;
+    }
     let mut attempt = 1;
     let (current, result) = loop {
         let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
+        let current = owned(current, team.as_ref())?;
+        if team.is_none() && attempt == 1 {
+            rate_limit(&app, scope, Op::Renew, &current.record.team)?;
+        }
         let result = renew_current(&app, &leader, &current).await;
         // The owning agent reports its container's status on the status
         // key (starting → running, restarts) whenever it changes; a
@@ -319,11 +401,15 @@ async fn renew_current(
     };
     let expires_at = lifecycle::renewed_expiry(&current.record, ttl, now, extend)?;
     let fence = (leader.key.as_str(), leader.token);
-    let record = etcd(app, || {
+    let renewed = etcd(app, || {
         lifecycle::renew(&app.client, &app.ks, fence, current, expires_at, now)
     })
     .await?;
     app.metrics.renewals.inc();
+    if renewed.settled {
+        app.metrics.renewals_settled.inc();
+    }
+    let record = renewed.record;
     let status = app.view.lock().status_text(id);
     Ok(json_response(
         StatusCode::OK,
@@ -334,19 +420,36 @@ async fn renew_current(
 /// Deletes an instance (revokes its lease: every key goes at once).
 #[utoipa::path(
     delete, path = "/v1/instances/{id}", tag = "instances", operation_id = "delete_instance",
-    params(("id" = String, Path, description = "the instance's id")),
+    params(("id" = String, Path, description = "the instance's id"), TeamQuery),
     responses(
         (status = 204, description = "deleted"),
-        (status = 404, description = "no such instance", body = ErrorBody),
+        (status = 404, description = "no such instance (or, with ?team=, not that team's)", body = ErrorBody),
+        (status = 429, description = "the team's (or the platform's) delete bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
 pub(super) async fn delete(
     State(app): AppState,
-    _scope: Scope,
+    scope: Scope,
     Path(id): Path<String>,
+    Query(q): Query<TeamQuery>,
 ) -> ApiResult {
     let id = parse_id(&id)?;
-    etcd(&app, || lifecycle::delete(&app.client, &app.ks, &id)).await?;
+    let team = team_param(&q)?;
+    let owner = match &team {
+        Some(t) => t.clone(),
+        None => {
+            etcd(&app, || lifecycle::get(&app.client, &app.ks, &id))
+                .await?
+                .record
+                .team
+        }
+    };
+    rate_limit(&app, scope, Op::Delete, &owner)?;
+    let team = team.filter(|_| !planted("team-scope"));
+    etcd(&app, || {
+        lifecycle::delete(&app.client, &app.ks, &id, team.as_ref())
+    })
+    .await?;
     app.metrics.deletions.inc();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -354,23 +457,33 @@ pub(super) async fn delete(
 /// Checks a flag against the instance's (in constant time).
 #[utoipa::path(
     post, path = "/v1/instances/{id}/flag", tag = "instances", operation_id = "check_flag",
-    params(("id" = String, Path, description = "the instance's id")),
+    params(("id" = String, Path, description = "the instance's id"), TeamQuery),
     request_body = FlagCheck,
     responses(
         (status = 200, description = "whether the flag is the instance's", body = FlagResult),
         (status = 400, description = "an invalid request, naming the field", body = ErrorBody),
-        (status = 404, description = "no such instance", body = ErrorBody),
+        (status = 404, description = "no such instance (or, with ?team=, not that team's)", body = ErrorBody),
+        (status = 429, description = "the team's (or the platform's) flag bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
 pub(super) async fn flag(
     State(app): AppState,
-    _scope: Scope,
+    scope: Scope,
     Path(id): Path<String>,
+    Query(q): Query<TeamQuery>,
     body: Bytes,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
+    let team = team_param(&q)?;
     let req: FlagCheck = decode_json(&body).map_err(ApiError::bad_request)?;
+    if let Some(t) = &team {
+        rate_limit(&app, scope, Op::Flag, t)?;
+    }
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
+    let current = owned(current, team.as_ref())?;
+    if team.is_none() {
+        rate_limit(&app, scope, Op::Flag, &current.record.team)?;
+    }
     let stored = etcd(&app, || {
         lifecycle::flag(&app.client, &app.ks, &current.record)
     })

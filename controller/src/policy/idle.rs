@@ -184,7 +184,7 @@ async fn judge(
             tracing::info!(instance = %rec.id, team = %rec.team, challenge = %rec.challenge,
                 last_activity_ms = seen.last_activity_ms,
                 "expiring instance: its challenge's on-idle policy says it is idle");
-            match crate::lifecycle::delete(&app.client, &app.ks, &rec.id).await {
+            match crate::lifecycle::delete(&app.client, &app.ks, &rec.id, None).await {
                 Ok(()) => {
                     app.metrics.idle_expirations.inc();
                 }

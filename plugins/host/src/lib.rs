@@ -50,6 +50,95 @@ pub use bindings::tidegate::policy::types::{
 /// The largest component accepted.
 pub const MAX_COMPONENT_BYTES: usize = 10 * 1024 * 1024;
 
+/// Linear memories one component may contain (all of them together are
+/// held to the memory cap of a call).
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// Core module instances one component may create.
+pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+/// Tables one component may contain.
+pub const MAX_TABLES_PER_COMPONENT: u32 = 16;
+/// Compiled plugins kept at most; past it the least recently used goes
+/// (and is compiled again from the artifact store if it is used again).
+pub const MAX_CACHED_PLUGINS: usize = 64;
+
+/// Compiled plugins by digest, with when each was last used.
+struct Cache<T = Arc<Plugin>> {
+    plugins: HashMap<Digest, (T, u64)>,
+    clock: u64,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Self {
+            plugins: HashMap::new(),
+            clock: 0,
+        }
+    }
+}
+
+impl<T: Clone> Cache<T> {
+    fn get(&mut self, digest: &Digest) -> Option<T> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.plugins.get_mut(digest).map(|(p, used)| {
+            *used = clock;
+            p.clone()
+        })
+    }
+
+    fn insert(&mut self, digest: Digest, plugin: T) {
+        self.clock += 1;
+        if !self.plugins.contains_key(&digest) && self.plugins.len() >= MAX_CACHED_PLUGINS {
+            let oldest = self
+                .plugins
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(d, _)| d.clone());
+            if let Some(d) = oldest {
+                self.plugins.remove(&d);
+            }
+        }
+        self.plugins.entry(digest).or_insert((plugin, self.clock)).1 = self.clock;
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn the_cache_keeps_the_most_recently_used_plugins() {
+    let mut cache = Cache::<usize>::default();
+    let digest = |i: usize| Digest::of(&i.to_le_bytes());
+    for i in 0..MAX_CACHED_PLUGINS {
+        cache.insert(digest(i), i);
+    }
+    // 0 is used again: 1 is now the least recently used.
+    assert_eq!(cache.get(&digest(0)), Some(0));
+    cache.insert(digest(1000), 1000);
+    assert_eq!(cache.plugins.len(), MAX_CACHED_PLUGINS);
+    assert_eq!(cache.get(&digest(1)), None);
+    assert_eq!(cache.get(&digest(0)), Some(0));
+    assert_eq!(cache.get(&digest(1000)), Some(1000));
+    let mut reason = "é".repeat(200);
+    cut_reason(&mut reason);
+    assert_eq!(reason.len(), MAX_REASON_BYTES);
+    let mut reason = format!("a{}", "é".repeat(200));
+    cut_reason(&mut reason);
+    assert_eq!(reason.len(), MAX_REASON_BYTES - 1);
+}
+
+/// A decision's reason (deny, refuse, reject) is cut to this many bytes.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// Cuts `reason` to [`MAX_REASON_BYTES`] on a character boundary.
+fn cut_reason(reason: &mut String) {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+}
+
 /// Per-call limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -180,6 +269,11 @@ struct CallState {
     digest: Arc<str>,
     hook: &'static str,
     memory_cap: usize,
+    /// Bytes of every linear memory of this call's instances together.
+    memory_total: usize,
+    /// The total before the last grow this limiter allowed (restored if
+    /// wasmtime then fails that grow).
+    memory_before_grow: usize,
     memory_hit: bool,
     /// This thread's CPU time when the current phase (instantiation, then
     /// the hook) began, its CPU budget, and a wall-clock bound.
@@ -217,17 +311,27 @@ impl CallState {
 }
 
 impl ResourceLimiter for CallState {
+    /// Called for each memory's first allocation too: the cap holds for
+    /// all of the call's memories together.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_cap {
+        let total = self.memory_total.saturating_sub(current) + desired;
+        if total > self.memory_cap {
             self.memory_hit = true;
             wasmtime::bail!("memory cap of {} bytes reached", self.memory_cap);
         }
+        self.memory_before_grow = self.memory_total;
+        self.memory_total = total;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_total = self.memory_before_grow;
+        Ok(())
     }
 
     fn table_growing(
@@ -274,7 +378,7 @@ pub struct Host {
     engine: Engine,
     linker: Linker<CallState>,
     limits: Limits,
-    cache: Mutex<HashMap<Digest, Arc<Plugin>>>,
+    cache: Mutex<Cache>,
     ticker: Arc<Ticker>,
 }
 
@@ -368,11 +472,21 @@ impl Host {
     /// A host with these per-call limits.
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
+        // Room for `max_concurrent` calls of components at every cap at
+        // once: one challenge's plugin cannot starve another's of slots
+        // (the memory slots are address space, reserved and not touched).
         pool.total_component_instances(limits.max_concurrent)
-            .total_core_instances(limits.max_concurrent * 4)
-            .total_memories(limits.max_concurrent * 2)
-            .total_tables(limits.max_concurrent * 4)
+            .total_core_instances(limits.max_concurrent * MAX_CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(limits.max_concurrent * MAX_MEMORIES_PER_COMPONENT)
+            .total_tables(limits.max_concurrent * MAX_TABLES_PER_COMPONENT)
             .max_memory_size(limits.memory_bytes)
+            // One component may not hold more than a policy needs (its own
+            // module, the WASI adapter, shims): many memories or instances
+            // would drain the slots every other challenge's plugin shares.
+            // Such a component fails its dry run at upload.
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
             // Reset a used slot by rewriting only the pages the call dirtied
             // (found with the PAGEMAP_SCAN ioctl, Linux ≥ 6.7) instead of
             // madvise: no TLB shootdown and no page faults on the next call.
@@ -402,7 +516,7 @@ impl Host {
             engine,
             linker,
             limits,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
             ticker,
         })
     }
@@ -413,7 +527,7 @@ impl Host {
 
     /// The plugin with this digest, if it was loaded before.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Plugin>> {
-        self.cache.lock().ok()?.get(digest).cloned()
+        self.cache.lock().ok()?.get(digest)
     }
 
     /// Validates, compiles and pre-instantiates `bytes`, or returns the
@@ -449,7 +563,7 @@ impl Host {
         let plugin = Arc::new(plugin);
         if let Ok(mut cache) = self.cache.lock() {
             // A racing load of the same bytes wins or loses harmlessly.
-            cache.entry(digest).or_insert_with(|| plugin.clone());
+            cache.insert(digest, plugin.clone());
         }
         Ok(plugin)
     }
@@ -457,13 +571,13 @@ impl Host {
     /// Drops cached plugins whose digest is not in `keep`.
     pub fn retain(&self, keep: &dyn Fn(&Digest) -> bool) {
         if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|d, _| keep(d));
+            cache.plugins.retain(|d, _| keep(d));
         }
     }
 
     /// How many compiled plugins are cached.
     pub fn cached(&self) -> usize {
-        self.cache.lock().map_or(0, |c| c.len())
+        self.cache.lock().map_or(0, |c| c.plugins.len())
     }
 }
 
@@ -544,23 +658,41 @@ impl Plugin {
 
     /// `admit-spawn`; `None` when the plugin does not implement it.
     pub fn admit_spawn(&self, req: &SpawnRequest) -> Option<Result<SpawnDecision, CallError>> {
-        self.hooks
-            .contains(Hooks::ADMIT_SPAWN)
-            .then(|| self.call("admit-spawn", |p, s| p.call_admit_spawn(s, req)))
+        self.hooks.contains(Hooks::ADMIT_SPAWN).then(|| {
+            self.call("admit-spawn", |p, s| p.call_admit_spawn(s, req))
+                .map(|mut d| {
+                    if let SpawnDecision::Deny(r) = &mut d {
+                        cut_reason(r);
+                    }
+                    d
+                })
+        })
     }
 
     /// `renew`; `None` when the plugin does not implement it.
     pub fn renew(&self, info: &InstanceInfo) -> Option<Result<RenewDecision, CallError>> {
-        self.hooks
-            .contains(Hooks::RENEW)
-            .then(|| self.call("renew", |p, s| p.call_renew(s, info)))
+        self.hooks.contains(Hooks::RENEW).then(|| {
+            self.call("renew", |p, s| p.call_renew(s, info))
+                .map(|mut d| {
+                    if let RenewDecision::Refuse(r) = &mut d {
+                        cut_reason(r);
+                    }
+                    d
+                })
+        })
     }
 
     /// `admit-connection`; `None` when the plugin does not implement it.
     pub fn admit_connection(&self, conn: &Connection) -> Option<Result<Verdict, CallError>> {
-        self.hooks
-            .contains(Hooks::ADMIT_CONNECTION)
-            .then(|| self.call("admit-connection", |p, s| p.call_admit_connection(s, conn)))
+        self.hooks.contains(Hooks::ADMIT_CONNECTION).then(|| {
+            self.call("admit-connection", |p, s| p.call_admit_connection(s, conn))
+                .map(|mut v| {
+                    if let Verdict::Reject(r) = &mut v {
+                        cut_reason(r);
+                    }
+                    v
+                })
+        })
     }
 
     /// `on-idle`; `None` when the plugin does not implement it.
@@ -584,6 +716,8 @@ impl Plugin {
                 digest: self.label.clone(),
                 hook,
                 memory_cap: self.limits.memory_bytes,
+                memory_total: 0,
+                memory_before_grow: 0,
                 memory_hit: false,
                 cpu_start: Duration::ZERO,
                 budget: deadline,

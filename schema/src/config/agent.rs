@@ -165,6 +165,12 @@ pub struct AgentConfig {
     pub max_body_bytes: u64,
     /// Largest total size of request headers, in bytes (431 above).
     pub max_header_bytes: usize,
+    /// TCP connections one player address may hold open through this
+    /// agent at once; past it a new one is closed at accept.
+    pub tcp_max_connections_per_source: u32,
+    /// TCP connections one instance may have open through this agent at
+    /// once; past it a new one is closed at accept.
+    pub tcp_max_connections_per_instance: u32,
     /// How long connecting to an instance may take, in milliseconds (504 after).
     pub upstream_connect_timeout_ms: u64,
     /// How long an instance may stay silent mid-request, in milliseconds (504 after).
@@ -256,6 +262,8 @@ impl Default for AgentConfig {
             http_threads: 2,
             max_body_bytes: 10 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
+            tcp_max_connections_per_source: 256,
+            tcp_max_connections_per_instance: 1024,
             upstream_connect_timeout_ms: 3000,
             upstream_read_timeout_ms: 60_000,
             https_entry: None,
@@ -326,6 +334,12 @@ impl AgentConfig {
         }
         if self.max_header_bytes < 1024 {
             return Err(bad("max_header_bytes", "at least 1024"));
+        }
+        if self.tcp_max_connections_per_source == 0 {
+            return Err(bad("tcp_max_connections_per_source", "at least 1"));
+        }
+        if self.tcp_max_connections_per_instance == 0 {
+            return Err(bad("tcp_max_connections_per_instance", "at least 1"));
         }
         if self.upstream_connect_timeout_ms == 0 || self.upstream_read_timeout_ms == 0 {
             return Err(bad("upstream_read_timeout_ms", "timeouts must be above 0"));

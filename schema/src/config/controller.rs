@@ -66,6 +66,84 @@ pub struct ControllerConfig {
     /// File with the agents' scrape token (their `scrape_token_file`): the
     /// leader sends it to read agents' `/activity` for `on-idle` policies.
     pub scrape_token_file: Option<PathBuf>,
+    /// Every request's head must arrive within this many milliseconds of
+    /// the connection waiting for it (the first request and each kept-alive
+    /// one); idle keep-alive connections close after the same time.
+    pub http_header_timeout_ms: u64,
+    /// Request heads larger than this are refused with 431.
+    pub http_max_header_bytes: usize,
+    /// Open API connections at most; past it a new one is closed at once.
+    pub http_max_connections: usize,
+    /// Open API connections from one address at most.
+    pub http_max_connections_per_source: usize,
+    /// `[rate_limits]`: token buckets for the platform's instance
+    /// operations, per team and for the platform token overall.
+    pub rate_limits: RateLimits,
+}
+
+/// One token bucket: `burst` calls at once, refilled at `per_minute`.
+/// `per_minute = 0` turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// No limit.
+    pub const OFF: Rate = Rate {
+        per_minute: 0,
+        burst: 0,
+    };
+
+    pub fn enabled(self) -> bool {
+        self.per_minute > 0
+    }
+}
+
+/// The buckets of the platform token's instance operations. The admin
+/// token is not limited. A refused call is answered 429 with Retry-After.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// Spawns per team, which is also its rate of container creations (a
+    /// boot/destroy loop creates no more containers than this).
+    pub spawn: Rate,
+    /// Renewals per team.
+    pub renew: Rate,
+    /// Deletes per team.
+    pub delete: Rate,
+    /// Flag checks per team.
+    pub flag: Rate,
+    /// Every instance operation of the platform token together.
+    pub platform: Rate,
+}
+
+impl RateLimits {
+    /// Every bucket off.
+    pub fn off() -> Self {
+        Self {
+            spawn: Rate::OFF,
+            renew: Rate::OFF,
+            delete: Rate::OFF,
+            flag: Rate::OFF,
+            platform: Rate::OFF,
+        }
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        let rate = |per_minute, burst| Rate { per_minute, burst };
+        Self {
+            spawn: rate(20, 10),
+            renew: rate(30, 10),
+            delete: rate(30, 10),
+            flag: rate(60, 20),
+            platform: rate(60_000, 2_000),
+        }
+    }
 }
 
 impl Default for ControllerConfig {
@@ -94,6 +172,11 @@ impl Default for ControllerConfig {
             plugin_memory_mib: 32,
             idle_check_secs: 30,
             scrape_token_file: None,
+            http_header_timeout_ms: 10_000,
+            http_max_header_bytes: 16 * 1024,
+            http_max_connections: 4096,
+            http_max_connections_per_source: 256,
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -142,6 +225,35 @@ impl ControllerConfig {
         }
         if self.idle_check_secs == 0 {
             return Err(bad("idle_check_secs", "at least 1"));
+        }
+        if !(100..=300_000).contains(&self.http_header_timeout_ms) {
+            return Err(bad("http_header_timeout_ms", "100 to 300000"));
+        }
+        if !(1024..=1024 * 1024).contains(&self.http_max_header_bytes) {
+            return Err(bad("http_max_header_bytes", "1024 to 1048576"));
+        }
+        if self.http_max_connections == 0 {
+            return Err(bad("http_max_connections", "at least 1"));
+        }
+        if !(1..=self.http_max_connections).contains(&self.http_max_connections_per_source) {
+            return Err(bad(
+                "http_max_connections_per_source",
+                "at least 1 and at most http_max_connections",
+            ));
+        }
+        for (field, rate) in [
+            ("rate_limits.spawn", self.rate_limits.spawn),
+            ("rate_limits.renew", self.rate_limits.renew),
+            ("rate_limits.delete", self.rate_limits.delete),
+            ("rate_limits.flag", self.rate_limits.flag),
+            ("rate_limits.platform", self.rate_limits.platform),
+        ] {
+            if rate.enabled() && rate.burst == 0 {
+                return Err(bad(
+                    field,
+                    "burst must be at least 1 when per_minute is set",
+                ));
+            }
         }
         if self.artifact_dir.as_os_str().is_empty() {
             return Err(bad("artifact_dir", "set a directory"));

@@ -13,7 +13,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 pub use tidegate_local::daemons::write_config;
-use tidegate_schema::config::{AgentConfig, ControllerConfig};
+use tidegate_schema::config::{AgentConfig, ControllerConfig, RateLimits};
 
 use crate::etcd::EtcdCluster;
 use crate::netns::NetnsHost;
@@ -126,6 +126,9 @@ impl Controller {
             idle_check_secs: 1,
             artifact_dir: dir.join("artifacts"),
             scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir).unwrap()),
+            // Tests and chaos drive many requests per team with the platform
+            // token; the tests of the buckets turn them on.
+            rate_limits: RateLimits::off(),
             ..ControllerConfig::default()
         };
         configure(&mut cfg);
@@ -363,6 +366,9 @@ impl Agent {
             artifact_dir: dir.join("artifacts"),
             hop_key_file: Some(tidegate_local::daemons::hop_key_file(dir).unwrap()),
             scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir).unwrap()),
+            // Tests open thousands of connections from loopback's one
+            // address; the test of the cap sets it back.
+            tcp_max_connections_per_source: 8192,
             ..AgentConfig::default()
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod daemons;
 pub mod docker;
+pub mod faults;
 pub mod keys;
 pub mod plugins;
 

@@ -86,11 +86,34 @@ enum InstanceCmd {
         challenge: Option<String>,
     },
     /// Show one instance.
-    Get { id: String },
+    Get {
+        id: String,
+        /// Only if it is this team's (otherwise: no such instance).
+        #[arg(long)]
+        team: Option<String>,
+    },
     /// Extend an instance's lifetime.
-    Renew { id: String },
+    Renew {
+        id: String,
+        /// Only if it is this team's (otherwise: no such instance).
+        #[arg(long)]
+        team: Option<String>,
+    },
     /// Delete an instance.
-    Rm { id: String },
+    Rm {
+        id: String,
+        /// Only if it is this team's (otherwise: no such instance).
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// Check a submitted flag against an instance's.
+    Flag {
+        id: String,
+        flag: String,
+        /// Only if it is this team's (otherwise: no such instance).
+        #[arg(long)]
+        team: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,12 +258,41 @@ fn instance_call(cmd: &InstanceCmd) -> Call {
             }
             Call::new(Method::GET, format!("/v1/instances?{}", q.join("&")))
         }
-        InstanceCmd::Get { id } => Call::new(Method::GET, format!("/v1/instances/{id}")),
-        InstanceCmd::Renew { id } => Call::new(Method::POST, format!("/v1/instances/{id}/renew")),
-        InstanceCmd::Rm { id } => {
-            Call::new(Method::DELETE, format!("/v1/instances/{id}")).done(json!({ "deleted": id }))
-        }
+        InstanceCmd::Get { id, team } => Call::new(
+            Method::GET,
+            format!("/v1/instances/{id}{}", team_query(team)),
+        ),
+        InstanceCmd::Renew { id, team } => Call::new(
+            Method::POST,
+            format!("/v1/instances/{id}/renew{}", team_query(team)),
+        ),
+        InstanceCmd::Rm { id, team } => Call::new(
+            Method::DELETE,
+            format!("/v1/instances/{id}{}", team_query(team)),
+        )
+        .done(json!({ "deleted": id })),
+        InstanceCmd::Flag { id, flag, team } => Call::new(
+            Method::POST,
+            format!("/v1/instances/{id}/flag{}", team_query(team)),
+        )
+        .json(json!({ "flag": flag })),
     }
+}
+
+/// `?team=...` (percent-encoded) when a team is given.
+fn team_query(team: &Option<String>) -> String {
+    team.as_deref().map_or_else(String::new, |t| {
+        let encoded: String = t
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("?team={encoded}")
+    })
 }
 
 async fn run(cli: Cli) -> Result<()> {

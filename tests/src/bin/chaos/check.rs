@@ -266,10 +266,19 @@ fn acked_deletes(h: &History, r: &Replay, out: &mut Report) {
         .filter(|c| c.op == Op::Delete && c.status == 204)
     {
         let Some(id) = &c.instance else { continue };
+        // This run's own watch may have been on a paused etcd member: what
+        // it saw then arrived late.
+        let stalled = |d: Secs| {
+            h.faults.iter().any(|f| {
+                matches!(f.target, Target::EtcdStalled(_))
+                    && f.from <= c.at + c.took
+                    && d <= f.to + WATCH_DELAY
+            })
+        };
         let gone = r
             .deleted
             .get(id)
-            .is_some_and(|(d, _, _)| *d <= c.at + c.took + 1.0);
+            .is_some_and(|(d, _, _)| *d <= c.at + c.took + 1.0 || stalled(*d));
         if !gone {
             out.violations.push(Violation {
                 phase: phase_of(h, c.at),
@@ -317,6 +326,50 @@ fn acked_renewals(h: &History, r: &Replay, out: &mut Report) {
     }
 }
 
+/// No instance lost to a renewal: an instance whose renewal was asked,
+/// deleted before the latest expiry it was granted (its record's, or any
+/// expiry a spawn or renewal answer promised) with no delete request
+/// (answered or not) before. This run installs no policies, so no `expire`
+/// decision explains one either.
+fn renewed_not_lost(h: &History, r: &Replay, out: &mut Report) {
+    for (id, &(d, rev, expires)) in &r.deleted {
+        let mine = |c: &&Call| c.instance.as_ref() == Some(id) && c.at <= d;
+        let renewals = h
+            .calls
+            .iter()
+            .filter(mine)
+            .filter(|c| c.op == Op::Renew)
+            .count();
+        if renewals == 0 {
+            continue;
+        }
+        let asked = h
+            .calls
+            .iter()
+            .filter(mine)
+            .any(|c| c.op == Op::Delete && ((200..300).contains(&c.status) || c.failed()));
+        let promised = h
+            .calls
+            .iter()
+            .filter(mine)
+            .filter(|c| {
+                (c.op == Op::Spawn && c.status == 201) || (c.op == Op::Renew && c.status == 200)
+            })
+            .filter_map(|c| c.body["expires_at"].as_u64())
+            .fold(expires, u64::max);
+        let early = promised as f64 - (h.start_unix + d);
+        if !asked && early > 1.0 {
+            out.violations.push(Violation {
+                phase: phase_of(h, d),
+                kind: "lost to a renewal",
+                detail: format!(
+                    "{id} ({renewals} renewal(s) asked) was deleted at revision {rev} ({d:.1} s), {early:.0} s before the expiry it was granted, with no delete request"
+                ),
+            });
+        }
+    }
+}
+
 /// When agent `agent` could first have learnt of a change committed at `d`:
 /// the end of a fault that cut it off around then, else `d`.
 fn learnable(h: &History, agent: usize, d: Secs) -> Secs {
@@ -339,7 +392,10 @@ fn api_failure_explained(h: &History, c: &Call) -> bool {
         Target::Etcd(members) if members.len() == 1 => {
             overlaps(c.at, c.took, f.from, f.from + ETCD_ELECTION)
         }
-        Target::Controller(_) | Target::Etcd(_) => {
+        // A silent member: requests that went to it wait until the client
+        // declares the connection dead, and a controller whose election
+        // keep-alive went there may lose its lead.
+        Target::Controller(_) | Target::Etcd(_) | Target::EtcdStalled(_) => {
             overlaps(c.at, c.took, f.from, f.to + CONTROL_RECOVERY)
         }
         _ => false,
@@ -426,6 +482,7 @@ pub(crate) fn check(h: &History) -> Report {
     let r = replay(h, &mut out);
     acked_spawns(h, &r, &mut out);
     acked_renewals(h, &r, &mut out);
+    renewed_not_lost(h, &r, &mut out);
     acked_deletes(h, &r, &mut out);
     probes(h, &r, &mut out);
     for c in h.calls.iter().filter(|c| c.failed()) {
@@ -602,7 +659,7 @@ mod tests {
             0.0,
             &Keyspace::default().key_of(Kind::Election, id),
             0,
-            json!(id),
+            json!({ "id": id }),
         );
         h.events
             .last()
@@ -738,6 +795,60 @@ mod tests {
         instance(&mut h, 1.0, "a", t, "same.x", 1_000_100);
         instance(&mut h, 2.0, "b", t, "same.x", 1_000_100);
         assert_eq!(kinds(&check(&h)), ["held twice"]);
+    }
+
+    #[test]
+    fn an_instance_deleted_before_a_granted_renewal_ran_out_was_lost_to_it() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_030);
+        let renew = |at: Secs, status: u16, expires: u64| Call {
+            at,
+            took: 0.1,
+            op: Op::Renew,
+            controller: 0,
+            instance: Some("a".into()),
+            status,
+            body: json!({"id": "a", "expires_at": expires}),
+        };
+        // The renewal's answer was lost (599); the record it wrote was then
+        // deleted with its lease, 60 s early.
+        h.calls.push(renew(5.0, 599, 0));
+        instance(&mut h, 5.1, "a", t, "a.x", 1_000_070);
+        delete(&mut h, 9.0, &instance_key("a"));
+        assert_eq!(kinds(&check(&h)), ["lost to a renewal"]);
+
+        // One answered 200 promised more than the record the deletion removed.
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_030);
+        h.calls.push(renew(5.0, 200, 1_000_070));
+        delete(&mut h, 9.0, &instance_key("a"));
+        assert!(kinds(&check(&h)).contains(&"lost to a renewal"));
+
+        // Deleted at its expiry, or after a delete request: not lost.
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_008);
+        h.calls.push(renew(5.0, 409, 0));
+        delete(&mut h, 8.5, &instance_key("a"));
+        assert!(kinds(&check(&h)).is_empty(), "{:?}", kinds(&check(&h)));
+        instance(&mut h, 10.0, "b", t, "b.x", 1_000_090);
+        h.calls.push(Call {
+            instance: Some("b".into()),
+            ..renew(11.0, 200, 1_000_090)
+        });
+        h.calls.push(Call {
+            at: 12.0,
+            took: 0.1,
+            op: Op::Delete,
+            controller: 0,
+            instance: Some("b".into()),
+            status: 204,
+            body: Value::Null,
+        });
+        delete(&mut h, 12.05, &instance_key("b"));
+        assert!(kinds(&check(&h)).is_empty(), "{:?}", kinds(&check(&h)));
     }
 
     #[test]

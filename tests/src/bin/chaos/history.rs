@@ -99,6 +99,9 @@ pub(crate) enum Target {
     Agent(usize),
     /// Only the agent's connections to etcd.
     AgentEtcdLink(usize),
+    /// An etcd member that is up but silent: paused, or its replies
+    /// dropped (3: the controllers' lossy link losing answers).
+    EtcdStalled(usize),
 }
 
 /// One injected fault and the window it lasted.

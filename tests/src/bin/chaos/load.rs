@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -226,6 +226,31 @@ impl Shared {
             .map(|(id, k)| (id.clone(), k.clone()))
             .collect()
     }
+}
+
+/// Renews every live instance, one request each about every 1.2 s (a
+/// renewal extends by whole seconds), until `stop`; how many it asked.
+pub(crate) async fn renew_all(s: Arc<Shared>, stop: Arc<AtomicBool>) -> usize {
+    let mut asked = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let round: Vec<_> = s
+            .live(|_| true)
+            .into_iter()
+            .map(|(id, _)| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let path = format!("/v1/instances/{id}/renew");
+                    s.call(Op::Renew, &path, None, Some(id), None).await;
+                })
+            })
+            .collect();
+        asked += round.len();
+        for r in round {
+            let _ = r.await;
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    asked
 }
 
 /// One API client: picks a team, then spawns (if the team has a free

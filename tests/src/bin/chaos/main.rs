@@ -15,6 +15,7 @@ mod history;
 mod load;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,6 +26,7 @@ use serde_json::{Value, json};
 use tidegate_lab::daemons::{Agent, Controller, lab_cluster, remove_lab_containers, sample};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::faults::LossyLink;
 use tidegate_lab::images::{DEMO_HTTP, DEMO_TCP, ensure_demo_images};
 use tidegate_lab::netns::{NetnsHost, Routed};
 use tidegate_schema::config::{AgentConfig, ControllerConfig};
@@ -76,8 +78,11 @@ struct Lab {
     etcd: EtcdCluster,
     client: Client,
     agent_hosts: Vec<NetnsHost>,
-    _controller_hosts: Vec<NetnsHost>,
-    _etcd_hosts: Vec<NetnsHost>,
+    controller_hosts: Vec<NetnsHost>,
+    etcd_hosts: Vec<NetnsHost>,
+    /// A fourth etcd endpoint of the controllers: a link to the members
+    /// that loses chosen answers.
+    lossy: LossyLink,
     _routed: Routed,
     dir: PathBuf,
 }
@@ -92,7 +97,7 @@ fn challenge(image: &str, port: Value) -> Value {
     json!({
         "image": image,
         "ports": [port],
-        "ttl": {"default_secs": 30, "max_secs": 150, "max_renewals": 3},
+        "ttl": {"default_secs": 30, "max_secs": 150, "max_renewals": 100},
     })
 }
 
@@ -113,12 +118,18 @@ impl Lab {
             client.clone(),
             etcd.endpoints(),
         ));
+        let members = etcd.members().iter().map(|m| m.client_addr()).collect();
+        let lossy = LossyLink::start_on(SocketAddr::from(([0, 0, 0, 0], 0)), members).await;
         // Long worker grace: a killed or cut-off agent's instances must
         // survive it (deleting them would be a loss the checker reports).
         let mut controllers = Vec::new();
         for (i, host) in controller_hosts.iter().enumerate() {
             let id = format!("c{i}");
-            let grace = |c: &mut ControllerConfig| c.worker_grace_secs = 120;
+            let link = format!("http://{}:{}", host.host_side_addr(), lossy.port());
+            let grace = |c: &mut ControllerConfig| {
+                c.worker_grace_secs = 120;
+                c.etcd.push(link);
+            };
             controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), grace).await);
         }
         let mut agents = Vec::new();
@@ -138,8 +149,9 @@ impl Lab {
             etcd,
             client,
             agent_hosts,
-            _controller_hosts: controller_hosts,
-            _etcd_hosts: etcd_hosts,
+            controller_hosts,
+            etcd_hosts,
+            lossy,
             _routed: routed,
             dir: dir.to_path_buf(),
         };
@@ -207,6 +219,7 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
 
     controller_faults(lab, s, &mut phase, pace).await?;
     etcd_faults(lab, &mut phase, pace).await?;
+    renewals_under_silent_etcd(lab, s, &mut phase, pace).await?;
     agent_faults(lab, &mut phase, pace).await?;
     compaction_under_a_cut_watch(lab, s, &mut phase, pace).await
 }
@@ -308,6 +321,84 @@ async fn etcd_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
     phase.end(lab).await?;
 
     Ok(())
+}
+
+/// How long an etcd member stays silent in [`renewals_under_silent_etcd`]:
+/// longer than the etcd clients' keep-alive timeout (2 s), so that
+/// connections to it are declared dead with requests in flight, and shorter
+/// than an agent's membership TTL (6 s).
+const SILENT_SECS: f64 = 3.0;
+
+/// Every live instance renewed in a loop while etcd's raft leader is paused
+/// and resumed, then while another member's replies are dropped, then while
+/// the controllers' link to etcd loses the answers to writes it passed on
+/// (committed, unanswered). No instance may be lost to a renewal.
+async fn renewals_under_silent_etcd(
+    lab: &mut Lab,
+    s: &Arc<Shared>,
+    phase: &mut Phases,
+    pace: Pace,
+) -> Res<()> {
+    phase.begin("renew loop: etcd leader paused, replies dropped, answers lost");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = tokio::spawn(load::renew_all(s.clone(), stop.clone()));
+    sleep(pace.lead).await;
+    let m = lab.etcd_leader().await;
+    let f = phase.fault(
+        &format!("SIGSTOP etcd m{m} (raft leader) {SILENT_SECS:.0} s"),
+        Target::EtcdStalled(m),
+    );
+    let member = lab.etcd.process(m).ok_or("etcd member is not running")?;
+    member.signal("STOP").map_err(|e| e.to_string())?;
+    sleep(SILENT_SECS).await;
+    member.signal("CONT").map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.lead).await;
+
+    let m = (lab.etcd_leader().await + 1) % 3;
+    let port = lab.etcd.members()[m].client_addr().port().to_string();
+    let f = phase.fault(
+        &format!("drop etcd m{m}'s replies to controllers {SILENT_SECS:.0} s"),
+        Target::EtcdStalled(m),
+    );
+    // Only the replies to the controllers: the agents and this run's own
+    // watch keep hearing from it.
+    let host = &lab.etcd_hosts[m];
+    for c in &lab.controller_hosts {
+        let to = c.addr().to_string();
+        host.exec(&[
+            "iptables", "-w", "-I", "OUTPUT", "-p", "tcp", "--sport", &port, "-d", &to, "-j",
+            "DROP",
+        ])
+        .map_err(|e| format!("dropping replies: {e}"))?;
+    }
+    sleep(SILENT_SECS).await;
+    host.heal().map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.lead).await;
+
+    // The controllers' fourth endpoint loses the answer to the next write
+    // through it, once a second: committed, and unanswered.
+    let before = lab.lossy.lost();
+    let f = phase.fault(
+        &format!("lose write answers on an etcd link {:.0} s", pace.hold),
+        Target::EtcdStalled(3),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs_f64(pace.hold);
+    while std::time::Instant::now() < until {
+        lab.lossy.arm(1);
+        sleep(1.0).await;
+    }
+    lab.lossy.arm(0);
+    phase.heal(f);
+    sleep(pace.recover).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let renewed = renewer.await.map_err(|e| e.to_string())?;
+    println!(
+        "  renew loop: {renewed} renewals asked; {} write answers lost",
+        lab.lossy.lost() - before
+    );
+    phase.end(lab).await
 }
 
 /// An agent killed and restarted, then another partitioned.

@@ -1,0 +1,190 @@
+//! The API's HTTP/1.1 server: hyper with the limits a public endpoint
+//! needs, since players' traffic reaches it through the CTF platform and
+//! anyone can open sockets to it.
+//!
+//! - Every request's head must arrive within `header_timeout`, counted from
+//!   when the connection waits for it: the first request and each one on a
+//!   kept-alive connection. So an idle keep-alive connection is closed after
+//!   the same time, and a slowloris client that trickles header bytes is cut
+//!   off at the deadline.
+//! - A head larger than `max_header_bytes` is refused with 431 and nothing
+//!   more is buffered.
+//! - At most `max_connections` at once, and `max_connections_per_source`
+//!   from one address; past either, a new connection is closed at once.
+//!   Refusals are counted by reason.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::App;
+
+/// The server's limits (the `http_*` fields of the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    /// How long requests in flight may finish after shutdown begins (past
+    /// the etcd timeout, so no write is cut mid-Txn).
+    pub drain: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+}
+
+/// Open connections, in all and per source address.
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted {
+    open: Arc<Mutex<Open>>,
+    source: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        o.total = o.total.saturating_sub(1);
+        if let Some(n) = o.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                o.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Admits a connection from `source`, or says which cap it hit.
+fn admit(
+    open: &Arc<Mutex<Open>>,
+    source: IpAddr,
+    limits: &Limits,
+) -> Result<Admitted, &'static str> {
+    let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
+    if o.total >= limits.max_connections {
+        return Err("max_connections");
+    }
+    let from_source = o.by_source.get(&source).copied().unwrap_or(0);
+    if from_source >= limits.max_connections_per_source {
+        return Err("max_connections_per_source");
+    }
+    o.total += 1;
+    *o.by_source.entry(source).or_default() += 1;
+    Ok(Admitted {
+        open: open.clone(),
+        source,
+    })
+}
+
+impl Limits {
+    pub fn of(cfg: &tidegate_schema::config::ControllerConfig) -> Self {
+        Self {
+            header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
+            drain: Duration::from_millis(cfg.etcd_timeout_ms + 1000)
+                .max(Duration::from_millis(cfg.http_header_timeout_ms)),
+            max_header_bytes: cfg.http_max_header_bytes,
+            max_connections: cfg.http_max_connections,
+            max_connections_per_source: cfg.http_max_connections_per_source,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets open requests
+/// finish (at most `drain` more).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limits = Limits::of(&app.cfg);
+    let open = Arc::new(Mutex::new(Open::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Reap finished connection tasks as we go.
+        while conns.try_join_next().is_some() {}
+        let admitted = match admit(&open, peer.ip(), &limits) {
+            Ok(a) => a,
+            Err(reason) => {
+                app.metrics.connection_refused(reason);
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop_rx.clone();
+        conns.spawn(async move {
+            let _admitted = admitted;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_header_size(limits.max_header_bytes);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(limits.drain, conn).await;
+        });
+    }
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_count_in_all_and_per_source_and_free_on_drop() {
+        let limits = Limits {
+            header_timeout: Duration::from_secs(1),
+            drain: Duration::from_secs(1),
+            max_header_bytes: 1024,
+            max_connections: 3,
+            max_connections_per_source: 2,
+        };
+        let open = Arc::new(Mutex::new(Open::default()));
+        let a: IpAddr = [198, 18, 0, 1].into();
+        let b: IpAddr = [198, 18, 0, 2].into();
+        let a1 = admit(&open, a, &limits).unwrap();
+        let _a2 = admit(&open, a, &limits).unwrap();
+        assert_eq!(
+            admit(&open, a, &limits).err(),
+            Some("max_connections_per_source")
+        );
+        let _b1 = admit(&open, b, &limits).unwrap();
+        assert_eq!(admit(&open, b, &limits).err(), Some("max_connections"));
+        drop(a1);
+        assert!(admit(&open, a, &limits).is_ok());
+        assert_eq!(open.lock().unwrap().by_source.len(), 2);
+    }
+}

@@ -1,0 +1,208 @@
+//! Attacks through the CTF platform's API calls, as a player steers them:
+//! another team's instance id passed with the player's own team, and one
+//! team's request floods and boot/destroy loops.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::range::Range;
+use super::{Attack, From, Verdict};
+use crate::cluster::PLATFORM_TOKEN;
+
+pub(super) fn attacks() -> Vec<Attack> {
+    let idor = |name: &str, method: &'static str, tail: &'static str, body: Value| {
+        Attack::new(
+            format!("{name} alice's instance as team mallory (?team=)"),
+            From::Network,
+            "team-scope",
+            move |r| {
+                let path = format!("/v1/instances/{}{tail}?team=mallory", r.alice.id);
+                let (status, said) = platform(r, method, &path, &body)?;
+                Ok(if status == 404 {
+                    Verdict::Blocked(format!("404 {}", said["error"]))
+                } else {
+                    Verdict::Succeeded(format!("{status}: {said}"))
+                })
+            },
+        )
+    };
+    vec![
+        idor("read", "GET", "", Value::Null),
+        idor(
+            "check a flag on",
+            "POST",
+            "/flag",
+            json!({"flag": "CTF{x}"}),
+        ),
+        idor("renew", "POST", "/renew", Value::Null),
+        // Last of the team-scope attacks: a control run deletes it.
+        idor("delete", "DELETE", "", Value::Null),
+        Attack::new(
+            "flood spawns as one team (60 at once)",
+            From::Network,
+            "rate-limit",
+            flood,
+        ),
+        Attack::new(
+            "hold 300 TCP connections to alice's instance from one address",
+            From::Network,
+            "tcp-caps",
+            hold_connections,
+        ),
+        Attack::new(
+            "boot/destroy loop of one team for 30 s: containers created",
+            From::Network,
+            "rate-limit",
+            boot_destroy,
+        ),
+    ]
+}
+
+/// A platform-token call to the controller: status and JSON answer.
+fn platform(r: &Range, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
+    let addr = r.plane.url.trim_start_matches("http://");
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let (status, said) = crate::sh::http(addr, method, path, Some(PLATFORM_TOKEN), &body)
+        .with_context(|| format!("{method} {path}: no answer from the controller"))?;
+    Ok((status, serde_json::from_str(&said).unwrap_or(Value::Null)))
+}
+
+fn spawn(r: &Range, team: &str) -> Result<(u16, Value)> {
+    platform(
+        r,
+        "POST",
+        "/v1/instances",
+        &json!({"challenge": "rt-web", "team": team}),
+    )
+}
+
+fn flood(r: &Range) -> Result<Verdict> {
+    let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+    for _ in 0..60 {
+        let (status, _) = spawn(r, "flooder")?;
+        *answers.entry(status).or_default() += 1;
+    }
+    let limited = answers.get(&429).copied().unwrap_or(0);
+    Ok(if limited > 0 {
+        Verdict::Blocked(format!("answers {answers:?}"))
+    } else {
+        Verdict::Succeeded(format!("no 429 in 60 spawns: {answers:?}"))
+    })
+}
+
+fn boot_destroy(r: &Range) -> Result<Verdict> {
+    let team = "looper";
+    let since = unix_now();
+    let started = Instant::now();
+    let mut spawned = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        let (status, body) = spawn(r, team)?;
+        if status != 201 {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        spawned += 1;
+        let id = body["id"].as_str().context("a 201 without an id")?;
+        // Until the agent has made its container (it reports a status
+        // other than pending), or 3 s.
+        let path = format!("/v1/instances/{id}");
+        let asked = Instant::now();
+        while asked.elapsed() < Duration::from_secs(3)
+            && platform(r, "GET", &path, &Value::Null)?.1["status"] == "pending"
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        platform(r, "DELETE", &path, &Value::Null)?;
+    }
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let created = containers_created(r, team, since)?;
+    // The range's controller runs with the default buckets.
+    let rate = tidegate_schema::config::RateLimits::default().spawn;
+    let allowed =
+        rate.burst as f64 + elapsed.as_secs_f64() * f64::from(rate.per_minute) / 60.0 + 1.0;
+    let seen = format!(
+        "{created} containers created ({spawned} spawns answered 201) in {:.0} s; the spawn bucket allows {allowed:.0}",
+        elapsed.as_secs_f64()
+    );
+    Ok(if (created as f64) <= allowed {
+        Verdict::Blocked(seen)
+    } else {
+        Verdict::Succeeded(seen)
+    })
+}
+
+/// 300 connections to alice's TCP port on agent a from this host's one
+/// address, each asked to echo a line: more than the per-source cap
+/// (256 by default) served means the cap is not there.
+fn hold_connections(r: &Range) -> Result<Verdict> {
+    use std::io::{Read, Write};
+    let to = std::net::SocketAddr::new(r.a_cfg.tcp_host, r.alice.tcp_port);
+    let mut held = Vec::new();
+    let mut served = 0;
+    for _ in 0..300 {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)) else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buf = [0u8; 5];
+        if s.write_all(b"ping\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"ping\n" {
+            served += 1;
+        }
+        held.push(s);
+    }
+    let cap = r.a_cfg.tcp_max_connections_per_source;
+    let seen = format!("{served} of 300 served (tcp_max_connections_per_source = {cap})");
+    Ok(if served == 0 {
+        anyhow::bail!("no connection was served at all: {seen}")
+    } else if served <= cap as usize {
+        Verdict::Blocked(seen)
+    } else {
+        Verdict::Succeeded(seen)
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// How many containers of `team` the engine created since `since`.
+fn containers_created(r: &Range, team: &str, since: u64) -> Result<usize> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &since.to_string(),
+            "--until",
+            &unix_now().to_string(),
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=create",
+            "--filter",
+            &format!("label=tidegate.team={team}"),
+            "--filter",
+            &format!(
+                "label=tidegate.cluster={}",
+                r.a_cfg.cluster_label.as_deref().unwrap_or_default()
+            ),
+            "--format",
+            "{{.Actor.ID}}",
+        ])
+        .output()
+        .context("docker events")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker events: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
