@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The pool threads' nice value.
+const POOL_NICE: i32 = 10;
+
 /// `threads` threads taking jobs from a queue of `queue` places.
 #[derive(Debug)]
 pub struct DecisionPool {
@@ -25,7 +28,17 @@ impl DecisionPool {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("edge-policy-{i}"))
-                .spawn(move || work(&rx))?;
+                .spawn(move || {
+                    // Below the proxy and the runtime: a flood of calls
+                    // that spend their whole deadline takes only the CPU
+                    // that serving other instances leaves (a call's budget
+                    // is CPU time, so it is not cut short by waiting).
+                    let _ = rustix::process::setpriority_process(
+                        Some(rustix::thread::gettid()),
+                        POOL_NICE,
+                    );
+                    work(&rx)
+                })?;
         }
         Ok(Self { tx })
     }
