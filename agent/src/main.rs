@@ -334,12 +334,7 @@ fn plugin_policy(cfg: &AgentConfig) -> anyhow::Result<PluginPolicy> {
     .context("starting the policy plugin engine")?;
     let store = tidegate_plugin_host::DirStore::new(&cfg.artifact_dir)
         .map_err(|e| anyhow::anyhow!("artifact_dir: {e}"))?;
-    let limits = tidegate_agent::policy::EdgeLimits {
-        threads: cfg.edge_policy_threads,
-        queue: cfg.edge_policy_queue,
-        cache_ttl: Duration::from_millis(cfg.edge_decision_cache_ms),
-    };
-    PluginPolicy::new(host, Arc::new(store), limits).context("starting the edge policy threads")
+    Ok(PluginPolicy::new(host, Arc::new(store)))
 }
 
 /// `advertise_address` if it is an address of this host: connections and

@@ -236,18 +236,12 @@ async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
         let (s, _, body) = get(entry, &red_host, None).await;
         assert_eq!(s, 200, "{body}");
     }
-    // One decision per request, by the agent the player reached (the
-    // plugin's, or one it made for that address in the last second): the
-    // owner knows a request forwarded from another agent's address was
-    // admitted there (a rate-limiting policy counts each once).
+    // The policy is asked once per request, by the agent the player
+    // reached: the owner knows a request forwarded from another agent's
+    // address was admitted there (a rate-limiting policy counts each once).
     let allowed = || async {
-        let mut n = 0.0;
-        for d in ["allow", "cached"] {
-            let series = format!("tidegate_policy_edge_decisions_total{{decision=\"{d}\"}}");
-            n +=
-                p.a.metric(&series).await.unwrap_or(0.0) + p.b.metric(&series).await.unwrap_or(0.0);
-        }
-        n
+        let series = "tidegate_policy_edge_decisions_total{decision=\"allow\"}";
+        p.a.metric(series).await.unwrap_or(0.0) + p.b.metric(series).await.unwrap_or(0.0)
     };
     let before = allowed().await;
     for entry in [&p.a_http, &p.b_http] {
@@ -635,120 +629,4 @@ async fn a_new_leader_loads_the_policy_by_digest_and_a_missing_blob_falls_back()
         "{error}"
     );
     assert_eq!(body["policy"]["decision"], "fallback-deny");
-}
-
-/// `n` GETs of `host` through `entry`, one after another: their latencies, sorted.
-async fn latencies(entry: &str, host: &str, n: usize) -> Vec<Duration> {
-    let mut took = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        let (s, _, body) = get(entry, host, None).await;
-        assert_eq!(
-            s, 200,
-            "the other challenge's instance answered {s}: {body}"
-        );
-        took.push(started.elapsed());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    took.sort();
-    took
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other_instances() {
-    // Every request asks the plugin (no decision cache; its unit tests
-    // cover it), and 8 may wait for one of the 2 threads.
-    let p = plane(|a| {
-        a.edge_decision_cache_ms = 0;
-        a.edge_policy_queue = 8;
-    })
-    .await;
-    let c = &p.controller;
-    // "slow": every admit-connection call spends its whole deadline, and
-    // fails open; "fast": no policy.
-    let mut slow = web_spec();
-    slow["policy_fallback"] = json!("allow");
-    assert_eq!(c.put_challenge("slow", slow).await.0, StatusCode::CREATED);
-    assert_eq!(
-        c.put_policy("slow", component("runaway")).await.0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        c.put_challenge("fast", web_spec()).await.0,
-        StatusCode::CREATED
-    );
-    let (_, slow_host, _) = p.running("slow", "flooder").await;
-    let (_, fast_host, _) = p.running("fast", "bystander").await;
-    let baseline = latencies(&p.a_http, &fast_host, 100).await;
-
-    // 64 clients from 64 addresses flood the slow instance through both
-    // agents for 20 s.
-    let until = Instant::now() + Duration::from_secs(20);
-    let flood: Vec<_> = (0..64u8)
-        .map(|i| {
-            let entry = if i % 2 == 0 { &p.a_http } else { &p.b_http }.clone();
-            let host = slow_host.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::builder()
-                    .local_address(std::net::IpAddr::from([127, 0, 88, 1 + i]))
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .unwrap();
-                let mut sent = 0u64;
-                while Instant::now() < until {
-                    let _ = client
-                        .get(format!("http://{entry}/"))
-                        .header("host", &host)
-                        .send()
-                        .await;
-                    sent += 1;
-                }
-                sent
-            })
-        })
-        .collect();
-    // Meanwhile: the other instance's latency, and the membership of both
-    // workers every second.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = latencies(&p.a_http, &fast_host, 100).await;
-    let mut lost_workers = Vec::new();
-    while Instant::now() < until {
-        let (_, workers) = c.call(Method::GET, "/v1/workers", None, None).await;
-        let n = workers["workers"].as_array().map_or(0, Vec::len);
-        if n != 2 {
-            lost_workers.push(n);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let mut sent = 0;
-    for f in flood {
-        sent += f.await.unwrap();
-    }
-    let decisions = |d: &str| format!("tidegate_policy_edge_decisions_total{{decision=\"{d}\"}}");
-    let mut seen = std::collections::BTreeMap::new();
-    for d in ["saturated_allow", "fallback_allow"] {
-        let n = p.a.metric(&decisions(d)).await.unwrap_or(0.0)
-            + p.b.metric(&decisions(d)).await.unwrap_or(0.0);
-        seen.insert(d, n);
-    }
-    let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
-    eprintln!(
-        "flood: {sent} requests in 20 s through both agents; decisions {seen:?}; \
-         the other instance's p50/p99 {:?}/{:?} (without the flood {:?}/{:?})",
-        during[during.len() / 2],
-        p99(&during),
-        baseline[baseline.len() / 2],
-        p99(&baseline)
-    );
-    assert!(
-        lost_workers.is_empty(),
-        "workers listed during the flood: {lost_workers:?}"
-    );
-    assert!(
-        seen["saturated_allow"] > 0.0,
-        "the pool never filled: {seen:?}"
-    );
-    assert!(seen["fallback_allow"] > 0.0, "{seen:?}");
-    // The flooded instance itself is still served (its policy fails open).
-    assert_eq!(get(&p.a_http, &slow_host, None).await.0, 200);
 }
