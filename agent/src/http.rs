@@ -10,6 +10,8 @@
 //! 404, known but not running 503 + Retry-After, refused/reset 502,
 //! timeout 504; an HTML page, or JSON when the client accepts JSON.
 
+pub mod guard;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,10 @@ pub const HOP_HEADER: &str = "x-tidegate-hop";
 pub struct HttpLimits {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
+    /// Idle time allowed between requests on a kept-alive connection, in
+    /// seconds (set on every request: a client's own `Keep-Alive` header
+    /// cannot lengthen it).
+    pub keepalive_secs: u64,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
 }
@@ -194,6 +200,9 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.limits.keepalive_secs));
+        }
         let req = session.req_header();
         let header_bytes: usize = req
             .headers

@@ -10,6 +10,7 @@ use clap::Parser;
 use tidegate_agent::config::{Cli, load};
 use tidegate_agent::hop::Hops;
 use tidegate_agent::hostnet::Firewall;
+use tidegate_agent::http::guard::{ConnLimits, Connections};
 use tidegate_agent::membership::ClaimError;
 use tidegate_agent::metrics::Metrics;
 use tidegate_agent::policy::{EdgePolicy, PluginPolicy};
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
     {
         tracing::warn!(%planted, "defences switched off for the red team's positive controls (debug build, TIDEGATE_PLANTED)");
     }
+    raise_open_files();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,6 +67,23 @@ fn main() -> ExitCode {
                 Some(ClaimError::Held { .. }) => ExitCode::from(EXIT_CONFIG),
                 _ => ExitCode::FAILURE,
             }
+        }
+    }
+}
+
+/// Lifts the soft open-file limit to the hard one: every held player
+/// connection costs up to four descriptors (two sockets, and a pipe per
+/// direction on the splice path), and the default soft limit (1,024 or
+/// 20,000) would cap a worker far below its connection caps.
+fn raise_open_files() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let was = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::debug!(?was, now = ?limit.maximum, "open-file limit raised"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
     }
 }
@@ -114,9 +133,15 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let tcp = Arc::new(TcpPlane::prepare(tcp_options(&cfg, forward_from))?);
     let policy = Arc::new(plugin_policy(&cfg)?);
     let routes: SharedRoutes = Arc::default();
+    let http = Arc::new(Connections::new(ConnLimits {
+        header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
+        max_header_bytes: cfg.max_header_bytes,
+        max_connections: cfg.http_max_connections,
+        max_connections_per_source: cfg.http_max_connections_per_source,
+    }));
     let scrape = metrics::Scrape {
-        public: metrics::registry(&metrics, &routes, &tcp, &policy, &hops, false),
-        full: metrics::registry(&metrics, &routes, &tcp, &policy, &hops, true),
+        public: metrics::registry(&metrics, &routes, &tcp, &policy, &hops, &http, false),
+        full: metrics::registry(&metrics, &routes, &tcp, &policy, &hops, &http, true),
         routes: routes.clone(),
         token: scrape_token(&cfg)?,
     };
@@ -170,6 +195,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         forward_from,
         policy.clone(),
         hops.clone(),
+        http,
     )?;
     let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy, hops));
     let reconciler = Reconciler::new(

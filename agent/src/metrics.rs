@@ -212,11 +212,13 @@ pub fn registry(
     tcp: &crate::tcp::TcpPlane,
     policy: &crate::policy::PluginPolicy,
     hops: &crate::hop::Hops,
+    http: &crate::http::guard::Connections,
     per_instance: bool,
 ) -> Registry {
     let mut registry = Registry::default();
     hops.register(&mut registry);
     metrics.register(registry.sub_registry_with_prefix("tidegate_agent"));
+    http.register(registry.sub_registry_with_prefix("tidegate_agent"));
     registry.register_collector(Box::new(RouteTableCollector(routes.clone())));
     tcp.register(registry.sub_registry_with_prefix("tidegate_tcp"));
     policy.register(registry.sub_registry_with_prefix("tidegate_policy"));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tidegate_agent::http::guard::{Connections, Guard};
 use tidegate_agent::http::{EdgeProxy, HttpLimits};
 use tidegate_agent::policy::EdgePolicy;
 use tidegate_agent::routes::SharedRoutes;
@@ -40,6 +41,7 @@ pub(crate) fn start(
     forward_from: Option<std::net::IpAddr>,
     policy: Arc<dyn EdgePolicy>,
     hops: Arc<tidegate_agent::hop::Hops>,
+    conns: Arc<Connections>,
 ) -> anyhow::Result<Proxy> {
     use pingora::server::configuration::ServerConf;
     let conf = ServerConf {
@@ -54,17 +56,39 @@ pub(crate) fn start(
         limits: HttpLimits {
             max_body_bytes: cfg.max_body_bytes,
             max_header_bytes: cfg.max_header_bytes,
+            keepalive_secs: cfg.http_keepalive_timeout_secs,
             connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
             read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
         },
         policy,
         hops,
     };
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    let mut app = pingora::proxy::http_proxy(&server.configuration, proxy);
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(Duration::from_secs(cfg.http_keepalive_timeout_secs));
+    app.server_options = Some(options);
     // Bind now so a taken port fails the start with a clear error.
     std::net::TcpListener::bind(cfg.http_entry)
         .with_context(|| format!("http_entry {}", cfg.http_entry))?;
-    service.add_tcp(&cfg.http_entry.to_string());
+    if tidegate_schema::config::planted("http-limits") {
+        let mut service = pingora::services::listening::Service::new("tidegate edge".into(), app);
+        service.add_tcp(&cfg.http_entry.to_string());
+        server.add_service(service);
+        return Ok(run(server)?);
+    }
+    let guard = Guard {
+        app: Arc::new(app),
+        conns,
+    };
+    let mut service = pingora::services::listening::Service::new("tidegate edge".into(), guard);
+    // No read buffer of its own on plain HTTP: Pingora's default (64 KiB
+    // per connection) made 5,000 idle connections cost 470 MB; the request
+    // head has its own buffer and bodies theirs.
+    let unbuffered_read = pingora::listeners::L4BufferSettings::default().read(0);
+    service.add_listener(
+        pingora::listeners::ListenerConfig::tcp(cfg.http_entry.to_string())
+            .l4_buffer(unbuffered_read),
+    );
     if let (Some(addr), Some(cert), Some(key)) = (cfg.https_entry, &cfg.tls_cert, &cfg.tls_key) {
         let mut tls = pingora::listeners::tls::TlsSettings::intermediate(
             &cert.display().to_string(),
@@ -75,6 +99,13 @@ pub(crate) fn start(
         service.add_tls_with_settings(&addr.to_string(), None, tls);
     }
     server.add_service(service);
+    let proxy = run(server)?;
+    tracing::info!(http = %cfg.http_entry, https = ?cfg.https_entry, "HTTP proxy listening");
+    Ok(proxy)
+}
+
+/// Runs `server` on a thread of its own until the proxy is stopped.
+fn run(server: pingora::server::Server) -> std::io::Result<Proxy> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     std::thread::Builder::new()
         .name("pingora".into())
@@ -83,6 +114,5 @@ pub(crate) fn start(
                 shutdown_signal: Box::new(StopSignal(rx)),
             })
         })?;
-    tracing::info!(http = %cfg.http_entry, https = ?cfg.https_entry, "HTTP proxy listening");
     Ok(Proxy { stop: tx })
 }

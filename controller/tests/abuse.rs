@@ -16,6 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::faults::LossyLink;
+use tidegate_lab::slow::{raw_exchange, read_to_close, rss_kib, slowloris};
 use tidegate_schema::config::{Rate, RateLimits};
 
 async fn worker_listed(c: &Controller) {
@@ -545,50 +546,6 @@ async fn spawns_and_renewals_committed_whose_answers_are_lost_keep_the_instance(
     }
 }
 
-/// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// A slowloris connection from `source`: a request line and a header
-/// started, then one more header byte every second.
-async fn slowloris(
-    source: std::net::IpAddr,
-    to: std::net::SocketAddr,
-    until: Instant,
-) -> Option<Duration> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = tokio::net::TcpSocket::new_v4().ok()?;
-    socket.bind(std::net::SocketAddr::new(source, 0)).ok()?;
-    let mut s = socket.connect(to).await.ok()?;
-    let opened = Instant::now();
-    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        .await
-        .ok()?;
-    let mut buf = [0u8; 256];
-    while Instant::now() < until {
-        tokio::select! {
-            r = s.read(&mut buf) => {
-                // Closed (or answered: a 408/431 then the close).
-                if matches!(r, Ok(0) | Err(_)) {
-                    return Some(opened.elapsed());
-                }
-            }
-            () = tokio::time::sleep(Duration::from_secs(1)) => {
-                if s.write_all(b"a").await.is_err() {
-                    return Some(opened.elapsed());
-                }
-            }
-        }
-    }
-    None
-}
-
 #[tokio::test]
 async fn slow_clients_are_cut_off_at_the_header_deadline_while_spawns_go_on() {
     let Lab {
@@ -616,7 +573,7 @@ async fn slow_clients_are_cut_off_at_the_header_deadline_while_spawns_go_on() {
     let slow: Vec<_> = (0..2000)
         .map(|i| {
             let source = std::net::IpAddr::from([127, 0, 9, 1 + (i % 10) as u8]);
-            tokio::spawn(slowloris(source, to, until))
+            tokio::spawn(slowloris(source, to, "x", Duration::from_secs(1), until))
         })
         .collect();
     // Once they are all open (and trickling), the spawns.
@@ -691,19 +648,4 @@ async fn slow_clients_are_cut_off_at_the_header_deadline_while_spawns_go_on() {
         "tidegate_controller_connections_refused_total{reason=\"max_connections_per_source\"}";
     assert_eq!(c_metric(&c, series).await, Some(1.0));
     assert_eq!(c.status().await["role"], "leader");
-}
-
-/// Sends `bytes` on a new connection and reads until it closes (5 s at most).
-async fn raw_exchange(to: std::net::SocketAddr, bytes: &[u8]) -> String {
-    use tokio::io::AsyncWriteExt;
-    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    read_to_close(&mut s).await
-}
-
-async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -36,6 +36,32 @@ pub(crate) fn bad(field: &'static str, message: impl Into<String>) -> ConfigErro
     }
 }
 
+/// The limits both HTTP servers take (controller API, agent entry): the
+/// header deadline, the largest head, and the connection caps.
+pub(crate) fn check_http_limits(
+    (header_bytes_field, header_bytes): (&'static str, usize),
+    header_timeout_ms: u64,
+    max_connections: usize,
+    max_connections_per_source: usize,
+) -> Result<(), ConfigError> {
+    if !(1024..=1024 * 1024).contains(&header_bytes) {
+        return Err(bad(header_bytes_field, "1024 to 1048576"));
+    }
+    if !(100..=300_000).contains(&header_timeout_ms) {
+        return Err(bad("http_header_timeout_ms", "100 to 300000"));
+    }
+    if max_connections == 0 {
+        return Err(bad("http_max_connections", "at least 1"));
+    }
+    if !(1..=max_connections).contains(&max_connections_per_source) {
+        return Err(bad(
+            "http_max_connections_per_source",
+            "at least 1 and at most http_max_connections",
+        ));
+    }
+    Ok(())
+}
+
 /// A config file format: TOML, every field defaulted.
 pub trait ConfigFile: Serialize + DeserializeOwned + Default {
     /// Fields written even when they equal their default, because the

@@ -332,3 +332,150 @@ async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
         );
     }
 }
+
+/// `n` GETs of `host` through `entry` on one kept-alive client: the
+/// latencies, sorted.
+async fn calm_client(entry: &str, host: &str, n: usize) -> Vec<Duration> {
+    let client = reqwest::Client::new();
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = client
+            .get(format!("http://{entry}/"))
+            .header("host", host)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        took.push(t.elapsed());
+    }
+    took.sort();
+    took
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_at_the_header_deadline_while_players_are_served() {
+    use tidegate_lab::slow::{
+        connect_from, percentile, raw_exchange, read_to_close, rss_kib, slowloris,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = plane(|c| {
+        c.http_header_timeout_ms = 4000;
+        c.http_max_connections_per_source = 256;
+    })
+    .await;
+    p.controller.put_challenge("web", web_spec()).await;
+    let (_, host, _) = p.running("web", "t1").await;
+    let entry: std::net::SocketAddr = p.a_http.parse().unwrap();
+    let pid = p.a.proc.pid();
+    let baseline = calm_client(&p.a_http, &host, 300).await;
+    let rss_before = rss_kib(pid);
+
+    // 5,000 slow connections from 20 addresses (250 each: under the
+    // per-source cap), each adding a header byte every second, while a
+    // player's client goes on.
+    let until = Instant::now() + Duration::from_secs(25);
+    let slow: Vec<_> = (0..5000)
+        .map(|i| {
+            let source = std::net::IpAddr::from([127, 0, 10, 1 + (i % 20) as u8]);
+            let host = host.clone();
+            tokio::spawn(async move {
+                slowloris(source, entry, &host, Duration::from_secs(1), until).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let open_during = p.a.metric("tidegate_agent_http_connections_open").await;
+    let rss_during = rss_kib(pid);
+    let during = calm_client(&p.a_http, &host, 300).await;
+    let mut closed_after = Vec::new();
+    for s in slow {
+        closed_after.push(s.await.unwrap().expect("a slow connection stayed open"));
+    }
+    closed_after.sort();
+    eprintln!(
+        "agent RSS {rss_before} KiB before, {rss_during} KiB with {open_during:?} connections open; \
+         slow connections closed after {:?}..{:?}; player p50 {:?} p99 {:?} (without them: p50 {:?} p99 {:?})",
+        closed_after[0],
+        closed_after[closed_after.len() - 1],
+        percentile(&during, 50),
+        percentile(&during, 99),
+        percentile(&baseline, 50),
+        percentile(&baseline, 99),
+    );
+    assert!(
+        open_during.unwrap_or(0.0) >= 4000.0,
+        "the slow connections were not open at once: {open_during:?}"
+    );
+    // Cut off at the deadline (4 s), not before and not much after.
+    assert!(
+        closed_after[0] >= Duration::from_millis(3500),
+        "{:?}",
+        &closed_after[..5]
+    );
+    assert!(
+        closed_after[closed_after.len() - 1] <= Duration::from_secs(9),
+        "{:?}",
+        &closed_after[closed_after.len() - 5..]
+    );
+    let timed_out = "tidegate_agent_http_connections_refused_total{reason=\"header_timeout\"}";
+    assert_eq!(p.a.metric(timed_out).await, Some(5000.0));
+    // With 5,000 held connections the agent stays under 320 MiB (they
+    // cost about 30 KiB each: the proxy's session state; Pingora's own
+    // 64 KiB read buffer per connection is off).
+    assert!(
+        rss_during < 320 * 1024,
+        "{rss_before} KiB → {rss_during} KiB"
+    );
+
+    // After one answered request, the next head is under the deadline too.
+    let mut kept = connect_from("127.0.10.50".parse().unwrap(), entry)
+        .await
+        .unwrap();
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let started = Instant::now();
+    kept.write_all(b"GET / HTTP/1.1\r\nX-Slow: a")
+        .await
+        .unwrap();
+    let rest = read_to_close(&mut kept).await;
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_millis(3500) && held < Duration::from_secs(5),
+        "a kept-alive connection's second head was held {held:?}: {rest}"
+    );
+
+    // A head over max_header_bytes (64 KiB): 431 and the close.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let answer = raw_exchange(entry, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let too_large = "tidegate_agent_http_connections_refused_total{reason=\"header_too_large\"}";
+    assert_eq!(p.a.metric(too_large).await, Some(1.0));
+
+    // Past the per-source cap (256), a new connection gets a 503 and the
+    // close, counted; another address is still served.
+    let source: std::net::IpAddr = "127.0.10.99".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(connect_from(source, entry).await.unwrap());
+    }
+    // Connected is not yet accepted: wait until the agent holds them all.
+    let open = "tidegate_agent_http_connections_open";
+    let all_held = eventually(3, || async { p.a.metric(open).await == Some(256.0) }).await;
+    assert!(all_held, "{:?} connections open", p.a.metric(open).await);
+    let mut extra = connect_from(source, entry).await.unwrap();
+    let answer = read_to_close(&mut extra).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let capped = "tidegate_agent_http_connections_refused_total{reason=\"max_per_source\"}";
+    assert_eq!(p.a.metric(capped).await, Some(1.0));
+    assert_eq!(get(&p.a_http, &host, None).await.0, 200);
+    drop(held);
+}

@@ -427,6 +427,47 @@ async fn splice_path_with_ebpf_steering() {
     .await;
     suite(&p, Path::Splice, true).await;
     memory_bounded(&p).await;
+    idle_connections_hold_no_pipe(&p).await;
+}
+
+/// Open descriptors of `agent`'s process.
+fn open_fds(agent: &Agent) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", agent.proc.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// On the splice path a connection holds a pipe only while bytes move:
+/// 250 idle connections through each agent (the owner serves one half,
+/// the other agent forwards the other half to it, 750 agent legs in all)
+/// cost three descriptors per leg (its two sockets and the idle watch's
+/// duplicate of the player's), not seven.
+async fn idle_connections_hold_no_pipe(p: &Plane) {
+    let (_, port) = tcp_instance(p, "idle", &echo_image(), serde_json::json!({})).await;
+    let [via_a, via_b] = entries(p, port);
+    for addr in [&via_a, &via_b] {
+        wait_echo(addr).await;
+    }
+    let before = open_fds(&p.a) + open_fds(&p.b);
+    let mut held = Vec::new();
+    for addr in [&via_a, &via_b] {
+        for _ in 0..250 {
+            let mut s = TcpStream::connect(addr.as_str()).await.unwrap();
+            s.write_all(b"x\n").await.unwrap();
+            let mut back = [0u8; 2];
+            s.read_exact(&mut back).await.unwrap();
+            held.push(s);
+        }
+    }
+    let after = open_fds(&p.a) + open_fds(&p.b);
+    let per_leg = after.saturating_sub(before) as f64 / 750.0;
+    eprintln!(
+        "descriptors of both agents with 500 idle connections: {before} -> {after} ({per_leg:.2} per agent leg)"
+    );
+    assert!(
+        (2.5..3.5).contains(&per_leg),
+        "{per_leg:.2} descriptors per idle agent leg ({before} -> {after})"
+    );
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 //! runs every defence's control in turn.
 
 mod api;
+mod edge;
 mod etcd;
 mod flags;
 mod hop;
@@ -166,6 +167,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "agents cap open TCP connections per player address and per instance (TIDEGATE_PLANTED)",
     ),
     (
+        "http-limits",
+        "agents' HTTP entry: a deadline on every request head, caps on connections per agent and per source address (TIDEGATE_PLANTED)",
+    ),
+    (
         "etcd-roles",
         "each worker's etcd user reads its own secrets and writes only its own keys (the range grants worker b readwrite on the root)",
     ),
@@ -177,6 +182,7 @@ fn attacks() -> Vec<Attack> {
     all.extend(instance::attacks());
     all.extend(etcd::attacks());
     all.extend(api::attacks());
+    all.extend(edge::attacks());
     all
 }
 

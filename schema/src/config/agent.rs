@@ -9,7 +9,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, EtcdAuth, EtcdTls, bad, check_etcd, ephemeral_ports, tcp_port_range, url_ports,
+    ConfigError, EtcdAuth, EtcdTls, bad, check_etcd, check_http_limits, ephemeral_ports,
+    tcp_port_range, url_ports,
 };
 use crate::keys::{DEFAULT_ROOT, Keyspace};
 use crate::names::WorkerId;
@@ -163,8 +164,22 @@ pub struct AgentConfig {
     pub http_threads: usize,
     /// Largest request body the proxy forwards, in bytes (413 above).
     pub max_body_bytes: u64,
-    /// Largest total size of request headers, in bytes (431 above).
+    /// Largest request head (request line and headers), in bytes: counted
+    /// as it arrives, the connection gets a 431 and is closed past it.
     pub max_header_bytes: usize,
+    /// How long a request head may take to arrive, in milliseconds, from
+    /// its first byte (from the accept for a connection's first request);
+    /// the connection is closed after it.
+    pub http_header_timeout_ms: u64,
+    /// How long a kept-alive HTTP connection may stay idle between
+    /// requests, in seconds.
+    pub http_keepalive_timeout_secs: u64,
+    /// HTTP connections this agent holds open at once; past it a new one
+    /// gets a 503 and is closed.
+    pub http_max_connections: usize,
+    /// HTTP connections one source address may hold open at once; past it
+    /// a new one gets a 503 and is closed.
+    pub http_max_connections_per_source: usize,
     /// TCP connections one player address may hold open through this
     /// agent at once; past it a new one is closed at accept.
     pub tcp_max_connections_per_source: u32,
@@ -262,6 +277,10 @@ impl Default for AgentConfig {
             http_threads: 2,
             max_body_bytes: 10 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
+            http_header_timeout_ms: 10_000,
+            http_keepalive_timeout_secs: 60,
+            http_max_connections: 16_384,
+            http_max_connections_per_source: 256,
             tcp_max_connections_per_source: 256,
             tcp_max_connections_per_instance: 1024,
             upstream_connect_timeout_ms: 3000,
@@ -332,8 +351,14 @@ impl AgentConfig {
         if !(1..=64).contains(&self.http_threads) {
             return Err(bad("http_threads", "1 to 64"));
         }
-        if self.max_header_bytes < 1024 {
-            return Err(bad("max_header_bytes", "at least 1024"));
+        check_http_limits(
+            ("max_header_bytes", self.max_header_bytes),
+            self.http_header_timeout_ms,
+            self.http_max_connections,
+            self.http_max_connections_per_source,
+        )?;
+        if !(1..=3600).contains(&self.http_keepalive_timeout_secs) {
+            return Err(bad("http_keepalive_timeout_secs", "1 to 3600"));
         }
         if self.tcp_max_connections_per_source == 0 {
             return Err(bad("tcp_max_connections_per_source", "at least 1"));

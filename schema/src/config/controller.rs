@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ConfigError, EtcdAuth, EtcdTls, bad, check_etcd, ephemeral_ports, tcp_port_range, url_ports,
+    ConfigError, EtcdAuth, EtcdTls, bad, check_etcd, check_http_limits, ephemeral_ports,
+    tcp_port_range, url_ports,
 };
 use crate::keys::{DEFAULT_ROOT, Keyspace};
 use crate::names::Hostname;
@@ -226,21 +227,12 @@ impl ControllerConfig {
         if self.idle_check_secs == 0 {
             return Err(bad("idle_check_secs", "at least 1"));
         }
-        if !(100..=300_000).contains(&self.http_header_timeout_ms) {
-            return Err(bad("http_header_timeout_ms", "100 to 300000"));
-        }
-        if !(1024..=1024 * 1024).contains(&self.http_max_header_bytes) {
-            return Err(bad("http_max_header_bytes", "1024 to 1048576"));
-        }
-        if self.http_max_connections == 0 {
-            return Err(bad("http_max_connections", "at least 1"));
-        }
-        if !(1..=self.http_max_connections).contains(&self.http_max_connections_per_source) {
-            return Err(bad(
-                "http_max_connections_per_source",
-                "at least 1 and at most http_max_connections",
-            ));
-        }
+        check_http_limits(
+            ("http_max_header_bytes", self.http_max_header_bytes),
+            self.http_header_timeout_ms,
+            self.http_max_connections,
+            self.http_max_connections_per_source,
+        )?;
         for (field, rate) in [
             ("rate_limits.spawn", self.rate_limits.spawn),
             ("rate_limits.renew", self.rate_limits.renew),

@@ -237,3 +237,29 @@ fn egress_deny_takes_ipv4_networks_without_host_bits() {
         assert_eq!(err.field, "egress_deny", "{bad}");
     }
 }
+
+#[test]
+fn the_agents_http_limits_are_checked_and_named() {
+    type Change = fn(&mut AgentConfig);
+    let cases: [(&str, Change); 6] = [
+        ("max_header_bytes", |c| c.max_header_bytes = 2 * 1024 * 1024),
+        ("http_header_timeout_ms", |c| c.http_header_timeout_ms = 50),
+        ("http_keepalive_timeout_secs", |c| {
+            c.http_keepalive_timeout_secs = 0
+        }),
+        ("http_max_connections", |c| c.http_max_connections = 0),
+        ("http_max_connections_per_source", |c| {
+            c.http_max_connections_per_source = 0
+        }),
+        ("http_max_connections_per_source", |c| {
+            c.http_max_connections_per_source = c.http_max_connections + 1
+        }),
+    ];
+    for (field, change) in cases {
+        let mut cfg = AgentConfig::default();
+        change(&mut cfg);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    assert!(AgentConfig::default().validate().is_ok());
+}

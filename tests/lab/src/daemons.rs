@@ -367,8 +367,9 @@ impl Agent {
             hop_key_file: Some(tidegate_local::daemons::hop_key_file(dir).unwrap()),
             scrape_token_file: Some(tidegate_local::daemons::scrape_token_file(dir).unwrap()),
             // Tests open thousands of connections from loopback's one
-            // address; the test of the cap sets it back.
+            // address; the tests of the caps set them back.
             tcp_max_connections_per_source: 8192,
+            http_max_connections_per_source: 8192,
             ..AgentConfig::default()
         }
     }

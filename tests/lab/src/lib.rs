@@ -13,6 +13,7 @@ pub mod docker;
 pub mod faults;
 pub mod keys;
 pub mod plugins;
+pub mod slow;
 
 pub use tidegate_local::{
     Error, Result, display_command, etcd, images, netns, ports, process, routes,

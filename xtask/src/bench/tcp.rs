@@ -52,6 +52,8 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     )?;
     let image = bench_tcp_image(&bin_dir.join("tcp-echo"))?;
     let _kernel = KernelSettings::set()?;
+    // The agents inherit it.
+    let most = raise_open_files()?;
     let plane = ControlPlane::start(&bin_dir, 1)?;
     let (dir, url, etcd) = (plane.dir(), plane.url.as_str(), &plane.etcd);
     let label = format!("bench-tcp-{}", std::process::id());
@@ -65,6 +67,10 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         cfg.capacity = 1;
         cfg.tcp_steering = Steering::Ebpf;
         cfg.tcp_data_path = path;
+        // The held-connections run opens 40,000 at once from this host's
+        // one address; the caps' cost is the same whatever their value.
+        cfg.tcp_max_connections_per_source = 65_536;
+        cfg.tcp_max_connections_per_instance = 65_536;
         agent(&bin_dir, dir, &cfg)
     };
     let mut agents = Vec::new();
@@ -123,8 +129,11 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         }
     }
     let (gbits, rates) = measure(mode, &targets)?;
+    // The debug build of --short holds fewer: the path, not the count.
+    let n = if mode.short { 2_000 } else { HELD }.min(most);
+    let held = hold_forwarded(&instances, n)?;
     drop(agents);
-    Ok(figures(mode, &targets, &gbits, &rates))
+    Ok(figures(mode, &targets, &gbits, &rates, &held))
 }
 
 /// Two kernel settings for the run, restored when dropped. The
@@ -179,7 +188,9 @@ fn spawn_instances(dir: &Path, url: &str, image: &str) -> Result<Vec<Instance>> 
             {"name": "data", "port": BENCH_IPERF_PORT, "protocol": "tcp"},
             {"name": "echo", "port": BENCH_ECHO_PORT, "protocol": "tcp"},
         ],
-        "limits": {"memory_mib": 512, "cpus": 2.0, "pids": 256},
+        // nofile: the held-connections run puts up to 13,400 on each echo
+        // server (at most the engine's own limit: 20,000 on these machines).
+        "limits": {"memory_mib": 512, "cpus": 2.0, "pids": 256, "nofile": 16384},
         "ttl": {"default_secs": 3600, "max_secs": 7200},
     });
     let (status, _) = call(dir, url, "PUT", "/v1/challenges/bench-tcp", &spec)?;
@@ -438,7 +449,13 @@ async fn echo_loop(
 }
 
 /// The medians, and the report section.
-fn figures(mode: Mode, targets: &[Target], gbits: &[Vec<f64>], rates: &[Vec<f64>]) -> Figures {
+fn figures(
+    mode: Mode,
+    targets: &[Target],
+    gbits: &[Vec<f64>],
+    rates: &[Vec<f64>],
+    held: &Held,
+) -> Figures {
     let direct = median(gbits[0].clone());
     let direct_rate = median(rates[0].clone());
     let haproxy_rate = median(rates[1].clone());
@@ -457,6 +474,11 @@ fn figures(mode: Mode, targets: &[Target], gbits: &[Vec<f64>], rates: &[Vec<f64>
         values.push((format!("{name} Gbit/s"), g));
         values.push((format!("{name} conn/s"), r));
     }
+    values.push(("forwarded connections held".into(), held.connections as f64));
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(0);
+    values.push(("their distinct local ports".into(), held.ports as f64));
     let ours = median(gbits[2].clone());
     let ours_rate = median(rates[2].clone());
     let (rounds, iperf_secs, rate_secs) = (mode.rounds(), mode.secs(5), mode.secs(3));
@@ -481,12 +503,132 @@ fn figures(mode: Mode, targets: &[Target], gbits: &[Vec<f64>], rates: &[Vec<f64>
          network path (veth and bridge), which is the same for every row; splice(2) moves no bytes through userspace but \
          still costs two syscalls and a wakeup per chunk. The sockhash path redirects every skb through a kernel worker \
          (`sk_psock_backlog`) competing for the same 2 cores, and has no backpressure (docs/architecture.md). \
-         The forwarded row pays both hops on the same 2 cores.\n",
+         The forwarded row pays both hops on the same 2 cores.\n\n\
+         Forwarded connections held at once: {} connections opened through the fourth agent to the three instances' echo \
+         ports (round robin, each echoing one byte before the next batch), all held open together ({:.0} s to open): 40,000, \
+         or as many as the open-file limit lets the agent hold (hard limit here {limit}, not raisable without \
+         `CAP_SYS_RESOURCE`; three descriptors per connection, pipes are taken from a pool only while bytes move). The \
+         agent's connections to the owners bind with `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the port per \
+         destination: they use {} distinct local ports of the {} in `ip_local_port_range` (a port repeats toward \
+         different owners), so no destination's ports are used up by another's. The maximum is per instance port and \
+         forwarding agent: the size of `ip_local_port_range` (28,232 by default; deploy/README.md).\n",
         ours / direct,
-        ours_rate / haproxy_rate
+        ours_rate / haproxy_rate,
+        held.connections,
+        held.secs,
+        held.ports,
+        held.range,
     );
     Figures {
         values,
         report: Some(("TCP throughput".into(), section)),
     }
+}
+
+/// What the held-connections run measured.
+struct Held {
+    connections: usize,
+    /// Distinct local ports of the edge agent's connections to the owners.
+    ports: usize,
+    /// The size of `ip_local_port_range`.
+    range: usize,
+    secs: f64,
+}
+
+/// Forwarded connections opened at once through the edge agent (fewer if
+/// the open-file limit does not allow them).
+const HELD: usize = 40_000;
+
+/// Lifts this process's soft open-file limit to its hard one (children
+/// started after inherit it) and says how many connections the edge agent
+/// can hold under it: three descriptors each (its two sockets and the idle
+/// watch's duplicate; pipes are held only while bytes are in flight),
+/// 1,000 kept for everything else.
+fn raise_open_files() -> Result<usize> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).context("raising the open-file limit")?;
+    let hard = limit.maximum.map_or(usize::MAX, |m| m as usize);
+    Ok(hard.saturating_sub(1000) / 3)
+}
+
+/// Opens `n` connections through the edge agent to the instances' echo
+/// ports (round robin, in batches of 500 at once, each echoing one byte),
+/// holds them all, and counts the edge agent's local ports toward the
+/// owners. Fails if any connection does not echo.
+fn hold_forwarded(instances: &[Instance], n: usize) -> Result<Held> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = std::time::Instant::now();
+    let held = rt.block_on(async {
+        let mut held = Vec::with_capacity(n);
+        while held.len() < n {
+            let mut batch = tokio::task::JoinSet::new();
+            for i in held.len()..n.min(held.len() + 500) {
+                let port = instances[i % instances.len()].echo;
+                batch.spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect((EDGE, port)).await?;
+                    s.write_all(b"x").await?;
+                    let mut back = [0u8; 1];
+                    s.read_exact(&mut back).await?;
+                    anyhow::Ok(s)
+                });
+            }
+            let opened = tokio::time::timeout(Duration::from_secs(30), batch.join_all())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{} connections held, the next 500 took over 30 s",
+                        held.len()
+                    )
+                })?;
+            for s in opened {
+                held.push(s.with_context(|| {
+                    format!("a forwarded connection failed with {} held", held.len())
+                })?);
+            }
+        }
+        anyhow::Ok(held)
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", "src", EDGE])
+        .output()?;
+    let owners: Vec<&str> = OWNERS.iter().map(|(_, a)| *a).collect();
+    let ports: std::collections::HashSet<&str> = std::str::from_utf8(&out.stdout)?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().skip(2);
+            let (local, peer) = (f.next()?, f.next()?);
+            let peer_ip = peer.rsplit_once(':')?.0;
+            owners
+                .contains(&peer_ip)
+                .then(|| local.rsplit_once(':').map(|(_, p)| p))?
+        })
+        .collect();
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let bounds: Vec<usize> = range
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let range = match bounds[..] {
+        [low, high] => high + 1 - low,
+        _ => bail!("ip_local_port_range reads {range:?}"),
+    };
+    println!(
+        "held {} forwarded connections ({secs:.0} s to open); {} distinct local ports toward the owners of {range}",
+        held.len(),
+        ports.len()
+    );
+    let connections = held.len();
+    drop(held);
+    Ok(Held {
+        connections,
+        ports: ports.len(),
+        range,
+        secs,
+    })
 }

@@ -1,0 +1,676 @@
+//! The HTTP entry's connection limits, in front of Pingora.
+//!
+//! Pingora reads a request head with a timeout per read (so one byte every
+//! few seconds keeps it open forever) and buffers up to 1 MiB of it before
+//! any check of ours runs. [`Guard`] wraps the proxy app and every accepted
+//! (post-TLS) stream:
+//! - it caps open connections per agent and per source address (503 and
+//!   close past either);
+//! - each request head must be complete within `header_timeout` of its
+//!   first byte (of the accept, for a connection's first request);
+//! - head bytes are counted as they arrive: past `max_header_bytes` the
+//!   connection gets a 431 and is closed, nothing more is read.
+//!
+//! The stream tells heads from bodies by the bytes themselves: a head ends
+//! at its empty line, the next one starts with the first byte read after a
+//! final (non-1xx) response began. A 101 answer turns the connection into a
+//! tunnel, and HTTP/2 (ALPN) is left to Pingora's own idle timeout. The
+//! idle time between requests is Pingora's keep-alive timeout, which the
+//! proxy sets on every request ([`super::HttpLimits::keepalive`]).
+//! Refusals are counted in `tidegate_agent_http_connections_refused_total`
+//! by reason.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream, TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora::server::ShutdownWatch;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The limits (the agent config's `http_*` fields and `max_header_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+}
+
+/// Why a connection was refused or closed early.
+const REASONS: [&str; 4] = [
+    "max_connections",
+    "max_per_source",
+    "header_timeout",
+    "header_too_large",
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Open connections, in all and per source address.
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// The HTTP entry's open connections and refusals.
+#[derive(Debug)]
+pub struct Connections {
+    limits: ConnLimits,
+    open: Mutex<Open>,
+    open_gauge: Gauge,
+    refused: Family<ReasonLabel, Counter>,
+}
+
+impl Connections {
+    pub fn new(limits: ConnLimits) -> Self {
+        let refused = Family::<ReasonLabel, Counter>::default();
+        for reason in REASONS {
+            let _ = refused.get_or_create(&ReasonLabel { reason });
+        }
+        Self {
+            limits,
+            open: Mutex::default(),
+            open_gauge: Gauge::default(),
+            refused,
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "http_connections_open",
+            "Connections open on the HTTP entry points",
+            self.open_gauge.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections refused or closed early: past max_connections or max_per_source (503), a request head not complete within http_header_timeout_ms (header_timeout) or larger than max_header_bytes (431, header_too_large)",
+            self.refused.clone(),
+        );
+    }
+
+    /// How many connections were refused for `reason` (one of [`REASONS`]).
+    pub fn refused(&self, reason: &'static str) -> u64 {
+        self.refused.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    fn count(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Admits a connection from `source`, or says which cap it hit.
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, &'static str> {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if o.total >= self.limits.max_connections {
+            return Err("max_connections");
+        }
+        let from_source = o.by_source.get(&source).copied().unwrap_or(0);
+        if from_source >= self.limits.max_connections_per_source {
+            return Err("max_per_source");
+        }
+        o.total += 1;
+        *o.by_source.entry(source).or_default() += 1;
+        self.open_gauge.inc();
+        Ok(Admitted {
+            conns: self.clone(),
+            source,
+        })
+    }
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted {
+    conns: Arc<Connections>,
+    source: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut o = self.conns.open.lock().unwrap_or_else(|e| e.into_inner());
+        o.total = o.total.saturating_sub(1);
+        if let Some(n) = o.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                o.by_source.remove(&self.source);
+            }
+        }
+        self.conns.open_gauge.dec();
+    }
+}
+
+/// The answer past a connection cap.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 45\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections to this agent, try again\n";
+
+/// The answer to a request head past `max_header_bytes`.
+const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 31\r\nConnection: close\r\n\r\nrequest headers are too large\r\n";
+
+/// How much a refused client may still send before the close.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// A Pingora app behind the connection limits.
+pub struct Guard<A> {
+    pub app: Arc<A>,
+    pub conns: Arc<Connections>,
+}
+
+impl<A> std::fmt::Debug for Guard<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("conns", &self.conns)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let source = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let admitted = match source.map(|ip| self.conns.admit(ip)) {
+            Some(Ok(admitted)) => Some(admitted),
+            Some(Err(reason)) => {
+                self.conns.count(reason);
+                if !h2 {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        stream.write_all(BUSY).await?;
+                        stream.flush().await
+                    })
+                    .await;
+                }
+                return None;
+            }
+            // Not an inet socket: nothing to count it against.
+            None => None,
+        };
+        let guarded = Guarded::new(stream, self.conns.clone(), admitted, h2);
+        // HTTP/1 keep-alive reuse loops inside the app, on the same stream.
+        self.app.process_new(Box::new(guarded), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await
+    }
+}
+
+/// Where a head scan is within the current line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Inside a line.
+    Text,
+    /// Just after a line feed: an empty line may follow.
+    Start,
+    /// A carriage return at the start of a line.
+    StartCr,
+}
+
+/// Where a connection is in its request/response exchange.
+#[derive(Debug)]
+enum Phase {
+    /// Reading a request head (`seen` bytes so far), under the deadline.
+    Head { seen: usize, line: Line },
+    /// The head is complete; the request body and the response follow.
+    Body,
+    /// A final response began: the next byte read starts a new head.
+    Between,
+    /// Upgraded (101) or HTTP/2: bytes pass as they are.
+    Tunnel,
+    /// Writing the 431 (`written` bytes so far).
+    Refusing { written: usize },
+    /// The 431 is out: dropping what still arrives (`left` bytes more at
+    /// most), then closed.
+    Lingering { left: usize },
+    /// Timed out or refused: reads end.
+    Closed,
+}
+
+/// Where the head ends in `bytes` (the index past its empty line), if it
+/// does. Bare line feeds are accepted as line ends, as httparse does.
+fn head_end(line: &mut Line, bytes: &[u8]) -> Option<usize> {
+    for (i, &b) in bytes.iter().enumerate() {
+        *line = match (b, *line) {
+            (b'\n', Line::Start | Line::StartCr) => return Some(i + 1),
+            (b'\n', Line::Text) => Line::Start,
+            (b'\r', Line::Start) => Line::StartCr,
+            _ => Line::Text,
+        };
+    }
+    None
+}
+
+/// The status code a response write starts with, if it is a status line.
+fn status(bytes: &[u8]) -> Option<u16> {
+    let line = bytes.get(..12)?;
+    if !line.starts_with(b"HTTP/1.") || line[8] != b' ' {
+        return None;
+    }
+    std::str::from_utf8(&line[9..12]).ok()?.parse().ok()
+}
+
+/// An accepted stream under the head deadline and size limit.
+struct Guarded {
+    inner: Stream,
+    phase: Phase,
+    deadline: Pin<Box<Sleep>>,
+    limits: ConnLimits,
+    conns: Arc<Connections>,
+    _admitted: Option<Admitted>,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guarded {
+    fn new(inner: Stream, conns: Arc<Connections>, admitted: Option<Admitted>, h2: bool) -> Self {
+        let limits = conns.limits;
+        Self {
+            inner,
+            phase: if h2 {
+                Phase::Tunnel
+            } else {
+                Phase::Head {
+                    seen: 0,
+                    line: Line::Text,
+                }
+            },
+            deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
+            limits,
+            conns,
+            _admitted: admitted,
+        }
+    }
+
+    /// Writes the 431, then reads and drops what the client still sends
+    /// (a second at most, `LINGER_BYTES` at most) so that closing does not
+    /// reset the connection before the client read the answer; then ends
+    /// the read with an error.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            match &mut self.phase {
+                Phase::Refusing { written } if *written < TOO_LARGE.len() => {
+                    let n =
+                        ready!(Pin::new(&mut self.inner).poll_write(cx, &TOO_LARGE[*written..]))?;
+                    if n == 0 {
+                        self.phase = Phase::Closed;
+                    } else {
+                        *written += n;
+                    }
+                }
+                Phase::Refusing { .. } => {
+                    ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+                    let at = Instant::now() + Duration::from_secs(1);
+                    self.deadline.as_mut().reset(at);
+                    self.phase = Phase::Lingering { left: LINGER_BYTES };
+                }
+                Phase::Lingering { left } => {
+                    if self.deadline.as_mut().poll(cx).is_ready() {
+                        self.phase = Phase::Closed;
+                        continue;
+                    }
+                    let mut scratch = [0u8; 4096];
+                    let mut dropped = ReadBuf::new(&mut scratch);
+                    match ready!(Pin::new(&mut self.inner).poll_read(cx, &mut dropped)) {
+                        Ok(()) if !dropped.filled().is_empty() => {
+                            *left = left.saturating_sub(dropped.filled().len());
+                            if *left == 0 {
+                                self.phase = Phase::Closed;
+                            }
+                        }
+                        _ => self.phase = Phase::Closed,
+                    }
+                }
+                _ => break,
+            }
+        }
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "request head larger than max_header_bytes ({})",
+                self.limits.max_header_bytes
+            ),
+        )))
+    }
+
+    /// Notes a response write: a final status ends the request.
+    fn saw_write(&mut self, bytes: &[u8]) {
+        if matches!(self.phase, Phase::Body) && !bytes.is_empty() {
+            self.phase = match status(bytes) {
+                Some(101) => Phase::Tunnel,
+                Some(100..=199) => Phase::Body,
+                _ => Phase::Between,
+            };
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match this.phase {
+            Phase::Refusing { .. } | Phase::Lingering { .. } => return this.poll_refuse(cx),
+            Phase::Closed => return Poll::Ready(Ok(())),
+            Phase::Head { .. } if this.deadline.as_mut().poll(cx).is_ready() => {
+                this.conns.count("header_timeout");
+                this.phase = Phase::Closed;
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "request head not complete within {:?}",
+                        this.limits.header_timeout
+                    ),
+                )));
+            }
+            _ => {}
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        if read.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if matches!(this.phase, Phase::Between) {
+            this.phase = Phase::Head {
+                seen: 0,
+                line: Line::Text,
+            };
+            let at = Instant::now() + this.limits.header_timeout;
+            this.deadline.as_mut().reset(at);
+        }
+        if let Phase::Head { seen, line } = &mut this.phase {
+            let end = head_end(line, read);
+            *seen += end.unwrap_or(read.len());
+            if *seen > this.limits.max_header_bytes {
+                this.conns.count("header_too_large");
+                buf.set_filled(before);
+                this.phase = Phase::Refusing { written: 0 };
+                return this.poll_refuse(cx);
+            }
+            if end.is_some() {
+                this.phase = Phase::Body;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.saw_write(bytes);
+        Pin::new(&mut self.inner).poll_write(cx, bytes)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            self.saw_write(first);
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_ends_at_its_empty_line_across_reads_and_line_endings() {
+        let mut line = Line::Text;
+        assert_eq!(head_end(&mut line, b"GET / HTTP/1.1\r\nHost: a\r"), None);
+        assert_eq!(head_end(&mut line, b"\n\r"), None);
+        assert_eq!(head_end(&mut line, b"\nbody"), Some(1));
+        let mut line = Line::Text;
+        assert_eq!(
+            head_end(&mut line, b"GET / HTTP/1.0\nX: y\n\nrest"),
+            Some(21)
+        );
+        let mut line = Line::Text;
+        assert_eq!(head_end(&mut line, b"GET / HTTP/1.1\r\nX: \r\r\n"), None);
+    }
+
+    #[test]
+    fn response_writes_are_told_apart_by_status() {
+        assert_eq!(status(b"HTTP/1.1 101 Switching Protocols\r\n"), Some(101));
+        assert_eq!(status(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(status(b"HTTP/1.0 100 Continue"), Some(100));
+        assert_eq!(status(b"body bytes that are long"), None);
+        assert_eq!(status(b"HTTP/1.1 2"), None);
+    }
+
+    fn connections(max_header_bytes: usize) -> Arc<Connections> {
+        Arc::new(Connections::new(ConnLimits {
+            header_timeout: Duration::from_secs(4),
+            max_header_bytes,
+            max_connections: 8,
+            max_connections_per_source: 8,
+        }))
+    }
+
+    /// Reads `g` until it fails, answering every complete head with `answer`.
+    async fn serve(g: &mut Guarded, answer: &[u8]) -> std::io::Error {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match g.read(&mut buf).await {
+                Ok(0) => panic!("the stream ended without an error"),
+                Ok(n) if buf[..n].ends_with(b"\r\n\r\n") => g.write_all(answer).await.unwrap(),
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_past_the_limit_gets_a_431_and_the_rest_is_dropped() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let conns = connections(1024);
+        let mut g = Guarded::new(Box::new(server), conns.clone(), None, false);
+        let head = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(3000));
+        client.write_all(head.as_bytes()).await.unwrap();
+        let e = serve(&mut g, b"HTTP/1.1 200 OK\r\n\r\n").await;
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        drop(g);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        assert_eq!(conns.refused("header_too_large"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_head_has_the_deadline_the_first_and_a_kept_alive_one() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let conns = connections(1024);
+        let mut g = Guarded::new(Box::new(server), conns.clone(), None, false);
+        let started = Instant::now();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(g.read(&mut buf).await.unwrap() > 0);
+        g.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(client.read(&mut buf).await.unwrap() > 0);
+        // Idle between requests: not this deadline's business.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nX-Slow: a")
+            .await
+            .unwrap();
+        let second = Instant::now();
+        let trickle = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if client.write_all(b"a").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let e = serve(&mut g, b"").await;
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(second.elapsed(), Duration::from_secs(4));
+        assert!(started.elapsed() >= Duration::from_secs(34));
+        assert_eq!(conns.refused("header_timeout"), 1);
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_is_a_tunnel_without_deadline() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut g = Guarded::new(Box::new(server), connections(1024), None, false);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(g.read(&mut buf).await.unwrap() > 0);
+        g.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        client.write_all(&[0x81; 5000]).await.unwrap();
+        let mut got = 0;
+        while got < 5000 {
+            got += g.read(&mut buf).await.unwrap();
+        }
+        assert!(matches!(g.phase, Phase::Tunnel));
+    }
+
+    #[test]
+    fn caps_count_in_all_and_per_source_and_free_on_drop() {
+        let conns = Arc::new(Connections::new(ConnLimits {
+            header_timeout: Duration::from_secs(1),
+            max_header_bytes: 1024,
+            max_connections: 3,
+            max_connections_per_source: 2,
+        }));
+        let a: IpAddr = "198.18.0.1".parse().unwrap();
+        let b: IpAddr = "198.18.0.2".parse().unwrap();
+        let a1 = conns.admit(a).unwrap();
+        let _a2 = conns.admit(a).unwrap();
+        assert_eq!(conns.admit(a).err(), Some("max_per_source"));
+        let _b1 = conns.admit(b).unwrap();
+        assert_eq!(conns.admit(b).err(), Some("max_connections"));
+        drop(a1);
+        let _b2 = conns.admit(b).unwrap();
+        assert_eq!(conns.open_gauge.get(), 3);
+        assert_eq!(conns.admit(a).err(), Some("max_connections"));
+    }
+}

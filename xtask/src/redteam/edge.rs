@@ -1,0 +1,108 @@
+//! Attacks on an agent's HTTP entry point as a player makes them: request
+//! heads sent a byte at a time (slowloris) and more connections from one
+//! address than the agent lets one address hold.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::range::Range;
+use super::{Attack, From, Verdict};
+
+pub(super) fn attacks() -> Vec<Attack> {
+    vec![
+        Attack::new(
+            "slowloris on agent a's HTTP entry: 100 request heads, one byte a second",
+            From::Network,
+            "http-limits",
+            slowloris,
+        ),
+        Attack::new(
+            "hold 300 kept-alive HTTP connections to alice's instance from one address",
+            From::Network,
+            "http-limits",
+            hold_http,
+        ),
+    ]
+}
+
+/// 100 connections each sending a request head a byte a second: blocked
+/// if the agent closed every one by its header deadline (plus 3 s of
+/// slack); through if any is still open after that.
+fn slowloris(r: &Range) -> Result<Verdict> {
+    let deadline = Duration::from_millis(r.a_cfg.http_header_timeout_ms);
+    let head = format!("GET / HTTP/1.1\r\nHost: {}\r\nX-Slow: ", r.alice.hostname);
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect_timeout(&r.a_cfg.http_entry, Duration::from_secs(3))?;
+        s.write_all(head.as_bytes())?;
+        s.set_nonblocking(true)?;
+        open.push(s);
+    }
+    let started = Instant::now();
+    let give_up = deadline + Duration::from_secs(3);
+    let mut closed = 0;
+    while !open.is_empty() && started.elapsed() < give_up {
+        std::thread::sleep(Duration::from_secs(1));
+        open.retain_mut(|s| {
+            let mut buf = [0u8; 512];
+            let gone = match s.read(&mut buf) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                Err(_) => true,
+            } || s.write_all(b"a").is_err();
+            closed += usize::from(gone);
+            !gone
+        });
+    }
+    let seen = format!(
+        "{closed} of 100 closed, {} still open after {:.0} s (http_header_timeout_ms = {})",
+        open.len(),
+        started.elapsed().as_secs_f64(),
+        r.a_cfg.http_header_timeout_ms
+    );
+    Ok(if open.is_empty() {
+        Verdict::Blocked(seen)
+    } else {
+        Verdict::Succeeded(seen)
+    })
+}
+
+/// 300 connections from this host's one address, each a complete request
+/// for alice's hostname, kept alive: more than the per-source cap answered
+/// 200 means the cap is not there.
+fn hold_http(r: &Range) -> Result<Verdict> {
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", r.alice.hostname);
+    let mut held = Vec::new();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..300 {
+        let Ok(mut s) = TcpStream::connect_timeout(&r.a_cfg.http_entry, Duration::from_secs(3))
+        else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buf = [0u8; 12];
+        if s.write_all(request.as_bytes()).is_ok() && s.read_exact(&mut buf).is_ok() {
+            match &buf {
+                b"HTTP/1.1 200" => served += 1,
+                b"HTTP/1.1 503" => refused += 1,
+                _ => {}
+            }
+        }
+        held.push(s);
+    }
+    let cap = r.a_cfg.http_max_connections_per_source;
+    let seen = format!(
+        "{served} of 300 served, {refused} refused 503 (http_max_connections_per_source = {cap})"
+    );
+    Ok(if served == 0 {
+        anyhow::bail!("no connection was served at all: {seen}")
+    } else if served <= cap {
+        Verdict::Blocked(seen)
+    } else {
+        Verdict::Succeeded(seen)
+    })
+}
