@@ -270,7 +270,7 @@ impl ProxyHttp for EdgeProxy {
             protocol: "http",
             host: host.as_str(),
         };
-        if !forwarded && let Verdict::Reject(reason) = self.policy.admit(&conn) {
+        if !forwarded && let Verdict::Reject(reason) = self.policy.admit(&conn).await {
             tracing::info!(host = %host, player = ?client, %reason, "request refused by policy");
             answer(session, 403, &reason, None).await?;
             return Ok(true);

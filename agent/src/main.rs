@@ -355,12 +355,21 @@ fn plugin_policy(cfg: &AgentConfig) -> anyhow::Result<PluginPolicy> {
     let host = tidegate_plugin_host::Host::new(tidegate_plugin_host::Limits {
         deadline: Duration::from_millis(cfg.plugin_deadline_ms),
         memory_bytes: cfg.plugin_memory_mib * 1024 * 1024,
+        // Edge calls run on the decision pool's low-priority threads: on a
+        // busy host a well-behaved call waits there, and the pool's queue
+        // (not this bound) keeps players from waiting long.
+        stall_after: Some(Duration::from_secs(1)),
         ..tidegate_plugin_host::Limits::default()
     })
     .context("starting the policy plugin engine")?;
     let store = tidegate_plugin_host::DirStore::new(&cfg.artifact_dir)
         .map_err(|e| anyhow::anyhow!("artifact_dir: {e}"))?;
-    Ok(PluginPolicy::new(host, Arc::new(store)))
+    let limits = tidegate_agent::policy::EdgeLimits {
+        threads: cfg.edge_policy_threads,
+        queue: cfg.edge_policy_queue,
+        cache_ttl: Duration::from_millis(cfg.edge_decision_cache_ms),
+    };
+    PluginPolicy::new(host, Arc::new(store), limits).context("starting the edge policy threads")
 }
 
 /// `advertise_address` if it is an address of this host: connections and

@@ -4,6 +4,8 @@
 //! artifact store; challenges without one (or whose plugin does not
 //! implement the hook) admit everything.
 
+mod pool;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,17 +42,21 @@ pub enum Verdict {
     Reject(String),
 }
 
+pub use pool::{DecisionCache, DecisionKey, DecisionPool};
+
 /// An edge admission policy.
+#[async_trait::async_trait]
 pub trait EdgePolicy: Send + Sync {
-    fn admit(&self, conn: &Connection<'_>) -> Verdict;
+    async fn admit(&self, conn: &Connection<'_>) -> Verdict;
 }
 
 /// Admits everything.
 #[derive(Debug, Default)]
 pub struct AllowAll;
 
+#[async_trait::async_trait]
 impl EdgePolicy for AllowAll {
-    fn admit(&self, _conn: &Connection<'_>) -> Verdict {
+    async fn admit(&self, _conn: &Connection<'_>) -> Verdict {
         Verdict::Allow
     }
 }
@@ -100,6 +106,11 @@ pub struct EdgeMetrics {
     pub rejected: Counter,
     pub failed_allowed: Counter,
     pub failed_rejected: Counter,
+    /// The pool was full: the fallback applied without a call.
+    pub saturated_allowed: Counter,
+    pub saturated_rejected: Counter,
+    /// Answered from the decision cache.
+    pub cached: Counter,
     /// Calls into plugins, and their total time in seconds.
     pub calls: Counter,
     pub call_seconds: Counter<f64, AtomicU64>,
@@ -119,6 +130,9 @@ impl Default for EdgeMetrics {
             rejected: handle("reject"),
             failed_allowed: handle("fallback_allow"),
             failed_rejected: handle("fallback_reject"),
+            saturated_allowed: handle("saturated_allow"),
+            saturated_rejected: handle("saturated_reject"),
+            cached: handle("cached"),
             decisions,
             calls: Counter::default(),
             call_seconds: Counter::default(),
@@ -135,6 +149,21 @@ pub struct PluginPolicy {
     pub metrics: EdgeMetrics,
     /// Unix ms of the last failure log line (one a second at most).
     last_failure_log: AtomicU64,
+    /// Where plugin calls run.
+    pool: DecisionPool,
+    /// Recent decisions (answered from here within their TTL).
+    cache: DecisionCache<Verdict>,
+}
+
+/// How edge decisions are made off the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    /// Threads of the decision pool.
+    pub threads: usize,
+    /// Decisions that may wait for a thread; past it the fallback applies.
+    pub queue: usize,
+    /// How long a decision is reused for the same instance, source and host.
+    pub cache_ttl: Duration,
 }
 
 impl std::fmt::Debug for PluginPolicy {
@@ -146,14 +175,20 @@ impl std::fmt::Debug for PluginPolicy {
 }
 
 impl PluginPolicy {
-    pub fn new(host: Host, store: Arc<dyn ArtifactStore>) -> Self {
-        Self {
+    pub fn new(
+        host: Host,
+        store: Arc<dyn ArtifactStore>,
+        limits: EdgeLimits,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
             host,
             store,
             applied: ArcSwap::default(),
             metrics: EdgeMetrics::default(),
             last_failure_log: AtomicU64::new(0),
-        }
+            pool: DecisionPool::new(limits.threads, limits.queue)?,
+            cache: DecisionCache::new(limits.cache_ttl),
+        })
     }
 
     /// Keeps the loaded plugins equal to `wanted` forever: a new digest is
@@ -252,6 +287,23 @@ impl PluginPolicy {
         (applied.len() - broken, broken)
     }
 
+    /// Every pool thread busy and the queue full: the fallback, at once.
+    fn saturated(&self, fallback: PolicyFallback) -> Verdict {
+        match fallback {
+            PolicyFallback::Allow => {
+                self.metrics.saturated_allowed.inc();
+                Verdict::Allow
+            }
+            PolicyFallback::Deny => {
+                self.metrics.saturated_rejected.inc();
+                Verdict::Reject(
+                    "the edge's policy calls are saturated; the challenge's policy_fallback is deny"
+                        .into(),
+                )
+            }
+        }
+    }
+
     fn fallback(&self, fallback: PolicyFallback, cause: String) -> Verdict {
         let now = tidegate_plugin_host::unix_ms();
         let last = self.last_failure_log.load(Ordering::Relaxed);
@@ -308,14 +360,18 @@ enum Unavailable {
     Compile(#[from] tidegate_plugin_host::LoadError),
 }
 
+#[async_trait::async_trait]
 impl EdgePolicy for PluginPolicy {
-    fn admit(&self, conn: &Connection<'_>) -> Verdict {
-        let applied = self.applied.load();
-        let Some(policy) = applied.get(conn.challenge) else {
-            return Verdict::Allow;
+    async fn admit(&self, conn: &Connection<'_>) -> Verdict {
+        let policy = {
+            let applied = self.applied.load();
+            let Some(policy) = applied.get(conn.challenge) else {
+                return Verdict::Allow;
+            };
+            policy.clone()
         };
         let (plugin, fallback) = match policy.as_ref() {
-            AppliedPolicy::Loaded { plugin, fallback } => (plugin, *fallback),
+            AppliedPolicy::Loaded { plugin, fallback } => (plugin.clone(), *fallback),
             AppliedPolicy::Broken {
                 digest,
                 error,
@@ -336,15 +392,37 @@ impl EdgePolicy for PluginPolicy {
             },
             host: conn.host.to_string(),
         };
-        let started = std::time::Instant::now();
-        let answer = plugin.admit_connection(&wit);
+        let key = DecisionKey {
+            instance: conn.instance.to_string(),
+            source: conn.source,
+            host: conn.host.to_string(),
+            protocol: if conn.protocol == "tcp" {
+                "tcp"
+            } else {
+                "http"
+            },
+        };
+        let now = std::time::Instant::now();
+        if let Some(v) = self.cache.get(&key, now) {
+            self.metrics.cached.inc();
+            return v;
+        }
+        let call = self
+            .pool
+            .run(move || {
+                let started = std::time::Instant::now();
+                let answer = plugin.admit_connection(&wit);
+                (answer, started.elapsed())
+            })
+            .await;
+        let Some((answer, took)) = call else {
+            return self.saturated(fallback);
+        };
         if answer.is_some() {
             self.metrics.calls.inc();
-            self.metrics
-                .call_seconds
-                .inc_by(started.elapsed().as_secs_f64());
+            self.metrics.call_seconds.inc_by(took.as_secs_f64());
         }
-        match answer {
+        let verdict = match answer {
             None | Some(Ok(tidegate_plugin_host::Verdict::Allow)) => {
                 self.metrics.allowed.inc();
                 Verdict::Allow
@@ -353,7 +431,11 @@ impl EdgePolicy for PluginPolicy {
                 self.metrics.rejected.inc();
                 Verdict::Reject(reason)
             }
+            // A failing plugin's fallback is reused like a decision: a
+            // flood against it costs one failed call per key and TTL.
             Some(Err(e)) => self.fallback(fallback, e.to_string()),
-        }
+        };
+        self.cache.put(key, verdict.clone(), now);
+        verdict
     }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{get, plane};
+use common::{Plane, get, plane};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tidegate_lab::daemons::{ADMIN, Controller, binary, eventually, web_spec};
@@ -236,12 +236,18 @@ async fn allowlist_and_team_limit_decide_through_the_api_and_the_agents() {
         let (s, _, body) = get(entry, &red_host, None).await;
         assert_eq!(s, 200, "{body}");
     }
-    // The policy is asked once per request, by the agent the player
-    // reached: the owner knows a request forwarded from another agent's
-    // address was admitted there (a rate-limiting policy counts each once).
+    // One decision per request, by the agent the player reached (the
+    // plugin's, or one it made for that address in the last second): the
+    // owner knows a request forwarded from another agent's address was
+    // admitted there (a rate-limiting policy counts each once).
     let allowed = || async {
-        let series = "tidegate_policy_edge_decisions_total{decision=\"allow\"}";
-        p.a.metric(series).await.unwrap_or(0.0) + p.b.metric(series).await.unwrap_or(0.0)
+        let mut n = 0.0;
+        for d in ["allow", "cached"] {
+            let series = format!("tidegate_policy_edge_decisions_total{{decision=\"{d}\"}}");
+            n +=
+                p.a.metric(&series).await.unwrap_or(0.0) + p.b.metric(&series).await.unwrap_or(0.0);
+        }
+        n
     };
     let before = allowed().await;
     for entry in [&p.a_http, &p.b_http] {
@@ -629,4 +635,164 @@ async fn a_new_leader_loads_the_policy_by_digest_and_a_missing_blob_falls_back()
         "{error}"
     );
     assert_eq!(body["policy"]["decision"], "fallback-deny");
+}
+
+/// 64 clients from 64 addresses GET `host` through both agents until
+/// `until`, while `bystander` is measured (100 GETs) and the workers are
+/// listed every second: requests sent, answered 403, the bystander's
+/// latencies, and every worker count other than 2.
+async fn flood(
+    p: &Plane,
+    host: &str,
+    bystander: &str,
+    until: Instant,
+) -> (u64, u64, Vec<Duration>, Vec<usize>) {
+    let flood: Vec<_> = (0..64u8)
+        .map(|i| {
+            let entry = if i % 2 == 0 { &p.a_http } else { &p.b_http }.clone();
+            let host = host.to_string();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .local_address(std::net::IpAddr::from([127, 0, 88, 1 + i]))
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap();
+                let (mut sent, mut refused) = (0u64, 0u64);
+                while Instant::now() < until {
+                    let r = client
+                        .get(format!("http://{entry}/"))
+                        .header("host", &host)
+                        .send()
+                        .await;
+                    sent += 1;
+                    refused += u64::from(r.is_ok_and(|r| r.status() == 403));
+                }
+                (sent, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = latencies(&p.a_http, bystander, 100).await;
+    let mut lost_workers = Vec::new();
+    while Instant::now() < until {
+        let (_, workers) = p
+            .controller
+            .call(Method::GET, "/v1/workers", None, None)
+            .await;
+        let n = workers["workers"].as_array().map_or(0, Vec::len);
+        if n != 2 {
+            lost_workers.push(n);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (mut sent, mut refused) = (0, 0);
+    for f in flood {
+        let (s, r) = f.await.unwrap();
+        sent += s;
+        refused += r;
+    }
+    (sent, refused, during, lost_workers)
+}
+
+/// `n` GETs of `host` through `entry`, one after another: their latencies, sorted.
+async fn latencies(entry: &str, host: &str, n: usize) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let (s, _, body) = get(entry, host, None).await;
+        assert_eq!(
+            s, 200,
+            "the other challenge's instance answered {s}: {body}"
+        );
+        took.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    took.sort();
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other_instances() {
+    // Every request asks the plugin (no decision cache; its unit tests
+    // cover it), and 8 may wait for one of the 2 threads.
+    let p = plane(|a| {
+        a.edge_decision_cache_ms = 0;
+        a.edge_policy_queue = 8;
+    })
+    .await;
+    let c = &p.controller;
+    // "slow": every call spends its whole deadline; its spawn goes through
+    // on fallback allow, then the fallback is deny, what the edge applies
+    // to every flood request. "fast": no policy.
+    let mut slow = web_spec();
+    slow["policy_fallback"] = json!("allow");
+    assert_eq!(
+        c.put_challenge("slow", slow.clone()).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        c.put_policy("slow", component("runaway")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        c.put_challenge("fast", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    let (_, slow_host, _) = p.running("slow", "flooder").await;
+    slow["policy_fallback"] = json!("deny");
+    let (s, body) = c.put_challenge("slow", slow).await;
+    assert!(s.is_success(), "{body}");
+    let denied = eventually(10, || async {
+        get(&p.a_http, &slow_host, None).await.0 == 403
+    })
+    .await;
+    assert!(denied, "the edge did not take the deny fallback");
+    let (_, fast_host, _) = p.running("fast", "bystander").await;
+    let baseline = latencies(&p.a_http, &fast_host, 100).await;
+
+    // 64 clients from 64 addresses flood the slow instance through both
+    // agents for 20 s (TIDEGATE_FLOOD_SECS: the issue's run was 120 s).
+    let secs: u64 = std::env::var("TIDEGATE_FLOOD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (sent, refused, during, lost_workers) = flood(&p, &slow_host, &fast_host, until).await;
+    // The same flood at a hostname no instance has (404 at the edge, no
+    // policy): what the flood costs the other instance by itself.
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (control_sent, _, control, _) = flood(&p, "nope.ctf.localhost", &fast_host, until).await;
+    let decisions = |d: &str| format!("tidegate_policy_edge_decisions_total{{decision=\"{d}\"}}");
+    let mut seen = std::collections::BTreeMap::new();
+    for d in ["saturated_reject", "fallback_reject"] {
+        let n = p.a.metric(&decisions(d)).await.unwrap_or(0.0)
+            + p.b.metric(&decisions(d)).await.unwrap_or(0.0);
+        seen.insert(d, n);
+    }
+    let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
+    eprintln!(
+        "flood: {sent} requests in {secs} s ({:.0}/s) through both agents, {refused} answered 403; decisions {seen:?}; \
+         the other instance's p50/p99 {:?}/{:?} (without the flood {:?}/{:?}; under the same flood of a host \
+         without policy, {control_sent} requests: {:?}/{:?})",
+        sent as f64 / secs as f64,
+        during[during.len() / 2],
+        p99(&during),
+        baseline[baseline.len() / 2],
+        p99(&baseline),
+        control[control.len() / 2],
+        p99(&control)
+    );
+    assert!(
+        lost_workers.is_empty(),
+        "workers listed during the flood: {lost_workers:?}"
+    );
+    assert!(
+        seen["saturated_reject"] > 0.0,
+        "the pool never filled: {seen:?}"
+    );
+    assert!(seen["fallback_reject"] > 0.0, "{seen:?}");
+    // Every flood request was refused as configured (deny), whether its
+    // call ran out of time or never ran.
+    assert_eq!(refused, sent, "flood requests not refused");
+    assert_eq!(get(&p.a_http, &slow_host, None).await.0, 403);
 }

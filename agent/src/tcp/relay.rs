@@ -314,7 +314,7 @@ impl Relay {
                 protocol: "tcp",
                 host,
             };
-            if let Verdict::Reject(reason) = self.policy.admit(&conn) {
+            if let Verdict::Reject(reason) = self.policy.admit(&conn).await {
                 tracing::info!(port = local.port(), player = %source, %reason, "connection refused by policy");
                 return Ok(None);
             }

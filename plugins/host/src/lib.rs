@@ -142,13 +142,18 @@ fn cut_reason(reason: &mut String) {
 /// Per-call limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// CPU time one hook call may use (checked on 1 ms epoch ticks; a
-    /// call also stops after 10× this in wall-clock time, whatever the CPU).
+    /// CPU time one hook call may use, and instantiating the component
+    /// for it as much again (checked on 1 ms epoch ticks; each also stops
+    /// after 10× this in wall-clock time, whatever the CPU: `Stalled`).
     pub deadline: Duration,
     /// Linear memory one call may use.
     pub memory_bytes: usize,
     /// Hook calls that may run at once (pooling allocator slots).
     pub max_concurrent: u32,
+    /// The wall-clock bound of each phase; `None`: 10× `deadline` (at
+    /// least 20 ms), what an API caller can wait. The agents' edge calls
+    /// run on low-priority threads of their own and take longer here.
+    pub stall_after: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -157,6 +162,7 @@ impl Default for Limits {
             deadline: Duration::from_millis(5),
             memory_bytes: 32 * 1024 * 1024,
             max_concurrent: 256,
+            stall_after: None,
         }
     }
 }
@@ -244,6 +250,10 @@ pub struct CallError {
 pub enum Cause {
     #[error("did not finish within {0} ms of CPU time (stopped)")]
     Timeout(u64),
+    /// Stopped by the wall-clock bound before its CPU budget ran out: the
+    /// thread waited (an overloaded host), the plugin is not to blame.
+    #[error("did not finish within {0} ms of wall-clock time, the host being busy (stopped)")]
+    Stalled(u64),
     #[error("tried to use more than {0} MiB of memory (stopped)")]
     Memory(usize),
     #[error("trapped: {0}")]
@@ -257,6 +267,7 @@ impl Cause {
     pub fn kind(&self) -> &'static str {
         match self {
             Cause::Timeout(_) => "timeout",
+            Cause::Stalled(_) => "stalled",
             Cause::Memory(_) => "memory",
             Cause::Trap(_) => "trap",
             Cause::Instantiate(_) => "instantiate",
@@ -282,6 +293,8 @@ struct CallState {
     wall_start: Instant,
     wall_limit: Duration,
     timed_out: bool,
+    /// The wall-clock bound stopped it (not the CPU budget).
+    stalled: bool,
 }
 
 /// The CPU time the calling thread has used.
@@ -303,10 +316,11 @@ impl CallState {
     /// machine that preempts the thread does not fail a well-behaved
     /// plugin; the wall-clock bound caps how long a caller can wait.
     fn over_budget(&mut self) -> bool {
-        let over = thread_cpu().saturating_sub(self.cpu_start) >= self.budget
-            || self.wall_start.elapsed() >= self.wall_limit;
-        self.timed_out |= over;
-        over
+        let cpu = thread_cpu().saturating_sub(self.cpu_start) >= self.budget;
+        let wall = self.wall_start.elapsed() >= self.wall_limit;
+        self.timed_out |= cpu || wall;
+        self.stalled |= wall && !cpu;
+        cpu || wall
     }
 }
 
@@ -723,9 +737,13 @@ impl Plugin {
                 budget: deadline,
                 wall_start: Instant::now(),
                 // Generous against preemption, still well inside what an
-                // API caller waits (100 ms with the default 5 ms).
-                wall_limit: (deadline * 10).max(Duration::from_millis(20)),
+                // API caller waits (50 ms with the default 5 ms).
+                wall_limit: self
+                    .limits
+                    .stall_after
+                    .unwrap_or((deadline * 10).max(Duration::from_millis(20))),
                 timed_out: false,
+                stalled: false,
             },
         );
         store.limiter(|s| s);
@@ -738,8 +756,8 @@ impl Plugin {
         });
         let ticks = deadline.as_millis().max(1) as u64;
         let _ticking = self.ticker.enter();
-        // One budget for instantiating (host code and the component's
-        // initialisers, microseconds) and the hook.
+        // Instantiating (host code and the component's initialisers) has
+        // one budget, the hook another.
         store.data_mut().phase(deadline);
         store.set_epoch_deadline(ticks);
         let err = |cause| CallError {
@@ -751,6 +769,11 @@ impl Plugin {
             .pre
             .instantiate(&mut store)
             .map_err(|e| err(classify(&e, &store, ticks, self.limits, true)))?;
+        // The hook's budget is its own: instantiating is mostly the
+        // host's work (about 1 ms of CPU in a debug build, more on a
+        // thread's first call), which must not eat a well-behaved hook's.
+        store.data_mut().phase(deadline);
+        store.set_epoch_deadline(ticks);
         f(&policy, &mut store).map_err(|e| err(classify(&e, &store, ticks, self.limits, false)))
     }
 }
@@ -764,6 +787,9 @@ fn classify(
 ) -> Cause {
     if store.data().memory_hit {
         return Cause::Memory(limits.memory_bytes / (1024 * 1024));
+    }
+    if store.data().stalled {
+        return Cause::Stalled(store.data().wall_limit.as_millis() as u64);
     }
     if store.data().timed_out || e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return Cause::Timeout(ticks);

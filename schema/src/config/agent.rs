@@ -236,6 +236,14 @@ pub struct AgentConfig {
     pub plugin_deadline_ms: u64,
     /// How much memory one policy hook call may use, in MiB.
     pub plugin_memory_mib: usize,
+    /// Threads that run `admit-connection` calls (none of the runtime's or
+    /// the HTTP proxy's), and how many decisions may wait for one; past
+    /// that the challenge's `policy_fallback` applies at once.
+    pub edge_policy_threads: usize,
+    pub edge_policy_queue: usize,
+    /// How long an edge decision is reused for the same instance, player
+    /// address and host, in milliseconds (0: every request is asked).
+    pub edge_decision_cache_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -297,6 +305,9 @@ impl Default for AgentConfig {
             artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
             plugin_deadline_ms: 5,
             plugin_memory_mib: 32,
+            edge_policy_threads: 2,
+            edge_policy_queue: 64,
+            edge_decision_cache_ms: 1000,
         }
     }
 }
@@ -371,6 +382,15 @@ impl AgentConfig {
         }
         if !(1..=1000).contains(&self.plugin_deadline_ms) {
             return Err(bad("plugin_deadline_ms", "1 to 1000"));
+        }
+        if !(1..=64).contains(&self.edge_policy_threads) {
+            return Err(bad("edge_policy_threads", "1 to 64"));
+        }
+        if !(1..=65_536).contains(&self.edge_policy_queue) {
+            return Err(bad("edge_policy_queue", "1 to 65536"));
+        }
+        if self.edge_decision_cache_ms > 60_000 {
+            return Err(bad("edge_decision_cache_ms", "0 to 60000"));
         }
         if !(1..=1024).contains(&self.plugin_memory_mib) {
             return Err(bad("plugin_memory_mib", "1 to 1024"));
