@@ -88,6 +88,16 @@ fn admit(
 
 impl Limits {
     pub fn of(cfg: &tidegate_schema::config::ControllerConfig) -> Self {
+        if tidegate_schema::config::planted("http-limits") {
+            // The red team's positive control: an hour per head, no caps.
+            return Self {
+                header_timeout: Duration::from_secs(3600),
+                drain: Duration::from_millis(cfg.etcd_timeout_ms + 1000),
+                max_header_bytes: cfg.http_max_header_bytes,
+                max_connections: usize::MAX,
+                max_connections_per_source: usize::MAX,
+            };
+        }
         Self {
             header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
             drain: Duration::from_millis(cfg.etcd_timeout_ms + 1000)

@@ -168,7 +168,7 @@ const DEFENCES: &[(&str, &str)] = &[
     ),
     (
         "http-limits",
-        "agents' HTTP entry: a deadline on every request head, caps on connections per agent and per source address (TIDEGATE_PLANTED)",
+        "the agents' HTTP entry and the controller's API: a deadline on every request head, caps on connections in all and per source address (TIDEGATE_PLANTED)",
     ),
     (
         "etcd-roles",

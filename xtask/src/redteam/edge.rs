@@ -1,9 +1,10 @@
-//! Attacks on an agent's HTTP entry point as a player makes them: request
-//! heads sent a byte at a time (slowloris) and more connections from one
-//! address than the agent lets one address hold.
+//! Attacks on the HTTP servers players and platforms reach (an agent's
+//! entry point, the controller's API): request heads sent a byte at a time
+//! (slowloris) and more connections from one address than an agent lets
+//! one address hold.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -17,7 +18,21 @@ pub(super) fn attacks() -> Vec<Attack> {
             "slowloris on agent a's HTTP entry: 100 request heads, one byte a second",
             From::Network,
             "http-limits",
-            slowloris,
+            |r| {
+                let deadline = Duration::from_millis(r.a_cfg.http_header_timeout_ms);
+                slowloris(r.a_cfg.http_entry, &r.alice.hostname, deadline)
+            },
+        ),
+        Attack::new(
+            "slowloris on the controller's API: 100 request heads, one byte a second",
+            From::Network,
+            "http-limits",
+            |r| {
+                let to = r.plane.url.trim_start_matches("http://").parse()?;
+                let cfg = tidegate_schema::config::ControllerConfig::default();
+                let deadline = Duration::from_millis(cfg.http_header_timeout_ms);
+                slowloris(to, "controller", deadline)
+            },
         ),
         Attack::new(
             "hold 300 kept-alive HTTP connections to alice's instance from one address",
@@ -28,15 +43,14 @@ pub(super) fn attacks() -> Vec<Attack> {
     ]
 }
 
-/// 100 connections each sending a request head a byte a second: blocked
-/// if the agent closed every one by its header deadline (plus 3 s of
-/// slack); through if any is still open after that.
-fn slowloris(r: &Range) -> Result<Verdict> {
-    let deadline = Duration::from_millis(r.a_cfg.http_header_timeout_ms);
-    let head = format!("GET / HTTP/1.1\r\nHost: {}\r\nX-Slow: ", r.alice.hostname);
+/// 100 connections to `to` each sending a request head a byte a second:
+/// blocked if the server closed every one by its header `deadline` (plus
+/// 3 s of slack); through if any is still open after that.
+fn slowloris(to: SocketAddr, host: &str, deadline: Duration) -> Result<Verdict> {
+    let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Slow: ");
     let mut open = Vec::new();
     for _ in 0..100 {
-        let mut s = TcpStream::connect_timeout(&r.a_cfg.http_entry, Duration::from_secs(3))?;
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
         s.write_all(head.as_bytes())?;
         s.set_nonblocking(true)?;
         open.push(s);
@@ -59,10 +73,9 @@ fn slowloris(r: &Range) -> Result<Verdict> {
         });
     }
     let seen = format!(
-        "{closed} of 100 closed, {} still open after {:.0} s (http_header_timeout_ms = {})",
+        "{closed} of 100 closed, {} still open after {:.0} s (header deadline {deadline:?})",
         open.len(),
         started.elapsed().as_secs_f64(),
-        r.a_cfg.http_header_timeout_ms
     );
     Ok(if open.is_empty() {
         Verdict::Blocked(seen)
