@@ -50,6 +50,7 @@ pub(crate) fn start(
     };
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    let routes_for_guard = routes.clone();
     let proxy = EdgeProxy {
         routes,
         forward_from,
@@ -79,6 +80,7 @@ pub(crate) fn start(
     let guard = Guard {
         app: Arc::new(app),
         conns,
+        routes: routes_for_guard,
     };
     let mut service = pingora::services::listening::Service::new("tidegate edge".into(), guard);
     // No read buffer of its own on plain HTTP: Pingora's default (64 KiB

@@ -7,13 +7,18 @@
 //! - it caps open connections per agent and per source address (503 and
 //!   close past either);
 //! - each request head must be complete within `header_timeout` of its
-//!   first byte (of the accept, for a connection's first request);
+//!   first byte (of the accept, or the end of the TLS handshake, for a
+//!   connection's first request); empty lines before a request line
+//!   count, they do not end the head;
 //! - head bytes are counted as they arrive: past `max_header_bytes` the
 //!   connection gets a 431 and is closed, nothing more is read.
 //!
 //! The stream tells heads from bodies by the bytes themselves: a head ends
 //! at its empty line, the next one starts with the first byte read after a
-//! final (non-1xx) response began. A 101 answer turns the connection into a
+//! final (non-1xx) response began, and a response write while a head is
+//! read means those bytes were an upload answered early (body, not head).
+//! A registered agent's address (it forwards many players) counts toward
+//! the total only; IPv6 sources count per /64. A 101 answer turns the connection into a
 //! tunnel, and HTTP/2 (ALPN) is left to Pingora's own idle timeout. The
 //! idle time between requests is Pingora's keep-alive timeout, which the
 //! proxy sets on every request ([`super::HttpLimits::keepalive`]).
@@ -119,14 +124,18 @@ impl Connections {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
-    /// Admits a connection from `source`, or says which cap it hit.
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, &'static str> {
+    /// Admits a connection from `source`, or says which cap it hit. An
+    /// agent forwarding players' requests (`agent`) is held to the total
+    /// only: its one address carries many players. IPv6 sources count per
+    /// /64, what one host is usually given.
+    fn admit(self: &Arc<Self>, source: IpAddr, agent: bool) -> Result<Admitted, &'static str> {
+        let source = per_source_key(source);
         let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if o.total >= self.limits.max_connections {
             return Err("max_connections");
         }
         let from_source = o.by_source.get(&source).copied().unwrap_or(0);
-        if from_source >= self.limits.max_connections_per_source {
+        if from_source >= self.limits.max_connections_per_source && !agent {
             return Err("max_per_source");
         }
         o.total += 1;
@@ -136,6 +145,18 @@ impl Connections {
             conns: self.clone(),
             source,
         })
+    }
+}
+
+/// What a source address is counted under: itself (IPv4), its /64 (IPv6).
+fn per_source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
     }
 }
 
@@ -172,6 +193,8 @@ const LINGER_BYTES: usize = 256 * 1024;
 pub struct Guard<A> {
     pub app: Arc<A>,
     pub conns: Arc<Connections>,
+    /// The route table, for the registered agents' addresses.
+    pub routes: crate::routes::SharedRoutes,
 }
 
 impl<A> std::fmt::Debug for Guard<A> {
@@ -193,7 +216,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         let source = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let admitted = match source.map(|ip| self.conns.admit(ip)) {
+        let admitted = match source.map(|ip| {
+            let agent = self.routes.load().agents.contains(&ip);
+            self.conns.admit(ip, agent)
+        }) {
             Some(Ok(admitted)) => Some(admitted),
             Some(Err(reason)) => {
                 self.conns.count(reason);
@@ -222,6 +248,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
 /// Where a head scan is within the current line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Line {
+    /// Before the request line: empty lines here are skipped (as httparse
+    /// does), they do not end the head; their bytes still count.
+    Leading,
     /// Inside a line.
     Text,
     /// Just after a line feed: an empty line may follow.
@@ -255,6 +284,7 @@ enum Phase {
 fn head_end(line: &mut Line, bytes: &[u8]) -> Option<usize> {
     for (i, &b) in bytes.iter().enumerate() {
         *line = match (b, *line) {
+            (b'\r' | b'\n', Line::Leading) => Line::Leading,
             (b'\n', Line::Start | Line::StartCr) => return Some(i + 1),
             (b'\n', Line::Text) => Line::Start,
             (b'\r', Line::Start) => Line::StartCr,
@@ -302,7 +332,7 @@ impl Guarded {
             } else {
                 Phase::Head {
                     seen: 0,
-                    line: Line::Text,
+                    line: Line::Leading,
                 }
             },
             deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
@@ -363,14 +393,25 @@ impl Guarded {
         )))
     }
 
-    /// Notes a response write: a final status ends the request.
+    /// Notes a response write: a final status ends the request. Over
+    /// HTTP/1 without pipelining nothing is written while the next head
+    /// is read, so a write during `Head` means those bytes were the body
+    /// of a request answered early (an upload the response did not wait
+    /// for): they are not a head, and get no deadline.
     fn saw_write(&mut self, bytes: &[u8]) {
-        if matches!(self.phase, Phase::Body) && !bytes.is_empty() {
-            self.phase = match status(bytes) {
-                Some(101) => Phase::Tunnel,
-                Some(100..=199) => Phase::Body,
-                _ => Phase::Between,
-            };
+        if bytes.is_empty() {
+            return;
+        }
+        match self.phase {
+            Phase::Body => {
+                self.phase = match status(bytes) {
+                    Some(101) => Phase::Tunnel,
+                    Some(100..=199) => Phase::Body,
+                    _ => Phase::Between,
+                };
+            }
+            Phase::Head { .. } => self.phase = Phase::Between,
+            _ => {}
         }
     }
 }
@@ -407,7 +448,7 @@ impl AsyncRead for Guarded {
         if matches!(this.phase, Phase::Between) {
             this.phase = Phase::Head {
                 seen: 0,
-                line: Line::Text,
+                line: Line::Leading,
             };
             let at = Instant::now() + this.limits.header_timeout;
             this.deadline.as_mut().reset(at);
@@ -531,7 +572,7 @@ mod tests {
 
     #[test]
     fn a_head_ends_at_its_empty_line_across_reads_and_line_endings() {
-        let mut line = Line::Text;
+        let mut line = Line::Leading;
         assert_eq!(head_end(&mut line, b"GET / HTTP/1.1\r\nHost: a\r"), None);
         assert_eq!(head_end(&mut line, b"\n\r"), None);
         assert_eq!(head_end(&mut line, b"\nbody"), Some(1));
@@ -542,6 +583,10 @@ mod tests {
         );
         let mut line = Line::Text;
         assert_eq!(head_end(&mut line, b"GET / HTTP/1.1\r\nX: \r\r\n"), None);
+        // Empty lines before the request line do not end a head.
+        let mut line = Line::Leading;
+        assert_eq!(head_end(&mut line, b"\r\n\r\n\n\nGET / HTTP/1.1\r\n"), None);
+        assert_eq!(head_end(&mut line, b"\r\n"), Some(2));
     }
 
     #[test]
@@ -631,6 +676,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_upload_answered_early_is_body_not_a_slow_head() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut g = Guarded::new(Box::new(server), connections(1024), None, false);
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(g.read(&mut buf).await.unwrap() > 0);
+        // The instance answers (and streams) before the upload is done.
+        g.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        for _ in 0..3 {
+            client.write_all(&[b'x'; 600]).await.unwrap();
+            assert!(g.read(&mut buf).await.unwrap() > 0);
+            g.write_all(b"echo").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        client.write_all(&[b'x'; 600]).await.unwrap();
+        assert!(g.read(&mut buf).await.unwrap() > 0, "the upload was cut");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_upgraded_connection_is_a_tunnel_without_deadline() {
         use tokio::io::AsyncReadExt;
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -663,14 +731,43 @@ mod tests {
         }));
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         let b: IpAddr = "198.18.0.2".parse().unwrap();
-        let a1 = conns.admit(a).unwrap();
-        let _a2 = conns.admit(a).unwrap();
-        assert_eq!(conns.admit(a).err(), Some("max_per_source"));
-        let _b1 = conns.admit(b).unwrap();
-        assert_eq!(conns.admit(b).err(), Some("max_connections"));
+        let a1 = conns.admit(a, false).unwrap();
+        let _a2 = conns.admit(a, false).unwrap();
+        assert_eq!(conns.admit(a, false).err(), Some("max_per_source"));
+        let _b1 = conns.admit(b, false).unwrap();
+        assert_eq!(conns.admit(b, false).err(), Some("max_connections"));
         drop(a1);
-        let _b2 = conns.admit(b).unwrap();
+        let _b2 = conns.admit(b, false).unwrap();
         assert_eq!(conns.open_gauge.get(), 3);
-        assert_eq!(conns.admit(a).err(), Some("max_connections"));
+        assert_eq!(conns.admit(a, false).err(), Some("max_connections"));
+    }
+
+    #[test]
+    fn agents_skip_the_per_source_cap_and_ipv6_counts_per_64() {
+        let conns = Arc::new(Connections::new(ConnLimits {
+            header_timeout: Duration::from_secs(1),
+            max_header_bytes: 1024,
+            max_connections: 4,
+            max_connections_per_source: 1,
+        }));
+        let agent: IpAddr = "198.18.0.9".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| conns.admit(agent, true).unwrap()).collect();
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let other_in_64: IpAddr = "2001:db8:1:2:ffff::7".parse().unwrap();
+        let _v6 = conns.admit(one, false).unwrap();
+        assert_eq!(
+            conns.admit(other_in_64, false).err(),
+            Some("max_connections")
+        );
+        drop(held);
+        assert_eq!(
+            conns.admit(other_in_64, false).err(),
+            Some("max_per_source")
+        );
+        assert!(
+            conns
+                .admit("2001:db8:1:3::1".parse().unwrap(), false)
+                .is_ok()
+        );
     }
 }

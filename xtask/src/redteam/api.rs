@@ -52,7 +52,7 @@ pub(super) fn attacks() -> Vec<Attack> {
             hold_connections,
         ),
         Attack::new(
-            "boot/destroy loop of one team for 20 s: containers created",
+            "boot/destroy loop of one team for 30 s: containers created",
             From::Network,
             "rate-limit",
             boot_destroy,
@@ -101,7 +101,7 @@ fn boot_destroy(r: &Range) -> Result<Verdict> {
     let since = unix_now();
     let started = Instant::now();
     let mut spawned = 0;
-    while started.elapsed() < Duration::from_secs(20) {
+    while started.elapsed() < Duration::from_secs(30) {
         let (status, body) = spawn(r, team)?;
         if status != 201 {
             std::thread::sleep(Duration::from_millis(100));
