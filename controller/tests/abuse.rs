@@ -464,6 +464,16 @@ async fn renewals_while_etcd_is_paused_or_silent_never_lose_the_instance() {
     }
 }
 
+/// Waits until `c` is the scheduler again: a cut connection to its one
+/// etcd endpoint can end its election session, and it then answers as a
+/// standby (503) until it has won again.
+async fn leading(c: &Controller) {
+    let won =
+        tidegate_lab::daemons::eventually(10, || async { c.status().await["role"] == "leader" })
+            .await;
+    assert!(won, "the controller did not lead again within 10 s");
+}
+
 #[tokio::test]
 async fn spawns_and_renewals_committed_whose_answers_are_lost_keep_the_instance() {
     let etcd = EtcdCluster::start(1).unwrap();
@@ -487,6 +497,7 @@ async fn spawns_and_renewals_committed_whose_answers_are_lost_keep_the_instance(
     // committed and answered 201.
     let mut ids = Vec::new();
     for i in 0..4 {
+        leading(&c).await;
         eater.arm(1);
         let (s, inst) = c.spawn("web", &format!("team-{i}")).await;
         eater.arm(0);
@@ -505,6 +516,7 @@ async fn spawns_and_renewals_committed_whose_answers_are_lost_keep_the_instance(
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         for id in &ids {
+            leading(&c).await;
             let before = eater.lost();
             eater.arm(1);
             let (s, body) = c
