@@ -84,16 +84,20 @@ fn slowloris(to: SocketAddr, host: &str, deadline: Duration) -> Result<Verdict> 
     })
 }
 
-/// 300 connections from this host's one address, each a complete request
+/// 300 connections from one address of this host (127.0.0.1: the host's
+/// other address is agent a's own, which the cap leaves to the total, as
+/// it carries the players other agents forward), each a complete request
 /// for alice's hostname, kept alive: more than the per-source cap answered
 /// 200 means the cap is not there.
 fn hold_http(r: &Range) -> Result<Verdict> {
     let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", r.alice.hostname);
     let mut held = Vec::new();
     let (mut served, mut refused) = (0, 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     for _ in 0..300 {
-        let Ok(mut s) = TcpStream::connect_timeout(&r.a_cfg.http_entry, Duration::from_secs(3))
-        else {
+        let Ok(mut s) = connect_from_loopback(&rt, r.a_cfg.http_entry) else {
             continue;
         };
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -118,4 +122,21 @@ fn hold_http(r: &Range) -> Result<Verdict> {
     } else {
         Verdict::Succeeded(seen)
     })
+}
+
+/// A connection to `to` (a local address) from 127.0.0.1, blocking.
+fn connect_from_loopback(
+    rt: &tokio::runtime::Runtime,
+    to: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let s = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), socket.connect(to))
+            .await
+            .map_err(|_| std::io::Error::from(ErrorKind::TimedOut))?
+    })?;
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(s)
 }
