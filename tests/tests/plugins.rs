@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tidegate_lab::daemons::{ADMIN, Controller, binary, eventually, web_spec};
 use tidegate_lab::etcd::EtcdCluster;
 use tidegate_lab::images::{DEMO_TCP, DEMO_TCP_PORT};
-use tidegate_lab::plugins::{component, core_module};
+use tidegate_lab::plugins::{component, core_module, with_memories};
 
 /// etcd and one controller (no agents): enough for uploads and for every
 /// decision taken before placement.
@@ -74,7 +74,7 @@ async fn uploads_are_checked_and_bad_ones_change_nothing() {
     let before = challenge(c, "web").await;
     let mut too_big = b"\0asm\x0d\0\x01\0".to_vec();
     too_big.resize(10 * 1024 * 1024 + 1, 0);
-    let bad: [(&str, Vec<u8>, &str); 5] = [
+    let bad: [(&str, Vec<u8>, &str); 7] = [
         ("junk", b"#!/bin/sh\necho hi\n".to_vec(), "not WebAssembly"),
         (
             "core module",
@@ -92,6 +92,20 @@ async fn uploads_are_checked_and_bad_ones_change_nothing() {
             "the dry run of admit-spawn failed",
         ),
         ("too big", too_big, "at most 10485760"),
+        (
+            // Each memory (and core instance) is a slot of the pool every
+            // challenge's plugin shares: 40 would starve the others. Refused
+            // at upload; the pool keeps room for every call at the caps.
+            "40 memories",
+            with_memories(&component("allowlist"), 40),
+            "core module instances, which exceeds the configured maximum of 16",
+        ),
+        (
+            // Fewer modules, still more memories than one component may hold.
+            "5 memories",
+            with_memories(&component("allowlist"), 4),
+            "5 Wasm linear memories, which exceeds the configured maximum of 4",
+        ),
     ];
     for (what, bytes, expected) in bad {
         let (s, body) = c.put_policy("web", bytes).await;
@@ -196,6 +210,13 @@ async fn uploads_are_checked_and_bad_ones_change_nothing() {
     let (ok, out) = cli(&["policy", "get", "web"]);
     assert!(!ok && out.contains("has no policy"), "{out}");
     assert!(challenge(c, "web").await["policy"].is_null());
+
+    // The same extra module with one memory is within the cap: only the
+    // count refused the 40 (the fixture itself is a valid component).
+    let (s, up) = c
+        .put_policy("web", with_memories(&component("allowlist"), 1))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{up}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
