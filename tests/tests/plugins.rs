@@ -659,16 +659,20 @@ async fn a_new_leader_loads_the_policy_by_digest_and_a_missing_blob_falls_back()
 }
 
 /// 64 clients from 64 addresses GET `host` through both agents until
-/// `until`, while `bystander` is measured (100 GETs) and the workers are
-/// listed every second: requests sent, answered 403, the bystander's
-/// latencies, and every worker count other than 2.
+/// `until`, `rate` requests a second in all (as many as they can, if they
+/// cannot keep up), while `bystander` is measured (100 GETs) and the
+/// workers are listed every second: requests sent, answered 403, the
+/// bystander's latencies, and every worker count other than 2.
 async fn flood(
     p: &Plane,
     host: &str,
     bystander: &str,
     until: Instant,
+    rate: u32,
 ) -> (u64, u64, Vec<Duration>, Vec<usize>) {
-    let flood: Vec<_> = (0..64u8)
+    const CLIENTS: u8 = 64;
+    let every = Duration::from_secs(1) * u32::from(CLIENTS) / rate.max(1);
+    let flood: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let entry = if i % 2 == 0 { &p.a_http } else { &p.b_http }.clone();
             let host = host.to_string();
@@ -678,8 +682,11 @@ async fn flood(
                     .timeout(Duration::from_secs(10))
                     .build()
                     .unwrap();
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let (mut sent, mut refused) = (0u64, 0u64);
                 while Instant::now() < until {
+                    tick.tick().await;
                     let r = client
                         .get(format!("http://{entry}/"))
                         .header("host", &host)
@@ -772,17 +779,26 @@ async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other
     let baseline = latencies(&p.a_http, &fast_host, 100).await;
 
     // 64 clients from 64 addresses flood the slow instance through both
-    // agents for 20 s (TIDEGATE_FLOOD_SECS: the issue's run was 120 s).
-    let secs: u64 = std::env::var("TIDEGATE_FLOOD_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    // agents at 2,000 requests a second for 20 s (TIDEGATE_FLOOD_SECS and
+    // TIDEGATE_FLOOD_RATE: the issue's run was 120 s).
+    let env = |name: &str, default| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (secs, rate) = (
+        env("TIDEGATE_FLOOD_SECS", 20),
+        env("TIDEGATE_FLOOD_RATE", 2_000),
+    );
     let until = Instant::now() + Duration::from_secs(secs);
-    let (sent, refused, during, lost_workers) = flood(&p, &slow_host, &fast_host, until).await;
+    let (sent, refused, during, lost_workers) =
+        flood(&p, &slow_host, &fast_host, until, rate as u32).await;
     // The same flood at a hostname no instance has (404 at the edge, no
     // policy): what the flood costs the other instance by itself.
     let until = Instant::now() + Duration::from_secs(secs);
-    let (control_sent, _, control, _) = flood(&p, "nope.ctf.localhost", &fast_host, until).await;
+    let (control_sent, _, control, _) =
+        flood(&p, "nope.ctf.localhost", &fast_host, until, rate as u32).await;
     let decisions = |d: &str| format!("tidegate_policy_edge_decisions_total{{decision=\"{d}\"}}");
     let mut seen = std::collections::BTreeMap::new();
     for d in ["saturated_reject", "fallback_reject"] {
@@ -792,7 +808,7 @@ async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other
     }
     let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
     eprintln!(
-        "flood: {sent} requests in {secs} s ({:.0}/s) through both agents, {refused} answered 403; decisions {seen:?}; \
+        "flood at {rate}/s: {sent} requests in {secs} s ({:.0}/s) through both agents, {refused} answered 403; decisions {seen:?}; \
          the other instance's p50/p99 {:?}/{:?} (without the flood {:?}/{:?}; under the same flood of a host \
          without policy, {control_sent} requests: {:?}/{:?})",
         sent as f64 / secs as f64,

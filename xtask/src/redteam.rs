@@ -167,6 +167,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "agents cap open TCP connections per player address and per instance (TIDEGATE_PLANTED)",
     ),
     (
+        "tcp-idle",
+        "agents close a TCP connection quiet for its challenge's tcp_idle_timeout_secs (TIDEGATE_PLANTED)",
+    ),
+    (
         "http-limits",
         "the agents' HTTP entry and the controller's API: a deadline on every request head, caps on connections in all and per source address (TIDEGATE_PLANTED)",
     ),

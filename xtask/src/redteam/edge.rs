@@ -1,7 +1,7 @@
 //! Attacks on the HTTP servers players and platforms reach (an agent's
 //! entry point, the controller's API): request heads sent a byte at a time
 //! (slowloris) and more connections from one address than an agent lets
-//! one address hold.
+//! one address hold; and a TCP connection held open without a byte.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::range::Range;
+use super::range::{IDLE_SECS, Range};
 use super::{Attack, From, Verdict};
 
 pub(super) fn attacks() -> Vec<Attack> {
@@ -40,7 +40,59 @@ pub(super) fn attacks() -> Vec<Attack> {
             "http-limits",
             hold_http,
         ),
+        Attack::new(
+            "quiet TCP connection held past the instance's 10 s idle timeout",
+            From::Network,
+            "tcp-idle",
+            hold_quiet,
+        ),
     ]
+}
+
+/// One TCP connection to idler's instance (tcp_idle_timeout_secs =
+/// [`IDLE_SECS`]): a line echoed, then not a byte. Blocked if the agent
+/// closes it by the timeout plus the agent's check interval and 5 s of
+/// slack; through if it still echoes after that.
+fn hold_quiet(r: &Range) -> Result<Verdict> {
+    let to = SocketAddr::new(r.a_cfg.tcp_host, r.idler.tcp_port);
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = [0u8; 5];
+    s.write_all(b"ping\n")?;
+    s.read_exact(&mut buf)?;
+    anyhow::ensure!(&buf == b"ping\n", "idler's instance did not echo");
+    let quiet = Instant::now();
+    let limit = Duration::from_secs(u64::from(IDLE_SECS));
+    let give_up = limit + limit / 4 + Duration::from_secs(5);
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    while quiet.elapsed() < give_up {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                let after = quiet.elapsed();
+                return Ok(if after + Duration::from_secs(1) >= limit {
+                    Verdict::Blocked(format!("closed after {:.1} s quiet", after.as_secs_f64()))
+                } else {
+                    anyhow::bail!("closed after only {after:?}, before the idle timeout")
+                });
+            }
+            Ok(_) => anyhow::bail!("the instance sent a byte unasked"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => {
+                return Ok(Verdict::Blocked(format!(
+                    "reset after {:.1} s quiet: {e}",
+                    quiet.elapsed().as_secs_f64()
+                )));
+            }
+        }
+    }
+    // Still open: show it is alive, not half-dead.
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"ping\n")?;
+    s.read_exact(&mut buf)?;
+    Ok(Verdict::Succeeded(format!(
+        "still echoing after {:.1} s quiet",
+        quiet.elapsed().as_secs_f64()
+    )))
 }
 
 /// 100 connections to `to` each sending a request head a byte a second:

@@ -27,6 +27,9 @@ use tidegate_schema::config::AgentConfig;
 use crate::cluster::{Containers, ControlPlane, agent_config, agent_wrapped, api};
 use crate::{sh, workspace_root};
 
+/// `tcp_idle_timeout_secs` of challenge `rt-idle` (the least a spec may say).
+pub(super) const IDLE_SECS: u32 = 10;
+
 /// One instance of the range.
 #[derive(Debug, Clone)]
 pub(super) struct Instance {
@@ -60,6 +63,9 @@ pub(super) struct Range {
     pub(super) mallory_egress: Instance,
     pub(super) mallory_raw: Instance,
     pub(super) alice: Instance,
+    /// Team idler's instance of `rt-idle`, whose TCP connections close
+    /// after [`IDLE_SECS`] without a byte.
+    pub(super) idler: Instance,
     /// Team locked's instance on agent b, which its challenge's edge
     /// policy (the allowlist) refuses to everyone but red, blue and the
     /// organizers.
@@ -151,6 +157,7 @@ impl Range {
             ("rt-egress", json!({"egress": true})),
             ("rt-raw", json!({"unsafe_caps": ["NET_RAW"]})),
             ("rt-locked", json!({})),
+            ("rt-idle", json!({"tcp_idle_timeout_secs": IDLE_SECS})),
         ] {
             let mut spec = json!({
                 "image": image,
@@ -196,11 +203,12 @@ impl Range {
         let a = agent_wrapped(&bin_dir, &dir, &a_cfg, &env)?;
 
         let spawn = |challenge: &str, team: &str| spawn(&plane, challenge, team);
-        let (mallory, mallory_egress, mallory_raw, alice) = (
+        let (mallory, mallory_egress, mallory_raw, alice, idler) = (
             spawn("rt-web", "mallory")?,
             spawn("rt-egress", "mallory")?,
             spawn("rt-raw", "mallory")?,
             spawn("rt-web", "alice")?,
+            spawn("rt-idle", "idler")?,
         );
         let listener = std::net::TcpListener::bind("0.0.0.0:0")?;
         let listening = listener.local_addr()?;
@@ -222,6 +230,7 @@ impl Range {
             mallory_egress: Instance::pending(mallory_egress),
             mallory_raw: Instance::pending(mallory_raw),
             alice: Instance::pending(alice),
+            idler: Instance::pending(idler),
             locked,
             b_cfg,
             listener: listening,
@@ -232,6 +241,7 @@ impl Range {
             &mut range.mallory_egress,
             &mut range.mallory_raw,
             &mut range.alice,
+            &mut range.idler,
         ] {
             let (id, body) = (inst.id.clone(), inst.hostname.clone());
             *inst = running(&range.plane, &id, &body).with_context(|| {
