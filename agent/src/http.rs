@@ -25,7 +25,7 @@ use pingora::{Error, ErrorType};
 use tidegate_schema::Hostname;
 
 use crate::hop::{Hop, Hops, Protocol, Refused};
-use crate::policy::{Connection, EdgePolicy, Verdict};
+use crate::policy::{Connection, EdgePolicy, Throttle, Verdict};
 use crate::routes::{Route, SharedRoutes, Target};
 
 /// The header a forwarding agent adds: with a valid proof, it means "route
@@ -271,7 +271,10 @@ impl ProxyHttp for EdgeProxy {
             host: host.as_str(),
         };
         if !forwarded && let Verdict::Reject(reason) = self.policy.admit(&conn).await {
-            tracing::info!(host = %host, player = ?client, %reason, "request refused by policy");
+            static REFUSED: Throttle = Throttle::new();
+            if let Some(left_out) = REFUSED.admit() {
+                tracing::info!(host = %host, player = ?client, %reason, left_out, "request refused by policy (left_out: refusals since the last line, one a second)");
+            }
             answer(session, 403, &reason, None).await?;
             return Ok(true);
         }

@@ -141,14 +141,67 @@ impl Default for EdgeMetrics {
     }
 }
 
+/// One log line a second at most, for lines a player can cause on every
+/// request or connection (a flood of refused requests must not flood the
+/// log, nor the disk under it): the lines left out in between are counted
+/// and reported with the next one.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// Unix ms of the last line written.
+    last_ms: AtomicU64,
+    left_out: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new() -> Self {
+        Self {
+            last_ms: AtomicU64::new(0),
+            left_out: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be
+    /// written now; `None` (and one more left out) otherwise.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(tidegate_plugin_host::unix_ms())
+    }
+
+    fn admit_at(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= 1000
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.left_out.swap(0, Ordering::Relaxed))
+        } else {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[test]
+fn a_throttle_writes_one_line_a_second_and_counts_the_rest() {
+    let t = Throttle::new();
+    assert_eq!(t.admit_at(5_000), Some(0));
+    for ms in [5_001, 5_500, 5_999] {
+        assert_eq!(t.admit_at(ms), None);
+    }
+    assert_eq!(t.admit_at(6_000), Some(3));
+    assert_eq!(t.admit_at(6_001), None);
+    assert_eq!(t.admit_at(9_000), Some(1));
+}
+
 /// Runs each challenge's `admit-connection` plugin.
 pub struct PluginPolicy {
     host: Host,
     store: Arc<dyn ArtifactStore>,
     applied: ArcSwap<HashMap<String, Arc<AppliedPolicy>>>,
     pub metrics: EdgeMetrics,
-    /// Unix ms of the last failure log line (one a second at most).
-    last_failure_log: AtomicU64,
+    /// The failure log line (one a second at most).
+    failure_log: Throttle,
     /// Where plugin calls run.
     pool: DecisionPool,
     /// Recent decisions (answered from here within their TTL).
@@ -185,7 +238,7 @@ impl PluginPolicy {
             store,
             applied: ArcSwap::default(),
             metrics: EdgeMetrics::default(),
-            last_failure_log: AtomicU64::new(0),
+            failure_log: Throttle::new(),
             pool: DecisionPool::new(limits.threads, limits.queue)?,
             cache: DecisionCache::new(limits.cache_ttl),
         })
@@ -305,15 +358,8 @@ impl PluginPolicy {
     }
 
     fn fallback(&self, fallback: PolicyFallback, cause: String) -> Verdict {
-        let now = tidegate_plugin_host::unix_ms();
-        let last = self.last_failure_log.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
-            && self
-                .last_failure_log
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(%cause, ?fallback, "policy failed at the edge; applying the fallback");
+        if let Some(left_out) = self.failure_log.admit() {
+            tracing::warn!(%cause, ?fallback, left_out, "policy failed at the edge; applying the fallback (left_out: lines like it in the last second)");
         }
         match fallback {
             PolicyFallback::Allow => {

@@ -819,6 +819,11 @@ async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other
         control[control.len() / 2],
         p99(&control)
     );
+    eprintln!(
+        "slowest 5 under the flood {:?}, under the control flood {:?}",
+        &during[during.len() - 5..],
+        &control[control.len() - 5..]
+    );
     assert!(
         lost_workers.is_empty(),
         "workers listed during the flood: {lost_workers:?}"
@@ -831,5 +836,11 @@ async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other
     // Every flood request was refused as configured (deny), whether its
     // call ran out of time or never ran.
     assert_eq!(refused, sent, "flood requests not refused");
+    // The refusals are logged one line a second, not one a request.
+    let lines = p.a.log().matches("request refused by policy").count();
+    assert!(
+        (1..=3 * secs as usize).contains(&lines),
+        "{lines} refusal lines in agent a's log for {sent} refused requests in {secs} s"
+    );
     assert_eq!(get(&p.a_http, &slow_host, None).await.0, 403);
 }

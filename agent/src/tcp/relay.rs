@@ -19,7 +19,7 @@ use super::hop::Taken;
 use super::{CONNECT_TIMEOUT, Failures, ebpf, hop, sockhash, splice, tls};
 use crate::hop::{Hop, Hops, Protocol};
 use crate::metrics::traffic::InstanceTraffic;
-use crate::policy::{Connection, EdgePolicy, Verdict};
+use crate::policy::{Connection, EdgePolicy, Throttle, Verdict};
 use crate::routes::{Route, SharedRoutes, Target};
 
 /// Pairs an accepted connection with its backend and moves the bytes.
@@ -318,7 +318,10 @@ impl Relay {
                 host,
             };
             if let Verdict::Reject(reason) = self.policy.admit(&conn).await {
-                tracing::info!(port = local.port(), player = %source, %reason, "connection refused by policy");
+                static REFUSED: Throttle = Throttle::new();
+                if let Some(left_out) = REFUSED.admit() {
+                    tracing::info!(port = local.port(), player = %source, %reason, left_out, "connection refused by policy (left_out: refusals since the last line, one a second)");
+                }
                 return Ok(None);
             }
         }
