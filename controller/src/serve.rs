@@ -10,18 +10,18 @@
 //! - A head larger than `max_header_bytes` is refused with 431 and nothing
 //!   more is buffered.
 //! - At most `max_connections` at once, and `max_connections_per_source`
-//!   from one address; past either, a new connection is closed at once.
+//!   from one source (an IPv4 address, an IPv6 /64); past either, a new
+//!   connection is closed at once.
 //!   Refusals are counted by reason.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tidegate_schema::caps::{ConnectionCaps, Refused};
 use tokio::net::TcpListener;
 
 use crate::App;
@@ -36,54 +36,6 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
-}
-
-/// Open connections, in all and per source address.
-#[derive(Debug, Default)]
-struct Open {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-/// One admitted connection; gives its place back when dropped.
-struct Admitted {
-    open: Arc<Mutex<Open>>,
-    source: IpAddr,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        o.total = o.total.saturating_sub(1);
-        if let Some(n) = o.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                o.by_source.remove(&self.source);
-            }
-        }
-    }
-}
-
-/// Admits a connection from `source`, or says which cap it hit.
-fn admit(
-    open: &Arc<Mutex<Open>>,
-    source: IpAddr,
-    limits: &Limits,
-) -> Result<Admitted, &'static str> {
-    let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
-    if o.total >= limits.max_connections {
-        return Err("max_connections");
-    }
-    let from_source = o.by_source.get(&source).copied().unwrap_or(0);
-    if from_source >= limits.max_connections_per_source {
-        return Err("max_connections_per_source");
-    }
-    o.total += 1;
-    *o.by_source.entry(source).or_default() += 1;
-    Ok(Admitted {
-        open: open.clone(),
-        source,
-    })
 }
 
 impl Limits {
@@ -118,7 +70,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let limits = Limits::of(&app.cfg);
-    let open = Arc::new(Mutex::new(Open::default()));
+    let caps = ConnectionCaps::new(limits.max_connections, limits.max_connections_per_source);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -137,10 +89,13 @@ pub async fn serve(
         };
         // Reap finished connection tasks as we go.
         while conns.try_join_next().is_some() {}
-        let admitted = match admit(&open, peer.ip(), &limits) {
+        let admitted = match caps.admit(peer.ip(), false) {
             Ok(a) => a,
-            Err(reason) => {
-                app.metrics.connection_refused(reason);
+            Err(refused) => {
+                app.metrics.connection_refused(match refused {
+                    Refused::Total => "max_connections",
+                    Refused::PerSource => "max_connections_per_source",
+                });
                 drop(stream);
                 continue;
             }
@@ -167,34 +122,4 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     while conns.join_next().await.is_some() {}
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caps_count_in_all_and_per_source_and_free_on_drop() {
-        let limits = Limits {
-            header_timeout: Duration::from_secs(1),
-            drain: Duration::from_secs(1),
-            max_header_bytes: 1024,
-            max_connections: 3,
-            max_connections_per_source: 2,
-        };
-        let open = Arc::new(Mutex::new(Open::default()));
-        let a: IpAddr = [198, 18, 0, 1].into();
-        let b: IpAddr = [198, 18, 0, 2].into();
-        let a1 = admit(&open, a, &limits).unwrap();
-        let _a2 = admit(&open, a, &limits).unwrap();
-        assert_eq!(
-            admit(&open, a, &limits).err(),
-            Some("max_connections_per_source")
-        );
-        let _b1 = admit(&open, b, &limits).unwrap();
-        assert_eq!(admit(&open, b, &limits).err(), Some("max_connections"));
-        drop(a1);
-        assert!(admit(&open, a, &limits).is_ok());
-        assert_eq!(open.lock().unwrap().by_source.len(), 2);
-    }
 }

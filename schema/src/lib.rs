@@ -5,6 +5,7 @@
 //! reading a config file (and `/etc/hostname` for a default id).
 
 pub mod activity;
+pub mod caps;
 pub mod config;
 pub mod keys;
 pub mod names;

@@ -25,11 +25,10 @@
 //! Refusals are counted in `tidegate_agent_http_connections_refused_total`
 //! by reason.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -47,6 +46,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tidegate_schema::caps::{ConnectionCaps, Refused, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -72,18 +72,11 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
-/// Open connections, in all and per source address.
-#[derive(Debug, Default)]
-struct Open {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
 /// The HTTP entry's open connections and refusals.
 #[derive(Debug)]
 pub struct Connections {
     limits: ConnLimits,
-    open: Mutex<Open>,
+    caps: Arc<ConnectionCaps>,
     open_gauge: Gauge,
     refused: Family<ReasonLabel, Counter>,
 }
@@ -95,8 +88,8 @@ impl Connections {
             let _ = refused.get_or_create(&ReasonLabel { reason });
         }
         Self {
+            caps: ConnectionCaps::new(limits.max_connections, limits.max_connections_per_source),
             limits,
-            open: Mutex::default(),
             open_gauge: Gauge::default(),
             refused,
         }
@@ -129,53 +122,26 @@ impl Connections {
     /// only: its one address carries many players. IPv6 sources count per
     /// /64, what one host is usually given.
     fn admit(self: &Arc<Self>, source: IpAddr, agent: bool) -> Result<Admitted, &'static str> {
-        let source = per_source_key(source);
-        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if o.total >= self.limits.max_connections {
-            return Err("max_connections");
-        }
-        let from_source = o.by_source.get(&source).copied().unwrap_or(0);
-        if from_source >= self.limits.max_connections_per_source && !agent {
-            return Err("max_per_source");
-        }
-        o.total += 1;
-        *o.by_source.entry(source).or_default() += 1;
+        let slot = self.caps.admit(source, agent).map_err(|r| match r {
+            Refused::Total => "max_connections",
+            Refused::PerSource => "max_per_source",
+        })?;
         self.open_gauge.inc();
         Ok(Admitted {
             conns: self.clone(),
-            source,
+            _slot: slot,
         })
-    }
-}
-
-/// What a source address is counted under: itself (IPv4), its /64 (IPv6).
-fn per_source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
     }
 }
 
 /// One admitted connection; gives its place back when dropped.
 struct Admitted {
     conns: Arc<Connections>,
-    source: IpAddr,
+    _slot: Slot,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut o = self.conns.open.lock().unwrap_or_else(|e| e.into_inner());
-        o.total = o.total.saturating_sub(1);
-        if let Some(n) = o.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                o.by_source.remove(&self.source);
-            }
-        }
         self.conns.open_gauge.dec();
     }
 }
@@ -721,53 +687,25 @@ mod tests {
         assert!(matches!(g.phase, Phase::Tunnel));
     }
 
+    /// The caps themselves are `tidegate_schema::caps`'s (tested there):
+    /// here, the reasons they are counted under and the open gauge.
     #[test]
-    fn caps_count_in_all_and_per_source_and_free_on_drop() {
+    fn refusals_are_named_and_the_gauge_follows_open_connections() {
         let conns = Arc::new(Connections::new(ConnLimits {
             header_timeout: Duration::from_secs(1),
             max_header_bytes: 1024,
-            max_connections: 3,
-            max_connections_per_source: 2,
+            max_connections: 2,
+            max_connections_per_source: 1,
         }));
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         let b: IpAddr = "198.18.0.2".parse().unwrap();
         let a1 = conns.admit(a, false).unwrap();
-        let _a2 = conns.admit(a, false).unwrap();
         assert_eq!(conns.admit(a, false).err(), Some("max_per_source"));
-        let _b1 = conns.admit(b, false).unwrap();
+        let _agent = conns.admit(a, true).unwrap();
         assert_eq!(conns.admit(b, false).err(), Some("max_connections"));
+        assert_eq!(conns.open_gauge.get(), 2);
         drop(a1);
-        let _b2 = conns.admit(b, false).unwrap();
-        assert_eq!(conns.open_gauge.get(), 3);
-        assert_eq!(conns.admit(a, false).err(), Some("max_connections"));
-    }
-
-    #[test]
-    fn agents_skip_the_per_source_cap_and_ipv6_counts_per_64() {
-        let conns = Arc::new(Connections::new(ConnLimits {
-            header_timeout: Duration::from_secs(1),
-            max_header_bytes: 1024,
-            max_connections: 4,
-            max_connections_per_source: 1,
-        }));
-        let agent: IpAddr = "198.18.0.9".parse().unwrap();
-        let held: Vec<_> = (0..3).map(|_| conns.admit(agent, true).unwrap()).collect();
-        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
-        let other_in_64: IpAddr = "2001:db8:1:2:ffff::7".parse().unwrap();
-        let _v6 = conns.admit(one, false).unwrap();
-        assert_eq!(
-            conns.admit(other_in_64, false).err(),
-            Some("max_connections")
-        );
-        drop(held);
-        assert_eq!(
-            conns.admit(other_in_64, false).err(),
-            Some("max_per_source")
-        );
-        assert!(
-            conns
-                .admit("2001:db8:1:3::1".parse().unwrap(), false)
-                .is_ok()
-        );
+        assert_eq!(conns.open_gauge.get(), 1);
+        assert!(conns.admit(b, false).is_ok());
     }
 }
