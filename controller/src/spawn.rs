@@ -190,6 +190,14 @@ fn slot_key(plan: &SpawnPlan, slot: u32) -> String {
 /// A record with a fresh id, hostnames and random free-looking TCP ports.
 fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
     let spec = &plan.challenge.spec;
+    if !spec.services.is_empty() {
+        // Only a challenge record written by hand gets here: the API
+        // does not store one with services yet.
+        return Err(SpawnError::Invalid {
+            what: "challenge",
+            error: "it lists services; this version runs one container per instance".into(),
+        });
+    }
     let id = InstanceId::from_random(rand::random());
     let mut http = Vec::new();
     let mut tcp: Vec<TcpRoute> = Vec::new();

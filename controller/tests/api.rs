@@ -77,7 +77,62 @@ async fn challenges_auth_and_bad_inputs_write_nothing() {
 
     // Every bad input: its 4xx, naming the field, and etcd unchanged.
     let before = revision(&client).await;
+    // A challenge with services (an app, its db, an admin bot), broken
+    // one way each.
+    let services = |edit: &dyn Fn(&mut Value)| {
+        let mut v = json!({
+            "services": {
+                "app": {"image": "x:1", "depends_on": ["db"]},
+                "db": {"image": "y:1"},
+                "bot": {"image": "z:1", "depends_on": ["app"]},
+            },
+            "ports": [{"name": "web", "port": 80, "protocol": "http", "service": "app"}],
+        });
+        edit(&mut v);
+        v
+    };
+    let nine: serde_json::Map<String, Value> = (0..9)
+        .map(|i| (format!("s{i}"), json!({"image": "x:1"})))
+        .collect();
+    let duplicate_name = r#"{"services": {"app": {"image": "a:1"}, "app": {"image": "b:1"}},
+        "ports": [{"name": "web", "port": 80, "protocol": "http"}]}"#;
     let bad: Vec<(Method, &str, Value, StatusCode, Option<&str>)> = vec![
+        (
+            Method::PUT,
+            "/v1/challenges/web",
+            services(&|v| v["ports"][0]["service"] = json!("cache")),
+            StatusCode::BAD_REQUEST,
+            Some("ports[0].service"),
+        ),
+        (
+            Method::PUT,
+            "/v1/challenges/web",
+            services(&|v| v["services"] = Value::Object(nine.clone())),
+            StatusCode::BAD_REQUEST,
+            Some("services"),
+        ),
+        (
+            Method::PUT,
+            "/v1/challenges/web",
+            services(&|v| v["services"]["db"]["depends_on"] = json!(["bot"])),
+            StatusCode::BAD_REQUEST,
+            Some("services.app.depends_on"),
+        ),
+        (
+            Method::PUT,
+            "/v1/challenges/web",
+            services(&|v| v["services"]["Not_A_Label"] = json!({"image": "x:1"})),
+            StatusCode::BAD_REQUEST,
+            Some("services.Not_A_Label"),
+        ),
+        // Valid, but not run by this version: 501, nothing stored.
+        (
+            Method::PUT,
+            "/v1/challenges/web",
+            services(&|_| {}),
+            StatusCode::NOT_IMPLEMENTED,
+            Some("services"),
+        ),
         (
             Method::PUT,
             "/v1/challenges/web",
@@ -207,6 +262,24 @@ async fn challenges_auth_and_bad_inputs_write_nothing() {
     assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = big.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("1048576"));
+    // A service named twice (raw JSON: a map keeps the last silently).
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/challenges/web", c.url))
+        .bearer_auth(ADMIN)
+        .body(duplicate_name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "services", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("\"app\" listed twice"),
+        "{body}"
+    );
     // A malformed If-Match.
     let r = reqwest::Client::new()
         .put(format!("{}/v1/challenges/web", c.url))

@@ -16,10 +16,13 @@ pub mod validate;
 
 pub use activity::{ActivityReport, InstanceActivity};
 pub use keys::{Grant, Key, KeyError, Keyspace, Kind};
-pub use names::{ChallengeName, Hostname, InstanceId, PortName, TeamId, WorkerId};
+pub use names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, TeamId, WorkerId};
 pub use records::{
     ChallengeRecord, ChallengeSecretRecord, ContainerSpec, HttpRoute, InstanceRecord,
     InstanceStatus, PolicyRef, Record, SecretRecord, StatusRecord, TcpRoute, V1, WorkerRecord,
 };
-pub use spec::{ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, TtlSpec};
+pub use spec::{
+    ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, ReadySpec, ServiceSpec,
+    TtlSpec,
+};
 pub use validate::{FieldError, Invalid, Validate, decode_json};

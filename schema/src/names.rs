@@ -127,6 +127,15 @@ name_type!(
     "1-15 characters of a-z, 0-9 and '-', not starting or ending with '-'"
 );
 
+name_type!(
+    /// A service of a challenge (`app`, `db`, `bot`): the name its
+    /// neighbours reach it by on the instance's network, so a DNS label.
+    ServiceName,
+    "service name",
+    |s| is_dns_label(s, 63),
+    "1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+);
+
 impl Hostname {
     /// Normalises a Host header or SNI value: strips a `:port`, lowercases,
     /// drops one trailing dot; `None` when the result is not a hostname.

@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::names::PortName;
+use crate::names::{PortName, ServiceName};
 use crate::validate::{FieldError, Validate, in_range};
 
 /// At most this many ports per challenge.
@@ -40,17 +40,37 @@ pub const ALLOWED_CAPS: &[&str] = &[
 /// naming it in `unsafe_caps` (docs/security.md).
 pub const UNSAFE_CAPS: &[&str] = &["NET_RAW"];
 
-/// At most this many tmpfs mounts per challenge.
+/// At most this many tmpfs mounts per container.
 pub const MAX_TMPFS: usize = 8;
+/// At most this many services (containers) per instance.
+pub const MAX_SERVICES: usize = 8;
+/// The name of the one service of a challenge given in the short form
+/// (`image` and the container fields at the top level).
+pub const SHORT_FORM_SERVICE: &str = "app";
+/// At most this many arguments in a service's `command`.
+pub const MAX_COMMAND_ARGS: usize = 64;
 
 /// A challenge: what to run for each team, and the rules for its instances.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeSpec {
-    /// The container image (built or loaded into each worker's Docker engine).
+    /// The container image (built or loaded into each worker's Docker
+    /// engine) of a one-service challenge: the short form, whose service is
+    /// named `app` and takes `env`, `limits`, `cap_add`, `read_only_rootfs`
+    /// and `tmpfs` from the top level. Left out when `services` is given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
-    /// The ports the container serves, each exposed as a hostname (`http`)
+    /// The containers of each instance by service name (at most 8), instead
+    /// of `image`: each with its own image and container fields, reaching
+    /// the others by their names on the instance's own network.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "each_service_once"
+    )]
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
+    /// The ports the instance serves, each exposed as a hostname (`http`)
     /// or a public TCP port (`tcp`).
     pub ports: Vec<PortSpec>,
     /// Extra environment for the container. `FLAG` is set by tidegate.
@@ -143,6 +163,87 @@ fn default_tmpfs() -> Vec<TmpfsSpec> {
     }]
 }
 
+/// One container of a challenge with `services`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// The container image (built or loaded into each worker's Docker engine).
+    pub image: String,
+    /// Extra environment. `FLAG` and the challenge's `secret_env` are set
+    /// in the services `flag.services` names.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Capabilities added back after `cap-drop ALL` (from [`ALLOWED_CAPS`]).
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    /// Mount the image's root filesystem read-only (the default).
+    #[serde(default = "yes")]
+    pub read_only_rootfs: bool,
+    /// Writable in-memory mounts (counted in the memory limit). Default:
+    /// `/tmp` of 64 MiB.
+    #[serde(default = "default_tmpfs")]
+    pub tmpfs: Vec<TmpfsSpec>,
+    /// The command and its arguments, instead of the image's own (at most
+    /// 64 arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// When the service is ready: a TCP port that accepts, or an HTTP path
+    /// that answers. Without it, once its container runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<ReadySpec>,
+    /// Services started (and ready) before this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ServiceName>,
+}
+
+/// How a service shows it is ready.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum ReadySpec {
+    /// This port accepts a TCP connection.
+    Tcp(u16),
+    /// `GET path` on this port answers 2xx or 3xx.
+    Http { port: u16, path: String },
+}
+
+/// `services` from a JSON object, refusing a name given twice (which a
+/// map would otherwise keep the last of, silently).
+fn each_service_once<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<ServiceName, ServiceSpec>, D::Error> {
+    struct Once;
+    impl<'de> serde::de::Visitor<'de> for Once {
+        type Value = BTreeMap<ServiceName, ServiceSpec>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map from service names to services")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(name) = map.next_key::<ServiceName>()? {
+                if out.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "service {:?} listed twice",
+                        name.as_str()
+                    )));
+                }
+                let service = map.next_value()?;
+                out.insert(name, service);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Once)
+}
+
 /// One writable in-memory mount of each instance.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +264,10 @@ pub struct PortSpec {
     /// The port inside the container.
     pub port: u16,
     pub protocol: Protocol,
+    /// The service that serves it: required when `services` lists more
+    /// than one (the short form's service is `app`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -249,28 +354,35 @@ pub struct FlagSpec {
     /// The flag text; `{hmac}` is replaced by an HMAC of a server secret,
     /// the team, the challenge and the instance. Default `flag{{hmac}}`.
     pub template: String,
+    /// The services given the flag (`FLAG`) and `secret_env` (an XSS
+    /// challenge's admin bot, not its app); default: every service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<ServiceName>>,
 }
 
 impl Default for FlagSpec {
     fn default() -> Self {
         Self {
             template: format!("flag{{{FLAG_PLACEHOLDER}}}"),
+            services: None,
         }
     }
 }
 
+/// The container fields one service has, wherever the spec gives them
+/// (the top level in the short form, or an entry of `services`), and the
+/// prefix that names them in errors.
+struct Container<'a> {
+    prefix: String,
+    image: &'a str,
+    env: &'a BTreeMap<String, String>,
+    limits: &'a Limits,
+    cap_add: &'a [String],
+    tmpfs: &'a [TmpfsSpec],
+}
+
 impl Validate for ChallengeSpec {
     fn validate(&self) -> Result<(), FieldError> {
-        let image = self.image.as_str();
-        if image.is_empty()
-            || image.len() > 255
-            || image.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(FieldError::new(
-                "image",
-                format!("{image:?} is not an image reference (1-255 characters, no spaces)"),
-            ));
-        }
         if self.ports.is_empty() {
             return Err(FieldError::new(
                 "ports",
@@ -283,9 +395,13 @@ impl Validate for ChallengeSpec {
                 format!("at most {MAX_PORTS} ports"),
             ));
         }
+        self.validate_services()?;
+        for c in self.containers() {
+            c.validate(&self.secret_env)?;
+        }
         self.validate_ports()?;
-        self.validate_env()?;
-        self.validate_limits_and_ttl()?;
+        self.validate_secret_env()?;
+        self.validate_ttl()?;
         in_range("per_team_max", self.per_team_max, 1, 100)?;
         in_range(
             "tcp_idle_timeout_secs",
@@ -293,72 +409,7 @@ impl Validate for ChallengeSpec {
             10,
             86_400,
         )?;
-        let t = &self.flag.template;
-        if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
-            return Err(FieldError::new(
-                "flag.template",
-                "1-256 printable characters",
-            ));
-        }
-        if t.matches(FLAG_PLACEHOLDER).count() > 1 {
-            return Err(FieldError::new(
-                "flag.template",
-                format!("{FLAG_PLACEHOLDER} may appear once"),
-            ));
-        }
-        self.validate_caps()?;
-        self.validate_tmpfs()
-    }
-}
-
-impl ChallengeSpec {
-    /// Each port: a number, a name and a number used once.
-    fn validate_ports(&self) -> Result<(), FieldError> {
-        let mut names = BTreeSet::new();
-        let mut numbers = BTreeSet::new();
-        for (i, p) in self.ports.iter().enumerate() {
-            if p.port == 0 {
-                return Err(FieldError::new(
-                    format!("ports[{i}].port"),
-                    "must be 1 to 65535",
-                ));
-            }
-            if !names.insert(p.name.as_str()) {
-                return Err(FieldError::new(
-                    format!("ports[{i}].name"),
-                    format!("{:?} listed twice", p.name.as_str()),
-                ));
-            }
-            if !numbers.insert(p.port) {
-                return Err(FieldError::new(
-                    format!("ports[{i}].port"),
-                    format!("port {} listed twice", p.port),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// `cap_add` from [`ALLOWED_CAPS`], `unsafe_caps` from [`UNSAFE_CAPS`].
-    fn validate_caps(&self) -> Result<(), FieldError> {
-        for (i, cap) in self.cap_add.iter().enumerate() {
-            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
-            if UNSAFE_CAPS.contains(&bare) {
-                return Err(FieldError::new(
-                    format!("cap_add[{i}]"),
-                    format!(
-                        "{cap:?} lets an instance spoof its neighbours; a challenge that really needs it \
-                         names it in unsafe_caps (docs/security.md)"
-                    ),
-                ));
-            }
-            if !ALLOWED_CAPS.contains(&bare) {
-                return Err(FieldError::new(
-                    format!("cap_add[{i}]"),
-                    format!("{cap:?} is not one of {}", ALLOWED_CAPS.join(", ")),
-                ));
-            }
-        }
+        self.validate_flag()?;
         for (i, cap) in self.unsafe_caps.iter().enumerate() {
             let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
             if !UNSAFE_CAPS.contains(&bare) {
@@ -370,12 +421,90 @@ impl ChallengeSpec {
         }
         Ok(())
     }
+}
+
+impl<'a> Container<'a> {
+    fn field(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn validate(&self, secret_env: &BTreeMap<String, String>) -> Result<(), FieldError> {
+        let image = self.image;
+        if image.is_empty()
+            || image.len() > 255
+            || image.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(FieldError::new(
+                self.field("image"),
+                format!("{image:?} is not an image reference (1-255 characters, no spaces)"),
+            ));
+        }
+        self.validate_env(secret_env)?;
+        self.validate_limits()?;
+        self.validate_caps()?;
+        self.validate_tmpfs()
+    }
+
+    /// At most 64 variables in `env` and `secret_env` together, with names
+    /// and values the container can have.
+    fn validate_env(&self, secret_env: &BTreeMap<String, String>) -> Result<(), FieldError> {
+        if self.env.len() + secret_env.len() > 64 {
+            return Err(FieldError::new(
+                self.field("env"),
+                "at most 64 variables (env and secret_env together)",
+            ));
+        }
+        for (k, v) in self.env {
+            check_env(&self.field(&format!("env.{k}")), k, v)?;
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), FieldError> {
+        let l = self.limits;
+        let f = |name: &str| self.field(&format!("limits.{name}"));
+        in_range(&f("memory_mib"), l.memory_mib, 16, 65536)?;
+        if !l.cpus.is_finite() {
+            return Err(FieldError::new(f("cpus"), "must be a number"));
+        }
+        in_range(&f("cpus"), l.cpus, 0.01, 64.0)?;
+        in_range(&f("pids"), l.pids, 16, 32768)?;
+        in_range(&f("log_mib"), l.log_mib, 1, 1024)?;
+        in_range(&f("disk_mib"), l.disk_mib, 64, 65536)?;
+        in_range(&f("nofile"), l.nofile, 64, 65536)?;
+        in_range(&f("nproc"), l.nproc, 16, 32768)?;
+        in_range(&f("io_weight"), l.io_weight, 10, 1000)?;
+        Ok(())
+    }
+
+    /// `cap_add` from [`ALLOWED_CAPS`].
+    fn validate_caps(&self) -> Result<(), FieldError> {
+        for (i, cap) in self.cap_add.iter().enumerate() {
+            let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
+            if UNSAFE_CAPS.contains(&bare) {
+                return Err(FieldError::new(
+                    self.field(&format!("cap_add[{i}]")),
+                    format!(
+                        "{cap:?} lets an instance spoof its neighbours; a challenge that really needs it \
+                         names it in unsafe_caps (docs/security.md)"
+                    ),
+                ));
+            }
+            if !ALLOWED_CAPS.contains(&bare) {
+                return Err(FieldError::new(
+                    self.field(&format!("cap_add[{i}]")),
+                    format!("{cap:?} is not one of {}", ALLOWED_CAPS.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
 
     /// Absolute, distinct paths; sizes within the memory limit.
     fn validate_tmpfs(&self) -> Result<(), FieldError> {
         if self.tmpfs.len() > MAX_TMPFS {
             return Err(FieldError::new(
-                "tmpfs",
+                self.field("tmpfs"),
                 format!("at most {MAX_TMPFS} mounts"),
             ));
         }
@@ -394,22 +523,27 @@ impl ChallengeSpec {
                     .all(|b| b.is_ascii_graphic() && b != b',' && b != b':');
             if !clean {
                 return Err(FieldError::new(
-                    format!("tmpfs[{i}].path"),
+                    self.field(&format!("tmpfs[{i}].path")),
                     format!("{p:?} is not an absolute path below / (no '..', ',' or ':')"),
                 ));
             }
             if !paths.insert(p) {
                 return Err(FieldError::new(
-                    format!("tmpfs[{i}].path"),
+                    self.field(&format!("tmpfs[{i}].path")),
                     format!("{p:?} listed twice"),
                 ));
             }
-            in_range(&format!("tmpfs[{i}].size_mib"), t.size_mib, 1, 4096)?;
+            in_range(
+                &self.field(&format!("tmpfs[{i}].size_mib")),
+                t.size_mib,
+                1,
+                4096,
+            )?;
             total += u64::from(t.size_mib);
         }
         if total > u64::from(self.limits.memory_mib) {
             return Err(FieldError::new(
-                "tmpfs",
+                self.field("tmpfs"),
                 format!(
                     "{total} MiB in all is more than limits.memory_mib ({}): tmpfs is memory",
                     self.limits.memory_mib
@@ -418,67 +552,339 @@ impl ChallengeSpec {
         }
         Ok(())
     }
+}
 
-    /// At most 64 variables in `env` and `secret_env` together, with names
-    /// and values the container can have, each name in one of them.
-    fn validate_env(&self) -> Result<(), FieldError> {
-        if self.env.len() + self.secret_env.len() > 64 {
-            return Err(FieldError::new(
-                "env",
-                "at most 64 variables (env and secret_env together)",
-            ));
+/// One environment variable: a name and a value the container can have,
+/// not one tidegate sets.
+fn check_env(field: &str, k: &str, v: &str) -> Result<(), FieldError> {
+    let valid_name = !k.is_empty()
+        && k.len() <= 128
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !k.as_bytes()[0].is_ascii_digit();
+    if !valid_name {
+        return Err(FieldError::new(
+            field,
+            "names are letters, digits and '_', not starting with a digit",
+        ));
+    }
+    if RESERVED_ENV.contains(&k) {
+        return Err(FieldError::new(
+            field,
+            "is set by tidegate (the instance's flag)",
+        ));
+    }
+    if v.len() > 4096 || v.contains('\0') {
+        return Err(FieldError::new(
+            field,
+            "values are at most 4096 bytes, without NUL",
+        ));
+    }
+    Ok(())
+}
+
+impl ChallengeSpec {
+    /// The service names: `services`' keys, or the short form's `app`.
+    pub fn service_names(&self) -> Vec<&str> {
+        if self.services.is_empty() {
+            vec![SHORT_FORM_SERVICE]
+        } else {
+            self.services.keys().map(ServiceName::as_str).collect()
         }
-        if let Some(k) = self.secret_env.keys().find(|k| self.env.contains_key(*k)) {
-            return Err(FieldError::new(
-                format!("secret_env.{k}"),
-                "is in env too: name it in one of them",
-            ));
+    }
+
+    /// Each service's container fields, with the prefix naming them.
+    fn containers(&self) -> Vec<Container<'_>> {
+        if self.services.is_empty() {
+            return vec![Container {
+                prefix: String::new(),
+                image: &self.image,
+                env: &self.env,
+                limits: &self.limits,
+                cap_add: &self.cap_add,
+                tmpfs: &self.tmpfs,
+            }];
         }
-        let all = self
-            .env
+        self.services
             .iter()
-            .map(|kv| ("env", kv))
-            .chain(self.secret_env.iter().map(|kv| ("secret_env", kv)));
-        for (map, (k, v)) in all {
-            let field = format!("{map}.{k}");
-            let valid_name = !k.is_empty()
-                && k.len() <= 128
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && !k.as_bytes()[0].is_ascii_digit();
-            if !valid_name {
+            .map(|(name, s)| Container {
+                prefix: format!("services.{name}."),
+                image: &s.image,
+                env: &s.env,
+                limits: &s.limits,
+                cap_add: &s.cap_add,
+                tmpfs: &s.tmpfs,
+            })
+            .collect()
+    }
+
+    /// `image` or `services`, not both; with `services`, the container
+    /// fields per service and not at the top level; each service's
+    /// command, readiness and dependencies (known names, no cycle).
+    fn validate_services(&self) -> Result<(), FieldError> {
+        if self.services.is_empty() {
+            if self.image.is_empty() {
                 return Err(FieldError::new(
-                    field,
-                    "names are letters, digits and '_', not starting with a digit",
+                    "image",
+                    "a challenge needs an image (one service) or services",
                 ));
             }
-            if RESERVED_ENV.contains(&k.as_str()) {
+            return Ok(());
+        }
+        if !self.image.is_empty() {
+            return Err(FieldError::new(
+                "image",
+                "give image (one service) or services, not both",
+            ));
+        }
+        if self.services.len() > MAX_SERVICES {
+            return Err(FieldError::new(
+                "services",
+                format!("at most {MAX_SERVICES} services"),
+            ));
+        }
+        let top_level: [(&str, bool); 5] = [
+            ("env", !self.env.is_empty()),
+            ("limits", self.limits != Limits::default()),
+            ("cap_add", !self.cap_add.is_empty()),
+            ("read_only_rootfs", !self.read_only_rootfs),
+            ("tmpfs", self.tmpfs != default_tmpfs()),
+        ];
+        if let Some((field, _)) = top_level.iter().find(|(_, set)| *set) {
+            return Err(FieldError::new(
+                *field,
+                format!("with services, each service has its own {field}"),
+            ));
+        }
+        for (name, s) in &self.services {
+            let field = |f: &str| format!("services.{name}.{f}");
+            if let Some(cmd) = &s.command {
+                if cmd.is_empty() || cmd.len() > MAX_COMMAND_ARGS {
+                    return Err(FieldError::new(
+                        field("command"),
+                        format!("1 to {MAX_COMMAND_ARGS} arguments"),
+                    ));
+                }
+                if cmd.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
+                    return Err(FieldError::new(
+                        field("command"),
+                        "arguments are at most 4096 bytes, without NUL",
+                    ));
+                }
+            }
+            match &s.ready {
+                Some(ReadySpec::Tcp(0)) => {
+                    return Err(FieldError::new(field("ready.tcp"), "must be 1 to 65535"));
+                }
+                Some(ReadySpec::Http { port, path }) => {
+                    if *port == 0 {
+                        return Err(FieldError::new(
+                            field("ready.http.port"),
+                            "must be 1 to 65535",
+                        ));
+                    }
+                    if !path.starts_with('/')
+                        || path.len() > 255
+                        || !path.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(FieldError::new(
+                            field("ready.http.path"),
+                            format!(
+                                "{path:?} is not a path (starting with '/', at most 255 printable characters)"
+                            ),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            let mut seen = BTreeSet::new();
+            for (i, dep) in s.depends_on.iter().enumerate() {
+                let at = field(&format!("depends_on[{i}]"));
+                if dep == name {
+                    return Err(FieldError::new(at, "a service cannot depend on itself"));
+                }
+                if !self.services.contains_key(dep) {
+                    return Err(FieldError::new(
+                        at,
+                        format!("no service named {:?}", dep.as_str()),
+                    ));
+                }
+                if !seen.insert(dep) {
+                    return Err(FieldError::new(
+                        at,
+                        format!("{:?} listed twice", dep.as_str()),
+                    ));
+                }
+            }
+        }
+        if let Some(cycle) = self.dependency_cycle() {
+            return Err(FieldError::new(
+                format!("services.{}.depends_on", cycle[0]),
+                format!("a cycle: {}", cycle.join(" → ")),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cycle in `depends_on`, as the names along it (the first again at
+    /// the end), if there is one.
+    fn dependency_cycle(&self) -> Option<Vec<&str>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            OnPath,
+            Done,
+        }
+        fn visit<'a>(
+            spec: &'a ChallengeSpec,
+            name: &'a ServiceName,
+            marks: &mut BTreeMap<&'a ServiceName, Mark>,
+            path: &mut Vec<&'a ServiceName>,
+        ) -> Option<Vec<&'a str>> {
+            match marks.get(name).copied().unwrap_or(Mark::New) {
+                Mark::Done => return None,
+                Mark::OnPath => {
+                    let from = path.iter().position(|n| *n == name).unwrap_or(0);
+                    let mut cycle: Vec<&str> = path[from..].iter().map(|n| n.as_str()).collect();
+                    cycle.push(name.as_str());
+                    return Some(cycle);
+                }
+                Mark::New => {}
+            }
+            marks.insert(name, Mark::OnPath);
+            path.push(name);
+            for dep in spec.services.get(name).map_or(&[][..], |s| &s.depends_on) {
+                if let Some(cycle) = visit(spec, dep, marks, path) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            marks.insert(name, Mark::Done);
+            None
+        }
+        let mut marks = BTreeMap::new();
+        for name in self.services.keys() {
+            if let Some(cycle) = visit(self, name, &mut marks, &mut Vec::new()) {
+                return Some(cycle);
+            }
+        }
+        None
+    }
+
+    /// Each port: a number, a name used once, the service that serves it
+    /// (named when there are several), and a number used once per service.
+    fn validate_ports(&self) -> Result<(), FieldError> {
+        let services = self.service_names();
+        let mut names = BTreeSet::new();
+        let mut numbers = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.port == 0 {
                 return Err(FieldError::new(
-                    field,
-                    "is set by tidegate (the instance's flag)",
+                    format!("ports[{i}].port"),
+                    "must be 1 to 65535",
                 ));
             }
-            if v.len() > 4096 || v.contains('\0') {
+            if !names.insert(p.name.as_str()) {
                 return Err(FieldError::new(
-                    field,
-                    "values are at most 4096 bytes, without NUL",
+                    format!("ports[{i}].name"),
+                    format!("{:?} listed twice", p.name.as_str()),
+                ));
+            }
+            let service = match &p.service {
+                Some(s) if services.contains(&s.as_str()) => s.as_str(),
+                Some(s) => {
+                    return Err(FieldError::new(
+                        format!("ports[{i}].service"),
+                        format!(
+                            "no service named {:?} (the services: {})",
+                            s.as_str(),
+                            services.join(", ")
+                        ),
+                    ));
+                }
+                None if services.len() == 1 => services[0],
+                None => {
+                    return Err(FieldError::new(
+                        format!("ports[{i}].service"),
+                        format!(
+                            "name the service that serves it: one of {}",
+                            services.join(", ")
+                        ),
+                    ));
+                }
+            };
+            if !numbers.insert((service, p.port)) {
+                return Err(FieldError::new(
+                    format!("ports[{i}].port"),
+                    format!("port {} of {service} listed twice", p.port),
                 ));
             }
         }
         Ok(())
     }
 
-    fn validate_limits_and_ttl(&self) -> Result<(), FieldError> {
-        in_range("limits.memory_mib", self.limits.memory_mib, 16, 65536)?;
-        if !self.limits.cpus.is_finite() {
-            return Err(FieldError::new("limits.cpus", "must be a number"));
+    /// `secret_env`: names and values a container can have, none also in
+    /// the `env` of a service it goes to.
+    fn validate_secret_env(&self) -> Result<(), FieldError> {
+        for (k, v) in &self.secret_env {
+            let field = format!("secret_env.{k}");
+            check_env(&field, k, v)?;
+            if self.containers().iter().any(|c| c.env.contains_key(k)) {
+                return Err(FieldError::new(
+                    field,
+                    "is in env too: name it in one of them",
+                ));
+            }
         }
-        in_range("limits.cpus", self.limits.cpus, 0.01, 64.0)?;
-        in_range("limits.pids", self.limits.pids, 16, 32768)?;
-        in_range("limits.log_mib", self.limits.log_mib, 1, 1024)?;
-        in_range("limits.disk_mib", self.limits.disk_mib, 64, 65536)?;
-        in_range("limits.nofile", self.limits.nofile, 64, 65536)?;
-        in_range("limits.nproc", self.limits.nproc, 16, 32768)?;
-        in_range("limits.io_weight", self.limits.io_weight, 10, 1000)?;
+        Ok(())
+    }
+
+    fn validate_flag(&self) -> Result<(), FieldError> {
+        let t = &self.flag.template;
+        if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "flag.template",
+                "1-256 printable characters",
+            ));
+        }
+        if t.matches(FLAG_PLACEHOLDER).count() > 1 {
+            return Err(FieldError::new(
+                "flag.template",
+                format!("{FLAG_PLACEHOLDER} may appear once"),
+            ));
+        }
+        let Some(to) = &self.flag.services else {
+            return Ok(());
+        };
+        if to.is_empty() {
+            return Err(FieldError::new(
+                "flag.services",
+                "name at least one service (or leave it out: every service)",
+            ));
+        }
+        let services = self.service_names();
+        let mut seen = BTreeSet::new();
+        for (i, s) in to.iter().enumerate() {
+            if !services.contains(&s.as_str()) {
+                return Err(FieldError::new(
+                    format!("flag.services[{i}]"),
+                    format!(
+                        "no service named {:?} (the services: {})",
+                        s.as_str(),
+                        services.join(", ")
+                    ),
+                ));
+            }
+            if !seen.insert(s) {
+                return Err(FieldError::new(
+                    format!("flag.services[{i}]"),
+                    format!("{:?} listed twice", s.as_str()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_ttl(&self) -> Result<(), FieldError> {
         in_range(
             "ttl.default_secs",
             self.ttl.default_secs,

@@ -113,7 +113,20 @@ fn the_document_names_both_scopes_and_unique_operations() {
             "{scheme}"
         );
     }
-    assert!(v["components"]["schemas"]["ChallengeSpec"]["properties"]["image"].is_object());
+    let schemas = &v["components"]["schemas"];
+    assert!(schemas["ChallengeSpec"]["properties"]["image"].is_object());
+    // Several services per instance: the map, each service's fields, the
+    // port's service and the flag's.
+    assert!(schemas["ChallengeSpec"]["properties"]["services"].is_object());
+    for field in ["image", "command", "ready", "depends_on"] {
+        assert!(
+            schemas["ServiceSpec"]["properties"][field].is_object(),
+            "ServiceSpec.{field}: {}",
+            schemas["ServiceSpec"]
+        );
+    }
+    assert!(schemas["PortSpec"]["properties"]["service"].is_object());
+    assert!(schemas["FlagSpec"]["properties"]["services"].is_object());
     assert!(v["components"]["schemas"]["SpawnRequest"]["properties"]["team"].is_object());
     let mut ids = BTreeSet::new();
     for item in v["paths"].as_object().expect("paths").values() {

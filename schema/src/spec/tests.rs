@@ -268,7 +268,7 @@ fn messages_say_what_is_wrong() {
     v["ports"] = json!([{"name": "a", "port": 1, "protocol": "tcp"}, {"name": "b", "port": 1, "protocol": "tcp"}]);
     assert_eq!(
         decode(&v).unwrap_err().to_string(),
-        "ports[1].port: port 1 listed twice"
+        "ports[1].port: port 1 of app listed twice"
     );
     let mut v = base();
     v["cap_add"] = json!(["NET_RAW"]);
@@ -376,4 +376,174 @@ fn secret_env_values_come_apart_from_the_spec_that_is_stored() {
         decode_json::<ChallengeSpec>(text.as_bytes()).unwrap(),
         stored
     );
+}
+
+/// An XSS-shaped challenge: an app, its db, an admin bot with the flag.
+fn web_bot() -> Value {
+    json!({
+        "services": {
+            "app": {"image": "tidegate/demo-web:1", "depends_on": ["db"],
+                    "ready": {"http": {"port": 8080, "path": "/"}}},
+            "db": {"image": "tidegate/demo-db:1", "limits": {"memory_mib": 128},
+                   "ready": {"tcp": 6379}},
+            "bot": {"image": "tidegate/demo-bot:1", "depends_on": ["app"],
+                    "command": ["/bot", "--every", "10"]},
+        },
+        "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
+        "flag": {"services": ["bot"]},
+    })
+}
+
+#[test]
+fn a_challenge_with_services_round_trips() {
+    let spec = decode(&web_bot()).unwrap();
+    assert_eq!(spec.service_names(), ["app", "bot", "db"]);
+    assert!(spec.image.is_empty());
+    let db = &spec.services[&"db".parse().unwrap()];
+    assert_eq!(db.limits.memory_mib, 128);
+    assert_eq!(db.ready, Some(ReadySpec::Tcp(6379)));
+    assert!(db.read_only_rootfs, "the safe default holds per service");
+    let again: ChallengeSpec = decode_json(&serde_json::to_vec(&spec).unwrap()).unwrap();
+    assert_eq!(again, spec);
+    // The short form is one service, `app`; a port may name it.
+    let mut v = base();
+    v["ports"][0]["service"] = json!("app");
+    assert_eq!(decode(&v).unwrap().service_names(), [SHORT_FORM_SERVICE]);
+    // One port number may be served by two services.
+    let mut v = web_bot();
+    v["ports"] = json!([
+        {"name": "web", "port": 8080, "protocol": "http", "service": "app"},
+        {"name": "debug", "port": 8080, "protocol": "http", "service": "bot"},
+    ]);
+    assert!(decode(&v).is_ok());
+}
+
+#[test]
+fn each_bad_service_input_names_its_field() {
+    let nine: serde_json::Map<String, Value> = (0..9)
+        .map(|i| (format!("s{i}"), json!({"image": "x:1"})))
+        .collect();
+    let cases: Vec<Case> = vec![
+        (
+            "ports[0].service",
+            Box::new(|v| v["ports"][0]["service"] = json!("nope")),
+        ),
+        (
+            "ports[0].service",
+            Box::new(|v| {
+                v["ports"][0].as_object_mut().unwrap().remove("service");
+            }),
+        ),
+        (
+            "services",
+            Box::new(move |v| v["services"] = Value::Object(nine)),
+        ),
+        (
+            "services.Bad_Name",
+            Box::new(|v| v["services"]["Bad_Name"] = json!({"image": "x:1"})),
+        ),
+        (
+            "services.app.depends_on",
+            Box::new(|v| v["services"]["db"]["depends_on"] = json!(["bot"])),
+        ),
+        (
+            "services.app.depends_on[0]",
+            Box::new(|v| v["services"]["app"]["depends_on"] = json!(["app"])),
+        ),
+        (
+            "services.app.depends_on[0]",
+            Box::new(|v| v["services"]["app"]["depends_on"] = json!(["cache"])),
+        ),
+        (
+            "services.bot.image",
+            Box::new(|v| v["services"]["bot"]["image"] = json!("")),
+        ),
+        (
+            "services.db.limits.memory_mib",
+            Box::new(|v| v["services"]["db"]["limits"]["memory_mib"] = json!(1)),
+        ),
+        (
+            "services.db.env.FLAG",
+            Box::new(|v| v["services"]["db"]["env"] = json!({"FLAG": "x"})),
+        ),
+        (
+            "services.bot.cap_add[0]",
+            Box::new(|v| v["services"]["bot"]["cap_add"] = json!(["SYS_ADMIN"])),
+        ),
+        (
+            "services.bot.command",
+            Box::new(|v| v["services"]["bot"]["command"] = json!([])),
+        ),
+        (
+            "services.app.ready.http.path",
+            Box::new(|v| {
+                v["services"]["app"]["ready"] = json!({"http": {"port": 80, "path": "x"}})
+            }),
+        ),
+        (
+            "services.db.ready.tcp",
+            Box::new(|v| v["services"]["db"]["ready"] = json!({"tcp": 0})),
+        ),
+        (
+            "services.db.tmpfs",
+            Box::new(|v| v["services"]["db"]["tmpfs"] = json!([{"path": "/tmp", "size_mib": 129}])),
+        ),
+        (
+            "services.db.colour",
+            Box::new(|v| v["services"]["db"]["colour"] = json!("red")),
+        ),
+        ("image", Box::new(|v| v["image"] = json!("x:1"))),
+        ("env", Box::new(|v| v["env"] = json!({"MODE": "x"}))),
+        (
+            "limits",
+            Box::new(|v| v["limits"] = json!({"memory_mib": 512})),
+        ),
+        (
+            "read_only_rootfs",
+            Box::new(|v| v["read_only_rootfs"] = json!(false)),
+        ),
+        (
+            "flag.services[0]",
+            Box::new(|v| v["flag"]["services"] = json!(["cache"])),
+        ),
+        (
+            "flag.services[1]",
+            Box::new(|v| v["flag"]["services"] = json!(["bot", "bot"])),
+        ),
+        (
+            "flag.services",
+            Box::new(|v| v["flag"]["services"] = json!([])),
+        ),
+        (
+            "secret_env.TOKEN",
+            Box::new(|v| {
+                v["secret_env"] = json!({"TOKEN": "s"});
+                v["services"]["bot"]["env"] = json!({"TOKEN": "t"});
+            }),
+        ),
+    ];
+    for (want, edit) in cases {
+        let mut v = web_bot();
+        edit(&mut v);
+        match decode(&v) {
+            Ok(spec) => panic!("accepted {v}: {spec:?}"),
+            Err(e) => assert_eq!(e.field, want, "{v}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_service_named_twice_and_a_cycle_are_named_in_the_message() {
+    let text = r#"{"services": {"app": {"image": "a:1"}, "app": {"image": "b:1"}},
+                   "ports": [{"name": "web", "port": 80, "protocol": "http"}]}"#;
+    let e = decode_json::<ChallengeSpec>(text.as_bytes()).unwrap_err();
+    assert!(e.message.contains("\"app\" listed twice"), "{e}");
+    let mut v = web_bot();
+    v["services"]["db"]["depends_on"] = json!(["bot"]);
+    let e = decode(&v).unwrap_err();
+    assert_eq!(e.message, "a cycle: app → db → bot → app", "{e}");
+    let mut v = web_bot();
+    v["ports"][0].as_object_mut().unwrap().remove("service");
+    let e = decode(&v).unwrap_err();
+    assert!(e.message.contains("one of app, bot, db"), "{e}");
 }
