@@ -367,6 +367,7 @@ fn plugin_policy(cfg: &AgentConfig) -> anyhow::Result<PluginPolicy> {
     let limits = tidegate_agent::policy::EdgeLimits {
         threads: cfg.edge_policy_threads,
         queue: cfg.edge_policy_queue,
+        cpu_share: cfg.edge_policy_cpu_share,
         cache_ttl: Duration::from_millis(cfg.edge_decision_cache_ms),
     };
     PluginPolicy::new(host, Arc::new(store), limits).context("starting the edge policy threads")

@@ -215,6 +215,9 @@ pub struct EdgeLimits {
     pub threads: usize,
     /// Decisions that may wait for a thread; past it the fallback applies.
     pub queue: usize,
+    /// The pool's CPU time as a share of one core; past it the fallback
+    /// applies until it refills.
+    pub cpu_share: f64,
     /// How long a decision is reused for the same instance, source and host.
     pub cache_ttl: Duration,
 }
@@ -239,7 +242,7 @@ impl PluginPolicy {
             applied: ArcSwap::default(),
             metrics: EdgeMetrics::default(),
             failure_log: Throttle::new(),
-            pool: DecisionPool::new(limits.threads, limits.queue)?,
+            pool: DecisionPool::new(limits.threads, limits.queue, limits.cpu_share)?,
             cache: DecisionCache::new(limits.cache_ttl),
         })
     }

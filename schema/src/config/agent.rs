@@ -241,6 +241,9 @@ pub struct AgentConfig {
     /// that the challenge's `policy_fallback` applies at once.
     pub edge_policy_threads: usize,
     pub edge_policy_queue: usize,
+    /// CPU time those threads may use together, as a share of one core
+    /// (0.01 to 64); past it the fallback applies until it refills.
+    pub edge_policy_cpu_share: f64,
     /// How long an edge decision is reused for the same instance, player
     /// address and host, in milliseconds (0: every request is asked).
     pub edge_decision_cache_ms: u64,
@@ -307,6 +310,7 @@ impl Default for AgentConfig {
             plugin_memory_mib: 32,
             edge_policy_threads: 2,
             edge_policy_queue: 64,
+            edge_policy_cpu_share: 0.5,
             edge_decision_cache_ms: 1000,
         }
     }
@@ -388,6 +392,9 @@ impl AgentConfig {
         }
         if !(1..=65_536).contains(&self.edge_policy_queue) {
             return Err(bad("edge_policy_queue", "1 to 65536"));
+        }
+        if !(0.01..=64.0).contains(&self.edge_policy_cpu_share) {
+            return Err(bad("edge_policy_cpu_share", "0.01 to 64 (cores)"));
         }
         if self.edge_decision_cache_ms > 60_000 {
             return Err(bad("edge_decision_cache_ms", "0 to 60000"));
