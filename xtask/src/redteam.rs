@@ -18,6 +18,7 @@ mod flags;
 mod hop;
 mod host;
 mod instance;
+mod policy;
 mod range;
 
 use std::time::Instant;
@@ -63,6 +64,8 @@ enum From {
     Network,
     /// A worker's etcd credential and hop key, stolen.
     Worker,
+    /// A challenge author who may upload the challenge's policy plugin.
+    Organizer,
 }
 
 impl From {
@@ -71,6 +74,7 @@ impl From {
             From::Instance => "instance",
             From::Network => "network",
             From::Worker => "stolen worker",
+            From::Organizer => "organizer",
         }
     }
 }
@@ -167,6 +171,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "agents cap open TCP connections per player address and per instance (TIDEGATE_PLANTED)",
     ),
     (
+        "plugin-caps",
+        "a policy component holds at most 4 memories, 16 core instances and 16 tables of the pool every challenge's plugin shares (TIDEGATE_PLANTED)",
+    ),
+    (
         "tcp-idle",
         "agents close a TCP connection quiet for its challenge's tcp_idle_timeout_secs (TIDEGATE_PLANTED)",
     ),
@@ -187,6 +195,7 @@ fn attacks() -> Vec<Attack> {
     all.extend(etcd::attacks());
     all.extend(api::attacks());
     all.extend(edge::attacks());
+    all.extend(policy::attacks());
     all
 }
 

@@ -485,22 +485,34 @@ impl Drop for TickGuard<'_> {
 impl Host {
     /// A host with these per-call limits.
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        let (memories, core_instances, tables) = if tidegate_schema::config::planted("plugin-caps")
+        {
+            // The red team's positive control: caps far above what its
+            // attack holds.
+            (64, 64, 64)
+        } else {
+            (
+                MAX_MEMORIES_PER_COMPONENT,
+                MAX_CORE_INSTANCES_PER_COMPONENT,
+                MAX_TABLES_PER_COMPONENT,
+            )
+        };
         let mut pool = PoolingAllocationConfig::default();
         // Room for `max_concurrent` calls of components at every cap at
         // once: one challenge's plugin cannot starve another's of slots
         // (the memory slots are address space, reserved and not touched).
         pool.total_component_instances(limits.max_concurrent)
-            .total_core_instances(limits.max_concurrent * MAX_CORE_INSTANCES_PER_COMPONENT)
-            .total_memories(limits.max_concurrent * MAX_MEMORIES_PER_COMPONENT)
-            .total_tables(limits.max_concurrent * MAX_TABLES_PER_COMPONENT)
+            .total_core_instances(limits.max_concurrent * core_instances)
+            .total_memories(limits.max_concurrent * memories)
+            .total_tables(limits.max_concurrent * tables)
             .max_memory_size(limits.memory_bytes)
             // One component may not hold more than a policy needs (its own
             // module, the WASI adapter, shims): many memories or instances
             // would drain the slots every other challenge's plugin shares.
             // Such a component fails its dry run at upload.
-            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
-            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
-            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+            .max_memories_per_component(memories)
+            .max_core_instances_per_component(core_instances)
+            .max_tables_per_component(tables)
             // Reset a used slot by rewriting only the pages the call dirtied
             // (found with the PAGEMAP_SCAN ioctl, Linux ≥ 6.7) instead of
             // madvise: no TLB shootdown and no page faults on the next call.
