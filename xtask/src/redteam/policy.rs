@@ -4,10 +4,9 @@
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::range::{Range, call};
+use super::range::{Range, allowlist_component, call};
 use super::{Attack, From, Verdict};
 use crate::cluster::api;
-use crate::workspace_root;
 
 pub(super) fn attacks() -> Vec<Attack> {
     vec![Attack::new(
@@ -23,17 +22,7 @@ pub(super) fn attacks() -> Vec<Attack> {
 /// the locked challenge's policy still decides (an unlisted team's spawn refused);
 /// through if it is accepted.
 fn forty_memories(r: &Range) -> Result<Verdict> {
-    let built = tidegate_local::plugins::build(
-        &workspace_root().join("plugins"),
-        &crate::target_dir().join("plugins"),
-        &[],
-    )
-    .map_err(anyhow::Error::msg)?;
-    let allowlist = built
-        .iter()
-        .find(|b| b.name == "allowlist")
-        .context("plugin allowlist was not built")?;
-    let wasm = tidegate_local::plugins::with_memories(&std::fs::read(&allowlist.component)?, 40);
+    let wasm = tidegate_local::plugins::with_memories(&allowlist_component()?, 40);
     let spec = json!({
         "image": "tidegate/demo-http:1",
         "ports": [{"name": "web", "port": 8080, "protocol": "http"}],

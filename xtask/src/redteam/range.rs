@@ -365,9 +365,9 @@ impl Drop for EgressRule {
     }
 }
 
-/// Puts the allowlist policy on `rt-locked` (after its instance was
-/// spawned: the policy refuses team locked at the edge from then on).
-fn lock(plane: &ControlPlane) -> Result<()> {
+/// The allowlist example's component (built with its default teams: red,
+/// blue, organizers).
+pub(super) fn allowlist_component() -> Result<Vec<u8>> {
     let built = tidegate_local::plugins::build(
         &workspace_root().join("plugins"),
         &crate::target_dir().join("plugins"),
@@ -378,7 +378,13 @@ fn lock(plane: &ControlPlane) -> Result<()> {
         .iter()
         .find(|b| b.name == "allowlist")
         .context("plugin allowlist was not built")?;
-    let wasm = std::fs::read(&allowlist.component)?;
+    Ok(std::fs::read(&allowlist.component)?)
+}
+
+/// Puts the allowlist policy on `rt-locked` (after its instance was
+/// spawned: the policy refuses team locked at the edge from then on).
+fn lock(plane: &ControlPlane) -> Result<()> {
+    let wasm = allowlist_component()?;
     let out = api(
         plane.dir(),
         &plane.url,
