@@ -62,7 +62,16 @@ pub(super) fn attacks() -> Vec<Attack> {
 
 /// A platform-token call to the controller: status and JSON answer.
 fn platform(r: &Range, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
-    let addr = r.plane.url.trim_start_matches("http://");
+    platform_at(
+        r.plane.url.trim_start_matches("http://"),
+        method,
+        path,
+        body,
+    )
+}
+
+/// [`platform`] to the controller at `addr` (for threads of their own).
+fn platform_at(addr: &str, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
     let body = if body.is_null() {
         String::new()
     } else {
@@ -100,26 +109,44 @@ fn boot_destroy(r: &Range) -> Result<Verdict> {
     let team = "looper";
     let since = unix_now();
     let started = Instant::now();
+    let addr = r.plane.url.trim_start_matches("http://");
+    // Three loops at once (the challenge's per_team_max): without the
+    // bucket they create containers well past its allowance, however
+    // long each container takes to make.
+    let loop_once = || -> Result<usize> {
+        let mut spawned = 0;
+        let body = json!({"challenge": "rt-web", "team": team});
+        while started.elapsed() < Duration::from_secs(30) {
+            let (status, answer) = platform_at(addr, "POST", "/v1/instances", &body)?;
+            if status != 201 {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            spawned += 1;
+            let id = answer["id"].as_str().context("a 201 without an id")?;
+            // Until the agent has made its container (it reports a status
+            // other than pending), or 3 s.
+            let path = format!("/v1/instances/{id}");
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(3)
+                && platform_at(addr, "GET", &path, &Value::Null)?.1["status"] == "pending"
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            platform_at(addr, "DELETE", &path, &Value::Null)?;
+        }
+        Ok(spawned)
+    };
     let mut spawned = 0;
-    while started.elapsed() < Duration::from_secs(30) {
-        let (status, body) = spawn(r, team)?;
-        if status != 201 {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
+    std::thread::scope(|s| -> Result<()> {
+        let loops: Vec<_> = (0..3).map(|_| s.spawn(loop_once)).collect();
+        for l in loops {
+            spawned += l
+                .join()
+                .map_err(|_| anyhow::anyhow!("a boot/destroy loop panicked"))??;
         }
-        spawned += 1;
-        let id = body["id"].as_str().context("a 201 without an id")?;
-        // Until the agent has made its container (it reports a status
-        // other than pending), or 3 s.
-        let path = format!("/v1/instances/{id}");
-        let asked = Instant::now();
-        while asked.elapsed() < Duration::from_secs(3)
-            && platform(r, "GET", &path, &Value::Null)?.1["status"] == "pending"
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        platform(r, "DELETE", &path, &Value::Null)?;
-    }
+        Ok(())
+    })?;
     let elapsed = started.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let created = containers_created(r, team, since)?;
@@ -128,7 +155,7 @@ fn boot_destroy(r: &Range) -> Result<Verdict> {
     let allowed =
         rate.burst as f64 + elapsed.as_secs_f64() * f64::from(rate.per_minute) / 60.0 + 1.0;
     let seen = format!(
-        "{created} containers created ({spawned} spawns answered 201) in {:.0} s; the spawn bucket allows {allowed:.0}",
+        "{created} containers created ({spawned} spawns answered 201, 3 loops) in {:.0} s; the spawn bucket allows {allowed:.0}",
         elapsed.as_secs_f64()
     );
     Ok(if (created as f64) <= allowed {
