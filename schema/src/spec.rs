@@ -825,10 +825,11 @@ impl ChallengeSpec {
     /// `secret_env`: names and values a container can have, none also in
     /// the `env` of a service it goes to.
     fn validate_secret_env(&self) -> Result<(), FieldError> {
+        let containers = self.containers();
         for (k, v) in &self.secret_env {
             let field = format!("secret_env.{k}");
             check_env(&field, k, v)?;
-            if self.containers().iter().any(|c| c.env.contains_key(k)) {
+            if containers.iter().any(|c| c.env.contains_key(k)) {
                 return Err(FieldError::new(
                     field,
                     "is in env too: name it in one of them",

@@ -9,6 +9,8 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tidegate_plugin_host::thread_cpu;
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The pool threads' nice value: below the proxy and the runtime, so a
@@ -71,15 +73,6 @@ impl DecisionPool {
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
         }
     }
-}
-
-/// The CPU time this thread has used.
-fn thread_cpu() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    Duration::new(
-        t.tv_sec.max(0) as u64,
-        t.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
 }
 
 /// The pool's CPU time, as a share of one core: refilled continuously, at
