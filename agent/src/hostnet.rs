@@ -84,12 +84,16 @@ const HOST_CHAIN: &str = "TIDEGATE-HOST";
 /// -A TIDEGATE-HOST -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN
 /// -A TIDEGATE-HOST -j DROP
 /// -I INPUT -i <each instance bridge> -j TIDEGATE-HOST          (and ip6tables)
-/// -I DOCKER-USER -i <egress bridge> -d <each egress_deny> -m conntrack --ctstate NEW -j DROP
+/// -I DOCKER-USER -i <each egress bridge> -d <each egress_deny> -m conntrack --ctstate NEW -j DROP
 /// ```
+///
+/// The bridges of per-instance networks are named by their subnet with a
+/// fixed prefix (`tgi…` internal, `tge…` egress), so one wildcard rule each
+/// (`-i tgi+`) covers them all, before any exists.
 #[derive(Debug, Clone)]
 pub struct Firewall {
     pub bridges: Vec<String>,
-    pub egress_bridge: Option<String>,
+    pub egress_bridges: Vec<String>,
     pub egress_deny: Vec<String>,
 }
 
@@ -100,6 +104,7 @@ impl Firewall {
         if let Some(b) = self
             .bridges
             .iter()
+            .filter(|b| !b.ends_with('+'))
             .find(|b| !std::path::Path::new("/sys/class/net").join(b).exists())
         {
             return Err(format!(
@@ -116,7 +121,7 @@ impl Firewall {
                 ensure_rule(cmd, "INPUT", &["-i", bridge, "-j", HOST_CHAIN]).await?;
             }
         }
-        if let Some(bridge) = &self.egress_bridge {
+        for bridge in &self.egress_bridges {
             for cidr in self.egress_deny.iter().filter(|c| !c.contains(':')) {
                 let rule = egress_rule(bridge, cidr);
                 ensure_rule("iptables", "DOCKER-USER", &rule).await?;
@@ -166,7 +171,7 @@ impl Firewall {
                 let _ = iptables(cmd, &["-D", "INPUT", "-i", bridge, "-j", HOST_CHAIN]).await;
             }
         }
-        if let Some(bridge) = &self.egress_bridge {
+        for bridge in &self.egress_bridges {
             for cidr in &self.egress_deny {
                 let rule = egress_rule(bridge, cidr);
                 let _ = iptables("iptables", &[&["-D", "DOCKER-USER"][..], &rule].concat()).await;

@@ -151,6 +151,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(0i64);
     let (builds, builds_rx) = tokio::sync::watch::channel(0u64);
     let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(Arc::default());
+    let (networks_tx, networks_rx) = tokio::sync::watch::channel(None);
     let tasks = [
         tokio::spawn(tidegate_etcd::prune_dead_members(
             client.clone(),
@@ -170,6 +171,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             metrics.clone(),
             lease_tx,
             first_lease,
+            networks_rx,
         )),
         tokio::spawn(tidegate_agent::routes::run(
             client.clone(),
@@ -206,7 +208,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         metrics,
         cfg.max_restarts,
         HostChecks { firewall, refusal },
-    );
+    )
+    .reporting_networks_to(networks_tx);
     reconciler
         .run(Duration::from_millis(cfg.reconcile_interval_ms), shutdown())
         .await;
@@ -249,11 +252,20 @@ async fn host_firewall(
     metrics: &Metrics,
 ) -> Option<Firewall> {
     let bridges = runtime.bridges();
-    let fw = Firewall {
+    let mut fw = Firewall {
         bridges: bridges.values().cloned().collect(),
-        egress_bridge: bridges.get(&cfg.egress_network).cloned(),
+        egress_bridges: bridges
+            .get(&cfg.egress_network)
+            .cloned()
+            .into_iter()
+            .collect(),
         egress_deny: cfg.egress_deny.clone(),
     };
+    fw.bridges.sort();
+    let [internal, egress] = tidegate_agent::runtime::INSTANCE_BRIDGE_PREFIXES;
+    fw.bridges
+        .extend([format!("{internal}+"), format!("{egress}+")]);
+    fw.egress_bridges.push(format!("{egress}+"));
     if cfg.allow_host_access {
         tracing::warn!(bridges = ?fw.bridges, "allow_host_access: this agent keeps no firewall; unless another agent on this host does, instances can open connections to this host's addresses (its daemons, etcd) and egress instances to egress_deny");
         if tidegate_schema::config::planted("firewall") {
@@ -300,6 +312,7 @@ fn worker_record(cfg: &AgentConfig, worker: &WorkerId) -> WorkerRecord {
         tcp_host: cfg.tcp_host,
         capacity: cfg.capacity,
         metrics: cfg.activity_address(),
+        networks: None,
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: tidegate_schema::time::unix_secs(),
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tidegate_schema::config::planted;
-use tidegate_schema::{Key, Keyspace, Record, WorkerRecord};
+use tidegate_schema::{Key, Keyspace, NetworkUse, Record, WorkerRecord};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -132,17 +132,38 @@ async fn is_kept_alive(client: &mut Client, id: i64, ttl: i64) -> Result<bool, C
     Ok(true)
 }
 
+/// Puts `record` again while the key is on lease `id` (this agent's);
+/// whether it was written.
+async fn rewrite(client: &mut Client, key: &str, record: &WorkerRecord, id: i64) -> bool {
+    let txn = Txn::new()
+        .when([Compare::lease(key, CompareOp::Equal, id)])
+        .and_then([TxnOp::put(
+            key,
+            record.encode(),
+            Some(PutOptions::new().with_lease(id)),
+        )]);
+    match client.txn(txn).await {
+        Ok(r) => r.succeeded(),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not update this worker's record");
+            false
+        }
+    }
+}
+
 /// Keeps the worker registered until the task is dropped, starting from
 /// the lease [`claim`] returned; publishes the current lease in `lease` (0
-/// while unregistered).
+/// while unregistered). The record's `networks` follows `networks`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
     ks: Keyspace,
-    record: WorkerRecord,
+    mut record: WorkerRecord,
     ttl: i64,
     metrics: Arc<Metrics>,
     lease: watch::Sender<i64>,
     first: i64,
+    mut networks: watch::Receiver<Option<NetworkUse>>,
 ) {
     let key = ks.key(&Key::Worker(record.id.clone()));
     let period = Duration::from_secs(ttl.max(3) as u64) / 3;
@@ -175,9 +196,22 @@ pub async fn run(
         // new etcd leader extends every lease by about one TTL from its
         // election, which can be long before this agent got through.
         let mut last_ok = tokio::time::Instant::now();
-        let mut wait = Duration::ZERO;
+        // A networks update in between does not delay the keep-alive.
+        let mut due = tokio::time::Instant::now();
+        let mut written = record.networks;
         loop {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                Ok(()) = networks.changed() => {
+                    record.networks = *networks.borrow_and_update();
+                    if record.networks != written
+                        && rewrite(&mut client, &key, &record, id).await
+                    {
+                        written = record.networks;
+                    }
+                    continue;
+                }
+            }
             let answer = match client.lease_keep_alive(id).await {
                 Ok((mut keeper, mut stream)) => match keeper.keep_alive().await {
                     Ok(()) => stream.message().await.ok().flatten().map(|r| r.ttl()),
@@ -185,7 +219,7 @@ pub async fn run(
                 },
                 Err(_) => None,
             };
-            wait = if answer.is_none() { RETRY } else { period };
+            due = tokio::time::Instant::now() + if answer.is_none() { RETRY } else { period };
             match answer {
                 Some(t) if t > 0 => last_ok = tokio::time::Instant::now(),
                 Some(_) => break,

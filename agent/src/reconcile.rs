@@ -9,7 +9,10 @@
 //! and writes each instance's status (where its container listens, and
 //! how it is doing) under the instance's lease, so it vanishes with it.
 
+mod ready;
+
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,12 +21,14 @@ use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
     ChallengeRecord, ContainerSpec, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
-    Kind, Record, SecretRecord, StatusRecord, V1, WorkerId,
+    Kind, NetworkUse, Record, SecretRecord, ServiceName, ServiceRecord, ServiceState,
+    ServiceStatus, StatusRecord, V1, WorkerId,
 };
+use tokio::sync::watch;
 
 use crate::hostnet::{Firewall, pin_neighbours};
 use crate::metrics::Metrics;
-use crate::runtime::{Observed, Runtime, RuntimeError};
+use crate::runtime::{InstanceNetwork, Observed, Runtime, RuntimeError, Unit};
 
 /// What keeps instances off this host: the firewall (None:
 /// `allow_host_access`), and why no instance may start at all (an engine
@@ -34,18 +39,55 @@ pub struct HostChecks {
     pub refusal: Option<String>,
 }
 
+/// One container of an instance (of a service, or the only one), keyed by
+/// its service (None: the one container of a one-image instance).
+type SvcKey = Option<ServiceName>;
+
+#[derive(Debug)]
+struct Svc {
+    container: Option<String>,
+    address: Option<IpAddr>,
+    restarts: u32,
+    retry_at: Option<Instant>,
+    state: ServiceState,
+    /// Whether it has been ready since it was first started: an instance
+    /// whose services were all ready stays running while one of them
+    /// restarts (a crashed db does not take the app's route down).
+    was_ready: bool,
+    /// Why it failed, once it has.
+    failed: Option<String>,
+}
+
+impl Default for Svc {
+    fn default() -> Self {
+        Self {
+            container: None,
+            address: None,
+            restarts: 0,
+            retry_at: None,
+            state: ServiceState::Waiting,
+            was_ready: false,
+            failed: None,
+        }
+    }
+}
+
 /// One instance this worker should run.
 #[derive(Debug)]
 struct Tracked {
     record: InstanceRecord,
     lease: i64,
-    container: Option<String>,
+    services: BTreeMap<SvcKey, Svc>,
     status: InstanceStatus,
-    address: Option<std::net::IpAddr>,
-    restarts: u32,
+    /// The instance's secret, once read; its record was checked against
+    /// the challenge's spec then.
+    secret: Option<SecretRecord>,
+    /// When to try again to read the spec and secret, or make the network.
     retry_at: Option<Instant>,
-    /// What etcd holds for this instance's status (None: not written yet).
-    reported: Option<(InstanceStatus, Option<String>, Option<std::net::IpAddr>)>,
+    attempts: u32,
+    /// What etcd holds for this instance's status (None: not written yet),
+    /// with `updated_at` 0.
+    reported: Option<StatusRecord>,
     /// The status key's mod_revision as this agent last wrote or read it (0:
     /// none). Each write expects it, so a write whose outcome was unknown
     /// (etcd recovering) cannot land after a newer one and leave an old
@@ -53,6 +95,61 @@ struct Tracked {
     status_rev: i64,
     /// When the record was first seen, for the reconcile latency metric.
     seen: Instant,
+}
+
+impl Tracked {
+    /// The address of the service routes go to first (the only one of a
+    /// one-image instance).
+    fn routed_address(&self) -> Option<IpAddr> {
+        let first = self
+            .record
+            .http
+            .iter()
+            .map(|r| &r.service)
+            .chain(self.record.tcp.iter().map(|r| &r.service))
+            .next()
+            .cloned()
+            .flatten();
+        self.services.get(&first).and_then(|s| s.address)
+    }
+
+    /// The instance's state from its services': failed if one failed,
+    /// running when every one is ready.
+    fn overall(&self) -> InstanceStatus {
+        if let Some((key, svc)) = self
+            .services
+            .iter()
+            .find(|(_, s)| s.state == ServiceState::Failed)
+        {
+            let why = svc.failed.clone().unwrap_or_default();
+            return InstanceStatus::Failed {
+                reason: match key {
+                    Some(name) => format!("service {name}: {why}"),
+                    None => why,
+                },
+            };
+        }
+        let units = Unit::all(&self.record).len();
+        // A one-image instance is starting again while its container
+        // restarts, as it always was.
+        let multi = self.record.container.is_none();
+        let ready = self
+            .services
+            .values()
+            .filter(|s| {
+                if multi {
+                    s.was_ready
+                } else {
+                    s.state == ServiceState::Ready
+                }
+            })
+            .count();
+        if ready == units && self.routed_address().is_some() {
+            InstanceStatus::Running
+        } else {
+            InstanceStatus::Starting
+        }
+    }
 }
 
 /// The reconciler's state.
@@ -81,6 +178,11 @@ pub struct Reconciler {
     firewall_checked: Option<Instant>,
     /// The firewall error last logged.
     firewall_said: Option<String>,
+    /// The subnets of `instance_networks` in use (as of the last pass, and
+    /// those taken since).
+    used_subnets: BTreeSet<u32>,
+    /// Networks used and free, for this worker's registration.
+    network_use: watch::Sender<Option<NetworkUse>>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -124,7 +226,16 @@ impl Reconciler {
             firewall,
             firewall_checked: None,
             firewall_said: None,
+            used_subnets: BTreeSet::new(),
+            network_use: watch::channel(None).0,
         }
+    }
+
+    /// Where each pass publishes the per-instance networks in use and free
+    /// (for this worker's registration).
+    pub fn reporting_networks_to(mut self, tx: watch::Sender<Option<NetworkUse>>) -> Self {
+        self.network_use = tx;
+        self
     }
 
     /// Runs until `stop` resolves.
@@ -239,11 +350,11 @@ impl Reconciler {
                     Tracked {
                         record,
                         lease: kv.lease,
-                        container: None,
+                        services: BTreeMap::new(),
                         status: InstanceStatus::Starting,
-                        address: None,
-                        restarts: 0,
+                        secret: None,
                         retry_at: None,
+                        attempts: 0,
                         reported: None,
                         status_rev: 0,
                         seen: Instant::now(),
@@ -254,18 +365,26 @@ impl Reconciler {
         Some(id)
     }
 
-    /// The record is gone (deleted or expired): remove its container now.
+    /// The record is gone (deleted or expired): remove its containers,
+    /// then its network, now (what fails here, the next pass sweeps).
     async fn forget(&mut self, id: &InstanceId) {
-        if let Some(c) = self.desired.remove(id).and_then(|t| t.container) {
-            {
-                match self.runtime.remove(&c).await {
-                    Ok(()) => {
-                        tracing::info!(instance = %id, container = %c, "removed the container of a deleted instance")
-                    }
-                    Err(e) => {
-                        tracing::warn!(instance = %id, error = %e, "could not remove container; the sweep retries")
-                    }
+        let Some(t) = self.desired.remove(id) else {
+            return;
+        };
+        for c in t.services.into_values().filter_map(|s| s.container) {
+            match self.runtime.remove(&c).await {
+                Ok(()) => {
+                    tracing::info!(instance = %id, container = %c, "removed a container of a deleted instance")
                 }
+                Err(e) => {
+                    tracing::warn!(instance = %id, error = %e, "could not remove container; the sweep retries")
+                }
+            }
+        }
+        if t.record.container.is_none() {
+            let network = crate::runtime::network_name(id);
+            if let Err(e) = self.runtime.remove_network(&network).await {
+                tracing::debug!(instance = %id, error = %e, "network not removed yet; the sweep retries");
             }
         }
     }
@@ -279,45 +398,107 @@ impl Reconciler {
                 return;
             }
         };
+        let (networks, taken) = match self.runtime.instance_networks().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the instance networks");
+                return;
+            }
+        };
         self.check_firewall().await;
         self.pin_neighbours().await;
         let mut by_instance: BTreeMap<String, Vec<Observed>> = BTreeMap::new();
         for o in observed {
             by_instance.entry(o.instance.clone()).or_default().push(o);
         }
-        // Orphans: containers of ours without a record (only once we know all records).
+        // Orphans: containers and networks of ours without a record, or a
+        // container of a service the record does not have (only once we
+        // know all records).
         if self.synced {
-            for (instance, containers) in &by_instance {
-                let wanted = InstanceId::parse(instance)
-                    .ok()
-                    .and_then(|id| self.desired.get(&id));
-                for c in containers {
-                    let ours = wanted
-                        .is_some_and(|t| t.container.as_deref().is_none_or(|mine| mine == c.id));
-                    if !ours {
-                        match self.runtime.remove(&c.id).await {
-                            Ok(()) => {
-                                self.metrics.orphan_removed();
-                                tracing::info!(container = %c.id, instance = %instance, "removed an orphan container");
-                            }
-                            Err(e) => {
-                                tracing::warn!(container = %c.id, error = %e, "could not remove orphan")
-                            }
+            self.remove_orphans(&by_instance, &networks).await;
+        }
+        self.used_subnets = taken;
+        let ids: Vec<InstanceId> = self.desired.keys().cloned().collect();
+        for id in ids {
+            let seen = by_instance.remove(id.as_str()).unwrap_or_default();
+            let network = networks.iter().find(|n| n.instance == id.as_str());
+            self.step(&id, seen, network).await;
+            self.report(&id).await;
+        }
+        let subnets = self.runtime.subnets().count();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let (used, taken) = (count(networks.len()), count(self.used_subnets.len()));
+        self.network_use.send_if_modified(|now| {
+            let next = Some(NetworkUse {
+                used,
+                free: subnets.saturating_sub(taken),
+            });
+            let changed = *now != next;
+            *now = next;
+            changed
+        });
+        self.metrics
+            .set_states(self.desired.values().map(|t| &t.status));
+    }
+
+    /// Removes containers no record wants, then networks of instances no
+    /// record wants (a crash between making an instance's network and its
+    /// containers leaves both; they go here).
+    async fn remove_orphans(
+        &mut self,
+        by_instance: &BTreeMap<String, Vec<Observed>>,
+        networks: &[InstanceNetwork],
+    ) {
+        for (instance, containers) in by_instance {
+            let wanted = InstanceId::parse(instance)
+                .ok()
+                .and_then(|id| self.desired.get(&id));
+            for c in containers {
+                let ours = wanted.is_some_and(|t| {
+                    let key: SvcKey = c
+                        .service
+                        .as_deref()
+                        .and_then(|s| ServiceName::parse(s).ok());
+                    let in_record = match &key {
+                        None => t.record.container.is_some(),
+                        Some(name) => t.record.services.contains_key(name),
+                    };
+                    in_record
+                        && t.services
+                            .get(&key)
+                            .and_then(|s| s.container.as_deref())
+                            .is_none_or(|mine| mine == c.id)
+                });
+                if !ours {
+                    match self.runtime.remove(&c.id).await {
+                        Ok(()) => {
+                            self.metrics.orphan_removed();
+                            tracing::info!(container = %c.id, instance = %instance, service = ?c.service, "removed an orphan container");
+                        }
+                        Err(e) => {
+                            tracing::warn!(container = %c.id, error = %e, "could not remove orphan")
                         }
                     }
                 }
             }
         }
-        let ids: Vec<InstanceId> = self.desired.keys().cloned().collect();
-        for id in ids {
-            let seen = by_instance
-                .get(id.as_str())
-                .and_then(|cs| cs.first().cloned());
-            self.step(&id, seen).await;
-            self.report(&id).await;
+        for n in networks {
+            let wanted = InstanceId::parse(&n.instance)
+                .ok()
+                .and_then(|id| self.desired.get(&id))
+                .is_some_and(|t| t.record.container.is_none());
+            if wanted {
+                continue;
+            }
+            match self.runtime.remove_network(&n.name).await {
+                Ok(()) => {
+                    tracing::info!(network = %n.name, instance = %n.instance, "removed an orphan instance network")
+                }
+                Err(e) => {
+                    tracing::debug!(network = %n.name, error = %e, "orphan network not removed yet")
+                }
+            }
         }
-        self.metrics
-            .set_states(self.desired.values().map(|t| &t.status));
     }
 
     /// Every 10 s, puts back any missing rule of the host firewall; while
@@ -379,155 +560,290 @@ impl Reconciler {
         }
     }
 
-    /// Moves one instance towards running.
-    async fn step(&mut self, id: &InstanceId, seen: Option<Observed>) {
-        let (max_restarts, host_safe) = (self.max_restarts, self.host_safe);
+    /// Moves one instance towards running: its network, then each of its
+    /// containers once the services it depends on are ready.
+    async fn step(
+        &mut self,
+        id: &InstanceId,
+        seen: Vec<Observed>,
+        network: Option<&InstanceNetwork>,
+    ) {
+        let Some(t) = self.desired.get(id) else {
+            return;
+        };
+        if matches!(t.status, InstanceStatus::Failed { .. })
+            || t.retry_at.is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
+        let record = t.record.clone();
+        let units = Unit::all(&record);
+        let multi = record.container.is_none();
+        let seen_of = |unit: &Unit<'_>| {
+            seen.iter()
+                .find(|o| o.service.as_deref() == unit.service.map(ServiceName::as_str))
+        };
+        let missing = units.iter().any(|u| seen_of(u).is_none()) || (multi && network.is_none());
+        if missing && !self.prepare(id, &record, network.is_some()).await {
+            return;
+        }
         let Some(t) = self.desired.get_mut(id) else {
             return;
         };
-        if matches!(t.status, InstanceStatus::Failed { .. }) {
-            return;
-        }
-        if t.retry_at.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        match seen {
-            Some(o) if o.running && o.address.is_some() => {
-                if t.container.is_none() {
-                    tracing::info!(instance = %id, container = %o.id, "adopted a running container");
-                }
-                t.container = Some(o.id);
-                t.address = o.address;
-                if t.status != InstanceStatus::Running {
-                    self.metrics.reconciled(t.seen.elapsed());
-                }
-                t.status = InstanceStatus::Running;
-                t.retry_at = None;
+        let mut create = Vec::new();
+        for unit in &units {
+            let key: SvcKey = unit.service.cloned();
+            let deps_ready = unit.service.is_none_or(|name| {
+                record.services.get(name).is_none_or(|s| {
+                    s.depends_on.iter().all(|d| {
+                        t.services
+                            .get(&Some(d.clone()))
+                            .is_some_and(|d| d.state == ServiceState::Ready)
+                    })
+                })
+            });
+            let ready_spec = unit
+                .service
+                .and_then(|name| record.services.get(name))
+                .and_then(|s| s.ready.as_ref());
+            let svc = t.services.entry(key).or_default();
+            let label = unit.service.map_or(String::new(), |s| format!(" {s}"));
+            if svc.state == ServiceState::Failed
+                || svc.retry_at.is_some_and(|at| Instant::now() < at)
+            {
+                continue;
             }
-            Some(o) if o.exited => {
-                t.container = Some(o.id.clone());
-                let code = self.runtime.exit_code(&o.id).await.unwrap_or(-1);
-                if t.restarts >= max_restarts {
-                    tracing::warn!(instance = %id, code, restarts = t.restarts, "container keeps exiting; giving up");
-                    t.status = InstanceStatus::Failed {
-                        reason: format!("exited with code {code} after {} restarts", t.restarts),
-                    };
-                    return;
-                }
-                let wait = backoff(t.restarts);
-                if t.retry_at.is_none() {
-                    // First sight of this exit: wait before restarting.
-                    tracing::info!(instance = %id, code, restarts = t.restarts, ?wait, "container exited; restarting after backoff");
-                    t.retry_at = Some(Instant::now() + wait);
-                    t.status = InstanceStatus::Starting;
-                    return;
-                }
-                t.restarts += 1;
-                t.retry_at = None;
-                if let Err(e) = self.runtime.start(&o.id).await {
-                    tracing::warn!(instance = %id, error = %e, "restart failed");
-                }
-            }
-            Some(o) if o.running => {
-                // Running but without an address yet: look again next pass.
-                t.container = Some(o.id);
-            }
-            Some(o) => {
-                // Created but not started (e.g. the agent died in between).
-                t.container = Some(o.id.clone());
-                if let Err(e) = self.runtime.start(&o.id).await {
-                    tracing::warn!(instance = %id, error = %e, "start failed");
-                    t.retry_at = Some(Instant::now() + backoff(t.restarts));
-                }
-            }
-            None if self.refusal.is_some() => {
-                let why = self.refusal.clone().unwrap_or_default();
-                t.status = InstanceStatus::Failed {
-                    reason: format!("refused by the agent: {why}"),
-                };
-            }
-            None if !host_safe => {
-                // Nothing starts until the host firewall is in place.
-                t.status = InstanceStatus::Starting;
-            }
-            None => {
-                let mut record = t.record.clone();
-                let vetted = match from_spec(&self.client, &self.ks, &record).await {
-                    Ok(container) => secret_of(&self.client, &self.ks, &self.worker, &record)
-                        .await
-                        .map(|secret| (container, secret)),
-                    Err(e) => Err(e),
-                };
-                let secret = match vetted {
-                    Ok((container, secret)) => {
-                        record.container = container;
-                        secret
+            match seen_of(unit) {
+                Some(o) if o.running && o.address.is_some() => {
+                    if svc.container.is_none() {
+                        tracing::info!(instance = %id, service = ?unit.service, container = %o.id, "adopted a running container");
                     }
-                    Err(Vetted::Gone) => {
-                        tracing::debug!(instance = %id, "deleted before its container was made");
-                        t.retry_at = Some(Instant::now() + backoff(t.restarts));
-                        return;
-                    }
-                    Err(Vetted::Unavailable(e)) => {
-                        tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec or the instance's secret; retrying");
-                        t.retry_at = Some(Instant::now() + backoff(t.restarts));
-                        t.restarts += 1;
-                        return;
-                    }
-                    Err(refused) => {
-                        let why = match refused {
-                            Vetted::Refused(why) => {
-                                tracing::error!(instance = %id, challenge = %record.challenge, spec_revision = record.spec_revision, %why, "refused: the record's container is not what its challenge's spec makes; no container started");
-                                self.metrics.unlike_spec();
-                                why
-                            }
-                            Vetted::NoSecret(why) | Vetted::Unavailable(why) => {
-                                tracing::error!(instance = %id, %why, "refused: no container started");
-                                why
-                            }
-                            Vetted::Gone => return,
+                    svc.container = Some(o.id.clone());
+                    svc.address = o.address;
+                    svc.retry_at = None;
+                    if svc.state != ServiceState::Ready {
+                        let ok = match (ready_spec, o.address) {
+                            (Some(spec), Some(addr)) => ready::probe(addr, spec).await,
+                            _ => true,
                         };
-                        t.status = InstanceStatus::Failed {
-                            reason: format!("refused by the agent: {why}"),
+                        svc.state = if ok {
+                            ServiceState::Ready
+                        } else {
+                            ServiceState::Starting
                         };
-                        return;
+                        svc.was_ready |= ok;
                     }
-                };
-                t.status = InstanceStatus::Starting;
-                match self.runtime.create(&record, &secret).await {
-                    Ok(container) => {
-                        tracing::info!(instance = %id, %container, image = %record.container.image, "created container");
-                        t.container = Some(container.clone());
-                        if let Err(e) = self.runtime.start(&container).await {
-                            tracing::warn!(instance = %id, error = %e, "start failed");
-                            t.retry_at = Some(Instant::now() + backoff(t.restarts));
-                            t.restarts += 1;
+                }
+                Some(o) if o.exited => {
+                    svc.container = Some(o.id.clone());
+                    svc.state = ServiceState::Starting;
+                    let code = self.runtime.exit_code(&o.id).await.unwrap_or(-1);
+                    if svc.restarts >= self.max_restarts {
+                        tracing::warn!(instance = %id, service = ?unit.service, code, restarts = svc.restarts, "container keeps exiting; giving up");
+                        svc.state = ServiceState::Failed;
+                        svc.failed = Some(format!(
+                            "exited with code {code} after {} restarts",
+                            svc.restarts
+                        ));
+                        continue;
+                    }
+                    if svc.retry_at.is_none() {
+                        // First sight of this exit: wait before restarting.
+                        let wait = backoff(svc.restarts);
+                        tracing::info!(instance = %id, service = ?unit.service, code, restarts = svc.restarts, ?wait, "container{label} exited; restarting after backoff");
+                        svc.retry_at = Some(Instant::now() + wait);
+                        continue;
+                    }
+                    svc.restarts += 1;
+                    svc.retry_at = None;
+                    if let Err(e) = self.runtime.start(&o.id).await {
+                        tracing::warn!(instance = %id, service = ?unit.service, error = %e, "restart failed");
+                    }
+                }
+                Some(o) if o.running => {
+                    // Running but without an address yet: look again next pass.
+                    svc.container = Some(o.id.clone());
+                    svc.state = ServiceState::Starting;
+                }
+                Some(o) => {
+                    // Created but not started (e.g. the agent died in between).
+                    svc.container = Some(o.id.clone());
+                    if !deps_ready {
+                        svc.state = ServiceState::Waiting;
+                        continue;
+                    }
+                    svc.state = ServiceState::Starting;
+                    if let Err(e) = self.runtime.start(&o.id).await {
+                        tracing::warn!(instance = %id, service = ?unit.service, error = %e, "start failed");
+                        svc.retry_at = Some(Instant::now() + backoff(svc.restarts));
+                    }
+                }
+                None if deps_ready => {
+                    svc.state = ServiceState::Starting;
+                    create.push(*unit);
+                }
+                None => svc.state = ServiceState::Waiting,
+            }
+        }
+        if !create.is_empty() {
+            let Some(secret) = t.secret.clone() else {
+                return;
+            };
+            // Services whose dependencies are ready are made together.
+            let runtime = &self.runtime;
+            let made = futures::future::join_all(create.iter().map(|unit| {
+                let (record, secret) = (&record, &secret);
+                async move {
+                    let id = runtime.create(record, *unit, secret).await?;
+                    let started = runtime.start(&id).await;
+                    Ok::<_, RuntimeError>((id, started))
+                }
+            }))
+            .await;
+            for (unit, result) in create.iter().zip(made) {
+                let svc = t.services.entry(unit.service.cloned()).or_default();
+                match result {
+                    Ok((container, started)) => {
+                        tracing::info!(instance = %id, service = ?unit.service, %container, image = %unit.container.image, "created container");
+                        svc.container = Some(container);
+                        if let Err(e) = started {
+                            tracing::warn!(instance = %id, service = ?unit.service, error = %e, "start failed");
+                            svc.retry_at = Some(Instant::now() + backoff(svc.restarts));
+                            svc.restarts += 1;
                         }
                     }
                     Err(RuntimeError::ImageMissing { image, reason }) => {
                         // Not retried: a missing image does not appear by itself.
                         tracing::warn!(instance = %id, %image, %reason, "image missing");
-                        t.status = InstanceStatus::Failed {
-                            reason: format!(
-                                "image {image} is not on this worker and could not be pulled: {reason}"
-                            ),
-                        };
+                        svc.state = ServiceState::Failed;
+                        svc.failed = Some(format!(
+                            "image {image} is not on this worker and could not be pulled: {reason}"
+                        ));
                     }
                     Err(e @ RuntimeError::NoDiskQuota { .. }) => {
                         // Not retried: the worker's storage does not change by itself.
                         tracing::warn!(instance = %id, error = %e, "cannot bound the writable layer");
-                        t.status = InstanceStatus::Failed {
-                            reason: e.to_string(),
-                        };
+                        svc.state = ServiceState::Failed;
+                        svc.failed = Some(e.to_string());
                     }
                     Err(e) => {
-                        tracing::warn!(instance = %id, error = %e, "create failed");
-                        t.retry_at = Some(Instant::now() + backoff(t.restarts));
-                        t.restarts += 1;
+                        tracing::warn!(instance = %id, service = ?unit.service, error = %e, "create failed");
+                        svc.retry_at = Some(Instant::now() + backoff(svc.restarts));
+                        svc.restarts += 1;
                     }
                 }
             }
         }
+        let status = t.overall();
+        if status == InstanceStatus::Running && t.status != InstanceStatus::Running {
+            self.metrics.reconciled(t.seen.elapsed());
+        }
+        t.status = status;
+    }
+
+    /// Before a container of `record` is made: the host is safe, the record
+    /// is what its challenge's spec makes, its secret is read, and (for an
+    /// instance with services) its network exists. False: not now (the
+    /// status says why, or a retry is set).
+    async fn prepare(
+        &mut self,
+        id: &InstanceId,
+        record: &InstanceRecord,
+        has_network: bool,
+    ) -> bool {
+        let (host_safe, refusal) = (self.host_safe, self.refusal.clone());
+        let Some(t) = self.desired.get_mut(id) else {
+            return false;
+        };
+        if let Some(why) = refusal {
+            t.status = InstanceStatus::Failed {
+                reason: format!("refused by the agent: {why}"),
+            };
+            return false;
+        }
+        if !host_safe {
+            // Nothing starts until the host firewall is in place.
+            t.status = InstanceStatus::Starting;
+            return false;
+        }
+        if t.secret.is_none() {
+            let vetted = match from_spec(&self.client, &self.ks, record).await {
+                Ok(()) => secret_of(&self.client, &self.ks, &self.worker, record).await,
+                Err(e) => Err(e),
+            };
+            match vetted {
+                Ok(secret) => t.secret = Some(secret),
+                Err(Vetted::Gone) => {
+                    tracing::debug!(instance = %id, "deleted before its containers were made");
+                    t.retry_at = Some(Instant::now() + backoff(t.attempts));
+                    return false;
+                }
+                Err(Vetted::Unavailable(e)) => {
+                    tracing::warn!(instance = %id, error = %e, "cannot read the challenge's spec or the instance's secret; retrying");
+                    t.retry_at = Some(Instant::now() + backoff(t.attempts));
+                    t.attempts += 1;
+                    return false;
+                }
+                Err(refused) => {
+                    let why = match refused {
+                        Vetted::Refused(why) => {
+                            tracing::error!(instance = %id, challenge = %record.challenge, spec_revision = record.spec_revision, %why, "refused: the record's containers are not what its challenge's spec makes; no container started");
+                            self.metrics.unlike_spec();
+                            why
+                        }
+                        Vetted::NoSecret(why) | Vetted::Unavailable(why) => {
+                            tracing::error!(instance = %id, %why, "refused: no container started");
+                            why
+                        }
+                        Vetted::Gone => return false,
+                    };
+                    t.status = InstanceStatus::Failed {
+                        reason: format!("refused by the agent: {why}"),
+                    };
+                    return false;
+                }
+            }
+        }
+        if record.container.is_some() || has_network {
+            return true;
+        }
+        let subnets = self.runtime.subnets();
+        let egress = record.services.values().any(|s| s.container.egress);
+        // A subnet another user of the engine holds (another agent on it,
+        // a network made by hand) is refused by Docker: skip it and take
+        // the next, a few times in one pass.
+        for _ in 0..16 {
+            let Some(index) = subnets.first_free(&self.used_subnets) else {
+                tracing::warn!(instance = %id, networks = subnets.count(), "no free instance network on this worker");
+                t.status = InstanceStatus::Failed {
+                    reason: format!(
+                        "no free network on this worker: all {} of its instance_networks are in use",
+                        subnets.count()
+                    ),
+                };
+                return false;
+            };
+            self.used_subnets.insert(index);
+            match self
+                .runtime
+                .create_instance_network(record, index, egress)
+                .await
+            {
+                Ok(()) => return true,
+                Err(bollard::errors::Error::DockerResponseServerError { message, .. })
+                    if message.contains("overlaps") =>
+                {
+                    tracing::debug!(instance = %id, index, "subnet taken outside this agent; trying the next");
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %id, error = %e, "cannot create the instance's network; retrying");
+                    break;
+                }
+            }
+        }
+        t.retry_at = Some(Instant::now() + backoff(t.attempts));
+        t.attempts += 1;
+        false
     }
 
     /// Writes the status record when what etcd holds differs.
@@ -535,23 +851,40 @@ impl Reconciler {
         let Some(t) = self.desired.get_mut(id) else {
             return;
         };
-        let now = (t.status.clone(), t.container.clone(), t.address);
-        if t.reported.as_ref() == Some(&now) || t.lease == 0 {
-            return;
-        }
-        let record = StatusRecord {
+        let running = t.status == InstanceStatus::Running;
+        let multi = t.record.container.is_none();
+        let mut record = StatusRecord {
             v: V1,
             instance: id.clone(),
             worker: self.worker.clone(),
-            container_id: t.container.clone(),
-            address: if t.status == InstanceStatus::Running {
-                t.address
-            } else {
-                None
-            },
+            container_id: t.services.get(&None).and_then(|s| s.container.clone()),
+            address: if running { t.routed_address() } else { None },
             status: t.status.clone(),
-            updated_at: tidegate_schema::time::unix_secs(),
+            updated_at: 0,
+            services: if multi {
+                t.services
+                    .iter()
+                    .filter_map(|(k, s)| {
+                        Some((
+                            k.clone()?,
+                            ServiceStatus {
+                                state: s.state,
+                                container_id: s.container.clone(),
+                                address: s.address,
+                                restarts: s.restarts,
+                            },
+                        ))
+                    })
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
         };
+        if t.reported.as_ref() == Some(&record) || t.lease == 0 {
+            return;
+        }
+        let unstamped = record.clone();
+        record.updated_at = tidegate_schema::time::unix_secs();
         let key = self.ks.key(&Key::Status {
             worker: self.worker.clone(),
             instance: id.clone(),
@@ -576,7 +909,7 @@ impl Reconciler {
             .or_else([TxnOp::get(key.as_str(), None)]);
         match self.client.txn(txn).await {
             Ok(r) if r.succeeded() => {
-                t.reported = Some(now);
+                t.reported = Some(unstamped);
                 if let Some(h) = r.header() {
                     t.status_rev = h.revision();
                     self.metrics.etcd.wrote(h.revision());
@@ -674,13 +1007,9 @@ async fn secret_of(
 /// or when etcd has compacted that revision away). A record whose own
 /// container differs (image, caps, limits, networks, env) is refused:
 /// whoever wrote it is not the scheduler, or the scheduler is not ours.
-async fn from_spec(
-    client: &Client,
-    ks: &Keyspace,
-    record: &InstanceRecord,
-) -> Result<ContainerSpec, Vetted> {
+async fn from_spec(client: &Client, ks: &Keyspace, record: &InstanceRecord) -> Result<(), Vetted> {
     if planted("spec-derived") {
-        return Ok(record.container.clone());
+        return Ok(());
     }
     let key = ks.key(&Key::Challenge(record.challenge.clone()));
     let mut client = client.clone();
@@ -701,14 +1030,43 @@ async fn from_spec(
     })?;
     let challenge =
         ChallengeRecord::decode(kv.value()).map_err(|e| Vetted::Refused(format!("{key}: {e}")))?;
-    let made = ContainerSpec::of(&challenge.spec);
-    let differences = record.container.differences(&made);
+    let differences = differences(record, &challenge.spec);
     if differences.is_empty() {
-        Ok(made)
+        Ok(())
     } else {
         Err(Vetted::Refused(format!(
             "record vs spec: {}",
             differences.join("; ")
         )))
+    }
+}
+
+/// Where a record's containers differ from what `spec` makes (the one
+/// container, or each service by name).
+fn differences(record: &InstanceRecord, spec: &tidegate_schema::ChallengeSpec) -> Vec<String> {
+    match (&record.container, ContainerSpec::of(spec)) {
+        (Some(mine), Some(made)) => mine.differences(&made),
+        (None, None) => {
+            let made = ServiceRecord::all_of(spec);
+            let mut out = Vec::new();
+            for name in made
+                .keys()
+                .chain(record.services.keys())
+                .collect::<BTreeSet<_>>()
+            {
+                match (record.services.get(name), made.get(name)) {
+                    (Some(mine), Some(made)) => out.extend(
+                        mine.differences(made)
+                            .into_iter()
+                            .map(|d| format!("services.{name}.{d}")),
+                    ),
+                    (Some(_), None) => out.push(format!("services.{name}: not in the spec")),
+                    (None, _) => out.push(format!("services.{name}: missing from the record")),
+                }
+            }
+            out
+        }
+        (Some(_), None) => vec!["container: the spec lists services".into()],
+        (None, Some(_)) => vec!["services: the spec has one image".into()],
     }
 }

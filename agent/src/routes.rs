@@ -17,8 +17,8 @@ use etcd_client::Client;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
-    ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, StatusRecord,
-    WorkerId, WorkerRecord,
+    ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, ServiceName,
+    StatusRecord, WorkerId, WorkerRecord,
 };
 
 use crate::metrics::traffic::InstanceTraffic;
@@ -183,14 +183,15 @@ impl WatchedCluster {
         }
     }
 
-    /// Where traffic for `rec`'s container port `target_port` goes from this
-    /// agent; `remote` gives the owner's entry for that traffic.
+    /// Where traffic for `rec`'s container port `target_port` (of
+    /// `service`, or its one container) goes from this agent; `remote`
+    /// gives the owner's entry for that traffic.
     fn target(
         &self,
         me: &WorkerId,
         id: &InstanceId,
         rec: &InstanceRecord,
-        target_port: u16,
+        (service, target_port): (Option<&ServiceName>, u16),
         remote: impl Fn(&WorkerRecord) -> SocketAddr,
     ) -> Target {
         if &rec.worker != me {
@@ -203,8 +204,18 @@ impl WatchedCluster {
             Some(StatusRecord {
                 status: InstanceStatus::Running,
                 address: Some(addr),
+                services,
                 ..
-            }) => Target::Local(SocketAddr::new(*addr, target_port)),
+            }) => {
+                let addr = match service {
+                    None => Some(*addr),
+                    Some(name) => services.get(name).and_then(|s| s.address),
+                };
+                match addr {
+                    Some(addr) => Target::Local(SocketAddr::new(addr, target_port)),
+                    None => Target::NotReady("it is starting".into()),
+                }
+            }
             Some(StatusRecord {
                 // Players see this text (the 503 page): the reason, which
                 // may name images, specs and exit codes, stays with the
@@ -247,7 +258,9 @@ impl WatchedCluster {
                 })
             };
             for r in &rec.http {
-                let target = self.target(me, id, rec, r.target_port, |w| w.http_entry);
+                let target = self.target(me, id, rec, (r.service.as_ref(), r.target_port), |w| {
+                    w.http_entry
+                });
                 by_host.insert(r.hostname.to_string(), route(target));
             }
             for r in &rec.tcp {
@@ -259,7 +272,7 @@ impl WatchedCluster {
                     off_range.insert(id.clone());
                     continue;
                 }
-                let target = self.target(me, id, rec, r.target_port, |w| {
+                let target = self.target(me, id, rec, (r.service.as_ref(), r.target_port), |w| {
                     SocketAddr::new(w.tcp_host, r.port)
                 });
                 let route = route(target);

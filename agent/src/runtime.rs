@@ -11,6 +11,15 @@
 //! inter-container traffic disabled: `isolated` (internal: no route out)
 //! or, when the spec sets `egress`, `egress`. The host — and so the agent —
 //! reaches every container's address on either.
+//!
+//! An instance of a challenge with `services` runs one such container per
+//! service (`tidegate-{id}-{service}`, label `tidegate.service`) on a
+//! network of its own instead ([`network`]): inter-container traffic on,
+//! each container reachable by its service name, nothing else on it.
+
+mod network;
+
+pub use network::{INSTANCE_BRIDGE_PREFIXES, InstanceNetwork, Subnets, name as network_name};
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -37,6 +46,7 @@ pub const LABEL_CHALLENGE: &str = "tidegate.challenge";
 pub const LABEL_TEAM: &str = "tidegate.team";
 pub const LABEL_WORKER: &str = "tidegate.worker";
 pub const LABEL_CLUSTER: &str = "tidegate.cluster";
+pub const LABEL_SERVICE: &str = "tidegate.service";
 
 /// Why a container could not be made to run.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +80,8 @@ fn classify(e: DockerError) -> RuntimeError {
 pub struct Observed {
     pub id: String,
     pub instance: String,
+    /// Its service (None: the one container of a one-image instance).
+    pub service: Option<String>,
     pub running: bool,
     pub exited: bool,
     pub address: Option<std::net::IpAddr>,
@@ -86,6 +98,50 @@ pub struct Runtime {
     unbounded_rootfs: bool,
     /// Instance network name → its Linux bridge (known after `ensure_networks`).
     bridges: HashMap<String, String>,
+    /// Where per-instance networks' subnets come from.
+    subnets: Subnets,
+}
+
+/// One container to make: the record's one container, or a service's.
+#[derive(Debug, Clone, Copy)]
+pub struct Unit<'a> {
+    /// None: the one container of a one-image instance.
+    pub service: Option<&'a tidegate_schema::ServiceName>,
+    pub container: &'a ContainerSpec,
+    pub command: Option<&'a [String]>,
+    /// Whether it gets `FLAG` and the secret env.
+    pub secrets: bool,
+}
+
+impl<'a> Unit<'a> {
+    /// Every container of `rec`, services in name order.
+    pub fn all(rec: &'a InstanceRecord) -> Vec<Unit<'a>> {
+        if let Some(c) = &rec.container {
+            return vec![Unit {
+                service: None,
+                container: c,
+                command: None,
+                secrets: true,
+            }];
+        }
+        rec.services
+            .iter()
+            .map(|(name, s)| Unit {
+                service: Some(name),
+                container: &s.container,
+                command: s.command.as_deref(),
+                secrets: s.secrets,
+            })
+            .collect()
+    }
+}
+
+/// The Docker name of an instance's container (of `service`, or its only one).
+pub fn container_name(id: &tidegate_schema::InstanceId, service: Option<&str>) -> String {
+    match service {
+        Some(s) => format!("tidegate-{id}-{s}"),
+        None => format!("tidegate-{id}"),
+    }
 }
 
 fn not_found(e: &DockerError) -> bool {
@@ -114,6 +170,7 @@ impl Runtime {
             pull: cfg.pull_images,
             unbounded_rootfs: cfg.allow_unbounded_rootfs,
             bridges: HashMap::new(),
+            subnets: Subnets::parse(&cfg.instance_networks).unwrap_or_default(),
         })
     }
 
@@ -211,7 +268,9 @@ impl Runtime {
         Ok(list
             .into_iter()
             .filter_map(|c| {
-                let instance = c.labels.as_ref()?.get(LABEL_INSTANCE)?.clone();
+                let labels = c.labels.as_ref()?;
+                let instance = labels.get(LABEL_INSTANCE)?.clone();
+                let service = labels.get(LABEL_SERVICE).cloned();
                 let address = c
                     .network_settings
                     .as_ref()
@@ -221,6 +280,7 @@ impl Runtime {
                 Some(Observed {
                     id: c.id?,
                     instance,
+                    service,
                     running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
                     exited: matches!(
                         c.state,
@@ -232,15 +292,68 @@ impl Runtime {
             .collect())
     }
 
-    fn body(&self, rec: &InstanceRecord, secret: &SecretRecord) -> ContainerCreateBody {
-        let c = &rec.container;
+    fn body(
+        &self,
+        rec: &InstanceRecord,
+        unit: Unit<'_>,
+        secret: &SecretRecord,
+    ) -> ContainerCreateBody {
+        let c = unit.container;
+        let secret_env = if unit.secrets {
+            &secret.env
+        } else {
+            &Default::default()
+        };
         let mut env: Vec<String> = c
             .env
             .iter()
-            .chain(&secret.env)
+            .chain(secret_env)
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        env.push(format!("FLAG={}", secret.flag));
+        if unit.secrets {
+            env.push(format!("FLAG={}", secret.flag));
+        }
+        let mut labels = self.labels(rec);
+        let Some(service) = unit.service else {
+            let network = if c.egress {
+                &self.egress
+            } else {
+                &self.isolated
+            };
+            return ContainerCreateBody {
+                image: Some(c.image.clone()),
+                env: Some(env),
+                labels: Some(labels),
+                hostname: Some(rec.id.to_string()),
+                host_config: Some(self.host_config(c, network)),
+                ..Default::default()
+            };
+        };
+        labels.insert(LABEL_SERVICE.to_string(), service.to_string());
+        let network = network::name(&rec.id);
+        // Reached by its service name on the instance's network (Docker's
+        // embedded DNS), by nothing else.
+        let endpoint = bollard::models::EndpointSettings {
+            aliases: Some(vec![service.to_string()]),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(c.image.clone()),
+            env: Some(env),
+            cmd: unit.command.map(<[String]>::to_vec),
+            labels: Some(labels),
+            hostname: Some(service.to_string()),
+            host_config: Some(self.host_config(c, &network)),
+            networking_config: Some(bollard::models::NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(network.clone(), endpoint)])),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The labels of everything made for `rec`: instance, challenge, team,
+    /// worker (and cluster).
+    fn labels(&self, rec: &InstanceRecord) -> HashMap<String, String> {
         let mut labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), rec.id.to_string()),
             (LABEL_CHALLENGE.to_string(), rec.challenge.to_string()),
@@ -250,19 +363,7 @@ impl Runtime {
         if let Some(cluster) = &self.cluster {
             labels.insert(LABEL_CLUSTER.to_string(), cluster.clone());
         }
-        let network = if c.egress {
-            &self.egress
-        } else {
-            &self.isolated
-        };
-        ContainerCreateBody {
-            image: Some(c.image.clone()),
-            env: Some(env),
-            labels: Some(labels),
-            hostname: Some(rec.id.to_string()),
-            host_config: Some(self.host_config(c, network)),
-            ..Default::default()
-        }
+        labels
     }
 
     /// The limits and hardening of one container (see the module doc).
@@ -338,15 +439,16 @@ impl Runtime {
             .any(|o| o.contains("name=userns") || o.contains("name=rootless")))
     }
 
-    /// Creates the instance's container (pulling its image if allowed).
-    /// Creates (not starts) the container of `rec`, with its secret's flag
-    /// as `FLAG` and its secret env values.
+    /// Creates (not starts) one container of `rec` (pulling its image if
+    /// allowed), with its secret's flag as `FLAG` and its secret env values
+    /// where the unit gets them.
     pub async fn create(
         &self,
         rec: &InstanceRecord,
+        unit: Unit<'_>,
         secret: &SecretRecord,
     ) -> Result<String, RuntimeError> {
-        let name = format!("tidegate-{}", rec.id);
+        let name = container_name(&rec.id, unit.service.map(|s| s.as_str()));
         let options = || {
             Some(CreateContainerOptions {
                 name: Some(name.clone()),
@@ -355,7 +457,7 @@ impl Runtime {
         };
         match self
             .docker
-            .create_container(options(), self.body(rec, secret))
+            .create_container(options(), self.body(rec, unit, secret))
             .await
         {
             Ok(r) => return Ok(r.id),
@@ -367,13 +469,13 @@ impl Runtime {
                 self.remove(&name).await?;
                 return Ok(self
                     .docker
-                    .create_container(options(), self.body(rec, secret))
+                    .create_container(options(), self.body(rec, unit, secret))
                     .await?
                     .id);
             }
             Err(e) => return Err(classify(e)),
         }
-        let image = rec.container.image.clone();
+        let image = unit.container.image.clone();
         if !self.pull {
             return Err(RuntimeError::ImageMissing {
                 image,
@@ -398,7 +500,7 @@ impl Runtime {
         }
         Ok(self
             .docker
-            .create_container(options(), self.body(rec, secret))
+            .create_container(options(), self.body(rec, unit, secret))
             .await?
             .id)
     }

@@ -16,8 +16,9 @@ use std::ops::RangeInclusive;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use tidegate_schema::{
-    ChallengeRecord, ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord, Key, Keyspace,
-    Protocol, Record, SecretRecord, TcpRoute, TeamId, V1, WorkerId,
+    ChallengeRecord, ChallengeSpec, ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord,
+    Key, Keyspace, PortSpec, Protocol, Record, SecretRecord, ServiceName, ServiceRecord, TcpRoute,
+    TeamId, V1, WorkerId,
 };
 
 /// How many times a spawn retries after losing a race for a claim.
@@ -190,14 +191,6 @@ fn slot_key(plan: &SpawnPlan, slot: u32) -> String {
 /// A record with a fresh id, hostnames and random free-looking TCP ports.
 fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
     let spec = &plan.challenge.spec;
-    if !spec.services.is_empty() {
-        // Only a challenge record written by hand gets here: the API
-        // does not store one with services yet.
-        return Err(SpawnError::Invalid {
-            what: "challenge",
-            error: "it lists services; this version runs one container per instance".into(),
-        });
-    }
     let id = InstanceId::from_random(rand::random());
     let mut http = Vec::new();
     let mut tcp: Vec<TcpRoute> = Vec::new();
@@ -220,6 +213,7 @@ fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
                     port_name: p.name.clone(),
                     hostname,
                     target_port: p.port,
+                    service: service_of(spec, p),
                 });
             }
             Protocol::Tcp => {
@@ -233,6 +227,7 @@ fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
                     port_name: p.name.clone(),
                     port,
                     target_port: p.port,
+                    service: service_of(spec, p),
                 });
             }
         }
@@ -252,8 +247,20 @@ fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
         http,
         tcp,
         container: ContainerSpec::of(spec),
+        services: ServiceRecord::all_of(spec),
         spec_revision: plan.challenge_revision,
     })
+}
+
+/// The service a port goes to: none for a one-image challenge; the one
+/// named, or the only service.
+fn service_of(spec: &ChallengeSpec, port: &PortSpec) -> Option<ServiceName> {
+    if spec.services.is_empty() {
+        return None;
+    }
+    port.service
+        .clone()
+        .or_else(|| spec.services.keys().next().cloned())
 }
 
 /// Runs the Txn: the record, its claims and its secret (readable only by

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use etcd_client::Client;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::{
-    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, StatusRecord, WorkerId, WorkerRecord,
+    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, ServiceName, ServiceState,
+    StatusRecord, WorkerId, WorkerRecord,
 };
 
 /// An instance as the view holds it.
@@ -27,6 +28,8 @@ pub struct View {
     /// Statuses by instance and the worker whose prefix they were written
     /// under (only the record's own worker's counts: [`View::status_of`]).
     pub status: BTreeMap<(InstanceId, WorkerId), InstanceStatus>,
+    /// Each service's state, of instances with services (same keys).
+    pub services: BTreeMap<(InstanceId, WorkerId), BTreeMap<ServiceName, ServiceState>>,
     /// The etcd revision the view reflects.
     pub revision: i64,
 }
@@ -67,7 +70,14 @@ impl View {
                         .get(&instance)
                         .is_some_and(|i| i.record.worker == worker) =>
                 {
-                    self.status.insert((instance, worker), st.status);
+                    let key = (instance, worker);
+                    if st.services.is_empty() {
+                        self.services.remove(&key);
+                    } else {
+                        let states = st.services.iter().map(|(n, s)| (n.clone(), s.state));
+                        self.services.insert(key.clone(), states.collect());
+                    }
+                    self.status.insert(key, st.status);
                 }
                 Ok(_) => {
                     tracing::debug!(key = %kv.key, "skipping a status not written by the instance's worker")
@@ -87,10 +97,13 @@ impl View {
             }
             Ok(Key::Instance(id)) => {
                 if let Some(gone) = self.instances.remove(&id) {
+                    self.services
+                        .remove(&(id.clone(), gone.record.worker.clone()));
                     self.status.remove(&(id, gone.record.worker));
                 }
             }
             Ok(Key::Status { worker, instance }) => {
+                self.services.remove(&(instance.clone(), worker.clone()));
                 self.status.remove(&(instance, worker));
             }
             _ => {}
@@ -105,12 +118,31 @@ impl View {
             .count()
     }
 
+    /// Per-instance networks `worker` has left: the total it reports less
+    /// the instances with services placed on it (counting spawns it has
+    /// not seen yet). None: it has not said (before its first pass).
+    pub fn networks_free(&self, worker: &WorkerId) -> Option<usize> {
+        let n = self.workers.get(worker)?.networks?;
+        let total = n.used as usize + n.free as usize;
+        let placed = self
+            .instances
+            .values()
+            .filter(|i| &i.record.worker == worker && i.record.container.is_none())
+            .count();
+        Some(total.saturating_sub(placed))
+    }
+
     /// The worker with the most free slots, preferring the one running the
-    /// fewest instances of `challenge` (spreading it), then the lowest id.
-    pub fn place(&self, challenge: &str) -> Option<WorkerId> {
+    /// fewest instances of `challenge` (spreading it), then the lowest id;
+    /// with `network` (a challenge with services), only workers with a
+    /// free per-instance network.
+    pub fn place(&self, challenge: &str, network: bool) -> Option<WorkerId> {
         self.workers
             .values()
             .filter_map(|w| {
+                if network && self.networks_free(&w.id) == Some(0) {
+                    return None;
+                }
                 let load = self.load(&w.id);
                 let free = (w.capacity as usize).checked_sub(load).filter(|f| *f > 0)?;
                 let same = self
@@ -129,6 +161,18 @@ impl View {
     pub fn status_of(&self, id: &InstanceId) -> Option<&InstanceStatus> {
         let owner = self.instances.get(id)?.record.worker.clone();
         self.status.get(&(id.clone(), owner))
+    }
+
+    /// Each service's state of an instance with services, as its own
+    /// worker wrote it (empty before it did, and for one-image instances).
+    pub fn services_of(&self, id: &InstanceId) -> BTreeMap<ServiceName, ServiceState> {
+        let Some(i) = self.instances.get(id) else {
+            return BTreeMap::new();
+        };
+        self.services
+            .get(&(id.clone(), i.record.worker.clone()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The status text of an instance for API answers.

@@ -125,14 +125,6 @@ async fn challenges_auth_and_bad_inputs_write_nothing() {
             StatusCode::BAD_REQUEST,
             Some("services.Not_A_Label"),
         ),
-        // Valid, but not run by this version: 501, nothing stored.
-        (
-            Method::PUT,
-            "/v1/challenges/web",
-            services(&|_| {}),
-            StatusCode::NOT_IMPLEMENTED,
-            Some("services"),
-        ),
         (
             Method::PUT,
             "/v1/challenges/web",

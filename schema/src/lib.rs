@@ -19,7 +19,8 @@ pub use keys::{Grant, Key, KeyError, Keyspace, Kind};
 pub use names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, TeamId, WorkerId};
 pub use records::{
     ChallengeRecord, ChallengeSecretRecord, ContainerSpec, HttpRoute, InstanceRecord,
-    InstanceStatus, PolicyRef, Record, SecretRecord, StatusRecord, TcpRoute, V1, WorkerRecord,
+    InstanceStatus, NetworkUse, PolicyRef, Record, SecretRecord, ServiceRecord, ServiceState,
+    ServiceStatus, StatusRecord, TcpRoute, V1, WorkerRecord,
 };
 pub use spec::{
     ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, ReadySpec, ServiceSpec,

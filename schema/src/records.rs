@@ -10,8 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::names::{ChallengeName, Hostname, InstanceId, PortName, TeamId, WorkerId};
-use crate::spec::{ChallengeSpec, Limits, TmpfsSpec};
+use crate::names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, TeamId, WorkerId};
+use crate::spec::{ChallengeSpec, Limits, ReadySpec, TmpfsSpec};
 use crate::validate::{FieldError, Validate, decode_json};
 
 /// The record format version this build reads and writes.
@@ -117,6 +117,9 @@ pub struct HttpRoute {
     pub port_name: PortName,
     pub hostname: Hostname,
     pub target_port: u16,
+    /// The service serving it (None: the short form's one container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
 }
 
 /// A TCP route of an instance: public `port` on every agent → the container's `target_port`.
@@ -126,6 +129,9 @@ pub struct TcpRoute {
     pub port_name: PortName,
     pub port: u16,
     pub target_port: u16,
+    /// The service serving it (None: the short form's one container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
 }
 
 /// What the agent needs to run the container, frozen at spawn time so that
@@ -150,10 +156,11 @@ pub struct ContainerSpec {
 }
 
 impl ContainerSpec {
-    /// The container a challenge's instances run: what the scheduler
-    /// writes in each record and what agents check it against.
-    pub fn of(spec: &crate::ChallengeSpec) -> Self {
-        Self {
+    /// The container a one-image challenge's instances run (None for a
+    /// challenge with `services`): what the scheduler writes in each record
+    /// and what agents check it against.
+    pub fn of(spec: &crate::ChallengeSpec) -> Option<Self> {
+        spec.services.is_empty().then(|| Self {
             image: spec.image.clone(),
             env: spec.env.clone(),
             limits: spec.limits.clone(),
@@ -162,7 +169,7 @@ impl ContainerSpec {
             tmpfs: spec.tmpfs.clone(),
             cap_add: spec.cap_add.clone(),
             unsafe_caps: spec.unsafe_caps.clone(),
-        }
+        })
     }
 
     /// The fields where `self` and `other` differ, each with both values.
@@ -197,6 +204,82 @@ impl ContainerSpec {
     }
 }
 
+/// One service of an instance of a challenge with `services`, frozen at
+/// spawn time like [`ContainerSpec`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRecord {
+    pub container: ContainerSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<ReadySpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ServiceName>,
+    /// Whether it gets `FLAG` and the challenge's `secret_env`
+    /// (`flag.services`).
+    #[serde(default)]
+    pub secrets: bool,
+}
+
+impl ServiceRecord {
+    /// The services of a challenge's instances (empty for the short form):
+    /// what the scheduler writes and what agents check records against.
+    pub fn all_of(spec: &ChallengeSpec) -> BTreeMap<ServiceName, ServiceRecord> {
+        spec.services
+            .iter()
+            .map(|(name, s)| {
+                let secrets = spec
+                    .flag
+                    .services
+                    .as_ref()
+                    .is_none_or(|to| to.contains(name));
+                let record = ServiceRecord {
+                    container: ContainerSpec {
+                        image: s.image.clone(),
+                        env: s.env.clone(),
+                        limits: s.limits.clone(),
+                        egress: spec.egress,
+                        read_only_rootfs: s.read_only_rootfs,
+                        tmpfs: s.tmpfs.clone(),
+                        cap_add: s.cap_add.clone(),
+                        unsafe_caps: spec.unsafe_caps.clone(),
+                    },
+                    command: s.command.clone(),
+                    ready: s.ready.clone(),
+                    depends_on: s.depends_on.clone(),
+                    secrets,
+                };
+                (name.clone(), record)
+            })
+            .collect()
+    }
+
+    /// The fields where `self` and `other` differ.
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let mut out = self.container.differences(&other.container);
+        if self.command != other.command {
+            out.push(format!(
+                "command: {:?} vs {:?}",
+                self.command, other.command
+            ));
+        }
+        if self.ready != other.ready {
+            out.push(format!("ready: {:?} vs {:?}", self.ready, other.ready));
+        }
+        if self.depends_on != other.depends_on {
+            out.push(format!(
+                "depends_on: {:?} vs {:?}",
+                self.depends_on, other.depends_on
+            ));
+        }
+        if self.secrets != other.secrets {
+            out.push(format!("secrets: {} vs {}", self.secrets, other.secrets));
+        }
+        out
+    }
+}
+
 /// An instance: desired state, written only by the elected scheduler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,11 +304,18 @@ pub struct InstanceRecord {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    pub container: ContainerSpec,
-    /// The mod revision of the challenge record whose spec `container` was
-    /// made from ([`ContainerSpec::of`]): agents make the container from
-    /// that spec and refuse a record that says otherwise. 0: the current
-    /// spec (records written before this field, tests).
+    /// The one container of a one-image challenge's instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
+    /// The containers of an instance of a challenge with `services`, on a
+    /// network of the instance's own (instead of `container`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<ServiceName, ServiceRecord>,
+    /// The mod revision of the challenge record whose spec `container` (or
+    /// `services`) was made from ([`ContainerSpec::of`],
+    /// [`ServiceRecord::all_of`]): agents make the containers from that
+    /// spec and refuse a record that says otherwise. 0: the current spec
+    /// (records written before this field, tests).
     #[serde(default)]
     pub spec_revision: i64,
     /// Only in records written before flags moved to `secrets/{worker}/{id}`
@@ -278,8 +368,61 @@ impl Validate for InstanceRecord {
                 ));
             }
         }
-        if self.container.image.trim().is_empty() {
-            return Err(FieldError::new("container.image", "must not be empty"));
+        match (&self.container, self.services.is_empty()) {
+            (Some(c), true) if c.image.trim().is_empty() => {
+                return Err(FieldError::new("container.image", "must not be empty"));
+            }
+            (Some(_), true) => {}
+            (None, true) => {
+                return Err(FieldError::new(
+                    "container",
+                    "an instance needs a container or services",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(FieldError::new(
+                    "services",
+                    "an instance has a container or services, not both",
+                ));
+            }
+            (None, false) => {
+                for (name, s) in &self.services {
+                    if s.container.image.trim().is_empty() {
+                        return Err(FieldError::new(
+                            format!("services.{name}.container.image"),
+                            "must not be empty",
+                        ));
+                    }
+                    if let Some(dep) = s
+                        .depends_on
+                        .iter()
+                        .find(|d| !self.services.contains_key(*d))
+                    {
+                        return Err(FieldError::new(
+                            format!("services.{name}.depends_on"),
+                            format!("no service named {:?}", dep.as_str()),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, service) in self
+            .http
+            .iter()
+            .map(|r| &r.service)
+            .chain(self.tcp.iter().map(|r| &r.service))
+            .enumerate()
+        {
+            let known = match service {
+                None => self.services.is_empty(),
+                Some(s) => self.services.contains_key(s),
+            };
+            if !known {
+                return Err(FieldError::new(
+                    format!("routes[{i}].service"),
+                    "must name one of the instance's services (none for a one-container instance)",
+                ));
+            }
         }
         Ok(())
     }
@@ -322,6 +465,34 @@ pub struct StatusRecord {
     pub address: Option<IpAddr>,
     pub status: InstanceStatus,
     pub updated_at: UnixSecs,
+    /// Each service of an instance with `services`: its container, address
+    /// on the instance's network, restarts and state.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<ServiceName, ServiceStatus>,
+}
+
+/// How one service of an instance is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceStatus {
+    pub state: ServiceState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// A service's state: `waiting` for the services it depends on,
+/// `starting` (created, or not ready yet), `ready`, `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceState {
+    Waiting,
+    Starting,
+    Ready,
+    Failed,
 }
 
 impl Validate for StatusRecord {
@@ -420,9 +591,21 @@ pub struct WorkerRecord {
     /// of each instance it runs, read by the leader for `on-idle` policies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// The per-instance networks (of instances with `services`) it has in
+    /// use and free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<NetworkUse>,
     /// The agent's version, for mixed-version clusters.
     pub version: String,
     pub started_at: UnixSecs,
+}
+
+/// A worker's per-instance networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkUse {
+    pub used: u32,
+    pub free: u32,
 }
 
 impl Validate for WorkerRecord {

@@ -2,6 +2,7 @@
 //! handlers build these types and the OpenAPI document is generated from
 //! them, so the two cannot drift apart.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +133,10 @@ pub(crate) struct Instance {
     tcp: Vec<TcpAddress>,
     /// `pending`, `starting`, `running` or `failed: <reason>`.
     status: String,
+    /// Each service's state (`waiting`, `starting`, `ready`, `failed`), of
+    /// an instance of a challenge with `services`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    services: BTreeMap<String, String>,
     /// Set when a failed policy's fallback allowed the spawn.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -191,8 +196,27 @@ impl Instance {
                 })
                 .collect(),
             status,
+            services: BTreeMap::new(),
             policy: None,
         }
+    }
+
+    /// With its services' states.
+    pub(crate) fn with_services(
+        mut self,
+        states: BTreeMap<tidegate_schema::ServiceName, tidegate_schema::ServiceState>,
+    ) -> Self {
+        self.services = states
+            .into_iter()
+            .map(|(name, state)| {
+                let state = serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                (name.to_string(), state)
+            })
+            .collect();
+        self
     }
 }
 
@@ -269,6 +293,15 @@ pub(crate) struct Worker {
     instances: usize,
     /// Instances it may still take.
     free: usize,
+    /// Per-instance networks (for instances with services) in use, as the
+    /// worker last reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    networks_used: Option<u32>,
+    /// Per-instance networks it has free, as the worker last reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    networks_free: Option<u32>,
     version: String,
     /// Unix seconds.
     started_at: u64,
@@ -285,6 +318,8 @@ impl Worker {
             capacity: w.capacity,
             instances,
             free: (w.capacity as usize).saturating_sub(instances),
+            networks_used: w.networks.map(|n| n.used),
+            networks_free: w.networks.map(|n| n.free),
             version: w.version.clone(),
             started_at: w.started_at,
         }

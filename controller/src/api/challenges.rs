@@ -67,7 +67,6 @@ pub(super) fn with_etag(mut resp: Response, revision: i64) -> Response {
         (status = 403, description = "this needs the admin token", body = ErrorBody),
         (status = 412, description = "the challenge is at another revision", body = ErrorBody),
         (status = 413, description = "the body is over 1 MiB", body = ErrorBody),
-        (status = 501, description = "a valid spec with `services`, which this version does not run yet", body = ErrorBody),
     )
 )]
 pub(super) async fn put(
@@ -81,15 +80,6 @@ pub(super) async fn put(
     let name = parse_name(&name)?;
     let expected = if_match(&headers)?;
     let spec: ChallengeSpec = decode_json(&body).map_err(ApiError::bad_request)?;
-    if !spec.services.is_empty() {
-        // The spec is valid (checked above, so its errors name their
-        // fields), but agents run one container per instance so far.
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "services: this version's agents run one container per instance; give the challenge as one image (the short form) for now",
-        )
-        .field("services".to_string()));
-    }
     let (revision, created) =
         etcd(&app, || app.challenges.put(&name, spec.clone(), expected)).await?;
     let status = if created {

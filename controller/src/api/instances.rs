@@ -180,10 +180,22 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
                     .reason("no_worker"),
             );
         }
-        view.place(challenge.name.as_str()).ok_or_else(|| {
-            ApiError::unavailable("no worker has a free slot; retry when an instance ends")
-                .reason("no_capacity")
-        })?
+        let network = !challenge.spec.services.is_empty();
+        match view.place(challenge.name.as_str(), network) {
+            Some(w) => w,
+            None if network && view.place(challenge.name.as_str(), false).is_some() => {
+                return Err(ApiError::unavailable(
+                    "no worker has a free network for this challenge's services (each instance with services takes one of a worker's instance_networks); retry when an instance ends",
+                )
+                .reason("no_network"));
+            }
+            None => {
+                return Err(ApiError::unavailable(
+                    "no worker has a free slot; retry when an instance ends",
+                )
+                .reason("no_capacity"));
+            }
+        }
     };
     let now = unix_secs();
     let plan = SpawnPlan {
@@ -262,7 +274,10 @@ pub(super) async fn list(
                 .as_deref()
                 .is_none_or(|c| i.record.challenge.as_str() == c)
         })
-        .map(|i| Instance::new(&app, &i.record, view.status_text(&i.record.id)))
+        .map(|i| {
+            Instance::new(&app, &i.record, view.status_text(&i.record.id))
+                .with_services(view.services_of(&i.record.id))
+        })
         .collect();
     let revision = view.revision;
     Ok(json_response(
@@ -294,10 +309,13 @@ pub(super) async fn get(
     let team = team_param(&q)?;
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
     let current = owned(current, team.as_ref())?;
-    let status = app.view.lock().status_text(&id);
+    let (status, services) = {
+        let view = app.view.lock();
+        (view.status_text(&id), view.services_of(&id))
+    };
     Ok(json_response(
         StatusCode::OK,
-        Instance::new(&app, &current.record, status),
+        Instance::new(&app, &current.record, status).with_services(services),
     ))
 }
 

@@ -150,6 +150,12 @@ pub struct AgentConfig {
     pub isolated_network: String,
     /// Docker network of instances whose spec sets `egress` (outbound allowed, no inter-container traffic).
     pub egress_network: String,
+    /// Where the networks of instances with `services` come from: one /28
+    /// of this IPv4 network per instance (a /17 holds 2,048), allocated by
+    /// the agent so it knows how many are free. Agents sharing one Docker
+    /// engine need disjoint ranges; keep it apart from the engine's
+    /// `default-address-pools`.
+    pub instance_networks: String,
     /// Extra label `tidegate.cluster=<value>` on every container (used by `deploy local`).
     pub cluster_label: Option<String>,
     /// How many times an exited container is restarted before its status is `failed`.
@@ -280,6 +286,7 @@ impl Default for AgentConfig {
             .to_vec(),
             isolated_network: "tidegate-isolated".into(),
             egress_network: "tidegate-egress".into(),
+            instance_networks: "198.19.128.0/17".into(),
             cluster_label: None,
             max_restarts: 5,
             reconcile_interval_ms: 500,
@@ -350,6 +357,25 @@ impl AgentConfig {
                     "egress_deny",
                     format!(
                         "entry {i}: {cidr:?} is not an IPv4 network like 10.0.0.0/8 (no host bits set)"
+                    ),
+                ));
+            }
+        }
+        match self.instance_networks.split_once('/') {
+            Some((_, len)) if is_ipv4_cidr(&self.instance_networks) => {
+                if !len.parse::<u32>().is_ok_and(|n| (8..=28).contains(&n)) {
+                    return Err(bad(
+                        "instance_networks",
+                        "a network of /8 to /28 (each instance takes a /28)",
+                    ));
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "instance_networks",
+                    format!(
+                        "{:?} is not an IPv4 network like 198.19.128.0/17 (no host bits set)",
+                        self.instance_networks
                     ),
                 ));
             }

@@ -379,6 +379,20 @@ impl Agent {
         write_config(&cfg, &config).unwrap();
         Agent::start_with(&cfg.worker_id, config, cfg.metrics_listen, dir, wrapper).await
     }
+    /// Starts the agent again from the same config (after a kill), in place.
+    pub async fn restart_here(&mut self, dir: &Path) {
+        let _ = self.proc.kill();
+        let again = Agent::start_with(
+            &self.worker,
+            self.config.clone(),
+            self.metrics,
+            dir,
+            self.wrapper.clone(),
+        )
+        .await;
+        *self = again;
+    }
+
     /// Starts the agent again from the same config (after a kill).
     pub async fn restart(self, dir: &Path) -> Agent {
         let (worker, config, wrapper) = (

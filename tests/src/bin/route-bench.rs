@@ -176,6 +176,7 @@ fn ghost_instance(
         address: Some(routes::GHOST_ADDRESS),
         status: InstanceStatus::Running,
         updated_at: 0,
+        services: Default::default(),
     };
     Ok((record, status))
 }

@@ -49,6 +49,12 @@ impl Drop for Plane {
                     let _ = docker(&["rm", "-f", "-v", id]);
                 }
             }
+            // Instances with services have networks of their own.
+            if let Ok(ids) = docker(&["network", "ls", "-q", "--filter", &filter]) {
+                for id in ids.lines() {
+                    let _ = docker(&["network", "rm", id]);
+                }
+            }
         }
     }
 }

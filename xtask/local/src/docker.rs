@@ -9,7 +9,7 @@ use crate::error::{Error, Result, run};
 /// container mapped to the unprivileged `dockremap` range of the host.
 pub const DAEMON_JSON: &str = r#"{
   "bip": "198.18.0.1/24",
-  "default-address-pools": [{"base": "198.19.0.0/16", "size": 24}],
+  "default-address-pools": [{"base": "198.19.0.0/17", "size": 24}],
   "userns-remap": "default"
 }"#;
 

@@ -27,6 +27,41 @@ pub const DEMO_TCP_PORT: u16 = 1337;
 pub const DEMO_SSH: &str = "tidegate/demo-ssh:1";
 pub const DEMO_SSH_PORT: u16 = 2222;
 
+/// The three services of `demo-web-bot`, one busybox image run with a
+/// command per service:
+/// - `db`: answers every connection on [`DEMO_DB_PORT`] with its `VALUE`;
+/// - `app`: busybox `httpd` on 8080 whose `/cgi-bin/page` renders what
+///   `db` answers;
+/// - `bot`: fetches the app's page by service name every 5 s with its
+///   `FLAG` in a cookie (the way XSS admin bots visit), and answers its last
+///   fetch on [`DEMO_BOT_PORT`].
+pub const DEMO_WEB_BOT: &str = "tidegate/demo-web-bot:1";
+pub const DEMO_DB_PORT: u16 = 6379;
+pub const DEMO_BOT_PORT: u16 = 9000;
+/// The value `demo-web-bot`'s db holds, which the app's page shows.
+pub const DEMO_DB_VALUE: &str = "hello from db";
+
+/// The `demo-web-bot` challenge: app (routed), db, bot (the only service
+/// with the flag), started db → app → bot.
+pub const DEMO_WEB_BOT_SPEC: &str = r#"{
+  "services": {
+    "app": {"image": "tidegate/demo-web-bot:1", "command": ["/bin/sh", "/app.sh"],
+            "depends_on": ["db"], "ready": {"http": {"port": 8080, "path": "/"}},
+            "limits": {"memory_mib": 64, "cpus": 0.25, "pids": 64},
+            "tmpfs": [{"path": "/tmp", "size_mib": 8}]},
+    "db": {"image": "tidegate/demo-web-bot:1", "command": ["/bin/sh", "/db.sh"],
+           "env": {"VALUE": "hello from db"}, "ready": {"tcp": 6379},
+           "limits": {"memory_mib": 32, "cpus": 0.25, "pids": 32},
+           "tmpfs": [{"path": "/tmp", "size_mib": 8}]},
+    "bot": {"image": "tidegate/demo-web-bot:1", "command": ["/bin/sh", "/bot.sh"],
+            "depends_on": ["app"], "ready": {"tcp": 9000},
+            "limits": {"memory_mib": 32, "cpus": 0.25, "pids": 64},
+            "tmpfs": [{"path": "/tmp", "size_mib": 8}]}
+  },
+  "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
+  "flag": {"services": ["bot"]}
+}"#;
+
 /// How to build one image: its name, a rootfs builder, `docker import --change` lines.
 type Recipe = (
     &'static str,
@@ -46,7 +81,12 @@ const DROPBEAR: &str = "/usr/sbin/dropbear";
 /// Builds whichever demo images are missing; returns the names it built.
 pub fn ensure_demo_images() -> Result<Vec<String>> {
     require_engine()?;
-    let recipes: [Recipe; 5] = [
+    let recipes: [Recipe; 6] = [
+        (
+            DEMO_WEB_BOT,
+            web_bot_rootfs,
+            &[r#"CMD ["/bin/sh", "/app.sh"]"#],
+        ),
         (
             DEMO_HTTP,
             http_rootfs,
@@ -179,6 +219,52 @@ fn http_rootfs(root: &Path) -> Result<()> {
         root,
         "/www/cgi-bin/flag",
         "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$FLAG\"\n",
+        0o755,
+    )
+}
+
+fn web_bot_rootfs(root: &Path) -> Result<()> {
+    busybox_rootfs(root)?;
+    write(
+        root,
+        "/db.sh",
+        &format!("exec /bin/busybox nc -ll -p {DEMO_DB_PORT} -e /bin/sh /db-answer.sh\n"),
+        0o755,
+    )?;
+    write(root, "/db-answer.sh", "echo \"$VALUE\"\n", 0o755)?;
+    write(
+        root,
+        "/www/index.html",
+        "<!doctype html><title>demo-web-bot</title><p><a href=\"/cgi-bin/page\">the page</a>\n",
+        0o644,
+    )?;
+    write(
+        root,
+        "/www/cgi-bin/page",
+        &format!(
+            "#!/bin/sh\nvalue=$(/bin/busybox nc -w 2 db {DEMO_DB_PORT} </dev/null)\n\
+             printf 'Content-Type: text/html\\r\\n\\r\\n<!doctype html><p>db says: %s</p>\\n' \"$value\"\n"
+        ),
+        0o755,
+    )?;
+    write(
+        root,
+        "/app.sh",
+        "exec /bin/busybox httpd -f -v -p 8080 -h /www\n",
+        0o755,
+    )?;
+    write(
+        root,
+        "/bot.sh",
+        &format!(
+            "echo 'no visit yet' > /tmp/last\n\
+             /bin/busybox nc -ll -p {DEMO_BOT_PORT} -e /bin/busybox cat /tmp/last &\n\
+             while :; do\n\
+             printf 'GET /cgi-bin/page HTTP/1.0\\r\\nHost: app\\r\\nCookie: flag=%s\\r\\n\\r\\n' \"$FLAG\" \\\n\
+             | /bin/busybox nc -w 3 app 8080 > /tmp/next 2>&1 && mv /tmp/next /tmp/last\n\
+             sleep 5\n\
+             done\n"
+        ),
         0o755,
     )
 }
@@ -356,4 +442,23 @@ pub fn redteam_image(player: &Path, echo: &Path) -> Result<String> {
     let cmd = serde_json::to_string(&["/bin/sh", "-c", &start]).unwrap_or_default();
     import_rootfs(work.path(), &root, &name, &[&format!("CMD {cmd}")])?;
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use tidegate_schema::{ChallengeSpec, decode_json};
+
+    #[test]
+    fn the_demo_web_bot_spec_is_valid_and_gives_the_flag_to_the_bot_only() {
+        let spec: ChallengeSpec =
+            decode_json(super::DEMO_WEB_BOT_SPEC.as_bytes()).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(spec.service_names(), ["app", "bot", "db"]);
+        let services = tidegate_schema::ServiceRecord::all_of(&spec);
+        let with_flag: Vec<_> = services
+            .iter()
+            .filter(|(_, s)| s.secrets)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(with_flag, ["bot"]);
+    }
 }

@@ -1,6 +1,7 @@
 //! Hosts on this machine for tests: network namespaces joined to this one
 //! by a veth pair, with addresses from 198.18.128.0/17 (part of the
-//! benchmarking range; Docker has 198.18.0.0/24 and 198.19.0.0/16).
+//! benchmarking range; Docker has 198.18.0.0/24 and 198.19.0.0/17; per-instance
+//! networks 198.19.128.0/17).
 //!
 //! Host `i` gets the /30 at 198.18.(128 + i / 64).((i % 64) * 4): `.1` on
 //! this side, `.2` inside. Slots are claimed with `ip netns add`, which fails

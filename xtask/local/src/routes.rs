@@ -19,6 +19,7 @@ pub fn ghost_worker(id: &WorkerId, http_entry: SocketAddr) -> WorkerRecord {
         tcp_host: http_entry.ip(),
         capacity: 100_000,
         metrics: None,
+        networks: None,
         version: "bench".into(),
         started_at: 0,
     }
@@ -47,9 +48,11 @@ pub fn ghost_instance(
             port_name: PortName::parse("web")?,
             hostname,
             target_port: 8080,
+            service: None,
         }],
         tcp: Vec::new(),
-        container: ContainerSpec {
+        services: Default::default(),
+        container: Some(ContainerSpec {
             image: "none".into(),
             env: Default::default(),
             limits: Limits::default(),
@@ -58,7 +61,7 @@ pub fn ghost_instance(
             tmpfs: Vec::new(),
             cap_add: Vec::new(),
             unsafe_caps: Vec::new(),
-        },
+        }),
         spec_revision: 0,
         flag: None,
     })
