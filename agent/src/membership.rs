@@ -132,21 +132,51 @@ async fn is_kept_alive(client: &mut Client, id: i64, ttl: i64) -> Result<bool, C
     Ok(true)
 }
 
-/// Puts `record` again while the key is on lease `id` (this agent's);
-/// whether it was written.
-async fn rewrite(client: &mut Client, key: &str, record: &WorkerRecord, id: i64) -> bool {
-    let txn = Txn::new()
-        .when([Compare::lease(key, CompareOp::Equal, id)])
-        .and_then([TxnOp::put(
-            key,
-            record.encode(),
-            Some(PutOptions::new().with_lease(id)),
-        )]);
-    match client.txn(txn).await {
-        Ok(r) => r.succeeded(),
-        Err(e) => {
-            tracing::debug!(error = %e, "could not update this worker's record");
-            false
+/// Aborts its task when dropped (with the membership task).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps the registration's `networks` equal to what the reconciler
+/// publishes: puts the record again (same lease, only while the key is on
+/// this agent's current lease), at most once a second, each write bounded
+/// by a timeout. A task of its own: a slow etcd must never hold up the
+/// keep-alive.
+async fn publish_networks(
+    mut client: Client,
+    key: String,
+    mut record: WorkerRecord,
+    mut lease: watch::Receiver<i64>,
+    mut networks: watch::Receiver<Option<NetworkUse>>,
+) {
+    let mut written: Option<(Option<NetworkUse>, i64)> = None;
+    loop {
+        tokio::select! {
+            changed = networks.changed() => if changed.is_err() { return },
+            changed = lease.changed() => if changed.is_err() { return },
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        record.networks = *networks.borrow_and_update();
+        let id = *lease.borrow_and_update();
+        if id == 0 || written == Some((record.networks, id)) {
+            continue;
+        }
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, id)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                record.encode(),
+                Some(PutOptions::new().with_lease(id)),
+            )]);
+        match tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await {
+            Ok(Ok(r)) if r.succeeded() => written = Some((record.networks, id)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not update this worker's record"),
+            Err(_) => tracing::debug!("updating this worker's record timed out"),
         }
     }
 }
@@ -158,14 +188,22 @@ async fn rewrite(client: &mut Client, key: &str, record: &WorkerRecord, id: i64)
 pub async fn run(
     client: Client,
     ks: Keyspace,
-    mut record: WorkerRecord,
+    record: WorkerRecord,
     ttl: i64,
     metrics: Arc<Metrics>,
     lease: watch::Sender<i64>,
     first: i64,
-    mut networks: watch::Receiver<Option<NetworkUse>>,
+    networks: watch::Receiver<Option<NetworkUse>>,
 ) {
     let key = ks.key(&Key::Worker(record.id.clone()));
+    let publisher = tokio::spawn(publish_networks(
+        client.clone(),
+        key.clone(),
+        record.clone(),
+        lease.subscribe(),
+        networks,
+    ));
+    let _publisher = AbortOnDrop(publisher);
     let period = Duration::from_secs(ttl.max(3) as u64) / 3;
     let mut client = client;
     let mut first = Some(first);
@@ -196,22 +234,9 @@ pub async fn run(
         // new etcd leader extends every lease by about one TTL from its
         // election, which can be long before this agent got through.
         let mut last_ok = tokio::time::Instant::now();
-        // A networks update in between does not delay the keep-alive.
-        let mut due = tokio::time::Instant::now();
-        let mut written = record.networks;
+        let mut wait = Duration::ZERO;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                Ok(()) = networks.changed() => {
-                    record.networks = *networks.borrow_and_update();
-                    if record.networks != written
-                        && rewrite(&mut client, &key, &record, id).await
-                    {
-                        written = record.networks;
-                    }
-                    continue;
-                }
-            }
+            tokio::time::sleep(wait).await;
             let answer = match client.lease_keep_alive(id).await {
                 Ok((mut keeper, mut stream)) => match keeper.keep_alive().await {
                     Ok(()) => stream.message().await.ok().flatten().map(|r| r.ttl()),
@@ -219,7 +244,7 @@ pub async fn run(
                 },
                 Err(_) => None,
             };
-            due = tokio::time::Instant::now() + if answer.is_none() { RETRY } else { period };
+            wait = if answer.is_none() { RETRY } else { period };
             match answer {
                 Some(t) if t > 0 => last_ok = tokio::time::Instant::now(),
                 Some(_) => break,

@@ -366,3 +366,203 @@ async fn an_agent_killed_mid_spawn_leaves_nothing_once_back() {
         agent.proc.log_tail(20)
     );
 }
+
+/// Docker networks made by hand on `subnets` (another user of the engine),
+/// removed on drop.
+struct Foreign(Vec<String>);
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = docker(&["network", "rm", n]);
+        }
+    }
+}
+
+/// The worker record's `networks` as the API shows it: (used, free).
+async fn network_use(p: &Plane, worker: &str) -> Option<(u64, u64)> {
+    let (_, body) = p
+        .controller
+        .call(Method::GET, "/v1/workers", None, None)
+        .await;
+    let w = body["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["id"] == worker)?
+        .clone();
+    Some((w["networks_used"].as_u64()?, w["networks_free"].as_u64()?))
+}
+
+/// `TIDEGATE_SCALE_INSTANCES` two-service instances (16 by default; the
+/// issue's figure is 400) on one worker: every one routed, the worker's
+/// record counting its networks; with the rest of its range taken by
+/// networks made by hand, the next spawn gets 503 naming networks; after
+/// deleting them all, no network of the worker is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_two_service_instances_on_one_worker_then_out_of_networks() {
+    let n: usize = std::env::var("TIDEGATE_SCALE_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    // The smallest range with room for n and a few more, at the top of
+    // the default one (other tests' agents take theirs from its bottom).
+    let subnets = (n + 4).next_power_of_two();
+    let prefix = 28 - subnets.trailing_zeros();
+    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 255, 240)) - ((subnets as u32 - 1) << 4);
+    let range = format!("{}/{prefix}", std::net::Ipv4Addr::from(base));
+    let p = plane(|c| {
+        c.instance_networks = range.clone();
+        c.capacity = 4096;
+    })
+    .await;
+    // One worker: b leaves.
+    let mut p = p;
+    p.b.proc.kill().unwrap();
+    let a = p.a.worker.clone();
+    assert!(
+        eventually(20, || async {
+            p.controller
+                .call(Method::GET, "/v1/workers", None, None)
+                .await
+                .1["workers"]
+                .as_array()
+                .is_some_and(|w| w.len() == 1)
+        })
+        .await
+    );
+    let two = json!({
+        "services": {
+            "app": {"image": DEMO_HTTP, "depends_on": ["side"], "ready": {"http": {"port": 8080, "path": "/"}},
+                    "limits": {"memory_mib": 16, "pids": 16}, "tmpfs": [{"path": "/tmp", "size_mib": 1}]},
+            "side": {"image": DEMO_HTTP, "ready": {"tcp": 8080},
+                     "limits": {"memory_mib": 16, "pids": 16}, "tmpfs": [{"path": "/tmp", "size_mib": 1}]}
+        },
+        "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
+        "per_team_max": 1
+    });
+    let (s, body) = p.controller.put_challenge("two", two).await;
+    assert!(s.is_success(), "{body}");
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let (s, inst) = p.controller.spawn("two", &format!("t{i}")).await;
+        assert_eq!(s, StatusCode::CREATED, "spawn {i}: {inst}");
+        ids.push((
+            inst["id"].as_str().unwrap().to_string(),
+            inst["http"][0]["hostname"].as_str().unwrap().to_string(),
+        ));
+    }
+    let all_running = eventually(60 + 2 * n as u64, || async {
+        let (_, body) = p
+            .controller
+            .call(Method::GET, "/v1/instances", None, None)
+            .await;
+        body["instances"]
+            .as_array()
+            .is_some_and(|l| l.iter().filter(|i| i["status"] == "running").count() == n)
+    })
+    .await;
+    assert!(all_running, "not all {n} ran:\n{}", p.a.proc.log_tail(30));
+    eprintln!(
+        "{n} two-service instances running after {:?}",
+        started.elapsed()
+    );
+    for (id, host) in &ids {
+        let (s, body) = get(&p.a_http, host, "/").await;
+        assert_eq!(s, 200, "{id}: {body}");
+    }
+    let used = eventually(10, || async {
+        network_use(&p, &a)
+            .await
+            .is_some_and(|(used, _)| used == n as u64)
+    })
+    .await;
+    assert!(used, "registration says {:?}", network_use(&p, &a).await);
+    let log = p.a.log();
+    assert!(
+        !log.contains("Pool overlaps"),
+        "an address-pool error: {log}"
+    );
+
+    // Someone else takes the rest of the range: the agent reports 0 free
+    // and the next spawn is refused naming networks.
+    let mut foreign = Foreign(Vec::new());
+    let taken: std::collections::BTreeSet<String> = ids
+        .iter()
+        .flat_map(|(id, _)| networks(id))
+        .map(|net| {
+            docker(&[
+                "network",
+                "inspect",
+                "-f",
+                "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+                &net,
+            ])
+            .unwrap()
+            .trim()
+            .to_string()
+        })
+        .collect();
+    for i in 0..subnets as u32 {
+        let subnet = format!("{}/28", std::net::Ipv4Addr::from(base + (i << 4)));
+        if taken.contains(&subnet) {
+            continue;
+        }
+        let name = format!("tg-foreign-{}-{i}", std::process::id());
+        docker(&[
+            "network",
+            "create",
+            "--internal",
+            "--subnet",
+            &subnet,
+            &name,
+        ])
+        .unwrap();
+        foreign.0.push(name);
+    }
+    let none_free = eventually(10, || async {
+        network_use(&p, &a).await == Some((n as u64, 0))
+    })
+    .await;
+    assert!(
+        none_free,
+        "registration says {:?}",
+        network_use(&p, &a).await
+    );
+    let (s, body) = p.controller.spawn("two", "one-too-many").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no worker has a free network"),
+        "{body}"
+    );
+
+    // Delete them all: no network of the worker is left.
+    for (id, _) in &ids {
+        let (s, body) = p
+            .controller
+            .call(Method::DELETE, &format!("/v1/instances/{id}"), None, None)
+            .await;
+        assert!(s.is_success(), "{body}");
+    }
+    let filter = format!("label=tidegate.worker={a}");
+    let clean = eventually(60 + n as u64, || async {
+        docker(&["network", "ls", "-q", "--filter", &filter])
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+            && docker(&["ps", "-aq", "--filter", &filter])
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+    })
+    .await;
+    assert!(
+        clean,
+        "networks or containers of {a} left:\n{}",
+        p.a.proc.log_tail(20)
+    );
+    drop(foreign);
+}

@@ -189,19 +189,13 @@ pub(crate) fn agent_wrapped(
     Ok(proc)
 }
 
-/// Removes the containers of label `tidegate.cluster={label}` when dropped.
+/// Removes the containers and networks of label `tidegate.cluster={label}`
+/// when dropped.
 pub(crate) struct Containers(pub(crate) String);
 
 impl Drop for Containers {
     fn drop(&mut self) {
-        let filter = format!("label=tidegate.cluster={}", self.0);
-        if let Some(ids) =
-            sh::output(Command::new("docker").args(["ps", "-aq", "--filter", &filter]))
-        {
-            for id in ids.split_whitespace() {
-                let _ = sh::output(Command::new("docker").args(["rm", "-f", "-v", id]));
-            }
-        }
+        let _ = tidegate_local::docker::remove_labelled(&format!("tidegate.cluster={}", self.0));
     }
 }
 

@@ -40,7 +40,7 @@ pub(crate) fn run(args: DeployArgs) -> Result<()> {
 
 /// The demo challenges every cluster starts with (local, and from an
 /// inventory with `demo = true`).
-pub(crate) const DEMO_CHALLENGES: [(&str, &str); 2] = [
+pub(crate) const DEMO_CHALLENGES: [(&str, &str); 3] = [
     (
         "demo-http",
         r#"{"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
@@ -49,4 +49,6 @@ pub(crate) const DEMO_CHALLENGES: [(&str, &str); 2] = [
         "demo-tcp",
         r#"{"image": "tidegate/demo-tcp:1", "ports": [{"name": "echo", "port": 1337, "protocol": "tcp"}]}"#,
     ),
+    // An app, its db and an admin bot on a network of their own per instance.
+    ("demo-web-bot", tidegate_local::images::DEMO_WEB_BOT_SPEC),
 ];

@@ -487,28 +487,29 @@ pub fn lab_cluster() -> String {
 }
 
 /// Removes every container this process's agents made (e.g. after killing
-/// them, as a crash would leave them).
+/// them, as a crash would leave them), then their instance networks.
 pub fn remove_lab_containers() {
-    let filter = format!("label=tidegate.cluster={}", lab_cluster());
-    if let Ok(ids) = crate::docker::docker(&["ps", "-aq", "--filter", &filter]) {
-        for id in ids.split_whitespace() {
-            let _ = crate::docker::docker(&["rm", "-f", "-v", id]);
-        }
-    }
+    let _ = tidegate_local::docker::remove_labelled(&format!("tidegate.cluster={}", lab_cluster()));
 }
 
 /// Removes containers that agents of a test process made (label
 /// `tidegate.cluster=lab-<pid>`) when that process is gone: a test killed
 /// before its guards ran leaves nothing behind for long.
 pub fn sweep_dead_lab_containers() {
-    let Ok(rows) = crate::docker::docker(&[
-        "ps",
-        "-a",
+    sweep_dead(&["ps", "-a"], &["rm", "-f", "-v"]);
+    sweep_dead(&["network", "ls"], &["network", "rm"]);
+}
+
+/// Removes what `list` shows with a dead test process's cluster label.
+fn sweep_dead(list: &[&str], remove: &[&str]) {
+    let mut args = list.to_vec();
+    args.extend([
         "--filter",
         "label=tidegate.cluster",
         "--format",
         "{{.ID}} {{.Label \"tidegate.cluster\"}}",
-    ]) else {
+    ]);
+    let Ok(rows) = crate::docker::docker(&args) else {
         return;
     };
     for row in rows.lines() {
@@ -521,7 +522,9 @@ pub fn sweep_dead_lab_containers() {
             .and_then(|p| p.parse::<u32>().ok())
             .is_some_and(|pid| !crate::process::pid_alive(pid));
         if dead {
-            let _ = crate::docker::docker(&["rm", "-f", "-v", id]);
+            let mut args = remove.to_vec();
+            args.push(id);
+            let _ = crate::docker::docker(&args);
         }
     }
 }

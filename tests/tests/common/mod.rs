@@ -8,7 +8,6 @@ use std::time::Duration;
 use etcd_client::Client;
 use reqwest::{Method, StatusCode};
 use tidegate_lab::daemons::{Agent, Controller, eventually};
-use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::{EtcdCluster, EtcdUsers};
 use tidegate_lab::images::ensure_demo_images;
 use tidegate_lab::ports::free_port;
@@ -43,18 +42,7 @@ impl Drop for Plane {
         let _ = self.a.proc.kill();
         let _ = self.b.proc.kill();
         for w in [&self.a.worker, &self.b.worker] {
-            let filter = format!("label=tidegate.worker={w}");
-            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
-                for id in ids.lines() {
-                    let _ = docker(&["rm", "-f", "-v", id]);
-                }
-            }
-            // Instances with services have networks of their own.
-            if let Ok(ids) = docker(&["network", "ls", "-q", "--filter", &filter]) {
-                for id in ids.lines() {
-                    let _ = docker(&["network", "rm", id]);
-                }
-            }
+            let _ = tidegate_lab::docker::remove_labelled(&format!("tidegate.worker={w}"));
         }
     }
 }

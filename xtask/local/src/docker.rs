@@ -55,6 +55,32 @@ pub fn docker(args: &[&str]) -> Result<String> {
     Ok(run(Command::new("docker").args(args))?.trim().to_string())
 }
 
+/// Removes every container with `label` (e.g. `tidegate.cluster=lab-7`),
+/// then every network with it (instances with services have their own):
+/// what it removed, as `container ID` / `network ID` lines' words.
+pub fn remove_labelled(label: &str) -> Result<Vec<String>> {
+    let filter = format!("label={label}");
+    let mut removed = Vec::new();
+    for (list, remove, what) in [
+        (&["ps", "-aq"][..], &["rm", "-f", "-v"][..], "container"),
+        (
+            &["network", "ls", "-q"][..],
+            &["network", "rm"][..],
+            "network",
+        ),
+    ] {
+        let mut args = list.to_vec();
+        args.extend(["--filter", &filter]);
+        for id in docker(&args)?.split_whitespace() {
+            let mut args = remove.to_vec();
+            args.push(id);
+            docker(&args)?;
+            removed.push(format!("{what} {id}"));
+        }
+    }
+    Ok(removed)
+}
+
 /// Whether the image `name` is present in the engine.
 pub fn image_exists(name: &str) -> bool {
     docker(&["image", "inspect", "--format", "{{.Id}}", name]).is_ok()

@@ -48,12 +48,34 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         start("bench-b", "127.0.0.3")?,
         start("bench-c", "127.0.0.4")?,
     ];
-    let (propagation, routable) = propagation(&bin_dir, dir, url, &agents, spawns)?;
+    let web = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
+    let (propagated, routable) = propagation(&bin_dir, dir, url, &agents, ("web", web), spawns)?;
+    // Spawn → routable of instances with 1, 2 and 3 services: the routed
+    // app waits for the others to be ready.
+    let mut by_services = Vec::new();
+    for n in 1..=3 {
+        let name = format!("svc{n}");
+        let spec = services_spec(n);
+        let (_, routable) = propagation(
+            &bin_dir,
+            dir,
+            url,
+            &agents,
+            (&name, &spec),
+            mode.count(20, 3),
+        )?;
+        let (p50, p99) = (
+            percentile(routable.clone(), 0.5),
+            percentile(routable, 0.99),
+        );
+        println!("spawn → routable, {n} service(s): p50 {p50:.0} ms p99 {p99:.0} ms");
+        by_services.push((p50, p99));
+    }
     drop(agents);
     drop(containers);
     let (p50, p99) = (
-        percentile(propagation.clone(), 0.5),
-        percentile(propagation, 0.99),
+        percentile(propagated.clone(), 0.5),
+        percentile(propagated, 0.99),
     );
     let (r50, r99) = (
         percentile(routable.clone(), 0.5),
@@ -79,27 +101,60 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         "resync of {resync} instances: {:.2} s from process start, RSS {rss_mib:.0} MiB",
         synced.as_secs_f64()
     );
-    Ok(figures(mode, [p50, p99, r50, r99], synced, rss_mib))
+    Ok(figures(
+        mode,
+        [p50, p99, r50, r99],
+        &by_services,
+        synced,
+        rss_mib,
+    ))
 }
 
-/// `route-bench propagation`: the propagation and spawn → routable times, in ms.
+/// A challenge of `n` services: `app` (routed, demo-http) after `n - 1`
+/// others (demo-http, ready when 8080 accepts).
+fn services_spec(n: usize) -> String {
+    let small = serde_json::json!({"memory_mib": 32, "pids": 32});
+    let tmp = serde_json::json!([{"path": "/tmp", "size_mib": 4}]);
+    let mut services = serde_json::Map::new();
+    let others: Vec<String> = (1..n).map(|i| format!("s{i}")).collect();
+    for o in &others {
+        services.insert(
+            o.clone(),
+            serde_json::json!({"image": "tidegate/demo-http:1", "ready": {"tcp": 8080},
+                "limits": small, "tmpfs": tmp}),
+        );
+    }
+    services.insert(
+        "app".into(),
+        serde_json::json!({"image": "tidegate/demo-http:1", "depends_on": others,
+            "ready": {"http": {"port": 8080, "path": "/"}}, "limits": small, "tmpfs": tmp}),
+    );
+    serde_json::json!({
+        "services": services,
+        "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
+    })
+    .to_string()
+}
+
+/// `route-bench propagation` of challenge `name` (created from `spec`):
+/// the propagation and spawn → routable times, in ms.
 fn propagation(
     bin_dir: &Path,
     dir: &Path,
     url: &str,
     agents: &[Agent],
+    (name, spec): (&str, &str),
     spawns: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let spec = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
     let out = api(
         dir,
         url,
         "PUT",
-        "/v1/challenges/web",
+        &format!("/v1/challenges/{name}"),
         spec.as_bytes().to_vec(),
     )?;
     if !out.ends_with(" 201") {
-        bail!("creating the challenge: {out}");
+        bail!("creating the challenge {name}: {out}");
     }
     let registered = wait_until(Duration::from_secs(15), || {
         api(dir, url, "GET", "/v1/workers", Vec::new())
@@ -112,7 +167,7 @@ fn propagation(
         "propagation".into(),
         url.into(),
         ADMIN_TOKEN.into(),
-        "web".into(),
+        name.into(),
         spawns.to_string(),
     ];
     args.extend(agents.iter().map(|a| a.1.clone()));
@@ -152,8 +207,25 @@ fn wait_for_routes(metrics: SocketAddr, n: usize, started: Instant) -> Result<Du
 }
 
 /// The figures, and the report section.
-fn figures(mode: Mode, [p50, p99, r50, r99]: [f64; 4], synced: Duration, rss_mib: f64) -> Figures {
+fn figures(
+    mode: Mode,
+    [p50, p99, r50, r99]: [f64; 4],
+    by_services: &[(f64, f64)],
+    synced: Duration,
+    rss_mib: f64,
+) -> Figures {
     let (spawns, resync) = (mode.count(40, 5), mode.count(10_000, 500));
+    let per_service_spawns = mode.count(20, 3);
+    let rows: String = by_services
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b))| {
+            format!(
+                "| spawn → routable, {} service(s) (`services`) | {a:.0} ms | {b:.0} ms |\n",
+                i + 1
+            )
+        })
+        .collect();
     let verdict = if p99 <= 50.0 { "met" } else { "NOT met" };
     let section = format!(
         "## Route propagation and resync (`cargo xtask bench routes`)\n\n\
@@ -161,7 +233,11 @@ fn figures(mode: Mode, [p50, p99, r50, r99]: [f64; 4], synced: Duration, rss_mib
          address), the demo HTTP image. {spawns} spawns one after another, each deleted after it served.\n\n\
          | measure | p50 | p99 |\n|---|---:|---:|\n\
          | route propagation: API 201 → all 3 agents route the hostname (polled every 1 ms) | {p50:.1} ms | {p99:.1} ms |\n\
-         | spawn → routable: POST sent → first 200 through an agent (includes the container start) | {r50:.0} ms | {r99:.0} ms |\n\n\
+         | spawn → routable: POST sent → first 200 through an agent (includes the container start) | {r50:.0} ms | {r99:.0} ms |\n\
+         {rows}\n\
+         The rows by services count are {per_service_spawns} spawns each of a challenge whose routed `app` \
+         depends on the others (each ready when its port 8080 accepts; the app when `GET /` answers): a \
+         network of its own, then the others' containers together, then the app's.\n\n\
          Target route propagation p99 ≤ 50 ms: **{verdict}**.\n\n\
          Resync: {resync} instance records (and their status) of another worker written into etcd, then a new agent \
          started: **{:.2} s** from process start until its table held all {resync} hostnames (etcd connect, \
@@ -178,6 +254,18 @@ fn figures(mode: Mode, [p50, p99, r50, r99]: [f64; 4], synced: Duration, rss_mib
         values: vec![
             ("route propagation p99 ms".into(), p99),
             ("spawn → routable p50 ms".into(), r50),
+            (
+                "spawn → routable p50 ms, 1 service".into(),
+                by_services.first().map_or(f64::NAN, |v| v.0),
+            ),
+            (
+                "spawn → routable p50 ms, 2 services".into(),
+                by_services.get(1).map_or(f64::NAN, |v| v.0),
+            ),
+            (
+                "spawn → routable p50 ms, 3 services".into(),
+                by_services.get(2).map_or(f64::NAN, |v| v.0),
+            ),
             ("resync s".into(), synced.as_secs_f64()),
             ("resync RSS MiB".into(), rss_mib),
         ],

@@ -120,7 +120,7 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         return Err(e);
     }
     println!(
-        "try: tidegate instance spawn demo-http team-1 (open the url it prints) or demo-tcp (ncat 127.0.0.1 <port>); any agent serves any instance"
+        "try: tidegate instance spawn demo-http team-1 (open the url it prints) or demo-tcp (ncat 127.0.0.1 <port>), or demo-web-bot (an app, its db and an admin bot); any agent serves any instance"
     );
     println!("wrote {}", dir.join("local.json").display());
     let cli = std::env::current_exe()?.with_file_name("tidegate");
@@ -510,12 +510,9 @@ fn teardown(dir: &Path, state: &State, children: &mut [Child]) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     if tidegate_local::docker::engine_up() {
-        let label = format!("label=tidegate.cluster={}", state.cluster_id);
-        if let Ok(ids) = tidegate_local::docker::docker(&["ps", "-aq", "--filter", &label]) {
-            for id in ids.lines().filter(|l| !l.is_empty()) {
-                tidegate_local::docker::docker(&["rm", "-f", "-v", id])?;
-                println!("removed container {id}");
-            }
+        let label = format!("tidegate.cluster={}", state.cluster_id);
+        for what in tidegate_local::docker::remove_labelled(&label)? {
+            println!("removed {what}");
         }
     }
     if state.run_dir.starts_with(dir) && state.run_dir.exists() {

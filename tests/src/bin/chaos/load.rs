@@ -20,8 +20,9 @@ use crate::history::{Call, Clock, History, Known, Op, Outcome, Probe};
 pub(crate) const TEAMS: [&str; 8] = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"];
 /// How long a probe waits for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
-/// The challenges of the load: an HTTP one and a TCP one.
-pub(crate) const CHALLENGES: [&str; 2] = ["web", "echo"];
+/// The challenges of the load: an HTTP one, a TCP one, and an HTTP one of
+/// two services.
+pub(crate) const CHALLENGES: [&str; 3] = ["web", "echo", "pair"];
 
 /// State shared by the load, the probes, the recorder and the phases.
 pub(crate) struct Shared {

@@ -135,7 +135,7 @@ impl Lab {
         let mut agents = Vec::new();
         for (i, host) in agent_hosts.iter().enumerate() {
             let settings = |c: &mut AgentConfig| {
-                c.capacity = 8;
+                c.capacity = 10;
                 c.membership_ttl_secs = 6;
             };
             agents.push(Some(
@@ -163,7 +163,16 @@ impl Lab {
             DEMO_TCP,
             json!({"name": "echo", "port": 1337, "protocol": "tcp"}),
         );
-        for (name, spec) in [("web", web), ("echo", echo)] {
+        // Two services on a network of their own per instance.
+        let pair = json!({
+            "services": {
+                "app": {"image": DEMO_HTTP, "depends_on": ["side"]},
+                "side": {"image": DEMO_HTTP, "ready": {"tcp": 8080}},
+            },
+            "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
+            "ttl": {"default_secs": 30, "max_secs": 150, "max_renewals": 100},
+        });
+        for (name, spec) in [("web", web), ("echo", echo), ("pair", pair)] {
             let (status, body) = lab.controllers[0].put_challenge(name, spec).await;
             if !status.is_success() {
                 return Err(format!("PUT challenge {name}: {status} {body}"));
@@ -584,37 +593,90 @@ async fn compare(lab: &Lab, s: &Shared) -> Res<(Vec<String>, i64, usize)> {
         .await
         .map_err(|e| format!("reading instances: {e}"))?;
     let revision = resp.header().map_or(0, |h| h.revision());
-    let records: BTreeSet<(String, String)> = resp
+    // (instance, service or "", worker) of each container a record wants,
+    // and (instance, worker) of each network.
+    let mut records: BTreeSet<(String, String, String)> = BTreeSet::new();
+    let mut wanted_networks: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut live = 0;
+    for r in resp
         .kvs()
         .iter()
         .filter_map(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
-        .map(|r| {
-            let field = |f: &str| r[f].as_str().unwrap_or_default().to_string();
-            (field("id"), field("worker"))
-        })
-        .collect();
+    {
+        live += 1;
+        let field = |f: &str| r[f].as_str().unwrap_or_default().to_string();
+        match r["services"].as_object() {
+            Some(services) => {
+                for name in services.keys() {
+                    records.insert((field("id"), name.clone(), field("worker")));
+                }
+                wanted_networks.insert((field("id"), field("worker")));
+            }
+            None => {
+                records.insert((field("id"), String::new(), field("worker")));
+            }
+        }
+    }
     let label = format!("label=tidegate.cluster={}", lab_cluster());
     let rows = docker(&[
         "ps",
         "--filter",
         &label,
         "--format",
-        "{{.Label \"tidegate.instance\"}} {{.Label \"tidegate.worker\"}}",
+        "{{.Label \"tidegate.instance\"}} {{.Label \"tidegate.service\"}} {{.Label \"tidegate.worker\"}}",
     ])
     .map_err(|e| format!("docker ps: {e}"))?;
-    let containers: BTreeSet<(String, String)> = rows
+    let containers: BTreeSet<(String, String, String)> = rows
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+            ))
+        })
+        .collect();
+    let rows = docker(&[
+        "network",
+        "ls",
+        "--filter",
+        &label,
+        "--format",
+        "{{.Label \"tidegate.instance\"}} {{.Label \"tidegate.worker\"}}",
+    ])
+    .map_err(|e| format!("docker network ls: {e}"))?;
+    let networks: BTreeSet<(String, String)> = rows
         .lines()
         .filter_map(|l| l.split_once(' '))
+        .filter(|(i, _)| !i.is_empty())
         .map(|(i, w)| (i.to_string(), w.to_string()))
         .collect();
     let mut out = Vec::new();
-    for (id, w) in records.difference(&containers) {
-        out.push(format!("record {id} on {w} has no running container"));
-    }
-    for (id, w) in containers.difference(&records) {
+    let service = |s: &str| {
+        if s.is_empty() {
+            String::new()
+        } else {
+            format!(" service {s}")
+        }
+    };
+    for (id, s, w) in records.difference(&containers) {
         out.push(format!(
-            "container of {id} runs on {w} without a live record"
+            "record {id}{} on {w} has no running container",
+            service(s)
         ));
+    }
+    for (id, s, w) in containers.difference(&records) {
+        out.push(format!(
+            "container of {id}{} runs on {w} without a live record",
+            service(s)
+        ));
+    }
+    for (id, w) in wanted_networks.difference(&networks) {
+        out.push(format!("record {id} on {w} has no network"));
+    }
+    for (id, w) in networks.difference(&wanted_networks) {
+        out.push(format!("network of {id} on {w} without a live record"));
     }
     for agent in lab.agents.iter().flatten() {
         let text = agent.metrics().await.unwrap_or_default();
@@ -633,7 +695,7 @@ async fn compare(lab: &Lab, s: &Shared) -> Res<(Vec<String>, i64, usize)> {
             ));
         }
     }
-    Ok((out, revision, records.len()))
+    Ok((out, revision, live))
 }
 
 /// How many HTTP hostnames the live instance records had at `revision`.

@@ -159,7 +159,11 @@ pub(super) fn demo(inv: &Inventory, api: &str, s: &Secrets) -> Result<usize> {
     let mut changes = 0;
     for h in inv.with_role(Role::Agent) {
         let r = Remote { inv, host: h };
-        for image in ["tidegate/demo-http:1", "tidegate/demo-tcp:1"] {
+        for image in [
+            "tidegate/demo-http:1",
+            "tidegate/demo-tcp:1",
+            tidegate_local::images::DEMO_WEB_BOT,
+        ] {
             if r.run(
                 &format!("docker image inspect {image} >/dev/null 2>&1"),
                 None,

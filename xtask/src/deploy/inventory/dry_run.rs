@@ -95,7 +95,7 @@ pub(super) fn print(inv: &Inventory, state: &Path, args: &InventoryArgs) -> Resu
     }
     if inv.demo {
         println!(
-            "would register demo-http and demo-tcp if missing, and load their images on agents that lack them"
+            "would register demo-http, demo-tcp and demo-web-bot if missing, and load their images on agents that lack them"
         );
     }
     Ok(())
