@@ -371,8 +371,15 @@ impl Reconciler {
         let Some(t) = self.desired.remove(id) else {
             return;
         };
-        for c in t.services.into_values().filter_map(|s| s.container) {
-            match self.runtime.remove(&c).await {
+        let containers: Vec<String> = t
+            .services
+            .into_values()
+            .filter_map(|s| s.container)
+            .collect();
+        let runtime = &self.runtime;
+        let removed = futures::future::join_all(containers.iter().map(|c| runtime.remove(c))).await;
+        for (c, result) in containers.iter().zip(removed) {
+            match result {
                 Ok(()) => {
                     tracing::info!(instance = %id, container = %c, "removed a container of a deleted instance")
                 }
@@ -1068,5 +1075,64 @@ fn differences(record: &InstanceRecord, spec: &tidegate_schema::ChallengeSpec) -
         }
         (Some(_), None) => vec!["container: the spec lists services".into()],
         (None, Some(_)) => vec!["services: the spec has one image".into()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> tidegate_schema::ChallengeSpec {
+        tidegate_schema::decode_json(json.to_string().as_bytes()).unwrap()
+    }
+
+    fn record_of(s: &tidegate_schema::ChallengeSpec) -> InstanceRecord {
+        let mut r: InstanceRecord = serde_json::from_value(serde_json::json!({
+            "v": 1, "id": "00000000aa", "challenge": "c", "team": "t", "worker": "w",
+            "token": 1, "created_at": 1, "expires_at": 2,
+            "http": [{"port_name": "web", "hostname": "x.ctf.localhost", "target_port": 8080}],
+        }))
+        .unwrap();
+        r.container = ContainerSpec::of(s);
+        r.services = ServiceRecord::all_of(s);
+        r
+    }
+
+    #[test]
+    fn a_record_must_hold_the_services_its_spec_makes() {
+        let two = spec(serde_json::json!({
+            "services": {"app": {"image": "a:1", "depends_on": ["db"]}, "db": {"image": "d:1"}},
+            "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
+            "flag": {"services": ["app"]}
+        }));
+        let mut r = record_of(&two);
+        assert!(differences(&r, &two).is_empty());
+        // Only app gets the flag.
+        assert!(r.services.values().filter(|s| s.secrets).count() == 1);
+
+        // A writer giving db the flag, another image, or an extra service.
+        let db = ServiceName::parse("db").unwrap();
+        r.services.get_mut(&db).unwrap().secrets = true;
+        r.services.get_mut(&db).unwrap().container.image = "evil:1".into();
+        let extra = r.services[&db].clone();
+        r.services
+            .insert(ServiceName::parse("miner").unwrap(), extra);
+        let d = differences(&r, &two).join("; ");
+        assert!(d.contains("services.db.secrets: true vs false"), "{d}");
+        assert!(d.contains("services.db.image"), "{d}");
+        assert!(d.contains("services.miner: not in the spec"), "{d}");
+
+        // One-image record against a spec with services, and the reverse.
+        let one = spec(serde_json::json!({"image": "a:1",
+            "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}));
+        assert_eq!(
+            differences(&record_of(&one), &two),
+            ["container: the spec lists services"]
+        );
+        assert_eq!(
+            differences(&record_of(&two), &one),
+            ["services: the spec has one image"]
+        );
+        assert!(differences(&record_of(&one), &one).is_empty());
     }
 }

@@ -452,7 +452,7 @@ async fn many_two_service_instances_on_one_worker_then_out_of_networks() {
             inst["http"][0]["hostname"].as_str().unwrap().to_string(),
         ));
     }
-    let all_running = eventually(60 + 2 * n as u64, || async {
+    let all_running = eventually(60 + 4 * n as u64, || async {
         let (_, body) = p
             .controller
             .call(Method::GET, "/v1/instances", None, None)
@@ -548,7 +548,7 @@ async fn many_two_service_instances_on_one_worker_then_out_of_networks() {
         assert!(s.is_success(), "{body}");
     }
     let filter = format!("label=tidegate.worker={a}");
-    let clean = eventually(60 + n as u64, || async {
+    let clean = eventually(60 + 2 * n as u64, || async {
         docker(&["network", "ls", "-q", "--filter", &filter])
             .unwrap_or_default()
             .trim()

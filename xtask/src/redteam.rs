@@ -20,6 +20,7 @@ mod host;
 mod instance;
 mod policy;
 mod range;
+mod services;
 
 use std::time::Instant;
 
@@ -183,6 +184,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "the agents' HTTP entry and the controller's API: a deadline on every request head, caps on connections in all and per source address (TIDEGATE_PLANTED)",
     ),
     (
+        "instance-networks",
+        "each instance with services has a network of its own (TIDEGATE_PLANTED: one network for all of them)",
+    ),
+    (
         "etcd-roles",
         "each worker's etcd user reads its own secrets and writes only its own keys (the range grants worker b readwrite on the root)",
     ),
@@ -196,6 +201,7 @@ fn attacks() -> Vec<Attack> {
     all.extend(api::attacks());
     all.extend(edge::attacks());
     all.extend(policy::attacks());
+    all.extend(services::attacks());
     all
 }
 

@@ -54,13 +54,14 @@ pub(crate) fn run() -> Result<usize> {
     if !is_root() {
         bail!("setup installs packages and starts dockerd: run it as root");
     }
-    let steps: [Step; 7] = [
+    let steps: [Step; 8] = [
         ("debian packages", packages),
         ("promtool", promtool),
         ("rust toolchains", rust_toolchains),
         ("bpf-linker", bpf_linker),
         ("docker engine", docker_engine),
         ("bpffs", bpffs),
+        ("kernel key quotas", key_quotas),
         ("demo images", demo_images),
     ];
     let mut changed = 0;
@@ -303,6 +304,33 @@ fn bpffs() -> Result<Outcome> {
     }
     sh::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     Ok(Outcome::Changed("mounted bpffs at /sys/fs/bpf".into()))
+}
+
+/// Raises the kernel's key quotas to [`docker::KEY_QUOTAS`] where they are
+/// lower (never lowers one).
+fn key_quotas() -> Result<Outcome> {
+    let mut raised = Vec::new();
+    for (name, least) in docker::KEY_QUOTAS {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let now: u64 = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{} is not a number", path.display()))?;
+        if now < least {
+            std::fs::write(&path, least.to_string())
+                .with_context(|| format!("raising {name} to {least}"))?;
+            raised.push(format!("{name} {now} → {least}"));
+        }
+    }
+    Ok(if raised.is_empty() {
+        Outcome::AlreadyDone("kernel.keys.maxkeys and maxbytes are high enough".into())
+    } else {
+        Outcome::Changed(format!(
+            "raised {} (a session keyring per container)",
+            raised.join(", ")
+        ))
+    })
 }
 
 fn demo_images() -> Result<Outcome> {

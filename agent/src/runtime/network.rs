@@ -31,8 +31,12 @@ const NETWORK_KIND: &str = "instance";
 /// services.
 const PREFIX: u32 = 28;
 
-/// The Docker name of an instance's own network.
+/// The Docker name of an instance's own network. (The red team's
+/// positive control: one network shared by every instance with services.)
 pub fn name(id: &InstanceId) -> String {
+    if tidegate_schema::config::planted("instance-networks") {
+        return "tidegate-planted-shared".into();
+    }
     format!("tidegate-{id}")
 }
 
@@ -152,6 +156,13 @@ impl Runtime {
         egress: bool,
     ) -> Result<(), DockerError> {
         let name = name(&rec.id);
+        // An engine speaking API 1.41 makes a second network of the same
+        // name rather than refusing it: look first.
+        match self.docker.inspect_network(&name, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if super::not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
         let net = self.subnets.nth(index);
         let octets = net.octets();
         let gateway = Ipv4Addr::from(u32::from(net) + 1);

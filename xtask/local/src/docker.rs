@@ -13,6 +13,16 @@ pub const DAEMON_JSON: &str = r#"{
   "userns-remap": "default"
 }"#;
 
+/// The kernel's key quotas each agent host needs (`sysctl` name, least
+/// value). With `userns-remap` every container runs as the one remapped
+/// uid, and each takes a session keyring from that uid's quota: at the
+/// kernel's default of 200 keys, the 201st container fails to start
+/// ("unable to create session key: disk quota exceeded").
+pub const KEY_QUOTAS: [(&str, u64); 2] = [
+    ("kernel.keys.maxkeys", 20_000),
+    ("kernel.keys.maxbytes", 2_000_000),
+];
+
 /// Where the dockerd that setup starts writes its log.
 pub const DOCKERD_LOG: &str = "/var/log/tidegate/dockerd.log";
 

@@ -420,7 +420,7 @@ pub(super) fn call(
 }
 
 /// Spawns `challenge` for `team` with the admin token: (id, hostname).
-fn spawn(plane: &ControlPlane, challenge: &str, team: &str) -> Result<(String, String)> {
+pub(super) fn spawn(plane: &ControlPlane, challenge: &str, team: &str) -> Result<(String, String)> {
     let (status, body) = call(
         plane,
         "POST",

@@ -56,7 +56,18 @@ fn instance_rows(items: &[Value]) -> String {
                 text(&i["challenge"]),
                 text(&i["team"]),
                 text(&i["worker"]),
-                text(&i["status"]),
+                match i["services"].as_object() {
+                    Some(services) => format!(
+                        "{} ({})",
+                        text(&i["status"]),
+                        services
+                            .iter()
+                            .map(|(name, state)| format!("{name} {}", text(state)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None => text(&i["status"]),
+                },
                 text(&i["expires_at"]),
                 [http, tcp.iter().map(|p| format!("tcp:{p}")).collect()]
                     .concat()
@@ -142,12 +153,23 @@ pub(crate) fn human(cmd: &Command, v: &Value) -> String {
                         text(&w["http_entry"]),
                         text(&w["tcp_host"]),
                         format!("{}/{}", text(&w["instances"]), text(&w["capacity"])),
+                        match (&w["networks_used"], &w["networks_free"]) {
+                            (Value::Null, _) | (_, Value::Null) => "-".into(),
+                            (used, free) => format!("{}/{}", text(used), text(free)),
+                        },
                         text(&w["version"]),
                     ]
                 })
                 .collect();
             table(
-                &["ID", "HTTP_ENTRY", "TCP_HOST", "USED/CAPACITY", "VERSION"],
+                &[
+                    "ID",
+                    "HTTP_ENTRY",
+                    "TCP_HOST",
+                    "USED/CAPACITY",
+                    "NETWORKS USED/FREE",
+                    "VERSION",
+                ],
                 rows,
             )
         }

@@ -49,6 +49,9 @@ pub(super) fn apply(inv: &Inventory, state: &Path, profile: &str) -> Result<()> 
         if userns_remap(inv, p)? {
             tally.other += 1;
         }
+        if key_quotas(inv, p)? {
+            tally.other += 1;
+        }
     }
     let run = Run {
         inv,
@@ -208,6 +211,51 @@ fn userns_remap(inv: &Inventory, p: &HostPlan) -> Result<bool> {
     } else {
         println!(
             "host {:<12} restart its Docker engine to apply userns-remap (init = direct)",
+            p.host.name
+        );
+    }
+    Ok(true)
+}
+
+/// Raises the agent host's kernel key quotas where they are lower than
+/// `KEY_QUOTAS` (every remapped container takes a session keyring of the
+/// one remapped uid; at the default 200 the 201st fails to start), and
+/// keeps them in `/etc/sysctl.d/60-tidegate-keys.conf`. The values are set
+/// now only with systemd (`init = direct` hosts may share a kernel with
+/// others: it says to). Whether it changed anything.
+fn key_quotas(inv: &Inventory, p: &HostPlan) -> Result<bool> {
+    let r = Remote { inv, host: p.host };
+    let quotas = tidegate_local::docker::KEY_QUOTAS;
+    let conf: String = quotas
+        .iter()
+        .map(|(name, least)| format!("{name} = {least}\n"))
+        .collect();
+    let path = at(&p.root, "/etc/sysctl.d/60-tidegate-keys.conf");
+    let have = r.run(&format!("cat {} 2>/dev/null || true", q(&path)), None)?;
+    if have == conf {
+        return Ok(false);
+    }
+    let dir = at(&p.root, "/etc/sysctl.d");
+    r.run(
+        &format!(
+            "mkdir -p {d} && cat > {t} && chmod 644 {t} && mv -f {t} {f}",
+            d = q(&dir),
+            t = q(&format!("{path}.deploy-tmp")),
+            f = q(&path)
+        ),
+        Some(conf.as_bytes()),
+    )?;
+    println!("host {:<12} wrote {path}", p.host.name);
+    if inv.init == Init::Systemd {
+        for (name, least) in quotas {
+            r.run(
+                &format!("[ \"$(sysctl -n {name})\" -ge {least} ] || sysctl -q -w {name}={least}"),
+                None,
+            )?;
+        }
+    } else {
+        println!(
+            "host {:<12} apply it with `sysctl --system` (init = direct)",
             p.host.name
         );
     }
