@@ -251,12 +251,13 @@ impl Runtime {
         Ok(())
     }
 
-    /// Every container carrying this worker's label.
+    /// Every container carrying this worker's label (and this agent's
+    /// cluster label, when it has one: another cluster's agent of the same
+    /// worker id on a shared engine must not take them for orphans).
     pub async fn list(&self) -> Result<Vec<Observed>, DockerError> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_WORKER}={}", self.worker)],
-        )]);
+        let mut labels = vec![format!("{LABEL_WORKER}={}", self.worker)];
+        labels.extend(self.cluster.iter().map(|c| format!("{LABEL_CLUSTER}={c}")));
+        let filters = HashMap::from([("label".to_string(), labels)]);
         let list = self
             .docker
             .list_containers(Some(ListContainersOptions {

@@ -336,6 +336,8 @@ async fn a_killed_agent_adopts_its_containers_and_removes_an_orphan() {
         "--label",
         &format!("tidegate.worker={}", worker()),
         "--label",
+        &format!("tidegate.cluster={}", tidegate_lab::daemons::lab_cluster()),
+        "--label",
         "tidegate.instance=00000000ff",
         "--network",
         "tidegate-isolated",

@@ -101,7 +101,7 @@ fn check_local_json(state_dir: &Path) {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["demo-http", "demo-tcp"]);
+    assert_eq!(names, ["demo-http", "demo-tcp", "demo-web-bot"]);
 
     // A demo instance starts on one of the agents.
     let platform = format!(

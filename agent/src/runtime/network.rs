@@ -129,7 +129,8 @@ impl Runtime {
             taken.extend(subnet);
             let labels = n.labels.unwrap_or_default();
             let mine = labels.get(LABEL_WORKER) == Some(&self.worker)
-                && labels.get(LABEL_NETWORK).map(String::as_str) == Some(NETWORK_KIND);
+                && labels.get(LABEL_NETWORK).map(String::as_str) == Some(NETWORK_KIND)
+                && labels.get(super::LABEL_CLUSTER) == self.cluster.as_ref();
             if let (true, Some(instance), Some(name)) = (mine, labels.get(LABEL_INSTANCE), n.name) {
                 ours.push(InstanceNetwork {
                     name,

@@ -191,16 +191,7 @@ fn userns_remap(inv: &Inventory, p: &HostPlan) -> Result<bool> {
     }
     config.insert("userns-remap".into(), "default".into());
     let bytes = serde_json::to_vec_pretty(&config)?;
-    let dir = at(&p.root, "/etc/docker");
-    r.run(
-        &format!(
-            "mkdir -p {d} && cat > {t} && chmod 644 {t} && mv -f {t} {f}",
-            d = q(&dir),
-            t = q(&format!("{path}.deploy-tmp")),
-            f = q(&path)
-        ),
-        Some(&bytes),
-    )?;
+    put_public(&r, &at(&p.root, "/etc/docker"), &path, &bytes)?;
     println!("host {:<12} set userns-remap in {path}", p.host.name);
     if inv.init == Init::Systemd {
         r.run("systemctl restart docker", None)?;
@@ -215,6 +206,21 @@ fn userns_remap(inv: &Inventory, p: &HostPlan) -> Result<bool> {
         );
     }
     Ok(true)
+}
+
+/// Writes `bytes` to `path` (in `dir`) on the host, mode 644, replacing
+/// it at once (a temporary file moved over it).
+fn put_public(r: &Remote<'_>, dir: &str, path: &str, bytes: &[u8]) -> Result<()> {
+    r.run(
+        &format!(
+            "mkdir -p {d} && cat > {t} && chmod 644 {t} && mv -f {t} {f}",
+            d = q(dir),
+            t = q(&format!("{path}.deploy-tmp")),
+            f = q(path)
+        ),
+        Some(bytes),
+    )?;
+    Ok(())
 }
 
 /// Raises the agent host's kernel key quotas where they are lower than
@@ -235,16 +241,7 @@ fn key_quotas(inv: &Inventory, p: &HostPlan) -> Result<bool> {
     if have == conf {
         return Ok(false);
     }
-    let dir = at(&p.root, "/etc/sysctl.d");
-    r.run(
-        &format!(
-            "mkdir -p {d} && cat > {t} && chmod 644 {t} && mv -f {t} {f}",
-            d = q(&dir),
-            t = q(&format!("{path}.deploy-tmp")),
-            f = q(&path)
-        ),
-        Some(conf.as_bytes()),
-    )?;
+    put_public(&r, &at(&p.root, "/etc/sysctl.d"), &path, conf.as_bytes())?;
     println!("host {:<12} wrote {path}", p.host.name);
     if inv.init == Init::Systemd {
         for (name, least) in quotas {
