@@ -1135,4 +1135,23 @@ mod tests {
         );
         assert!(differences(&record_of(&one), &one).is_empty());
     }
+
+    #[test]
+    fn services_come_in_dependency_order() {
+        let three = spec(serde_json::json!({
+            "services": {
+                "app": {"image": "a:1", "depends_on": ["db"]},
+                "bot": {"image": "b:1", "depends_on": ["app"]},
+                "db": {"image": "d:1"},
+                "cache": {"image": "c:1"}
+            },
+            "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}]
+        }));
+        let r = record_of(&three);
+        let order: Vec<&str> = Unit::all(&r)
+            .iter()
+            .filter_map(|u| u.service.map(ServiceName::as_str))
+            .collect();
+        assert_eq!(order, ["cache", "db", "app", "bot"]);
+    }
 }

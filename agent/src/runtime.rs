@@ -114,7 +114,9 @@ pub struct Unit<'a> {
 }
 
 impl<'a> Unit<'a> {
-    /// Every container of `rec`, services in name order.
+    /// Every container of `rec`, services in dependency order (each after
+    /// those it depends on, then by name), so one reconcile pass can start
+    /// a service right after its dependencies turned ready.
     pub fn all(rec: &'a InstanceRecord) -> Vec<Unit<'a>> {
         if let Some(c) = &rec.container {
             return vec![Unit {
@@ -124,13 +126,35 @@ impl<'a> Unit<'a> {
                 secrets: true,
             }];
         }
-        rec.services
-            .iter()
-            .map(|(name, s)| Unit {
-                service: Some(name),
-                container: &s.container,
-                command: s.command.as_deref(),
-                secrets: s.secrets,
+        let mut order: Vec<&tidegate_schema::ServiceName> = Vec::new();
+        while order.len() < rec.services.len() {
+            let before = order.len();
+            for (name, s) in &rec.services {
+                if !order.contains(&name) && s.depends_on.iter().all(|d| order.contains(&d)) {
+                    order.push(name);
+                }
+            }
+            if order.len() == before {
+                // A cycle (specs refuse them; a record written by hand):
+                // the rest by name.
+                order.extend(
+                    rec.services
+                        .keys()
+                        .filter(|n| !order.contains(n))
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        order
+            .into_iter()
+            .filter_map(|name| {
+                let s = rec.services.get(name)?;
+                Some(Unit {
+                    service: Some(name),
+                    container: &s.container,
+                    command: s.command.as_deref(),
+                    secrets: s.secrets,
+                })
             })
             .collect()
     }
