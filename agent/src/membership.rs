@@ -154,17 +154,30 @@ async fn publish_networks(
     mut networks: watch::Receiver<Option<NetworkUse>>,
 ) {
     let mut written: Option<(Option<NetworkUse>, i64)> = None;
+    // Whether the last write did not land: tried again every 2 s, not
+    // only on the next change (which may not come).
+    let mut behind = false;
     loop {
+        let retry = async {
+            if behind {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             changed = networks.changed() => if changed.is_err() { return },
             changed = lease.changed() => if changed.is_err() { return },
+            () = retry => {}
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         record.networks = *networks.borrow_and_update();
         let id = *lease.borrow_and_update();
+        behind = false;
         if id == 0 || written == Some((record.networks, id)) {
             continue;
         }
+        behind = true;
         let txn = Txn::new()
             .when([Compare::lease(key.as_str(), CompareOp::Equal, id)])
             .and_then([TxnOp::put(
@@ -173,7 +186,10 @@ async fn publish_networks(
                 Some(PutOptions::new().with_lease(id)),
             )]);
         match tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await {
-            Ok(Ok(r)) if r.succeeded() => written = Some((record.networks, id)),
+            Ok(Ok(r)) if r.succeeded() => {
+                written = Some((record.networks, id));
+                behind = false;
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "could not update this worker's record"),
             Err(_) => tracing::debug!("updating this worker's record timed out"),

@@ -50,6 +50,9 @@ struct Svc {
     restarts: u32,
     retry_at: Option<Instant>,
     state: ServiceState,
+    /// Since when it runs without passing its readiness check (None: ready,
+    /// or not running).
+    unready_since: Option<Instant>,
     /// Whether it has been ready since it was first started: an instance
     /// whose services were all ready stays running while one of them
     /// restarts (a crashed db does not take the app's route down).
@@ -66,6 +69,7 @@ impl Default for Svc {
             restarts: 0,
             retry_at: None,
             state: ServiceState::Waiting,
+            unready_since: None,
             was_ready: false,
             failed: None,
         }
@@ -183,6 +187,8 @@ pub struct Reconciler {
     used_subnets: BTreeSet<u32>,
     /// Networks used and free, for this worker's registration.
     network_use: watch::Sender<Option<NetworkUse>>,
+    /// Whether this pass could list the instance networks.
+    networks_known: bool,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -193,6 +199,10 @@ impl std::fmt::Debug for Reconciler {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a running service may fail its readiness check before the
+/// instance fails, naming it.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn backoff(restarts: u32) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1 << restarts.min(6))).min(Duration::from_secs(30))
@@ -228,6 +238,7 @@ impl Reconciler {
             firewall_said: None,
             used_subnets: BTreeSet::new(),
             network_use: watch::channel(None).0,
+            networks_known: false,
         }
     }
 
@@ -405,11 +416,17 @@ impl Reconciler {
                 return;
             }
         };
+        // Without the list, one-image instances go on; instances with
+        // services make no network and the sweep removes none this pass.
         let (networks, taken) = match self.runtime.instance_networks().await {
-            Ok(n) => n,
+            Ok(n) => {
+                self.networks_known = true;
+                n
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the instance networks");
-                return;
+                self.networks_known = false;
+                (Vec::new(), self.used_subnets.clone())
             }
         };
         self.check_firewall().await;
@@ -639,11 +656,24 @@ impl Reconciler {
                             ServiceState::Starting
                         };
                         svc.was_ready |= ok;
+                        let since = *svc.unready_since.get_or_insert_with(Instant::now);
+                        if ok {
+                            svc.unready_since = None;
+                        } else if since.elapsed() > READY_TIMEOUT {
+                            tracing::warn!(instance = %id, service = ?unit.service, ready = ?ready_spec, "service never got ready; giving up");
+                            svc.state = ServiceState::Failed;
+                            svc.failed = Some(format!(
+                                "not ready {} s after it started ({})",
+                                READY_TIMEOUT.as_secs(),
+                                ready_spec.map_or("running".into(), ready::describe)
+                            ));
+                        }
                     }
                 }
                 Some(o) if o.exited => {
                     svc.container = Some(o.id.clone());
                     svc.state = ServiceState::Starting;
+                    svc.unready_since = None;
                     let code = self.runtime.exit_code(&o.id).await.unwrap_or(-1);
                     if svc.restarts >= self.max_restarts {
                         tracing::warn!(instance = %id, service = ?unit.service, code, restarts = svc.restarts, "container keeps exiting; giving up");
@@ -813,6 +843,10 @@ impl Reconciler {
         }
         if record.container.is_some() || has_network {
             return true;
+        }
+        if !self.networks_known {
+            // Docker did not list the networks this pass: make none blind.
+            return false;
         }
         let subnets = self.runtime.subnets();
         let egress = record.services.values().any(|s| s.container.egress);

@@ -46,6 +46,14 @@ async fn attempt(address: IpAddr, ready: &ReadySpec) -> bool {
     }
 }
 
+/// The check as a reason names it: `ready.tcp 5432`, `ready.http 8080 /health`.
+pub(super) fn describe(ready: &ReadySpec) -> String {
+    match ready {
+        ReadySpec::Tcp(port) => format!("ready.tcp {port}"),
+        ReadySpec::Http { port, path } => format!("ready.http {port} {path}"),
+    }
+}
+
 /// Whether a response starts with `HTTP/1.x 2xx` or `3xx`.
 fn answered_ok(head: &[u8]) -> bool {
     let Some(rest) = head.strip_prefix(b"HTTP/1.") else {
