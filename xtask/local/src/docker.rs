@@ -67,10 +67,14 @@ pub fn docker(args: &[&str]) -> Result<String> {
 
 /// Removes every container with `label` (e.g. `tidegate.cluster=lab-7`),
 /// then every network with it (instances with services have their own):
-/// what it removed, as `container ID` / `network ID` lines' words.
+/// what it removed, as `container ID` / `network ID`. Best effort: one that
+/// cannot be removed (an agent removing it at the same moment) does not
+/// stop the others; the first error is returned only when nothing could be
+/// removed.
 pub fn remove_labelled(label: &str) -> Result<Vec<String>> {
     let filter = format!("label={label}");
     let mut removed = Vec::new();
+    let mut first_error = None;
     for (list, remove, what) in [
         (&["ps", "-aq"][..], &["rm", "-f", "-v"][..], "container"),
         (
@@ -81,14 +85,28 @@ pub fn remove_labelled(label: &str) -> Result<Vec<String>> {
     ] {
         let mut args = list.to_vec();
         args.extend(["--filter", &filter]);
-        for id in docker(&args)?.split_whitespace() {
+        let ids = match docker(&args) {
+            Ok(ids) => ids,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        for id in ids.split_whitespace() {
             let mut args = remove.to_vec();
             args.push(id);
-            docker(&args)?;
-            removed.push(format!("{what} {id}"));
+            match docker(&args) {
+                Ok(_) => removed.push(format!("{what} {id}")),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
     }
-    Ok(removed)
+    match first_error {
+        Some(e) if removed.is_empty() => Err(e),
+        _ => Ok(removed),
+    }
 }
 
 /// Whether the image `name` is present in the engine.
