@@ -368,10 +368,13 @@ fn plugin_policy(cfg: &AgentConfig) -> anyhow::Result<PluginPolicy> {
     let host = tidegate_plugin_host::Host::new(tidegate_plugin_host::Limits {
         deadline: Duration::from_millis(cfg.plugin_deadline_ms),
         memory_bytes: cfg.plugin_memory_mib * 1024 * 1024,
-        // Edge calls run on the decision pool's low-priority threads: on a
-        // busy host a well-behaved call waits there, and the pool's queue
-        // (not this bound) keeps players from waiting long.
+        // Edge calls run on the decision pool's threads, bounded by its CPU
+        // share: on a busy host a well-behaved call waits there, and the
+        // pool's queue (not this bound) keeps players from waiting long.
         stall_after: Some(Duration::from_secs(1)),
+        // A call that runs to its deadline lets the proxy and the
+        // instances in every millisecond.
+        yield_each_tick: true,
         ..tidegate_plugin_host::Limits::default()
     })
     .context("starting the policy plugin engine")?;

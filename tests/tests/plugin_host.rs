@@ -155,6 +155,32 @@ fn runaway_and_hungry_plugins_are_stopped_and_the_host_goes_on() {
 }
 
 #[test]
+fn a_call_that_yields_each_tick_keeps_its_cpu_deadline() {
+    // The agents' edge calls give up the CPU every millisecond; that must
+    // not stretch a runaway call's budget nor fail a well-behaved one.
+    let host = Host::new(Limits {
+        yield_each_tick: true,
+        ..Limits::default()
+    })
+    .unwrap();
+    let runaway = host.load(&component("runaway")).unwrap();
+    let before = tidegate_plugin_host::thread_cpu();
+    let err = runaway.admit_spawn(&request("red")).unwrap().unwrap_err();
+    assert_eq!(err.cause, Cause::Timeout(5), "{err}");
+    // Instantiating and the hook have 5 ms of CPU each, checked on 1 ms ticks.
+    let spent = tidegate_plugin_host::thread_cpu() - before;
+    assert!(
+        (Duration::from_millis(5)..Duration::from_millis(40)).contains(&spent),
+        "{spent:?}"
+    );
+    let fine = host.load(&component("team-limit")).unwrap();
+    assert_eq!(
+        fine.admit_spawn(&request("red")).unwrap().unwrap(),
+        SpawnDecision::Allow(None)
+    );
+}
+
+#[test]
 fn bad_components_are_refused_with_their_reason() {
     let host = Host::new(Limits::default()).unwrap();
     assert!(matches!(
