@@ -266,6 +266,10 @@ async fn challenges_auth_and_bad_inputs_write_nothing() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["field"], "services", "{body}");
     assert!(
+        body.get("reason").is_none(),
+        "a 400 names a field, not a reason: {body}"
+    );
+    assert!(
         body["error"]
             .as_str()
             .unwrap()
@@ -295,6 +299,7 @@ async fn challenges_auth_and_bad_inputs_write_nothing() {
         body["error"].as_str().unwrap().contains("no worker"),
         "{body}"
     );
+    assert_eq!(body["reason"], "no_worker", "{body}");
 
     let (s, doc) = c
         .call(Method::GET, "/v1/openapi.json", None, Some(""))
@@ -525,6 +530,7 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
         body["error"].as_str().unwrap().contains("renewed 1 times"),
         "{body}"
     );
+    assert_eq!(body["reason"], "max_renewals", "{body}");
 
     // Delete removes the record and every claim at once.
     for id in [id.as_str(), id2] {

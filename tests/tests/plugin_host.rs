@@ -160,6 +160,9 @@ fn a_call_that_yields_each_tick_keeps_its_cpu_deadline() {
     // not stretch a runaway call's budget nor fail a well-behaved one.
     let host = Host::new(Limits {
         yield_each_tick: true,
+        // As the agents: yielding on a busy machine stretches a call's
+        // wall time, and this test is about its CPU deadline.
+        stall_after: Some(Duration::from_secs(1)),
         ..Limits::default()
     })
     .unwrap();

@@ -660,7 +660,7 @@ async fn a_new_leader_loads_the_policy_by_digest_and_a_missing_blob_falls_back()
 
 /// 64 clients from 64 addresses GET `host` through both agents until
 /// `until`, `rate` requests a second in all (as many as they can, if they
-/// cannot keep up), while `bystander` is measured (300 GETs by curl) and the
+/// cannot keep up), while `bystander` is measured (up to 300 GETs by curl) and the
 /// workers are listed every second: requests sent, answered 403, the
 /// bystander's latencies, and every worker count other than 2.
 async fn flood(
@@ -699,20 +699,36 @@ async fn flood(
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = latencies(&p.a_http, bystander, 300).await;
-    let mut lost_workers = Vec::new();
-    while Instant::now() < until {
-        let (_, workers) = p
-            .controller
-            .call(Method::GET, "/v1/workers", None, None)
-            .await;
-        let n = workers["workers"].as_array().map_or(0, Vec::len);
-        if n != 2 {
-            lost_workers.push(n);
+    // The workers are listed every second of the flood, while the other
+    // instance is measured.
+    let listing = async {
+        let mut lost_workers = Vec::new();
+        while Instant::now() < until {
+            let (_, workers) = p
+                .controller
+                .call(Method::GET, "/v1/workers", None, None)
+                .await;
+            let n = workers["workers"].as_array().map_or(0, Vec::len);
+            if n != 2 {
+                lost_workers.push(n);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        lost_workers
+    };
+    let measuring = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Up to 300 requests, all while the flood lasts.
+        let during = latencies(&p.a_http, bystander, 300, Some(until)).await;
+        assert!(
+            during.len() >= 100,
+            "only {} requests to the other instance during the flood: \
+             give it more seconds (TIDEGATE_FLOOD_SECS)",
+            during.len()
+        );
+        during
+    };
+    let (lost_workers, during) = tokio::join!(listing, measuring);
     let (mut sent, mut refused) = (0, 0);
     for f in flood {
         let (s, r) = f.await.unwrap();
@@ -722,17 +738,24 @@ async fn flood(
     (sent, refused, during, lost_workers)
 }
 
-/// `n` GETs of `host` through `entry` by `curl`, a process of its own for
-/// each (a new connection each time), one after another: curl's own
+/// `n` GETs of `host` through `entry` by `curl` (fewer if `until` comes
+/// first), a process of its own for each (a new connection each time), one
+/// after another: curl's own
 /// measure of each request (`time_total`), sorted. A client outside the
 /// test's runtime, which carries the flood's 64 clients: measured from
 /// inside it, the flood's own scheduling showed up as the other instance's
 /// latency.
-async fn latencies(entry: &str, host: &str, n: usize) -> Vec<Duration> {
+async fn latencies(entry: &str, host: &str, n: usize, until: Option<Instant>) -> Vec<Duration> {
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {
+        if until.is_some_and(|u| Instant::now() >= u) {
+            break;
+        }
+        // No ~/.curlrc, no proxy, and a decimal point in time_total.
         let out = tokio::process::Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "--max-time", "20"])
+            .env("LC_ALL", "C")
+            .args(["-q", "--noproxy", "*", "-sS", "-o", "/dev/null"])
+            .args(["--max-time", "20"])
             .args(["-w", "%{http_code} %{time_total}", "-H"])
             .arg(format!("host: {host}"))
             .arg(format!("http://{entry}/"))
@@ -747,9 +770,11 @@ async fn latencies(entry: &str, host: &str, n: usize) -> Vec<Duration> {
             "the other challenge's instance answered {line:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        took.push(Duration::from_secs_f64(
-            secs.trim().parse().expect("curl's time_total"),
-        ));
+        let secs: f64 = secs
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("curl's time_total in {line:?}: {e}"));
+        took.push(Duration::from_secs_f64(secs));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     took.sort();
@@ -796,7 +821,7 @@ async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other
     .await;
     assert!(denied, "the edge did not take the deny fallback");
     let (_, fast_host, _) = p.running("fast", "bystander").await;
-    let baseline = latencies(&p.a_http, &fast_host, 300).await;
+    let baseline = latencies(&p.a_http, &fast_host, 300, None).await;
 
     // 64 clients from 64 addresses flood the slow instance through both
     // agents at 2,000 requests a second for 20 s (TIDEGATE_FLOOD_SECS and
@@ -829,15 +854,17 @@ async fn a_request_flood_on_a_runaway_policy_starves_neither_the_agent_nor_other
     let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
     eprintln!(
         "flood at {rate}/s: {sent} requests in {secs} s ({:.0}/s) through both agents, {refused} answered 403; decisions {seen:?}; \
-         the other instance's p50/p99 {:?}/{:?} (without the flood {:?}/{:?}; under the same flood of a host \
-         without policy, {control_sent} requests: {:?}/{:?})",
+         the other instance's p50/p99 {:?}/{:?} of {} requests (without the flood {:?}/{:?}; under the same \
+         flood of a host without policy, {control_sent} requests: {:?}/{:?} of {})",
         sent as f64 / secs as f64,
         during[during.len() / 2],
         p99(&during),
+        during.len(),
         baseline[baseline.len() / 2],
         p99(&baseline),
         control[control.len() / 2],
-        p99(&control)
+        p99(&control),
+        control.len()
     );
     eprintln!(
         "slowest 5 under the flood {:?}, under the control flood {:?}",

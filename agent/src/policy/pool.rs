@@ -15,7 +15,7 @@ use tidegate_plugin_host::thread_cpu;
 type Job = Box<dyn FnOnce() + Send>;
 
 // The pool's threads run at the agent's own priority, bounded by their CPU
-// share ([`CpuBudget`]), not by a lower priority. Measured on 2 cores under
+// share (`CpuBudget`), not by a lower priority. Measured on 2 cores under
 // a 1,500 req/s flood of a policy that spends its whole deadline on every
 // call, a `curl` to another instance (straight to its container) had p99
 // 88–157 ms and stalls up to 1.3 s with the threads at nice 19, 42–157 ms
@@ -26,8 +26,8 @@ type Job = Box<dyn FnOnce() + Send>;
 // (`perf sched`: a container's process runnable for 164 ms while a pool
 // thread ran). At the same priority a call ends soon, the budget stops the
 // next ones, and a pool thread never holds up a lock the proxy waits on;
-// each call also gives up the CPU every 1 ms (the plugin host's
-// `yield_each_tick`).
+// each call also gives up the CPU every 1 ms epoch tick of its wasm code
+// to a thread waiting for it (the plugin host's `yield_each_tick`).
 
 /// `threads` threads taking jobs from a queue of `queue` places, using at
 /// most `cpu_share` of one core's time.
@@ -81,7 +81,9 @@ impl DecisionPool {
 /// The pool's CPU time, as a share of one core: refilled continuously, at
 /// most [`CpuBudget::BURST`] ahead: a flood of requests to a policy that
 /// spends its whole deadline on every call takes this much CPU from the
-/// proxy and the instances, and no more.
+/// proxy and the instances, on average (it is checked when a call is
+/// queued, so the calls already admitted, at most queue + threads, still
+/// run).
 ///
 /// Lock-free (a theoretical arrival time, as in GCRA), because the proxy
 /// asks it on every call and a pool thread spends from it: a pool thread
@@ -124,7 +126,9 @@ impl CpuBudget {
 
     fn spend(&self, cpu: Duration, now: Instant) {
         let now = self.since_base(now);
-        let cost = Self::nanos(cpu.div_f64(self.share.max(f64::MIN_POSITIVE)));
+        debug_assert!(self.share > 0.0, "a share of {}", self.share);
+        // Saturates (a share of 0 would refuse every call, as it should).
+        let cost = (cpu.as_secs_f64() / self.share * 1e9) as i64;
         let _ = self
             .ready_at
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {

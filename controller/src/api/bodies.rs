@@ -31,6 +31,17 @@ pub(crate) struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub(crate) policy: Option<PolicyDecision>,
+    /// A stable word for why a spawn, renewal or other instance operation
+    /// was refused, for integrations to act on (the `error` text is for
+    /// people): `team_limit`, `max_renewals`, `max_lifetime`, `too_early`,
+    /// `not_found`, `policy_deny`, `policy_queue`, `policy_refuse`,
+    /// `policy_fallback_deny`, `rate_limited`, `no_capacity`, `no_worker`,
+    /// `no_network`, `unknown_challenge`, and `unavailable` for any other
+    /// 503 (retry after `Retry-After`); the same words as
+    /// `tidegate_controller_refusals_total{reason}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) reason: Option<String>,
 }
 
 impl ErrorBody {
@@ -40,6 +51,7 @@ impl ErrorBody {
             field: None,
             leader: None,
             policy: None,
+            reason: None,
         }
     }
 }

@@ -106,7 +106,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.body)).into_response();
+        let reason = self.refusal();
+        let mut body = self.body;
+        body.reason = reason.map(str::to_string);
+        let mut resp = (self.status, axum::Json(body)).into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }

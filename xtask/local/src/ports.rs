@@ -7,14 +7,14 @@
 //! (20000–29999).
 //!
 //! A port is also claimed for the whole life of the process that chose
-//! it, across processes (a file per port naming the process): nextest runs
-//! each test in a process of its own, and one test took a port that
-//! another's killed etcd member was about to bind again.
+//! it, across processes (a locked file per port): nextest runs each test
+//! in a process of its own, and one test took a port that another's
+//! killed etcd member was about to bind again.
 
-use std::collections::BTreeSet;
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Where test servers' ports come from.
@@ -41,11 +41,13 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
             break;
         }
         let port = rand::random_range(RANGE);
-        if given.contains(&port) || !claim(port) {
+        if given.contains(&port) {
             continue;
         }
         // Free on every address: callers bind 127.0.0.x and test hosts'.
-        if let Ok(listener) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        if let Ok(listener) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+            && claim(port)
+        {
             given.insert(port);
             held.push(listener);
         }
@@ -66,43 +68,45 @@ fn claims_dir() -> PathBuf {
     std::env::temp_dir().join("tidegate-ports")
 }
 
-/// Claims `port` for this process: false if a live process other than
-/// this one holds it. A claim of a process that is gone is taken over.
+/// The claim files this process holds locked, for its whole life: the
+/// kernel releases the locks when it ends, however it ends.
+static CLAIMS: Mutex<BTreeMap<u16, File>> = Mutex::new(BTreeMap::new());
+
+/// Claims `port` for this process: false if another live process holds
+/// it. True also when claims cannot be made at all (the bind check alone
+/// then, as before).
 fn claim(port: u16) -> bool {
-    let dir = claims_dir();
-    if std::fs::create_dir_all(&dir).is_err() {
-        // No claims possible: the bind check alone, as before.
+    let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    if claims.contains_key(&port) {
         return true;
     }
-    let path = dir.join(port.to_string());
-    let me = std::process::id();
-    for _ in 0..2 {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => return write!(f, "{me}").is_ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let owner = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u32>().ok());
-                match owner {
-                    Some(pid) if pid == me => return true,
-                    Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-                        return false;
-                    }
-                    // Its owner is gone (or it is being written: the
-                    // next attempt sees it whole or takes it).
-                    _ => {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
-            }
-            Err(_) => return true,
-        }
+    let dir = claims_dir();
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
     }
-    false
+    match claim_in(&dir, port) {
+        Ok(Some(file)) => {
+            claims.insert(port, file);
+            true
+        }
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// An exclusive lock on `dir/port`: `None` while another open file holds
+/// it.
+fn claim_in(dir: &Path, port: u16) -> std::io::Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -110,22 +114,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_port_claimed_by_a_live_process_is_not_given_and_a_dead_ones_is() {
-        // Port 0 is outside the range: no test server is ever given it.
-        let port = 0;
-        let path = claims_dir().join(port.to_string());
-        std::fs::create_dir_all(claims_dir()).unwrap();
-        // pid 1 is always alive.
-        std::fs::write(&path, "1").unwrap();
-        assert!(!claim(port));
-        // A pid above the kernel's maximum is never alive.
-        std::fs::write(&path, "4294967295").unwrap();
-        assert!(claim(port));
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            std::process::id().to_string()
-        );
-        assert!(claim(port), "its own claim");
-        let _ = std::fs::remove_file(&path);
+    fn a_claimed_port_is_not_claimed_again_until_its_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = claim_in(dir.path(), 10_001).unwrap();
+        assert!(held.is_some());
+        // Another holder (as another process would be) is refused.
+        assert!(claim_in(dir.path(), 10_001).unwrap().is_none());
+        assert!(claim_in(dir.path(), 10_002).unwrap().is_some());
+        // A holder that ends lets the port go.
+        drop(held);
+        assert!(claim_in(dir.path(), 10_001).unwrap().is_some());
     }
 }
