@@ -226,16 +226,27 @@ fn put_public(r: &Remote<'_>, dir: &str, path: &str, bytes: &[u8]) -> Result<()>
 /// Raises the agent host's kernel key quotas where they are lower than
 /// `KEY_QUOTAS` (every remapped container takes a session keyring of the
 /// one remapped uid; at the default 200 the 201st fails to start), and
-/// keeps them in `/etc/sysctl.d/60-tidegate-keys.conf`. The values are set
-/// now only with systemd (`init = direct` hosts may share a kernel with
-/// others: it says to). Whether it changed anything.
+/// keeps them in `/etc/sysctl.d/60-tidegate-keys.conf`: the higher of the
+/// host's value and ours, so a host tuned above them is not lowered at its
+/// next boot. The values are set now only with systemd (`init = direct`
+/// hosts may share a kernel with others: it says to). Whether it changed
+/// anything.
 fn key_quotas(inv: &Inventory, p: &HostPlan) -> Result<bool> {
     let r = Remote { inv, host: p.host };
-    let quotas = tidegate_local::docker::KEY_QUOTAS;
-    let conf: String = quotas
-        .iter()
-        .map(|(name, least)| format!("{name} = {least}\n"))
-        .collect();
+    let mut conf = String::new();
+    let mut low = Vec::new();
+    for (name, least) in tidegate_local::docker::KEY_QUOTAS {
+        // What the host says; unreadable counts as too low.
+        let now: u64 = r
+            .run(&format!("sysctl -n {name} 2>/dev/null || true"), None)?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        conf.push_str(&format!("{name} = {}\n", now.max(least)));
+        if now < least {
+            low.push((name, least));
+        }
+    }
     let path = at(&p.root, "/etc/sysctl.d/60-tidegate-keys.conf");
     let have = r.run(&format!("cat {} 2>/dev/null || true", q(&path)), None)?;
     if have == conf {
@@ -244,11 +255,8 @@ fn key_quotas(inv: &Inventory, p: &HostPlan) -> Result<bool> {
     put_public(&r, &at(&p.root, "/etc/sysctl.d"), &path, conf.as_bytes())?;
     println!("host {:<12} wrote {path}", p.host.name);
     if inv.init == Init::Systemd {
-        for (name, least) in quotas {
-            r.run(
-                &format!("[ \"$(sysctl -n {name})\" -ge {least} ] || sysctl -q -w {name}={least}"),
-                None,
-            )?;
+        for (name, least) in low {
+            r.run(&format!("sysctl -q -w {name}={least}"), None)?;
         }
     } else {
         println!(
