@@ -8,6 +8,7 @@ mod challenges;
 mod cluster;
 mod dashboard;
 mod error;
+mod flags;
 mod instances;
 mod openapi;
 mod policies;
@@ -61,6 +62,7 @@ fn documented() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(instances::get, instances::delete))
         .routes(routes!(instances::renew))
         .routes(routes!(instances::flag))
+        .routes(routes!(flags::check))
         .routes(routes!(dashboard::data))
 }
 

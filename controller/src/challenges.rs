@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 use tidegate_schema::{
     ChallengeName, ChallengeRecord, ChallengeSecretRecord, ChallengeSpec, Key, Keyspace, PolicyRef,
     Record, V1,
@@ -271,6 +271,11 @@ impl Challenges {
             .and_then([
                 TxnOp::delete(key.as_str(), None),
                 TxnOp::delete(self.secret_key(name).as_str(), None),
+                // Its flags are nobody's any more.
+                TxnOp::delete(
+                    self.keys.flag_owners_prefix(name).as_str(),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
             ])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.client.clone().txn(txn).await?;

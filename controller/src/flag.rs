@@ -34,6 +34,17 @@ pub fn render(
     spec.render_flag(&hmac_hex(secret, team, challenge, instance))
 }
 
+/// The SHA-256 of a flag in lowercase hex: the key of its owner record
+/// (`flag-owners/{challenge}/{digest}`), so the check finds a flag's
+/// instance with one read and the keyspace holds no flag in clear.
+pub fn digest(flag: &str) -> String {
+    use sha2::Digest;
+    Sha256::digest(flag.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Whether `submitted` equals `expected`, in time independent of where they differ.
 pub fn matches(expected: &str, submitted: &str) -> bool {
     expected.len() == submitted.len() && bool::from(expected.as_bytes().ct_eq(submitted.as_bytes()))
@@ -55,6 +66,17 @@ mod tests {
         assert_ne!(base, hmac_hex(b"other-secret-other", "t1", "web", &a));
         // The separator keeps ("t1w", "eb") apart from ("t1", "web").
         assert_ne!(base, hmac_hex(b"secret-secret-secret", "t1w", "eb", &a));
+    }
+
+    #[test]
+    fn digests_are_keys() {
+        let d = digest("flag{abc}");
+        assert!(tidegate_schema::keys::is_sha256_hex(&d), "{d}");
+        assert_ne!(d, digest("flag{abd}"));
+        assert_eq!(
+            digest(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tidegate_schema::{
-    InstanceId, InstanceRecord, Key, Keyspace, Record, SecretRecord, TeamId, TtlSpec,
+    ChallengeName, FlagOwnerRecord, InstanceId, InstanceRecord, Key, Keyspace, Record,
+    SecretRecord, TeamId, TtlSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,30 @@ pub async fn flag(
             }),
         None => Ok(rec.flag.clone()),
     }
+}
+
+/// Whose instance the flag with SHA-256 `digest` was made for, if any
+/// instance of `challenge` had it (live or ended).
+pub async fn flag_owner(
+    client: &Client,
+    ks: &Keyspace,
+    challenge: &ChallengeName,
+    digest: &str,
+) -> Result<Option<FlagOwnerRecord>, LifecycleError> {
+    let key = ks.key(&Key::FlagOwner {
+        challenge: challenge.clone(),
+        digest: digest.to_string(),
+    });
+    let resp = client.clone().get(key.as_str(), None).await?;
+    resp.kvs()
+        .first()
+        .map(|kv| {
+            FlagOwnerRecord::decode(kv.value()).map_err(|e| LifecycleError::Corrupt {
+                key: key.clone(),
+                error: e.to_string(),
+            })
+        })
+        .transpose()
 }
 
 /// The expiry a renewal at `now` extending by `extend_secs` (the

@@ -86,6 +86,8 @@ pub struct Metrics {
     pub policy_failures: Counter,
     /// Instances expired by an `on-idle` policy.
     pub idle_expirations: Counter,
+    /// Flag checks that found another team's instance flag.
+    pub shared_flags: Counter,
     /// etcd round trips and watch lag.
     pub etcd: Arc<EtcdHealth>,
     refusals: Family<RefusalLabels, Counter>,
@@ -115,6 +117,7 @@ impl Default for Metrics {
             policy_denials: Counter::default(),
             policy_failures: Counter::default(),
             idle_expirations: Counter::default(),
+            shared_flags: Counter::default(),
             etcd: Arc::default(),
             refusals: Family::default(),
             rate_limited: Family::default(),
@@ -191,6 +194,11 @@ impl Metrics {
                 "idle_expirations",
                 "Instances expired by an on-idle policy",
                 &self.idle_expirations,
+            ),
+            (
+                "shared_flags",
+                "Flag checks whose flag was another team's instance flag",
+                &self.shared_flags,
             ),
         ] {
             r.register(name, help, c.clone());

@@ -7,7 +7,9 @@
 //!   the chosen team slot do not exist (so nothing is handed out twice and
 //!   `per_team_max` holds under any concurrency);
 //! - then: put the claims, the instance record and its secret
-//!   (`secrets/{worker}/{id}`, the flag, readable only by that worker).
+//!   (`secrets/{worker}/{id}`, the flag, readable only by that worker);
+//!   and, with no lease, the flag's owner (`flag-owners/{challenge}/{sha256}`)
+//!   so the flag check knows whose a flag is after the instance is gone.
 //!
 //! A lost race on a claim retries with fresh choices; a lost fence does not.
 
@@ -16,9 +18,9 @@ use std::ops::RangeInclusive;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use tidegate_schema::{
-    ChallengeRecord, ChallengeSpec, ContainerSpec, Hostname, HttpRoute, InstanceId, InstanceRecord,
-    Key, Keyspace, PortSpec, Protocol, Record, SecretRecord, ServiceName, ServiceRecord, TcpRoute,
-    TeamId, V1, WorkerId,
+    ChallengeRecord, ChallengeSpec, ContainerSpec, FlagOwnerRecord, Hostname, HttpRoute,
+    InstanceId, InstanceRecord, Key, Keyspace, PortSpec, Protocol, Record, SecretRecord,
+    ServiceName, ServiceRecord, TcpRoute, TeamId, V1, WorkerId,
 };
 
 /// How many times a spawn retries after losing a race for a claim.
@@ -319,6 +321,24 @@ async fn commit(
         secret.encode(),
         with_lease(),
     ));
+    if plan.challenge.spec.per_instance_flag() {
+        let owner = FlagOwnerRecord {
+            v: V1,
+            challenge: record.challenge.clone(),
+            team: record.team.clone(),
+            instance: record.id.clone(),
+            worker: record.worker.clone(),
+            created_at: record.created_at,
+        };
+        puts.push(TxnOp::put(
+            ks.key(&Key::FlagOwner {
+                challenge: record.challenge.clone(),
+                digest: crate::flag::digest(&secret.flag),
+            }),
+            owner.encode(),
+            None,
+        ));
+    }
     let txn = Txn::new()
         .when(compares)
         .and_then(puts)

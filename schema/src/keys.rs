@@ -11,6 +11,7 @@
 //! {root}/claims/ports/{port}                       instance id      (instance lease)
 //! {root}/claims/team-slots/{challenge}/{team}/{n}  instance id      (instance lease)
 //! {root}/election/scheduler/{lease id, hex}        leader's id      (leader lease)
+//! {root}/flag-owners/{challenge}/{sha256 of flag}  FlagOwnerRecord  (controllers only, no lease)
 //! ```
 //!
 //! The root defaults to `/tidegate`, so several clusters can share an etcd.
@@ -57,6 +58,14 @@ pub enum Key {
     /// A scheduler candidate's election key (the etcd election API's
     /// `{name}/{lease id in hex}`).
     ElectionCandidate(i64),
+    /// Which instance (and team) a per-instance flag was made for, by the
+    /// SHA-256 of the flag (64 lowercase hex characters). Written in the
+    /// spawn Txn with no lease: it outlives the instance, so a flag copied
+    /// from an ended instance is still recognised; removed with the challenge.
+    FlagOwner {
+        challenge: ChallengeName,
+        digest: String,
+    },
 }
 
 /// A family of keys sharing a prefix (what a watcher lists).
@@ -72,6 +81,7 @@ pub enum Kind {
     PortClaims,
     TeamSlots,
     Election,
+    FlagOwners,
 }
 
 impl Kind {
@@ -87,10 +97,11 @@ impl Kind {
             Kind::PortClaims => "claims/ports",
             Kind::TeamSlots => "claims/team-slots",
             Kind::Election => "election/scheduler",
+            Kind::FlagOwners => "flag-owners",
         }
     }
 
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::Challenges,
         Kind::ChallengeSecrets,
         Kind::Instances,
@@ -101,6 +112,7 @@ impl Kind {
         Kind::PortClaims,
         Kind::TeamSlots,
         Kind::Election,
+        Kind::FlagOwners,
     ];
 }
 
@@ -243,6 +255,11 @@ impl Keyspace {
         format!("{}{challenge}/{team}/", self.prefix(Kind::TeamSlots))
     }
 
+    /// The prefix of one challenge's flag owners, ending in `/`.
+    pub fn flag_owners_prefix(&self, challenge: &ChallengeName) -> String {
+        format!("{}{challenge}/", self.prefix(Kind::FlagOwners))
+    }
+
     /// The name to campaign on with etcd's election API.
     pub fn election_name(&self) -> String {
         format!("{}/{}", self.root, Kind::Election.path())
@@ -269,6 +286,9 @@ impl Keyspace {
                 slot,
             } => format!("{}{slot}", self.team_slots_prefix(challenge, team)),
             Key::ElectionCandidate(lease) => format!("{}{lease:x}", self.prefix(Kind::Election)),
+            Key::FlagOwner { challenge, digest } => {
+                format!("{}{digest}", self.flag_owners_prefix(challenge))
+            }
         }
     }
 
@@ -342,11 +362,30 @@ impl Keyspace {
                         .map(Key::ElectionCandidate)
                         .ok_or_else(|| err(format!("{rest:?} is not a lease id in hex")));
                 }
+                Kind::FlagOwners => {
+                    let Some((c, digest)) = rest.split_once('/') else {
+                        return Err(err("a flag owner key is {challenge}/{sha256}".into()));
+                    };
+                    if !is_sha256_hex(digest) {
+                        return Err(err(format!("{digest:?} is not a SHA-256 in lowercase hex")));
+                    }
+                    ChallengeName::parse(c).map(|challenge| Key::FlagOwner {
+                        challenge,
+                        digest: digest.to_string(),
+                    })
+                }
             };
             return parsed.map_err(|e| err(e.to_string()));
         }
         Err(err(format!("not under a known prefix of {}", self.root)))
     }
+}
+
+/// Whether `s` is a SHA-256 digest in lowercase hex (one spelling per digest).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A decimal number without sign or leading zeros (so each number has one key).
@@ -409,6 +448,14 @@ mod tests {
             "/tidegate/election/scheduler/694d8a1b"
         );
         assert_eq!(ks().election_name(), "/tidegate/election/scheduler");
+        let digest = "ab".repeat(32);
+        assert_eq!(
+            ks().key(&Key::FlagOwner {
+                challenge: ChallengeName::parse("web").unwrap(),
+                digest: digest.clone()
+            }),
+            format!("/tidegate/flag-owners/web/{digest}")
+        );
         assert_eq!(ks().root_prefix(), "/tidegate/");
         assert!(
             ks().prefix(Kind::HostnameClaims)
@@ -438,6 +485,9 @@ mod tests {
             "/tidegate/secrets/w1/a3f4b92c8d/x",
             "/other/instances/a3f4b92c8d",
             "/tidegate/unknown/x",
+            "/tidegate/flag-owners/web",
+            "/tidegate/flag-owners/web/abc",
+            "/tidegate/flag-owners/web/ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB",
         ] {
             let e = ks().parse(bad).unwrap_err();
             assert_eq!(e.key, bad);
@@ -501,6 +551,11 @@ mod tests {
         assert!(allows(&Key::Instance(id.clone()), false) && !allows(&Key::Instance(id), true));
         assert!(!allows(&Key::PortClaim(31337), false));
         assert!(!allows(&Key::ElectionCandidate(7), false));
+        let owner = Key::FlagOwner {
+            challenge: ChallengeName::parse("web").unwrap(),
+            digest: "0".repeat(64),
+        };
+        assert!(!allows(&owner, false));
         let c = Key::Challenge(ChallengeName::parse("web").unwrap());
         assert!(allows(&c, false) && !allows(&c, true));
         let c = Key::ChallengeSecret(ChallengeName::parse("web").unwrap());
@@ -542,6 +597,10 @@ mod tests {
                 }
             ),
             (1i64..=i64::MAX).prop_map(Key::ElectionCandidate),
+            (dns_label(), "[0-9a-f]{64}").prop_map(|(c, digest)| Key::FlagOwner {
+                challenge: ChallengeName::parse(&c).unwrap(),
+                digest
+            }),
         ]
     }
 
@@ -553,7 +612,7 @@ mod tests {
         }
 
         #[test]
-        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|challenge-secrets|claims/ports|claims/hostnames|claims/team-slots|election/scheduler)/[a-zA-Z0-9./_-]{0,30}") {
+        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|challenge-secrets|claims/ports|claims/hostnames|claims/team-slots|election/scheduler|flag-owners)/[a-zA-Z0-9./_-]{0,30}") {
             // Whatever parses must build back to the same bytes: one key per value.
             if let Ok(key) = ks().parse(&s) {
                 prop_assert_eq!(ks().key(&key), s);

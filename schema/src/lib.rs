@@ -18,9 +18,9 @@ pub use activity::{ActivityReport, InstanceActivity};
 pub use keys::{Grant, Key, KeyError, Keyspace, Kind};
 pub use names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, TeamId, WorkerId};
 pub use records::{
-    ChallengeRecord, ChallengeSecretRecord, ContainerSpec, HttpRoute, InstanceRecord,
-    InstanceStatus, NetworkUse, PolicyRef, Record, SecretRecord, ServiceRecord, ServiceState,
-    ServiceStatus, StatusRecord, TcpRoute, V1, WorkerRecord,
+    ChallengeRecord, ChallengeSecretRecord, ContainerSpec, FlagOwnerRecord, HttpRoute,
+    InstanceRecord, InstanceStatus, NetworkUse, PolicyRef, Record, SecretRecord, ServiceRecord,
+    ServiceState, ServiceStatus, StatusRecord, TcpRoute, V1, WorkerRecord,
 };
 pub use spec::{
     ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, ReadySpec, ServiceSpec,

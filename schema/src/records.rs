@@ -573,6 +573,29 @@ impl Validate for SecretRecord {
 }
 impl Record for SecretRecord {}
 
+/// Which instance a per-instance flag was made for (key
+/// `flag-owners/{challenge}/{sha256 of the flag}`): written by the scheduler
+/// in the spawn Txn, with no lease, and read only by the controllers'
+/// flag check, so that a flag copied from another team's instance, live or
+/// ended, is recognised as that team's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagOwnerRecord {
+    pub v: V1,
+    pub challenge: ChallengeName,
+    pub team: TeamId,
+    pub instance: InstanceId,
+    pub worker: WorkerId,
+    pub created_at: UnixSecs,
+}
+
+impl Validate for FlagOwnerRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+impl Record for FlagOwnerRecord {}
+
 /// A worker's membership, under its keep-alive lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

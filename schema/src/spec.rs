@@ -919,6 +919,12 @@ impl ChallengeSpec {
         (self, values)
     }
 
+    /// Whether each instance has its own flag (the template has `{hmac}`);
+    /// otherwise every instance has the template itself.
+    pub fn per_instance_flag(&self) -> bool {
+        self.flag.template.contains(FLAG_PLACEHOLDER)
+    }
+
     /// The flag of one instance, given the HMAC text for it.
     pub fn render_flag(&self, hmac_hex: &str) -> String {
         self.flag.template.replace(FLAG_PLACEHOLDER, hmac_hex)

@@ -12,7 +12,7 @@ use common::{get, plane_secured};
 use etcd_client::{Client, ConnectOptions, GetOptions};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tidegate_lab::daemons::{eventually, web_spec};
+use tidegate_lab::daemons::{ADMIN, eventually, web_spec};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::worker_user;
 use tidegate_lab::keys;
@@ -141,6 +141,12 @@ async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_i
         "list the claims",
         stolen.get(keys::claims(), prefix()).await,
     );
+    denied(
+        "list whose each flag is",
+        stolen
+            .get(keys::prefix(tidegate_schema::Kind::FlagOwners), prefix())
+            .await,
+    );
 
     // What it may read holds no flag and no secret env value (its own
     // instance's included: the records every worker reads carry none).
@@ -221,4 +227,72 @@ async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_i
         .await;
     assert_eq!(inst["status"], "running", "{inst}");
     assert_eq!(get(&p.b_http, &host1, None).await.0, 200);
+
+    // The platform's flag check: a team's own flag is correct; another
+    // team's is not, and names its owner; a guess is nobody's.
+    let check = |team: &str, flag: &str| {
+        let body = json!({ "challenge": "web", "team": team, "flag": flag });
+        let controller = &p.controller;
+        async move {
+            controller
+                .call(Method::POST, "/v1/flags/check", Some(body), None)
+                .await
+        }
+    };
+    let (s, own) = check("t1", &format!("  {}\n", flags[0])).await;
+    assert_eq!(s, 200, "{own}");
+    assert_eq!(own["correct"], true, "{own}");
+    assert_eq!(own["shared"], false, "{own}");
+    assert_eq!(own["owner"]["team"], "t1", "{own}");
+    assert_eq!(own["owner"]["instance"], id1.as_str(), "{own}");
+    let (_, shared) = check("t2", &flags[0]).await;
+    assert_eq!(
+        (shared["correct"].clone(), shared["shared"].clone()),
+        (json!(false), json!(true)),
+        "{shared}"
+    );
+    assert_eq!(shared["owner"]["team"], "t1", "{shared}");
+    assert_eq!(shared["owner"]["instance"], id1.as_str(), "{shared}");
+    assert_eq!(shared["owner"]["worker"], owner1.as_str(), "{shared}");
+    let (_, guess) = check("t2", "flag{00000000000000000000000000000000}").await;
+    assert_eq!(guess, json!({"correct": false, "shared": false}));
+    let (s, unknown) = p
+        .controller
+        .call(
+            Method::POST,
+            "/v1/flags/check",
+            Some(json!({ "challenge": "nope", "team": "t1", "flag": "x" })),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{unknown}");
+    assert_eq!(unknown["reason"], "unknown_challenge", "{unknown}");
+
+    // The owner outlives the instance: a flag copied from an ended instance
+    // is still its team's, and still shared for anyone else.
+    let (s, _) = p
+        .controller
+        .call(Method::DELETE, &format!("/v1/instances/{id1}"), None, None)
+        .await;
+    assert_eq!(s, 204);
+    let (_, after) = check("t1", &flags[0]).await;
+    assert_eq!(after["correct"], true, "{after}");
+    let (_, after) = check("t2", &flags[0]).await;
+    assert_eq!(after["shared"], true, "{after}");
+
+    // Deleting the challenge forgets its flags' owners.
+    let (s, _) = p
+        .controller
+        .call(Method::DELETE, "/v1/challenges/web", None, Some(ADMIN))
+        .await;
+    assert!(s.is_success(), "{s}");
+    let owners = root
+        .get(keys::prefix(tidegate_schema::Kind::FlagOwners), prefix())
+        .await
+        .unwrap();
+    assert_eq!(
+        owners.kvs().len(),
+        0,
+        "flag owners left after the challenge"
+    );
 }

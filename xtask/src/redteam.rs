@@ -161,7 +161,7 @@ const DEFENCES: &[(&str, &str)] = &[
     ),
     (
         "team-scope",
-        "instance operations with ?team= refuse another team's id as missing (TIDEGATE_PLANTED)",
+        "instance operations with ?team= refuse another team's id as missing; the flag check takes only the submitter's own instance flags (TIDEGATE_PLANTED)",
     ),
     (
         "rate-limit",

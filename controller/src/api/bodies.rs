@@ -94,6 +94,52 @@ pub(crate) struct FlagResult {
     pub(crate) correct: bool,
 }
 
+/// `POST /v1/flags/check`: a team's submission for a challenge.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FlagSubmission {
+    pub(crate) challenge: ChallengeName,
+    /// The submitting team.
+    pub(crate) team: TeamId,
+    /// The submitted flag (at most 1024 bytes; surrounding spaces ignored).
+    #[schema(max_length = 1024)]
+    pub(crate) flag: String,
+}
+
+impl Validate for FlagSubmission {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.flag.len() > 1024 {
+            return Err(FieldError::new("flag", "at most 1024 bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// The verdict on a submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FlagVerdict {
+    /// The flag is the submitting team's: of one of its instances of the
+    /// challenge (live or ended), or the challenge's static flag.
+    pub(crate) correct: bool,
+    /// The flag is another team's instance flag: flag sharing.
+    pub(crate) shared: bool,
+    /// Whose instance the flag was made for (absent for a static flag or a
+    /// flag that is nobody's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) owner: Option<FlagOwner>,
+}
+
+/// The instance a per-instance flag was made for.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FlagOwner {
+    pub(crate) team: TeamId,
+    pub(crate) instance: InstanceId,
+    pub(crate) worker: WorkerId,
+    /// Unix seconds: when the instance was spawned.
+    pub(crate) created_at: u64,
+}
+
 /// `?team=` on one instance's operations: the team the platform acts for.
 /// Given, an instance of another team is answered 404, worded exactly as
 /// for an id that does not exist.

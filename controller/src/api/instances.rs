@@ -50,7 +50,7 @@ fn owned(current: lifecycle::Current, team: Option<&TeamId>) -> ApiResult<lifecy
 
 /// Takes a token of `op` for `team` (the platform token only; the admin
 /// token is not limited): past the bucket, 429 with Retry-After.
-fn rate_limit(app: &App, scope: Scope, op: Op, team: &TeamId) -> ApiResult<()> {
+pub(super) fn rate_limit(app: &App, scope: Scope, op: Op, team: &TeamId) -> ApiResult<()> {
     if scope == Scope::Admin || planted("rate-limit") {
         return Ok(());
     }
@@ -74,6 +74,24 @@ fn rate_limit(app: &App, scope: Scope, op: Op, team: &TeamId) -> ApiResult<()> {
         )
         .reason("rate_limited")
     })
+}
+
+/// The challenge a request's `challenge` field names and its revision; a
+/// 404 (`unknown_challenge`) naming the field when there is none.
+pub(super) async fn challenge_named(
+    app: &App,
+    name: &tidegate_schema::ChallengeName,
+) -> ApiResult<(tidegate_schema::ChallengeRecord, i64)> {
+    match etcd(app, || app.challenges.get(name)).await {
+        Ok(c) => Ok((c.value, c.revision)),
+        Err(e) if e.is_status(StatusCode::NOT_FOUND) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("challenge {:?} does not exist", name.as_str()),
+        )
+        .field("challenge")
+        .reason("unknown_challenge")),
+        Err(e) => Err(e),
+    }
 }
 
 /// Counts and keeps a refused spawn or renewal (not redirects or bad requests).
@@ -136,19 +154,7 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
     // Counted where spawns are made (standbys redirect), and before the
     // spawn lock: a refused request never holds it.
     rate_limit(app, scope, Op::Spawn, &req.team)?;
-    let (challenge, challenge_revision) =
-        match etcd(app, || app.challenges.get(&req.challenge)).await {
-            Ok(c) => (c.value, c.revision),
-            Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("challenge {:?} does not exist", req.challenge.as_str()),
-                )
-                .field("challenge")
-                .reason("unknown_challenge"));
-            }
-            Err(e) => return Err(e),
-        };
+    let (challenge, challenge_revision) = challenge_named(app, &req.challenge).await?;
     let secret_env = if challenge.spec.secret_env.is_empty() {
         Default::default()
     } else {

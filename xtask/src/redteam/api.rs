@@ -1,6 +1,7 @@
 //! Attacks through the CTF platform's API calls, as a player steers them:
-//! another team's instance id passed with the player's own team, and one
-//! team's request floods and boot/destroy loops.
+//! another team's instance id passed with the player's own team, another
+//! team's flag submitted as the player's own, and one team's request
+//! floods and boot/destroy loops.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             json!({"flag": "CTF{x}"}),
         ),
         idor("renew", "POST", "/renew", Value::Null),
+        Attack::new(
+            "submit alice's instance flag as team mallory (flag sharing)",
+            From::Network,
+            "team-scope",
+            shared_flag,
+        ),
         // Last of the team-scope attacks: a control run deletes it.
         idor("delete", "DELETE", "", Value::Null),
         Attack::new(
@@ -80,6 +87,43 @@ fn platform_at(addr: &str, method: &str, path: &str, body: &Value) -> Result<(u1
     let (status, said) = crate::sh::http(addr, method, path, Some(PLATFORM_TOKEN), &body)
         .with_context(|| format!("{method} {path}: no answer from the controller"))?;
     Ok((status, serde_json::from_str(&said).unwrap_or(Value::Null)))
+}
+
+/// Mallory got alice's flag (from alice, or a writeup) and submits it as
+/// its own: it must be incorrect, and named as alice's.
+fn shared_flag(r: &Range) -> Result<Verdict> {
+    let secrets = r.etcdctl_ok(
+        "root",
+        &[
+            "get",
+            "--prefix",
+            "/tidegate/secrets/",
+            "--print-value-only",
+        ],
+    )?;
+    let flag = secrets
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["instance"] == r.alice.id.as_str())
+        .and_then(|v| v["flag"].as_str().map(String::from))
+        .context("alice's instance has no secret record")?;
+    let (status, said) = platform(
+        r,
+        "POST",
+        "/v1/flags/check",
+        &json!({"challenge": "rt-web", "team": "mallory", "flag": flag}),
+    )?;
+    // The report never holds the flag itself (the flag sweep reads it).
+    Ok(
+        if status == 200 && said["correct"] == false && said["owner"]["team"] == "alice" {
+            Verdict::Blocked(format!(
+                "incorrect, shared: {}, owner {}",
+                said["shared"], said["owner"]
+            ))
+        } else {
+            Verdict::Succeeded(format!("{status}: {said}"))
+        },
+    )
 }
 
 fn spawn(r: &Range, team: &str) -> Result<(u16, Value)> {
