@@ -60,6 +60,18 @@ struct StatusLabel {
     status: &'static str,
 }
 
+/// How many minutes of spawn and refusal counts the dashboard charts.
+pub const MINUTES: usize = 30;
+
+/// One minute's spawns and refusals on this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Minute {
+    /// Unix seconds at the minute's start.
+    pub at: u64,
+    pub spawns: u64,
+    pub refusals: u64,
+}
+
 /// Every instance status the controller's gauge shows (the agent's three,
 /// and `pending` before the agent reports).
 const STATUSES: [&str; 4] = ["pending", "starting", "running", "failed"];
@@ -94,6 +106,7 @@ pub struct Metrics {
     rate_limited: Family<RateLabels, Counter>,
     connections_refused: Family<ReasonLabel, Counter>,
     recent: Mutex<VecDeque<Refusal>>,
+    minutes: Mutex<VecDeque<Minute>>,
     leader: Gauge,
     workers: Gauge,
     capacity: Gauge,
@@ -123,6 +136,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             connections_refused: Family::default(),
             recent: Mutex::default(),
+            minutes: Mutex::default(),
             leader: Gauge::default(),
             workers: Gauge::default(),
             capacity: Gauge::default(),
@@ -255,7 +269,52 @@ impl Metrics {
     }
 
     /// Counts a refusal by operation and reason and keeps it for the dashboard.
+    /// Counts a spawn this replica made, in its minute.
+    pub fn spawned(&self) {
+        self.spawns.inc();
+        self.count_minute(tidegate_schema::time::unix_secs(), |m| m.spawns += 1);
+    }
+
+    fn count_minute(&self, now: u64, add: impl FnOnce(&mut Minute)) {
+        let minute = now / 60 * 60;
+        let mut minutes = self.minutes.lock().unwrap_or_else(|e| e.into_inner());
+        if minutes.front().is_none_or(|m| m.at != minute) {
+            minutes.push_front(Minute {
+                at: minute,
+                spawns: 0,
+                refusals: 0,
+            });
+            minutes.truncate(MINUTES);
+        }
+        if let Some(m) = minutes.front_mut() {
+            add(m);
+        }
+    }
+
+    /// Spawns and refusals of the last [`MINUTES`] minutes, oldest first,
+    /// one entry per minute up to `now` (minutes without any are zeros).
+    pub fn per_minute(&self, now: u64) -> Vec<Minute> {
+        let minutes = self.minutes.lock().unwrap_or_else(|e| e.into_inner());
+        let last = now / 60 * 60;
+        (0..MINUTES as u64)
+            .rev()
+            .map(|back| last.saturating_sub(back * 60))
+            .map(|at| {
+                minutes
+                    .iter()
+                    .find(|m| m.at == at)
+                    .copied()
+                    .unwrap_or(Minute {
+                        at,
+                        spawns: 0,
+                        refusals: 0,
+                    })
+            })
+            .collect()
+    }
+
     pub fn refused(&self, r: Refusal) {
+        self.count_minute(r.at, |m| m.refusals += 1);
         tracing::info!(op = r.op, team = %r.team, challenge = %r.challenge, reason = r.reason,
             status = r.status, message = %r.message, "refused");
         self.refusals
@@ -314,4 +373,47 @@ impl Metrics {
 
 fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(at: u64) -> Refusal {
+        Refusal {
+            at,
+            op: "spawn",
+            team: "t1".into(),
+            challenge: "web".into(),
+            instance: None,
+            reason: "team_limit",
+            status: 409,
+            message: "at the limit".into(),
+        }
+    }
+
+    #[test]
+    fn per_minute_counts_land_in_their_minute_and_gaps_are_zero() {
+        let m = Metrics::default();
+        let t0 = 1_800_000_000 / 60 * 60;
+        m.refused(refusal(t0 + 5));
+        m.refused(refusal(t0 + 59));
+        m.refused(refusal(t0 + 125));
+        let minutes = m.per_minute(t0 + 130);
+        assert_eq!(minutes.len(), MINUTES);
+        let last = minutes[MINUTES - 1];
+        assert_eq!((last.at, last.refusals), (t0 + 120, 1));
+        assert_eq!(minutes[MINUTES - 2].refusals, 0, "{minutes:?}");
+        assert_eq!(
+            (minutes[MINUTES - 3].at, minutes[MINUTES - 3].refusals),
+            (t0, 2)
+        );
+        assert!(minutes.windows(2).all(|w| w[1].at == w[0].at + 60));
+        // Older than the window: gone.
+        assert!(
+            m.per_minute(t0 + 60 * MINUTES as u64 + 200)
+                .iter()
+                .all(|x| x.refusals == 0)
+        );
+    }
 }

@@ -410,42 +410,89 @@ async fn the_dashboard_shows_the_live_instance_in_headless_chromium() {
     let with_token = format!("{page}#token={ADMIN}");
 
     let dom = chromium(&["--dump-dom", &with_token]);
+    let td = |label: &str, text: &str| format!("<td data-label=\"{label}\">{text}</td>");
+    let td_class = |label: &str, class: &str, text: &str| {
+        format!("<td class=\"{class}\" data-label=\"{label}\">{text}</td>")
+    };
     for (what, needle) in [
         (
             "the live instance",
-            format!(
-                "<td>{id}</td><td>red</td><td>web</td><td>{worker}</td><td class=\"running\">running</td>"
-            ),
+            [
+                td("instance", &id),
+                td("team", "red"),
+                td("challenge", "web"),
+                td("worker", &worker),
+                td_class("status", "running", "running"),
+            ]
+            .concat(),
         ),
         (
             "both workers",
-            format!(
-                "<td>{}</td><td class=\"registered\">registered</td>",
-                p.a.worker
-            ),
+            [
+                td("worker", &p.a.worker),
+                td_class("state", "registered", "registered"),
+            ]
+            .concat(),
         ),
         (
             "both workers",
-            format!(
-                "<td>{}</td><td class=\"registered\">registered</td>",
-                p.b.worker
-            ),
+            [
+                td("worker", &p.b.worker),
+                td_class("state", "registered", "registered"),
+            ]
+            .concat(),
         ),
         (
             "the refusal",
-            "<td>spawn</td><td>mallory</td><td>web</td><td class=\"error\">policy_deny</td>"
-                .to_string(),
+            [
+                td("op", "spawn"),
+                td("team", "mallory"),
+                td("challenge", "web"),
+                td_class("reason", "error", "policy_deny"),
+            ]
+            .concat(),
         ),
         (
             "the policies",
-            "<td>admit-spawn, admit-connection</td><td>deny</td>".to_string(),
+            [
+                td("hooks", "admit-spawn, admit-connection"),
+                td("fallback", "deny"),
+            ]
+            .concat(),
         ),
+        (
+            "the instances per challenge",
+            [
+                td("challenge", "web"),
+                td("live", "1"),
+                td_class("running", "running", "1"),
+            ]
+            .concat(),
+        ),
+        (
+            "this minute's spawn and refusal in the chart",
+            "1 spawn, 1 refusal,".to_string(),
+        ),
+        ("the chart's bars", "<rect ".to_string()),
     ] {
         assert!(
             dom.contains(&needle),
             "the dashboard does not show {what} ({needle}):\n{dom}"
         );
     }
+
+    // The team filter: another team's name hides red's instance and
+    // mallory's refusal; mallory's shows only the refusal.
+    let dom = chromium(&["--dump-dom", &format!("{with_token}&team=blue")]);
+    assert!(!dom.contains(&td("instance", &id)), "{dom}");
+    assert!(!dom.contains(&td("team", "mallory")), "{dom}");
+    assert!(
+        dom.contains("no live instance of a team matching the filter"),
+        "{dom}"
+    );
+    let dom = chromium(&["--dump-dom", &format!("{with_token}&team=mall")]);
+    assert!(!dom.contains(&td("instance", &id)), "{dom}");
+    assert!(dom.contains(&td("team", "mallory")), "{dom}");
 
     // Without a token it asks for one and shows nothing; a wrong one is refused.
     let dom = chromium(&["--dump-dom", &page]);

@@ -111,6 +111,7 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
             "workers": workers,
             "instances": items,
             "refusals": app.metrics.recent(),
+            "per_minute": app.metrics.per_minute(tidegate_schema::time::unix_secs()),
             "policies": policies,
             "challenges": records.len(),
             "challenge_errors": errors,

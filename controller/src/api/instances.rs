@@ -240,7 +240,7 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
             return Err(e);
         }
     };
-    app.metrics.spawns.inc();
+    app.metrics.spawned();
     app.metrics.etcd.wrote(spawned.revision);
     app.recent_spawns.record(now, &req.team, &req.challenge);
     let mut body = Instance::new(app, &spawned.record, "pending".into());

@@ -35,7 +35,28 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// Time left until `expires_at` (unix seconds) at `now`: `45s`, `29m`,
+/// `1h05m`, `expired`; `-` when it is not a number.
+fn time_left(expires_at: &Value, now: u64) -> String {
+    let Some(at) = expires_at.as_u64() else {
+        return "-".into();
+    };
+    match at.saturating_sub(now) {
+        0 => "expired".into(),
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn instance_rows(items: &[Value]) -> String {
+    let now = now();
     let rows = items
         .iter()
         .map(|i| {
@@ -68,7 +89,7 @@ fn instance_rows(items: &[Value]) -> String {
                     ),
                     None => text(&i["status"]),
                 },
-                text(&i["expires_at"]),
+                time_left(&i["expires_at"], now),
                 [http, tcp.iter().map(|p| format!("tcp:{p}")).collect()]
                     .concat()
                     .join(" "),
@@ -82,7 +103,7 @@ fn instance_rows(items: &[Value]) -> String {
             "TEAM",
             "WORKER",
             "STATUS",
-            "EXPIRES_AT",
+            "EXPIRES_IN",
             "ENDPOINTS",
         ],
         rows,
@@ -199,5 +220,36 @@ pub(crate) fn human(cmd: &Command, v: &Value) -> String {
             v["etcd"]["members"].as_array().map_or(0, Vec::len),
         ),
         _ => serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn time_left_reads_as_people_say_it() {
+        let now = 1_000_000;
+        assert_eq!(time_left(&json!(now + 45), now), "45s");
+        assert_eq!(time_left(&json!(now + 29 * 60 + 59), now), "29m");
+        assert_eq!(time_left(&json!(now + 3600 + 5 * 60), now), "1h05m");
+        assert_eq!(time_left(&json!(now), now), "expired");
+        assert_eq!(time_left(&json!(now - 10), now), "expired");
+        assert_eq!(time_left(&Value::Null, now), "-");
+    }
+
+    #[test]
+    fn instance_table_shows_time_left_not_unix_seconds() {
+        let expires = now() + 29 * 60 + 30;
+        let out = instance_rows(&[json!({
+            "id": "a3f4b92c8d", "challenge": "web", "team": "t1", "worker": "w1",
+            "status": "running", "expires_at": expires, "http": [], "tcp": [{"port": 20001}],
+        })]);
+        assert!(out.starts_with("ID"), "{out}");
+        assert!(out.contains("EXPIRES_IN"), "{out}");
+        assert!(out.contains(" 29m "), "{out}");
+        assert!(!out.contains(&expires.to_string()), "{out}");
     }
 }
