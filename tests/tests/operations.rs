@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use common::{Plane, get, plane};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
-use tidegate_lab::daemons::{ADMIN, eventually, web_spec};
-use tidegate_lab::images::{DEMO_TCP, DEMO_TCP_PORT};
+use tidegate_lab::daemons::{ADMIN, echo_spec, eventually, web_spec};
 use tidegate_lab::plugins::component;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -98,10 +96,7 @@ async fn challenges(p: &Plane) {
     let c = &p.controller;
     for (name, spec) in [
         ("web", web_spec()),
-        (
-            "echo",
-            json!({"image": DEMO_TCP, "ports": [{"name": "echo", "port": DEMO_TCP_PORT, "protocol": "tcp"}]}),
-        ),
+        ("echo", echo_spec()),
         ("slow", web_spec()),
     ] {
         let (s, body) = c.put_challenge(name, spec).await;

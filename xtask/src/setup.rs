@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "chromium",
     "systemd",
+    // CTFd (integrations/ctfd tests, `deploy local --ctfd`) runs in a venv.
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";

@@ -180,22 +180,24 @@ fn assert_gone(state_dir: &Path, pids: &[u32]) {
     );
 }
 
+/// Runs `cargo xtask` with `args` on state dir `dir`: (success, output).
+fn xtask(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(XTASK)
+        .args(args)
+        .env("TIDEGATE_STATE_DIR", dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 #[test]
 fn detach_then_down_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");
-    let run = |args: &[&str]| {
-        let out = Command::new(XTASK)
-            .args(args)
-            .env("TIDEGATE_STATE_DIR", &dir)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let run = |args: &[&str]| xtask(&dir, args);
     let (ok, text) = run(&["deploy", "local", "--detach"]);
     assert!(ok, "{text}");
     check_local_json(&dir);
@@ -259,4 +261,138 @@ fn foreground_cluster_is_removed_on_ctrl_c() {
         Vec::<String>::new(),
         "containers left behind"
     );
+}
+
+/// `curl -sS` with `args`; the answer as JSON (null when it is not).
+fn curl_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("curl").arg("-sS").args(args).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+#[test]
+fn ctfd_comes_up_with_the_demo_challenges_playable_and_down_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let run = |args: &[&str]| xtask(&dir, args);
+    let (ok, text) = run(&["deploy", "local", "--detach", "--ctfd"]);
+    if !ok {
+        let _ = run(&["deploy", "local", "--down"]);
+    }
+    assert!(ok, "{text}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("local.state.json")).unwrap()).unwrap();
+    let ctfd_dir = std::path::PathBuf::from(state["ctfd_dir"].as_str().unwrap());
+    let ctfd: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ctfd_dir.join("state.json")).unwrap()).unwrap();
+    let url = ctfd["url"].as_str().unwrap();
+    let password = ctfd["admin_password"].as_str().unwrap();
+    // What a newcomer reads: where CTFd is and how to log in.
+    assert!(
+        text.contains(&format!("CTFd        {url}  (admin admin / {password}")),
+        "{text}"
+    );
+    let gunicorn = u32::try_from(ctfd["pid"].as_u64().unwrap()).unwrap();
+    assert!(pid_alive(gunicorn));
+
+    // The demo challenges are tidegate challenges in CTFd.
+    let auth = format!(
+        "Authorization: Token {}",
+        ctfd["admin_token"].as_str().unwrap()
+    );
+    let json = "Content-Type: application/json";
+    let list = curl_json(&[
+        "-H",
+        &auth,
+        "-H",
+        json,
+        &format!("{url}/api/v1/challenges?view=admin"),
+    ]);
+    let mut demos: Vec<(String, i64)> = list["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}"))
+        .iter()
+        .map(|c| {
+            assert_eq!(c["type"], "tidegate", "{c}");
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    demos.sort();
+    let names: Vec<&str> = demos.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["demo-http", "demo-tcp", "demo-web-bot"]);
+
+    // Playable: the admin joins a team and starts demo-http from the
+    // plugin; the URL it answers is served by an agent.
+    let team = curl_json(&[
+        "-H",
+        &auth,
+        "-H",
+        json,
+        "-d",
+        r#"{"name": "organizers", "password": "organizers-pw"}"#,
+        &format!("{url}/api/v1/teams"),
+    ]);
+    let team_id = team["data"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{team}"));
+    let joined = curl_json(&[
+        "-H",
+        &auth,
+        "-H",
+        json,
+        "-d",
+        r#"{"user_id": 1}"#,
+        &format!("{url}/api/v1/teams/{team_id}/members"),
+    ]);
+    assert_eq!(joined["success"], true, "{joined}");
+    let started = curl_json(&[
+        "-X",
+        "POST",
+        "-H",
+        &auth,
+        "-H",
+        json,
+        &format!(
+            "{url}/plugins/tidegate/api/challenges/{}/instance",
+            demos[0].1
+        ),
+    ]);
+    let instance_url = started["data"]["http"][0]["url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("start from CTFd: {started}"))
+        .to_string();
+    let local: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("local.json")).unwrap()).unwrap();
+    let entry = local["http_entries"][0].as_str().unwrap();
+    let host = instance_url
+        .trim_start_matches("http://")
+        .split([':', '/'])
+        .next()
+        .unwrap();
+    let mut code = String::new();
+    for _ in 0..300 {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Host: {host}"))
+            .arg(format!("http://{entry}/"))
+            .output()
+            .unwrap();
+        code = String::from_utf8_lossy(&out.stdout).into_owned();
+        if code == "200" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(code, "200", "{instance_url} through {entry}");
+
+    // --down stops CTFd too and removes its venv and SQLite file.
+    let pids = cluster_pids(&dir);
+    let (ok, text) = run(&["deploy", "local", "--down"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("stopped CTFd"), "{text}");
+    assert!(!pid_alive(gunicorn), "CTFd (pid {gunicorn}) still running");
+    assert!(!ctfd_dir.exists(), "{} left", ctfd_dir.display());
+    assert_gone(&dir, &pids);
 }

@@ -266,6 +266,11 @@ pub fn web_spec() -> Value {
     json!({"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]})
 }
 
+/// A demo TCP challenge spec (a line echo).
+pub fn echo_spec() -> Value {
+    json!({"image": crate::images::DEMO_TCP, "ports": [{"name": "echo", "port": crate::images::DEMO_TCP_PORT, "protocol": "tcp"}]})
+}
+
 /// Polls `check` every 100 ms for up to `secs` seconds.
 pub async fn eventually<F, Fut>(secs: u64, mut check: F) -> bool
 where

@@ -32,6 +32,11 @@ pub(crate) struct LocalArgs {
     /// Stop a detached cluster and remove everything it made.
     #[arg(long)]
     pub(crate) down: bool,
+    /// Also start CTFd 3.8.7 (from ../shared/ctfd, or
+    /// $TIDEGATE_CTFD_ARCHIVE) with the tidegate plugin, setup done and the
+    /// demo challenges imported; it prints the URL and the admin login.
+    #[arg(long, conflicts_with = "down")]
+    pub(crate) ctfd: bool,
 }
 
 /// `.tidegate/local.json`: the contract other tools (CLI, tests, scripts) read.
@@ -55,6 +60,10 @@ struct State {
     cluster_id: String,
     run_dir: PathBuf,
     processes: Vec<Proc>,
+    /// CTFd's directory (`--ctfd`), stopped and removed by
+    /// `integrations/ctfd/tools/ctfd_lab.py stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ctfd_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,7 +84,7 @@ pub(crate) fn run(local: &LocalArgs) -> Result<()> {
     if local.down {
         down(&dir)
     } else {
-        up(&dir, local.detach)
+        up(&dir, local.detach, local.ctfd)
     }
 }
 
@@ -83,7 +92,7 @@ fn state_path(dir: &Path) -> PathBuf {
     dir.join("local.state.json")
 }
 
-fn up(dir: &Path, detach: bool) -> Result<()> {
+fn up(dir: &Path, detach: bool, ctfd: bool) -> Result<()> {
     // A fresh machine needs its packages, Docker engine and images first;
     // on a machine that has them this is a quick check.
     crate::setup::run().context("cargo xtask setup")?;
@@ -109,11 +118,15 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         cluster_id: cluster_id.clone(),
         run_dir: run_dir.clone(),
         processes: Vec::new(),
+        ctfd_dir: None,
     };
     // Record the state before starting anything, so a failure half-way is undone.
     // The processes we start are our children while we run: we reap them.
     let mut children = Vec::new();
-    let result = start(dir, &mut state, &mut children);
+    let mut result = start(dir, &mut state, &mut children);
+    if result.is_ok() && ctfd {
+        result = start_ctfd(dir, &mut state);
+    }
     if let Err(e) = result {
         eprintln!("start failed, removing what was made: {e:#}");
         teardown(dir, &state, &mut children)?;
@@ -225,6 +238,80 @@ fn start(dir: &Path, state: &mut State, children: &mut Vec<Child>) -> Result<()>
         &serde_json::to_vec_pretty(&local)?,
     )?;
     Ok(())
+}
+
+/// The CTFd helper script of the plugin.
+fn ctfd_lab() -> PathBuf {
+    workspace_root().join("integrations/ctfd/tools/ctfd_lab.py")
+}
+
+/// Starts CTFd with the plugin pointed at this cluster (`--ctfd`), the
+/// demo challenges imported, and prints where and how to log in.
+fn start_ctfd(dir: &Path, state: &mut State) -> Result<()> {
+    let local: LocalJson = serde_json::from_slice(&std::fs::read(dir.join("local.json"))?)?;
+    let ctfd_dir = state.run_dir.join("ctfd");
+    state.ctfd_dir = Some(ctfd_dir.clone());
+    std::fs::write(state_path(dir), serde_json::to_vec_pretty(state)?)?;
+    let port = free_port()?;
+    println!(
+        "CTFd: unpacking, installing its requirements into a venv and starting it (about 30 s)"
+    );
+    let mut cmd = Command::new("python3");
+    cmd.arg(ctfd_lab())
+        .arg("start")
+        .arg("--dir")
+        .arg(&ctfd_dir)
+        .args(["--port", &port.to_string()]);
+    for (k, v) in [
+        ("TIDEGATE_API_URL", local.api.clone().unwrap_or_default()),
+        ("TIDEGATE_PLATFORM_TOKEN", local.platform_token.clone()),
+        // The agents' TCP redirector serves every loopback address.
+        ("TIDEGATE_TCP_HOST", "127.0.0.1".to_string()),
+    ] {
+        cmd.args(["--env", &format!("{k}={v}")]);
+    }
+    for (name, _) in super::DEMO_CHALLENGES {
+        cmd.args(["--tidegate-challenge", name]);
+    }
+    let out = cmd.stdout(Stdio::piped()).output()?;
+    if !out.status.success() {
+        bail!(
+            "starting CTFd failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ctfd: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ctfd_dir.join("state.json"))?)
+            .context("reading CTFd's state.json")?;
+    println!(
+        "CTFd        {}  (admin {} / {}, log {})",
+        ctfd["url"].as_str().unwrap_or("?"),
+        ctfd["admin_name"].as_str().unwrap_or("?"),
+        ctfd["admin_password"].as_str().unwrap_or("?"),
+        ctfd["log"].as_str().unwrap_or("?"),
+    );
+    println!("            register a player and a team there, open a demo challenge, Start");
+    Ok(())
+}
+
+/// Stops CTFd and removes its directory (venv, SQLite file), if `--ctfd` started one.
+fn stop_ctfd(state: &State) {
+    let Some(ctfd_dir) = &state.ctfd_dir else {
+        return;
+    };
+    if !ctfd_dir.exists() {
+        return;
+    }
+    let stopped = Command::new("python3")
+        .arg(ctfd_lab())
+        .arg("stop")
+        .arg("--dir")
+        .arg(ctfd_dir)
+        .status();
+    match stopped {
+        Ok(s) if s.success() => println!("stopped CTFd, removed {}", ctfd_dir.display()),
+        other => eprintln!("stopping CTFd ({}): {other:?}", ctfd_dir.display()),
+    }
 }
 
 /// The wildcard domain of a local cluster (`*.ctf.localhost` resolves to loopback).
@@ -479,6 +566,7 @@ fn down(dir: &Path) -> Result<()> {
 /// Ends the cluster's processes (SIGTERM, then SIGKILL after 10 s), removes
 /// its containers, run dir, local.json and state file.
 fn teardown(dir: &Path, state: &State, children: &mut [Child]) -> Result<()> {
+    stop_ctfd(state);
     for p in state.processes.iter().rev() {
         if !same_process(p) {
             continue;

@@ -1,0 +1,167 @@
+"""A small client for tidegate's REST API (`/v1`), with the platform token.
+
+Every call sends `Authorization: Bearer <token>` and `Content-Type:
+application/json`, and gives up after the configured timeout. A standby
+controller answers a write with 307 and the scheduler's URL in `Location`;
+the client follows it itself (at most MAX_HOPS times), sending the token
+again, because `requests` drops `Authorization` on a redirect to another
+host. Every failure is a TidegateError carrying what the player or admin is
+shown: tidegate's own `error` text and `reason` word, and `Retry-After`.
+"""
+
+import json
+import logging
+from typing import Any, Optional
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from . import settings as tg_settings
+
+log = logging.getLogger("tidegate")
+
+MAX_HOPS = 3
+
+UNREACHABLE = "tidegate is unreachable"
+
+
+class TidegateError(Exception):
+    """A failed tidegate call, as the plugin answers it."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: Optional[str] = None,
+        retry_after: Optional[int] = None,
+        field: Optional[str] = None,
+        policy: Optional[dict] = None,
+    ):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.reason = reason
+        self.retry_after = retry_after
+        self.field = field
+        self.policy = policy
+
+    def body(self) -> dict:
+        out = {
+            "success": False,
+            "error": self.error,
+            "reason": self.reason,
+            "retry_after": self.retry_after,
+        }
+        if self.field:
+            out["field"] = self.field
+        if self.policy:
+            out["policy"] = self.policy
+        return out
+
+
+def _retry_after(resp: requests.Response) -> Optional[int]:
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0, int(value.strip()))
+    except ValueError:
+        # An HTTP date: tidegate sends seconds; anything else is not shown.
+        return None
+
+
+def _error_from(resp: requests.Response) -> TidegateError:
+    status = resp.status_code
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    error = body.get("error")
+    if not isinstance(error, str) or not error:
+        error = "tidegate answered HTTP %d" % status
+    reason = body.get("reason") if isinstance(body.get("reason"), str) else None
+    if status == 401:
+        # The player is not at fault: the plugin's token is wrong.
+        log.error("tidegate refused the platform token: %s", error)
+        return TidegateError(
+            502,
+            "tidegate refused the platform token (TIDEGATE_PLATFORM_TOKEN): tell the organizers",
+            "bad_token",
+        )
+    if status in (307, 308):
+        return TidegateError(
+            502, "tidegate redirected too many times: " + error, "redirect_loop"
+        )
+    if status < 400 or status > 599:
+        status = 502
+    policy = body.get("policy") if isinstance(body.get("policy"), dict) else None
+    field = body.get("field") if isinstance(body.get("field"), str) else None
+    return TidegateError(status, error, reason, _retry_after(resp), field, policy)
+
+
+def call(
+    method: str,
+    path: str,
+    params: Optional[dict] = None,
+    body: Any = None,
+    cfg: Optional["tg_settings.Settings"] = None,
+) -> Any:
+    """Calls tidegate; returns the decoded JSON answer (None for a 204)."""
+    cfg = cfg or tg_settings.load()
+    if not cfg.configured:
+        raise TidegateError(
+            503,
+            "tidegate is not configured: set TIDEGATE_API_URL and TIDEGATE_PLATFORM_TOKEN "
+            "(or the tidegate config page)",
+            "not_configured",
+        )
+    url = cfg.api_url + path
+    headers = {
+        "Authorization": "Bearer " + cfg.token,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+    data = json.dumps(body) if body is not None else None
+    hops = 0
+    while True:
+        try:
+            resp = requests.request(
+                method,
+                url,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=cfg.timeout,
+                allow_redirects=False,
+            )
+        except (requests.exceptions.RequestException, ValueError) as e:
+            # Connection refused, DNS, TLS, timeouts, a malformed URL: the
+            # player sees one sentence, the log has the cause.
+            log.warning("tidegate %s %s failed: %s", method, url, e)
+            raise TidegateError(503, UNREACHABLE, "unreachable") from None
+        if resp.status_code in (307, 308) and resp.headers.get("Location"):
+            hops += 1
+            if hops > MAX_HOPS:
+                raise _error_from(resp)
+            url = urljoin(url, resp.headers["Location"])
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise TidegateError(
+                    502, "tidegate redirected to %r" % url, "bad_redirect"
+                )
+            # tidegate's Location is the same path and query on the
+            # scheduler; keep our query only if it has none.
+            if urlsplit(url).query:
+                params = None
+            continue
+        if resp.status_code >= 300:
+            raise _error_from(resp)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise TidegateError(
+                502, "tidegate answered something that is not JSON", "bad_answer"
+            ) from None
