@@ -122,9 +122,11 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token of `op` from the platform's bucket and then from
-    /// `team`'s (a refusal by the team's bucket does not refund the
-    /// platform's: the call was made).
+    /// Takes one token of `op` from `team`'s bucket and then from the
+    /// platform's. The team's comes first, so that one team past its own
+    /// rate (a player looping through the platform) does not drain the
+    /// bucket every team shares; a refusal by the platform's bucket does
+    /// not refund the team's (the call was made).
     pub fn check(&self, op: Op, team: &TeamId) -> Result<(), Limited> {
         self.check_at(op, team, Instant::now())
     }
@@ -135,6 +137,22 @@ impl RateLimiter {
             op,
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         };
+        let rate = self.rate(op);
+        if rate.enabled() {
+            let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
+            if teams.len() > SWEEP_ABOVE {
+                let mut last = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+                if last.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
+                    teams.retain(|(o, _), b| !b.is_full(self.rate(*o), now));
+                    *last = Some(now);
+                }
+            }
+            teams
+                .entry((op, team.clone()))
+                .or_insert_with(|| Bucket::full(rate, now))
+                .take(rate, now)
+                .map_err(|w| limited(Some(team), w))?;
+        }
         let overall = self.limits.platform;
         if overall.enabled() {
             let mut b = self.platform.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,23 +160,7 @@ impl RateLimiter {
                 .take(overall, now)
                 .map_err(|w| limited(None, w))?;
         }
-        let rate = self.rate(op);
-        if !rate.enabled() {
-            return Ok(());
-        }
-        let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
-        if teams.len() > SWEEP_ABOVE {
-            let mut last = self.swept.lock().unwrap_or_else(|e| e.into_inner());
-            if last.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
-                teams.retain(|(o, _), b| !b.is_full(self.rate(*o), now));
-                *last = Some(now);
-            }
-        }
-        teams
-            .entry((op, team.clone()))
-            .or_insert_with(|| Bucket::full(rate, now))
-            .take(rate, now)
-            .map_err(|w| limited(Some(team), w))
+        Ok(())
     }
 
     /// How many buckets are kept (for tests and the sweep).
@@ -181,6 +183,38 @@ mod tests {
             platform: Rate::OFF,
             ..RateLimits::default()
         }
+    }
+
+    #[test]
+    fn one_team_past_its_rate_does_not_drain_the_platform_bucket() {
+        let rl = RateLimiter::new(RateLimits {
+            renew: Rate {
+                per_minute: 60,
+                burst: 2,
+            },
+            platform: Rate {
+                per_minute: 60,
+                burst: 10,
+            },
+            ..RateLimits::default()
+        });
+        let t0 = Instant::now();
+        // A looping player: 2 renewals pass, the next 100 are its team's refusals.
+        for i in 0..102 {
+            let got = rl.check_at(Op::Renew, &team("looper"), t0);
+            assert_eq!(got.is_ok(), i < 2, "call {i}: {got:?}");
+            if let Err(l) = got {
+                assert_eq!(l.team, Some(team("looper")));
+            }
+        }
+        // The platform's bucket lost only those 2: 8 other teams still pass.
+        for n in 0..8 {
+            rl.check_at(Op::Renew, &team(&format!("t{n}")), t0).unwrap();
+        }
+        assert_eq!(
+            rl.check_at(Op::Renew, &team("t9"), t0).unwrap_err().team,
+            None
+        );
     }
 
     #[test]

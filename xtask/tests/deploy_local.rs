@@ -1,5 +1,7 @@
 //! `cargo xtask deploy local`: detached and foreground clusters come up
-//! healthy and leave nothing behind (processes, run dir, local.json).
+//! healthy and leave nothing behind (processes, run dir, local.json); the
+//! detached one with `--ctfd`, whose CTFd has the demo challenges playable
+//! and goes with `--down`.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -198,13 +200,18 @@ fn detach_then_down_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");
     let run = |args: &[&str]| xtask(&dir, args);
-    let (ok, text) = run(&["deploy", "local", "--detach"]);
+    let (ok, text) = run(&["deploy", "local", "--detach", "--ctfd"]);
+    if !ok {
+        let _ = run(&["deploy", "local", "--down"]);
+    }
     assert!(ok, "{text}");
     check_local_json(&dir);
     let pids = cluster_pids(&dir);
     assert!(pids.iter().all(|p| pid_alive(*p)));
     let cluster = cluster_id(&dir);
     assert_eq!(cluster_containers(&dir).len(), 1);
+    let (gunicorn, ctfd_dir) = check_ctfd(&dir, &text);
+    assert_eq!(cluster_containers(&dir).len(), 2, "no instance from CTFd");
 
     // A second cluster on the same state dir is refused, the first untouched.
     let (ok, text) = run(&["deploy", "local", "--detach"]);
@@ -213,6 +220,10 @@ fn detach_then_down_leaves_nothing() {
 
     let (ok, text) = run(&["deploy", "local", "--down"]);
     assert!(ok, "{text}");
+    // CTFd too, with its venv and SQLite file.
+    assert!(text.contains("stopped CTFd"), "{text}");
+    assert!(!pid_alive(gunicorn), "CTFd (pid {gunicorn}) still running");
+    assert!(!ctfd_dir.exists(), "{} left", ctfd_dir.display());
     assert_gone(&dir, &pids);
     assert_eq!(
         cluster_containers_of(&cluster),
@@ -269,16 +280,12 @@ fn curl_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
-#[test]
-fn ctfd_comes_up_with_the_demo_challenges_playable_and_down_removes_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("state");
-    let run = |args: &[&str]| xtask(&dir, args);
-    let (ok, text) = run(&["deploy", "local", "--detach", "--ctfd"]);
-    if !ok {
-        let _ = run(&["deploy", "local", "--down"]);
-    }
-    assert!(ok, "{text}");
+/// `--ctfd`'s CTFd: `text` (deploy's output) says where it is and how to
+/// log in, the demo challenges are tidegate challenges there, and one is
+/// playable: the admin joins a team and starts demo-http from the plugin,
+/// and the URL it answers is served by an agent. Returns CTFd's gunicorn
+/// pid and directory, for the checks after `--down`.
+fn check_ctfd(dir: &Path, text: &str) -> (u32, std::path::PathBuf) {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("local.state.json")).unwrap()).unwrap();
     let ctfd_dir = std::path::PathBuf::from(state["ctfd_dir"].as_str().unwrap());
@@ -387,12 +394,5 @@ fn ctfd_comes_up_with_the_demo_challenges_playable_and_down_removes_it() {
     }
     assert_eq!(code, "200", "{instance_url} through {entry}");
 
-    // --down stops CTFd too and removes its venv and SQLite file.
-    let pids = cluster_pids(&dir);
-    let (ok, text) = run(&["deploy", "local", "--down"]);
-    assert!(ok, "{text}");
-    assert!(text.contains("stopped CTFd"), "{text}");
-    assert!(!pid_alive(gunicorn), "CTFd (pid {gunicorn}) still running");
-    assert!(!ctfd_dir.exists(), "{} left", ctfd_dir.display());
-    assert_gone(&dir, &pids);
+    (gunicorn, ctfd_dir)
 }

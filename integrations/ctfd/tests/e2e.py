@@ -96,10 +96,14 @@ def shot(page, name):
     page.screenshot(path=os.path.join(SHOTS, name + ".png"), full_page=False)
 
 
-def new_player(browser, name, team):
+# A team name a player chose to see whether the admin pages run it.
+XSS_TEAM = 'Team B<img src=x onerror="window.__xss=1">'
+
+
+def new_player(browser, name, team, errors):
     ctx = browser.new_context(viewport={"width": 1100, "height": 900})
     page = ctx.new_page()
-    page.on("pageerror", lambda e: print(name, "page error:", e))
+    page.on("pageerror", lambda e: errors.append("%s: %s" % (name, e)))
     page.goto(CTFD + "/register")
     page.fill("#name", name)
     page.fill("#email", name + "@example.org")
@@ -122,21 +126,36 @@ def open_modal(page, name):
 
 
 def submit(page, flag):
+    """Submits `flag` in the open modal: (status, message) of CTFd's answer
+    to this very attempt (not an alert left from the one before)."""
     page.fill("#challenge-input", flag)
-    page.click("#challenge-submit")
-    alert = page.locator(".notification-row .alert")
-    expect(alert).to_be_visible(timeout=15000)
-    text = alert.inner_text()
-    return text
+    with page.expect_response(lambda r: "/api/v1/challenges/attempt" in r.url) as answer:
+        page.click("#challenge-submit")
+    data = answer.value.json()["data"]
+    expect(page.locator(".notification-row .alert")).to_contain_text(data["message"])
+    return data["status"], data["message"]
 
 
-def tidegate_team(team_name):
-    """The tidegate team of CTFd team `team_name` (ctfd-team-<id>)."""
-    status, teams = ctfd_admin("GET", "/api/v1/teams?view=admin")
-    assert status == 200, teams
-    ids = [t["id"] for t in teams["data"] if t["name"] == team_name]
-    assert ids, "no CTFd team %r" % team_name
-    return "ctfd-team-%d" % ids[0]
+def submissions(challenge_id, kind):
+    status, body = ctfd_admin("GET", "/api/v1/submissions?challenge_id=%d&type=%s" % (challenge_id, kind))
+    assert status == 200, body
+    return [(x["team"]["name"] if x.get("team") else None, x["provided"]) for x in body["data"]]
+
+
+def tidegate_team(page, challenge_id):
+    """The tidegate team the plugin maps this session's team to."""
+    got = page.evaluate(
+        "id => CTFd.fetch('/plugins/tidegate/api/challenges/' + id + '/instance').then(r => r.json())",
+        challenge_id)
+    assert got.get("success") and got.get("team", "").startswith("ctfd-team-"), got
+    return got["team"]
+
+
+def plugin_status(page, method, path):
+    """A player's call to the plugin's API from its page: (status, body)."""
+    return page.evaluate(
+        "([m, p]) => CTFd.fetch(p, {method: m}).then(r => r.json().then(b => [r.status, b]))",
+        [method, path])
 
 
 def live(team=None, challenge=None):
@@ -176,13 +195,16 @@ def create_by_form(admin, name, tidegate_name):
     return cid
 
 
-def create_by_api(name, tidegate_name, category):
-    status, body = ctfd_admin("POST", "/api/v1/challenges", {
+def create_by_api(name, tidegate_name, category, state="visible", kind="tidegate"):
+    body = {
         "name": name, "category": category, "description": name + ": start an instance.",
-        "type": "tidegate", "tidegate_challenge": tidegate_name, "state": "visible",
+        "type": kind, "state": state,
         "function": "logarithmic", "initial": 500, "minimum": 100, "decay": 10,
-    })
-    assert status == 200, body
+    }
+    if kind == "tidegate":
+        body["tidegate_challenge"] = tidegate_name
+    status, body = ctfd_admin("POST", "/api/v1/challenges", body)
+    assert status == 200, (name, body)
     return body["data"]["id"]
 
 
@@ -205,12 +227,23 @@ def main():
         web_id = create_by_form(admin, "Web", "web")
         create_by_api("Echo", "echo", "pwn")
         create_by_api("Locked", "locked", "misc")
+        hidden_id = create_by_api("Hidden", "hidden-web", "misc", state="hidden")
+        standard_id = create_by_api("Standard", "", "misc", kind="standard")
 
-        step("two teams register")
-        alice = new_player(browser, "alice", "Team A")
-        bob = new_player(browser, "bob", "Team B")
-        team_a, team_b = tidegate_team("Team A"), tidegate_team("Team B")
+        step("two teams register (team B's name carries markup: it must stay text)")
+        errors = []
+        alice = new_player(browser, "alice", "Team A", errors)
+        bob = new_player(browser, "bob", XSS_TEAM, errors)
+        team_a, team_b = tidegate_team(alice, web_id), tidegate_team(bob, web_id)
+        assert team_a != team_b, team_a
         print("tidegate teams:", team_a, team_b)
+
+        step("the plugin answers 404 for a hidden challenge and a standard one, and starts nothing")
+        for cid in (hidden_id, standard_id):
+            for method in ("GET", "POST"):
+                got = plugin_status(bob, method, "/plugins/tidegate/api/challenges/%d/instance" % cid)
+                assert got[0] == 404, (cid, method, got)
+        assert not live(team_b), live(team_b)
 
         step("team A starts the web challenge: a URL within 5 s, served by every agent")
         open_modal(alice, "Web")
@@ -246,24 +279,28 @@ def main():
         status, flag = through_agent(AGENTS[0], url, "cgi-bin/flag")
         flag = flag.strip()
         assert status == 200 and flag.startswith("flag{"), (status, flag)
-        said = submit(alice, flag)
-        assert "Correct" in said, said
+        assert submit(alice, flag)[0] == "correct"
         status, solves = ctfd_admin("GET", "/api/v1/challenges/%d/solves" % web_id)
         assert [s["name"] for s in solves["data"]] == ["Team A"], solves
 
         step("team B submits team A's flag: incorrect, recorded as sharing")
         open_modal(bob, "Web")
-        said = submit(bob, flag)
-        assert "Incorrect" in said, said
+        assert submit(bob, flag)[0] == "incorrect"
         step("team B submits a garbage flag: incorrect, nothing recorded")
-        said = submit(bob, "flag{0123456789abcdef0123456789abcdef}")
-        assert "Incorrect" in said, said
+        garbage = "flag{0123456789abcdef0123456789abcdef}"
+        assert submit(bob, garbage)[0] == "incorrect"
+        # Both count as team B's wrong attempts; B solved nothing.
+        assert sorted(submissions(web_id, "incorrect")) == sorted([(XSS_TEAM, garbage), (XSS_TEAM, flag)]), \
+            submissions(web_id, "incorrect")
+        status, solves = ctfd_admin("GET", "/api/v1/challenges/%d/solves" % web_id)
+        assert [s["name"] for s in solves["data"]] == ["Team A"], solves
         admin.goto(CTFD + "/admin/tidegate/flag-sharing")
         rows = admin.locator("#tidegate-sharing tr[data-event]")
         expect(rows).to_have_count(1)
         row = rows.first.inner_text()
-        for needle in ("Team A", "Team B", a_web, "Web"):
+        for needle in ("Team A", XSS_TEAM, a_web, "Web"):
             assert needle in row, (needle, row)
+        assert admin.evaluate("window.__xss") is None, "the sharing page ran a team name's markup"
         assert re.search(r"\d{4}-\d\d-\d\d|\d+:\d\d", row), row
         expect(rows.first.locator(".tidegate-submitter .tidegate-ban")).to_be_visible()
         expect(rows.first.locator(".tidegate-submitter .tidegate-hide")).to_be_visible()
@@ -331,13 +368,21 @@ def main():
         for path in ("/challenges", "/scoreboard", "/teams", "/"):
             r = alice.request.get(CTFD + path)
             assert r.status == 200, (path, r.status)
+        # A submission meanwhile (team B's: A solved it) is refused
+        # without counting as wrong.
+        open_modal(bob, "Web")
+        before = submissions(web_id, "incorrect")
+        status, said = submit(bob, "flag{whatever}")
+        assert status == "incorrect" and "unreachable" in said, said
+        assert submissions(web_id, "incorrect") == before
         set_api_url(admin, API)
 
         step("the admin Instances page lists both teams' instances and stops one")
         admin.goto(CTFD + "/admin/tidegate/instances")
         table = admin.locator("#tidegate-instances")
-        for iid, team in ((a_web, "Team A"), (b_inst["id"], "Team B")):
+        for iid, team in ((a_web, "Team A"), (b_inst["id"], XSS_TEAM)):
             expect(table.locator('tr[data-instance="%s"]' % iid)).to_contain_text(team)
+        assert admin.evaluate("window.__xss") is None, "the Instances page ran a team name's markup"
         expect(admin.locator("#tidegate-totals")).to_be_visible()
         shot(admin, "admin-instances")
         admin.click('tr[data-instance="%s"] .tidegate-admin-stop' % b_inst["id"])
@@ -358,6 +403,7 @@ def main():
         eventually("instance %s's container removed" % a_web, gone, 60)
         shot(alice, "modal-stopped")
         summary["stopped_by_player"] = a_web
+        assert not errors, "JavaScript errors: %s" % errors
         browser.close()
     print(json.dumps(summary))
 

@@ -7,6 +7,8 @@ When tidegate cannot answer, the submission is refused without counting as
 a wrong attempt (see `fail`).
 """
 
+import json
+
 from flask import g
 
 from CTFd.exceptions.challenges import (
@@ -62,7 +64,50 @@ def _name_error(name):
 
 
 def _request_data(request):
-    return dict(request.form or request.get_json(silent=True) or {})
+    data = request.form or request.get_json(silent=True) or {}
+    return dict(data) if isinstance(data, dict) else {}
+
+
+def _name_taken(name, challenge_id=None):
+    """Why `name` cannot be this challenge's tidegate challenge (another
+    CTFd challenge has it: one tidegate flag would score both), or None."""
+    query = TidegateChallenge.query.filter(TidegateChallenge.tidegate_challenge == name)
+    if challenge_id is not None:
+        query = query.filter(TidegateChallenge.id != challenge_id)
+    other = query.first()
+    if other is None:
+        return None
+    return (
+        "tidegate challenge: %r is already the tidegate challenge of %r (id %d); "
+        "one tidegate flag would score both" % (name, other.name, other.id)
+    )
+
+
+def _submission(data):
+    """The submitted flag as a str that can be encoded as UTF-8, or None.
+
+    A JSON submission may be anything (a number, a list, a string with a
+    lone surrogate). Then CTFd itself, after attempt(), fails on it (its
+    Fail record strips it, its log line encodes it), so the request's JSON
+    (the very dict CTFd reads) gets a printable stand-in for it."""
+    if not isinstance(data, dict):
+        return None
+    value = data.get("submission")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            stand_in = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    elif value is None:
+        stand_in = ""
+    else:
+        stand_in = json.dumps(value)
+    try:
+        data["submission"] = stand_in[:MAX_FLAG_BYTES]
+    except TypeError:  # a form's MultiDict: its values are always str
+        pass
+    return None
 
 
 def _int_or_none(value, attr, exc):
@@ -93,12 +138,17 @@ class TidegateChallengeType(BaseChallenge):
     @classmethod
     def create(cls, request):
         data = _request_data(request)
-        data["tidegate_challenge"] = (data.get("tidegate_challenge") or "").strip()
-        err = _name_error(data["tidegate_challenge"])
+        name = data.get("tidegate_challenge")
+        data["tidegate_challenge"] = name.strip() if isinstance(name, str) else ""
+        err = _name_error(data["tidegate_challenge"]) or _name_taken(
+            data["tidegate_challenge"]
+        )
         if err:
             raise ChallengeCreateException(err)
         # The form's scoring choice is CTFd's own `function` column.
         function = data.get("function") or "static"
+        if not isinstance(function, str):
+            raise ChallengeCreateException("Scoring: unknown function")
         if function != "static" and function not in DECAY_FUNCTIONS:
             raise ChallengeCreateException(
                 "Scoring: unknown function %r (static, linear or logarithmic)" % function
@@ -162,15 +212,16 @@ class TidegateChallengeType(BaseChallenge):
     def update(cls, challenge, request):
         data = _request_data(request)
         if "tidegate_challenge" in data:
-            name = (data.get("tidegate_challenge") or "").strip()
-            err = _name_error(name)
+            name = data.get("tidegate_challenge")
+            name = name.strip() if isinstance(name, str) else ""
+            err = _name_error(name) or _name_taken(name, challenge.id)
             if err:
                 raise ChallengeUpdateException(err)
         # Checked before anything changes; CTFd's update does the rest
         # (scoring function, initial/minimum/decay, scheduled_at).
         challenge = super().update(challenge, request)
         if "tidegate_challenge" in data:
-            challenge.tidegate_challenge = (data.get("tidegate_challenge") or "").strip()
+            challenge.tidegate_challenge = name
             db.session.commit()
         return challenge
 
@@ -183,7 +234,7 @@ class TidegateChallengeType(BaseChallenge):
     @classmethod
     def attempt(cls, challenge, request):
         data = request.form or request.get_json(silent=True) or {}
-        submission = (data.get("submission") or "").strip()
+        submission = (_submission(data) or "").strip()
         if not submission or len(submission.encode("utf-8")) > MAX_FLAG_BYTES:
             return _response("incorrect", "Incorrect")
 
@@ -192,7 +243,7 @@ class TidegateChallengeType(BaseChallenge):
         tg_team = teams.tidegate_team(user, team)
         if tg_team is None and user is not None:
             # An admin previewing in team mode without a team.
-            tg_team = teams.team_id_for_user(user.id)
+            tg_team = teams.team_id_for_user(user)
         chal = TidegateChallenge.query.filter_by(id=challenge.id).first()
         if chal is None or not chal.tidegate_challenge or tg_team is None:
             setattr(g, _UNCOUNTED, True)
@@ -263,5 +314,10 @@ class TidegateChallengeType(BaseChallenge):
         # tidegate could not check the flag: refusing it is not a wrong
         # attempt (it would count against max attempts and the rate limit).
         if getattr(g, _UNCOUNTED, False):
+            return
+        # CTFd's fail() strips the submission: without a str there is
+        # nothing it can record (see _submission).
+        data = request.form or request.get_json(silent=True) or {}
+        if not isinstance(data, dict) or not isinstance(data.get("submission"), str):
             return
         super().fail(user, team, challenge, request)

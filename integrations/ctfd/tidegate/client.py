@@ -5,14 +5,18 @@ application/json`, and gives up after the configured timeout. A standby
 controller answers a write with 307 and the scheduler's URL in `Location`;
 the client follows it itself (at most MAX_HOPS times), sending the token
 again, because `requests` drops `Authorization` on a redirect to another
-host. Every failure is a TidegateError carrying what the player or admin is
+host. It follows only an http(s) `Location` that is no downgrade from the
+configured URL's scheme (https never goes to http), always sends its own
+query again (a `Location` naming another `team` is refused), and gives all
+hops together one timeout. Every failure is a TidegateError carrying what the player or admin is
 shown: tidegate's own `error` text and `reason` word, and `Retry-After`.
 """
 
 import json
 import logging
+import time
 from typing import Any, Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 
@@ -124,8 +128,18 @@ def call(
         "Accept": "application/json",
     }
     data = json.dumps(body) if body is not None else None
+    ours = params or {}
+    configured_scheme = urlsplit(cfg.api_url).scheme
+    # One deadline for the call, redirects included: each hop gets what
+    # is left of it.
+    deadline = time.monotonic() + cfg.timeout
     hops = 0
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.warning("tidegate %s %s failed: no time left after %d redirect(s)",
+                        method, url, hops)
+            raise TidegateError(503, UNREACHABLE, "unreachable")
         try:
             resp = requests.request(
                 method,
@@ -133,7 +147,7 @@ def call(
                 params=params,
                 data=data,
                 headers=headers,
-                timeout=cfg.timeout,
+                timeout=left,
                 allow_redirects=False,
             )
         except (requests.exceptions.RequestException, ValueError) as e:
@@ -145,15 +159,34 @@ def call(
             hops += 1
             if hops > MAX_HOPS:
                 raise _error_from(resp)
-            url = urljoin(url, resp.headers["Location"])
-            if urlsplit(url).scheme not in ("http", "https"):
+            target = resp.headers["Location"]
+            try:
+                target = urljoin(url, target)
+                parts = urlsplit(target)
+                parts.port  # a malformed port raises here, not later
+            except ValueError:
+                parts = None
+            if (
+                parts is None
+                or parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or (configured_scheme == "https" and parts.scheme != "https")
+            ):
                 raise TidegateError(
-                    502, "tidegate redirected to %r" % url, "bad_redirect"
+                    502, "tidegate redirected to %r" % target, "bad_redirect"
                 )
             # tidegate's Location is the same path and query on the
-            # scheduler; keep our query only if it has none.
-            if urlsplit(url).query:
-                params = None
+            # scheduler. Our own query is sent again whatever it says (ours
+            # wins); one naming another team is not followed.
+            query = parse_qsl(parts.query, keep_blank_values=True)
+            if any(k == "team" and v != ours.get("team") for k, v in query):
+                log.warning("tidegate %s %s redirected to another team: %s",
+                            method, url, target)
+                raise TidegateError(
+                    502, "tidegate redirected to another team's query", "bad_redirect"
+                )
+            kept = [(k, v) for k, v in query if k not in ours]
+            url = urlunsplit(parts._replace(query=urlencode(kept), fragment=""))
             continue
         if resp.status_code >= 300:
             raise _error_from(resp)

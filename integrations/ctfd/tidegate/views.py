@@ -10,7 +10,8 @@ renew of any instance, the flag-sharing evidence, the config page.
 
 CSRF: CTFd checks every non-GET request itself (a `CSRF-Token` header equal
 to the session's nonce for JSON, a `nonce` form field otherwise), before
-these views run.
+these views run. The player endpoints have CTFd's own rate limit (per IP and
+endpoint; over it CTFd answers 429 `{"code": 429, "message": ...}`).
 """
 
 import math
@@ -22,8 +23,8 @@ from flask import Blueprint, render_template, request
 from CTFd.models import Challenges, Solves, Users
 from CTFd.utils import get_config
 from CTFd.utils.config import is_teams_mode
-from CTFd.utils.dates import ctftime
-from CTFd.utils.decorators import admins_only
+from CTFd.utils.dates import ctf_paused, ctftime
+from CTFd.utils.decorators import admins_only, ratelimit
 from CTFd.utils.user import authed, get_current_team, get_current_user, is_admin
 
 from . import client, settings, teams
@@ -44,6 +45,12 @@ TEMPLATES = "plugins/" + PLUGIN_DIR + "/templates/"
 INSTANCE_ID = re.compile(r"^[0-9a-f]{4,64}$")
 
 SHARING_PAGE_SIZE = 50
+
+# CTFd's rate limit on the player endpoints: requests per IP and endpoint in
+# RATE_INTERVAL seconds (the modal polls GET every 2 s at most).
+RATE_INTERVAL = 10
+RATE_GET = 60
+RATE_WRITE = 20
 
 tidegate_bp = Blueprint("tidegate", __name__)
 
@@ -78,6 +85,14 @@ def _int(value, default=None):
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def _web_url(value):
+    """An http:// or https:// URL, or None (a link never gets another
+    scheme, e.g. javascript:)."""
+    if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
+        return value
+    return None
+
+
 def shape_instance(inst, cfg, now=None):
     """An instance as the plugin shows it: links, ncat commands, and the
     server's clock (the countdown is right whatever the browser's clock)."""
@@ -86,8 +101,8 @@ def shape_instance(inst, cfg, now=None):
     host = cfg.ncat_host()
     http = []
     for p in inst.get("http") or []:
-        if isinstance(p, dict):
-            http.append({"port_name": _str(p.get("port_name")), "url": _str(p.get("url"))})
+        if isinstance(p, dict) and _web_url(p.get("url")):
+            http.append({"port_name": _str(p.get("port_name")), "url": p.get("url")})
     tcp = []
     for p in inst.get("tcp") or []:
         if not isinstance(p, dict):
@@ -188,8 +203,14 @@ def _visible_challenge(challenge_id, user):
 
 
 def _check_ctf_time():
-    if not ctftime() and not is_admin():
+    """Starting and renewing need the CTF running and not paused (admins
+    excepted); stopping does not."""
+    if is_admin():
+        return
+    if not ctftime():
         raise _Refused(403, "the CTF is not running", "ctf_not_running")
+    if ctf_paused():
+        raise _Refused(403, "the CTF is paused", "ctf_paused")
 
 
 def _instance_id(instance_id):
@@ -208,6 +229,7 @@ def _latest(instances):
 @tidegate_bp.route(
     "/plugins/tidegate/api/challenges/<int:challenge_id>/instance", methods=["GET"]
 )
+@ratelimit(method="GET", limit=RATE_GET, interval=RATE_INTERVAL)
 def player_get_instance(challenge_id):
     try:
         user, team, tg_team = _player()
@@ -224,12 +246,16 @@ def player_get_instance(challenge_id):
     except client.TidegateError as e:
         return _tidegate_fail(e)
     instances = answer.get("instances") if isinstance(answer, dict) else None
-    return _ok(shape_instance(_latest(instances or []), cfg))
+    body, status = _ok(shape_instance(_latest(instances or []), cfg))
+    # The session's own tidegate team (the name its instances are under).
+    body["team"] = tg_team
+    return body, status
 
 
 @tidegate_bp.route(
     "/plugins/tidegate/api/challenges/<int:challenge_id>/instance", methods=["POST"]
 )
+@ratelimit(method="POST", limit=RATE_WRITE, interval=RATE_INTERVAL)
 def player_spawn(challenge_id):
     try:
         user, team, tg_team = _player()
@@ -250,6 +276,7 @@ def player_spawn(challenge_id):
 
 
 @tidegate_bp.route("/plugins/tidegate/api/instances/<instance_id>/renew", methods=["POST"])
+@ratelimit(method="POST", limit=RATE_WRITE, interval=RATE_INTERVAL)
 def player_renew(instance_id):
     try:
         user, team, tg_team = _player()
@@ -267,6 +294,7 @@ def player_renew(instance_id):
 
 
 @tidegate_bp.route("/plugins/tidegate/api/instances/<instance_id>", methods=["DELETE"])
+@ratelimit(method="DELETE", limit=RATE_WRITE, interval=RATE_INTERVAL)
 def player_stop(instance_id):
     try:
         user, team, tg_team = _player()
@@ -446,16 +474,18 @@ def admin_sharing():
     team_mode = is_teams_mode()
     events = []
     for r in rows:
+        # A deleted account's id is set to NULL (foreign keys), so a
+        # reused id never names another account here.
         if team_mode:
             submitter = (
-                teams.describe(teams.team_id_for_team(r.submitter_team_id))
-                if r.submitter_team_id
+                teams.describe(teams.team_id_for_team(r.submitter_team))
+                if r.submitter_team is not None
                 else teams.describe("")
             )
         else:
             submitter = (
-                teams.describe(teams.team_id_for_user(r.submitter_user_id))
-                if r.submitter_user_id
+                teams.describe(teams.team_id_for_user(r.submitter_user))
+                if r.submitter_user is not None
                 else teams.describe("")
             )
         user = Users.query.filter_by(id=r.submitter_user_id).first() if r.submitter_user_id else None
@@ -505,7 +535,8 @@ def _config_view(errors=None, saved=False):
                 "label": label,
                 "env": pair[0],
                 "source": src,
-                # The token is never sent back to a browser.
+                # The token is never rendered here (it is in CTFd's config
+                # table all the same when saved on this page).
                 "value": "" if secret else (value or ""),
                 "is_set": value is not None,
                 "secret": secret,

@@ -49,10 +49,14 @@
           })
           .then(function (body) {
             if (!body || typeof body !== "object" || !("success" in body)) {
+              // Not the plugin's own answer: CTFd's login redirect, or its
+              // rate limit (429 {"code": 429, "message": ...}).
               body = {
                 success: false,
                 error:
-                  resp.status === 403
+                  resp.status === 429
+                    ? "too many requests; retry in a moment"
+                    : resp.status === 403
                     ? "not allowed (are you logged in?)"
                     : "unexpected answer from CTFd (HTTP " + resp.status + ")",
               };
@@ -214,6 +218,8 @@
               self.setInstance(body.data);
             } else {
               self.error = refusal(body);
+              // Keep watching a known instance (e.g. after a 429).
+              self.schedulePoll();
             }
           }
         );
