@@ -21,6 +21,7 @@ pub mod membership;
 pub mod metrics;
 pub mod policy;
 pub mod reconcile;
+pub mod resources;
 pub mod routes;
 pub mod runtime;
 pub mod tcp;

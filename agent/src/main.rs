@@ -311,6 +311,10 @@ fn worker_record(cfg: &AgentConfig, worker: &WorkerId) -> WorkerRecord {
         http_entry: cfg.http_entry,
         tcp_host: cfg.tcp_host,
         capacity: cfg.capacity,
+        allocatable: Some(tidegate_agent::resources::allocatable(
+            cfg,
+            tidegate_agent::resources::Host::read(),
+        )),
         metrics: cfg.activity_address(),
         networks: None,
         version: env!("CARGO_PKG_VERSION").into(),

@@ -8,10 +8,28 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use etcd_client::Client;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
+use tidegate_schema::config::Placement;
 use tidegate_schema::{
-    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, ServiceName, ServiceState,
-    StatusRecord, WorkerId, WorkerRecord,
+    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Resources, ServiceName,
+    ServiceState, Shortfall, StatusRecord, WorkerId, WorkerRecord,
 };
+
+/// Why no worker can take an instance now, the most telling reason first
+/// (a worker with slots but not the memory says more than one without
+/// slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NoRoom {
+    /// Every worker is at its `capacity`.
+    Slots,
+    /// Workers with slots have no free per-instance network.
+    Network,
+    /// Workers with slots lack this resource (the last such worker's).
+    Resources(Shortfall),
+}
+
+/// How placement ranks a worker (lowest first): memory left (in the
+/// order the mode wants), instances of the same challenge, free slots.
+type PlaceKey = (u64, usize, std::cmp::Reverse<usize>);
 
 /// An instance as the view holds it.
 #[derive(Debug, Clone)]
@@ -132,28 +150,90 @@ impl View {
         Some(total.saturating_sub(placed))
     }
 
-    /// The worker with the most free slots, preferring the one running the
-    /// fewest instances of `challenge` (spreading it), then the lowest id;
-    /// with `network` (a challenge with services), only workers with a
-    /// free per-instance network.
-    pub fn place(&self, challenge: &str, network: bool) -> Option<WorkerId> {
-        self.workers
+    /// What the live instances on `worker` take, summed.
+    pub fn committed(&self, worker: &WorkerId) -> Resources {
+        self.instances
             .values()
-            .filter_map(|w| {
-                if network && self.networks_free(&w.id) == Some(0) {
-                    return None;
+            .filter(|i| &i.record.worker == worker)
+            .map(|i| Resources::of_record(&i.record))
+            .fold(Resources::default(), Resources::plus)
+    }
+
+    /// Where an instance of `challenge` taking `need` goes: among the
+    /// workers with a free slot, room for `need` in what they give
+    /// instances (`allocatable`; an agent that does not say is placed by
+    /// slots alone) and, with `network` (a challenge with services), a
+    /// free per-instance network. `Spread` takes the one with the most
+    /// memory left (by share of its allocatable), then the fewest of that
+    /// challenge, then the most free slots; `Pack` the one with the least
+    /// memory left. Ties go to the lowest id. Why none fits otherwise.
+    pub fn place(
+        &self,
+        challenge: &str,
+        network: bool,
+        need: Resources,
+        mode: Placement,
+    ) -> Result<WorkerId, NoRoom> {
+        let mut why = NoRoom::Slots;
+        let mut best: Option<(PlaceKey, WorkerId)> = None;
+        for w in self.workers.values() {
+            let load = self.load(&w.id);
+            let Some(free) = (w.capacity as usize).checked_sub(load).filter(|f| *f > 0) else {
+                continue;
+            };
+            if network && self.networks_free(&w.id) == Some(0) {
+                why = why.max(NoRoom::Network);
+                continue;
+            }
+            // Memory left after this instance, in thousandths of the worker's.
+            let left = match w.allocatable {
+                Some(room) => {
+                    let left = room.minus(self.committed(&w.id));
+                    if let Some(short) = need.short_of(left) {
+                        why = why.max(NoRoom::Resources(short));
+                        continue;
+                    }
+                    (left.memory_mib - need.memory_mib) * 1000 / room.memory_mib.max(1)
                 }
-                let load = self.load(&w.id);
-                let free = (w.capacity as usize).checked_sub(load).filter(|f| *f > 0)?;
-                let same = self
-                    .instances
-                    .values()
-                    .filter(|i| i.record.worker == w.id && i.record.challenge.as_str() == challenge)
-                    .count();
-                Some((std::cmp::Reverse(free), same, w.id.clone()))
-            })
-            .min()
-            .map(|(_, _, id)| id)
+                None => free as u64 * 1000 / u64::from(w.capacity.max(1)),
+            };
+            let same = self
+                .instances
+                .values()
+                .filter(|i| i.record.worker == w.id && i.record.challenge.as_str() == challenge)
+                .count();
+            let key = match mode {
+                Placement::Spread => (u64::MAX - left, same, std::cmp::Reverse(free)),
+                Placement::Pack => (left, same, std::cmp::Reverse(free)),
+            };
+            if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                best = Some((key, w.id.clone()));
+            }
+        }
+        best.map(|(_, id)| id).ok_or(why)
+    }
+
+    /// The resource no registered worker has enough of for `need` even
+    /// empty (the most any of them gives), if so: such an instance can
+    /// never be placed. None when one could, or no worker says.
+    pub fn too_large(&self, need: Resources) -> Option<Shortfall> {
+        let sizes: Vec<Resources> = self
+            .workers
+            .values()
+            .filter_map(|w| w.allocatable)
+            .collect();
+        if sizes.is_empty() || sizes.iter().any(|room| need.short_of(*room).is_none()) {
+            return None;
+        }
+        let largest = sizes.iter().fold(Resources::default(), |m, r| Resources {
+            memory_mib: m.memory_mib.max(r.memory_mib),
+            millicpus: m.millicpus.max(r.millicpus),
+            pids: m.pids.max(r.pids),
+        });
+        // The largest worker may fit each resource alone; name one that
+        // stops it (of the first worker, when every resource fits somewhere).
+        need.short_of(largest)
+            .or_else(|| sizes.iter().find_map(|room| need.short_of(*room)))
     }
 
     /// An instance's status as its own worker wrote it; a status under

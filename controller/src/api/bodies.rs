@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 use tidegate_schema::{
     ChallengeName, ChallengeSpec, FieldError, Hostname, InstanceId, InstanceRecord, PolicyFallback,
-    PolicyRef, PortName, TeamId, Validate, WorkerId, WorkerRecord,
+    PolicyRef, PortName, Resources, TeamId, Validate, WorkerId, WorkerRecord,
 };
 use utoipa::{IntoParams, ToSchema};
 
@@ -35,7 +35,7 @@ pub(crate) struct ErrorBody {
     /// was refused, for integrations to act on (the `error` text is for
     /// people): `team_limit`, `max_renewals`, `max_lifetime`, `too_early`,
     /// `not_found`, `policy_deny`, `policy_queue`, `policy_refuse`,
-    /// `policy_fallback_deny`, `rate_limited`, `no_capacity`, `no_worker`,
+    /// `policy_fallback_deny`, `rate_limited`, `no_capacity`, `too_large`, `no_worker`,
     /// `no_network`, `unknown_challenge`, and `unavailable` for any other
     /// 503 (retry after `Retry-After`); the same words as
     /// `tidegate_controller_refusals_total{reason}`.
@@ -304,6 +304,10 @@ pub(crate) struct ChallengeWritten {
     /// Whether it did not exist before.
     pub(crate) created: bool,
     pub(crate) spec: ChallengeSpec,
+    /// What will not work as written, though it was stored (an instance
+    /// larger than any registered worker).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Every challenge, and the stored values that are not one.
@@ -349,8 +353,14 @@ pub(crate) struct Worker {
     capacity: u32,
     /// Live instances it runs.
     instances: usize,
-    /// Instances it may still take.
+    /// Instances it may still take (its slots; resources may run out first).
     free: usize,
+    /// What it gives instances in all (absent from older agents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    allocatable: Option<Resources>,
+    /// What its live instances' limits add up to.
+    committed: Resources,
     /// Per-instance networks (for instances with services) in use, as the
     /// worker last reported.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -366,8 +376,8 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// `w`, running `instances`.
-    pub(crate) fn new(w: &WorkerRecord, instances: usize) -> Self {
+    /// `w`, running `instances` that take `committed`.
+    pub(crate) fn new(w: &WorkerRecord, instances: usize, committed: Resources) -> Self {
         Self {
             id: w.id.clone(),
             address: w.address,
@@ -376,6 +386,8 @@ impl Worker {
             capacity: w.capacity,
             instances,
             free: (w.capacity as usize).saturating_sub(instances),
+            allocatable: w.allocatable,
+            committed,
             networks_used: w.networks.map(|n| n.used),
             networks_free: w.networks.map(|n| n.free),
             version: w.version.clone(),

@@ -87,12 +87,22 @@ pub(super) async fn put(
     } else {
         StatusCode::OK
     };
+    let warnings = app
+        .view
+        .lock()
+        .too_large(tidegate_schema::Resources::of_spec(&spec))
+        .map(|short| {
+            format!("no registered worker could run an instance of this challenge ({short} on the largest); spawns are refused with 409 until a worker gives more (allocatable_*) or the limits are lowered")
+        })
+        .into_iter()
+        .collect();
     let body = ChallengeWritten {
         name,
         revision,
         created,
         // As stored: secret_env values are not echoed.
         spec: spec.without_secret_values().0,
+        warnings,
     };
     Ok(with_etag(json_response(status, body), revision))
 }

@@ -82,6 +82,6 @@ pub(super) async fn workers(State(app): AppState, _scope: Scope) -> ApiResult {
 pub(super) fn workers_of(view: &crate::view::View) -> Vec<Worker> {
     view.workers
         .values()
-        .map(|w| Worker::new(w, view.load(&w.id)))
+        .map(|w| Worker::new(w, view.load(&w.id), view.committed(&w.id)))
         .collect()
 }

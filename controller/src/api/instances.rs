@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tidegate_schema::config::planted;
 use tidegate_schema::time::unix_secs;
-use tidegate_schema::{InstanceId, TeamId, decode_json};
+use tidegate_schema::{InstanceId, Resources, TeamId, decode_json};
 
 use super::bodies::{
     ErrorBody, FlagCheck, FlagResult, Instance, InstanceList, ListQuery, PolicyDecision,
@@ -18,6 +18,7 @@ use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading};
 use crate::lifecycle;
 use crate::policy::{self, Admission, Renewal};
 use crate::ratelimit::Op;
+use crate::view::NoRoom;
 use crate::{App, ChallengeError, SpawnError, SpawnPlan};
 
 fn parse_id(id: &str) -> ApiResult<InstanceId> {
@@ -129,7 +130,7 @@ fn refused(
         (status = 400, description = "an invalid request, naming the field", body = ErrorBody),
         (status = 403, description = "denied by the challenge's policy (or its failure under policy_fallback deny)", body = ErrorBody),
         (status = 404, description = "no such challenge", body = ErrorBody),
-        (status = 409, description = "the team is at its per_team_max", body = ErrorBody),
+        (status = 409, description = "the team is at its per_team_max (`team_limit`), or the instance is larger than any worker's allocatable resources (`too_large`, naming the resource)", body = ErrorBody),
         (status = 429, description = "the policy asks to retry after Retry-After seconds, or the team's (or the platform's) spawn bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
@@ -187,15 +188,32 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
             );
         }
         let network = !challenge.spec.services.is_empty();
-        match view.place(challenge.name.as_str(), network) {
-            Some(w) => w,
-            None if network && view.place(challenge.name.as_str(), false).is_some() => {
+        let need = Resources::of_spec(&challenge.spec);
+        if let Some(short) = view.too_large(need) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "an instance of {:?} is larger than any worker: {short}; lower the challenge's limits or give a worker more (allocatable_*)",
+                    challenge.name.as_str()
+                ),
+            )
+            .reason("too_large"));
+        }
+        match view.place(challenge.name.as_str(), network, need, app.cfg.placement) {
+            Ok(w) => w,
+            Err(NoRoom::Network) => {
                 return Err(ApiError::unavailable(
                     "no worker has a free network for this challenge's services (each instance with services takes one of a worker's instance_networks); retry when an instance ends",
                 )
                 .reason("no_network"));
             }
-            None => {
+            Err(NoRoom::Resources(short)) => {
+                return Err(ApiError::unavailable(format!(
+                    "no worker has room for this instance ({short} on the last worker with a free slot); retry when an instance ends"
+                ))
+                .reason("no_capacity"));
+            }
+            Err(NoRoom::Slots) => {
                 return Err(ApiError::unavailable(
                     "no worker has a free slot; retry when an instance ends",
                 )

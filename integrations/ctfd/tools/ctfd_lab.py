@@ -53,11 +53,29 @@ def say(msg):
     print("ctfd_lab: " + msg, file=sys.stderr, flush=True)
 
 
+ARCHIVE_NAME = os.path.join("shared", "ctfd", "CTFd-3.8.7.tar.gz")
+
+
 def default_archive():
+    """$TIDEGATE_CTFD_ARCHIVE, else `shared/ctfd/` beside the checkout or
+    beside any folder above it (a clone may sit deeper than the working
+    copy), else /work/shared/ctfd/ (where these machines keep it)."""
     env = os.environ.get("TIDEGATE_CTFD_ARCHIVE")
     if env:
         return env
-    return os.path.join(REPO, "..", "shared", "ctfd", "CTFd-3.8.7.tar.gz")
+    here = os.path.abspath(REPO)
+    candidates = []
+    while True:
+        candidates.append(os.path.join(os.path.dirname(here), ARCHIVE_NAME))
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    candidates.append(os.path.join("/work", ARCHIVE_NAME))
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    return candidates[0]
 
 
 # --- unpacking ---------------------------------------------------------------

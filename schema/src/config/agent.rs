@@ -113,8 +113,28 @@ pub struct AgentConfig {
     /// controllers' `tcp_ports`): a record naming another port is not
     /// routed. Below the ephemeral range, clear of the daemons' ports.
     pub tcp_ports: String,
-    /// How many instances this worker runs at most.
+    /// How many instances this worker runs at most (a cap beside the
+    /// resources below).
     pub capacity: u32,
+    /// Memory instances' limits may add up to, in MiB. Unset: the host's
+    /// memory less `reserved_memory_mib`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocatable_memory_mib: Option<u64>,
+    /// Memory kept for the host, the engine and the agent when
+    /// `allocatable_memory_mib` is unset.
+    pub reserved_memory_mib: u64,
+    /// CPUs instances' limits may add up to. Unset: the host's cores times
+    /// `cpu_overcommit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocatable_cpus: Option<f64>,
+    /// How far CPU limits (ceilings on shared cores, not reservations) may
+    /// add up past the cores when `allocatable_cpus` is unset; 1 gives each
+    /// instance its cores for itself.
+    pub cpu_overcommit: f64,
+    /// Processes instances' limits may add up to. Unset: the kernel's
+    /// `pid_max` less 4096 for the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocatable_pids: Option<u64>,
     /// etcd client URLs.
     pub etcd: Vec<String>,
     /// `[etcd_tls]`: CA of the etcd members and this daemon's client
@@ -266,6 +286,11 @@ impl Default for AgentConfig {
             tcp_host: IpAddr::from([127, 0, 0, 1]),
             tcp_ports: "20000-29999".into(),
             capacity: 32,
+            allocatable_memory_mib: None,
+            reserved_memory_mib: 1024,
+            allocatable_cpus: None,
+            cpu_overcommit: 8.0,
+            allocatable_pids: None,
             etcd: vec!["http://127.0.0.1:2379".into()],
             etcd_tls: None,
             etcd_auth: None,
@@ -329,6 +354,21 @@ impl AgentConfig {
         WorkerId::parse(&self.worker_id).map_err(|e| bad("worker_id", e.to_string()))?;
         if self.capacity == 0 {
             return Err(bad("capacity", "at least 1"));
+        }
+        if self.allocatable_memory_mib.is_some_and(|m| m < 16) {
+            return Err(bad("allocatable_memory_mib", "at least 16 (MiB)"));
+        }
+        if self
+            .allocatable_cpus
+            .is_some_and(|c| !c.is_finite() || c < 0.01)
+        {
+            return Err(bad("allocatable_cpus", "at least 0.01"));
+        }
+        if !self.cpu_overcommit.is_finite() || !(0.1..=1000.0).contains(&self.cpu_overcommit) {
+            return Err(bad("cpu_overcommit", "from 0.1 to 1000"));
+        }
+        if self.allocatable_pids.is_some_and(|p| p < 16) {
+            return Err(bad("allocatable_pids", "at least 16"));
         }
         if self.http_entry.port() == 0 {
             return Err(bad("http_entry", "needs a port"));

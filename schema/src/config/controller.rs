@@ -54,6 +54,10 @@ pub struct ControllerConfig {
     pub sweep_interval_secs: u64,
     /// How long a worker may be absent before its instances are deleted.
     pub worker_grace_secs: u64,
+    /// Where instances go among the workers they fit on: `spread` (the
+    /// one with the most memory left, then the fewest of that challenge)
+    /// or `pack` (the fullest one, so others stay empty).
+    pub placement: Placement,
     /// The artifact store of policy plugins: a directory (shared by every
     /// controller and agent, e.g. a network mount, when they are on several
     /// machines). Blobs are named by digest and verified when read.
@@ -80,6 +84,17 @@ pub struct ControllerConfig {
     /// `[rate_limits]`: token buckets for the platform's instance
     /// operations, per team and for the platform token overall.
     pub rate_limits: RateLimits,
+}
+
+/// How the scheduler chooses among the workers an instance fits on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Most memory left first: load evens out over the workers.
+    #[default]
+    Spread,
+    /// Fullest first: workers fill one after another.
+    Pack,
 }
 
 /// One token bucket: `burst` calls at once, refilled at `per_minute`.
@@ -168,6 +183,7 @@ impl Default for ControllerConfig {
             flag_secret: String::new(),
             sweep_interval_secs: 5,
             worker_grace_secs: 60,
+            placement: Placement::Spread,
             artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
             plugin_deadline_ms: 5,
             plugin_memory_mib: 32,

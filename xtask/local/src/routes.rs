@@ -18,6 +18,7 @@ pub fn ghost_worker(id: &WorkerId, http_entry: SocketAddr) -> WorkerRecord {
         http_entry,
         tcp_host: http_entry.ip(),
         capacity: 100_000,
+        allocatable: None,
         metrics: None,
         networks: None,
         version: "bench".into(),

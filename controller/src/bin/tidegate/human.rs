@@ -55,6 +55,18 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `committed/allocatable` of one resource of a worker, e.g. `768Mi/1024Mi`
+/// (`-` from an agent that does not say what it gives).
+fn committed_of(w: &Value, resource: &str, show: impl Fn(u64) -> String) -> String {
+    match (
+        w["committed"][resource].as_u64(),
+        w["allocatable"][resource].as_u64(),
+    ) {
+        (Some(c), Some(a)) => format!("{}/{}", show(c), show(a)),
+        _ => "-".into(),
+    }
+}
+
 fn instance_rows(items: &[Value]) -> String {
     let now = now();
     let rows = items
@@ -174,6 +186,9 @@ pub(crate) fn human(cmd: &Command, v: &Value) -> String {
                         text(&w["http_entry"]),
                         text(&w["tcp_host"]),
                         format!("{}/{}", text(&w["instances"]), text(&w["capacity"])),
+                        committed_of(w, "memory_mib", |m| format!("{m}Mi")),
+                        committed_of(w, "millicpus", |m| format!("{}", m as f64 / 1000.0)),
+                        committed_of(w, "pids", |p| p.to_string()),
                         match (&w["networks_used"], &w["networks_free"]) {
                             (Value::Null, _) | (_, Value::Null) => "-".into(),
                             (used, free) => format!("{}/{}", text(used), text(free)),
@@ -188,6 +203,9 @@ pub(crate) fn human(cmd: &Command, v: &Value) -> String {
                     "HTTP_ENTRY",
                     "TCP_HOST",
                     "USED/CAPACITY",
+                    "MEMORY",
+                    "CPUS",
+                    "PIDS",
                     "NETWORKS USED/FREE",
                     "VERSION",
                 ],
@@ -228,6 +246,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn worker_resources_read_committed_over_allocatable() {
+        let w = json!({"committed": {"memory_mib": 768, "millicpus": 1500, "pids": 256},
+            "allocatable": {"memory_mib": 1024, "millicpus": 16000, "pids": 4000}});
+        assert_eq!(
+            committed_of(&w, "memory_mib", |m| format!("{m}Mi")),
+            "768Mi/1024Mi"
+        );
+        assert_eq!(
+            committed_of(&w, "millicpus", |m| format!("{}", m as f64 / 1000.0)),
+            "1.5/16"
+        );
+        let old = json!({"committed": {"memory_mib": 0}});
+        assert_eq!(committed_of(&old, "memory_mib", |m| m.to_string()), "-");
+    }
 
     #[test]
     fn time_left_reads_as_people_say_it() {
