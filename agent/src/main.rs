@@ -209,7 +209,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.max_restarts,
         HostChecks { firewall, refusal },
     )
-    .reporting_networks_to(networks_tx);
+    .reporting_networks_to(networks_tx)
+    .with_concurrency(cfg.reconcile_concurrency);
     reconciler
         .run(Duration::from_millis(cfg.reconcile_interval_ms), shutdown())
         .await;

@@ -2,8 +2,10 @@
 //! instance records assigned to it in etcd.
 //!
 //! One task owns the state. It applies watch events (a relist replaces the
-//! whole desired set at `InitDone`) and, every `reconcile_interval_ms`,
-//! compares Docker's list with the desired set: it starts what is missing,
+//! whole desired set at `InitDone`; every event already received goes in
+//! before one pass for them all) and, after them and every
+//! `reconcile_interval_ms`, compares Docker's list with the desired set,
+//! moving up to `reconcile_concurrency` instances at once: it starts what is missing,
 //! adopts what already runs (same container id, no restart), removes
 //! orphans, restarts exited containers with backoff up to `max_restarts`,
 //! and writes each instance's status (where its container listens, and
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use futures::{FutureExt, StreamExt};
 use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
@@ -189,6 +192,10 @@ pub struct Reconciler {
     network_use: watch::Sender<Option<NetworkUse>>,
     /// Whether this pass could list the instance networks.
     networks_known: bool,
+    /// How many instances a pass moves at once.
+    concurrency: usize,
+    /// Whether events since the last pass want one now.
+    dirty: bool,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -203,6 +210,9 @@ impl std::fmt::Debug for Reconciler {
 /// How long a running service may fail its readiness check before the
 /// instance fails, naming it.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Watch events taken at most before a pass (the rest wait for the next).
+const MAX_BATCH: usize = 1024;
 
 fn backoff(restarts: u32) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1 << restarts.min(6))).min(Duration::from_secs(30))
@@ -239,7 +249,16 @@ impl Reconciler {
             used_subnets: BTreeSet::new(),
             network_use: watch::channel(None).0,
             networks_known: false,
+            concurrency: 1,
+            dirty: false,
         }
+    }
+
+    /// Moves up to `n` instances at once in each pass (their Docker calls
+    /// and status writes); each instance's own steps stay in order.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Where each pass publishes the per-instance networks in use and free
@@ -259,7 +278,19 @@ impl Reconciler {
             tokio::select! {
                 event = watcher.next() => {
                     self.apply(event).await;
+                    // Every event already here goes in before one pass for
+                    // them all: a rush of records is not a pass each (each
+                    // lists Docker's containers and networks).
+                    for _ in 0..MAX_BATCH {
+                        match watcher.next().now_or_never() {
+                            Some(event) => self.apply(event).await,
+                            None => break,
+                        }
+                    }
                     self.metrics.set_watch_revision(watcher.revision());
+                    if std::mem::take(&mut self.dirty) {
+                        self.reconcile().await;
+                    }
                 }
                 _ = tick.tick() => self.reconcile().await,
                 _ = &mut stop => return,
@@ -294,11 +325,11 @@ impl Reconciler {
                 }
                 self.synced = true;
                 tracing::info!(revision, instances = self.desired.len(), "instances listed");
-                self.reconcile().await;
+                self.dirty = true;
             }
             Event::Apply(kv) => {
                 if self.upsert(&kv).is_some() {
-                    self.reconcile().await;
+                    self.dirty = true;
                 }
             }
             Event::Delete { key, .. } => {
@@ -441,14 +472,36 @@ impl Reconciler {
         if self.synced {
             self.remove_orphans(&by_instance, &networks).await;
         }
-        self.used_subnets = taken;
-        let ids: Vec<InstanceId> = self.desired.keys().cloned().collect();
-        for id in ids {
+        // Each instance's step and status write, in that order, for up to
+        // `concurrency` instances at once: one slow Docker call holds up its
+        // own instance, not the others of the pass.
+        let used = std::sync::Mutex::new(taken);
+        let pass = Pass {
+            client: &self.client,
+            ks: &self.ks,
+            worker: &self.worker,
+            runtime: &self.runtime,
+            metrics: &self.metrics,
+            max_restarts: self.max_restarts,
+            host_safe: self.host_safe,
+            refusal: self.refusal.as_deref(),
+            networks_known: self.networks_known,
+            used_subnets: &used,
+        };
+        let (pass, networks_ref) = (&pass, &networks);
+        let jobs = self.desired.iter_mut().map(|(id, t)| {
             let seen = by_instance.remove(id.as_str()).unwrap_or_default();
-            let network = networks.iter().find(|n| n.instance == id.as_str());
-            self.step(&id, seen, network).await;
-            self.report(&id).await;
-        }
+            let network = networks_ref.iter().find(|n| n.instance == id.as_str());
+            async move {
+                pass.step(id, t, seen, network).await;
+                pass.report(id, t).await;
+            }
+        });
+        futures::stream::iter(jobs)
+            .buffer_unordered(self.concurrency)
+            .collect::<Vec<()>>()
+            .await;
+        self.used_subnets = used.into_inner().unwrap_or_else(|e| e.into_inner());
         let subnets = self.runtime.subnets().count();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let (used, taken) = (count(networks.len()), count(self.used_subnets.len()));
@@ -583,18 +636,34 @@ impl Reconciler {
             _ => {}
         }
     }
+}
 
+/// What one pass lends each instance's step: the clients, this worker's
+/// settings, and the subnets taken (steps run at once, up to
+/// `reconcile_concurrency`, each on its own instance).
+struct Pass<'a> {
+    client: &'a Client,
+    ks: &'a Keyspace,
+    worker: &'a WorkerId,
+    runtime: &'a Runtime,
+    metrics: &'a Metrics,
+    max_restarts: u32,
+    host_safe: bool,
+    refusal: Option<&'a str>,
+    networks_known: bool,
+    used_subnets: &'a std::sync::Mutex<BTreeSet<u32>>,
+}
+
+impl Pass<'_> {
     /// Moves one instance towards running: its network, then each of its
     /// containers once the services it depends on are ready.
     async fn step(
-        &mut self,
+        &self,
         id: &InstanceId,
+        t: &mut Tracked,
         seen: Vec<Observed>,
         network: Option<&InstanceNetwork>,
     ) {
-        let Some(t) = self.desired.get(id) else {
-            return;
-        };
         if matches!(t.status, InstanceStatus::Failed { .. })
             || t.retry_at.is_some_and(|at| Instant::now() < at)
         {
@@ -608,12 +677,9 @@ impl Reconciler {
                 .find(|o| o.service.as_deref() == unit.service.map(ServiceName::as_str))
         };
         let missing = units.iter().any(|u| seen_of(u).is_none()) || (multi && network.is_none());
-        if missing && !self.prepare(id, &record, network.is_some()).await {
+        if missing && !self.prepare(id, t, &record, network.is_some()).await {
             return;
         }
-        let Some(t) = self.desired.get_mut(id) else {
-            return;
-        };
         let mut create = Vec::new();
         for unit in &units {
             let key: SvcKey = unit.service.cloned();
@@ -783,15 +849,13 @@ impl Reconciler {
     /// instance with services) its network exists. False: not now (the
     /// status says why, or a retry is set).
     async fn prepare(
-        &mut self,
+        &self,
         id: &InstanceId,
+        t: &mut Tracked,
         record: &InstanceRecord,
         has_network: bool,
     ) -> bool {
-        let (host_safe, refusal) = (self.host_safe, self.refusal.clone());
-        let Some(t) = self.desired.get_mut(id) else {
-            return false;
-        };
+        let (host_safe, refusal) = (self.host_safe, self.refusal);
         if let Some(why) = refusal {
             t.status = InstanceStatus::Failed {
                 reason: format!("refused by the agent: {why}"),
@@ -804,8 +868,8 @@ impl Reconciler {
             return false;
         }
         if t.secret.is_none() {
-            let vetted = match from_spec(&self.client, &self.ks, record).await {
-                Ok(()) => secret_of(&self.client, &self.ks, &self.worker, record).await,
+            let vetted = match from_spec(self.client, self.ks, record).await {
+                Ok(()) => secret_of(self.client, self.ks, self.worker, record).await,
                 Err(e) => Err(e),
             };
             match vetted {
@@ -854,7 +918,16 @@ impl Reconciler {
         // a network made by hand) is refused by Docker: skip it and take
         // the next, a few times in one pass.
         for _ in 0..16 {
-            let Some(index) = subnets.first_free(&self.used_subnets) else {
+            // Taken under the lock, so instances made at once get distinct subnets.
+            let free = {
+                let mut used = self.used_subnets.lock().unwrap_or_else(|e| e.into_inner());
+                let free = subnets.first_free(&used);
+                if let Some(index) = free {
+                    used.insert(index);
+                }
+                free
+            };
+            let Some(index) = free else {
                 tracing::warn!(instance = %id, networks = subnets.count(), "no free instance network on this worker");
                 t.status = InstanceStatus::Failed {
                     reason: format!(
@@ -864,7 +937,6 @@ impl Reconciler {
                 };
                 return false;
             };
-            self.used_subnets.insert(index);
             match self
                 .runtime
                 .create_instance_network(record, index, egress)
@@ -888,10 +960,7 @@ impl Reconciler {
     }
 
     /// Writes the status record when what etcd holds differs.
-    async fn report(&mut self, id: &InstanceId) {
-        let Some(t) = self.desired.get_mut(id) else {
-            return;
-        };
+    async fn report(&self, id: &InstanceId, t: &mut Tracked) {
         let running = t.status == InstanceStatus::Running;
         let multi = t.record.container.is_none();
         let mut record = StatusRecord {
@@ -948,7 +1017,7 @@ impl Reconciler {
                 Some(PutOptions::new().with_lease(t.lease)),
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        match self.client.txn(txn).await {
+        match self.client.clone().txn(txn).await {
             Ok(r) if r.succeeded() => {
                 t.reported = Some(unstamped);
                 if let Some(h) = r.header() {

@@ -8,7 +8,9 @@
 //!   (`bench/tcp.rs`);
 //! - `plugins`: a policy call's cost and spawn decisions/s (`bench/plugins.rs`);
 //! - `routes`: route propagation, spawn → routable, a 10,000-instance
-//!   resync (`bench/routes.rs`).
+//!   resync (`bench/routes.rs`);
+//! - `rush`: many spawns at once, one container at a time against the
+//!   agents' concurrent reconcile (`bench/rush.rs`).
 //!
 //! `--short` runs each one round of about a second with the debug build and
 //! writes nothing: `cargo xtask ci` runs it, so a change that breaks a
@@ -17,6 +19,7 @@
 mod http;
 mod plugins;
 mod routes;
+mod rush;
 mod tcp;
 
 use std::path::{Path, PathBuf};
@@ -32,7 +35,7 @@ use crate::{sh, workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
-    /// Which benchmark to run (`http`, `tcp`, `plugins`, `routes`); all when omitted.
+    /// Which benchmark to run (`http`, `tcp`, `plugins`, `routes`, `rush`); all when omitted.
     which: Option<String>,
     /// One short round of each with the debug build, figures printed, not
     /// written (what CI runs).
@@ -44,11 +47,12 @@ pub(crate) struct BenchArgs {
 type Bench = fn(Mode) -> Result<Figures>;
 
 /// Every benchmark, by name.
-const ALL: [(&str, Bench); 4] = [
+const ALL: [(&str, Bench); 5] = [
     ("http", http::run),
     ("tcp", tcp::run),
     ("plugins", plugins::run),
     ("routes", routes::run),
+    ("rush", rush::run),
 ];
 
 impl BenchArgs {
@@ -67,7 +71,9 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         None => ALL.to_vec(),
         Some(name) => {
             let Some(b) = ALL.iter().find(|(n, _)| *n == name) else {
-                bail!("no benchmark named {name:?}: `http`, `tcp`, `plugins` and `routes` exist");
+                bail!(
+                    "no benchmark named {name:?}: `http`, `tcp`, `plugins`, `routes` and `rush` exist"
+                );
             };
             vec![*b]
         }

@@ -340,13 +340,20 @@ def make_venv(args, ctfd_root, directory):
     pip = os.path.join(venv, "bin", "pip")
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     run_logged(
-        [pip, "install", "-q", "-r", os.path.join(ctfd_root, "requirements.txt")],
+        # No byte-compiling of every module at install: Python compiles what
+        # CTFd imports when it first imports it.
+        [pip, "install", "-q", "--no-compile", "-r", os.path.join(ctfd_root, "requirements.txt")],
         log_path,
         "pip install -r requirements.txt",
         env=env,
     )
     if args.with_playwright:
-        run_logged([pip, "install", "-q", "playwright"], log_path, "pip install playwright", env=env)
+        run_logged(
+            [pip, "install", "-q", "--no-compile", "playwright"],
+            log_path,
+            "pip install playwright",
+            env=env,
+        )
     say("virtualenv ready in %.1f s" % (time.time() - t0))
     return venv
 

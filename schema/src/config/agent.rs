@@ -182,6 +182,9 @@ pub struct AgentConfig {
     pub max_restarts: u32,
     /// How often Docker's state is compared with the desired state, in milliseconds.
     pub reconcile_interval_ms: u64,
+    /// How many instances one pass moves at once (their creates, starts and
+    /// status writes; each instance's own steps stay in order), 1 to 64.
+    pub reconcile_concurrency: usize,
     /// TTL of this worker's membership lease in seconds.
     pub membership_ttl_secs: i64,
     /// Where the Prometheus metrics are served.
@@ -314,6 +317,7 @@ impl Default for AgentConfig {
             instance_networks: "198.19.128.0/17".into(),
             cluster_label: None,
             max_restarts: 5,
+            reconcile_concurrency: 8,
             reconcile_interval_ms: 500,
             membership_ttl_secs: 10,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
@@ -369,6 +373,9 @@ impl AgentConfig {
         }
         if self.allocatable_pids.is_some_and(|p| p < 16) {
             return Err(bad("allocatable_pids", "at least 16"));
+        }
+        if !(1..=64).contains(&self.reconcile_concurrency) {
+            return Err(bad("reconcile_concurrency", "from 1 to 64"));
         }
         if self.http_entry.port() == 0 {
             return Err(bad("http_entry", "needs a port"));

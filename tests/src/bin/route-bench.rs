@@ -6,6 +6,10 @@
 //!   polled every millisecond per agent, and from sending the spawn until
 //!   the first agent answers 200 (the container serves). Each instance is
 //!   deleted afterwards. Prints JSON with the samples in milliseconds.
+//! - `rush <api> <token> <challenge> <n> <agent entry>`: `n` spawns sent
+//!   at once (the start of an event); for each, from sending it until the
+//!   agent first answers 200 for its hostname, polled every 20 ms. Every
+//!   instance is deleted afterwards. Prints JSON with the samples in ms.
 //! - `seed <etcd endpoint> <n>`: writes `n` instance records (and their
 //!   status) of a worker `ghost` straight into etcd, 100 per Txn.
 
@@ -26,8 +30,11 @@ async fn main() {
         Some("propagation") if args.len() >= 7 => {
             propagation(&args[2], &args[3], &args[4], &args[5], &args[6..]).await
         }
+        Some("rush") if args.len() == 7 => {
+            rush(&args[2], &args[3], &args[4], &args[5], &args[6]).await
+        }
         Some("seed") if args.len() == 4 => seed(&args[2], &args[3]).await,
-        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | seed <etcd endpoint> <n>".into()),
+        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | seed <etcd endpoint> <n>".into()),
     };
     if let Err(e) = result {
         eprintln!("route-bench: {e}");
@@ -68,6 +75,36 @@ async fn wait_for(
     }
 }
 
+/// Spawns `challenge` for `team`: its first hostname, its id, and when
+/// the 201 came.
+async fn spawn(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    challenge: &str,
+    team: &str,
+) -> Result<(String, String, Instant), String> {
+    let resp = http
+        .post(format!("{api}/v1/instances"))
+        .bearer_auth(token)
+        .body(json!({"challenge": challenge, "team": team}).to_string())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let answered = Instant::now();
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.map_err(|e| e.to_string())?;
+    if status != 201 {
+        return Err(format!("spawn for {team} answered {status}: {body}"));
+    }
+    let host = body["http"][0]["hostname"]
+        .as_str()
+        .ok_or("no hostname in the answer")?
+        .to_string();
+    let id = body["id"].as_str().ok_or("no id")?.to_string();
+    Ok((host, id, answered))
+}
+
 async fn propagation(
     api: &str,
     token: &str,
@@ -84,24 +121,8 @@ async fn propagation(
     let mut routable_ms = Vec::new();
     for i in 0..n {
         let sent = Instant::now();
-        let resp = http
-            .post(format!("{api}/v1/instances"))
-            .bearer_auth(token)
-            .body(json!({"challenge": challenge, "team": format!("route-bench-{i}")}).to_string())
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let answered = Instant::now();
-        let status = resp.status().as_u16();
-        let body: Value = resp.json().await.map_err(|e| e.to_string())?;
-        if status != 201 {
-            return Err(format!("spawn {i} answered {status}: {body}"));
-        }
-        let host = body["http"][0]["hostname"]
-            .as_str()
-            .ok_or("no hostname in the answer")?
-            .to_string();
-        let id = body["id"].as_str().ok_or("no id")?.to_string();
+        let (host, id, answered) =
+            spawn(&http, api, token, challenge, &format!("route-bench-{i}")).await?;
         let waits = agents.iter().map(|a| wait_for(&http, a, &host, None));
         let routed = futures::future::try_join_all(waits).await?;
         let last = routed.into_iter().max().unwrap_or(answered);
@@ -118,6 +139,50 @@ async fn propagation(
         "{}",
         json!({"propagation_ms": propagation_ms, "routable_ms": routable_ms})
     );
+    Ok(())
+}
+
+async fn rush(api: &str, token: &str, challenge: &str, n: &str, agent: &str) -> Result<(), String> {
+    let n: usize = n.parse().map_err(|_| "n must be a number")?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let one = |i: usize| {
+        let http = http.clone();
+        async move {
+            let sent = Instant::now();
+            let (host, id, _) = spawn(&http, api, token, challenge, &format!("rush-{i}")).await?;
+            let deadline = sent + Duration::from_secs(300);
+            loop {
+                let got = http
+                    .get(format!("http://{agent}/"))
+                    .header("host", host.as_str())
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if got == 200 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{host} not served within 300 s (last {got})"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, String>((sent.elapsed().as_secs_f64() * 1000.0, id))
+        }
+    };
+    let results = futures::future::try_join_all((0..n).map(one)).await?;
+    for (_, id) in &results {
+        let _ = http
+            .delete(format!("{api}/v1/instances/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+    }
+    let routable_ms: Vec<f64> = results.iter().map(|(ms, _)| *ms).collect();
+    println!("{}", json!({ "routable_ms": routable_ms }));
     Ok(())
 }
 
