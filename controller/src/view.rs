@@ -193,9 +193,14 @@ impl View {
                         why = why.max(NoRoom::Resources(short));
                         continue;
                     }
-                    (left.memory_mib - need.memory_mib) * 1000 / room.memory_mib.max(1)
+                    // `short_of` checked need <= left; saturating: a worker
+                    // may say any amount.
+                    (left.memory_mib - need.memory_mib).saturating_mul(1000)
+                        / room.memory_mib.max(1)
                 }
-                None => free as u64 * 1000 / u64::from(w.capacity.max(1)),
+                // An agent that does not say what it gives: by free slots,
+                // as before resources were placed on.
+                None => free as u64,
             };
             let same = self
                 .instances
@@ -215,8 +220,12 @@ impl View {
 
     /// The resource no registered worker has enough of for `need` even
     /// empty (the most any of them gives), if so: such an instance can
-    /// never be placed. None when one could, or no worker says.
+    /// never be placed. None when one could, or any worker does not say.
     pub fn too_large(&self, need: Resources) -> Option<Shortfall> {
+        // An agent that does not say what it gives may take anything.
+        if self.workers.values().any(|w| w.allocatable.is_none()) {
+            return None;
+        }
         let sizes: Vec<Resources> = self
             .workers
             .values()

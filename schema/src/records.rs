@@ -601,7 +601,6 @@ impl Record for FlagOwnerRecord {}
 /// containers. CPU is in thousandths of a core, so sums are exact.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct Resources {
     pub memory_mib: u64,
     pub millicpus: u64,
@@ -705,9 +704,11 @@ impl fmt::Display for Shortfall {
     }
 }
 
-/// A worker's membership, under its keep-alive lease.
+/// A worker's membership, under its keep-alive lease. Unknown fields are
+/// ignored, not refused: during a rolling upgrade an older agent or
+/// controller must still read a newer agent's record (else it forwards
+/// nothing to that worker).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerRecord {
     pub v: V1,
     pub id: WorkerId,
@@ -738,7 +739,6 @@ pub struct WorkerRecord {
 
 /// A worker's per-instance networks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NetworkUse {
     pub used: u32,
     pub free: u32,

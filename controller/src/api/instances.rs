@@ -209,7 +209,7 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
             }
             Err(NoRoom::Resources(short)) => {
                 return Err(ApiError::unavailable(format!(
-                    "no worker has room for this instance ({short} on the last worker with a free slot); retry when an instance ends"
+                    "no worker has room for this instance (one with a free slot lacks {short}); retry when an instance ends"
                 ))
                 .reason("no_capacity"));
             }
