@@ -162,7 +162,16 @@ async fn suite(p: &Plane, path: Path, ebpf: bool) {
     }
     let failed =
         |stage: &str| format!("tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}}");
-    let transfer_failures = both(p, &failed("transfer")).await;
+    // Failed connections at any stage: a client that resets before the
+    // agent has read its first bytes fails there, not in the transfer.
+    let all_failures = || async {
+        let mut sum = 0.0;
+        for stage in ["not_ready", "connect", "transfer"] {
+            sum += both(p, &failed(stage)).await;
+        }
+        sum
+    };
+    let failures_before = all_failures().await;
 
     // Resets: 50 clients abort mid-stream (RST); the agents let go of them.
     for i in 0..50 {
@@ -177,11 +186,11 @@ async fn suite(p: &Plane, path: Path, ebpf: bool) {
     let idle = eventually(20, || async { both(p, &active).await == 0.0 }).await;
     assert!(idle, "connections left open: {}", both(p, &active).await);
     // Each agent that accepted a reset client counts it (b's forwarded half
-    // may be counted by a too).
-    let resets = both(p, &failed("transfer")).await - transfer_failures;
+    // may be counted by a too), at the stage the reset reached it.
+    let resets = all_failures().await - failures_before;
     assert!(
         resets >= 50.0,
-        "transfer failures counted for 50 resets: {resets}"
+        "failed connections counted for 50 resets: {resets}"
     );
     let counted = both(
         p,
