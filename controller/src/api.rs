@@ -12,6 +12,7 @@ mod flags;
 mod instances;
 mod openapi;
 mod policies;
+mod queue;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
+pub use queue::run_admissions;
 
 use crate::App;
 
@@ -63,6 +65,7 @@ fn documented() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(instances::renew))
         .routes(routes!(instances::flag))
         .routes(routes!(flags::check))
+        .routes(routes!(queue::list))
         .routes(routes!(dashboard::data))
 }
 

@@ -100,6 +100,13 @@ pub struct Metrics {
     pub idle_expirations: Counter,
     /// Flag checks that found another team's instance flag.
     pub shared_flags: Counter,
+    /// Spawns that joined the waiting queue (202).
+    pub queued: Counter,
+    /// Queued spawns the scheduler admitted (each exactly once).
+    pub admitted: Counter,
+    /// Queued spawns dropped at admission (challenge deleted, the team at
+    /// its limit, the policy denying).
+    pub queue_dropped: Counter,
     /// etcd round trips and watch lag.
     pub etcd: Arc<EtcdHealth>,
     refusals: Family<RefusalLabels, Counter>,
@@ -113,6 +120,7 @@ pub struct Metrics {
     instances: Family<StatusLabel, Gauge>,
     view_revision: Gauge,
     plugins_compiled: Gauge,
+    queue_length: Gauge,
 }
 
 impl Default for Metrics {
@@ -131,6 +139,10 @@ impl Default for Metrics {
             policy_failures: Counter::default(),
             idle_expirations: Counter::default(),
             shared_flags: Counter::default(),
+            queued: Counter::default(),
+            admitted: Counter::default(),
+            queue_dropped: Counter::default(),
+            queue_length: Gauge::default(),
             etcd: Arc::default(),
             refusals: Family::default(),
             rate_limited: Family::default(),
@@ -214,6 +226,21 @@ impl Metrics {
                 "Flag checks whose flag was another team's instance flag",
                 &self.shared_flags,
             ),
+            (
+                "queued",
+                "Spawns that found no room and joined the waiting queue (202)",
+                &self.queued,
+            ),
+            (
+                "admitted",
+                "Queued spawns the scheduler admitted",
+                &self.admitted,
+            ),
+            (
+                "queue_dropped",
+                "Queued spawns dropped at admission (challenge deleted, team at its limit, policy denied)",
+                &self.queue_dropped,
+            ),
         ] {
             r.register(name, help, c.clone());
         }
@@ -249,6 +276,11 @@ impl Metrics {
             "instances",
             "Live instances by status (this replica's view)",
             self.instances.clone(),
+        );
+        r.register(
+            "queue_length",
+            "Spawns waiting in the queue (this replica's view)",
+            self.queue_length.clone(),
         );
         r.register(
             "view_revision",
@@ -344,6 +376,7 @@ impl Metrics {
     pub fn observe(&self, view: &View, leading: bool, plugins_compiled: usize) {
         self.leader.set(i64::from(leading));
         self.workers.set(gauge_value(view.workers.len()));
+        self.queue_length.set(gauge_value(view.queue.len()));
         self.capacity
             .set(view.workers.values().map(|w| i64::from(w.capacity)).sum());
         let mut counts = [0usize; STATUSES.len()];

@@ -75,6 +75,8 @@ pub enum SpawnError {
     PortRange(RangeInclusive<u16>),
     #[error("invalid {what}: {error}")]
     Invalid { what: &'static str, error: String },
+    #[error("the queued spawn is no longer waiting (its place lapsed, or it was left or admitted)")]
+    LeftQueue,
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
 }
@@ -87,10 +89,29 @@ fn fence_state(current: i64) -> String {
     }
 }
 
+/// A queued spawn being admitted: the id it was promised and its queue
+/// key, deleted in the spawn Txn (which fails if the key is gone, so a
+/// place is admitted at most once).
+#[derive(Debug, Clone)]
+pub struct FromQueue {
+    pub id: InstanceId,
+    pub key: String,
+}
+
 /// Writes one instance; `flag` makes the flag of a chosen instance id.
 pub async fn spawn(
     client: &Client,
     plan: &SpawnPlan,
+    flag: impl Fn(&InstanceId) -> String,
+) -> Result<Spawned, SpawnError> {
+    spawn_from(client, plan, None, flag).await
+}
+
+/// [`spawn`], or the admission of a queued spawn (`queued`) under its id.
+pub async fn spawn_from(
+    client: &Client,
+    plan: &SpawnPlan,
+    queued: Option<&FromQueue>,
     flag: impl Fn(&InstanceId) -> String,
 ) -> Result<Spawned, SpawnError> {
     let mut client = client.clone();
@@ -105,7 +126,7 @@ pub async fn spawn(
     }
     for _ in 0..MAX_ATTEMPTS {
         let slot = free_team_slot(&mut client, plan).await?;
-        let mut record = draft(plan)?;
+        let mut record = draft(plan, queued.map(|q| q.id.clone()))?;
         record.team_slot = slot;
         let secret = SecretRecord {
             v: V1,
@@ -115,7 +136,7 @@ pub async fn spawn(
             env: plan.secret_env.clone(),
         };
         let lease = client.lease_grant(plan.ttl_secs as i64, None).await?.id();
-        match commit(&mut client, plan, &record, &secret, slot, lease).await {
+        match commit(&mut client, plan, &record, &secret, slot, lease, queued).await {
             Ok(revision) => {
                 return Ok(Spawned {
                     record,
@@ -190,10 +211,11 @@ fn slot_key(plan: &SpawnPlan, slot: u32) -> String {
     })
 }
 
-/// A record with a fresh id, hostnames and random free-looking TCP ports.
-fn draft(plan: &SpawnPlan) -> Result<InstanceRecord, SpawnError> {
+/// A record with a fresh id (or the one given), hostnames and random
+/// free-looking TCP ports.
+fn draft(plan: &SpawnPlan, id: Option<InstanceId>) -> Result<InstanceRecord, SpawnError> {
     let spec = &plan.challenge.spec;
-    let id = InstanceId::from_random(rand::random());
+    let id = id.unwrap_or_else(|| InstanceId::from_random(rand::random()));
     let mut http = Vec::new();
     let mut tcp: Vec<TcpRoute> = Vec::new();
     for p in &spec.ports {
@@ -276,6 +298,7 @@ async fn commit(
     secret: &SecretRecord,
     slot: u32,
     lease: i64,
+    queued: Option<&FromQueue>,
 ) -> Result<i64, Option<SpawnError>> {
     let ks = &plan.keys;
     let id = record.id.to_string();
@@ -339,10 +362,13 @@ async fn commit(
             None,
         ));
     }
-    let txn = Txn::new()
-        .when(compares)
-        .and_then(puts)
-        .or_else([TxnOp::get(plan.leader_key.as_str(), None)]);
+    let mut otherwise = vec![TxnOp::get(plan.leader_key.as_str(), None)];
+    if let Some(q) = queued {
+        compares.push(Compare::version(q.key.as_str(), CompareOp::Greater, 0));
+        puts.push(TxnOp::delete(q.key.as_str(), None));
+        otherwise.push(TxnOp::get(q.key.as_str(), None));
+    }
+    let txn = Txn::new().when(compares).and_then(puts).or_else(otherwise);
     let resp = match client.txn(txn).await {
         Ok(r) => r,
         // No answer does not mean no commit (a reset connection, a member
@@ -368,6 +394,14 @@ async fn commit(
             token: plan.token,
             current,
         }));
+    }
+    if queued.is_some() {
+        let waiting = resp.op_responses().into_iter().nth(1).is_some_and(
+            |op| matches!(op, etcd_client::TxnOpResponse::Get(g) if !g.kvs().is_empty()),
+        );
+        if !waiting {
+            return Err(Some(SpawnError::LeftQueue));
+        }
     }
     Err(None)
 }

@@ -10,8 +10,8 @@ use etcd_client::Client;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::config::Placement;
 use tidegate_schema::{
-    InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Resources, ServiceName,
-    ServiceState, Shortfall, StatusRecord, WorkerId, WorkerRecord,
+    ChallengeName, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, QueuedRecord,
+    Resources, ServiceName, ServiceState, Shortfall, StatusRecord, TeamId, WorkerId, WorkerRecord,
 };
 
 /// Why no worker can take an instance now, the most telling reason first
@@ -39,8 +39,21 @@ pub struct LiveInstance {
     pub mod_revision: i64,
 }
 
+/// A spawn waiting for room, as the view holds it.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    pub record: QueuedRecord,
+    /// Its hold lease (renewed by each poll of its id).
+    pub lease: i64,
+    /// Its arrival: the etcd revision that created its key.
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct View {
+    /// Spawns waiting for room, one per challenge and team.
+    pub queue: BTreeMap<(ChallengeName, TeamId), Waiting>,
     pub workers: BTreeMap<WorkerId, WorkerRecord>,
     pub instances: BTreeMap<InstanceId, LiveInstance>,
     /// Statuses by instance and the worker whose prefix they were written
@@ -104,6 +117,25 @@ impl View {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed status record")
                 }
             },
+            Key::Queued { challenge, team } => match kv.decode::<QueuedRecord>() {
+                Ok(record) if record.challenge == challenge && record.team == team => {
+                    self.queue.insert(
+                        (challenge, team),
+                        Waiting {
+                            record,
+                            lease: kv.lease,
+                            create_revision: kv.create_revision,
+                            mod_revision: kv.mod_revision,
+                        },
+                    );
+                }
+                Ok(_) => {
+                    tracing::warn!(key = %kv.key, "skipping a queue entry whose challenge or team is not its key's")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed queue entry")
+                }
+            },
             _ => {}
         }
     }
@@ -124,8 +156,39 @@ impl View {
                 self.services.remove(&(instance.clone(), worker.clone()));
                 self.status.remove(&(instance, worker));
             }
+            Ok(Key::Queued { challenge, team }) => {
+                self.queue.remove(&(challenge, team));
+            }
             _ => {}
         }
+    }
+
+    /// The queue in the order the scheduler admits it: round-robin across
+    /// teams (every team's first place, then every team's second, ...),
+    /// then by arrival.
+    pub fn fair_order(&self) -> Vec<&Waiting> {
+        let mut order: Vec<&Waiting> = self.queue.values().collect();
+        order.sort_by_key(|w| (w.record.round, w.create_revision));
+        order
+    }
+
+    /// The round a new place of `team` joins: 1 + the places it holds.
+    pub fn next_round(&self, team: &TeamId) -> u32 {
+        let held = self
+            .queue
+            .values()
+            .filter(|w| w.record.team == *team)
+            .count();
+        u32::try_from(held).unwrap_or(u32::MAX).saturating_add(1)
+    }
+
+    /// A queued spawn by its id, with its 1-based place in the fair order.
+    pub fn waiting(&self, id: &InstanceId) -> Option<(Waiting, usize)> {
+        self.fair_order()
+            .into_iter()
+            .enumerate()
+            .find(|(_, w)| &w.record.id == id)
+            .map(|(i, w)| (w.clone(), i + 1))
     }
 
     /// Live instances per worker.

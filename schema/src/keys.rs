@@ -12,6 +12,7 @@
 //! {root}/claims/team-slots/{challenge}/{team}/{n}  instance id      (instance lease)
 //! {root}/election/scheduler/{lease id, hex}        leader's id      (leader lease)
 //! {root}/flag-owners/{challenge}/{sha256 of flag}  FlagOwnerRecord  (controllers only, no lease)
+//! {root}/queue/{challenge}/{team}                  QueuedRecord     (controllers only, hold lease)
 //! ```
 //!
 //! The root defaults to `/tidegate`, so several clusters can share an etcd.
@@ -66,6 +67,12 @@ pub enum Key {
         challenge: ChallengeName,
         digest: String,
     },
+    /// A team's spawn of a challenge waiting for room (one per team and
+    /// challenge; its create revision orders the queue).
+    Queued {
+        challenge: ChallengeName,
+        team: TeamId,
+    },
 }
 
 /// A family of keys sharing a prefix (what a watcher lists).
@@ -82,6 +89,7 @@ pub enum Kind {
     TeamSlots,
     Election,
     FlagOwners,
+    Queue,
 }
 
 impl Kind {
@@ -98,10 +106,11 @@ impl Kind {
             Kind::TeamSlots => "claims/team-slots",
             Kind::Election => "election/scheduler",
             Kind::FlagOwners => "flag-owners",
+            Kind::Queue => "queue",
         }
     }
 
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 12] = [
         Kind::Challenges,
         Kind::ChallengeSecrets,
         Kind::Instances,
@@ -113,6 +122,7 @@ impl Kind {
         Kind::TeamSlots,
         Kind::Election,
         Kind::FlagOwners,
+        Kind::Queue,
     ];
 }
 
@@ -289,6 +299,9 @@ impl Keyspace {
             Key::FlagOwner { challenge, digest } => {
                 format!("{}{digest}", self.flag_owners_prefix(challenge))
             }
+            Key::Queued { challenge, team } => {
+                format!("{}{challenge}/{team}", self.prefix(Kind::Queue))
+            }
         }
     }
 
@@ -372,6 +385,17 @@ impl Keyspace {
                     ChallengeName::parse(c).map(|challenge| Key::FlagOwner {
                         challenge,
                         digest: digest.to_string(),
+                    })
+                }
+                Kind::Queue => {
+                    let Some((c, t)) = rest.split_once('/') else {
+                        return Err(err("a queue key is {challenge}/{team}".into()));
+                    };
+                    ChallengeName::parse(c).and_then(|challenge| {
+                        Ok(Key::Queued {
+                            challenge,
+                            team: TeamId::parse(t)?,
+                        })
                     })
                 }
             };
@@ -601,6 +625,10 @@ mod tests {
                 challenge: ChallengeName::parse(&c).unwrap(),
                 digest
             }),
+            (dns_label(), "[A-Za-z0-9][A-Za-z0-9_.-]{0,20}").prop_map(|(c, t)| Key::Queued {
+                challenge: ChallengeName::parse(&c).unwrap(),
+                team: TeamId::parse(&t).unwrap(),
+            }),
         ]
     }
 
@@ -612,7 +640,7 @@ mod tests {
         }
 
         #[test]
-        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|challenge-secrets|claims/ports|claims/hostnames|claims/team-slots|election/scheduler|flag-owners)/[a-zA-Z0-9./_-]{0,30}") {
+        fn parse_then_build_is_identity(s in "/tidegate/(instances|status|secrets|workers|challenges|challenge-secrets|claims/ports|claims/hostnames|claims/team-slots|election/scheduler|flag-owners|queue)/[a-zA-Z0-9./_-]{0,30}") {
             // Whatever parses must build back to the same bytes: one key per value.
             if let Ok(key) = ks().parse(&s) {
                 prop_assert_eq!(ks().key(&key), s);

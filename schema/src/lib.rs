@@ -19,12 +19,12 @@ pub use keys::{Grant, Key, KeyError, Keyspace, Kind};
 pub use names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, TeamId, WorkerId};
 pub use records::{
     ChallengeRecord, ChallengeSecretRecord, ContainerSpec, FlagOwnerRecord, HttpRoute,
-    InstanceRecord, InstanceStatus, NetworkUse, PolicyRef, Record, Resources, SecretRecord,
-    ServiceRecord, ServiceState, ServiceStatus, Shortfall, StatusRecord, TcpRoute, V1,
-    WorkerRecord,
+    InstanceRecord, InstanceStatus, NetworkUse, PolicyRef, QueuedRecord, Record, Resources,
+    SecretRecord, ServiceRecord, ServiceState, ServiceStatus, Shortfall, StatusRecord, TcpRoute,
+    V1, WorkerRecord,
 };
 pub use spec::{
-    ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, ReadySpec, ServiceSpec,
-    TtlSpec,
+    ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, QueueSpec, ReadySpec,
+    ServiceSpec, TtlSpec,
 };
 pub use validate::{FieldError, Invalid, Validate, decode_json};

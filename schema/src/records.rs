@@ -596,6 +596,54 @@ impl Validate for FlagOwnerRecord {
 }
 impl Record for FlagOwnerRecord {}
 
+/// A spawn waiting for room (`queue/{challenge}/{team}`): written by the
+/// scheduler with its fence when no worker has room (or the challenge's
+/// policy said `queue`), on a lease of the challenge's `queue.hold_secs`
+/// that each poll of its id renews (a team that stops asking loses its
+/// place). The key makes it one per team and challenge; its etcd create
+/// revision is its arrival. Admitted by the scheduler in one fenced Txn
+/// that deletes it and writes the instance under the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuedRecord {
+    pub v: V1,
+    /// The id the instance will have.
+    pub id: InstanceId,
+    pub challenge: ChallengeName,
+    pub team: TeamId,
+    /// When it joined (Unix seconds).
+    pub queued_at: UnixSecs,
+    /// The scheduler's fencing token when it joined.
+    pub token: i64,
+    /// Why it waits: `no_capacity`, `no_network` or `policy`.
+    pub reason: String,
+    /// The words of the refusal it would have had (what is short).
+    #[serde(default)]
+    pub detail: String,
+    /// Its hold: the lease's TTL, renewed by each poll.
+    pub hold_secs: u32,
+    /// Its round: 1 + the places its team already held when it joined.
+    /// The queue is admitted by round, then by arrival (round-robin across
+    /// teams), and a place keeps its round, so positions only go down.
+    pub round: u32,
+}
+
+impl Validate for QueuedRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        if !matches!(
+            self.reason.as_str(),
+            "no_capacity" | "no_network" | "policy"
+        ) {
+            return Err(FieldError::new(
+                "reason",
+                format!("{:?} is not no_capacity, no_network or policy", self.reason),
+            ));
+        }
+        crate::validate::in_range("hold_secs", self.hold_secs, 5, 3600)
+    }
+}
+impl Record for QueuedRecord {}
+
 /// Memory, CPU and processes: what a worker gives instances
 /// (`allocatable`), or what an instance's limits take, summed over its
 /// containers. CPU is in thousandths of a core, so sums are exact.

@@ -123,6 +123,100 @@ pub struct ChallengeSpec {
         skip_serializing_if = "is_default_tcp_idle"
     )]
     pub tcp_idle_timeout_secs: u32,
+    /// What a spawn gets when no worker has room, or when the challenge's
+    /// policy says `queue`: a place in the scheduler's fair queue (202,
+    /// default) or a refusal (503/429). `queue = false` turns it off;
+    /// `queue = { hold_secs, max_waiting }` tunes it.
+    #[serde(default, skip_serializing_if = "QueueSpec::is_default")]
+    pub queue: QueueSpec,
+}
+
+/// [`ChallengeSpec::queue`]: whether spawns that find no room wait in the
+/// scheduler's queue, how long a place is held without being asked about,
+/// and how many may wait for this challenge at once.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueSpec {
+    /// Spawns that find no room wait (default true).
+    pub enabled: bool,
+    /// A place is lost when its id is not asked about (`GET
+    /// /v1/instances/{id}`) for this many seconds (5–3600, default 60).
+    pub hold_secs: u32,
+    /// At most this many spawns of this challenge wait at once; past it,
+    /// 503 (1–100000, default 1000).
+    pub max_waiting: u32,
+}
+
+/// [`QueueSpec::hold_secs`] when a spec does not say.
+pub const DEFAULT_QUEUE_HOLD_SECS: u32 = 60;
+/// [`QueueSpec::max_waiting`] when a spec does not say.
+pub const DEFAULT_QUEUE_MAX_WAITING: u32 = 1000;
+
+impl Default for QueueSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            hold_secs: DEFAULT_QUEUE_HOLD_SECS,
+            max_waiting: DEFAULT_QUEUE_MAX_WAITING,
+        }
+    }
+}
+
+impl QueueSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The table form of `queue`; every field optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueTable {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default = "default_queue_hold")]
+    hold_secs: u32,
+    #[serde(default = "default_queue_max")]
+    max_waiting: u32,
+}
+
+fn default_queue_hold() -> u32 {
+    DEFAULT_QUEUE_HOLD_SECS
+}
+
+fn default_queue_max() -> u32 {
+    DEFAULT_QUEUE_MAX_WAITING
+}
+
+/// `queue` is `true`, `false`, or a table of [`QueueSpec`]'s fields.
+impl<'de> Deserialize<'de> for QueueSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = QueueSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or a table with enabled, hold_secs and max_waiting")
+            }
+            fn visit_bool<E: serde::de::Error>(self, enabled: bool) -> Result<QueueSpec, E> {
+                Ok(QueueSpec {
+                    enabled,
+                    ..QueueSpec::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<QueueSpec, A::Error> {
+                let t = QueueTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(QueueSpec {
+                    enabled: t.enabled,
+                    hold_secs: t.hold_secs,
+                    max_waiting: t.max_waiting,
+                })
+            }
+        }
+        d.deserialize_any(Form)
+    }
 }
 
 /// [`ChallengeSpec::tcp_idle_timeout_secs`] when a spec does not say.
@@ -410,6 +504,8 @@ impl Validate for ChallengeSpec {
             86_400,
         )?;
         self.validate_flag()?;
+        in_range("queue.hold_secs", self.queue.hold_secs, 5, 3600)?;
+        in_range("queue.max_waiting", self.queue.max_waiting, 1, 100_000)?;
         for (i, cap) in self.unsafe_caps.iter().enumerate() {
             let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
             if !UNSAFE_CAPS.contains(&bare) {

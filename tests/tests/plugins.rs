@@ -362,26 +362,52 @@ async fn load_ttl_shortens_instances_when_the_cluster_is_busy() {
         StatusCode::OK
     );
     let mut lifetimes = Vec::new();
+    let mut ids = Vec::new();
     for team in ["t1", "t2", "t3", "t4"] {
         let (s, body) = c.spawn("web", team).await;
         assert_eq!(s, StatusCode::CREATED, "{body}");
         lifetimes.push(body["expires_at"].as_u64().unwrap() - body["created_at"].as_u64().unwrap());
+        ids.push(body["id"].as_str().unwrap().to_string());
     }
     // 4, 3 and 2 slots free: the challenge's TTL (1800 s); 1 free of 4
     // (≤ a quarter): the policy's busy TTL (300 s).
     assert_eq!(lifetimes, [1800, 1800, 1800, 300]);
-    // None free: queue — 429 with Retry-After.
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/instances", c.url))
-        .bearer_auth(tidegate_lab::daemons::PLATFORM)
-        .body(json!({"challenge": "web", "team": "t5"}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(resp.headers()["retry-after"], "60");
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["policy"]["decision"], "queue");
+    // None free: the policy says queue, and the spawn waits in the queue
+    // (202) rather than being told to come back.
+    let (s, body) = c.spawn("web", "t5").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        (&body["reason"], &body["position"]),
+        (&json!("policy"), &json!(1))
+    );
+    let queued = body["id"].as_str().unwrap().to_string();
+    // A slot frees: the policy is asked again and admits it, with the busy
+    // TTL (1 of 4 free), under the id it was promised.
+    let (s, _) = c
+        .call(
+            Method::DELETE,
+            &format!("/v1/instances/{}", ids[0]),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let path = format!("/v1/instances/{queued}?team=t5");
+    let mut got = Value::Null;
+    for _ in 0..50 {
+        got = c.call(Method::GET, &path, None, None).await.1;
+        if got["status"] != "queued" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(got["team"], "t5", "{got}");
+    assert_ne!(got["status"], "queued", "never admitted: {got}");
+    assert_eq!(
+        got["expires_at"].as_u64().unwrap() - got["created_at"].as_u64().unwrap(),
+        300,
+        "{got}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,7 +396,8 @@ async fn network_use(p: &Plane, worker: &str) -> Option<(u64, u64)> {
 /// `TIDEGATE_SCALE_INSTANCES` two-service instances (16 by default; the
 /// issue's figure is 400) on one worker: every one routed, the worker's
 /// record counting its networks; with the rest of its range taken by
-/// networks made by hand, the next spawn gets 503 naming networks; after
+/// networks made by hand, the next spawn waits (202, `no_network`), or
+/// with queueing off gets 503 naming networks; after
 /// deleting them all, no network of the worker is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_two_service_instances_on_one_worker_then_out_of_networks() {
@@ -440,7 +441,7 @@ async fn many_two_service_instances_on_one_worker_then_out_of_networks() {
         "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
         "per_team_max": 1
     });
-    let (s, body) = p.controller.put_challenge("two", two).await;
+    let (s, body) = p.controller.put_challenge("two", two.clone()).await;
     assert!(s.is_success(), "{body}");
     let started = std::time::Instant::now();
     let mut ids = Vec::new();
@@ -529,6 +530,25 @@ async fn many_two_service_instances_on_one_worker_then_out_of_networks() {
         "registration says {:?}",
         network_use(&p, &a).await
     );
+    // Out of networks: the spawn waits in the queue, saying why; it then
+    // leaves (so nothing is admitted when the others go).
+    let (s, body) = p.controller.spawn("two", "one-too-many").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["reason"], "no_network", "{body}");
+    let (s, left) = p
+        .controller
+        .call(
+            Method::DELETE,
+            &format!("/v1/instances/{}", body["id"].as_str().unwrap()),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{left}");
+    // With queueing off, the answer is the 503 naming networks.
+    let mut off = two.clone();
+    off["queue"] = json!(false);
+    assert!(p.controller.put_challenge("two", off).await.0.is_success());
     let (s, body) = p.controller.spawn("two", "one-too-many").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(

@@ -278,6 +278,40 @@ impl Instance {
     }
 }
 
+/// A spawn waiting for room (`202` to `POST /v1/instances`, and `GET
+/// /v1/instances/{id}` until it is admitted; each such `GET` holds its
+/// place for another `hold_secs`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Queued {
+    /// The id the instance will have once admitted.
+    pub(crate) id: InstanceId,
+    pub(crate) challenge: ChallengeName,
+    pub(crate) team: TeamId,
+    /// Always `queued`.
+    pub(crate) status: &'static str,
+    /// 1 is next, in the scheduler's fair order (round-robin across
+    /// teams, then arrival).
+    pub(crate) position: usize,
+    /// Spawns waiting in all (every challenge).
+    pub(crate) waiting: usize,
+    /// `no_capacity`, `no_network` or `policy`.
+    pub(crate) reason: String,
+    /// What is short (the words a refusal would have had).
+    pub(crate) detail: String,
+    /// Unix seconds.
+    pub(crate) queued_at: u64,
+    /// The place is lost when its id is not asked about for this long.
+    pub(crate) hold_secs: u32,
+}
+
+/// The waiting queue in admission order.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct QueueList {
+    pub(crate) queued: Vec<Queued>,
+    /// The etcd revision the view reflects.
+    pub(crate) revision: i64,
+}
+
 /// Live instances, as this replica's view holds them.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct InstanceList {

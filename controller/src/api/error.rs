@@ -167,6 +167,9 @@ impl From<SpawnError> for ApiError {
             }
             SpawnError::Fenced { .. } => ApiError::unavailable(e.to_string()).reason("fenced"),
             SpawnError::Contended => ApiError::unavailable(e.to_string()).reason("contended"),
+            SpawnError::LeftQueue => {
+                ApiError::new(StatusCode::NOT_FOUND, e.to_string()).reason("left_queue")
+            }
             SpawnError::PortRange(_) => ApiError::unavailable(e.to_string()).reason("port_range"),
         }
     }

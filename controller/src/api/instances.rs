@@ -14,10 +14,12 @@ use super::bodies::{
     ErrorBody, FlagCheck, FlagResult, Instance, InstanceList, ListQuery, PolicyDecision,
     SpawnRequest, TeamQuery,
 };
+use super::queue;
 use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading};
 use crate::lifecycle;
-use crate::policy::{self, Admission, Renewal};
+use crate::policy::{self, Admission, RefusalKind, Renewal};
 use crate::ratelimit::Op;
+use crate::spawn::FromQueue;
 use crate::view::NoRoom;
 use crate::{App, ChallengeError, SpawnError, SpawnPlan};
 
@@ -126,6 +128,7 @@ fn refused(
     request_body = SpawnRequest,
     responses(
         (status = 201, description = "the new instance", body = Instance),
+        (status = 202, description = "no worker has room (or the policy said queue): a place in the waiting queue, whose id becomes the instance's; GET /v1/instances/{id} answers it (and holds the place) until admitted", body = super::bodies::Queued, headers(("Location" = String, description = "/v1/instances/{id}"))),
         (status = 307, description = "this replica is a standby", body = ErrorBody, headers(("Location" = String, description = "the same path on the scheduler"))),
         (status = 400, description = "an invalid request, naming the field", body = ErrorBody),
         (status = 403, description = "denied by the challenge's policy (or its failure under policy_fallback deny)", body = ErrorBody),
@@ -156,15 +159,7 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
     // spawn lock: a refused request never holds it.
     rate_limit(app, scope, Op::Spawn, &req.team)?;
     let (challenge, challenge_revision) = challenge_named(app, &req.challenge).await?;
-    let secret_env = if challenge.spec.secret_env.is_empty() {
-        Default::default()
-    } else {
-        etcd(app, || {
-            app.challenges
-                .secret_env(&req.challenge, challenge_revision)
-        })
-        .await?
-    };
+    let secret_env = secret_env_of(app, &challenge, challenge_revision).await?;
     // A plugin met for the first time is compiled now, not under the lock
     // (a failure is decided under it, with the challenge's fallback).
     if let Some(p) = &challenge.policy {
@@ -173,55 +168,38 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
     // One spawn at a time per leader: placement then sees every earlier
     // spawn, so no worker is given more than its capacity.
     let _serial = app.spawn_lock.lock().await;
+    // A team already waiting keeps its place: asking again is an answer
+    // about that place, never a second one nor a jump ahead.
+    if let Some(answer) = queue::already_waiting(app, &challenge.name, &req.team) {
+        return Ok(answer);
+    }
+    let queueing = challenge.spec.queue.enabled && !planted("queue-off");
     // The challenge's policy decides before placement (and under the spawn
     // lock, so the counts it sees include every earlier spawn).
     let (ttl_secs, fallback_note) = match policy::admit_spawn(app, &challenge, &req.team).await {
         Admission::Admit { ttl_secs, note } => (ttl_secs, note),
+        Admission::Refused(r) if queueing && matches!(r.kind, RefusalKind::Queue { .. }) => {
+            team_under_limit(app, &challenge, &req.team)?;
+            return queue::enqueue(app, &leader, &challenge, &req.team, "policy", &r.message).await;
+        }
         Admission::Refused(r) => return Err(r.into()),
     };
-    let worker = {
-        let view = app.view.lock();
-        if view.workers.is_empty() {
-            return Err(
-                ApiError::unavailable("no worker is registered: start an agent")
-                    .reason("no_worker"),
-            );
+    // Room that frees while others wait is theirs first.
+    let waiting = queue::waiting_for_room(app, &challenge.name);
+    let worker = match place(app, &challenge) {
+        Ok(_) | Err(Unplaced::Full(..)) if queueing && waiting => {
+            team_under_limit(app, &challenge, &req.team)?;
+            let detail = "others are waiting for this challenge; room that frees is theirs first";
+            return queue::enqueue(app, &leader, &challenge, &req.team, "no_capacity", detail)
+                .await;
         }
-        let network = !challenge.spec.services.is_empty();
-        let need = Resources::of_spec(&challenge.spec);
-        if let Some(short) = view.too_large(need) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "an instance of {:?} is larger than any worker: {short}; lower the challenge's limits or give a worker more (allocatable_*)",
-                    challenge.name.as_str()
-                ),
-            )
-            .reason("too_large"));
+        Ok(w) => w,
+        Err(Unplaced::Full(e, reason)) if queueing => {
+            team_under_limit(app, &challenge, &req.team)?;
+            return queue::enqueue(app, &leader, &challenge, &req.team, reason, e.message()).await;
         }
-        match view.place(challenge.name.as_str(), network, need, app.cfg.placement) {
-            Ok(w) => w,
-            Err(NoRoom::Network) => {
-                return Err(ApiError::unavailable(
-                    "no worker has a free network for this challenge's services (each instance with services takes one of a worker's instance_networks); retry when an instance ends",
-                )
-                .reason("no_network"));
-            }
-            Err(NoRoom::Resources(short)) => {
-                return Err(ApiError::unavailable(format!(
-                    "no worker has room for this instance (one with a free slot lacks {short}); retry when an instance ends"
-                ))
-                .reason("no_capacity"));
-            }
-            Err(NoRoom::Slots) => {
-                return Err(ApiError::unavailable(
-                    "no worker has a free slot; retry when an instance ends",
-                )
-                .reason("no_capacity"));
-            }
-        }
+        Err(Unplaced::Full(e, _) | Unplaced::Never(e)) => return Err(e),
     };
-    let now = unix_secs();
     let plan = SpawnPlan {
         keys: app.ks.clone(),
         leader_key: leader.key.clone(),
@@ -231,16 +209,51 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
         worker,
         domain: app.cfg.domain.clone(),
         tcp_ports: app.tcp_ports.clone(),
-        now,
+        now: unix_secs(),
         challenge,
         challenge_revision,
         secret_env,
     };
+    let spawned = write_spawn(app, &plan, None).await?;
+    let mut body = Instance::new(app, &spawned.record, "pending".into());
+    body.policy = fallback_note.map(|note| PolicyDecision {
+        digest: note.digest,
+        hook: note.hook.into(),
+        decision: "fallback-allow".into(),
+        error: Some(note.error),
+    });
+    Ok(json_response(StatusCode::CREATED, body))
+}
+
+/// The challenge's `secret_env` values at `revision` (none read when it
+/// has none).
+pub(super) async fn secret_env_of(
+    app: &App,
+    challenge: &tidegate_schema::ChallengeRecord,
+    revision: i64,
+) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    if challenge.spec.secret_env.is_empty() {
+        return Ok(Default::default());
+    }
+    etcd(app, || app.challenges.secret_env(&challenge.name, revision)).await
+}
+
+/// Runs the spawn Txn of `plan` (admitting `queued` when given) and
+/// records what it wrote in the view and the counters.
+pub(super) async fn write_spawn(
+    app: &App,
+    plan: &SpawnPlan,
+    queued: Option<&FromQueue>,
+) -> ApiResult<crate::Spawned> {
     let secret = app.cfg.flag_secret.as_bytes();
-    let spec = plan.challenge.spec.clone();
+    let (spec, team, name) = (
+        &plan.challenge.spec,
+        plan.team.as_str(),
+        plan.challenge.name.as_str(),
+    );
     let result = etcd(app, || async {
-        crate::spawn(&app.client, &plan, |id| {
-            crate::flag::render(secret, &spec, req.team.as_str(), req.challenge.as_str(), id)
+        crate::spawn::spawn_from(&app.client, plan, queued, |id| {
+            crate::flag::render(secret, spec, team, name, id)
         })
         .await
         .map_err(|e| {
@@ -260,17 +273,94 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
     };
     app.metrics.spawned();
     app.metrics.etcd.wrote(spawned.revision);
-    app.recent_spawns.record(now, &req.team, &req.challenge);
-    let mut body = Instance::new(app, &spawned.record, "pending".into());
-    body.policy = fallback_note.map(|note| PolicyDecision {
-        digest: note.digest,
-        hook: note.hook.into(),
-        decision: "fallback-allow".into(),
-        error: Some(note.error),
-    });
+    app.recent_spawns
+        .record(plan.now, &plan.team, &plan.challenge.name);
     app.view
-        .insert_own(spawned.record, spawned.lease, spawned.revision);
-    Ok(json_response(StatusCode::CREATED, body))
+        .insert_own(spawned.record.clone(), spawned.lease, spawned.revision);
+    Ok(spawned)
+}
+
+/// Why an instance has no worker now.
+pub(super) enum Unplaced {
+    /// Every worker is full (waiting can help): the answer, and the reason
+    /// a queue entry records (`no_capacity` or `no_network`).
+    Full(ApiError, &'static str),
+    /// No worker could ever take it, or none is registered.
+    Never(ApiError),
+}
+
+/// The worker an instance of `challenge` goes to now, or why none.
+pub(super) fn place(
+    app: &App,
+    challenge: &tidegate_schema::ChallengeRecord,
+) -> Result<tidegate_schema::WorkerId, Unplaced> {
+    let view = app.view.lock();
+    if view.workers.is_empty() {
+        return Err(Unplaced::Never(
+            ApiError::unavailable("no worker is registered: start an agent").reason("no_worker"),
+        ));
+    }
+    let network = !challenge.spec.services.is_empty();
+    let need = Resources::of_spec(&challenge.spec);
+    if let Some(short) = view.too_large(need) {
+        return Err(Unplaced::Never(
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "an instance of {:?} is larger than any worker: {short}; lower the challenge's limits or give a worker more (allocatable_*)",
+                    challenge.name.as_str()
+                ),
+            )
+            .reason("too_large"),
+        ));
+    }
+    view.place(challenge.name.as_str(), network, need, app.cfg.placement)
+        .map_err(|no| match no {
+            NoRoom::Network => Unplaced::Full(
+                ApiError::unavailable(
+                    "no worker has a free network for this challenge's services (each instance with services takes one of a worker's instance_networks); retry when an instance ends",
+                )
+                .reason("no_network"),
+                "no_network",
+            ),
+            NoRoom::Resources(short) => Unplaced::Full(
+                ApiError::unavailable(format!(
+                    "no worker has room for this instance (one with a free slot lacks {short}); retry when an instance ends"
+                ))
+                .reason("no_capacity"),
+                "no_capacity",
+            ),
+            NoRoom::Slots => Unplaced::Full(
+                ApiError::unavailable("no worker has a free slot; retry when an instance ends")
+                    .reason("no_capacity"),
+                "no_capacity",
+            ),
+        })
+}
+
+/// 409 `team_limit` when the team already has `per_team_max` live
+/// instances of the challenge (waiting would never end in one).
+fn team_under_limit(
+    app: &App,
+    challenge: &tidegate_schema::ChallengeRecord,
+    team: &TeamId,
+) -> ApiResult<()> {
+    let live = app
+        .view
+        .lock()
+        .instances
+        .values()
+        .filter(|i| i.record.team == *team && i.record.challenge == challenge.name)
+        .count();
+    if live >= challenge.spec.per_team_max as usize {
+        return Err(SpawnError::TeamLimit {
+            team: team.to_string(),
+            challenge: challenge.name.to_string(),
+            max: challenge.spec.per_team_max,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Live instances, as this replica's view holds them.
@@ -318,7 +408,7 @@ pub(super) async fn list(
     get, path = "/v1/instances/{id}", tag = "instances", operation_id = "get_instance",
     params(("id" = String, Path, description = "the instance's id: 10 lowercase hex characters"), TeamQuery),
     responses(
-        (status = 200, description = "the instance", body = Instance),
+        (status = 200, description = "the instance, or its place while it waits in the queue (`status` queued; each GET holds the place for another hold_secs)", body = Instance),
         (status = 400, description = "not an instance id", body = ErrorBody),
         (status = 404, description = "no such instance", body = ErrorBody),
     )
@@ -331,7 +421,16 @@ pub(super) async fn get(
 ) -> ApiResult {
     let id = parse_id(&id)?;
     let team = team_param(&q)?;
-    let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
+    let current = match etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await {
+        Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
+            if let Some(answer) = queue::get(&app, &id, team.as_ref()).await {
+                return Ok(answer);
+            }
+            // Admitted between the two reads: the instance is there now.
+            etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?
+        }
+        other => other?,
+    };
     let current = owned(current, team.as_ref())?;
     let (status, services) = {
         let view = app.view.lock();
@@ -479,14 +578,21 @@ pub(super) async fn delete(
     let team = team_param(&q)?;
     let owner = match &team {
         Some(t) => t.clone(),
-        None => {
-            etcd(&app, || lifecycle::get(&app.client, &app.ks, &id))
-                .await?
-                .record
-                .team
-        }
+        None => match etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await {
+            Ok(c) => c.record.team,
+            Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
+                let waiting = app.view.lock().waiting(&id).map(|(w, _)| w.record.team);
+                waiting.ok_or(e)?
+            }
+            Err(e) => return Err(e),
+        },
     };
     rate_limit(&app, scope, Op::Delete, &owner)?;
+    // A spawn still waiting leaves the queue.
+    if let Some(left) = queue::leave(&app, &id, team.as_ref()).await {
+        left?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let team = team.filter(|_| !planted("team-scope"));
     etcd(&app, || {
         lifecycle::delete(&app.client, &app.ks, &id, team.as_ref())

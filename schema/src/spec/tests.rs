@@ -547,3 +547,46 @@ fn a_service_named_twice_and_a_cycle_are_named_in_the_message() {
     let e = decode(&v).unwrap_err();
     assert!(e.message.contains("one of app, bot, db"), "{e}");
 }
+
+#[test]
+fn queue_is_on_by_default_and_takes_a_bool_or_a_table() {
+    let spec = decode(&base()).unwrap();
+    assert_eq!(spec.queue, crate::QueueSpec::default());
+    assert!(spec.queue.enabled);
+    // The default is not written back (older readers keep decoding it).
+    assert!(serde_json::to_value(&spec).unwrap().get("queue").is_none());
+    let mut v = base();
+    v["queue"] = json!(false);
+    assert!(!decode(&v).unwrap().queue.enabled);
+    v["queue"] = json!({"hold_secs": 30});
+    let q = decode(&v).unwrap().queue;
+    assert_eq!((q.enabled, q.hold_secs, q.max_waiting), (true, 30, 1000));
+    let back: ChallengeSpec =
+        serde_json::from_value(serde_json::to_value(decode(&v).unwrap()).unwrap()).unwrap();
+    assert_eq!(back.queue.hold_secs, 30);
+}
+
+#[test]
+fn bad_queue_settings_name_their_field() {
+    for (queue, field) in [
+        (json!({"hold_secs": 4}), "queue.hold_secs"),
+        (json!({"hold_secs": 3601}), "queue.hold_secs"),
+        (json!({"max_waiting": 0}), "queue.max_waiting"),
+        (json!({"max_waiting": 100_001}), "queue.max_waiting"),
+    ] {
+        assert_eq!(
+            error_field(|v| v["queue"] = queue.clone()),
+            field,
+            "{queue}"
+        );
+    }
+    for queue in [json!("yes"), json!(1), json!({"wait": 3})] {
+        let mut v = base();
+        v["queue"] = queue.clone();
+        let e = decode(&v).unwrap_err();
+        assert!(
+            format!("{} {}", e.field, e.message).contains("queue"),
+            "{queue}: {e}"
+        );
+    }
+}
