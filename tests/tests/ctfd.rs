@@ -2,8 +2,10 @@
 //! real tidegate, driven in headless Chromium: players start, renew and
 //! stop instances from the challenge modal, flags are checked per
 //! instance and flag sharing is recorded, another team's instance id is
-//! refused, tidegate's refusals reach the modal in its words, and the
-//! admin pages list and stop instances.
+//! refused, tidegate's refusals reach the modal in its words, a start on a
+//! full cluster waits in the queue (position shown, place held by the
+//! modal) until it is admitted, and the admin pages list and stop
+//! instances and show who waits.
 //!
 //! This file starts tidegate (etcd, a controller, two agents) and CTFd
 //! (`integrations/ctfd/tools/ctfd_lab.py`: the shared archive unpacked, a
@@ -93,10 +95,17 @@ impl Drop for Ctfd {
 /// allowlist policy, which admits none of CTFd's teams).
 async fn challenges(p: &Plane) {
     let c = &p.controller;
+    // echo holds a queue place 10 s without a poll (the modal polls, so
+    // the place must outlive that); echo-noqueue refuses instead of queueing.
+    let mut echo = echo_spec();
+    echo["queue"] = serde_json::json!({"hold_secs": 10});
+    let mut echo_noqueue = echo_spec();
+    echo_noqueue["queue"] = serde_json::json!(false);
     for (name, spec) in [
         ("web", web_spec()),
-        ("echo", echo_spec()),
+        ("echo", echo),
         ("locked", web_spec()),
+        ("echo-noqueue", echo_noqueue),
     ] {
         let (s, body) = c.put_challenge(name, spec).await;
         assert!(s.is_success(), "{name}: {body}");
@@ -195,6 +204,11 @@ async fn players_and_organizers_use_tidegate_from_ctfd_in_a_real_browser() {
 
     // What the scenario says it saw, checked from tidegate's side: both
     // stopped instances are gone, and their containers with them.
+    // A full cluster: the start waited in the queue (held by the modal's
+    // polls past its 10 s hold) and became the instance it was promised;
+    // a challenge with queueing off showed tidegate's refusal.
+    assert!(summary["admitted_from_queue"].is_string(), "{summary}");
+    assert_eq!(summary["no_queue_refused"], true, "{summary}");
     for (who, key) in [
         ("the player (the modal's Stop)", "stopped_by_player"),
         ("the admin (the Instances page)", "stopped_by_admin"),
@@ -221,7 +235,10 @@ async fn players_and_organizers_use_tidegate_from_ctfd_in_a_real_browser() {
         "modal-error",
         "modal-unreachable",
         "modal-stopped",
+        "modal-queued",
+        "modal-admitted",
         "admin-instances",
+        "admin-waiting",
         "admin-sharing",
     ] {
         let png = std::fs::read(shots.join(format!("{name}.png")))

@@ -11,9 +11,15 @@ tidegate, headless Chromium driven by Playwright. Run by the Rust test
   SCREENSHOTS              where each step's screenshot goes
 
 tidegate holds the challenges `web` (HTTP), `echo` (TCP) and `locked`
-(under a policy that admits none of CTFd's teams). Every step asserts what
-a player or an organizer would see; the first that does not hold ends the
-run with a non-zero status. The last line of stdout is a JSON summary.
+(under a policy that admits none of CTFd's teams), all with tidegate's
+waiting queue on (its default). When it also holds `echo-noqueue` (TCP,
+`"queue": false`), a start of that one on a full cluster is checked to be
+refused in tidegate's words. Every step asserts what a player or an
+organizer would see; the first that does not hold ends the run with a
+non-zero status. The last line of stdout is a JSON summary: the instances
+stopped by the player and by the admin, the queued start's id
+(`admitted_from_queue`), and whether the refusal of `echo-noqueue` was
+checked (`no_queue_refused`).
 """
 
 import json
@@ -158,11 +164,23 @@ def plugin_status(page, method, path):
         [method, path])
 
 
-def live(team=None, challenge=None):
+def query(team=None, challenge=None):
     q = "&".join(p for p in ("team=" + team if team else "", "challenge=" + challenge if challenge else "") if p)
-    status, body = tidegate("GET", "/v1/instances" + ("?" + q if q else ""))
+    return "?" + q if q else ""
+
+
+def live(team=None, challenge=None):
+    status, body = tidegate("GET", "/v1/instances" + query(team, challenge))
     assert status == 200, body
     return body["instances"]
+
+
+def waiting(team=None, challenge=None):
+    """tidegate's waiting queue, first to be admitted first (asking this
+    does not hold a place: only `GET /v1/instances/{id}` does)."""
+    status, body = tidegate("GET", "/v1/queue" + query(team, challenge))
+    assert status == 200, body
+    return body["queued"]
 
 
 def set_api_url(admin, url):
@@ -227,6 +245,10 @@ def main():
         web_id = create_by_form(admin, "Web", "web")
         create_by_api("Echo", "echo", "pwn")
         create_by_api("Locked", "locked", "misc")
+        # Named so that no other challenge's button text contains it.
+        no_queue = tidegate("GET", "/v1/challenges/echo-noqueue")[0] == 200
+        if no_queue:
+            create_by_api("Unqueued", "echo-noqueue", "pwn")
         hidden_id = create_by_api("Hidden", "hidden-web", "misc", state="hidden")
         standard_id = create_by_api("Standard", "", "misc", kind="standard")
 
@@ -347,18 +369,74 @@ def main():
         alice.click("#tidegate-start")
         expect(alice.locator("#tidegate-error")).to_contain_text("allowlist", timeout=10000)
 
-        step("no capacity")
+        step("no capacity: team B's start waits in tidegate's queue")
         fillers = []
         for n in range(CAPACITY - len(live())):
             status, body = tidegate("POST", "/v1/instances", {"challenge": "web", "team": "filler-%d" % n})
             assert status == 201, body
             fillers.append(body["id"])
+        assert not waiting(), waiting()
         open_modal(bob, "Echo")
+        expect(bob.locator("#tidegate-status")).to_have_text("not running")
         bob.click("#tidegate-start")
-        expect(bob.locator("#tidegate-error")).to_contain_text("no worker has a free slot", timeout=10000)
+        expect(bob.locator("#tidegate-status")).to_have_text("queued", timeout=10000)
+        expect(bob.locator("#tidegate-queue")).to_contain_text(re.compile(r"Queued, position 1 of 1\b"))
+        expect(bob.locator("#tidegate-queue")).to_contain_text("every worker is busy")
+        expect(bob.locator("#tidegate-error")).to_be_hidden()
+        expect(bob.locator("#tidegate-url")).to_have_count(0)
+        [place] = waiting(team_b, "echo")
+        assert place["reason"] == "no_capacity", place
+        expect(bob.locator("#tidegate-queue")).to_have_attribute("data-instance", place["id"])
+
+        step("Leave gives the place up; Start takes a new one")
+        bob.click("#tidegate-leave")
+        expect(bob.locator("#tidegate-status")).to_have_text("not running", timeout=10000)
+        assert not waiting(team_b, "echo"), waiting(team_b, "echo")
+        bob.click("#tidegate-start")
+        expect(bob.locator("#tidegate-status")).to_have_text("queued", timeout=10000)
+        [place] = waiting(team_b, "echo")
+        shot(bob, "modal-queued")
+
+        step("a reload finds the team's place again, and the organizer sees it waiting")
+        open_modal(bob, "Echo")
+        expect(bob.locator("#tidegate-status")).to_have_text("queued")
+        expect(bob.locator("#tidegate-queue")).to_contain_text(re.compile(r"Queued, position 1 of 1\b"))
+        expect(bob.locator("#tidegate-queue")).to_have_attribute("data-instance", place["id"])
+        admin.goto(CTFD + "/admin/tidegate/instances")
+        row = admin.locator('#tidegate-waiting tr[data-queued="%s"]' % place["id"])
+        expect(row).to_contain_text(XSS_TEAM)
+        expect(row).to_contain_text("echo")
+        expect(row).to_contain_text("every worker is busy")
+        assert admin.evaluate("window.__xss") is None, "the Waiting table ran a team name's markup"
+        shot(admin, "admin-waiting")
+
+        summary["no_queue_refused"] = False
+        if no_queue:
+            step("a challenge without a queue (\"queue\": false) is refused in tidegate's words")
+            open_modal(alice, "Unqueued")
+            alice.click("#tidegate-start")
+            expect(alice.locator("#tidegate-error")).to_contain_text("no worker has a free slot", timeout=10000)
+            expect(alice.locator("#tidegate-status")).to_have_text("not running")
+            assert not live(team_a, "echo-noqueue") and not waiting(team_a), waiting(team_a)
+            summary["no_queue_refused"] = True
+
+        if place["hold_secs"] <= 20:
+            step("the open page keeps asking: the place outlives its hold_secs (%d s)" % place["hold_secs"])
+            time.sleep(place["hold_secs"] * 1.5)
+            assert [w["id"] for w in waiting(team_b, "echo")] == [place["id"]], waiting()
+
+        step("room frees: the queued start runs under its promised id, its ncat command shown")
         for f in fillers:
             status, body = tidegate("DELETE", "/v1/instances/" + f)
             assert status == 204, body
+        expect(bob.locator("#tidegate-ncat")).to_be_visible(timeout=20000)
+        expect(bob.locator("#tidegate-status")).not_to_have_text("queued")
+        expect(bob.locator("#tidegate-queue")).to_be_hidden()
+        [inst] = live(team_b, "echo")
+        assert inst["id"] == place["id"], (inst, place)
+        assert not waiting(), waiting()
+        summary["admitted_from_queue"] = place["id"]
+        shot(bob, "modal-admitted")
 
         step("tidegate unreachable: the modal says so, CTFd's other pages work")
         set_api_url(admin, "http://127.0.0.1:9")

@@ -15,7 +15,7 @@ shown: tidegate's own `error` text and `reason` word, and `Retry-After`.
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
@@ -113,6 +113,18 @@ def call(
     cfg: Optional["tg_settings.Settings"] = None,
 ) -> Any:
     """Calls tidegate; returns the decoded JSON answer (None for a 204)."""
+    return call_with_status(method, path, params, body, cfg)[1]
+
+
+def call_with_status(
+    method: str,
+    path: str,
+    params: Optional[dict] = None,
+    body: Any = None,
+    cfg: Optional["tg_settings.Settings"] = None,
+) -> Tuple[int, Any]:
+    """As `call`, with tidegate's 2xx status: (status, answer). A spawn
+    answered 202 is a place in tidegate's waiting queue, not an instance."""
     cfg = cfg or tg_settings.load()
     if not cfg.configured:
         raise TidegateError(
@@ -191,9 +203,9 @@ def call(
         if resp.status_code >= 300:
             raise _error_from(resp)
         if resp.status_code == 204 or not resp.content:
-            return None
+            return resp.status_code, None
         try:
-            return resp.json()
+            return resp.status_code, resp.json()
         except ValueError:
             raise TidegateError(
                 502, "tidegate answered something that is not JSON", "bad_answer"

@@ -3,6 +3,10 @@
 Players (`/plugins/tidegate/api/...`, logged in): their team's instance of a
 challenge, spawn, renew, stop. Every tidegate call names the session's team
 (`?team=`), so an instance id of another team is answered 404 by tidegate.
+A spawn that finds no room may get a place in tidegate's waiting queue (202,
+`status` queued) instead of an instance; the modal then asks about that id
+(`GET .../instances/<id>`), which is what holds the place, until it is
+admitted under the same id.
 
 Admins (`/plugins/tidegate/admin/api/...` and the pages under
 `/admin/tidegate/`): every live instance, the workers' capacity, stop and
@@ -91,6 +95,51 @@ def _web_url(value):
     if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
         return value
     return None
+
+
+# tidegate's words for why a spawn waits, as the plugin's pages say them.
+QUEUE_REASONS = {
+    "no_capacity": "every worker is busy",
+    "no_network": "no worker has a free network for this challenge",
+    "policy": "the challenge's policy holds new instances back for now",
+}
+
+
+def is_queued(answer):
+    """Whether a tidegate answer is a place in the waiting queue (a 202 to
+    a spawn, or `GET /v1/instances/{id}` while it waits)."""
+    return isinstance(answer, dict) and answer.get("status") == "queued"
+
+
+def shape_queued(place, now=None):
+    """A place in tidegate's waiting queue as the plugin shows it: the id it
+    will have once admitted, its position, and no addresses yet."""
+    if not isinstance(place, dict):
+        return None
+    return {
+        "id": _str(place.get("id")),
+        "challenge": _str(place.get("challenge")),
+        "status": "queued",
+        # 1 is next; `waiting` counts every challenge's places.
+        "position": _int(place.get("position")),
+        "waiting": _int(place.get("waiting")),
+        "reason": _str(place.get("reason")),
+        "queued_at": _int(place.get("queued_at")),
+        "hold_secs": _int(place.get("hold_secs")),
+        "created_at": None,
+        "expires_at": None,
+        "renewals": 0,
+        "now": int(now if now is not None else time.time()),
+        "http": [],
+        "tcp": [],
+    }
+
+
+def shape_answer(answer, cfg, now=None):
+    """An instance, or a place in the queue, as the plugin shows it."""
+    if is_queued(answer):
+        return shape_queued(answer, now)
+    return shape_instance(answer, cfg, now)
 
 
 def shape_instance(inst, cfg, now=None):
@@ -226,6 +275,19 @@ def _latest(instances):
     return max(live, key=lambda i: _int(i.get("created_at"), 0))
 
 
+def _queue(params, cfg):
+    """`GET /v1/queue` (filtered by `params`): the places, first to be
+    admitted first. A tidegate without a queue (404) has none."""
+    try:
+        answer = client.call("GET", "/v1/queue", params=params, cfg=cfg)
+    except client.TidegateError as e:
+        if e.status == 404:
+            return []
+        raise
+    places = answer.get("queued") if isinstance(answer, dict) else None
+    return [p for p in places or [] if isinstance(p, dict)]
+
+
 @tidegate_bp.route(
     "/plugins/tidegate/api/challenges/<int:challenge_id>/instance", methods=["GET"]
 )
@@ -241,12 +303,27 @@ def player_get_instance(challenge_id):
             params={"team": tg_team, "challenge": chal.tidegate_challenge},
             cfg=cfg,
         )
+        instances = answer.get("instances") if isinstance(answer, dict) else None
+        inst = _latest(instances or [])
+        if inst is not None:
+            shaped = shape_instance(inst, cfg)
+        else:
+            # No instance: the team's place in the queue, if it waits (the
+            # modal then asks about its id, which holds the place).
+            places = [
+                p
+                for p in _queue(
+                    {"team": tg_team, "challenge": chal.tidegate_challenge}, cfg
+                )
+                if p.get("team") == tg_team
+                and p.get("challenge") == chal.tidegate_challenge
+            ]
+            shaped = shape_queued(places[0]) if places else None
     except _Refused as r:
         return r.answer
     except client.TidegateError as e:
         return _tidegate_fail(e)
-    instances = answer.get("instances") if isinstance(answer, dict) else None
-    body, status = _ok(shape_instance(_latest(instances or []), cfg))
+    body, status = _ok(shaped)
     # The session's own tidegate team (the name its instances are under).
     body["team"] = tg_team
     return body, status
@@ -262,7 +339,7 @@ def player_spawn(challenge_id):
         chal = _visible_challenge(challenge_id, user)
         _check_ctf_time()
         cfg = settings.load()
-        inst = client.call(
+        status, inst = client.call_with_status(
             "POST",
             "/v1/instances",
             body={"challenge": chal.tidegate_challenge, "team": tg_team},
@@ -272,7 +349,30 @@ def player_spawn(challenge_id):
         return r.answer
     except client.TidegateError as e:
         return _tidegate_fail(e)
+    if status == 202 or is_queued(inst):
+        # No room now: a place in tidegate's queue (the same place again
+        # when the team already waits), admitted later under this id.
+        return _ok(shape_queued(inst), 202)
     return _ok(shape_instance(inst, cfg), 201)
+
+
+@tidegate_bp.route("/plugins/tidegate/api/instances/<instance_id>", methods=["GET"])
+@ratelimit(method="GET", limit=RATE_GET, interval=RATE_INTERVAL)
+def player_get_by_id(instance_id):
+    """One of the team's instances, or its place in the queue while it
+    waits: each such call holds the place for another `hold_secs`."""
+    try:
+        user, team, tg_team = _player()
+        iid = _instance_id(instance_id)
+        cfg = settings.load()
+        answer = client.call(
+            "GET", "/v1/instances/%s" % iid, params={"team": tg_team}, cfg=cfg
+        )
+    except _Refused as r:
+        return r.answer
+    except client.TidegateError as e:
+        return _tidegate_fail(e)
+    return _ok(shape_answer(answer, cfg))
 
 
 @tidegate_bp.route("/plugins/tidegate/api/instances/<instance_id>/renew", methods=["POST"])
@@ -324,10 +424,11 @@ def _challenge_names():
 
 
 def _admin_listing(cfg):
-    """Live instances and workers, for the page and its JSON twin. Raises
-    TidegateError when tidegate cannot be asked."""
+    """Live instances, waiting spawns and workers, for the page and its JSON
+    twin. Raises TidegateError when tidegate cannot be asked."""
     listing = client.call("GET", "/v1/instances", cfg=cfg)
     workers_answer = client.call("GET", "/v1/workers", cfg=cfg)
+    places = _queue(None, cfg)
     now = int(time.time())
     names = _challenge_names()
     described = {}
@@ -345,6 +446,17 @@ def _admin_listing(cfg):
         shaped["ctfd_challenges"] = names.get(shaped["challenge"], [])
         rows.append(shaped)
     rows.sort(key=lambda r: (r.get("expires_at") or 0, r["id"]))
+    # In tidegate's admission order (its `position`).
+    queued = []
+    for place in places:
+        shaped = shape_queued(place, now)
+        team_id = _str(place.get("team"))
+        if team_id not in described:
+            described[team_id] = teams.describe(team_id)
+        shaped["team"] = described[team_id]
+        shaped["ctfd_challenges"] = names.get(shaped["challenge"], [])
+        shaped["reason_text"] = QUEUE_REASONS.get(shaped["reason"], shaped["reason"])
+        queued.append(shaped)
     workers = []
     raw_workers = workers_answer.get("workers") if isinstance(workers_answer, dict) else []
     for w in raw_workers or []:
@@ -366,7 +478,13 @@ def _admin_listing(cfg):
         "free": sum(w["free"] for w in workers),
         "workers": len(workers),
     }
-    return {"instances": rows, "workers": workers, "totals": totals, "now": now}
+    return {
+        "instances": rows,
+        "queued": queued,
+        "workers": workers,
+        "totals": totals,
+        "now": now,
+    }
 
 
 @tidegate_bp.route("/plugins/tidegate/admin/api/instances", methods=["GET"])
@@ -431,7 +549,11 @@ def _fmt_remaining(seconds):
         return ""
     if seconds <= 0:
         return "expired"
-    h, rest = divmod(int(seconds), 3600)
+    return _fmt_duration(seconds)
+
+
+def _fmt_duration(seconds):
+    h, rest = divmod(max(0, int(seconds)), 3600)
     m, s = divmod(rest, 60)
     if h:
         return "%dh %02dm" % (h, m)
@@ -443,7 +565,13 @@ def _fmt_remaining(seconds):
 def admin_instances():
     cfg = settings.load()
     error = None
-    listing = {"instances": [], "workers": [], "totals": None, "now": int(time.time())}
+    listing = {
+        "instances": [],
+        "queued": [],
+        "workers": [],
+        "totals": None,
+        "now": int(time.time()),
+    }
     try:
         listing = _admin_listing(cfg)
     except client.TidegateError as e:
@@ -453,6 +581,9 @@ def admin_instances():
     for row in listing["instances"]:
         exp = row.get("expires_at")
         row["expires_in"] = _fmt_remaining(exp - listing["now"] if exp else None)
+    for place in listing["queued"]:
+        since = place.get("queued_at")
+        place["waited"] = _fmt_duration(listing["now"] - since) if since else ""
     return render_template(
         TEMPLATES + "instances.html",
         error=error,

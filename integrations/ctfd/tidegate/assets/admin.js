@@ -60,6 +60,11 @@
 
   function remaining(secs) {
     if (secs <= 0) return "expired";
+    return duration(secs);
+  }
+
+  function duration(secs) {
+    secs = Math.max(0, Math.floor(secs));
     var h = Math.floor(secs / 3600);
     var m = Math.floor((secs % 3600) / 60);
     var s = secs % 60;
@@ -70,7 +75,9 @@
   function startCountdowns() {
     var root = document.getElementById("tidegate-admin");
     var cells = document.querySelectorAll(".tidegate-expires[data-expires-at]");
-    if (!root || !cells.length) return;
+    // How long each waiting start has waited (the Waiting table).
+    var waited = document.querySelectorAll(".tidegate-waited[data-queued-at]");
+    if (!root || (!cells.length && !waited.length)) return;
     var serverNow = parseInt(root.getAttribute("data-now"), 10);
     var skew = isNaN(serverNow) ? 0 : serverNow - Date.now() / 1000;
     setInterval(function () {
@@ -78,6 +85,10 @@
       cells.forEach(function (c) {
         var at = parseInt(c.getAttribute("data-expires-at"), 10);
         if (!isNaN(at)) c.textContent = remaining(at - now);
+      });
+      waited.forEach(function (c) {
+        var since = parseInt(c.getAttribute("data-queued-at"), 10);
+        if (!isNaN(since)) c.textContent = duration(now - since);
       });
     }, 1000);
   }

@@ -13,6 +13,15 @@
   var API = "/plugins/tidegate/api";
   var POLL_MS = 2000;
   var SLOW_POLL_MS = 30000;
+  // A place in tidegate's waiting queue is asked about this often (at most;
+  // a quarter of its hold_secs when that is shorter).
+  var QUEUE_POLL_MS = 2500;
+  // Why a start waits, in the player's words (tidegate's `reason`).
+  var QUEUE_REASONS = {
+    no_capacity: "every worker is busy",
+    no_network: "no worker has a free network for this challenge",
+    policy: "the challenge's policy holds new instances back for now",
+  };
 
   // What CTFd calls around rendering (it resets _internal.challenge first).
   var internal = (CTFd._internal.challenge = CTFd._internal.challenge || {});
@@ -83,12 +92,78 @@
 
   function remaining(secs) {
     if (secs <= 0) return "expired";
+    return duration(secs);
+  }
+
+  function duration(secs) {
+    secs = Math.max(0, Math.floor(secs));
     var h = Math.floor(secs / 3600);
     var m = Math.floor((secs % 3600) / 60);
     var s = secs % 60;
     if (h > 0) return h + "h " + (m < 10 ? "0" : "") + m + "m " + (s < 10 ? "0" : "") + s + "s";
     return m + "m " + (s < 10 ? "0" : "") + s + "s";
   }
+
+  function queued(inst) {
+    return !!inst && inst.status === "queued";
+  }
+
+  function holdEvery(place) {
+    var hold = place && typeof place.hold_secs === "number" ? place.hold_secs : 60;
+    return Math.max(1000, Math.min(QUEUE_POLL_MS, Math.floor((hold * 1000) / 4)));
+  }
+
+  // The places this page waits in. tidegate keeps a place only while its id
+  // is asked about (each GET holds it for another hold_secs), so one keeper
+  // per page, kept on window across this script's reloads, asks about each
+  // place whichever modal is open, or none: a player who opens another
+  // challenge meanwhile keeps the place. Each answer goes to the panel that
+  // shows the place, if any. A place is forgotten once admitted (the answer
+  // is the instance), left, or gone (404).
+  function makeKeeper() {
+    var places = {}; // id -> {every, timer, listener}
+
+    function ask(id, p) {
+      p.timer = null;
+      request("GET", "/instances/" + encodeURIComponent(id)).then(function (body) {
+        if (places[id] !== p) return; // left meanwhile
+        var data = body.success ? body.data : null;
+        var waiting = queued(data);
+        if (waiting) p.every = holdEvery(data);
+        // A refusal other than 404 (unreachable, 429): ask again.
+        var over = body.success ? !waiting : body.http_status === 404;
+        if (over) {
+          delete places[id];
+        } else {
+          p.timer = setTimeout(function () {
+            ask(id, p);
+          }, p.every);
+        }
+        if (p.listener && p.listener(body) === false) p.listener = null;
+      });
+    }
+
+    return {
+      hold: function (place, listener) {
+        var p = places[place.id];
+        if (!p) {
+          p = places[place.id] = { every: holdEvery(place), timer: null, listener: null };
+          p.timer = setTimeout(function () {
+            ask(place.id, p);
+          }, p.every);
+        }
+        p.listener = listener;
+      },
+      release: function (id) {
+        var p = places[id];
+        if (!p) return;
+        if (p.timer) clearTimeout(p.timer);
+        delete places[id];
+      },
+    };
+  }
+
+  var keeper = window.TidegateQueueKeeper || (window.TidegateQueueKeeper = makeKeeper());
 
   function component() {
     // This component's panel. Not `this.$el`: in a method run from a
@@ -102,6 +177,8 @@
       busy: false,
       loading: true,
       countdown: "",
+      // how long a place in the queue has waited
+      waited: "",
       // server clock minus browser clock, in seconds
       skew: 0,
       expiredRefreshed: false,
@@ -151,8 +228,60 @@
         if (inst && typeof inst.now === "number") {
           this.skew = inst.now - Date.now() / 1000;
         }
+        if (queued(inst)) {
+          var self = this;
+          var id = inst.id;
+          keeper.hold(inst, function (body) {
+            return self.onPlace(id, body);
+          });
+        }
         this.tick();
         this.schedulePoll();
+      },
+
+      queued: function () {
+        return queued(this.instance);
+      },
+
+      // The keeper's answer about the place this panel shows; false: this
+      // panel no longer shows it (closed, or showing something else).
+      onPlace: function (id, body) {
+        if (!this.alive() || !this.instance || this.instance.id !== id) return false;
+        if (body.success && body.data) {
+          this.error = "";
+          // Still waiting (a fresh position), or admitted: the instance.
+          this.setInstance(body.data);
+        } else if (body.success || body.http_status === 404) {
+          this.placeGone();
+        } else {
+          // Unreachable, rate limited: the keeper asks again.
+          this.error = refusal(body);
+        }
+        return true;
+      },
+
+      placeGone: function () {
+        var self = this;
+        var said =
+          "your place in the queue is gone (left from another page, or not asked about " +
+          "for too long); start again";
+        this.setInstance(null);
+        return this.refresh().then(function () {
+          if (!self.instance && !self.error) self.error = said;
+        });
+      },
+
+      queueText: function () {
+        var q = this.instance;
+        if (!queued(q)) return "";
+        var text =
+          "Queued, position " +
+          (q.position === null || q.position === undefined ? "?" : q.position) +
+          " of " +
+          (q.waiting === null || q.waiting === undefined ? "?" : q.waiting);
+        var why = QUEUE_REASONS[q.reason] || q.reason;
+        if (why) text += " (" + why + ")";
+        return text + ". It starts by itself when its turn comes, while this page stays open.";
       },
 
       pending: function () {
@@ -164,7 +293,8 @@
         var self = this;
         if (this._poll) clearTimeout(this._poll);
         this._poll = null;
-        if (!this.instance) return;
+        // A place in the queue: the keeper asks about it.
+        if (!this.instance || this.queued()) return;
         // Quickly while it starts; then now and then, to see it fail or
         // be stopped elsewhere (the Instances page, another teammate).
         var delay = this.pending() ? POLL_MS : SLOW_POLL_MS;
@@ -181,11 +311,13 @@
 
       tick: function () {
         if (!this.alive()) return;
+        var now = Math.floor(Date.now() / 1000 + this.skew);
+        this.waited =
+          this.queued() && this.instance.queued_at ? duration(now - this.instance.queued_at) : "";
         if (!this.instance || !this.instance.expires_at) {
           this.countdown = "";
           return;
         }
-        var now = Math.floor(Date.now() / 1000 + this.skew);
         var left = this.instance.expires_at - now;
         this.countdown = remaining(left);
         if (left <= 0 && !this.expiredRefreshed && !this.busy) {
@@ -205,6 +337,7 @@
         if (s === "running") return "bg-success";
         if (s.indexOf("failed") === 0) return "bg-danger";
         if (s === "pending" || s === "starting") return "bg-warning text-dark";
+        if (s === "queued") return "bg-info text-dark";
         return "bg-secondary";
       },
 
@@ -270,6 +403,17 @@
         var self = this;
         if (!this.instance) return;
         return this.act("DELETE", "/instances/" + this.instance.id, function () {
+          self.setInstance(null);
+        });
+      },
+
+      // Gives the place in the queue up (the same DELETE as Stop).
+      leave: function () {
+        var self = this;
+        if (!this.queued()) return;
+        var id = this.instance.id;
+        return this.act("DELETE", "/instances/" + id, function () {
+          keeper.release(id);
           self.setInstance(null);
         });
       },
