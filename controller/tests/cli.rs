@@ -120,3 +120,81 @@ async fn organizer_workflow_through_the_cli() {
     let (ok, _, err) = tidegate(dir.path(), &["challenge", "ls"]);
     assert!(!ok && err.contains("no API address"), "{err}");
 }
+
+#[tokio::test]
+async fn a_spawn_that_waits_shows_its_place() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    register_worker(&client, "worker-a", 1).await;
+    let c = Controller::start(&etcd, "c1", dir.path()).await;
+    assert!(eventually(10, || c.is_leader()).await);
+    assert!(sees_workers(&c, 1).await);
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(project.join(".tidegate")).unwrap();
+    std::fs::write(
+        project.join(".tidegate/local.json"),
+        serde_json::json!({"api": c.url, "admin_token": ADMIN}).to_string(),
+    )
+    .unwrap();
+    let cwd = project.as_path();
+    std::fs::write(
+        cwd.join("web.json"),
+        r#"{"image": "x", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}"#,
+    )
+    .unwrap();
+    let (ok, _, err) = tidegate(cwd, &["challenge", "apply", "-f", "web.json"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = tidegate(cwd, &["queue", "ls"]);
+    assert_eq!(
+        (ok, out.as_str()),
+        (true, "POSITION  ID  TEAM  CHALLENGE  REASON  WAITED\n")
+    );
+
+    // The one slot taken, the next team's spawn waits: 202, said plainly.
+    let (ok, _, err) = tidegate(cwd, &["instance", "spawn", "web", "team-1"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = tidegate(cwd, &["instance", "spawn", "web", "team-2"]);
+    assert!(ok, "{err}");
+    let promised = out
+        .strip_prefix("queued: ")
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let id = promised.as_str();
+    assert!(
+        out.starts_with(&format!("queued: {id}, position 1 of 1 (no_capacity)\n")),
+        "{out}"
+    );
+    // Asking about it (which holds the place) says the same; JSON for scripts.
+    let (ok, out, err) = tidegate(cwd, &["instance", "get", id]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!("queued: {id}, position 1 of 1 (no_capacity)\n")),
+        "{out}"
+    );
+    let (ok, out, err) = tidegate(cwd, &["instance", "get", id, "--json"]);
+    assert!(ok, "{err}");
+    let place: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        place["status"] == "queued" && place["id"] == id && place["team"] == "team-2",
+        "{out}"
+    );
+    let (ok, out, _) = tidegate(cwd, &["queue", "ls", "--challenge", "web"]);
+    let row = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        ok && row.starts_with(&format!("1         {id}  team-2  web        no_capacity  ")),
+        "{out}"
+    );
+    let (ok, out, _) = tidegate(cwd, &["queue", "ls", "--team", "team-1"]);
+    assert!(ok && out.lines().count() == 1, "{out}");
+    let (ok, out, _) = tidegate(cwd, &["queue", "ls", "--json"]);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && list["queued"][0]["id"] == id, "{out}");
+
+    // Leaving the queue.
+    let (ok, _, err) = tidegate(cwd, &["instance", "rm", id]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = tidegate(cwd, &["queue", "ls"]);
+    assert!(ok && out.lines().count() == 1, "{out}");
+}

@@ -34,7 +34,8 @@ pub(super) async fn page() -> Response {
 
 /// What the organizer dashboard (`GET /dashboard`, an HTML page) shows:
 /// this replica, the leader, workers (registered or absent), live
-/// instances, this replica's recent refusals, policies in force.
+/// instances, the spawns waiting for room (`queue`, in admission order),
+/// this replica's recent refusals, policies in force.
 #[utoipa::path(
     get, path = "/v1/dashboard", tag = "cluster", operation_id = "dashboard",
     security(("admin" = [])),
@@ -61,7 +62,7 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
             }))
         })
         .collect();
-    let (workers, items, revision) = {
+    let (workers, items, queue, revision) = {
         let view = app.view.lock();
         let mut workers: Vec<Value> = cluster::workers_of(&view)
             .into_iter()
@@ -96,7 +97,24 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
             })
             .collect();
         items.sort_by_key(|i| std::cmp::Reverse(i["created_at"].as_u64().unwrap_or(0)));
-        (workers, items, view.revision)
+        // The waiting queue in the order the scheduler admits it.
+        let queue: Vec<Value> = view
+            .fair_order()
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                json!({
+                    "position": i + 1,
+                    "id": w.record.id,
+                    "challenge": w.record.challenge,
+                    "team": w.record.team,
+                    "reason": w.record.reason,
+                    "detail": w.record.detail,
+                    "queued_at": w.record.queued_at,
+                })
+            })
+            .collect();
+        (workers, items, queue, view.revision)
     };
     Ok(json_response(
         StatusCode::OK,
@@ -110,6 +128,7 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
             "now": tidegate_schema::time::unix_secs(),
             "workers": workers,
             "instances": items,
+            "queue": queue,
             "refusals": app.metrics.recent(),
             "per_minute": app.metrics.per_minute(tidegate_schema::time::unix_secs()),
             "policies": policies,

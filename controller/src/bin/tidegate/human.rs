@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::{ChallengeCmd, Command, InstanceCmd, PolicyCmd, WorkerCmd};
+use crate::{ChallengeCmd, Command, InstanceCmd, PolicyCmd, QueueCmd, WorkerCmd};
 
 /// A plain table, columns padded to their widest cell.
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -43,6 +43,21 @@ fn time_left(expires_at: &Value, now: u64) -> String {
     };
     match at.saturating_sub(now) {
         0 => "expired".into(),
+        s => span(s),
+    }
+}
+
+/// Time since `queued_at` (unix seconds) at `now`, as [`time_left`] says
+/// it; `-` when it is not a number.
+fn waited(queued_at: &Value, now: u64) -> String {
+    queued_at
+        .as_u64()
+        .map_or_else(|| "-".into(), |at| span(now.saturating_sub(at)))
+}
+
+/// A duration as people say it: `45s`, `29m`, `1h05m`.
+fn span(secs: u64) -> String {
+    match secs {
         s if s < 60 => format!("{s}s"),
         s if s < 3600 => format!("{}m", s / 60),
         s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
@@ -122,6 +137,42 @@ fn instance_rows(items: &[Value]) -> String {
     )
 }
 
+/// Waiting spawns (`GET /v1/queue`'s `queued`), in admission order.
+fn queue_rows(items: &[Value], now: u64) -> String {
+    let rows = items
+        .iter()
+        .map(|q| {
+            vec![
+                text(&q["position"]),
+                text(&q["id"]),
+                text(&q["team"]),
+                text(&q["challenge"]),
+                text(&q["reason"]),
+                waited(&q["queued_at"], now),
+            ]
+        })
+        .collect();
+    table(
+        &["POSITION", "ID", "TEAM", "CHALLENGE", "REASON", "WAITED"],
+        rows,
+    )
+}
+
+/// A spawn that waits for room (a `202` to a spawn, or a `GET` of its id):
+/// its place, and that asking about it keeps the place.
+fn queued_line(v: &Value) -> String {
+    format!(
+        "queued: {}, position {} of {} ({})\n\
+         it keeps its place while `tidegate instance get {}` asks at least every {}s\n",
+        text(&v["id"]),
+        text(&v["position"]),
+        text(&v["waiting"]),
+        text(&v["reason"]),
+        text(&v["id"]),
+        text(&v["hold_secs"]),
+    )
+}
+
 pub(crate) fn human(cmd: &Command, v: &Value) -> String {
     match cmd {
         Command::Challenge(ChallengeCmd::Ls) => {
@@ -172,9 +223,18 @@ pub(crate) fn human(cmd: &Command, v: &Value) -> String {
         Command::Instance(InstanceCmd::Ls { .. }) => {
             instance_rows(v["instances"].as_array().map(Vec::as_slice).unwrap_or(&[]))
         }
+        Command::Instance(InstanceCmd::Spawn { .. } | InstanceCmd::Get { .. })
+            if v["status"] == "queued" =>
+        {
+            queued_line(v)
+        }
         Command::Instance(
             InstanceCmd::Spawn { .. } | InstanceCmd::Get { .. } | InstanceCmd::Renew { .. },
         ) => instance_rows(std::slice::from_ref(v)),
+        Command::Queue(QueueCmd::Ls { .. }) => queue_rows(
+            v["queued"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+            now(),
+        ),
         Command::Worker(WorkerCmd::Ls) => {
             let rows = v["workers"]
                 .as_array()
@@ -285,5 +345,59 @@ mod tests {
         assert!(out.contains("EXPIRES_IN"), "{out}");
         assert!(out.contains(" 29m "), "{out}");
         assert!(!out.contains(&expires.to_string()), "{out}");
+    }
+
+    #[test]
+    fn queue_table_shows_places_in_order_and_how_long_they_waited() {
+        let now = 1_000_000;
+        let out = queue_rows(
+            &[
+                json!({"id": "a3f4b92c8d", "challenge": "web", "team": "t1", "status": "queued",
+                    "position": 1, "waiting": 2, "reason": "no_capacity", "queued_at": now - 65,
+                    "hold_secs": 30}),
+                json!({"id": "b3f4b92c8d", "challenge": "pwn", "team": "team-2",
+                    "status": "queued", "position": 2, "waiting": 2, "reason": "policy",
+                    "queued_at": now - 3725, "hold_secs": 30}),
+            ],
+            now,
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "POSITION  ID          TEAM    CHALLENGE  REASON       WAITED",
+                "1         a3f4b92c8d  t1      web        no_capacity  1m",
+                "2         b3f4b92c8d  team-2  pwn        policy       1h02m",
+            ],
+            "{out}"
+        );
+        assert_eq!(waited(&json!(now), now), "0s");
+        assert_eq!(waited(&json!(now + 5), now), "0s");
+        assert_eq!(waited(&Value::Null, now), "-");
+        assert_eq!(
+            queue_rows(&[], now),
+            "POSITION  ID  TEAM  CHALLENGE  REASON  WAITED\n"
+        );
+    }
+
+    #[test]
+    fn a_queued_spawn_says_its_place() {
+        let v = json!({"id": "a3f4b92c8d", "challenge": "web", "team": "t1", "status": "queued",
+            "position": 3, "waiting": 12, "reason": "no_capacity", "detail": "no worker has room",
+            "queued_at": 0, "hold_secs": 30});
+        let cmd = Command::Instance(InstanceCmd::Spawn {
+            challenge: "web".into(),
+            team: "t1".into(),
+        });
+        let out = human(&cmd, &v);
+        assert!(
+            out.starts_with("queued: a3f4b92c8d, position 3 of 12 (no_capacity)\n"),
+            "{out}"
+        );
+        assert!(out.contains("every 30s"), "{out}");
+        // An admitted instance is still a table.
+        let running = json!({"id": "a3f4b92c8d", "challenge": "web", "team": "t1",
+            "worker": "w1", "status": "running", "expires_at": 0, "http": [], "tcp": []});
+        assert!(human(&cmd, &running).starts_with("ID"));
     }
 }

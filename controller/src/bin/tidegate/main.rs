@@ -45,6 +45,9 @@ enum Command {
     /// Instances.
     #[command(subcommand)]
     Instance(InstanceCmd),
+    /// Spawns waiting for room.
+    #[command(subcommand)]
+    Queue(QueueCmd),
     /// Workers.
     #[command(subcommand)]
     Worker(WorkerCmd),
@@ -113,6 +116,17 @@ enum InstanceCmd {
         /// Only if it is this team's (otherwise: no such instance).
         #[arg(long)]
         team: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCmd {
+    /// List waiting spawns, first to be admitted first.
+    Ls {
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        challenge: Option<String>,
     },
 }
 
@@ -241,6 +255,10 @@ fn call_of(command: &Command) -> Result<Call> {
             }
         },
         Command::Instance(i) => instance_call(i),
+        Command::Queue(QueueCmd::Ls { team, challenge }) => Call::new(
+            Method::GET,
+            format!("/v1/queue{}", list_query(team, challenge)),
+        ),
     })
 }
 
@@ -248,16 +266,10 @@ fn instance_call(cmd: &InstanceCmd) -> Call {
     match cmd {
         InstanceCmd::Spawn { challenge, team } => Call::new(Method::POST, "/v1/instances")
             .json(json!({ "challenge": challenge, "team": team })),
-        InstanceCmd::Ls { team, challenge } => {
-            let mut q = Vec::new();
-            if let Some(t) = team {
-                q.push(format!("team={t}"));
-            }
-            if let Some(c) = challenge {
-                q.push(format!("challenge={c}"));
-            }
-            Call::new(Method::GET, format!("/v1/instances?{}", q.join("&")))
-        }
+        InstanceCmd::Ls { team, challenge } => Call::new(
+            Method::GET,
+            format!("/v1/instances{}", list_query(team, challenge)),
+        ),
         InstanceCmd::Get { id, team } => Call::new(
             Method::GET,
             format!("/v1/instances/{id}{}", team_query(team)),
@@ -281,18 +293,33 @@ fn instance_call(cmd: &InstanceCmd) -> Call {
 
 /// `?team=...` (percent-encoded) when a team is given.
 fn team_query(team: &Option<String>) -> String {
-    team.as_deref().map_or_else(String::new, |t| {
-        let encoded: String = t
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        format!("?team={encoded}")
-    })
+    list_query(team, &None)
+}
+
+/// `?team=...&challenge=...` (percent-encoded) of the filters given; empty
+/// without any.
+fn list_query(team: &Option<String>, challenge: &Option<String>) -> String {
+    let pairs: Vec<String> = [("team", team), ("challenge", challenge)]
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name}={}", encode(value.as_deref()?))))
+        .collect();
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", pairs.join("&"))
+    }
+}
+
+/// `s` percent-encoded for a query string.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn run(cli: Cli) -> Result<()> {
