@@ -3,13 +3,21 @@
 //!
 //! One task owns the state. It applies watch events (a relist replaces the
 //! whole desired set at `InitDone`; every event already received goes in
-//! before one pass for them all) and, after them and every
-//! `reconcile_interval_ms`, compares Docker's list with the desired set,
-//! moving up to `reconcile_concurrency` instances at once: it starts what is missing,
-//! adopts what already runs (same container id, no restart), removes
-//! orphans, restarts exited containers with backoff up to `max_restarts`,
-//! and writes each instance's status (where its container listens, and
-//! how it is doing) under the instance's lease, so it vanishes with it.
+//! before one pass for them all, and passes for events start at least
+//! `MIN_PASS_GAP` apart) and, after them and every `reconcile_interval_ms`,
+//! compares Docker's list with the desired set. Each instance's step (and
+//! then its status write) runs as a task of its own, holding the
+//! instance's state until it is done, up to `reconcile_concurrency` at
+//! once: a slow or hung Docker call (an image pull from a registry that
+//! never answers) holds up its own instance only, never a pass nor the
+//! instances after it. A step starts what is missing, looks at what it
+//! started at once (so an instance is routable in the same step, and
+//! services waiting on it are made in the same step), adopts what already
+//! runs (same container id, no restart), restarts exited containers with
+//! backoff up to `max_restarts`, and writes the instance's status (where
+//! its container listens, and how it is doing) under the instance's
+//! lease, so it vanishes with it. Orphans (containers and networks of no
+//! record, and of no step still running) are removed by the pass.
 
 mod ready;
 
@@ -19,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
@@ -105,6 +113,21 @@ struct Tracked {
 }
 
 impl Tracked {
+    fn new(record: InstanceRecord, lease: i64) -> Self {
+        Self {
+            record,
+            lease,
+            services: BTreeMap::new(),
+            status: InstanceStatus::Starting,
+            secret: None,
+            retry_at: None,
+            attempts: 0,
+            reported: None,
+            status_rev: 0,
+            seen: Instant::now(),
+        }
+    }
+
     /// The address of the service routes go to first (the only one of a
     /// one-image instance).
     fn routed_address(&self) -> Option<IpAddr> {
@@ -164,10 +187,28 @@ pub struct Reconciler {
     client: Client,
     ks: Keyspace,
     worker: WorkerId,
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     metrics: Arc<Metrics>,
     max_restarts: u32,
+    /// The instances this worker should run, but for those whose step is
+    /// running (`away`).
     desired: BTreeMap<InstanceId, Tracked>,
+    /// Instances whose step runs now, in `jobs`, and what happened to
+    /// their record meanwhile (applied when the step hands them back).
+    away: BTreeMap<InstanceId, Away>,
+    /// The running steps: each owns its instance's state until it is done.
+    /// A slow or hung Docker call holds its own instance, not a pass.
+    jobs: tokio::task::JoinSet<(InstanceId, Tracked)>,
+    /// Which instance each running step is for (to recover from a panic).
+    job_ids: std::collections::HashMap<tokio::task::Id, InstanceId>,
+    /// `host_safe` as steps read it when they make a container (a step
+    /// waiting for its turn sees the firewall's latest state).
+    host_safe_now: Arc<std::sync::atomic::AtomicBool>,
+    /// Bounds the steps that run at once (`reconcile_concurrency`).
+    permits: Arc<tokio::sync::Semaphore>,
+    /// When the last pass started (passes for watch events are at least
+    /// `MIN_PASS_GAP` apart: a rush's events are not a Docker list each).
+    last_pass: Instant,
     /// Records being collected during a (re)list.
     listing: Option<Vec<Kv>>,
     /// Whether a full list has been applied (before that nothing is removed).
@@ -187,7 +228,7 @@ pub struct Reconciler {
     firewall_said: Option<String>,
     /// The subnets of `instance_networks` in use (as of the last pass, and
     /// those taken since).
-    used_subnets: BTreeSet<u32>,
+    used_subnets: Arc<std::sync::Mutex<SubnetUse>>,
     /// Networks used and free, for this worker's registration.
     network_use: watch::Sender<Option<NetworkUse>>,
     /// Whether this pass could list the instance networks.
@@ -214,6 +255,35 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Watch events taken at most before a pass (the rest wait for the next).
 const MAX_BATCH: usize = 1024;
 
+/// Passes for watch events start at least this far apart.
+const MIN_PASS_GAP: Duration = Duration::from_millis(100);
+
+/// An instance whose step runs, and what happened to its record meanwhile.
+#[derive(Debug)]
+struct Away {
+    /// Its record and lease when the step began (to start over from, if
+    /// the step panicked).
+    record: InstanceRecord,
+    lease: i64,
+    /// Its status when the step began (for the state gauge meanwhile).
+    status: InstanceStatus,
+    /// A newer record and lease (a renewal).
+    update: Option<(InstanceRecord, i64)>,
+    /// The record is gone: remove its containers once the step is back.
+    forgotten: bool,
+    /// Set with `forgotten`: a step still waiting for its turn makes nothing.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The instance subnets in use: what Docker listed at the last pass, and
+/// what running steps took since (kept until the step is back, by when
+/// Docker lists the network or it was never made).
+#[derive(Debug, Default)]
+struct SubnetUse {
+    used: BTreeSet<u32>,
+    claims: BTreeMap<InstanceId, BTreeSet<u32>>,
+}
+
 fn backoff(restarts: u32) -> Duration {
     Duration::from_millis(500u64.saturating_mul(1 << restarts.min(6))).min(Duration::from_secs(30))
 }
@@ -233,10 +303,16 @@ impl Reconciler {
             client,
             ks,
             worker,
-            runtime,
+            runtime: Arc::new(runtime),
             metrics,
             max_restarts,
             desired: BTreeMap::new(),
+            away: BTreeMap::new(),
+            jobs: tokio::task::JoinSet::new(),
+            job_ids: std::collections::HashMap::new(),
+            host_safe_now: Arc::new(std::sync::atomic::AtomicBool::new(firewall.is_none())),
+            permits: Arc::new(tokio::sync::Semaphore::new(1)),
+            last_pass: Instant::now(),
             listing: None,
             synced: false,
             max_token: 0,
@@ -246,7 +322,7 @@ impl Reconciler {
             firewall,
             firewall_checked: None,
             firewall_said: None,
-            used_subnets: BTreeSet::new(),
+            used_subnets: Arc::default(),
             network_use: watch::channel(None).0,
             networks_known: false,
             concurrency: 1,
@@ -258,6 +334,7 @@ impl Reconciler {
     /// and status writes); each instance's own steps stay in order.
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self.permits = Arc::new(tokio::sync::Semaphore::new(self.concurrency));
         self
     }
 
@@ -275,6 +352,7 @@ impl Reconciler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
+            let gap_over = self.last_pass + MIN_PASS_GAP;
             tokio::select! {
                 event = watcher.next() => {
                     self.apply(event).await;
@@ -288,14 +366,76 @@ impl Reconciler {
                         }
                     }
                     self.metrics.set_watch_revision(watcher.revision());
-                    if std::mem::take(&mut self.dirty) {
-                        self.reconcile().await;
+                }
+                // A step is done: its instance is back for the next pass.
+                Some(done) = self.jobs.join_next_with_id(), if !self.jobs.is_empty() => {
+                    self.finished(done).await;
+                    while let Some(done) = self.jobs.try_join_next_with_id() {
+                        self.finished(done).await;
                     }
                 }
+                _ = tokio::time::sleep_until(gap_over.into()), if self.dirty => {
+                    self.dirty = false;
+                    self.reconcile().await;
+                }
                 _ = tick.tick() => self.reconcile().await,
-                _ = &mut stop => return,
+                _ = &mut stop => {
+                    self.jobs.abort_all();
+                    return;
+                }
             }
         }
+    }
+
+    /// Takes back an instance whose step is done, with what happened to
+    /// its record meanwhile.
+    async fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, (InstanceId, Tracked)), tokio::task::JoinError>,
+    ) {
+        let (id, back) = match done {
+            Ok((task, (id, t))) => {
+                self.job_ids.remove(&task);
+                (id, Some(t))
+            }
+            Err(e) => {
+                let Some(id) = self.job_ids.remove(&e.id()) else {
+                    return;
+                };
+                tracing::error!(instance = %id, error = %e, "an instance's step panicked; starting over from its record (running containers are adopted)");
+                (id, None)
+            }
+        };
+        self.used_subnets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .claims
+            .remove(&id);
+        let Some(away) = self.away.remove(&id) else {
+            return;
+        };
+        let mut t = back.unwrap_or_else(|| Tracked::new(away.record.clone(), away.lease));
+        if let Some((record, lease)) = away.update {
+            t.record = record;
+            t.lease = lease;
+            self.dirty = true;
+        }
+        self.desired.insert(id.clone(), t);
+        if away.forgotten {
+            self.forget(&id).await;
+        }
+        self.publish_states();
+    }
+
+    /// The state gauge, over every instance (those whose step runs at the
+    /// status they had when it began).
+    fn publish_states(&self) {
+        self.metrics.set_states(
+            self.desired
+                .values()
+                .map(|t| &t.status)
+                .chain(self.away.values().map(|a| &a.status)),
+        );
     }
 
     async fn apply(&mut self, event: Event) {
@@ -317,6 +457,7 @@ impl Reconciler {
                 let gone: Vec<InstanceId> = self
                     .desired
                     .keys()
+                    .chain(self.away.keys())
                     .filter(|id| !keep.contains(*id))
                     .cloned()
                     .collect();
@@ -324,7 +465,11 @@ impl Reconciler {
                     self.forget(&id).await;
                 }
                 self.synced = true;
-                tracing::info!(revision, instances = self.desired.len(), "instances listed");
+                tracing::info!(
+                    revision,
+                    instances = self.desired.len() + self.away.len(),
+                    "instances listed"
+                );
                 self.dirty = true;
             }
             Event::Apply(kv) => {
@@ -380,6 +525,11 @@ impl Reconciler {
         if record.worker != self.worker {
             return None;
         }
+        if let Some(away) = self.away.get_mut(&id) {
+            away.update = Some((record, kv.lease));
+            away.forgotten = false;
+            return Some(id);
+        }
         match self.desired.get_mut(&id) {
             Some(t) => {
                 // A renewal: new lease (the status moved with it), new expiry.
@@ -387,21 +537,8 @@ impl Reconciler {
                 t.lease = kv.lease;
             }
             None => {
-                self.desired.insert(
-                    id.clone(),
-                    Tracked {
-                        record,
-                        lease: kv.lease,
-                        services: BTreeMap::new(),
-                        status: InstanceStatus::Starting,
-                        secret: None,
-                        retry_at: None,
-                        attempts: 0,
-                        reported: None,
-                        status_rev: 0,
-                        seen: Instant::now(),
-                    },
-                );
+                self.desired
+                    .insert(id.clone(), Tracked::new(record, kv.lease));
             }
         }
         Some(id)
@@ -410,9 +547,18 @@ impl Reconciler {
     /// The record is gone (deleted or expired): remove its containers,
     /// then its network, now (what fails here, the next pass sweeps).
     async fn forget(&mut self, id: &InstanceId) {
+        if let Some(away) = self.away.get_mut(id) {
+            // Its step still runs: removed when it is back.
+            away.forgotten = true;
+            away.update = None;
+            away.cancel
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         let Some(t) = self.desired.remove(id) else {
             return;
         };
+        self.publish_states();
         let containers: Vec<String> = t
             .services
             .into_values()
@@ -440,6 +586,7 @@ impl Reconciler {
 
     /// One pass: Docker's view against the desired set.
     async fn reconcile(&mut self) {
+        self.last_pass = Instant::now();
         let observed = match self.runtime.list().await {
             Ok(o) => o,
             Err(e) => {
@@ -457,7 +604,8 @@ impl Reconciler {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the instance networks");
                 self.networks_known = false;
-                (Vec::new(), self.used_subnets.clone())
+                let used = self.used_subnets.lock().unwrap_or_else(|e| e.into_inner());
+                (Vec::new(), used.used.clone())
             }
         };
         self.check_firewall().await;
@@ -472,39 +620,69 @@ impl Reconciler {
         if self.synced {
             self.remove_orphans(&by_instance, &networks).await;
         }
-        // Each instance's step and status write, in that order, for up to
-        // `concurrency` instances at once: one slow Docker call holds up its
-        // own instance, not the others of the pass.
-        let used = std::sync::Mutex::new(taken);
-        let pass = Pass {
-            client: &self.client,
-            ks: &self.ks,
-            worker: &self.worker,
-            runtime: &self.runtime,
-            metrics: &self.metrics,
+        // Each instance's step and status write, in that order, as a task
+        // of its own, up to `concurrency` at once: one slow Docker call
+        // holds up its own instance, not the others nor the next pass.
+        {
+            // Steps still running may hold subnets Docker lists no network of yet.
+            let mut subnets = self.used_subnets.lock().unwrap_or_else(|e| e.into_inner());
+            let claimed: BTreeSet<u32> = subnets.claims.values().flatten().copied().collect();
+            subnets.used = taken.union(&claimed).copied().collect();
+        }
+        self.host_safe_now
+            .store(self.host_safe, std::sync::atomic::Ordering::Relaxed);
+        let pass = Arc::new(Pass {
+            client: self.client.clone(),
+            ks: self.ks.clone(),
+            worker: self.worker.clone(),
+            runtime: self.runtime.clone(),
+            metrics: self.metrics.clone(),
             max_restarts: self.max_restarts,
-            host_safe: self.host_safe,
-            refusal: self.refusal.as_deref(),
+            host_safe: self.host_safe_now.clone(),
+            refusal: self.refusal.clone(),
             networks_known: self.networks_known,
-            used_subnets: &used,
-        };
-        let (pass, networks_ref) = (&pass, &networks);
-        let jobs = self.desired.iter_mut().map(|(id, t)| {
-            let seen = by_instance.remove(id.as_str()).unwrap_or_default();
-            let network = networks_ref.iter().find(|n| n.instance == id.as_str());
-            async move {
-                pass.step(id, t, seen, network).await;
-                pass.report(id, t).await;
-            }
+            used_subnets: self.used_subnets.clone(),
         });
-        futures::stream::iter(jobs)
-            .buffer_unordered(self.concurrency)
-            .collect::<Vec<()>>()
-            .await;
-        self.used_subnets = used.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (id, mut t) in std::mem::take(&mut self.desired) {
+            let seen = by_instance.remove(id.as_str()).unwrap_or_default();
+            let network = networks.iter().find(|n| n.instance == id.as_str()).cloned();
+            let (pass, permits) = (pass.clone(), self.permits.clone());
+            let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            self.away.insert(
+                id.clone(),
+                Away {
+                    record: t.record.clone(),
+                    lease: t.lease,
+                    status: t.status.clone(),
+                    update: None,
+                    forgotten: false,
+                    cancel: cancel.clone(),
+                },
+            );
+            let task = self.jobs.spawn({
+                let id = id.clone();
+                async move {
+                    // Closed only when the reconciler is dropped.
+                    let _permit = permits.acquire_owned().await;
+                    // Deleted while it waited for its turn: make nothing.
+                    if !cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                        pass.step(&id, &mut t, seen, network.as_ref()).await;
+                        pass.report(&id, &mut t).await;
+                    }
+                    (id, t)
+                }
+            });
+            self.job_ids.insert(task.id(), id);
+        }
         let subnets = self.runtime.subnets().count();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        let (used, taken) = (count(networks.len()), count(self.used_subnets.len()));
+        let taken = self
+            .used_subnets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .used
+            .len();
+        let (used, taken) = (count(networks.len()), count(taken));
         self.network_use.send_if_modified(|now| {
             let next = Some(NetworkUse {
                 used,
@@ -514,8 +692,7 @@ impl Reconciler {
             *now = next;
             changed
         });
-        self.metrics
-            .set_states(self.desired.values().map(|t| &t.status));
+        self.publish_states();
     }
 
     /// Removes containers no record wants, then networks of instances no
@@ -527,9 +704,12 @@ impl Reconciler {
         networks: &[InstanceNetwork],
     ) {
         for (instance, containers) in by_instance {
-            let wanted = InstanceId::parse(instance)
-                .ok()
-                .and_then(|id| self.desired.get(&id));
+            let id = InstanceId::parse(instance).ok();
+            // A running step owns its instance's containers (it may be making them).
+            if id.as_ref().is_some_and(|id| self.away.contains_key(id)) {
+                continue;
+            }
+            let wanted = id.and_then(|id| self.desired.get(&id));
             for c in containers {
                 let ours = wanted.is_some_and(|t| {
                     let key: SvcKey = c
@@ -560,8 +740,11 @@ impl Reconciler {
             }
         }
         for n in networks {
-            let wanted = InstanceId::parse(&n.instance)
-                .ok()
+            let id = InstanceId::parse(&n.instance).ok();
+            if id.as_ref().is_some_and(|id| self.away.contains_key(id)) {
+                continue;
+            }
+            let wanted = id
                 .and_then(|id| self.desired.get(&id))
                 .is_some_and(|t| t.record.container.is_none());
             if wanted {
@@ -641,20 +824,20 @@ impl Reconciler {
 /// What one pass lends each instance's step: the clients, this worker's
 /// settings, and the subnets taken (steps run at once, up to
 /// `reconcile_concurrency`, each on its own instance).
-struct Pass<'a> {
-    client: &'a Client,
-    ks: &'a Keyspace,
-    worker: &'a WorkerId,
-    runtime: &'a Runtime,
-    metrics: &'a Metrics,
+struct Pass {
+    client: Client,
+    ks: Keyspace,
+    worker: WorkerId,
+    runtime: Arc<Runtime>,
+    metrics: Arc<Metrics>,
     max_restarts: u32,
-    host_safe: bool,
-    refusal: Option<&'a str>,
+    host_safe: Arc<std::sync::atomic::AtomicBool>,
+    refusal: Option<String>,
     networks_known: bool,
-    used_subnets: &'a std::sync::Mutex<BTreeSet<u32>>,
+    used_subnets: Arc<std::sync::Mutex<SubnetUse>>,
 }
 
-impl Pass<'_> {
+impl Pass {
     /// Moves one instance towards running: its network, then each of its
     /// containers once the services it depends on are ready.
     async fn step(
@@ -671,17 +854,63 @@ impl Pass<'_> {
         }
         let record = t.record.clone();
         let units = Unit::all(&record);
+        let mut seen = seen;
+        let mut has_network = network.is_some();
+        // What was just started is looked at again at once (running with
+        // its address: routable in this pass, not the next), and services
+        // whose dependencies it made ready are made in the same step.
+        for _ in 0..=units.len() {
+            match self
+                .advance(id, t, &record, &units, &seen, &mut has_network)
+                .await
+            {
+                // Not now: the status says why (or a retry is set).
+                None => return,
+                Some(false) => break,
+                Some(true) => {}
+            }
+            match self.runtime.list_instance(id).await {
+                Ok(now) => seen = now,
+                Err(e) => {
+                    tracing::debug!(instance = %id, error = %e, "cannot look at the containers just started; the next pass does");
+                    break;
+                }
+            }
+        }
+        let status = t.overall();
+        if status == InstanceStatus::Running && t.status != InstanceStatus::Running {
+            self.metrics.reconciled(t.seen.elapsed());
+        }
+        t.status = status;
+    }
+
+    /// One round of an instance's step: each container as Docker shows it
+    /// (`seen`) moved on, and those whose dependencies are ready made and
+    /// started together. `Some(true)` when one was started (worth a second
+    /// look); `None` when nothing may be made now (`prepare` said why).
+    async fn advance(
+        &self,
+        id: &InstanceId,
+        t: &mut Tracked,
+        record: &InstanceRecord,
+        units: &[Unit<'_>],
+        seen: &[Observed],
+        has_network: &mut bool,
+    ) -> Option<bool> {
         let multi = record.container.is_none();
         let seen_of = |unit: &Unit<'_>| {
             seen.iter()
                 .find(|o| o.service.as_deref() == unit.service.map(ServiceName::as_str))
         };
-        let missing = units.iter().any(|u| seen_of(u).is_none()) || (multi && network.is_none());
-        if missing && !self.prepare(id, t, &record, network.is_some()).await {
-            return;
+        let missing = units.iter().any(|u| seen_of(u).is_none()) || (multi && !*has_network);
+        if missing {
+            if !self.prepare(id, t, record, *has_network).await {
+                return None;
+            }
+            *has_network = true;
         }
         let mut create = Vec::new();
-        for unit in &units {
+        for unit in units {
             let key: SvcKey = unit.service.cloned();
             let deps_ready = unit.service.is_none_or(|name| {
                 record.services.get(name).is_none_or(|s| {
@@ -788,10 +1017,13 @@ impl Pass<'_> {
                 None => svc.state = ServiceState::Waiting,
             }
         }
-        if !create.is_empty() {
-            let Some(secret) = t.secret.clone() else {
-                return;
-            };
+        if create.is_empty() {
+            return Some(false);
+        }
+        let mut started = false;
+        {
+            // Read in `prepare`, which ran before anything is made.
+            let secret = t.secret.clone()?;
             // Services whose dependencies are ready are made together.
             let runtime = &self.runtime;
             let made = futures::future::join_all(create.iter().map(|unit| {
@@ -806,10 +1038,11 @@ impl Pass<'_> {
             for (unit, result) in create.iter().zip(made) {
                 let svc = t.services.entry(unit.service.cloned()).or_default();
                 match result {
-                    Ok((container, started)) => {
+                    Ok((container, start)) => {
                         tracing::info!(instance = %id, service = ?unit.service, %container, image = %unit.container.image, "created container");
                         svc.container = Some(container);
-                        if let Err(e) = started {
+                        started |= start.is_ok();
+                        if let Err(e) = start {
                             tracing::warn!(instance = %id, service = ?unit.service, error = %e, "start failed");
                             svc.retry_at = Some(Instant::now() + backoff(svc.restarts));
                             svc.restarts += 1;
@@ -837,11 +1070,7 @@ impl Pass<'_> {
                 }
             }
         }
-        let status = t.overall();
-        if status == InstanceStatus::Running && t.status != InstanceStatus::Running {
-            self.metrics.reconciled(t.seen.elapsed());
-        }
-        t.status = status;
+        Some(started)
     }
 
     /// Before a container of `record` is made: the host is safe, the record
@@ -855,7 +1084,8 @@ impl Pass<'_> {
         record: &InstanceRecord,
         has_network: bool,
     ) -> bool {
-        let (host_safe, refusal) = (self.host_safe, self.refusal);
+        let host_safe = self.host_safe.load(std::sync::atomic::Ordering::Relaxed);
+        let refusal = self.refusal.as_deref();
         if let Some(why) = refusal {
             t.status = InstanceStatus::Failed {
                 reason: format!("refused by the agent: {why}"),
@@ -868,8 +1098,8 @@ impl Pass<'_> {
             return false;
         }
         if t.secret.is_none() {
-            let vetted = match from_spec(self.client, self.ks, record).await {
-                Ok(()) => secret_of(self.client, self.ks, self.worker, record).await,
+            let vetted = match from_spec(&self.client, &self.ks, record).await {
+                Ok(()) => secret_of(&self.client, &self.ks, &self.worker, record).await,
                 Err(e) => Err(e),
             };
             match vetted {
@@ -920,10 +1150,15 @@ impl Pass<'_> {
         for _ in 0..16 {
             // Taken under the lock, so instances made at once get distinct subnets.
             let free = {
-                let mut used = self.used_subnets.lock().unwrap_or_else(|e| e.into_inner());
-                let free = subnets.first_free(&used);
+                let mut subnets_now = self.used_subnets.lock().unwrap_or_else(|e| e.into_inner());
+                let free = subnets.first_free(&subnets_now.used);
                 if let Some(index) = free {
-                    used.insert(index);
+                    subnets_now.used.insert(index);
+                    subnets_now
+                        .claims
+                        .entry(id.clone())
+                        .or_default()
+                        .insert(index);
                 }
                 free
             };

@@ -87,6 +87,11 @@ pub struct Observed {
     pub address: Option<std::net::IpAddr>,
 }
 
+/// How long an image pull may take before the instance fails naming it
+/// (a registry that takes the connection and never answers holds one
+/// instance's step, and one of `reconcile_concurrency`, this long at most).
+const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Debug, Clone)]
 pub struct Runtime {
     docker: Docker,
@@ -279,8 +284,22 @@ impl Runtime {
     /// cluster label, when it has one: another cluster's agent of the same
     /// worker id on a shared engine must not take them for orphans).
     pub async fn list(&self) -> Result<Vec<Observed>, DockerError> {
+        self.list_labelled(None).await
+    }
+
+    /// The containers of one instance (as [`Runtime::list`] sees them).
+    pub async fn list_instance(
+        &self,
+        id: &tidegate_schema::InstanceId,
+    ) -> Result<Vec<Observed>, DockerError> {
+        self.list_labelled(Some(format!("{LABEL_INSTANCE}={id}")))
+            .await
+    }
+
+    async fn list_labelled(&self, extra: Option<String>) -> Result<Vec<Observed>, DockerError> {
         let mut labels = vec![format!("{LABEL_WORKER}={}", self.worker)];
         labels.extend(self.cluster.iter().map(|c| format!("{LABEL_CLUSTER}={c}")));
+        labels.extend(extra);
         let filters = HashMap::from([("label".to_string(), labels)]);
         let list = self
             .docker
@@ -515,13 +534,23 @@ impl Runtime {
             None,
             None,
         );
-        while let Some(step) = pull.next().await {
-            if let Err(e) = step {
-                return Err(RuntimeError::ImageMissing {
-                    image,
-                    reason: e.to_string(),
-                });
+        let pulled = tokio::time::timeout(PULL_TIMEOUT, async {
+            while let Some(step) = pull.next().await {
+                step?;
             }
+            Ok::<_, DockerError>(())
+        })
+        .await;
+        let reason = match pulled {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "the pull did not finish within {} s",
+                PULL_TIMEOUT.as_secs()
+            )),
+        };
+        if let Some(reason) = reason {
+            return Err(RuntimeError::ImageMissing { image, reason });
         }
         Ok(self
             .docker

@@ -691,3 +691,108 @@ async fn a_second_agent_with_a_live_worker_id_exits_64_and_the_first_keeps_its_i
     );
     c.wait_status(&id, "running").await;
 }
+
+/// A Docker call that hangs for one instance (pulling its image from a
+/// "registry" that takes the connection and never answers) holds up that
+/// instance only: instances spawned after it start while it still hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_docker_call_for_one_instance_holds_up_no_other() {
+    let c = cluster(|a| a.pull_images = true).await;
+    let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = registry.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for conn in registry.incoming().flatten() {
+            keep.lock().unwrap().push(conn);
+        }
+    });
+    // Whether Docker's pull still waits on one of its connections.
+    let hanging = || {
+        held.lock().unwrap().iter().any(|conn| {
+            conn.set_nonblocking(true).unwrap();
+            let mut byte = [0u8; 1];
+            // Open and silent: WouldBlock (or bytes it sent); closed: 0.
+            !matches!(conn.peek(&mut byte), Ok(0))
+        })
+    };
+    let stuck_spec = json!({"image": format!("127.0.0.1:{port}/stuck:1"),
+        "ports": [{"name": "web", "port": 80, "protocol": "http"}]});
+    assert!(
+        c.controller
+            .put_challenge("stuck", stuck_spec)
+            .await
+            .0
+            .is_success()
+    );
+    assert!(
+        c.controller
+            .put_challenge("web", web_spec())
+            .await
+            .0
+            .is_success()
+    );
+    let stuck = c.spawn("stuck", "t0").await;
+    assert!(
+        eventually(20, || async { hanging() }).await,
+        "Docker never connected to the silent registry: {}\n{}",
+        c.status(&stuck).await,
+        c.agent().proc.log_tail(30)
+    );
+    let teams: Vec<String> = (1..=4).map(|i| format!("t{i}")).collect();
+    let others = futures::future::join_all(teams.iter().map(|t| c.spawn("web", t))).await;
+    for id in &others {
+        c.wait_status(id, "running").await;
+    }
+    assert!(
+        hanging(),
+        "the pull ended before the others ran: this does not show they did not wait for it"
+    );
+    // Its step is still in the pull: nothing reported for it yet.
+    assert_eq!(c.status(&stuck).await, "pending");
+}
+
+/// A record whose container is not what its challenge's spec makes (a
+/// capability added by hand) is refused once: its status says so and
+/// stays failed, with no container made and no retry.
+#[tokio::test]
+async fn a_record_unlike_its_spec_is_refused_once_and_stays_failed() {
+    let c = cluster(|_| {}).await;
+    c.controller.put_challenge("web", web_spec()).await;
+    let id = c.spawn("web", "t1").await;
+    c.wait_status(&id, "running").await;
+    let mut forged = c.record(&id).await;
+    let forged_id = "00000ca95b";
+    forged["id"] = json!(forged_id);
+    let host = forged["http"][0]["hostname"]
+        .as_str()
+        .unwrap()
+        .replace(&id, forged_id);
+    forged["http"][0]["hostname"] = json!(host);
+    forged["container"]["cap_add"] = json!(["SYS_ADMIN"]);
+    let mut etcd = c.client.clone();
+    let lease = etcd.lease_grant(120, None).await.unwrap().id();
+    etcd.put(
+        keys::instance(forged_id),
+        forged.to_string(),
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    c.wait_status(forged_id, "failed").await;
+    let status = c.status(forged_id).await;
+    assert!(
+        status.as_str().unwrap().contains("refused by the agent"),
+        "{status}"
+    );
+    // Passes go on every 500 ms: the refusal is not tried again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.status(forged_id).await, status);
+    let refusals = c
+        .agent()
+        .log()
+        .matches("refused: the record's containers")
+        .count();
+    assert_eq!(refusals, 1, "{}", c.agent().proc.log_tail(20));
+    assert_eq!(worker_containers(&worker()).unwrap().len(), 1);
+}

@@ -1,7 +1,8 @@
 //! `rush`: the start of an event. `n` spawns sent at once to a controller
 //! with two agents; for each, spawn → first 200 through an agent; run with
 //! the agents' `reconcile_concurrency` at 1 (one container after another,
-//! the old behaviour) and at its default, side by side.
+//! the old behaviour) and at its default, side by side, and beside them the
+//! engine alone making the same containers (what no agent can beat).
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -22,13 +23,33 @@ fn concurrencies() -> [usize; 2] {
 }
 
 pub(super) fn run(mode: Mode) -> Result<Figures> {
-    let spawns = mode.count(100, 6);
+    let spawns = mode.count(200, 6);
     println!("building the controller, the agent and route-bench");
     let bin_dir = mode.build(
         &["tidegate-controller", "tidegate-agent", "tidegate-tests"],
         &["tidegate-controller", "tidegate-agent", "route-bench"],
     )?;
     tidegate_local::images::ensure_demo_images()?;
+    // The engine alone, as the agents' calls reach it: two at a time (two
+    // agents at 1) and the default's many (two agents at the default).
+    let mut engine = Vec::new();
+    for parallel in concurrencies().map(|c| 2 * c) {
+        let out = sh::output(Command::new(bin_dir.join("route-bench")).args([
+            "docker",
+            tidegate_local::images::DEMO_HTTP,
+            &spawns.to_string(),
+            &parallel.to_string(),
+            &format!("tidegate.bench-docker-{}", std::process::id()),
+        ]))
+        .context("route-bench docker failed")?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        let secs = v["secs"].as_f64().context("route-bench docker: no secs")?;
+        println!(
+            "Docker alone, {spawns} containers {parallel} at a time: {secs:.1} s ({:.1}/s)",
+            spawns as f64 / secs
+        );
+        engine.push((parallel, secs));
+    }
     let mut rows = Vec::new();
     for concurrency in concurrencies() {
         let samples = one_rush(&bin_dir, concurrency, spawns)?;
@@ -40,7 +61,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         );
         rows.push((concurrency, p50, p99, all));
     }
-    Ok(figures(spawns, &rows))
+    Ok(figures(spawns, &rows, &engine))
 }
 
 /// A fresh control plane and two agents at `concurrency`; `n` spawns at
@@ -78,7 +99,12 @@ fn one_rush(bin_dir: &std::path::Path, concurrency: usize, n: usize) -> Result<V
             .is_ok_and(|s| s.matches("\"bench-").count() >= 2)
     });
     if !registered {
-        bail!("the agents did not register");
+        let workers = api(dir, url, "GET", "/v1/workers", Vec::new()).unwrap_or_default();
+        let logs: Vec<String> = agents.iter().map(|(a, _)| a.log_tail(10)).collect();
+        bail!(
+            "the agents did not register; the controller lists: {workers}\n{}",
+            logs.join("\n")
+        );
     }
     let out = sh::output(Command::new(bin_dir.join("route-bench")).args([
         "rush",
@@ -104,18 +130,34 @@ fn one_rush(bin_dir: &std::path::Path, concurrency: usize, n: usize) -> Result<V
     Ok(samples)
 }
 
-fn figures(spawns: usize, rows: &[(usize, f64, f64, f64)]) -> Figures {
+fn figures(spawns: usize, rows: &[(usize, f64, f64, f64)], engine: &[(usize, f64)]) -> Figures {
     let table: String = rows
         .iter()
         .map(|(c, p50, p99, all)| {
             format!(
-                "| {c} | {p50:.0} ms | {p99:.0} ms | {:.1} s |\n",
-                all / 1000.0
+                "| agents, reconcile_concurrency {c} | {p50:.0} ms | {p99:.0} ms | {:.1} s | {:.1} |\n",
+                all / 1000.0,
+                spawns as f64 * 1000.0 / all
             )
         })
+        .chain(engine.iter().map(|(parallel, secs)| {
+            format!(
+                "| Docker alone, {parallel} at a time (no tidegate) | | | {secs:.1} s | {:.1} |\n",
+                spawns as f64 / secs
+            )
+        }))
         .collect();
     let ratio = match rows {
         [(_, _, _, one), .., (_, _, _, many)] if *many > 0.0 => one / many,
+        _ => f64::NAN,
+    };
+    let ceiling = match (rows.first(), engine.last()) {
+        (Some((_, _, _, one)), Some((_, secs))) if *secs > 0.0 => one / 1000.0 / secs,
+        _ => f64::NAN,
+    };
+    // The agents' rate at the default as a share of the engine's own.
+    let share = match (rows.last(), engine.last()) {
+        (Some((_, _, _, many)), Some((_, secs))) if *many > 0.0 => secs * 1000.0 / many * 100.0,
         _ => f64::NAN,
     };
     let section = format!(
@@ -123,21 +165,31 @@ fn figures(spawns: usize, rows: &[(usize, f64, f64, f64)]) -> Figures {
          {spawns} spawns sent at once (the admin token: no rate limit) to one release controller on a \
          1-member etcd with two release agents, the demo HTTP image (32 MiB, 0.05 CPU, a 4 MiB /tmp each); each \
          sample is from sending the spawn until an agent first answers 200 for its hostname (polled \
-         every 20 ms). A fresh cluster per row; the rows differ only in the agents' \
-         `reconcile_concurrency`: how many instances one reconcile pass creates and starts at once.\n\n\
-         | reconcile_concurrency | spawn → routable p50 | p99 | all routable after |\n|---:|---:|---:|---:|\n\
+         every 200 ms, as a player's page would; polling every 20 ms, the pollers alone sent 10,000 \
+         requests/s and took the cores Docker needs). A fresh cluster per row; the agents' rows differ \
+         only in `reconcile_concurrency`: how many instances' steps run at once. The Docker rows are the \
+         engine alone in the same run: {spawns} containers of the same image with the same limits created \
+         and started by one client, as many at a time as the agents' calls reach it together, no tidegate \
+         running.\n\n\
+         | | spawn → routable p50 | p99 | all routable after | containers/s |\n|---|---:|---:|---:|---:|\n\
          {table}\n\
-         All routable **{ratio:.1}×** sooner at the default than one container after another. \
-         Reading: every spawn is answered within a few hundred ms (one Txn each under the leader's \
-         spawn lock); the wait is the agents making containers. At 1 they are made one after another \
-         per worker; at the default a pass makes up to that many at once, each instance's own steps \
-         still in order, so Docker's create and start calls overlap. Both rows already take a rush's watch events into one pass (before that, each event started a pass of its own, and 100 spawns took 29.4 s at either setting here). An instance turns routable in the pass after its container started, which is why the p50 sits near the last; on 2 cores Docker and runc are the limit.\n"
+         All routable **{ratio:.1}×** sooner at the default than one container after another (the issue's \
+         target is 3×). The engine alone, given every core and as many calls at once as it takes, makes \
+         the same containers only **{ceiling:.1}×** faster than the agents at 1 do: on this 2-core machine \
+         3× is past what Docker itself does, so the target cannot be shown here. Reading: every spawn is \
+         answered within a few hundred ms (one Txn each under the leader's spawn lock); the wait is the \
+         containers. Each instance's step is a task of its own (at most `reconcile_concurrency` at once, \
+         no pass waits for them), and a step looks at what it started at once, so an instance is routable \
+         as soon as its container runs: the p50 is about half the last. At the default the agents reach \
+         {share:.0}% of the engine's own rate while etcd, the controller, both agents' proxies and the \
+         pollers share the two cores with it.\n"
     );
     let mut values: Vec<(String, f64)> = rows
         .iter()
         .map(|(c, _, _, all)| (format!("all routable ms at concurrency {c}"), *all))
         .collect();
     values.push(("speed-up, default vs 1".into(), ratio));
+    values.push(("Docker alone vs agents at 1".into(), ceiling));
     Figures {
         values,
         report: Some(("Start-of-event rush".into(), section)),

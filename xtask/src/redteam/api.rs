@@ -44,6 +44,18 @@ pub(super) fn attacks() -> Vec<Attack> {
             "team-scope",
             shared_flag,
         ),
+        Attack::new(
+            "read carol's place in the waiting queue as team mallory (?team=)",
+            From::Network,
+            "team-scope",
+            |r| queue_place_as_mallory(r, "GET"),
+        ),
+        Attack::new(
+            "give up carol's place in the waiting queue as team mallory (?team=)",
+            From::Network,
+            "team-scope",
+            |r| queue_place_as_mallory(r, "DELETE"),
+        ),
         // Last of the team-scope attacks: a control run deletes it.
         idor("delete", "DELETE", "", Value::Null),
         Attack::new(
@@ -87,6 +99,57 @@ fn platform_at(addr: &str, method: &str, path: &str, body: &Value) -> Result<(u1
     let (status, said) = crate::sh::http(addr, method, path, Some(PLATFORM_TOKEN), &body)
         .with_context(|| format!("{method} {path}: no answer from the controller"))?;
     Ok((status, serde_json::from_str(&said).unwrap_or(Value::Null)))
+}
+
+/// Team carol's place in the waiting queue of `rt-queue` (made on first
+/// use): a challenge so large (16 GiB) that each worker takes one, so the
+/// third team's spawn waits.
+fn carols_place(r: &Range) -> Result<String> {
+    let (_, queue) = platform(
+        r,
+        "GET",
+        "/v1/queue?challenge=rt-queue&team=carol",
+        &Value::Null,
+    )?;
+    if let Some(id) = queue["queued"][0]["id"].as_str() {
+        return Ok(id.to_string());
+    }
+    let spec = json!({"image": tidegate_local::images::DEMO_HTTP, "limits": {"memory_mib": 16384},
+        "ports": [{"name": "web", "port": 8080, "protocol": "http"}]});
+    let (status, said) = super::range::call(&r.plane, "PUT", "/v1/challenges/rt-queue", &spec)?;
+    anyhow::ensure!(
+        status == 201 || status == 200,
+        "creating rt-queue: {status} {said}"
+    );
+    for team in ["qa", "qb", "qc", "carol"] {
+        let (status, said) = platform(
+            r,
+            "POST",
+            "/v1/instances",
+            &json!({"challenge": "rt-queue", "team": team}),
+        )?;
+        match (status, team) {
+            (202, "carol") => return said["id"].as_str().map(String::from).context("no id"),
+            (201 | 202, _) => {}
+            _ => anyhow::bail!("spawning rt-queue for {team}: {status} {said}"),
+        }
+    }
+    anyhow::bail!("rt-queue never filled: carol's spawn was not queued")
+}
+
+/// Mallory reads or gives up carol's queued spawn by its id with its own
+/// team: it must be answered as missing and the place must stay.
+fn queue_place_as_mallory(r: &Range, method: &str) -> Result<Verdict> {
+    let place = carols_place(r)?;
+    let path = format!("/v1/instances/{place}?team=mallory");
+    let (status, said) = platform(r, method, &path, &Value::Null)?;
+    let (_, queue) = platform(r, "GET", "/v1/queue?team=carol", &Value::Null)?;
+    let kept = queue["queued"][0]["id"] == place.as_str();
+    Ok(if status == 404 && kept {
+        Verdict::Blocked(format!("404 {}; carol's place kept", said["error"]))
+    } else {
+        Verdict::Succeeded(format!("{status}: {said}; carol's place kept: {kept}"))
+    })
 }
 
 /// Mallory got alice's flag (from alice, or a writeup) and submits it as
