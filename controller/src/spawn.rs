@@ -96,6 +96,9 @@ fn fence_state(current: i64) -> String {
 pub struct FromQueue {
     pub id: InstanceId,
     pub key: String,
+    /// The place's create revision: the place itself, not a later one of
+    /// the same team (left and joined again) under the same key.
+    pub create_revision: i64,
 }
 
 /// Writes one instance; `flag` makes the flag of a chosen instance id.
@@ -364,7 +367,11 @@ async fn commit(
     }
     let mut otherwise = vec![TxnOp::get(plan.leader_key.as_str(), None)];
     if let Some(q) = queued {
-        compares.push(Compare::version(q.key.as_str(), CompareOp::Greater, 0));
+        compares.push(Compare::create_revision(
+            q.key.as_str(),
+            CompareOp::Equal,
+            q.create_revision,
+        ));
         puts.push(TxnOp::delete(q.key.as_str(), None));
         otherwise.push(TxnOp::get(q.key.as_str(), None));
     }
@@ -395,10 +402,11 @@ async fn commit(
             current,
         }));
     }
-    if queued.is_some() {
-        let waiting = resp.op_responses().into_iter().nth(1).is_some_and(
-            |op| matches!(op, etcd_client::TxnOpResponse::Get(g) if !g.kvs().is_empty()),
-        );
+    if let Some(q_revision) = queued.map(|q| q.create_revision) {
+        let waiting = resp.op_responses().into_iter().nth(1).is_some_and(|op| {
+            matches!(op, etcd_client::TxnOpResponse::Get(g)
+                if g.kvs().first().is_some_and(|kv| kv.create_revision() == q_revision))
+        });
         if !waiting {
             return Err(Some(SpawnError::LeftQueue));
         }

@@ -172,23 +172,43 @@ impl View {
         order
     }
 
-    /// The round a new place of `team` joins: 1 + the places it holds.
+    /// The round a new place of `team` joins: 1 + the places it holds and
+    /// the instances it runs (a team already served waits behind those
+    /// that are not; leaving and joining again gains nothing).
     pub fn next_round(&self, team: &TeamId) -> u32 {
         let held = self
             .queue
             .values()
             .filter(|w| w.record.team == *team)
-            .count();
+            .count()
+            + self
+                .instances
+                .values()
+                .filter(|i| i.record.team == *team)
+                .count();
         u32::try_from(held).unwrap_or(u32::MAX).saturating_add(1)
     }
 
-    /// A queued spawn by its id, with its 1-based place in the fair order.
-    pub fn waiting(&self, id: &InstanceId) -> Option<(Waiting, usize)> {
-        self.fair_order()
-            .into_iter()
-            .enumerate()
-            .find(|(_, w)| &w.record.id == id)
-            .map(|(i, w)| (w.clone(), i + 1))
+    /// A queued spawn by its id.
+    pub fn waiting(&self, id: &InstanceId) -> Option<Waiting> {
+        self.queue.values().find(|w| &w.record.id == id).cloned()
+    }
+
+    /// A place's 1-based position among its challenge's places in the fair
+    /// order, and how many places its challenge has (what its team is
+    /// told: nothing about other challenges).
+    pub fn position(&self, w: &Waiting) -> (usize, usize) {
+        let mut position = 0;
+        let mut of_challenge = 0;
+        for other in self.fair_order() {
+            if other.record.challenge == w.record.challenge {
+                of_challenge += 1;
+                if other.record.id == w.record.id {
+                    position = of_challenge;
+                }
+            }
+        }
+        (position.max(1), of_challenge.max(1))
     }
 
     /// Live instances per worker.

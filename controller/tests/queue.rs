@@ -54,15 +54,27 @@ async fn live(c: &Controller) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The queue's ids in admission order, checking positions are 1..=n.
+/// The queue's ids in admission order, checking each place's position
+/// is its rank among its challenge's places (1..=n) and `waiting` is n.
 async fn queue(c: &Controller) -> Vec<String> {
     let (s, q) = c.call(Method::GET, "/v1/queue", None, None).await;
     assert_eq!(s, StatusCode::OK, "{q}");
     let q = q["queued"].as_array().unwrap();
-    for (i, w) in q.iter().enumerate() {
-        assert_eq!(w["position"], i + 1, "{w}");
-        assert_eq!(w["waiting"], q.len(), "{w}");
+    let mut per_challenge: BTreeMap<&str, usize> = BTreeMap::new();
+    for w in q {
+        let n = per_challenge
+            .entry(w["challenge"].as_str().unwrap())
+            .or_default();
+        *n += 1;
+        assert_eq!(w["position"], *n, "{w}");
         assert_eq!(w["status"], "queued", "{w}");
+    }
+    for w in q {
+        assert_eq!(
+            w["waiting"],
+            per_challenge[w["challenge"].as_str().unwrap()],
+            "{w}"
+        );
     }
     q.iter().map(|w| w["id"].as_str().unwrap().into()).collect()
 }
@@ -382,4 +394,30 @@ async fn bad_queue_settings_are_refused_naming_the_field() {
         (StatusCode::SERVICE_UNAVAILABLE, &json!("queue_full")),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn places_wait_while_no_worker_is_registered_and_are_admitted_when_one_is() {
+    let (_etcd, _dir, c, client) = cluster(&[]).await;
+    let lease = register_worker(&client, "worker-x", 1).await;
+    assert!(sees_workers(&c, 1).await);
+    assert!(
+        c.put_challenge("web", web(json!(true)))
+            .await
+            .0
+            .is_success()
+    );
+    assert_eq!(c.spawn("web", "filler").await.0, StatusCode::CREATED);
+    let (s, body) = c.spawn("web", "t1").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    let place = body["id"].as_str().unwrap().to_string();
+    // The only worker goes (an agent restarting): the place waits.
+    client.clone().lease_revoke(lease).await.unwrap();
+    assert!(sees_workers(&c, 0).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(queue(&c).await, vec![place.clone()]);
+    // A worker with room comes: the place is admitted under its id.
+    register_worker(&client, "worker-y", 4).await;
+    let admitted = eventually(10, || async { live(&c).await.contains_key(&place) }).await;
+    assert!(admitted, "never admitted: {:?}", queue(&c).await);
 }

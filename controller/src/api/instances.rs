@@ -185,11 +185,11 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
         Admission::Refused(r) => return Err(r.into()),
     };
     // Room that frees while others wait is theirs first.
-    let waiting = queue::waiting_for_room(app, &challenge.name);
+    let waiting = queue::waiting_for_room(app);
     let worker = match place(app, &challenge) {
         Ok(_) | Err(Unplaced::Full(..)) if queueing && waiting => {
             team_under_limit(app, &challenge, &req.team)?;
-            let detail = "others are waiting for this challenge; room that frees is theirs first";
+            let detail = "others are waiting for room; room that frees is theirs first";
             return queue::enqueue(app, &leader, &challenge, &req.team, "no_capacity", detail)
                 .await;
         }
@@ -581,7 +581,7 @@ pub(super) async fn delete(
         None => match etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await {
             Ok(c) => c.record.team,
             Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
-                let waiting = app.view.lock().waiting(&id).map(|(w, _)| w.record.team);
+                let waiting = app.view.lock().waiting(&id).map(|w| w.record.team);
                 waiting.ok_or(e)?
             }
             Err(e) => return Err(e),

@@ -39,6 +39,8 @@ const ADMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// At most this long between asking a place's policy again after it said
 /// `queue`.
 const POLICY_RETRY: Duration = Duration::from_secs(2);
+/// How long a place that failed for a reason of its own waits.
+const RETRY: Duration = Duration::from_secs(5);
 
 fn body(w: &Waiting, position: usize, waiting: usize) -> Queued {
     Queued {
@@ -72,18 +74,19 @@ pub(super) fn already_waiting(
 ) -> Option<Response> {
     let view = app.view.lock();
     let w = view.queue.get(&(challenge.clone(), team.clone()))?;
-    let (_, position) = view.waiting(&w.record.id)?;
-    Some(accepted(w, position, view.queue.len()))
+    let (position, waiting) = view.position(w);
+    Some(accepted(w, position, waiting))
 }
 
-/// Whether spawns of `challenge` wait for room (not for their policy):
-/// room that frees is theirs before a newcomer's.
-pub(super) fn waiting_for_room(app: &App, challenge: &ChallengeName) -> bool {
+/// Whether spawns wait for room (not for their policy): room that frees
+/// is theirs before a newcomer's (who joins the queue, and is admitted in
+/// the next pass if nothing ahead of it fits).
+pub(super) fn waiting_for_room(app: &App) -> bool {
     app.view
         .lock()
         .queue
         .values()
-        .any(|w| w.record.challenge == *challenge && w.record.reason != "policy")
+        .any(|w| w.record.reason != "policy")
 }
 
 /// Gives the team a place for `challenge` (under the spawn lock): 202 with
@@ -151,11 +154,30 @@ pub(super) async fn enqueue(
             Some(PutOptions::new().with_lease(lease)),
         )])
         .or_else([TxnOp::get(leader.key.as_str(), None)]);
-    let resp = match client.txn(txn).await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = client.lease_revoke(lease).await;
-            return Err(ApiError::unavailable(format!("etcd: {e}")));
+    let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    let resp = match tokio::time::timeout(wait, client.txn(txn)).await {
+        Ok(Ok(r)) => r,
+        answer => {
+            // No answer is not no commit: a place on our lease is ours.
+            let written = tokio::time::timeout(wait, client.get(key.as_str(), None)).await;
+            let ours = matches!(&written, Ok(Ok(r)) if r.kvs().first().is_some_and(|kv| kv.lease() == lease));
+            if !ours {
+                let _ = tokio::time::timeout(wait, client.lease_revoke(lease)).await;
+                let why = match answer {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".into(),
+                };
+                tracing::warn!(team = %team, challenge = %challenge.name, error = %why, "could not write a queue place");
+                return Err(ApiError::unavailable(
+                    "the scheduler's store did not take the place; retry shortly",
+                )
+                .reason("unavailable"));
+            }
+            tracing::info!(team = %team, challenge = %challenge.name, "etcd's answer to a queue place was lost; it had committed");
+            return Err(ApiError::unavailable(
+                "this team's place in the queue is being written; ask again shortly",
+            )
+            .reason("queue_settling"));
         }
     };
     if !resp.succeeded() {
@@ -172,8 +194,9 @@ pub(super) async fn enqueue(
         // The team's place was written meanwhile (by an earlier scheduler
         // term): answer about it once the view has it.
         return Err(ApiError::unavailable(
-            "this team's place in the queue is being written; retry shortly",
-        ));
+            "this team's place in the queue is being written; ask again shortly",
+        )
+        .reason("queue_settling"));
     }
     let revision = resp.header().map_or(0, |h| h.revision());
     app.metrics.queued.inc();
@@ -188,40 +211,58 @@ pub(super) async fn enqueue(
     view.queue
         .entry((challenge.name.clone(), team.clone()))
         .or_insert(waiting.clone());
-    let position = view
-        .waiting(&waiting.record.id)
-        .map_or(view.queue.len(), |(_, p)| p);
+    let (position, of_challenge) = view.position(&waiting);
     tracing::info!(instance = %waiting.record.id, team = %team, challenge = %challenge.name, reason, position, "queued a spawn");
-    Ok(accepted(&waiting, position, view.queue.len()))
+    Ok(accepted(&waiting, position, of_challenge))
 }
 
 /// A waiting spawn by id, for `GET /v1/instances/{id}` (and `?team=`'s
 /// scope): renews its hold and answers its place. `None`: not waiting.
 pub(super) async fn get(app: &App, id: &InstanceId, team: Option<&TeamId>) -> Option<Response> {
-    let (w, position, waiting) = {
+    let (w, (position, waiting)) = {
         let view = app.view.lock();
-        let (w, position) = view.waiting(id)?;
-        (w, position, view.queue.len())
+        let w = view.waiting(id)?;
+        let at = view.position(&w);
+        (w, at)
     };
     if team.is_some_and(|t| *t != w.record.team) && !tidegate_schema::config::planted("team-scope")
     {
         return None;
     }
-    hold(app, w.lease).await;
+    hold(app, &w).await;
     Some(json_response(StatusCode::OK, body(&w, position, waiting)))
 }
 
-/// Renews a place's hold lease once (a lost renewal costs nothing but
-/// the hold it would have given).
-async fn hold(app: &App, lease: i64) {
-    let mut client = app.client.clone();
-    match client.lease_keep_alive(lease).await {
-        Ok((mut keeper, mut stream)) => {
-            if keeper.keep_alive().await.is_ok() {
-                let _ = stream.message().await;
-            }
+/// When each place's hold was last renewed by this replica.
+static HELD: std::sync::Mutex<BTreeMap<i64, Instant>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Renews a place's hold lease once, at most every quarter of its hold
+/// per replica (a page polling fast costs etcd no more), bounded by the
+/// etcd timeout (a lost renewal costs nothing but the hold it would have
+/// given).
+async fn hold(app: &App, w: &Waiting) {
+    let every = Duration::from_secs(u64::from(w.record.hold_secs) / 4);
+    {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(&w.lease).is_some_and(|at| at.elapsed() < every) {
+            return;
         }
-        Err(e) => tracing::debug!(lease, error = %e, "could not renew a queue place's hold"),
+        held.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
+        held.insert(w.lease, Instant::now());
+    }
+    let lease = w.lease;
+    let renew = async {
+        let mut client = app.client.clone();
+        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        stream.message().await?;
+        Ok::<_, etcd_client::Error>(())
+    };
+    let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    match tokio::time::timeout(wait, renew).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(lease, error = %e, "could not renew a queue place's hold"),
+        Err(_) => tracing::debug!(lease, "renewing a queue place's hold timed out"),
     }
 }
 
@@ -232,30 +273,51 @@ pub(super) async fn leave(
     id: &InstanceId,
     team: Option<&TeamId>,
 ) -> Option<ApiResult<()>> {
-    let w = app.view.lock().waiting(id).map(|(w, _)| w)?;
+    let w = app.view.lock().waiting(id)?;
     if team.is_some_and(|t| *t != w.record.team) && !tidegate_schema::config::planted("team-scope")
     {
         return None;
     }
-    Some(remove(app, &key_of(app, &w.record), &w).await)
+    match remove(app, &w, None).await {
+        Ok(true) => Some(Ok(())),
+        // Admitted meanwhile: the caller deletes the instance instead.
+        Ok(false) => None,
+        Err(e) => Some(Err(e)),
+    }
 }
 
-/// Deletes a place if it is still the one `w` saw, and its hold lease.
-async fn remove(app: &App, key: &str, w: &Waiting) -> ApiResult<()> {
-    let mut client = app.client.clone();
+/// Deletes a place if it is still the one `w` saw (and, for the
+/// scheduler, while its fence holds), then its hold lease. False: it was
+/// not there any more (admitted, lapsed or left).
+async fn remove(app: &App, w: &Waiting, fence: Option<&LeaderInfo>) -> ApiResult<bool> {
+    let key = key_of(app, &w.record);
+    let mut when = vec![Compare::create_revision(
+        key.as_str(),
+        CompareOp::Equal,
+        w.create_revision,
+    )];
+    when.extend(fence.map(|l| Compare::create_revision(l.key.as_str(), CompareOp::Equal, l.token)));
     let txn = Txn::new()
-        .when([Compare::mod_revision(key, CompareOp::Equal, w.mod_revision)])
-        .and_then([TxnOp::delete(key, None)]);
-    client
-        .txn(txn)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("etcd: {e}")))?;
-    let _ = client.lease_revoke(w.lease).await;
-    app.view
-        .lock()
-        .queue
-        .remove(&(w.record.challenge.clone(), w.record.team.clone()));
-    Ok(())
+        .when(when)
+        .and_then([TxnOp::delete(key.as_str(), None)]);
+    let mut client = app.client.clone();
+    let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    let removed = match tokio::time::timeout(wait, client.txn(txn)).await {
+        Ok(Ok(r)) => r.succeeded(),
+        _ => {
+            return Err(ApiError::unavailable(
+                "the scheduler's store did not answer; retry shortly",
+            ));
+        }
+    };
+    if removed {
+        let _ = tokio::time::timeout(wait, client.lease_revoke(w.lease)).await;
+        app.view
+            .lock()
+            .queue
+            .remove(&(w.record.challenge.clone(), w.record.team.clone()));
+    }
+    Ok(removed)
 }
 
 /// The waiting queue, in admission order.
@@ -270,22 +332,23 @@ pub(super) async fn list(
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
     let view = app.view.lock();
-    let order = view.fair_order();
-    let total = order.len();
-    let queued = order
+    let queued = view
+        .fair_order()
         .into_iter()
-        .enumerate()
-        .filter(|(_, w)| {
+        .filter(|w| {
             q.team
                 .as_deref()
                 .is_none_or(|t| w.record.team.as_str() == t)
         })
-        .filter(|(_, w)| {
+        .filter(|w| {
             q.challenge
                 .as_deref()
                 .is_none_or(|c| w.record.challenge.as_str() == c)
         })
-        .map(|(i, w)| body(w, i + 1, total))
+        .map(|w| {
+            let (position, waiting) = view.position(w);
+            body(w, position, waiting)
+        })
         .collect();
     Ok(json_response(
         StatusCode::OK,
@@ -334,7 +397,6 @@ pub async fn run_admissions(app: Arc<App>) {
         if order.is_empty() {
             continue;
         }
-        let _serial = app.spawn_lock.lock().await;
         let mut full: BTreeSet<ChallengeName> = BTreeSet::new();
         for w in order {
             if full.contains(&w.record.challenge)
@@ -344,7 +406,13 @@ pub async fn run_admissions(app: Arc<App>) {
             {
                 continue;
             }
-            match admit(&app, &leader, &w).await {
+            // The spawn lock per place, not per pass: direct spawns are
+            // not held up by a long queue.
+            let outcome = {
+                let _serial = app.spawn_lock.lock().await;
+                admit(&app, &leader, &w).await
+            };
+            match outcome {
                 Outcome::Admitted => {
                     let waited = unix_secs().saturating_sub(w.record.queued_at);
                     tracing::info!(instance = %w.record.id, team = %w.record.team, challenge = %w.record.challenge, waited_secs = waited, "admitted a queued spawn");
@@ -359,7 +427,7 @@ pub async fn run_admissions(app: Arc<App>) {
                 Outcome::Dropped(why) => {
                     tracing::warn!(instance = %w.record.id, team = %w.record.team, challenge = %w.record.challenge, %why, "dropped a queued spawn");
                     app.metrics.queue_dropped.inc();
-                    let _ = remove(&app, &key_of(&app, &w.record), &w).await;
+                    let _ = remove(&app, &w, Some(&leader)).await;
                 }
                 Outcome::Gone => {}
                 Outcome::Stop => break,
@@ -371,18 +439,21 @@ pub async fn run_admissions(app: Arc<App>) {
 /// Tries to admit one place: the policy again, placement, then the spawn
 /// Txn that deletes the place.
 async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
-    let (challenge, revision) = match app.challenges.get(&w.record.challenge).await {
-        Ok(c) => (c.value, c.revision),
-        Err(ChallengeError::NotFound(_)) => {
-            return Outcome::Dropped("its challenge was deleted".into());
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read a queued spawn's challenge");
-            return Outcome::Stop;
-        }
-    };
+    let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    let (challenge, revision) =
+        match tokio::time::timeout(wait, app.challenges.get(&w.record.challenge)).await {
+            Ok(Ok(c)) => (c.value, c.revision),
+            Ok(Err(ChallengeError::NotFound(_))) => {
+                return Outcome::Dropped("its challenge was deleted".into());
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read a queued spawn's challenge");
+                return Outcome::Stop;
+            }
+            Err(_) => return Outcome::Stop,
+        };
     let Ok(secret_env) = secret_env_of(app, &challenge, revision).await else {
-        return Outcome::Stop;
+        return Outcome::Later(RETRY);
     };
     let ttl_secs = match policy::admit_spawn(app, &challenge, &w.record.team).await {
         Admission::Admit { ttl_secs, .. } => ttl_secs,
@@ -393,14 +464,17 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
                 RefusalKind::Queue { retry_after_secs } => Outcome::Later(
                     Duration::from_secs(u64::from(retry_after_secs)).min(POLICY_RETRY),
                 ),
+                // A failing plugin (deadline, trap) may pass next time.
+                RefusalKind::FallbackDeny => Outcome::Later(RETRY),
                 _ => Outcome::Dropped(format!("its policy refused it: {}", r.message)),
             };
         }
     };
     let worker = match place(app, &challenge) {
         Ok(w) => w,
-        Err(Unplaced::Full(..)) => return Outcome::NoRoom,
-        Err(Unplaced::Never(e)) => return Outcome::Dropped(e.message().to_string()),
+        // No worker registered, or none large enough right now: workers
+        // come back (an agent restarting, a lease lapsing); wait for them.
+        Err(Unplaced::Full(..) | Unplaced::Never(_)) => return Outcome::NoRoom,
     };
     let plan = SpawnPlan {
         keys: app.ks.clone(),
@@ -419,6 +493,7 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
     let from = FromQueue {
         id: w.record.id.clone(),
         key: key_of(app, &w.record),
+        create_revision: w.create_revision,
     };
     match write_spawn(app, &plan, Some(&from)).await {
         Ok(_) => {
@@ -432,9 +507,15 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
         }
         Err(e) if e.is_status(StatusCode::NOT_FOUND) => Outcome::Gone,
         Err(e) if e.is_status(StatusCode::CONFLICT) => Outcome::Dropped(e.message().to_string()),
-        Err(e) => {
-            tracing::warn!(instance = %w.record.id, error = %e.message(), "could not admit a queued spawn; retrying");
+        // Fenced, or etcd not answering: nothing else will land either.
+        Err(e) if matches!(e.refusal(), Some("fenced" | "unavailable")) => {
+            tracing::warn!(instance = %w.record.id, error = %e.message(), "could not admit a queued spawn; stopping this pass");
             Outcome::Stop
+        }
+        // This place only (ports contended, ...): the others go on.
+        Err(e) => {
+            tracing::warn!(instance = %w.record.id, error = %e.message(), "could not admit a queued spawn; retrying it later");
+            Outcome::Later(RETRY)
         }
     }
 }
