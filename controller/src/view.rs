@@ -198,17 +198,31 @@ impl View {
     /// order, and how many places its challenge has (what its team is
     /// told: nothing about other challenges).
     pub fn position(&self, w: &Waiting) -> (usize, usize) {
-        let mut position = 0;
-        let mut of_challenge = 0;
-        for other in self.fair_order() {
-            if other.record.challenge == w.record.challenge {
-                of_challenge += 1;
-                if other.record.id == w.record.id {
-                    position = of_challenge;
-                }
-            }
-        }
-        (position.max(1), of_challenge.max(1))
+        let (ranked, totals) = self.ranked();
+        let position = ranked
+            .iter()
+            .find(|(other, _)| other.record.id == w.record.id)
+            .map_or(1, |(_, p)| *p);
+        (
+            position,
+            totals.get(&w.record.challenge).copied().unwrap_or(1),
+        )
+    }
+
+    /// The fair order with each place's position among its challenge's
+    /// places, and how many places each challenge has (one sort for all).
+    pub fn ranked(&self) -> (Vec<(&Waiting, usize)>, BTreeMap<&ChallengeName, usize>) {
+        let mut totals: BTreeMap<&ChallengeName, usize> = BTreeMap::new();
+        let ranked = self
+            .fair_order()
+            .into_iter()
+            .map(|w| {
+                let n = totals.entry(&w.record.challenge).or_default();
+                *n += 1;
+                (w, *n)
+            })
+            .collect();
+        (ranked, totals)
     }
 
     /// Live instances per worker.

@@ -332,21 +332,21 @@ pub(super) async fn list(
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
     let view = app.view.lock();
-    let queued = view
-        .fair_order()
+    let (ranked, totals) = view.ranked();
+    let queued = ranked
         .into_iter()
-        .filter(|w| {
+        .filter(|(w, _)| {
             q.team
                 .as_deref()
                 .is_none_or(|t| w.record.team.as_str() == t)
         })
-        .filter(|w| {
+        .filter(|(w, _)| {
             q.challenge
                 .as_deref()
                 .is_none_or(|c| w.record.challenge.as_str() == c)
         })
-        .map(|w| {
-            let (position, waiting) = view.position(w);
+        .map(|(w, position)| {
+            let waiting = totals.get(&w.record.challenge).copied().unwrap_or(1);
             body(w, position, waiting)
         })
         .collect();
