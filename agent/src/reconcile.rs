@@ -110,6 +110,10 @@ struct Tracked {
     status_rev: i64,
     /// When the record was first seen, for the reconcile latency metric.
     seen: Instant,
+    /// The flag last written to the instance's flag file (records with a
+    /// `flag_file`): it must be the secret's before the instance is
+    /// reported running.
+    flag_written: Option<String>,
 }
 
 impl Tracked {
@@ -125,7 +129,29 @@ impl Tracked {
             reported: None,
             status_rev: 0,
             seen: Instant::now(),
+            flag_written: None,
         }
+    }
+
+    /// Takes a newer record of the instance (a renewal, or a pooled
+    /// instance claimed by a team): a claim rewrote the secret with the
+    /// team's flag and deleted the status, so both are read and written
+    /// afresh (no route until the flag file holds the flag).
+    /// True for a claim.
+    fn take(&mut self, record: InstanceRecord, lease: i64) -> bool {
+        let claimed = self.record.is_pooled() && !record.is_pooled();
+        if claimed {
+            self.seen = Instant::now();
+            self.secret = None;
+            self.reported = None;
+            self.status_rev = 0;
+            if self.status == InstanceStatus::Running {
+                self.status = InstanceStatus::Starting;
+            }
+        }
+        self.record = record;
+        self.lease = lease;
+        claimed
     }
 
     /// The address of the service routes go to first (the only one of a
@@ -237,6 +263,9 @@ pub struct Reconciler {
     concurrency: usize,
     /// Whether events since the last pass want one now.
     dirty: bool,
+    /// Whether one of them is a pooled instance claimed by a team: its
+    /// pass does not wait for `MIN_PASS_GAP` (a player waits for it).
+    urgent: bool,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -327,6 +356,7 @@ impl Reconciler {
             networks_known: false,
             concurrency: 1,
             dirty: false,
+            urgent: false,
         }
     }
 
@@ -352,7 +382,11 @@ impl Reconciler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
-            let gap_over = self.last_pass + MIN_PASS_GAP;
+            let gap_over = if self.urgent {
+                Instant::now()
+            } else {
+                self.last_pass + MIN_PASS_GAP
+            };
             tokio::select! {
                 event = watcher.next() => {
                     self.apply(event).await;
@@ -376,6 +410,7 @@ impl Reconciler {
                 }
                 _ = tokio::time::sleep_until(gap_over.into()), if self.dirty => {
                     self.dirty = false;
+                    self.urgent = false;
                     self.reconcile().await;
                 }
                 _ = tick.tick() => self.reconcile().await,
@@ -416,8 +451,7 @@ impl Reconciler {
         };
         let mut t = back.unwrap_or_else(|| Tracked::new(away.record.clone(), away.lease));
         if let Some((record, lease)) = away.update {
-            t.record = record;
-            t.lease = lease;
+            self.urgent |= t.take(record, lease);
             self.dirty = true;
         }
         self.desired.insert(id.clone(), t);
@@ -532,9 +566,9 @@ impl Reconciler {
         }
         match self.desired.get_mut(&id) {
             Some(t) => {
-                // A renewal: new lease (the status moved with it), new expiry.
-                t.record = record;
-                t.lease = kv.lease;
+                // A renewal (new lease, the status moved with it; new
+                // expiry), or a pooled instance claimed.
+                self.urgent |= t.take(record, kv.lease);
             }
             None => {
                 self.desired
@@ -581,6 +615,11 @@ impl Reconciler {
             if let Err(e) = self.runtime.remove_network(&network).await {
                 tracing::debug!(instance = %id, error = %e, "network not removed yet; the sweep retries");
             }
+        }
+        if t.record.flag_file.is_some()
+            && let Err(e) = self.runtime.remove_flag(id).await
+        {
+            tracing::warn!(instance = %id, error = %e, "could not remove the flag file; the sweep retries");
         }
     }
 
@@ -759,6 +798,22 @@ impl Reconciler {
                 }
             }
         }
+        // Flag files of instances no record wants (their removal failed,
+        // or the agent was down when they ended).
+        for dir in self.runtime.flag_dirs().await {
+            let Ok(id) = InstanceId::parse(&dir) else {
+                continue;
+            };
+            if self.away.contains_key(&id) || self.desired.contains_key(&id) {
+                continue;
+            }
+            match self.runtime.remove_flag(&id).await {
+                Ok(()) => tracing::info!(instance = %id, "removed an orphan flag file"),
+                Err(e) => {
+                    tracing::debug!(instance = %id, error = %e, "orphan flag file not removed yet")
+                }
+            }
+        }
     }
 
     /// Every 10 s, puts back any missing rule of the host firewall; while
@@ -877,11 +932,61 @@ impl Pass {
                 }
             }
         }
-        let status = t.overall();
+        let mut status = t.overall();
+        if status == InstanceStatus::Running && !self.flag_in_place(id, t).await {
+            // A claimed pooled instance is routed once its file holds the
+            // team's flag, not before.
+            status = InstanceStatus::Starting;
+        }
         if status == InstanceStatus::Running && t.status != InstanceStatus::Running {
             self.metrics.reconciled(t.seen.elapsed());
         }
         t.status = status;
+    }
+
+    /// Whether an instance with a `flag_file` has the secret's flag in it
+    /// (true for one without): reads the secret if this agent has not
+    /// (containers made before it: adopted after a restart, or a pooled
+    /// instance just claimed), then writes the file if it differs.
+    async fn flag_in_place(&self, id: &InstanceId, t: &mut Tracked) -> bool {
+        if t.record.flag_file.is_none() {
+            return true;
+        }
+        if t.secret.is_none() {
+            match secret_of(&self.client, &self.ks, &self.worker, &t.record).await {
+                Ok(secret) => t.secret = Some(secret),
+                Err(e) => {
+                    tracing::debug!(instance = %id, error = ?e, "cannot read the instance's secret for its flag file; retrying");
+                    return false;
+                }
+            }
+        }
+        self.write_flag(id, t).await
+    }
+
+    /// Writes the secret's flag to the instance's flag file when the file
+    /// may not hold it; false when it could not.
+    async fn write_flag(&self, id: &InstanceId, t: &mut Tracked) -> bool {
+        let Some(secret) = &t.secret else {
+            return false;
+        };
+        if t.record.flag_file.is_none() || t.flag_written.as_ref() == Some(&secret.flag) {
+            return true;
+        }
+        if !t.record.is_pooled() && secret.flag.is_empty() {
+            tracing::warn!(instance = %id, "its secret holds no flag yet; retrying");
+            return false;
+        }
+        match self.runtime.write_flag(id, &secret.flag).await {
+            Ok(()) => {
+                t.flag_written = Some(secret.flag.clone());
+                true
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, path = %self.runtime.flag_path(id).display(), error = %e, "cannot write the flag file; retrying");
+                false
+            }
+        }
     }
 
     /// One round of an instance's step: each container as Docker shows it
@@ -1019,6 +1124,14 @@ impl Pass {
         }
         if create.is_empty() {
             return Some(false);
+        }
+        // The flag file is the bind mount's source: it is written first,
+        // whatever this agent wrote before (it may be gone).
+        t.flag_written = None;
+        if !self.write_flag(id, t).await {
+            t.retry_at = Some(Instant::now() + backoff(t.attempts));
+            t.attempts += 1;
+            return None;
         }
         let mut started = false;
         {
@@ -1202,6 +1315,7 @@ impl Pass {
             v: V1,
             instance: id.clone(),
             worker: self.worker.clone(),
+            team: t.record.team.clone(),
             container_id: t.services.get(&None).and_then(|s| s.container.clone()),
             address: if running { t.routed_address() } else { None },
             status: t.status.clone(),
@@ -1332,7 +1446,14 @@ async fn secret_of(
     };
     match (secret, &record.flag) {
         (Some(kv), _) => {
-            SecretRecord::decode(kv.value()).map_err(|e| Vetted::NoSecret(format!("{key}: {e}")))
+            let secret = SecretRecord::decode(kv.value())
+                .map_err(|e| Vetted::NoSecret(format!("{key}: {e}")))?;
+            // Only a pooled instance waits for its flag (its claim writes it
+            // with the record).
+            if secret.flag.is_empty() && !record.is_pooled() {
+                return Err(Vetted::NoSecret(format!("{key}: holds no flag")));
+            }
+            Ok(secret)
         }
         (None, Some(legacy)) => Ok(SecretRecord {
             v: V1,
@@ -1389,6 +1510,20 @@ async fn from_spec(client: &Client, ks: &Keyspace, record: &InstanceRecord) -> R
 /// Where a record's containers differ from what `spec` makes (the one
 /// container, or each service by name).
 fn differences(record: &InstanceRecord, spec: &tidegate_schema::ChallengeSpec) -> Vec<String> {
+    let mut out = containers_differ(record, spec);
+    if record.flag_file != spec.flag.file {
+        out.push(format!(
+            "flag_file: {:?} vs {:?}",
+            record.flag_file, spec.flag.file
+        ));
+    }
+    out
+}
+
+fn containers_differ(
+    record: &InstanceRecord,
+    spec: &tidegate_schema::ChallengeSpec,
+) -> Vec<String> {
     match (&record.container, ContainerSpec::of(spec)) {
         (Some(mine), Some(made)) => mine.differences(&made),
         (None, None) => {

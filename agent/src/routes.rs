@@ -200,7 +200,11 @@ impl WatchedCluster {
                 None => Target::NotReady(format!("its worker {} is not connected", rec.worker)),
             };
         }
-        match self.statuses.get(id) {
+        // A status written for the instance while it was pooled says
+        // nothing of it once a team has it (its flag file may not hold the
+        // team's flag yet): the owner reports it again after the claim.
+        let status = self.statuses.get(id).filter(|st| st.team == rec.team);
+        match status {
             Some(StatusRecord {
                 status: InstanceStatus::Running,
                 address: Some(addr),
@@ -241,11 +245,15 @@ impl WatchedCluster {
         let mut by_port = HashMap::new();
         let mut by_sni = HashMap::new();
         for (id, rec) in &self.instances {
+            // A pooled instance is reached by nothing until a team has it.
+            if rec.is_pooled() {
+                continue;
+            }
             let traffic = self.traffic.entry(id.clone()).or_default().clone();
             let route = |target| {
                 Arc::new(Route {
                     instance: id.clone(),
-                    team: rec.team.to_string(),
+                    team: rec.team_str().to_string(),
                     challenge: rec.challenge.to_string(),
                     target,
                     traffic: traffic.clone(),
@@ -496,8 +504,19 @@ mod tests {
                 instance: id("000000000a"),
             },
         );
+        // A status written while the instance had no team (pooled) does
+        // not route it once it has one: its owner reports it again.
         k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
             "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 1})));
+        assert!(matches!(
+            k.build(&me, 2, &PORTS)
+                .get("000000000a.ctf.localhost")
+                .unwrap()
+                .target,
+            Target::NotReady(_)
+        ));
+        k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
+            "worker": "a", "team": "t", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 1})));
         let t = k.build(&me, 2, &PORTS);
         assert_eq!(
             t.get("000000000a.ctf.localhost").unwrap().target,
@@ -505,7 +524,7 @@ mod tests {
         );
         // A failed instance: the players' text does not carry the reason.
         k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
-            "worker": "a", "status": {"state": "failed", "reason": "record vs spec: image"}, "updated_at": 1})));
+            "worker": "a", "team": "t", "status": {"state": "failed", "reason": "record vs spec: image"}, "updated_at": 1})));
         assert_eq!(
             k.build(&me, 3, &PORTS)
                 .get("000000000a.ctf.localhost")
@@ -514,7 +533,7 @@ mod tests {
             Target::NotReady(FAILED.into())
         );
         k.apply(&ks, &kv(&status, serde_json::json!({"v": 1, "instance": "000000000a",
-            "worker": "a", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 2})));
+            "worker": "a", "team": "t", "address": "198.19.0.9", "status": {"state": "running"}, "updated_at": 2})));
         // Traffic counters survive rebuilds; deletes drop the route.
         let s1 = t.get("000000000a.ctf.localhost").unwrap().traffic.clone();
         let t2 = k.build(&me, 3, &PORTS);

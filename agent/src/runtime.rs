@@ -105,6 +105,12 @@ pub struct Runtime {
     bridges: HashMap<String, String>,
     /// Where per-instance networks' subnets come from.
     subnets: Subnets,
+    /// This worker's flag files: `{flag_dir}/{worker}/{instance}/flag`.
+    flag_dir: std::path::PathBuf,
+    /// Held from looking for an instance network to making it: steps run
+    /// at once, and an engine speaking API 1.41 makes a second network of
+    /// a name that exists (the red team's shared network is one name).
+    network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One container to make: the record's one container, or a service's.
@@ -200,7 +206,79 @@ impl Runtime {
             unbounded_rootfs: cfg.allow_unbounded_rootfs,
             bridges: HashMap::new(),
             subnets: Subnets::parse(&cfg.instance_networks).unwrap_or_default(),
+            flag_dir: cfg.worker_flag_dir(),
+            network_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// The host file bind-mounted at an instance's `flag_file`.
+    pub fn flag_path(&self, id: &tidegate_schema::InstanceId) -> std::path::PathBuf {
+        self.flag_dir.join(id.as_str()).join("flag")
+    }
+
+    /// Writes an instance's flag file in place (the bind mount keeps the
+    /// inode, so running containers see the new content): readable by
+    /// anyone in the container (0444), its directories root's (0711).
+    pub async fn write_flag(
+        &self,
+        id: &tidegate_schema::InstanceId,
+        flag: &str,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        let path = self.flag_path(id);
+        let flag = flag.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o711)
+                    .create(dir)?;
+            }
+            // Unchanged (an agent restarted over running containers): left
+            // alone, so no reader ever sees it half written.
+            if std::fs::read(&path).is_ok_and(|now| now == flag.as_bytes()) {
+                return Ok(());
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o444)
+                .open(&path)?;
+            std::io::Write::write_all(&mut f, flag.as_bytes())?;
+            f.set_len(flag.len() as u64)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+            f.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Removes an instance's flag file and its directory (gone is fine).
+    pub async fn remove_flag(&self, id: &tidegate_schema::InstanceId) -> std::io::Result<()> {
+        let dir = self.flag_dir.join(id.as_str());
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .map_err(std::io::Error::other)?;
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The instances that have a flag directory on this worker.
+    pub async fn flag_dirs(&self) -> Vec<String> {
+        let dir = self.flag_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// Creates the two instance networks if they do not exist, and learns
@@ -354,7 +432,19 @@ impl Runtime {
             .chain(secret_env)
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        if unit.secrets {
+        // The flag as a read-only file (written by the reconciler, at
+        // claim for a pooled instance), or in env.
+        let flag_mount = match &rec.flag_file {
+            Some(target) if unit.secrets => Some(bollard::models::Mount {
+                target: Some(target.clone()),
+                source: Some(self.flag_path(&rec.id).to_string_lossy().into_owned()),
+                typ: Some(bollard::models::MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            }),
+            _ => None,
+        };
+        if unit.secrets && flag_mount.is_none() {
             env.push(format!("FLAG={}", secret.flag));
         }
         let mut labels = self.labels(rec);
@@ -369,7 +459,7 @@ impl Runtime {
                 env: Some(env),
                 labels: Some(labels),
                 hostname: Some(rec.id.to_string()),
-                host_config: Some(self.host_config(c, network)),
+                host_config: Some(self.host_config(c, network, flag_mount)),
                 ..Default::default()
             };
         };
@@ -387,7 +477,7 @@ impl Runtime {
             cmd: unit.command.map(<[String]>::to_vec),
             labels: Some(labels),
             hostname: Some(service.to_string()),
-            host_config: Some(self.host_config(c, &network)),
+            host_config: Some(self.host_config(c, &network, flag_mount)),
             networking_config: Some(bollard::models::NetworkingConfig {
                 endpoints_config: Some(HashMap::from([(network.clone(), endpoint)])),
             }),
@@ -401,7 +491,7 @@ impl Runtime {
         let mut labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), rec.id.to_string()),
             (LABEL_CHALLENGE.to_string(), rec.challenge.to_string()),
-            (LABEL_TEAM.to_string(), rec.team.to_string()),
+            (LABEL_TEAM.to_string(), rec.team_str().to_string()),
             (LABEL_WORKER.to_string(), self.worker.clone()),
         ]);
         if let Some(cluster) = &self.cluster {
@@ -411,7 +501,12 @@ impl Runtime {
     }
 
     /// The limits and hardening of one container (see the module doc).
-    fn host_config(&self, c: &ContainerSpec, network: &str) -> HostConfig {
+    fn host_config(
+        &self,
+        c: &ContainerSpec,
+        network: &str,
+        flag: Option<bollard::models::Mount>,
+    ) -> HostConfig {
         let l = &c.limits;
         let mib = |n: u32| i64::from(n) * 1024 * 1024;
         let ulimit = |name: &str, n: u32| ResourcesUlimits {
@@ -461,6 +556,7 @@ impl Runtime {
             security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(c.read_only_rootfs),
             tmpfs: Some(tmpfs),
+            mounts: flag.map(|m| vec![m]),
             storage_opt: storage,
             network_mode: Some(network.to_string()),
             publish_all_ports: Some(false),

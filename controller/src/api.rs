@@ -12,6 +12,7 @@ mod flags;
 mod instances;
 mod openapi;
 mod policies;
+mod pool;
 mod queue;
 
 use std::future::Future;
@@ -30,6 +31,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
+pub use pool::run_pools;
 pub use queue::run_admissions;
 
 use crate::App;
@@ -66,6 +68,7 @@ fn documented() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(instances::flag))
         .routes(routes!(flags::check))
         .routes(routes!(queue::list))
+        .routes(routes!(pool::list))
         .routes(routes!(dashboard::data))
 }
 

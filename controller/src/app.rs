@@ -36,6 +36,9 @@ pub struct App {
     pub recent_spawns: RecentSpawns,
     /// The platform token's token buckets (`rate_limits`).
     pub rate_limits: crate::ratelimit::RateLimiter,
+    /// When a pooled instance last gave its room to a spawn: pools are not
+    /// refilled for a while after (a full cluster would churn containers).
+    pub pool_yielded: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for App {
@@ -68,6 +71,7 @@ impl App {
         Ok(Self {
             policies: Arc::new(policies),
             recent_spawns: RecentSpawns::default(),
+            pool_yielded: Mutex::new(None),
             rate_limits: crate::ratelimit::RateLimiter::new(cfg.rate_limits),
             tcp_ports: cfg.tcp_port_range()?,
             challenges: Challenges::new(client.clone(), ks.clone()),
@@ -105,6 +109,21 @@ impl RecentSpawns {
         if let Ok(mut recent) = self.0.lock() {
             recent.push_back((now, team.clone(), challenge.clone()));
         }
+    }
+
+    /// How many spawns of `challenge` (any team) were made in the `secs`
+    /// before `now` (at most an hour).
+    pub fn count_challenge(&self, now: u64, challenge: &ChallengeName, secs: u64) -> u32 {
+        let Ok(recent) = self.0.lock() else {
+            return 0;
+        };
+        let n = recent
+            .iter()
+            .rev()
+            .take_while(|(t, _, _)| t + secs >= now)
+            .filter(|(_, _, c)| c == challenge)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// How many spawns of `challenge` for `team` were made in the hour

@@ -249,11 +249,14 @@ pub async fn renew(
         .map(|r| ks.key(&Key::HostnameClaim(r.hostname.clone())))
         .collect();
     claims.extend(rec.tcp.iter().map(|r| ks.key(&Key::PortClaim(r.port))));
-    claims.push(ks.key(&Key::TeamSlot {
-        challenge: rec.challenge.clone(),
-        team: rec.team.clone(),
-        slot: rec.team_slot,
-    }));
+    // A pooled instance holds no team slot.
+    if let Some(team) = &rec.team {
+        claims.push(ks.key(&Key::TeamSlot {
+            challenge: rec.challenge.clone(),
+            team: team.clone(),
+            slot: rec.team_slot,
+        }));
+    }
     for claim in &claims {
         // The claim must still be ours (same lease) before it moves.
         compares.push(Compare::lease(
@@ -397,7 +400,7 @@ pub async fn delete(
     let mut revoked = false;
     for _ in 0..5 {
         let current = match get(client, ks, id).await {
-            Ok(c) if team.is_some_and(|t| *t != c.record.team) => {
+            Ok(c) if team.is_some_and(|t| !c.record.is_of(t)) => {
                 return Err(LifecycleError::NotFound(id.to_string()));
             }
             Ok(c) => c,

@@ -107,6 +107,8 @@ pub struct Metrics {
     /// Queued spawns dropped at admission (challenge deleted, the team at
     /// its limit, the policy denying).
     pub queue_dropped: Counter,
+    /// Spawns served by a pooled instance (claimed, not started).
+    pub pool_claims: Counter,
     /// etcd round trips and watch lag.
     pub etcd: Arc<EtcdHealth>,
     refusals: Family<RefusalLabels, Counter>,
@@ -142,6 +144,7 @@ impl Default for Metrics {
             queued: Counter::default(),
             admitted: Counter::default(),
             queue_dropped: Counter::default(),
+            pool_claims: Counter::default(),
             queue_length: Gauge::default(),
             etcd: Arc::default(),
             refusals: Family::default(),
@@ -240,6 +243,11 @@ impl Metrics {
                 "queue_dropped",
                 "Queued spawns dropped at admission (challenge deleted, team at its limit, policy denied)",
                 &self.queue_dropped,
+            ),
+            (
+                "pool_claims",
+                "Spawns served by a pooled instance (claimed, not started)",
+                &self.pool_claims,
             ),
         ] {
             r.register(name, help, c.clone());

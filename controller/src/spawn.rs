@@ -77,6 +77,8 @@ pub enum SpawnError {
     Invalid { what: &'static str, error: String },
     #[error("the queued spawn is no longer waiting (its place lapsed, or it was left or admitted)")]
     LeftQueue,
+    #[error("the pooled instance was claimed or removed meanwhile")]
+    PoolTaken,
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
 }
@@ -101,6 +103,15 @@ pub struct FromQueue {
     pub create_revision: i64,
 }
 
+/// A pooled instance being claimed: its record (no team) as last seen, at
+/// that mod revision, on its pool lease.
+#[derive(Debug, Clone)]
+pub struct FromPool {
+    pub id: InstanceId,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
 /// Writes one instance; `flag` makes the flag of a chosen instance id.
 pub async fn spawn(
     client: &Client,
@@ -117,6 +128,36 @@ pub async fn spawn_from(
     queued: Option<&FromQueue>,
     flag: impl Fn(&InstanceId) -> String,
 ) -> Result<Spawned, SpawnError> {
+    write(client, plan, queued, None, flag).await
+}
+
+/// Hands a pooled instance (running, no team) to `plan.team` in one Txn:
+/// the record gets the team, its hostnames, ports, team slot, lease and
+/// expiry; its secret the team's flag; its status is deleted (the agent
+/// reports it again once the flag file holds the flag). `plan.worker` and
+/// `plan.challenge_revision` are the pooled record's. `PoolTaken` when
+/// another spawn claimed it first, or it was removed.
+pub async fn claim(
+    client: &Client,
+    plan: &SpawnPlan,
+    pooled: &FromPool,
+    flag: impl Fn(&InstanceId) -> String,
+) -> Result<Spawned, SpawnError> {
+    let spawned = write(client, plan, None, Some(pooled), flag).await?;
+    // Every key moved off the pool lease; nothing is bound to it now.
+    if let Err(e) = client.clone().lease_revoke(pooled.lease).await {
+        tracing::debug!(instance = %pooled.id, error = %e, "could not revoke a claimed instance's pool lease; it runs out by itself");
+    }
+    Ok(spawned)
+}
+
+async fn write(
+    client: &Client,
+    plan: &SpawnPlan,
+    queued: Option<&FromQueue>,
+    pooled: Option<&FromPool>,
+    flag: impl Fn(&InstanceId) -> String,
+) -> Result<Spawned, SpawnError> {
     let mut client = client.clone();
     let spec = &plan.challenge.spec;
     let tcp_needed = spec
@@ -129,7 +170,12 @@ pub async fn spawn_from(
     }
     for _ in 0..MAX_ATTEMPTS {
         let slot = free_team_slot(&mut client, plan).await?;
-        let mut record = draft(plan, queued.map(|q| q.id.clone()))?;
+        let mut record = draft(
+            plan,
+            queued
+                .map(|q| q.id.clone())
+                .or(pooled.map(|p| p.id.clone())),
+        )?;
         record.team_slot = slot;
         let secret = SecretRecord {
             v: V1,
@@ -139,7 +185,18 @@ pub async fn spawn_from(
             env: plan.secret_env.clone(),
         };
         let lease = client.lease_grant(plan.ttl_secs as i64, None).await?.id();
-        match commit(&mut client, plan, &record, &secret, slot, lease, queued).await {
+        match commit(
+            &mut client,
+            plan,
+            &record,
+            &secret,
+            slot,
+            lease,
+            queued,
+            pooled,
+        )
+        .await
+        {
             Ok(revision) => {
                 return Ok(Spawned {
                     record,
@@ -264,7 +321,7 @@ fn draft(plan: &SpawnPlan, id: Option<InstanceId>) -> Result<InstanceRecord, Spa
         flag: None,
         id,
         challenge: plan.challenge.name.clone(),
-        team: plan.team.clone(),
+        team: Some(plan.team.clone()),
         worker: plan.worker.clone(),
         token: plan.token,
         created_at: plan.now,
@@ -276,6 +333,7 @@ fn draft(plan: &SpawnPlan, id: Option<InstanceId>) -> Result<InstanceRecord, Spa
         container: ContainerSpec::of(spec),
         services: ServiceRecord::all_of(spec),
         spec_revision: plan.challenge_revision,
+        flag_file: spec.flag.file.clone(),
     })
 }
 
@@ -294,6 +352,7 @@ fn service_of(spec: &ChallengeSpec, port: &PortSpec) -> Option<ServiceName> {
 /// the record's worker) under one lease. `Ok(revision)` on success;
 /// `Err(None)` when a claim was taken (retry); `Err(Some(e))` when retrying
 /// cannot help.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     client: &mut Client,
     plan: &SpawnPlan,
@@ -302,6 +361,7 @@ async fn commit(
     slot: u32,
     lease: i64,
     queued: Option<&FromQueue>,
+    pooled: Option<&FromPool>,
 ) -> Result<i64, Option<SpawnError>> {
     let ks = &plan.keys;
     let id = record.id.to_string();
@@ -321,8 +381,13 @@ async fn commit(
         CompareOp::Equal,
         plan.token,
     )];
+    // A pooled instance's record is there: it must be as seen (no team).
+    compares.push(match pooled {
+        Some(p) => Compare::mod_revision(claims[0].as_str(), CompareOp::Equal, p.mod_revision),
+        None => Compare::version(claims[0].as_str(), CompareOp::Equal, 0),
+    });
     compares.extend(
-        claims
+        claims[1..]
             .iter()
             .map(|k| Compare::version(k.as_str(), CompareOp::Equal, 0)),
     );
@@ -337,8 +402,8 @@ async fn commit(
             .iter()
             .map(|k| TxnOp::put(k.as_str(), id.as_str(), with_lease())),
     );
-    // No compare of its own: the fresh id's record key (version 0 above)
-    // already guards it.
+    // No compare of its own: the record key (a fresh id's at version 0, or
+    // the pooled record as seen) already guards it.
     puts.push(TxnOp::put(
         ks.key(&Key::Secret {
             worker: record.worker.clone(),
@@ -351,7 +416,7 @@ async fn commit(
         let owner = FlagOwnerRecord {
             v: V1,
             challenge: record.challenge.clone(),
-            team: record.team.clone(),
+            team: plan.team.clone(),
             instance: record.id.clone(),
             worker: record.worker.clone(),
             created_at: record.created_at,
@@ -366,6 +431,18 @@ async fn commit(
         ));
     }
     let mut otherwise = vec![TxnOp::get(plan.leader_key.as_str(), None)];
+    if pooled.is_some() {
+        // Reported again by the agent once the flag file holds the team's
+        // flag: no route before.
+        puts.push(TxnOp::delete(
+            ks.key(&Key::Status {
+                worker: record.worker.clone(),
+                instance: record.id.clone(),
+            }),
+            None,
+        ));
+        otherwise.push(TxnOp::get(claims[0].as_str(), None));
+    }
     if let Some(q) = queued {
         compares.push(Compare::create_revision(
             q.key.as_str(),
@@ -401,6 +478,15 @@ async fn commit(
             token: plan.token,
             current,
         }));
+    }
+    if let Some(p) = pooled {
+        let as_seen = resp.op_responses().into_iter().nth(1).is_some_and(|op| {
+            matches!(op, etcd_client::TxnOpResponse::Get(g)
+                if g.kvs().first().is_some_and(|kv| kv.mod_revision() == p.mod_revision))
+        });
+        if !as_seen {
+            return Err(Some(SpawnError::PoolTaken));
+        }
     }
     if let Some(q_revision) = queued.map(|q| q.create_revision) {
         let waiting = resp.op_responses().into_iter().nth(1).is_some_and(|op| {

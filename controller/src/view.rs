@@ -10,8 +10,9 @@ use etcd_client::Client;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::config::Placement;
 use tidegate_schema::{
-    ChallengeName, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, QueuedRecord,
-    Resources, ServiceName, ServiceState, Shortfall, StatusRecord, TeamId, WorkerId, WorkerRecord,
+    ChallengeName, ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
+    QueuedRecord, Resources, ServiceName, ServiceState, Shortfall, StatusRecord, TeamId, WorkerId,
+    WorkerRecord,
 };
 
 /// Why no worker can take an instance now, the most telling reason first
@@ -61,6 +62,8 @@ pub struct View {
     pub status: BTreeMap<(InstanceId, WorkerId), InstanceStatus>,
     /// Each service's state, of instances with services (same keys).
     pub services: BTreeMap<(InstanceId, WorkerId), BTreeMap<ServiceName, ServiceState>>,
+    /// Challenges with a warm pool, and their record's mod revision.
+    pub pools: BTreeMap<ChallengeName, (ChallengeRecord, i64)>,
     /// The etcd revision the view reflects.
     pub revision: i64,
 }
@@ -90,6 +93,17 @@ impl View {
                 }
                 Err(e) => {
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed instance record")
+                }
+            },
+            Key::Challenge(name) => match kv.decode::<ChallengeRecord>() {
+                Ok(c) if c.name == name && c.spec.pool.is_some() => {
+                    self.pools.insert(name, (c, kv.mod_revision));
+                }
+                Ok(_) => {
+                    self.pools.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping malformed challenge record")
                 }
             },
             Key::Status { worker, instance } => match kv.decode::<StatusRecord>() {
@@ -159,6 +173,9 @@ impl View {
             Ok(Key::Queued { challenge, team }) => {
                 self.queue.remove(&(challenge, team));
             }
+            Ok(Key::Challenge(name)) => {
+                self.pools.remove(&name);
+            }
             _ => {}
         }
     }
@@ -184,7 +201,7 @@ impl View {
             + self
                 .instances
                 .values()
-                .filter(|i| i.record.team == *team)
+                .filter(|i| i.record.is_of(team))
                 .count();
         u32::try_from(held).unwrap_or(u32::MAX).saturating_add(1)
     }
@@ -223,6 +240,14 @@ impl View {
             })
             .collect();
         (ranked, totals)
+    }
+
+    /// The pooled instances of `challenge` (no team yet).
+    pub fn pooled(&self, challenge: &ChallengeName) -> Vec<&LiveInstance> {
+        self.instances
+            .values()
+            .filter(|i| i.record.is_pooled() && &i.record.challenge == challenge)
+            .collect()
     }
 
     /// Live instances per worker.
@@ -384,8 +409,18 @@ impl SharedView {
     }
 
     /// Records an instance this replica just wrote, before its watch event arrives.
+    /// A pooled instance claimed has no status until its agent writes the
+    /// team's flag and reports it again (the claim deleted it).
     pub fn insert_own(&self, record: InstanceRecord, lease: i64, revision: i64) {
-        self.lock().instances.insert(
+        let mut view = self.lock();
+        // The watch got there first: it holds this write and what followed.
+        if view.revision >= revision {
+            return;
+        }
+        let key = (record.id.clone(), record.worker.clone());
+        view.status.remove(&key);
+        view.services.remove(&key);
+        view.instances.insert(
             record.id.clone(),
             LiveInstance {
                 record,

@@ -50,7 +50,7 @@ async fn organizer_workflow_through_the_cli() {
     let cwd = project.join("challenges");
     std::fs::write(
         cwd.join("web.toml"),
-        "image = \"tidegate/demo-http:1\"\nper_team_max = 2\n\n[ttl]\ndefault_secs = 600\nmax_secs = 600\n\n[[ports]]\nname = \"web\"\nport = 8080\nprotocol = \"http\"\n",
+        "image = \"tidegate/demo-http:2\"\nper_team_max = 2\n\n[ttl]\ndefault_secs = 600\nmax_secs = 600\n\n[[ports]]\nname = \"web\"\nport = 8080\nprotocol = \"http\"\n",
     )
     .unwrap();
     let (ok, out, err) = tidegate(&cwd, &["challenge", "apply", "-f", "web.toml"]);
@@ -80,7 +80,7 @@ async fn organizer_workflow_through_the_cli() {
     );
     let (_, out, _) = tidegate(&cwd, &["challenge", "get", "web", "--json"]);
     let got: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(got["spec"]["image"], "tidegate/demo-http:1");
+    assert_eq!(got["spec"]["image"], "tidegate/demo-http:2");
 
     // Instances: spawn (JSON for scripts), list (table), renew refused (the
     // challenge's TTL is already its maximum lifetime: 409 whatever the

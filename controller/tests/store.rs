@@ -20,7 +20,7 @@ fn spec(json: &str) -> ChallengeSpec {
 
 fn web_spec() -> ChallengeSpec {
     spec(
-        r#"{"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
+        r#"{"image": "tidegate/demo-http:2", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
     )
 }
 

@@ -287,7 +287,11 @@ pub struct InstanceRecord {
     pub v: V1,
     pub id: InstanceId,
     pub challenge: ChallengeName,
-    pub team: TeamId,
+    /// The team it is for; none while it waits in its challenge's warm
+    /// pool (started, routed by nothing, counted as no team's) until a
+    /// spawn claims it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<TeamId>,
     pub worker: WorkerId,
     /// The fencing token of the scheduler that wrote it (the creation
     /// revision of its election key).
@@ -323,6 +327,28 @@ pub struct InstanceRecord {
     /// never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag: Option<String>,
+    /// The challenge's `flag.file`: the flag is this read-only file in the
+    /// containers that get it (written by the agent from the secret),
+    /// not `FLAG` in their env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag_file: Option<String>,
+}
+
+impl InstanceRecord {
+    /// Whether it waits in its challenge's pool (no team yet).
+    pub fn is_pooled(&self) -> bool {
+        self.team.is_none()
+    }
+
+    /// Whether it is `team`'s.
+    pub fn is_of(&self, team: &TeamId) -> bool {
+        self.team.as_ref() == Some(team)
+    }
+
+    /// Its team's id, or `""` while it is pooled (for labels and logs).
+    pub fn team_str(&self) -> &str {
+        self.team.as_ref().map_or("", TeamId::as_str)
+    }
 }
 
 impl Validate for InstanceRecord {
@@ -333,11 +359,21 @@ impl Validate for InstanceRecord {
         if self.expires_at < self.created_at {
             return Err(FieldError::new("expires_at", "is before created_at"));
         }
-        if self.http.is_empty() && self.tcp.is_empty() {
+        let routed = !(self.http.is_empty() && self.tcp.is_empty());
+        if self.is_pooled() && routed {
+            return Err(FieldError::new(
+                "team",
+                "a pooled instance (no team) has no routes: it is reached by no hostname or port",
+            ));
+        }
+        if !self.is_pooled() && !routed {
             return Err(FieldError::new(
                 "http",
                 "an instance needs at least one route",
             ));
+        }
+        if let Some(f) = &self.flag_file {
+            crate::spec::validate_flag_file("flag_file", f, &[])?;
         }
         let mut names = BTreeSet::new();
         for (i, r) in self.http.iter().enumerate() {
@@ -458,6 +494,10 @@ pub struct StatusRecord {
     pub v: V1,
     pub instance: InstanceId,
     pub worker: WorkerId,
+    /// The team of the record it was written for (none: a pooled
+    /// instance); routers use a status only for a record of that team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<TeamId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
     /// The container's address, once it has one.
@@ -518,7 +558,8 @@ pub struct SecretRecord {
     pub v: V1,
     pub instance: InstanceId,
     pub worker: WorkerId,
-    /// Given to the container as `FLAG`.
+    /// Given to the container as `FLAG` (or its `flag_file`); empty while
+    /// the instance waits in its challenge's pool.
     pub flag: String,
     /// The challenge's `secret_env` (values), given to the container.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -565,8 +606,9 @@ impl Record for ChallengeSecretRecord {}
 
 impl Validate for SecretRecord {
     fn validate(&self) -> Result<(), FieldError> {
-        if self.flag.is_empty() || self.flag.contains('\0') {
-            return Err(FieldError::new("flag", "must be non-empty, without NUL"));
+        // Empty only in a pooled instance's secret: its flag comes at claim.
+        if self.flag.contains('\0') {
+            return Err(FieldError::new("flag", "must be without NUL"));
         }
         Ok(())
     }

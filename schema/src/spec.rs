@@ -129,7 +129,28 @@ pub struct ChallengeSpec {
     /// `queue = { hold_secs, max_waiting }` tunes it.
     #[serde(default, skip_serializing_if = "QueueSpec::is_default")]
     pub queue: QueueSpec,
+    /// A warm pool: `min` instances started before any team asks, handed
+    /// out at spawn in one Txn (no container to start). The target grows
+    /// with the spawns of the last minute up to `max`. A per-instance flag
+    /// then needs `flag.file` (env is fixed when a container starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolSpec>,
 }
+
+/// [`ChallengeSpec::pool`]: how many unassigned instances the scheduler
+/// keeps started.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Kept started while no spawn needs the room (0–100).
+    pub min: u32,
+    /// At most this many when spawns come fast (1–100, at least `min`).
+    pub max: u32,
+}
+
+/// At most this many pooled instances per challenge.
+pub const MAX_POOL: u32 = 100;
 
 /// [`ChallengeSpec::queue`]: whether spawns that find no room wait in the
 /// scheduler's queue, how long a place is held without being asked about,
@@ -452,6 +473,12 @@ pub struct FlagSpec {
     /// challenge's admin bot, not its app); default: every service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<ServiceName>>,
+    /// Give the flag as this read-only file in the container (an absolute
+    /// path, e.g. `/flag`) instead of `FLAG` in env. The agent writes it
+    /// when the instance is handed to a team, so a pooled instance (started
+    /// before any team had it) gets its own flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 impl Default for FlagSpec {
@@ -459,6 +486,7 @@ impl Default for FlagSpec {
         Self {
             template: format!("flag{{{FLAG_PLACEHOLDER}}}"),
             services: None,
+            file: None,
         }
     }
 }
@@ -506,6 +534,7 @@ impl Validate for ChallengeSpec {
         self.validate_flag()?;
         in_range("queue.hold_secs", self.queue.hold_secs, 5, 3600)?;
         in_range("queue.max_waiting", self.queue.max_waiting, 1, 100_000)?;
+        self.validate_pool()?;
         for (i, cap) in self.unsafe_caps.iter().enumerate() {
             let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
             if !UNSAFE_CAPS.contains(&bare) {
@@ -686,6 +715,14 @@ impl ChallengeSpec {
         } else {
             self.services.keys().map(ServiceName::as_str).collect()
         }
+    }
+
+    /// Every container's tmpfs mount paths.
+    fn tmpfs_paths(&self) -> Vec<&str> {
+        self.containers()
+            .iter()
+            .flat_map(|c| c.tmpfs.iter().map(|t| t.path.as_str()))
+            .collect()
     }
 
     /// Each service's container fields, with the prefix naming them.
@@ -949,6 +986,9 @@ impl ChallengeSpec {
                 format!("{FLAG_PLACEHOLDER} may appear once"),
             ));
         }
+        if let Some(file) = &self.flag.file {
+            validate_flag_file("flag.file", file, &self.tmpfs_paths())?;
+        }
         let Some(to) = &self.flag.services else {
             return Ok(());
         };
@@ -977,6 +1017,27 @@ impl ChallengeSpec {
                     format!("{:?} listed twice", s.as_str()),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_pool(&self) -> Result<(), FieldError> {
+        let Some(pool) = self.pool else {
+            return Ok(());
+        };
+        in_range("pool.min", pool.min, 0, MAX_POOL)?;
+        in_range("pool.max", pool.max, 1, MAX_POOL)?;
+        if pool.min > pool.max {
+            return Err(FieldError::new(
+                "pool.min",
+                format!("{} is more than pool.max ({})", pool.min, pool.max),
+            ));
+        }
+        if self.per_instance_flag() && self.flag.file.is_none() {
+            return Err(FieldError::new(
+                "flag.file",
+                "a pooled challenge with a per-instance flag takes it from a file (env is fixed when the container starts, before a team has it): set flag.file, e.g. \"/flag\"",
+            ));
         }
         Ok(())
     }
@@ -1025,6 +1086,42 @@ impl ChallengeSpec {
     pub fn render_flag(&self, hmac_hex: &str) -> String {
         self.flag.template.replace(FLAG_PLACEHOLDER, hmac_hex)
     }
+}
+
+/// `flag.file`: an absolute path of plain components, outside the
+/// kernel's and the engine's own trees and not a tmpfs mount itself;
+/// `field` names it in the error (records check it too).
+pub fn validate_flag_file(field: &str, file: &str, tmpfs: &[&str]) -> Result<(), FieldError> {
+    let plain = |c: &str| {
+        !c.is_empty()
+            && c != "."
+            && c != ".."
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    let Some(rest) = file.strip_prefix('/') else {
+        return Err(FieldError::new(
+            field,
+            "must be an absolute path, e.g. \"/flag\"",
+        ));
+    };
+    if file.len() > 128 || !rest.split('/').all(plain) {
+        return Err(FieldError::new(
+            field,
+            "at most 128 characters: '/' then components of A-Z, a-z, 0-9, '.', '_' and '-' (no '.' or '..')",
+        ));
+    }
+    let top = rest.split('/').next().unwrap_or_default();
+    if ["proc", "sys", "dev"].contains(&top) {
+        return Err(FieldError::new(
+            field,
+            "must not be under /proc, /sys or /dev",
+        ));
+    }
+    if tmpfs.contains(&file) {
+        return Err(FieldError::new(field, "is a tmpfs mount: name a file"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -341,7 +341,7 @@ async fn a_killed_agent_adopts_its_containers_and_removes_an_orphan() {
         "tidegate.instance=00000000ff",
         "--network",
         "tidegate-isolated",
-        "tidegate/demo-http:1",
+        "tidegate/demo-http:2",
     ])
     .unwrap();
     c.agent = Some(agent.restart(c.dir.path()).await);

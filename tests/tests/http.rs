@@ -84,7 +84,7 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
         .put_challenge("ghost", json!({"image": "tidegate/does-not-exist:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}))
         .await;
     p.controller
-        .put_challenge("closed", json!({"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 9999, "protocol": "http"}]}))
+        .put_challenge("closed", json!({"image": "tidegate/demo-http:2", "ports": [{"name": "web", "port": 9999, "protocol": "http"}]}))
         .await;
     p.controller
         .put_challenge("silent", json!({"image": DEMO_SILENT, "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}))

@@ -43,7 +43,7 @@ pub(crate) fn run(args: DeployArgs) -> Result<()> {
 pub(crate) const DEMO_CHALLENGES: [(&str, &str); 3] = [
     (
         "demo-http",
-        r#"{"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
+        r#"{"image": "tidegate/demo-http:2", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}"#,
     ),
     (
         "demo-tcp",

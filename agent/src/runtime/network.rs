@@ -158,7 +158,8 @@ impl Runtime {
     ) -> Result<(), DockerError> {
         let name = name(&rec.id);
         // An engine speaking API 1.41 makes a second network of the same
-        // name rather than refusing it: look first.
+        // name rather than refusing it: look first, one step at a time.
+        let _one_at_a_time = self.network_lock.lock().await;
         match self.docker.inspect_network(&name, None).await {
             Ok(_) => return Ok(()),
             Err(e) if super::not_found(&e) => {}

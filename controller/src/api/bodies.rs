@@ -180,7 +180,11 @@ pub(crate) struct PolicyDecision {
 pub(crate) struct Instance {
     id: InstanceId,
     challenge: ChallengeName,
-    team: TeamId,
+    /// Absent for a pooled instance (no team's yet: organizers see these
+    /// in `GET /v1/pools`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    team: Option<TeamId>,
     worker: WorkerId,
     /// Unix seconds.
     created_at: u64,

@@ -89,6 +89,8 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
         let mut items: Vec<Value> = view
             .instances
             .values()
+            // Pooled instances are no team's (`GET /v1/pools` lists them).
+            .filter(|i| !i.record.is_pooled())
             .filter_map(|i| {
                 let status = view.status_text(&i.record.id);
                 let services = view.services_of(&i.record.id);

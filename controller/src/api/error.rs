@@ -171,6 +171,9 @@ impl From<SpawnError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, e.to_string()).reason("left_queue")
             }
             SpawnError::PortRange(_) => ApiError::unavailable(e.to_string()).reason("port_range"),
+            SpawnError::PoolTaken => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string()).reason("pool_taken")
+            }
         }
     }
 }

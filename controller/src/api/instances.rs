@@ -42,13 +42,29 @@ fn team_param(q: &TeamQuery) -> ApiResult<Option<TeamId>> {
 
 /// The instance when the caller may act on it: with `?team=`, another
 /// team's instance is answered exactly as a missing one (no existence leak).
-fn owned(current: lifecycle::Current, team: Option<&TeamId>) -> ApiResult<lifecycle::Current> {
-    match team {
-        Some(t) if *t != current.record.team && !planted("team-scope") => {
-            Err(lifecycle::LifecycleError::NotFound(current.record.id.to_string()).into())
+/// A pooled instance (no team yet) is nobody's to act on: missing to all.
+fn owned(current: lifecycle::Current, team: Option<&TeamId>) -> ApiResult<Owned> {
+    let missing = || lifecycle::LifecycleError::NotFound(current.record.id.to_string()).into();
+    let Some(owner) = current.record.team.clone() else {
+        // The red team's positive control: a pooled instance is the asker's.
+        if let Some(t) = team.filter(|_| planted("team-scope")) {
+            return Ok(Owned {
+                current,
+                owner: t.clone(),
+            });
         }
-        _ => Ok(current),
+        return Err(missing());
+    };
+    match team {
+        Some(t) if *t != owner && !planted("team-scope") => Err(missing()),
+        _ => Ok(Owned { current, owner }),
     }
+}
+
+/// An instance a caller may act on, and its team.
+struct Owned {
+    current: lifecycle::Current,
+    owner: TeamId,
 }
 
 /// Takes a token of `op` for `team` (the platform token only; the admin
@@ -184,9 +200,33 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
         }
         Admission::Refused(r) => return Err(r.into()),
     };
+    // A pooled instance, started before anyone asked: no container to
+    // start, and no room taken that others wait for.
+    // Not while teams wait for this challenge: they come first.
+    if challenge.spec.pool.is_some() && !queue::waiting_for(app, &challenge.name) {
+        let claimed = super::pool::claim(
+            app,
+            &leader,
+            (&challenge, challenge_revision),
+            &secret_env,
+            &req.team,
+            ttl_secs,
+        )
+        .await?;
+        if let Some(spawned) = claimed {
+            return Ok(created(app, &spawned, fallback_note));
+        }
+    }
     // Room that frees while others wait is theirs first.
     let waiting = queue::waiting_for_room(app);
-    let worker = match place(app, &challenge) {
+    let mut placed = place(app, &challenge);
+    if matches!(placed, Err(Unplaced::Full(..)))
+        && !waiting
+        && super::pool::yield_room(app, &leader, &challenge, false).await
+    {
+        placed = place(app, &challenge);
+    }
+    let worker = match placed {
         Ok(_) | Err(Unplaced::Full(..)) if queueing && waiting => {
             team_under_limit(app, &challenge, &req.team)?;
             let detail = "others are waiting for room; room that frees is theirs first";
@@ -214,7 +254,16 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
         challenge_revision,
         secret_env,
     };
-    let spawned = write_spawn(app, &plan, None).await?;
+    let spawned = write_spawn(app, &plan, None, None).await?;
+    Ok(created(app, &spawned, fallback_note))
+}
+
+/// The 201 answer of a spawn.
+fn created(
+    app: &App,
+    spawned: &crate::Spawned,
+    fallback_note: Option<crate::policy::PolicyNote>,
+) -> axum::response::Response {
     let mut body = Instance::new(app, &spawned.record, "pending".into());
     body.policy = fallback_note.map(|note| PolicyDecision {
         digest: note.digest,
@@ -222,7 +271,7 @@ async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiRe
         decision: "fallback-allow".into(),
         error: Some(note.error),
     });
-    Ok(json_response(StatusCode::CREATED, body))
+    json_response(StatusCode::CREATED, body)
 }
 
 /// The challenge's `secret_env` values at `revision` (none read when it
@@ -244,6 +293,7 @@ pub(super) async fn write_spawn(
     app: &App,
     plan: &SpawnPlan,
     queued: Option<&FromQueue>,
+    pooled: Option<&crate::spawn::FromPool>,
 ) -> ApiResult<crate::Spawned> {
     let secret = app.cfg.flag_secret.as_bytes();
     let (spec, team, name) = (
@@ -252,10 +302,12 @@ pub(super) async fn write_spawn(
         plan.challenge.name.as_str(),
     );
     let result = etcd(app, || async {
-        crate::spawn::spawn_from(&app.client, plan, queued, |id| {
-            crate::flag::render(secret, spec, team, name, id)
-        })
-        .await
+        let flag =
+            |id: &tidegate_schema::InstanceId| crate::flag::render(secret, spec, team, name, id);
+        match pooled {
+            Some(p) => crate::spawn::claim(&app.client, plan, p, flag).await,
+            None => crate::spawn::spawn_from(&app.client, plan, queued, flag).await,
+        }
         .map_err(|e| {
             if matches!(e, SpawnError::Fenced { .. }) {
                 app.metrics.fenced_writes.inc();
@@ -266,6 +318,8 @@ pub(super) async fn write_spawn(
     .await;
     let spawned = match result {
         Ok(s) => s,
+        // Another pooled instance (or a fresh spawn) is tried.
+        Err(e) if e.refusal() == Some("pool_taken") => return Err(e),
         Err(e) => {
             app.metrics.spawn_refusals.inc();
             return Err(e);
@@ -350,7 +404,7 @@ fn team_under_limit(
         .lock()
         .instances
         .values()
-        .filter(|i| i.record.team == *team && i.record.challenge == challenge.name)
+        .filter(|i| i.record.is_of(team) && i.record.challenge == challenge.name)
         .count();
     if live >= challenge.spec.per_team_max as usize {
         return Err(SpawnError::TeamLimit {
@@ -378,11 +432,9 @@ pub(super) async fn list(
     let instances = view
         .instances
         .values()
-        .filter(|i| {
-            q.team
-                .as_deref()
-                .is_none_or(|t| i.record.team.as_str() == t)
-        })
+        // Pooled instances are no team's: `GET /v1/pools` lists them.
+        .filter(|i| !i.record.is_pooled())
+        .filter(|i| q.team.as_deref().is_none_or(|t| i.record.team_str() == t))
         .filter(|i| {
             q.challenge
                 .as_deref()
@@ -431,7 +483,7 @@ pub(super) async fn get(
         }
         other => other?,
     };
-    let current = owned(current, team.as_ref())?;
+    let current = owned(current, team.as_ref())?.current;
     let (status, services) = {
         let view = app.view.lock();
         (view.status_text(&id), view.services_of(&id))
@@ -479,9 +531,9 @@ pub(super) async fn renew(
     let mut attempt = 1;
     let (current, result) = loop {
         let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
-        let current = owned(current, team.as_ref())?;
+        let Owned { current, owner } = owned(current, team.as_ref())?;
         if team.is_none() && attempt == 1 {
-            rate_limit(&app, scope, Op::Renew, &current.record.team)?;
+            rate_limit(&app, scope, Op::Renew, &owner)?;
         }
         let result = renew_current(&app, &leader, &current).await;
         // The owning agent reports its container's status on the status
@@ -502,7 +554,7 @@ pub(super) async fn renew(
         refused(
             &app,
             "renew",
-            r.team.as_str(),
+            r.team_str(),
             r.challenge.as_str(),
             Some(&r.id),
             e,
@@ -579,7 +631,7 @@ pub(super) async fn delete(
     let owner = match &team {
         Some(t) => t.clone(),
         None => match etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await {
-            Ok(c) => c.record.team,
+            Ok(c) => owned(c, None)?.owner,
             Err(e) if e.is_status(StatusCode::NOT_FOUND) => {
                 let waiting = app.view.lock().waiting(&id).map(|w| w.record.team);
                 waiting.ok_or(e)?
@@ -628,9 +680,9 @@ pub(super) async fn flag(
         rate_limit(&app, scope, Op::Flag, t)?;
     }
     let current = etcd(&app, || lifecycle::get(&app.client, &app.ks, &id)).await?;
-    let current = owned(current, team.as_ref())?;
+    let Owned { current, owner } = owned(current, team.as_ref())?;
     if team.is_none() {
-        rate_limit(&app, scope, Op::Flag, &current.record.team)?;
+        rate_limit(&app, scope, Op::Flag, &owner)?;
     }
     let stored = etcd(&app, || {
         lifecycle::flag(&app.client, &app.ks, &current.record)

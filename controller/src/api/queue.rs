@@ -78,6 +78,11 @@ pub(super) fn already_waiting(
     Some(accepted(w, position, waiting))
 }
 
+/// Whether a place of `challenge` waits.
+pub(super) fn waiting_for(app: &App, challenge: &ChallengeName) -> bool {
+    app.view.lock().queue.keys().any(|(c, _)| c == challenge)
+}
+
 /// Whether spawns wait for room (not for their policy): room that frees
 /// is theirs before a newcomer's (who joins the queue, and is admitted in
 /// the next pass if nothing ahead of it fits).
@@ -470,7 +475,13 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
             };
         }
     };
-    let worker = match place(app, &challenge) {
+    let mut placed = place(app, &challenge);
+    if matches!(placed, Err(Unplaced::Full(..)))
+        && super::pool::yield_room(app, leader, &challenge, true).await
+    {
+        placed = place(app, &challenge);
+    }
+    let worker = match placed {
         Ok(w) => w,
         // No worker registered, or none large enough right now: workers
         // come back (an agent restarting, a lease lapsing); wait for them.
@@ -495,7 +506,7 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
         key: key_of(app, &w.record),
         create_revision: w.create_revision,
     };
-    match write_spawn(app, &plan, Some(&from)).await {
+    match write_spawn(app, &plan, Some(&from), None).await {
         Ok(_) => {
             app.view
                 .lock()

@@ -151,7 +151,7 @@ pub async fn renew(app: &App, challenge: &ChallengeRecord, record: &InstanceReco
     let hook = "renew";
     let info = InstanceInfo {
         instance: record.id.to_string(),
-        team: record.team.to_string(),
+        team: record.team_str().to_string(),
         challenge: record.challenge.to_string(),
         created_ms: record.created_at * 1000,
         expires_ms: record.expires_at * 1000,
@@ -237,7 +237,7 @@ fn spawn_request(app: &App, challenge: &ChallengeRecord, team: &TeamId) -> Spawn
     let mut per_worker: std::collections::BTreeMap<&str, u32> = Default::default();
     for i in view.instances.values() {
         *per_worker.entry(i.record.worker.as_str()).or_default() += 1;
-        if i.record.team == *team {
+        if i.record.is_of(team) {
             team_live_all += 1;
             if i.record.challenge == challenge.name {
                 team_live += 1;

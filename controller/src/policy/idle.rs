@@ -119,7 +119,8 @@ fn by_worker(
     let mut by_worker: BTreeMap<_, Vec<_>> = BTreeMap::new();
     let view = app.view.lock();
     for i in view.instances.values() {
-        if !plugins.contains_key(&i.record.challenge) {
+        // A pooled instance is idle by design until a team has it.
+        if i.record.is_pooled() || !plugins.contains_key(&i.record.challenge) {
             continue;
         }
         let Some(addr) = view.workers.get(&i.record.worker).and_then(|w| w.metrics) else {
@@ -168,7 +169,7 @@ async fn judge(
 ) {
     let activity = Activity {
         instance: rec.id.to_string(),
-        team: rec.team.to_string(),
+        team: rec.team_str().to_string(),
         challenge: rec.challenge.to_string(),
         last_activity_ms: seen.last_activity_ms,
         created_ms: rec.created_at * 1000,
@@ -181,7 +182,7 @@ async fn judge(
         .timed("on-idle", || plugin.on_idle(&activity))
     {
         Some(Ok(IdleDecision::Expire)) => {
-            tracing::info!(instance = %rec.id, team = %rec.team, challenge = %rec.challenge,
+            tracing::info!(instance = %rec.id, team = rec.team_str(), challenge = %rec.challenge,
                 last_activity_ms = seen.last_activity_ms,
                 "expiring instance: its challenge's on-idle policy says it is idle");
             match crate::lifecycle::delete(&app.client, &app.ks, &rec.id, None).await {

@@ -261,6 +261,12 @@ pub struct AgentConfig {
     /// controllers write; a shared mount across machines). Blobs are
     /// verified against their digest when read.
     pub artifact_dir: PathBuf,
+    /// Where the agent keeps the flag files of instances whose challenge
+    /// sets `flag.file` (`{flag_dir}/{cluster_label}/{worker}/{instance}/flag`,
+    /// bind-mounted read-only into the containers; directories 0711, files
+    /// 0444). The agent's user must be able to write it (the deploy makes it
+    /// and lists it in the unit's ReadWritePaths).
+    pub flag_dir: PathBuf,
     /// How long one `admit-connection` call may run, in milliseconds.
     pub plugin_deadline_ms: u64,
     /// How much memory one policy hook call may use, in MiB.
@@ -276,6 +282,18 @@ pub struct AgentConfig {
     /// How long an edge decision is reused for the same instance, player
     /// address and host, in milliseconds (0: every request is asked).
     pub edge_decision_cache_ms: u64,
+}
+
+impl AgentConfig {
+    /// This agent's flag files: `{flag_dir}/{cluster_label}/{worker_id}`
+    /// (clusters and workers sharing a host keep apart).
+    pub fn worker_flag_dir(&self) -> PathBuf {
+        let mut dir = self.flag_dir.clone();
+        if let Some(label) = &self.cluster_label {
+            dir.push(label);
+        }
+        dir.join(&self.worker_id)
+    }
 }
 
 impl Default for AgentConfig {
@@ -342,6 +360,7 @@ impl Default for AgentConfig {
             tcp_data_path: DataPath::Splice,
             tcp_pipe_bytes: 1024 * 1024,
             artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
+            flag_dir: PathBuf::from("/var/lib/tidegate/flags"),
             plugin_deadline_ms: 5,
             plugin_memory_mib: 32,
             edge_policy_threads: 2,

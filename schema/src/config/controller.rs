@@ -58,6 +58,10 @@ pub struct ControllerConfig {
     /// one with the most memory left, then the fewest of that challenge)
     /// or `pack` (the fullest one, so others stay empty).
     pub placement: Placement,
+    /// A spawn that finds no room takes the room of a pooled instance of
+    /// another challenge (removed; pools are a wish, not a reservation).
+    /// Off: pooled instances keep their room and such spawns wait.
+    pub pool_yields: bool,
     /// The artifact store of policy plugins: a directory (shared by every
     /// controller and agent, e.g. a network mount, when they are on several
     /// machines). Blobs are named by digest and verified when read.
@@ -184,6 +188,7 @@ impl Default for ControllerConfig {
             sweep_interval_secs: 5,
             worker_grace_secs: 60,
             placement: Placement::Spread,
+            pool_yields: true,
             artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
             plugin_deadline_ms: 5,
             plugin_memory_mib: 32,

@@ -13,7 +13,7 @@ fn instance_json() -> serde_json::Value {
         "created_at": 1000,
         "expires_at": 2800,
         "http": [{"port_name": "web", "hostname": "a3f4b92c8d.ctf.localhost", "target_port": 8080}],
-        "container": {"image": "tidegate/demo-http:1", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}},
+        "container": {"image": "tidegate/demo-http:2", "limits": {"memory_mib": 256, "cpus": 0.5, "pids": 128}},
         "flag": "flag{00}"
     })
 }

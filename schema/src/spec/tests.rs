@@ -6,7 +6,7 @@ use crate::validate::decode_json;
 
 fn base() -> Value {
     json!({
-        "image": "tidegate/demo-http:1",
+        "image": "tidegate/demo-http:2",
         "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
     })
 }

@@ -263,7 +263,7 @@ async fn answer(resp: reqwest::Result<reqwest::Response>) -> (StatusCode, Value)
 
 /// A demo HTTP challenge spec.
 pub fn web_spec() -> Value {
-    json!({"image": "tidegate/demo-http:1", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]})
+    json!({"image": "tidegate/demo-http:2", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]})
 }
 
 /// A demo TCP challenge spec (a line echo).

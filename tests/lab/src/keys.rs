@@ -49,3 +49,8 @@ pub fn worker(id: &str) -> String {
 pub fn challenge(name: &str) -> String {
     ks().key_of(Kind::Challenges, name)
 }
+
+/// The claim of `hostname` (holds the instance id).
+pub fn hostname_claim(hostname: &str) -> String {
+    format!("{}hostnames/{hostname}", ks().claims_prefix())
+}

@@ -10,6 +10,11 @@
 //!   at once (the start of an event); for each, from sending it until the
 //!   agent first answers 200 for its hostname, polled every 200 ms. Every
 //!   instance is deleted afterwards. Prints JSON with the samples in ms.
+//! - `claims <api> <token> <challenge> <n> <agent entry>`: `n` spawns one
+//!   after another; for each, from sending it until the agent first
+//!   answers 200 with a flag (`flag{`) on `/cgi-bin/flag` of its hostname,
+//!   polled every millisecond. Prints JSON with the samples in ms and
+//!   whether every flag differed; the instances are deleted afterwards.
 //! - `docker <image> <n> <parallel> <label>`: the engine alone, no
 //!   tidegate: `n` containers of `image` created and started (32 MiB,
 //!   read-only, all capabilities dropped, a tmpfs /tmp, on Docker's default
@@ -38,11 +43,14 @@ async fn main() {
         Some("rush") if args.len() == 7 => {
             rush(&args[2], &args[3], &args[4], &args[5], &args[6]).await
         }
+        Some("claims") if args.len() == 7 => {
+            claims(&args[2], &args[3], &args[4], &args[5], &args[6]).await
+        }
         Some("seed") if args.len() == 4 => seed(&args[2], &args[3]).await,
         Some("docker") if args.len() == 6 => {
             docker_alone(&args[2], &args[3], &args[4], &args[5]).await
         }
-        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | seed <etcd endpoint> <n> | docker <image> <n> <parallel> <label>".into()),
+        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | claims <api> <token> <challenge> <n> <agent entry> | seed <etcd endpoint> <n> | docker <image> <n> <parallel> <label>".into()),
     };
     if let Err(e) = result {
         eprintln!("route-bench: {e}");
@@ -197,6 +205,61 @@ async fn rush(api: &str, token: &str, challenge: &str, n: &str, agent: &str) -> 
     Ok(())
 }
 
+/// Spawns one after another, each timed from the POST until its flag page
+/// first answers with a flag.
+async fn claims(
+    api: &str,
+    token: &str,
+    challenge: &str,
+    n: &str,
+    agent: &str,
+) -> Result<(), String> {
+    let n: usize = n.parse().map_err(|_| "n must be a number")?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut ms = Vec::new();
+    let mut flags = std::collections::BTreeSet::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let sent = Instant::now();
+        let (host, id, _) = spawn(&http, api, token, challenge, &format!("claim-{i}")).await?;
+        ids.push(id);
+        let deadline = sent + Duration::from_secs(120);
+        loop {
+            let got = http
+                .get(format!("http://{agent}/cgi-bin/flag"))
+                .header("host", host.as_str())
+                .send()
+                .await;
+            if let Ok(r) = got
+                && r.status().as_u16() == 200
+            {
+                let body = r.text().await.unwrap_or_default();
+                if body.contains("flag{") {
+                    flags.insert(body.trim().to_string());
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{host} gave no flag within 120 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+    }
+    for id in &ids {
+        let _ = http
+            .delete(format!("{api}/v1/instances/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await;
+    }
+    println!("{}", json!({"ms": ms, "distinct": flags.len() == n}));
+    Ok(())
+}
+
 /// The engine's own create+start rate (what a rush of instances cannot beat).
 async fn docker_alone(image: &str, n: &str, parallel: &str, label: &str) -> Result<(), String> {
     use bollard::models::{ContainerCreateBody, HostConfig};
@@ -312,6 +375,7 @@ fn ghost_instance(
         v: V1,
         instance: id.clone(),
         worker: ghost.clone(),
+        team: record.team.clone(),
         container_id: None,
         address: Some(routes::GHOST_ADDRESS),
         status: InstanceStatus::Running,

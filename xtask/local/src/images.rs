@@ -12,8 +12,8 @@ use crate::docker::{docker, image_exists, require_engine};
 use crate::error::{Error, Result, run};
 
 /// busybox `httpd` serving a page on [`DEMO_HTTP_PORT`]; `/cgi-bin/flag`
-/// prints the instance's `FLAG`.
-pub const DEMO_HTTP: &str = "tidegate/demo-http:1";
+/// prints the instance's `FLAG`, or `/flag` without one (`flag.file`).
+pub const DEMO_HTTP: &str = "tidegate/demo-http:2";
 pub const DEMO_HTTP_PORT: u16 = 8080;
 /// The text the demo page contains.
 pub const DEMO_HTTP_BODY: &str = "tidegate demo-http: it works";
@@ -218,7 +218,7 @@ fn http_rootfs(root: &Path) -> Result<()> {
     write(
         root,
         "/www/cgi-bin/flag",
-        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$FLAG\"\n",
+        "#!/bin/sh\nf=\"$FLAG\"\n[ -z \"$f\" ] && [ -r /flag ] && f=\"$(cat /flag)\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$f\"\n",
         0o755,
     )
 }

@@ -38,7 +38,7 @@ pub fn ghost_instance(
         v: V1,
         id: id.clone(),
         challenge: ChallengeName::parse("bench")?,
-        team: team.clone(),
+        team: Some(team.clone()),
         worker: worker.clone(),
         token: 1,
         created_at: 0,
@@ -65,6 +65,7 @@ pub fn ghost_instance(
         }),
         spec_revision: 0,
         flag: None,
+        flag_file: None,
     })
 }
 

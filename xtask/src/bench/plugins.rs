@@ -50,7 +50,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     let plane = ControlPlane::start(&bin_dir, 1)?;
     let (dir, url) = (plane.dir(), plane.url.as_str());
     let http = |method: &str, path: &str, body: Vec<u8>| api(dir, url, method, path, body);
-    let spec = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
+    let spec = r#"{"image":"tidegate/demo-http:2","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
     let out = http("PUT", "/v1/challenges/web", spec.as_bytes().to_vec())?;
     if !out.ends_with(" 201") {
         bail!("creating the challenge: {out}");

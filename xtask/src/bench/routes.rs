@@ -48,7 +48,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         start("bench-b", "127.0.0.3")?,
         start("bench-c", "127.0.0.4")?,
     ];
-    let web = r#"{"image":"tidegate/demo-http:1","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
+    let web = r#"{"image":"tidegate/demo-http:2","ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
     let (propagated, routable) = propagation(&bin_dir, dir, url, &agents, ("web", web), spawns)?;
     // Spawn → routable of instances with 1, 2 and 3 services: the routed
     // app waits for the others to be ready.
@@ -120,13 +120,13 @@ fn services_spec(n: usize) -> String {
     for o in &others {
         services.insert(
             o.clone(),
-            serde_json::json!({"image": "tidegate/demo-http:1", "ready": {"tcp": 8080},
+            serde_json::json!({"image": "tidegate/demo-http:2", "ready": {"tcp": 8080},
                 "limits": small, "tmpfs": tmp}),
         );
     }
     services.insert(
         "app".into(),
-        serde_json::json!({"image": "tidegate/demo-http:1", "depends_on": others,
+        serde_json::json!({"image": "tidegate/demo-http:2", "depends_on": others,
             "ready": {"http": {"port": 8080, "path": "/"}}, "limits": small, "tmpfs": tmp}),
     );
     serde_json::json!({

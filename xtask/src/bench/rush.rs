@@ -3,6 +3,9 @@
 //! the agents' `reconcile_concurrency` at 1 (one container after another,
 //! the old behaviour) and at its default, side by side, and beside them the
 //! engine alone making the same containers (what no agent can beat).
+//! Then a warm pool: spawns of a pooled challenge one after another, each
+//! from the POST to the first answer with its own flag, beside the same
+//! spawns of the challenge without a pool.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -61,63 +64,140 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         );
         rows.push((concurrency, p50, p99, all));
     }
-    Ok(figures(spawns, &rows, &engine))
+    let mut figures = figures(spawns, &rows, &engine);
+    let claims = mode.count(10, 3);
+    let pool = pool_rush(&bin_dir, claims)?;
+    pool.report(claims, &mut figures);
+    Ok(figures)
+}
+
+/// The demo HTTP challenge of the rush: small, with `extra` fields (its
+/// flag in a file, a pool).
+fn demo_web(extra: &str) -> String {
+    format!(
+        r#"{{"image":"{}","per_team_max":1,"limits":{{"memory_mib":32,"cpus":0.05,"pids":32}},"tmpfs":[{{"path":"/tmp","size_mib":4}}],"ports":[{{"name":"web","port":8080,"protocol":"http"}}]{extra}}}"#,
+        tidegate_local::images::DEMO_HTTP
+    )
+}
+
+/// A fresh control plane and two agents at `concurrency`, each with room
+/// for `capacity`, registered; the agents' HTTP entries.
+struct RushPlane {
+    plane: ControlPlane,
+    agents: Vec<(tidegate_local::process::Supervised, String)>,
+    _containers: Containers,
+}
+
+impl RushPlane {
+    fn start(
+        bin_dir: &std::path::Path,
+        concurrency: usize,
+        capacity: usize,
+        what: &str,
+    ) -> Result<Self> {
+        let plane = ControlPlane::start(bin_dir, 1)?;
+        let dir = plane.dir();
+        let endpoints = plane.etcd.endpoints();
+        let label = format!("bench-rush-{}-{what}", std::process::id());
+        let containers = Containers(label.clone());
+        let mut agents = Vec::new();
+        for (name, addr) in [("bench-a", "127.0.0.2"), ("bench-b", "127.0.0.3")] {
+            let mut cfg = agent_config(name, &endpoints, dir, &label)?;
+            let ip = addr.parse()?;
+            cfg.advertise_address = ip;
+            cfg.tcp_host = ip;
+            cfg.http_entry = SocketAddr::new(ip, free_port()?);
+            cfg.capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
+            cfg.reconcile_concurrency = concurrency;
+            agents.push((agent(bin_dir, dir, &cfg)?, cfg.http_entry.to_string()));
+        }
+        let rush = Self {
+            plane,
+            agents,
+            _containers: containers,
+        };
+        rush.registered()?;
+        Ok(rush)
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> Result<String> {
+        api(
+            self.plane.dir(),
+            &self.plane.url,
+            method,
+            path,
+            body.as_bytes().to_vec(),
+        )
+    }
+
+    fn put_challenge(&self, name: &str, spec: &str) -> Result<()> {
+        let out = self.call("PUT", &format!("/v1/challenges/{name}"), spec)?;
+        if !out.ends_with(" 201") {
+            bail!("creating the challenge {name}: {out}");
+        }
+        Ok(())
+    }
+
+    fn registered(&self) -> Result<()> {
+        let registered = wait_until(std::time::Duration::from_secs(15), || {
+            self.call("GET", "/v1/workers", "")
+                .is_ok_and(|s| s.matches("\"bench-").count() >= 2)
+        });
+        if !registered {
+            let workers = self.call("GET", "/v1/workers", "").unwrap_or_default();
+            let logs: Vec<String> = self.agents.iter().map(|(a, _)| a.log_tail(10)).collect();
+            bail!(
+                "the agents did not register; the controller lists: {workers}\n{}",
+                logs.join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// `route-bench <what> <api> <token> <challenge> <n> <agent a's entry>`.
+    fn route_bench(
+        &self,
+        bin_dir: &std::path::Path,
+        what: &str,
+        challenge: &str,
+        n: usize,
+    ) -> Result<serde_json::Value> {
+        let out = sh::output(Command::new(bin_dir.join("route-bench")).args([
+            what,
+            &self.plane.url,
+            ADMIN_TOKEN,
+            challenge,
+            &n.to_string(),
+            &self.agents[0].1,
+        ]))
+        .with_context(|| format!("route-bench {what} failed"))?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
+    /// How many of `challenge`'s pooled instances run.
+    fn pool_ready(&self, challenge: &str) -> usize {
+        let out = self.call("GET", "/v1/pools", "").unwrap_or_default();
+        let body = out.rsplit_once(' ').map_or("", |(b, _)| b);
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                v["pools"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["challenge"] == challenge)?["ready"]
+                    .as_u64()
+            })
+            .unwrap_or(0) as usize
+    }
 }
 
 /// A fresh control plane and two agents at `concurrency`; `n` spawns at
 /// once; the spawn → routable samples in ms.
 fn one_rush(bin_dir: &std::path::Path, concurrency: usize, n: usize) -> Result<Vec<f64>> {
-    let plane = ControlPlane::start(bin_dir, 1)?;
-    let (dir, url) = (plane.dir(), plane.url.as_str());
-    let endpoints = plane.etcd.endpoints();
-    let label = format!("bench-rush-{}-{concurrency}", std::process::id());
-    let containers = Containers(label.clone());
-    let mut agents = Vec::new();
-    for (name, addr) in [("bench-a", "127.0.0.2"), ("bench-b", "127.0.0.3")] {
-        let mut cfg = agent_config(name, &endpoints, dir, &label)?;
-        let ip = addr.parse()?;
-        cfg.advertise_address = ip;
-        cfg.tcp_host = ip;
-        cfg.http_entry = SocketAddr::new(ip, free_port()?);
-        cfg.capacity = u32::try_from(n).unwrap_or(u32::MAX);
-        cfg.reconcile_concurrency = concurrency;
-        agents.push((agent(bin_dir, dir, &cfg)?, cfg.http_entry.to_string()));
-    }
-    let web = r#"{"image":"tidegate/demo-http:1","per_team_max":1,"limits":{"memory_mib":32,"cpus":0.05,"pids":32},"tmpfs":[{"path":"/tmp","size_mib":4}],"ports":[{"name":"web","port":8080,"protocol":"http"}]}"#;
-    let out = api(
-        dir,
-        url,
-        "PUT",
-        "/v1/challenges/web",
-        web.as_bytes().to_vec(),
-    )?;
-    if !out.ends_with(" 201") {
-        bail!("creating the challenge: {out}");
-    }
-    let registered = wait_until(std::time::Duration::from_secs(15), || {
-        api(dir, url, "GET", "/v1/workers", Vec::new())
-            .is_ok_and(|s| s.matches("\"bench-").count() >= 2)
-    });
-    if !registered {
-        let workers = api(dir, url, "GET", "/v1/workers", Vec::new()).unwrap_or_default();
-        let logs: Vec<String> = agents.iter().map(|(a, _)| a.log_tail(10)).collect();
-        bail!(
-            "the agents did not register; the controller lists: {workers}\n{}",
-            logs.join("\n")
-        );
-    }
-    let out = sh::output(Command::new(bin_dir.join("route-bench")).args([
-        "rush",
-        url,
-        ADMIN_TOKEN,
-        "web",
-        &n.to_string(),
-        &agents[0].1,
-    ]))
-    .context("route-bench rush failed")?;
-    drop(agents);
-    drop(containers);
-    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    let rush = RushPlane::start(bin_dir, concurrency, n, &concurrency.to_string())?;
+    rush.put_challenge("web", &demo_web(""))?;
+    let v = rush.route_bench(bin_dir, "rush", "web", n)?;
+    drop(rush);
     let samples: Vec<f64> = v["routable_ms"]
         .as_array()
         .into_iter()
@@ -128,6 +208,106 @@ fn one_rush(bin_dir: &std::path::Path, concurrency: usize, n: usize) -> Result<V
         bail!("route-bench rush returned {} samples of {n}", samples.len());
     }
     Ok(samples)
+}
+
+/// Spawn → first answer with its flag, one spawn after another: from a
+/// warm pool, and fresh (the same challenge without one).
+struct PoolFigures {
+    pooled: Vec<f64>,
+    fresh: Vec<f64>,
+    /// How long the pool took to be full again after the claims.
+    refill_secs: f64,
+}
+
+fn pool_rush(bin_dir: &std::path::Path, n: usize) -> Result<PoolFigures> {
+    let rush = RushPlane::start(
+        bin_dir,
+        AgentConfig::default().reconcile_concurrency,
+        4 * n,
+        "pool",
+    )?;
+    let flag_file = r#","flag":{"file":"/flag"}"#;
+    rush.put_challenge(
+        "warm",
+        &demo_web(&format!(r#"{flag_file},"pool":{{"min":{n},"max":{n}}}"#)),
+    )?;
+    rush.put_challenge("cold", &demo_web(flag_file))?;
+    let full = |what: &str| {
+        if wait_until(std::time::Duration::from_secs(120), || {
+            rush.pool_ready("warm") == n
+        }) {
+            return Ok(());
+        }
+        bail!(
+            "the pool of {n} was not running {what}: {}",
+            rush.call("GET", "/v1/pools", "").unwrap_or_default()
+        )
+    };
+    full("before the claims")?;
+    let samples = |v: &serde_json::Value| -> Result<Vec<f64>> {
+        if v["distinct"] != true {
+            bail!("two spawns got the same flag: {v}");
+        }
+        let ms: Vec<f64> = v["ms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_f64)
+            .collect();
+        if ms.len() != n {
+            bail!("route-bench claims returned {} samples of {n}", ms.len());
+        }
+        Ok(ms)
+    };
+    let pooled = samples(&rush.route_bench(bin_dir, "claims", "warm", n)?)?;
+    let claimed = std::time::Instant::now();
+    full("again after the claims")?;
+    let refill_secs = claimed.elapsed().as_secs_f64();
+    let fresh = samples(&rush.route_bench(bin_dir, "claims", "cold", n)?)?;
+    Ok(PoolFigures {
+        pooled,
+        fresh,
+        refill_secs,
+    })
+}
+
+impl PoolFigures {
+    fn report(&self, n: usize, figures: &mut Figures) {
+        let (p50, p99) = (
+            percentile(self.pooled.clone(), 0.5),
+            percentile(self.pooled.clone(), 0.99),
+        );
+        let (f50, f99) = (
+            percentile(self.fresh.clone(), 0.5),
+            percentile(self.fresh.clone(), 0.99),
+        );
+        println!(
+            "{n} spawns one after another, POST → first answer with its own flag: pooled p50 {p50:.1} ms p99 {p99:.1} ms; fresh p50 {f50:.0} ms p99 {f99:.0} ms; the pool was full again {:.1} s after",
+            self.refill_secs
+        );
+        figures.values.extend([
+            ("pooled spawn to flag p50 ms".to_string(), p50),
+            ("fresh spawn to flag p50 ms".to_string(), f50),
+            ("pool refill s".to_string(), self.refill_secs),
+        ]);
+        if let Some((_, section)) = figures.report.as_mut() {
+            section.push_str(&format!(
+                "\n### Warm pool\n\n\
+                 A fresh cluster as above (agents at the default concurrency), the same image with its flag \
+                 in `/flag` (`flag.file`), once with `pool = {{ min = {n}, max = {n} }}` and once without. \
+                 {n} spawns one after another; each sample is from sending the spawn until the agent first \
+                 answers its `/cgi-bin/flag` with a flag (polled every millisecond): the instance is routed and \
+                 its file holds that team's own flag (every flag differed).\n\n\
+                 | | POST → first answer with its flag, p50 | p99 |\n|---|---:|---:|\n\
+                 | from the warm pool | {p50:.1} ms | {p99:.1} ms |\n\
+                 | fresh (no pool) | {f50:.0} ms | {f99:.0} ms |\n\n\
+                 The pool was full again (all {n} running) {:.1} s after the last claim. A claim is one Txn \
+                 (team, hostnames, ports, lease, secret) and, on the agent, one secret read, the flag file \
+                 written in place and one status write: no container is started.\n",
+                self.refill_secs
+            ));
+        }
+    }
 }
 
 fn figures(spawns: usize, rows: &[(usize, f64, f64, f64)], engine: &[(usize, f64)]) -> Figures {

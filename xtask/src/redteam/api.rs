@@ -56,6 +56,18 @@ pub(super) fn attacks() -> Vec<Attack> {
             "team-scope",
             |r| queue_place_as_mallory(r, "DELETE"),
         ),
+        Attack::new(
+            "read a pooled instance (no team's yet) as team mallory (?team=)",
+            From::Network,
+            "team-scope",
+            |r| pooled_as_mallory(r, "GET"),
+        ),
+        Attack::new(
+            "remove a pooled instance as team mallory (draining the pool)",
+            From::Network,
+            "team-scope",
+            |r| pooled_as_mallory(r, "DELETE"),
+        ),
         // Last of the team-scope attacks: a control run deletes it.
         idor("delete", "DELETE", "", Value::Null),
         Attack::new(
@@ -149,6 +161,59 @@ fn queue_place_as_mallory(r: &Range, method: &str) -> Result<Verdict> {
         Verdict::Blocked(format!("404 {}; carol's place kept", said["error"]))
     } else {
         Verdict::Succeeded(format!("{status}: {said}; carol's place kept: {kept}"))
+    })
+}
+
+/// A pooled instance of `rt-pool` (made on first use: a warm pool of one,
+/// its flag in `/flag`), by the organizers' list: its id.
+fn pooled_id(r: &Range) -> Result<String> {
+    let listed = |r: &Range| -> Result<Option<String>> {
+        let (_, pools) = super::range::call(&r.plane, "GET", "/v1/pools", &Value::Null)?;
+        Ok(pools["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["challenge"] == "rt-pool")
+            .flat_map(|p| p["instances"].as_array().cloned().unwrap_or_default())
+            .find_map(|i| i["id"].as_str().map(String::from)))
+    };
+    if let Some(id) = listed(r)? {
+        return Ok(id);
+    }
+    let spec = json!({"image": tidegate_local::images::DEMO_HTTP, "pool": {"min": 1, "max": 1},
+        "flag": {"file": "/flag"}, "limits": {"memory_mib": 32, "cpus": 0.05, "pids": 32},
+        "tmpfs": [{"path": "/tmp", "size_mib": 8}],
+        "ports": [{"name": "web", "port": 8080, "protocol": "http"}]});
+    let (status, said) = super::range::call(&r.plane, "PUT", "/v1/challenges/rt-pool", &spec)?;
+    anyhow::ensure!(
+        status == 201 || status == 200,
+        "creating rt-pool: {status} {said}"
+    );
+    for _ in 0..50 {
+        if let Some(id) = listed(r)? {
+            return Ok(id);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("rt-pool's pool stayed empty")
+}
+
+/// Mallory names a pooled instance (no team's yet) with its own team: it
+/// must be answered as missing and stay in the pool.
+fn pooled_as_mallory(r: &Range, method: &str) -> Result<Verdict> {
+    let id = pooled_id(r)?;
+    let (status, said) = platform(
+        r,
+        method,
+        &format!("/v1/instances/{id}?team=mallory"),
+        &Value::Null,
+    )?;
+    let (_, pools) = super::range::call(&r.plane, "GET", "/v1/pools", &Value::Null)?;
+    let kept = pools.to_string().contains(&id);
+    Ok(if status == 404 && kept {
+        Verdict::Blocked(format!("404 {}; still pooled", said["error"]))
+    } else {
+        Verdict::Succeeded(format!("{status}: {said}; still pooled: {kept}"))
     })
 }
 

@@ -24,7 +24,7 @@ pub(super) fn attacks() -> Vec<Attack> {
 fn forty_memories(r: &Range) -> Result<Verdict> {
     let wasm = tidegate_local::plugins::with_memories(&allowlist_component()?, 40);
     let spec = json!({
-        "image": "tidegate/demo-http:1",
+        "image": "tidegate/demo-http:2",
         "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
     });
     let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-hungry", &spec)?;

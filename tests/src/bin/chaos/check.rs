@@ -10,6 +10,11 @@
 //!   committed while the controller that acknowledged it led;
 //! - no agent routes an instance more than one watch delay after etcd
 //!   deleted it (later only if that agent was cut off at the time);
+//! - a pooled instance (no team) is routed by no hostname or port, and an
+//!   instance once a team's never becomes another team's;
+//! - a pool stays below its `min` no longer than [`POOL_REFILL`] while a
+//!   scheduler leads, no spawn waits in the queue and the live workers'
+//!   slots have room for the missing pooled instances;
 //! - after each phase, containers = live records on every worker and each
 //!   agent's route table matches etcd at its revision (checked by the run,
 //!   recorded as [`Settle`]s).
@@ -36,6 +41,11 @@ pub(crate) const ETCD_ELECTION: Secs = 2.0;
 /// After an agent fault ends, failed probes through or to it are still
 /// explained this long (restart, relist, adoption).
 pub(crate) const AGENT_RECOVERY: Secs = 6.0;
+
+/// How long a pool may stay below its `min` with room free and a
+/// scheduler elected (its refill runs every 250 ms; a new leader's first
+/// round follows its election).
+pub(crate) const POOL_REFILL: Secs = 10.0;
 
 /// A broken invariant.
 #[derive(Debug, Clone)]
@@ -147,7 +157,14 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                     continue;
                 };
                 let leader = election.values().min_by_key(|(rev, _)| *rev).cloned();
-                if !live.contains_key(id) {
+                // A pooled instance claimed by a team is created for it now.
+                let claimed = live
+                    .get(id)
+                    .is_some_and(|old| old.get("team").is_none() && rec.get("team").is_some());
+                if claimed {
+                    r.running.remove(id);
+                }
+                if !live.contains_key(id) || claimed {
                     let token = rec["token"].as_i64().unwrap_or(-1);
                     if leader.as_ref().is_none_or(|(t, _)| *t != token) {
                         out.violations.push(Violation {
@@ -181,6 +198,31 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                             holders.insert(name, id.to_string());
                         }
                     }
+                }
+                let team = rec["team"].as_str();
+                if team.is_none() && !names(&rec).is_empty() {
+                    out.violations.push(Violation {
+                        phase,
+                        kind: "pooled routed",
+                        detail: format!(
+                            "pooled instance {id} (no team) given {} at revision {}",
+                            names(&rec).join(", "),
+                            e.revision
+                        ),
+                    });
+                }
+                let before = live.get(id).and_then(|old| old["team"].as_str());
+                if let (Some(before), Some(after)) = (before, team)
+                    && before != after
+                {
+                    out.violations.push(Violation {
+                        phase,
+                        kind: "handed twice",
+                        detail: format!(
+                            "instance {id} of team {before} became team {after}'s at revision {}",
+                            e.revision
+                        ),
+                    });
                 }
                 let expires = rec["expires_at"].as_u64().unwrap_or_default();
                 r.expiry
@@ -485,6 +527,7 @@ pub(crate) fn check(h: &History) -> Report {
     renewed_not_lost(h, &r, &mut out);
     acked_deletes(h, &r, &mut out);
     probes(h, &r, &mut out);
+    pools_kept(h, &mut out);
     for c in h.calls.iter().filter(|c| c.failed()) {
         out.failures.push(Failure {
             phase: phase_of(h, c.at),
@@ -521,6 +564,98 @@ pub(crate) fn check(h: &History) -> Report {
         });
     }
     out
+}
+
+/// Replays the pooled challenges' pools against the room the cluster had:
+/// a pool below `min` for longer than [`POOL_REFILL`] while a scheduler is
+/// elected, nothing waits in the queue and the live workers' slots could
+/// hold the missing ones is a violation.
+fn pools_kept(h: &History, out: &mut Report) {
+    let ks = Keyspace::default();
+    let (challenges, workers, queue, election) = (
+        ks.prefix(Kind::Challenges),
+        ks.prefix(Kind::Workers),
+        ks.prefix(Kind::Queue),
+        ks.prefix(Kind::Election),
+    );
+    // challenge → pool min; live records: id → (challenge, pooled).
+    let mut mins: BTreeMap<String, u64> = BTreeMap::new();
+    let mut live: BTreeMap<String, (String, bool)> = BTreeMap::new();
+    let mut slots: BTreeMap<String, u64> = BTreeMap::new();
+    let mut waiting = 0usize;
+    let mut leaders = 0usize;
+    // challenge → since when it has been short with room.
+    let mut short: BTreeMap<String, Secs> = BTreeMap::new();
+    let mut reported: std::collections::BTreeSet<String> = Default::default();
+    for e in &h.events {
+        let value = e
+            .value
+            .as_ref()
+            .and_then(|v| serde_json::from_slice::<Value>(v).ok());
+        if let Some(name) = e.key.strip_prefix(&challenges) {
+            match value
+                .as_ref()
+                .and_then(|v| v["spec"]["pool"]["min"].as_u64())
+            {
+                Some(min) => mins.insert(name.to_string(), min),
+                None => mins.remove(name),
+            };
+        } else if let Some(w) = e.key.strip_prefix(&workers) {
+            match value.as_ref().and_then(|v| v["capacity"].as_u64()) {
+                Some(c) => slots.insert(w.to_string(), c),
+                None => slots.remove(w),
+            };
+        } else if e.key.starts_with(&queue) {
+            // Places are one key each: count creations and deletions.
+            match (&e.value, e.create_revision == e.revision) {
+                (Some(_), true) => waiting += 1,
+                (None, _) => waiting = waiting.saturating_sub(1),
+                _ => {}
+            }
+        } else if e.key.starts_with(&election) {
+            match e.value {
+                Some(_) if e.create_revision == e.revision => leaders += 1,
+                None => leaders = leaders.saturating_sub(1),
+                _ => {}
+            }
+        } else if let Some(("instances", id)) = split_key(&e.key) {
+            match &value {
+                Some(rec) => {
+                    let challenge = rec["challenge"].as_str().unwrap_or_default().to_string();
+                    live.insert(id.to_string(), (challenge, rec.get("team").is_none()));
+                }
+                None => {
+                    live.remove(id);
+                }
+            }
+        }
+        let free = slots
+            .values()
+            .sum::<u64>()
+            .saturating_sub(live.len() as u64);
+        for (challenge, min) in &mins {
+            let pooled = live
+                .values()
+                .filter(|(c, pooled)| *pooled && c == challenge)
+                .count() as u64;
+            let room = pooled < *min && free >= min - pooled && waiting == 0 && leaders > 0;
+            if !room {
+                short.remove(challenge);
+                continue;
+            }
+            let since = *short.entry(challenge.clone()).or_insert(e.at);
+            if e.at - since > POOL_REFILL && reported.insert(format!("{challenge}@{since}")) {
+                out.violations.push(Violation {
+                    phase: phase_of(h, since),
+                    kind: "pool below min",
+                    detail: format!(
+                        "{challenge}'s pool held {pooled} of min {min} from {since:.1} s to {:.1} s with {free} slot(s) free and a scheduler elected",
+                        e.at
+                    ),
+                });
+            }
+        }
+    }
 }
 
 fn tally<'a>(kinds: impl Iterator<Item = &'a str>) -> String {
@@ -674,7 +809,7 @@ mod tests {
     }
 
     fn record(id: &str, token: i64, host: &str, expires: u64) -> Value {
-        json!({"id": id, "token": token, "worker": "w1", "expires_at": expires,
+        json!({"id": id, "team": "t1", "token": token, "worker": "w1", "expires_at": expires,
                "http": [{"hostname": host}], "tcp": []})
     }
 
@@ -692,6 +827,108 @@ mod tests {
 
     fn kinds(r: &Report) -> Vec<&'static str> {
         r.violations.iter().map(|v| v.kind).collect()
+    }
+
+    #[test]
+    fn a_pooled_instance_is_routed_by_nothing_and_goes_to_one_team_only() {
+        let mut h = history();
+        let token = elect(&mut h, "c0");
+        let key = instance_key("p1");
+        let pooled = json!({"id": "p1", "token": token, "worker": "w1", "expires_at": 2_000_000,
+            "http": [], "tcp": []});
+        put(&mut h, 1.0, &key, 0, pooled);
+        let create = h.events.last().unwrap().create_revision;
+        // Claimed by t1: fine, with its hostname now.
+        put(
+            &mut h,
+            2.0,
+            &key,
+            create,
+            record("p1", token, "p1.ctf", 2_000_000),
+        );
+        assert!(
+            check(&h).violations.is_empty(),
+            "{:?}",
+            check(&h).violations
+        );
+        // Then written as t2's: handed out twice.
+        let mut twice = record("p1", token, "p1.ctf", 2_000_000);
+        twice["team"] = json!("t2");
+        put(&mut h, 3.0, &key, create, twice);
+        assert_eq!(kinds(&check(&h)), ["handed twice"]);
+        // A team-less record with a hostname is routed while pooled.
+        let mut h = history();
+        let token = elect(&mut h, "c0");
+        let mut routed = record("p2", token, "p2.ctf", 2_000_000);
+        routed.as_object_mut().unwrap().remove("team");
+        put(&mut h, 1.0, &instance_key("p2"), 0, routed);
+        assert_eq!(kinds(&check(&h)), ["pooled routed"]);
+    }
+
+    #[test]
+    fn a_pool_below_min_with_room_free_for_too_long_is_caught() {
+        let ks = Keyspace::default();
+        let pool = |h: &mut History| {
+            elect(h, "c0");
+            put(
+                h,
+                0.0,
+                &ks.key_of(Kind::Workers, "w1"),
+                0,
+                json!({"capacity": 10}),
+            );
+            put(
+                h,
+                0.0,
+                &ks.key_of(Kind::Challenges, "warm"),
+                0,
+                json!({"spec": {"pool": {"min": 2, "max": 2}}}),
+            );
+        };
+        // Empty from 0 s to 20 s with 10 slots free and a leader.
+        let mut h = history();
+        pool(&mut h);
+        put(
+            &mut h,
+            20.0,
+            &ks.key_of(Kind::Workers, "w1"),
+            1,
+            json!({"capacity": 10}),
+        );
+        assert_eq!(kinds(&check(&h)), ["pool below min"]);
+        // The same while a spawn waits in the queue: the room is its.
+        let mut h = history();
+        pool(&mut h);
+        put(&mut h, 0.5, &ks.key_of(Kind::Queue, "web/t1"), 0, json!({}));
+        put(
+            &mut h,
+            20.0,
+            &ks.key_of(Kind::Workers, "w1"),
+            1,
+            json!({"capacity": 10}),
+        );
+        assert!(
+            check(&h).violations.is_empty(),
+            "{:?}",
+            check(&h).violations
+        );
+        // Refilled within the refill time.
+        let mut h = history();
+        pool(&mut h);
+        for (at, id) in [(3.0, "a"), (4.0, "b")] {
+            let rec = json!({"id": id, "challenge": "warm", "token": 1, "worker": "w1",
+                "expires_at": 2_000_000, "http": [], "tcp": []});
+            put(&mut h, at, &instance_key(id), 0, rec);
+        }
+        put(
+            &mut h,
+            20.0,
+            &ks.key_of(Kind::Workers, "w1"),
+            1,
+            json!({"capacity": 10}),
+        );
+        let found = kinds(&check(&h));
+        assert!(!found.contains(&"pool below min"), "{found:?}");
     }
 
     #[test]

@@ -178,6 +178,7 @@ impl Clock {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Known {
     pub(crate) challenge: String,
+    /// Empty while it waits in its challenge's pool.
     pub(crate) team: String,
     pub(crate) worker: String,
     pub(crate) hostname: Option<String>,
@@ -200,8 +201,14 @@ pub(crate) fn learn(known: &mut BTreeMap<String, Known>, event: &Event) {
                 return;
             };
             let k = known.entry(id.to_string()).or_default();
+            let team = rec["team"].as_str().unwrap_or_default().to_string();
+            if k.team.is_empty() && !team.is_empty() {
+                // A pooled instance claimed: routed again once its agent
+                // has written the team's flag and reports it running.
+                k.running_since = None;
+            }
             k.challenge = rec["challenge"].as_str().unwrap_or_default().to_string();
-            k.team = rec["team"].as_str().unwrap_or_default().to_string();
+            k.team = team;
             k.worker = rec["worker"].as_str().unwrap_or_default().to_string();
             k.hostname = rec["http"][0]["hostname"].as_str().map(String::from);
             k.port = rec["tcp"][0]["port"]

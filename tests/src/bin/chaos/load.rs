@@ -28,9 +28,11 @@ pub(crate) const TEAMS: [&str; 8] = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "
 /// probe of 7,488 in a CI run, outside any fault). Production agents run
 /// in the host's namespace, where this path is not forwarded.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(3500);
-/// The challenges of the load: an HTTP one, a TCP one, and an HTTP one of
-/// two services.
-pub(crate) const CHALLENGES: [&str; 3] = ["web", "echo", "pair"];
+/// The challenges of the load: an HTTP one, a TCP one, an HTTP one of
+/// two services, and an HTTP one served from a warm pool (its flag in a
+/// file). With the pool they need more than the agents' slots when every
+/// team holds one of each: some spawns wait in the queue (202).
+pub(crate) const CHALLENGES: [&str; 4] = ["web", "echo", "pair", "warm"];
 
 /// State shared by the load, the probes, the recorder and the phases.
 pub(crate) struct Shared {
@@ -231,7 +233,10 @@ impl Shared {
         let deleting = self.deleting().clone();
         self.known()
             .iter()
-            .filter(|(id, k)| k.ended.is_none() && !deleting.contains(*id) && filter(k))
+            // Pooled instances are no team's: nothing to renew or probe.
+            .filter(|(id, k)| {
+                k.ended.is_none() && !k.team.is_empty() && !deleting.contains(*id) && filter(k)
+            })
             .map(|(id, k)| (id.clone(), k.clone()))
             .collect()
     }

@@ -172,7 +172,13 @@ impl Lab {
             "ports": [{"name": "web", "port": 8080, "protocol": "http", "service": "app"}],
             "ttl": {"default_secs": 30, "max_secs": 150, "max_renewals": 100},
         });
-        for (name, spec) in [("web", web), ("echo", echo), ("pair", pair)] {
+        let mut warm = challenge(
+            DEMO_HTTP,
+            json!({"name": "web", "port": 8080, "protocol": "http"}),
+        );
+        warm["pool"] = json!({"min": 2, "max": 3});
+        warm["flag"] = json!({"file": "/flag"});
+        for (name, spec) in [("web", web), ("echo", echo), ("pair", pair), ("warm", warm)] {
             let (status, body) = lab.controllers[0].put_challenge(name, spec).await;
             if !status.is_success() {
                 return Err(format!("PUT challenge {name}: {status} {body}"));

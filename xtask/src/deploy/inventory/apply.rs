@@ -267,16 +267,24 @@ fn key_quotas(inv: &Inventory, p: &HostPlan) -> Result<bool> {
     Ok(true)
 }
 
-/// Gives the daemons' users their files (systemd), and makes the artifact store.
+/// Gives the daemons' users their files (systemd), and makes the artifact
+/// store and the agents' flag directory.
 fn own_files(r: &Remote<'_>, inv: &Inventory, root: &Path) -> Result<()> {
     let art = q(&inv.artifact_dir.display().to_string());
+    let flags = q(&tidegate_schema::config::AgentConfig::default()
+        .flag_dir
+        .display()
+        .to_string());
     if inv.init != Init::Systemd {
-        return r.run(&format!("mkdir -p {art}"), None).map(drop);
+        return r
+            .run(&format!("mkdir -p {art} && mkdir -p -m 711 {flags}"), None)
+            .map(drop);
     }
     r.run(&format!(
         "chown -R root:tidegate {etc} && chmod 750 {etc} && \
          {{ ! id etcd >/dev/null 2>&1 || {{ mkdir -p {data} && chown -R etcd:etcd {data} && chmod 700 {data} && chown etcd {key}; }}; }} 2>/dev/null; \
-         mkdir -p {art} && chown tidegate:tidegate {art}",
+         mkdir -p {art} && chown tidegate:tidegate {art} && \
+         mkdir -p {flags} && chown tidegate:tidegate {flags} && chmod 711 {flags}",
         etc = q(&at(root, "/etc/tidegate")),
         data = q(&at(root, "/var/lib/tidegate/etcd")),
         key = q(&at(root, "/etc/tidegate/pki/etcd-member-key.pem")),

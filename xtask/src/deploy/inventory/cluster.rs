@@ -160,7 +160,7 @@ pub(super) fn demo(inv: &Inventory, api: &str, s: &Secrets) -> Result<usize> {
     for h in inv.with_role(Role::Agent) {
         let r = Remote { inv, host: h };
         for image in [
-            "tidegate/demo-http:1",
+            "tidegate/demo-http:2",
             "tidegate/demo-tcp:1",
             tidegate_local::images::DEMO_WEB_BOT,
         ] {

@@ -217,7 +217,10 @@ pub(super) fn plan_host<'a>(
                 user: "tidegate",
                 groups: &["docker"],
                 caps: AGENT_CAPS,
-                writes: vec![inv.artifact_dir.display().to_string()],
+                writes: vec![
+                    inv.artifact_dir.display().to_string(),
+                    config.flag_dir.display().to_string(),
+                ],
                 env: vec![("TIDEGATE_LOG_FORMAT", "json")],
                 after: "docker.service tidegate-etcd.service",
                 notify: false,
