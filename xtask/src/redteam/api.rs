@@ -44,18 +44,7 @@ pub(super) fn attacks() -> Vec<Attack> {
             "team-scope",
             shared_flag,
         ),
-        Attack::new(
-            "read carol's place in the waiting queue as team mallory (?team=)",
-            From::Network,
-            "team-scope",
-            |r| queue_place_as_mallory(r, "GET"),
-        ),
-        Attack::new(
-            "give up carol's place in the waiting queue as team mallory (?team=)",
-            From::Network,
-            "team-scope",
-            |r| queue_place_as_mallory(r, "DELETE"),
-        ),
+        // Before the queue's: nothing is added to a pool while spawns wait.
         Attack::new(
             "read a pooled instance (no team's yet) as team mallory (?team=)",
             From::Network,
@@ -67,6 +56,18 @@ pub(super) fn attacks() -> Vec<Attack> {
             From::Network,
             "team-scope",
             |r| pooled_as_mallory(r, "DELETE"),
+        ),
+        Attack::new(
+            "read carol's place in the waiting queue as team mallory (?team=)",
+            From::Network,
+            "team-scope",
+            |r| queue_place_as_mallory(r, "GET"),
+        ),
+        Attack::new(
+            "give up carol's place in the waiting queue as team mallory (?team=)",
+            From::Network,
+            "team-scope",
+            |r| queue_place_as_mallory(r, "DELETE"),
         ),
         // Last of the team-scope attacks: a control run deletes it.
         idor("delete", "DELETE", "", Value::Null),
