@@ -196,6 +196,7 @@ pub(crate) struct Containers(pub(crate) String);
 impl Drop for Containers {
     fn drop(&mut self) {
         let _ = tidegate_local::docker::remove_labelled(&format!("tidegate.cluster={}", self.0));
+        tidegate_local::docker::remove_flag_files(&self.0);
     }
 }
 

@@ -495,6 +495,7 @@ pub fn lab_cluster() -> String {
 /// them, as a crash would leave them), then their instance networks.
 pub fn remove_lab_containers() {
     let _ = tidegate_local::docker::remove_labelled(&format!("tidegate.cluster={}", lab_cluster()));
+    tidegate_local::docker::remove_flag_files(&lab_cluster());
 }
 
 /// Removes containers that agents of a test process made (label
@@ -503,6 +504,18 @@ pub fn remove_lab_containers() {
 pub fn sweep_dead_lab_containers() {
     sweep_dead(&["ps", "-a"], &["rm", "-f", "-v"]);
     sweep_dead(&["network", "ls"], &["network", "rm"]);
+    // And their flag files.
+    let flags = AgentConfig::default().flag_dir;
+    for entry in std::fs::read_dir(flags).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dead = name
+            .strip_prefix("lab-")
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !crate::process::pid_alive(pid));
+        if dead {
+            tidegate_local::docker::remove_flag_files(&name);
+        }
+    }
 }
 
 /// Removes what `list` shows with a dead test process's cluster label.

@@ -43,13 +43,8 @@ impl Drop for Plane {
         let _ = self.b.proc.kill();
         for w in [&self.a.worker, &self.b.worker] {
             let _ = tidegate_lab::docker::remove_labelled(&format!("tidegate.worker={w}"));
-            let cfg = AgentConfig {
-                worker_id: w.clone(),
-                cluster_label: Some(tidegate_lab::daemons::lab_cluster()),
-                ..AgentConfig::default()
-            };
-            let _ = std::fs::remove_dir_all(cfg.worker_flag_dir());
         }
+        tidegate_lab::docker::remove_flag_files(&tidegate_lab::daemons::lab_cluster());
     }
 }
 

@@ -71,6 +71,18 @@ pub fn docker(args: &[&str]) -> Result<String> {
 /// cannot be removed (an agent removing it at the same moment) does not
 /// stop the others; the first error is returned only when nothing could be
 /// removed.
+/// Removes the flag files the agents of cluster `label` wrote (under the
+/// default `flag_dir`; see `AgentConfig::worker_flag_dir`).
+pub fn remove_flag_files(cluster: &str) {
+    if cluster.is_empty() || cluster.contains('/') || cluster.starts_with('.') {
+        return;
+    }
+    let dir = tidegate_schema::config::AgentConfig::default()
+        .flag_dir
+        .join(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 pub fn remove_labelled(label: &str) -> Result<Vec<String>> {
     let filter = format!("label={label}");
     let mut removed = Vec::new();
