@@ -114,6 +114,9 @@ struct Tracked {
     /// `flag_file`): it must be the secret's before the instance is
     /// reported running.
     flag_written: Option<String>,
+    /// Failed writes of the flag file in a row, and why it gave up.
+    flag_failures: u32,
+    flag_error: Option<String>,
 }
 
 impl Tracked {
@@ -130,6 +133,8 @@ impl Tracked {
             status_rev: 0,
             seen: Instant::now(),
             flag_written: None,
+            flag_failures: 0,
+            flag_error: None,
         }
     }
 
@@ -936,7 +941,7 @@ impl Pass {
         if status == InstanceStatus::Running && !self.flag_in_place(id, t).await {
             // A claimed pooled instance is routed once its file holds the
             // team's flag, not before.
-            status = InstanceStatus::Starting;
+            status = flag_failed(id, t).unwrap_or(InstanceStatus::Starting);
         }
         if status == InstanceStatus::Running && t.status != InstanceStatus::Running {
             self.metrics.reconciled(t.seen.elapsed());
@@ -980,10 +985,20 @@ impl Pass {
         match self.runtime.write_flag(id, &secret.flag).await {
             Ok(()) => {
                 t.flag_written = Some(secret.flag.clone());
+                t.flag_failures = 0;
                 true
             }
             Err(e) => {
-                tracing::warn!(instance = %id, path = %self.runtime.flag_path(id).display(), error = %e, "cannot write the flag file; retrying");
+                let path = self.runtime.flag_path(id);
+                tracing::warn!(instance = %id, path = %path.display(), error = %e, "cannot write the flag file; retrying");
+                t.flag_failures += 1;
+                t.flag_written = None;
+                if t.flag_failures >= FLAG_WRITE_ATTEMPTS {
+                    t.flag_error = Some(format!(
+                        "cannot write its flag file {} ({e}): check the agent's flag_dir",
+                        path.display()
+                    ));
+                }
                 false
             }
         }
@@ -1129,6 +1144,10 @@ impl Pass {
         // whatever this agent wrote before (it may be gone).
         t.flag_written = None;
         if !self.write_flag(id, t).await {
+            if let Some(failed) = flag_failed(id, t) {
+                t.status = failed;
+                return None;
+            }
             t.retry_at = Some(Instant::now() + backoff(t.attempts));
             t.attempts += 1;
             return None;
@@ -1389,6 +1408,17 @@ impl Pass {
             Err(e) => tracing::debug!(instance = %id, error = %e, "could not write the status"),
         }
     }
+}
+
+/// Writes of an instance's flag file that fail in a row before it fails.
+const FLAG_WRITE_ATTEMPTS: u32 = 5;
+
+/// The instance's failure once its flag file could not be written
+/// [`FLAG_WRITE_ATTEMPTS`] times (said once).
+fn flag_failed(id: &InstanceId, t: &mut Tracked) -> Option<InstanceStatus> {
+    let reason = t.flag_error.clone()?;
+    tracing::error!(instance = %id, %reason, "giving up on the instance");
+    Some(InstanceStatus::Failed { reason })
 }
 
 /// Why a record's container was not made.

@@ -110,6 +110,9 @@ pub struct FromPool {
     pub id: InstanceId,
     pub mod_revision: i64,
     pub lease: i64,
+    /// Its status key's mod revision as seen (running): a pooled instance
+    /// that failed or restarted since is not handed out.
+    pub status_revision: i64,
 }
 
 /// Writes one instance; `flag` makes the flag of a chosen instance id.
@@ -431,17 +434,21 @@ async fn commit(
         ));
     }
     let mut otherwise = vec![TxnOp::get(plan.leader_key.as_str(), None)];
-    if pooled.is_some() {
+    if let Some(p) = pooled {
         // Reported again by the agent once the flag file holds the team's
         // flag: no route before.
-        puts.push(TxnOp::delete(
-            ks.key(&Key::Status {
-                worker: record.worker.clone(),
-                instance: record.id.clone(),
-            }),
-            None,
+        let status = ks.key(&Key::Status {
+            worker: record.worker.clone(),
+            instance: record.id.clone(),
+        });
+        compares.push(Compare::mod_revision(
+            status.as_str(),
+            CompareOp::Equal,
+            p.status_revision,
         ));
+        puts.push(TxnOp::delete(status.as_str(), None));
         otherwise.push(TxnOp::get(claims[0].as_str(), None));
+        otherwise.push(TxnOp::get(status.as_str(), None));
     }
     if let Some(q) = queued {
         compares.push(Compare::create_revision(
@@ -480,11 +487,16 @@ async fn commit(
         }));
     }
     if let Some(p) = pooled {
-        let as_seen = resp.op_responses().into_iter().nth(1).is_some_and(|op| {
-            matches!(op, etcd_client::TxnOpResponse::Get(g)
-                if g.kvs().first().is_some_and(|kv| kv.mod_revision() == p.mod_revision))
-        });
-        if !as_seen {
+        let revision_of = |n: usize| {
+            resp.op_responses().into_iter().nth(n).map(|op| match op {
+                etcd_client::TxnOpResponse::Get(g) => {
+                    g.kvs().first().map_or(0, |kv| kv.mod_revision())
+                }
+                _ => 0,
+            })
+        };
+        // Claimed, removed, or its status changed (failed, restarting).
+        if revision_of(1) != Some(p.mod_revision) || revision_of(2) != Some(p.status_revision) {
             return Err(Some(SpawnError::PoolTaken));
         }
     }

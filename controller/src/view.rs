@@ -60,6 +60,9 @@ pub struct View {
     /// Statuses by instance and the worker whose prefix they were written
     /// under (only the record's own worker's counts: [`View::status_of`]).
     pub status: BTreeMap<(InstanceId, WorkerId), InstanceStatus>,
+    /// Each status key's mod revision (same keys): a claim expects the
+    /// status it saw.
+    pub status_rev: BTreeMap<(InstanceId, WorkerId), i64>,
     /// Each service's state, of instances with services (same keys).
     pub services: BTreeMap<(InstanceId, WorkerId), BTreeMap<ServiceName, ServiceState>>,
     /// Challenges with a warm pool, and their record's mod revision.
@@ -122,6 +125,7 @@ impl View {
                         let states = st.services.iter().map(|(n, s)| (n.clone(), s.state));
                         self.services.insert(key.clone(), states.collect());
                     }
+                    self.status_rev.insert(key.clone(), kv.mod_revision);
                     self.status.insert(key, st.status);
                 }
                 Ok(_) => {
@@ -163,11 +167,14 @@ impl View {
                 if let Some(gone) = self.instances.remove(&id) {
                     self.services
                         .remove(&(id.clone(), gone.record.worker.clone()));
+                    self.status_rev
+                        .remove(&(id.clone(), gone.record.worker.clone()));
                     self.status.remove(&(id, gone.record.worker));
                 }
             }
             Ok(Key::Status { worker, instance }) => {
                 self.services.remove(&(instance.clone(), worker.clone()));
+                self.status_rev.remove(&(instance.clone(), worker.clone()));
                 self.status.remove(&(instance, worker));
             }
             Ok(Key::Queued { challenge, team }) => {
@@ -420,6 +427,7 @@ impl SharedView {
         let key = (record.id.clone(), record.worker.clone());
         view.status.remove(&key);
         view.services.remove(&key);
+        view.status_rev.remove(&key);
         view.instances.insert(
             record.id.clone(),
             LiveInstance {

@@ -204,3 +204,28 @@ async fn spawns_get_running_pooled_instances_each_with_its_own_flag_in_a_file() 
         "instance {id}'s container or flag file stayed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_flag_file_cannot_be_written_fails_naming_the_setting() {
+    // Nothing can be made under /proc: every write of the file fails.
+    let p = plane(|c| c.flag_dir = "/proc/tidegate-flags".into()).await;
+    let c = &p.controller;
+    let mut spec = web_spec();
+    spec["flag"] = json!({"file": "/flag"});
+    let (s, body) = c.put_challenge("filed", spec).await;
+    assert!(s.is_success(), "{body}");
+    let (s, inst) = c.spawn("filed", "red").await;
+    assert_eq!(s, StatusCode::CREATED, "{inst}");
+    let id = inst["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/instances/{id}");
+    let failed = eventually(60, || async {
+        let (_, now) = c.call(Method::GET, &path, None, None).await;
+        now["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("failed") && s.contains("flag_dir"))
+    })
+    .await;
+    assert!(failed, "{}", c.call(Method::GET, &path, None, None).await.1);
+    // No container was made without its flag.
+    assert!(containers(&id).is_empty());
+}

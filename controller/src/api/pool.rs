@@ -396,6 +396,11 @@ pub(super) async fn claim(
                         id: m.record.id.clone(),
                         mod_revision: m.mod_revision,
                         lease: m.lease,
+                        status_revision: view
+                            .status_rev
+                            .get(&(m.record.id.clone(), m.record.worker.clone()))
+                            .copied()
+                            .unwrap_or(0),
                     },
                     m.record.worker.clone(),
                 )
