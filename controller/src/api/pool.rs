@@ -466,6 +466,11 @@ pub(super) async fn yield_room(
                 std::cmp::Reverse(i.record.created_at),
             )
         });
+        // No pooled instance to give: no copy of the view (a full cluster
+        // asks at every queue pass).
+        if candidates.is_empty() {
+            return false;
+        }
         // Only a removal after which the spawn fits.
         let need = tidegate_schema::Resources::of_spec(&challenge.spec);
         let network = !challenge.spec.services.is_empty();
