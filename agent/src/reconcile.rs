@@ -1385,12 +1385,13 @@ impl Pass {
                 Some(PutOptions::new().with_lease(t.lease)),
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
+        let sent = std::time::Instant::now();
         match self.client.clone().txn(txn).await {
             Ok(r) if r.succeeded() => {
                 t.reported = Some(unstamped);
                 if let Some(h) = r.header() {
                     t.status_rev = h.revision();
-                    self.metrics.etcd.wrote(h.revision());
+                    self.metrics.etcd.wrote(h.revision(), sent);
                 }
             }
             Ok(r) => {

@@ -219,6 +219,7 @@ impl Runtime {
     /// Writes an instance's flag file in place (the bind mount keeps the
     /// inode, so running containers see the new content): readable by
     /// anyone in the container (0444), its directories root's (0711).
+    /// The red team's control `flag-file` makes it writable by anyone.
     pub async fn write_flag(
         &self,
         id: &tidegate_schema::InstanceId,
@@ -227,6 +228,7 @@ impl Runtime {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         let path = self.flag_path(id);
         let flag = flag.to_string();
+        let mode = if planted("flag-file") { 0o666 } else { 0o444 };
         tokio::task::spawn_blocking(move || {
             if let Some(dir) = path.parent() {
                 std::fs::DirBuilder::new()
@@ -243,11 +245,11 @@ impl Runtime {
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .mode(0o444)
+                .mode(mode)
                 .open(&path)?;
             std::io::Write::write_all(&mut f, flag.as_bytes())?;
             f.set_len(flag.len() as u64)?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
             f.sync_data()
         })
         .await
@@ -439,7 +441,7 @@ impl Runtime {
                 target: Some(target.clone()),
                 source: Some(self.flag_path(&rec.id).to_string_lossy().into_owned()),
                 typ: Some(bollard::models::MountType::BIND),
-                read_only: Some(true),
+                read_only: Some(!planted("flag-file")),
                 ..Default::default()
             }),
             _ => None,

@@ -6,7 +6,8 @@
 //! one fenced Txn. `lifecycle` renews and deletes; `scheduler` keeps the
 //! replica in the election (`election`) and sweeps while it leads;
 //! `challenges` stores organizers' specs put-if-revision; `metrics` is what
-//! `/metrics`, `/v1/status` and the dashboard show; `app` is the state they
+//! `/metrics`, `/v1/status` and the dashboard show (`etcd_members` adds
+//! etcd's own health, read from its members); `app` is the state they
 //! all share; `config` merges the config file with flags.
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod app;
 pub mod challenges;
 pub mod config;
 pub mod election;
+pub mod etcd_members;
 pub mod flag;
 pub mod lifecycle;
 pub mod metrics;

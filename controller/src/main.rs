@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tidegate_controller::config::{Cli, load};
-use tidegate_controller::{App, api, policy, scheduler, serve, view};
+use tidegate_controller::{App, api, etcd_members, policy, scheduler, serve, view};
 use tidegate_schema::config::ControllerConfig;
 
 /// Exit status for a configuration error (sysexits EX_USAGE).
@@ -77,6 +77,10 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             app.client.clone(),
             app.ks.election_name(),
             app.metrics.etcd.clone(),
+        )),
+        tokio::spawn(etcd_members::run(
+            etcd_members::endpoints(&app.cfg.etcd, app.cfg.etcd_metrics.as_deref()),
+            app.metrics.etcd_members.clone(),
         )),
         tokio::spawn(scheduler::run_election(app.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),

@@ -111,6 +111,8 @@ pub struct Metrics {
     pub pool_claims: Counter,
     /// etcd round trips and watch lag.
     pub etcd: Arc<EtcdHealth>,
+    /// etcd's own health, as its members' endpoints say.
+    pub etcd_members: Arc<crate::etcd_members::EtcdMembers>,
     refusals: Family<RefusalLabels, Counter>,
     rate_limited: Family<RateLabels, Counter>,
     connections_refused: Family<ReasonLabel, Counter>,
@@ -123,6 +125,7 @@ pub struct Metrics {
     view_revision: Gauge,
     plugins_compiled: Gauge,
     queue_length: Gauge,
+    pooled: Gauge,
 }
 
 impl Default for Metrics {
@@ -146,7 +149,9 @@ impl Default for Metrics {
             queue_dropped: Counter::default(),
             pool_claims: Counter::default(),
             queue_length: Gauge::default(),
+            pooled: Gauge::default(),
             etcd: Arc::default(),
+            etcd_members: Arc::default(),
             refusals: Family::default(),
             rate_limited: Family::default(),
             connections_refused: Family::default(),
@@ -282,8 +287,13 @@ impl Metrics {
         }
         r.register(
             "instances",
-            "Live instances by status (this replica's view)",
+            "Live instances of teams by status (this replica's view)",
             self.instances.clone(),
+        );
+        r.register(
+            "pooled",
+            "Instances in warm pools, no team's yet, in any status (this replica's view)",
+            self.pooled.clone(),
         );
         r.register(
             "queue_length",
@@ -301,6 +311,7 @@ impl Metrics {
             self.plugins_compiled.clone(),
         );
         self.etcd.register(r);
+        r.register_collector(Box::new(self.etcd_members.clone()));
     }
 
     /// The registry, for parts that measure themselves (plugin calls).
@@ -388,7 +399,13 @@ impl Metrics {
         self.capacity
             .set(view.workers.values().map(|w| i64::from(w.capacity)).sum());
         let mut counts = [0usize; STATUSES.len()];
-        for id in view.instances.keys() {
+        let mut pooled = 0;
+        for (id, live) in &view.instances {
+            // A pool's instances are no team's: counted apart.
+            if live.record.is_pooled() {
+                pooled += 1;
+                continue;
+            }
             let status = view.status_of(id).map_or("pending", |s| s.name());
             if let Some(i) = STATUSES.iter().position(|s| *s == status) {
                 counts[i] += 1;
@@ -399,6 +416,7 @@ impl Metrics {
                 .get_or_create(&StatusLabel { status })
                 .set(gauge_value(n));
         }
+        self.pooled.set(gauge_value(pooled));
         self.view_revision.set(view.revision);
         self.plugins_compiled.set(gauge_value(plugins_compiled));
     }

@@ -180,6 +180,23 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
             ("tidegate_controller_instances", &["status=\"running\""]),
             ("tidegate_controller_workers", &[]),
             ("tidegate_controller_capacity", &[]),
+            // Its own spawn writes, timed.
+            ("tidegate_controller_etcd_write_seconds_count", &[]),
+            // etcd's own health, read from the member's /metrics (the
+            // lab's etcd is plain http, so its client URL serves it).
+            ("tidegate_controller_etcd_member_up", &[]),
+            ("tidegate_controller_etcd_member_has_leader", &[]),
+            ("tidegate_controller_etcd_member_is_leader", &[]),
+            (
+                "tidegate_controller_etcd_member_wal_fsync_seconds_count",
+                &[],
+            ),
+            (
+                "tidegate_controller_etcd_member_backend_commit_seconds_count",
+                &[],
+            ),
+            ("tidegate_controller_etcd_member_db_size_bytes", &[]),
+            ("tidegate_controller_etcd_member_db_quota_bytes", &[]),
         ],
     );
     // The spawns were 2 (web, echo); the refusals 2; exactly as made.
@@ -223,29 +240,43 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
     // endpoint write come back through its watch.
     let b = curl_with(&p.b.metrics_url, p.b.scrape_token());
     let owner_metrics = if owner == p.a.worker { a } else { b.clone() };
-    // Every series the Grafana dashboard charts is one the daemons expose.
-    let dashboard = include_str!("../../deploy/grafana/tidegate.json");
+    // Every series the Grafana dashboard charts and the alert rules read
+    // is one the daemons expose.
     let exposed = format!("{text}\n{owner_metrics}\n{b}");
-    let mut charted: Vec<&str> = dashboard
-        .match_indices("tidegate_")
-        .map(|(i, _)| {
-            let rest = &dashboard[i..];
-            let end = rest
-                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
-                .unwrap_or(rest.len());
-            &rest[..end]
-        })
-        .collect();
-    charted.sort_unstable();
-    charted.dedup();
-    let unknown: Vec<&&str> = charted
-        .iter()
-        .filter(|m| !exposed.lines().any(|l| l.starts_with(**m)))
-        .collect();
-    assert!(
-        charted.len() > 20 && unknown.is_empty(),
-        "deploy/grafana/tidegate.json charts series no daemon exposes: {unknown:?}"
-    );
+    for (file, text, at_least) in [
+        (
+            "deploy/grafana/tidegate.json",
+            include_str!("../../deploy/grafana/tidegate.json"),
+            20,
+        ),
+        (
+            "deploy/prometheus/tidegate-alerts.yml",
+            include_str!("../../deploy/prometheus/tidegate-alerts.yml"),
+            12,
+        ),
+    ] {
+        let mut charted: Vec<&str> = text
+            .match_indices("tidegate_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        charted.sort_unstable();
+        charted.dedup();
+        let unknown: Vec<&&str> = charted
+            .iter()
+            .filter(|m| !exposed.lines().any(|l| l.starts_with(**m)))
+            .collect();
+        assert!(
+            charted.len() > at_least && unknown.is_empty(),
+            "{file} reads series no daemon exposes: {unknown:?} (of {})",
+            charted.len()
+        );
+    }
     assert_non_zero(
         "owner",
         &owner_metrics,
@@ -253,8 +284,34 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
             ("tidegate_agent_containers", &["state=\"running\""]),
             ("tidegate_agent_etcd_watch_lag_seconds_count", &[]),
             ("tidegate_agent_reconcile_seconds_count", &[]),
+            ("tidegate_agent_etcd_write_seconds_count", &[]),
         ],
     );
+}
+
+/// `promtool` (put by `cargo xtask setup`) on the alert rules: they load,
+/// and their unit tests (deploy/prometheus/tidegate-alerts.test.yml) show
+/// each alert firing on its fault and quiet on a healthy cluster. That the
+/// series they read exist is checked against live daemons above.
+#[test]
+fn the_alert_rules_load_and_fire_on_their_faults() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus");
+    for args in [
+        ["check", "rules", "tidegate-alerts.yml"],
+        ["test", "rules", "tidegate-alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("/usr/local/bin/promtool")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("promtool (cargo xtask setup puts it in /usr/local/bin)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Per-instance series and `/activity` name instances (an id is the first
@@ -626,4 +683,86 @@ fn total_sums_matching_samples_only() {
     assert_eq!(total(text, "x", &[]), Some(8.0));
     assert_eq!(total(text, "x", &["b=\"2\""]), Some(3.0));
     assert_eq!(total(text, "z", &[]), None);
+}
+
+/// The samples of histogram `name` (with `labels`) above `le`: its count
+/// less its `le` bucket.
+fn above(text: &str, name: &str, labels: &[&str], le: &str) -> f64 {
+    let le_label = format!("le=\"{le}\"");
+    let mut with_le: Vec<&str> = labels.to_vec();
+    with_le.push(&le_label);
+    total(text, &format!("{name}_count"), labels).unwrap_or(0.0)
+        - total(text, &format!("{name}_bucket"), &with_le).unwrap_or(0.0)
+}
+
+/// A slow disk on the etcd member (its fdatasync delayed 300 ms by
+/// `strace -e inject`, as the chaos slow-disk fault does) shows in the
+/// series the controller exports from the member's own metrics, the one
+/// `TidegateEtcdSlowFsync` reads; before it, no fsync took over 128 ms
+/// (etcd's buckets double from 1 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_etcd_disk_shows_in_the_controllers_etcd_series() {
+    let etcd = tidegate_lab::etcd::EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = tidegate_lab::daemons::Controller::start(&etcd, "c1", dir.path()).await;
+    let member = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .to_string();
+    let labels = [format!("member=\"{member}\"")];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let fsync = "tidegate_controller_etcd_member_wal_fsync_seconds";
+    let url = format!("{}/metrics", c.url);
+    assert!(
+        eventually(30, || async {
+            total(&curl(&url), "tidegate_controller_etcd_member_up", &labels) == Some(1.0)
+        })
+        .await,
+        "the controller never read the member's metrics:\n{}",
+        curl(&url)
+    );
+    let before = curl(&url);
+    assert_eq!(above(&before, fsync, &labels, "0.128"), 0.0, "{before}");
+
+    let pid = etcd.process(0).unwrap().pid();
+    let _strace = tidegate_lab::process::Supervised::spawn(
+        "strace",
+        "strace",
+        &[
+            "-f".into(),
+            "-qq".into(),
+            "-p".into(),
+            pid.to_string(),
+            "-e".into(),
+            "trace=fdatasync,fsync".into(),
+            "-e".into(),
+            "inject=fdatasync,fsync:delay_enter=300000".into(),
+            "-o".into(),
+            "/dev/null".into(),
+        ],
+        &dir.path().join("strace.log"),
+    )
+    .unwrap();
+    // strace attaches in a moment; writes keep coming until the member's
+    // next read shows them.
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let mut slow = 0.0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    for i in 0.. {
+        client
+            .put(format!("/slow-disk-test/{i}"), "x", None)
+            .await
+            .unwrap();
+        slow = above(&curl(&url), fsync, &labels, "0.128");
+        if slow >= 3.0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        slow >= 3.0,
+        "300 ms fsyncs did not show above 128 ms in {fsync}: {slow}\n{}",
+        std::fs::read_to_string(dir.path().join("strace.log")).unwrap_or_default()
+    );
 }

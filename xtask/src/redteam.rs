@@ -144,6 +144,10 @@ const DEFENCES: &[(&str, &str)] = &[
     ),
     ("tmpfs-size", "sized tmpfs mounts (TIDEGATE_PLANTED)"),
     (
+        "flag-file",
+        "an instance's flag file is the worker's, mounted read-only and mode 0444 (TIDEGATE_PLANTED: read-write, 0666)",
+    ),
+    (
         "read-only-rootfs",
         "read-only root filesystem (spec read_only_rootfs = false, agent allow_unbounded_rootfs)",
     ),

@@ -31,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "nginx",
     "ncat",
+    // Slow-disk faults on etcd: `strace -e inject=fdatasync:delay_enter=…`.
+    "strace",
     "openssh-client",
     "dropbear-bin",
     "openssl",

@@ -301,6 +301,7 @@ pub(super) async fn write_spawn(
         plan.team.as_str(),
         plan.challenge.name.as_str(),
     );
+    let sent = std::time::Instant::now();
     let result = etcd(app, || async {
         let flag =
             |id: &tidegate_schema::InstanceId| crate::flag::render(secret, spec, team, name, id);
@@ -326,7 +327,7 @@ pub(super) async fn write_spawn(
         }
     };
     app.metrics.spawned();
-    app.metrics.etcd.wrote(spawned.revision);
+    app.metrics.etcd.wrote(spawned.revision, sent);
     app.recent_spawns
         .record(plan.now, &plan.team, &plan.challenge.name);
     app.view

@@ -274,6 +274,8 @@ async fn fill(
     });
     let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
     let mut client = app.client.clone();
+    // The round trip observed: the lease grant and the Txn, both proposals.
+    let sent = std::time::Instant::now();
     let written = tokio::time::timeout(wait, async {
         let lease = client.lease_grant(POOL_LEASE_SECS as i64, None).await?.id();
         let opts = || Some(PutOptions::new().with_lease(lease));
@@ -299,7 +301,7 @@ async fn fill(
     match written {
         Ok(Ok(Some((lease, revision)))) => {
             tracing::info!(instance = %record.id, challenge = %record.challenge, worker = %record.worker, "started a pooled instance");
-            app.metrics.etcd.wrote(revision);
+            app.metrics.etcd.wrote(revision, sent);
             app.view.insert_own(record, lease, revision);
             Ok(true)
         }

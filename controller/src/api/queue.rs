@@ -160,6 +160,7 @@ pub(super) async fn enqueue(
         )])
         .or_else([TxnOp::get(leader.key.as_str(), None)]);
     let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    let sent = std::time::Instant::now();
     let resp = match tokio::time::timeout(wait, client.txn(txn)).await {
         Ok(Ok(r)) => r,
         answer => {
@@ -205,7 +206,7 @@ pub(super) async fn enqueue(
     }
     let revision = resp.header().map_or(0, |h| h.revision());
     app.metrics.queued.inc();
-    app.metrics.etcd.wrote(revision);
+    app.metrics.etcd.wrote(revision, sent);
     let waiting = Waiting {
         record,
         lease,

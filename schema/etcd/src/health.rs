@@ -40,6 +40,8 @@ pub struct EtcdHealth {
     delivered: AtomicI64,
     /// Watch lag: our own writes, committed, until our watch delivered them.
     watch_lag: Histogram,
+    /// Our writes' round trips: each is a proposal a quorum committed.
+    write: Histogram,
     pending: Mutex<VecDeque<(i64, Instant)>>,
 }
 
@@ -52,6 +54,7 @@ impl Default for EtcdHealth {
             behind: Gauge::default(),
             delivered: AtomicI64::new(0),
             watch_lag: Histogram::new(ETCD_BUCKETS),
+            write: Histogram::new(ETCD_BUCKETS),
             pending: Mutex::new(VecDeque::new()),
         }
     }
@@ -77,6 +80,11 @@ impl EtcdHealth {
             self.watch_lag.clone(),
         );
         registry.register(
+            "etcd_write_seconds",
+            "Round trip of this daemon's etcd writes (spawns, queue places, pool members; agents' status): each is a proposal a quorum committed, so a slow disk or a lost member shows here",
+            self.write.clone(),
+        );
+        registry.register(
             "etcd_revision",
             "etcd's revision at the last probe",
             self.revision.clone(),
@@ -88,8 +96,10 @@ impl EtcdHealth {
         );
     }
 
-    /// A write of ours committed at `revision`: the watch should deliver it.
-    pub fn wrote(&self, revision: i64) {
+    /// A write of ours, sent at `sent`, committed at `revision`: its round
+    /// trip is observed, and the watch should deliver it.
+    pub fn wrote(&self, revision: i64, sent: Instant) {
+        self.write.observe(sent.elapsed().as_secs_f64());
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if p.len() == MAX_PENDING {
             p.pop_front();
@@ -166,8 +176,9 @@ mod tests {
     #[test]
     fn watch_lag_is_observed_once_the_watch_reaches_the_write() {
         let h = EtcdHealth::default();
-        h.wrote(10);
-        h.wrote(12);
+        h.wrote(10, Instant::now());
+        h.wrote(12, Instant::now());
+        assert!(text(&h).contains("x_etcd_write_seconds_count 2\n"));
         h.delivered(9);
         assert!(text(&h).contains("x_etcd_watch_lag_seconds_count 0\n"));
         h.delivered(11);

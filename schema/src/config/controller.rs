@@ -30,6 +30,11 @@ pub struct ControllerConfig {
     pub etcd_tls: Option<EtcdTls>,
     /// `[etcd_auth]`: etcd user and a file with its password.
     pub etcd_auth: Option<EtcdAuth>,
+    /// Plain-http URLs of the etcd members' own metrics (etcd's
+    /// `--listen-metrics-urls`), read every 10 s and exported again as
+    /// `tidegate_controller_etcd_member_*`. Default: the `http://` ones of
+    /// `etcd` (etcd serves `/metrics` there too); `[]` turns it off.
+    pub etcd_metrics: Option<Vec<String>>,
     /// Root of every key (several clusters can share one etcd).
     pub key_root: String,
     /// Wildcard domain of instance hostnames (`{id}.{domain}`).
@@ -175,6 +180,7 @@ impl Default for ControllerConfig {
             etcd: vec!["http://127.0.0.1:2379".into()],
             etcd_tls: None,
             etcd_auth: None,
+            etcd_metrics: None,
             key_root: DEFAULT_ROOT.into(),
             domain: "ctf.localhost".into(),
             public_http_scheme: "http".into(),
@@ -210,6 +216,22 @@ impl ControllerConfig {
             return Err(bad("id", "1-64 characters, no spaces"));
         }
         check_etcd(&self.etcd, self.etcd_tls.as_ref())?;
+        if let Some(urls) = &self.etcd_metrics {
+            if urls.len() > 16 {
+                return Err(bad("etcd_metrics", "at most 16 URLs (one per etcd member)"));
+            }
+            if let Some(u) = urls.iter().find(|u| {
+                u.strip_prefix("http://")
+                    .is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
+            }) {
+                return Err(bad(
+                    "etcd_metrics",
+                    format!(
+                        "{u:?} is not a plain http:// URL with a host (etcd's --listen-metrics-urls)"
+                    ),
+                ));
+            }
+        }
         Keyspace::new(&self.key_root).map_err(|e| bad("key_root", e.to_string()))?;
         Hostname::parse(&self.domain).map_err(|e| bad("domain", e.to_string()))?;
         self.tcp_port_range()?;

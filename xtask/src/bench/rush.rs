@@ -5,7 +5,8 @@
 //! engine alone making the same containers (what no agent can beat).
 //! Then a warm pool: spawns of a pooled challenge one after another, each
 //! from the POST to the first answer with its own flag, beside the same
-//! spawns of the challenge without a pool.
+//! spawns of the challenge without a pool. Then an event's start as teams
+//! make it, the old behaviour beside the queue and the pool (`event.rs`).
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -19,6 +20,8 @@ use super::{
     ADMIN_TOKEN, Containers, ControlPlane, Figures, Mode, agent, agent_config, api, percentile,
 };
 use crate::sh;
+
+mod event;
 
 /// The concurrencies compared: the old one-at-a-time, and the default.
 fn concurrencies() -> [usize; 2] {
@@ -68,20 +71,26 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     let claims = mode.count(10, 3);
     let pool = pool_rush(&bin_dir, claims)?;
     pool.report(claims, &mut figures);
+    event::run(&bin_dir, mode, &mut figures)?;
     Ok(figures)
 }
 
 /// The demo HTTP challenge of the rush: small, with `extra` fields (its
 /// flag in a file, a pool).
 fn demo_web(extra: &str) -> String {
+    sized_web(32, extra)
+}
+
+/// The demo HTTP challenge with a memory limit of `memory_mib`.
+fn sized_web(memory_mib: u32, extra: &str) -> String {
     format!(
-        r#"{{"image":"{}","per_team_max":1,"limits":{{"memory_mib":32,"cpus":0.05,"pids":32}},"tmpfs":[{{"path":"/tmp","size_mib":4}}],"ports":[{{"name":"web","port":8080,"protocol":"http"}}]{extra}}}"#,
+        r#"{{"image":"{}","per_team_max":1,"limits":{{"memory_mib":{memory_mib},"cpus":0.05,"pids":32}},"tmpfs":[{{"path":"/tmp","size_mib":4}}],"ports":[{{"name":"web","port":8080,"protocol":"http"}}]{extra}}}"#,
         tidegate_local::images::DEMO_HTTP
     )
 }
 
-/// A fresh control plane and two agents at `concurrency`, each with room
-/// for `capacity`, registered; the agents' HTTP entries.
+/// A fresh control plane and its agents, registered; the agents' HTTP
+/// entries.
 struct RushPlane {
     plane: ControlPlane,
     agents: Vec<(tidegate_local::process::Supervised, String)>,
@@ -89,31 +98,33 @@ struct RushPlane {
 }
 
 impl RushPlane {
+    /// `agents` agents (on 127.0.0.2 and up), each configured by
+    /// `configure` after the defaults of the bench.
     fn start(
         bin_dir: &std::path::Path,
-        concurrency: usize,
-        capacity: usize,
         what: &str,
+        agents: usize,
+        configure: impl Fn(&mut AgentConfig),
     ) -> Result<Self> {
         let plane = ControlPlane::start(bin_dir, 1)?;
         let dir = plane.dir();
         let endpoints = plane.etcd.endpoints();
         let label = format!("bench-rush-{}-{what}", std::process::id());
         let containers = Containers(label.clone());
-        let mut agents = Vec::new();
-        for (name, addr) in [("bench-a", "127.0.0.2"), ("bench-b", "127.0.0.3")] {
-            let mut cfg = agent_config(name, &endpoints, dir, &label)?;
-            let ip = addr.parse()?;
+        let mut started = Vec::new();
+        for i in 0..agents {
+            let name = format!("bench-{}", char::from(b'a' + i as u8));
+            let mut cfg = agent_config(&name, &endpoints, dir, &label)?;
+            let ip = std::net::IpAddr::from([127, 0, 0, 2 + i as u8]);
             cfg.advertise_address = ip;
             cfg.tcp_host = ip;
             cfg.http_entry = SocketAddr::new(ip, free_port()?);
-            cfg.capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
-            cfg.reconcile_concurrency = concurrency;
-            agents.push((agent(bin_dir, dir, &cfg)?, cfg.http_entry.to_string()));
+            configure(&mut cfg);
+            started.push((agent(bin_dir, dir, &cfg)?, cfg.http_entry.to_string()));
         }
         let rush = Self {
             plane,
-            agents,
+            agents: started,
             _containers: containers,
         };
         rush.registered()?;
@@ -141,7 +152,7 @@ impl RushPlane {
     fn registered(&self) -> Result<()> {
         let registered = wait_until(std::time::Duration::from_secs(15), || {
             self.call("GET", "/v1/workers", "")
-                .is_ok_and(|s| s.matches("\"bench-").count() >= 2)
+                .is_ok_and(|s| s.matches("\"bench-").count() >= self.agents.len())
         });
         if !registered {
             let workers = self.call("GET", "/v1/workers", "").unwrap_or_default();
@@ -194,7 +205,10 @@ impl RushPlane {
 /// A fresh control plane and two agents at `concurrency`; `n` spawns at
 /// once; the spawn → routable samples in ms.
 fn one_rush(bin_dir: &std::path::Path, concurrency: usize, n: usize) -> Result<Vec<f64>> {
-    let rush = RushPlane::start(bin_dir, concurrency, n, &concurrency.to_string())?;
+    let rush = RushPlane::start(bin_dir, &concurrency.to_string(), 2, |cfg| {
+        cfg.capacity = u32::try_from(n).unwrap_or(u32::MAX);
+        cfg.reconcile_concurrency = concurrency;
+    })?;
     rush.put_challenge("web", &demo_web(""))?;
     let v = rush.route_bench(bin_dir, "rush", "web", n)?;
     drop(rush);
@@ -220,12 +234,9 @@ struct PoolFigures {
 }
 
 fn pool_rush(bin_dir: &std::path::Path, n: usize) -> Result<PoolFigures> {
-    let rush = RushPlane::start(
-        bin_dir,
-        AgentConfig::default().reconcile_concurrency,
-        4 * n,
-        "pool",
-    )?;
+    let rush = RushPlane::start(bin_dir, "pool", 2, |cfg| {
+        cfg.capacity = u32::try_from(4 * n).unwrap_or(u32::MAX);
+    })?;
     let flag_file = r#","flag":{"file":"/flag"}"#;
     rush.put_challenge(
         "warm",

@@ -130,6 +130,9 @@ struct Ports {
     metrics: u16,
     etcd_client: u16,
     etcd_peer: u16,
+    /// etcd's plain-http `/metrics` (`listen-metrics-urls`), read by the
+    /// controllers.
+    etcd_metrics: u16,
 }
 
 impl Default for Ports {
@@ -140,6 +143,7 @@ impl Default for Ports {
             metrics: 9464,
             etcd_client: 2379,
             etcd_peer: 2380,
+            etcd_metrics: 2381,
         }
     }
 }
@@ -313,6 +317,14 @@ fn etcd_urls(inv: &Inventory, port: u16) -> Vec<String> {
     inv.with_role(Role::Etcd)
         .iter()
         .map(|h| format!("https://{}:{port}", url_host(h.address)))
+        .collect()
+}
+
+/// Every member's metrics URL (plain http: numbers only, no keys).
+fn etcd_metrics_urls(inv: &Inventory) -> Vec<String> {
+    inv.with_role(Role::Etcd)
+        .iter()
+        .map(|h| format!("http://{}:{}", url_host(h.address), inv.ports.etcd_metrics))
         .collect()
 }
 

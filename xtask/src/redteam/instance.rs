@@ -47,6 +47,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             fill_tmp,
         ),
         Attack::new(
+            "write the flag file (/flag, a file of the worker's disk)",
+            From::Instance,
+            "flag-file",
+            write_flag_file,
+        ),
+        Attack::new(
             "fill the root filesystem",
             From::Instance,
             "read-only-rootfs",
@@ -212,16 +218,37 @@ fn log_flood(r: &Range) -> Result<Verdict> {
     })
 }
 
+/// The bytes `/player fill` says it wrote (`wrote N bytes...`).
+fn written(out: &str) -> Result<u64> {
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| out.to_string())
+}
+
 /// Writes 128 MiB into the 64 MiB `/tmp`.
 fn fill_tmp(r: &Range) -> Result<Verdict> {
     let out = r.exec(&r.mallory, &["/player", "fill", "/tmp/fill", "128"])?;
     let _ = r.exec(&r.mallory, &["rm", "-f", "/tmp/fill"]);
-    let written: u64 = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .context(out.clone())?;
+    let written = written(&out)?;
     Ok(if written > 64 << 20 {
+        Verdict::Succeeded(out)
+    } else {
+        Verdict::Blocked(out)
+    })
+}
+
+/// Writes 1 MiB over the instance's flag file: the file is the worker's
+/// (`flag_dir`), so a writable one would let a player forge the flag its
+/// instance serves and fill the worker's disk past any tmpfs size.
+fn write_flag_file(r: &Range) -> Result<Verdict> {
+    let before = r.exec(&r.mallory, &["cat", "/flag"])?;
+    if !before.contains("flag{") {
+        bail!("mallory's /flag holds no flag: {before:?}");
+    }
+    let out = r.exec(&r.mallory, &["/player", "fill", "/flag", "1"])?;
+    let written = written(&out)?;
+    Ok(if written > 0 {
         Verdict::Succeeded(out)
     } else {
         Verdict::Blocked(out)
@@ -232,11 +259,7 @@ fn fill_tmp(r: &Range) -> Result<Verdict> {
 fn fill_root(r: &Range) -> Result<Verdict> {
     let out = r.exec(&r.mallory, &["/player", "fill", "/fill", "64"])?;
     let _ = r.exec(&r.mallory, &["rm", "-f", "/fill"]);
-    let written: u64 = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .context(out.clone())?;
+    let written = written(&out)?;
     Ok(if written > 0 {
         Verdict::Succeeded(out)
     } else {

@@ -153,7 +153,8 @@ impl Range {
         // Swept for like the flags: it must reach no one but the instances.
         let secret_env_value = format!("rt-secret-{:016x}", rand::random::<u64>());
         for (name, extra) in [
-            ("rt-web", json!({})),
+            // Mallory's flag as a file (`flag.file`), for the flag-file attack.
+            ("rt-web", json!({"flag": {"file": "/flag"}})),
             ("rt-egress", json!({"egress": true})),
             ("rt-raw", json!({"unsafe_caps": ["NET_RAW"]})),
             ("rt-locked", json!({})),

@@ -13,7 +13,7 @@ use tidegate_schema::config::{AgentConfig, ConfigFile, ControllerConfig, EtcdAut
 
 use super::secrets::Secrets;
 use super::services::{AGENT_CAPS, Service};
-use super::{Host, Init, Inventory, Role, at, etcd_urls, url_host};
+use super::{Host, Init, Inventory, Role, at, etcd_metrics_urls, etcd_urls, url_host};
 
 /// One file deploy keeps on a host.
 pub(super) struct File {
@@ -135,6 +135,7 @@ pub(super) fn plan_host<'a>(
             flag_secret: secrets.flag_secret.clone(),
             artifact_dir: inv.artifact_dir.clone(),
             etcd: etcd_urls(inv, inv.ports.etcd_client),
+            etcd_metrics: Some(etcd_metrics_urls(inv)),
             etcd_tls: Some(p.etcd_tls("controller")),
             etcd_auth: Some(p.etcd_auth("controller", CONTROLLER_USER)),
             scrape_token_file: Some(p.path("/etc/tidegate/scrape-token").into()),
@@ -364,6 +365,8 @@ listen-client-urls: https://{addr}:{cport},https://127.0.0.1:{cport}\n\
 advertise-client-urls: https://{addr}:{cport}\n\
 listen-peer-urls: https://{addr}:{pport}\n\
 initial-advertise-peer-urls: https://{addr}:{pport}\n\
+# Numbers only (no keys), read by the controllers: tidegate_controller_etcd_member_*.\n\
+listen-metrics-urls: http://{addr}:{mport}\n\
 initial-cluster: {initial}\n\
 initial-cluster-token: tidegate-{cluster}\n\
 initial-cluster-state: new\n\
@@ -382,6 +385,7 @@ log-outputs: [stderr]\n",
             data = self.path("/var/lib/tidegate/etcd"),
             cport = inv.ports.etcd_client,
             pport = inv.ports.etcd_peer,
+            mport = inv.ports.etcd_metrics,
             initial = initial.join(","),
             cert = self.path("/etc/tidegate/pki/etcd-member.pem"),
             key = self.path("/etc/tidegate/pki/etcd-member-key.pem"),

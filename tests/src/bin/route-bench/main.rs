@@ -20,8 +20,13 @@
 //!   read-only, all capabilities dropped, a tmpfs /tmp, on Docker's default
 //!   bridge as instances are on theirs, labelled `label`),
 //!   `parallel` at a time; prints the seconds taken, then removes them.
+//! - `event <api> <token> <teams> <arrive ms> <play ms> <challenges>
+//!   <agent entry>`: teams arriving over a few seconds, each spawning one
+//!   of a mix of challenges as a player would (`event.rs`).
 //! - `seed <etcd endpoint> <n>`: writes `n` instance records (and their
 //!   status) of a worker `ghost` straight into etcd, 100 per Txn.
+
+mod event;
 
 use std::time::{Duration, Instant};
 
@@ -46,11 +51,12 @@ async fn main() {
         Some("claims") if args.len() == 7 => {
             claims(&args[2], &args[3], &args[4], &args[5], &args[6]).await
         }
+        Some("event") => event::event(&args[2..]).await,
         Some("seed") if args.len() == 4 => seed(&args[2], &args[3]).await,
         Some("docker") if args.len() == 6 => {
             docker_alone(&args[2], &args[3], &args[4], &args[5]).await
         }
-        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | claims <api> <token> <challenge> <n> <agent entry> | seed <etcd endpoint> <n> | docker <image> <n> <parallel> <label>".into()),
+        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | claims <api> <token> <challenge> <n> <agent entry> | event <api> <token> <teams> <arrive ms> <play ms> <challenges> <agent entry> | seed <etcd endpoint> <n> | docker <image> <n> <parallel> <label>".into()),
     };
     if let Err(e) = result {
         eprintln!("route-bench: {e}");
@@ -121,6 +127,34 @@ async fn spawn(
     Ok((host, id, answered))
 }
 
+/// Asks `agent` for `host` until it answers 200 (`Err`: the last status,
+/// 0 for no answer, once `deadline` passed). Every 200 ms: as often as a
+/// player's page would ask, not so often that the pollers (1,000
+/// requests/s for 200) take the cores Docker needs.
+pub(crate) async fn served(
+    http: &reqwest::Client,
+    agent: &str,
+    host: &str,
+    deadline: Instant,
+) -> Result<(), u16> {
+    loop {
+        let got = http
+            .get(format!("http://{agent}/"))
+            .header("host", host)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if got == 200 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(got);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn propagation(
     api: &str,
     token: &str,
@@ -169,26 +203,9 @@ async fn rush(api: &str, token: &str, challenge: &str, n: &str, agent: &str) -> 
         async move {
             let sent = Instant::now();
             let (host, id, _) = spawn(&http, api, token, challenge, &format!("rush-{i}")).await?;
-            let deadline = sent + Duration::from_secs(300);
-            loop {
-                let got = http
-                    .get(format!("http://{agent}/"))
-                    .header("host", host.as_str())
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                if got == 200 {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("{host} not served within 300 s (last {got})"));
-                }
-                // As often as a player's page would ask, not so often that
-                // the pollers (1,000 requests/s for 200) take the cores
-                // Docker needs.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            served(&http, agent, &host, sent + Duration::from_secs(300))
+                .await
+                .map_err(|got| format!("{host} not served within 300 s (last {got})"))?;
             Ok::<_, String>((sent.elapsed().as_secs_f64() * 1000.0, id))
         }
     };
