@@ -19,6 +19,10 @@ use crate::metrics::Metrics;
 
 /// How soon a failed keep-alive is tried again.
 const RETRY: Duration = Duration::from_millis(250);
+/// How long one keep-alive may take before it counts as failed (one takes
+/// milliseconds): a member cut off from the others holds it without an
+/// answer, and the next attempt, on a new stream, may go to another.
+const ATTEMPT: Duration = Duration::from_secs(1);
 
 /// Why this worker could not register.
 #[derive(Debug, thiserror::Error)]
@@ -253,13 +257,16 @@ pub async fn run(
         let mut wait = Duration::ZERO;
         loop {
             tokio::time::sleep(wait).await;
-            let answer = match client.lease_keep_alive(id).await {
-                Ok((mut keeper, mut stream)) => match keeper.keep_alive().await {
-                    Ok(()) => stream.message().await.ok().flatten().map(|r| r.ttl()),
-                    Err(_) => None,
-                },
-                Err(_) => None,
+            let attempt = async {
+                let (mut keeper, mut stream) = client.lease_keep_alive(id).await.ok()?;
+                keeper.keep_alive().await.ok()?;
+                stream.message().await.ok().flatten().map(|r| r.ttl())
             };
+            // Without a bound, a keep-alive sent to an etcd member cut off
+            // from the others waited for the whole TTL and the worker lost
+            // its membership (players got 503 for its instances): chaos,
+            // "etcd raft leader cut off from the other members".
+            let answer = tokio::time::timeout(ATTEMPT, attempt).await.ok().flatten();
             wait = if answer.is_none() { RETRY } else { period };
             match answer {
                 Some(t) if t > 0 => last_ok = tokio::time::Instant::now(),

@@ -1386,12 +1386,14 @@ impl Pass {
             )])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let sent = std::time::Instant::now();
-        match self.client.clone().txn(txn).await {
+        let answer = self.client.clone().txn(txn).await;
+        self.metrics.etcd.write_took(sent);
+        match answer {
             Ok(r) if r.succeeded() => {
                 t.reported = Some(unstamped);
                 if let Some(h) = r.header() {
                     t.status_rev = h.revision();
-                    self.metrics.etcd.wrote(h.revision(), sent);
+                    self.metrics.etcd.wrote(h.revision());
                 }
             }
             Ok(r) => {

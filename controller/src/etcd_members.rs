@@ -302,8 +302,18 @@ pub async fn run(urls: Vec<String>, members: Arc<EtcdMembers>) {
     };
     let mut failing: BTreeMap<String, bool> = BTreeMap::new();
     loop {
+        // All at once: an unreachable member costs its timeout, not the
+        // others' reads.
+        let mut reads = tokio::task::JoinSet::new();
         for url in &urls {
-            let read = scrape(&http, url).await;
+            let (http, url) = (http.clone(), url.clone());
+            reads.spawn(async move {
+                let read = scrape(&http, &url).await;
+                (url, read)
+            });
+        }
+        while let Some(Ok((url, read))) = reads.join_next().await {
+            let url = &url;
             let was_failing = failing.insert(url.clone(), read.is_err()).unwrap_or(false);
             match read {
                 Ok(sample) => {
@@ -325,16 +335,21 @@ pub async fn run(urls: Vec<String>, members: Arc<EtcdMembers>) {
 }
 
 async fn scrape(http: &reqwest::Client, url: &str) -> Result<Sample, String> {
-    let resp = http.get(url).send().await.map_err(|e| e.to_string())?;
+    let mut resp = http.get(url).send().await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("answered {}", resp.status()));
     }
     if resp.content_length().is_some_and(|l| l > MAX_BODY as u64) {
         return Err(format!("more than {MAX_BODY} bytes"));
     }
-    let body = resp.bytes().await.map_err(|e| e.to_string())?;
-    if body.len() > MAX_BODY {
-        return Err(format!("more than {MAX_BODY} bytes"));
+    // Read chunk by chunk, so that an endpoint streaming without end is
+    // cut at the limit, not held in memory.
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(format!("more than {MAX_BODY} bytes"));
+        }
+        body.extend_from_slice(&chunk);
     }
     let sample = parse(&String::from_utf8_lossy(&body));
     if sample.histograms.is_empty() && sample.values.is_empty() {

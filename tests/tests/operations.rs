@@ -724,24 +724,8 @@ async fn a_slow_etcd_disk_shows_in_the_controllers_etcd_series() {
     assert_eq!(above(&before, fsync, &labels, "0.128"), 0.0, "{before}");
 
     let pid = etcd.process(0).unwrap().pid();
-    let _strace = tidegate_lab::process::Supervised::spawn(
-        "strace",
-        "strace",
-        &[
-            "-f".into(),
-            "-qq".into(),
-            "-p".into(),
-            pid.to_string(),
-            "-e".into(),
-            "trace=fdatasync,fsync".into(),
-            "-e".into(),
-            "inject=fdatasync,fsync:delay_enter=300000".into(),
-            "-o".into(),
-            "/dev/null".into(),
-        ],
-        &dir.path().join("strace.log"),
-    )
-    .unwrap();
+    let _slow =
+        tidegate_lab::faults::slow_disk(pid, 300_000, &dir.path().join("strace.log")).unwrap();
     // strace attaches in a moment; writes keep coming until the member's
     // next read shows them.
     let mut client = etcd_client::Client::connect(etcd.endpoints(), None)

@@ -22,8 +22,9 @@ pub(crate) struct ChaosArgs {
     /// Run against a build with a planted bug and expect violations:
     /// `fence` (the spawn Txn no longer compares the leader's election key),
     /// `renew-revoke` (an unanswered renewal revokes its new lease, as before
-    /// renewals were settled) or `relist` (a watcher that fell behind
-    /// compaction resumes without listing again).
+    /// renewals were settled), `relist` (a watcher that fell behind
+    /// compaction resumes without listing again) or `storm` (a member out
+    /// of the balance is probed again at once: a reconnect storm on etcd).
     #[arg(long, value_name = "BUG")]
     planted: Option<String>,
     /// Where the report, the history and every daemon's log go
@@ -61,6 +62,15 @@ const PLANTS: &[Plant] = &[
         file: "schema/src/watch.rs",
         old: "                    self.state = State::List;",
         new: "                    self.state = State::Watch { from: resp.compact_revision() };",
+    },
+    Plant {
+        // While an etcd member is out of the balance, every daemon checks
+        // it again at once instead of every 500 ms: a reconnect storm on
+        // the members that are down (and the ones coming back).
+        name: "storm",
+        file: "schema/etcd/src/members.rs",
+        old: "        tokio::time::sleep(PROBE_EVERY).await;",
+        new: "        if removed.iter().all(|r| !*r) {\n            tokio::time::sleep(PROBE_EVERY).await;\n        }",
     },
 ];
 

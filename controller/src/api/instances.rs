@@ -317,6 +317,7 @@ pub(super) async fn write_spawn(
         })
     })
     .await;
+    app.metrics.etcd.write_took(sent);
     let spawned = match result {
         Ok(s) => s,
         // Another pooled instance (or a fresh spawn) is tried.
@@ -327,7 +328,7 @@ pub(super) async fn write_spawn(
         }
     };
     app.metrics.spawned();
-    app.metrics.etcd.wrote(spawned.revision, sent);
+    app.metrics.etcd.wrote(spawned.revision);
     app.recent_spawns
         .record(plan.now, &plan.team, &plan.challenge.name);
     app.view

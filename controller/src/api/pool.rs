@@ -298,10 +298,11 @@ async fn fill(
         )
     })
     .await;
+    app.metrics.etcd.write_took(sent);
     match written {
         Ok(Ok(Some((lease, revision)))) => {
             tracing::info!(instance = %record.id, challenge = %record.challenge, worker = %record.worker, "started a pooled instance");
-            app.metrics.etcd.wrote(revision, sent);
+            app.metrics.etcd.wrote(revision);
             app.view.insert_own(record, lease, revision);
             Ok(true)
         }

@@ -161,7 +161,9 @@ pub(super) async fn enqueue(
         .or_else([TxnOp::get(leader.key.as_str(), None)]);
     let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
     let sent = std::time::Instant::now();
-    let resp = match tokio::time::timeout(wait, client.txn(txn)).await {
+    let answer = tokio::time::timeout(wait, client.txn(txn)).await;
+    app.metrics.etcd.write_took(sent);
+    let resp = match answer {
         Ok(Ok(r)) => r,
         answer => {
             // No answer is not no commit: a place on our lease is ours.
@@ -206,7 +208,7 @@ pub(super) async fn enqueue(
     }
     let revision = resp.header().map_or(0, |h| h.revision());
     app.metrics.queued.inc();
-    app.metrics.etcd.wrote(revision, sent);
+    app.metrics.etcd.wrote(revision);
     let waiting = Waiting {
         record,
         lease,

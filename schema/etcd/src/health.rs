@@ -81,7 +81,7 @@ impl EtcdHealth {
         );
         registry.register(
             "etcd_write_seconds",
-            "Round trip of this daemon's etcd writes (spawns, queue places, pool members; agents' status): each is a proposal a quorum committed, so a slow disk or a lost member shows here",
+            "Round trip of this daemon's etcd writes, answered or failed (controllers: spawns with their lease grant, queue places, pool members; agents: status), each proposals a quorum must commit: a slow disk or a lost quorum shows here",
             self.write.clone(),
         );
         registry.register(
@@ -96,10 +96,15 @@ impl EtcdHealth {
         );
     }
 
-    /// A write of ours, sent at `sent`, committed at `revision`: its round
-    /// trip is observed, and the watch should deliver it.
-    pub fn wrote(&self, revision: i64, sent: Instant) {
+    /// A write of ours sent at `sent` was answered, or failed, or timed
+    /// out: its round trip is observed either way (a write that fails
+    /// after seconds is what an outage looks like).
+    pub fn write_took(&self, sent: Instant) {
         self.write.observe(sent.elapsed().as_secs_f64());
+    }
+
+    /// A write of ours committed at `revision`: the watch should deliver it.
+    pub fn wrote(&self, revision: i64) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if p.len() == MAX_PENDING {
             p.pop_front();
@@ -176,9 +181,11 @@ mod tests {
     #[test]
     fn watch_lag_is_observed_once_the_watch_reaches_the_write() {
         let h = EtcdHealth::default();
-        h.wrote(10, Instant::now());
-        h.wrote(12, Instant::now());
-        assert!(text(&h).contains("x_etcd_write_seconds_count 2\n"));
+        h.wrote(10);
+        h.wrote(12);
+        assert!(text(&h).contains("x_etcd_write_seconds_count 0\n"));
+        h.write_took(Instant::now());
+        assert!(text(&h).contains("x_etcd_write_seconds_count 1\n"));
         h.delivered(9);
         assert!(text(&h).contains("x_etcd_watch_lag_seconds_count 0\n"));
         h.delivered(11);

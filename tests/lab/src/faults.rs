@@ -1,5 +1,6 @@
 //! Faults the kernel's tools cannot aim: a link to etcd that loses the
-//! answer to one chosen request after etcd has committed it.
+//! answer to one chosen request after etcd has committed it; and a slow
+//! disk under one process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,36 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// A slow disk under process `pid` (an etcd member) for as long as the
+/// result lives: `strace -e inject` delays each of its `fdatasync` and
+/// `fsync` calls by `delay_us` (ptrace stops every traced syscall, so the
+/// process is a little slower all round too). Dropping it kills strace,
+/// which detaches: the process runs at full speed again.
+pub fn slow_disk(
+    pid: u32,
+    delay_us: u32,
+    log: &std::path::Path,
+) -> Result<crate::process::Supervised, String> {
+    crate::process::Supervised::spawn(
+        "strace",
+        "strace",
+        &[
+            "-f".into(),
+            "-qq".into(),
+            "-p".into(),
+            pid.to_string(),
+            "-e".into(),
+            "trace=fdatasync,fsync".into(),
+            "-e".into(),
+            format!("inject=fdatasync,fsync:delay_enter={delay_us}"),
+            "-o".into(),
+            "/dev/null".into(),
+        ],
+        log,
+    )
+    .map_err(|e| format!("strace on pid {pid}: {e}"))
+}
 
 /// Requests at least this large are writes carrying a record (a spawn's or
 /// a renewal's Txn); reads, lease calls, watches and a renewal's settling

@@ -14,7 +14,11 @@
 //!   instance once a team's never becomes another team's;
 //! - a pool stays below its `min` no longer than [`POOL_REFILL`] while a
 //!   scheduler leads, no spawn waits in the queue and the live workers'
-//!   slots have room for the missing pooled instances;
+//!   slots have room for the missing pooled instances (counted from
+//!   [`CONTROL_RECOVERY`] after a quorum loss or a silent etcd member);
+//! - during a slow etcd disk and a quorum loss, the packets the daemons
+//!   send to etcd per second stay within [`STORM_FACTOR`] times the
+//!   baseline's: clients back off instead of multiplying their retries;
 //! - after each phase, containers = live records on every worker and each
 //!   agent's route table matches etcd at its revision (checked by the run,
 //!   recorded as [`Settle`]s).
@@ -47,6 +51,10 @@ pub(crate) const AGENT_RECOVERY: Secs = 6.0;
 /// round follows its election).
 pub(crate) const POOL_REFILL: Secs = 10.0;
 
+/// How many times the baseline's request rate to etcd a fault may bring
+/// (retries are expected; a storm of them is not).
+pub(crate) const STORM_FACTOR: f64 = 3.0;
+
 /// A broken invariant.
 #[derive(Debug, Clone)]
 pub(crate) struct Violation {
@@ -70,6 +78,9 @@ pub(crate) struct Report {
     pub(crate) failures: Vec<Failure>,
     /// Per phase: probes of live, running instances (served, sent).
     pub(crate) live_probes: BTreeMap<usize, (usize, usize)>,
+    /// Requests/s etcd received: the baseline's, then (fault, rate) for
+    /// each fault whose rate is checked.
+    pub(crate) etcd_rates: Option<(f64, Vec<(String, f64)>)>,
 }
 
 impl Report {
@@ -518,6 +529,67 @@ fn probes(h: &History, r: &Replay, out: &mut Report) {
     }
 }
 
+/// Requests/s between `from` and `to` from cumulative `samples`: from the
+/// last sample at or before `from` to the first at or after `to`.
+fn rate_between(samples: &[(Secs, f64)], from: Secs, to: Secs) -> Option<f64> {
+    let start = samples.iter().rev().find(|(t, _)| *t <= from)?;
+    let end = samples.iter().find(|(t, _)| *t >= to)?;
+    let secs = end.0 - start.0;
+    (secs >= 1.0).then(|| (end.1 - start.1) / secs)
+}
+
+/// The request rate to etcd during each checked fault (and the recovery
+/// after it, when clients reconnect) against the baseline phase's.
+fn retry_storms(h: &History, out: &mut Report) {
+    if h.rate_checked.is_empty() {
+        return;
+    }
+    let baseline = h
+        .phases
+        .first()
+        .and_then(|p| rate_between(&h.etcd_requests, p.from, p.to));
+    let Some(baseline) = baseline.filter(|b| *b > 0.0) else {
+        out.violations.push(Violation {
+            phase: 0,
+            kind: "retry storm",
+            detail:
+                "no packet rate to etcd was measured in the baseline phase: nothing to compare with"
+                    .into(),
+        });
+        return;
+    };
+    let mut rates = Vec::new();
+    for &i in &h.rate_checked {
+        let Some(f) = h.faults.get(i) else { continue };
+        let end = h
+            .phases
+            .get(f.phase)
+            .map_or(f.to, |p| p.to)
+            .min(f.to + CONTROL_RECOVERY);
+        let Some(rate) = rate_between(&h.etcd_requests, f.from, end) else {
+            out.violations.push(Violation {
+                phase: f.phase,
+                kind: "retry storm",
+                detail: format!("no packet rate to etcd was measured during {:?}", f.what),
+            });
+            continue;
+        };
+        if rate > STORM_FACTOR * baseline {
+            out.violations.push(Violation {
+                phase: f.phase,
+                kind: "retry storm",
+                detail: format!(
+                    "the daemons sent etcd {rate:.0} packets/s during {:?} and its recovery, {:.1} times the baseline's {baseline:.0} (at most {STORM_FACTOR})",
+                    f.what,
+                    rate / baseline
+                ),
+            });
+        }
+        rates.push((f.what.clone(), rate));
+    }
+    out.etcd_rates = Some((baseline, rates));
+}
+
 /// Checks every invariant against `h`.
 pub(crate) fn check(h: &History) -> Report {
     let mut out = Report::default();
@@ -528,6 +600,7 @@ pub(crate) fn check(h: &History) -> Report {
     acked_deletes(h, &r, &mut out);
     probes(h, &r, &mut out);
     pools_kept(h, &mut out);
+    retry_storms(h, &mut out);
     for c in h.calls.iter().filter(|c| c.failed()) {
         out.failures.push(Failure {
             phase: phase_of(h, c.at),
@@ -644,7 +717,22 @@ fn pools_kept(h: &History, out: &mut Report) {
                 continue;
             }
             let since = *short.entry(challenge.clone()).or_insert(e.at);
-            if e.at - since > POOL_REFILL && reported.insert(format!("{challenge}@{since}")) {
+            // While etcd had no quorum (or a silent member held writes),
+            // nothing could be refilled: the refill time runs from the
+            // recovery after it.
+            let counted_from = h
+                .faults
+                .iter()
+                .filter(|f| match &f.target {
+                    Target::Etcd(members) => members.len() >= 2,
+                    Target::EtcdStalled(_) => true,
+                    _ => false,
+                })
+                .filter(|f| f.from <= e.at && f.to + CONTROL_RECOVERY >= since)
+                .map(|f| f.to + CONTROL_RECOVERY)
+                .fold(since, f64::max);
+            if e.at - counted_from > POOL_REFILL && reported.insert(format!("{challenge}@{since}"))
+            {
                 out.violations.push(Violation {
                     phase: phase_of(h, since),
                     kind: "pool below min",
@@ -725,6 +813,16 @@ pub(crate) fn render(h: &History, report: &Report) -> String {
     for v in &report.violations {
         let phase = h.phases.get(v.phase).map_or("?", |p| p.name.as_str());
         let _ = writeln!(s, "VIOLATION [{phase}] {}: {}", v.kind, v.detail);
+    }
+    if let Some((baseline, rates)) = &report.etcd_rates {
+        let _ = write!(
+            s,
+            "packets/s from the daemons to etcd's client port: baseline {baseline:.0}"
+        );
+        for (what, rate) in rates {
+            let _ = write!(s, "; {what}: {rate:.0} ({:.1}×)", rate / baseline);
+        }
+        let _ = writeln!(s);
     }
     let _ = writeln!(
         s,
@@ -893,6 +991,24 @@ mod tests {
             20.0,
             &ks.key_of(Kind::Workers, "w1"),
             1,
+            json!({"capacity": 10}),
+        );
+        assert_eq!(kinds(&check(&h)), ["pool below min"]);
+        // The same across a quorum loss from 1 s to 5 s: the refill time
+        // runs from its recovery (13 s), so 20 s is within it; 24 s is not.
+        h.faults.push(Fault {
+            phase: 0,
+            what: "quorum loss".into(),
+            target: Target::Etcd(vec![0, 1]),
+            from: 1.0,
+            to: 5.0,
+        });
+        assert!(kinds(&check(&h)).is_empty(), "{:?}", check(&h).violations);
+        put(
+            &mut h,
+            24.0,
+            &ks.key_of(Kind::Workers, "w1"),
+            2,
             json!({"capacity": 10}),
         );
         assert_eq!(kinds(&check(&h)), ["pool below min"]);
@@ -1086,6 +1202,54 @@ mod tests {
         });
         delete(&mut h, 12.05, &instance_key("b"));
         assert!(kinds(&check(&h)).is_empty(), "{:?}", kinds(&check(&h)));
+    }
+
+    #[test]
+    fn a_fault_that_multiplies_the_requests_to_etcd_is_a_retry_storm() {
+        let mut h = history();
+        h.phases = vec![
+            Phase {
+                name: "baseline".into(),
+                from: 0.0,
+                to: 10.0,
+            },
+            Phase {
+                name: "quorum loss".into(),
+                from: 10.0,
+                to: 40.0,
+            },
+        ];
+        h.faults.push(Fault {
+            phase: 1,
+            what: "quorum loss".into(),
+            target: Target::Etcd(vec![0, 1]),
+            from: 12.0,
+            to: 18.0,
+        });
+        // 100 requests/s throughout, then 250/s (2.5x) during the fault.
+        let mut total = 0.0;
+        for t in 0..=40 {
+            h.etcd_requests.push((t as f64, total));
+            total += if (12..26).contains(&t) { 250.0 } else { 100.0 };
+        }
+        // Unchecked faults are not compared.
+        assert!(kinds(&check(&h)).is_empty());
+        h.rate_checked.push(0);
+        let r = check(&h);
+        assert!(kinds(&r).is_empty(), "{:?}", r.violations);
+        let (baseline, rates) = r.etcd_rates.unwrap();
+        assert_eq!(baseline, 100.0);
+        assert_eq!(rates, [("quorum loss".to_string(), 250.0)]);
+        // 400/s: four times the baseline.
+        let mut total = 0.0;
+        for (t, sample) in h.etcd_requests.iter_mut().enumerate() {
+            sample.1 = total;
+            total += if (12..26).contains(&t) { 400.0 } else { 100.0 };
+        }
+        assert_eq!(kinds(&check(&h)), ["retry storm"]);
+        // No samples at all: nothing is proved, and that is said.
+        h.etcd_requests.clear();
+        assert_eq!(kinds(&check(&h)), ["retry storm"]);
     }
 
     #[test]

@@ -151,6 +151,13 @@ pub(crate) struct History {
     pub(crate) workers: Vec<String>,
     /// Problems of the run itself (e.g. its watch fell behind compaction).
     pub(crate) harness_errors: Vec<String>,
+    /// The TCP packets the daemons' hosts sent to the etcd members' client
+    /// port (requests, stream messages, connection attempts), summed over
+    /// members and sampled every second: the load they put on etcd.
+    pub(crate) etcd_requests: Vec<(Secs, f64)>,
+    /// Faults during which that load is compared with the baseline phase's
+    /// (slow disk, quorum loss): retrying clients must not multiply it.
+    pub(crate) rate_checked: Vec<usize>,
 }
 
 /// The run's clock.
@@ -306,5 +313,90 @@ pub(crate) async fn record_etcd(
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Counts, in each etcd member's host, the TCP packets the daemons'
+/// hosts send to its client port: requests, stream messages, keep-alives
+/// and connection attempts (a refused one too). Rules of the `mangle`
+/// table without a target only count; [`NetnsHost::heal`] flushes the
+/// `filter` table, and the counts outlive a killed member.
+///
+/// [`NetnsHost::heal`]: tidegate_lab::netns::NetnsHost::heal
+pub(crate) fn count_etcd_packets(
+    member: &tidegate_lab::netns::NetnsHost,
+    daemons: &[std::net::Ipv4Addr],
+) -> Result<(), String> {
+    for d in daemons {
+        let d = d.to_string();
+        member
+            .exec(&[
+                "iptables",
+                "-w",
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-s",
+                &d,
+                "--dport",
+                "2379",
+            ])
+            .map_err(|e| format!("counting packets to etcd: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The packets the counting rules of [`count_etcd_packets`] saw, summed,
+/// from `iptables -L -v -x -n` output.
+pub(crate) fn counted(listing: &str) -> f64 {
+    listing
+        .lines()
+        .filter(|l| l.contains("dpt:2379"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads the counts of every member's host (network namespaces `netns`)
+/// each second and calls `sample` with the time and their sum (a host
+/// that cannot be read adds what it had last). Runs until aborted.
+pub(crate) async fn sample_etcd_requests(
+    netns: Vec<String>,
+    clock: Clock,
+    mut sample: impl FnMut(Secs, f64),
+) {
+    let mut last: BTreeMap<String, f64> = BTreeMap::new();
+    loop {
+        for ns in &netns {
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", ns, "iptables", "-w", "-t", "mangle"])
+                .args(["-L", "PREROUTING", "-v", "-x", "-n"])
+                .output()
+                .await;
+            if let Ok(out) = out
+                && out.status.success()
+            {
+                last.insert(ns.clone(), counted(&String::from_utf8_lossy(&out.stdout)));
+            }
+        }
+        sample(clock.now(), last.values().sum());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counted_sums_the_packets_of_the_counting_rules() {
+        let listing = "\
+Chain PREROUTING (policy ACCEPT 9120 packets, 1170302 bytes)
+    pkts      bytes target     prot opt in     out     source               destination
+    1200   130000            tcp  --  *      *       198.18.128.10        0.0.0.0/0            tcp dpt:2379
+      34     4000            tcp  --  *      *       198.18.128.14        0.0.0.0/0            tcp dpt:2379
+";
+        assert_eq!(super::counted(listing), 1234.0);
+        assert_eq!(super::counted(""), 0.0);
     }
 }

@@ -25,14 +25,17 @@ use etcd_client::{Client, CompactionOptions, GetOptions};
 use serde_json::{Value, json};
 use tidegate_lab::daemons::{Agent, Controller, lab_cluster, remove_lab_containers, sample};
 use tidegate_lab::docker::docker;
-use tidegate_lab::etcd::EtcdCluster;
+use tidegate_lab::etcd::{EtcdCluster, MemberHost};
 use tidegate_lab::faults::LossyLink;
 use tidegate_lab::images::{DEMO_HTTP, DEMO_TCP, ensure_demo_images};
 use tidegate_lab::netns::{NetnsHost, Routed};
 use tidegate_schema::config::{AgentConfig, ControllerConfig};
 use tidegate_schema::{Keyspace, Kind};
 
-use crate::history::{Clock, Fault, Op, Phase, Settle, Target, learn, record_etcd};
+use crate::history::{
+    Clock, Fault, Op, Phase, Settle, Target, count_etcd_packets, learn, record_etcd,
+    sample_etcd_requests,
+};
 use crate::load::Shared;
 
 type Res<T> = Result<T, String>;
@@ -234,6 +237,7 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
 
     controller_faults(lab, s, &mut phase, pace).await?;
     etcd_faults(lab, &mut phase, pace).await?;
+    consensus_faults(lab, &mut phase, pace).await?;
     renewals_under_silent_etcd(lab, s, &mut phase, pace).await?;
     agent_faults(lab, &mut phase, pace).await?;
     compaction_under_a_cut_watch(lab, s, &mut phase, pace).await
@@ -322,6 +326,7 @@ async fn etcd_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
         &format!("SIGKILL etcd m{m}, m{other}"),
         Target::Etcd(vec![m, other]),
     );
+    phase.check_rate(f);
     lab.etcd.kill_member(m).map_err(|e| e.to_string())?;
     lab.etcd.kill_member(other).map_err(|e| e.to_string())?;
     sleep(pace.hold).await;
@@ -336,6 +341,101 @@ async fn etcd_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
     phase.end(lab).await?;
 
     Ok(())
+}
+
+/// How long each fdatasync and fsync of the slow-disk member takes longer
+/// (µs): in the 200–500 ms of a dying disk.
+const SLOW_FSYNC_US: u32 = 300_000;
+
+/// The failure review's faults of consensus: a slow disk under etcd's raft
+/// leader (its fsyncs delayed by `strace -e inject`), the raft leader cut
+/// off from the other two members (the minority side of a partition), and
+/// the leading controller cut off from etcd, not killed (its lease lapses,
+/// another takes over, and what it still tries is fenced).
+async fn consensus_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
+    phase.begin("slow disk on the etcd raft leader");
+    sleep(pace.lead).await;
+    let m = lab.etcd_leader().await;
+    let pid = lab
+        .etcd
+        .process(m)
+        .ok_or("etcd member is not running")?
+        .pid();
+    let f = phase.fault(
+        &format!(
+            "etcd m{m} (raft leader): fsync {} ms slower, {:.0} s",
+            SLOW_FSYNC_US / 1000,
+            pace.hold
+        ),
+        Target::EtcdStalled(m),
+    );
+    phase.check_rate(f);
+    let strace = tidegate_lab::faults::slow_disk(
+        pid,
+        SLOW_FSYNC_US,
+        &lab.dir.join(format!("strace-m{m}.log")),
+    )?;
+    sleep(pace.hold).await;
+    // The tracer's end detaches it: the member's disk is fast again.
+    drop(strace);
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("etcd raft leader cut off from the other members");
+    sleep(pace.lead).await;
+    let m = lab.etcd_leader().await;
+    let f = phase.fault(
+        &format!(
+            "etcd m{m} (raft leader) cut off from m{}, m{} {:.0} s",
+            (m + 1) % 3,
+            (m + 2) % 3,
+            pace.hold
+        ),
+        Target::EtcdStalled(m),
+    );
+    let host = &lab.etcd_hosts[m];
+    for (j, other) in lab.etcd_hosts.iter().enumerate() {
+        if j == m {
+            continue;
+        }
+        let other = other.addr().to_string();
+        for rule in [["-I", "INPUT", "-s"], ["-I", "OUTPUT", "-d"]] {
+            let mut argv = vec!["iptables", "-w"];
+            argv.extend_from_slice(&rule);
+            argv.extend_from_slice(&[&other, "-j", "DROP"]);
+            host.exec(&argv)
+                .map_err(|e| format!("cutting etcd m{m} off: {e}"))?;
+        }
+    }
+    sleep(pace.hold).await;
+    host.heal().map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
+    phase.begin("leading controller cut off from etcd");
+    sleep(pace.lead).await;
+    let l = lab.leader().await?;
+    let f = phase.fault(
+        &format!("c{l} (scheduler) cut off from etcd {:.0} s", pace.hold),
+        Target::Controller(l),
+    );
+    // Its packets to every etcd endpoint it has (the members and the
+    // lossy link) are dropped: connections hang, as on a real partition.
+    let host = &lab.controller_hosts[l];
+    let lossy = lab.lossy.port().to_string();
+    for port in ["2379", lossy.as_str()] {
+        host.exec(&[
+            "iptables", "-w", "-I", "OUTPUT", "-p", "tcp", "--dport", port, "-j", "DROP",
+        ])
+        .map_err(|e| format!("cutting c{l} off etcd: {e}"))?;
+    }
+    sleep(pace.hold).await;
+    lab.controller_hosts[l].heal().map_err(|e| e.to_string())?;
+    phase.heal(f);
+    sleep(pace.recover).await;
+    phase.end(lab).await
 }
 
 /// How long an etcd member stays silent in [`renewals_under_silent_etcd`]:
@@ -528,6 +628,12 @@ impl Phases {
             to: f64::INFINITY,
         });
         h.faults.len() - 1
+    }
+
+    /// Compares etcd's request rate during `fault` (and the recovery after
+    /// it) with the baseline's: a retry storm is a violation.
+    fn check_rate(&self, fault: usize) {
+        self.s.history().rate_checked.push(fault);
     }
 
     fn heal(&self, fault: usize) {
@@ -852,6 +958,28 @@ async fn chaos(out: &Path, pace: Pace) -> Res<bool> {
             move |msg| errors.history().harness_errors.push(msg),
         ))
     };
+    let sampler = {
+        let daemons: Vec<_> = lab
+            .controller_hosts
+            .iter()
+            .chain(&lab.agent_hosts)
+            .map(|h| h.addr())
+            .collect();
+        for member in &lab.etcd_hosts {
+            count_etcd_packets(member, &daemons)?;
+        }
+        // Counting starts now, before the baseline phase.
+        s.history().etcd_requests.push((clock.now(), 0.0));
+        let s = s.clone();
+        let netns = lab
+            .etcd_hosts
+            .iter()
+            .map(|h| h.netns().to_string())
+            .collect();
+        tokio::spawn(sample_etcd_requests(netns, clock, move |at, total| {
+            s.history().etcd_requests.push((at, total))
+        }))
+    };
     let mut tasks = Vec::new();
     for seed in 0..3 {
         let s = s.clone();
@@ -873,6 +1001,7 @@ async fn chaos(out: &Path, pace: Pace) -> Res<bool> {
     // Let the recorder see the last changes.
     sleep(1.0).await;
     recorder.abort();
+    sampler.abort();
     result?;
     let report = {
         let h = s.history();
