@@ -5,10 +5,13 @@
 
 use etcd_client::{KeyValue, TxnOpResponse, TxnResponse};
 
-/// The key read by the `or_else` branch's single `get`, if it exists.
+/// The key read by the `or_else` branch's first operation, a `get`, if it
+/// exists. Only the first: when a branch reads more (a spawn's reads the
+/// leader key, then a pooled record and its status), a missing leader key
+/// must not be answered with the next key read.
 pub fn else_get(resp: &TxnResponse) -> Option<KeyValue> {
-    resp.op_responses().into_iter().find_map(|op| match op {
+    match resp.op_responses().into_iter().next()? {
         TxnOpResponse::Get(g) => g.kvs().first().cloned(),
         _ => None,
-    })
+    }
 }

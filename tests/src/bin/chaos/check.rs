@@ -240,10 +240,13 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                     .entry(id.to_string())
                     .or_default()
                     .push((e.at, expires));
-                r.puts.insert(
-                    (id.to_string(), expires),
-                    (e.revision, leader.map(|(_, l)| l)),
-                );
+                // The first put of an expiry is the write that granted it;
+                // a later one with the same expiry is a renewal's settling
+                // check (after a lost answer it rewrites the record
+                // unchanged, whoever leads then), not a new grant.
+                r.puts
+                    .entry((id.to_string(), expires))
+                    .or_insert((e.revision, leader.map(|(_, l)| l)));
                 live.insert(id.to_string(), rec);
             }
             ("instances", None) => {
@@ -1118,6 +1121,70 @@ mod tests {
         delete(&mut h, 1.0, &c0);
         elect(&mut h, "c1");
         instance(&mut h, 2.0, "a", old, "a.x", 1_000_100);
+        assert_eq!(kinds(&check(&h)), ["fenced write"]);
+    }
+
+    #[test]
+    fn a_settling_rewrite_under_the_next_leader_is_not_the_renewal() {
+        let mut h = history();
+        let c0 = elect(&mut h, "c0");
+        instance(&mut h, 1.0, "a", c0, "a.x", 1_000_100);
+        let created = h.events.last().map_or(0, |e| e.create_revision);
+        // c0 renews to 1_000_200 and answers 200.
+        put(
+            &mut h,
+            2.0,
+            &instance_key("a"),
+            created,
+            record("a", c0, "a.x", 1_000_200),
+        );
+        h.calls.push(Call {
+            at: 1.9,
+            took: 0.2,
+            op: Op::Renew,
+            controller: 0,
+            instance: Some("a".into()),
+            status: 200,
+            body: json!({"id": "a", "expires_at": 1_000_200}),
+        });
+        // c0's key goes, c1 leads, and a settling check rewrites the
+        // record unchanged (chaos, 2026-12-02: reported as c0's renewal
+        // committed while c1 led).
+        delete(
+            &mut h,
+            3.0,
+            &Keyspace::default().key_of(Kind::Election, "c0"),
+        );
+        elect(&mut h, "c1");
+        put(
+            &mut h,
+            4.0,
+            &instance_key("a"),
+            created,
+            record("a", c0, "a.x", 1_000_200),
+        );
+        assert!(
+            check(&h).violations.is_empty(),
+            "{:?}",
+            check(&h).violations
+        );
+        // A renewal whose only write came under c1 is still caught.
+        put(
+            &mut h,
+            5.0,
+            &instance_key("a"),
+            created,
+            record("a", c0, "a.x", 1_000_300),
+        );
+        h.calls.push(Call {
+            at: 4.9,
+            took: 0.2,
+            op: Op::Renew,
+            controller: 0,
+            instance: Some("a".into()),
+            status: 200,
+            body: json!({"id": "a", "expires_at": 1_000_300}),
+        });
         assert_eq!(kinds(&check(&h)), ["fenced write"]);
     }
 
