@@ -326,7 +326,7 @@ fn acked_deletes(h: &History, r: &Replay, out: &mut Report) {
         // it saw then arrived late.
         let stalled = |d: Secs| {
             h.faults.iter().any(|f| {
-                matches!(f.target, Target::EtcdStalled(_))
+                matches!(f.target, Target::EtcdStalled(_) | Target::EtcdMinority(_))
                     && f.from <= c.at + c.took
                     && d <= f.to + WATCH_DELAY
             })
@@ -451,9 +451,10 @@ fn api_failure_explained(h: &History, c: &Call) -> bool {
         // A silent member: requests that went to it wait until the client
         // declares the connection dead, and a controller whose election
         // keep-alive went there may lose its lead.
-        Target::Controller(_) | Target::Etcd(_) | Target::EtcdStalled(_) => {
-            overlaps(c.at, c.took, f.from, f.to + CONTROL_RECOVERY)
-        }
+        Target::Controller(_)
+        | Target::Etcd(_)
+        | Target::EtcdStalled(_)
+        | Target::EtcdMinority(_) => overlaps(c.at, c.took, f.from, f.to + CONTROL_RECOVERY),
         _ => false,
     })
 }
@@ -473,6 +474,9 @@ fn probe_failure_explained(h: &History, p: &Probe, owner: Option<usize>, created
                 && created + WATCH_DELAY >= f.from
                 && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY)
         }
+        // Known open defect (docs/chaos.md): agents whose watch or
+        // keep-alive was on the cut-off member lag until it is healed.
+        Target::EtcdMinority(_) => overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY),
         _ => false,
     })
 }
@@ -728,7 +732,7 @@ fn pools_kept(h: &History, out: &mut Report) {
                 .iter()
                 .filter(|f| match &f.target {
                     Target::Etcd(members) => members.len() >= 2,
-                    Target::EtcdStalled(_) => true,
+                    Target::EtcdStalled(_) | Target::EtcdMinority(_) => true,
                     _ => false,
                 })
                 .filter(|f| f.from <= e.at && f.to + CONTROL_RECOVERY >= since)

@@ -392,7 +392,7 @@ async fn consensus_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<
             (m + 2) % 3,
             pace.hold
         ),
-        Target::EtcdStalled(m),
+        Target::EtcdMinority(m),
     );
     let host = &lab.etcd_hosts[m];
     for (j, other) in lab.etcd_hosts.iter().enumerate() {
