@@ -201,6 +201,15 @@ async fn publish_networks(
     }
 }
 
+/// How often a healthy worker's lease is kept alive: a sixth of its TTL
+/// (at least 1 s), so a cut from etcd shorter than 5/6 of the TTL never
+/// lets it lapse (at a third, a 4 s cut could lapse a 6 s lease, and
+/// every agent then answered 503 for the worker's instances until it
+/// registered again: found by `cargo xtask chaos`).
+pub(crate) fn keep_alive_period(ttl: i64) -> Duration {
+    (Duration::from_secs(ttl.max(1) as u64) / 6).max(Duration::from_secs(1))
+}
+
 /// Keeps the worker registered until the task is dropped, starting from
 /// the lease [`claim`] returned; publishes the current lease in `lease` (0
 /// while unregistered). The record's `networks` follows `networks`.
@@ -224,7 +233,7 @@ pub async fn run(
         networks,
     ));
     let _publisher = AbortOnDrop(publisher);
-    let period = Duration::from_secs(ttl.max(3) as u64) / 3;
+    let period = keep_alive_period(ttl);
     let mut client = client;
     let mut first = Some(first);
     let mut previous = None;
@@ -278,5 +287,24 @@ pub async fn run(
         let _ = lease.send(0);
         previous = Some(id);
         tracing::warn!(worker = %record.id, "membership lease lost; registering again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_shorter_than_five_sixths_of_the_ttl_never_lapses_the_lease() {
+        for ttl in [2, 3, 6, 10, 60, 300] {
+            let period = keep_alive_period(ttl);
+            let ttl_d = Duration::from_secs(ttl as u64);
+            assert!(period >= Duration::from_secs(1), "{ttl}: {period:?}");
+            // The last keep-alive before a cut is at most a period old.
+            if ttl >= 6 {
+                assert!(ttl_d - period >= ttl_d * 5 / 6, "{ttl}: {period:?}");
+            }
+        }
+        assert_eq!(keep_alive_period(6), Duration::from_secs(1));
     }
 }

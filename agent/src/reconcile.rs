@@ -19,6 +19,7 @@
 //! lease, so it vanishes with it. Orphans (containers and networks of no
 //! record, and of no step still running) are removed by the pass.
 
+mod fence;
 mod ready;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -244,8 +245,8 @@ pub struct Reconciler {
     listing: Option<Vec<Kv>>,
     /// Whether a full list has been applied (before that nothing is removed).
     synced: bool,
-    /// The highest fencing token seen in any record.
-    max_token: i64,
+    /// What the records showed of the newest scheduler.
+    fence: fence::Fence,
     /// Whether the last neighbour pinning failed (logged once).
     pinning_failed: bool,
     /// The host firewall (None: `allow_host_access`), and whether its rules
@@ -349,7 +350,7 @@ impl Reconciler {
             last_pass: Instant::now(),
             listing: None,
             synced: false,
-            max_token: 0,
+            fence: fence::Fence::default(),
             pinning_failed: false,
             host_safe: firewall.is_none(),
             refusal,
@@ -486,7 +487,12 @@ impl Reconciler {
                 }
             }
             Event::InitDone { revision } => {
-                let kvs = self.listing.take().unwrap_or_default();
+                let mut kvs = self.listing.take().unwrap_or_default();
+                // The fence learns again from this list alone (etcd may
+                // have been restored: older revisions, lower tokens), in
+                // the order the records were written, as a watch shows them.
+                kvs.sort_by_key(|kv| kv.mod_revision);
+                self.fence = fence::Fence::default();
                 let mut keep = BTreeSet::new();
                 for kv in kvs {
                     if let Some(id) = self.upsert(&kv) {
@@ -549,18 +555,18 @@ impl Reconciler {
                 return None;
             }
         };
-        // Fencing: a record written after a newer scheduler was elected
-        // (its create revision is past that scheduler's token) must carry
-        // at least that token. Records of an older, then-legitimate leader
-        // keep running.
-        if record.token < self.max_token && kv.create_revision > self.max_token {
+        // Fencing (see `fence`): a record created after a newer scheduler
+        // was seen writing came from a deposed one.
+        if let Err(r) = self
+            .fence
+            .check(record.token, kv.create_revision, kv.mod_revision)
+        {
             self.metrics.fenced();
-            tracing::warn!(key = %kv.key, token = record.token, newest_token = self.max_token,
-                "refusing a record from a fenced scheduler: its token {} is older than token {} seen before it was written",
-                record.token, self.max_token);
+            tracing::warn!(key = %kv.key, token = record.token, created = kv.create_revision,
+                "refusing a record from a fenced scheduler: created at revision {} with token {}: {r}",
+                kv.create_revision, record.token);
             return None;
         }
-        self.max_token = self.max_token.max(record.token);
         if record.worker != self.worker {
             return None;
         }

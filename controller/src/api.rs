@@ -9,6 +9,7 @@ mod cluster;
 mod dashboard;
 mod error;
 mod flags;
+mod forward;
 mod instances;
 mod openapi;
 mod policies;
@@ -31,6 +32,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
+pub use forward::Forwarder;
 pub use pool::run_pools;
 pub use queue::run_admissions;
 
@@ -175,34 +177,40 @@ impl Scope {
     }
 }
 
-/// The leader's token and key when this replica leads; otherwise a 307 to
-/// the leader (same path) or a 503 when nobody leads.
-pub async fn leading(app: &App, path: &str) -> ApiResult<Arc<crate::scheduler::LeaderInfo>> {
+/// Who makes scheduling writes (spawns, renewals).
+#[derive(Debug)]
+pub enum Scheduler {
+    /// This replica: its election key and fencing token.
+    Here(Arc<crate::scheduler::LeaderInfo>),
+    /// Another replica, as its election key names it: the request is
+    /// forwarded there (`forward`).
+    There(crate::election::Candidate),
+}
+
+/// This replica's lead, or the replica that leads; a 503 when nobody does.
+pub async fn scheduler(app: &App) -> ApiResult<Scheduler> {
     if let Some(l) = app.leader.load_full() {
-        return Ok(l);
+        return Ok(Scheduler::Here(l));
     }
     match etcd(app, || {
         crate::election::current_leader(&app.client, &app.ks)
     })
     .await?
     {
-        Some(c) => Err(ApiError::new(
-            StatusCode::TEMPORARY_REDIRECT,
-            format!(
-                "this replica is a standby; the scheduler is {} at {}",
-                c.id, c.url
-            ),
-        )
-        .header(
-            header::LOCATION,
-            &format!("{}{path}", c.url.trim_end_matches('/')),
-        )
-        .leader(c.url)),
+        // Its election key outlives its lead by up to a lease TTL (a lost
+        // keep-alive): not a replica to forward to.
+        Some(c) if c.id == app.cfg.id => Err(ApiError::unavailable(format!(
+            "replica {} has just lost the lead and its election key has not expired yet; retry",
+            c.id
+        ))),
+        Some(c) => Ok(Scheduler::There(c)),
         None => Err(ApiError::unavailable(
             "no scheduler is elected yet; retry shortly",
         )),
     }
 }
+
+pub(crate) use forward::forward;
 
 /// `GET /metrics`: Prometheus text, no token (like the agents' metrics;
 /// expose the API only where Prometheus, organizers and the platform are).

@@ -39,6 +39,8 @@ pub struct App {
     /// When a pooled instance last gave its room to a spawn: pools are not
     /// refilled for a while after (a full cluster would churn containers).
     pub pool_yielded: Mutex<Option<std::time::Instant>>,
+    /// A standby's client for carrying spawns and renewals to the scheduler.
+    pub forwarder: crate::api::Forwarder,
 }
 
 impl std::fmt::Debug for App {
@@ -66,12 +68,24 @@ impl App {
             field: "artifact_dir",
             message: format!("{}: {e}", cfg.artifact_dir.display()),
         })?;
+        // A forward waits for the scheduler's whole answer, as the caller
+        // would have: its turn at the spawn lock, its etcd calls (each
+        // bounded by etcd_timeout_ms; a renewal retries up to 4 times),
+        // policy plugins.
+        let forward_timeout = std::time::Duration::from_millis(10 * cfg.etcd_timeout_ms);
+        let idle = std::time::Duration::from_millis(cfg.http_header_timeout_ms / 2);
+        let forwarder =
+            crate::api::Forwarder::new(forward_timeout, idle).map_err(|message| ConfigError {
+                field: "listen",
+                message,
+            })?;
         let mut metrics = Metrics::default();
         policies.calls.register(metrics.registry_mut());
         Ok(Self {
             policies: Arc::new(policies),
             recent_spawns: RecentSpawns::default(),
             pool_yielded: Mutex::new(None),
+            forwarder,
             rate_limits: crate::ratelimit::RateLimiter::new(cfg.rate_limits),
             tcp_ports: cfg.tcp_port_range()?,
             challenges: Challenges::new(client.clone(), ks.clone()),

@@ -31,8 +31,9 @@ pub async fn current_leader(
         Ok(resp) => Ok(resp
             .kv()
             .and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok())),
-        // etcd answers "election: no leader" as an error.
-        Err(e) if e.to_string().contains("no leader") => Ok(None),
+        // etcd answers "election: no leader" as an error (not to be taken
+        // for "etcdserver: no leader", a member without a raft leader).
+        Err(e) if e.to_string().contains("election: no leader") => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -91,6 +91,9 @@ pub struct Metrics {
     /// Writes etcd refused because this replica's fencing token was stale.
     pub fenced_writes: Counter,
     pub leader_changes: Counter,
+    /// Requests this standby carried to the scheduler, and those it could not.
+    pub forwarded: Counter,
+    pub forward_failed: Counter,
     pub worker_gone_deletions: Counter,
     /// Spawns and renewals a policy plugin refused (deny, queue, refuse).
     pub policy_denials: Counter,
@@ -139,6 +142,8 @@ impl Default for Metrics {
             deletions: Counter::default(),
             fenced_writes: Counter::default(),
             leader_changes: Counter::default(),
+            forwarded: Counter::default(),
+            forward_failed: Counter::default(),
             worker_gone_deletions: Counter::default(),
             policy_denials: Counter::default(),
             policy_failures: Counter::default(),
@@ -197,6 +202,16 @@ impl Metrics {
                 "leader_changes",
                 "Times this replica became the scheduler",
                 &self.leader_changes,
+            ),
+            (
+                "forwarded",
+                "Spawns and renewals this standby carried to the scheduler and answered with its answer",
+                &self.forwarded,
+            ),
+            (
+                "forward_failed",
+                "Spawns and renewals this standby could not carry to the scheduler (answered 503)",
+                &self.forward_failed,
             ),
             ("spawns", "Instances this replica spawned", &self.spawns),
             (

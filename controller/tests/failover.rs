@@ -65,17 +65,69 @@ async fn records(client: &Client) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// A spawn sent to a standby, its answer and which replica made it.
+async fn spawn_at(c: &Controller, team: &str, token: &str) -> (StatusCode, Option<String>, Value) {
+    let resp = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/instances", c.url))
+        .bearer_auth(token)
+        .body(format!(r#"{{"challenge": "web", "team": "{team}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    let by = resp
+        .headers()
+        .get("x-tidegate-scheduler")
+        .map(|v| v.to_str().unwrap().to_string());
+    (resp.status(), by, resp.json().await.unwrap())
+}
+
 #[tokio::test]
-async fn a_standby_redirects_then_takes_over_within_two_ttls_when_the_leader_is_killed() {
+async fn a_standby_forwards_then_takes_over_within_two_ttls_when_the_leader_is_killed() {
     let etcd = EtcdCluster::start(3).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mut c1, c2, _client) = two_replicas(&etcd, dir.path()).await;
+    let (mut c1, c2, client) = two_replicas(&etcd, dir.path()).await;
+    let c1_token = c1.status().await["token"].as_i64().unwrap();
 
-    let (s, body) = c2.spawn("web", "t1").await;
-    assert_eq!(s, StatusCode::TEMPORARY_REDIRECT, "{body}");
-    assert_eq!(body["leader"], c1.url.as_str());
-    assert!(body["error"].as_str().unwrap().contains("c1"));
+    // The standby carries the spawn to the scheduler, with the caller's
+    // token: no redirect, one answer, the record written under c1's token.
+    let (s, by, body) = spawn_at(&c2, "t1", PLATFORM).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(by.as_deref(), Some("c1"));
+    assert_eq!(records(&client).await, [("t1".to_string(), c1_token)]);
+    // A renewal too (too early to extend: the scheduler's own 409).
+    let id = body["id"].as_str().unwrap();
+    let (s, body) = c2
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/instances/{id}/renew"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("would not extend"),
+        "{body}"
+    );
+    // A bad token is refused by the standby itself, never forwarded.
+    let (s, by, _) = spawn_at(&c2, "t2", "not-a-token").await;
+    assert_eq!((s, by), (StatusCode::UNAUTHORIZED, None));
+    // A request marked as forwarded is not forwarded again.
+    let (s, body) = c2
+        .call_with(
+            reqwest::Method::POST,
+            "/v1/instances",
+            Some(serde_json::json!({"challenge": "web", "team": "t3"})),
+            &[("x-tidegate-forwarded-by", "c9")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("by c9"), "{body}");
     assert_eq!(c2.status().await["leader"]["id"], "c1");
+    assert_eq!(c2.status().await["counters"]["forwarded"], 2);
 
     let killed = Instant::now();
     c1.proc.kill().unwrap();
@@ -91,15 +143,52 @@ async fn a_standby_redirects_then_takes_over_within_two_ttls_when_the_leader_is_
     eprintln!("takeover after SIGKILL of the leader: {took:?}");
     let status = c2.status().await;
     assert_eq!(status["leader"]["id"], "c2");
-    let (s, body) = c2.spawn("web", "t1").await;
+    let (s, body) = c2.spawn("web", "t4").await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
+    // The dead scheduler's key has expired: nothing names it any more.
+    let (s, by, _) = spawn_at(&c2, "t5", PLATFORM).await;
+    assert_eq!((s, by), (StatusCode::CREATED, None));
+}
+
+#[tokio::test]
+async fn a_standby_that_cannot_reach_the_scheduler_answers_503_naming_it() {
+    // Killed: nothing listens, refused at once (before the standby's own
+    // takeover, a TTL later). Paused: its port accepts but never answers,
+    // so the forward times out (10 x etcd_timeout_ms).
+    for (how, said) in [
+        ("KILL", "could not be reached"),
+        ("STOP", "did not answer within"),
+    ] {
+        let etcd = EtcdCluster::start(3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, c2, _client) = two_replicas(&etcd, dir.path()).await;
+        c1.proc.signal(how).unwrap();
+        let (s, body) = c2.spawn("web", "t1").await;
+        if how == "STOP" {
+            c1.proc.signal("CONT").unwrap();
+        }
+        match s {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                let e = body["error"].as_str().unwrap();
+                assert!(
+                    e.contains("the scheduler c1 at") && e.contains(said),
+                    "{how}: {body}"
+                );
+                assert_eq!(body["leader"], c1.url.as_str(), "{body}");
+                assert_eq!(c2.status().await["counters"]["forward_failed"], 1);
+            }
+            // Only if c2 had taken over before it asked.
+            StatusCode::CREATED => assert!(c2.is_leader().await, "{how}: {body}"),
+            other => panic!("{how}: unexpected {other}: {body}"),
+        }
+    }
 }
 
 /// Whether a resumed ex-leader handles a queued spawn before it notices its
 /// lost lease (then etcd must refuse the stale token) or after (it
-/// redirects) is up to scheduling. Every round checks the safety property
-/// (no write with the stale token lands; each answer is fenced or a
-/// redirect to the new leader); rounds go on, roles swapped, until one
+/// forwards) is up to scheduling. Every round checks the safety property
+/// (no write with the stale token lands; each answer is fenced or made by
+/// the new leader); rounds go on, roles swapped, until one
 /// shows a fenced attempt — once on a quiet machine, at most four.
 #[tokio::test]
 async fn a_leader_paused_past_its_lease_lands_no_write_when_it_resumes() {
@@ -117,7 +206,7 @@ async fn a_leader_paused_past_its_lease_lands_no_write_when_it_resumes() {
     }
     assert!(
         fenced >= 1,
-        "in 4 rounds the paused leader never tried to write (all redirected)"
+        "in 4 rounds the paused leader never tried to write (all forwarded)"
     );
 }
 
@@ -160,13 +249,17 @@ async fn paused_leader_round(
                     .send()
                     .await
                     .unwrap();
-                (r.status(), r.text().await.unwrap())
+                let by = r
+                    .headers()
+                    .get("x-tidegate-scheduler")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (r.status(), by, r.text().await.unwrap())
             })
         })
         .collect();
     // Resume only once all ten are connected (the kernel accepts them while
     // the process is stopped): requests arriving after the resume are
-    // redirected.
+    // forwarded.
     let port = leader.url.rsplit(':').next().unwrap().to_string();
     let connected = || {
         let out = std::process::Command::new("ss")
@@ -188,15 +281,18 @@ async fn paused_leader_round(
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     leader.proc.signal("CONT").unwrap();
-    let mut fenced = 0;
+    let (mut fenced, mut forwarded) = (0, 0);
     for p in pending {
-        let (status, body) = p.await.unwrap();
-        eprintln!("round {round}: paused ex-leader answered {status} {body}");
+        let (status, by, body) = p.await.unwrap();
+        eprintln!("round {round}: paused ex-leader answered {status} (scheduler {by:?}) {body}");
         match status {
             // It tried, and etcd refused the stale token.
             StatusCode::SERVICE_UNAVAILABLE if body.contains("fencing token") => fenced += 1,
-            // It noticed the lost lease first and pointed at the new leader.
-            StatusCode::TEMPORARY_REDIRECT => assert!(body.contains(&standby.id), "{body}"),
+            // It noticed the lost lease first and carried it to the new leader.
+            StatusCode::CREATED => {
+                assert_eq!(by.as_deref(), Some(standby.id.as_str()), "{body}");
+                forwarded += 1;
+            }
             other => panic!("round {round}: unexpected answer {other}: {body}"),
         }
     }
@@ -206,8 +302,8 @@ async fn paused_leader_round(
         counters["fenced_writes"].as_u64().unwrap() - fenced_before,
         fenced
     );
-    // None of the queued spawns landed (with the stale token or any other:
-    // they were all refused or redirected).
+    // None of the queued spawns landed with the stale token: those that
+    // landed are the forwarded ones, under the new leader's token.
     let paused = format!("paused-{round}-");
     let landed: Vec<_> = records(client)
         .await
@@ -215,8 +311,8 @@ async fn paused_leader_round(
         .filter(|(team, _)| team.starts_with(&paused))
         .collect();
     assert!(
-        landed.is_empty(),
-        "round {round}: spawns queued at the paused leader landed: {landed:?} (its token was {old_token})"
+        landed.iter().all(|(_, token)| *token == new_token) && landed.len() == forwarded,
+        "round {round}: {forwarded} forwarded, but landed: {landed:?} (the stale token was {old_token}, the new {new_token})"
     );
     // The new leader schedules normally, and the old one rejoins as a standby.
     assert_eq!(

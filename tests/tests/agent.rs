@@ -526,7 +526,7 @@ async fn a_record_from_a_fenced_scheduler_is_refused() {
     let mut stale: Value = serde_json::from_slice(rec.kvs()[0].value()).unwrap();
     let token = stale["token"].as_i64().unwrap();
     assert!(token > 1);
-    // Written by hand after the current leader was elected, with an older token.
+    // Written by hand after the current leader wrote, with an older token.
     stale["id"] = json!("00000000aa");
     stale["token"] = json!(1);
     c.client
@@ -543,7 +543,9 @@ async fn a_record_from_a_fenced_scheduler_is_refused() {
     assert!(refused, "{}", c.agent().log());
     let log = c.agent().log();
     assert!(
-        log.contains(&format!("its token 1 is older than token {token}")),
+        log.contains(&format!(
+            "with token 1: a scheduler with the newer token {token} was already writing"
+        )),
         "{log}"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -23,7 +23,7 @@ pub(crate) struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub(crate) field: Option<String>,
-    /// The scheduler's URL (a 307 from a standby).
+    /// The scheduler's URL (a 503 from a standby that could not reach it).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub(crate) leader: Option<String>,

@@ -58,6 +58,8 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
                 "deletions": m.deletions.get(),
                 "fenced_writes": m.fenced_writes.get(),
                 "leader_changes": m.leader_changes.get(),
+                "forwarded": m.forwarded.get(),
+                "forward_failed": m.forward_failed.get(),
                 "worker_gone_deletions": m.worker_gone_deletions.get(),
                 "policy_denials": m.policy_denials.get(),
                 "policy_failures": m.policy_failures.get(),

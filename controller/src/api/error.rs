@@ -65,7 +65,7 @@ impl ApiError {
         self
     }
 
-    /// The scheduler's URL, for a standby's redirect.
+    /// The scheduler's URL, when a standby could not forward to it.
     pub(super) fn leader(mut self, url: String) -> Self {
         self.body.leader = Some(url);
         self

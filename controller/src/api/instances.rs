@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tidegate_schema::config::planted;
 use tidegate_schema::time::unix_secs;
@@ -15,7 +15,9 @@ use super::bodies::{
     SpawnRequest, TeamQuery,
 };
 use super::queue;
-use super::{ApiError, ApiResult, AppState, Scope, etcd, json_response, leading};
+use super::{
+    ApiError, ApiResult, AppState, Scheduler, Scope, etcd, forward, json_response, scheduler,
+};
 use crate::lifecycle;
 use crate::policy::{self, Admission, RefusalKind, Renewal};
 use crate::ratelimit::Op;
@@ -113,7 +115,7 @@ pub(super) async fn challenge_named(
     }
 }
 
-/// Counts and keeps a refused spawn or renewal (not redirects or bad requests).
+/// Counts and keeps a refused spawn or renewal (not bad requests).
 fn refused(
     app: &App,
     op: &'static str,
@@ -135,7 +137,8 @@ fn refused(
     });
 }
 
-/// Spawns an instance for a team. Standbys answer 307 to the scheduler.
+/// Spawns an instance for a team. A standby forwards the request to the
+/// scheduler (with the caller's token) and answers with its answer.
 /// A policy's denial is a 403 whose `error` is its reason and whose
 /// `policy` names digest, hook and decision; `queue` is a 429 with
 /// Retry-After.
@@ -145,17 +148,29 @@ fn refused(
     responses(
         (status = 201, description = "the new instance", body = Instance),
         (status = 202, description = "no worker has room (or the policy said queue): a place in the waiting queue, whose id becomes the instance's; GET /v1/instances/{id} answers it (and holds the place) until admitted", body = super::bodies::Queued, headers(("Location" = String, description = "/v1/instances/{id}"))),
-        (status = 307, description = "this replica is a standby", body = ErrorBody, headers(("Location" = String, description = "the same path on the scheduler"))),
         (status = 400, description = "an invalid request, naming the field", body = ErrorBody),
         (status = 403, description = "denied by the challenge's policy (or its failure under policy_fallback deny)", body = ErrorBody),
         (status = 404, description = "no such challenge", body = ErrorBody),
         (status = 409, description = "the team is at its per_team_max (`team_limit`), or the instance is larger than any worker's allocatable resources (`too_large`, naming the resource)", body = ErrorBody),
         (status = 429, description = "the policy asks to retry after Retry-After seconds, or the team's (or the platform's) spawn bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 503, description = "etcd has no quorum, no scheduler is elected, or this standby could not forward to the scheduler (`leader` is its URL; when the hop failed after sending, the spawn may have been made)", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
-pub(super) async fn spawn(State(app): AppState, scope: Scope, body: Bytes) -> ApiResult {
+pub(super) async fn spawn(
+    State(app): AppState,
+    scope: Scope,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let req: SpawnRequest = decode_json(&body).map_err(ApiError::bad_request)?;
-    let result = spawn_parsed(&app, scope, &req).await;
+    let result = match scheduler(&app).await {
+        Ok(Scheduler::Here(leader)) => spawn_parsed(&app, scope, &req, leader).await,
+        // The scheduler counts its own refusals; only a failed hop is ours.
+        Ok(Scheduler::There(to)) => {
+            forward(&app, &to, Method::POST, "/v1/instances", &headers, body).await
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = &result {
         refused(
             &app,
@@ -169,9 +184,13 @@ pub(super) async fn spawn(State(app): AppState, scope: Scope, body: Bytes) -> Ap
     result
 }
 
-async fn spawn_parsed(app: &Arc<App>, scope: Scope, req: &SpawnRequest) -> ApiResult {
-    let leader = leading(app, "/v1/instances").await?;
-    // Counted where spawns are made (standbys redirect), and before the
+async fn spawn_parsed(
+    app: &Arc<App>,
+    scope: Scope,
+    req: &SpawnRequest,
+    leader: Arc<crate::scheduler::LeaderInfo>,
+) -> ApiResult {
+    // Counted where spawns are made (standbys forward), and before the
     // spawn lock: a refused request never holds it.
     rate_limit(app, scope, Op::Spawn, &req.team)?;
     let (challenge, challenge_revision) = challenge_named(app, &req.challenge).await?;
@@ -501,17 +520,17 @@ pub(super) async fn get(
 const RENEW_ATTEMPTS: u32 = 4;
 
 /// Extends an instance's life per its challenge's ttl rules (and its
-/// policy's `renew` hook). Standbys answer 307 to the scheduler.
+/// policy's `renew` hook). A standby forwards it to the scheduler.
 #[utoipa::path(
     post, path = "/v1/instances/{id}/renew", tag = "instances", operation_id = "renew_instance",
     params(("id" = String, Path, description = "the instance's id"), TeamQuery),
     responses(
         (status = 200, description = "the instance with its new expires_at", body = Instance),
-        (status = 307, description = "this replica is a standby", body = ErrorBody, headers(("Location" = String, description = "the same path on the scheduler"))),
         (status = 403, description = "refused by the challenge's policy", body = ErrorBody),
         (status = 404, description = "no such instance", body = ErrorBody),
         (status = 409, description = "max renewals or max lifetime reached, too early to extend it, or its challenge was deleted", body = ErrorBody),
         (status = 429, description = "the team's (or the platform's) renew bucket is empty", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 503, description = "etcd has no quorum, no scheduler is elected, or this standby could not forward to the scheduler (`leader` is its URL)", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))),
     )
 )]
 pub(super) async fn renew(
@@ -519,14 +538,20 @@ pub(super) async fn renew(
     scope: Scope,
     Path(id): Path<String>,
     Query(q): Query<TeamQuery>,
+    headers: HeaderMap,
 ) -> ApiResult {
     let id = parse_id(&id)?;
     let team = team_param(&q)?;
-    let path = match &team {
-        Some(t) => format!("/v1/instances/{id}/renew?team={}", t.as_str()),
-        None => format!("/v1/instances/{id}/renew"),
+    let leader = match scheduler(&app).await? {
+        Scheduler::Here(leader) => leader,
+        Scheduler::There(to) => {
+            let path = match &team {
+                Some(t) => format!("/v1/instances/{id}/renew?team={}", t.as_str()),
+                None => format!("/v1/instances/{id}/renew"),
+            };
+            return forward(&app, &to, Method::POST, &path, &headers, Bytes::new()).await;
+        }
     };
-    let leader = leading(&app, &path).await?;
     if let Some(t) = &team {
         rate_limit(&app, scope, Op::Renew, t)?;
     }

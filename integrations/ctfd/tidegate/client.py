@@ -1,9 +1,10 @@
 """A small client for tidegate's REST API (`/v1`), with the platform token.
 
 Every call sends `Authorization: Bearer <token>` and `Content-Type:
-application/json`, and gives up after the configured timeout. A standby
-controller answers a write with 307 and the scheduler's URL in `Location`;
-the client follows it itself (at most MAX_HOPS times), sending the token
+application/json`, and gives up after the configured timeout. Standby
+controllers forward writes to the scheduler themselves; an older standby
+answers a write with 307 and the scheduler's URL in `Location`, and the
+client follows it itself (at most MAX_HOPS times), sending the token
 again, because `requests` drops `Authorization` on a redirect to another
 host. It follows only an http(s) `Location` that is no downgrade from the
 configured URL's scheme (https never goes to http), always sends its own

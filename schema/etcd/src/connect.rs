@@ -33,6 +33,14 @@ fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
 
 /// Connects with a 2 s connect timeout and 2 s HTTP/2 keep-alives; with
 /// auth, tokens are refreshed when etcd expires them.
+///
+/// Every request requires a leader: a member cut off from the others
+/// (TCP to it still works, so it stays in the client's balance) refuses
+/// new requests at once instead of holding them until they time out, and
+/// cancels the watch streams open on it a few election timeouts after
+/// losing its leader; the retry lands on a member that has one. Without
+/// it, an agent whose watch was on such a member saw nothing until the
+/// partition healed.
 pub async fn connect(
     endpoints: &[String],
     tls: Option<&EtcdTls>,
@@ -41,7 +49,8 @@ pub async fn connect(
     check_etcd(endpoints, tls)?;
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_require_leader(true);
     if let Some(t) = tls {
         let ca = read("etcd_tls.ca_file", &t.ca_file)?;
         let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));

@@ -15,10 +15,18 @@ use std::time::Duration;
 
 use etcd_client::Client;
 
-/// Whether `e` means the request never left this process: no connection to
-/// the chosen member could be made. Retrying such a request is safe.
+/// Whether `e` means the request had no effect: no connection to the
+/// chosen member could be made, or the member refused it for having no
+/// raft leader. Retrying such a request is safe.
 pub fn never_sent(e: &etcd_client::Error) -> bool {
     let first: &(dyn StdError + 'static) = match e {
+        // A member without a raft leader refuses require-leader requests
+        // (every daemon's, `connect`) before handling them.
+        etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::Unavailable && s.message() == "etcdserver: no leader" =>
+        {
+            return true;
+        }
         etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => s,
         etcd_client::Error::TransportError(t) => t,
         _ => return false,
@@ -114,7 +122,7 @@ mod tests {
     }
 
     #[test]
-    fn only_connect_failures_count_as_never_sent() {
+    fn only_connect_failures_and_no_leader_count_as_never_sent() {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let status = etcd_client::Error::GRpcStatus(tonic_status_from(refused));
         assert!(never_sent(&status));
@@ -122,6 +130,9 @@ mod tests {
             "etcdserver: leader changed",
         ));
         assert!(!never_sent(&leader_changed));
+        let no_leader =
+            etcd_client::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: no leader"));
+        assert!(never_sent(&no_leader));
         assert!(!never_sent(&etcd_client::Error::InvalidArgs("x".into())));
     }
 

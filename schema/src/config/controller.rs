@@ -21,7 +21,8 @@ pub struct ControllerConfig {
     pub id: String,
     /// Address the REST API listens on.
     pub listen: SocketAddr,
-    /// URL others use to reach this replica; standbys redirect writes to the leader's.
+    /// `http://` URL the other replicas reach this one at; standbys forward
+    /// spawns and renewals to the leader's.
     pub advertise_url: Option<String>,
     /// etcd client URLs.
     pub etcd: Vec<String>,
@@ -240,6 +241,19 @@ impl ControllerConfig {
         }
         if !(100..=60_000).contains(&self.etcd_timeout_ms) {
             return Err(bad("etcd_timeout_ms", "100 to 60000"));
+        }
+        // Standbys forward spawns and renewals to this URL over plain HTTP
+        // (the replicas' network; TLS is the platform-facing proxy's).
+        if let Some(url) = &self.advertise_url {
+            let rest = url.strip_prefix("http://").ok_or_else(|| {
+                bad(
+                    "advertise_url",
+                    "an http:// URL the other replicas reach (they forward to it)",
+                )
+            })?;
+            if rest.is_empty() || rest.contains(['?', '#', ' ']) {
+                return Err(bad("advertise_url", "http://host:port, nothing after"));
+            }
         }
         for (field, token) in [
             ("admin_token", &self.admin_token),

@@ -263,3 +263,33 @@ fn the_agents_http_limits_are_checked_and_named() {
     }
     assert!(AgentConfig::default().validate().is_ok());
 }
+
+#[test]
+fn advertise_url_must_be_plain_http_the_replicas_forward_to() {
+    let base = ControllerConfig {
+        admin_token: "admin-token-0123456789".into(),
+        platform_token: "platform-token-0123456789".into(),
+        flag_secret: "flag-secret-0123456789".into(),
+        ..ControllerConfig::default()
+    };
+    assert_eq!(base.validate().map_err(|e| e.field), Ok(()));
+    for (url, ok) in [
+        ("http://198.18.128.1:7080", true),
+        ("https://198.18.128.1:7080", false),
+        ("198.18.128.1:7080", false),
+        ("http://", false),
+        ("http://198.18.128.1:7080/?x=1", false),
+    ] {
+        let cfg = ControllerConfig {
+            advertise_url: Some(url.into()),
+            ..base.clone()
+        };
+        match cfg.validate() {
+            Ok(_) => assert!(ok, "{url} passed"),
+            Err(e) => {
+                assert!(!ok, "{url}: {e}");
+                assert_eq!(e.field, "advertise_url", "{url}");
+            }
+        }
+    }
+}

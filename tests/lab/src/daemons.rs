@@ -200,6 +200,31 @@ impl Controller {
         answer(req.send().await).await
     }
 
+    /// Sends a request with the platform token and extra headers.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let mut req = client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(PLATFORM);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.body(b.to_string());
+        }
+        answer(req.send().await).await
+    }
+
     pub async fn status(&self) -> Value {
         self.call(Method::GET, "/v1/status", None, None).await.1
     }

@@ -46,6 +46,17 @@ pub(crate) const ETCD_ELECTION: Secs = 2.0;
 /// explained this long (restart, relist, adoption).
 pub(crate) const AGENT_RECOVERY: Secs = 6.0;
 
+/// After an etcd member is cut off from the other two, an agent whose
+/// watch was on it may lag this long: the member steps down within an
+/// election timeout (500 ms here), etcd cancels its require-leader streams
+/// after three more without a leader, and the watcher's retry (at most
+/// 1 s apart) lands on a member that has one.
+pub(crate) const MINORITY_DETECT: Secs = 5.0;
+
+/// How long an agent may be cut from etcd before its worker's lease (6 s
+/// here, kept alive every second) can lapse.
+pub(crate) const MEMBERSHIP_LAPSE: Secs = 5.0;
+
 /// How long a pool may stay below its `min` with room free and a
 /// scheduler elected (its refill runs every 250 ms; a new leader's first
 /// round follows its election).
@@ -69,6 +80,8 @@ pub(crate) struct Failure {
     pub(crate) phase: usize,
     pub(crate) kind: String,
     pub(crate) expected: bool,
+    /// What failed, when and where (shown for unexpected ones).
+    pub(crate) detail: String,
 }
 
 /// The checker's findings.
@@ -431,9 +444,17 @@ fn renewed_not_lost(h: &History, r: &Replay, out: &mut Report) {
 fn learnable(h: &History, agent: usize, d: Secs) -> Secs {
     h.faults
         .iter()
-        .filter(|f| matches!(f.target, Target::Agent(a) | Target::AgentEtcdLink(a) if a == agent))
-        .filter(|f| f.from <= d + WATCH_DELAY && f.to >= d)
-        .map(|f| f.to)
+        .filter_map(|f| match f.target {
+            Target::Agent(a) | Target::AgentEtcdLink(a) if a == agent => {
+                (f.from <= d + WATCH_DELAY && f.to >= d).then_some(f.to)
+            }
+            // Any agent's watch may have been on the cut-off member.
+            Target::EtcdMinority(_) => {
+                let until = f.from + MINORITY_DETECT;
+                (f.from <= d + WATCH_DELAY && until >= d).then_some(until)
+            }
+            _ => None,
+        })
         .fold(d, f64::max)
 }
 
@@ -470,13 +491,20 @@ fn probe_failure_explained(h: &History, p: &Probe, owner: Option<usize>, created
                 && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY)
         }
         Target::AgentEtcdLink(a) => {
-            a == p.agent
+            (a == p.agent
                 && created + WATCH_DELAY >= f.from
-                && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY)
+                && overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY))
+                // A cut longer than its lease's TTL less a keep-alive
+                // period lapses the worker's registration: the others then
+                // see its instances' owner gone until it is back.
+                || (Some(a) == owner
+                    && overlaps(p.at, p.took, f.from + MEMBERSHIP_LAPSE, f.to + AGENT_RECOVERY))
         }
-        // Known open defect (docs/chaos.md): agents whose watch or
-        // keep-alive was on the cut-off member lag until it is healed.
-        Target::EtcdMinority(_) => overlaps(p.at, p.took, f.from, f.to + AGENT_RECOVERY),
+        // An agent whose watch was on the cut-off member learns late.
+        Target::EtcdMinority(_) => {
+            created + WATCH_DELAY >= f.from
+                && overlaps(p.at, p.took, f.from, f.from + MINORITY_DETECT)
+        }
         _ => false,
     })
 }
@@ -530,6 +558,15 @@ fn probes(h: &History, r: &Replay, out: &mut Report) {
                     phase,
                     kind: format!("probe {}", if p.tcp { "tcp" } else { "http" }),
                     expected: probe_failure_explained(h, p, owner, created),
+                    detail: format!(
+                        "{} at {:.3} s +{:.3}: {:?} of {} (on {}, created at {created:.1} s)",
+                        h.workers.get(p.agent).cloned().unwrap_or_default(),
+                        p.at,
+                        p.took,
+                        p.outcome,
+                        p.instance,
+                        r.owner.get(&p.instance).cloned().unwrap_or_default(),
+                    ),
                 });
             }
         }
@@ -613,6 +650,14 @@ pub(crate) fn check(h: &History) -> Report {
             phase: phase_of(h, c.at),
             kind: format!("api {} {}", c.op.name(), c.status),
             expected: api_failure_explained(h, c),
+            detail: format!(
+                "c{} at {:.3} s +{:.3}: {} {}",
+                c.controller,
+                c.at,
+                c.took,
+                c.instance.as_deref().unwrap_or("-"),
+                c.body
+            ),
         });
     }
     for s in h.settles.iter().filter(|s| !s.disagreements.is_empty()) {
@@ -633,6 +678,7 @@ pub(crate) fn check(h: &History) -> Report {
                     p.name
                 ),
                 expected: false,
+                detail: String::new(),
             });
         }
     }
@@ -641,6 +687,7 @@ pub(crate) fn check(h: &History) -> Report {
             phase: h.phases.len().saturating_sub(1),
             kind: format!("harness: {e}"),
             expected: false,
+            detail: String::new(),
         });
     }
     out
@@ -839,6 +886,9 @@ pub(crate) fn render(h: &History, report: &Report) -> String {
         h.events.len(),
         report.unexpected()
     );
+    for f in report.failures.iter().filter(|f| !f.expected).take(20) {
+        let _ = writeln!(s, "unexpected: phase {}: {} {}", f.phase, f.kind, f.detail);
+    }
     let _ = writeln!(s, "violations: {}", report.violations.len());
     s
 }

@@ -31,13 +31,14 @@ impl Op {
     }
 }
 
-/// One API call and its final answer (after following a standby's 307).
+/// One API call and its final answer.
 #[derive(Debug, Clone)]
 pub(crate) struct Call {
     pub(crate) at: Secs,
     pub(crate) took: Secs,
     pub(crate) op: Op,
-    /// The controller that gave the answer (index).
+    /// The controller that made the answer (index): the one asked, or the
+    /// scheduler a standby forwarded it to.
     pub(crate) controller: usize,
     pub(crate) instance: Option<String>,
     /// HTTP status; 599 when no answer came (refused, reset, timed out).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{Value, json};
 use tidegate_lab::daemons::PLATFORM;
 use tidegate_lab::images::DEMO_HTTP_BODY;
@@ -119,7 +119,7 @@ impl Shared {
         path: &str,
         body: &Option<Value>,
         timeout: Duration,
-    ) -> (u16, Value) {
+    ) -> (u16, Value, Option<String>) {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.controllers[to]))
@@ -131,18 +131,25 @@ impl Shared {
         match req.send().await {
             Ok(r) => {
                 let status = r.status().as_u16();
+                // A standby's forwarded answer names who made it.
+                let by = r
+                    .headers()
+                    .get("x-tidegate-scheduler")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
                 let text = r.text().await.unwrap_or_default();
                 (
                     status,
                     serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                    by,
                 )
             }
-            Err(e) => (599, Value::String(e.to_string())),
+            Err(e) => (599, Value::String(e.to_string()), None),
         }
     }
 
-    /// One API operation. Asks the hinted controller (or only `pinned`),
-    /// follows a standby's 307 to the leader, and tries the other controller
+    /// One API operation. Asks the hinted controller (or only `pinned`;
+    /// a standby forwards to the leader), and tries the other controller
     /// once when the first gives no answer. Every attempt is recorded (an
     /// attempt without an answer may still have taken effect); returns the
     /// last.
@@ -166,11 +173,17 @@ impl Shared {
             let timeout = Duration::from_secs(if pinned.is_some() { 60 } else { 5 });
             let at = self.clock.now();
             let answer = self.send(to, &method, path, &body, timeout).await;
+            // The controller that made the answer: the one asked, or the
+            // scheduler it forwarded to.
+            let by = answer.2.as_ref().and_then(|id| {
+                let h = self.history();
+                h.controller_ids.iter().position(|c| c == id)
+            });
             let call = Call {
                 at,
                 took: self.clock.now() - at,
                 op,
-                controller: to,
+                controller: by.unwrap_or(to),
                 instance: instance
                     .clone()
                     .or_else(|| answer.1["id"].as_str().map(String::from)),
@@ -182,10 +195,7 @@ impl Shared {
             if pinned.is_some() {
                 break;
             }
-            let next = if answer.0 == StatusCode::TEMPORARY_REDIRECT.as_u16() {
-                let leader = answer.1["leader"].as_str().unwrap_or_default();
-                self.controllers.iter().position(|c| c == leader)
-            } else if answer.0 == 599 {
+            let next = if answer.0 == 599 {
                 Some((to + 1) % self.controllers.len())
             } else {
                 None

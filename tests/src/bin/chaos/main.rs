@@ -277,7 +277,8 @@ async fn controller_faults(
         .signal("STOP")
         .map_err(|e| e.to_string())?;
     // Requests queued at the paused leader: it handles them when it wakes,
-    // after another replica took over. None may commit. Teams of their own,
+    // after another replica took over. None may commit with its token
+    // (those it forwards to the new leader commit with the new one). Teams of their own,
     // so that no "team already has one" answer comes before the fenced Txn.
     let queued: Vec<_> = (0..6)
         .map(|i| {
