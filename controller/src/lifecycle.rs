@@ -31,6 +31,10 @@ pub enum LifecycleError {
         "etcd did not confirm renewing instance {id} ({error}); GET it to see whether its expiry moved"
     )]
     Unsettled { id: String, error: String },
+    #[error(
+        "etcd did not confirm deleting instance {id} ({error}); GET it to see whether it is gone"
+    )]
+    DeleteUnsettled { id: String, error: String },
     #[error("stored instance {key}: {error}")]
     Corrupt { key: String, error: String },
     #[error("etcd: {0}")]
@@ -382,6 +386,27 @@ pub async fn settle(client: &Client, ks: &Keyspace, current: &Current, new_lease
     Settled::Unknown(last)
 }
 
+/// [`get`], tried again at once while the request had no effect (it met a
+/// member that is down or has no raft leader): the read after a revoke
+/// must come back.
+async fn get_retrying(
+    client: &Client,
+    ks: &Keyspace,
+    id: &InstanceId,
+) -> Result<Current, LifecycleError> {
+    let mut pause = std::time::Duration::from_millis(10);
+    for _ in 0..8 {
+        match get(client, ks, id).await {
+            Err(LifecycleError::Etcd(e)) if tidegate_etcd::never_sent(&e) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+    get(client, ks, id).await
+}
+
 /// Deletes an instance by revoking its lease (every key goes with it).
 ///
 /// A renewal moves the keys to a new lease and then revokes the old one, so
@@ -399,13 +424,22 @@ pub async fn delete(
 ) -> Result<(), LifecycleError> {
     let mut revoked = false;
     for _ in 0..5 {
-        let current = match get(client, ks, id).await {
+        let current = match get_retrying(client, ks, id).await {
             Ok(c) if team.is_some_and(|t| !c.record.is_of(t)) => {
                 return Err(LifecycleError::NotFound(id.to_string()));
             }
             Ok(c) => c,
             // Gone after our revoke (or one racing it): deleted as asked.
             Err(LifecycleError::NotFound(_)) if revoked => return Ok(()),
+            // After a revoke, an error must not read as "nothing happened"
+            // (the caller would try the whole delete again, find nothing
+            // and answer 404 for an instance this call deleted).
+            Err(e) if revoked => {
+                return Err(LifecycleError::DeleteUnsettled {
+                    id: id.to_string(),
+                    error: e.to_string(),
+                });
+            }
             Err(e) => return Err(e),
         };
         let mut client = client.clone();
@@ -420,7 +454,14 @@ pub async fn delete(
             Ok(_) => {}
             // Already revoked: by a renewal that moved the keys, or by expiry.
             Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e.into()),
+            // Nothing done yet: the caller may try it all again.
+            Err(e) if !revoked => return Err(e.into()),
+            Err(e) => {
+                return Err(LifecycleError::DeleteUnsettled {
+                    id: id.to_string(),
+                    error: e.to_string(),
+                });
+            }
         }
         revoked = true;
     }

@@ -135,7 +135,9 @@ impl From<LifecycleError> for ApiError {
             | LifecycleError::MaxLifetime { .. }
             | LifecycleError::TooEarly { .. }
             | LifecycleError::Conflict(_) => StatusCode::CONFLICT,
-            LifecycleError::Fenced(_) | LifecycleError::Unsettled { .. } => {
+            LifecycleError::Fenced(_)
+            | LifecycleError::Unsettled { .. }
+            | LifecycleError::DeleteUnsettled { .. } => {
                 return ApiError::unavailable(e.to_string());
             }
             LifecycleError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,

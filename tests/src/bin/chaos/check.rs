@@ -505,6 +505,13 @@ fn probe_failure_explained(h: &History, p: &Probe, owner: Option<usize>, created
             created + WATCH_DELAY >= f.from
                 && overlaps(p.at, p.took, f.from, f.from + MINORITY_DETECT)
         }
+        // A silent member answers nothing, require-leader included: a
+        // watch on it is given up when the connection's keep-alive fails
+        // (2 s + 2 s), or when the member is back. An instance that appeared
+        // meanwhile is not yet routed by an agent whose watch was there.
+        Target::EtcdStalled(_) => {
+            created + WATCH_DELAY >= f.from && overlaps(p.at, p.took, f.from, f.to + WATCH_DELAY)
+        }
         _ => false,
     })
 }
@@ -1148,6 +1155,48 @@ mod tests {
             to: 4.5,
         });
         assert_eq!(check(&h).unexpected(), 0);
+    }
+
+    #[test]
+    fn etcd_faults_explain_probes_of_new_instances_for_a_bounded_time() {
+        // The instance appeared at 1 s (owner w1), probed through w0.
+        let explained = |target: Target, from: Secs, to: Secs, at: Secs| {
+            let mut h = history();
+            let t = elect(&mut h, "c0");
+            instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
+            running(&mut h, 1.5, "a");
+            h.probes
+                .push(probe(at, "a", Outcome::Failed("refused".into())));
+            h.faults.push(Fault {
+                phase: 0,
+                what: "fault".into(),
+                target,
+                from,
+                to,
+            });
+            check(&h).unexpected() == 0
+        };
+        // A minority partition: only its first seconds.
+        assert!(explained(Target::EtcdMinority(0), 2.0, 30.0, 6.0));
+        assert!(!explained(
+            Target::EtcdMinority(0),
+            2.0,
+            30.0,
+            2.0 + MINORITY_DETECT + 1.0
+        ));
+        // Nor for an instance routed well before it.
+        assert!(!explained(Target::EtcdMinority(0), 10.0, 30.0, 11.0));
+        // A silent member: until it is back and the watch caught up.
+        assert!(explained(Target::EtcdStalled(0), 2.0, 5.0, 6.5));
+        assert!(!explained(
+            Target::EtcdStalled(0),
+            2.0,
+            5.0,
+            5.0 + WATCH_DELAY + 1.0
+        ));
+        // The owner cut from etcd: only once its lease could have lapsed.
+        assert!(!explained(Target::AgentEtcdLink(1), 2.0, 6.0, 4.0));
+        assert!(explained(Target::AgentEtcdLink(1), 2.0, 8.0, 7.5));
     }
 
     fn running(h: &mut History, at: Secs, id: &str) {
