@@ -155,9 +155,11 @@ async fn a_standby_that_cannot_reach_the_scheduler_answers_503_naming_it() {
     // Killed: nothing listens, refused at once (before the standby's own
     // takeover, a TTL later). Paused: its port accepts but never answers,
     // so the forward times out (10 x etcd_timeout_ms).
+    // A kill racing the hop's connect may also reset a connection the
+    // kernel had accepted: "failed to answer" (it may have been carried out).
     for (how, said) in [
-        ("KILL", "could not be reached"),
-        ("STOP", "did not answer within"),
+        ("KILL", ["could not be reached", "failed to answer"]),
+        ("STOP", ["did not answer within", "did not answer within"]),
     ] {
         let etcd = EtcdCluster::start(3).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -171,7 +173,7 @@ async fn a_standby_that_cannot_reach_the_scheduler_answers_503_naming_it() {
             StatusCode::SERVICE_UNAVAILABLE => {
                 let e = body["error"].as_str().unwrap();
                 assert!(
-                    e.contains("the scheduler c1 at") && e.contains(said),
+                    e.contains("the scheduler c1 at") && said.iter().any(|s| e.contains(s)),
                     "{how}: {body}"
                 );
                 assert_eq!(body["leader"], c1.url.as_str(), "{body}");
