@@ -21,6 +21,7 @@
 
 mod fence;
 mod ready;
+mod solver;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -118,6 +119,9 @@ struct Tracked {
     /// Failed writes of the flag file in a row, and why it gave up.
     flag_failures: u32,
     flag_error: Option<String>,
+    /// Its solver check, while it runs with a team (challenges with a
+    /// `solver`): dropped with the instance, which ends the task.
+    solver: Option<solver::Checker>,
 }
 
 impl Tracked {
@@ -136,6 +140,7 @@ impl Tracked {
             flag_written: None,
             flag_failures: 0,
             flag_error: None,
+            solver: None,
         }
     }
 
@@ -383,6 +388,12 @@ impl Reconciler {
 
     /// Runs until `stop` resolves.
     pub async fn run(mut self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
+        // Solver runs an earlier agent left (its checks start again).
+        match self.runtime.remove_solvers().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed solver containers of an earlier run"),
+            Err(e) => tracing::warn!(error = %e, "could not list solver containers"),
+        }
         let mut watcher = Watcher::new(self.client.clone(), self.ks.prefix(Kind::Instances));
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -460,11 +471,24 @@ impl Reconciler {
             self.urgent |= t.take(record, lease);
             self.dirty = true;
         }
+        // Running with a team: its solver check starts (once).
+        if t.status == InstanceStatus::Running && t.solver.is_none() && !away.forgotten {
+            t.solver = solver::Checker::start(self.solver_context(), &t.record);
+        }
         self.desired.insert(id.clone(), t);
         if away.forgotten {
             self.forget(&id).await;
         }
         self.publish_states();
+    }
+
+    fn solver_context(&self) -> solver::Context {
+        solver::Context {
+            runtime: self.runtime.clone(),
+            client: self.client.clone(),
+            ks: self.ks.clone(),
+            worker: self.worker.clone(),
+        }
     }
 
     /// The state gauge, over every instance (those whose step runs at the
@@ -600,10 +624,19 @@ impl Reconciler {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        let Some(t) = self.desired.remove(id) else {
+        let Some(mut t) = self.desired.remove(id) else {
             return;
         };
         self.publish_states();
+        // Its solver check ends, and a run in progress goes with it.
+        if t.solver.take().is_some()
+            && let Err(e) = self
+                .runtime
+                .remove(&crate::runtime::solver_container(id))
+                .await
+        {
+            tracing::warn!(instance = %id, error = %e, "could not remove a solver's container");
+        }
         let containers: Vec<String> = t
             .services
             .into_values()
@@ -1363,6 +1396,7 @@ impl Pass {
             } else {
                 BTreeMap::new()
             },
+            solver: t.solver.as_ref().and_then(solver::Checker::health),
         };
         if t.reported.as_ref() == Some(&record) || t.lease == 0 {
             return;
@@ -1556,6 +1590,12 @@ fn differences(record: &InstanceRecord, spec: &tidegate_schema::ChallengeSpec) -
             record.flag_file, spec.flag.file
         ));
     }
+    // The solver runs on the instance's network: a forged one is a
+    // container of the writer's choosing there.
+    let solver = tidegate_schema::SolverRecord::of(spec);
+    if record.solver != solver {
+        out.push(format!("solver: {:?} vs {:?}", record.solver, solver));
+    }
     out
 }
 
@@ -1607,7 +1647,24 @@ mod tests {
         .unwrap();
         r.container = ContainerSpec::of(s);
         r.services = ServiceRecord::all_of(s);
+        r.solver = tidegate_schema::SolverRecord::of(s);
         r
+    }
+
+    #[test]
+    fn a_record_must_hold_the_solver_its_spec_makes() {
+        let solved = spec(serde_json::json!({
+            "image": "a:1",
+            "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
+            "solver": {"image": "solve:1", "interval_secs": 60}
+        }));
+        let mut r = record_of(&solved);
+        assert!(differences(&r, &solved).is_empty());
+        assert_eq!(r.solver.as_ref().map(|s| s.target_port), Some(8080));
+        r.solver.as_mut().unwrap().image = "evil:1".into();
+        assert!(differences(&r, &solved)[0].starts_with("solver:"));
+        r.solver = None;
+        assert!(!differences(&r, &solved).is_empty());
     }
 
     #[test]

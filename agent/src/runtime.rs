@@ -18,8 +18,10 @@
 //! each container reachable by its service name, nothing else on it.
 
 mod network;
+mod solver;
 
 pub use network::{INSTANCE_BRIDGE_PREFIXES, InstanceNetwork, Subnets, name as network_name};
+pub use solver::{LABEL_SOLVER, MAX_OUTPUT, SolverRun, SolverTarget, solver_container};
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -617,7 +619,18 @@ impl Runtime {
             }
             Err(e) => return Err(classify(e)),
         }
-        let image = unit.container.image.clone();
+        self.pull(&unit.container.image).await?;
+        Ok(self
+            .docker
+            .create_container(options(), self.body(rec, unit, secret))
+            .await?
+            .id)
+    }
+
+    /// Pulls `image` (bounded by [`PULL_TIMEOUT`]), or `ImageMissing` when
+    /// this worker does not pull or the pull failed.
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        let image = image.to_string();
         if !self.pull {
             return Err(RuntimeError::ImageMissing {
                 image,
@@ -647,14 +660,10 @@ impl Runtime {
                 PULL_TIMEOUT.as_secs()
             )),
         };
-        if let Some(reason) = reason {
-            return Err(RuntimeError::ImageMissing { image, reason });
+        match reason {
+            Some(reason) => Err(RuntimeError::ImageMissing { image, reason }),
+            None => Ok(()),
         }
-        Ok(self
-            .docker
-            .create_container(options(), self.body(rec, unit, secret))
-            .await?
-            .id)
     }
 
     pub async fn start(&self, id: &str) -> Result<(), DockerError> {

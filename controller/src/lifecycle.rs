@@ -153,6 +153,14 @@ pub fn renewed_expiry(
     Ok(wanted)
 }
 
+/// The TTL of a renewal's new lease: until `expires_at` by this replica's
+/// clock, at least 1 s, and never less than the `remaining` seconds of the
+/// lease it replaces.
+pub fn lease_secs(expires_at: u64, now: u64, remaining: i64) -> i64 {
+    let wanted = i64::try_from(expires_at.saturating_sub(now)).unwrap_or(i64::MAX);
+    wanted.max(remaining).max(1)
+}
+
 /// A committed renewal.
 #[derive(Debug, Clone)]
 pub struct Renewed {
@@ -189,10 +197,18 @@ pub async fn renew(
         instance: rec.id.clone(),
     });
 
-    let lease = client
-        .lease_grant(expires_at.saturating_sub(now).max(1) as i64, None)
+    // The new lease never ends before the current one would: the record's
+    // expiry is a date on this replica's clock, the lease a duration. A
+    // replica whose clock runs ahead, capped at the maximum lifetime,
+    // would otherwise grant less than another replica already promised
+    // (found by the chaos clock-skew phase).
+    let remaining = client
+        .lease_time_to_live(current.lease, None)
         .await?
-        .id();
+        .ttl()
+        .max(0);
+    let ttl = lease_secs(expires_at, now, remaining);
+    let lease = client.lease_grant(ttl, None).await?.id();
     let opts = || Some(PutOptions::new().with_lease(lease));
     let id = rec.id.to_string();
     let mut compares = vec![
@@ -489,6 +505,18 @@ mod tests {
         now: u64,
     ) -> Result<u64, LifecycleError> {
         renewed_expiry(r, ttl, now, ttl.default_secs)
+    }
+
+    #[test]
+    fn a_renewal_lease_never_ends_before_the_one_it_replaces() {
+        // 30 s left by this clock: 30 s.
+        assert_eq!(lease_secs(1_030, 1_000, 12), 30);
+        // This clock runs 30 s ahead and the expiry is capped: the old
+        // lease's 25 s left win over the 5 s this clock would give.
+        assert_eq!(lease_secs(1_035, 1_030, 25), 25);
+        // Past its expiry by this clock, the old lease gone: 1 s.
+        assert_eq!(lease_secs(990, 1_000, 0), 1);
+        assert_eq!(lease_secs(u64::MAX, 0, 0), i64::MAX);
     }
 
     #[test]

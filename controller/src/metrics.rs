@@ -129,6 +129,7 @@ pub struct Metrics {
     plugins_compiled: Gauge,
     queue_length: Gauge,
     pooled: Gauge,
+    unhealthy: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,6 +156,7 @@ impl Default for Metrics {
             pool_claims: Counter::default(),
             queue_length: Gauge::default(),
             pooled: Gauge::default(),
+            unhealthy: Gauge::default(),
             etcd: Arc::default(),
             etcd_members: Arc::default(),
             refusals: Family::default(),
@@ -311,6 +313,11 @@ impl Metrics {
             self.pooled.clone(),
         );
         r.register(
+            "instances_unhealthy",
+            "Live instances whose last solver check did not find their flag (this replica's view)",
+            self.unhealthy.clone(),
+        );
+        r.register(
             "queue_length",
             "Spawns waiting in the queue (this replica's view)",
             self.queue_length.clone(),
@@ -432,6 +439,12 @@ impl Metrics {
                 .set(gauge_value(n));
         }
         self.pooled.set(gauge_value(pooled));
+        let unhealthy = view
+            .instances
+            .keys()
+            .filter(|id| view.solver_of(id).is_some_and(|h| !h.healthy))
+            .count();
+        self.unhealthy.set(gauge_value(unhealthy));
         self.view_revision.set(view.revision);
         self.plugins_compiled.set(gauge_value(plugins_compiled));
     }

@@ -51,9 +51,17 @@ pub async fn run_election(app: Arc<App>) {
     }
 }
 
-/// While leading: revoke the leases of instances past their expiry (etcd
-/// normally did already), and delete the instances of workers that have
-/// been gone longer than `worker_grace_secs` — their containers died with
+/// How long past its expiry an instance must be before the sweep revokes
+/// it. Its lease ends it on time anyway (a lease is a duration, not a date);
+/// the sweep is only a backstop for a lease that somehow outlived it, so it
+/// must not trust this replica's wall clock to the second: a controller whose
+/// clock runs ahead would otherwise end instances another replica granted.
+pub const SWEEP_GRACE_SECS: u64 = 60;
+
+/// While leading: revoke the leases of instances more than
+/// [`SWEEP_GRACE_SECS`] past their expiry (etcd normally did already), and
+/// delete the instances of workers that have been gone longer than
+/// `worker_grace_secs` — their containers died with
 /// the worker or will be removed as orphans when it returns; deleting frees
 /// the team's slot so the team can spawn again elsewhere. Each deletion is
 /// logged with its reason.
@@ -82,7 +90,7 @@ pub async fn run_sweeps(app: Arc<App>) {
             let expired: Vec<_> = view
                 .instances
                 .values()
-                .filter(|i| i.record.expires_at < now)
+                .filter(|i| i.record.expires_at.saturating_add(SWEEP_GRACE_SECS) < now)
                 .map(|i| (i.record.id.clone(), i.lease))
                 .collect();
             let orphaned: Vec<_> = view

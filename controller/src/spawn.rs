@@ -20,7 +20,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 use tidegate_schema::{
     ChallengeRecord, ChallengeSpec, ContainerSpec, FlagOwnerRecord, Hostname, HttpRoute,
     InstanceId, InstanceRecord, Key, Keyspace, PortSpec, Protocol, Record, SecretRecord,
-    ServiceName, ServiceRecord, TcpRoute, TeamId, V1, WorkerId,
+    ServiceName, ServiceRecord, SolverRecord, TcpRoute, TeamId, V1, WorkerId,
 };
 
 /// How many times a spawn retries after losing a race for a claim.
@@ -337,6 +337,7 @@ fn draft(plan: &SpawnPlan, id: Option<InstanceId>) -> Result<InstanceRecord, Spa
         services: ServiceRecord::all_of(spec),
         spec_revision: plan.challenge_revision,
         flag_file: spec.flag.file.clone(),
+        solver: SolverRecord::of(spec),
     })
 }
 

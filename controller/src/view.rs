@@ -11,8 +11,8 @@ use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::config::Placement;
 use tidegate_schema::{
     ChallengeName, ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
-    QueuedRecord, Resources, ServiceName, ServiceState, Shortfall, StatusRecord, TeamId, WorkerId,
-    WorkerRecord,
+    QueuedRecord, Resources, ServiceName, ServiceState, Shortfall, SolverHealth, StatusRecord,
+    TeamId, WorkerId, WorkerRecord,
 };
 
 /// Why no worker can take an instance now, the most telling reason first
@@ -65,6 +65,9 @@ pub struct View {
     pub status_rev: BTreeMap<(InstanceId, WorkerId), i64>,
     /// Each service's state, of instances with services (same keys).
     pub services: BTreeMap<(InstanceId, WorkerId), BTreeMap<ServiceName, ServiceState>>,
+    /// The last solver check of each instance whose challenge has a solver
+    /// (same keys).
+    pub solver: BTreeMap<(InstanceId, WorkerId), SolverHealth>,
     /// Challenges with a warm pool, and their record's mod revision.
     pub pools: BTreeMap<ChallengeName, (ChallengeRecord, i64)>,
     /// The etcd revision the view reflects.
@@ -125,6 +128,10 @@ impl View {
                         let states = st.services.iter().map(|(n, s)| (n.clone(), s.state));
                         self.services.insert(key.clone(), states.collect());
                     }
+                    match st.solver {
+                        Some(health) => self.solver.insert(key.clone(), health),
+                        None => self.solver.remove(&key),
+                    };
                     self.status_rev.insert(key.clone(), kv.mod_revision);
                     self.status.insert(key, st.status);
                 }
@@ -169,12 +176,15 @@ impl View {
                         .remove(&(id.clone(), gone.record.worker.clone()));
                     self.status_rev
                         .remove(&(id.clone(), gone.record.worker.clone()));
+                    self.solver
+                        .remove(&(id.clone(), gone.record.worker.clone()));
                     self.status.remove(&(id, gone.record.worker));
                 }
             }
             Ok(Key::Status { worker, instance }) => {
                 self.services.remove(&(instance.clone(), worker.clone()));
                 self.status_rev.remove(&(instance.clone(), worker.clone()));
+                self.solver.remove(&(instance.clone(), worker.clone()));
                 self.status.remove(&(instance, worker));
             }
             Ok(Key::Queued { challenge, team }) => {
@@ -393,6 +403,12 @@ impl View {
             .unwrap_or_default()
     }
 
+    /// The last solver check of an instance, as its own worker wrote it.
+    pub fn solver_of(&self, id: &InstanceId) -> Option<&SolverHealth> {
+        let owner = self.instances.get(id)?.record.worker.clone();
+        self.solver.get(&(id.clone(), owner))
+    }
+
     /// The status text of an instance for API answers.
     pub fn status_text(&self, id: &InstanceId) -> String {
         match self.status_of(id) {
@@ -427,6 +443,7 @@ impl SharedView {
         let key = (record.id.clone(), record.worker.clone());
         view.status.remove(&key);
         view.services.remove(&key);
+        view.solver.remove(&key);
         view.status_rev.remove(&key);
         view.instances.insert(
             record.id.clone(),

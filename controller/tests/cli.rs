@@ -198,3 +198,62 @@ async fn a_spawn_that_waits_shows_its_place() {
     let (ok, out, _) = tidegate(cwd, &["queue", "ls"]);
     assert!(ok && out.lines().count() == 1, "{out}");
 }
+
+/// The CLI pointed at a standby: the standby forwards the spawn to the
+/// scheduler with the caller's own token (the CLI once followed a 307
+/// there and lost its token: 401). Renew and delete work the same way.
+#[tokio::test]
+async fn the_cli_spawns_through_a_standby() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    register_worker(&client, "worker-a", 8).await;
+    let c1 = Controller::start(&etcd, "c1", dir.path()).await;
+    assert!(eventually(10, || c1.is_leader()).await);
+    let c2 = Controller::start(&etcd, "c2", dir.path()).await;
+    assert_eq!(c2.status().await["role"], "standby");
+    assert!(sees_workers(&c1, 1).await && sees_workers(&c2, 1).await);
+    assert_eq!(
+        c1.put_challenge("web", web_spec()).await.0,
+        reqwest::StatusCode::CREATED
+    );
+    let api = |args: &[&str]| {
+        let mut all = vec!["--api", c2.url.as_str(), "--token", PLATFORM];
+        all.extend_from_slice(args);
+        tidegate(dir.path(), &all)
+    };
+    let (ok, out, err) = api(&["instance", "spawn", "web", "team-1", "--json"]);
+    assert!(ok, "spawn through the standby failed: {err}");
+    let inst: Value = serde_json::from_str(&out).unwrap();
+    let id = inst["id"].as_str().unwrap().to_string();
+    // Written by the scheduler, with its token.
+    let key = tidegate_schema::Keyspace::default().key_of(tidegate_schema::Kind::Instances, &id);
+    let mut kv = client.clone();
+    let got = kv.get(key, None).await.unwrap();
+    let record: Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+    assert_eq!(record["team"], "team-1");
+    assert_eq!(
+        c2.status().await["counters"]["forwarded"],
+        1,
+        "{}",
+        c2.status().await
+    );
+    // A wrong token is refused by the standby itself, before any hop.
+    let (ok, _, err) = tidegate(
+        dir.path(),
+        &[
+            "--api",
+            &c2.url,
+            "--token",
+            "not-a-token",
+            "instance",
+            "spawn",
+            "web",
+            "team-2",
+        ],
+    );
+    assert!(!ok && err.contains("401"), "{err}");
+    assert_eq!(c2.status().await["counters"]["forwarded"], 1);
+    let (ok, _, err) = api(&["instance", "rm", &id]);
+    assert!(ok, "delete through the standby failed: {err}");
+}

@@ -332,6 +332,51 @@ pub struct InstanceRecord {
     /// not `FLAG` in their env.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag_file: Option<String>,
+    /// The challenge's solver check, as made from its spec
+    /// ([`SolverRecord::of`]): agents compare it with the spec like the
+    /// containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver: Option<SolverRecord>,
+}
+
+/// What an agent needs to run an instance's solver check: the image, and
+/// the port (in the container, and its service) it is pointed at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverRecord {
+    pub image: String,
+    pub interval_secs: u32,
+    pub timeout_secs: u32,
+    /// The port inside the container.
+    pub target_port: u16,
+    /// The service serving it (instances with `services`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
+}
+
+impl SolverRecord {
+    /// The solver check of `spec`'s instances (none without `solver`).
+    pub fn of(spec: &crate::ChallengeSpec) -> Option<Self> {
+        let solver = spec.solver.as_ref()?;
+        let port = match &solver.port {
+            Some(name) => spec.ports.iter().find(|p| &p.name == name)?,
+            None => spec.ports.first()?,
+        };
+        let service = if spec.services.is_empty() {
+            None
+        } else {
+            port.service
+                .clone()
+                .or_else(|| spec.services.keys().next().cloned())
+        };
+        Some(Self {
+            image: solver.image.clone(),
+            interval_secs: solver.interval_secs,
+            timeout_secs: solver.timeout_secs,
+            target_port: port.port,
+            service,
+        })
+    }
 }
 
 impl InstanceRecord {
@@ -509,6 +554,27 @@ pub struct StatusRecord {
     /// on the instance's network, restarts and state.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<ServiceName, ServiceStatus>,
+    /// The last solver check (challenges with a `solver`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver: Option<SolverHealth>,
+}
+
+/// The outcome of an instance's last solver check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverHealth {
+    /// Whether the solver's output held the instance's flag.
+    pub healthy: bool,
+    pub checked_at: UnixSecs,
+    /// Why not (the run's error, or the tail of its output, at most
+    /// [`SolverHealth::MAX_DETAIL`] bytes); empty when healthy.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl SolverHealth {
+    /// At most this many bytes of a failed run's output are kept.
+    pub const MAX_DETAIL: usize = 512;
 }
 
 /// How one service of an instance is doing.

@@ -135,6 +135,49 @@ pub struct ChallengeSpec {
     /// then needs `flag.file` (env is fixed when a container starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolSpec>,
+    /// A solver check: an image that, given one of the instance's ports,
+    /// solves the challenge and prints the flag. The owning worker runs it
+    /// once the instance runs and every `interval_secs`; an instance whose
+    /// solver's output lacks its flag is shown `unhealthy` with the tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver: Option<SolverSpec>,
+}
+
+/// [`ChallengeSpec::solver`]: what checks that an instance can still be
+/// solved. The solver runs hardened (as the challenge's containers: no
+/// capabilities, read-only root, 128 MiB, 0.5 CPU), on the instance's
+/// network, with `TARGET` = `host:port` of its port (and `TARGET_HOST`,
+/// `TARGET_PORT`); it never gets the flag.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverSpec {
+    /// The solver's image (on each worker, like the challenge's).
+    pub image: String,
+    /// The port it is pointed at, by name (default: the first port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortName>,
+    /// Seconds between two checks of a running instance (10–86400,
+    /// default 300); the first runs once the instance runs.
+    #[serde(default = "default_solver_interval")]
+    pub interval_secs: u32,
+    /// A run taking longer is stopped and fails the check (1–300 s,
+    /// default 30, at most `interval_secs`).
+    #[serde(default = "default_solver_timeout")]
+    pub timeout_secs: u32,
+}
+
+/// Default [`SolverSpec::interval_secs`].
+pub const DEFAULT_SOLVER_INTERVAL_SECS: u32 = 300;
+/// Default [`SolverSpec::timeout_secs`].
+pub const DEFAULT_SOLVER_TIMEOUT_SECS: u32 = 30;
+
+fn default_solver_interval() -> u32 {
+    DEFAULT_SOLVER_INTERVAL_SECS
+}
+
+fn default_solver_timeout() -> u32 {
+    DEFAULT_SOLVER_TIMEOUT_SECS
 }
 
 /// [`ChallengeSpec::pool`]: how many unassigned instances the scheduler
@@ -535,6 +578,7 @@ impl Validate for ChallengeSpec {
         in_range("queue.hold_secs", self.queue.hold_secs, 5, 3600)?;
         in_range("queue.max_waiting", self.queue.max_waiting, 1, 100_000)?;
         self.validate_pool()?;
+        self.validate_solver()?;
         for (i, cap) in self.unsafe_caps.iter().enumerate() {
             let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
             if !UNSAFE_CAPS.contains(&bare) {
@@ -1037,6 +1081,42 @@ impl ChallengeSpec {
             return Err(FieldError::new(
                 "flag.file",
                 "a pooled challenge with a per-instance flag takes it from a file (env is fixed when the container starts, before a team has it): set flag.file, e.g. \"/flag\"",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_solver(&self) -> Result<(), FieldError> {
+        let Some(solver) = &self.solver else {
+            return Ok(());
+        };
+        let image = &solver.image;
+        if image.is_empty()
+            || image.len() > 255
+            || image.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(FieldError::new(
+                "solver.image",
+                format!("{image:?} is not an image reference (1-255 characters, no spaces)"),
+            ));
+        }
+        if let Some(port) = &solver.port
+            && !self.ports.iter().any(|p| &p.name == port)
+        {
+            return Err(FieldError::new(
+                "solver.port",
+                format!("{:?} is not one of the challenge's ports", port.as_str()),
+            ));
+        }
+        in_range("solver.interval_secs", solver.interval_secs, 10, 86_400)?;
+        in_range("solver.timeout_secs", solver.timeout_secs, 1, 300)?;
+        if solver.timeout_secs > solver.interval_secs {
+            return Err(FieldError::new(
+                "solver.timeout_secs",
+                format!(
+                    "{} is more than solver.interval_secs ({})",
+                    solver.timeout_secs, solver.interval_secs
+                ),
             ));
         }
         Ok(())

@@ -11,10 +11,10 @@ use std::time::Duration;
 use etcd_client::{Client, CompactionOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tidegate_lab::daemons::{Agent, Controller, eventually, web_spec};
+use tidegate_lab::daemons::{ADMIN, Agent, Controller, eventually, web_spec};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
-use tidegate_lab::images::{DEMO_EXIT, ensure_demo_images};
+use tidegate_lab::images::{DEMO_EXIT, DEMO_SOLVER, ensure_demo_images};
 use tidegate_lab::keys;
 use tidegate_lab::netns::NetnsHost;
 use tidegate_lab::process::Supervised;
@@ -797,4 +797,167 @@ async fn a_record_unlike_its_spec_is_refused_once_and_stays_failed() {
         .count();
     assert_eq!(refusals, 1, "{}", c.agent().proc.log_tail(20));
     assert_eq!(worker_containers(&worker()).unwrap().len(), 1);
+}
+
+/// The solver containers of this test's worker, running or not.
+fn solver_containers() -> Vec<String> {
+    let worker = format!("label=tidegate.worker={}", worker());
+    docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        "label=tidegate.solver",
+        "--filter",
+        &worker,
+    ])
+    .unwrap_or_default()
+    .lines()
+    .map(String::from)
+    .collect()
+}
+
+/// A challenge's solver finds each instance's flag (healthy); once the
+/// instance stops serving it, the next run marks it unhealthy with the
+/// output's tail, which only the admin token sees (API, dashboard) and
+/// the metrics count; it heals when the flag is back. A solver that
+/// crashes is unhealthy from its first run. No solver container outlives
+/// its run or its instance.
+#[tokio::test]
+async fn a_solver_that_stops_finding_the_flag_marks_the_instance_unhealthy_within_one_interval() {
+    const INTERVAL: u64 = 10;
+    const TIMEOUT: u64 = 8;
+    let running = cluster(|_| {}).await;
+    let c = &running;
+    let mut spec = web_spec();
+    // The demo page serves /flag, a file of the worker's disk the test can
+    // break the way a player wrecks an instance.
+    spec["flag"] = json!({"file": "/flag"});
+    spec["solver"] =
+        json!({"image": DEMO_SOLVER, "interval_secs": INTERVAL, "timeout_secs": TIMEOUT});
+    assert_eq!(
+        c.controller.put_challenge("web", spec).await.0,
+        StatusCode::CREATED
+    );
+    let id = c.spawn("web", "team-1").await;
+    c.wait_status(&id, "running").await;
+    let solver = |token: Option<&'static str>| {
+        let path = format!("/v1/instances/{id}");
+        async move { c.controller.call(Method::GET, &path, None, token).await.1["solver"].clone() }
+    };
+    let solver = &solver;
+    let state_is = |want: &'static str, secs: u64| async move {
+        eventually(secs, || async {
+            solver(Some(ADMIN)).await["state"] == want
+        })
+        .await
+    };
+    assert!(
+        state_is("healthy", INTERVAL + TIMEOUT).await,
+        "the first check never passed: {}\n{}",
+        solver(Some(ADMIN)).await,
+        c.agent().proc.log_tail(20)
+    );
+    assert!(
+        eventually(5, || async { solver_containers().is_empty() }).await,
+        "a solver container outlived its run"
+    );
+
+    // The flag file on the worker loses the flag.
+    let cfg = AgentConfig::from_file(&c.agent().config).unwrap();
+    let flag_file = cfg.worker_flag_dir().join(&id).join("flag");
+    let flag = std::fs::read_to_string(&flag_file).unwrap();
+    assert!(flag.starts_with("flag{"), "{flag}");
+    std::fs::write(&flag_file, "broken\n").unwrap();
+    // The next run (at most one interval away) and its timeout.
+    assert!(
+        state_is("unhealthy", INTERVAL + TIMEOUT + 2).await,
+        "still {} one interval after the flag went",
+        solver(Some(ADMIN)).await
+    );
+    let seen = solver(Some(ADMIN)).await;
+    let detail = seen["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("without printing the instance's flag") && detail.contains("broken"),
+        "{seen}"
+    );
+    assert!(!detail.contains(flag.trim()), "{seen}");
+    // The platform sees that it is unhealthy, not why.
+    let platform = solver(None).await;
+    assert_eq!(platform["state"], "unhealthy");
+    assert!(platform.get("detail").is_none(), "{platform}");
+    // The dashboard shows the reason; the metrics count it.
+    let (_, dashboard) = c
+        .controller
+        .call(Method::GET, "/v1/dashboard", None, Some(ADMIN))
+        .await;
+    let row = dashboard["instances"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["id"] == id.as_str()).cloned())
+        .unwrap_or_default();
+    assert_eq!(row["solver"]["state"], "unhealthy", "{dashboard}");
+    assert!(
+        row["solver"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("broken")),
+        "{row}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", c.controller.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tidegate_controller_instances_unhealthy 1"),
+        "{metrics}"
+    );
+
+    // The flag is back: healthy again at the next run.
+    std::fs::write(&flag_file, &flag).unwrap();
+    assert!(
+        state_is("healthy", INTERVAL + TIMEOUT + 2).await,
+        "still {} one interval after the flag came back",
+        solver(Some(ADMIN)).await
+    );
+
+    // A solver that crashes: unhealthy from its first run, naming its exit.
+    let mut crashing = web_spec();
+    crashing["solver"] = json!({"image": DEMO_EXIT, "interval_secs": INTERVAL, "timeout_secs": 5});
+    assert_eq!(
+        c.controller.put_challenge("crash", crashing).await.0,
+        StatusCode::CREATED
+    );
+    let other = c.spawn("crash", "team-1").await;
+    c.wait_status(&other, "running").await;
+    let path = format!("/v1/instances/{other}");
+    let crashed = eventually(INTERVAL + 5, || async {
+        c.controller
+            .call(Method::GET, &path, None, Some(ADMIN))
+            .await
+            .1["solver"]["state"]
+            == "unhealthy"
+    })
+    .await;
+    let seen = c
+        .controller
+        .call(Method::GET, &path, None, Some(ADMIN))
+        .await
+        .1;
+    assert!(crashed, "{seen}");
+    let detail = seen["solver"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("the solver exited 3") && detail.contains("crashing"),
+        "{seen}"
+    );
+
+    // Deleting the instances ends their checks: no solver container stays.
+    for i in [&id, &other] {
+        let (status, body) = c
+            .controller
+            .call(Method::DELETE, &format!("/v1/instances/{i}"), None, None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    tokio::time::sleep(Duration::from_secs(INTERVAL + 2)).await;
+    assert!(solver_containers().is_empty(), "{:?}", solver_containers());
 }

@@ -84,6 +84,52 @@ fn three_member_etcd_keeps_accepting_writes_after_its_leader_is_killed() {
 }
 
 #[test]
+fn a_replaced_etcd_member_rejoins_empty_under_a_new_id_and_catches_up() {
+    let mut cluster = EtcdCluster::start(3).unwrap();
+    runtime().block_on(async {
+        let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+            .await
+            .unwrap();
+        client.put("/t/before", "1", None).await.unwrap();
+        let leader = leader_index(&cluster, &[0, 1, 2]).await;
+        let follower = (leader + 1) % 3;
+        let old_id = cluster.member_id(follower).unwrap();
+        let old_pid = cluster.process(follower).unwrap().pid();
+        let new_id = cluster.replace_member(follower).unwrap();
+        assert!(
+            !pid_alive(old_pid),
+            "the replaced member {old_pid} still runs"
+        );
+        assert_ne!(new_id, old_id, "a replaced member must get a new id");
+        cluster.wait_healthy(follower).unwrap();
+        // Written after the replacement: reaches the new member through raft.
+        client.put("/t/after", "2", None).await.unwrap();
+        let mut c = etcd_client::Client::connect([&cluster.endpoints()[follower]], None)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            // Serializable: answered from the new member's own store.
+            let opts = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_serializable();
+            seen = c
+                .get("/t/", Some(opts))
+                .await
+                .map(|r| r.kvs().iter().map(|kv| kv.value().to_vec()).collect())
+                .unwrap_or_default();
+            if seen.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen, vec![b"2".to_vec(), b"1".to_vec()]);
+        let members = client.member_list().await.unwrap();
+        assert_eq!(members.members().len(), 3, "remove + add keeps 3 members");
+    });
+}
+
+#[test]
 fn etcd_is_removed_on_drop_and_on_panic() {
     let cluster = EtcdCluster::start(1).unwrap();
     let pid = cluster.process(0).unwrap().pid();

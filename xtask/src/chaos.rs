@@ -72,6 +72,15 @@ const PLANTS: &[Plant] = &[
         old: "        tokio::time::sleep(PROBE_EVERY).await;",
         new: "        if removed.iter().all(|r| !*r) {\n            tokio::time::sleep(PROBE_EVERY).await;\n        }",
     },
+    Plant {
+        // The sweep before the clock-skew phase found it: it trusts the
+        // leader's wall clock to the second, so a leader whose clock runs
+        // ahead revokes what the other replica granted, before its time.
+        name: "sweep-clock",
+        file: "controller/src/scheduler.rs",
+        old: ".filter(|i| i.record.expires_at.saturating_add(SWEEP_GRACE_SECS) < now)",
+        new: ".filter(|i| i.record.expires_at < now)",
+    },
 ];
 
 pub(crate) fn run(args: ChaosArgs) -> Result<()> {

@@ -25,9 +25,13 @@ pub(crate) const PLATFORM_TOKEN: &str = "bench-platform-token-0123456789";
 pub(crate) struct ControlPlane {
     /// Stopped when dropped.
     _controller: Supervised,
+    /// Replicas added by [`ControlPlane::add_standby`]; stopped when dropped.
+    standbys: Vec<Supervised>,
     pub(crate) etcd: EtcdCluster,
     /// The controller's API.
     pub(crate) url: String,
+    /// The leading controller's settings (a standby copies them).
+    cfg: ControllerConfig,
     work: tempfile::TempDir,
 }
 
@@ -53,10 +57,36 @@ impl ControlPlane {
         let (controller, url) = controller(bin_dir, work.path(), &cfg, wrapper)?;
         Ok(Self {
             _controller: controller,
+            standbys: Vec::new(),
             etcd,
             url,
+            cfg,
             work,
         })
+    }
+
+    /// Starts another replica of the build in `bin_dir` (under `wrapper`)
+    /// with the leader's settings on a free port of the same address, and
+    /// waits until it answers as a standby; its API URL.
+    pub(crate) fn add_standby(&mut self, bin_dir: &Path, wrapper: &[String]) -> Result<String> {
+        let mut cfg = self.cfg.clone();
+        cfg.id = format!("standby-{}", self.standbys.len() + 1);
+        cfg.listen.set_port(free_port()?);
+        cfg.advertise_url = None;
+        let (proc, url) = start(bin_dir, self.work.path(), &cfg, wrapper)?;
+        let standing_by = wait_until(Duration::from_secs(15), || {
+            api(self.dir(), &url, "GET", "/v1/status", Vec::new())
+                .is_ok_and(|s| s.contains("\"role\":\"standby\""))
+        });
+        if !standing_by {
+            bail!(
+                "the replica {} did not answer as a standby within 15 s:\n{}",
+                cfg.id,
+                proc.log_tail(20)
+            );
+        }
+        self.standbys.push(proc);
+        Ok(url)
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -98,15 +128,7 @@ fn controller(
     cfg: &ControllerConfig,
     wrapper: &[String],
 ) -> Result<(Supervised, String)> {
-    let url = format!("http://{}", cfg.listen);
-    let path = dir.join("controller.toml");
-    write_config(cfg, &path)?;
-    let (program, args) = wrapped(
-        wrapper,
-        &bin_dir.join("tidegate-controller"),
-        &["--config".into(), path.display().to_string()],
-    );
-    let controller = Supervised::spawn("controller", &program, &args, &dir.join("controller.log"))?;
+    let (controller, url) = start(bin_dir, dir, cfg, wrapper)?;
     let leading = wait_until(Duration::from_secs(15), || {
         api(dir, &url, "GET", "/v1/status", Vec::new())
             .is_ok_and(|s| s.contains("\"role\":\"leader\""))
@@ -118,6 +140,32 @@ fn controller(
         );
     }
     Ok((controller, url))
+}
+
+/// Writes `cfg` and starts that controller; its process and API URL. The
+/// first replica's files are `controller.toml` and `controller.log`, the
+/// others' are named by their id.
+fn start(
+    bin_dir: &Path,
+    dir: &Path,
+    cfg: &ControllerConfig,
+    wrapper: &[String],
+) -> Result<(Supervised, String)> {
+    let url = format!("http://{}", cfg.listen);
+    let name = if cfg.id == "bench" {
+        "controller".to_string()
+    } else {
+        format!("controller-{}", cfg.id)
+    };
+    let path = dir.join(format!("{name}.toml"));
+    write_config(cfg, &path)?;
+    let (program, args) = wrapped(
+        wrapper,
+        &bin_dir.join("tidegate-controller"),
+        &["--config".into(), path.display().to_string()],
+    );
+    let proc = Supervised::spawn(&name, &program, &args, &dir.join(format!("{name}.log")))?;
+    Ok((proc, url))
 }
 
 /// `binary args` run under `wrapper` (a command that execs the rest of its

@@ -206,6 +206,7 @@ fn attacks() -> Vec<Attack> {
     all.extend(edge::attacks());
     all.extend(policy::attacks());
     all.extend(services::attacks());
+    all.extend(api::replica_attacks());
     all
 }
 

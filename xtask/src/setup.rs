@@ -33,6 +33,8 @@ const PACKAGES: &[&str] = &[
     "ncat",
     // Slow-disk faults on etcd: `strace -e inject=fdatasync:delay_enter=…`.
     "strace",
+    // Clock-skew faults (a controller and an agent ±30 s): LD_PRELOAD.
+    "libfaketime",
     "openssh-client",
     "dropbear-bin",
     "openssl",

@@ -199,10 +199,29 @@ pub(crate) struct Instance {
     /// an instance of a challenge with `services`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     services: BTreeMap<String, String>,
+    /// The last solver check (challenges with a `solver`, once one ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    solver: Option<SolverCheck>,
     /// Set when a failed policy's fallback allowed the spawn.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub(crate) policy: Option<PolicyDecision>,
+}
+
+/// An instance's last solver check.
+#[derive(Debug, Serialize, ToSchema)]
+struct SolverCheck {
+    /// `healthy` (its output held the instance's flag) or `unhealthy`.
+    state: &'static str,
+    /// Unix seconds.
+    checked_at: u64,
+    /// Why it is unhealthy (the run's error, or its output's last bytes):
+    /// to the admin token only, since a solver's output may show the way
+    /// to the flag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    detail: Option<String>,
 }
 
 /// Where players reach an HTTP port of an instance.
@@ -259,8 +278,23 @@ impl Instance {
                 .collect(),
             status,
             services: BTreeMap::new(),
+            solver: None,
             policy: None,
         }
+    }
+
+    /// With its last solver check; the reason only for `admin`.
+    pub(crate) fn with_solver(
+        mut self,
+        health: Option<&tidegate_schema::SolverHealth>,
+        admin: bool,
+    ) -> Self {
+        self.solver = health.map(|h| SolverCheck {
+            state: if h.healthy { "healthy" } else { "unhealthy" },
+            checked_at: h.checked_at,
+            detail: (admin && !h.healthy).then(|| h.detail.clone()),
+        });
+        self
     }
 
     /// With its services' states.

@@ -94,8 +94,13 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
             .filter_map(|i| {
                 let status = view.status_text(&i.record.id);
                 let services = view.services_of(&i.record.id);
-                serde_json::to_value(Instance::new(&app, &i.record, status).with_services(services))
-                    .ok()
+                let solver = view.solver_of(&i.record.id);
+                serde_json::to_value(
+                    Instance::new(&app, &i.record, status)
+                        .with_services(services)
+                        .with_solver(solver, true),
+                )
+                .ok()
             })
             .collect();
         items.sort_by_key(|i| std::cmp::Reverse(i["created_at"].as_u64().unwrap_or(0)));

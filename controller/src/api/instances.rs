@@ -446,7 +446,7 @@ fn team_under_limit(
 )]
 pub(super) async fn list(
     State(app): AppState,
-    _scope: Scope,
+    scope: Scope,
     Query(q): Query<ListQuery>,
 ) -> ApiResult {
     let view = app.view.lock();
@@ -464,6 +464,7 @@ pub(super) async fn list(
         .map(|i| {
             Instance::new(&app, &i.record, view.status_text(&i.record.id))
                 .with_services(view.services_of(&i.record.id))
+                .with_solver(view.solver_of(&i.record.id), scope == Scope::Admin)
         })
         .collect();
     let revision = view.revision;
@@ -488,7 +489,7 @@ pub(super) async fn list(
 )]
 pub(super) async fn get(
     State(app): AppState,
-    _scope: Scope,
+    scope: Scope,
     Path(id): Path<String>,
     Query(q): Query<TeamQuery>,
 ) -> ApiResult {
@@ -505,13 +506,19 @@ pub(super) async fn get(
         other => other?,
     };
     let current = owned(current, team.as_ref())?.current;
-    let (status, services) = {
+    let (status, services, solver) = {
         let view = app.view.lock();
-        (view.status_text(&id), view.services_of(&id))
+        (
+            view.status_text(&id),
+            view.services_of(&id),
+            view.solver_of(&id).cloned(),
+        )
     };
     Ok(json_response(
         StatusCode::OK,
-        Instance::new(&app, &current.record, status).with_services(services),
+        Instance::new(&app, &current.record, status)
+            .with_services(services)
+            .with_solver(solver.as_ref(), scope == Scope::Admin),
     ))
 }
 

@@ -252,6 +252,7 @@ async fn fill(
         spec_revision: revision,
         flag: None,
         flag_file: spec.flag.file.clone(),
+        solver: tidegate_schema::SolverRecord::of(spec),
     };
     // A per-instance flag comes at claim; a fixed one is the template.
     let flag = if spec.per_instance_flag() {

@@ -99,6 +99,32 @@ fn each_bad_input_names_its_field() {
                 |v| v["ports"] = json!([{"name": "a", "port": 1, "protocol": "tcp"}, {"name": "b", "port": 1, "protocol": "http"}]),
             ),
         ),
+        (
+            "solver.image",
+            Box::new(|v| v["solver"] = json!({"image": "a b"})),
+        ),
+        (
+            "solver.port",
+            Box::new(|v| v["solver"] = json!({"image": "s:1", "port": "nope"})),
+        ),
+        (
+            "solver.interval_secs",
+            Box::new(|v| v["solver"] = json!({"image": "s:1", "interval_secs": 5})),
+        ),
+        (
+            "solver.timeout_secs",
+            Box::new(|v| v["solver"] = json!({"image": "s:1", "timeout_secs": 301})),
+        ),
+        (
+            "solver.timeout_secs",
+            Box::new(|v| {
+                v["solver"] = json!({"image": "s:1", "interval_secs": 20, "timeout_secs": 30})
+            }),
+        ),
+        (
+            "solver.command",
+            Box::new(|v| v["solver"] = json!({"image": "s:1", "command": ["sh"]})),
+        ),
         ("image", Box::new(|v| v["image"] = json!(""))),
         ("image", Box::new(|v| v["image"] = json!("a b"))),
         (

@@ -59,6 +59,41 @@ fn wrapper_for(host: Option<&NetnsHost>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `wrapper` followed by `env K=V...` when `env` is not empty (`env`
+/// execs the program, so its pid stays the program's).
+fn with_env(wrapper: &[String], env: &[(String, String)]) -> Vec<String> {
+    let mut w = wrapper.to_vec();
+    if !env.is_empty() {
+        w.push("env".into());
+        w.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    w
+}
+
+/// Where Debian's libfaketime keeps its preload library.
+const LIBFAKETIME: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+];
+
+/// The environment that runs a daemon with its wall clock shifted by
+/// `offset_secs` (libfaketime, installed by `cargo xtask setup`). Only the
+/// wall clock moves: the monotonic clock (timers, leases' keep-alive
+/// periods) stays true, as on a host whose NTP went wrong.
+pub fn faketime(offset_secs: i64) -> Result<Vec<(String, String)>, String> {
+    let lib = LIBFAKETIME
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("libfaketime is not installed (cargo xtask setup installs it)")?;
+    Ok(vec![
+        ("LD_PRELOAD".into(), lib.to_string()),
+        ("FAKETIME".into(), format!("{offset_secs:+}")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_DONT_RESET".into(), "1".into()),
+    ])
+}
+
 /// Starts `program args...` under `wrapper` (a command that execs the rest
 /// of its arguments, so the pid stays the program's).
 fn spawn_wrapped(
@@ -157,8 +192,15 @@ impl Controller {
 
     /// Starts the controller again from the same config (after a kill).
     pub async fn restart(&mut self, dir: &Path) {
+        self.restart_under(dir, &[]).await;
+    }
+
+    /// As [`Controller::restart`], with `env` added to its environment for
+    /// this run only (e.g. [`faketime`]); a later restart drops it.
+    pub async fn restart_under(&mut self, dir: &Path, env: &[(String, String)]) {
         self.proc.kill().unwrap();
-        self.proc = Controller::launch(&self.id, &self.config, &self.wrapper, dir);
+        let wrapper = with_env(&self.wrapper, env);
+        self.proc = Controller::launch(&self.id, &self.config, &wrapper, dir);
         self.wait_answering().await;
     }
 
@@ -425,6 +467,12 @@ impl Agent {
 
     /// Starts the agent again from the same config (after a kill).
     pub async fn restart(self, dir: &Path) -> Agent {
+        self.restart_under(dir, &[]).await
+    }
+
+    /// As [`Agent::restart`], with `env` added to its environment for this
+    /// run only (e.g. [`faketime`]); a later restart drops it.
+    pub async fn restart_under(self, dir: &Path, env: &[(String, String)]) -> Agent {
         let (worker, config, wrapper) = (
             self.worker.clone(),
             self.config.clone(),
@@ -432,7 +480,10 @@ impl Agent {
         );
         let metrics = self.metrics;
         drop(self);
-        Agent::start_with(&worker, config, metrics, dir, wrapper).await
+        let mut agent =
+            Agent::start_with(&worker, config, metrics, dir, with_env(&wrapper, env)).await;
+        agent.wrapper = wrapper;
+        agent
     }
 
     async fn start_with(

@@ -163,6 +163,9 @@ impl EtcdUsers {
 pub struct EtcdCluster {
     specs: Vec<MemberSpec>,
     procs: Vec<Option<Supervised>>,
+    /// Members added to a running cluster ([`EtcdCluster::replace_member`]):
+    /// they start with `--initial-cluster-state existing`.
+    joined: Vec<bool>,
     token: String,
     // Declared last: dropped after the processes that use it.
     dir: tempfile::TempDir,
@@ -204,6 +207,7 @@ impl EtcdCluster {
         let token = format!("tidegate-test-{:08x}", rand::random::<u32>());
         let mut cluster = Self {
             procs: specs.iter().map(|_| None).collect(),
+            joined: vec![false; n],
             specs,
             token,
             dir,
@@ -221,6 +225,11 @@ impl EtcdCluster {
         let spec = &self.specs[i];
         let log = self.dir.path().join(format!("{}.log", spec.name));
         let mut args = spec.args(&self.specs, &self.token);
+        if self.joined[i]
+            && let Some(state) = args.iter().position(|a| a == "--initial-cluster-state")
+        {
+            args[state + 1] = "existing".to_string();
+        }
         let program = match &spec.netns {
             None => "etcd",
             Some(ns) => {
@@ -242,32 +251,7 @@ impl EtcdCluster {
             dir: self.dir.path().join("users"),
         };
         std::fs::create_dir_all(&users.dir)?;
-        let etcdctl = |args: &[String], stdin: Option<&str>| -> Result<String> {
-            let mut cmd = std::process::Command::new("etcdctl");
-            cmd.env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", self.endpoints().join(",")))
-                .args(args)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            let command = crate::error::display(&cmd);
-            let mut child = cmd.spawn().map_err(|source| Error::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-            if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-                pipe.write_all(text.as_bytes())?;
-            }
-            let out = child.wait_with_output()?;
-            if !out.status.success() {
-                return Err(Error::Failed {
-                    command,
-                    status: out.status.to_string(),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
+        let etcdctl = |args: &[String], stdin: Option<&str>| self.etcdctl(args, stdin);
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let ks = tidegate_schema::Keyspace::default();
         let mut roles: Vec<(String, Vec<tidegate_schema::Grant>)> = vec![
@@ -306,6 +290,107 @@ impl EtcdCluster {
         }
         etcdctl(&args(&["auth", "enable"]), None)?;
         Ok(users)
+    }
+
+    /// Runs `etcdctl` against every member's endpoint with `args` (and
+    /// `stdin`), returning its stdout; a failure carries its stderr.
+    fn etcdctl(&self, args: &[String], stdin: Option<&str>) -> Result<String> {
+        let mut cmd = std::process::Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let command = crate::error::display(&cmd);
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(Error::Failed {
+                command,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A membership change through etcdctl. etcd refuses one that would
+    /// leave it without a healthy quorum ("unhealthy cluster"), which it
+    /// also says for a while after the previous change: retried for up to
+    /// 30 s.
+    fn reconfigure(&self, args: &[String]) -> Result<String> {
+        let mut tries = 0;
+        loop {
+            match self.etcdctl(args, None) {
+                Err(Error::Failed { stderr, .. })
+                    if stderr.contains("unhealthy cluster") && tries < 60 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// The member id etcd gave member `i` (hex, as etcdctl prints it), from
+    /// `etcdctl member list`.
+    pub fn member_id(&self, i: usize) -> Result<String> {
+        let name = &self.specs[i].name;
+        let list = self.etcdctl(&["member".into(), "list".into()], None)?;
+        list.lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split(", ").collect();
+                (fields.get(2) == Some(&name.as_str())).then(|| fields[0].to_string())
+            })
+            .ok_or_else(|| Error::NotReady(format!("etcd member {name} is not listed:\n{list}")))
+    }
+
+    /// Replaces member `i` the way an operator replaces a dead machine:
+    /// kills it, removes it from the cluster (`etcdctl member remove`),
+    /// wipes its data dir, adds it back under the same name and peer URL
+    /// (`member add`, so it gets a new id) and starts it empty with
+    /// `--initial-cluster-state existing`; it catches up from the leader.
+    /// Needs the other members to have quorum. Returns the new member id.
+    /// Does not wait for health.
+    pub fn replace_member(&mut self, i: usize) -> Result<String> {
+        let old = self.member_id(i)?;
+        self.kill_member(i)?;
+        self.reconfigure(&["member".into(), "remove".into(), old.clone()])?;
+        let data = &self.specs[i].data_dir;
+        if data.exists() {
+            std::fs::remove_dir_all(data)?;
+        }
+        // `Member <id> added to cluster <id>`: a member added but not yet
+        // started has no name in `member list`.
+        let added = self.reconfigure(&[
+            "member".to_string(),
+            "add".into(),
+            self.specs[i].name.clone(),
+            format!("--peer-urls={}", self.specs[i].peer_url()),
+        ])?;
+        let new = added
+            .split_whitespace()
+            .skip_while(|w| *w != "Member")
+            .nth(1)
+            .map(str::to_string)
+            .ok_or_else(|| Error::NotReady(format!("etcdctl member add said: {added}")))?;
+        self.joined[i] = true;
+        self.spawn_member(i)?;
+        if new == old {
+            return Err(Error::NotReady(format!(
+                "etcd member {} kept its id {old} after remove and add",
+                self.specs[i].name
+            )));
+        }
+        Ok(new)
     }
 
     /// Client URLs of every member, killed ones included.
@@ -356,6 +441,7 @@ impl EtcdCluster {
             self.kill_member(i)?;
         }
         self.token = format!("tidegate-restored-{:08x}", rand::random::<u32>());
+        self.joined.fill(false);
         let initial_cluster = self
             .specs
             .iter()

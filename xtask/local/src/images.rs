@@ -75,13 +75,17 @@ pub const DEMO_SILENT: &str = "tidegate/demo-silent:1";
 /// busybox `sh` that prints a line and exits with code 3: a crashing challenge.
 pub const DEMO_EXIT: &str = "tidegate/demo-exit:1";
 
+/// The solver of [`DEMO_HTTP`] challenges: busybox `wget` of
+/// `http://$TARGET/cgi-bin/flag` (at most 5 s), printed.
+pub const DEMO_SOLVER: &str = "tidegate/demo-solver:1";
+
 const BUSYBOX: &str = "/bin/busybox";
 const DROPBEAR: &str = "/usr/sbin/dropbear";
 
 /// Builds whichever demo images are missing; returns the names it built.
 pub fn ensure_demo_images() -> Result<Vec<String>> {
     require_engine()?;
-    let recipes: [Recipe; 6] = [
+    let recipes: [Recipe; 7] = [
         (
             DEMO_WEB_BOT,
             web_bot_rootfs,
@@ -106,6 +110,12 @@ pub fn ensure_demo_images() -> Result<Vec<String>> {
             DEMO_EXIT,
             busybox_rootfs,
             &[r#"CMD ["/bin/sh", "-c", "echo crashing; exit 3"]"#],
+        ),
+        (
+            DEMO_SOLVER,
+            busybox_rootfs,
+            // Not `wget -T`: Debian's busybox wget crashes on it.
+            &[r#"CMD ["/bin/sh", "-c", "timeout 5 wget -q -O - http://$TARGET/cgi-bin/flag"]"#],
         ),
         (
             DEMO_SILENT,

@@ -66,6 +66,7 @@ pub fn ghost_instance(
         spec_revision: 0,
         flag: None,
         flag_file: None,
+        solver: None,
     })
 }
 

@@ -92,6 +92,82 @@ pub(super) fn attacks() -> Vec<Attack> {
     ]
 }
 
+/// Attacks on a control plane of two replicas (run last: they add to the
+/// numbering of docs/security.md at its end).
+pub(super) fn replica_attacks() -> Vec<Attack> {
+    vec![Attack::new(
+        "flood spawns as one team through both replicas (40, alternating)",
+        From::Network,
+        "rate-limit",
+        flood_both,
+    )]
+}
+
+/// 40 spawns of one team in a row, every other one sent to the standby
+/// (which forwards it to the scheduler with the platform's token). The
+/// team's bucket is one, wherever the platform sends its calls: at most
+/// its burst plus its rate over the run get past it, not one bucket's
+/// worth per replica.
+fn flood_both(r: &Range) -> Result<Verdict> {
+    let rate = tidegate_schema::config::RateLimits::default().spawn;
+    let scheduler = r.plane.url.trim_start_matches("http://");
+    let standby = r.standby.trim_start_matches("http://");
+    let body = json!({"challenge": "rt-web", "team": "relay"});
+    let mut answers = std::collections::BTreeMap::<(&str, u16), usize>::new();
+    let started = Instant::now();
+    for i in 0..40 {
+        let (to, name) = if i % 2 == 0 {
+            (standby, "standby")
+        } else {
+            (scheduler, "scheduler")
+        };
+        let (status, said) = platform_at(to, "POST", "/v1/instances", &body)?;
+        // A refused token or a failed hop says nothing about the bucket.
+        let hop_failed =
+            status == 503 && (said.get("leader").is_some() || said["reason"] == "not_scheduler");
+        anyhow::ensure!(
+            status != 401 && !hop_failed,
+            "{name} answered {status}: {said}"
+        );
+        *answers.entry((name, status)).or_default() += 1;
+    }
+    // What got through is removed: later rows and controls start clean.
+    let (_, listed) = platform(r, "GET", "/v1/instances?team=relay", &Value::Null)?;
+    for id in listed["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["id"].as_str())
+    {
+        platform(r, "DELETE", &format!("/v1/instances/{id}"), &Value::Null)?;
+    }
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    // Past the bucket: made (201), queued (202) or refused after it (409
+    // per_team_max, 503 no room).
+    let passed: usize = answers
+        .iter()
+        .filter(|((_, status), _)| *status != 429)
+        .map(|(_, n)| n)
+        .sum();
+    let allowed = f64::from(rate.burst) + f64::from(rate.per_minute) * minutes + 1.0;
+    let through_standby = answers
+        .iter()
+        .any(|((name, status), _)| *name == "standby" && *status != 429);
+    anyhow::ensure!(
+        through_standby,
+        "the standby forwarded nothing past the bucket: {answers:?}"
+    );
+    Ok(if (passed as f64) <= allowed {
+        Verdict::Blocked(format!(
+            "{passed} past the team's bucket (allowed {allowed:.0}): {answers:?}"
+        ))
+    } else {
+        Verdict::Succeeded(format!(
+            "{passed} past the team's bucket, more than its {allowed:.0}: {answers:?}"
+        ))
+    })
+}
+
 /// A platform-token call to the controller: status and JSON answer.
 fn platform(r: &Range, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
     platform_at(

@@ -77,6 +77,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             |r| unlike_spec(r, "image"),
         ),
         Attack::new(
+            "a record whose solver check is not its spec's",
+            From::Worker,
+            "spec-derived",
+            |r| unlike_spec(r, "solver"),
+        ),
+        Attack::new(
             "a second agent with worker a's id",
             From::Worker,
             "unique-worker",
@@ -389,16 +395,21 @@ fn unlike_spec(r: &Range, change: &str) -> Result<Verdict> {
     let key = |id: &str| format!("/tidegate/instances/{id}");
     let mut rec: serde_json::Value =
         serde_json::from_str(&etcd_get(r, &key(&r.mallory.id)).context("mallory's record")?)?;
-    let id = if change == "image" {
-        "0000001a9e"
-    } else {
-        "00000ca95a"
+    let id = match change {
+        "image" => "0000001a9e",
+        "solver" => "00005017e5",
+        _ => "00000ca95a",
     };
     rec["id"] = id.into();
     rec["http"] = serde_json::json!([]);
     rec["tcp"][0]["port"] = 29990.into();
     if change == "image" {
         rec["container"]["image"] = tidegate_local::images::DEMO_HTTP.into();
+    } else if change == "solver" {
+        // A container of the thief's choosing on the instance's network,
+        // started by the agent every minute.
+        rec["solver"] = serde_json::json!({"image": tidegate_local::images::DEMO_HTTP,
+            "interval_secs": 60, "timeout_secs": 5, "target_port": 8080});
     } else {
         rec["container"]["cap_add"] = serde_json::json!([change]);
     }

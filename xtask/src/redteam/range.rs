@@ -1,7 +1,7 @@
 //! The red team's range: a cluster laid out as in production, on this
 //! machine. etcd on a host of its own (a network namespace) with auth on
 //! and the production roles (each agent its worker's own user), the
-//! controller and agent `a` on this host's address toward the others
+//! controller (and a standby replica) and agent `a` on this host's address toward the others
 //! (198.18.128.x), agent `b` on another host; each daemon of the debug
 //! build, so `TIDEGATE_PLANTED` can switch a defence off. Five instances:
 //! team locked's on agent `b` (spawned while b is the only worker; its
@@ -48,6 +48,8 @@ pub(super) struct Range {
     pub(super) b: Supervised,
     pub(super) b_cfg: AgentConfig,
     pub(super) plane: ControlPlane,
+    /// A standby replica's API (it forwards scheduling calls to `plane`'s).
+    pub(super) standby: String,
     /// etcd's users: root (the admin), the controllers', each worker's.
     pub(super) users: EtcdUsers,
     _containers: Containers,
@@ -119,10 +121,12 @@ impl Range {
                 bail!("widening {role}: {err}");
             }
         }
-        let plane = ControlPlane::start_with(&bin_dir, etcd, &env, |c| {
+        let mut plane = ControlPlane::start_with(&bin_dir, etcd, &env, |c| {
             c.listen = SocketAddr::new(here, c.listen.port());
             c.etcd_auth = Some(users.controller());
         })?;
+        // A second replica: platforms may send any call to either.
+        let standby = plane.add_standby(&bin_dir, &env)?;
         let label = format!("redteam-{}", std::process::id());
         let containers = Containers(label.clone());
         let dir = plane.dir().to_path_buf();
@@ -219,6 +223,7 @@ impl Range {
             a_cfg,
             b,
             plane,
+            standby,
             users,
             _containers: containers,
             host_b,

@@ -82,6 +82,26 @@ fn committed_of(w: &Value, resource: &str, show: impl Fn(u64) -> String) -> Stri
     }
 }
 
+/// The STATUS cell: the status, each service's state, and an unhealthy
+/// solver check with its reason when the answer carries one.
+fn status_cell(i: &Value) -> String {
+    let mut cell = text(&i["status"]);
+    if let Some(services) = i["services"].as_object() {
+        let states: Vec<String> = services
+            .iter()
+            .map(|(name, state)| format!("{name} {}", text(state)))
+            .collect();
+        cell = format!("{cell} ({})", states.join(", "));
+    }
+    if i["solver"]["state"] == "unhealthy" {
+        cell = match i["solver"]["detail"].as_str() {
+            Some(why) => format!("{cell}, unhealthy: {why}"),
+            None => format!("{cell}, unhealthy"),
+        };
+    }
+    cell
+}
+
 fn instance_rows(items: &[Value]) -> String {
     let now = now();
     let rows = items
@@ -104,18 +124,7 @@ fn instance_rows(items: &[Value]) -> String {
                 text(&i["challenge"]),
                 text(&i["team"]),
                 text(&i["worker"]),
-                match i["services"].as_object() {
-                    Some(services) => format!(
-                        "{} ({})",
-                        text(&i["status"]),
-                        services
-                            .iter()
-                            .map(|(name, state)| format!("{name} {}", text(state)))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    None => text(&i["status"]),
-                },
+                status_cell(i),
                 time_left(&i["expires_at"], now),
                 [http, tcp.iter().map(|p| format!("tcp:{p}")).collect()]
                     .concat()
@@ -345,6 +354,26 @@ mod tests {
         assert!(out.contains("EXPIRES_IN"), "{out}");
         assert!(out.contains(" 29m "), "{out}");
         assert!(!out.contains(&expires.to_string()), "{out}");
+    }
+
+    #[test]
+    fn an_unhealthy_instance_shows_it_with_the_reason_in_its_status() {
+        let row = |solver: Value| {
+            status_cell(&json!({"status": "running", "solver": solver,
+                "services": {"app": "ready"}}))
+        };
+        assert_eq!(
+            row(json!({"state": "unhealthy", "checked_at": 1, "detail": "the solver exited 1"})),
+            "running (app ready), unhealthy: the solver exited 1"
+        );
+        assert_eq!(
+            row(json!({"state": "unhealthy", "checked_at": 1})),
+            "running (app ready), unhealthy"
+        );
+        assert_eq!(
+            row(json!({"state": "healthy", "checked_at": 1})),
+            "running (app ready)"
+        );
     }
 
     #[test]

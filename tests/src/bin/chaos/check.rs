@@ -23,6 +23,10 @@
 //!   agent's route table matches etcd at its revision (checked by the run,
 //!   recorded as [`Settle`]s).
 //!
+//! A controller whose clock runs ahead (the clock-skew phase) grants
+//! expiries that much later than its leases end them: those instances end
+//! early by exactly the skew ([`granted_ahead`]), which is no loss.
+//!
 //! Failed requests are sorted into expected (explained by a fault window)
 //! and unexpected.
 
@@ -117,6 +121,37 @@ struct Replay {
     puts: BTreeMap<(String, u64), (i64, Option<String>)>,
     /// Each instance's `expires_at` over time.
     expiry: BTreeMap<String, Vec<(Secs, u64)>>,
+}
+
+/// How many seconds ahead controller `controller`'s wall clock ran at `at`
+/// (a clock-skew fault), 0 otherwise.
+fn ahead(h: &History, controller: usize, at: Secs) -> u64 {
+    h.faults
+        .iter()
+        .filter_map(|f| match f.target {
+            Target::ControllerClock(c, off) if c == controller && f.from <= at && at <= f.to => {
+                u64::try_from(off).ok()
+            }
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// How far ahead of true time `expires` was granted for `id`: the clock
+/// offset of the controller that led when the record first carried it.
+/// Its lease (a duration) ends the instance that much earlier.
+fn granted_ahead(h: &History, r: &Replay, id: &str, expires: u64) -> u64 {
+    let Some((_, Some(leader))) = r.puts.get(&(id.to_string(), expires)) else {
+        return 0;
+    };
+    let Some(controller) = h.controller_ids.iter().position(|c| c == leader) else {
+        return 0;
+    };
+    r.expiry
+        .get(id)
+        .and_then(|e| e.iter().find(|(_, x)| *x == expires))
+        .map_or(0, |&(at, _)| ahead(h, controller, at))
 }
 
 fn phase_of(h: &History, at: Secs) -> usize {
@@ -305,7 +340,8 @@ fn acked_spawns(h: &History, r: &Replay, out: &mut Report) {
         let Some(&(d, rev, expires)) = r.deleted.get(id) else {
             continue;
         };
-        let expired = expires as f64 <= h.start_unix + d + 1.0;
+        let ends = expires.saturating_sub(granted_ahead(h, r, id, expires));
+        let expired = ends as f64 <= h.start_unix + d + 1.0;
         let asked = h.calls.iter().any(|x| {
             x.op == Op::Delete
                 && x.instance.as_ref() == Some(id)
@@ -319,7 +355,7 @@ fn acked_spawns(h: &History, r: &Replay, out: &mut Report) {
                 detail: format!(
                     "{id} (acknowledged at {:.1} s) was deleted at revision {rev} ({d:.1} s), {:.0} s before its expiry, with no delete request",
                     c.at,
-                    expires as f64 - (h.start_unix + d)
+                    ends as f64 - (h.start_unix + d)
                 ),
             });
         }
@@ -424,8 +460,14 @@ fn renewed_not_lost(h: &History, r: &Replay, out: &mut Report) {
             .filter(|c| {
                 (c.op == Op::Spawn && c.status == 201) || (c.op == Op::Renew && c.status == 200)
             })
-            .filter_map(|c| c.body["expires_at"].as_u64())
-            .fold(expires, u64::max);
+            .filter_map(|c| {
+                let promised = c.body["expires_at"].as_u64()?;
+                Some(promised.saturating_sub(ahead(h, c.controller, c.at)))
+            })
+            .fold(
+                expires.saturating_sub(granted_ahead(h, r, id, expires)),
+                u64::max,
+            );
         let early = promised as f64 - (h.start_unix + d);
         if !asked && early > 1.0 {
             out.violations.push(Violation {
@@ -545,7 +587,8 @@ fn probes(h: &History, r: &Replay, out: &mut Report) {
                 let expires = r
                     .expiry
                     .get(&p.instance)
-                    .and_then(|v| v.iter().rev().find(|(at, _)| *at <= p.at).map(|(_, e)| *e));
+                    .and_then(|v| v.iter().rev().find(|(at, _)| *at <= p.at).map(|(_, e)| *e))
+                    .map(|e| e.saturating_sub(granted_ahead(h, r, &p.instance, e)));
                 let expiring = expires.is_some_and(|e| e as f64 - (h.start_unix + p.at) < 3.0);
                 if !running || expiring {
                     continue;
@@ -1441,6 +1484,39 @@ mod tests {
             status: 599,
             body: Value::Null,
         });
+        assert_eq!(kinds(&check(&h)), ["lost spawn"]);
+    }
+
+    #[test]
+    fn an_expiry_granted_by_a_controller_whose_clock_ran_ahead_ends_that_much_earlier() {
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        spawned(&mut h, 1.0, "a");
+        // Granted 60 s by c0 whose clock says 30 s more than the truth: the
+        // lease ends it at 1_000_031, the record says 1_000_061.
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_061);
+        delete(&mut h, 31.0, &instance_key("a"));
+        // Without the skew on record, that is an early deletion.
+        assert_eq!(kinds(&check(&h)), ["lost spawn"]);
+        h.faults.push(Fault {
+            phase: 0,
+            what: "c0 30 s ahead".into(),
+            target: Target::ControllerClock(0, 30),
+            from: 0.5,
+            to: 20.0,
+        });
+        assert!(kinds(&check(&h)).is_empty(), "{:?}", check(&h).violations);
+        // The allowance is the skew, not more: 10 s earlier still counts.
+        let at = |h: &mut History, t: Secs| {
+            if let Some(e) = h.events.last_mut() {
+                e.at = t;
+            }
+        };
+        at(&mut h, 21.0);
+        assert_eq!(kinds(&check(&h)), ["lost spawn"]);
+        at(&mut h, 31.0);
+        // A skewed controller that was not the one that granted it changes nothing.
+        h.faults[0].target = Target::ControllerClock(1, 30);
         assert_eq!(kinds(&check(&h)), ["lost spawn"]);
     }
 

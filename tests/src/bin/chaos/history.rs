@@ -104,10 +104,17 @@ pub(crate) enum Target {
     /// dropped (3: the controllers' lossy link losing answers).
     EtcdStalled(usize),
     /// An etcd member cut off from the others (the minority side of a
-    /// partition). Known open defect: agents' watches that were on it are
-    /// not cancelled, so for a moment after the heal some agents answer
-    /// for routes etcd has changed; probes then are not counted against it.
+    /// partition). The daemons' clients require a leader, so the member
+    /// refuses them and cancels their watches a few election timeouts in;
+    /// until then an agent whose watch was there learns late.
     EtcdMinority(usize),
+    /// A controller whose wall clock is this many seconds off (libfaketime):
+    /// the expiries it grants are that much later than its leases end them.
+    /// Explains no failure by itself.
+    ControllerClock(usize, i64),
+    /// An agent whose wall clock is this many seconds off. Explains no
+    /// failure by itself (its restarts are faults of their own).
+    AgentClock(usize, i64),
 }
 
 /// One injected fault and the window it lasted.

@@ -113,10 +113,14 @@ impl Lab {
         let agent_hosts = hosts(3)?;
         let etcd = EtcdCluster::start_on(&etcd_hosts.iter().collect::<Vec<_>>())
             .map_err(|e| format!("etcd: {e}"))?;
-        let client = Client::connect(etcd.endpoints(), None)
+        // The run's own client connects like the daemons (require-leader):
+        // a plain client's watch stays on a member cut off from the others
+        // and would record its deletes only after the heal (false "lost
+        // delete" reports in the minority phase).
+        let client = tidegate_etcd::connect(&etcd.endpoints(), None, None)
             .await
             .map_err(|e| format!("etcd client: {e}"))?;
-        // The run's own client rides through member loss like the daemons.
+        // It rides through member loss like the daemons.
         tokio::spawn(tidegate_etcd::prune_dead_members(
             client.clone(),
             etcd.endpoints(),
@@ -238,9 +242,24 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     controller_faults(lab, s, &mut phase, pace).await?;
     etcd_faults(lab, &mut phase, pace).await?;
     consensus_faults(lab, &mut phase, pace).await?;
+    skewed_scheduler(lab, &mut phase, pace).await?;
+    replaced_member(lab, &mut phase, pace).await?;
     renewals_under_silent_etcd(lab, s, &mut phase, pace).await?;
     agent_faults(lab, &mut phase, pace).await?;
     compaction_under_a_cut_watch(lab, s, &mut phase, pace).await
+}
+
+/// Controller `l` killed (SIGKILL) for `secs`, then started again.
+async fn kill_controller_for(lab: &mut Lab, phase: &Phases, l: usize, secs: f64) -> Res<()> {
+    let f = phase.fault(&format!("SIGKILL c{l}"), Target::Controller(l));
+    lab.controllers[l]
+        .proc
+        .signal("KILL")
+        .map_err(|e| e.to_string())?;
+    sleep(secs).await;
+    lab.controllers[l].restart(&lab.dir).await;
+    phase.heal(f);
+    Ok(())
 }
 
 /// The leader killed, then paused past its lease with requests queued.
@@ -254,14 +273,7 @@ async fn controller_faults(
     sleep(pace.lead).await;
     let l = lab.leader().await?;
     // Each fault's window opens just before it is injected.
-    let f = phase.fault(&format!("SIGKILL c{l}"), Target::Controller(l));
-    lab.controllers[l]
-        .proc
-        .signal("KILL")
-        .map_err(|e| e.to_string())?;
-    sleep(pace.hold).await;
-    lab.controllers[l].restart(&lab.dir).await;
-    phase.heal(f);
+    kill_controller_for(lab, phase, l, pace.hold).await?;
     sleep(pace.recover).await;
     phase.end(lab).await?;
 
@@ -439,6 +451,75 @@ async fn consensus_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<
     phase.end(lab).await
 }
 
+/// How far the skewed controller's clock runs ahead, and the skewed
+/// agent's behind (seconds): the failure review's ±30 s.
+const SKEW_SECS: i64 = 30;
+
+/// The standby restarted with its wall clock [`SKEW_SECS`] ahead
+/// (libfaketime), then the leader killed so that the skewed one schedules
+/// over instances the other granted, for twice the hold; then both run
+/// with the true clock again. Leases are durations, so nothing may end
+/// early except by the skew of the expiries the skewed one granted.
+async fn skewed_scheduler(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
+    phase.begin("the scheduler's clock 30 s ahead");
+    sleep(pace.lead).await;
+    let l = lab.leader().await?;
+    let k = (l + 1) % lab.controllers.len();
+    let env = tidegate_lab::daemons::faketime(SKEW_SECS)?;
+    let skew = phase.fault(
+        &format!("c{k}'s clock {SKEW_SECS:+} s"),
+        Target::ControllerClock(k, SKEW_SECS),
+    );
+    let f = phase.fault(
+        &format!("restart c{k} (standby) with its clock {SKEW_SECS:+} s"),
+        Target::Controller(k),
+    );
+    lab.controllers[k].restart_under(&lab.dir, &env).await;
+    phase.heal(f);
+    sleep(pace.lead).await;
+    kill_controller_for(lab, phase, l, pace.hold).await?;
+    sleep(pace.hold).await;
+    let f = phase.fault(
+        &format!("restart c{k} with the true clock"),
+        Target::Controller(k),
+    );
+    lab.controllers[k].restart(&lab.dir).await;
+    phase.heal(f);
+    phase.heal(skew);
+    sleep(pace.recover).await;
+    phase.end(lab).await
+}
+
+/// A follower etcd member replaced under load as an operator replaces a
+/// dead machine: killed, `member remove`, data dir wiped, `member add`,
+/// started empty; it catches up from the leader under a new member id.
+async fn replaced_member(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
+    phase.begin("an etcd member replaced under load");
+    sleep(pace.lead).await;
+    let m = (lab.etcd_leader().await + 1) % 3;
+    let f = phase.fault(
+        &format!("replace etcd m{m}: remove, wipe, add, rejoin empty"),
+        Target::Etcd(vec![m]),
+    );
+    let etcd = &mut lab.etcd;
+    let id = tokio::task::block_in_place(|| etcd.replace_member(m))
+        .map_err(|e| format!("replacing etcd m{m}: {e}"))?;
+    tokio::task::block_in_place(|| lab.etcd.wait_healthy(m)).map_err(|e| e.to_string())?;
+    phase.heal(f);
+    describe(
+        phase,
+        f,
+        format!("replace etcd m{m}: remove, wipe, add, rejoined as {id}"),
+    );
+    sleep(pace.recover).await;
+    phase.end(lab).await
+}
+
+/// Rewrites what fault `f` says (once its outcome is known).
+fn describe(phase: &Phases, f: usize, what: String) {
+    phase.s.history().faults[f].what = what;
+}
+
 /// How long an etcd member stays silent in [`renewals_under_silent_etcd`]:
 /// longer than the etcd clients' keep-alive timeout (2 s), so that
 /// connections to it are declared dead with requests in flight, and shorter
@@ -531,6 +612,30 @@ async fn agent_faults(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> 
     sleep(pace.recover).await;
     phase.end(lab).await?;
 
+    phase.begin("an agent's clock 30 s behind");
+    sleep(pace.lead).await;
+    let a = 1;
+    let env = tidegate_lab::daemons::faketime(-SKEW_SECS)?;
+    let skew = phase.fault(
+        &format!("w1's clock {:+} s", -SKEW_SECS),
+        Target::AgentClock(a, -SKEW_SECS),
+    );
+    let f = phase.fault(
+        &format!("restart w1 with its clock {:+} s", -SKEW_SECS),
+        Target::Agent(a),
+    );
+    let agent = lab.agents[a].take().ok_or("agent w1 is not running")?;
+    lab.agents[a] = Some(agent.restart_under(&lab.dir, &env).await);
+    phase.heal(f);
+    sleep(pace.hold).await;
+    let f = phase.fault("restart w1 with the true clock", Target::Agent(a));
+    let agent = lab.agents[a].take().ok_or("agent w1 is not running")?;
+    lab.agents[a] = Some(agent.restart(&lab.dir).await);
+    phase.heal(f);
+    phase.heal(skew);
+    sleep(pace.recover).await;
+    phase.end(lab).await?;
+
     phase.begin("partition an agent, heal");
     sleep(pace.lead).await;
     let a = 2;
@@ -568,17 +673,7 @@ async fn compaction_under_a_cut_watch(
     }
     s.spawn("web", "t0", None).await;
     sleep(0.5).await;
-    let revision = lab
-        .client
-        .get(Keyspace::default().root_prefix(), None)
-        .await
-        .map_err(|e| e.to_string())?
-        .header()
-        .map_or(0, |h| h.revision());
-    lab.client
-        .compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .map_err(|e| format!("compaction: {e}"))?;
+    let revision = compact_now(&lab.client).await?;
     sleep(0.5).await;
     lab.agent_hosts[a].heal().map_err(|e| e.to_string())?;
     phase.heal(f);
@@ -590,6 +685,36 @@ async fn compaction_under_a_cut_watch(
     );
     phase.end(lab).await?;
     Ok(())
+}
+
+/// Compacts etcd at its current revision (physically) and returns that
+/// revision. Retried: the run's client may first meet a connection that an
+/// earlier phase broke (a replaced or restarted member) and fail once with
+/// a broken pipe while the members are fine.
+async fn compact_now(client: &Client) -> Res<i64> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let mut c = client.clone();
+        let revision = match c.get(Keyspace::default().root_prefix(), None).await {
+            Ok(r) => r.header().map_or(0, |h| h.revision()),
+            Err(e) => {
+                last = format!("reading the revision: {e}");
+                sleep(0.3).await;
+                continue;
+            }
+        };
+        match c
+            .compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await
+        {
+            Ok(_) => return Ok(revision),
+            // An earlier try went through and only its answer was lost.
+            Err(e) if e.to_string().contains("has been compacted") => return Ok(revision),
+            Err(e) => last = format!("compaction at {revision}: {e}"),
+        }
+        sleep(0.3).await;
+    }
+    Err(last)
 }
 
 fn relists(log: &str) -> usize {

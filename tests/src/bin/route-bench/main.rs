@@ -398,6 +398,7 @@ fn ghost_instance(
         status: InstanceStatus::Running,
         updated_at: 0,
         services: Default::default(),
+        solver: None,
     };
     Ok((record, status))
 }

@@ -1,0 +1,195 @@
+//! Solver checks of this worker's instances: one task per running,
+//! team-held instance whose record names a solver. It runs the solver once
+//! the instance runs and then every `interval_secs`, and keeps the last
+//! outcome for the instance's status record (healthy when the run's output
+//! holds the instance's flag; otherwise the reason, with the output's tail).
+//! The task ends with the instance: dropping its [`Checker`] aborts it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::Client;
+use tidegate_schema::{InstanceRecord, Keyspace, SolverHealth, SolverRecord, WorkerId};
+
+use super::{Vetted, secret_of};
+use crate::runtime::{Runtime, SolverTarget};
+
+/// What a check needs of the agent.
+#[derive(Clone)]
+pub(super) struct Context {
+    pub(super) runtime: Arc<Runtime>,
+    pub(super) client: Client,
+    pub(super) ks: Keyspace,
+    pub(super) worker: WorkerId,
+}
+
+/// A running instance's solver task and its last outcome.
+#[derive(Debug)]
+pub(super) struct Checker {
+    last: Arc<Mutex<Option<SolverHealth>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Checker {
+    /// Starts checking `record`'s instance (None: it has no solver, or no
+    /// team yet — a pooled instance has no flag to find).
+    pub(super) fn start(ctx: Context, record: &InstanceRecord) -> Option<Self> {
+        let solver = record.solver.clone()?;
+        if record.is_pooled() {
+            return None;
+        }
+        let last = Arc::new(Mutex::new(None));
+        let slot = last.clone();
+        let record = record.clone();
+        let task = tokio::spawn(async move {
+            let interval = Duration::from_secs(u64::from(solver.interval_secs));
+            loop {
+                let health = check(&ctx, &record, &solver).await;
+                if health.healthy {
+                    tracing::debug!(instance = %record.id, "solver check passed");
+                } else {
+                    tracing::warn!(instance = %record.id, detail = %health.detail, "solver check failed: instance unhealthy");
+                }
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Some(Self { last, task })
+    }
+
+    /// The last check's outcome (None before the first one ends).
+    pub(super) fn health(&self) -> Option<SolverHealth> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One check: the instance's flag from its secret, where the solver reaches
+/// it, one run.
+async fn check(ctx: &Context, record: &InstanceRecord, solver: &SolverRecord) -> SolverHealth {
+    let checked_at = tidegate_schema::time::unix_secs();
+    let unhealthy = |detail: String| SolverHealth {
+        healthy: false,
+        checked_at,
+        detail: tail(&detail, SolverHealth::MAX_DETAIL),
+    };
+    let flag = match secret_of(&ctx.client, &ctx.ks, &ctx.worker, record).await {
+        Ok(secret) if !secret.flag.is_empty() => secret.flag,
+        Ok(_) => return unhealthy("the instance has no flag yet".into()),
+        Err(e) => return unhealthy(format!("could not read the instance's flag: {}", vetted(e))),
+    };
+    let target = match target(ctx, record, solver).await {
+        Ok(t) => t,
+        Err(why) => return unhealthy(why),
+    };
+    let run = match ctx.runtime.run_solver(&record.id, solver, &target).await {
+        Ok(run) => run,
+        Err(e) => return unhealthy(format!("could not run the solver: {e}")),
+    };
+    if contains(&run.output, flag.as_bytes()) {
+        return SolverHealth {
+            healthy: true,
+            checked_at,
+            detail: String::new(),
+        };
+    }
+    let ended = match run.exit_code {
+        Some(code) => format!("the solver exited {code}"),
+        None => format!("the solver did not finish within {} s", solver.timeout_secs),
+    };
+    let text = String::from_utf8_lossy(&run.output);
+    let printable: String = text
+        .chars()
+        .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
+        .collect();
+    let head = format!("{ended} without printing the instance's flag; its output ends: ");
+    let room = SolverHealth::MAX_DETAIL.saturating_sub(head.len());
+    unhealthy(format!("{head}{}", tail(printable.trim_end(), room)))
+}
+
+/// Where the solver reaches the instance: inside its one container's
+/// network namespace, or at the service's address on its network.
+async fn target(
+    ctx: &Context,
+    record: &InstanceRecord,
+    solver: &SolverRecord,
+) -> Result<SolverTarget, String> {
+    let observed = ctx
+        .runtime
+        .list_instance(&record.id)
+        .await
+        .map_err(|e| format!("could not list the instance's containers: {e}"))?;
+    let wanted = solver.service.as_ref().map(|s| s.to_string());
+    let unit = observed
+        .into_iter()
+        .find(|o| o.service == wanted && o.running)
+        .ok_or_else(|| match &wanted {
+            Some(s) => format!("the instance's service {s} is not running"),
+            None => "the instance's container is not running".to_string(),
+        })?;
+    match wanted {
+        None => Ok(SolverTarget::Namespace { container: unit.id }),
+        Some(s) => unit
+            .address
+            .map(SolverTarget::Address)
+            .ok_or_else(|| format!("the instance's service {s} has no address")),
+    }
+}
+
+fn vetted(e: Vetted) -> String {
+    match e {
+        Vetted::Unavailable(why) | Vetted::Refused(why) | Vetted::NoSecret(why) => why,
+        Vetted::Gone => "the instance is gone".into(),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The end of `s` in at most `max` bytes, marked with "…" when cut (on a
+/// character boundary).
+fn tail(s: &str, max: usize) -> String {
+    const MORE: &str = "…";
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let Some(room) = max.checked_sub(MORE.len()) else {
+        return String::new();
+    };
+    let mut start = s.len() - room;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{MORE}{}", &s[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_is_found_anywhere_in_the_output_and_never_as_empty() {
+        assert!(contains(b"solved: flag{abc}\n", b"flag{abc}"));
+        assert!(!contains(b"solved: flag{ab}\n", b"flag{abc}"));
+        assert!(!contains(b"anything", b""));
+    }
+
+    #[test]
+    fn a_tail_keeps_the_end_within_its_bytes_on_a_character_boundary() {
+        assert_eq!(tail("short", 10), "short");
+        assert_eq!(tail("0123456789", 7), "…6789");
+        // 'é' is two bytes: never cut in half, never past `max`.
+        assert_eq!(tail("aééé", 5), "…é");
+        assert_eq!(tail("aééé", 4), "…");
+        assert_eq!(tail("abcdef", 2), "");
+        for max in 0..12 {
+            assert!(tail("aééé-xyz", max).len() <= max);
+        }
+    }
+}
