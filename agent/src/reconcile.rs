@@ -954,6 +954,13 @@ impl Pass {
         let record = t.record.clone();
         let units = Unit::all(&record);
         let mut seen = seen;
+        if t.solver
+            .as_ref()
+            .is_some_and(solver::Checker::take_replacement)
+        {
+            self.replace(id, t, &seen).await;
+            seen = Vec::new();
+        }
         let mut has_network = network.is_some();
         // What was just started is looked at again at once (running with
         // its address: routable in this pass, not the next), and services
@@ -986,6 +993,20 @@ impl Pass {
             self.metrics.reconciled(t.seen.elapsed());
         }
         t.status = status;
+    }
+
+    /// Removes every container of an instance whose solver check failed
+    /// (`replace_unhealthy`): this step makes them again from its record,
+    /// with the same id, routes and flag (its flag file written afresh).
+    async fn replace(&self, id: &InstanceId, t: &mut Tracked, seen: &[Observed]) {
+        tracing::warn!(instance = %id, containers = seen.len(), "replacing the containers of an instance its solver check found unhealthy");
+        for o in seen {
+            if let Err(e) = self.runtime.remove(&o.id).await {
+                tracing::warn!(instance = %id, container = %o.id, error = %e, "could not remove a container to replace it");
+            }
+        }
+        t.services.clear();
+        t.status = InstanceStatus::Starting;
     }
 
     /// Whether an instance with a `flag_file` has the secret's flag in it

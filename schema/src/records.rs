@@ -352,6 +352,9 @@ pub struct SolverRecord {
     /// The service serving it (instances with `services`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceName>,
+    /// Replace the instance's containers when a check fails.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace_unhealthy: bool,
 }
 
 impl SolverRecord {
@@ -375,6 +378,7 @@ impl SolverRecord {
             timeout_secs: solver.timeout_secs,
             target_port: port.port,
             service,
+            replace_unhealthy: solver.replace_unhealthy,
         })
     }
 }
@@ -570,6 +574,14 @@ pub struct SolverHealth {
     /// [`SolverHealth::MAX_DETAIL`] bytes); empty when healthy.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// How many times its worker replaced its containers after a failed
+    /// check (`replace_unhealthy`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replacements: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl SolverHealth {

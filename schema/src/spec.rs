@@ -165,7 +165,17 @@ pub struct SolverSpec {
     /// default 30, at most `interval_secs`).
     #[serde(default = "default_solver_timeout")]
     pub timeout_secs: u32,
+    /// Replace an instance whose check failed: its worker removes its
+    /// containers and makes them again (same id, hostnames, ports, team,
+    /// expiry and flag; a fresh state), at most
+    /// [`MAX_SOLVER_REPLACEMENTS`] times, then leaves it unhealthy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace_unhealthy: bool,
 }
+
+/// How many times a worker replaces one unhealthy instance before it
+/// leaves it as it is ([`SolverSpec::replace_unhealthy`]).
+pub const MAX_SOLVER_REPLACEMENTS: u32 = 3;
 
 /// Default [`SolverSpec::interval_secs`].
 pub const DEFAULT_SOLVER_INTERVAL_SECS: u32 = 300;

@@ -961,3 +961,65 @@ async fn a_solver_that_stops_finding_the_flag_marks_the_instance_unhealthy_withi
     tokio::time::sleep(Duration::from_secs(INTERVAL + 2)).await;
     assert!(solver_containers().is_empty(), "{:?}", solver_containers());
 }
+
+/// `replace_unhealthy`: a failed check makes the worker remove the
+/// instance's containers and make them again, keeping its id, hostname,
+/// team, expiry and flag (its flag file written afresh, which heals what
+/// the test broke); the next check passes and counts the replacement.
+#[tokio::test]
+async fn an_unhealthy_instance_is_replaced_in_place_when_its_spec_says_so() {
+    const INTERVAL: u64 = 10;
+    let running = cluster(|_| {}).await;
+    let c = &running;
+    let mut spec = web_spec();
+    spec["flag"] = json!({"file": "/flag"});
+    spec["solver"] = json!({"image": DEMO_SOLVER, "interval_secs": INTERVAL,
+        "timeout_secs": 8, "replace_unhealthy": true});
+    assert_eq!(
+        c.controller.put_challenge("web", spec).await.0,
+        StatusCode::CREATED
+    );
+    let id = c.spawn("web", "team-1").await;
+    c.wait_status(&id, "running").await;
+    let path = format!("/v1/instances/{id}");
+    let get = || async {
+        c.controller
+            .call(Method::GET, &path, None, Some(ADMIN))
+            .await
+            .1
+    };
+    assert!(
+        eventually(INTERVAL + 8, || async {
+            get().await["solver"]["state"] == "healthy"
+        })
+        .await,
+        "{}",
+        get().await
+    );
+    let before = get().await;
+    let (container, _) = c.reported(&id).await;
+    let cfg = AgentConfig::from_file(&c.agent().config).unwrap();
+    let flag_file = cfg.worker_flag_dir().join(&id).join("flag");
+    let flag = std::fs::read_to_string(&flag_file).unwrap();
+    std::fs::write(&flag_file, "broken\n").unwrap();
+    // Found unhealthy, replaced, and healthy at the check after.
+    let healed = eventually(3 * INTERVAL, || async {
+        let solver = get().await["solver"].clone();
+        solver["state"] == "healthy" && solver["replacements"] == 1
+    })
+    .await;
+    let after = get().await;
+    assert!(healed, "{after}\n{}", c.agent().proc.log_tail(20));
+    let (replaced, _) = c.reported(&id).await;
+    assert_ne!(replaced, container, "the containers were not made again");
+    assert!(gone(&container), "the old container is still there");
+    for field in ["id", "team", "challenge", "expires_at", "http"] {
+        assert_eq!(before[field], after[field], "{field} changed");
+    }
+    assert_eq!(std::fs::read_to_string(&flag_file).unwrap(), flag);
+    assert!(
+        c.agent()
+            .log()
+            .contains("replacing the containers of an instance its solver check found unhealthy")
+    );
+}

@@ -102,7 +102,16 @@ fn a_replaced_etcd_member_rejoins_empty_under_a_new_id_and_catches_up() {
         );
         assert_ne!(new_id, old_id, "a replaced member must get a new id");
         cluster.wait_healthy(follower).unwrap();
-        // Written after the replacement: reaches the new member through raft.
+        // Written after the replacement (through the members that stayed:
+        // the first client's connection to the replaced one is broken),
+        // it reaches the new member through raft.
+        let survivors: Vec<String> = (0..3)
+            .filter(|&i| i != follower)
+            .map(|i| cluster.endpoints()[i].clone())
+            .collect();
+        let mut client = etcd_client::Client::connect(&survivors, None)
+            .await
+            .unwrap();
         client.put("/t/after", "2", None).await.unwrap();
         let mut c = etcd_client::Client::connect([&cluster.endpoints()[follower]], None)
             .await

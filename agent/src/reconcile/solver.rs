@@ -3,12 +3,16 @@
 //! the instance runs and then every `interval_secs`, and keeps the last
 //! outcome for the instance's status record (healthy when the run's output
 //! holds the instance's flag; otherwise the reason, with the output's tail).
+//! With `replace_unhealthy`, a failed check also asks the reconciler to
+//! make the instance's containers again (at most
+//! [`MAX_SOLVER_REPLACEMENTS`] times).
 //! The task ends with the instance: dropping its [`Checker`] aborts it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::Client;
+use tidegate_schema::spec::MAX_SOLVER_REPLACEMENTS;
 use tidegate_schema::{InstanceRecord, Keyspace, SolverHealth, SolverRecord, WorkerId};
 
 use super::{Vetted, secret_of};
@@ -26,8 +30,16 @@ pub(super) struct Context {
 /// A running instance's solver task and its last outcome.
 #[derive(Debug)]
 pub(super) struct Checker {
-    last: Arc<Mutex<Option<SolverHealth>>>,
+    shared: Arc<Mutex<Shared>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the task tells the reconciler.
+#[derive(Debug, Default)]
+struct Shared {
+    last: Option<SolverHealth>,
+    /// A failed check asks for the instance's containers to be made again.
+    replace: bool,
 }
 
 impl Drop for Checker {
@@ -44,28 +56,50 @@ impl Checker {
         if record.is_pooled() {
             return None;
         }
-        let last = Arc::new(Mutex::new(None));
-        let slot = last.clone();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let slot = shared.clone();
         let record = record.clone();
         let task = tokio::spawn(async move {
             let interval = Duration::from_secs(u64::from(solver.interval_secs));
+            let mut replacements = 0;
             loop {
-                let health = check(&ctx, &record, &solver).await;
+                let mut health = check(&ctx, &record, &solver).await;
+                let replace = !health.healthy
+                    && solver.replace_unhealthy
+                    && replacements < MAX_SOLVER_REPLACEMENTS;
+                if replace {
+                    replacements += 1;
+                }
+                health.replacements = replacements;
                 if health.healthy {
                     tracing::debug!(instance = %record.id, "solver check passed");
                 } else {
-                    tracing::warn!(instance = %record.id, detail = %health.detail, "solver check failed: instance unhealthy");
+                    tracing::warn!(instance = %record.id, detail = %health.detail, replace, replacements, "solver check failed: instance unhealthy");
                 }
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+                {
+                    let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+                    s.last = Some(health);
+                    s.replace |= replace;
+                }
                 tokio::time::sleep(interval).await;
             }
         });
-        Some(Self { last, task })
+        Some(Self { shared, task })
     }
 
     /// The last check's outcome (None before the first one ends).
     pub(super) fn health(&self) -> Option<SolverHealth> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.lock().last.clone()
+    }
+
+    /// Whether a failed check asked for the instance's containers to be
+    /// made again (once per ask).
+    pub(super) fn take_replacement(&self) -> bool {
+        std::mem::take(&mut self.lock().replace)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -77,6 +111,7 @@ async fn check(ctx: &Context, record: &InstanceRecord, solver: &SolverRecord) ->
         healthy: false,
         checked_at,
         detail: tail(&detail, SolverHealth::MAX_DETAIL),
+        replacements: 0,
     };
     let flag = match secret_of(&ctx.client, &ctx.ks, &ctx.worker, record).await {
         Ok(secret) if !secret.flag.is_empty() => secret.flag,
@@ -96,6 +131,7 @@ async fn check(ctx: &Context, record: &InstanceRecord, solver: &SolverRecord) ->
             healthy: true,
             checked_at,
             detail: String::new(),
+            replacements: 0,
         };
     }
     let ended = match run.exit_code {

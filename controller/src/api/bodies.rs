@@ -222,6 +222,14 @@ struct SolverCheck {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     detail: Option<String>,
+    /// How many times its worker made its containers again after a failed
+    /// check (`solver.replace_unhealthy`).
+    #[serde(skip_serializing_if = "is_zero")]
+    replacements: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Where players reach an HTTP port of an instance.
@@ -293,6 +301,7 @@ impl Instance {
             state: if h.healthy { "healthy" } else { "unhealthy" },
             checked_at: h.checked_at,
             detail: (admin && !h.healthy).then(|| h.detail.clone()),
+            replacements: h.replacements,
         });
         self
     }

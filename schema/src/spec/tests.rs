@@ -122,6 +122,10 @@ fn each_bad_input_names_its_field() {
             }),
         ),
         (
+            "solver.replace_unhealthy",
+            Box::new(|v| v["solver"] = json!({"image": "s:1", "replace_unhealthy": "yes"})),
+        ),
+        (
             "solver.command",
             Box::new(|v| v["solver"] = json!({"image": "s:1", "command": ["sh"]})),
         ),
