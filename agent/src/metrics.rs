@@ -34,6 +34,12 @@ struct StateLabel {
     state: &'static str,
 }
 
+/// A solver check's outcome, as the `result` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
 /// The reconciler's and membership's measures, and etcd's health.
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,6 +50,8 @@ pub struct Metrics {
     unlike_spec: Counter,
     orphans: Counter,
     registrations: Counter,
+    solver_checks: Family<ResultLabel, Counter>,
+    solver_replacements: Counter,
     watch_revision: Gauge,
     host_firewall: Gauge,
     /// etcd round trips and watch lag.
@@ -64,6 +72,8 @@ impl Default for Metrics {
             unlike_spec: Counter::default(),
             orphans: Counter::default(),
             registrations: Counter::default(),
+            solver_checks: Family::default(),
+            solver_replacements: Counter::default(),
             watch_revision: Gauge::default(),
             host_firewall: Gauge::default(),
             etcd: Arc::default(),
@@ -111,9 +121,22 @@ impl Metrics {
                 "Times this worker (re)registered its membership",
                 &self.registrations,
             ),
+            (
+                "solver_replacements",
+                "Times this worker made an instance's containers again after a failed solver check (replace_unhealthy)",
+                &self.solver_replacements,
+            ),
         ] {
             registry.register(name, help, c.clone());
         }
+        for result in ["healthy", "unhealthy"] {
+            self.solver_checks.get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            "solver_checks",
+            "Solver checks this worker ran, by outcome (the flag found or not)",
+            self.solver_checks.clone(),
+        );
         registry.register(
             "watch_revision",
             "The etcd revision the agent's view reflects",
@@ -153,6 +176,19 @@ impl Metrics {
 
     pub fn unlike_spec(&self) {
         self.unlike_spec.inc();
+    }
+
+    /// A solver check ended.
+    pub fn solver_checked(&self, healthy: bool) {
+        let result = if healthy { "healthy" } else { "unhealthy" };
+        self.solver_checks
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// An unhealthy instance's containers are being made again.
+    pub fn solver_replaced(&self) {
+        self.solver_replacements.inc();
     }
 
     pub fn orphan_removed(&self) {

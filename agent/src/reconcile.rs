@@ -488,6 +488,7 @@ impl Reconciler {
             client: self.client.clone(),
             ks: self.ks.clone(),
             worker: self.worker.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -1000,6 +1001,7 @@ impl Pass {
     /// with the same id, routes and flag (its flag file written afresh).
     async fn replace(&self, id: &InstanceId, t: &mut Tracked, seen: &[Observed]) {
         tracing::warn!(instance = %id, containers = seen.len(), "replacing the containers of an instance its solver check found unhealthy");
+        self.metrics.solver_replaced();
         for o in seen {
             if let Err(e) = self.runtime.remove(&o.id).await {
                 tracing::warn!(instance = %id, container = %o.id, error = %e, "could not remove a container to replace it");

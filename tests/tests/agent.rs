@@ -911,6 +911,13 @@ async fn a_solver_that_stops_finding_the_flag_marks_the_instance_unhealthy_withi
         metrics.contains("tidegate_controller_instances_unhealthy 1"),
         "{metrics}"
     );
+    let runs = |result: &'static str| async move {
+        c.agent()
+            .metric(&format!("tidegate_agent_solver_checks_total{{result=\"{result}\"}}"))
+            .await
+            .unwrap_or_default()
+    };
+    assert!(runs("healthy").await >= 1.0 && runs("unhealthy").await >= 1.0);
 
     // The flag is back: healthy again at the next run.
     std::fs::write(&flag_file, &flag).unwrap();
@@ -1017,6 +1024,12 @@ async fn an_unhealthy_instance_is_replaced_in_place_when_its_spec_says_so() {
         assert_eq!(before[field], after[field], "{field} changed");
     }
     assert_eq!(std::fs::read_to_string(&flag_file).unwrap(), flag);
+    assert_eq!(
+        c.agent()
+            .metric("tidegate_agent_solver_replacements_total")
+            .await,
+        Some(1.0)
+    );
     assert!(
         c.agent()
             .log()

@@ -21,6 +21,7 @@ mod instance;
 mod policy;
 mod range;
 mod services;
+mod solver;
 
 use std::time::Instant;
 
@@ -192,6 +193,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "each instance with services has a network of its own (TIDEGATE_PLANTED: one network for all of them)",
     ),
     (
+        "solver-limits",
+        "a solver run is stopped at its timeout_secs and its container removed (TIDEGATE_PLANTED: an hour)",
+    ),
+    (
         "etcd-roles",
         "each worker's etcd user reads its own secrets and writes only its own keys (the range grants worker b readwrite on the root)",
     ),
@@ -207,6 +212,7 @@ fn attacks() -> Vec<Attack> {
     all.extend(policy::attacks());
     all.extend(services::attacks());
     all.extend(api::replica_attacks());
+    all.extend(solver::attacks());
     all
 }
 

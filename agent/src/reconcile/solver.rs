@@ -25,6 +25,7 @@ pub(super) struct Context {
     pub(super) client: Client,
     pub(super) ks: Keyspace,
     pub(super) worker: WorkerId,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A running instance's solver task and its last outcome.
@@ -71,6 +72,7 @@ impl Checker {
                     replacements += 1;
                 }
                 health.replacements = replacements;
+                ctx.metrics.solver_checked(health.healthy);
                 if health.healthy {
                     tracing::debug!(instance = %record.id, "solver check passed");
                 } else {

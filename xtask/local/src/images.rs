@@ -75,6 +75,9 @@ pub const DEMO_SILENT: &str = "tidegate/demo-silent:1";
 /// busybox `sh` that prints a line and exits with code 3: a crashing challenge.
 pub const DEMO_EXIT: &str = "tidegate/demo-exit:1";
 
+/// busybox `yes`: writes without end, never exits (a runaway solver).
+pub const DEMO_FLOOD: &str = "tidegate/demo-flood:1";
+
 /// The solver of [`DEMO_HTTP`] challenges: busybox `wget` of
 /// `http://$TARGET/cgi-bin/flag` (at most 5 s), printed.
 pub const DEMO_SOLVER: &str = "tidegate/demo-solver:1";
@@ -85,7 +88,7 @@ const DROPBEAR: &str = "/usr/sbin/dropbear";
 /// Builds whichever demo images are missing; returns the names it built.
 pub fn ensure_demo_images() -> Result<Vec<String>> {
     require_engine()?;
-    let recipes: [Recipe; 7] = [
+    let recipes: [Recipe; 8] = [
         (
             DEMO_WEB_BOT,
             web_bot_rootfs,
@@ -116,6 +119,11 @@ pub fn ensure_demo_images() -> Result<Vec<String>> {
             busybox_rootfs,
             // Not `wget -T`: Debian's busybox wget crashes on it.
             &[r#"CMD ["/bin/sh", "-c", "timeout 5 wget -q -O - http://$TARGET/cgi-bin/flag"]"#],
+        ),
+        (
+            DEMO_FLOOD,
+            busybox_rootfs,
+            &[r#"CMD ["/bin/busybox", "yes", "flood"]"#],
         ),
         (
             DEMO_SILENT,
