@@ -130,7 +130,7 @@ impl Metrics {
             registry.register(name, help, c.clone());
         }
         for result in ["healthy", "unhealthy"] {
-            self.solver_checks.get_or_create(&ResultLabel { result });
+            let _ = self.solver_checks.get_or_create(&ResultLabel { result });
         }
         registry.register(
             "solver_checks",

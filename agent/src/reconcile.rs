@@ -277,6 +277,10 @@ pub struct Reconciler {
     /// Whether one of them is a pooled instance claimed by a team: its
     /// pass does not wait for `MIN_PASS_GAP` (a player waits for it).
     urgent: bool,
+    /// Solver runs of this worker at once (shared by every check).
+    solver_runs: Arc<tokio::sync::Semaphore>,
+    /// When the last sweep of solver containers no check owns ran.
+    solvers_swept: Instant,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -294,6 +298,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Watch events taken at most before a pass (the rest wait for the next).
 const MAX_BATCH: usize = 1024;
+
+/// How often solver containers no check owns are looked for.
+const SOLVER_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Passes for watch events start at least this far apart.
 const MIN_PASS_GAP: Duration = Duration::from_millis(100);
@@ -368,6 +375,8 @@ impl Reconciler {
             concurrency: 1,
             dirty: false,
             urgent: false,
+            solver_runs: Arc::new(tokio::sync::Semaphore::new(solver::MAX_CONCURRENT_RUNS)),
+            solvers_swept: Instant::now(),
         }
     }
 
@@ -433,6 +442,13 @@ impl Reconciler {
                 _ = tick.tick() => self.reconcile().await,
                 _ = &mut stop => {
                     self.jobs.abort_all();
+                    // Checks end with the agent; their runs go with them.
+                    self.desired.clear();
+                    match tokio::time::timeout(Duration::from_secs(10), self.runtime.remove_solvers()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove solver containers; the next start does"),
+                        Err(_) => tracing::warn!("removing solver containers took too long; the next start does"),
+                    }
                     return;
                 }
             }
@@ -489,6 +505,42 @@ impl Reconciler {
             ks: self.ks.clone(),
             worker: self.worker.clone(),
             metrics: self.metrics.clone(),
+            runs: self.solver_runs.clone(),
+        }
+    }
+
+    /// Removes solver containers no check owns (a removal that failed when
+    /// the instance went), at most once a minute.
+    async fn sweep_solvers(&mut self) {
+        if self.solvers_swept.elapsed() < SOLVER_SWEEP_EVERY {
+            return;
+        }
+        self.solvers_swept = Instant::now();
+        let list = match self.runtime.solver_containers().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list solver containers; the next sweep does");
+                return;
+            }
+        };
+        for (container, instance) in list {
+            let id = InstanceId::parse(&instance).ok();
+            let owned = id.as_ref().is_some_and(|id| {
+                self.away.contains_key(id)
+                    || self.desired.get(id).is_some_and(|t| t.solver.is_some())
+            });
+            if owned {
+                continue;
+            }
+            match self.runtime.remove(&container).await {
+                Ok(()) => {
+                    self.metrics.orphan_removed();
+                    tracing::info!(container = %container, instance = %instance, "removed a solver container no check owns");
+                }
+                Err(e) => {
+                    tracing::warn!(container = %container, error = %e, "could not remove a solver container")
+                }
+            }
         }
     }
 
@@ -703,6 +755,7 @@ impl Reconciler {
         // know all records).
         if self.synced {
             self.remove_orphans(&by_instance, &networks).await;
+            self.sweep_solvers().await;
         }
         // Each instance's step and status write, in that order, as a task
         // of its own, up to `concurrency` at once: one slow Docker call
@@ -1002,6 +1055,10 @@ impl Pass {
     async fn replace(&self, id: &InstanceId, t: &mut Tracked, seen: &[Observed]) {
         tracing::warn!(instance = %id, containers = seen.len(), "replacing the containers of an instance its solver check found unhealthy");
         self.metrics.solver_replaced();
+        if let Some(checker) = &t.solver {
+            checker.replaced();
+        }
+        t.seen = Instant::now();
         for o in seen {
             if let Err(e) = self.runtime.remove(&o.id).await {
                 tracing::warn!(instance = %id, container = %o.id, error = %e, "could not remove a container to replace it");

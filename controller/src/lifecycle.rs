@@ -202,11 +202,7 @@ pub async fn renew(
     // replica whose clock runs ahead, capped at the maximum lifetime,
     // would otherwise grant less than another replica already promised
     // (found by the chaos clock-skew phase).
-    let remaining = client
-        .lease_time_to_live(current.lease, None)
-        .await?
-        .ttl()
-        .max(0);
+    let remaining = old_lease_left(&mut client, rec.id.as_str(), current.lease).await;
     let ttl = lease_secs(expires_at, now, remaining);
     let lease = client.lease_grant(ttl, None).await?.id();
     let opts = || Some(PutOptions::new().with_lease(lease));
@@ -323,6 +319,24 @@ pub async fn renew(
         record,
         settled: false,
     })
+}
+
+/// Seconds the old lease has left, read best-effort: a read that fails
+/// twice (a connection reset by a lost answer just before, a member
+/// restarting) leaves the renewal to its own clock rather than failing it.
+async fn old_lease_left(client: &mut Client, id: &str, lease: i64) -> i64 {
+    let mut last = None;
+    for pause in [0, 200] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        match client.lease_time_to_live(lease, None).await {
+            Ok(r) => return r.ttl().max(0),
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
+        tracing::warn!(instance = %id, lease, error = %e, "could not read what the old lease has left; renewing by this replica's clock");
+    }
+    0
 }
 
 /// Revokes the lease a renewal moved every key off.

@@ -913,7 +913,9 @@ async fn a_solver_that_stops_finding_the_flag_marks_the_instance_unhealthy_withi
     );
     let runs = |result: &'static str| async move {
         c.agent()
-            .metric(&format!("tidegate_agent_solver_checks_total{{result=\"{result}\"}}"))
+            .metric(&format!(
+                "tidegate_agent_solver_checks_total{{result=\"{result}\"}}"
+            ))
             .await
             .unwrap_or_default()
     };

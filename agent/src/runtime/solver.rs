@@ -27,7 +27,6 @@ use tidegate_schema::{InstanceId, Limits, SolverRecord};
 
 use super::{
     DockerError, LABEL_CLUSTER, LABEL_WORKER, Runtime, RuntimeError, classify, container_name,
-    not_found,
 };
 
 /// Labels a solver's container with the instance it checks.
@@ -124,7 +123,7 @@ impl Runtime {
         };
         let created = match self.docker.create_container(options(), body()).await {
             Ok(r) => r.id,
-            Err(e) if not_found(&e) => {
+            Err(e) if no_such_image(&e) => {
                 self.pull(&solver.image).await?;
                 self.docker
                     .create_container(options(), body())
@@ -193,6 +192,15 @@ impl Runtime {
     /// Removes every solver container of this worker (runs an agent that
     /// stopped left behind).
     pub async fn remove_solvers(&self) -> Result<usize, DockerError> {
+        let list = self.solver_containers().await?;
+        for (container, _) in &list {
+            self.remove(container).await?;
+        }
+        Ok(list.len())
+    }
+
+    /// This worker's solver containers: (container id, instance it checks).
+    pub async fn solver_containers(&self) -> Result<Vec<(String, String)>, DockerError> {
         let mut labels = vec![
             LABEL_SOLVER.to_string(),
             format!("{LABEL_WORKER}={}", self.worker),
@@ -206,13 +214,35 @@ impl Runtime {
                 ..Default::default()
             }))
             .await?;
-        let mut removed = 0;
-        for c in list {
-            if let Some(id) = c.id {
-                self.remove(&id).await?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let instance = c.labels.as_ref()?.get(LABEL_SOLVER)?.clone();
+                Some((c.id?, instance))
+            })
+            .collect())
+    }
+}
+
+/// Whether Docker refused to create a container because its image is not
+/// here (not because the instance's container it joins is gone).
+fn no_such_image(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code: 404, message }
+        if message.contains("No such image"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_image_is_pulled() {
+        let err = |status_code, message: &str| DockerError::DockerResponseServerError {
+            status_code,
+            message: message.to_string(),
+        };
+        assert!(no_such_image(&err(404, "No such image: tidegate/solver:2")));
+        assert!(!no_such_image(&err(404, "No such container: tidegate-i-1")));
+        assert!(!no_such_image(&err(500, "No such image: x")));
     }
 }
