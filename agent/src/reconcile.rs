@@ -122,6 +122,9 @@ struct Tracked {
     /// Its solver check, while it runs with a team (challenges with a
     /// `solver`): dropped with the instance, which ends the task.
     solver: Option<solver::Checker>,
+    /// A rollout rewrote the record with other containers: the next step
+    /// vets it against its new spec revision and makes them again.
+    upgrade: bool,
 }
 
 impl Tracked {
@@ -141,6 +144,7 @@ impl Tracked {
             flag_failures: 0,
             flag_error: None,
             solver: None,
+            upgrade: false,
         }
     }
 
@@ -159,6 +163,25 @@ impl Tracked {
             if self.status == InstanceStatus::Running {
                 self.status = InstanceStatus::Starting;
             }
+        }
+        // A rollout (or its abort) moved the instance to another spec
+        // revision: same id, routes, team, expiry and flag, other containers.
+        let upgraded = record.spec_revision != self.record.spec_revision
+            || record.container != self.record.container
+            || record.services != self.record.services
+            || record.solver != self.record.solver
+            || record.flag_file != self.record.flag_file;
+        if upgraded && !claimed {
+            self.upgrade = true;
+            // Vetted again, against the new revision's spec.
+            self.secret = None;
+            self.retry_at = None;
+            self.attempts = 0;
+            // The old containers' checks say nothing of the new ones.
+            self.solver = None;
+            self.seen = Instant::now();
+            // Failed too: an abort rolls a canary that failed back.
+            self.status = InstanceStatus::Starting;
         }
         self.record = record;
         self.lease = lease;
@@ -1008,11 +1031,21 @@ impl Pass {
         let record = t.record.clone();
         let units = Unit::all(&record);
         let mut seen = seen;
-        if t.solver
+        if std::mem::take(&mut t.upgrade) {
+            tracing::info!(instance = %id, spec_revision = record.spec_revision, containers = seen.len(), "a rollout moved the instance to another spec revision: making its containers again");
+            self.remake(id, t, &seen).await;
+            seen = Vec::new();
+        } else if t
+            .solver
             .as_ref()
             .is_some_and(solver::Checker::take_replacement)
         {
-            self.replace(id, t, &seen).await;
+            tracing::warn!(instance = %id, containers = seen.len(), "replacing the containers of an instance its solver check found unhealthy");
+            self.metrics.solver_replaced();
+            if let Some(checker) = &t.solver {
+                checker.replaced();
+            }
+            self.remake(id, t, &seen).await;
             seen = Vec::new();
         }
         let mut has_network = network.is_some();
@@ -1049,19 +1082,15 @@ impl Pass {
         t.status = status;
     }
 
-    /// Removes every container of an instance whose solver check failed
-    /// (`replace_unhealthy`): this step makes them again from its record,
-    /// with the same id, routes and flag (its flag file written afresh).
-    async fn replace(&self, id: &InstanceId, t: &mut Tracked, seen: &[Observed]) {
-        tracing::warn!(instance = %id, containers = seen.len(), "replacing the containers of an instance its solver check found unhealthy");
-        self.metrics.solver_replaced();
-        if let Some(checker) = &t.solver {
-            checker.replaced();
-        }
+    /// Removes every container of an instance to make them again from its
+    /// record in this step (a failed solver check with `replace_unhealthy`,
+    /// or a rollout): same id, routes and flag (its flag file written
+    /// afresh).
+    async fn remake(&self, id: &InstanceId, t: &mut Tracked, seen: &[Observed]) {
         t.seen = Instant::now();
         for o in seen {
             if let Err(e) = self.runtime.remove(&o.id).await {
-                tracing::warn!(instance = %id, container = %o.id, error = %e, "could not remove a container to replace it");
+                tracing::warn!(instance = %id, container = %o.id, error = %e, "could not remove a container to make it again");
             }
         }
         t.services.clear();
@@ -1477,6 +1506,7 @@ impl Pass {
                 BTreeMap::new()
             },
             solver: t.solver.as_ref().and_then(solver::Checker::health),
+            spec_revision: t.record.spec_revision,
         };
         if t.reported.as_ref() == Some(&record) || t.lease == 0 {
             return;

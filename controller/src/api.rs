@@ -58,6 +58,8 @@ fn documented() -> OpenApiRouter<Arc<App>> {
             challenges::put,
             challenges::delete
         ))
+        .routes(routes!(challenges::rollout_get, challenges::rollout_start))
+        .routes(routes!(challenges::rollout_ask))
         .routes(
             routes!(policies::get, policies::put, policies::delete)
                 // Components up to 10 MiB; a bit more is read so that an

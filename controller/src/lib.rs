@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
+pub mod rollout;
 pub mod scheduler;
 pub mod serve;
 pub mod spawn;

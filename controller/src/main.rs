@@ -84,6 +84,7 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         )),
         tokio::spawn(scheduler::run_election(app.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),
+        tokio::spawn(tidegate_controller::rollout::run(app.clone())),
         tokio::spawn(api::run_admissions(app.clone())),
         tokio::spawn(api::run_pools(app.clone())),
         tokio::spawn(policy::run_idle_checks(app.clone())),

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub forwarded: Counter,
     pub forward_failed: Counter,
     pub worker_gone_deletions: Counter,
+    /// Instances a rollout (or its abort) moved onto another spec revision.
+    pub rollout_replacements: Counter,
     /// Spawns and renewals a policy plugin refused (deny, queue, refuse).
     pub policy_denials: Counter,
     /// Plugin calls that trapped, timed out or ran out of memory.
@@ -146,6 +148,7 @@ impl Default for Metrics {
             forwarded: Counter::default(),
             forward_failed: Counter::default(),
             worker_gone_deletions: Counter::default(),
+            rollout_replacements: Counter::default(),
             policy_denials: Counter::default(),
             policy_failures: Counter::default(),
             idle_expirations: Counter::default(),
@@ -240,6 +243,11 @@ impl Metrics {
                 "worker_gone_deletions",
                 "Instances deleted because their worker was gone past worker_grace_secs",
                 &self.worker_gone_deletions,
+            ),
+            (
+                "rollout_replacements",
+                "Instances a rollout (or its abort) moved onto another spec revision",
+                &self.rollout_replacements,
             ),
             (
                 "idle_expirations",

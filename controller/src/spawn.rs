@@ -343,7 +343,7 @@ fn draft(plan: &SpawnPlan, id: Option<InstanceId>) -> Result<InstanceRecord, Spa
 
 /// The service a port goes to: none for a one-image challenge; the one
 /// named, or the only service.
-fn service_of(spec: &ChallengeSpec, port: &PortSpec) -> Option<ServiceName> {
+pub(crate) fn service_of(spec: &ChallengeSpec, port: &PortSpec) -> Option<ServiceName> {
     if spec.services.is_empty() {
         return None;
     }

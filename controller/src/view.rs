@@ -38,6 +38,9 @@ pub struct LiveInstance {
     pub record: InstanceRecord,
     pub lease: i64,
     pub mod_revision: i64,
+    /// The revision that created the key: orders instances made in the
+    /// same second.
+    pub create_revision: i64,
 }
 
 /// A spawn waiting for room, as the view holds it.
@@ -68,6 +71,9 @@ pub struct View {
     /// The last solver check of each instance whose challenge has a solver
     /// (same keys).
     pub solver: BTreeMap<(InstanceId, WorkerId), SolverHealth>,
+    /// The spec revision each status says the instance's containers were
+    /// made from (same keys; absent: 0, an agent from before rollouts).
+    pub status_spec: BTreeMap<(InstanceId, WorkerId), i64>,
     /// Challenges with a warm pool, and their record's mod revision.
     pub pools: BTreeMap<ChallengeName, (ChallengeRecord, i64)>,
     /// The etcd revision the view reflects.
@@ -94,6 +100,7 @@ impl View {
                             record,
                             lease: kv.lease,
                             mod_revision: kv.mod_revision,
+                            create_revision: kv.create_revision,
                         },
                     );
                 }
@@ -133,6 +140,7 @@ impl View {
                         None => self.solver.remove(&key),
                     };
                     self.status_rev.insert(key.clone(), kv.mod_revision);
+                    self.status_spec.insert(key.clone(), st.spec_revision);
                     self.status.insert(key, st.status);
                 }
                 Ok(_) => {
@@ -178,6 +186,8 @@ impl View {
                         .remove(&(id.clone(), gone.record.worker.clone()));
                     self.solver
                         .remove(&(id.clone(), gone.record.worker.clone()));
+                    self.status_spec
+                        .remove(&(id.clone(), gone.record.worker.clone()));
                     self.status.remove(&(id, gone.record.worker));
                 }
             }
@@ -185,6 +195,7 @@ impl View {
                 self.services.remove(&(instance.clone(), worker.clone()));
                 self.status_rev.remove(&(instance.clone(), worker.clone()));
                 self.solver.remove(&(instance.clone(), worker.clone()));
+                self.status_spec.remove(&(instance.clone(), worker.clone()));
                 self.status.remove(&(instance, worker));
             }
             Ok(Key::Queued { challenge, team }) => {
@@ -404,6 +415,17 @@ impl View {
     }
 
     /// The last solver check of an instance, as its own worker wrote it.
+    /// The spec revision an instance's own worker says its containers run
+    /// (0: not said).
+    pub fn running_revision(&self, id: &InstanceId) -> i64 {
+        self.instances.get(id).map_or(0, |i| {
+            self.status_spec
+                .get(&(id.clone(), i.record.worker.clone()))
+                .copied()
+                .unwrap_or(0)
+        })
+    }
+
     pub fn solver_of(&self, id: &InstanceId) -> Option<&SolverHealth> {
         let owner = self.instances.get(id)?.record.worker.clone();
         self.solver.get(&(id.clone(), owner))
@@ -445,12 +467,18 @@ impl SharedView {
         view.services.remove(&key);
         view.solver.remove(&key);
         view.status_rev.remove(&key);
+        view.status_spec.remove(&key);
+        let create_revision = view
+            .instances
+            .get(&record.id)
+            .map_or(revision, |i| i.create_revision);
         view.instances.insert(
             record.id.clone(),
             LiveInstance {
                 record,
                 lease,
                 mod_revision: revision,
+                create_revision,
             },
         );
     }

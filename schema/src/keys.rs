@@ -13,6 +13,7 @@
 //! {root}/election/scheduler/{lease id, hex}        leader's id      (leader lease)
 //! {root}/flag-owners/{challenge}/{sha256 of flag}  FlagOwnerRecord  (controllers only, no lease)
 //! {root}/queue/{challenge}/{team}                  QueuedRecord     (controllers only, hold lease)
+//! {root}/rollouts/{challenge}                      RolloutRecord    (controllers only, no lease)
 //! ```
 //!
 //! The root defaults to `/tidegate`, so several clusters can share an etcd.
@@ -73,6 +74,9 @@ pub enum Key {
         challenge: ChallengeName,
         team: TeamId,
     },
+    /// A challenge's rollout of a new spec to its live instances (the last
+    /// one, finished or not).
+    Rollout(ChallengeName),
 }
 
 /// A family of keys sharing a prefix (what a watcher lists).
@@ -90,6 +94,7 @@ pub enum Kind {
     Election,
     FlagOwners,
     Queue,
+    Rollouts,
 }
 
 impl Kind {
@@ -107,10 +112,11 @@ impl Kind {
             Kind::Election => "election/scheduler",
             Kind::FlagOwners => "flag-owners",
             Kind::Queue => "queue",
+            Kind::Rollouts => "rollouts",
         }
     }
 
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 13] = [
         Kind::Challenges,
         Kind::ChallengeSecrets,
         Kind::Instances,
@@ -123,6 +129,7 @@ impl Kind {
         Kind::Election,
         Kind::FlagOwners,
         Kind::Queue,
+        Kind::Rollouts,
     ];
 }
 
@@ -302,6 +309,7 @@ impl Keyspace {
             Key::Queued { challenge, team } => {
                 format!("{}{challenge}/{team}", self.prefix(Kind::Queue))
             }
+            Key::Rollout(n) => format!("{}{n}", self.prefix(Kind::Rollouts)),
         }
     }
 
@@ -398,6 +406,7 @@ impl Keyspace {
                         })
                     })
                 }
+                Kind::Rollouts => ChallengeName::parse(rest).map(Key::Rollout),
             };
             return parsed.map_err(|e| err(e.to_string()));
         }
@@ -629,6 +638,7 @@ mod tests {
                 challenge: ChallengeName::parse(&c).unwrap(),
                 team: TeamId::parse(&t).unwrap(),
             }),
+            dns_label().prop_map(|c| Key::Rollout(ChallengeName::parse(&c).unwrap())),
         ]
     }
 

@@ -20,8 +20,8 @@ pub use names::{ChallengeName, Hostname, InstanceId, PortName, ServiceName, Team
 pub use records::{
     ChallengeRecord, ChallengeSecretRecord, ContainerSpec, FlagOwnerRecord, HttpRoute,
     InstanceRecord, InstanceStatus, NetworkUse, PolicyRef, QueuedRecord, Record, Resources,
-    SecretRecord, ServiceRecord, ServiceState, ServiceStatus, Shortfall, SolverHealth,
-    SolverRecord, StatusRecord, TcpRoute, V1, WorkerRecord,
+    RolloutPhase, RolloutRecord, SecretRecord, ServiceRecord, ServiceState, ServiceStatus,
+    Shortfall, SolverHealth, SolverRecord, StatusRecord, TcpRoute, V1, WorkerRecord,
 };
 pub use spec::{
     ChallengeSpec, FlagSpec, Limits, PolicyFallback, PortSpec, Protocol, QueueSpec, ReadySpec,

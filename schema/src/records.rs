@@ -561,6 +561,15 @@ pub struct StatusRecord {
     /// The last solver check (challenges with a `solver`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub solver: Option<SolverHealth>,
+    /// The spec revision of the record its containers were made from (0:
+    /// an agent from before rollouts): a rollout counts an instance as
+    /// replaced once its status says the new revision and running.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub spec_revision: i64,
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 /// The outcome of an instance's last solver check.
@@ -763,6 +772,110 @@ impl Validate for QueuedRecord {
     }
 }
 impl Record for QueuedRecord {}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutPhase {
+    /// Replacing the canaries.
+    Canary,
+    /// Waiting for the canaries' solver checks (or `continue`).
+    Gate,
+    /// Replacing the other instances, `batch` at a time.
+    Batches,
+    /// Every instance that was live runs the new revision.
+    Done,
+    /// Rolling the replaced instances back to the spec restored.
+    Aborting,
+    /// Rolled back.
+    Aborted,
+}
+
+impl RolloutPhase {
+    /// Whether the rollout still moves (or can be made to).
+    pub fn active(self) -> bool {
+        !matches!(self, Self::Done | Self::Aborted)
+    }
+}
+
+/// A challenge's rollout of a new spec to its live instances (key
+/// `rollouts/{challenge}`). Organizers' commands (continue, pause, abort)
+/// set their flag put-if-revision; the scheduler moves it on with writes
+/// fenced by its token and put-if-revision, so a deposed scheduler moves
+/// nothing and the next one resumes from here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRecord {
+    pub v: V1,
+    pub challenge: ChallengeName,
+    /// The spec revision live instances ran before (what abort restores).
+    pub from_revision: i64,
+    /// The spec revision instances are moved to.
+    pub to_revision: i64,
+    /// Instances replaced first; the gate waits for their solver checks.
+    pub canary: u32,
+    /// Instances replaced at once after the gate.
+    pub batch: u32,
+    pub phase: RolloutPhase,
+    /// An organizer paused it: nothing more is replaced until resumed.
+    #[serde(default)]
+    pub paused: bool,
+    /// An organizer opened the gate (`continue`).
+    #[serde(default)]
+    pub continued: bool,
+    /// An organizer asked for the canaries (and every replaced instance)
+    /// back on the old spec.
+    #[serde(default)]
+    pub abort: bool,
+    /// The canaries, in the order they were picked.
+    #[serde(default)]
+    pub canaries: Vec<InstanceId>,
+    /// Every instance picked for replacement so far (canaries first); one
+    /// is rewritten only while its record is not at `to_revision`, so none
+    /// is replaced twice.
+    #[serde(default)]
+    pub replaced: Vec<InstanceId>,
+    /// The revision the abort wrote the old spec back at (0: not yet).
+    #[serde(default)]
+    pub restored_revision: i64,
+    /// What it waits for now, for people.
+    #[serde(default)]
+    pub detail: String,
+    pub started_at: UnixSecs,
+    pub updated_at: UnixSecs,
+}
+
+impl RolloutRecord {
+    /// At most this many canaries, and instances per batch.
+    pub const MAX_STEP: u32 = 1000;
+    /// At most this many bytes of `detail`.
+    pub const MAX_DETAIL: usize = 512;
+}
+
+impl Validate for RolloutRecord {
+    fn validate(&self) -> Result<(), FieldError> {
+        crate::validate::in_range("canary", self.canary, 1, Self::MAX_STEP)?;
+        crate::validate::in_range("batch", self.batch, 1, Self::MAX_STEP)?;
+        if self.from_revision <= 0 || self.to_revision <= self.from_revision {
+            return Err(FieldError::new(
+                "to_revision",
+                format!(
+                    "a rollout moves from a revision to a later one, not {} to {}",
+                    self.from_revision, self.to_revision
+                ),
+            ));
+        }
+        if self.detail.len() > Self::MAX_DETAIL {
+            return Err(FieldError::new(
+                "detail",
+                format!("at most {} bytes", Self::MAX_DETAIL),
+            ));
+        }
+        Ok(())
+    }
+}
+impl Record for RolloutRecord {}
 
 /// Memory, CPU and processes: what a worker gives instances
 /// (`allocatable`), or what an instance's limits take, summed over its

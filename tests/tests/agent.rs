@@ -1038,3 +1038,290 @@ async fn an_unhealthy_instance_is_replaced_in_place_when_its_spec_says_so() {
             .contains("replacing the containers of an instance its solver check found unhealthy")
     );
 }
+
+/// The rollout's answer (admin).
+async fn rollout_of(c: &Cluster, challenge: &str) -> Value {
+    c.controller
+        .call(
+            Method::GET,
+            &format!("/v1/challenges/{challenge}/rollout"),
+            None,
+            Some(ADMIN),
+        )
+        .await
+        .1
+}
+
+/// What must not change when an instance is replaced, and its container.
+async fn identity(c: &Cluster, id: &str) -> (Value, String) {
+    let (_, got) = c
+        .controller
+        .call(
+            Method::GET,
+            &format!("/v1/instances/{id}"),
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    let keep = json!([got["id"], got["team"], got["expires_at"], got["http"]]);
+    (keep, c.reported(id).await.0)
+}
+
+/// Puts `spec` as challenge `web` and spawns `teams` instances of it; once
+/// each runs, their ids and identities, in spawn order.
+async fn web_instances(
+    c: &Cluster,
+    spec: &Value,
+    teams: usize,
+) -> (Vec<String>, Vec<(Value, String)>) {
+    assert_eq!(
+        c.controller.put_challenge("web", spec.clone()).await.0,
+        StatusCode::CREATED
+    );
+    let mut ids = Vec::new();
+    for team in 1..=teams {
+        ids.push(c.spawn("web", &format!("team-{team}")).await);
+    }
+    let mut before = Vec::new();
+    for id in &ids {
+        c.wait_status(id, "running").await;
+        before.push(identity(c, id).await);
+    }
+    (ids, before)
+}
+
+/// Issue #23's rollout must-show, on a real engine: 5 live instances, a new
+/// spec (another env) put with `?rollout=gated&canary=1&batch=2`. The
+/// canary is replaced first (same id, team, expiry, hostname and flag file,
+/// a new container running the new env), the gate opens once the
+/// challenge's solver finds the flag on it, and the other 4 follow in
+/// batches of 2; the rollout ends `done` with every instance on the new
+/// revision.
+#[tokio::test]
+async fn a_gated_rollout_replaces_the_canary_opens_on_its_solver_check_and_follows_in_batches() {
+    let running = cluster(|_| {}).await;
+    let c = &running;
+    let mut spec = web_spec();
+    spec["flag"] = json!({"file": "/flag"});
+    spec["solver"] = json!({"image": DEMO_SOLVER, "interval_secs": 10, "timeout_secs": 8});
+    let (ids, before) = web_instances(c, &spec, 5).await;
+    let cfg = AgentConfig::from_file(&c.agent().config).unwrap();
+    let flag_of = |id: &str| std::fs::read_to_string(cfg.worker_flag_dir().join(id).join("flag"));
+    let flags: Vec<String> = ids.iter().map(|id| flag_of(id).unwrap()).collect();
+
+    // A rollout that would move a port is refused before anything is written.
+    let mut moved = spec.clone();
+    moved["ports"][0]["port"] = json!(8081);
+    let (s, body) = c
+        .controller
+        .call(
+            Method::PUT,
+            "/v1/challenges/web?rollout=gated",
+            Some(moved),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "ports", "{body}");
+
+    let mut next = spec.clone();
+    next["env"] = json!({"ROLLOUT": "2"});
+    let (s, body) = c
+        .controller
+        .call(
+            Method::PUT,
+            "/v1/challenges/web?rollout=gated&canary=1&batch=2",
+            Some(next.clone()),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let to = body["revision"].as_i64().unwrap();
+    assert_eq!(body["rollout"]["to_revision"], to, "{body}");
+    // A second rollout while this one runs is refused, and writes nothing.
+    let (s, body) = c
+        .controller
+        .call(
+            Method::PUT,
+            "/v1/challenges/web?rollout=gated",
+            Some(next),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+
+    // Watch it: the phases in order, and how many were picked in each.
+    let mut phases: Vec<(String, usize)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let mut finished = false;
+    while !finished && std::time::Instant::now() < deadline {
+        let r = rollout_of(c, "web").await;
+        let phase = r["phase"].as_str().unwrap_or_default().to_string();
+        let picked = r["replaced"].as_array().map_or(0, Vec::len);
+        if phases.last() != Some(&(phase.clone(), picked)) {
+            phases.push((phase.clone(), picked));
+        }
+        finished = phase == "done";
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = rollout_of(c, "web").await;
+    assert!(
+        finished,
+        "{r}\nphases: {phases:?}\n{}",
+        c.controller.proc.log_tail(30)
+    );
+    // The canary alone went through the gate; batches never passed 2 at once.
+    let gate: Vec<_> = phases.iter().filter(|(p, _)| p == "gate").collect();
+    assert!(gate.iter().all(|(_, n)| *n == 1), "{phases:?}");
+    assert!(!gate.is_empty(), "the gate was never seen: {phases:?}");
+    let mut last = 1;
+    for (p, n) in &phases {
+        if p == "batches" || p == "done" {
+            assert!(*n <= last + 2, "more than a batch at once: {phases:?}");
+            last = *n;
+        }
+    }
+    assert_eq!(r["replaced"].as_array().unwrap().len(), 5, "{r}");
+    assert_eq!(r["running_new"], 5, "{r}");
+    assert_eq!(
+        r["canaries"][0], ids[0],
+        "the oldest instance is the canary: {r}"
+    );
+
+    for (i, id) in ids.iter().enumerate() {
+        let (keep, container) = identity(c, id).await;
+        assert_eq!(
+            keep, before[i].0,
+            "{id}: id, team, expiry or hostname changed"
+        );
+        assert_ne!(container, before[i].1, "{id}: not replaced");
+        assert!(gone(&before[i].1), "{id}: its old container is still there");
+        let env = inspect(&container, "{{json .Config.Env}}");
+        assert!(env.contains("ROLLOUT=2"), "{id} runs {env}");
+        assert_eq!(flag_of(id).unwrap(), flags[i], "{id}: its flag changed");
+        assert_eq!(c.record(id).await["spec_revision"], to);
+    }
+    assert_eq!(
+        c.controller
+            .metric("tidegate_controller_rollout_replacements_total")
+            .await,
+        Some(5.0)
+    );
+}
+
+/// A broken image: the canary never runs, so the rollout stops at the
+/// gate; `abort` writes the old spec back and moves the canary onto it,
+/// and the instances the rollout did not reach are never touched.
+#[tokio::test]
+async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() {
+    let running = cluster(|_| {}).await;
+    let c = &running;
+    let mut spec = web_spec();
+    spec["solver"] = json!({"image": DEMO_SOLVER, "interval_secs": 10, "timeout_secs": 8});
+    let (ids, before) = web_instances(c, &spec, 3).await;
+    let mut broken = spec.clone();
+    broken["image"] = json!(DEMO_EXIT);
+    let (s, body) = c
+        .controller
+        .call(
+            Method::PUT,
+            "/v1/challenges/web?rollout=gated&canary=1&batch=5",
+            Some(broken),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let from = body["rollout"]["from_revision"].as_i64().unwrap();
+
+    // At the gate with the canary picked, and it stays there.
+    assert!(
+        eventually(30, || async {
+            let r = rollout_of(c, "web").await;
+            r["phase"] == "gate" && r["replaced"] == json!([ids[0]])
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    assert_eq!(c.record(&ids[0]).await["container"]["image"], DEMO_EXIT);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let r = rollout_of(c, "web").await;
+    assert_eq!(r["phase"], "gate", "{r}");
+    assert_eq!(r["replaced"], json!([ids[0]]), "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains(ids[0].as_str()),
+        "the gate does not say which canary it waits for: {r}"
+    );
+
+    // The platform's token cannot act on a rollout, nor name a bad action.
+    let (s, body) = c
+        .controller
+        .call(Method::POST, "/v1/challenges/web/rollout/abort", None, None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, body) = c
+        .controller
+        .call(
+            Method::POST,
+            "/v1/challenges/web/rollout/rollback",
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "action", "{body}");
+    let (s, body) = c
+        .controller
+        .call(
+            Method::POST,
+            "/v1/challenges/web/rollout/abort",
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(
+        eventually(30, || async {
+            rollout_of(c, "web").await["phase"] == "aborted"
+        })
+        .await,
+        "{}\n{}",
+        rollout_of(c, "web").await,
+        c.controller.proc.log_tail(30)
+    );
+    let r = rollout_of(c, "web").await;
+    let restored = r["restored_revision"].as_i64().unwrap();
+    assert!(restored > from, "{r}");
+    // The challenge's spec is the old one again, at the restored revision.
+    let (_, challenge) = c
+        .controller
+        .call(Method::GET, "/v1/challenges/web", None, Some(ADMIN))
+        .await;
+    assert_eq!(challenge["spec"]["image"], spec["image"], "{challenge}");
+    assert_eq!(challenge["revision"], restored, "{challenge}");
+    // The canary runs the old image again, as itself.
+    c.wait_status(&ids[0], "running").await;
+    let (keep, container) = identity(c, &ids[0]).await;
+    assert_eq!(keep, before[0].0);
+    assert_ne!(container, before[0].1);
+    assert_eq!(
+        inspect(&container, "{{.Config.Image}}"),
+        spec["image"].as_str().unwrap()
+    );
+    // The others were never touched.
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        assert_eq!(identity(c, id).await, before[i], "{id} was touched");
+        assert_eq!(c.record(id).await["spec_revision"], from);
+    }
+    // Over: asks are refused.
+    let (s, _) = c
+        .controller
+        .call(
+            Method::POST,
+            "/v1/challenges/web/rollout/continue",
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+}

@@ -389,6 +389,76 @@ pub(crate) struct ChallengeWritten {
     /// larger than any registered worker).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) warnings: Vec<String>,
+    /// The rollout this write started (`?rollout=gated`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<Rollout>,
+}
+
+/// `PUT /v1/challenges/{name}?rollout=gated&canary=2&batch=10`: the new
+/// spec also starts a rollout to the live instances.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RolloutQuery {
+    /// `gated` (the only strategy): canaries, a gate, batches.
+    pub(crate) rollout: Option<String>,
+    /// Canaries (default 2, 1 to 1000).
+    pub(crate) canary: Option<u32>,
+    /// Instances per batch after the gate (default 10, 1 to 1000).
+    pub(crate) batch: Option<u32>,
+}
+
+/// `POST /v1/challenges/{name}/rollout`: roll the challenge's current spec
+/// out to its live instances.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RolloutRequest {
+    /// `gated` (the only strategy, and the default).
+    #[serde(default)]
+    pub(crate) strategy: Option<String>,
+    #[serde(default)]
+    pub(crate) canary: Option<u32>,
+    #[serde(default)]
+    pub(crate) batch: Option<u32>,
+}
+
+impl Validate for RolloutRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+
+/// A challenge's rollout and how far it got.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Rollout {
+    pub(crate) challenge: ChallengeName,
+    /// The spec revision instances ran before, and the one they move to.
+    pub(crate) from_revision: i64,
+    pub(crate) to_revision: i64,
+    pub(crate) canary: u32,
+    pub(crate) batch: u32,
+    /// canary, gate, batches, done, aborting or aborted.
+    #[schema(value_type = String)]
+    pub(crate) phase: tidegate_schema::RolloutPhase,
+    pub(crate) paused: bool,
+    /// An organizer opened the gate.
+    pub(crate) continued: bool,
+    /// An organizer asked for the abort.
+    pub(crate) abort: bool,
+    pub(crate) canaries: Vec<InstanceId>,
+    /// Every instance picked so far, canaries first.
+    pub(crate) replaced: Vec<InstanceId>,
+    /// Where the abort wrote the old spec back (0: no abort).
+    pub(crate) restored_revision: i64,
+    /// What it waits for now.
+    pub(crate) detail: String,
+    pub(crate) started_at: u64,
+    pub(crate) updated_at: u64,
+    /// Live instances of the challenge, and those running `to_revision`.
+    pub(crate) live: usize,
+    pub(crate) running_new: usize,
+    /// The record's etcd revision.
+    pub(crate) revision: i64,
 }
 
 /// Every challenge, and the stored values that are not one.

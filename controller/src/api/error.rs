@@ -218,6 +218,21 @@ impl From<ChallengeError> for ApiError {
     }
 }
 
+impl From<crate::rollout::RolloutError> for ApiError {
+    fn from(e: crate::rollout::RolloutError) -> Self {
+        use crate::rollout::RolloutError as R;
+        match e {
+            R::NoChallenge(_) | R::NoRollout(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+            }
+            R::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+            R::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            R::Corrupt { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            R::Etcd(e) => ApiError::etcd(e),
+        }
+    }
+}
+
 /// Makes a non-JSON error answer (axum's own: 413, 405, 415, bad paths)
 /// an [`ErrorBody`], keeping its status and headers.
 pub(super) async fn json_errors(resp: Response) -> Response {

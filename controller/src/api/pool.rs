@@ -607,6 +607,7 @@ mod tests {
             record: serde_json::from_value(json).unwrap(),
             lease: 1,
             mod_revision: 10,
+            create_revision: 10,
         }
     }
 

@@ -271,6 +271,13 @@ impl Controller {
         self.call(Method::GET, "/v1/status", None, None).await.1
     }
 
+    /// One metric's value from its `/metrics` (the first sample whose
+    /// name and labels start with `series`).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let r = reqwest::get(format!("{}/metrics", self.url)).await.ok()?;
+        sample(&r.text().await.ok()?, series)
+    }
+
     pub async fn is_leader(&self) -> bool {
         self.status().await["role"] == "leader"
     }

@@ -75,6 +75,20 @@ enum ChallengeCmd {
     Get { name: String },
     /// Delete a challenge.
     Rm { name: String },
+    /// Roll a challenge's current spec out to its live instances (canaries,
+    /// a gate opened by the solver check, batches), or act on its rollout:
+    /// `status`, `continue` (open the gate), `pause`, `resume`, `abort`.
+    Rollout {
+        name: String,
+        /// status, continue, pause, resume or abort (none: start one).
+        action: Option<String>,
+        /// Canaries (starting one; default 2).
+        #[arg(long)]
+        canary: Option<u32>,
+        /// Instances per batch after the gate (starting one; default 10).
+        #[arg(long)]
+        batch: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +246,20 @@ fn call_of(command: &Command) -> Result<Call> {
                 Call::new(Method::DELETE, format!("/v1/challenges/{name}"))
                     .done(json!({ "deleted": name }))
             }
+            ChallengeCmd::Rollout {
+                name,
+                action,
+                canary,
+                batch,
+            } => match action.as_deref() {
+                None => Call::new(Method::POST, format!("/v1/challenges/{name}/rollout"))
+                    .json(json!({ "strategy": "gated", "canary": canary, "batch": batch })),
+                Some(_) if canary.is_some() || batch.is_some() => {
+                    anyhow::bail!("--canary and --batch go with starting a rollout (no action)")
+                }
+                Some("status") => Call::new(Method::GET, format!("/v1/challenges/{name}/rollout")),
+                Some(a) => Call::new(Method::POST, format!("/v1/challenges/{name}/rollout/{a}")),
+            },
         },
         Command::Policy(p) => match p {
             PolicyCmd::Upload {

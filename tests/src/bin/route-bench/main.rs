@@ -399,6 +399,7 @@ fn ghost_instance(
         updated_at: 0,
         services: Default::default(),
         solver: None,
+        spec_revision: 0,
     };
     Ok((record, status))
 }
