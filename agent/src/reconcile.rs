@@ -171,7 +171,8 @@ impl Tracked {
             || record.services != self.record.services
             || record.solver != self.record.solver
             || record.flag_file != self.record.flag_file;
-        if upgraded && !claimed {
+        // Also when the same change claimed it (one update carried both).
+        if upgraded {
             self.upgrade = true;
             // Vetted again, against the new revision's spec.
             self.secret = None;
@@ -1031,8 +1032,13 @@ impl Pass {
         let record = t.record.clone();
         let units = Unit::all(&record);
         let mut seen = seen;
-        if std::mem::take(&mut t.upgrade) {
-            tracing::info!(instance = %id, spec_revision = record.spec_revision, containers = seen.len(), "a rollout moved the instance to another spec revision: making its containers again");
+        // Containers of another revision than the record's: the rollout
+        // reached this worker while it was down (or the take was missed).
+        let stale = seen
+            .iter()
+            .any(|o| o.spec_revision.is_some_and(|r| r != record.spec_revision));
+        if std::mem::take(&mut t.upgrade) || stale {
+            tracing::info!(instance = %id, spec_revision = record.spec_revision, containers = seen.len(), stale, "a rollout moved the instance to another spec revision: making its containers again");
             self.remake(id, t, &seen).await;
             seen = Vec::new();
         } else if t

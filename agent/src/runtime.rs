@@ -49,6 +49,9 @@ pub const LABEL_TEAM: &str = "tidegate.team";
 pub const LABEL_WORKER: &str = "tidegate.worker";
 pub const LABEL_CLUSTER: &str = "tidegate.cluster";
 pub const LABEL_SERVICE: &str = "tidegate.service";
+/// The spec revision a container was made from: an agent that restarts
+/// mid-rollout makes again what an older revision made.
+pub const LABEL_SPEC_REVISION: &str = "tidegate.spec-revision";
 
 /// Why a container could not be made to run.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,8 @@ pub struct Observed {
     pub running: bool,
     pub exited: bool,
     pub address: Option<std::net::IpAddr>,
+    /// The spec revision it was made from (None: made before the label).
+    pub spec_revision: Option<i64>,
 }
 
 /// How long an image pull may take before the instance fails naming it
@@ -413,6 +418,7 @@ impl Runtime {
                         Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD)
                     ),
                     address,
+                    spec_revision: labels.get(LABEL_SPEC_REVISION).and_then(|r| r.parse().ok()),
                 })
             })
             .collect())
@@ -497,6 +503,10 @@ impl Runtime {
             (LABEL_CHALLENGE.to_string(), rec.challenge.to_string()),
             (LABEL_TEAM.to_string(), rec.team_str().to_string()),
             (LABEL_WORKER.to_string(), self.worker.clone()),
+            (
+                LABEL_SPEC_REVISION.to_string(),
+                rec.spec_revision.to_string(),
+            ),
         ]);
         if let Some(cluster) = &self.cluster {
             labels.insert(LABEL_CLUSTER.to_string(), cluster.clone());

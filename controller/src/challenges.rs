@@ -271,6 +271,9 @@ impl Challenges {
             .and_then([
                 TxnOp::delete(key.as_str(), None),
                 TxnOp::delete(self.secret_key(name).as_str(), None),
+                // A rollout of it has nothing left to move (and must not
+                // act on a challenge made again under its name).
+                TxnOp::delete(self.keys.key(&Key::Rollout(name.clone())).as_str(), None),
                 // Its flags are nobody's any more.
                 TxnOp::delete(
                     self.keys.flag_owners_prefix(name).as_str(),

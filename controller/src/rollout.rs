@@ -156,22 +156,53 @@ pub async fn spec_at(
 
 /// Whether every instance can keep its hostnames and ports under `to`: a
 /// rollout changes what runs, never where players reach it.
-pub fn check_specs(from: &ChallengeSpec, to: &ChallengeSpec) -> Result<(), String> {
+/// The error names the spec field at fault.
+pub fn check_specs(from: &ChallengeSpec, to: &ChallengeSpec) -> Result<(), (&'static str, String)> {
     if from.ports != to.ports {
-        return Err(
+        return Err((
+            "ports",
             "a rollout keeps every instance's hostnames and ports: the new spec's ports must be the old one's (a new port or protocol needs new instances)"
                 .into(),
-        );
+        ));
+    }
+    if from.egress != to.egress {
+        return Err((
+            "egress",
+            "a rollout keeps each instance's network: `egress` must stay as it is (changing it needs new instances)"
+                .into(),
+        ));
     }
     for p in &to.ports {
         if crate::spawn::service_of(from, p) != crate::spawn::service_of(to, p) {
-            return Err(format!(
-                "port {} would go to another service under the new spec: a rollout keeps every route",
-                p.name
+            return Err((
+                "ports",
+                format!(
+                    "port {} would go to another service under the new spec: a rollout keeps every route",
+                    p.name
+                ),
             ));
         }
     }
     Ok(())
+}
+
+/// Whether `record`'s routes all stay where they are under `spec`: each
+/// names a port of the spec with the same container port and service.
+/// An instance spawned from an older spec whose ports differ is left on it.
+fn fits(record: &tidegate_schema::InstanceRecord, spec: &ChallengeSpec) -> bool {
+    let port = |name: &tidegate_schema::PortName, target: u16, service: &Option<_>| {
+        spec.ports.iter().any(|p| {
+            &p.name == name && p.port == target && &crate::spawn::service_of(spec, p) == service
+        })
+    };
+    record
+        .http
+        .iter()
+        .all(|r| port(&r.port_name, r.target_port, &r.service))
+        && record
+            .tcp
+            .iter()
+            .all(|r| port(&r.port_name, r.target_port, &r.service))
 }
 
 /// Starts a rollout of `name` from `from_revision` to `to_revision` (both
@@ -182,6 +213,7 @@ pub async fn start(
     ks: &Keyspace,
     name: &ChallengeName,
     (from_revision, to_revision): (i64, i64),
+    (from_spec, to_spec): (ChallengeSpec, ChallengeSpec),
     (canary, batch): (u32, u32),
     now: u64,
 ) -> Result<Stored, RolloutError> {
@@ -210,6 +242,8 @@ pub async fn start(
         detail: "picking canaries".into(),
         started_at: now,
         updated_at: now,
+        from_spec: Some(from_spec),
+        to_spec: Some(to_spec),
     };
     record
         .validate()
@@ -299,6 +333,7 @@ pub fn phase_name(p: RolloutPhase) -> &'static str {
 
 /// While leading: moves every active rollout on, once a second.
 pub async fn run(app: Arc<App>) {
+    let mut warned = std::collections::BTreeSet::new();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(leader) = app.leader.load_full() else {
@@ -317,11 +352,27 @@ pub async fn run(app: Arc<App>) {
                 continue;
             }
         };
+        // The view must hold at least what etcd held when the rollouts
+        // were read: a scheduler just elected may not have listed yet.
+        let listed = resp.header().map_or(0, |h| h.revision());
+        if app.view.lock().revision < listed {
+            continue;
+        }
         for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
             let record = match RolloutRecord::decode(kv.value()) {
-                Ok(r) => r,
+                Ok(r) if self::key(&app.ks, &r.challenge) == key => r,
+                Ok(r) => {
+                    warn_once(
+                        &mut warned,
+                        &key,
+                        kv.mod_revision(),
+                        &format!("it names challenge {}, not its key's", r.challenge),
+                    );
+                    continue;
+                }
                 Err(e) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "skipping a rollout record that does not decode");
+                    warn_once(&mut warned, &key, kv.mod_revision(), &e.to_string());
                     continue;
                 }
             };
@@ -337,6 +388,42 @@ pub async fn run(app: Arc<App>) {
                 tracing::warn!(challenge = %name, error = %e, "rollout step failed; retrying");
             }
         }
+    }
+}
+
+/// Logs a rollout record the scheduler skips, once per write of it.
+fn warn_once(
+    warned: &mut std::collections::BTreeSet<(String, i64)>,
+    key: &str,
+    revision: i64,
+    why: &str,
+) {
+    if warned.len() > 1024 {
+        warned.clear();
+    }
+    if warned.insert((key.to_string(), revision)) {
+        tracing::warn!(
+            key,
+            revision,
+            error = why,
+            "skipping a rollout record: it moves nothing until written again"
+        );
+    }
+}
+
+/// The rollout's spec at its start (`to`) or before it, from its record
+/// or, for a record from before specs were kept in it, from etcd.
+async fn spec_of(app: &App, r: &RolloutRecord, to: bool) -> Result<ChallengeSpec, RolloutError> {
+    let (kept, revision) = if to {
+        (&r.to_spec, r.to_revision)
+    } else {
+        (&r.from_spec, r.from_revision)
+    };
+    match kept {
+        Some(spec) => Ok(spec.clone()),
+        None => Ok(spec_at(&app.client, &app.ks, &r.challenge, revision)
+            .await?
+            .0),
     }
 }
 
@@ -387,18 +474,30 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
     if r.paused {
         return Ok(());
     }
-    let (to_spec, _) = spec_at(&app.client, &app.ks, &name, r.to_revision).await?;
+    let to_spec = spec_of(app, &r, true).await?;
     let seen = instances_of(app, &name);
     // Whatever was picked and is not rewritten yet (a scheduler that died
     // between writing the record and the instances).
     rewrite_all(app, leader, &seen, &r.replaced, &to_spec, r.to_revision).await?;
     let at_new = |s: &Seen| s.running_at == Some(r.to_revision);
     let picked = |s: &Seen| r.replaced.contains(&s.live.record.id);
+    // Teams' instances on an earlier revision whose routes the new spec
+    // keeps (a pooled one is replaced by its pool, not moved).
+    let older = |s: &&Seen| s.live.record.spec_revision < r.to_revision && !picked(s);
+    let owned = |s: &&Seen| s.live.record.team.is_some();
     let candidates: Vec<InstanceId> = seen
         .iter()
-        .filter(|s| s.live.record.spec_revision < r.to_revision && !picked(s))
+        .filter(older)
+        .filter(owned)
+        .filter(|s| fits(&s.live.record, &to_spec))
         .map(|s| s.live.record.id.clone())
         .collect();
+    let unfit = seen
+        .iter()
+        .filter(older)
+        .filter(owned)
+        .filter(|s| !fits(&s.live.record, &to_spec))
+        .count();
     let mut pick = Vec::new();
     match r.phase {
         RolloutPhase::Canary => {
@@ -469,6 +568,11 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
             } else if candidates.is_empty() {
                 r.phase = RolloutPhase::Done;
                 r.detail = format!("{} instances replaced", r.replaced.len());
+                if unfit > 0 {
+                    r.detail += &format!(
+                        "; {unfit} spawned from an older spec whose ports the new one does not have are left as they are"
+                    );
+                }
             } else {
                 pick = candidates.into_iter().take(r.batch as usize).collect();
                 r.replaced.extend(pick.iter().cloned());
@@ -508,9 +612,27 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
 async fn abort_step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), RolloutError> {
     let mut r = stored.record.clone();
     let name = r.challenge.clone();
-    let (from_spec, _) = spec_at(&app.client, &app.ks, &name, r.from_revision).await?;
+    let from_spec = spec_of(app, &r, false).await?;
     if r.restored_revision == 0 {
-        let restored = restore(app, leader, &stored, &from_spec).await?;
+        let restored = match restore(app, leader, &stored, &from_spec).await {
+            Ok(revision) => revision,
+            Err(RolloutError::NoChallenge(_)) => {
+                r.phase = RolloutPhase::Aborted;
+                r.detail = "aborted: the challenge is deleted, nothing to restore".into();
+                save(app, leader, &stored, r).await?;
+                return Ok(());
+            }
+            Err(RolloutError::Invalid(why)) => {
+                r.phase = RolloutPhase::Aborted;
+                r.detail = format!("aborted without restoring: {why}");
+                r.detail
+                    .truncate(floor_char_boundary(&r.detail, RolloutRecord::MAX_DETAIL));
+                tracing::warn!(challenge = %name, detail = %r.detail, "rollout aborted");
+                save(app, leader, &stored, r).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         r.restored_revision = restored;
         r.phase = RolloutPhase::Aborting;
         r.detail = format!(
@@ -521,10 +643,12 @@ async fn abort_step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<()
         return Ok(());
     }
     let seen = instances_of(app, &name);
-    // Those the rollout did move (a pick it never rewrote stays as it is).
+    // Every team's instance on the new revision: those the rollout moved
+    // and those spawned from it meanwhile (a pick it never rewrote stays
+    // as it is).
     let moved: Vec<InstanceId> = seen
         .iter()
-        .filter(|s| r.replaced.contains(&s.live.record.id))
+        .filter(|s| s.live.record.team.is_some())
         .filter(|s| s.live.record.spec_revision == r.to_revision)
         .map(|s| s.live.record.id.clone())
         .collect();
@@ -533,9 +657,9 @@ async fn abort_step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<()
     if left == 0 {
         r.phase = RolloutPhase::Aborted;
         r.detail = format!(
-            "aborted: {} replaced instances moved back onto the old spec (revision {})",
-            r.replaced.len(),
-            r.restored_revision
+            "aborted: the instances on the new spec moved back onto the old one (revision {}; {} had been replaced)",
+            r.restored_revision,
+            r.replaced.len()
         );
         save(app, leader, &stored, r).await?;
     }
@@ -557,6 +681,12 @@ async fn restore(
         crate::challenges::ChallengeError::NotFound(n) => RolloutError::NoChallenge(n),
         other => RolloutError::Invalid(other.to_string()),
     })?;
+    if current.revision != stored.record.to_revision {
+        return Err(RolloutError::Invalid(format!(
+            "{name}'s spec was written again (revision {}) after the rollout's (revision {}): it is left as it is",
+            current.revision, stored.record.to_revision
+        )));
+    }
     let record = ChallengeRecord {
         spec: spec.clone(),
         ..current.value
@@ -617,7 +747,8 @@ async fn rewrite_all(
     revision: i64,
 ) -> Result<(), RolloutError> {
     for s in seen.iter().filter(|s| ids.contains(&s.live.record.id)) {
-        if s.live.record.spec_revision == revision {
+        // Already there, or past it (a later rollout or an abort's restore).
+        if s.live.record.spec_revision >= revision {
             continue;
         }
         if rewrite(app, leader, &s.live, spec, revision).await? {
@@ -699,7 +830,33 @@ mod tests {
         let moved = spec(
             serde_json::json!({"image": "web:2", "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}),
         );
-        assert!(check_specs(&from, &moved).unwrap_err().contains("ports"));
+        assert_eq!(check_specs(&from, &moved).unwrap_err().0, "ports");
+        let mut open = to.clone();
+        open.egress = !to.egress;
+        assert_eq!(check_specs(&from, &open).unwrap_err().0, "egress");
+    }
+
+    #[test]
+    fn an_instance_fits_a_spec_that_keeps_its_routes_name_port_and_service() {
+        let v1 = spec(
+            serde_json::json!({"image": "web:1", "ports": [{"name": "web", "port": 80, "protocol": "http"}]}),
+        );
+        let record = |target: u16| -> tidegate_schema::InstanceRecord {
+            serde_json::from_value(serde_json::json!({
+                "v": 1, "id": "0123456789", "challenge": "web", "worker": "w1", "token": 5,
+                "team": "t1", "created_at": 1, "expires_at": 100,
+                "container": {"image": "web:1", "limits": {}}, "spec_revision": 3,
+                "http": [{"port_name": "web", "hostname": "a.ctf.example", "target_port": target}],
+            }))
+            .unwrap()
+        };
+        assert!(fits(&record(80), &v1));
+        // Spawned when the spec said 8080: the new spec would strand it.
+        assert!(!fits(&record(8080), &v1));
+        let renamed = spec(
+            serde_json::json!({"image": "web:1", "ports": [{"name": "www", "port": 80, "protocol": "http"}]}),
+        );
+        assert!(!fits(&record(80), &renamed));
     }
 
     #[test]

@@ -804,7 +804,7 @@ impl RolloutPhase {
 /// set their flag put-if-revision; the scheduler moves it on with writes
 /// fenced by its token and put-if-revision, so a deposed scheduler moves
 /// nothing and the next one resumes from here.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutRecord {
     pub v: V1,
@@ -844,6 +844,13 @@ pub struct RolloutRecord {
     pub detail: String,
     pub started_at: UnixSecs,
     pub updated_at: UnixSecs,
+    /// The spec at `from_revision` and at `to_revision`, copied at the
+    /// start: the rollout never reads etcd's history, which compaction
+    /// ends (absent: read at those revisions, a record from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_spec: Option<ChallengeSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_spec: Option<ChallengeSpec>,
 }
 
 impl RolloutRecord {
@@ -871,6 +878,12 @@ impl Validate for RolloutRecord {
                 "detail",
                 format!("at most {} bytes", Self::MAX_DETAIL),
             ));
+        }
+        for (field, spec) in [("from_spec", &self.from_spec), ("to_spec", &self.to_spec)] {
+            if let Some(spec) = spec {
+                spec.validate()
+                    .map_err(|e| FieldError::new(field, e.to_string()))?;
+            }
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use tidegate_lab::images::{DEMO_EXIT, DEMO_SOLVER, ensure_demo_images};
 use tidegate_lab::keys;
 use tidegate_lab::netns::NetnsHost;
 use tidegate_lab::process::Supervised;
-use tidegate_schema::config::{AgentConfig, ConfigFile};
+use tidegate_schema::config::{AgentConfig, ConfigFile, ControllerConfig};
 
 /// etcd, a controller, one agent; everything removed on drop (containers
 /// included, also the ones a test leaves).
@@ -55,10 +55,18 @@ fn worker() -> String {
 }
 
 async fn cluster(configure: impl FnOnce(&mut AgentConfig)) -> Cluster {
+    cluster_with(configure, |_| {}).await
+}
+
+/// As [`cluster`], the controller's settings changed by `controller`.
+async fn cluster_with(
+    configure: impl FnOnce(&mut AgentConfig),
+    controller: impl FnOnce(&mut ControllerConfig),
+) -> Cluster {
     ensure_demo_images().unwrap();
     let etcd = EtcdCluster::start(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let controller = Controller::start(&etcd, "c1", dir.path()).await;
+    let controller = Controller::start_on(&etcd, "c1", dir.path(), None, controller).await;
     let client = Client::connect(etcd.endpoints(), None).await.unwrap();
     let agent = Agent::start(&etcd, &worker(), dir.path(), configure).await;
     assert!(eventually(10, || controller.is_leader()).await);
@@ -1041,15 +1049,7 @@ async fn an_unhealthy_instance_is_replaced_in_place_when_its_spec_says_so() {
 
 /// The rollout's answer (admin).
 async fn rollout_of(c: &Cluster, challenge: &str) -> Value {
-    c.controller
-        .call(
-            Method::GET,
-            &format!("/v1/challenges/{challenge}/rollout"),
-            None,
-            Some(ADMIN),
-        )
-        .await
-        .1
+    rollout_of_at(&c.controller, challenge).await
 }
 
 /// What must not change when an instance is replaced, and its container.
@@ -1114,12 +1114,7 @@ async fn a_gated_rollout_replaces_the_canary_opens_on_its_solver_check_and_follo
     moved["ports"][0]["port"] = json!(8081);
     let (s, body) = c
         .controller
-        .call(
-            Method::PUT,
-            "/v1/challenges/web?rollout=gated",
-            Some(moved),
-            Some(ADMIN),
-        )
+        .put_challenge_with("web", moved, "rollout=gated")
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["field"], "ports", "{body}");
@@ -1128,12 +1123,7 @@ async fn a_gated_rollout_replaces_the_canary_opens_on_its_solver_check_and_follo
     next["env"] = json!({"ROLLOUT": "2"});
     let (s, body) = c
         .controller
-        .call(
-            Method::PUT,
-            "/v1/challenges/web?rollout=gated&canary=1&batch=2",
-            Some(next.clone()),
-            Some(ADMIN),
-        )
+        .put_challenge_with("web", next.clone(), "rollout=gated&canary=1&batch=2")
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let to = body["revision"].as_i64().unwrap();
@@ -1141,12 +1131,7 @@ async fn a_gated_rollout_replaces_the_canary_opens_on_its_solver_check_and_follo
     // A second rollout while this one runs is refused, and writes nothing.
     let (s, body) = c
         .controller
-        .call(
-            Method::PUT,
-            "/v1/challenges/web?rollout=gated",
-            Some(next),
-            Some(ADMIN),
-        )
+        .put_challenge_with("web", next, "rollout=gated")
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{body}");
 
@@ -1223,12 +1208,7 @@ async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() 
     broken["image"] = json!(DEMO_EXIT);
     let (s, body) = c
         .controller
-        .call(
-            Method::PUT,
-            "/v1/challenges/web?rollout=gated&canary=1&batch=5",
-            Some(broken),
-            Some(ADMIN),
-        )
+        .put_challenge_with("web", broken, "rollout=gated&canary=1&batch=5")
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let from = body["rollout"]["from_revision"].as_i64().unwrap();
@@ -1324,4 +1304,204 @@ async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() 
         )
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
+}
+
+/// Names of the instance containers the engine created since `since` (unix
+/// seconds), one line each.
+fn created_since(since: u64) -> Vec<String> {
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1;
+    docker(&[
+        "events",
+        "--since",
+        &since.to_string(),
+        "--until",
+        &until.to_string(),
+        "--filter",
+        "type=container",
+        "--filter",
+        "event=create",
+        "--format",
+        "{{.Actor.Attributes.name}}",
+    ])
+    .unwrap()
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// A leader kill mid-rollout: a standby takes over and finishes it from the
+/// record, and no instance is replaced twice (the engine created exactly
+/// one new container for each, counted from its own events).
+#[tokio::test]
+async fn a_rollout_resumes_under_the_next_leader_and_replaces_no_instance_twice() {
+    let mut running = cluster(|_| {}).await;
+    let standby = Controller::start(&running._etcd, "c2", running.dir.path()).await;
+    let c = &running;
+    let spec = web_spec();
+    let (ids, before) = web_instances(c, &spec, 6).await;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut next = spec.clone();
+    next["env"] = json!({"ROLLOUT": "3"});
+    let (s, body) = c
+        .controller
+        .put_challenge_with("web", next, "rollout=gated&canary=1&batch=1")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let to = body["revision"].as_i64().unwrap();
+    // No solver: the gate waits for an organizer's continue.
+    assert!(
+        eventually(30, || async {
+            let r = rollout_of(c, "web").await;
+            r["phase"] == "gate" && r["running_new"] == 1
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    let (s, body) = c
+        .controller
+        .call(
+            Method::POST,
+            "/v1/challenges/web/rollout/continue",
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // Kill the leader once the batches have begun and before they end.
+    assert!(
+        eventually(60, || async {
+            let r = rollout_of(c, "web").await;
+            r["phase"] == "batches" && r["replaced"].as_array().map_or(0, Vec::len) >= 2
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    running.controller.proc.kill().unwrap();
+    let at_kill = rollout_of_at(&standby, "web").await;
+    assert_ne!(
+        at_kill["phase"], "done",
+        "the kill came too late: {at_kill}"
+    );
+    assert!(eventually(30, || standby.is_leader()).await);
+    assert!(
+        eventually(120, || async {
+            rollout_of_at(&standby, "web").await["phase"] == "done"
+        })
+        .await,
+        "{}\n{}",
+        rollout_of_at(&standby, "web").await,
+        standby.proc.log_tail(30)
+    );
+    let r = rollout_of_at(&standby, "web").await;
+    let replaced: BTreeSet<&str> = r["replaced"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(replaced.len(), 6, "{r}");
+    assert_eq!(r["replaced"].as_array().unwrap().len(), 6, "{r}");
+    let created = created_since(since);
+    for (i, id) in ids.iter().enumerate() {
+        let name = format!("tidegate-{id}");
+        let n = created.iter().filter(|c| **c == name).count();
+        assert_eq!(n, 1, "{id} got {n} new containers: {created:?}");
+        let (_, got) = standby
+            .call(
+                Method::GET,
+                &format!("/v1/instances/{id}"),
+                None,
+                Some(ADMIN),
+            )
+            .await;
+        let keep = json!([got["id"], got["team"], got["expires_at"], got["http"]]);
+        assert_eq!(
+            keep, before[i].0,
+            "{id}: id, team, expiry or hostname changed"
+        );
+        assert_eq!(running.record(id).await["spec_revision"], to);
+    }
+}
+
+async fn rollout_of_at(c: &Controller, challenge: &str) -> Value {
+    c.call(
+        Method::GET,
+        &format!("/v1/challenges/{challenge}/rollout"),
+        None,
+        Some(ADMIN),
+    )
+    .await
+    .1
+}
+
+/// An agent down while the rollout rewrote its instance: started again, it
+/// finds the container made from the old revision (its label says which)
+/// and makes the new one, instead of adopting the old one as the new
+/// revision.
+#[tokio::test]
+async fn an_agent_restarted_after_the_rewrite_makes_the_new_revision_instead_of_adopting_the_old() {
+    // The worker may be away long enough for its instance to be kept.
+    let mut running = cluster_with(|_| {}, |c| c.worker_grace_secs = 120).await;
+    let spec = web_spec();
+    let (ids, before) = web_instances(&running, &spec, 1).await;
+    let id = &ids[0];
+    let mut agent = running.agent.take().unwrap();
+    agent.proc.kill().unwrap();
+    let mut next = spec.clone();
+    next["env"] = json!({"ROLLOUT": "4"});
+    let (s, body) = running
+        .controller
+        .put_challenge_with("web", next, "rollout=gated&canary=1&batch=1")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let to = body["revision"].as_i64().unwrap();
+    assert!(
+        eventually(30, || async {
+            running.record(id).await["spec_revision"] == to
+        })
+        .await,
+        "the canary was never rewritten: {}",
+        rollout_of(&running, "web").await
+    );
+    // The old container is still there, labelled with the old revision.
+    let old: i64 = inspect(
+        &before[0].1,
+        "{{index .Config.Labels \"tidegate.spec-revision\"}}",
+    )
+    .parse()
+    .unwrap();
+    assert!(old < to, "the old container says revision {old}");
+    running.agent = Some(agent.restart(running.dir.path()).await);
+    let c = &running;
+    assert!(
+        eventually(60, || async {
+            rollout_of(c, "web").await["running_new"] == 1
+        })
+        .await,
+        "{}\n{}",
+        rollout_of(c, "web").await,
+        c.agent().proc.log_tail(20)
+    );
+    let (keep, container) = identity(c, id).await;
+    assert_eq!(keep, before[0].0);
+    assert_ne!(container, before[0].1, "the old container was adopted");
+    assert!(gone(&before[0].1), "the old container is still there");
+    let env = inspect(&container, "{{json .Config.Env}}");
+    assert!(env.contains("ROLLOUT=4"), "{id} runs {env}");
+    assert_eq!(
+        inspect(
+            &container,
+            "{{index .Config.Labels \"tidegate.spec-revision\"}}"
+        ),
+        to.to_string()
+    );
 }

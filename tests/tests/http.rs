@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{get, plane};
@@ -13,9 +15,10 @@ use etcd_client::PutOptions;
 use futures::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tidegate_lab::daemons::{eventually, web_spec};
-use tidegate_lab::images::{DEMO_HTTP_BODY, DEMO_SILENT, binary_image};
+use tidegate_lab::daemons::{ADMIN, eventually, web_spec};
+use tidegate_lab::images::{DEMO_HTTP_BODY, DEMO_SILENT, DEMO_SOLVER, binary_image};
 use tidegate_lab::ports::free_port;
+use tidegate_schema::config::{AgentConfig, ConfigFile};
 
 #[tokio::test]
 async fn any_agent_serves_any_instance_and_forgets_it_after_delete() {
@@ -478,4 +481,204 @@ async fn slow_clients_are_cut_off_at_the_header_deadline_while_players_are_serve
     assert_eq!(p.a.metric(capped).await, Some(1.0));
     assert_eq!(get(&p.a_http, &host, None).await.0, 200);
     drop(held);
+}
+
+/// What a prober saw of one hostname through one agent.
+#[derive(Debug, Default, Clone)]
+struct Probed {
+    /// Answers that were not the instance's 200.
+    errors: u32,
+    /// Separate runs of errors: each is one reconnect for a player.
+    windows: u32,
+    /// The longest run, first error to the next 200.
+    longest: Duration,
+    /// The run going on, since when.
+    since: Option<Instant>,
+}
+
+/// Issue #23's rollout must-show through the data plane: 20 live instances
+/// of a challenge with a flag file and a solver, a new spec with
+/// `canary=2, batch=5`. The 2 oldest are replaced first, the gate opens on
+/// their solver checks, the other 18 follow at most 5 at a time, and every
+/// instance keeps its id, hostname and flag. A prober through both agents
+/// sees each hostname fail in at most one run of errors (one reconnect),
+/// none longer than the switch window.
+#[tokio::test]
+async fn a_rollout_of_twenty_instances_is_seen_by_players_as_one_short_switch_each() {
+    const SWITCH_WINDOW: Duration = Duration::from_secs(15);
+    let p = plane(|cfg| cfg.allocatable_cpus = Some(16.0)).await;
+    let mut spec = web_spec();
+    spec["flag"] = json!({"file": "/flag"});
+    spec["solver"] = json!({"image": DEMO_SOLVER, "interval_secs": 10, "timeout_secs": 8});
+    assert_eq!(
+        p.controller.put_challenge("web", spec.clone()).await.0,
+        StatusCode::CREATED
+    );
+    let mut instances = Vec::new();
+    for team in 1..=20 {
+        let (id, host, _) = p.running("web", &format!("team-{team}")).await;
+        instances.push((id, host));
+    }
+    let flag_dirs: Vec<_> = [&p.a, &p.b]
+        .iter()
+        .map(|a| AgentConfig::from_file(&a.config).unwrap().worker_flag_dir())
+        .collect();
+    let flag_of = |id: &str| {
+        flag_dirs
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join(id).join("flag")).ok())
+    };
+    let flags: Vec<_> = instances.iter().map(|(id, _)| flag_of(id)).collect();
+    assert!(flags.iter().all(Option::is_some), "a flag file is missing");
+    for (_, host) in &instances {
+        for entry in [&p.a_http, &p.b_http] {
+            let ok = eventually(10, || async { get(entry, host, None).await.0 == 200 }).await;
+            assert!(ok, "{host} not served through {entry}");
+        }
+    }
+
+    // The prober: every hostname through both agents, round after round.
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let targets: Vec<(String, String)> = instances
+            .iter()
+            .flat_map(|(_, host)| {
+                [
+                    (p.a_http.clone(), host.clone()),
+                    (p.b_http.clone(), host.clone()),
+                ]
+            })
+            .collect();
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let mut seen = vec![Probed::default(); targets.len()];
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                for (i, (entry, host)) in targets.iter().enumerate() {
+                    let ok = match client
+                        .get(format!("http://{entry}/"))
+                        .header("host", host)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            r.status() == 200
+                                && r.text().await.is_ok_and(|b| b.contains(DEMO_HTTP_BODY))
+                        }
+                        Err(_) => false,
+                    };
+                    let s = &mut seen[i];
+                    let now = Instant::now();
+                    match (ok, s.since) {
+                        (false, None) => {
+                            s.errors += 1;
+                            s.windows += 1;
+                            s.since = Some(now);
+                        }
+                        (false, Some(_)) => s.errors += 1,
+                        (true, Some(t)) => {
+                            s.longest = s.longest.max(now - t);
+                            s.since = None;
+                        }
+                        (true, None) => {}
+                    }
+                }
+                rounds += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (targets, seen, rounds)
+        })
+    };
+
+    let mut next = spec.clone();
+    next["env"] = json!({"ROLLOUT": "20"});
+    let (s, body) = p
+        .controller
+        .put_challenge_with("web", next, "rollout=gated&canary=2&batch=5")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let rollout = || async {
+        p.controller
+            .call(Method::GET, "/v1/challenges/web/rollout", None, Some(ADMIN))
+            .await
+            .1
+    };
+    let mut phases: Vec<(String, usize)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut finished = false;
+    while !finished && Instant::now() < deadline {
+        let r = rollout().await;
+        let phase = r["phase"].as_str().unwrap_or_default().to_string();
+        let picked = r["replaced"].as_array().map_or(0, Vec::len);
+        if phases.last() != Some(&(phase.clone(), picked)) {
+            phases.push((phase.clone(), picked));
+        }
+        finished = phase == "done";
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The last instance's switch ends within the window after `done`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (targets, seen, rounds) = prober.await.unwrap();
+    let r = rollout().await;
+    assert!(finished, "{r}\nphases: {phases:?}");
+    eprintln!("phases: {phases:?}");
+    let gate: Vec<_> = phases.iter().filter(|(p, _)| p == "gate").collect();
+    assert!(!gate.is_empty(), "the gate was never seen: {phases:?}");
+    assert!(gate.iter().all(|(_, n)| *n == 2), "{phases:?}");
+    let mut last = 2;
+    for (phase, n) in &phases {
+        if phase == "batches" || phase == "done" {
+            assert!(*n <= last + 5, "more than a batch at once: {phases:?}");
+            last = *n;
+        }
+    }
+    assert_eq!(r["running_new"], 20, "{r}");
+    let canaries: Vec<_> = instances[..2].iter().map(|(id, _)| json!(id)).collect();
+    assert_eq!(
+        r["canaries"],
+        json!(canaries),
+        "the 2 oldest are the canaries: {r}"
+    );
+    for (i, (id, host)) in instances.iter().enumerate() {
+        let (_, got) = p
+            .controller
+            .call(Method::GET, &format!("/v1/instances/{id}"), None, None)
+            .await;
+        assert_eq!(got["http"][0]["hostname"], host.as_str(), "{got}");
+        assert_eq!(flag_of(id), flags[i], "{id}: its flag changed");
+    }
+
+    let mut longest = Duration::ZERO;
+    let mut errors = 0;
+    for ((entry, host), s) in targets.iter().zip(&seen) {
+        assert!(
+            s.since.is_none(),
+            "{host} through {entry} still fails: {s:?}"
+        );
+        assert!(
+            s.windows <= 1,
+            "{host} through {entry} failed {} times: {s:?}",
+            s.windows
+        );
+        assert!(
+            s.longest <= SWITCH_WINDOW,
+            "{host} through {entry} was down {:?}",
+            s.longest
+        );
+        longest = longest.max(s.longest);
+        errors += s.errors;
+    }
+    assert!(
+        seen.iter().any(|s| s.windows == 1),
+        "the prober never saw a switch: is it probing? ({rounds} rounds)"
+    );
+    eprintln!(
+        "prober: {rounds} rounds over {} hostnames x 2 agents, {errors} errors, longest switch {longest:?}",
+        instances.len()
+    );
 }

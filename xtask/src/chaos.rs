@@ -81,6 +81,23 @@ const PLANTS: &[Plant] = &[
         old: ".filter(|i| i.record.expires_at.saturating_add(SWEEP_GRACE_SECS) < now)",
         new: ".filter(|i| i.record.expires_at < now)",
     },
+    Plant {
+        // An agent that puts off making a rewritten instance's containers
+        // (as if its retry backoff carried over): players cannot reach it
+        // for longer than the switch window.
+        name: "slow-switch",
+        file: "agent/src/reconcile.rs",
+        old: "            self.retry_at = None;",
+        new: "            self.retry_at = Some(Instant::now() + Duration::from_secs(30));",
+    },
+    Plant {
+        // A rollout that rebuilds the instance's routes from the new spec
+        // instead of keeping them: players lose their hostname.
+        name: "rollout-routes",
+        file: "controller/src/rollout.rs",
+        old: "    let mut r = record.clone();",
+        new: "    let mut r = record.clone();\n    r.http.clear();",
+    },
 ];
 
 pub(crate) fn run(args: ChaosArgs) -> Result<()> {

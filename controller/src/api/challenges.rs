@@ -104,19 +104,28 @@ pub(super) async fn put(
                 .into());
             }
             rollout::check_specs(&current.value.spec, &spec)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e).field("ports"))?;
+                .map_err(|(field, e)| ApiError::new(StatusCode::BAD_REQUEST, e).field(field))?;
             refuse_if_active(&app, &name).await?;
             expected = Some(current.revision);
-            Some(current.revision)
+            Some((current.revision, current.value.spec))
         }
     };
     let (revision, created) =
         etcd(&app, || app.challenges.put(&name, spec.clone(), expected)).await?;
     let rollout = match (from, steps) {
-        (Some(from), Some(steps)) => {
+        (Some((from, from_spec)), Some(steps)) => {
             let now = tidegate_schema::time::unix_secs();
+            let specs = (from_spec, spec.clone());
             let started = etcd(&app, || {
-                rollout::start(&app.client, &app.ks, &name, (from, revision), steps, now)
+                rollout::start(
+                    &app.client,
+                    &app.ks,
+                    &name,
+                    (from, revision),
+                    specs.clone(),
+                    steps,
+                    now,
+                )
             })
             .await
             .map_err(|e| {
@@ -419,7 +428,7 @@ pub(super) async fn rollout_start(
     }
     let (from_spec, _) = etcd(&app, || rollout::spec_at(&app.client, &app.ks, &name, from)).await?;
     rollout::check_specs(&from_spec, &to_spec)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e).field("ports"))?;
+        .map_err(|(field, e)| ApiError::new(StatusCode::BAD_REQUEST, e).field(field))?;
     let now = tidegate_schema::time::unix_secs();
     let started = etcd(&app, || {
         rollout::start(
@@ -427,6 +436,7 @@ pub(super) async fn rollout_start(
             &app.ks,
             &name,
             (from, current.revision),
+            (from_spec.clone(), to_spec.clone()),
             steps,
             now,
         )

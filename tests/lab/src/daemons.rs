@@ -306,9 +306,25 @@ impl Controller {
     }
 
     pub async fn put_challenge(&self, name: &str, spec: Value) -> (StatusCode, Value) {
+        self.put_challenge_with(name, spec, "").await
+    }
+
+    /// As [`Controller::put_challenge`], with a query (e.g. a rollout's
+    /// `rollout=gated&canary=1`).
+    pub async fn put_challenge_with(
+        &self,
+        name: &str,
+        spec: Value,
+        query: &str,
+    ) -> (StatusCode, Value) {
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
         self.call(
             Method::PUT,
-            &format!("/v1/challenges/{name}"),
+            &format!("/v1/challenges/{name}{q}"),
             Some(spec),
             Some(ADMIN),
         )

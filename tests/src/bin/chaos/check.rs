@@ -19,6 +19,12 @@
 //! - during a slow etcd disk and a quorum loss, the packets the daemons
 //!   send to etcd per second stay within [`STORM_FACTOR`] times the
 //!   baseline's: clients back off instead of multiplying their retries;
+//! - a rollout's rewrite of an instance (its record's `spec_revision`
+//!   changed) keeps its id, team, hostnames and ports; no instance is moved
+//!   onto a revision it already ran (replaced twice); and its worker reports
+//!   it running the new revision within [`SWITCH_WINDOW`] of the rewrite
+//!   (later only across a fault of its worker), the time players cannot
+//!   reach it;
 //! - after each phase, containers = live records on every worker and each
 //!   agent's route table matches etcd at its revision (checked by the run,
 //!   recorded as [`Settle`]s).
@@ -69,6 +75,11 @@ pub(crate) const POOL_REFILL: Secs = 10.0;
 /// How many times the baseline's request rate to etcd a fault may bring
 /// (retries are expected; a storm of them is not).
 pub(crate) const STORM_FACTOR: f64 = 3.0;
+
+/// How long an instance a rollout rewrote may take to run its new
+/// revision: the agent's watch, removing the old containers, starting the
+/// new one (under the run's load, on a shared engine).
+pub(crate) const SWITCH_WINDOW: Secs = 20.0;
 
 /// A broken invariant.
 #[derive(Debug, Clone)]
@@ -121,6 +132,20 @@ struct Replay {
     puts: BTreeMap<(String, u64), (i64, Option<String>)>,
     /// Each instance's `expires_at` over time.
     expiry: BTreeMap<String, Vec<(Secs, u64)>>,
+    /// Each rollout rewrite: instance, when, the revision it moves to, and
+    /// when its worker first reported it running that revision.
+    switches: Vec<Switch>,
+}
+
+/// One instance moved onto another spec revision by a rollout.
+#[derive(Debug, Clone)]
+struct Switch {
+    id: String,
+    at: Secs,
+    to: i64,
+    running: Option<Secs>,
+    /// Deleted before it ran the new revision.
+    ended: bool,
 }
 
 /// How many seconds ahead controller `controller`'s wall clock ran at `at`
@@ -283,6 +308,9 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                         ),
                     });
                 }
+                if let Some(old) = live.get(id) {
+                    rewritten(phase, e, id, old, &rec, &mut r, out);
+                }
                 let expires = rec["expires_at"].as_u64().unwrap_or_default();
                 r.expiry
                     .entry(id.to_string())
@@ -304,18 +332,130 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                             holders.remove(&name);
                         }
                     }
+                    for sw in r.switches.iter_mut().filter(|w| w.id == id) {
+                        sw.ended |= sw.running.is_none();
+                    }
                     let expires = rec["expires_at"].as_u64().unwrap_or_default();
                     r.deleted
                         .insert(id.to_string(), (e.at, e.revision, expires));
                 }
             }
             ("status", Some(v)) if status_running(v) => {
+                // Mid-switch, only a status of the new revision counts.
+                let revision = serde_json::from_slice::<Value>(v)
+                    .ok()
+                    .and_then(|s| s["spec_revision"].as_i64())
+                    .unwrap_or(0);
+                let switching = r
+                    .switches
+                    .iter_mut()
+                    .rev()
+                    .find(|w| w.id == id && w.running.is_none() && !w.ended);
+                match switching {
+                    Some(w) if w.to != revision => continue,
+                    Some(w) => w.running = Some(e.at),
+                    None => {}
+                }
                 r.running.entry(id.to_string()).or_insert(e.at);
             }
             _ => {}
         }
     }
     r
+}
+
+/// A live instance's record put again: when its spec revision changed (a
+/// rollout), it must keep what players hold of it and not be moved onto a
+/// revision it already ran; its switch begins (not counted as running until
+/// its worker reports the new revision).
+fn rewritten(
+    phase: usize,
+    e: &crate::history::Event,
+    id: &str,
+    old: &Value,
+    rec: &Value,
+    r: &mut Replay,
+    out: &mut Report,
+) {
+    let revision = |v: &Value| v["spec_revision"].as_i64().unwrap_or(0);
+    let (from, to) = (revision(old), revision(rec));
+    // A claim (a pooled instance given its team) is no rollout.
+    if from == to || (old["team"].is_null() && !rec["team"].is_null()) {
+        return;
+    }
+    let kept = |v: &Value| (v["team"].clone(), names(v));
+    if kept(old) != kept(rec) {
+        out.violations.push(Violation {
+            phase,
+            kind: "replaced changed",
+            detail: format!(
+                "instance {id} moved from spec revision {from} to {to} at revision {} with team and routes {:?}, not {:?}",
+                e.revision,
+                kept(rec),
+                kept(old)
+            ),
+        });
+    }
+    let ran = |w: &&Switch| w.id == id && w.to == to;
+    if to != 0 && r.switches.iter().any(|w| ran(&w)) {
+        out.violations.push(Violation {
+            phase,
+            kind: "replaced twice",
+            detail: format!(
+                "instance {id} moved onto spec revision {to} again at revision {}",
+                e.revision
+            ),
+        });
+    }
+    r.running.remove(id);
+    r.switches.push(Switch {
+        id: id.to_string(),
+        at: e.at,
+        to,
+        running: None,
+        ended: false,
+    });
+}
+
+/// Every rollout switch ended within [`SWITCH_WINDOW`] (or by a delete),
+/// unless its worker was down or cut off meanwhile.
+fn switches(h: &History, r: &Replay, end: Secs, out: &mut Report) {
+    for w in &r.switches {
+        if w.ended {
+            continue;
+        }
+        let took = w.running.unwrap_or(end) - w.at;
+        if took <= SWITCH_WINDOW {
+            continue;
+        }
+        let owner = r
+            .owner
+            .get(&w.id)
+            .and_then(|o| h.workers.iter().position(|x| x == o));
+        let explained = h.faults.iter().any(|f| match f.target {
+            Target::Agent(a) | Target::AgentEtcdLink(a) => {
+                Some(a) == owner && overlaps(w.at, took, f.from, f.to + AGENT_RECOVERY)
+            }
+            Target::Etcd(_) | Target::EtcdStalled(_) | Target::EtcdMinority(_) => {
+                overlaps(w.at, took, f.from, f.to + CONTROL_RECOVERY)
+            }
+            _ => false,
+        });
+        if !explained {
+            out.violations.push(Violation {
+                phase: phase_of(h, w.at),
+                kind: "long switch",
+                detail: format!(
+                    "instance {} rewritten onto spec revision {} at {:.1} s {} ({:.1} s, at most {SWITCH_WINDOW})",
+                    w.id,
+                    w.to,
+                    w.at,
+                    if w.running.is_some() { "ran it only after" } else { "never ran it, and was not deleted, in" },
+                    took
+                ),
+            });
+        }
+    }
 }
 
 fn acked_spawns(h: &History, r: &Replay, out: &mut Report) {
@@ -695,6 +835,8 @@ pub(crate) fn check(h: &History) -> Report {
     probes(h, &r, &mut out);
     pools_kept(h, &mut out);
     retry_storms(h, &mut out);
+    let end = h.events.last().map_or(0.0, |e| e.at);
+    switches(h, &r, end, &mut out);
     for c in h.calls.iter().filter(|c| c.failed()) {
         out.failures.push(Failure {
             phase: phase_of(h, c.at),
@@ -1577,5 +1719,83 @@ mod tests {
             .map(|f| f.expected)
             .collect();
         assert_eq!(expected, [true, false]);
+    }
+
+    /// Instance `id`'s record at spec revision `rev`, then a rollout's
+    /// rewrite onto `to` with `host`, and its worker's running status at
+    /// `to` at `ran` (if it ran).
+    fn switched(h: &mut History, id: &str, to: i64, host: &str, at: Secs, ran: Option<Secs>) {
+        let token = elect(h, "c0");
+        let mut rec = record(id, token, "a.ctf", 500);
+        rec["spec_revision"] = json!(3);
+        put(h, 1.0, &instance_key(id), 0, rec.clone());
+        running(h, 2.0, id);
+        rec["spec_revision"] = json!(to);
+        rec["http"][0]["hostname"] = json!(host);
+        put(h, at, &instance_key(id), 0, rec);
+        if let Some(t) = ran {
+            let ep = json!({"v": 1, "instance": id, "worker": "w1", "status": {"state": "running"},
+                            "updated_at": 0, "spec_revision": to});
+            let key = Keyspace::default().key_of(Kind::Statuses, &format!("w1/{id}"));
+            put(h, t, &key, 0, ep);
+        }
+    }
+
+    #[test]
+    fn a_rollout_switch_keeps_routes_ends_in_its_window_and_never_repeats() {
+        let mut h = history();
+        switched(&mut h, "i1", 9, "a.ctf", 10.0, Some(12.0));
+        assert!(
+            check(&h).violations.is_empty(),
+            "{:?}",
+            check(&h).violations
+        );
+
+        // Another hostname after the rewrite.
+        let mut h = history();
+        switched(&mut h, "i1", 9, "b.ctf", 10.0, Some(12.0));
+        assert_eq!(kinds(&check(&h)), ["replaced changed"]);
+
+        // Running the new revision only after the window.
+        let mut h = history();
+        switched(
+            &mut h,
+            "i1",
+            9,
+            "a.ctf",
+            10.0,
+            Some(10.0 + SWITCH_WINDOW + 1.0),
+        );
+        assert_eq!(kinds(&check(&h)), ["long switch"]);
+
+        // Never, and not deleted; a status of the old revision does not count.
+        let mut h = history();
+        switched(&mut h, "i1", 9, "a.ctf", 10.0, None);
+        running(&mut h, 11.0, "i1");
+        put(&mut h, 40.0, "/unrelated", 0, json!({}));
+        assert_eq!(kinds(&check(&h)), ["long switch"]);
+        // Deleted mid-switch: no switch to finish.
+        delete(&mut h, 12.0, &instance_key("i1"));
+        h.events.sort_by(|a, b| a.at.total_cmp(&b.at));
+        assert!(
+            check(&h).violations.is_empty(),
+            "{:?}",
+            check(&h).violations
+        );
+
+        // Moved back and onto the same revision again: replaced twice.
+        let mut h = history();
+        switched(&mut h, "i1", 9, "a.ctf", 10.0, Some(11.0));
+        let mut rec = record("i1", 10, "a.ctf", 500);
+        for (at, rev) in [(20.0, 3), (30.0, 9)] {
+            rec["spec_revision"] = json!(rev);
+            put(&mut h, at, &instance_key("i1"), 0, rec.clone());
+        }
+        assert_eq!(
+            kinds(&check(&h)),
+            ["replaced twice"],
+            "{:?}",
+            check(&h).violations
+        );
     }
 }

@@ -22,8 +22,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions, GetOptions};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tidegate_lab::daemons::{Agent, Controller, lab_cluster, remove_lab_containers, sample};
+use tidegate_lab::daemons::{ADMIN, Agent, Controller, lab_cluster, remove_lab_containers, sample};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::{EtcdCluster, MemberHost};
 use tidegate_lab::faults::LossyLink;
@@ -162,10 +163,7 @@ impl Lab {
             _routed: routed,
             dir: dir.to_path_buf(),
         };
-        let web = challenge(
-            DEMO_HTTP,
-            json!({"name": "web", "port": 8080, "protocol": "http"}),
-        );
+        let web = web(Value::Null);
         let echo = challenge(
             DEMO_TCP,
             json!({"name": "echo", "port": 1337, "protocol": "tcp"}),
@@ -244,6 +242,7 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     consensus_faults(lab, &mut phase, pace).await?;
     skewed_scheduler(lab, &mut phase, pace).await?;
     replaced_member(lab, &mut phase, pace).await?;
+    rollout_through_a_leader_kill(lab, &mut phase, pace).await?;
     renewals_under_silent_etcd(lab, s, &mut phase, pace).await?;
     agent_faults(lab, &mut phase, pace).await?;
     compaction_under_a_cut_watch(lab, s, &mut phase, pace).await
@@ -513,6 +512,102 @@ async fn replaced_member(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<(
     );
     sleep(pace.recover).await;
     phase.end(lab).await
+}
+
+/// The `web` challenge's spec (as [`Lab::start`] puts it), with `env`.
+fn web(env: Value) -> Value {
+    let mut spec = challenge(
+        DEMO_HTTP,
+        json!({"name": "web", "port": 8080, "protocol": "http"}),
+    );
+    if !env.is_null() {
+        spec["env"] = env;
+    }
+    spec
+}
+
+/// A gated rollout of `web` (canary 1, batches of 2) under the load: the
+/// organizer's `continue` at the gate, then the leader killed while the
+/// batches go on. The next leader finishes it from its record; the checker
+/// holds every rewrite to its switch window, its routes and team, and
+/// replaces no instance twice.
+async fn rollout_through_a_leader_kill(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
+    phase.begin("a rollout through a leader kill");
+    sleep(pace.lead).await;
+    let l = lab.leader().await?;
+    let path = "/v1/challenges/web/rollout";
+    let spec = web(json!({"ROLLOUT": phase.index.to_string()}));
+    let (status, body) = lab.controllers[l]
+        .put_challenge_with("web", spec, "rollout=gated&canary=1&batch=2")
+        .await;
+    if status != StatusCode::OK {
+        return Err(format!("starting the rollout of web: {status} {body}"));
+    }
+    let harness = |msg: String| phase.s.history().harness_errors.push(msg);
+    let mut r = Value::Null;
+    for _ in 0..300 {
+        r = rollout_at(lab, l).await;
+        if r["phase"] != "canary" {
+            break;
+        }
+        sleep(0.1).await;
+    }
+    if r["phase"] == "gate" {
+        let (status, body) = lab.controllers[l]
+            .call(Method::POST, &format!("{path}/continue"), None, Some(ADMIN))
+            .await;
+        if status != StatusCode::OK {
+            harness(format!("continue at the gate: {status} {body}"));
+        }
+    } else {
+        harness(format!("the rollout never reached its gate: {r}"));
+    }
+    for _ in 0..100 {
+        r = rollout_at(lab, l).await;
+        if r["phase"] != "gate" {
+            break;
+        }
+        sleep(0.1).await;
+    }
+    println!(
+        "chaos: [{:6.1} s]   rollout at {}, {} of {} live picked",
+        phase.s.clock.now(),
+        r["phase"],
+        r["replaced"].as_array().map_or(0, Vec::len),
+        r["live"]
+    );
+    kill_controller_for(lab, phase, l, pace.hold).await?;
+    let mut done = false;
+    for _ in 0..60 {
+        let next = lab.leader().await?;
+        r = rollout_at(lab, next).await;
+        if r["phase"] == "done" {
+            done = true;
+            break;
+        }
+        sleep(1.0).await;
+    }
+    if !done {
+        harness(format!(
+            "the rollout did not finish within 60 s of the restart: {r}"
+        ));
+    }
+    println!(
+        "chaos: [{:6.1} s]   rollout {}: {}",
+        phase.s.clock.now(),
+        r["phase"],
+        r["detail"]
+    );
+    sleep(pace.recover).await;
+    phase.end(lab).await
+}
+
+/// `web`'s rollout as controller `i` answers it.
+async fn rollout_at(lab: &Lab, i: usize) -> Value {
+    lab.controllers[i]
+        .call(Method::GET, "/v1/challenges/web/rollout", None, Some(ADMIN))
+        .await
+        .1
 }
 
 /// Rewrites what fault `f` says (once its outcome is known).
