@@ -109,6 +109,9 @@ pub(crate) struct Report {
     /// Requests/s etcd received: the baseline's, then (fault, rate) for
     /// each fault whose rate is checked.
     pub(crate) etcd_rates: Option<(f64, Vec<(String, f64)>)>,
+    /// Rollout switches: how many ran the new revision, the longest of
+    /// those (s), how many ended by a delete first.
+    pub(crate) switches: (usize, Secs, usize),
 }
 
 impl Report {
@@ -422,9 +425,14 @@ fn rewritten(
 fn switches(h: &History, r: &Replay, end: Secs, out: &mut Report) {
     for w in &r.switches {
         if w.ended {
+            out.switches.2 += 1;
             continue;
         }
         let took = w.running.unwrap_or(end) - w.at;
+        if w.running.is_some() {
+            out.switches.0 += 1;
+            out.switches.1 = out.switches.1.max(took);
+        }
         if took <= SWITCH_WINDOW {
             continue;
         }
@@ -1069,6 +1077,13 @@ pub(crate) fn render(h: &History, report: &Report) -> String {
             let _ = write!(s, "; {what}: {rate:.0} ({:.1}×)", rate / baseline);
         }
         let _ = writeln!(s);
+    }
+    let (ran, longest, deleted) = report.switches;
+    if ran + deleted > 0 {
+        let _ = writeln!(
+            s,
+            "rollout switches: {ran} ran the new revision (the longest {longest:.1} s after its rewrite, at most {SWITCH_WINDOW}), {deleted} deleted first"
+        );
     }
     let _ = writeln!(
         s,

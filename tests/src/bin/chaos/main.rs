@@ -242,7 +242,7 @@ async fn run(lab: &mut Lab, s: &Arc<Shared>, pace: Pace) -> Res<()> {
     consensus_faults(lab, &mut phase, pace).await?;
     skewed_scheduler(lab, &mut phase, pace).await?;
     replaced_member(lab, &mut phase, pace).await?;
-    rollout_through_a_leader_kill(lab, &mut phase, pace).await?;
+    rollout_through_a_leader_kill(lab, s, &mut phase, pace).await?;
     renewals_under_silent_etcd(lab, s, &mut phase, pace).await?;
     agent_faults(lab, &mut phase, pace).await?;
     compaction_under_a_cut_watch(lab, s, &mut phase, pace).await
@@ -531,8 +531,43 @@ fn web(env: Value) -> Value {
 /// batches go on. The next leader finishes it from its record; the checker
 /// holds every rewrite to its switch window, its routes and team, and
 /// replaces no instance twice.
-async fn rollout_through_a_leader_kill(lab: &mut Lab, phase: &mut Phases, pace: Pace) -> Res<()> {
+async fn rollout_through_a_leader_kill(
+    lab: &mut Lab,
+    s: &Arc<Shared>,
+    phase: &mut Phases,
+    pace: Pace,
+) -> Res<()> {
     phase.begin("a rollout through a leader kill");
+    // Four instances of teams the load does not touch, renewed through the
+    // phase: the load's own ones live seconds and are often deleted mid
+    // switch, which proves nothing about the switch.
+    let mut mine = Vec::new();
+    for i in 0..4 {
+        let call = s
+            .spawn("web", &format!("rollout-{}-{i}", phase.index), None)
+            .await;
+        mine.extend(call.instance);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        let (s, stop, ids) = (s.clone(), stop.clone(), mine.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                for id in &ids {
+                    let path = format!("/v1/instances/{id}/renew");
+                    s.call(Op::Renew, &path, None, Some(id.clone()), None).await;
+                }
+                sleep(3.0).await;
+            }
+        })
+    };
+    for _ in 0..200 {
+        let running = s.live(|k| k.running_since.is_some());
+        if mine.iter().all(|id| running.iter().any(|(r, _)| r == id)) {
+            break;
+        }
+        sleep(0.1).await;
+    }
     sleep(pace.lead).await;
     let l = lab.leader().await?;
     let path = "/v1/challenges/web/rollout";
@@ -599,6 +634,11 @@ async fn rollout_through_a_leader_kill(lab: &mut Lab, phase: &mut Phases, pace: 
         r["detail"]
     );
     sleep(pace.recover).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = renewer.await;
+    for id in &mine {
+        s.delete(id).await;
+    }
     phase.end(lab).await
 }
 
