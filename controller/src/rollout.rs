@@ -238,6 +238,7 @@ pub async fn start(
         abort: false,
         canaries: Vec::new(),
         replaced: Vec::new(),
+        skipped: Vec::new(),
         restored_revision: 0,
         detail: "picking canaries".into(),
         started_at: now,
@@ -544,7 +545,9 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
                 Some(why) => r.detail = why,
                 None => {
                     r.phase = RolloutPhase::Batches;
-                    r.detail = if r.continued {
+                    // Spent: a later `continue` is about the batches.
+                    let continued = std::mem::take(&mut r.continued);
+                    r.detail = if continued {
                         "the gate was opened by an organizer".into()
                     } else {
                         format!(
@@ -556,11 +559,27 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
             }
         }
         RolloutPhase::Batches => {
-            let pending: Vec<&Seen> = seen.iter().filter(|s| picked(s) && !at_new(s)).collect();
+            // An organizer's `continue` leaves the instances failed now
+            // behind (once: a later failure holds the batches again).
+            if std::mem::take(&mut r.continued) {
+                let failed = seen
+                    .iter()
+                    .filter(|s| picked(s) && !at_new(s) && s.failed.is_some());
+                let left: Vec<InstanceId> = failed.map(|s| s.live.record.id.clone()).collect();
+                for id in left {
+                    if !r.skipped.contains(&id) {
+                        r.skipped.push(id);
+                    }
+                }
+            }
+            let pending: Vec<&Seen> = seen
+                .iter()
+                .filter(|s| picked(s) && !at_new(s) && !r.skipped.contains(&s.live.record.id))
+                .collect();
             if let Some(s) = pending.first() {
                 r.detail = match &s.failed {
                     Some(why) => format!(
-                        "instance {} failed on the new revision: {why} (pause or abort)",
+                        "instance {} failed on the new revision: {why} (`continue` leaves it behind and goes on; or pause, or abort)",
                         s.live.record.id
                     ),
                     None => format!("waiting for {} replaced instances to run", pending.len()),
@@ -568,6 +587,12 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
             } else if candidates.is_empty() {
                 r.phase = RolloutPhase::Done;
                 r.detail = format!("{} instances replaced", r.replaced.len());
+                if !r.skipped.is_empty() {
+                    r.detail += &format!(
+                        "; {} failed on the new revision and were left behind by `continue`",
+                        r.skipped.len()
+                    );
+                }
                 if unfit > 0 {
                     r.detail += &format!(
                         "; {unfit} spawned from an older spec whose ports the new one does not have are left as they are"

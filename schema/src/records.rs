@@ -821,7 +821,8 @@ pub struct RolloutRecord {
     /// An organizer paused it: nothing more is replaced until resumed.
     #[serde(default)]
     pub paused: bool,
-    /// An organizer opened the gate (`continue`).
+    /// An organizer's `continue`, until the scheduler acts on it (opens
+    /// the gate, or leaves the instances failed in a batch behind).
     #[serde(default)]
     pub continued: bool,
     /// An organizer asked for the canaries (and every replaced instance)
@@ -836,6 +837,10 @@ pub struct RolloutRecord {
     /// is replaced twice.
     #[serde(default)]
     pub replaced: Vec<InstanceId>,
+    /// Picked instances that failed on the new revision and that an
+    /// organizer's `continue` left behind: they hold the batches no more.
+    #[serde(default)]
+    pub skipped: Vec<InstanceId>,
     /// The revision the abort wrote the old spec back at (0: not yet).
     #[serde(default)]
     pub restored_revision: i64,

@@ -1505,3 +1505,87 @@ async fn an_agent_restarted_after_the_rewrite_makes_the_new_revision_instead_of_
         to.to_string()
     );
 }
+
+/// A replacement that fails holds the batches, saying which; the
+/// organizer's `continue` leaves the instances failed then behind and the
+/// rollout goes on, once per `continue`: a later failure holds it again.
+#[tokio::test]
+async fn a_failed_replacement_holds_the_batches_until_continue_leaves_it_behind() {
+    let running = cluster(|cfg| cfg.max_restarts = 1).await;
+    let c = &running;
+    let spec = web_spec();
+    let (ids, _) = web_instances(c, &spec, 3).await;
+    let mut broken = spec.clone();
+    broken["image"] = json!(DEMO_EXIT);
+    let (s, body) = c
+        .controller
+        .put_challenge_with("web", broken, "rollout=gated&canary=1&batch=5")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let ask = |what: &'static str| async move {
+        let path = format!("/v1/challenges/web/rollout/{what}");
+        let (s, body) = c
+            .controller
+            .call(Method::POST, &path, None, Some(ADMIN))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    };
+    let held_on = |n: usize| async move {
+        let r = rollout_of(c, "web").await;
+        r["phase"] == "batches"
+            && r["replaced"].as_array().map_or(0, Vec::len) == n
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("failed on the new revision"))
+    };
+    // The canary fails; `continue` opens the gate, and the batches stop on it.
+    c.wait_status(&ids[0], "failed").await;
+    ask("continue").await;
+    assert!(
+        eventually(30, || held_on(1)).await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    let r = rollout_of(c, "web").await;
+    assert!(
+        r["detail"].as_str().unwrap().contains(ids[0].as_str()),
+        "{r}"
+    );
+    assert_eq!(
+        r["continued"], false,
+        "the gate's continue was not spent: {r}"
+    );
+    // Left behind: the next batch (the other two) is replaced, and fails.
+    ask("continue").await;
+    assert!(
+        eventually(60, || held_on(3)).await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    assert_eq!(rollout_of(c, "web").await["skipped"], json!([ids[0]]));
+    c.wait_status(&ids[1], "failed").await;
+    c.wait_status(&ids[2], "failed").await;
+    ask("continue").await;
+    assert!(
+        eventually(30, || async {
+            rollout_of(c, "web").await["phase"] == "done"
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    let r = rollout_of(c, "web").await;
+    let skipped: BTreeSet<&str> = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let all: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(skipped, all, "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("left behind"), "{r}");
+    // Left behind, not deleted: each keeps its record, on the new revision.
+    for id in &ids {
+        assert_eq!(c.record(id).await["spec_revision"], r["to_revision"]);
+    }
+}

@@ -441,13 +441,17 @@ pub(crate) struct Rollout {
     #[schema(value_type = String)]
     pub(crate) phase: tidegate_schema::RolloutPhase,
     pub(crate) paused: bool,
-    /// An organizer opened the gate.
+    /// An organizer's `continue` the scheduler has not acted on yet (at the
+    /// gate: open it; in batches: leave the failed instances behind).
     pub(crate) continued: bool,
     /// An organizer asked for the abort.
     pub(crate) abort: bool,
     pub(crate) canaries: Vec<InstanceId>,
     /// Every instance picked so far, canaries first.
     pub(crate) replaced: Vec<InstanceId>,
+    /// Picked instances that failed on the new revision and that an
+    /// organizer's `continue` left behind.
+    pub(crate) skipped: Vec<InstanceId>,
     /// Where the abort wrote the old spec back (0: no abort).
     pub(crate) restored_revision: i64,
     /// What it waits for now.

@@ -350,6 +350,7 @@ fn rollout_body(app: &crate::App, stored: rollout::Stored) -> Rollout {
         abort: r.abort,
         canaries: r.canaries,
         replaced: r.replaced,
+        skipped: r.skipped,
         restored_revision: r.restored_revision,
         detail: r.detail,
         started_at: r.started_at,
