@@ -1090,6 +1090,13 @@ async fn web_instances(
     (ids, before)
 }
 
+/// Puts `spec` as challenge `web` with rollout `query`; the 200's body.
+async fn start_rollout(c: &Controller, spec: Value, query: &str) -> Value {
+    let (s, body) = c.put_challenge_with("web", spec, query).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body
+}
+
 /// Issue #23's rollout must-show, on a real engine: 5 live instances, a new
 /// spec (another env) put with `?rollout=gated&canary=1&batch=2`. The
 /// canary is replaced first (same id, team, expiry, hostname and flag file,
@@ -1121,11 +1128,12 @@ async fn a_gated_rollout_replaces_the_canary_opens_on_its_solver_check_and_follo
 
     let mut next = spec.clone();
     next["env"] = json!({"ROLLOUT": "2"});
-    let (s, body) = c
-        .controller
-        .put_challenge_with("web", next.clone(), "rollout=gated&canary=1&batch=2")
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let body = start_rollout(
+        &c.controller,
+        next.clone(),
+        "rollout=gated&canary=1&batch=2",
+    )
+    .await;
     let to = body["revision"].as_i64().unwrap();
     assert_eq!(body["rollout"]["to_revision"], to, "{body}");
     // A second rollout while this one runs is refused, and writes nothing.
@@ -1206,11 +1214,7 @@ async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() 
     let (ids, before) = web_instances(c, &spec, 3).await;
     let mut broken = spec.clone();
     broken["image"] = json!(DEMO_EXIT);
-    let (s, body) = c
-        .controller
-        .put_challenge_with("web", broken, "rollout=gated&canary=1&batch=5")
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let body = start_rollout(&c.controller, broken, "rollout=gated&canary=1&batch=5").await;
     let from = body["rollout"]["from_revision"].as_i64().unwrap();
 
     // At the gate with the canary picked, and it stays there.
@@ -1349,11 +1353,7 @@ async fn a_rollout_resumes_under_the_next_leader_and_replaces_no_instance_twice(
         .as_secs();
     let mut next = spec.clone();
     next["env"] = json!({"ROLLOUT": "3"});
-    let (s, body) = c
-        .controller
-        .put_challenge_with("web", next, "rollout=gated&canary=1&batch=1")
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let body = start_rollout(&c.controller, next, "rollout=gated&canary=1&batch=1").await;
     let to = body["revision"].as_i64().unwrap();
     // No solver: the gate waits for an organizer's continue.
     assert!(
@@ -1458,11 +1458,7 @@ async fn an_agent_restarted_after_the_rewrite_makes_the_new_revision_instead_of_
     agent.proc.kill().unwrap();
     let mut next = spec.clone();
     next["env"] = json!({"ROLLOUT": "4"});
-    let (s, body) = running
-        .controller
-        .put_challenge_with("web", next, "rollout=gated&canary=1&batch=1")
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let body = start_rollout(&running.controller, next, "rollout=gated&canary=1&batch=1").await;
     let to = body["revision"].as_i64().unwrap();
     assert!(
         eventually(30, || async {
@@ -1517,11 +1513,7 @@ async fn a_failed_replacement_holds_the_batches_until_continue_leaves_it_behind(
     let (ids, _) = web_instances(c, &spec, 3).await;
     let mut broken = spec.clone();
     broken["image"] = json!(DEMO_EXIT);
-    let (s, body) = c
-        .controller
-        .put_challenge_with("web", broken, "rollout=gated&canary=1&batch=5")
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    start_rollout(&c.controller, broken, "rollout=gated&canary=1&batch=5").await;
     let ask = |what: &'static str| async move {
         let path = format!("/v1/challenges/web/rollout/{what}");
         let (s, body) = c
