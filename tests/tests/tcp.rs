@@ -155,6 +155,14 @@ async fn suite(p: &Plane, path: Path, ebpf: bool) {
                 let series = format!("tidegate_tcp_failed_connections_total{{stage=\"{stage}\"}}");
                 why += &format!(" {name}:{stage}={:?}", agent.metric(&series).await);
             }
+            // With TIDEGATE_LOG=debug the agents say why each one ended.
+            for line in agent
+                .log()
+                .lines()
+                .filter(|l| l.contains("ended with an error"))
+            {
+                why += &format!("\n  {name}: {line}");
+            }
         }
         panic!(
             "of 1,000 concurrent connections only {good} echoed correctly: {failures:?}; agents' failed connections:{why}"

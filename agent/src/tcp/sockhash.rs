@@ -38,23 +38,17 @@ pub async fn pump(
     pipe_bytes: usize,
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
-    // The hop header is acknowledged before the baseline is taken, or its
-    // late acknowledgement would count as the player's bytes below.
-    let mut pause = Duration::from_millis(1);
-    for _ in 0..if server_sent > 0 { 20 } else { 0 } {
-        match tcp_counters(&server) {
-            Ok(c) if c.bytes_acked <= server_sent as u64 => {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-            _ => break,
-        }
-    }
     // Nothing else has been sent on either socket yet: what `bytes_acked`
-    // says now (1 on the socket we connected: its SYN) is the baseline.
+    // says now (1 on the socket we connected: its SYN) is the baseline. On
+    // the server the hop header's `server_sent` bytes come on top, whether
+    // their acknowledgement has arrived yet or not: it can come seconds
+    // late (a lost segment under a burst of connections), and counted as
+    // the player's bytes it would send the FIN before the last of them,
+    // which the kernel then fails with EPIPE (a reset for the player).
     let (Ok(client_base), Ok(server_base)) = (tcp_counters(&client), tcp_counters(&server)) else {
         return splice::pump(client, server, pipe_bytes, traffic).await;
     };
+    let server_base = server_baseline(server_base.bytes_acked, server_sent);
     let pair = match r.pair(&client, &server) {
         Ok(pair) => pair,
         Err(e) => {
@@ -66,7 +60,7 @@ pub async fn pump(
     // caller drops this future (the idle timeout).
     let paired = Paired { r, pair, traffic };
     let result = tokio::try_join!(
-        one_way(&client, &server, server_base.bytes_acked),
+        one_way(&client, &server, server_base),
         one_way(&server, &client, client_base.bytes_acked)
     )
     .map(|_| ());
@@ -82,6 +76,13 @@ pub async fn pump(
         splice::reset(&server);
     }
     result
+}
+
+/// What `bytes_acked` of the socket we connected counts before the
+/// player's first byte: its SYN and the `sent` bytes of the hop header,
+/// acknowledged (`acked` already says so) or not yet.
+fn server_baseline(acked: u64, sent: usize) -> u64 {
+    acked.max(1 + sent as u64)
 }
 
 /// A pair in the kernel's maps: on drop, its bytes are counted and it is
@@ -137,5 +138,20 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, dst_base: u64) -> io::Result<
     match rustix::net::shutdown(dst, Shutdown::Write) {
         Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_baseline;
+
+    #[test]
+    fn the_hop_header_is_in_the_baseline_before_its_acknowledgement() {
+        // Only the SYN acknowledged so far: the 60-byte header still counts.
+        assert_eq!(server_baseline(1, 60), 61);
+        // Header acknowledged already: the same baseline.
+        assert_eq!(server_baseline(61, 60), 61);
+        // No header: the SYN alone.
+        assert_eq!(server_baseline(1, 0), 1);
     }
 }
