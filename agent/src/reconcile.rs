@@ -33,8 +33,8 @@ use futures::FutureExt;
 use tidegate_etcd::{Event, Kv, Watcher};
 use tidegate_schema::config::planted;
 use tidegate_schema::{
-    ChallengeRecord, ContainerSpec, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace,
-    Kind, NetworkUse, Record, SecretRecord, ServiceName, ServiceRecord, ServiceState,
+    ChallengeName, ChallengeRecord, ContainerSpec, InstanceId, InstanceRecord, InstanceStatus, Key,
+    Keyspace, Kind, NetworkUse, Record, SecretRecord, ServiceName, ServiceRecord, ServiceState,
     ServiceStatus, StatusRecord, V1, WorkerId,
 };
 use tokio::sync::watch;
@@ -274,8 +274,11 @@ pub struct Reconciler {
     listing: Option<Vec<Kv>>,
     /// Whether a full list has been applied (before that nothing is removed).
     synced: bool,
-    /// What the records showed of the newest scheduler.
-    fence: fence::Fence,
+    /// What the records showed of the newest scheduler, per challenge: a
+    /// challenge's records are written by its shard's leader only, while
+    /// the leaders of other shards write with their own, older or newer,
+    /// tokens at the same time.
+    fences: BTreeMap<ChallengeName, fence::Fence>,
     /// Whether the last neighbour pinning failed (logged once).
     pinning_failed: bool,
     /// The host firewall (None: `allow_host_access`), and whether its rules
@@ -386,7 +389,7 @@ impl Reconciler {
             last_pass: Instant::now(),
             listing: None,
             synced: false,
-            fence: fence::Fence::default(),
+            fences: BTreeMap::new(),
             pinning_failed: false,
             host_safe: firewall.is_none(),
             refusal,
@@ -593,7 +596,7 @@ impl Reconciler {
                 // have been restored: older revisions, lower tokens), in
                 // the order the records were written, as a watch shows them.
                 kvs.sort_by_key(|kv| kv.mod_revision);
-                self.fence = fence::Fence::default();
+                self.fences.clear();
                 let mut keep = BTreeSet::new();
                 for kv in kvs {
                     if let Some(id) = self.upsert(&kv) {
@@ -659,7 +662,9 @@ impl Reconciler {
         // Fencing (see `fence`): a record created after a newer scheduler
         // was seen writing came from a deposed one.
         if let Err(r) = self
-            .fence
+            .fences
+            .entry(record.challenge.clone())
+            .or_default()
             .check(record.token, kv.create_revision, kv.mod_revision)
         {
             self.metrics.fenced();

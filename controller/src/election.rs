@@ -105,7 +105,12 @@ pub async fn campaign(
     })
 }
 
-async fn keep_alive(mut client: Client, lease: i64, ttl_secs: i64, lost: watch::Sender<bool>) {
+pub(crate) async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    ttl_secs: i64,
+    lost: watch::Sender<bool>,
+) {
     let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
     let period = ttl / 3;
     let mut last_ok = Instant::now();

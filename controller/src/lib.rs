@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod rollout;
 pub mod scheduler;
 pub mod serve;
+pub mod shards;
 pub mod spawn;
 pub mod view;
 

@@ -22,7 +22,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 use tidegate_schema::records::ContainerSpec;
 use tidegate_schema::{
     ChallengeName, ChallengeRecord, ChallengeSpec, InstanceId, InstanceStatus, Key, Keyspace,
-    Record, RolloutPhase, RolloutRecord, ServiceRecord, SolverRecord, V1, Validate,
+    Record, RolloutPhase, RolloutRecord, SecretRecord, ServiceRecord, SolverRecord, V1, Validate,
 };
 
 use crate::App;
@@ -811,17 +811,56 @@ async fn rewrite(
 ) -> Result<bool, RolloutError> {
     let record = upgraded(&live.record, spec, revision);
     let key = app.ks.key(&Key::Instance(record.id.clone()));
-    let txn = Txn::new()
-        .when([
-            Compare::create_revision(leader.key.as_str(), CompareOp::Equal, leader.token),
-            Compare::mod_revision(key.as_str(), CompareOp::Equal, live.mod_revision),
-        ])
-        .and_then([TxnOp::put(
-            key.as_str(),
-            record.encode(),
-            Some(PutOptions::new().with_ignore_lease()),
-        )]);
-    Ok(app.client.clone().txn(txn).await?.succeeded())
+    let mut when = vec![
+        Compare::create_revision(leader.key.as_str(), CompareOp::Equal, leader.token),
+        Compare::mod_revision(key.as_str(), CompareOp::Equal, live.mod_revision),
+    ];
+    let mut then = vec![TxnOp::put(
+        key.as_str(),
+        record.encode(),
+        Some(PutOptions::new().with_ignore_lease()),
+    )];
+    // The `secret_env` values of that revision go into the instance's
+    // secret in the same Txn (same flag): the agent reads the secret again
+    // when it makes the new containers.
+    let secret_key = app.ks.key(&Key::Secret {
+        worker: record.worker.clone(),
+        instance: record.id.clone(),
+    });
+    let mut client = app.client.clone();
+    let current = client.get(secret_key.as_str(), None).await?;
+    if let Some(kv) = current.kvs().first() {
+        let mut secret = SecretRecord::decode(kv.value()).map_err(|e| RolloutError::Corrupt {
+            key: secret_key.clone(),
+            error: e.to_string(),
+        })?;
+        let env = if spec.secret_env.is_empty() {
+            Default::default()
+        } else {
+            app.challenges
+                .secret_env(&record.challenge, revision)
+                .await
+                .map_err(|e| RolloutError::Corrupt {
+                    key: app.ks.key(&Key::ChallengeSecret(record.challenge.clone())),
+                    error: e.to_string(),
+                })?
+        };
+        if secret.env != env {
+            secret.env = env;
+            when.push(Compare::mod_revision(
+                secret_key.as_str(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            ));
+            then.push(TxnOp::put(
+                secret_key.as_str(),
+                secret.encode(),
+                Some(PutOptions::new().with_ignore_lease()),
+            ));
+        }
+    }
+    let txn = Txn::new().when(when).and_then(then);
+    Ok(client.txn(txn).await?.succeeded())
 }
 
 fn floor_char_boundary(s: &str, max: usize) -> usize {

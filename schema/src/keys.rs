@@ -14,6 +14,8 @@
 //! {root}/flag-owners/{challenge}/{sha256 of flag}  FlagOwnerRecord  (controllers only, no lease)
 //! {root}/queue/{challenge}/{team}                  QueuedRecord     (controllers only, hold lease)
 //! {root}/rollouts/{challenge}                      RolloutRecord    (controllers only, no lease)
+//! {root}/election/shards/{shard}                   leader's id, URL (its controller's lease)
+//! {root}/controllers/{id}                          id, URL, shards  (its controller's lease)
 //! ```
 //!
 //! The root defaults to `/tidegate`, so several clusters can share an etcd.
@@ -77,6 +79,13 @@ pub enum Key {
     /// A challenge's rollout of a new spec to its live instances (the last
     /// one, finished or not).
     Rollout(ChallengeName),
+    /// Who leads shard N (`election/shards/{N}`, decimal): a controller's
+    /// id and URL, on that controller's lease. Its create revision is the
+    /// shard's fencing token.
+    ShardLeader(u16),
+    /// A live controller (`controllers/{id}`), on its lease: the shards
+    /// are spread over these.
+    Controller(WorkerId),
 }
 
 /// A family of keys sharing a prefix (what a watcher lists).
@@ -95,6 +104,8 @@ pub enum Kind {
     FlagOwners,
     Queue,
     Rollouts,
+    ShardLeaders,
+    Controllers,
 }
 
 impl Kind {
@@ -113,10 +124,12 @@ impl Kind {
             Kind::FlagOwners => "flag-owners",
             Kind::Queue => "queue",
             Kind::Rollouts => "rollouts",
+            Kind::ShardLeaders => "election/shards",
+            Kind::Controllers => "controllers",
         }
     }
 
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 15] = [
         Kind::Challenges,
         Kind::ChallengeSecrets,
         Kind::Instances,
@@ -130,6 +143,8 @@ impl Kind {
         Kind::FlagOwners,
         Kind::Queue,
         Kind::Rollouts,
+        Kind::ShardLeaders,
+        Kind::Controllers,
     ];
 }
 
@@ -310,6 +325,8 @@ impl Keyspace {
                 format!("{}{challenge}/{team}", self.prefix(Kind::Queue))
             }
             Key::Rollout(n) => format!("{}{n}", self.prefix(Kind::Rollouts)),
+            Key::ShardLeader(n) => format!("{}{n}", self.prefix(Kind::ShardLeaders)),
+            Key::Controller(id) => format!("{}{id}", self.prefix(Kind::Controllers)),
         }
     }
 
@@ -407,6 +424,19 @@ impl Keyspace {
                     })
                 }
                 Kind::Rollouts => ChallengeName::parse(rest).map(Key::Rollout),
+                Kind::ShardLeaders => {
+                    return parse_decimal(rest)
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|n| *n < crate::shards::MAX_SHARDS)
+                        .map(Key::ShardLeader)
+                        .ok_or_else(|| {
+                            err(format!(
+                                "{rest:?} is not a shard (0-{})",
+                                crate::shards::MAX_SHARDS - 1
+                            ))
+                        });
+                }
+                Kind::Controllers => WorkerId::parse(rest).map(Key::Controller),
             };
             return parsed.map_err(|e| err(e.to_string()));
         }
@@ -481,6 +511,25 @@ mod tests {
             "/tidegate/election/scheduler/694d8a1b"
         );
         assert_eq!(ks().election_name(), "/tidegate/election/scheduler");
+        assert_eq!(
+            ks().key(&Key::ShardLeader(15)),
+            "/tidegate/election/shards/15"
+        );
+        assert_eq!(
+            ks().parse("/tidegate/election/shards/15").unwrap(),
+            Key::ShardLeader(15)
+        );
+        for bad in [
+            "/tidegate/election/shards/015",
+            "/tidegate/election/shards/1024",
+            "/tidegate/election/shards/x",
+        ] {
+            assert!(ks().parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            ks().parse("/tidegate/controllers/c1").unwrap(),
+            Key::Controller(WorkerId::parse("c1").unwrap())
+        );
         let digest = "ab".repeat(32);
         assert_eq!(
             ks().key(&Key::FlagOwner {

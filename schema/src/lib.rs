@@ -10,6 +10,7 @@ pub mod config;
 pub mod keys;
 pub mod names;
 pub mod records;
+pub mod shards;
 pub mod spec;
 pub mod time;
 pub mod validate;

@@ -562,6 +562,42 @@ async fn a_record_from_a_fenced_scheduler_is_refused() {
         1,
         "a container was started for the stale record"
     );
+    // The same old token on another challenge's record is another shard's
+    // leader, which may hold an older token than web's: started.
+    c.controller.put_challenge("other", web_spec()).await;
+    let mut other = stale.clone();
+    other["id"] = json!("00000000bb");
+    other["challenge"] = json!("other");
+    other["http"][0]["hostname"] = json!("00000000bb.ctf.localhost");
+    // Checked against other's current spec.
+    other.as_object_mut().unwrap().remove("spec_revision");
+    let w = stale["worker"].as_str().unwrap();
+    let got = c
+        .client
+        .clone()
+        .get(keys::secret(w, &id), None)
+        .await
+        .unwrap();
+    let mut secret: Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+    secret["instance"] = json!("00000000bb");
+    c.client
+        .clone()
+        .put(keys::secret(w, "00000000bb"), secret.to_string(), None)
+        .await
+        .unwrap();
+    c.client
+        .clone()
+        .put(keys::instance("00000000bb"), other.to_string(), None)
+        .await
+        .unwrap();
+    assert!(
+        eventually(30, || async {
+            worker_containers(&worker()).unwrap().len() == 2
+        })
+        .await,
+        "another shard's record with an older token was fenced: {}",
+        c.agent().log()
+    );
 }
 
 #[tokio::test]
@@ -1500,6 +1536,39 @@ async fn an_agent_restarted_after_the_rewrite_makes_the_new_revision_instead_of_
         ),
         to.to_string()
     );
+}
+
+/// A rollout that changes `secret_env` gives the replaced instance the
+/// values of the new revision, new names included (they travel in its
+/// secret, which the rollout rewrites with the record).
+#[tokio::test]
+async fn a_replaced_instance_gets_the_new_secret_env_values() {
+    let running = cluster(|_| {}).await;
+    let c = &running;
+    let mut spec = web_spec();
+    spec["secret_env"] = json!({"API_KEY": "old-key"});
+    let (ids, before) = web_instances(c, &spec, 1).await;
+    let id = &ids[0];
+    let env = inspect(&before[0].1, "{{json .Config.Env}}");
+    assert!(env.contains("API_KEY=old-key"), "{id} runs {env}");
+    let mut next = spec.clone();
+    next["env"] = json!({"ROLLOUT": "5"});
+    next["secret_env"] = json!({"API_KEY": "new-key", "BOT_PASSWORD": "added"});
+    start_rollout(&c.controller, next, "rollout=gated&canary=1&batch=1").await;
+    assert!(
+        eventually(60, || async {
+            rollout_of(c, "web").await["running_new"] == 1
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    let (keep, container) = identity(c, id).await;
+    assert_eq!(keep, before[0].0);
+    let env = inspect(&container, "{{json .Config.Env}}");
+    for want in ["ROLLOUT=5", "API_KEY=new-key", "BOT_PASSWORD=added"] {
+        assert!(env.contains(want), "{id} runs {env}, without {want}");
+    }
 }
 
 /// A replacement that fails holds the batches, saying which; the

@@ -18,6 +18,10 @@
 //! election key was made before): a record claiming otherwise is refused
 //! and teaches nothing, so one hand-written record with a huge token cannot
 //! make every later one look fenced.
+//!
+//! One fence per challenge: a challenge's records are written only by the
+//! leader of its shard, and the leaders of different shards hold tokens
+//! side by side, so a token is compared only with its own shard's.
 
 /// What the agent has learned about the newest scheduler.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
