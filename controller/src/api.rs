@@ -27,6 +27,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tidegate_plugin_host::MAX_COMPONENT_BYTES;
+use tidegate_schema::ChallengeName;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
@@ -179,36 +180,47 @@ impl Scope {
     }
 }
 
-/// Who makes scheduling writes (spawns, renewals).
+/// Who makes scheduling writes (spawns, renewals) for a challenge.
 #[derive(Debug)]
 pub enum Scheduler {
-    /// This replica: its election key and fencing token.
+    /// This replica: it leads the challenge's shard (key and token).
     Here(Arc<crate::scheduler::LeaderInfo>),
-    /// Another replica, as its election key names it: the request is
-    /// forwarded there (`forward`).
+    /// Another replica, which leads it: the request is forwarded there
+    /// (`forward`).
     There(crate::election::Candidate),
 }
 
-/// This replica's lead, or the replica that leads; a 503 when nobody does.
-pub async fn scheduler(app: &App) -> ApiResult<Scheduler> {
-    if let Some(l) = app.leader.load_full() {
-        return Ok(Scheduler::Here(l));
-    }
-    match etcd(app, || {
-        crate::election::current_leader(&app.client, &app.ks)
-    })
-    .await?
-    {
-        // Its election key outlives its lead by up to a lease TTL (a lost
-        // keep-alive): not a replica to forward to.
-        Some(c) if c.id == app.cfg.id => Err(ApiError::unavailable(format!(
-            "replica {} has just lost the lead and its election key has not expired yet; retry",
-            c.id
-        ))),
-        Some(c) => Ok(Scheduler::There(c)),
-        None => Err(ApiError::unavailable(
-            "no scheduler is elected yet; retry shortly",
-        )),
+/// How long a request waits for its shard to have a leader (a shard being
+/// handed over between controllers is led again within a poll).
+const SHARD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// This replica's lead of `challenge`'s shard, or the replica that leads
+/// it; a 503 naming the shard when nobody does for [`SHARD_WAIT`].
+pub async fn scheduler(app: &App, challenge: &ChallengeName) -> ApiResult<Scheduler> {
+    let shard = app.shards.of(challenge.as_str());
+    let until = std::time::Instant::now() + SHARD_WAIT;
+    loop {
+        if let Some(l) = app.shards.lead(shard) {
+            return Ok(Scheduler::Here(l));
+        }
+        // Who led it at the last poll: not this replica, which may have
+        // just handed it over (its key outlives its lead by up to a poll).
+        if let Some((m, _)) = app.shards.seen().leaders.get(&shard)
+            && m.id != app.cfg.id
+        {
+            return Ok(Scheduler::There(crate::election::Candidate {
+                id: m.id.clone(),
+                url: m.url.clone(),
+            }));
+        }
+        if std::time::Instant::now() >= until {
+            return Err(ApiError::unavailable(format!(
+                "shard {shard} (challenge {:?}) has no scheduler right now: none is elected yet, or it is moving between controllers; retry shortly",
+                challenge.as_str()
+            ))
+            .reason("no_scheduler"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwapOption;
 use etcd_client::Client;
 use tidegate_schema::config::{ConfigError, ControllerConfig};
 use tidegate_schema::{ChallengeName, Keyspace, TeamId};
@@ -23,8 +22,12 @@ pub struct App {
     pub tcp_ports: RangeInclusive<u16>,
     pub challenges: Challenges,
     pub view: SharedView,
-    /// Set while this replica is the elected scheduler.
-    pub leader: ArcSwapOption<LeaderInfo>,
+    /// The shard elections: which shards this replica schedules, and who
+    /// leads the others.
+    pub shards: Arc<crate::shards::Shards>,
+    /// The revision of this replica's last write to each spawn guard
+    /// (`guards/...`), for the guards its view has not caught up with.
+    pub guard_writes: Mutex<std::collections::BTreeMap<String, i64>>,
     /// Serialises placement and the spawn Txn on the leader.
     pub spawn_lock: tokio::sync::Mutex<()>,
     /// Prometheus series, status counters, recent refusals, etcd health.
@@ -90,7 +93,19 @@ impl App {
             tcp_ports: cfg.tcp_port_range()?,
             challenges: Challenges::new(client.clone(), ks.clone()),
             view: SharedView::default(),
-            leader: ArcSwapOption::empty(),
+            shards: Arc::new(
+                crate::shards::Shards::new(
+                    crate::shards::Member {
+                        id: cfg.id.clone(),
+                        url: cfg.advertise(),
+                        shards: cfg.shards,
+                    },
+                    cfg.election_ttl_secs,
+                    crate::shards::Shards::poll_for(cfg.election_ttl_secs),
+                )
+                .count_taken_on(metrics.leader_changes.clone()),
+            ),
+            guard_writes: Mutex::new(Default::default()),
             spawn_lock: tokio::sync::Mutex::new(()),
             metrics,
             ks,
@@ -99,11 +114,56 @@ impl App {
         })
     }
 
+    /// This replica's lead of the shard of `challenge`, while it has it:
+    /// the key and token its scheduling writes for it are fenced with.
+    pub fn lead(&self, challenge: &ChallengeName) -> Option<Arc<LeaderInfo>> {
+        self.shards.lead(self.shards.of(challenge.as_str()))
+    }
+
+    /// The spawn guards of a spawn onto `worker` (none for a pooled
+    /// instance, already placed) for `team` (none for a pool's own), each
+    /// with the revision this replica has seen every write of it up to:
+    /// `seen`, the view's revision when the decisions began, or its own
+    /// later write of that guard.
+    pub fn guards(
+        &self,
+        seen: i64,
+        worker: Option<&tidegate_schema::WorkerId>,
+        team: Option<&TeamId>,
+    ) -> Vec<(String, i64)> {
+        let own = self.guard_writes.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = worker
+            .map(|w| self.ks.key(&tidegate_schema::Key::WorkerGuard(w.clone())))
+            .into_iter()
+            .chain(team.map(|t| self.ks.key(&tidegate_schema::Key::TeamGuard(t.clone()))));
+        keys.map(|k| {
+            let at = own.get(&k).copied().unwrap_or(0).max(seen);
+            (k, at)
+        })
+        .collect()
+    }
+
+    /// Notes this replica's write of `guards` at `revision`, and forgets
+    /// those its view holds now.
+    pub fn guarded(&self, guards: &[(String, i64)], revision: i64) {
+        let viewed = self.view.lock().revision;
+        let mut own = self.guard_writes.lock().unwrap_or_else(|e| e.into_inner());
+        own.retain(|_, at| *at > viewed);
+        for (k, _) in guards {
+            own.insert(k.clone(), revision);
+        }
+    }
+
+    /// Whether this replica leads any shard.
+    pub fn leads_any(&self) -> bool {
+        !self.shards.led().is_empty()
+    }
+
     /// `GET /metrics`: the Prometheus text of this replica.
     pub fn render_metrics(&self) -> String {
         self.metrics.observe(
             &self.view.lock(),
-            self.leader.load().is_some(),
+            self.leads_any(),
             self.policies.host.cached(),
         );
         self.metrics.render()

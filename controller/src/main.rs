@@ -82,7 +82,7 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             etcd_members::endpoints(&app.cfg.etcd, app.cfg.etcd_metrics.as_deref()),
             app.metrics.etcd_members.clone(),
         )),
-        tokio::spawn(scheduler::run_election(app.clone())),
+        tokio::spawn(app.shards.clone().run(app.client.clone(), app.ks.clone())),
         tokio::spawn(scheduler::run_sweeps(app.clone())),
         tokio::spawn(tidegate_controller::rollout::run(app.clone())),
         tokio::spawn(api::run_admissions(app.clone())),
@@ -97,9 +97,12 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
-    // Hand leadership over at once instead of after the lease TTL.
-    if let Some(l) = app.leader.load_full() {
-        let _ = app.client.clone().lease_revoke(l.lease).await;
+    // Hand the shards over at once instead of after the lease TTL.
+    // (Also when leading none: the registration goes with the lease, so
+    // the others stop counting this replica in the share-out.)
+    let led = app.leads_any();
+    app.shards.resign(&app.client).await;
+    if led {
         tracing::info!("resigned as scheduler");
     }
     result?;

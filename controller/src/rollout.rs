@@ -332,14 +332,15 @@ pub fn phase_name(p: RolloutPhase) -> &'static str {
     }
 }
 
-/// While leading: moves every active rollout on, once a second.
+/// While leading shards: moves every active rollout of their challenges
+/// on, once a second.
 pub async fn run(app: Arc<App>) {
     let mut warned = std::collections::BTreeSet::new();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let Some(leader) = app.leader.load_full() else {
+        if !app.leads_any() {
             continue;
-        };
+        }
         let prefix = app.ks.prefix(tidegate_schema::Kind::Rollouts);
         let resp = match app
             .client
@@ -380,6 +381,10 @@ pub async fn run(app: Arc<App>) {
             if !record.phase.active() {
                 continue;
             }
+            // Its shard's leader moves it (and fences every write with its token).
+            let Some(leader) = app.lead(&record.challenge) else {
+                continue;
+            };
             let stored = Stored {
                 record,
                 revision: kv.mod_revision(),

@@ -1,5 +1,5 @@
-//! The replica's background work: stay in the election, and while leading,
-//! sweep instances past their expiry and instances of vanished workers.
+//! The replica's background work while it leads shards: sweep their
+//! instances past their expiry and those of vanished workers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use tidegate_schema::WorkerId;
 
 use crate::App;
-use crate::election::{Candidate, campaign};
 
 /// What this replica holds while it leads.
 #[derive(Debug, Clone)]
@@ -17,38 +16,6 @@ pub struct LeaderInfo {
     pub key: String,
     pub token: i64,
     pub lease: i64,
-}
-
-/// Campaigns forever; publishes leadership in `app.leader` while it lasts.
-pub async fn run_election(app: Arc<App>) {
-    let me = Candidate {
-        id: app.cfg.id.clone(),
-        url: app.cfg.advertise(),
-    };
-    let value = serde_json::to_string(&me).unwrap_or_default();
-    loop {
-        match campaign(&app.client, &app.ks, &value, app.cfg.election_ttl_secs).await {
-            Ok(mut lead) => {
-                tracing::info!(token = lead.token, key = %lead.key, "became the scheduler");
-                app.metrics.leader_changes.inc();
-                app.leader.store(Some(Arc::new(LeaderInfo {
-                    key: lead.key.clone(),
-                    token: lead.token,
-                    lease: lead.lease,
-                })));
-                lead.lost().await;
-                app.leader.store(None);
-                tracing::warn!(
-                    token = lead.token,
-                    "lost the scheduler lease; campaigning again"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "campaign failed; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
 }
 
 /// How long past its expiry an instance must be before the sweep revokes
@@ -70,7 +37,7 @@ pub async fn run_sweeps(app: Arc<App>) {
     let grace = Duration::from_secs(app.cfg.worker_grace_secs);
     loop {
         tokio::time::sleep(Duration::from_secs(app.cfg.sweep_interval_secs)).await;
-        if app.leader.load().is_none() {
+        if !app.leads_any() {
             gone_since.clear();
             continue;
         }
@@ -87,15 +54,18 @@ pub async fn run_sweeps(app: Arc<App>) {
             for w in absent {
                 gone_since.entry(w).or_insert_with(Instant::now);
             }
+            // Each shard's leader sweeps its own challenges' instances.
             let expired: Vec<_> = view
                 .instances
                 .values()
+                .filter(|i| app.lead(&i.record.challenge).is_some())
                 .filter(|i| i.record.expires_at.saturating_add(SWEEP_GRACE_SECS) < now)
                 .map(|i| (i.record.id.clone(), i.lease))
                 .collect();
             let orphaned: Vec<_> = view
                 .instances
                 .values()
+                .filter(|i| app.lead(&i.record.challenge).is_some())
                 .filter(|i| {
                     gone_since
                         .get(&i.record.worker)

@@ -67,6 +67,12 @@ pub struct Shards {
     seen: ArcSwap<Seen>,
     /// Shard → polls in a row it has had no leader.
     orphaned: Mutex<BTreeMap<u16, u32>>,
+    /// The current lease (0 between leases).
+    lease: std::sync::atomic::AtomicI64,
+    /// Counts every shard this controller takes.
+    taken: prometheus_client::metrics::counter::Counter,
+    /// Whether the last poll found the controllers disagreeing (logged once).
+    disagreed: std::sync::atomic::AtomicBool,
 }
 
 impl Shards {
@@ -82,6 +88,36 @@ impl Shards {
             poll,
             seen: ArcSwap::from_pointee(Seen::default()),
             orphaned: Mutex::new(BTreeMap::new()),
+            lease: std::sync::atomic::AtomicI64::new(0),
+            taken: Default::default(),
+            disagreed: Default::default(),
+        }
+    }
+
+    /// Counts every shard taken on `counter` too (leader changes).
+    pub fn count_taken_on(mut self, counter: prometheus_client::metrics::counter::Counter) -> Self {
+        self.taken = counter;
+        self
+    }
+
+    /// How often to look at the elections for a lease of `ttl_secs`: a
+    /// shard handed over is led again within this long.
+    pub fn poll_for(ttl_secs: i64) -> Duration {
+        Duration::from_millis((ttl_secs.max(1) as u64 * 1000 / 4).min(500))
+    }
+
+    /// The lease this controller holds its shards on now (0: none).
+    pub fn lease(&self) -> i64 {
+        self.lease.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops leading every shard and gives them up at once (shutdown): the
+    /// others take them at their next poll instead of after the TTL.
+    pub async fn resign(&self, client: &Client) {
+        self.drop_all();
+        let lease = self.lease();
+        if lease != 0 {
+            let _ = client.clone().lease_revoke(lease).await;
         }
     }
 
@@ -140,6 +176,8 @@ impl Shards {
     ) -> Result<(), etcd_client::Error> {
         let mut c = client.clone();
         let lease = c.lease_grant(self.ttl_secs, None).await?.id();
+        self.lease
+            .store(lease, std::sync::atomic::Ordering::Relaxed);
         let (tx, mut lost) = watch::channel(false);
         let keeper = tokio::spawn(crate::election::keep_alive(
             c.clone(),
@@ -167,10 +205,19 @@ impl Shards {
                 tracing::warn!("the shard lease was lost: leading no shard; registering again");
                 return Ok(());
             }
-            self.step(&mut c, ks, lease, &value).await?;
+            // A failed poll changes nothing: the shards stay led (and
+            // fenced) until the lease itself is lost, as a single election
+            // would. Retried at the next poll.
+            if let Err(e) = self.step(&mut c, ks, lease, &value).await {
+                tracing::debug!(error = %e, "shard elections: a poll failed; next poll");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.poll) => {}
-                _ = lost.changed() => {}
+                // The keep-alive ended: lost (said at the top), or gone.
+                changed = lost.changed() => if changed.is_err() && !*lost.borrow() {
+                    tracing::warn!("the shard lease's keep-alive stopped: leading no shard; registering again");
+                    return Ok(());
+                },
             }
         }
     }
@@ -184,12 +231,16 @@ impl Shards {
         value: &[u8],
     ) -> Result<(), etcd_client::Error> {
         let prefix = || Some(GetOptions::new().with_prefix());
-        let (leaders_prefix, members_prefix) =
-            (ks.prefix(Kind::ShardLeaders), ks.prefix(Kind::Controllers));
+        let (leaders_prefix, members_prefix, single) = (
+            ks.prefix(Kind::ShardLeaders),
+            ks.prefix(Kind::Controllers),
+            ks.prefix(Kind::Election),
+        );
         let resp = c
             .txn(Txn::new().and_then([
                 TxnOp::get(leaders_prefix.as_str(), prefix()),
                 TxnOp::get(members_prefix.as_str(), prefix()),
+                TxnOp::get(single.as_str(), prefix().map(|o| o.with_count_only())),
             ]))
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
@@ -214,16 +265,58 @@ impl Shards {
             };
             held.insert(shard, (m, kv.create_revision(), kv.lease()));
         }
+        // Fail closed: while any live controller runs with another shard
+        // count, holds a shard we do not have, or is a controller from
+        // before shards (on the single election key), its leads and ours
+        // would overlap with nothing to fence them apart. Lead nothing
+        // until it is gone (a rolling upgrade or change of `shards`).
+        let mut disagree: Option<String> = None;
         for kv in kvs(1) {
             match serde_json::from_slice::<Member>(kv.value()) {
                 Ok(m) if m.shards == self.count() => seen.live.push(m),
-                Ok(m) => tracing::warn!(controller = %m.id, theirs = m.shards, ours = self.count(),
-                    "a controller runs with another shard count; it is left out of the assignment"),
+                Ok(m) => {
+                    disagree = Some(format!(
+                        "controller {} runs with shards = {}",
+                        m.id, m.shards
+                    ));
+                }
                 Err(_) => {
                     tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "ignoring a malformed controller registration")
                 }
             }
         }
+        if let Some(shard) = held.keys().find(|s| **s >= self.count()) {
+            disagree = Some(format!("shard {shard} has a leader"));
+        }
+        let old_single = match ops.get(2) {
+            Some(etcd_client::TxnOpResponse::Get(g)) => g.count(),
+            _ => 0,
+        };
+        if old_single > 0 {
+            disagree = Some("a controller from before shards holds the single election key".into());
+        }
+        if let Some(why) = disagree {
+            if !self
+                .disagreed
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(ours = self.count(), %why, "leading no shard: the controllers disagree on the shards");
+            }
+            self.drop_all();
+            for (shard, (m, token, held_lease)) in &held {
+                if *held_lease == lease && m.id == self.me.id {
+                    delete_if(c, &ks.key(&Key::ShardLeader(*shard)), *token).await?;
+                }
+            }
+            seen.leaders = held
+                .iter()
+                .map(|(s, (m, t, _))| (*s, (m.clone(), *t)))
+                .collect();
+            self.seen.store(Arc::new(seen));
+            return Ok(());
+        }
+        self.disagreed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         // Leads that etcd no longer shows as ours (deleted by hand, or
         // expired with a lease we thought alive) end now.
         for shard in 0..self.count() {
@@ -248,6 +341,7 @@ impl Shards {
             .map(|(s, (m, ..))| (*s, m.id.clone()))
             .collect();
         let want = tidegate_schema::shards::assign(self.count(), &live, &current);
+        let mut released = Vec::new();
         for shard in 0..self.count() {
             let key = ks.key(&Key::ShardLeader(shard));
             let mine = want.get(&shard).is_some_and(|id| *id == self.me.id);
@@ -266,7 +360,15 @@ impl Shards {
                     self.leads[usize::from(shard)].store(None);
                     let to = want.get(&shard).map_or("nobody", String::as_str);
                     delete_if(c, &key, *token).await?;
+                    released.push(shard);
                     tracing::info!(shard, token, to, "handed a shard over");
+                }
+                // Ours on our lease but not led here: a take whose answer
+                // was lost after it committed. Lead it.
+                Some((_, token, held_lease))
+                    if *held_lease == lease && self.lead(shard).is_none() =>
+                {
+                    self.adopt(shard, key, *token, lease);
                 }
                 Some(_) => {
                     self.orphaned_for(shard, false);
@@ -282,7 +384,9 @@ impl Shards {
         for shard in 0..self.count() {
             if let Some(l) = self.lead(shard) {
                 seen.leaders.insert(shard, (self.me.clone(), l.token));
-            } else if let Some((m, token, _)) = held.get(&shard) {
+            } else if let Some((m, token, _)) =
+                held.get(&shard).filter(|_| !released.contains(&shard))
+            {
                 seen.leaders.insert(shard, (m.clone(), *token));
             }
         }
@@ -324,14 +428,16 @@ impl Shards {
             return Ok(());
         }
         let token = resp.header().map_or(0, |h| h.revision());
-        self.orphaned_for(shard, false);
-        self.leads[usize::from(shard)].store(Some(Arc::new(LeaderInfo {
-            key: key.to_string(),
-            token,
-            lease,
-        })));
-        tracing::info!(shard, token, "leading a shard");
+        self.adopt(shard, key.to_string(), token, lease);
         Ok(())
+    }
+
+    /// Leads `shard` from its key (created at `token`, on `lease`) on.
+    fn adopt(&self, shard: u16, key: String, token: i64, lease: i64) {
+        self.orphaned_for(shard, false);
+        self.leads[usize::from(shard)].store(Some(Arc::new(LeaderInfo { key, token, lease })));
+        self.taken.inc();
+        tracing::info!(shard, token, "leading a shard");
     }
 }
 

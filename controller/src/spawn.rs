@@ -47,6 +47,10 @@ pub struct SpawnPlan {
     pub tcp_ports: RangeInclusive<u16>,
     pub ttl_secs: u64,
     pub now: u64,
+    /// Spawn guards (`guards/...`) and the revision up to which the
+    /// decisions saw every write of each: the Txn fails if one was written
+    /// after, and writes each.
+    pub guards: Vec<(String, i64)>,
 }
 
 /// What the Txn wrote.
@@ -79,6 +83,10 @@ pub enum SpawnError {
     LeftQueue,
     #[error("the pooled instance was claimed or removed meanwhile")]
     PoolTaken,
+    #[error(
+        "another scheduler wrote {key} (revision {revision}) after this one decided; deciding again"
+    )]
+    Guarded { key: String, revision: i64 },
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
 }
@@ -434,6 +442,14 @@ async fn commit(
             None,
         ));
     }
+    for (key, seen) in &plan.guards {
+        compares.push(Compare::mod_revision(
+            key.as_str(),
+            CompareOp::Less,
+            seen.saturating_add(1),
+        ));
+        puts.push(TxnOp::put(key.as_str(), id.as_str(), None));
+    }
     let mut otherwise = vec![TxnOp::get(plan.leader_key.as_str(), None)];
     if let Some(p) = pooled {
         // Reported again by the agent once the flag file holds the team's
@@ -460,6 +476,12 @@ async fn commit(
         puts.push(TxnOp::delete(q.key.as_str(), None));
         otherwise.push(TxnOp::get(q.key.as_str(), None));
     }
+    // Last, so the pooled and queued reads keep their places.
+    otherwise.extend(
+        plan.guards
+            .iter()
+            .map(|(key, _)| TxnOp::get(key.as_str(), None)),
+    );
     let txn = Txn::new().when(compares).and_then(puts).or_else(otherwise);
     let resp = match client.txn(txn).await {
         Ok(r) => r,
@@ -486,6 +508,22 @@ async fn commit(
             token: plan.token,
             current,
         }));
+    }
+    for op in resp.op_responses() {
+        let etcd_client::TxnOpResponse::Get(g) = op else {
+            continue;
+        };
+        for kv in g.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Some((_, seen)) = plan.guards.iter().find(|(k, _)| *k == key)
+                && kv.mod_revision() > *seen
+            {
+                return Err(Some(SpawnError::Guarded {
+                    key: key.into_owned(),
+                    revision: kv.mod_revision(),
+                }));
+            }
+        }
     }
     if let Some(p) = pooled {
         let revision_of = |n: usize| {

@@ -463,7 +463,9 @@ async fn instance_lifecycle_spawn_get_flag_renew_delete() {
             !kv.key_str().unwrap().contains("/workers/")
                 && !kv.key_str().unwrap().contains("/challenges/")
                 && !kv.key_str().unwrap().contains("/election/")
-                // The flag's owner outlives the instance: no lease at all.
+                && !kv.key_str().unwrap().contains("/controllers/")
+                // Spawn guards and the flag's owner have no lease at all.
+                && !kv.key_str().unwrap().contains("/guards/")
                 && !kv.key_str().unwrap().contains("/flag-owners/")
         })
         .map(|kv| kv.lease())

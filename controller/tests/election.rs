@@ -70,6 +70,7 @@ async fn a_standby_takes_over_when_the_leader_goes_silent_and_the_old_token_is_f
         now: 0,
         challenge_revision: 0,
         secret_env: Default::default(),
+        guards: Vec::new(),
     };
     let err = spawn(&client, &plan(&old.key, old.token), |_| "f".into())
         .await

@@ -162,6 +162,7 @@ async fn sixteen_shards_spread_over_three_controllers_move_on_a_crash_and_come_b
         now: 0,
         challenge_revision: 0,
         secret_env: Default::default(),
+        guards: Vec::new(),
     };
     let moved = c_led[0];
     let name = named(moved);
@@ -251,4 +252,35 @@ async fn a_restarted_controller_takes_over_its_previous_keys_at_once() {
         "restarted and leading all 16 shards again in {:?}",
         back.elapsed()
     );
+}
+
+#[tokio::test]
+async fn controllers_that_disagree_on_the_shard_count_lead_nothing_until_one_is_gone() {
+    let etcd = EtcdCluster::start(1).unwrap();
+    let client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let (a, _ta) = start(&client, "sixteen");
+    until(10, || (a.led().len() == usize::from(SHARDS)).then_some(()))
+        .await
+        .expect("a lone controller did not lead every shard");
+    // One more with 4 shards joins: both would lead shard 0..3's
+    // challenges under different maps, so neither leads anything.
+    let other = Member {
+        id: "four".into(),
+        url: "http://four.invalid".into(),
+        shards: 4,
+    };
+    let b = Arc::new(Shards::new(other, TTL, Duration::from_millis(200)));
+    let tb = tokio::spawn(b.clone().run(client.clone(), Keyspace::default()));
+    until(5, || {
+        (a.led().is_empty() && b.led().is_empty()).then_some(())
+    })
+    .await
+    .expect("controllers with 16 and 4 shards went on leading side by side");
+    // The odd one stops (its lease runs out): the other leads again.
+    tb.abort();
+    until(4 * TTL as u64, || {
+        (a.led().len() == usize::from(SHARDS)).then_some(())
+    })
+    .await
+    .expect("the controller with 16 shards did not lead again after the other left");
 }

@@ -66,6 +66,7 @@ fn plan(
         now: 1_700_000_000,
         challenge_revision: 0,
         secret_env: Default::default(),
+        guards: Vec::new(),
     }
 }
 

@@ -16,6 +16,8 @@
 //! {root}/rollouts/{challenge}                      RolloutRecord    (controllers only, no lease)
 //! {root}/election/shards/{shard}                   leader's id, URL (its controller's lease)
 //! {root}/controllers/{id}                          id, URL, shards  (its controller's lease)
+//! {root}/guards/workers/{worker}                   last instance id (controllers only, no lease)
+//! {root}/guards/teams/{team}                       last instance id (controllers only, no lease)
 //! ```
 //!
 //! The root defaults to `/tidegate`, so several clusters can share an etcd.
@@ -86,6 +88,14 @@ pub enum Key {
     /// A live controller (`controllers/{id}`), on its lease: the shards
     /// are spread over these.
     Controller(WorkerId),
+    /// Written by every spawn onto a worker (`guards/workers/{worker}`):
+    /// a spawn compares it with the revision its placement saw, so the
+    /// leaders of different shards never fill one worker past its room.
+    WorkerGuard(WorkerId),
+    /// Written by every spawn of a team (`guards/teams/{team}`): what a
+    /// policy counted of the team's instances across every challenge is
+    /// still true when the spawn commits.
+    TeamGuard(TeamId),
 }
 
 /// A family of keys sharing a prefix (what a watcher lists).
@@ -106,6 +116,7 @@ pub enum Kind {
     Rollouts,
     ShardLeaders,
     Controllers,
+    Guards,
 }
 
 impl Kind {
@@ -126,10 +137,11 @@ impl Kind {
             Kind::Rollouts => "rollouts",
             Kind::ShardLeaders => "election/shards",
             Kind::Controllers => "controllers",
+            Kind::Guards => "guards",
         }
     }
 
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::Challenges,
         Kind::ChallengeSecrets,
         Kind::Instances,
@@ -145,6 +157,7 @@ impl Kind {
         Kind::Rollouts,
         Kind::ShardLeaders,
         Kind::Controllers,
+        Kind::Guards,
     ];
 }
 
@@ -327,6 +340,8 @@ impl Keyspace {
             Key::Rollout(n) => format!("{}{n}", self.prefix(Kind::Rollouts)),
             Key::ShardLeader(n) => format!("{}{n}", self.prefix(Kind::ShardLeaders)),
             Key::Controller(id) => format!("{}{id}", self.prefix(Kind::Controllers)),
+            Key::WorkerGuard(w) => format!("{}workers/{w}", self.prefix(Kind::Guards)),
+            Key::TeamGuard(t) => format!("{}teams/{t}", self.prefix(Kind::Guards)),
         }
     }
 
@@ -437,6 +452,11 @@ impl Keyspace {
                         });
                 }
                 Kind::Controllers => WorkerId::parse(rest).map(Key::Controller),
+                Kind::Guards => match rest.split_once('/') {
+                    Some(("workers", w)) => WorkerId::parse(w).map(Key::WorkerGuard),
+                    Some(("teams", t)) => TeamId::parse(t).map(Key::TeamGuard),
+                    _ => return Err(err("a guard key is workers/{worker} or teams/{team}".into())),
+                },
             };
             return parsed.map_err(|e| err(e.to_string()));
         }
@@ -526,6 +546,15 @@ mod tests {
         ] {
             assert!(ks().parse(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            ks().parse("/tidegate/guards/teams/t1").unwrap(),
+            Key::TeamGuard(TeamId::parse("t1").unwrap())
+        );
+        assert_eq!(
+            ks().key(&Key::WorkerGuard(WorkerId::parse("w1").unwrap())),
+            "/tidegate/guards/workers/w1"
+        );
+        assert!(ks().parse("/tidegate/guards/w1").is_err());
         assert_eq!(
             ks().parse("/tidegate/controllers/c1").unwrap(),
             Key::Controller(WorkerId::parse("c1").unwrap())

@@ -299,6 +299,7 @@ async fn lease_expiry_with_no_controller_removes_the_container() {
         now: 0,
         challenge_revision: 0,
         secret_env: Default::default(),
+        guards: Vec::new(),
     };
     let s = tidegate_controller::spawn(&c.client, &plan, |_| "flag{x}".into())
         .await

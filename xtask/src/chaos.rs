@@ -91,6 +91,16 @@ const PLANTS: &[Plant] = &[
         new: "            self.retry_at = Some(Instant::now() + Duration::from_secs(30));",
     },
     Plant {
+        // A controller that fences every write with the token of the first
+        // shard it leads, whatever the challenge's shard: it schedules
+        // other controllers' shards, etcd accepts (its own key is intact),
+        // and two schedulers write one shard at once.
+        name: "shard-fence",
+        file: "controller/src/app.rs",
+        old: "        self.shards.lead(self.shards.of(challenge.as_str()))",
+        new: "        let _ = challenge;\n        self.shards.led().first().and_then(|s| self.shards.lead(*s))",
+    },
+    Plant {
         // A rollout that rebuilds the instance's routes from the new spec
         // instead of keeping them: players lose their hostname.
         name: "rollout-routes",

@@ -6,19 +6,22 @@ use serde_json::{Value, json};
 
 use super::bodies::{ErrorBody, Worker, WorkerList};
 use super::{ApiResult, AppState, Scope, etcd, json_response};
-use crate::election::current_leader;
+use crate::App;
 
 /// This replica's role, the leader, etcd's members and revision, counters.
 #[utoipa::path(
     get, path = "/v1/status", tag = "cluster", operation_id = "status",
     responses(
-        (status = 200, description = "this replica: role, token (when it leads), the leader, etcd members and revision, its view's revision and counters", body = serde_json::Value),
+        (status = 200, description = "this replica: role (leader when it leads any shard), token (of the lowest shard it leads), the leader of shard 0, `shards` (count, those this replica leads, each shard's leader and token), etcd members and revision, its view's revision and counters", body = serde_json::Value),
         (status = 503, description = "etcd has no quorum", body = ErrorBody),
     )
 )]
 pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
-    let leader = app.leader.load_full();
-    let current = etcd(&app, || current_leader(&app.client, &app.ks)).await?;
+    let led = app.shards.led();
+    let token = led
+        .first()
+        .and_then(|s| app.shards.lead(*s))
+        .map(|l| l.token);
     let members = etcd(&app, || {
         let mut client = app.client.clone();
         async move { client.member_list().await }
@@ -46,9 +49,10 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
         StatusCode::OK,
         json!({
             "id": app.cfg.id,
-            "role": if leader.is_some() { "leader" } else { "standby" },
-            "token": leader.as_ref().map(|l| l.token),
-            "leader": current,
+            "role": if led.is_empty() { "standby" } else { "leader" },
+            "token": token,
+            "leader": leader_of(&app, 0),
+            "shards": shards(&app),
             "etcd": { "members": members, "revision": revision },
             "view_revision": app.view.lock().revision,
             "counters": {
@@ -68,6 +72,38 @@ pub(super) async fn status(State(app): AppState, _scope: Scope) -> ApiResult {
             },
         }),
     ))
+}
+
+/// Who leads `shard` (as `{id, url}`), as this replica last saw it.
+pub(super) fn leader_of(app: &App, shard: u16) -> Value {
+    if app.shards.lead(shard).is_some() {
+        return json!({ "id": app.cfg.id, "url": app.cfg.advertise() });
+    }
+    match app.shards.seen().leaders.get(&shard) {
+        Some((m, _)) if m.id != app.cfg.id => json!({ "id": m.id, "url": m.url }),
+        _ => Value::Null,
+    }
+}
+
+/// The shards: their count, those this replica leads, and each one's
+/// leader and token as this replica last saw them.
+pub(super) fn shards(app: &App) -> Value {
+    let seen = app.shards.seen();
+    let leaders: Vec<Value> = (0..app.shards.count())
+        .map(|shard| {
+            let token = app
+                .shards
+                .lead(shard)
+                .map(|l| l.token)
+                .or_else(|| seen.leaders.get(&shard).map(|(_, t)| *t));
+            json!({ "shard": shard, "leader": leader_of(app, shard), "token": token })
+        })
+        .collect();
+    json!({
+        "count": app.shards.count(),
+        "led": app.shards.led(),
+        "leaders": leaders,
+    })
 }
 
 /// Live workers with their capacity and load.

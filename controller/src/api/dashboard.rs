@@ -10,8 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::bodies::{ErrorBody, Instance};
-use super::{ApiResult, AppState, Scope, challenges, cluster, etcd, json_response};
-use crate::election::current_leader;
+use super::{ApiResult, AppState, Scope, challenges, cluster, json_response};
 
 const PAGE: &str = include_str!("dashboard.html");
 
@@ -46,7 +45,8 @@ pub(super) async fn page() -> Response {
 )]
 pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
     scope.require_admin()?;
-    let leader = etcd(&app, || current_leader(&app.client, &app.ks)).await?;
+    let leader = super::cluster::leader_of(&app, 0);
+    let shards = super::cluster::shards(&app);
     let (records, errors) = challenges::load_all(&app).await?;
     let policies: Vec<Value> = records
         .iter()
@@ -128,9 +128,10 @@ pub(super) async fn data(State(app): AppState, scope: Scope) -> ApiResult {
         json!({
             "replica": {
                 "id": app.cfg.id,
-                "role": if app.leader.load().is_some() { "leader" } else { "standby" },
+                "role": if app.leads_any() { "leader" } else { "standby" },
             },
             "leader": leader,
+            "shards": shards,
             "revision": revision,
             "now": tidegate_schema::time::unix_secs(),
             "workers": workers,

@@ -176,6 +176,7 @@ impl From<SpawnError> for ApiError {
             SpawnError::PoolTaken => {
                 ApiError::new(StatusCode::CONFLICT, e.to_string()).reason("pool_taken")
             }
+            SpawnError::Guarded { .. } => ApiError::unavailable(e.to_string()).reason("guarded"),
         }
     }
 }

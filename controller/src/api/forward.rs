@@ -72,7 +72,7 @@ pub(crate) async fn forward(
     if let Some(by) = headers.get(&FORWARDED_BY) {
         let by = String::from_utf8_lossy(by.as_bytes()).into_owned();
         return Err(ApiError::unavailable(format!(
-            "replica {} was forwarded this request by {by:.64} but is not the scheduler (the scheduler is {} now); retry",
+            "replica {} was forwarded this request by {by:.64} but does not schedule its challenge's shard (its scheduler is {} now); retry",
             app.cfg.id, to.id
         ))
         .reason("not_scheduler"));
@@ -82,7 +82,7 @@ pub(crate) async fn forward(
     let unreachable = |why: String| {
         app.metrics.forward_failed.inc();
         ApiError::unavailable(format!(
-            "this replica is a standby and the scheduler {} at {} {why}; retry",
+            "this replica does not schedule this challenge's shard, and its scheduler {} at {} {why}; retry",
             to.id, to.url
         ))
         .leader(to.url.clone())

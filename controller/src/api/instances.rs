@@ -163,7 +163,7 @@ pub(super) async fn spawn(
     body: Bytes,
 ) -> ApiResult {
     let req: SpawnRequest = decode_json(&body).map_err(ApiError::bad_request)?;
-    let result = match scheduler(&app).await {
+    let result = match scheduler(&app, &req.challenge).await {
         Ok(Scheduler::Here(leader)) => spawn_parsed(&app, scope, &req, leader).await,
         // The scheduler counts its own refusals; only a failed hop is ours.
         Ok(Scheduler::There(to)) => {
@@ -203,6 +203,57 @@ async fn spawn_parsed(
     // One spawn at a time per leader: placement then sees every earlier
     // spawn, so no worker is given more than its capacity.
     let _serial = app.spawn_lock.lock().await;
+    // Another shard's leader may spawn onto the same worker, or for the
+    // same team, meanwhile: the spawn Txn then fails its guard and the
+    // decisions are made again on a view that holds that spawn.
+    let mut attempt = 1;
+    loop {
+        let seen = app.view.lock().revision;
+        let result = spawn_locked(
+            app,
+            req,
+            &leader,
+            (&challenge, challenge_revision),
+            &secret_env,
+            (seen, attempt),
+        )
+        .await;
+        match result {
+            // write_spawn waited for the view to hold the other write.
+            Err(e) if e.refusal() == Some("guarded") && attempt < GUARD_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e.message(), "spawn guard moved; deciding again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Spawns decided again at most this often when other shards' leaders
+/// keep writing the same guards.
+const GUARD_ATTEMPTS: u32 = 8;
+
+/// Waits (up to 2 s) for the view to move past `revision`.
+async fn wait_for_view(app: &App, revision: i64) {
+    for _ in 0..200 {
+        if app.view.lock().revision > revision {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Under the spawn lock: the queue, the policy, the pool, placement and
+/// the spawn Txn, guarded at `seen` (the view's revision before them);
+/// `attempt` counts the guard retries.
+async fn spawn_locked(
+    app: &Arc<App>,
+    req: &SpawnRequest,
+    leader: &Arc<crate::scheduler::LeaderInfo>,
+    (challenge, challenge_revision): (&tidegate_schema::ChallengeRecord, i64),
+    secret_env: &std::collections::BTreeMap<String, String>,
+    (seen, attempt): (i64, u32),
+) -> ApiResult {
     // A team already waiting keeps its place: asking again is an answer
     // about that place, never a second one nor a jump ahead.
     if let Some(answer) = queue::already_waiting(app, &challenge.name, &req.team) {
@@ -211,11 +262,11 @@ async fn spawn_parsed(
     let queueing = challenge.spec.queue.enabled && !planted("queue-off");
     // The challenge's policy decides before placement (and under the spawn
     // lock, so the counts it sees include every earlier spawn).
-    let (ttl_secs, fallback_note) = match policy::admit_spawn(app, &challenge, &req.team).await {
+    let (ttl_secs, fallback_note) = match policy::admit_spawn(app, challenge, &req.team).await {
         Admission::Admit { ttl_secs, note } => (ttl_secs, note),
         Admission::Refused(r) if queueing && matches!(r.kind, RefusalKind::Queue { .. }) => {
-            team_under_limit(app, &challenge, &req.team)?;
-            return queue::enqueue(app, &leader, &challenge, &req.team, "policy", &r.message).await;
+            team_under_limit(app, challenge, &req.team)?;
+            return queue::enqueue(app, leader, challenge, &req.team, "policy", &r.message).await;
         }
         Admission::Refused(r) => return Err(r.into()),
     };
@@ -225,11 +276,12 @@ async fn spawn_parsed(
     if challenge.spec.pool.is_some() && !queue::waiting_for(app, &challenge.name) {
         let claimed = super::pool::claim(
             app,
-            &leader,
-            (&challenge, challenge_revision),
-            &secret_env,
+            leader,
+            (challenge, challenge_revision),
+            secret_env,
             &req.team,
             ttl_secs,
+            seen,
         )
         .await?;
         if let Some(spawned) = claimed {
@@ -238,24 +290,25 @@ async fn spawn_parsed(
     }
     // Room that frees while others wait is theirs first.
     let waiting = queue::waiting_for_room(app);
-    let mut placed = place(app, &challenge);
+    let mut placed = place(app, challenge);
     if matches!(placed, Err(Unplaced::Full(..)))
         && !waiting
-        && super::pool::yield_room(app, &leader, &challenge, false).await
+        // Once per spawn: a guard retry does not take another pooled one.
+        && attempt == 1
+        && super::pool::yield_room(app, challenge, false).await
     {
-        placed = place(app, &challenge);
+        placed = place(app, challenge);
     }
     let worker = match placed {
         Ok(_) | Err(Unplaced::Full(..)) if queueing && waiting => {
-            team_under_limit(app, &challenge, &req.team)?;
+            team_under_limit(app, challenge, &req.team)?;
             let detail = "others are waiting for room; room that frees is theirs first";
-            return queue::enqueue(app, &leader, &challenge, &req.team, "no_capacity", detail)
-                .await;
+            return queue::enqueue(app, leader, challenge, &req.team, "no_capacity", detail).await;
         }
         Ok(w) => w,
         Err(Unplaced::Full(e, reason)) if queueing => {
-            team_under_limit(app, &challenge, &req.team)?;
-            return queue::enqueue(app, &leader, &challenge, &req.team, reason, e.message()).await;
+            team_under_limit(app, challenge, &req.team)?;
+            return queue::enqueue(app, leader, challenge, &req.team, reason, e.message()).await;
         }
         Err(Unplaced::Full(e, _) | Unplaced::Never(e)) => return Err(e),
     };
@@ -265,13 +318,14 @@ async fn spawn_parsed(
         token: leader.token,
         ttl_secs,
         team: req.team.clone(),
+        guards: app.guards(seen, Some(&worker), Some(&req.team)),
         worker,
         domain: app.cfg.domain.clone(),
         tcp_ports: app.tcp_ports.clone(),
         now: unix_secs(),
-        challenge,
+        challenge: challenge.clone(),
         challenge_revision,
-        secret_env,
+        secret_env: secret_env.clone(),
     };
     let spawned = write_spawn(app, &plan, None, None).await?;
     Ok(created(app, &spawned, fallback_note))
@@ -321,6 +375,8 @@ pub(super) async fn write_spawn(
         plan.challenge.name.as_str(),
     );
     let sent = std::time::Instant::now();
+    // The revision of a guard another shard's leader wrote first.
+    let guarded = std::sync::atomic::AtomicI64::new(0);
     let result = etcd(app, || async {
         let flag =
             |id: &tidegate_schema::InstanceId| crate::flag::render(secret, spec, team, name, id);
@@ -332,6 +388,9 @@ pub(super) async fn write_spawn(
             if matches!(e, SpawnError::Fenced { .. }) {
                 app.metrics.fenced_writes.inc();
             }
+            if let SpawnError::Guarded { revision, .. } = e {
+                guarded.store(revision, std::sync::atomic::Ordering::Relaxed);
+            }
             ApiError::from(e)
         })
     })
@@ -341,6 +400,12 @@ pub(super) async fn write_spawn(
         Ok(s) => s,
         // Another pooled instance (or a fresh spawn) is tried.
         Err(e) if e.refusal() == Some("pool_taken") => return Err(e),
+        // Decided again by the caller, on a view that holds that write.
+        Err(e) if e.refusal() == Some("guarded") => {
+            let revision = guarded.load(std::sync::atomic::Ordering::Relaxed);
+            wait_for_view(app, revision.saturating_sub(1)).await;
+            return Err(e);
+        }
         Err(e) => {
             app.metrics.spawn_refusals.inc();
             return Err(e);
@@ -350,6 +415,7 @@ pub(super) async fn write_spawn(
     app.metrics.etcd.wrote(spawned.revision);
     app.recent_spawns
         .record(plan.now, &plan.team, &plan.challenge.name);
+    app.guarded(&plan.guards, spawned.revision);
     app.view
         .insert_own(spawned.record.clone(), spawned.lease, spawned.revision);
     Ok(spawned)
@@ -549,7 +615,24 @@ pub(super) async fn renew(
 ) -> ApiResult {
     let id = parse_id(&id)?;
     let team = team_param(&q)?;
-    let leader = match scheduler(&app).await? {
+    // The instance's shard decides who renews it: its challenge, from the
+    // view (or etcd, for one the view has not seen yet).
+    let known = app
+        .view
+        .lock()
+        .instances
+        .get(&id)
+        .map(|i| i.record.challenge.clone());
+    let challenge = match known {
+        Some(c) => c,
+        None => {
+            etcd(&app, || lifecycle::get(&app.client, &app.ks, &id))
+                .await?
+                .record
+                .challenge
+        }
+    };
+    let leader = match scheduler(&app, &challenge).await? {
         Scheduler::Here(leader) => leader,
         Scheduler::There(to) => {
             let path = match &team {

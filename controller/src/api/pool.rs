@@ -69,11 +69,11 @@ pub async fn run_pools(app: Arc<App>) {
     let mut backoff = Backoff::new();
     loop {
         tokio::time::sleep(KEEP_INTERVAL).await;
-        let Some(leader) = app.leader.load_full() else {
+        if !app.leads_any() {
             backoff.clear();
             continue;
-        };
-        keep(&app, &leader, &mut backoff).await;
+        }
+        keep(&app, &mut backoff).await;
     }
 }
 
@@ -138,8 +138,8 @@ fn plan_pool(
     plan
 }
 
-/// One round over every pool.
-async fn keep(app: &App, leader: &LeaderInfo, backoff: &mut Backoff) {
+/// One round over every pool of a shard this replica leads.
+async fn keep(app: &App, backoff: &mut Backoff) {
     let (pools, orphans) = {
         let view = app.view.lock();
         let orphans: Vec<LiveInstance> = view
@@ -151,7 +151,10 @@ async fn keep(app: &App, leader: &LeaderInfo, backoff: &mut Backoff) {
         (view.pools.clone(), orphans)
     };
     for o in orphans {
-        if remove(app, leader, &o, "its challenge has no pool now")
+        let Some(leader) = app.lead(&o.record.challenge) else {
+            continue;
+        };
+        if remove(app, &leader, &o, "its challenge has no pool now")
             .await
             .is_err()
         {
@@ -159,6 +162,11 @@ async fn keep(app: &App, leader: &LeaderInfo, backoff: &mut Backoff) {
         }
     }
     for (name, (challenge, revision)) in pools {
+        let Some(leader) = app.lead(&name) else {
+            backoff.remove(&name);
+            continue;
+        };
+        let leader = &*leader;
         let target = target(app, &challenge);
         let plan = {
             let view = app.view.lock();
@@ -225,10 +233,12 @@ async fn fill(
     revision: i64,
 ) -> Result<bool, ()> {
     let _serial = app.spawn_lock.lock().await;
+    let seen = app.view.lock().revision;
     let worker = match place(app, challenge) {
         Ok(w) => w,
         Err(Unplaced::Full(..) | Unplaced::Never(_)) => return Ok(false),
     };
+    let guards = app.guards(seen, Some(&worker), None);
     let Ok(secret_env) = secret_env_of(app, challenge, revision).await else {
         return Err(());
     };
@@ -280,15 +290,20 @@ async fn fill(
     let written = tokio::time::timeout(wait, async {
         let lease = client.lease_grant(POOL_LEASE_SECS as i64, None).await?.id();
         let opts = || Some(PutOptions::new().with_lease(lease));
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(leader.key.as_str(), CompareOp::Equal, leader.token),
-                Compare::version(key.as_str(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(key.as_str(), record.encode(), opts()),
-                TxnOp::put(secret_key.as_str(), secret.encode(), opts()),
-            ]);
+        let mut when = vec![
+            Compare::create_revision(leader.key.as_str(), CompareOp::Equal, leader.token),
+            Compare::version(key.as_str(), CompareOp::Equal, 0),
+        ];
+        let mut then = vec![
+            TxnOp::put(key.as_str(), record.encode(), opts()),
+            TxnOp::put(secret_key.as_str(), secret.encode(), opts()),
+        ];
+        // Another shard's leader placing on the worker meanwhile fails it.
+        for (k, at) in &guards {
+            when.push(Compare::mod_revision(k.as_str(), CompareOp::Less, at + 1));
+            then.push(TxnOp::put(k.as_str(), record.id.as_str(), None));
+        }
+        let txn = Txn::new().when(when).and_then(then);
         let resp = client.txn(txn).await?;
         if !resp.succeeded() {
             let _ = client.lease_revoke(lease).await;
@@ -304,11 +319,12 @@ async fn fill(
         Ok(Ok(Some((lease, revision)))) => {
             tracing::info!(instance = %record.id, challenge = %record.challenge, worker = %record.worker, "started a pooled instance");
             app.metrics.etcd.wrote(revision);
+            app.guarded(&guards, revision);
             app.view.insert_own(record, lease, revision);
             Ok(true)
         }
         Ok(Ok(None)) => {
-            tracing::warn!(challenge = %challenge.name, "a pooled instance was not written: fenced (or its id taken)");
+            tracing::warn!(challenge = %challenge.name, "a pooled instance was not written: fenced, its id taken, or its worker placed on meanwhile");
             Err(())
         }
         Ok(Err(e)) => {
@@ -378,6 +394,7 @@ pub(super) async fn claim(
     secret_env: &std::collections::BTreeMap<String, String>,
     team: &TeamId,
     ttl_secs: u64,
+    seen: i64,
 ) -> ApiResult<Option<Spawned>> {
     let candidates: Vec<(FromPool, WorkerId)> = {
         let view = app.view.lock();
@@ -418,6 +435,8 @@ pub(super) async fn claim(
             token: leader.token,
             ttl_secs,
             team: team.clone(),
+            // Already placed: only what the team's policy counted.
+            guards: app.guards(seen, None, Some(team)),
             worker,
             domain: app.cfg.domain.clone(),
             tcp_ports: app.tcp_ports.clone(),
@@ -444,12 +463,7 @@ pub(super) async fn claim(
 /// another challenge, or of its own with `own`: a queued place is
 /// admitted under the id it was promised, not into a pooled instance),
 /// when the controller's `pool_yields` allows: true when one was removed.
-pub(super) async fn yield_room(
-    app: &App,
-    leader: &LeaderInfo,
-    challenge: &ChallengeRecord,
-    own: bool,
-) -> bool {
+pub(super) async fn yield_room(app: &App, challenge: &ChallengeRecord, own: bool) -> bool {
     if !app.cfg.pool_yields {
         return false;
     }
@@ -463,6 +477,9 @@ pub(super) async fn yield_room(
             .instances
             .values()
             .filter(|i| i.record.is_pooled() && (own || i.record.challenge != challenge.name))
+            // Only pools of shards led here: another shard's pool is its
+            // leader's to keep.
+            .filter(|i| app.lead(&i.record.challenge).is_some())
             .collect();
         candidates.sort_by_key(|i| {
             (
@@ -496,7 +513,11 @@ pub(super) async fn yield_room(
     let Some(victim) = victim else {
         return false;
     };
-    let removed = remove(app, leader, &victim, "a spawn needs its room")
+    // Fenced by the victim's own shard's lead.
+    let Some(victim_lead) = app.lead(&victim.record.challenge) else {
+        return false;
+    };
+    let removed = remove(app, &victim_lead, &victim, "a spawn needs its room")
         .await
         .is_ok();
     if removed && let Ok(mut at) = app.pool_yielded.lock() {

@@ -396,10 +396,10 @@ pub async fn run_admissions(app: Arc<App>) {
     let mut not_before: BTreeMap<InstanceId, Instant> = BTreeMap::new();
     loop {
         tokio::time::sleep(ADMIT_INTERVAL).await;
-        let Some(leader) = app.leader.load_full() else {
+        if !app.leads_any() {
             not_before.clear();
             continue;
-        };
+        }
         let order: Vec<Waiting> = app.view.lock().fair_order().into_iter().cloned().collect();
         not_before.retain(|id, _| order.iter().any(|w| &w.record.id == id));
         if order.is_empty() {
@@ -407,6 +407,10 @@ pub async fn run_admissions(app: Arc<App>) {
         }
         let mut full: BTreeSet<ChallengeName> = BTreeSet::new();
         for w in order {
+            // Each shard's leader admits its own challenges' places.
+            let Some(leader) = app.lead(&w.record.challenge) else {
+                continue;
+            };
             if full.contains(&w.record.challenge)
                 || not_before
                     .get(&w.record.id)
@@ -448,6 +452,7 @@ pub async fn run_admissions(app: Arc<App>) {
 /// Txn that deletes the place.
 async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
     let wait = Duration::from_millis(app.cfg.etcd_timeout_ms);
+    let seen = app.view.lock().revision;
     let (challenge, revision) =
         match tokio::time::timeout(wait, app.challenges.get(&w.record.challenge)).await {
             Ok(Ok(c)) => (c.value, c.revision),
@@ -480,7 +485,7 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
     };
     let mut placed = place(app, &challenge);
     if matches!(placed, Err(Unplaced::Full(..)))
-        && super::pool::yield_room(app, leader, &challenge, true).await
+        && super::pool::yield_room(app, &challenge, true).await
     {
         placed = place(app, &challenge);
     }
@@ -496,6 +501,7 @@ async fn admit(app: &App, leader: &LeaderInfo, w: &Waiting) -> Outcome {
         token: leader.token,
         ttl_secs,
         team: w.record.team.clone(),
+        guards: app.guards(seen, Some(&worker), Some(&w.record.team)),
         worker,
         domain: app.cfg.domain.clone(),
         tcp_ports: app.tcp_ports.clone(),

@@ -42,7 +42,7 @@ pub async fn run_idle_checks(app: Arc<App>) {
     let period = Duration::from_secs(app.cfg.idle_check_secs);
     loop {
         tokio::time::sleep(period).await;
-        if app.leader.load().is_some() {
+        if app.leads_any() {
             check_once(&app, &http).await;
         }
     }
@@ -84,7 +84,11 @@ async fn check_once(app: &App, http: &reqwest::Client) {
         }
     };
     let mut plugins = IdlePolicies::new();
-    for c in challenges {
+    // Each shard's leader judges its own challenges' instances.
+    for c in challenges
+        .into_iter()
+        .filter(|c| app.lead(&c.name).is_some())
+    {
         let Some(policy) = &c.policy else { continue };
         match app.policies.plugin(policy).await {
             Ok(p) => {

@@ -48,6 +48,10 @@ pub struct ControllerConfig {
     pub tcp_ports: String,
     /// Election lease TTL in seconds: a dead leader is replaced within about this long.
     pub election_ttl_secs: i64,
+    /// How many shards the challenges are spread over (1-1024), each with
+    /// its own elected scheduler; every controller of a cluster must say
+    /// the same. 1: one scheduler for everything.
+    pub shards: u16,
     /// How long an etcd call may take before the API answers 503.
     pub etcd_timeout_ms: u64,
     /// Bearer token of the `admin` scope (organizers).
@@ -188,6 +192,7 @@ impl Default for ControllerConfig {
             public_http_port: 80,
             tcp_ports: "20000-29999".into(),
             election_ttl_secs: 5,
+            shards: 1,
             etcd_timeout_ms: 3000,
             admin_token: String::new(),
             platform_token: String::new(),
@@ -238,6 +243,9 @@ impl ControllerConfig {
         self.tcp_port_range()?;
         if !(1..=300).contains(&self.election_ttl_secs) {
             return Err(bad("election_ttl_secs", "1 to 300"));
+        }
+        if !(1..=crate::shards::MAX_SHARDS).contains(&self.shards) {
+            return Err(bad("shards", "1 to 1024"));
         }
         if !(100..=60_000).contains(&self.etcd_timeout_ms) {
             return Err(bad("etcd_timeout_ms", "100 to 60000"));

@@ -297,17 +297,35 @@ pub(crate) fn human(cmd: &Command, v: &Value) -> String {
             format!("challenge {challenge}: policy removed\n")
         }
         Command::Status => format!(
-            "replica {} is {} (token {})\nleader: {} at {}\netcd revision {}, {} member(s)\n",
+            "replica {} is {} (token {})\nleader: {} at {}\n{}etcd revision {}, {} member(s)\n",
             text(&v["id"]),
             text(&v["role"]),
             text(&v["token"]),
             text(&v["leader"]["id"]),
             text(&v["leader"]["url"]),
+            shard_lines(&v["shards"]),
             text(&v["etcd"]["revision"]),
             v["etcd"]["members"].as_array().map_or(0, Vec::len),
         ),
         _ => serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
     }
+}
+
+/// With more than one shard: how many each controller leads, and which.
+fn shard_lines(shards: &Value) -> String {
+    let Some(leaders) = shards["leaders"].as_array().filter(|l| l.len() > 1) else {
+        return String::new();
+    };
+    let mut by: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for l in leaders {
+        let who = l["leader"]["id"].as_str().unwrap_or("(none)").to_string();
+        by.entry(who).or_default().push(text(&l["shard"]));
+    }
+    let mut out = format!("shards: {}\n", leaders.len());
+    for (who, list) in by {
+        out += &format!("  {who}: {} ({})\n", list.len(), list.join(" "));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! - every acknowledged spawn reached etcd and ended only by expiry or a
 //!   delete request — never silently lost;
 //! - no write from a fenced scheduler: an instance is created only with the
-//!   token of the leader at that revision, and an acknowledged renewal was
+//!   token of its challenge's shard's leader at that revision (at most one
+//!   active scheduler per shard), and an acknowledged renewal was
 //!   committed while the controller that acknowledged it led;
 //! - no agent routes an instance more than one watch delay after etcd
 //!   deleted it (later only if that agent was cut off at the time);
@@ -209,24 +210,43 @@ fn replay(h: &History, out: &mut Report) -> Replay {
     let mut r = Replay::default();
     let mut live: BTreeMap<String, Value> = BTreeMap::new();
     let mut holders: BTreeMap<String, String> = BTreeMap::new();
-    // Election key → (creation revision = token, candidate id).
-    let mut election: BTreeMap<String, (i64, String)> = BTreeMap::new();
-    let election_prefix = Keyspace::default().prefix(Kind::Election);
+    // Shard → (its key's creation revision = token, leader id); the shard
+    // count, from the controllers' registrations.
+    let mut election: BTreeMap<u16, (i64, String)> = BTreeMap::new();
+    let mut shards: u16 = 1;
+    let ks = Keyspace::default();
+    let (leaders_prefix, controllers_prefix) =
+        (ks.prefix(Kind::ShardLeaders), ks.prefix(Kind::Controllers));
     for e in &h.events {
         let phase = phase_of(h, e.at);
-        if e.key.starts_with(&election_prefix) {
+        if let Some(shard) = e
+            .key
+            .strip_prefix(&leaders_prefix)
+            .and_then(|n| n.parse::<u16>().ok())
+        {
             match &e.value {
                 Some(v) => {
-                    // The candidate's id, inside a JSON value or bare.
+                    // The leader's id, inside a JSON value or bare.
                     let id = serde_json::from_slice::<Value>(v)
                         .ok()
                         .and_then(|j| j["id"].as_str().map(String::from))
                         .unwrap_or_else(|| String::from_utf8_lossy(v).into_owned());
-                    election.insert(e.key.clone(), (e.create_revision, id));
+                    election.insert(shard, (e.create_revision, id));
                 }
                 None => {
-                    election.remove(&e.key);
+                    election.remove(&shard);
                 }
+            }
+            continue;
+        }
+        if e.key.starts_with(&controllers_prefix) {
+            if let Some(n) = e
+                .value
+                .as_ref()
+                .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+                .and_then(|j| j["shards"].as_u64())
+            {
+                shards = u16::try_from(n).unwrap_or(1).max(1);
             }
             continue;
         }
@@ -243,7 +263,12 @@ fn replay(h: &History, out: &mut Report) -> Replay {
                     });
                     continue;
                 };
-                let leader = election.values().min_by_key(|(rev, _)| *rev).cloned();
+                // The leader of the record's challenge's shard.
+                let shard = tidegate_schema::shards::shard_of(
+                    rec["challenge"].as_str().unwrap_or_default(),
+                    shards,
+                );
+                let leader = election.get(&shard).cloned();
                 // A pooled instance claimed by a team is created for it now.
                 let claimed = live
                     .get(id)
@@ -903,7 +928,7 @@ fn pools_kept(h: &History, out: &mut Report) {
         ks.prefix(Kind::Challenges),
         ks.prefix(Kind::Workers),
         ks.prefix(Kind::Queue),
-        ks.prefix(Kind::Election),
+        ks.prefix(Kind::ShardLeaders),
     );
     // challenge → pool min; live records: id → (challenge, pooled).
     let mut mins: BTreeMap<String, u64> = BTreeMap::new();
@@ -1150,14 +1175,13 @@ mod tests {
         });
     }
 
+    /// The one shard's leader key (one shard: everything).
+    fn shard0() -> String {
+        Keyspace::default().key(&tidegate_schema::Key::ShardLeader(0))
+    }
+
     fn elect(h: &mut History, id: &str) -> i64 {
-        put(
-            h,
-            0.0,
-            &Keyspace::default().key_of(Kind::Election, id),
-            0,
-            json!({ "id": id }),
-        );
+        put(h, 0.0, &shard0(), 0, json!({ "id": id }));
         h.events
             .last()
             .map(|e| e.create_revision)
@@ -1420,7 +1444,7 @@ mod tests {
     fn a_creation_with_a_stale_token_is_a_fenced_write() {
         let mut h = history();
         let old = elect(&mut h, "c0");
-        let c0 = Keyspace::default().key_of(Kind::Election, "c0");
+        let c0 = shard0();
         delete(&mut h, 1.0, &c0);
         elect(&mut h, "c1");
         instance(&mut h, 2.0, "a", old, "a.x", 1_000_100);
@@ -1453,11 +1477,7 @@ mod tests {
         // c0's key goes, c1 leads, and a settling check rewrites the
         // record unchanged (chaos, 2026-12-02: reported as c0's renewal
         // committed while c1 led).
-        delete(
-            &mut h,
-            3.0,
-            &Keyspace::default().key_of(Kind::Election, "c0"),
-        );
+        delete(&mut h, 3.0, &shard0());
         elect(&mut h, "c1");
         put(
             &mut h,

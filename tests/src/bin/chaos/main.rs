@@ -50,6 +50,10 @@ struct Pace {
     recover: f64,
 }
 
+/// Shards of the run's controllers: with three controllers, each leads
+/// some, so a fault on one pauses only its shards' spawns.
+const CHAOS_SHARDS: u16 = 4;
+
 const FULL: Pace = Pace {
     baseline: 15.0,
     lead: 4.0,
@@ -137,6 +141,9 @@ impl Lab {
             let grace = |c: &mut ControllerConfig| {
                 c.worker_grace_secs = 120;
                 c.etcd.push(link);
+                // Scheduling spread over every controller: each fault on
+                // "the leader" hits some shards and leaves the others'.
+                c.shards = CHAOS_SHARDS;
             };
             controllers.push(Controller::start_on(&etcd, &id, dir, Some(host), grace).await);
         }
@@ -203,6 +210,26 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err("no controller leads after 15 s".into())
+    }
+
+    /// The controller that leads the shard of `challenge`.
+    async fn leader_of(&self, challenge: &str) -> Res<usize> {
+        let shard = tidegate_schema::shards::shard_of(challenge, CHAOS_SHARDS);
+        for _ in 0..150 {
+            for (i, c) in self.controllers.iter().enumerate() {
+                if c.proc.is_alive()
+                    && c.status().await["shards"]["led"]
+                        .as_array()
+                        .is_some_and(|l| l.iter().any(|s| s.as_u64() == Some(u64::from(shard))))
+                {
+                    return Ok(i);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!(
+            "nobody leads shard {shard} ({challenge}) after 15 s"
+        ))
     }
 
     /// The etcd member that leads the raft group (falls back to member 0).
@@ -569,7 +596,8 @@ async fn rollout_through_a_leader_kill(
         sleep(0.1).await;
     }
     sleep(pace.lead).await;
-    let l = lab.leader().await?;
+    // The leader of web's shard: the one that moves the rollout.
+    let l = lab.leader_of("web").await?;
     let path = "/v1/challenges/web/rollout";
     let spec = web(json!({"ROLLOUT": phase.index.to_string()}));
     let (status, body) = lab.controllers[l]
