@@ -10,7 +10,9 @@
 //! - `routes`: route propagation, spawn → routable, a 10,000-instance
 //!   resync (`bench/routes.rs`);
 //! - `rush`: many spawns at once, one container at a time against the
-//!   agents' concurrent reconcile (`bench/rush.rs`).
+//!   agents' concurrent reconcile (`bench/rush.rs`);
+//! - `spawns`: the control plane's spawn throughput, one controller
+//!   against three sharing 16 shards (`bench/spawns.rs`).
 //!
 //! `--short` runs each one round of about a second with the debug build and
 //! writes nothing: `cargo xtask ci` runs it, so a change that breaks a
@@ -20,6 +22,7 @@ mod http;
 mod plugins;
 mod routes;
 mod rush;
+mod spawns;
 mod tcp;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +38,7 @@ use crate::{sh, workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
-    /// Which benchmark to run (`http`, `tcp`, `plugins`, `routes`, `rush`); all when omitted.
+    /// Which benchmark to run (`http`, `tcp`, `plugins`, `routes`, `rush`, `spawns`); all when omitted.
     which: Option<String>,
     /// One short round of each with the debug build, figures printed, not
     /// written (what CI runs).
@@ -47,12 +50,13 @@ pub(crate) struct BenchArgs {
 type Bench = fn(Mode) -> Result<Figures>;
 
 /// Every benchmark, by name.
-const ALL: [(&str, Bench); 5] = [
+const ALL: [(&str, Bench); 6] = [
     ("http", http::run),
     ("tcp", tcp::run),
     ("plugins", plugins::run),
     ("routes", routes::run),
     ("rush", rush::run),
+    ("spawns", spawns::run),
 ];
 
 impl BenchArgs {
@@ -72,7 +76,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         Some(name) => {
             let Some(b) = ALL.iter().find(|(n, _)| *n == name) else {
                 bail!(
-                    "no benchmark named {name:?}: `http`, `tcp`, `plugins`, `routes` and `rush` exist"
+                    "no benchmark named {name:?}: `http`, `tcp`, `plugins`, `routes`, `rush` and `spawns` exist"
                 );
             };
             vec![*b]

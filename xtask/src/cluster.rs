@@ -69,18 +69,28 @@ impl ControlPlane {
     /// with the leader's settings on a free port of the same address, and
     /// waits until it answers as a standby; its API URL.
     pub(crate) fn add_standby(&mut self, bin_dir: &Path, wrapper: &[String]) -> Result<String> {
+        self.add_replica(bin_dir, wrapper, "\"role\":\"standby\"")
+    }
+
+    /// As [`ControlPlane::add_standby`], waiting until its `/v1/status`
+    /// contains `until` (with shards it leads some: no standby).
+    pub(crate) fn add_replica(
+        &mut self,
+        bin_dir: &Path,
+        wrapper: &[String],
+        until: &str,
+    ) -> Result<String> {
         let mut cfg = self.cfg.clone();
         cfg.id = format!("standby-{}", self.standbys.len() + 1);
         cfg.listen.set_port(free_port()?);
         cfg.advertise_url = None;
         let (proc, url) = start(bin_dir, self.work.path(), &cfg, wrapper)?;
-        let standing_by = wait_until(Duration::from_secs(15), || {
-            api(self.dir(), &url, "GET", "/v1/status", Vec::new())
-                .is_ok_and(|s| s.contains("\"role\":\"standby\""))
+        let answering = wait_until(Duration::from_secs(15), || {
+            api(self.dir(), &url, "GET", "/v1/status", Vec::new()).is_ok_and(|s| s.contains(until))
         });
-        if !standing_by {
+        if !answering {
             bail!(
-                "the replica {} did not answer as a standby within 15 s:\n{}",
+                "the replica {} did not answer with {until} within 15 s:\n{}",
                 cfg.id,
                 proc.log_tail(20)
             );

@@ -82,7 +82,7 @@ pub(crate) async fn forward(
     let unreachable = |why: String| {
         app.metrics.forward_failed.inc();
         ApiError::unavailable(format!(
-            "this replica does not schedule this challenge's shard, and its scheduler {} at {} {why}; retry",
+            "this replica does not schedule this challenge's shard, and the scheduler {} at {} {why}; retry",
             to.id, to.url
         ))
         .leader(to.url.clone())

@@ -207,6 +207,7 @@ async fn spawn_parsed(
     // same team, meanwhile: the spawn Txn then fails its guard and the
     // decisions are made again on a view that holds that spawn.
     let mut attempt = 1;
+    let patience = std::time::Instant::now() + GUARD_PATIENCE;
     loop {
         let seen = app.view.lock().revision;
         let result = spawn_locked(
@@ -220,18 +221,24 @@ async fn spawn_parsed(
         .await;
         match result {
             // write_spawn waited for the view to hold the other write.
-            Err(e) if e.refusal() == Some("guarded") && attempt < GUARD_ATTEMPTS => {
+            // Each lost round is another spawn made, so this ends; a
+            // pause of a few ms, random, keeps the same leaders from
+            // colliding round after round.
+            Err(e) if e.refusal() == Some("guarded") && std::time::Instant::now() < patience => {
                 tracing::debug!(attempt, error = %e.message(), "spawn guard moved; deciding again");
                 attempt += 1;
+                let pause = rand::random::<u64>() % (2 * u64::from(attempt.min(10)) + 1);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             }
             other => return other,
         }
     }
 }
 
-/// Spawns decided again at most this often when other shards' leaders
-/// keep writing the same guards.
-const GUARD_ATTEMPTS: u32 = 8;
+/// How long a spawn goes on deciding again while other shards' leaders
+/// keep writing the same guards (the same worker, mostly) before it is
+/// answered 503 `guarded`.
+const GUARD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Waits (up to 2 s) for the view to move past `revision`.
 async fn wait_for_view(app: &App, revision: i64) {

@@ -25,6 +25,13 @@
 //!   of a mix of challenges as a player would (`event.rs`).
 //! - `seed <etcd endpoint> <n>`: writes `n` instance records (and their
 //!   status) of a worker `ghost` straight into etcd, 100 per Txn.
+//! - `spawns <etcd endpoint> <apis> <token> <challenges> <n> <in flight>`:
+//!   the control plane's spawn throughput. Registers a worker `ghost` no
+//!   agent runs (room for all, so no container is made: the figure is the
+//!   controllers' and etcd's), then `n` spawns of teams of their own, `in
+//!   flight` at a time, over the comma-separated API URLs and challenges
+//!   in turn. Prints JSON with the seconds taken and each spawn's ms; any
+//!   answer but 201 fails it.
 
 mod event;
 
@@ -53,10 +60,11 @@ async fn main() {
         }
         Some("event") => event::event(&args[2..]).await,
         Some("seed") if args.len() == 4 => seed(&args[2], &args[3]).await,
+        Some("spawns") if args.len() == 8 => spawns(&args[2..]).await,
         Some("docker") if args.len() == 6 => {
             docker_alone(&args[2], &args[3], &args[4], &args[5]).await
         }
-        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | claims <api> <token> <challenge> <n> <agent entry> | event <api> <token> <teams> <arrive ms> <play ms> <challenges> <agent entry> | seed <etcd endpoint> <n> | docker <image> <n> <parallel> <label>".into()),
+        _ => Err("usage: route-bench propagation <api> <token> <challenge> <n> <agent entry>... | rush <api> <token> <challenge> <n> <agent entry> | claims <api> <token> <challenge> <n> <agent entry> | event <api> <token> <teams> <arrive ms> <play ms> <challenges> <agent entry> | seed <etcd endpoint> <n> | spawns <etcd endpoint> <apis> <token> <challenges> <n> <in flight> | docker <image> <n> <parallel> <label>".into()),
     };
     if let Err(e) = result {
         eprintln!("route-bench: {e}");
@@ -338,6 +346,57 @@ async fn docker_alone(image: &str, n: &str, parallel: &str, label: &str) -> Resu
         return Err(format!("a container was not made: {e}"));
     }
     println!("{}", json!({ "secs": secs }));
+    Ok(())
+}
+
+/// `spawns`: see the module's doc.
+async fn spawns(args: &[String]) -> Result<(), String> {
+    let [endpoint, apis, token, challenges, n, in_flight] = args else {
+        return Err("spawns needs 6 arguments".into());
+    };
+    let n: usize = n.parse().map_err(|_| "n must be a number")?;
+    let in_flight: usize = in_flight
+        .parse()
+        .map_err(|_| "in flight must be a number")?;
+    let apis: Vec<&str> = apis.split(',').collect();
+    let challenges: Vec<&str> = challenges.split(',').collect();
+    let mut client = Client::connect([endpoint.as_str()], None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ghost = WorkerId::parse("ghost").map_err(|e| e.to_string())?;
+    let worker = ghost_worker(&ghost, std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    client
+        .put(
+            Keyspace::default().key(&Key::Worker(ghost)),
+            worker.encode(),
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    // Every controller's view holds the worker before the clock starts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let one = |i: usize| {
+        let http = http.clone();
+        let (api, challenge) = (apis[i % apis.len()], challenges[i % challenges.len()]);
+        async move {
+            let sent = Instant::now();
+            spawn(&http, api, token, challenge, &format!("s-{i}")).await?;
+            Ok::<_, String>(sent.elapsed().as_secs_f64() * 1000.0)
+        }
+    };
+    use futures::StreamExt;
+    let results: Vec<Result<f64, String>> = futures::stream::iter((0..n).map(one))
+        .buffer_unordered(in_flight.max(1))
+        .collect()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let ms = results.into_iter().collect::<Result<Vec<f64>, String>>()?;
+    println!("{}", json!({ "secs": secs, "ms": ms }));
     Ok(())
 }
 
