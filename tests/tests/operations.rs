@@ -125,6 +125,18 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
 
     let (web, host, owner) = p.running("web", "red").await;
+    // Until it has compiled a challenge's plugin, an agent admits that
+    // challenge's traffic without a call: wait for web's and slow's.
+    assert!(
+        eventually(60, || async {
+            p.a.metric("tidegate_policy_plugins{state=\"loaded\"}")
+                .await
+                == Some(2.0)
+        })
+        .await,
+        "agent a never loaded web's and slow's policies:\n{}",
+        p.a.proc.log_tail(20)
+    );
     let (s, _, body) = get(&p.a_http, &host, None).await;
     assert_eq!(s, 200, "{body}");
     let (s, echo) = c.spawn("echo", "red").await;
