@@ -336,6 +336,7 @@ pub fn phase_name(p: RolloutPhase) -> &'static str {
 /// on, once a second.
 pub async fn run(app: Arc<App>) {
     let mut warned = std::collections::BTreeSet::new();
+    let mut steady = Steady::default();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if !app.leads_any() {
@@ -390,7 +391,7 @@ pub async fn run(app: Arc<App>) {
                 revision: kv.mod_revision(),
             };
             let name = stored.record.challenge.clone();
-            if let Err(e) = step(&app, &leader, stored).await {
+            if let Err(e) = step(&app, &leader, stored, &mut steady).await {
                 tracing::warn!(challenge = %name, error = %e, "rollout step failed; retrying");
             }
         }
@@ -471,7 +472,20 @@ fn instances_of(app: &App, name: &ChallengeName) -> Vec<Seen> {
 }
 
 /// One move of one rollout.
-async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), RolloutError> {
+/// Instance → the revision it was first seen running at, and when: a
+/// crashing container reports running for a moment before it fails.
+type Steady = std::collections::BTreeMap<InstanceId, (i64, std::time::Instant)>;
+
+/// How long a replaced instance must have run the new revision before it
+/// counts as replaced (its container did not crash at once).
+const STEADY_FOR: Duration = Duration::from_secs(3);
+
+async fn step(
+    app: &App,
+    leader: &LeaderInfo,
+    stored: Stored,
+    steady: &mut Steady,
+) -> Result<(), RolloutError> {
     let mut r = stored.record.clone();
     let name = r.challenge.clone();
     if r.abort {
@@ -485,7 +499,30 @@ async fn step(app: &App, leader: &LeaderInfo, stored: Stored) -> Result<(), Roll
     // Whatever was picked and is not rewritten yet (a scheduler that died
     // between writing the record and the instances).
     rewrite_all(app, leader, &seen, &r.replaced, &to_spec, r.to_revision).await?;
-    let at_new = |s: &Seen| s.running_at == Some(r.to_revision);
+    let now = std::time::Instant::now();
+    for s in &seen {
+        let id = &s.live.record.id;
+        match s.running_at {
+            Some(rev) if steady.get(id).is_some_and(|(r, _)| *r == rev) => {}
+            Some(rev) => {
+                steady.insert(id.clone(), (rev, now));
+            }
+            None => {
+                steady.remove(id);
+            }
+        }
+    }
+    if steady.len() > 100_000 {
+        steady.clear();
+    }
+    let steady_at = |s: &Seen| {
+        steady
+            .get(&s.live.record.id)
+            .filter(|(_, since)| since.elapsed() >= STEADY_FOR)
+            .map(|(rev, _)| *rev)
+    };
+    let at_new =
+        |s: &Seen| s.running_at == Some(r.to_revision) && steady_at(s) == Some(r.to_revision);
     let picked = |s: &Seen| r.replaced.contains(&s.live.record.id);
     // Teams' instances on an earlier revision whose routes the new spec
     // keeps (a pooled one is replaced by its pool, not moved).
