@@ -131,7 +131,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let hops = Arc::new(hop_key(&cfg, &worker)?);
     // eBPF loads (or the fallback is chosen) before anything is served.
     let tcp = Arc::new(TcpPlane::prepare(tcp_options(&cfg, forward_from))?);
-    let policy = Arc::new(plugin_policy(&cfg)?);
+    let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(Arc::default());
+    let policy = Arc::new(plugin_policy(&cfg, wanted_rx)?);
     let routes: SharedRoutes = Arc::default();
     let http = Arc::new(Connections::new(ConnLimits {
         header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
@@ -150,7 +151,6 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("metrics_listen {}", cfg.metrics_listen))?;
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(0i64);
     let (builds, builds_rx) = tokio::sync::watch::channel(0u64);
-    let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(Arc::default());
     let (networks_tx, networks_rx) = tokio::sync::watch::channel(None);
     let tasks = [
         tokio::spawn(tidegate_etcd::prune_dead_members(
@@ -183,7 +183,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             wanted_tx,
             metrics.etcd.clone(),
         )),
-        tokio::spawn(policy.clone().run(wanted_rx)),
+        tokio::spawn(policy.clone().run()),
     ];
     tracing::info!(worker = %worker, etcd = ?cfg.etcd, "tidegate-agent starting");
     if cfg.activity_address().is_none() {
@@ -369,7 +369,10 @@ fn scrape_token(cfg: &AgentConfig) -> anyhow::Result<Option<Vec<u8>>> {
 }
 
 /// The edge policies: the plugin engine and the artifact store.
-fn plugin_policy(cfg: &AgentConfig) -> anyhow::Result<PluginPolicy> {
+fn plugin_policy(
+    cfg: &AgentConfig,
+    wanted: tokio::sync::watch::Receiver<tidegate_agent::policy::PolicyPointers>,
+) -> anyhow::Result<PluginPolicy> {
     let host = tidegate_plugin_host::Host::new(tidegate_plugin_host::Limits {
         deadline: Duration::from_millis(cfg.plugin_deadline_ms),
         memory_bytes: cfg.plugin_memory_mib * 1024 * 1024,
@@ -391,7 +394,8 @@ fn plugin_policy(cfg: &AgentConfig) -> anyhow::Result<PluginPolicy> {
         cpu_share: cfg.edge_policy_cpu_share,
         cache_ttl: Duration::from_millis(cfg.edge_decision_cache_ms),
     };
-    PluginPolicy::new(host, Arc::new(store), limits).context("starting the edge policy threads")
+    PluginPolicy::new(host, Arc::new(store), limits, wanted)
+        .context("starting the edge policy threads")
 }
 
 /// `advertise_address` if it is an address of this host: connections and

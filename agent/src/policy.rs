@@ -206,6 +206,10 @@ pub struct PluginPolicy {
     pool: DecisionPool,
     /// Recent decisions (answered from here within their TTL).
     cache: DecisionCache<Verdict>,
+    /// The policies etcd names, as the route watch last saw them (sent
+    /// before the routes that use them): a challenge named here whose
+    /// plugin is not compiled yet gets its fallback, never a free pass.
+    wanted: tokio::sync::watch::Receiver<PolicyPointers>,
 }
 
 /// How edge decisions are made off the request path.
@@ -235,6 +239,7 @@ impl PluginPolicy {
         host: Host,
         store: Arc<dyn ArtifactStore>,
         limits: EdgeLimits,
+        wanted: tokio::sync::watch::Receiver<PolicyPointers>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             host,
@@ -244,13 +249,15 @@ impl PluginPolicy {
             failure_log: Throttle::new(),
             pool: DecisionPool::new(limits.threads, limits.queue, limits.cpu_share)?,
             cache: DecisionCache::new(limits.cache_ttl),
+            wanted,
         })
     }
 
     /// Keeps the loaded plugins equal to `wanted` forever: a new digest is
     /// fetched, verified and compiled off the runtime, then swapped in (the
     /// old plugin serves until then); a broken one is retried every 5 s.
-    pub async fn run(self: Arc<Self>, mut wanted: tokio::sync::watch::Receiver<PolicyPointers>) {
+    pub async fn run(self: Arc<Self>) {
+        let mut wanted = self.wanted.clone();
         loop {
             let current = wanted.borrow_and_update().clone();
             let me = self.clone();
@@ -415,7 +422,21 @@ impl EdgePolicy for PluginPolicy {
         let policy = {
             let applied = self.applied.load();
             let Some(policy) = applied.get(conn.challenge) else {
-                return Verdict::Allow;
+                // Not compiled here yet (the agent just started, or the
+                // challenge just got its first policy): its fallback, as
+                // for a plugin that cannot load.
+                let pending = self
+                    .wanted
+                    .borrow()
+                    .get(conn.challenge)
+                    .map(|w| (w.digest.clone(), w.fallback));
+                return match pending {
+                    Some((digest, fallback)) => self.fallback(
+                        fallback,
+                        format!("policy {digest} is not loaded at this agent yet"),
+                    ),
+                    None => Verdict::Allow,
+                };
             };
             policy.clone()
         };
@@ -486,5 +507,96 @@ impl EdgePolicy for PluginPolicy {
         };
         self.cache.put(key, verdict.clone(), now);
         verdict
+    }
+}
+
+#[cfg(test)]
+mod loading_tests {
+    use super::*;
+    use std::sync::{Mutex, mpsc};
+    use tidegate_plugin_host::StoreError;
+
+    /// A store whose reads wait until the test lets each one go, then find
+    /// nothing: the time an agent spends fetching and compiling a plugin.
+    #[derive(Debug)]
+    struct HeldStore(Mutex<mpsc::Receiver<()>>);
+
+    impl ArtifactStore for HeldStore {
+        fn put(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+            Err(StoreError::Missing(Digest::of(bytes)))
+        }
+        fn get(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+            if let Ok(held) = self.0.lock() {
+                let _ = held.recv();
+            }
+            Err(StoreError::Missing(digest.clone()))
+        }
+    }
+
+    fn conn(challenge: &str) -> Connection<'_> {
+        Connection {
+            instance: "i-1",
+            team: "t",
+            challenge,
+            source: None,
+            protocol: "tcp",
+            host: "",
+        }
+    }
+
+    /// Between an agent learning a challenge's policy and compiling it, a
+    /// connection gets the challenge's fallback: a deny challenge refuses,
+    /// an allow one admits and counts it as a failed decision. A challenge
+    /// with no policy admits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_named_policy_not_loaded_yet_applies_its_fallback() {
+        let (release, held) = mpsc::channel();
+        let (tx, rx) = tokio::sync::watch::channel(PolicyPointers::default());
+        let host = Host::new(tidegate_plugin_host::Limits::default()).unwrap();
+        let limits = EdgeLimits {
+            threads: 1,
+            queue: 4,
+            cpu_share: 1.0,
+            cache_ttl: Duration::ZERO,
+        };
+        let store = Arc::new(HeldStore(Mutex::new(held)));
+        let policy = Arc::new(PluginPolicy::new(host, store, limits, rx).unwrap());
+        tokio::spawn(policy.clone().run());
+        let digest = Digest::of(b"a policy").as_str().to_string();
+        let pointer = |fallback| PolicyPointer {
+            digest: digest.clone(),
+            fallback,
+        };
+        tx.send(Arc::new(HashMap::from([
+            ("denied".to_string(), pointer(PolicyFallback::Deny)),
+            ("open".to_string(), pointer(PolicyFallback::Allow)),
+        ])))
+        .unwrap();
+        // The store holds both reads: nothing is compiled.
+        match policy.admit(&conn("denied")).await {
+            Verdict::Reject(why) => assert!(why.contains("not loaded"), "{why}"),
+            Verdict::Allow => panic!("a deny challenge's policy was skipped while it loaded"),
+        }
+        assert_eq!(policy.metrics.failed_rejected.get(), 1);
+        assert_eq!(policy.admit(&conn("open")).await, Verdict::Allow);
+        assert_eq!(policy.metrics.failed_allowed.get(), 1);
+        assert_eq!(policy.admit(&conn("free")).await, Verdict::Allow);
+        assert_eq!(policy.metrics.allowed.get(), 0);
+        assert_eq!(policy.loaded(), (0, 0));
+        // Released, the blob is missing: broken, and the fallback still holds.
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        for _ in 0..200 {
+            if policy.loaded() == (0, 2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(policy.loaded(), (0, 2));
+        match policy.admit(&conn("denied")).await {
+            Verdict::Reject(why) => assert!(why.contains("unavailable"), "{why}"),
+            Verdict::Allow => panic!("a broken deny policy admitted"),
+        }
+        drop(release);
     }
 }

@@ -417,13 +417,9 @@ pub async fn run(
         let settled = listed.iter().all(|l| *l) && building.iter().all(Option::is_none);
         if changed && settled {
             let revision = revisions.iter().copied().max().unwrap_or(0);
-            let table = known.build(&me, revision, &tcp_ports);
-            routes.store(Arc::new(table));
-            builds.send_modify(|n| *n += 1);
-            // The watch lag compares this agent's own writes (its statuses)
-            // with what came back: that is the statuses watch.
-            let statuses = parts.iter().position(|(p, _)| *p == Part::Statuses);
-            etcd.delivered(statuses.map_or(revision, |i| revisions[i]));
+            // Policies before the routes that use them: the edge applies a
+            // named policy's fallback until its plugin is compiled, and a
+            // route must never be served before its policy is named.
             policies.send_if_modified(|current| {
                 if **current == known.policies {
                     return false;
@@ -431,6 +427,13 @@ pub async fn run(
                 *current = Arc::new(known.policies.clone());
                 true
             });
+            let table = known.build(&me, revision, &tcp_ports);
+            routes.store(Arc::new(table));
+            builds.send_modify(|n| *n += 1);
+            // The watch lag compares this agent's own writes (its statuses)
+            // with what came back: that is the statuses watch.
+            let statuses = parts.iter().position(|(p, _)| *p == Part::Statuses);
+            etcd.delivered(statuses.map_or(revision, |i| revisions[i]));
         }
     }
 }

@@ -1349,7 +1349,10 @@ async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() 
 
 /// Names of the instance containers the engine created since `since` (unix
 /// seconds), one line each.
-fn created_since(since: u64) -> Vec<String> {
+/// Names of the containers the engine created after `since` (to the
+/// nanosecond: an instance created earlier in the same second is not one of
+/// them).
+fn created_since(since: std::time::Duration) -> Vec<String> {
     let until = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1358,7 +1361,7 @@ fn created_since(since: u64) -> Vec<String> {
     docker(&[
         "events",
         "--since",
-        &since.to_string(),
+        &format!("{}.{:09}", since.as_secs(), since.subsec_nanos()),
         "--until",
         &until.to_string(),
         "--filter",
@@ -1386,8 +1389,7 @@ async fn a_rollout_resumes_under_the_next_leader_and_replaces_no_instance_twice(
     let (ids, before) = web_instances(c, &spec, 6).await;
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+        .unwrap();
     let mut next = spec.clone();
     next["env"] = json!({"ROLLOUT": "3"});
     let body = start_rollout(&c.controller, next, "rollout=gated&canary=1&batch=1").await;
