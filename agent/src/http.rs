@@ -11,6 +11,7 @@
 //! timeout 504; an HTML page, or JSON when the client accepts JSON.
 
 pub mod guard;
+mod upgrade;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -298,6 +299,14 @@ impl ProxyHttp for EdgeProxy {
             return Ok(true);
         }
         ctx.route = Some(route);
+        if upgrade::is_websocket(session) {
+            if !session.is_body_empty() {
+                answer(session, 400, "an upgrade request cannot carry a body", None).await?;
+                return Ok(true);
+            }
+            upgrade::proxy(self, session, ctx).await?;
+            return Ok(true);
+        }
         Ok(false)
     }
 
@@ -427,7 +436,12 @@ impl ProxyHttp for EdgeProxy {
             ReadError | WriteError | ConnectionClosed => (0, String::new()),
             _ => (502, "the instance could not be reached".to_string()),
         };
-        if code > 0 {
+        // An answer already begun (an upgraded tunnel, a body under way)
+        // cannot take an error page in the middle of it; after a 1xx it can.
+        let begun = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational() || r.status == 101);
+        if code > 0 && !begun {
             let _ = answer(session, code, &message, None).await;
         }
         FailToProxy {

@@ -131,8 +131,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let hops = Arc::new(hop_key(&cfg, &worker)?);
     // eBPF loads (or the fallback is chosen) before anything is served.
     let tcp = Arc::new(TcpPlane::prepare(tcp_options(&cfg, forward_from))?);
-    let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(Arc::default());
-    let policy = Arc::new(plugin_policy(&cfg, wanted_rx)?);
+    let wanted = tidegate_agent::policy::PolicyFeed::default();
+    let policy = Arc::new(plugin_policy(&cfg, wanted.clone())?);
     let routes: SharedRoutes = Arc::default();
     let http = Arc::new(Connections::new(ConnLimits {
         header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
@@ -180,7 +180,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             cfg.tcp_port_range()?,
             routes.clone(),
             builds,
-            wanted_tx,
+            wanted,
             metrics.etcd.clone(),
         )),
         tokio::spawn(policy.clone().run()),
@@ -371,7 +371,7 @@ fn scrape_token(cfg: &AgentConfig) -> anyhow::Result<Option<Vec<u8>>> {
 /// The edge policies: the plugin engine and the artifact store.
 fn plugin_policy(
     cfg: &AgentConfig,
-    wanted: tokio::sync::watch::Receiver<tidegate_agent::policy::PolicyPointers>,
+    wanted: tidegate_agent::policy::PolicyFeed,
 ) -> anyhow::Result<PluginPolicy> {
     let host = tidegate_plugin_host::Host::new(tidegate_plugin_host::Limits {
         deadline: Duration::from_millis(cfg.plugin_deadline_ms),

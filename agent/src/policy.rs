@@ -72,6 +72,39 @@ pub struct PolicyPointer {
 /// Challenge name → its policy, as the route watch last saw it.
 pub type PolicyPointers = Arc<HashMap<String, PolicyPointer>>;
 
+/// Where the route watch publishes the policies etcd names: the edge reads
+/// them lock-free, and a change wakes the loader.
+#[derive(Debug, Clone)]
+pub struct PolicyFeed {
+    now: Arc<ArcSwap<HashMap<String, PolicyPointer>>>,
+    changed: tokio::sync::watch::Sender<()>,
+}
+
+impl Default for PolicyFeed {
+    fn default() -> Self {
+        Self {
+            now: Arc::default(),
+            changed: tokio::sync::watch::channel(()).0,
+        }
+    }
+}
+
+impl PolicyFeed {
+    /// Publishes `pointers` if they differ from the last ones. Call it
+    /// before storing the routes built with them.
+    pub fn publish(&self, pointers: &HashMap<String, PolicyPointer>) {
+        if **self.now.load() == *pointers {
+            return;
+        }
+        self.now.store(Arc::new(pointers.clone()));
+        self.changed.send_replace(());
+    }
+
+    fn get(&self) -> PolicyPointers {
+        self.now.load_full()
+    }
+}
+
 /// A challenge's policy as the edge applies it now.
 #[derive(Debug)]
 enum AppliedPolicy {
@@ -206,10 +239,10 @@ pub struct PluginPolicy {
     pool: DecisionPool,
     /// Recent decisions (answered from here within their TTL).
     cache: DecisionCache<Verdict>,
-    /// The policies etcd names, as the route watch last saw them (sent
+    /// The policies etcd names, as the route watch last saw them (published
     /// before the routes that use them): a challenge named here whose
     /// plugin is not compiled yet gets its fallback, never a free pass.
-    wanted: tokio::sync::watch::Receiver<PolicyPointers>,
+    wanted: PolicyFeed,
 }
 
 /// How edge decisions are made off the request path.
@@ -239,7 +272,7 @@ impl PluginPolicy {
         host: Host,
         store: Arc<dyn ArtifactStore>,
         limits: EdgeLimits,
-        wanted: tokio::sync::watch::Receiver<PolicyPointers>,
+        wanted: PolicyFeed,
     ) -> std::io::Result<Self> {
         Ok(Self {
             host,
@@ -257,9 +290,10 @@ impl PluginPolicy {
     /// fetched, verified and compiled off the runtime, then swapped in (the
     /// old plugin serves until then); a broken one is retried every 5 s.
     pub async fn run(self: Arc<Self>) {
-        let mut wanted = self.wanted.clone();
+        let mut wanted = self.wanted.changed.subscribe();
         loop {
-            let current = wanted.borrow_and_update().clone();
+            wanted.mark_unchanged();
+            let current = self.wanted.get();
             let me = self.clone();
             let broken = tokio::task::spawn_blocking(move || me.sync(&current))
                 .await
@@ -425,15 +459,10 @@ impl EdgePolicy for PluginPolicy {
                 // Not compiled here yet (the agent just started, or the
                 // challenge just got its first policy): its fallback, as
                 // for a plugin that cannot load.
-                let pending = self
-                    .wanted
-                    .borrow()
-                    .get(conn.challenge)
-                    .map(|w| (w.digest.clone(), w.fallback));
-                return match pending {
-                    Some((digest, fallback)) => self.fallback(
-                        fallback,
-                        format!("policy {digest} is not loaded at this agent yet"),
+                return match self.wanted.now.load().get(conn.challenge) {
+                    Some(w) => self.fallback(
+                        w.fallback,
+                        format!("policy {} is not loaded at this agent yet", w.digest),
                     ),
                     None => Verdict::Allow,
                 };
@@ -551,7 +580,7 @@ mod loading_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_named_policy_not_loaded_yet_applies_its_fallback() {
         let (release, held) = mpsc::channel();
-        let (tx, rx) = tokio::sync::watch::channel(PolicyPointers::default());
+        let feed = PolicyFeed::default();
         let host = Host::new(tidegate_plugin_host::Limits::default()).unwrap();
         let limits = EdgeLimits {
             threads: 1,
@@ -560,18 +589,17 @@ mod loading_tests {
             cache_ttl: Duration::ZERO,
         };
         let store = Arc::new(HeldStore(Mutex::new(held)));
-        let policy = Arc::new(PluginPolicy::new(host, store, limits, rx).unwrap());
+        let policy = Arc::new(PluginPolicy::new(host, store, limits, feed.clone()).unwrap());
         tokio::spawn(policy.clone().run());
         let digest = Digest::of(b"a policy").as_str().to_string();
         let pointer = |fallback| PolicyPointer {
             digest: digest.clone(),
             fallback,
         };
-        tx.send(Arc::new(HashMap::from([
+        feed.publish(&HashMap::from([
             ("denied".to_string(), pointer(PolicyFallback::Deny)),
             ("open".to_string(), pointer(PolicyFallback::Allow)),
-        ])))
-        .unwrap();
+        ]));
         // The store holds both reads: nothing is compiled.
         match policy.admit(&conn("denied")).await {
             Verdict::Reject(why) => assert!(why.contains("not loaded"), "{why}"),

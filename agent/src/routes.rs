@@ -22,7 +22,7 @@ use tidegate_schema::{
 };
 
 use crate::metrics::traffic::InstanceTraffic;
-use crate::policy::{PolicyPointer, PolicyPointers};
+use crate::policy::{PolicyFeed, PolicyPointer};
 
 /// Where a hostname's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,7 +350,7 @@ pub async fn run(
     tcp_ports: RangeInclusive<u16>,
     routes: SharedRoutes,
     builds: tokio::sync::watch::Sender<u64>,
-    policies: tokio::sync::watch::Sender<PolicyPointers>,
+    policies: PolicyFeed,
     etcd: Arc<EtcdHealth>,
 ) {
     let parts = [
@@ -420,13 +420,7 @@ pub async fn run(
             // Policies before the routes that use them: the edge applies a
             // named policy's fallback until its plugin is compiled, and a
             // route must never be served before its policy is named.
-            policies.send_if_modified(|current| {
-                if **current == known.policies {
-                    return false;
-                }
-                *current = Arc::new(known.policies.clone());
-                true
-            });
+            policies.publish(&known.policies);
             let table = known.build(&me, revision, &tcp_ports);
             routes.store(Arc::new(table));
             builds.send_modify(|n| *n += 1);

@@ -158,9 +158,9 @@ async fn error_answers_503_502_504_and_the_hop_guard() {
     assert_eq!(non_owner_agent.metric(refused).await, Some(before + 1.0));
 }
 
-#[tokio::test]
-async fn a_websocket_echo_works_through_both_agents() {
-    let p = plane(|_| {}).await;
+/// A running instance of the WebSocket echo image (`env` for its mode) and
+/// its hostname.
+async fn ws_echo(p: &common::Plane, challenge: &str, env: Value) -> String {
     let image = binary_image(
         "tidegate/test-ws-echo",
         std::path::Path::new(env!("CARGO_BIN_EXE_ws-echo")),
@@ -169,11 +169,18 @@ async fn a_websocket_echo_works_through_both_agents() {
     .unwrap();
     p.controller
         .put_challenge(
-            "ws",
-            json!({"image": image, "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}),
+            challenge,
+            json!({"image": image, "env": env,
+                   "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}),
         )
         .await;
-    let (_, host, _) = p.running("ws", "t1").await;
+    p.running(challenge, "t1").await.1
+}
+
+#[tokio::test]
+async fn a_websocket_echo_works_through_both_agents() {
+    let p = plane(|_| {}).await;
+    let host = ws_echo(&p, "ws", json!({})).await;
     for entry in [&p.a_http, &p.b_http] {
         let mut req =
             tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
@@ -200,6 +207,62 @@ async fn a_websocket_echo_works_through_both_agents() {
         }
         ws.close(None).await.unwrap();
     }
+}
+
+/// An instance that answers its upgrade before the request has reached it
+/// (cloudflare/pingora#946: Pingora 0.9.1 then ends the tunnel right after
+/// the 101, about one connection in two). 100 upgrades through each agent:
+/// every one gets its 101 and its bytes back.
+#[tokio::test]
+async fn an_eager_upgrade_answer_keeps_the_tunnel_open_through_both_agents() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = plane(|_| {}).await;
+    let host = ws_echo(&p, "eager", json!({"WS_EAGER": "1"})).await;
+    let mut ended = Vec::new();
+    for entry in [&p.a_http, &p.b_http] {
+        for i in 0..100 {
+            let mut s = tokio::net::TcpStream::connect(entry.as_str())
+                .await
+                .unwrap();
+            let req = format!(
+                "GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed before the answer's head via {entry}");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            assert!(head.starts_with("HTTP/1.1 101"), "via {entry}: {head}");
+            let ping = format!("ping {i}");
+            s.write_all(ping.as_bytes()).await.unwrap();
+            let mut back = Vec::new();
+            while back.len() < ping.len() {
+                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => back.extend_from_slice(&buf[..n]),
+                    other => {
+                        ended.push(format!("{entry} #{i}: {other:?} after {back:?}"));
+                        break;
+                    }
+                }
+            }
+            if back.len() >= ping.len() {
+                assert_eq!(back, ping.as_bytes(), "via {entry}");
+            }
+        }
+    }
+    assert!(
+        ended.is_empty(),
+        "{} of 200 tunnels ended after the 101: {ended:?}",
+        ended.len()
+    );
 }
 
 #[tokio::test]

@@ -1,11 +1,23 @@
 //! A WebSocket echo server on 0.0.0.0:8080, run inside a test container
 //! image (see `tidegate_lab::images::binary_image`): every message comes back.
+//!
+//! With `WS_EAGER` set it is an eager upgrade server instead: it answers
+//! `101 Switching Protocols` the moment it accepts, before the request has
+//! arrived, then echoes every byte after the request's head. A proxy that
+//! reads the 101 before it has finished the request must keep the tunnel.
 
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+    if std::env::var_os("WS_EAGER").is_some() {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            tokio::spawn(eager(stream));
+        }
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(async move {
@@ -18,5 +30,33 @@ async fn main() -> std::io::Result<()> {
                 }
             }
         });
+    }
+}
+
+async fn eager(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    stream
+        .write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let rest = loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break head.split_off(at + 4);
+        }
+    };
+    stream.write_all(&rest).await?;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n]).await?;
     }
 }
