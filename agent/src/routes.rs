@@ -87,6 +87,9 @@ struct WatchedCluster {
     policies: HashMap<String, PolicyPointer>,
     /// Challenges' `tcp_idle_timeout_secs`.
     tcp_idle: HashMap<String, u32>,
+    /// Challenges whose record could not be read (written by hand): what
+    /// was known of them is kept, a fresh list included.
+    malformed: std::collections::HashSet<String>,
     /// Instances already logged for naming a port outside `tcp_ports`.
     off_range: std::collections::HashSet<InstanceId>,
     /// Addresses of workers that left, and when: still looked at for hop
@@ -133,6 +136,7 @@ impl WatchedCluster {
             },
             Ok(Key::Challenge(name)) => match kv.decode::<ChallengeRecord>() {
                 Ok(c) => {
+                    self.malformed.remove(name.as_str());
                     self.tcp_idle
                         .insert(name.to_string(), c.spec.tcp_idle_timeout_secs);
                     match c.policy {
@@ -153,6 +157,7 @@ impl WatchedCluster {
                 Err(e) => {
                     // Keep what we had: a hand-written bad record must not
                     // switch a challenge's policy off at the edge.
+                    self.malformed.insert(name.to_string());
                     tracing::warn!(key = %kv.key, error = %e, "skipping malformed challenge record")
                 }
             },
@@ -178,6 +183,7 @@ impl WatchedCluster {
             Ok(Key::Challenge(name)) => {
                 self.policies.remove(name.as_str());
                 self.tcp_idle.remove(name.as_str());
+                self.malformed.remove(name.as_str());
             }
             _ => {}
         }
@@ -331,8 +337,20 @@ impl WatchedCluster {
                 self.workers = listed.workers;
             }
             Part::Policies => {
+                let mut listed = listed;
+                // A record unreadable in the fresh list keeps the policy
+                // this agent knew for it (a relist must not open it up).
+                for name in &listed.malformed {
+                    if let Some(p) = self.policies.get(name) {
+                        listed.policies.entry(name.clone()).or_insert(p.clone());
+                    }
+                    if let Some(t) = self.tcp_idle.get(name) {
+                        listed.tcp_idle.entry(name.clone()).or_insert(*t);
+                    }
+                }
                 self.policies = listed.policies;
                 self.tcp_idle = listed.tcp_idle;
+                self.malformed = listed.malformed;
             }
             Part::Statuses => self.statuses = listed.statuses,
         }
@@ -544,6 +562,47 @@ mod tests {
                 .get("000000000a.ctf.localhost")
                 .is_none()
         );
+    }
+
+    /// A challenge record made unreadable by hand keeps the policy the
+    /// agent knew for it, through a fresh list too: a relist must not
+    /// switch its policy off at the edge.
+    #[test]
+    fn an_unreadable_challenge_record_keeps_its_policy_through_a_relist() {
+        let ks = Keyspace::default();
+        let name = tidegate_schema::ChallengeName::parse("web").unwrap();
+        let at = key(&ks, Key::Challenge(name));
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let mut k = WatchedCluster::default();
+        k.apply(
+            &ks,
+            &kv(
+                &at,
+                serde_json::json!({"v": 1, "name": "web",
+            "spec": {"image": "x", "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
+                     "policy_fallback": "deny"},
+            "policy": {"digest": digest}}),
+            ),
+        );
+        assert_eq!(k.policies["web"].digest, digest);
+        let bad = kv(
+            &at,
+            serde_json::json!({"v": 1, "name": "web", "spec": "not a spec"}),
+        );
+        k.apply(&ks, &bad);
+        assert_eq!(k.policies["web"].digest, digest);
+        // The watch fell behind and lists again: the record is still bad.
+        let mut listed = WatchedCluster::default();
+        listed.apply(&ks, &bad);
+        k.replace(Part::Policies, listed);
+        assert_eq!(k.policies["web"].digest, digest);
+        assert_eq!(
+            k.policies["web"].fallback,
+            tidegate_schema::PolicyFallback::Deny
+        );
+        // Deleted: gone.
+        k.remove(&ks, &at);
+        assert!(k.policies.is_empty());
     }
 
     #[test]

@@ -163,7 +163,8 @@ impl App {
     pub fn render_metrics(&self) -> String {
         self.metrics.observe(
             &self.view.lock(),
-            self.leads_any(),
+            self.shards.led().len(),
+            self.shards.count(),
             self.policies.host.cached(),
         );
         self.metrics.render()

@@ -124,6 +124,8 @@ pub struct Metrics {
     recent: Mutex<VecDeque<Refusal>>,
     minutes: Mutex<VecDeque<Minute>>,
     leader: Gauge,
+    shards_led: Gauge,
+    shards: Gauge,
     workers: Gauge,
     capacity: Gauge,
     instances: Family<StatusLabel, Gauge>,
@@ -168,6 +170,8 @@ impl Default for Metrics {
             recent: Mutex::default(),
             minutes: Mutex::default(),
             leader: Gauge::default(),
+            shards_led: Gauge::default(),
+            shards: Gauge::default(),
             workers: Gauge::default(),
             capacity: Gauge::default(),
             instances: Family::default(),
@@ -199,8 +203,18 @@ impl Metrics {
         let r = &mut self.registry;
         r.register(
             "leader",
-            "1 while this replica is the elected scheduler",
+            "1 while this replica is the elected scheduler of any shard",
             self.leader.clone(),
+        );
+        r.register(
+            "shards_led",
+            "Shards this replica schedules now",
+            self.shards_led.clone(),
+        );
+        r.register(
+            "shards",
+            "The shard count this replica runs with",
+            self.shards.clone(),
         );
         for (name, help, c) in [
             (
@@ -421,9 +435,12 @@ impl Metrics {
             .collect()
     }
 
-    /// Sets the gauges that mirror `view`, leadership and the plugin cache.
-    pub fn observe(&self, view: &View, leading: bool, plugins_compiled: usize) {
-        self.leader.set(i64::from(leading));
+    /// Sets the gauges that mirror `view`, leadership (`led` of `shards`
+    /// shards) and the plugin cache.
+    pub fn observe(&self, view: &View, led: usize, shards: u16, plugins_compiled: usize) {
+        self.leader.set(i64::from(led > 0));
+        self.shards_led.set(gauge_value(led));
+        self.shards.set(i64::from(shards));
         self.workers.set(gauge_value(view.workers.len()));
         self.queue_length.set(gauge_value(view.queue.len()));
         self.capacity

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tidegate_lab::daemons::{ADMIN, Agent, Controller, eventually, web_spec};
 use tidegate_lab::docker::docker;
 use tidegate_lab::etcd::EtcdCluster;
-use tidegate_lab::images::{DEMO_EXIT, DEMO_SOLVER, ensure_demo_images};
+use tidegate_lab::images::{DEMO_EXIT, DEMO_SILENT, DEMO_SOLVER, ensure_demo_images};
 use tidegate_lab::keys;
 use tidegate_lab::netns::NetnsHost;
 use tidegate_lab::process::Supervised;
@@ -1244,13 +1244,25 @@ async fn a_gated_rollout_replaces_the_canary_opens_on_its_solver_check_and_follo
 /// and the instances the rollout did not reach are never touched.
 #[tokio::test]
 async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() {
+    broken_rollout_is_held_and_aborted(DEMO_EXIT).await;
+}
+
+/// A broken image that runs: the canary's solver check fails (it accepts
+/// and never answers), the instance is marked unhealthy, the rollout stops
+/// at the gate, and abort restores the canary alone.
+#[tokio::test]
+async fn an_image_failing_its_solver_stops_at_the_gate_and_abort_restores_the_canary_alone() {
+    broken_rollout_is_held_and_aborted(DEMO_SILENT).await;
+}
+
+async fn broken_rollout_is_held_and_aborted(broken_image: &str) {
     let running = cluster(|_| {}).await;
     let c = &running;
     let mut spec = web_spec();
     spec["solver"] = json!({"image": DEMO_SOLVER, "interval_secs": 10, "timeout_secs": 8});
     let (ids, before) = web_instances(c, &spec, 3).await;
     let mut broken = spec.clone();
-    broken["image"] = json!(DEMO_EXIT);
+    broken["image"] = json!(broken_image);
     let body = start_rollout(&c.controller, broken, "rollout=gated&canary=1&batch=5").await;
     let from = body["rollout"]["from_revision"].as_i64().unwrap();
 
@@ -1264,7 +1276,7 @@ async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() 
         "{}",
         rollout_of(c, "web").await
     );
-    assert_eq!(c.record(&ids[0]).await["container"]["image"], DEMO_EXIT);
+    assert_eq!(c.record(&ids[0]).await["container"]["image"], broken_image);
     tokio::time::sleep(Duration::from_secs(15)).await;
     let r = rollout_of(c, "web").await;
     assert_eq!(r["phase"], "gate", "{r}");
@@ -1273,6 +1285,25 @@ async fn a_broken_image_stops_at_the_gate_and_abort_restores_the_canary_alone() 
         r["detail"].as_str().unwrap().contains(ids[0].as_str()),
         "the gate does not say which canary it waits for: {r}"
     );
+    if broken_image == DEMO_SILENT {
+        // It runs; its solver check is what failed.
+        let canary = format!("/v1/instances/{}", ids[0]);
+        assert!(
+            eventually(20, || async {
+                c.controller
+                    .call(Method::GET, &canary, None, Some(ADMIN))
+                    .await
+                    .1["solver"]["state"]
+                    == "unhealthy"
+            })
+            .await,
+            "the canary's failing solver did not mark it unhealthy: {}",
+            c.controller
+                .call(Method::GET, &canary, None, Some(ADMIN))
+                .await
+                .1
+        );
+    }
 
     // The platform's token cannot act on a rollout, nor name a bad action.
     let (s, body) = c
@@ -1392,28 +1423,8 @@ async fn a_rollout_resumes_under_the_next_leader_and_replaces_no_instance_twice(
         .unwrap();
     let mut next = spec.clone();
     next["env"] = json!({"ROLLOUT": "3"});
-    let body = start_rollout(&c.controller, next, "rollout=gated&canary=1&batch=1").await;
-    let to = body["revision"].as_i64().unwrap();
-    // No solver: the gate waits for an organizer's continue.
-    assert!(
-        eventually(30, || async {
-            let r = rollout_of(c, "web").await;
-            r["phase"] == "gate" && r["running_new"] == 1
-        })
-        .await,
-        "{}",
-        rollout_of(c, "web").await
-    );
-    let (s, body) = c
-        .controller
-        .call(
-            Method::POST,
-            "/v1/challenges/web/rollout/continue",
-            None,
-            Some(ADMIN),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    let to = at_the_gate(c, next).await;
+    ask_rollout(&c.controller, "continue").await;
     // Kill the leader once the batches have begun and before they end.
     assert!(
         eventually(60, || async {
@@ -1469,6 +1480,80 @@ async fn a_rollout_resumes_under_the_next_leader_and_replaces_no_instance_twice(
         );
         assert_eq!(running.record(id).await["spec_revision"], to);
     }
+}
+
+/// `pause` holds a rollout where it is, even past an organizer's
+/// `continue` (no instance is picked while it is paused); `resume` lets it
+/// go on to the end.
+#[tokio::test]
+async fn a_paused_rollout_replaces_nothing_until_it_is_resumed() {
+    let running = cluster(|_| {}).await;
+    let c = &running;
+    let spec = web_spec();
+    let (ids, _) = web_instances(c, &spec, 3).await;
+    let mut next = spec.clone();
+    next["env"] = json!({"ROLLOUT": "5"});
+    let to = at_the_gate(c, next).await;
+    let ask = |action: &'static str| ask_rollout(&c.controller, action);
+    assert_eq!(ask("pause").await["paused"], true);
+    assert_eq!(ask("continue").await["continued"], true);
+    // The driver steps once a second: a few steps with the gate open.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = rollout_of(c, "web").await;
+    assert_eq!(r["paused"], true, "{r}");
+    assert_eq!(r["replaced"].as_array().map_or(0, Vec::len), 1, "{r}");
+    let at_new = |id: &str| {
+        let id = id.to_string();
+        async move { c.record(&id).await["spec_revision"] == to }
+    };
+    let mut rewritten = 0;
+    for id in &ids {
+        rewritten += usize::from(at_new(id).await);
+    }
+    assert_eq!(rewritten, 1, "a paused rollout rewrote another instance");
+    assert_eq!(ask("resume").await["paused"], false);
+    assert!(
+        eventually(90, || async {
+            rollout_of(c, "web").await["phase"] == "done"
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    for id in &ids {
+        assert!(at_new(id).await, "{id} was left on the old revision");
+    }
+}
+
+/// Starts a gated rollout of web to `next` (canary 1, batch 1, no solver)
+/// and waits for its canary to run at the gate, which waits for an
+/// organizer's continue; the revision it rolls to.
+async fn at_the_gate(c: &Cluster, next: Value) -> i64 {
+    let body = start_rollout(&c.controller, next, "rollout=gated&canary=1&batch=1").await;
+    assert!(
+        eventually(30, || async {
+            let r = rollout_of(c, "web").await;
+            r["phase"] == "gate" && r["running_new"] == 1
+        })
+        .await,
+        "{}",
+        rollout_of(c, "web").await
+    );
+    body["revision"].as_i64().unwrap()
+}
+
+/// An organizer's ask of web's rollout; its 200 answer.
+async fn ask_rollout(c: &Controller, action: &str) -> Value {
+    let (s, body) = c
+        .call(
+            Method::POST,
+            &format!("/v1/challenges/web/rollout/{action}"),
+            None,
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{action}: {body}");
+    body
 }
 
 async fn rollout_of_at(c: &Controller, challenge: &str) -> Value {

@@ -170,6 +170,8 @@ async fn each_metrics_endpoint_shows_the_named_metrics_after_a_spawn() {
             ("tidegate_controller_etcd_watch_lag_seconds_count", &[]),
             ("tidegate_controller_etcd_revision", &[]),
             ("tidegate_controller_leader", &[]),
+            ("tidegate_controller_shards_led", &[]),
+            ("tidegate_controller_shards", &[]),
             ("tidegate_controller_leader_changes_total", &[]),
             ("tidegate_controller_spawns_total", &[]),
             ("tidegate_controller_renewals_total", &[]),

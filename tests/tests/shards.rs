@@ -447,3 +447,67 @@ async fn two_hundred_concurrent_spawns_over_every_shard_keep_capacity_and_team_l
         "{reasons:?}"
     );
 }
+
+/// A shard no controller may lead answers 503 `no_scheduler` naming the
+/// shard and the challenge (after waiting up to 2 s for one), and spawns
+/// go through again once one leads it. The controller is made to fail
+/// closed by an old single-election controller's key, which it never
+/// schedules beside.
+#[tokio::test]
+async fn a_shard_without_a_scheduler_answers_503_no_scheduler_naming_it() {
+    ensure_demo_images().unwrap();
+    let etcd = EtcdCluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controller::start_on(&etcd, "c1", dir.path(), None, |c| c.shards = SHARDS).await;
+    let worker = format!("worker-n-{}", std::process::id());
+    let _agent = Agent::start(&etcd, &worker, dir.path(), |a| a.capacity = 2).await;
+    let (s, body) = c.put_challenge("web", web_spec()).await;
+    assert!(s.is_success(), "{body}");
+    let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
+    let lease = client.lease_grant(60, None).await.unwrap().id();
+    let old = format!(
+        "{}{lease:x}",
+        keys::prefix(tidegate_schema::keys::Kind::Election)
+    );
+    client
+        .put(
+            old.as_str(),
+            "an-old-controller",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        eventually(10, || async {
+            c.status().await["shards"]["led"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        })
+        .await,
+        "the controller went on leading beside an old single-election controller: {}",
+        c.status().await
+    );
+    let started = Instant::now();
+    let (s, body) = c.spawn("web", "t1").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["reason"], "no_scheduler", "{body}");
+    let shard = shard_of("web", SHARDS);
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("shard {shard} ")) && error.contains("\"web\""),
+        "the 503 does not name shard {shard} and challenge web: {body}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "answered before waiting for a scheduler: {:?}",
+        started.elapsed()
+    );
+    client.lease_revoke(lease).await.unwrap();
+    assert!(
+        eventually(20, || async {
+            c.spawn("web", "t1").await.0 == StatusCode::CREATED
+        })
+        .await,
+        "no spawn went through after the old controller's key was gone"
+    );
+}

@@ -24,7 +24,11 @@ pub(crate) struct ChaosArgs {
     /// `renew-revoke` (an unanswered renewal revokes its new lease, as before
     /// renewals were settled), `relist` (a watcher that fell behind
     /// compaction resumes without listing again) or `storm` (a member out
-    /// of the balance is probed again at once: a reconnect storm on etcd).
+    /// of the balance is probed again at once: a reconnect storm on etcd),
+    /// `sweep-clock` (the expiry sweep trusts the leader's clock to the
+    /// second), `slow-switch` (an agent puts off a rewritten instance's
+    /// containers), `shard-fence` (a controller fences every write with one
+    /// shard's token) or `rollout-routes` (a rollout rebuilds the routes).
     #[arg(long, value_name = "BUG")]
     planted: Option<String>,
     /// Where the report, the history and every daemon's log go

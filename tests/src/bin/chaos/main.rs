@@ -50,8 +50,8 @@ struct Pace {
     recover: f64,
 }
 
-/// Shards of the run's controllers: with three controllers, each leads
-/// some, so a fault on one pauses only its shards' spawns.
+/// Shards of the run's controllers: with two controllers, each leads some,
+/// so a fault on one pauses only its shards' spawns.
 const CHAOS_SHARDS: u16 = 4;
 
 const FULL: Pace = Pace {
