@@ -142,6 +142,10 @@ pub struct EdgeMetrics {
     /// The pool was full: the fallback applied without a call.
     pub saturated_allowed: Counter,
     pub saturated_rejected: Counter,
+    /// The policy is named but not compiled here yet (an agent start, a
+    /// first policy): the fallback applied, and nothing failed.
+    pub loading_allowed: Counter,
+    pub loading_rejected: Counter,
     /// Answered from the decision cache.
     pub cached: Counter,
     /// Calls into plugins, and their total time in seconds.
@@ -165,6 +169,8 @@ impl Default for EdgeMetrics {
             failed_rejected: handle("fallback_reject"),
             saturated_allowed: handle("saturated_allow"),
             saturated_rejected: handle("saturated_reject"),
+            loading_allowed: handle("loading_allow"),
+            loading_rejected: handle("loading_reject"),
             cached: handle("cached"),
             decisions,
             calls: Counter::default(),
@@ -401,6 +407,24 @@ impl PluginPolicy {
         }
     }
 
+    /// The fallback of a policy this agent has not compiled yet: counted
+    /// apart from failures (every agent start goes through it).
+    fn loading(&self, wanted: &PolicyPointer) -> Verdict {
+        match wanted.fallback {
+            PolicyFallback::Allow => {
+                self.metrics.loading_allowed.inc();
+                Verdict::Allow
+            }
+            PolicyFallback::Deny => {
+                self.metrics.loading_rejected.inc();
+                Verdict::Reject(format!(
+                    "policy {} is not loaded at this agent yet; the challenge's policy_fallback is deny",
+                    wanted.digest
+                ))
+            }
+        }
+    }
+
     fn fallback(&self, fallback: PolicyFallback, cause: String) -> Verdict {
         if let Some(left_out) = self.failure_log.admit() {
             tracing::warn!(%cause, ?fallback, left_out, "policy failed at the edge; applying the fallback (left_out: lines like it in the last second)");
@@ -460,10 +484,7 @@ impl EdgePolicy for PluginPolicy {
                 // challenge just got its first policy): its fallback, as
                 // for a plugin that cannot load.
                 return match self.wanted.now.load().get(conn.challenge) {
-                    Some(w) => self.fallback(
-                        w.fallback,
-                        format!("policy {} is not loaded at this agent yet", w.digest),
-                    ),
+                    Some(w) => self.loading(w),
                     None => Verdict::Allow,
                 };
             };
@@ -575,8 +596,8 @@ mod loading_tests {
 
     /// Between an agent learning a challenge's policy and compiling it, a
     /// connection gets the challenge's fallback: a deny challenge refuses,
-    /// an allow one admits and counts it as a failed decision. A challenge
-    /// with no policy admits.
+    /// an allow one admits, both counted as `loading_*` (not as failures).
+    /// A challenge with no policy admits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_named_policy_not_loaded_yet_applies_its_fallback() {
         let (release, held) = mpsc::channel();
@@ -605,9 +626,10 @@ mod loading_tests {
             Verdict::Reject(why) => assert!(why.contains("not loaded"), "{why}"),
             Verdict::Allow => panic!("a deny challenge's policy was skipped while it loaded"),
         }
-        assert_eq!(policy.metrics.failed_rejected.get(), 1);
+        assert_eq!(policy.metrics.loading_rejected.get(), 1);
         assert_eq!(policy.admit(&conn("open")).await, Verdict::Allow);
-        assert_eq!(policy.metrics.failed_allowed.get(), 1);
+        assert_eq!(policy.metrics.loading_allowed.get(), 1);
+        assert_eq!(policy.metrics.failed_rejected.get(), 0);
         assert_eq!(policy.admit(&conn("free")).await, Verdict::Allow);
         assert_eq!(policy.metrics.allowed.get(), 0);
         assert_eq!(policy.loaded(), (0, 0));
@@ -625,6 +647,7 @@ mod loading_tests {
             Verdict::Reject(why) => assert!(why.contains("unavailable"), "{why}"),
             Verdict::Allow => panic!("a broken deny policy admitted"),
         }
+        assert_eq!(policy.metrics.failed_rejected.get(), 1);
         drop(release);
     }
 }

@@ -1276,7 +1276,16 @@ async fn broken_rollout_is_held_and_aborted(broken_image: &str) {
         "{}",
         rollout_of(c, "web").await
     );
-    assert_eq!(c.record(&ids[0]).await["container"]["image"], broken_image);
+    // The rollout record names its canary before the canary's record is
+    // rewritten.
+    assert!(
+        eventually(10, || async {
+            c.record(&ids[0]).await["container"]["image"] == broken_image
+        })
+        .await,
+        "the canary was not rewritten to {broken_image}: {}",
+        c.record(&ids[0]).await
+    );
     tokio::time::sleep(Duration::from_secs(15)).await;
     let r = rollout_of(c, "web").await;
     assert_eq!(r["phase"], "gate", "{r}");
