@@ -137,7 +137,8 @@ impl Cluster {
     }
 
     /// The container id and address the agent reported for an instance.
-    async fn reported(&self, id: &str) -> (String, String) {
+    /// The status record the instance's owner wrote (Null before one).
+    async fn status_record(&self, id: &str) -> Value {
         let worker = self.record(id).await["worker"]
             .as_str()
             .unwrap()
@@ -148,7 +149,13 @@ impl Cluster {
             .get(keys::status(&worker, id), None)
             .await
             .unwrap();
-        let ep: Value = serde_json::from_slice(resp.kvs()[0].value()).unwrap();
+        resp.kvs().first().map_or(Value::Null, |kv| {
+            serde_json::from_slice(kv.value()).unwrap()
+        })
+    }
+
+    async fn reported(&self, id: &str) -> (String, String) {
+        let ep = self.status_record(id).await;
         (
             ep["container_id"].as_str().unwrap().to_string(),
             ep["address"].as_str().unwrap_or_default().to_string(),
@@ -1360,8 +1367,21 @@ async fn broken_rollout_is_held_and_aborted(broken_image: &str) {
         .await;
     assert_eq!(challenge["spec"]["image"], spec["image"], "{challenge}");
     assert_eq!(challenge["revision"], restored, "{challenge}");
-    // The canary runs the old image again, as itself.
-    c.wait_status(&ids[0], "running").await;
+    // The canary runs the old image again, as itself (its owner reports
+    // the revision of its rewritten record: a canary that ran the broken
+    // image reported running before).
+    assert!(
+        eventually(60, || async {
+            let rec = c.record(&ids[0]).await;
+            let st = c.status_record(&ids[0]).await;
+            rec["container"]["image"] == spec["image"]
+                && st["spec_revision"] == rec["spec_revision"]
+                && st["status"]["state"] == "running"
+        })
+        .await,
+        "the canary does not run the restored revision: {}",
+        c.status_record(&ids[0]).await
+    );
     let (keep, container) = identity(c, &ids[0]).await;
     assert_eq!(keep, before[0].0);
     assert_ne!(container, before[0].1);

@@ -463,6 +463,18 @@ async fn a_shard_without_a_scheduler_answers_503_no_scheduler_naming_it() {
     let _agent = Agent::start(&etcd, &worker, dir.path(), |a| a.capacity = 2).await;
     let (s, body) = c.put_challenge("web", web_spec()).await;
     assert!(s.is_success(), "{body}");
+    // It leads every shard first: an empty `led` below can then only be
+    // its failing closed, not a first poll yet to come.
+    assert!(
+        eventually(10, || async {
+            c.status().await["shards"]["led"]
+                .as_array()
+                .is_some_and(|l| l.len() == usize::from(SHARDS))
+        })
+        .await,
+        "a lone controller did not lead all {SHARDS} shards: {}",
+        c.status().await
+    );
     let mut client = Client::connect(etcd.endpoints(), None).await.unwrap();
     let lease = client.lease_grant(60, None).await.unwrap().id();
     let old = format!(
