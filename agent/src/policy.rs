@@ -67,6 +67,10 @@ impl EdgePolicy for AllowAll {
 pub struct PolicyPointer {
     pub digest: String,
     pub fallback: PolicyFallback,
+    /// Whether the plugin decides connections (`admit-connection` among
+    /// the hooks it declared at upload; true when it declared none, which
+    /// says nothing). One that does not is never waited for at the edge.
+    pub admits: bool,
 }
 
 /// Challenge name → its policy, as the route watch last saw it.
@@ -410,6 +414,9 @@ impl PluginPolicy {
     /// The fallback of a policy this agent has not compiled yet: counted
     /// apart from failures (every agent start goes through it).
     fn loading(&self, wanted: &PolicyPointer) -> Verdict {
+        if !wanted.admits {
+            return Verdict::Allow;
+        }
         match wanted.fallback {
             PolicyFallback::Allow => {
                 self.metrics.loading_allowed.inc();
@@ -616,10 +623,16 @@ mod loading_tests {
         let pointer = |fallback| PolicyPointer {
             digest: digest.clone(),
             fallback,
+            admits: true,
+        };
+        let spawns_only = PolicyPointer {
+            admits: false,
+            ..pointer(PolicyFallback::Deny)
         };
         feed.publish(&HashMap::from([
             ("denied".to_string(), pointer(PolicyFallback::Deny)),
             ("open".to_string(), pointer(PolicyFallback::Allow)),
+            ("spawns-only".to_string(), spawns_only),
         ]));
         // The store holds both reads: nothing is compiled.
         match policy.admit(&conn("denied")).await {
@@ -631,18 +644,22 @@ mod loading_tests {
         assert_eq!(policy.metrics.loading_allowed.get(), 1);
         assert_eq!(policy.metrics.failed_rejected.get(), 0);
         assert_eq!(policy.admit(&conn("free")).await, Verdict::Allow);
+        // A plugin that decides no connection is not waited for.
+        assert_eq!(policy.admit(&conn("spawns-only")).await, Verdict::Allow);
+        assert_eq!(policy.metrics.loading_rejected.get(), 1);
         assert_eq!(policy.metrics.allowed.get(), 0);
         assert_eq!(policy.loaded(), (0, 0));
         // Released, the blob is missing: broken, and the fallback still holds.
-        release.send(()).unwrap();
-        release.send(()).unwrap();
+        for _ in 0..3 {
+            release.send(()).unwrap();
+        }
         for _ in 0..200 {
-            if policy.loaded() == (0, 2) {
+            if policy.loaded() == (0, 3) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(policy.loaded(), (0, 2));
+        assert_eq!(policy.loaded(), (0, 3));
         match policy.admit(&conn("denied")).await {
             Verdict::Reject(why) => assert!(why.contains("unavailable"), "{why}"),
             Verdict::Allow => panic!("a broken deny policy admitted"),

@@ -144,6 +144,8 @@ impl WatchedCluster {
                             self.policies.insert(
                                 name.to_string(),
                                 PolicyPointer {
+                                    admits: p.hooks.is_empty()
+                                        || p.hooks.iter().any(|h| h == "admit-connection"),
                                     digest: p.digest,
                                     fallback: c.spec.policy_fallback,
                                 },
