@@ -49,6 +49,11 @@ pub const MIN_KEY_BYTES: usize = 32;
 pub enum Protocol {
     Http,
     Tcp,
+    /// A pinned HTTP connection (one instance for the whole connection):
+    /// signed apart from [`Protocol::Http`], so the owner pins only a
+    /// connection the edge pinned, never one an L7 edge reuses for many
+    /// players' requests.
+    Pinned,
 }
 
 /// Why a claimed hop was served as a player's.
@@ -72,6 +77,7 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
+            Protocol::Pinned => "pinned",
         }
     }
 }
@@ -255,6 +261,7 @@ fn message(hop: &Hop<'_>, t: u64, worker: &str, client: SocketAddr) -> Vec<u8> {
     m.push(match hop.protocol {
         Protocol::Http => b'h',
         Protocol::Tcp => b't',
+        Protocol::Pinned => b'p',
     });
     m.extend_from_slice(&t.to_be_bytes());
     m.extend_from_slice(&v6(hop.source).octets());
@@ -280,14 +287,18 @@ fn v6(ip: IpAddr) -> std::net::Ipv6Addr {
 
 /// The HTTP header's value: `v1;t=<secs>;w=<worker>;c=<client>;m=<hex MAC>`.
 pub fn http_value(claim: &Claim) -> String {
-    let mut mac = String::with_capacity(64);
-    for b in claim.mac {
-        mac += &format!("{b:02x}");
-    }
-    format!(
-        "v1;t={};w={};c={};m={mac}",
+    use std::fmt::Write;
+    let mut value = String::with_capacity(160);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        value,
+        "v1;t={};w={};c={};m=",
         claim.t, claim.worker, claim.client
-    )
+    );
+    for b in claim.mac {
+        let _ = write!(value, "{b:02x}");
+    }
+    value
 }
 
 /// Reads a value [`http_value`] writes.

@@ -11,6 +11,7 @@
 //! timeout 504; an HTML page, or JSON when the client accepts JSON.
 
 pub mod guard;
+pub mod pinned;
 mod upgrade;
 
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub struct HttpLimits {
     pub keepalive_secs: u64,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// The agent's `http_mode`: a challenge in pinned mode gets no
+    /// `X-Forwarded-*` headers on this path either.
+    pub http_mode: tidegate_schema::spec::HttpMode,
 }
 
 /// The proxy's per-request state.
@@ -78,28 +82,30 @@ impl std::fmt::Debug for EdgeProxy {
 impl EdgeProxy {
     /// Whether the request carries a valid proof that another agent
     /// forwarded it here (for `route`'s instance, to this connection's
-    /// local address, from its peer). A claim without one is counted,
-    /// logged with the real source, and otherwise ignored. `agents`: the
-    /// registered agents' addresses of the table the route came from.
+    /// local address, from its peer): an L7 edge's, or a pinned edge's
+    /// (this agent read it ahead and did not pin: a stale route, a limit).
+    /// A claim without one is counted, logged with the real source, and
+    /// otherwise ignored. `agents`: the registered agents' addresses of the
+    /// table the route came from.
     fn proven(
         &self,
         session: &Session,
         route: &Route,
         agents: &std::collections::HashSet<std::net::IpAddr>,
-    ) -> bool {
+    ) -> Proven {
         let Some(value) = session.req_header().headers.get(HOP_HEADER) else {
-            return false;
+            return Proven::NoClaim;
         };
         let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
         let local = session.server_addr().and_then(|a| a.as_inet()).copied();
         let (Some(peer), Some(local)) = (peer, local) else {
-            return false;
+            return Proven::Not;
         };
         // Only agents forward: a claim from any other address is refused
         // whatever its proof (as on TCP).
         let from_agent = agents.contains(&peer.ip());
-        let hop = Hop {
-            protocol: Protocol::Http,
+        let hop = |protocol| Hop {
+            protocol,
             source: peer.ip(),
             destination: local,
             instance: route.instance.as_str(),
@@ -111,16 +117,35 @@ impl EdgeProxy {
                 Err(Refused::NotAnAgent)
             }
         });
-        match self.hops.check(&hop, claim) {
-            Ok(()) => true,
+        if let Ok(c) = &claim
+            && self.hops.verify(&hop(Protocol::Pinned), c).is_ok()
+        {
+            return Proven::Pinned;
+        }
+        match self.hops.check(&hop(Protocol::Http), claim) {
+            Ok(()) => Proven::Http,
             Err(reason) => {
                 let claimed = String::from_utf8_lossy(value.as_bytes());
                 let claimed: String = claimed.chars().take(120).collect();
                 self.hops.refuse(Protocol::Http, reason, peer, &claimed);
-                false
+                Proven::Not
             }
         }
     }
+}
+
+/// What a request's hop header proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proven {
+    /// No hop header: a player's request (or an unproven forward).
+    NoClaim,
+    /// A header without a valid proof: served as a player's.
+    Not,
+    /// An L7 edge forwarded it.
+    Http,
+    /// A pinned edge forwarded this connection: its later bytes are that
+    /// edge's player's, unparsed there, so it is closed after this answer.
+    Pinned,
 }
 
 fn wants_json(session: &Session) -> bool {
@@ -240,7 +265,14 @@ impl ProxyHttp for EdgeProxy {
             .await?;
             return Ok(true);
         };
-        let forwarded = self.proven(session, &route, &table.agents);
+        let proven = self.proven(session, &route, &table.agents);
+        let forwarded = matches!(proven, Proven::Http | Proven::Pinned);
+        if matches!(proven, Proven::Not | Proven::Pinned) {
+            // Whoever sent this claim, its next request on the connection
+            // is not routed here: a pinned edge splices its player's bytes
+            // unparsed, and they must not be routed by their own Host.
+            session.set_keepalive(None);
+        }
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -342,10 +374,17 @@ impl ProxyHttp for EdgeProxy {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        let pinned = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.http_mode)
+            .unwrap_or(self.limits.http_mode)
+            == tidegate_schema::spec::HttpMode::Pinned;
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+            .map(|a| a.ip().to_string())
+            .filter(|_| !pinned);
         if let Some(ip) = client {
             let xff = match up
                 .headers
@@ -358,10 +397,10 @@ impl ProxyHttp for EdgeProxy {
             up.insert_header("x-forwarded-for", xff)?;
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        if up.headers.get("x-forwarded-proto").is_none() {
+        if !pinned && up.headers.get("x-forwarded-proto").is_none() {
             up.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
         }
-        if up.headers.get("x-forwarded-host").is_none() {
+        if !pinned && up.headers.get("x-forwarded-host").is_none() {
             up.insert_header("x-forwarded-host", ctx.host.as_str())?;
         }
         if let Some(Target::Remote(owner)) = ctx.route.as_ref().map(|r| &r.target) {

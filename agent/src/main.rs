@@ -198,6 +198,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         policy.clone(),
         hops.clone(),
         http,
+        builds_rx.clone(),
     )?;
     let tcp_task = tokio::spawn(tcp.run(routes, builds_rx, policy, hops));
     let reconciler = Reconciler::new(

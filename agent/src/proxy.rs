@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tidegate_agent::http::guard::{Connections, Guard};
+use tidegate_agent::http::pinned::Pinning;
 use tidegate_agent::http::{EdgeProxy, HttpLimits};
 use tidegate_agent::policy::EdgePolicy;
 use tidegate_agent::routes::SharedRoutes;
@@ -42,15 +43,30 @@ pub(crate) fn start(
     policy: Arc<dyn EdgePolicy>,
     hops: Arc<tidegate_agent::hop::Hops>,
     conns: Arc<Connections>,
+    builds: tokio::sync::watch::Receiver<u64>,
 ) -> anyhow::Result<Proxy> {
     use pingora::server::configuration::ServerConf;
     let conf = ServerConf {
-        threads: cfg.http_threads,
+        threads: cfg.http_threads(),
         ..ServerConf::default()
     };
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let routes_for_guard = routes.clone();
+    let connect_timeout = Duration::from_millis(cfg.upstream_connect_timeout_ms);
+    let read_timeout = Duration::from_millis(cfg.upstream_read_timeout_ms);
+    let pinning = Arc::new(Pinning {
+        routes: routes.clone(),
+        policy: policy.clone(),
+        hops: hops.clone(),
+        forward_from,
+        mode: cfg.http_mode,
+        max_body_bytes: cfg.max_body_bytes,
+        connect_timeout,
+        idle: read_timeout.max(Duration::from_secs(cfg.http_keepalive_timeout_secs)),
+        pipe_bytes: cfg.tcp_pipe_bytes,
+        builds,
+    });
     let proxy = EdgeProxy {
         routes,
         forward_from,
@@ -58,8 +74,9 @@ pub(crate) fn start(
             max_body_bytes: cfg.max_body_bytes,
             max_header_bytes: cfg.max_header_bytes,
             keepalive_secs: cfg.http_keepalive_timeout_secs,
-            connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
-            read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
+            connect_timeout,
+            read_timeout,
+            http_mode: cfg.http_mode,
         },
         policy,
         hops,
@@ -81,6 +98,7 @@ pub(crate) fn start(
         app: Arc::new(app),
         conns,
         routes: routes_for_guard,
+        pinning,
     };
     let mut service = pingora::services::listening::Service::new("tidegate edge".into(), guard);
     // No read buffer of its own on plain HTTP: Pingora's default (64 KiB

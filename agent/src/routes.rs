@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use etcd_client::Client;
 use tidegate_etcd::{EtcdHealth, Event, Kv, Watcher};
 use tidegate_schema::config::planted;
+use tidegate_schema::spec::HttpMode;
 use tidegate_schema::{
     ChallengeRecord, InstanceId, InstanceRecord, InstanceStatus, Key, Keyspace, Kind, ServiceName,
     StatusRecord, WorkerId, WorkerRecord,
@@ -45,6 +46,8 @@ pub struct Route {
     pub traffic: Arc<InstanceTraffic>,
     /// The challenge's `tcp_idle_timeout_secs`.
     pub tcp_idle: std::time::Duration,
+    /// The challenge's `http_mode`, when its spec sets one.
+    pub http_mode: Option<HttpMode>,
 }
 
 /// An immutable snapshot of every HTTP and TCP route.
@@ -56,6 +59,8 @@ pub struct RouteTable {
     /// `{instance}-{port name}` (the first label of the SNI a player sends
     /// to `tls_tcp_entry`) → the same route as its public port.
     pub by_sni: HashMap<String, Arc<Route>>,
+    /// Whether some challenge's spec sets `http_mode = "pinned"`.
+    pub pinned_any: bool,
     /// The highest etcd revision its watches had delivered.
     pub revision: i64,
     /// Registered agents' addresses (this one's too), and for two minutes
@@ -85,8 +90,8 @@ struct WatchedCluster {
     traffic: HashMap<InstanceId, Arc<InstanceTraffic>>,
     /// Challenges with a policy plugin.
     policies: HashMap<String, PolicyPointer>,
-    /// Challenges' `tcp_idle_timeout_secs`.
-    tcp_idle: HashMap<String, u32>,
+    /// Challenges' `tcp_idle_timeout_secs` and `http_mode`.
+    knobs: HashMap<String, Knobs>,
     /// Challenges whose record could not be read (written by hand): what
     /// was known of them is kept, a fresh list included.
     malformed: std::collections::HashSet<String>,
@@ -97,6 +102,13 @@ struct WatchedCluster {
     /// its membership lapsed (etcd lost quorum, its lease ran out) is taken
     /// off the stream instead of reaching the instance.
     former_agents: HashMap<std::net::IpAddr, std::time::Instant>,
+}
+
+/// What a challenge's spec sets for its routes.
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    tcp_idle_secs: u32,
+    http_mode: Option<HttpMode>,
 }
 
 /// What players are told about a failed instance.
@@ -137,8 +149,13 @@ impl WatchedCluster {
             Ok(Key::Challenge(name)) => match kv.decode::<ChallengeRecord>() {
                 Ok(c) => {
                     self.malformed.remove(name.as_str());
-                    self.tcp_idle
-                        .insert(name.to_string(), c.spec.tcp_idle_timeout_secs);
+                    self.knobs.insert(
+                        name.to_string(),
+                        Knobs {
+                            tcp_idle_secs: c.spec.tcp_idle_timeout_secs,
+                            http_mode: c.spec.http_mode,
+                        },
+                    );
                     match c.policy {
                         Some(p) => {
                             self.policies.insert(
@@ -184,7 +201,7 @@ impl WatchedCluster {
             }
             Ok(Key::Challenge(name)) => {
                 self.policies.remove(name.as_str());
-                self.tcp_idle.remove(name.as_str());
+                self.knobs.remove(name.as_str());
                 self.malformed.remove(name.as_str());
             }
             _ => {}
@@ -252,12 +269,15 @@ impl WatchedCluster {
         let mut by_host = HashMap::with_capacity(self.instances.len());
         let mut by_port = HashMap::new();
         let mut by_sni = HashMap::new();
+        let mut pinned_any = false;
         for (id, rec) in &self.instances {
             // A pooled instance is reached by nothing until a team has it.
             if rec.is_pooled() {
                 continue;
             }
             let traffic = self.traffic.entry(id.clone()).or_default().clone();
+            let knobs = self.knobs.get(rec.challenge.as_str()).copied();
+            pinned_any |= knobs.is_some_and(|k| k.http_mode == Some(HttpMode::Pinned));
             let route = |target| {
                 Arc::new(Route {
                     instance: id.clone(),
@@ -266,11 +286,11 @@ impl WatchedCluster {
                     target,
                     traffic: traffic.clone(),
                     tcp_idle: std::time::Duration::from_secs(u64::from(
-                        self.tcp_idle
-                            .get(rec.challenge.as_str())
-                            .copied()
-                            .unwrap_or(tidegate_schema::spec::DEFAULT_TCP_IDLE_SECS),
+                        knobs.map_or(tidegate_schema::spec::DEFAULT_TCP_IDLE_SECS, |k| {
+                            k.tcp_idle_secs
+                        }),
                     )),
+                    http_mode: knobs.and_then(|k| k.http_mode),
                 })
             };
             for r in &rec.http {
@@ -301,6 +321,7 @@ impl WatchedCluster {
             by_host,
             by_port,
             by_sni,
+            pinned_any,
             revision,
             agents: {
                 self.former_agents
@@ -346,12 +367,12 @@ impl WatchedCluster {
                     if let Some(p) = self.policies.get(name) {
                         listed.policies.entry(name.clone()).or_insert(p.clone());
                     }
-                    if let Some(t) = self.tcp_idle.get(name) {
-                        listed.tcp_idle.entry(name.clone()).or_insert(*t);
+                    if let Some(k) = self.knobs.get(name) {
+                        listed.knobs.entry(name.clone()).or_insert(*k);
                     }
                 }
                 self.policies = listed.policies;
-                self.tcp_idle = listed.tcp_idle;
+                self.knobs = listed.knobs;
                 self.malformed = listed.malformed;
             }
             Part::Statuses => self.statuses = listed.statuses,

@@ -123,6 +123,12 @@ pub struct ChallengeSpec {
         skip_serializing_if = "is_default_tcp_idle"
     )]
     pub tcp_idle_timeout_secs: u32,
+    /// How the agents serve this challenge's HTTP: `l7` (every request
+    /// parsed, routed and counted) or `pinned` (the first request decides
+    /// the instance for the whole connection, then bytes are spliced; no
+    /// `X-Forwarded-*` headers). Unset: the agent's `http_mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_mode: Option<HttpMode>,
     /// What a spawn gets when no worker has room, or when the challenge's
     /// policy says `queue`: a place in the scheduler's fair queue (202,
     /// default) or a refusal (503/429). `queue = false` turns it off;
@@ -302,6 +308,21 @@ fn default_tcp_idle() -> u32 {
 
 fn is_default_tcp_idle(secs: &u32) -> bool {
     *secs == DEFAULT_TCP_IDLE_SECS
+}
+
+/// How an agent serves HTTP/1.1 connections (see docs/architecture.md,
+/// "Pinned HTTP").
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    /// Every request goes through the L7 proxy: routed by its own Host,
+    /// counted, given `X-Forwarded-*`.
+    #[default]
+    L7,
+    /// The first request head routes the connection; the rest of it is
+    /// spliced to that instance unparsed.
+    Pinned,
 }
 
 /// The decision used when a challenge's policy plugin fails.

@@ -182,31 +182,33 @@ async fn a_websocket_echo_works_through_both_agents() {
     let p = plane(|_| {}).await;
     let host = ws_echo(&p, "ws", json!({})).await;
     for entry in [&p.a_http, &p.b_http] {
-        let mut req =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                format!("ws://{entry}/echo"),
-            )
-            .unwrap();
-        req.headers_mut().insert("host", host.parse().unwrap());
-        let stream = tokio::net::TcpStream::connect(entry.as_str())
+        ws_round_trips(entry, &host, 3).await;
+    }
+}
+
+/// A WebSocket to `host` through `entry`: `n` messages echoed, then closed.
+async fn ws_round_trips(entry: &str, host: &str, n: usize) {
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{entry}/echo"),
+    )
+    .unwrap();
+    req.headers_mut().insert("host", host.parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(entry).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101);
+    for i in 0..n {
+        let text = format!("hello {i} via {entry}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone()))
             .await
             .unwrap();
-        let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
-        assert_eq!(resp.status().as_u16(), 101);
-        for i in 0..3 {
-            let text = format!("hello {i} via {entry}");
-            ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone()))
-                .await
-                .unwrap();
-            let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            assert_eq!(back.into_text().unwrap().as_str(), text);
-        }
-        ws.close(None).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
     }
+    ws.close(None).await.unwrap();
 }
 
 /// An instance that answers its upgrade before the request has reached it
@@ -358,45 +360,67 @@ async fn ten_thousand_routes_load_and_look_up_correctly() {
     eprintln!("agent a with 10,001 routes: {rss}");
 }
 
-#[tokio::test]
-async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
+/// A plane whose agents serve HTTP in `mode`, agent a also HTTPS (with a
+/// wildcard certificate): the plane, the certificate, a's HTTPS port, and
+/// the directory holding the certificate.
+async fn tls_plane(
+    mode: tidegate_schema::spec::HttpMode,
+) -> (common::Plane, std::path::PathBuf, u16, tempfile::TempDir) {
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = common::wildcard_cert(certs.path());
     let a_tls = free_port().unwrap();
-    let https_entry = format!("{}:{a_tls}", common::hosts().0).parse().unwrap();
+    let https_entry: std::net::SocketAddr =
+        format!("{}:{a_tls}", common::hosts().0).parse().unwrap();
     let p = plane(|c| {
-        c.https_entry = Some(https_entry);
-        c.tls_cert = Some(cert.clone());
-        c.tls_key = Some(key.clone());
+        c.http_mode = mode;
+        // Agent a only: b's address differs (it could not bind a's).
+        if c.advertise_address == https_entry.ip() {
+            c.https_entry = Some(https_entry);
+            c.tls_cert = Some(cert.clone());
+            c.tls_key = Some(key.clone());
+        }
     })
     .await;
+    (p, cert, a_tls, certs)
+}
+
+#[tokio::test]
+async fn tls_termination_serves_http1_and_http2_with_a_wildcard_certificate() {
+    let (p, cert, a_tls, _certs) = tls_plane(tidegate_schema::spec::HttpMode::L7).await;
     p.controller.put_challenge("web", web_spec()).await;
     let (_, host, _) = p.running("web", "t1").await;
     for (flag, want) in [("--http1.1", "1.1"), ("--http2", "2")] {
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "--cacert"])
-            .arg(&cert)
-            .args([
-                flag,
-                "-w",
-                "\n%{http_code} %{http_version}",
-                "--resolve",
-                &format!("{host}:{a_tls}:{}", p.a_host),
-            ])
-            .arg(format!("https://{host}:{a_tls}/"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains(DEMO_HTTP_BODY),
-            "{flag}: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = curl_tls(&cert, flag, &host, (&p.a_host, a_tls));
+        assert!(text.contains(DEMO_HTTP_BODY), "{flag}: {text}");
         assert!(
             text.trim_end().ends_with(&format!("200 {want}")),
             "{flag}: {text}"
         );
     }
+}
+
+/// curl (`flag`: `--http1.1` or `--http2`) to `https://{host}:{port}/` at
+/// `addr`, trusting `cert`: its body, then `<status> <HTTP version>`, then
+/// what it said on stderr.
+fn curl_tls(cert: &std::path::Path, flag: &str, host: &str, (addr, port): (&str, u16)) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(cert)
+        .args([
+            flag,
+            "-w",
+            "\n%{http_code} %{http_version}",
+            "--resolve",
+            &format!("{host}:{port}:{addr}"),
+        ])
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .unwrap();
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// `n` GETs of `host` through `entry` on one kept-alive client: the
@@ -744,4 +768,251 @@ async fn a_rollout_of_twenty_instances_is_seen_by_players_as_one_short_switch_ea
         "prober: {rounds} rounds over {} hostnames x 2 agents, {errors} errors, longest switch {longest:?}",
         instances.len()
     );
+}
+
+/// Requests on one kept-alive connection to `entry`, the i-th with Host
+/// `hosts[i]`: each answer's status and body, in order. An answer that
+/// never comes (the connection closed) ends the list early.
+async fn one_connection(entry: &str, hosts: &[&str]) -> Vec<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(entry).await.unwrap();
+    let mut answers = Vec::new();
+    let mut buf = Vec::new();
+    for host in hosts {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if s.write_all(req.as_bytes()).await.is_err() {
+            break;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..at]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= at + 4 + len {
+                        let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+                        let body = String::from_utf8_lossy(&buf[at + 4..at + 4 + len]).to_string();
+                        buf.drain(..at + 4 + len);
+                        return Some((status, body));
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        match read {
+            Ok(Some(answer)) => answers.push(answer),
+            _ => break,
+        }
+    }
+    answers
+}
+
+/// The HTTP echo image (`container=<its hostname> host=… xff=…` per
+/// request, keep-alive) as challenge `name`, pinned or not.
+async fn http_echo_challenge(p: &common::Plane, name: &str, mode: &str) {
+    let image = binary_image(
+        "tidegate/test-ws-echo",
+        std::path::Path::new(env!("CARGO_BIN_EXE_ws-echo")),
+        &[],
+    )
+    .unwrap();
+    let (s, body) = p
+        .controller
+        .put_challenge(
+            name,
+            json!({"image": image, "env": {"HTTP_ECHO": "1"}, "http_mode": mode,
+                   "ports": [{"name": "web", "port": 8080, "protocol": "http"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+}
+
+/// The `container=` field of an echo answer.
+fn container(body: &str) -> &str {
+    body.split_whitespace()
+        .find_map(|f| f.strip_prefix("container="))
+        .unwrap_or("")
+}
+
+/// Issue #24: a pinned connection is routed once, by its first request,
+/// through the owner and through the other agent alike; later requests
+/// naming another Host still reach the first instance, no X-Forwarded-*
+/// is added, and an L7 challenge's connection is still routed per request.
+/// Deleting the instance closes its pinned connections within one watch
+/// delay.
+#[tokio::test]
+async fn a_pinned_connection_stays_with_its_first_instance_until_the_instance_goes() {
+    let p = plane(|_| {}).await;
+    http_echo_challenge(&p, "pin", "pinned").await;
+    http_echo_challenge(&p, "per-request", "l7").await;
+    let (id1, h1, _) = p.running("pin", "t1").await;
+    let (_, h2, _) = p.running("pin", "t2").await;
+    let (_, h3, _) = p.running("per-request", "t1").await;
+    let mut seen = std::collections::HashMap::new();
+    for entry in [&p.a_http, &p.b_http] {
+        for host in [&h1, &h2, &h3] {
+            let ok = eventually(10, || async { get(entry, host, None).await.0 == 200 }).await;
+            assert!(ok, "{host} not served through {entry}");
+        }
+        // Fresh connections: each instance answers for itself.
+        let one = one_connection(entry, &[&h1]).await;
+        let two = one_connection(entry, &[&h2]).await;
+        let (c1, c2) = (container(&one[0].1), container(&two[0].1));
+        assert!(!c1.is_empty() && c1 != c2, "{one:?} {two:?}");
+        seen.insert(h1.clone(), c1.to_string());
+        // One pinned connection, three Hosts: the first instance answers all.
+        let answers = one_connection(entry, &[&h1, &h2, &h3]).await;
+        assert_eq!(answers.len(), 3, "through {entry}: {answers:?}");
+        for (i, (status, body)) in answers.iter().enumerate() {
+            assert_eq!(*status, 200, "request {i} through {entry}: {body}");
+            assert_eq!(container(body), c1, "request {i} through {entry}: {body}");
+            assert!(body.contains("xff=-"), "pinned got X-Forwarded-For: {body}");
+        }
+        assert!(answers[1].1.contains(&format!("host={h2}")), "{answers:?}");
+        // An L7 challenge's connection: every request routed by its Host,
+        // with X-Forwarded-For; a pinned challenge reached that way gets
+        // none (one proxy as far as the challenge can tell).
+        let answers = one_connection(entry, &[&h3, &h2]).await;
+        assert_eq!(answers.len(), 2, "through {entry}: {answers:?}");
+        assert!(!answers[0].1.contains("xff=-"), "{answers:?}");
+        assert_eq!(container(&answers[1].1), c2, "{answers:?}");
+        assert!(answers[1].1.contains("xff=-"), "{answers:?}");
+    }
+    for agent in [&p.a, &p.b] {
+        let n = agent
+            .metric("tidegate_agent_http_connections_pinned_total")
+            .await
+            .unwrap_or(0.0);
+        assert!(n >= 2.0, "{} pinned {n} connections", agent.worker);
+    }
+
+    // Held pinned connections through both agents, then the delete.
+    let mut held = Vec::new();
+    for entry in [&p.a_http, &p.b_http] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(entry.as_str())
+            .await
+            .unwrap();
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {h1}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(String::from_utf8_lossy(&chunk[..n]).contains(&seen[&h1]));
+        held.push(s);
+    }
+    // Still open and pinned right before the delete: another request,
+    // naming the other instance, answered by the first.
+    for s in &mut held {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {h2}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(String::from_utf8_lossy(&chunk[..n]).contains(&seen[&h1]));
+    }
+    let deleted = Instant::now();
+    let (s, _) = p
+        .controller
+        .call(Method::DELETE, &format!("/v1/instances/{id1}"), None, None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    for (i, mut s) in held.into_iter().enumerate() {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "pinned connection {i} still open 10 s after the delete"
+        );
+    }
+    eprintln!(
+        "both pinned connections closed {:?} after the delete",
+        deleted.elapsed()
+    );
+}
+
+/// Issue #24: the edge policy decides a pinned connection once, at its
+/// first request: a refused one gets the L7 path's 403 (and is closed), an
+/// admitted one never reaches the refused instance, whatever Host its
+/// later requests name.
+#[tokio::test]
+async fn a_denying_policy_refuses_a_pinned_connection_and_it_cannot_be_reached_through_another() {
+    let p = plane(|c| c.plugin_deadline_ms = 50).await;
+    http_echo_challenge(&p, "pin", "pinned").await;
+    let (_, mallory, _) = p.running("pin", "mallory").await;
+    let (_, red, _) = p.running("pin", "red").await;
+    let (s, up) = p
+        .controller
+        .put_policy("pin", tidegate_lab::plugins::component("allowlist"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+    for entry in [&p.a_http, &p.b_http] {
+        let refused = eventually(10, || async {
+            let answers = one_connection(entry, &[&mallory, &red]).await;
+            // The 403 closes the connection: no second answer.
+            answers.len() == 1
+                && answers[0].0 == 403
+                && answers[0]
+                    .1
+                    .contains("team mallory is not on the allowlist")
+        })
+        .await;
+        assert!(refused, "agent {entry} still admits mallory");
+        let red_container = container(&one_connection(entry, &[&red]).await[0].1).to_string();
+        let answers = one_connection(entry, &[&red, &mallory, &mallory]).await;
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        for (status, body) in &answers {
+            assert_eq!(*status, 200, "{body}");
+            assert_eq!(container(body), red_container, "{body}");
+        }
+    }
+}
+
+/// Issue #24: with the agents pinning every challenge, what the L7 path
+/// must see still goes there: a WebSocket upgrade and HTTP/2 over TLS.
+#[tokio::test]
+async fn websockets_and_http2_still_go_through_l7_when_agents_pin() {
+    let (p, cert, a_tls, _certs) = tls_plane(tidegate_schema::spec::HttpMode::Pinned).await;
+    let host = ws_echo(&p, "ws", json!({})).await;
+    for entry in [&p.a_http, &p.b_http] {
+        ws_round_trips(entry, &host, 2).await;
+    }
+    // Plain requests are pinned (the counter moves); upgrades were not.
+    p.controller.put_challenge("web", web_spec()).await;
+    let (_, web, _) = p.running("web", "t1").await;
+    let pinned = || async {
+        p.a.metric("tidegate_agent_http_connections_pinned_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = pinned().await;
+    assert_eq!(get(&p.a_http, &web, None).await.0, 200);
+    assert_eq!(pinned().await - before, 1.0);
+    // HTTP/2 (ALPN h2) over TLS: the L7 path, which speaks it.
+    let before = pinned().await;
+    let text = curl_tls(&cert, "--http2", &web, (&p.a_host, a_tls));
+    assert!(text.contains(DEMO_HTTP_BODY), "{text}");
+    assert!(text.trim_end().ends_with("200 2"), "{text}");
+    assert_eq!(pinned().await, before, "an HTTP/2 connection was pinned");
 }

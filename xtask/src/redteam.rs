@@ -189,6 +189,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "the agents' HTTP entry and the controller's API: a deadline on every request head, caps on connections in all and per source address (TIDEGATE_PLANTED)",
     ),
     (
+        "pinned-policy",
+        "a pinned HTTP connection is admitted by the edge policy at its first request, at the edge and (forwarded with a pinned proof) nowhere else (TIDEGATE_PLANTED: the pinned path asks no policy)",
+    ),
+    (
         "instance-networks",
         "each instance with services has a network of its own (TIDEGATE_PLANTED: one network for all of them)",
     ),

@@ -79,6 +79,8 @@ pub struct Connections {
     caps: Arc<ConnectionCaps>,
     open_gauge: Gauge,
     refused: Family<ReasonLabel, Counter>,
+    /// Connections served pinned.
+    pub(super) pinned: Counter,
 }
 
 impl Connections {
@@ -92,6 +94,7 @@ impl Connections {
             limits,
             open_gauge: Gauge::default(),
             refused,
+            pinned: Counter::default(),
         }
     }
 
@@ -106,6 +109,16 @@ impl Connections {
             "HTTP connections refused or closed early: past max_connections or max_per_source (503), a request head not complete within http_header_timeout_ms (header_timeout) or larger than max_header_bytes (431, header_too_large)",
             self.refused.clone(),
         );
+        registry.register(
+            "http_connections_pinned",
+            "HTTP/1 connections served pinned: routed once by their first request, then spliced",
+            self.pinned.clone(),
+        );
+    }
+
+    /// How many connections were served pinned.
+    pub fn pinned(&self) -> u64 {
+        self.pinned.get()
     }
 
     /// How many connections were refused for `reason` (one of [`REASONS`]).
@@ -161,6 +174,8 @@ pub struct Guard<A> {
     pub conns: Arc<Connections>,
     /// The route table, for the registered agents' addresses.
     pub routes: crate::routes::SharedRoutes,
+    /// Pinned HTTP (see [`super::pinned`]).
+    pub pinning: Arc<super::pinned::Pinning>,
 }
 
 impl<A> std::fmt::Debug for Guard<A> {
@@ -201,7 +216,35 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             // Not an inet socket: nothing to count it against.
             None => None,
         };
-        let guarded = Guarded::new(stream, self.conns.clone(), admitted, h2);
+        let tls = stream.get_ssl().is_some();
+        let ends = stream.get_socket_digest().and_then(|d| {
+            let peer = d.peer_addr()?.as_inet().copied()?;
+            let local = d.local_addr()?.as_inet().copied()?;
+            Some((peer, local))
+        });
+        let mut guarded = Guarded::new(stream, self.conns.clone(), admitted, h2);
+        if let Some((peer, local)) = ends.filter(|(peer, _)| {
+            !h2 && !tls
+                && !tidegate_schema::config::planted("http-limits")
+                && self.pinning.wanted(peer.ip())
+        }) {
+            // The first head, under the same deadline and size limit.
+            let head = guarded.first_head().await?;
+            if super::pinned::can_take(&guarded.inner)
+                && let Some(plan) = self.pinning.decide(&head, peer, local).await
+                && let Some(player) = super::pinned::player_socket(&guarded.inner)
+            {
+                self.conns.pinned.inc();
+                // Pingora's descriptor closes here; the socket stays open
+                // through `player`, and the connection keeps its place.
+                let (inner, admitted) = guarded.into_parts();
+                drop(inner);
+                self.pinning.serve(player, plan, head).await;
+                drop(admitted);
+                return None;
+            }
+            guarded.replay(head);
+        }
         // HTTP/1 keep-alive reuse loops inside the app, on the same stream.
         self.app.process_new(Box::new(guarded), shutdown).await
     }
@@ -277,6 +320,9 @@ struct Guarded {
     limits: ConnLimits,
     conns: Arc<Connections>,
     _admitted: Option<Admitted>,
+    /// Bytes read ahead (a first head) that reads give out again first.
+    replay: Vec<u8>,
+    replayed: usize,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -305,7 +351,40 @@ impl Guarded {
             limits,
             conns,
             _admitted: admitted,
+            replay: Vec::new(),
+            replayed: 0,
         }
+    }
+
+    /// Reads the connection's first request head (and whatever came with
+    /// it) under the deadline and size limit. `None`: the connection ended
+    /// or was refused (a 431 was written).
+    async fn first_head(&mut self) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            head.extend_from_slice(&chunk[..n]);
+            if !matches!(self.phase, Phase::Head { .. }) {
+                return Some(head);
+            }
+        }
+    }
+
+    /// Gives `bytes` (already counted as read) out again before anything
+    /// more is read from the socket.
+    fn replay(&mut self, bytes: Vec<u8>) {
+        self.replay = bytes;
+        self.replayed = 0;
+    }
+
+    /// The stream and its place under the connection caps.
+    fn into_parts(self) -> (Stream, Option<Admitted>) {
+        (self.inner, self._admitted)
     }
 
     /// Writes the 431, then reads and drops what the client still sends
@@ -389,6 +468,17 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.replayed < this.replay.len() {
+            let left = &this.replay[this.replayed..];
+            let n = left.len().min(buf.remaining());
+            buf.put_slice(&left[..n]);
+            this.replayed += n;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         match this.phase {
             Phase::Refusing { .. } | Phase::Lingering { .. } => return this.poll_refuse(cx),
             Phase::Closed => return Poll::Ready(Ok(())),

@@ -127,12 +127,12 @@ const COUNTERS: [(&str, &str, CounterOf); 6] = [
     ),
     (
         "tidegate_http_request_bytes",
-        "Bytes of HTTP request bodies, by instance",
+        "Bytes of HTTP request bodies, by instance (pinned connections: every byte from the player, heads too)",
         |t| &t.bytes_in,
     ),
     (
         "tidegate_http_response_bytes",
-        "Bytes of HTTP response bodies, by instance",
+        "Bytes of HTTP response bodies, by instance (pinned connections: every byte to the player, heads too)",
         |t| &t.bytes_out,
     ),
     (

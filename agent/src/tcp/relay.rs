@@ -70,7 +70,7 @@ impl Drop for SourceSlot {
 
 /// TCP keepalive on an accepted or connected socket: a peer that vanished
 /// (no FIN, no RST) is found after about 90 s instead of never.
-fn keepalive(s: impl AsFd) {
+pub(crate) fn keepalive(s: impl AsFd) {
     use rustix::net::sockopt;
     let _ = sockopt::set_socket_keepalive(&s, true);
     let _ = sockopt::set_tcp_keepidle(&s, Duration::from_secs(60));
@@ -88,7 +88,7 @@ fn watch_handle(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
 /// player, or acknowledged by it) for `limit`. Its kernel counters see
 /// every data path, the in-kernel ones too. On a kernel without them it
 /// never returns.
-async fn idle(player: &std::net::TcpStream, limit: Duration) {
+pub(crate) async fn idle(player: &std::net::TcpStream, limit: Duration) {
     if tidegate_schema::config::planted("tcp-idle") {
         return std::future::pending().await;
     }
@@ -402,22 +402,29 @@ impl Relay {
     /// Connects to the instance, or to its owning agent from this agent's
     /// registered address (so the owner knows the connection is forwarded).
     async fn connect(&self, upstream: SocketAddr, remote: bool) -> std::io::Result<TcpStream> {
-        let socket = if upstream.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = self
-            .forward_from
-            .filter(|ip| remote && ip.is_ipv4() == upstream.is_ipv4())
-        {
-            // The port is picked at connect, per destination (as pingora
-            // does for its forwarded hop): a port picked at bind is one no
-            // other socket holds, TIME_WAIT included, so a storm of short
-            // forwarded connections would use up the range in seconds.
-            nix::sys::socket::setsockopt(&socket, IpBindAddressNoPort, &true)?;
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        socket.connect(upstream).await
+        let from = self.forward_from.filter(|_| remote);
+        connect_from(upstream, from).await
     }
+}
+
+/// Connects to `upstream`, from `from` when it is of the same family (an
+/// agent forwarding to the owner leaves from its registered address).
+pub(crate) async fn connect_from(
+    upstream: SocketAddr,
+    from: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let socket = if upstream.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = from.filter(|ip| ip.is_ipv4() == upstream.is_ipv4()) {
+        // The port is picked at connect, per destination (as pingora
+        // does for its forwarded hop): a port picked at bind is one no
+        // other socket holds, TIME_WAIT included, so a storm of short
+        // forwarded connections would use up the range in seconds.
+        nix::sys::socket::setsockopt(&socket, IpBindAddressNoPort, &true)?;
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(upstream).await
 }

@@ -3,9 +3,10 @@
 //! bounds what one direction holds in flight, so a slow reader stalls its
 //! writer (TCP backpressure) instead of growing memory.
 //!
-//! A direction holds a pipe only while bytes are in flight: it takes one
-//! from a shared pool when its socket is readable and gives it back once
-//! the pipe is empty again, so an idle connection holds no pipe (three
+//! A direction holds a pipe only while bytes flow: it takes one from a
+//! shared pool when its socket is readable, keeps it while reads find
+//! bytes, and gives it back once a read finds the socket empty (the pipe
+//! is empty then too), so an idle connection holds no pipe (three
 //! descriptors, its sockets and the idle watch's, instead of seven; 40,000
 //! held connections would otherwise need 160,000 more descriptors and
 //! their pipe buffers).
@@ -25,21 +26,28 @@ use crate::metrics::traffic::InstanceTraffic;
 
 /// Moves bytes both ways until both directions have ended. Half-close is
 /// forwarded (EOF on one side → `shutdown(SHUT_WR)` on the other); an error
-/// on either side resets both.
+/// on either side resets both. Bytes count as the instance's TCP bytes.
 pub async fn pump(
     client: TcpStream,
     server: TcpStream,
     pipe_bytes: usize,
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
-    let up = one_way(&client, &server, pipe_bytes, &traffic.tcp_bytes_in, traffic);
-    let down = one_way(
-        &server,
-        &client,
-        pipe_bytes,
-        &traffic.tcp_bytes_out,
-        traffic,
-    );
+    let counters = (&traffic.tcp_bytes_in, &traffic.tcp_bytes_out);
+    pump_counted(client, server, pipe_bytes, counters, traffic).await
+}
+
+/// [`pump`], counting bytes from the client in `counters.0` and bytes to
+/// it in `counters.1` (a pinned HTTP connection counts HTTP bytes).
+pub async fn pump_counted(
+    client: TcpStream,
+    server: TcpStream,
+    pipe_bytes: usize,
+    counters: (&AtomicU64, &AtomicU64),
+    traffic: &InstanceTraffic,
+) -> io::Result<()> {
+    let up = one_way(&client, &server, pipe_bytes, counters.0, traffic);
+    let down = one_way(&server, &client, pipe_bytes, counters.1, traffic);
     let result = tokio::try_join!(up, down).map(|_| ());
     if result.is_err() {
         reset(&client);
@@ -96,10 +104,19 @@ async fn one_way(
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    // The pipe is kept while the socket keeps having bytes, and given back
+    // once a read finds it empty: no pool lock per chunk of a busy stream,
+    // no pipe held by an idle one.
+    let mut held: Option<Pipe> = None;
     loop {
-        // No pipe is held while the socket has nothing.
+        // Returns at once while the socket is known readable, but takes
+        // from the task's budget: a stream that never runs dry still lets
+        // the thread's other tasks run.
         src.readable().await?;
-        let pipe = Pipe::take(pipe_bytes)?;
+        let pipe = match held.take() {
+            Some(p) => p,
+            None => Pipe::take(pipe_bytes)?,
+        };
         let r = src.try_io(Interest::READABLE, || {
             Ok(rustix::pipe::splice(
                 src,
@@ -146,8 +163,9 @@ async fn one_way(
                 Err(e) => return Err(e),
             }
         }
-        pipe.give_back();
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
+        // Empty again; the next read tells whether the socket has more.
+        held = Some(pipe);
     }
 }

@@ -15,6 +15,17 @@ use super::{
 use crate::keys::{DEFAULT_ROOT, Keyspace};
 use crate::names::WorkerId;
 
+impl AgentConfig {
+    /// The HTTP proxy's worker threads: `http_threads`, or one per core
+    /// this process may run on when it is 0.
+    pub fn http_threads(&self) -> usize {
+        match self.http_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+            n => n,
+        }
+    }
+}
+
 /// How TCP connections reach the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -189,8 +200,15 @@ pub struct AgentConfig {
     pub membership_ttl_secs: i64,
     /// Where the Prometheus metrics are served.
     pub metrics_listen: SocketAddr,
-    /// Worker threads of the HTTP proxy.
+    /// Worker threads of the HTTP proxy; 0 (the default) means one per
+    /// core this process may run on.
     pub http_threads: usize,
+    /// How HTTP/1.1 connections are served unless a challenge's spec says
+    /// otherwise: `l7` (the default: every request routed by its own
+    /// Host) or `pinned` (the first request's Host routes the whole
+    /// connection, then its bytes are spliced; see docs/architecture.md,
+    /// "Pinned HTTP", for why `l7` is the default).
+    pub http_mode: crate::spec::HttpMode,
     /// Largest request body the proxy forwards, in bytes (413 above).
     pub max_body_bytes: u64,
     /// Largest request head (request line and headers), in bytes: counted
@@ -339,7 +357,8 @@ impl Default for AgentConfig {
             reconcile_interval_ms: 500,
             membership_ttl_secs: 10,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            http_threads: 2,
+            http_threads: 0,
+            http_mode: crate::spec::HttpMode::L7,
             max_body_bytes: 10 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             http_header_timeout_ms: 10_000,
@@ -455,8 +474,8 @@ impl AgentConfig {
         if !(2..=300).contains(&self.membership_ttl_secs) {
             return Err(bad("membership_ttl_secs", "2 to 300"));
         }
-        if !(1..=64).contains(&self.http_threads) {
-            return Err(bad("http_threads", "1 to 64"));
+        if self.http_threads > 64 {
+            return Err(bad("http_threads", "0 (one per core) to 64"));
         }
         check_http_limits(
             ("max_header_bytes", self.max_header_bytes),

@@ -1,48 +1,133 @@
-//! `http`: wrk through an agent, nginx and HAProxy, each in front of the
-//! same nginx origin serving a small static body, one worker thread each,
-//! rounds alternating between the proxies. nginx runs with
+//! `http`: four workloads through two agents (one serving L7, one pinned),
+//! nginx and HAProxy, each in front of the same nginx origin, and against
+//! the origin directly; one worker thread each, rounds alternating between
+//! the targets. Load comes from `http-load` (tests/src/bin), one thread,
+//! which gives each connection its own Host. nginx runs with
 //! `master_process off` (one process, so stopping it by pid leaves nothing).
 //!
-//! The agent routes one instance hostname whose owner is registered with
-//! the origin as its HTTP entry, so it proxies straight there: one hop, as
-//! for the peers.
+//! The agents route 32 instance hostnames whose owner is registered with
+//! the origin as its HTTP entry, so they proxy straight there: one hop, as
+//! for the peers. Then 10,000 more routes are seeded and workload (d) runs
+//! again through both agents, with their RSS.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tidegate_local::etcd::EtcdCluster;
 use tidegate_local::ports::free_port;
 use tidegate_local::process::{Supervised, wait_until};
 use tidegate_local::routes::{ghost_instance, ghost_worker};
+use tidegate_schema::spec::HttpMode;
 use tidegate_schema::{Hostname, InstanceId, Key, Keyspace, Record, WorkerId};
 
 use super::{Figures, Mode, agent, agent_config, haproxy, median};
 
 const CONNECTIONS: u32 = 32;
-const HOST: &str = "00000be4c0.ctf.localhost";
+/// Instances the workloads spread over.
+const INSTANCES: usize = 32;
+/// Routes seeded for the scale rounds.
+const SCALE_ROUTES: usize = 10_000;
 
-/// One wrk run's figures.
+/// The four workloads of issue #24.
+#[derive(Debug, Clone, Copy)]
+enum Workload {
+    /// Keep-alive, one hostname.
+    OneHost,
+    /// Keep-alive, each connection to its own instance.
+    ManyHosts,
+    /// `Connection: close` on every request, one hostname.
+    Close,
+    /// A page and 10 small assets per connection, then the next one.
+    Browser,
+}
+
+impl Workload {
+    const ALL: [Workload; 4] = [
+        Workload::OneHost,
+        Workload::ManyHosts,
+        Workload::Close,
+        Workload::Browser,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Workload::OneHost => "a) keep-alive, one host",
+            Workload::ManyHosts => "b) keep-alive, 32 hosts",
+            Workload::Close => "c) Connection: close",
+            Workload::Browser => "d) page + 10 assets per connection",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Workload::OneHost => "a",
+            Workload::ManyHosts => "b",
+            Workload::Close => "c",
+            Workload::Browser => "d",
+        }
+    }
+
+    /// `http-load` arguments past the address and duration.
+    fn args(self, hosts: &[String]) -> Vec<String> {
+        let all = hosts.join(",");
+        let mut args = vec!["--connections".into(), CONNECTIONS.to_string()];
+        let (hosts, extra): (&str, &[&str]) = match self {
+            Workload::OneHost => (&hosts[0], &[]),
+            Workload::ManyHosts => (&all, &[]),
+            Workload::Close => (&hosts[0], &["--per-connection", "1", "--close"]),
+            Workload::Browser => (
+                &all,
+                &[
+                    "--per-connection",
+                    "11",
+                    "--assets",
+                    "/asset.css",
+                    "--close",
+                ],
+            ),
+        };
+        args.extend(["--hosts".into(), hosts.to_string()]);
+        args.extend(["--path".into(), "/index.html".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+}
+
+/// One run's figures.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     rps: f64,
-    p50_ms: f64,
     p99_ms: f64,
 }
 
+/// The targets, in the order of the table.
+const TARGETS: [&str; 5] = [
+    "direct (origin)",
+    "nginx 1.22 proxy",
+    "HAProxy 2.6",
+    "tidegate L7",
+    "tidegate pinned",
+];
+
 pub(super) fn run(mode: Mode) -> Result<Figures> {
-    println!("building the agent");
-    let bin_dir = mode.build(&["tidegate-agent"], &["tidegate-agent"])?;
+    println!("building the agent, http-load and route-bench");
+    let bin_dir = mode.build(
+        &["tidegate-agent", "tidegate-tests"],
+        &["tidegate-agent", "http-load", "route-bench"],
+    )?;
     let work = super::work_dir()?;
     let dir = work.path();
 
-    // The origin: nginx serving a small static body, 1 worker.
+    // The origin: nginx serving a small page and a smaller asset, 1 worker.
     let origin_port = free_port()?;
     std::fs::write(
         dir.join("index.html"),
         "tidegate benchmark origin: a small static body\n",
     )?;
+    std::fs::write(dir.join("asset.css"), "body { margin: 0 }\n")?;
     let origin = nginx(
         dir,
         "origin",
@@ -70,59 +155,124 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     )?;
     let haproxy = haproxy(dir, &cfg)?;
 
-    // tidegate: etcd, the route, one agent.
+    // tidegate: etcd, the routes, one agent per mode.
     let etcd = EtcdCluster::start(1)?;
-    put_route(&etcd.endpoints()[0], origin_port)?;
-    let agent_port = free_port()?;
-    let mut agent_cfg = agent_config("bench", &etcd.endpoints(), dir, "bench-http")?;
-    agent_cfg.http_entry = SocketAddr::from(([127, 0, 0, 1], agent_port));
-    agent_cfg.http_threads = 1;
-    let agent = agent(&bin_dir, dir, &agent_cfg)?;
-    let url = |port: u16| format!("http://127.0.0.1:{port}/index.html");
-    let targets = [
-        ("direct (origin)", origin_port),
-        ("nginx 1.22 proxy", nginx_port),
-        ("HAProxy 2.6", haproxy_port),
-        ("tidegate agent", agent_port),
+    let hosts = put_routes(&etcd.endpoints()[0], origin_port)?;
+    let mut agents = Vec::new();
+    for (name, http_mode) in [
+        ("bench-l7", HttpMode::L7),
+        ("bench-pinned", HttpMode::Pinned),
+    ] {
+        let port = free_port()?;
+        let mut cfg = agent_config(name, &etcd.endpoints(), dir, "bench-http")?;
+        cfg.http_entry = SocketAddr::from(([127, 0, 0, 1], port));
+        cfg.http_threads = 1;
+        cfg.http_mode = http_mode;
+        let metrics = cfg.metrics_listen;
+        agents.push((agent(&bin_dir, dir, &cfg)?, port, metrics));
+    }
+    let ports = [
+        origin_port,
+        nginx_port,
+        haproxy_port,
+        agents[0].1,
+        agents[1].1,
     ];
-    for (name, port) in targets {
-        if !wait_until(std::time::Duration::from_secs(20), || answers(&url(port))) {
+    for (name, port) in TARGETS.iter().zip(ports) {
+        let answers = || {
+            hosts
+                .iter()
+                .all(|h| answers(&format!("http://127.0.0.1:{port}/index.html"), h))
+        };
+        if !wait_until(Duration::from_secs(20), answers) {
             bail!(
-                "{name} on port {port} does not answer; agent log:\n{}",
-                agent.log_tail(20)
+                "{name} on port {port} does not answer for every host; agent logs:\n{}\n{}",
+                agents[0].0.log_tail(10),
+                agents[1].0.log_tail(10)
             );
         }
     }
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+    let load = bin_dir.join("http-load");
+    let secs = mode.secs(6);
+    // samples[workload][target]
+    let mut samples = vec![vec![Vec::new(); TARGETS.len()]; Workload::ALL.len()];
     for round in 0..mode.rounds() {
-        for (i, (name, port)) in targets.iter().enumerate() {
-            let s = wrk(&url(*port), mode.secs(6))?;
+        for (w, workload) in Workload::ALL.iter().enumerate() {
+            for (t, (name, port)) in TARGETS.iter().zip(ports).enumerate() {
+                let s = http_load(&load, port, secs, &workload.args(&hosts))?;
+                println!(
+                    "round {} {:36} {name:18} {:>9.0} req/s  p99 {:.3} ms",
+                    round + 1,
+                    workload.label(),
+                    s.rps,
+                    s.p99_ms
+                );
+                samples[w][t].push(s);
+            }
+        }
+    }
+    let rss_small = [
+        super::rss_kib(agents[0].0.pid())?,
+        super::rss_kib(agents[1].0.pid())?,
+    ];
+
+    // Scale: 10,000 more routes, then workload (d) again through both (a
+    // route lookup per connection: 3,000 a second and more).
+    let routes = mode.count(SCALE_ROUTES, 500);
+    crate::sh::output(Command::new(bin_dir.join("route-bench")).args([
+        "seed",
+        &etcd.endpoints()[0],
+        &routes.to_string(),
+    ]))
+    .context("route-bench seed failed")?;
+    for (_, _, metrics) in &agents {
+        super::routes::wait_for_routes(*metrics, routes + INSTANCES, Instant::now())?;
+    }
+    let mut scale: Vec<Vec<Sample>> = vec![Vec::new(); 2];
+    for _ in 0..mode.rounds() {
+        for (i, (_, port, _)) in agents.iter().enumerate() {
+            let args = Workload::Browser.args(&hosts);
+            let s = http_load(&load, *port, secs, &args)?;
             println!(
-                "round {} {name:18} {:>10.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
-                round + 1,
+                "{routes} routes: {:16} {:>9.0} req/s  p99 {:.3} ms",
+                TARGETS[3 + i],
                 s.rps,
-                s.p50_ms,
                 s.p99_ms
             );
-            samples[i].push(s);
+            scale[i].push(s);
         }
     }
-    let agent_rss = super::rss_kib(agent.pid())?;
-    drop((agent, haproxy, nginx_proxy, origin, etcd));
-    let body_bytes = std::fs::metadata(dir.join("index.html")).map_or(0, |m| m.len());
-    Ok(figures(mode, &targets, &samples, agent_rss, body_bytes))
+    let rss_large = [
+        super::rss_kib(agents[0].0.pid())?,
+        super::rss_kib(agents[1].0.pid())?,
+    ];
+    drop((agents, haproxy, nginx_proxy, origin, etcd));
+    Ok(figures(
+        mode, &samples, &scale, routes, rss_small, rss_large,
+    ))
 }
 
-/// Puts the instance `HOST` and its owner into etcd: a worker registered
-/// with the origin as its HTTP entry, so the agent forwards to it.
-fn put_route(endpoint: &str, origin_port: u16) -> Result<()> {
+/// Puts `INSTANCES` instances and their owner into etcd: a worker
+/// registered with the origin as its HTTP entry, so the agents forward to
+/// it. Returns their hostnames.
+fn put_routes(endpoint: &str, origin_port: u16) -> Result<Vec<String>> {
     let ks = Keyspace::default();
     let owner = WorkerId::parse("origin")?;
     let worker = ghost_worker(&owner, SocketAddr::from(([127, 0, 0, 1], origin_port)));
-    let id = InstanceId::parse("00000be4c0")?;
-    let instance = ghost_instance(&id, &"bench".parse()?, &owner, Hostname::parse(HOST)?)?;
-    etcd_put(endpoint, &ks.key(&Key::Worker(owner)), &worker.encode())?;
-    etcd_put(endpoint, &ks.key(&Key::Instance(id)), &instance.encode())
+    etcd_put(
+        endpoint,
+        &ks.key(&Key::Worker(owner.clone())),
+        &worker.encode(),
+    )?;
+    let mut hosts = Vec::new();
+    for i in 0..INSTANCES {
+        let id = InstanceId::parse(&format!("00000be{i:03x}"))?;
+        let host = format!("{id}.ctf.localhost");
+        let instance = ghost_instance(&id, &"bench".parse()?, &owner, Hostname::parse(&host)?)?;
+        etcd_put(endpoint, &ks.key(&Key::Instance(id)), &instance.encode())?;
+        hosts.push(host);
+    }
+    Ok(hosts)
 }
 
 /// Writes one key straight into etcd with etcdctl.
@@ -137,62 +287,48 @@ fn etcd_put(endpoint: &str, key: &str, value: &[u8]) -> Result<()> {
     ]))
 }
 
-/// Whether `url` answers 2xx with the instance's Host.
-fn answers(url: &str) -> bool {
+/// Whether `url` answers 2xx with Host `host`.
+fn answers(url: &str, host: &str) -> bool {
     Command::new("curl")
         .args([
             "-sf",
             "-o",
             "/dev/null",
             "-H",
-            &format!("Host: {HOST}"),
+            &format!("Host: {host}"),
             url,
         ])
         .status()
         .is_ok_and(|s| s.success())
 }
 
-fn parse_latency(s: &str) -> Option<f64> {
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let v: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => v / 1000.0,
-        "ms" => v,
-        "s" => v * 1000.0,
-        _ => return None,
-    })
-}
-
-/// One wrk run (1 thread, keep-alive) against `url` for `secs`.
-fn wrk(url: &str, secs: u64) -> Result<Sample> {
-    let out = Command::new("wrk")
+/// One `http-load` run against 127.0.0.1:`port`; any error fails it.
+fn http_load(load: &Path, port: u16, secs: u64, args: &[String]) -> Result<Sample> {
+    let out = Command::new(load)
         .args([
-            "-t1",
-            &format!("-c{CONNECTIONS}"),
-            &format!("-d{secs}s"),
-            "--latency",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--secs",
+            &secs.to_string(),
         ])
-        .args(["-H", &format!("Host: {HOST}"), url])
+        .args(args)
         .output()
-        .context("running wrk (cargo xtask setup installs it)")?;
+        .context("running http-load")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let field = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
-    };
-    let rps = field("Requests/sec:").and_then(|v| v.parse().ok());
-    let p50 = field("50%").and_then(|v| parse_latency(&v));
-    let p99 = field("99%").and_then(|v| parse_latency(&v));
-    let errors = text
-        .lines()
-        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
-    match (rps, p50, p99) {
-        (Some(rps), Some(p50_ms), Some(p99_ms)) if !errors => Ok(Sample {
-            rps,
-            p50_ms,
-            p99_ms,
-        }),
-        _ => bail!("wrk against {url} failed or saw errors:\n{text}"),
+    let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| {
+        format!(
+            "http-load printed no JSON: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let (rps, p99, errors) = (
+        v["rps"].as_f64(),
+        v["p99_ms"].as_f64(),
+        v["errors"].as_u64(),
+    );
+    match (rps, p99, errors) {
+        (Some(rps), Some(p99_ms), Some(0)) => Ok(Sample { rps, p99_ms }),
+        _ => bail!("http-load against port {port} ({args:?}) failed or saw errors: {text}"),
     }
 }
 
@@ -221,66 +357,93 @@ fn nginx(dir: &Path, name: &str, server: &str) -> Result<Supervised> {
     )?)
 }
 
+/// Median req/s and p99 of `s`.
+fn med(s: &[Sample]) -> (f64, f64) {
+    (
+        median(s.iter().map(|x| x.rps).collect()),
+        median(s.iter().map(|x| x.p99_ms).collect()),
+    )
+}
+
 /// The medians, and the report section.
 fn figures(
     mode: Mode,
-    targets: &[(&str, u16)],
-    samples: &[Vec<Sample>],
-    agent_rss: u64,
-    body_bytes: u64,
+    samples: &[Vec<Vec<Sample>>],
+    scale: &[Vec<Sample>],
+    routes: usize,
+    rss_small: [u64; 2],
+    rss_large: [u64; 2],
 ) -> Figures {
-    let rows: Vec<(String, f64, f64, f64)> = targets
-        .iter()
-        .zip(samples)
-        .map(|((name, _), s)| {
-            (
-                name.to_string(),
-                median(s.iter().map(|x| x.rps).collect()),
-                median(s.iter().map(|x| x.p50_ms).collect()),
-                median(s.iter().map(|x| x.p99_ms).collect()),
-            )
-        })
-        .collect();
-    let (nginx_rps, haproxy_rps, ours) = (rows[1].1, rows[2].1, rows[3].1);
+    let mut values = Vec::new();
     let mut table = String::from(
-        "| target | req/s (median) | p50 ms | p99 ms | vs nginx | vs HAProxy |\n|---|---:|---:|---:|---:|---:|\n",
+        "| workload | target | req/s (median) | p99 ms | vs nginx | vs HAProxy |\n|---|---|---:|---:|---:|---:|\n",
     );
-    for (name, rps, p50, p99) in &rows {
-        table += &format!(
-            "| {name} | {rps:.0} | {p50:.3} | {p99:.3} | {:.2}× | {:.2}× |\n",
-            rps / nginx_rps,
-            rps / haproxy_rps
+    let mut verdicts = String::new();
+    for (w, workload) in Workload::ALL.iter().enumerate() {
+        let rows: Vec<(f64, f64)> = samples[w].iter().map(|s| med(s)).collect();
+        let (nginx, haproxy) = (rows[1].0, rows[2].0);
+        for (name, (rps, p99)) in TARGETS.iter().zip(&rows) {
+            table += &format!(
+                "| {} | {name} | {rps:.0} | {p99:.2} | {:.2}× | {:.2}× |\n",
+                workload.label(),
+                rps / nginx,
+                rps / haproxy
+            );
+            values.push((format!("{} {name} req/s", workload.key()), *rps));
+        }
+        verdicts += &format!(
+            "- {}: pinned {:.2}× nginx, {:.2}× HAProxy (p99 {:.2} against HAProxy's {:.2} ms); L7 {:.2}× nginx.\n",
+            workload.label(),
+            rows[4].0 / nginx,
+            rows[4].0 / haproxy,
+            rows[4].1,
+            rows[2].1,
+            rows[3].0 / nginx,
         );
+    }
+    let mut scale_table = String::from(
+        "| agent | routes | req/s (median) | p99 ms | RSS kB |\n|---|---:|---:|---:|---:|\n",
+    );
+    for i in 0..2 {
+        let (small, large) = (med(&samples[3][3 + i]), med(&scale[i]));
+        scale_table += &format!(
+            "| {} | {INSTANCES} | {:.0} | {:.2} | {} |\n| {} | {} | {:.0} | {:.2} | {} |\n",
+            TARGETS[3 + i],
+            small.0,
+            small.1,
+            rss_small[i],
+            TARGETS[3 + i],
+            routes + INSTANCES,
+            large.0,
+            large.1,
+            rss_large[i],
+        );
+        values.push((
+            format!("{} at {routes} routes req/s", TARGETS[3 + i]),
+            large.0,
+        ));
+        values.push((
+            format!("{} RSS kB at {routes} routes", TARGETS[3 + i]),
+            rss_large[i] as f64,
+        ));
     }
     let (rounds, secs) = (mode.rounds(), mode.secs(6));
     let section = format!(
         "## HTTP proxy (`cargo xtask bench http`)\n\n\
-         wrk `-t1 -c{CONNECTIONS} -d{secs}s --latency` with a Host header, {rounds} rounds alternating between targets, medians shown. \
-         Every proxy has one worker thread and sits in front of the same origin (nginx, 1 worker, a {body_bytes}-byte static file, keep-alive). \
-         tidegate is a release build of the agent with `http_threads = 1`, routing the Host through its etcd-fed table \
-         to the instance's owner, a worker registered by hand with the origin as its HTTP entry (so the agent makes \
-         one hop to the origin, as the peers do, and adds the hop header nginx ignores); \
-         agent RSS after the run: {agent_rss} kB.\n\n{table}\n\
-         Targets: ≥ 1.2× nginx and ≥ 1.0× HAProxy. Measured: {:.2}× nginx, {:.2}× HAProxy.\n\n\
-         Reading: every proxy runs one worker thread on 2 cores shared with wrk and the origin, so this compares \
-         cost per request on one core. A profile of the agent during a round (`perf record -g`, 999 Hz, taken for \
-         issue #8) has no single hotspot: about 58% of its samples in its own code, spread over Pingora's HTTP/1 \
-         parsing, header maps and tokio's task wake-ups; 34% in the kernel (socket sends and receives; loopback \
-         delivery is charged to the sender, as for the peers); 7% in libc (memmove). With glibc's allocator, \
-         malloc and free were 22% of the agent's samples; the agent now uses mimalloc, which cut allocation to \
-         about 4% and moved the ratio from 0.36–0.39× to 0.44–0.58× nginx in back-to-back runs on this (noisy: the \
-         origin alone varied 22k–44k req/s between rounds) machine. The route lookup, the policy hook and the \
-         per-instance counters do not appear in the profile's top 30. What is left is Pingora's per-request work \
-         against nginx's and HAProxy's hand-tuned event loops: fewer allocations per request (reused header \
-         maps and buffers) would be the next step, and production runs `http_threads` = cores.\n",
-        ours / nginx_rps,
-        ours / haproxy_rps,
+         `http-load` (tests/src/bin/http-load.rs: one thread, {CONNECTIONS} connections, each with its own Host) \
+         for {secs} s per run, {rounds} rounds alternating between targets, medians shown. Every proxy has one \
+         worker thread and sits in front of the same origin (nginx, 1 worker, a 47-byte page and a 20-byte \
+         asset, keep-alive); nginx keeps 64 upstream connections alive, HAProxy reuses them (`http-reuse always`). \
+         The agents are release builds with `http_threads = 1`, one with `http_mode = \"l7\"` and one with \
+         `\"pinned\"`, routing {INSTANCES} instance hostnames through their etcd-fed table to the instances' owner, a \
+         worker registered by hand with the origin as its HTTP entry (one hop to the origin, as for the peers, \
+         with the hop header). Workloads: (a) keep-alive, every connection to one hostname; (b) keep-alive, the \
+         {CONNECTIONS} connections to {INSTANCES} different instances; (c) `Connection: close` on every request; \
+         (d) a browser-like mix, a page and 10 assets per connection, then a new connection.\n\n{table}\n{verdicts}\n\
+         Routes at scale: after the workloads, {routes} more instances are seeded into etcd (`route-bench seed`) \
+         and workload (d) (a new connection, so a route lookup and a policy call, every 11 requests) runs again \
+         through both agents, {rounds} round(s); the rows at {INSTANCES} routes are workload (d)'s above.\n\n{scale_table}\n",
     );
-    let mut values: Vec<(String, f64)> = rows
-        .iter()
-        .map(|(name, rps, _, _)| (format!("{name} req/s"), *rps))
-        .collect();
-    values.push(("agent RSS kB".into(), agent_rss as f64));
     Figures {
         values,
         report: Some(("HTTP proxy".into(), section)),

@@ -190,7 +190,7 @@ fn propagation(
 
 /// Waits until the agent whose metrics are at `metrics` routes `n`
 /// hostnames; how long after `started` that was.
-fn wait_for_routes(metrics: SocketAddr, n: usize, started: Instant) -> Result<Duration> {
+pub(super) fn wait_for_routes(metrics: SocketAddr, n: usize, started: Instant) -> Result<Duration> {
     let url = format!("http://{metrics}/metrics");
     while started.elapsed() < Duration::from_secs(120) {
         let routes = sh::output(Command::new("curl").args(["-sf", &url])).and_then(|m| {

@@ -1,7 +1,8 @@
 //! Attacks on the HTTP servers players and platforms reach (an agent's
 //! entry point, the controller's API): request heads sent a byte at a time
 //! (slowloris) and more connections from one address than an agent lets
-//! one address hold; and a TCP connection held open without a byte.
+//! one address hold; a pinned connection to an instance its policy
+//! refuses; and a TCP connection held open without a byte.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -39,6 +40,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             From::Network,
             "http-limits",
             hold_http,
+        ),
+        Attack::new(
+            "a pinned HTTP connection to locked's instance, through agent a (forwarded) and agent b (its owner)",
+            From::Network,
+            "pinned-policy",
+            pinned_locked,
         ),
         Attack::new(
             "quiet TCP connection held past the instance's 10 s idle timeout",
@@ -191,4 +198,24 @@ fn connect_from_loopback(
     let s = s.into_std()?;
     s.set_nonblocking(false)?;
     Ok(s)
+}
+
+/// A plain request to team locked's instance (its challenge is served
+/// pinned; its allowlist policy refuses everyone at the edge) through each
+/// agent: a refused first request must get the 403, pinned or not. Blocked
+/// if both answer 403; through if either serves the instance.
+fn pinned_locked(r: &Range) -> Result<Verdict> {
+    let mut said = Vec::new();
+    for entry in [r.a_cfg.http_entry, r.b_cfg.http_entry] {
+        let (ip, port) = (entry.ip().to_string(), entry.port().to_string());
+        let got = r.player(&[], &["http", &ip, &port, &r.locked.hostname])?;
+        if got == "200" {
+            return Ok(Verdict::Succeeded(format!(
+                "the locked instance answered 200 through {entry}"
+            )));
+        }
+        anyhow::ensure!(got == "403", "through {entry}: {got}, not 403 or 200");
+        said.push(format!("{entry}: 403"));
+    }
+    Ok(Verdict::Blocked(said.join(", ")))
 }

@@ -161,7 +161,8 @@ impl Range {
             ("rt-web", json!({"flag": {"file": "/flag"}})),
             ("rt-egress", json!({"egress": true})),
             ("rt-raw", json!({"unsafe_caps": ["NET_RAW"]})),
-            ("rt-locked", json!({})),
+            // Served pinned: the policy decides at a connection's first request.
+            ("rt-locked", json!({"http_mode": "pinned"})),
             ("rt-idle", json!({"tcp_idle_timeout_secs": IDLE_SECS})),
         ] {
             let mut spec = json!({

@@ -92,7 +92,10 @@ impl Shared {
             paused: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             deleting: Mutex::new(BTreeSet::new()),
+            // A connection per probe: a pinned connection reused for
+            // another Host would still reach its first instance.
             http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(Duration::from_secs(5))
                 .build()

@@ -175,8 +175,10 @@ impl Lab {
             DEMO_TCP,
             json!({"name": "echo", "port": 1337, "protocol": "tcp"}),
         );
-        // Two services on a network of their own per instance.
+        // Two services on a network of their own per instance, served
+        // pinned (the first request routes the connection, then splice).
         let pair = json!({
+            "http_mode": "pinned",
             "services": {
                 "app": {"image": DEMO_HTTP, "depends_on": ["side"]},
                 "side": {"image": DEMO_HTTP, "ready": {"tcp": 8080}},
