@@ -41,7 +41,7 @@ use prometheus_client::registry::Registry;
 
 pub use error::{Result, TcpError};
 pub use relay::Relay;
-pub(crate) use relay::{connect_from, idle, keepalive};
+pub(crate) use relay::{connect_from, idle};
 pub use tidegate_schema::config::{DataPath, Steering};
 
 use crate::policy::EdgePolicy;

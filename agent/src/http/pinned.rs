@@ -246,17 +246,17 @@ impl Pinning {
             // The head's buffers go now: a held connection keeps none.
             drop(first);
             traffic.touch();
+            // No TCP keepalive (the idle limit ends a vanished player's
+            // connection, the instance is this host's or an agent's), and
+            // Pingora set the player's nodelay and non-blocking mode (the
+            // descriptors share them): every system call here is paid per
+            // connection.
             let _ = server.set_nodelay(true);
-            crate::tcp::keepalive(&server);
-            crate::tcp::keepalive(&player);
-            let watch = player.try_clone()?;
-            player.set_nonblocking(true)?;
             let player = TcpStream::from_std(player)?;
-            let _ = player.set_nodelay(true);
             let counters = (&traffic.bytes_in, &traffic.bytes_out);
             tokio::select! {
-                moved = crate::tcp::splice::pump_counted(player, server, self.pipe_bytes, counters, traffic) => moved,
-                () = crate::tcp::idle(&watch, self.idle) => Ok(()),
+                moved = crate::tcp::splice::pump_counted(&player, &server, self.pipe_bytes, counters, traffic) => moved,
+                () = crate::tcp::idle(&player, self.idle) => Ok(()),
                 () = self.moved(&route, &host) => {
                     tracing::debug!(%host, instance = %route.instance, "pinned connection closed: its route changed");
                     Ok(())

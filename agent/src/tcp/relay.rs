@@ -70,7 +70,7 @@ impl Drop for SourceSlot {
 
 /// TCP keepalive on an accepted or connected socket: a peer that vanished
 /// (no FIN, no RST) is found after about 90 s instead of never.
-pub(crate) fn keepalive(s: impl AsFd) {
+fn keepalive(s: impl AsFd) {
     use rustix::net::sockopt;
     let _ = sockopt::set_socket_keepalive(&s, true);
     let _ = sockopt::set_tcp_keepidle(&s, Duration::from_secs(60));
@@ -88,7 +88,7 @@ fn watch_handle(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
 /// player, or acknowledged by it) for `limit`. Its kernel counters see
 /// every data path, the in-kernel ones too. On a kernel without them it
 /// never returns.
-pub(crate) async fn idle(player: &std::net::TcpStream, limit: Duration) {
+pub(crate) async fn idle(player: &impl std::os::fd::AsRawFd, limit: Duration) {
     if tidegate_schema::config::planted("tcp-idle") {
         return std::future::pending().await;
     }

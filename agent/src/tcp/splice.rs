@@ -34,24 +34,24 @@ pub async fn pump(
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
     let counters = (&traffic.tcp_bytes_in, &traffic.tcp_bytes_out);
-    pump_counted(client, server, pipe_bytes, counters, traffic).await
+    pump_counted(&client, &server, pipe_bytes, counters, traffic).await
 }
 
 /// [`pump`], counting bytes from the client in `counters.0` and bytes to
 /// it in `counters.1` (a pinned HTTP connection counts HTTP bytes).
 pub async fn pump_counted(
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     pipe_bytes: usize,
     counters: (&AtomicU64, &AtomicU64),
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
-    let up = one_way(&client, &server, pipe_bytes, counters.0, traffic);
-    let down = one_way(&server, &client, pipe_bytes, counters.1, traffic);
+    let up = one_way(client, server, pipe_bytes, counters.0, traffic);
+    let down = one_way(server, client, pipe_bytes, counters.1, traffic);
     let result = tokio::try_join!(up, down).map(|_| ());
     if result.is_err() {
-        reset(&client);
-        reset(&server);
+        reset(client);
+        reset(server);
     }
     result
 }

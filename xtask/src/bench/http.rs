@@ -28,6 +28,10 @@ use super::{Figures, Mode, agent, agent_config, haproxy, median};
 const CONNECTIONS: u32 = 32;
 /// Instances the workloads spread over.
 const INSTANCES: usize = 32;
+/// The origin's address. The load comes from 127.0.0.1, which must be no
+/// registered worker's: an agent pins no connection from an agent's address
+/// without a pinned hop proof (the agents are on 127.0.0.2 and .3).
+const ORIGIN: &str = "127.0.0.4";
 /// Routes seeded for the scale rounds.
 const SCALE_ROUTES: usize = 10_000;
 
@@ -132,14 +136,14 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         dir,
         "origin",
         &format!(
-            "server {{ listen 127.0.0.1:{origin_port}; access_log off; root {}; keepalive_requests 1000000; }}",
+            "server {{ listen {ORIGIN}:{origin_port}; access_log off; root {}; keepalive_requests 1000000; }}",
             dir.display()
         ),
     )?;
     // nginx as a proxy, with upstream keepalive.
     let nginx_port = free_port()?;
     let nginx_proxy = nginx(dir, "proxy", &format!(
-        "upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 64; }}
+        "upstream origin {{ server {ORIGIN}:{origin_port}; keepalive 64; }}
          server {{ listen 127.0.0.1:{nginx_port}; access_log off; keepalive_requests 1000000;
            location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
     ))?;
@@ -150,7 +154,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         &cfg,
         format!(
             "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
-         frontend f\n  bind 127.0.0.1:{haproxy_port}\n  default_backend b\nbackend b\n  server origin 127.0.0.1:{origin_port}\n"
+         frontend f\n  bind 127.0.0.1:{haproxy_port}\n  default_backend b\nbackend b\n  server origin {ORIGIN}:{origin_port}\n"
         ),
     )?;
     let haproxy = haproxy(dir, &cfg)?;
@@ -159,22 +163,24 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     let etcd = EtcdCluster::start(1)?;
     let hosts = put_routes(&etcd.endpoints()[0], origin_port)?;
     let mut agents = Vec::new();
-    for (name, http_mode) in [
-        ("bench-l7", HttpMode::L7),
-        ("bench-pinned", HttpMode::Pinned),
+    for (name, http_mode, ip) in [
+        ("bench-l7", HttpMode::L7, [127, 0, 0, 2]),
+        ("bench-pinned", HttpMode::Pinned, [127, 0, 0, 3]),
     ] {
         let port = free_port()?;
         let mut cfg = agent_config(name, &etcd.endpoints(), dir, "bench-http")?;
-        cfg.http_entry = SocketAddr::from(([127, 0, 0, 1], port));
+        cfg.advertise_address = ip.into();
+        cfg.tcp_host = ip.into();
+        cfg.http_entry = SocketAddr::from((ip, port));
         cfg.http_threads = 1;
         cfg.http_mode = http_mode;
         let metrics = cfg.metrics_listen;
-        agents.push((agent(&bin_dir, dir, &cfg)?, port, metrics));
+        agents.push((agent(&bin_dir, dir, &cfg)?, cfg.http_entry, metrics));
     }
     let ports = [
-        origin_port,
-        nginx_port,
-        haproxy_port,
+        SocketAddr::new(ORIGIN.parse()?, origin_port),
+        SocketAddr::from(([127, 0, 0, 1], nginx_port)),
+        SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
         agents[0].1,
         agents[1].1,
     ];
@@ -182,7 +188,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         let answers = || {
             hosts
                 .iter()
-                .all(|h| answers(&format!("http://127.0.0.1:{port}/index.html"), h))
+                .all(|h| answers(&format!("http://{port}/index.html"), h))
         };
         if !wait_until(Duration::from_secs(20), answers) {
             bail!(
@@ -196,7 +202,12 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     let secs = mode.secs(6);
     // samples[workload][target]
     let mut samples = vec![vec![Vec::new(); TARGETS.len()]; Workload::ALL.len()];
+    // `TIDEGATE_BENCH_PERF` (a directory): profile the agents, then stop.
+    let profiling = std::env::var_os("TIDEGATE_BENCH_PERF");
     for round in 0..mode.rounds() {
+        if profiling.is_some() {
+            break;
+        }
         for (w, workload) in Workload::ALL.iter().enumerate() {
             for (t, (name, port)) in TARGETS.iter().zip(ports).enumerate() {
                 let s = http_load(&load, port, secs, &workload.args(&hosts))?;
@@ -210,6 +221,23 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
                 samples[w][t].push(s);
             }
         }
+    }
+    if let Some(out) = profiling {
+        for (i, (proc, port, _)) in agents.iter().enumerate() {
+            profile(
+                proc.pid(),
+                Path::new(&out).join(format!("{}.txt", TARGETS[3 + i].replace(' ', "-"))),
+                || {
+                    let s = http_load(&load, *port, secs, &Workload::OneHost.args(&hosts))?;
+                    println!("{} under perf: {:.0} req/s", TARGETS[3 + i], s.rps);
+                    Ok(())
+                },
+            )?;
+        }
+        bail!(
+            "profiles written to {}; no figures",
+            Path::new(&out).display()
+        );
     }
     let rss_small = [
         super::rss_kib(agents[0].0.pid())?,
@@ -258,7 +286,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
 fn put_routes(endpoint: &str, origin_port: u16) -> Result<Vec<String>> {
     let ks = Keyspace::default();
     let owner = WorkerId::parse("origin")?;
-    let worker = ghost_worker(&owner, SocketAddr::from(([127, 0, 0, 1], origin_port)));
+    let worker = ghost_worker(&owner, SocketAddr::new(ORIGIN.parse()?, origin_port));
     etcd_put(
         endpoint,
         &ks.key(&Key::Worker(owner.clone())),
@@ -302,15 +330,10 @@ fn answers(url: &str, host: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// One `http-load` run against 127.0.0.1:`port`; any error fails it.
-fn http_load(load: &Path, port: u16, secs: u64, args: &[String]) -> Result<Sample> {
+/// One `http-load` run against `port`; any error fails it.
+fn http_load(load: &Path, port: SocketAddr, secs: u64, args: &[String]) -> Result<Sample> {
     let out = Command::new(load)
-        .args([
-            "--addr",
-            &format!("127.0.0.1:{port}"),
-            "--secs",
-            &secs.to_string(),
-        ])
+        .args(["--addr", &port.to_string(), "--secs", &secs.to_string()])
         .args(args)
         .output()
         .context("running http-load")?;
@@ -355,6 +378,36 @@ fn nginx(dir: &Path, name: &str, server: &str) -> Result<Supervised> {
         ],
         &dir.join(format!("nginx-{name}.log")),
     )?)
+}
+
+/// `perf record -g` of process `pid` while `load` runs, its report (by
+/// shared object and symbol, above 1%) written to `report`
+/// (`TIDEGATE_BENCH_PERF=<dir>`; not part of the figures).
+fn profile(pid: u32, report: std::path::PathBuf, load: impl FnOnce() -> Result<()>) -> Result<()> {
+    let data = report.with_extension("data");
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running perf record")?;
+    let loaded = load();
+    // perf writes its file on SIGINT.
+    crate::sh::run(Command::new("kill").args(["-INT", &perf.id().to_string()]))?;
+    perf.wait()?;
+    loaded?;
+    let text = crate::sh::output(
+        Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--percent-limit", "1"])
+            .args(["--sort", "dso,sym", "-g", "none", "-i"])
+            .arg(&data),
+    )
+    .context("perf report")?;
+    std::fs::write(&report, &text)?;
+    println!("profile of pid {pid}: {}", report.display());
+    Ok(())
 }
 
 /// Median req/s and p99 of `s`.

@@ -364,7 +364,9 @@ async fn spawns(args: &[String]) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let ghost = WorkerId::parse("ghost").map_err(|e| e.to_string())?;
-    let worker = ghost_worker(&ghost, std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    // Not 127.0.0.1, where benchmarks' clients connect from: a registered
+    // worker's address is an agent's (its connections are not pinned).
+    let worker = ghost_worker(&ghost, std::net::SocketAddr::from(([127, 0, 0, 9], 1)));
     client
         .put(
             Keyspace::default().key(&Key::Worker(ghost)),
@@ -407,7 +409,9 @@ async fn seed(endpoint: &str, n: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let ks = Keyspace::default();
     let ghost = WorkerId::parse("ghost").map_err(|e| e.to_string())?;
-    let worker = ghost_worker(&ghost, std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    // Not 127.0.0.1, where benchmarks' clients connect from: a registered
+    // worker's address is an agent's (its connections are not pinned).
+    let worker = ghost_worker(&ghost, std::net::SocketAddr::from(([127, 0, 0, 9], 1)));
     client
         .put(ks.key(&Key::Worker(ghost.clone())), worker.encode(), None)
         .await
