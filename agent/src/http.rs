@@ -117,13 +117,17 @@ impl EdgeProxy {
                 Err(Refused::NotAnAgent)
             }
         });
-        if let Ok(c) = &claim
-            && self.hops.verify(&hop(Protocol::Pinned), c).is_ok()
-        {
-            return Proven::Pinned;
-        }
-        match self.hops.check(&hop(Protocol::Http), claim) {
+        match self.hops.check(&hop(Protocol::Http), claim.clone()) {
             Ok(()) => Proven::Http,
+            // A pinned edge's proof: looked at only once an L7 one failed
+            // (every forwarded L7 request pays one MAC, not two).
+            Err(_)
+                if claim
+                    .as_ref()
+                    .is_ok_and(|c| self.hops.verify(&hop(Protocol::Pinned), c).is_ok()) =>
+            {
+                Proven::Pinned
+            }
             Err(reason) => {
                 let claimed = String::from_utf8_lossy(value.as_bytes());
                 let claimed: String = claimed.chars().take(120).collect();

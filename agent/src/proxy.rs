@@ -103,7 +103,8 @@ pub(crate) fn start(
     let mut service = pingora::services::listening::Service::new("tidegate edge".into(), guard);
     // No read buffer of its own on plain HTTP: Pingora's default (64 KiB
     // per connection) made 5,000 idle connections cost 470 MB; the request
-    // head has its own buffer and bodies theirs.
+    // head has its own buffer and bodies theirs. Pinned HTTP relies on it:
+    // it takes the socket from under Pingora's stream.
     let unbuffered_read = pingora::listeners::L4BufferSettings::default().read(0);
     service.add_listener(
         pingora::listeners::ListenerConfig::tcp(cfg.http_entry.to_string())

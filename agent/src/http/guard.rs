@@ -237,6 +237,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
                 self.conns.pinned.inc();
                 // Pingora's descriptor closes here; the socket stays open
                 // through `player`, and the connection keeps its place.
+                // Nothing is lost with it only because the plain listener
+                // reads unbuffered (`read(0)` in proxy.rs): bytes in a
+                // Pingora read buffer would go with the stream.
                 let (inner, admitted) = guarded.into_parts();
                 drop(inner);
                 self.pinning.serve(player, plan, head).await;

@@ -256,9 +256,17 @@ impl Pinning {
             let counters = (&traffic.bytes_in, &traffic.bytes_out);
             tokio::select! {
                 moved = crate::tcp::splice::pump_counted(&player, &server, self.pipe_bytes, counters, traffic) => moved,
-                () = crate::tcp::idle(&player, self.idle) => Ok(()),
+                // Both cut with a reset: a client reading a body to the
+                // close must not take a cut answer for a whole one.
+                () = crate::tcp::idle(&player, self.idle) => {
+                    crate::tcp::splice::reset(&player);
+                    crate::tcp::splice::reset(&server);
+                    Ok(())
+                }
                 () = self.moved(&route, &host) => {
                     tracing::debug!(%host, instance = %route.instance, "pinned connection closed: its route changed");
+                    crate::tcp::splice::reset(&player);
+                    crate::tcp::splice::reset(&server);
                     Ok(())
                 }
             }
@@ -359,19 +367,30 @@ pub(super) fn can_take(stream: &Stream) -> bool {
         && own_pidfd().is_some()
 }
 
-/// This process's pidfd (kernel 5.3; `pidfd_getfd` needs 5.6), opened once.
+/// This process's pidfd (kernel 5.3), opened once, and `pidfd_getfd` (5.6;
+/// a seccomp profile may refuse it) tried once on it: `None` if either
+/// fails, so that no connection is decided (policy asked, instance
+/// connected) only to go to the L7 path after all.
 fn own_pidfd() -> Option<&'static OwnedFd> {
     static PIDFD: OnceLock<Option<OwnedFd>> = OnceLock::new();
     PIDFD
         .get_or_init(|| {
-            let fd = rustix::process::pidfd_open(
+            let works = rustix::process::pidfd_open(
                 rustix::process::getpid(),
                 rustix::process::PidfdFlags::empty(),
-            );
-            if let Err(e) = &fd {
-                tracing::warn!(error = %e, "pidfd_open failed: HTTP connections are served by the L7 path only");
+            )
+            .and_then(|fd| {
+                rustix::process::pidfd_getfd(
+                    fd.as_fd(),
+                    fd.as_raw_fd(),
+                    rustix::process::PidfdGetfdFlags::empty(),
+                )
+                .map(|_| fd)
+            });
+            if let Err(e) = &works {
+                tracing::warn!(error = %e, "pidfd_open or pidfd_getfd failed: HTTP connections are served by the L7 path only");
             }
-            fd.ok()
+            works.ok()
         })
         .as_ref()
 }
