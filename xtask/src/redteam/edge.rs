@@ -42,7 +42,7 @@ pub(super) fn attacks() -> Vec<Attack> {
             hold_http,
         ),
         Attack::new(
-            "a pinned HTTP connection to locked's instance, through agent a (forwarded) and agent b (its owner)",
+            "a pinned HTTP connection to locked's instance through agent a (forwarded to b, its owner, with a pinned proof)",
             From::Network,
             "pinned-policy",
             pinned_locked,
@@ -201,21 +201,33 @@ fn connect_from_loopback(
 }
 
 /// A plain request to team locked's instance (its challenge is served
-/// pinned; its allowlist policy refuses everyone at the edge) through each
-/// agent: a refused first request must get the 403, pinned or not. Blocked
-/// if both answer 403; through if either serves the instance.
+/// pinned; its allowlist policy refuses everyone at the edge) through agent
+/// a, which pins it and forwards it to b (the owner) with a pinned proof.
+/// It leaves from 127.0.0.1: this host's other addresses are agent a's,
+/// and an agent pins no connection from an agent's address without a
+/// proof. Blocked if answered 403; through if the instance answers.
 fn pinned_locked(r: &Range) -> Result<Verdict> {
-    let mut said = Vec::new();
-    for entry in [r.a_cfg.http_entry, r.b_cfg.http_entry] {
-        let (ip, port) = (entry.ip().to_string(), entry.port().to_string());
-        let got = r.player(&[], &["http", &ip, &port, &r.locked.hostname])?;
-        if got == "200" {
-            return Ok(Verdict::Succeeded(format!(
-                "the locked instance answered 200 through {entry}"
-            )));
-        }
-        anyhow::ensure!(got == "403", "through {entry}: {got}, not 403 or 200");
-        said.push(format!("{entry}: 403"));
+    let entry = r.a_cfg.http_entry;
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--interface", "127.0.0.1", "-H"])
+        .arg(format!("Host: {}", r.locked.hostname))
+        .arg(format!("http://{entry}/"))
+        .output()?;
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match got.as_str() {
+        "200" => Ok(Verdict::Succeeded(format!(
+            "the locked instance answered 200 through {entry}"
+        ))),
+        "403" => Ok(Verdict::Blocked(format!("{entry}: 403"))),
+        other => anyhow::bail!("through {entry}: {other:?}, not 403 or 200"),
     }
-    Ok(Verdict::Blocked(said.join(", ")))
 }
