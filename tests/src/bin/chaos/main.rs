@@ -555,6 +555,10 @@ fn web(env: Value) -> Value {
     spec
 }
 
+/// How many seconds the next leader has to finish the rollout (its
+/// batches one after another, each as slow as the engine's starts).
+const ROLLOUT_FINISH: u32 = 180;
+
 /// A gated rollout of `web` (canary 1, batches of 2) under the load: the
 /// organizer's `continue` at the gate, then the leader killed while the
 /// batches go on. The next leader finishes it from its record; the checker
@@ -643,7 +647,7 @@ async fn rollout_through_a_leader_kill(
     );
     kill_controller_for(lab, phase, l, pace.hold).await?;
     let mut done = false;
-    for _ in 0..60 {
+    for _ in 0..ROLLOUT_FINISH {
         let next = lab.leader().await?;
         r = rollout_at(lab, next).await;
         if r["phase"] == "done" {
@@ -654,7 +658,7 @@ async fn rollout_through_a_leader_kill(
     }
     if !done {
         harness(format!(
-            "the rollout did not finish within 60 s of the restart: {r}"
+            "the rollout did not finish within {ROLLOUT_FINISH} s of the restart: {r}"
         ));
     }
     println!(
