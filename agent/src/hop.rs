@@ -189,6 +189,24 @@ impl Hops {
         &self.me
     }
 
+    /// The `x-tidegate-hop` value proving a request of `client` to
+    /// `instance` on `protocol`, leaving from `source` for `destination`.
+    pub fn http_proof(
+        &self,
+        protocol: Protocol,
+        (source, destination): (IpAddr, SocketAddr),
+        instance: &str,
+        client: SocketAddr,
+    ) -> String {
+        let hop = Hop {
+            protocol,
+            source,
+            destination,
+            instance,
+        };
+        http_value(&self.sign(&hop, client))
+    }
+
     /// This agent's claim for a hop it sends now.
     pub fn sign(&self, hop: &Hop<'_>, client: SocketAddr) -> Claim {
         let t = tidegate_schema::time::unix_secs();

@@ -415,13 +415,12 @@ impl ProxyHttp for EdgeProxy {
                 .filter(|ip| ip.is_ipv4() == owner.is_ipv4());
             let proof = match (from, session.client_addr().and_then(|a| a.as_inet())) {
                 (Some(source), Some(client)) => ctx.route.as_ref().map(|r| {
-                    let hop = Hop {
-                        protocol: Protocol::Http,
-                        source,
-                        destination: *owner,
-                        instance: r.instance.as_str(),
-                    };
-                    crate::hop::http_value(&self.hops.sign(&hop, *client))
+                    self.hops.http_proof(
+                        Protocol::Http,
+                        (source, *owner),
+                        r.instance.as_str(),
+                        *client,
+                    )
                 }),
                 _ => None,
             };

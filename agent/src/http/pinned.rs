@@ -204,13 +204,12 @@ impl Pinning {
         .ok()?
         .ok()?;
         let proof = from.map(|source| {
-            let hop = Hop {
-                protocol: Protocol::Pinned,
-                source,
-                destination: upstream,
-                instance: route.instance.as_str(),
-            };
-            crate::hop::http_value(&self.hops.sign(&hop, forwarded_for.unwrap_or(peer)))
+            self.hops.http_proof(
+                Protocol::Pinned,
+                (source, upstream),
+                route.instance.as_str(),
+                forwarded_for.unwrap_or(peer),
+            )
         });
         let head = match (hop, proof) {
             (None, None) => None,

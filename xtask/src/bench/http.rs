@@ -7,8 +7,9 @@
 //!
 //! The agents route 32 instance hostnames whose owner is registered with
 //! the origin as its HTTP entry, so they proxy straight there: one hop, as
-//! for the peers. Then 10,000 more routes are seeded and workload (d) runs
-//! again through both agents, with their RSS.
+//! for the peers. Then workload (d) runs in rounds of its own through both
+//! agents and straight to the origin, at 32 routes and again after 10,000
+//! more are seeded, with the agents' RSS.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -223,29 +224,58 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         }
     }
     if let Some(out) = profiling {
-        for (i, (proc, port, _)) in agents.iter().enumerate() {
-            profile(
-                proc.pid(),
-                Path::new(&out).join(format!("{}.txt", TARGETS[3 + i].replace(' ', "-"))),
-                || {
-                    let s = http_load(&load, *port, secs, &Workload::OneHost.args(&hosts))?;
-                    println!("{} under perf: {:.0} req/s", TARGETS[3 + i], s.rps);
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("creating {}", Path::new(&out).display()))?;
+        // Kept-alive traffic (a), and a new connection every 11 requests (d).
+        for workload in [Workload::OneHost, Workload::Browser] {
+            for (i, (proc, port, _)) in agents.iter().enumerate() {
+                let name = TARGETS[3 + i];
+                let file = format!("{}-{}.txt", name.replace(' ', "-"), workload.key());
+                profile(proc.pid(), Path::new(&out).join(file), || {
+                    let s = http_load(&load, *port, secs, &workload.args(&hosts))?;
+                    println!(
+                        "{name} under perf, {}: {:.0} req/s",
+                        workload.label(),
+                        s.rps
+                    );
                     Ok(())
-                },
-            )?;
+                })?;
+            }
         }
         bail!(
             "profiles written to {}; no figures",
             Path::new(&out).display()
         );
     }
+    // Scale: workload (d) (a route lookup per connection: 3,000 a second
+    // and more) through both agents and straight to the origin, in rounds
+    // of their own, at 32 routes and again after 10,000 more are seeded.
+    // The origin in the same rounds tells a drop of the agents (theirs)
+    // from one of all three (the machine's).
+    let scale_targets = [
+        (TARGETS[0], ports[0]),
+        (TARGETS[3], ports[3]),
+        (TARGETS[4], ports[4]),
+    ];
+    let scale_rounds = |routes: usize| -> Result<Vec<Vec<Sample>>> {
+        let mut scale: Vec<Vec<Sample>> = vec![Vec::new(); scale_targets.len()];
+        for _ in 0..mode.rounds() {
+            for (i, (name, port)) in scale_targets.iter().enumerate() {
+                let s = http_load(&load, *port, secs, &Workload::Browser.args(&hosts))?;
+                println!(
+                    "{routes} routes: {name:16} {:>9.0} req/s  p99 {:.3} ms",
+                    s.rps, s.p99_ms
+                );
+                scale[i].push(s);
+            }
+        }
+        Ok(scale)
+    };
+    let small = scale_rounds(INSTANCES)?;
     let rss_small = [
         super::rss_kib(agents[0].0.pid())?,
         super::rss_kib(agents[1].0.pid())?,
     ];
-
-    // Scale: 10,000 more routes, then workload (d) again through both (a
-    // route lookup per connection: 3,000 a second and more).
     let routes = mode.count(SCALE_ROUTES, 500);
     crate::sh::output(Command::new(bin_dir.join("route-bench")).args([
         "seed",
@@ -256,27 +286,22 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     for (_, _, metrics) in &agents {
         super::routes::wait_for_routes(*metrics, routes + INSTANCES, Instant::now())?;
     }
-    let mut scale: Vec<Vec<Sample>> = vec![Vec::new(); 2];
-    for _ in 0..mode.rounds() {
-        for (i, (_, port, _)) in agents.iter().enumerate() {
-            let args = Workload::Browser.args(&hosts);
-            let s = http_load(&load, *port, secs, &args)?;
-            println!(
-                "{routes} routes: {:16} {:>9.0} req/s  p99 {:.3} ms",
-                TARGETS[3 + i],
-                s.rps,
-                s.p99_ms
-            );
-            scale[i].push(s);
-        }
-    }
+    // Let the agents finish rebuilding their route tables before the first
+    // round.
+    std::thread::sleep(Duration::from_secs(2));
+    let large = scale_rounds(routes + INSTANCES)?;
     let rss_large = [
         super::rss_kib(agents[0].0.pid())?,
         super::rss_kib(agents[1].0.pid())?,
     ];
     drop((agents, haproxy, nginx_proxy, origin, etcd));
     Ok(figures(
-        mode, &samples, &scale, routes, rss_small, rss_large,
+        mode,
+        &samples,
+        [&small, &large],
+        routes,
+        rss_small,
+        rss_large,
     ))
 }
 
@@ -422,7 +447,7 @@ fn med(s: &[Sample]) -> (f64, f64) {
 fn figures(
     mode: Mode,
     samples: &[Vec<Vec<Sample>>],
-    scale: &[Vec<Sample>],
+    [small, large]: [&[Vec<Sample>]; 2],
     routes: usize,
     rss_small: [u64; 2],
     rss_large: [u64; 2],
@@ -455,22 +480,36 @@ fn figures(
         );
     }
     let mut scale_table = String::from(
-        "| agent | routes | req/s (median) | p99 ms | RSS kB |\n|---|---:|---:|---:|---:|\n",
+        "| agent | routes | req/s (median) | p99 ms | vs direct, same rounds | RSS kB |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    // Workload (d) straight to the origin in the same rounds as each row.
+    let (direct_small, direct_large) = (med(&small[0]).0, med(&large[0]).0);
+    scale_table += &format!(
+        "| direct (origin) | - | {direct_small:.0} / {direct_large:.0} | - | 1.00× | - |\n"
     );
     for i in 0..2 {
-        let (small, large) = (med(&samples[3][3 + i]), med(&scale[i]));
+        let (small, large) = (med(&small[1 + i]), med(&large[1 + i]));
         scale_table += &format!(
-            "| {} | {INSTANCES} | {:.0} | {:.2} | {} |\n| {} | {} | {:.0} | {:.2} | {} |\n",
+            "| {} | {INSTANCES} | {:.0} | {:.2} | {:.2}× | {} |\n| {} | {} | {:.0} | {:.2} | {:.2}× | {} |\n",
             TARGETS[3 + i],
             small.0,
             small.1,
+            small.0 / direct_small,
             rss_small[i],
             TARGETS[3 + i],
             routes + INSTANCES,
             large.0,
             large.1,
+            large.0 / direct_large,
             rss_large[i],
         );
+        values.push((
+            format!(
+                "{} at {routes} routes vs its rows at {INSTANCES}, against direct",
+                TARGETS[3 + i]
+            ),
+            (large.0 / direct_large) / (small.0 / direct_small),
+        ));
         values.push((
             format!("{} at {routes} routes req/s", TARGETS[3 + i]),
             large.0,
@@ -481,6 +520,7 @@ fn figures(
         ));
     }
     let (rounds, secs) = (mode.rounds(), mode.secs(6));
+    let all = routes + INSTANCES;
     let section = format!(
         "## HTTP proxy (`cargo xtask bench http`)\n\n\
          `http-load` (tests/src/bin/http-load.rs: one thread, {CONNECTIONS} connections, each with its own Host) \
@@ -493,17 +533,23 @@ fn figures(
          with the hop header). Workloads: (a) keep-alive, every connection to one hostname; (b) keep-alive, the \
          {CONNECTIONS} connections to {INSTANCES} different instances; (c) `Connection: close` on every request; \
          (d) a browser-like mix, a page and 10 assets per connection, then a new connection.\n\n{table}\n{verdicts}\n\
-         Routes at scale: after the workloads, {routes} more instances are seeded into etcd (`route-bench seed`) \
-         and workload (d) (a new connection, so a route lookup and a policy call, every 11 requests) runs again \
-         through both agents, {rounds} round(s); the rows at {INSTANCES} routes are workload (d)'s above.\n\n{scale_table}\n\
+         Routes at scale: after the workloads, workload (d) (a new connection, so a route lookup and a policy \
+         call, every 11 requests) runs through both agents and straight to the origin, {rounds} round(s) of its \
+         own at {INSTANCES} routes, then again after {routes} more instances are seeded into etcd (`route-bench \
+         seed`). The machine's pace moves between the two (the direct row: at {INSTANCES} / at {all}), so compare \
+         each agent's ratio to direct in the same rounds.\n\n{scale_table}\n\
          Reading: the pinned path parses one head per connection and then moves bytes with splice(2), so on kept-alive \
          traffic (a, b) it costs what a TCP proxy costs; a profile (`TIDEGATE_BENCH_PERF=<dir>`, `perf record -g` at \
-         999 Hz under workload a) has most of its samples in the kernel: the scheduler's wake-ups and context switches \
-         (`_raw_spin_unlock_irqrestore`, `finish_task_switch`, about 30%), then TCP and splice work; no user-space \
-         symbol above 1.5%. Each new connection costs it more than nginx's or HAProxy's: the edge policy, an upstream \
-         connect (they reuse a pool), a hop proof toward the owner, taking the socket from Pingora, so (c) and (d) are \
-         below them. The L7 path is Pingora's proxy loop (profile: its HTTP/1 parsing, header maps, allocation and task \
-         wake-ups, no single hotspot). This machine is noisy (the origin alone varies by 30% between rounds): \
+         999 Hz, workloads a and d) has most of its samples in the kernel. Under (a): the scheduler's wake-ups and \
+         context switches (`_raw_spin_unlock_irqrestore`, `finish_task_switch`, about 30%), then TCP and splice work; \
+         no user-space symbol above 1.5%. Under (d): splice 45% (moving each message), connect 7%, shutdown 6%, \
+         epoll_wait 6%, writing the head 3%, close 2%; the hop proof and taking the socket from Pingora under 1% each. \
+         Each new connection costs the pinned path a second, upstream, connection (about 55 µs of this 2-core \
+         machine's time, where the origin shares the cores), while nginx and HAProxy reuse a pool; that needs \
+         response framing, i.e. parsing every response, which is the L7 path's work. So on (c) the pinned path is \
+         below them, and on (d) it stands or falls with how long connections live. The L7 path is Pingora's proxy \
+         loop (profile: its HTTP/1 parsing, header maps, allocation and task wake-ups, no single hotspot). This \
+         machine is noisy (the origin alone varies by 30% between rounds, more when the host is busy): \
          compare ratios within one run.\n",
     );
     Figures {
