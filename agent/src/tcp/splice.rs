@@ -170,3 +170,153 @@ async fn one_way(
         held = Some(pipe);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Two ends of one loopback connection.
+    async fn pair() -> io::Result<(TcpStream, TcpStream)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let near = TcpStream::connect(listener.local_addr()?).await?;
+        let (far, _) = listener.accept().await?;
+        Ok((near, far))
+    }
+
+    /// Bytes that never repeat in a way a swapped, doubled or dropped
+    /// chunk could hide (xorshift).
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Small messages one way and back.
+    async fn ping_pong(player: &mut TcpStream, instance: &mut TcpStream) -> io::Result<()> {
+        for i in 0..20u8 {
+            let msg = [b'q', i];
+            player.write_all(&msg).await?;
+            let mut got = [0; 2];
+            instance.read_exact(&mut got).await?;
+            assert_eq!(got, msg);
+            instance.write_all(&[b'r', i, i]).await?;
+            let mut back = [0; 3];
+            player.read_exact(&mut back).await?;
+            assert_eq!(back, [b'r', i, i]);
+        }
+        Ok(())
+    }
+
+    /// Small messages, bulk both ways at once, small ones again: every byte
+    /// arrives in order, the counters hold each direction's bytes and the
+    /// half-closes pass through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_and_bulk_bytes_arrive_whole_both_ways_with_the_half_closes() -> io::Result<()> {
+        let (mut player, client) = pair().await?;
+        let (server, mut instance) = pair().await?;
+        let traffic = std::sync::Arc::new(InstanceTraffic::default());
+        let t = traffic.clone();
+        let relay = tokio::spawn(async move { pump(client, server, 1 << 20, &t).await });
+
+        ping_pong(&mut player, &mut instance).await?;
+        // Bulk both ways at once.
+        let (up, down) = (pattern(6 << 20, 1), pattern(5 << 20, 7));
+        let (mut got_up, mut got_down) = (vec![0; up.len()], vec![0; down.len()]);
+        {
+            let (mut player_r, mut player_w) = player.split();
+            let (mut instance_r, mut instance_w) = instance.split();
+            tokio::try_join!(
+                player_w.write_all(&up),
+                instance_r.read_exact(&mut got_up),
+                instance_w.write_all(&down),
+                player_r.read_exact(&mut got_down),
+            )?;
+        }
+        assert!(got_up == up, "bulk bytes up differ");
+        assert!(got_down == down, "bulk bytes down differ");
+        // Small again, after bulk.
+        ping_pong(&mut player, &mut instance).await?;
+        player.write_all(b"end").await?;
+        player.shutdown().await?;
+        let mut tail = Vec::new();
+        instance.read_to_end(&mut tail).await?;
+        assert_eq!(tail, b"end");
+        instance.write_all(b"bye").await?;
+        instance.shutdown().await?;
+        let mut tail = Vec::new();
+        player.read_to_end(&mut tail).await?;
+        assert_eq!(tail, b"bye");
+        relay.await??;
+        let ins = 2 * 20 * 2 + up.len() as u64 + 3;
+        let outs = 2 * 20 * 3 + down.len() as u64 + 3;
+        assert_eq!(traffic.tcp_bytes_in.load(Ordering::Relaxed), ins);
+        assert_eq!(traffic.tcp_bytes_out.load(Ordering::Relaxed), outs);
+        Ok(())
+    }
+
+    /// A destination that does not read holds the source back: with small
+    /// socket buffers the relay stops taking bytes well short of what is
+    /// sent (it holds one pipe), and everything arrives, in order, once the
+    /// destination reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destination_that_stops_reading_holds_the_source_back() -> io::Result<()> {
+        use rustix::net::sockopt::{set_socket_recv_buffer_size, set_socket_send_buffer_size};
+        let (mut player, client) = pair().await?;
+        let (server, mut instance) = pair().await?;
+        // Fixed buffers (no autotuning): each socket holds at most about
+        // twice what is set.
+        for s in [&player, &client, &server, &instance] {
+            set_socket_recv_buffer_size(s, 64 << 10)?;
+            set_socket_send_buffer_size(s, 64 << 10)?;
+        }
+        let traffic = std::sync::Arc::new(InstanceTraffic::default());
+        let t = traffic.clone();
+        let relay = tokio::spawn(async move { pump(client, server, 1 << 16, &t).await });
+        // Writes of 10,000 bytes while the instance reads nothing.
+        let data = pattern(8 << 20, 3);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(10_000) {
+                player.write_all(chunk).await?;
+            }
+            player.shutdown().await?;
+            io::Result::Ok(player)
+        });
+        // The relay stops: two looks 300 ms apart see the same count, far
+        // below what is sent.
+        let mut before = u64::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = traffic.tcp_bytes_in.load(Ordering::Relaxed);
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        assert!(
+            before < 2 << 20,
+            "the relay took {before} bytes while nobody read"
+        );
+        assert!(
+            !writer.is_finished(),
+            "8 MiB went somewhere while nobody read"
+        );
+        let mut got = Vec::new();
+        instance.read_to_end(&mut got).await?;
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes differ after the stall");
+        let _player = writer.await??;
+        drop(instance);
+        relay.await??;
+        Ok(())
+    }
+}

@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 STATE = json.load(open(os.environ["CTFD_STATE"]))
@@ -192,8 +193,22 @@ def set_api_url(admin, url):
 
 def create_by_form(admin, name, tidegate_name):
     admin.goto(CTFD + "/admin/challenges/new")
-    admin.click("#create-chals-select label:has(input[value=tidegate])")
-    admin.wait_for_selector("#tidegate-challenge-input")
+    # CTFd binds the type list once its scripts have run, then fetches the
+    # chosen type's form: on a busy machine the click can come before the
+    # binding and is lost (seen once in CI: no form after 30 s). Wait for the
+    # page to settle, and reload and choose again if the form still does not
+    # come.
+    for attempt in range(3):
+        admin.wait_for_load_state("networkidle")
+        admin.click("#create-chals-select label:has(input[value=tidegate])")
+        try:
+            admin.wait_for_selector("#tidegate-challenge-input", timeout=20000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            print("the tidegate form did not come (attempt %d): reloading" % (attempt + 1), flush=True)
+            admin.reload()
     admin.fill("#create-chal-entry-div input[name=name]", name)
     admin.fill("#create-chal-entry-div input[name=category]", "web")
     admin.click("#create-chal-entry-div .CodeMirror")
