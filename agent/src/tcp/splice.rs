@@ -200,6 +200,14 @@ mod tests {
             .collect()
     }
 
+    /// A relay that loses bytes leaves the test waiting for them: fail
+    /// instead of hanging.
+    async fn within_a_minute(test: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+        tokio::time::timeout(Duration::from_secs(60), test)
+            .await
+            .map_err(|_| io::Error::other("no end within 60 s: bytes lost or a direction stuck"))?
+    }
+
     /// Small messages one way and back.
     async fn ping_pong(player: &mut TcpStream, instance: &mut TcpStream) -> io::Result<()> {
         for i in 0..20u8 {
@@ -221,6 +229,10 @@ mod tests {
     /// half-closes pass through.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_and_bulk_bytes_arrive_whole_both_ways_with_the_half_closes() -> io::Result<()> {
+        within_a_minute(small_and_bulk()).await
+    }
+
+    async fn small_and_bulk() -> io::Result<()> {
         let (mut player, client) = pair().await?;
         let (server, mut instance) = pair().await?;
         let traffic = std::sync::Arc::new(InstanceTraffic::default());
@@ -269,6 +281,10 @@ mod tests {
     /// destination reads again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_destination_that_stops_reading_holds_the_source_back() -> io::Result<()> {
+        within_a_minute(held_back()).await
+    }
+
+    async fn held_back() -> io::Result<()> {
         use rustix::net::sockopt::{set_socket_recv_buffer_size, set_socket_send_buffer_size};
         let (mut player, client) = pair().await?;
         let (server, mut instance) = pair().await?;
