@@ -186,6 +186,33 @@ mod tests {
         Ok((near, far))
     }
 
+    /// A player's socket and an instance's with [`pump`] relaying between
+    /// them (with a pipe of `pipe_bytes`), its counters, and its task. With
+    /// `buffers`, all four sockets get fixed buffers of that size.
+    async fn relayed(
+        pipe_bytes: usize,
+        buffers: Option<usize>,
+    ) -> io::Result<(
+        TcpStream,
+        TcpStream,
+        std::sync::Arc<InstanceTraffic>,
+        tokio::task::JoinHandle<io::Result<()>>,
+    )> {
+        use rustix::net::sockopt::{set_socket_recv_buffer_size, set_socket_send_buffer_size};
+        let (player, client) = pair().await?;
+        let (server, instance) = pair().await?;
+        if let Some(bytes) = buffers {
+            for s in [&player, &client, &server, &instance] {
+                set_socket_recv_buffer_size(s, bytes)?;
+                set_socket_send_buffer_size(s, bytes)?;
+            }
+        }
+        let traffic = std::sync::Arc::new(InstanceTraffic::default());
+        let t = traffic.clone();
+        let relay = tokio::spawn(async move { pump(client, server, pipe_bytes, &t).await });
+        Ok((player, instance, traffic, relay))
+    }
+
     /// Bytes that never repeat in a way a swapped, doubled or dropped
     /// chunk could hide (xorshift).
     fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -233,11 +260,7 @@ mod tests {
     }
 
     async fn small_and_bulk() -> io::Result<()> {
-        let (mut player, client) = pair().await?;
-        let (server, mut instance) = pair().await?;
-        let traffic = std::sync::Arc::new(InstanceTraffic::default());
-        let t = traffic.clone();
-        let relay = tokio::spawn(async move { pump(client, server, 1 << 20, &t).await });
+        let (mut player, mut instance, traffic, relay) = relayed(1 << 20, None).await?;
 
         ping_pong(&mut player, &mut instance).await?;
         // Bulk both ways at once.
@@ -285,18 +308,9 @@ mod tests {
     }
 
     async fn held_back() -> io::Result<()> {
-        use rustix::net::sockopt::{set_socket_recv_buffer_size, set_socket_send_buffer_size};
-        let (mut player, client) = pair().await?;
-        let (server, mut instance) = pair().await?;
         // Fixed buffers (no autotuning): each socket holds at most about
         // twice what is set.
-        for s in [&player, &client, &server, &instance] {
-            set_socket_recv_buffer_size(s, 64 << 10)?;
-            set_socket_send_buffer_size(s, 64 << 10)?;
-        }
-        let traffic = std::sync::Arc::new(InstanceTraffic::default());
-        let t = traffic.clone();
-        let relay = tokio::spawn(async move { pump(client, server, 1 << 16, &t).await });
+        let (mut player, mut instance, traffic, relay) = relayed(1 << 16, Some(64 << 10)).await?;
         // Writes of 10,000 bytes while the instance reads nothing.
         let data = pattern(8 << 20, 3);
         let sent = data.clone();
