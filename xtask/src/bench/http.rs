@@ -106,6 +106,9 @@ impl Workload {
 struct Sample {
     rps: f64,
     p99_ms: f64,
+    /// The proxy's CPU time (all its threads, user and system) per
+    /// request; NaN for the origin alone.
+    cpu_us: f64,
 }
 
 /// The targets, in the order of the table.
@@ -201,6 +204,14 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     }
     let load = bin_dir.join("http-load");
     let secs = mode.secs(6);
+    // Whose CPU time a target's rows count: the proxy process.
+    let proxies = [
+        None,
+        Some(nginx_proxy.pid()),
+        Some(haproxy.pid()),
+        Some(agents[0].0.pid()),
+        Some(agents[1].0.pid()),
+    ];
     // samples[workload][target]
     let mut samples = vec![vec![Vec::new(); TARGETS.len()]; Workload::ALL.len()];
     // `TIDEGATE_BENCH_PERF` (a directory): profile the agents, then stop.
@@ -211,13 +222,14 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         }
         for (w, workload) in Workload::ALL.iter().enumerate() {
             for (t, (name, port)) in TARGETS.iter().zip(ports).enumerate() {
-                let s = http_load(&load, port, secs, &workload.args(&hosts))?;
+                let s = http_load(&load, port, secs, &workload.args(&hosts), proxies[t])?;
                 println!(
-                    "round {} {:36} {name:18} {:>9.0} req/s  p99 {:.3} ms",
+                    "round {} {:36} {name:18} {:>9.0} req/s  p99 {:.3} ms  {:.2} µs CPU/req",
                     round + 1,
                     workload.label(),
                     s.rps,
-                    s.p99_ms
+                    s.p99_ms,
+                    s.cpu_us
                 );
                 samples[w][t].push(s);
             }
@@ -232,7 +244,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
                 let name = TARGETS[3 + i];
                 let file = format!("{}-{}.txt", name.replace(' ', "-"), workload.key());
                 profile(proc.pid(), Path::new(&out).join(file), || {
-                    let s = http_load(&load, *port, secs, &workload.args(&hosts))?;
+                    let s = http_load(&load, *port, secs, &workload.args(&hosts), None)?;
                     println!(
                         "{name} under perf, {}: {:.0} req/s",
                         workload.label(),
@@ -261,7 +273,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
         let mut scale: Vec<Vec<Sample>> = vec![Vec::new(); scale_targets.len()];
         for _ in 0..mode.rounds() {
             for (i, (name, port)) in scale_targets.iter().enumerate() {
-                let s = http_load(&load, *port, secs, &Workload::Browser.args(&hosts))?;
+                let s = http_load(&load, *port, secs, &Workload::Browser.args(&hosts), None)?;
                 println!(
                     "{routes} routes: {name:16} {:>9.0} req/s  p99 {:.3} ms",
                     s.rps, s.p99_ms
@@ -355,13 +367,22 @@ fn answers(url: &str, host: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// One `http-load` run against `port`; any error fails it.
-fn http_load(load: &Path, port: SocketAddr, secs: u64, args: &[String]) -> Result<Sample> {
+/// One `http-load` run against `port`, with the CPU time process `proxy`
+/// spent meanwhile; any error fails it.
+fn http_load(
+    load: &Path,
+    port: SocketAddr,
+    secs: u64,
+    args: &[String],
+    proxy: Option<u32>,
+) -> Result<Sample> {
+    let before = proxy.map(cpu_ticks).transpose()?;
     let out = Command::new(load)
         .args(["--addr", &port.to_string(), "--secs", &secs.to_string()])
         .args(args)
         .output()
         .context("running http-load")?;
+    let after = proxy.map(cpu_ticks).transpose()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| {
         format!(
@@ -375,9 +396,47 @@ fn http_load(load: &Path, port: SocketAddr, secs: u64, args: &[String]) -> Resul
         v["errors"].as_u64(),
     );
     match (rps, p99, errors) {
-        (Some(rps), Some(p99_ms), Some(0)) => Ok(Sample { rps, p99_ms }),
+        (Some(rps), Some(p99_ms), Some(0)) => {
+            let requests = rps * secs as f64;
+            let cpu_us = match (before, after) {
+                (Some(b), Some(a)) if requests > 0.0 => {
+                    a.saturating_sub(b) as f64 * 1e6 / ticks_per_second() / requests
+                }
+                _ => f64::NAN,
+            };
+            Ok(Sample {
+                rps,
+                p99_ms,
+                cpu_us,
+            })
+        }
         _ => bail!("http-load against port {port} ({args:?}) failed or saw errors: {text}"),
     }
+}
+
+/// User and system CPU time of process `pid` (all its threads) so far, in
+/// clock ticks (/proc/PID/stat, fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may hold spaces: count fields after its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("/proc/{pid}/stat has no field {}", i + 3))
+    };
+    // After ')' field 3 (the state) comes first: utime is 14, stime 15.
+    Ok(field(11)? + field(12)?)
+}
+
+/// Clock ticks per second of /proc's CPU times.
+fn ticks_per_second() -> f64 {
+    rustix::param::clock_ticks_per_second() as f64
 }
 
 /// nginx in the foreground (one process) with `server` as its http block.
@@ -454,29 +513,46 @@ fn figures(
 ) -> Figures {
     let mut values = Vec::new();
     let mut table = String::from(
-        "| workload | target | req/s (median) | p99 ms | vs nginx | vs HAProxy |\n|---|---|---:|---:|---:|---:|\n",
+        "| workload | target | req/s (median) | p99 ms | vs nginx | vs HAProxy | proxy CPU µs/req | per core vs nginx |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut verdicts = String::new();
     for (w, workload) in Workload::ALL.iter().enumerate() {
         let rows: Vec<(f64, f64)> = samples[w].iter().map(|s| med(s)).collect();
+        let cpu: Vec<f64> = samples[w]
+            .iter()
+            .map(|s| median(s.iter().map(|x| x.cpu_us).collect()))
+            .collect();
         let (nginx, haproxy) = (rows[1].0, rows[2].0);
-        for (name, (rps, p99)) in TARGETS.iter().zip(&rows) {
+        for (t, (name, (rps, p99))) in TARGETS.iter().zip(&rows).enumerate() {
+            let (cpu_cell, core_cell) = if cpu[t].is_finite() {
+                (format!("{:.1}", cpu[t]), format!("{:.2}×", cpu[1] / cpu[t]))
+            } else {
+                ("-".to_string(), "-".to_string())
+            };
             table += &format!(
-                "| {} | {name} | {rps:.0} | {p99:.2} | {:.2}× | {:.2}× |\n",
+                "| {} | {name} | {rps:.0} | {p99:.2} | {:.2}× | {:.2}× | {cpu_cell} | {core_cell} |\n",
                 workload.label(),
                 rps / nginx,
                 rps / haproxy
             );
             values.push((format!("{} {name} req/s", workload.key()), *rps));
+            if cpu[t].is_finite() {
+                values.push((format!("{} {name} CPU µs/req", workload.key()), cpu[t]));
+            }
         }
         verdicts += &format!(
-            "- {}: pinned {:.2}× nginx, {:.2}× HAProxy (p99 {:.2} against HAProxy's {:.2} ms); L7 {:.2}× nginx.\n",
+            "- {}: pinned {:.2}× nginx, {:.2}× HAProxy (p99 {:.2} against HAProxy's {:.2} ms), {:.2}× nginx per core ({:.1} against {:.1} µs of CPU a request, HAProxy {:.1}); L7 {:.2}× nginx, {:.2}× per core.\n",
             workload.label(),
             rows[4].0 / nginx,
             rows[4].0 / haproxy,
             rows[4].1,
             rows[2].1,
+            cpu[1] / cpu[4],
+            cpu[4],
+            cpu[1],
+            cpu[2],
             rows[3].0 / nginx,
+            cpu[1] / cpu[3],
         );
     }
     let mut scale_table = String::from(
@@ -538,12 +614,23 @@ fn figures(
          own at {INSTANCES} routes, then again after {routes} more instances are seeded into etcd (`route-bench \
          seed`). The machine's pace moves between the two (the direct row: at {INSTANCES} / at {all}), so compare \
          each agent's ratio to direct in the same rounds.\n\n{scale_table}\n\
-         Reading: the pinned path parses one head per connection and then moves bytes with splice(2), so on kept-alive \
-         traffic (a, b) it costs what a TCP proxy costs; a profile (`TIDEGATE_BENCH_PERF=<dir>`, `perf record -g` at \
-         999 Hz, workloads a and d) has most of its samples in the kernel. Under (a): the scheduler's wake-ups and \
-         context switches (`_raw_spin_unlock_irqrestore`, `finish_task_switch`, about 30%), then TCP and splice work; \
-         no user-space symbol above 1.5%. Under (d): splice 45% (moving each message), connect 7%, shutdown 6%, \
-         epoll_wait 6%, writing the head 3%, close 2%; the hop proof and taking the socket from Pingora under 1% each. \
+         Proxy CPU µs/req is the proxy process's user and system CPU time (all its threads, /proc/PID/stat) \
+         during the run over the requests it served; per core vs nginx is nginx's figure over this one: how many \
+         more requests one core of this proxy serves. The load generator, the origin and the proxy share the \
+         two cores, so a proxy that spends less a request leaves the time to the other two and req/s moves less \
+         than CPU a request does.\n\n\
+         Reading: the pinned path parses one head per connection and then relays bytes: a small message is one \
+         read(2) into a per-thread buffer and one write(2), and a short read shows the socket drained (bulk goes \
+         through splice(2)). A kept-alive request is then 5.0 system calls in the proxy (`perf stat`, 2026-12-04: \
+         read the request, write it to the instance, read the answer, write it back, and an epoll_wait every \
+         request or so), against 5.7 for nginx and 6.0 for HAProxy, and 6.7 with splice(2) for every message \
+         (which cost 7% more CPU a request in the same run). Most of what is left is the kernel's: on loopback \
+         each write carries the receiver's TCP processing and its wake-up; a profile (`TIDEGATE_BENCH_PERF=<dir>`, \
+         `perf record -g` at 999 Hz, workloads a and d) has no user-space symbol above 1.5% under (a). So a \
+         user-space proxy cannot spend much less than this a request, and the pinned path stands a few percent \
+         per core ahead of nginx, not 1.2×. Under (d): splice 45% (moving each message), connect 7%, shutdown 6%, \
+         epoll_wait 6%, writing the head 3%, close 2%; the hop proof and taking the socket from Pingora under 1% each \
+         (profile before the read/write step). \
          Each new connection costs the pinned path a second, upstream, connection (about 55 µs of this 2-core \
          machine's time, where the origin shares the cores), while nginx and HAProxy reuse a pool; that needs \
          response framing, i.e. parsing every response, which is the L7 path's work. So on (c) the pinned path is \
