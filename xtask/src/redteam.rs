@@ -193,6 +193,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "a pinned HTTP connection is admitted by the edge policy at its first request, at the edge and (forwarded with a pinned proof) nowhere else (TIDEGATE_PLANTED: the pinned path asks no policy)",
     ),
     (
+        "pinned-proof",
+        "an owner pins a forwarded connection only on an edge's pinned proof, never on an L7 edge's, which carries many players' requests over one connection (TIDEGATE_PLANTED: an L7 proof pins too)",
+    ),
+    (
         "instance-networks",
         "each instance with services has a network of its own (TIDEGATE_PLANTED: one network for all of them)",
     ),

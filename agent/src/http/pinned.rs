@@ -161,7 +161,17 @@ impl Pinning {
                     destination: local,
                     instance: route.instance.as_str(),
                 };
-                self.hops.verify(&proven, &claim).ok()?;
+                if self.hops.verify(&proven, &claim).is_err() {
+                    // Red-team plant: an L7 edge's proof pins too.
+                    let l7 = Hop {
+                        protocol: Protocol::Http,
+                        ..proven
+                    };
+                    let planted = tidegate_schema::config::planted("pinned-proof");
+                    if !planted || self.hops.verify(&l7, &claim).is_err() {
+                        return None;
+                    }
+                }
                 Some(claim.client)
             }
         };

@@ -2,15 +2,17 @@
 //! entry point, the controller's API): request heads sent a byte at a time
 //! (slowloris) and more connections from one address than an agent lets
 //! one address hold; a pinned connection to an instance its policy
-//! refuses; and a TCP connection held open without a byte.
+//! refuses; two teams' requests over one L7 edge's pooled connection to
+//! their owner; and a TCP connection held open without a byte.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::range::{IDLE_SECS, Range};
+use super::range::{IDLE_SECS, Range, call};
+use super::services::spawn_running;
 use super::{Attack, From, Verdict};
 
 pub(super) fn attacks() -> Vec<Attack> {
@@ -46,6 +48,12 @@ pub(super) fn attacks() -> Vec<Attack> {
             From::Network,
             "pinned-policy",
             pinned_locked,
+        ),
+        Attack::new(
+            "two teams' hostnames over one kept-alive connection through agent b, whose L7 pool carries both to their owner a on one upstream connection",
+            From::Network,
+            "pinned-proof",
+            pooled_hop,
         ),
         Attack::new(
             "quiet TCP connection held past the instance's 10 s idle timeout",
@@ -156,7 +164,7 @@ fn hold_http(r: &Range) -> Result<Verdict> {
         .enable_all()
         .build()?;
     for _ in 0..300 {
-        let Ok(mut s) = connect_from_loopback(&rt, r.a_cfg.http_entry) else {
+        let Ok(mut s) = connect_from(&rt, [127, 0, 0, 1].into(), r.a_cfg.http_entry) else {
             continue;
         };
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -183,13 +191,18 @@ fn hold_http(r: &Range) -> Result<Verdict> {
     })
 }
 
-/// A connection to `to` (a local address) from 127.0.0.1, blocking.
-fn connect_from_loopback(
+/// A connection to `to` from this host's address `from`, blocking.
+fn connect_from(
     rt: &tokio::runtime::Runtime,
+    from: IpAddr,
     to: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let socket = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
     let s = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(3), socket.connect(to))
             .await
@@ -229,5 +242,102 @@ fn pinned_locked(r: &Range) -> Result<Verdict> {
         ))),
         "403" => Ok(Verdict::Blocked(format!("{entry}: 403"))),
         other => anyhow::bail!("through {entry}: {other:?}, not 403 or 200"),
+    }
+}
+
+/// Two instances of an HTTP echo challenge (`container=<its hostname>
+/// host=<Host>` per request, kept alive), for two teams, on agent a (b
+/// holds its one instance already). One client connection to agent b
+/// from this host's address, agent a's: b serves it on its L7 path (an
+/// agent's address without a proof pins nothing) and forwards both
+/// requests to a, the owner, with its L7 proof, over one pooled upstream
+/// connection. An owner that pinned that connection on the L7 proof would
+/// send the second team's request to the first team's instance. Blocked
+/// if each Host is answered by its own instance; through if the second is
+/// answered by the first's.
+fn pooled_hop(r: &Range) -> Result<Verdict> {
+    let image = tidegate_local::images::binary_image(
+        "tidegate/redteam-http-echo",
+        &r.bin_dir.join("ws-echo"),
+        &[],
+    )?;
+    let spec = serde_json::json!({
+        "image": image,
+        "env": {"HTTP_ECHO": "1"},
+        "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
+    });
+    let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-echo", &spec)?;
+    anyhow::ensure!(
+        status == 201 || status == 200,
+        "registering rt-echo: {status} {body}"
+    );
+    let spawned = spawn_running(r, "rt-echo", &["pool-x", "pool-y"])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let entry = r.b_cfg.http_entry;
+    let mut s = connect_from(&rt, r.a_cfg.advertise_address, entry)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut answers = Vec::new();
+    let mut buf = Vec::new();
+    for host in &spawned.hosts {
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
+        answers.push(read_answer(&mut s, &mut buf)?);
+    }
+    let container = |body: &str| -> String {
+        body.split_whitespace()
+            .find_map(|f| f.strip_prefix("container="))
+            .unwrap_or("")
+            .to_string()
+    };
+    let (first, second) = (&answers[0], &answers[1]);
+    anyhow::ensure!(
+        first.0 == 200 && second.0 == 200,
+        "through {entry}: {} and {}, not 200 and 200 ({:?}, {:?})",
+        first.0,
+        second.0,
+        first.1,
+        second.1
+    );
+    let (x, y) = (container(&first.1), container(&second.1));
+    let seen = format!(
+        "{} answered by container {x}, then {} by container {y}",
+        spawned.hosts[0], spawned.hosts[1]
+    );
+    Ok(if x.is_empty() || y.is_empty() {
+        anyhow::bail!("an answer names no container: {seen}")
+    } else if x == y {
+        Verdict::Succeeded(seen)
+    } else {
+        Verdict::Blocked(seen)
+    })
+}
+
+/// One HTTP answer with a Content-Length body from `s`, `buf` holding what
+/// was read past it: its status and body.
+fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(u16, String)> {
+    loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..at]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= at + 4 + len {
+                let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+                let body = String::from_utf8_lossy(&buf[at + 4..at + 4 + len]).to_string();
+                buf.drain(..at + 4 + len);
+                return Ok((status, body));
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk)? {
+            0 => anyhow::bail!("the connection closed before a whole answer"),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
     }
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tidegate_local::images::{DEMO_DB_PORT, DEMO_DB_VALUE, DEMO_WEB_BOT_SPEC};
 use tidegate_local::process::wait_until;
 
-use super::range::{Range, call, spawn};
+use super::range::{Range, call};
 use super::{Attack, From, Verdict};
 use crate::sh;
 
@@ -25,14 +25,19 @@ pub(super) fn attacks() -> Vec<Attack> {
     )]
 }
 
-/// Deletes the instances when dropped.
-struct Spawned<'a>(&'a Range, Vec<String>);
+/// Instances spawned for one attack (ids, and their first HTTP hostname),
+/// deleted when dropped.
+pub(super) struct Spawned<'a> {
+    range: &'a Range,
+    pub(super) ids: Vec<String>,
+    pub(super) hosts: Vec<String>,
+}
 
 impl Drop for Spawned<'_> {
     fn drop(&mut self) {
-        for id in &self.1 {
+        for id in &self.ids {
             let _ = call(
-                &self.0.plane,
+                &self.range.plane,
                 "DELETE",
                 &format!("/v1/instances/{id}"),
                 &Value::Null,
@@ -41,20 +46,36 @@ impl Drop for Spawned<'_> {
     }
 }
 
-fn neighbour_db(r: &Range) -> Result<Verdict> {
-    let spec: Value = serde_json::from_str(DEMO_WEB_BOT_SPEC)?;
-    let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-services", &spec)?;
-    if status != 201 && status != 200 {
-        bail!("registering rt-services: {status} {body}");
+/// Spawns `challenge` for each of `teams` and waits until all run. A
+/// spawn may wait in the queue behind a place an earlier attack left (the
+/// team-scope rows' 16 GiB `rt-queue`, which no worker has room for): it
+/// is admitted once that place's hold runs out, its own kept by the polls.
+pub(super) fn spawn_running<'a>(
+    r: &'a Range,
+    challenge: &str,
+    teams: &[&str],
+) -> Result<Spawned<'a>> {
+    let mut spawned = Spawned {
+        range: r,
+        ids: Vec::new(),
+        hosts: Vec::new(),
+    };
+    for team in teams {
+        let (status, body) = call(
+            &r.plane,
+            "POST",
+            "/v1/instances",
+            &serde_json::json!({"challenge": challenge, "team": team}),
+        )?;
+        if status != 201 && status != 202 {
+            bail!("spawning {challenge} for {team}: {status} {body}");
+        }
+        let id = body["id"].as_str().context("no id")?;
+        spawned.ids.push(id.to_string());
     }
-    let mut spawned = Spawned(r, Vec::new());
-    for team in ["alice", "mallory"] {
-        let (id, _) = spawn(&r.plane, "rt-services", team)?;
-        spawned.1.push(id);
-    }
-    for id in &spawned.1 {
+    for id in &spawned.ids {
         let mut last = Value::Null;
-        let up = wait_until(Duration::from_secs(60), || {
+        let up = wait_until(Duration::from_secs(180), || {
             last = call(
                 &r.plane,
                 "GET",
@@ -68,8 +89,20 @@ fn neighbour_db(r: &Range) -> Result<Verdict> {
         if !up {
             bail!("instance {id} never ran: {last}");
         }
+        let host = last["http"][0]["hostname"].as_str().unwrap_or("");
+        spawned.hosts.push(host.to_string());
     }
-    let (alice, mallory) = (&spawned.1[0], &spawned.1[1]);
+    Ok(spawned)
+}
+
+fn neighbour_db(r: &Range) -> Result<Verdict> {
+    let spec: Value = serde_json::from_str(DEMO_WEB_BOT_SPEC)?;
+    let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-services", &spec)?;
+    if status != 201 && status != 200 {
+        bail!("registering rt-services: {status} {body}");
+    }
+    let spawned = spawn_running(r, "rt-services", &["alice", "mallory"])?;
+    let (alice, mallory) = (&spawned.ids[0], &spawned.ids[1]);
     let db = format!("tidegate-{alice}-db");
     let address = sh::output(Command::new("docker").args([
         "inspect",
