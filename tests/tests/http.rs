@@ -785,22 +785,8 @@ async fn one_connection(entry: &str, hosts: &[&str]) -> Vec<(u16, String)> {
         }
         let read = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..at]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    if buf.len() >= at + 4 + len {
-                        let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-                        let body = String::from_utf8_lossy(&buf[at + 4..at + 4 + len]).to_string();
-                        buf.drain(..at + 4 + len);
-                        return Some((status, body));
-                    }
+                if let Some(answer) = tidegate_lab::http::take_answer(&mut buf) {
+                    return Some(answer);
                 }
                 let mut chunk = [0u8; 4096];
                 match s.read(&mut chunk).await {

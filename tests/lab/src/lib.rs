@@ -16,5 +16,5 @@ pub mod plugins;
 pub mod slow;
 
 pub use tidegate_local::{
-    Error, Result, display_command, etcd, images, netns, ports, process, routes,
+    Error, Result, display_command, etcd, http, images, netns, ports, process, routes,
 };

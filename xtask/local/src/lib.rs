@@ -2,12 +2,13 @@
 //! `deploy local`, benchmarks) and for the test harness (`tidegate-lab`):
 //! processes tied to their owner's life, etcd members, the Docker engine
 //! and the demo images, the policy plugins' build, free ports, network
-//! namespaces as hosts, and the daemons' config files written from their
-//! typed structs.
+//! namespaces as hosts, the daemons' config files written from their
+//! typed structs, and HTTP answers read off a raw connection.
 
 pub mod daemons;
 pub mod docker;
 pub mod etcd;
+pub mod http;
 pub mod images;
 pub mod netns;
 pub mod plugins;

@@ -317,22 +317,8 @@ fn pooled_hop(r: &Range) -> Result<Verdict> {
 /// was read past it: its status and body.
 fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(u16, String)> {
     loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..at]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= at + 4 + len {
-                let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-                let body = String::from_utf8_lossy(&buf[at + 4..at + 4 + len]).to_string();
-                buf.drain(..at + 4 + len);
-                return Ok((status, body));
-            }
+        if let Some(answer) = tidegate_local::http::take_answer(buf) {
+            return Ok(answer);
         }
         let mut chunk = [0u8; 4096];
         match s.read(&mut chunk)? {
