@@ -217,19 +217,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             None => None,
         };
         let tls = stream.get_ssl().is_some();
-        let ends = stream.get_socket_digest().and_then(|d| {
-            let peer = d.peer_addr()?.as_inet().copied()?;
-            let local = d.local_addr()?.as_inet().copied()?;
-            Some((peer, local))
-        });
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr()?.as_inet().copied());
         let mut guarded = Guarded::new(stream, self.conns.clone(), admitted, h2);
-        if let Some((peer, local)) = ends.filter(|(peer, _)| {
+        if let Some(peer) = peer.filter(|peer| {
             !h2 && !tls
                 && !tidegate_schema::config::planted("http-limits")
                 && self.pinning.wanted(peer.ip())
         }) {
             // The first head, under the same deadline and size limit.
             let head = guarded.first_head().await?;
+            // The local address (a system call) only for a hop's proof.
+            let inner = &guarded.inner;
+            let local = || inner.get_socket_digest()?.local_addr()?.as_inet().copied();
             if super::pinned::can_take(&guarded.inner)
                 && let Some(plan) = self.pinning.decide(&head, peer, local).await
                 && let Some(player) = super::pinned::player_socket(&guarded.inner)

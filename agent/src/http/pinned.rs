@@ -100,11 +100,13 @@ impl Pinning {
     /// Decides whether the connection whose first bytes are `buf` (a
     /// complete head, maybe more) is pinned, and if so connects. `None`:
     /// the L7 path serves it (and answers what is wrong, if anything).
+    /// `local` gives the address the connection came to (asked only to
+    /// check a hop's proof).
     pub(super) async fn decide(
         &self,
         buf: &[u8],
         peer: SocketAddr,
-        local: SocketAddr,
+        local: impl FnOnce() -> Option<SocketAddr>,
     ) -> Option<Plan> {
         // One more than a player's head may have: the edge's proof.
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 1];
@@ -158,7 +160,7 @@ impl Pinning {
                 let proven = Hop {
                     protocol: Protocol::Pinned,
                     source: peer.ip(),
-                    destination: local,
+                    destination: local()?,
                     instance: route.instance.as_str(),
                 };
                 if self.hops.verify(&proven, &claim).is_err() {

@@ -390,6 +390,7 @@ pub async fn serve(
     let listener = TcpSocket::new_v4()
         .and_then(|socket| {
             socket.bind(SocketAddr::new(host, 0))?;
+            super::relay::player_options(&socket)?;
             socket.listen(super::LISTEN_BACKLOG)
         })
         .step(format!("the steered listener on {host}"))?;
@@ -403,7 +404,7 @@ pub async fn serve(
                         continue;
                     };
                     let relay = relay.clone();
-                    tokio::spawn(async move { relay.serve(client, peer, local.port()).await });
+                    tokio::spawn(async move { relay.serve(client, peer, local).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a TCP connection failed");

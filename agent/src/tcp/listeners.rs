@@ -37,7 +37,8 @@ pub async fn run(
             }
             match bind(SocketAddr::new(host, *port)) {
                 Ok(listener) => {
-                    listeners.insert(*port, tokio::spawn(accept(listener, *port, relay.clone())));
+                    let local = SocketAddr::new(host, *port);
+                    listeners.insert(*port, tokio::spawn(accept(listener, local, relay.clone())));
                 }
                 Err(e) => {
                     tracing::warn!(port, %host, error = %e, "cannot bind an instance's TCP port")
@@ -63,17 +64,28 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
+    super::relay::player_options(&socket)?;
     socket.listen(super::LISTEN_BACKLOG)
 }
 
-async fn accept(listener: TcpListener, port: u16, relay: Arc<Relay>) {
+async fn accept(listener: TcpListener, local: SocketAddr, relay: Arc<Relay>) {
     loop {
         let Ok((client, peer)) = listener.accept().await else {
             // Out of descriptors or similar: back off instead of spinning.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // On a wildcard `tcp_host` the kernel says which address it came
+        // to (a forwarded connection's proof names it).
+        let local = if local.ip().is_unspecified() {
+            match client.local_addr() {
+                Ok(a) => a,
+                Err(_) => continue,
+            }
+        } else {
+            local
+        };
         let relay = relay.clone();
-        tokio::spawn(async move { relay.serve(client, peer, port).await });
+        tokio::spawn(async move { relay.serve(client, peer, local).await });
     }
 }

@@ -70,12 +70,22 @@ impl Drop for SourceSlot {
 
 /// TCP keepalive on an accepted or connected socket: a peer that vanished
 /// (no FIN, no RST) is found after about 90 s instead of never.
-fn keepalive(s: impl AsFd) {
+pub(super) fn keepalive(s: impl AsFd) {
     use rustix::net::sockopt;
     let _ = sockopt::set_socket_keepalive(&s, true);
     let _ = sockopt::set_tcp_keepidle(&s, Duration::from_secs(60));
     let _ = sockopt::set_tcp_keepintvl(&s, Duration::from_secs(10));
     let _ = sockopt::set_tcp_keepcnt(&s, 3);
+}
+
+/// What every accepted player socket needs (no Nagle delay on what the
+/// relay writes to the player, TCP keepalive), set once on the listener:
+/// Linux copies both into each socket it accepts, which saves five
+/// system calls a connection.
+pub(super) fn player_options(listener: impl AsFd) -> std::io::Result<()> {
+    rustix::net::sockopt::set_tcp_nodelay(&listener, true)?;
+    keepalive(&listener);
+    Ok(())
 }
 
 /// A second handle on a socket whose first one a data path owns, to watch
@@ -88,21 +98,23 @@ fn watch_handle(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
 /// player, or acknowledged by it) for `limit`. Its kernel counters see
 /// every data path, the in-kernel ones too. On a kernel without them it
 /// never returns.
+///
+/// The first sample is taken at the first tick, not at the start: most
+/// connections end before it and never pay for one, and a silent one
+/// closes up to a tick (a quarter of `limit`, 1 to 10 s) late.
 pub(crate) async fn idle(player: &impl std::os::fd::AsRawFd, limit: Duration) {
     if tidegate_schema::config::planted("tcp-idle") {
         return std::future::pending().await;
     }
     let moved = || ebpf::tcp_counters(player).map(|c| c.bytes_acked + c.bytes_received);
-    let Ok(mut last) = moved() else {
-        return std::future::pending().await;
-    };
     let every = (limit / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut last = None;
     let mut quiet_since = Instant::now();
     loop {
         tokio::time::sleep(every).await;
         match moved() {
-            Ok(n) if n != last => {
-                last = n;
+            Ok(n) if last != Some(n) => {
+                last = Some(n);
                 quiet_since = Instant::now();
             }
             Ok(_) if quiet_since.elapsed() >= limit => return,
@@ -121,10 +133,12 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// Serves one accepted connection that arrived for public `port`.
-    pub async fn serve(&self, client: TcpStream, peer: SocketAddr, port: u16) {
-        if let Err(e) = self.serve_inner(client, peer, port).await {
-            tracing::debug!(port, %peer, error = %e, "TCP connection ended with an error");
+    /// Serves one accepted connection that arrived for `local` (its
+    /// public address and port), from a listener set up with
+    /// [`player_options`].
+    pub async fn serve(&self, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+        if let Err(e) = self.serve_inner(client, peer, local).await {
+            tracing::debug!(port = local.port(), %peer, error = %e, "TCP connection ended with an error");
         }
     }
 
@@ -132,8 +146,9 @@ impl Relay {
         &self,
         mut client: TcpStream,
         peer: SocketAddr,
-        port: u16,
+        local: SocketAddr,
     ) -> std::io::Result<()> {
+        let port = local.port();
         let table = self.routes.load_full();
         // From another agent's address: it may have forwarded a player here.
         let taken = if table.agents.contains(&peer.ip()) {
@@ -147,7 +162,6 @@ impl Relay {
             self.failures.not_ready.inc();
             return Ok(());
         };
-        let local = client.local_addr()?;
         let (source, forwarded) = self.proven(&taken, peer, local, &route);
         let Some(_slot) = self.admit(&route, source.ip(), port) else {
             return Ok(());
@@ -155,24 +169,28 @@ impl Relay {
         let Some((server, sent)) = self.open(&route, source, forwarded, local, "").await? else {
             return Ok(());
         };
-        let _ = client.set_nodelay(true);
-        keepalive(&client);
-        let watch = watch_handle(&client)?;
         let traffic = &route.traffic;
-        self.transfer(&route, &watch, async {
-            match (self.data_path, &self.redirector) {
-                // A header taken off the client may have come in one skb
-                // with the player's first bytes; the verdict program would
-                // redirect that whole skb, header and all. splice(2)
-                // moves what is left.
-                (DataPath::Sockhash, Some(r)) if taken == Taken::Nothing => {
-                    sockhash::pump(r, client, server, sent, self.pipe_bytes, traffic).await
-                }
-                (DataPath::Copy, _) => copy(client, server, traffic).await,
-                _ => splice::pump(client, server, self.pipe_bytes, traffic).await,
+        match (self.data_path, &self.redirector) {
+            // A header taken off the client may have come in one skb with
+            // the player's first bytes; the verdict program would redirect
+            // that whole skb, header and all. splice(2) moves what is left.
+            (DataPath::Sockhash, Some(r)) if taken == Taken::Nothing => {
+                let watch = watch_handle(&client)?;
+                let pump = sockhash::pump(r, client, server, sent, self.pipe_bytes, traffic);
+                self.transfer(&route, &watch, pump).await
             }
-        })
-        .await
+            (DataPath::Copy, _) => {
+                let watch = watch_handle(&client)?;
+                self.transfer(&route, &watch, copy(client, server, traffic))
+                    .await
+            }
+            // The relay only borrows the sockets: the idle watch reads
+            // the player's own, no second handle (two system calls).
+            _ => {
+                let pump = splice::pump(&client, &server, self.pipe_bytes, traffic);
+                self.transfer(&route, &client, pump).await
+            }
+        }
     }
 
     /// Takes a place for a connection from `source` to `route`'s instance,
@@ -365,7 +383,12 @@ impl Relay {
             sent = header.len();
         }
         let _ = server.set_nodelay(true);
-        keepalive(&server);
+        // Toward another host's agent only: a local instance's kernel is
+        // this one, which answers keepalive probes whatever the container
+        // does, and a container that stops closes its sockets.
+        if remote {
+            keepalive(&server);
+        }
         Ok(Some((server, sent)))
     }
 
@@ -376,7 +399,7 @@ impl Relay {
     async fn transfer(
         &self,
         route: &Route,
-        player: &std::net::TcpStream,
+        player: &impl std::os::fd::AsRawFd,
         pump: impl std::future::Future<Output = std::io::Result<()>>,
     ) -> std::io::Result<()> {
         let traffic: &InstanceTraffic = &route.traffic;
@@ -427,4 +450,54 @@ pub(crate) async fn connect_from(
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     socket.connect(upstream).await
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::net::sockopt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A listener on loopback, with [`player_options`] or without.
+    fn listener(options: bool) -> std::io::Result<TcpListener> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+        if options {
+            player_options(&socket)?;
+        }
+        socket.listen(16)
+    }
+
+    /// One connection accepted from `listener`: the accepted socket.
+    async fn accepted(listener: &TcpListener) -> std::io::Result<(TcpStream, TcpStream)> {
+        let near = TcpStream::connect(listener.local_addr()?).await?;
+        let (far, _) = listener.accept().await?;
+        Ok((near, far))
+    }
+
+    /// The relay sets no option on an accepted player socket: it relies on
+    /// the kernel copying the listener's. Without them on the listener the
+    /// accepted socket has neither (what this test would see if the copy
+    /// stopped).
+    #[tokio::test]
+    async fn accepted_player_sockets_have_the_listeners_nodelay_and_keepalive()
+    -> std::io::Result<()> {
+        let with = listener(true)?;
+        let (_near, s) = accepted(&with).await?;
+        assert!(
+            sockopt::tcp_nodelay(&s)?,
+            "no TCP_NODELAY on the accepted socket"
+        );
+        assert!(sockopt::socket_keepalive(&s)?, "no SO_KEEPALIVE");
+        assert_eq!(sockopt::tcp_keepidle(&s)?, Duration::from_secs(60));
+        assert_eq!(sockopt::tcp_keepintvl(&s)?, Duration::from_secs(10));
+        assert_eq!(sockopt::tcp_keepcnt(&s)?, 3);
+
+        let without = listener(false)?;
+        let (_near, s) = accepted(&without).await?;
+        assert!(!sockopt::tcp_nodelay(&s)?);
+        assert!(!sockopt::socket_keepalive(&s)?);
+        Ok(())
+    }
 }

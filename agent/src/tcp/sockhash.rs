@@ -46,14 +46,14 @@ pub async fn pump(
     // the player's bytes it would send the FIN before the last of them,
     // which the kernel then fails with EPIPE (a reset for the player).
     let (Ok(client_base), Ok(server_base)) = (tcp_counters(&client), tcp_counters(&server)) else {
-        return splice::pump(client, server, pipe_bytes, traffic).await;
+        return splice::pump(&client, &server, pipe_bytes, traffic).await;
     };
     let server_base = server_baseline(server_base.bytes_acked, server_sent);
     let pair = match r.pair(&client, &server) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %format!("{e:#}"), "cannot splice this pair in the kernel; using splice(2)");
-            return splice::pump(client, server, pipe_bytes, traffic).await;
+            return splice::pump(&client, &server, pipe_bytes, traffic).await;
         }
     };
     // Counted and taken out of the maps however this ends: also when the

@@ -11,22 +11,25 @@
 //! the socket empty: 5.0 system calls a kept-alive request through a
 //! pinned HTTP connection instead of 6.7, and about 7% less CPU per
 //! request (`cargo xtask bench http`). A read that fills the buffer is the
-//! start of bulk, and what follows goes through a pipe until a read
-//! through it moves less than the buffer holds. What a full destination leaves of a small message is written
-//! before the source is read again (at most [`SMALL`] bytes a direction).
+//! start of bulk, and what follows goes through a pipe. A burst is what
+//! moves between two reads that find the socket empty: after a burst of
+//! at least [`SMALL`] bytes the next one goes through the pipe too (a
+//! stream that keeps running dry for a moment is not copied at each
+//! restart), after a smaller one the next starts with the small step.
+//! What a full destination leaves of a small message is written before
+//! the source is read again (at most [`SMALL`] bytes a direction).
 //!
 //! A direction holds a pipe only while bulk flows: it takes one from a
 //! shared pool for a bulk read, keeps it while reads find bytes, and
 //! gives it back once a read finds the socket empty (the pipe is empty
-//! then too), so an idle connection holds no pipe (three descriptors on
-//! TCP, its sockets and the idle watch's, two for a pinned HTTP
-//! connection, instead of seven; 40,000 held connections would otherwise
+//! then too), so an idle connection holds no pipe (its two sockets'
+//! descriptors instead of six; 40,000 held connections would otherwise
 //! need 160,000 more descriptors and their pipe buffers).
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::net::Shutdown;
@@ -40,17 +43,19 @@ use crate::metrics::traffic::InstanceTraffic;
 /// forwarded (EOF on one side → `shutdown(SHUT_WR)` on the other); an error
 /// on either side resets both. Bytes count as the instance's TCP bytes.
 pub async fn pump(
-    client: TcpStream,
-    server: TcpStream,
+    client: &TcpStream,
+    server: &TcpStream,
     pipe_bytes: usize,
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
     let counters = (&traffic.tcp_bytes_in, &traffic.tcp_bytes_out);
-    pump_counted(&client, &server, pipe_bytes, counters, traffic).await
+    pump_counted(client, server, pipe_bytes, counters, traffic).await
 }
 
 /// [`pump`], counting bytes from the client in `counters.0` and bytes to
-/// it in `counters.1` (a pinned HTTP connection counts HTTP bytes).
+/// it in `counters.1` (a pinned HTTP connection counts HTTP bytes). The
+/// caller closes both sockets once this returns: the direction that ends
+/// last leaves its FIN to that close instead of a `shutdown(2)` of its own.
 pub async fn pump_counted(
     client: &TcpStream,
     server: &TcpStream,
@@ -58,8 +63,9 @@ pub async fn pump_counted(
     counters: (&AtomicU64, &AtomicU64),
     traffic: &InstanceTraffic,
 ) -> io::Result<()> {
-    let up = one_way(client, server, pipe_bytes, counters.0, traffic);
-    let down = one_way(server, client, pipe_bytes, counters.1, traffic);
+    let ended = AtomicBool::new(false);
+    let up = one_way(client, server, pipe_bytes, counters.0, traffic, &ended);
+    let down = one_way(server, client, pipe_bytes, counters.1, traffic, &ended);
     let result = tokio::try_join!(up, down).map(|_| ());
     if result.is_err() {
         reset(client);
@@ -177,16 +183,19 @@ async fn one_way(
     pipe_bytes: usize,
     counter: &AtomicU64,
     traffic: &InstanceTraffic,
+    ended: &AtomicBool,
 ) -> io::Result<()> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     // The pipe is kept while the socket keeps having bytes, and given back
     // once a read finds it empty: no pool lock per chunk of a busy stream,
     // no pipe held by an idle one.
     let mut held: Option<Pipe> = None;
-    // Whether the last read was bulk (filled the small buffer, or moved
-    // that much through the pipe): a stream that runs dry between bursts
-    // goes on through the pipe instead of copying each burst's start.
+    // Whether the last burst (the bytes moved between two reads that found
+    // the socket empty) was bulk: a stream that runs dry between bursts
+    // goes on through the pipe instead of copying each burst's start; one
+    // that sends a small message again goes back to the small step.
     let mut bulk = false;
+    let mut burst = 0;
     loop {
         // A stream that never runs dry still lets the thread's other tasks
         // (connections, timers) run: readiness alone takes no budget.
@@ -197,10 +206,11 @@ async fn one_way(
             let step = SMALL_BUF.with_borrow_mut(|buf| small_step(src, dst, buf))?;
             let n = match step {
                 Small::Empty => continue,
-                Small::Eof => return forward_eof(dst),
+                Small::Eof => return forward_eof(dst, ended),
                 Small::Moved { n, drained } => {
                     // A full read: bulk follows, through a pipe.
                     bulk = !drained;
+                    burst = if drained { 0 } else { n };
                     n
                 }
                 Small::Partial { n, rest } => {
@@ -229,9 +239,11 @@ async fn one_way(
         let n = match r {
             Ok(n) => n,
             // The pipe is still empty: back to the pool (the next burst
-            // takes one again if the last read was bulk).
+            // takes one again if this one was bulk).
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back();
+                bulk = burst >= SMALL;
+                burst = 0;
                 continue;
             }
             Err(e) => {
@@ -241,7 +253,7 @@ async fn one_way(
         };
         if n == 0 {
             pipe.give_back();
-            return forward_eof(dst);
+            return forward_eof(dst, ended);
         }
         let mut left = n;
         while left > 0 {
@@ -261,14 +273,19 @@ async fn one_way(
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
-        bulk = n >= SMALL;
+        burst += n;
         // Empty again; the next read tells whether the socket has more.
         held = Some(pipe);
     }
 }
 
-/// EOF from the source: forward the half-close; the other direction goes on.
-fn forward_eof(dst: &TcpStream) -> io::Result<()> {
+/// EOF from the source: forward the half-close; the other direction goes
+/// on. Once both have ended, the caller's close sends the FIN (each socket
+/// has been read to its end, so it is a FIN, not a reset).
+fn forward_eof(dst: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
+    if ended.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
     match rustix::net::shutdown(dst, Shutdown::Write) {
         Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
         Err(e) => Err(e.into()),
@@ -328,7 +345,7 @@ mod tests {
         }
         let traffic = std::sync::Arc::new(InstanceTraffic::default());
         let t = traffic.clone();
-        let relay = tokio::spawn(async move { pump(client, server, pipe_bytes, &t).await });
+        let relay = tokio::spawn(async move { pump(&client, &server, pipe_bytes, &t).await });
         Ok((player, instance, traffic, relay))
     }
 

@@ -507,7 +507,7 @@ fn figures(
          Forwarded connections held at once: {} connections opened through the fourth agent to the three instances' echo \
          ports (round robin, each echoing one byte before the next batch), all held open together ({:.0} s to open): 40,000, \
          or as many as the open-file limit lets the agent hold (hard limit here {limit}, not raisable without \
-         `CAP_SYS_RESOURCE`; three descriptors per connection, pipes are taken from a pool only while bytes move). The \
+         `CAP_SYS_RESOURCE`; two descriptors per connection, pipes are taken from a pool only while bytes move). The \
          agent's connections to the owners bind with `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the port per \
          destination: they use {} distinct local ports of the {} in `ip_local_port_range` (a port repeats toward \
          different owners), so no destination's ports are used up by another's. The maximum is per instance port and \
@@ -541,16 +541,15 @@ const HELD: usize = 40_000;
 
 /// Lifts this process's soft open-file limit to its hard one (children
 /// started after inherit it) and says how many connections the edge agent
-/// can hold under it: three descriptors each (its two sockets and the idle
-/// watch's duplicate; pipes are held only while bytes are in flight),
-/// 1,000 kept for everything else.
+/// can hold under it: two descriptors each (its two sockets; pipes are
+/// held only while bytes are in flight), 1,000 kept for everything else.
 fn raise_open_files() -> Result<usize> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     limit.current = limit.maximum;
     setrlimit(Resource::Nofile, limit).context("raising the open-file limit")?;
     let hard = limit.maximum.map_or(usize::MAX, |m| m as usize);
-    Ok(hard.saturating_sub(1000) / 3)
+    Ok(hard.saturating_sub(1000) / 2)
 }
 
 /// Opens `n` connections through the edge agent to the instances' echo
