@@ -855,8 +855,8 @@ async fn idle_connections_close_at_the_specs_timeout_and_one_address_is_capped()
     let went_quiet = Instant::now();
     let closed = tokio::spawn(async move {
         let mut buf = [0u8; 16];
-        let _ = tokio::time::timeout(Duration::from_secs(30), quiet.read(&mut buf)).await;
-        went_quiet.elapsed()
+        let read = tokio::time::timeout(Duration::from_secs(30), quiet.read(&mut buf)).await;
+        (went_quiet.elapsed(), read.map(|r| r.map_err(|e| e.kind())))
     });
     let mut talking = TcpStream::connect(&via_a).await.unwrap();
     for i in 0..9 {
@@ -867,10 +867,17 @@ async fn idle_connections_close_at_the_specs_timeout_and_one_address_is_capped()
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let after = closed.await.unwrap();
+    let (after, read) = closed.await.unwrap();
     assert!(
         after >= Duration::from_secs(9) && after < Duration::from_secs(25),
         "the quiet connection closed after {after:?} (tcp_idle_timeout_secs = 10)"
+    );
+    // Reset, not closed with a FIN: the player can tell it from the
+    // instance's own close.
+    assert_eq!(
+        read.ok(),
+        Some(Err(std::io::ErrorKind::ConnectionReset)),
+        "how the quiet connection ended"
     );
     assert!(
         p.a.metric("tidegate_tcp_failed_connections_total{stage=\"idle_timeout\"}")

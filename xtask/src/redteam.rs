@@ -208,6 +208,10 @@ const DEFENCES: &[(&str, &str)] = &[
         "etcd-roles",
         "each worker's etcd user reads its own secrets and writes only its own keys (the range grants worker b readwrite on the root)",
     ),
+    (
+        "stalled-reader",
+        "a write to an HTTP player (an answer, a WebSocket tunnel's bytes) ends after upstream_read_timeout_ms without progress (TIDEGATE_PLANTED)",
+    ),
 ];
 
 fn attacks() -> Vec<Attack> {

@@ -79,13 +79,22 @@ pub(super) fn keepalive(s: impl AsFd) {
 }
 
 /// What every accepted player socket needs (no Nagle delay on what the
-/// relay writes to the player, TCP keepalive), set once on the listener:
-/// Linux copies both into each socket it accepts, which saves five
-/// system calls a connection.
+/// relay writes to the player, TCP keepalive, urgent bytes in line), set
+/// once on the listener: Linux copies them into each socket it accepts,
+/// which saves six system calls a connection.
 pub(super) fn player_options(listener: impl AsFd) -> std::io::Result<()> {
     rustix::net::sockopt::set_tcp_nodelay(&listener, true)?;
+    urgent_in_line(&listener)?;
     keepalive(&listener);
     Ok(())
+}
+
+/// A TCP urgent byte (`MSG_OOB`, telnet's Synch) is read in line, as the
+/// byte of the stream it is, and forwarded as such: the relay does not
+/// drop it, and sees how many bytes are queued past its mark (see
+/// `splice::splice_in`).
+pub(super) fn urgent_in_line(s: impl AsFd) -> std::io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_oobinline(s, true)?)
 }
 
 /// A second handle on a socket whose first one a data path owns, to watch
@@ -383,6 +392,7 @@ impl Relay {
             sent = header.len();
         }
         let _ = server.set_nodelay(true);
+        let _ = urgent_in_line(&server);
         // Toward another host's agent only: a local instance's kernel is
         // this one, which answers keepalive probes whatever the container
         // does, and a container that stops closes its sockets.
@@ -395,11 +405,13 @@ impl Relay {
     /// Runs `pump` (the data path moving the connection's bytes) with the
     /// connection counted as active, until it ends or `player` (the
     /// player's socket) has been idle for the challenge's
-    /// `tcp_idle_timeout_secs` (then both sockets close), and counts how it ended.
+    /// `tcp_idle_timeout_secs`, and counts how it ended. An idle connection
+    /// is reset, not closed with a FIN: what a destination that stopped
+    /// reading left in the relay is dropped, and the player is told so.
     async fn transfer(
         &self,
         route: &Route,
-        player: &impl std::os::fd::AsRawFd,
+        player: &(impl std::os::fd::AsRawFd + AsFd),
         pump: impl std::future::Future<Output = std::io::Result<()>>,
     ) -> std::io::Result<()> {
         let traffic: &InstanceTraffic = &route.traffic;
@@ -409,6 +421,7 @@ impl Relay {
         let moved = tokio::select! {
             moved = pump => moved,
             () = idle(player, route.tcp_idle) => {
+                splice::reset(player);
                 self.failures.idle.inc();
                 tracing::debug!(instance = %route.instance, idle = ?route.tcp_idle, "TCP connection closed: idle for the challenge's tcp_idle_timeout_secs");
                 Ok(())
@@ -481,7 +494,7 @@ mod tests {
     /// accepted socket has neither (what this test would see if the copy
     /// stopped).
     #[tokio::test]
-    async fn accepted_player_sockets_have_the_listeners_nodelay_and_keepalive()
+    async fn accepted_player_sockets_have_the_listeners_nodelay_keepalive_and_oobinline()
     -> std::io::Result<()> {
         let with = listener(true)?;
         let (_near, s) = accepted(&with).await?;
@@ -490,6 +503,7 @@ mod tests {
             "no TCP_NODELAY on the accepted socket"
         );
         assert!(sockopt::socket_keepalive(&s)?, "no SO_KEEPALIVE");
+        assert!(sockopt::socket_oobinline(&s)?, "no SO_OOBINLINE");
         assert_eq!(sockopt::tcp_keepidle(&s)?, Duration::from_secs(60));
         assert_eq!(sockopt::tcp_keepintvl(&s)?, Duration::from_secs(10));
         assert_eq!(sockopt::tcp_keepcnt(&s)?, 3);
@@ -498,6 +512,7 @@ mod tests {
         let (_near, s) = accepted(&without).await?;
         assert!(!sockopt::tcp_nodelay(&s)?);
         assert!(!sockopt::socket_keepalive(&s)?);
+        assert!(!sockopt::socket_oobinline(&s)?);
         Ok(())
     }
 }

@@ -75,7 +75,7 @@ pub async fn pump_counted(
 }
 
 /// Makes the coming close send RST instead of FIN.
-pub(crate) fn reset(s: &TcpStream) {
+pub(crate) fn reset(s: impl std::os::fd::AsFd) {
     let _ = rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO));
 }
 
@@ -196,12 +196,17 @@ async fn one_way(
     // that sends a small message again goes back to the small step.
     let mut bulk = false;
     let mut burst = 0;
+    // Whether the last splice took less than the pipe holds (the socket is
+    // then most likely empty), and whether the source stands at a TCP
+    // urgent mark (see `Spliced::AtMark`).
+    let mut short = false;
+    let mut at_mark = false;
     loop {
         // A stream that never runs dry still lets the thread's other tasks
         // (connections, timers) run: readiness alone takes no budget.
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
-        if held.is_none() && !bulk {
+        if std::mem::take(&mut at_mark) || (held.is_none() && !bulk) {
             // Not in bulk: a small message is read and written at once.
             let step = SMALL_BUF.with_borrow_mut(|buf| small_step(src, dst, buf))?;
             let n = match step {
@@ -226,24 +231,23 @@ async fn one_way(
             Some(p) => p,
             None => Pipe::take(pipe_bytes)?,
         };
-        let r = src.try_io(Interest::READABLE, || {
-            Ok(rustix::pipe::splice(
-                src,
-                None,
-                &pipe.write,
-                None,
-                pipe.cap,
-                flags,
-            )?)
-        });
+        let r = src.try_io(Interest::READABLE, || splice_in(src, &pipe, short));
+        short = false;
         let n = match r {
-            Ok(n) => n,
+            Ok(Spliced::Moved(n)) => n,
             // The pipe is still empty: back to the pool (the next burst
             // takes one again if this one was bulk).
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back();
                 bulk = burst >= SMALL;
                 burst = 0;
+                continue;
+            }
+            // read(2) steps over the mark: the small step takes what
+            // follows it (the readiness is still set).
+            Ok(Spliced::AtMark) => {
+                pipe.give_back();
+                at_mark = true;
                 continue;
             }
             Err(e) => {
@@ -274,8 +278,45 @@ async fn one_way(
         counter.fetch_add(n as u64, Ordering::Relaxed);
         traffic.touch();
         burst += n;
+        short = n < pipe.cap;
         // Empty again; the next read tells whether the socket has more.
         held = Some(pipe);
+    }
+}
+
+/// What one splice from the source into an empty pipe did.
+enum Spliced {
+    /// `n` bytes are in the pipe (0: end of stream).
+    Moved(usize),
+    /// Nothing, while bytes are queued: splice(2) stops at a TCP urgent
+    /// mark (a player's `MSG_OOB`) and then finds nothing, however much
+    /// is queued behind it, until a read(2) steps over the mark.
+    AtMark,
+}
+
+/// Splices what `src` has into `pipe`; WouldBlock once the socket is
+/// empty. After a `short` splice (one that took less than the pipe
+/// holds) the socket is most likely empty, so the queue is asked first
+/// (FIONREAD) instead of splicing again: as many system calls, and, with
+/// urgent bytes in line (`SO_OOBINLINE`, which the relay sets on both
+/// sockets), it tells an empty socket from one stopped at an urgent mark.
+/// Without it FIONREAD counts only up to the mark, and a direction
+/// stopped there waits for the source's next bytes.
+fn splice_in(src: &TcpStream, pipe: &Pipe, short: bool) -> io::Result<Spliced> {
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    let queued = || rustix::io::ioctl_fionread(src);
+    let asked = if short { Some(queued()?) } else { None };
+    if asked == Some(0) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    match rustix::pipe::splice(src, None, &pipe.write, None, pipe.cap, flags) {
+        Ok(n) => Ok(Spliced::Moved(n)),
+        Err(rustix::io::Errno::AGAIN) => match asked {
+            Some(_) => Ok(Spliced::AtMark),
+            None if queued()? > 0 => Ok(Spliced::AtMark),
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        },
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -431,6 +472,65 @@ mod tests {
         let outs = 2 * 20 * 3 + down.len() as u64 + 3;
         assert_eq!(traffic.tcp_bytes_in.load(Ordering::Relaxed), ins);
         assert_eq!(traffic.tcp_bytes_out.load(Ordering::Relaxed), outs);
+        Ok(())
+    }
+
+    /// A TCP urgent byte (`MSG_OOB`) in bulk: splice(2) stops at its mark
+    /// and then finds nothing however much is queued behind it. With
+    /// urgent bytes in line (as the relay's sockets have them), the byte
+    /// and what follows it arrive, in order, and the relay goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_behind_an_urgent_mark_arrive() -> io::Result<()> {
+        tokio::time::timeout(Duration::from_secs(20), behind_urgent())
+            .await
+            .map_err(|_| io::Error::other("stuck at an urgent mark for 20 s"))?
+    }
+
+    async fn behind_urgent() -> io::Result<()> {
+        use rustix::net::{SendFlags, send};
+        let (mut player, client) = pair().await?;
+        let (server, mut instance) = pair().await?;
+        for s in [&client, &server] {
+            rustix::net::sockopt::set_socket_oobinline(s, true)?;
+        }
+        // Everything is queued before the relay starts: its first read
+        // fills the small buffer, so the rest goes through the pipe, whose
+        // splice stops at the mark.
+        let bulk = pattern(48 << 10, 20);
+        player.write_all(&bulk).await?;
+        player.write_all(b"<before").await?;
+        send(&player, b"!", SendFlags::OOB)?;
+        player.write_all(b"after>").await?;
+        let queued = bulk.len() as u64 + 14;
+        // (FIONREAD counts the in-line urgent byte and what follows it.)
+        for _ in 0..100 {
+            if rustix::io::ioctl_fionread(&client)? == queued {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rustix::io::ioctl_fionread(&client)?, queued);
+        let traffic = std::sync::Arc::new(InstanceTraffic::default());
+        let t = traffic.clone();
+        let relay = tokio::spawn(async move { pump(&client, &server, 1 << 20, &t).await });
+        let mut got = vec![0; bulk.len() + 14];
+        instance.read_exact(&mut got).await?;
+        assert!(got[..bulk.len()] == bulk[..], "bulk bytes differ");
+        assert_eq!(&got[bulk.len()..], b"<before!after>");
+        // The relay goes on: bulk and small again.
+        let more = pattern(1 << 20, 21);
+        let mut got = vec![0; more.len()];
+        tokio::try_join!(player.write_all(&more), instance.read_exact(&mut got))?;
+        assert!(got == more, "bulk bytes after the mark differ");
+        ping_pong(&mut player, &mut instance).await?;
+        player.shutdown().await?;
+        let mut tail = Vec::new();
+        instance.read_to_end(&mut tail).await?;
+        assert!(tail.is_empty(), "bytes after the end: {tail:?}");
+        drop(instance);
+        relay.await??;
+        let expected = (bulk.len() + 14 + more.len() + 40) as u64;
+        assert_eq!(traffic.tcp_bytes_in.load(Ordering::Relaxed), expected);
         Ok(())
     }
 

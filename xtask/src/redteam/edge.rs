@@ -3,7 +3,8 @@
 //! (slowloris) and more connections from one address than an agent lets
 //! one address hold; a pinned connection to an instance its policy
 //! refuses; two teams' requests over one L7 edge's pooled connection to
-//! their owner; and a TCP connection held open without a byte.
+//! their owner; a TCP connection held open without a byte; and a
+//! WebSocket tunnel whose player never reads.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -61,7 +62,112 @@ pub(super) fn attacks() -> Vec<Attack> {
             "tcp-idle",
             hold_quiet,
         ),
+        Attack::new(
+            "a WebSocket tunnel through agent a whose player floods it and never reads what comes back",
+            From::Network,
+            "stalled-reader",
+            stalled_reader,
+        ),
     ]
+}
+
+/// A tunnel to an echo behind a `101` (`rt-tunnel`, the eager upgrade
+/// server), through agent a from 127.0.0.1, into which the player writes
+/// until its writes stall for 2 s (every buffer on the way full of the
+/// echo it does not read), then reads nothing. The agent's write to the
+/// player then waits, and the tunnel with it (neither side is silent, so
+/// no idle limit runs): it holds its connection place, an upstream
+/// connection and every buffer. Blocked if the agent has closed it
+/// `upstream_read_timeout_ms` + 8 s later; through if it then still
+/// echoes a fresh message once the player reads.
+fn stalled_reader(r: &Range) -> Result<Verdict> {
+    let image = tidegate_local::images::binary_image(
+        "tidegate/redteam-http-echo",
+        &r.bin_dir.join("ws-echo"),
+        &[],
+    )?;
+    let spec = serde_json::json!({
+        "image": image,
+        "env": {"WS_EAGER": "1"},
+        "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
+    });
+    let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-tunnel", &spec)?;
+    anyhow::ensure!(
+        status == 201 || status == 200,
+        "registering rt-tunnel: {status} {body}"
+    );
+    let spawned = spawn_running(r, "rt-tunnel", &["tunnel-x"])?;
+    let host = &spawned.hosts[0];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let entry = r.a_cfg.http_entry;
+    let mut s = connect_from(&rt, [127, 0, 0, 1].into(), entry)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        anyhow::ensure!(
+            s.read(&mut byte)? == 1,
+            "closed before the upgrade's answer"
+        );
+        head.push(byte[0]);
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "through {entry}: not a 101: {:?}",
+        String::from_utf8_lossy(&head)
+    );
+    // Flood until the writes stall.
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0usize;
+    loop {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) => anyhow::bail!("the tunnel failed while {sent} bytes were written: {e}"),
+        }
+        anyhow::ensure!(sent < 1 << 30, "1 GiB went into the tunnel without a stall");
+    }
+    let stalled = Instant::now();
+    let limit = Duration::from_millis(r.a_cfg.upstream_read_timeout_ms);
+    std::thread::sleep(limit + Duration::from_secs(8));
+    // Read what is there: the end of the connection, or (still open) the
+    // echo of everything sent.
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut back = 0usize;
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Some("closed".to_string()),
+            Ok(n) => back += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break None;
+            }
+            Err(e) => break Some(format!("reset ({e})")),
+        }
+    };
+    let seen = format!(
+        "{sent} bytes written until the writes stalled, {back} read back {:.0} s later",
+        stalled.elapsed().as_secs_f64()
+    );
+    if let Some(how) = ended {
+        return Ok(Verdict::Blocked(format!("{how}: {seen}")));
+    }
+    s.write_all(b"still here")?;
+    let mut echo = [0u8; 10];
+    s.read_exact(&mut echo)?;
+    anyhow::ensure!(&echo == b"still here", "the tunnel answered {echo:?}");
+    Ok(Verdict::Succeeded(format!(
+        "the tunnel still echoes: {seen}"
+    )))
 }
 
 /// One TCP connection to idler's instance (tcp_idle_timeout_secs =
