@@ -233,12 +233,6 @@ impl ProxyHttp for EdgeProxy {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.limits.keepalive_secs));
         }
-        // A player who stops reading holds what is written to it (an
-        // answer, a tunnel's bytes: the tunnel waits on that write, not on
-        // its idle limit) no longer than an instance may stay silent.
-        if !tidegate_schema::config::planted("stalled-reader") {
-            session.set_write_timeout(Some(self.limits.read_timeout));
-        }
         let req = session.req_header();
         let header_bytes: usize = req
             .headers

@@ -136,6 +136,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let routes: SharedRoutes = Arc::default();
     let http = Arc::new(Connections::new(ConnLimits {
         header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
+        write_stall: Duration::from_millis(cfg.upstream_read_timeout_ms),
         max_header_bytes: cfg.max_header_bytes,
         max_connections: cfg.http_max_connections,
         max_connections_per_source: cfg.http_max_connections_per_source,

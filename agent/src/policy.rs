@@ -528,6 +528,8 @@ impl EdgePolicy for PluginPolicy {
             } else {
                 "http"
             },
+            policy: plugin.digest().clone(),
+            fallback,
         };
         let now = std::time::Instant::now();
         if let Some(v) = self.cache.get(&key, now) {

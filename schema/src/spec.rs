@@ -327,7 +327,7 @@ pub enum HttpMode {
 
 /// The decision used when a challenge's policy plugin fails.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyFallback {
     /// Refuse the spawn, renewal or connection (the answer names the failure).

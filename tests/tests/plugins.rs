@@ -545,6 +545,67 @@ async fn runaway_and_hungry_plugins_fall_back_fast_and_everything_stays_healthy(
     assert!(fallbacks >= 1.0);
 }
 
+/// Edge decisions are cached per policy: a challenge's new policy applies
+/// as soon as an agent has loaded it, not once the old one's cached
+/// decisions (kept a minute here) run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_policy_is_never_answered_with_the_old_ones_cached_decisions() {
+    // Decisions, not deadlines: a first call preempted on a loaded 2-core
+    // run must not fall back (a fallback would be cached for the minute).
+    let p = plane(|a| {
+        a.edge_decision_cache_ms = 60_000;
+        a.plugin_deadline_ms = 50;
+    })
+    .await;
+    let c = &p.controller;
+    assert_eq!(
+        c.put_challenge("web", web_spec()).await.0,
+        StatusCode::CREATED
+    );
+    let (_, host, _) = p.running("web", "red").await;
+    let (s, up) = c.put_policy("web", component("allowlist")).await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+    // red is on the list: each agent admits it and keeps the decision.
+    for (agent, entry) in [(&p.a, &p.a_http), (&p.b, &p.b_http)] {
+        let cached = eventually(10, || async {
+            get(entry, &host, None).await.0 == 200
+                && agent
+                    .metric("tidegate_policy_edge_decisions_total{decision=\"cached\"}")
+                    .await
+                    .unwrap_or(0.0)
+                    >= 1.0
+        })
+        .await;
+        let decisions: Vec<String> = agent
+            .metrics()
+            .await
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("tidegate_policy_edge"))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            cached,
+            "agent {entry} did not answer red from its cache: {decisions:#?}"
+        );
+    }
+    // The runaway never decides (fallback deny): every request is refused
+    // once the agents run it.
+    let (s, up) = c.put_policy("web", component("runaway")).await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+    for entry in [&p.a_http, &p.b_http] {
+        let refused = eventually(15, || async {
+            let (s, _, body) = get(entry, &host, None).await;
+            s == 403 && body.contains("did not finish within")
+        })
+        .await;
+        assert!(
+            refused,
+            "agent {entry} still admits red on the old policy's cached decision"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_the_policy_under_100_spawns_in_flight_loses_none() {
     let p = control_only().await;

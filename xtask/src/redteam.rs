@@ -210,7 +210,7 @@ const DEFENCES: &[(&str, &str)] = &[
     ),
     (
         "stalled-reader",
-        "a write to an HTTP player (an answer, a WebSocket tunnel's bytes) ends after upstream_read_timeout_ms without progress (TIDEGATE_PLANTED)",
+        "an agent's HTTP connection whose player takes no byte of what is written to it (an answer, a WebSocket tunnel's bytes) for upstream_read_timeout_ms is closed (TIDEGATE_PLANTED)",
     ),
 ];
 

@@ -54,17 +54,22 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
     pub header_timeout: Duration,
+    /// How long a write to the player may wait for the player to take a
+    /// byte (an answer's head or body, a tunnel's bytes, an HTTP/2
+    /// frame): past it the connection ends.
+    pub write_stall: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
 }
 
 /// Why a connection was refused or closed early.
-const REASONS: [&str; 4] = [
+const REASONS: [&str; 5] = [
     "max_connections",
     "max_per_source",
     "header_timeout",
     "header_too_large",
+    "write_stalled",
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -321,6 +326,9 @@ struct Guarded {
     inner: Stream,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
+    /// Armed while a write waits for the player to take bytes; dropped
+    /// at the first byte it takes.
+    stalled: Option<Pin<Box<Sleep>>>,
     limits: ConnLimits,
     conns: Arc<Connections>,
     _admitted: Option<Admitted>,
@@ -352,6 +360,7 @@ impl Guarded {
                 }
             },
             deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
+            stalled: None,
             limits,
             conns,
             _admitted: admitted,
@@ -530,6 +539,43 @@ impl AsyncRead for Guarded {
     }
 }
 
+impl Guarded {
+    /// A write that waits (`written` is pending): pending until the
+    /// player has taken no byte for `write_stall`, then an error that ends
+    /// the connection. A player who stops reading what it asked for (a
+    /// download, a WebSocket tunnel's echo, heads of answers to requests
+    /// it keeps sending) holds its place, the upstream connection and
+    /// their buffers no longer than that; one that reads slowly is never
+    /// cut. A write that goes through disarms it.
+    fn stall<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if written.is_ready() {
+            self.stalled = None;
+            return written;
+        }
+        let limit = self.limits.write_stall;
+        if self.stalled.is_none() {
+            if tidegate_schema::config::planted("stalled-reader") {
+                return written;
+            }
+            self.stalled = Some(Box::pin(tokio::time::sleep(limit)));
+        }
+        let Some(timer) = self.stalled.as_mut() else {
+            return written;
+        };
+        ready!(timer.as_mut().poll(cx));
+        self.stalled = None;
+        self.conns.count("write_stalled");
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the player took no byte for {limit:?}"),
+        )))
+    }
+}
+
 impl AsyncWrite for Guarded {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -537,7 +583,8 @@ impl AsyncWrite for Guarded {
         bytes: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.saw_write(bytes);
-        Pin::new(&mut self.inner).poll_write(cx, bytes)
+        let written = Pin::new(&mut self.inner).poll_write(cx, bytes);
+        self.stall(cx, written)
     }
 
     fn poll_write_vectored(
@@ -548,7 +595,8 @@ impl AsyncWrite for Guarded {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             self.saw_write(first);
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.stall(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -556,7 +604,8 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.stall(cx, flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -661,6 +710,7 @@ mod tests {
     fn connections(max_header_bytes: usize) -> Arc<Connections> {
         Arc::new(Connections::new(ConnLimits {
             header_timeout: Duration::from_secs(4),
+            write_stall: Duration::from_secs(10),
             max_header_bytes,
             max_connections: 8,
             max_connections_per_source: 8,
@@ -781,12 +831,68 @@ mod tests {
         assert!(matches!(g.phase, Phase::Tunnel));
     }
 
+    /// A player who stops reading: the write waiting on it fails once it
+    /// has taken no byte for `write_stall` (10 s here), in a tunnel too.
+    /// One that reads slowly (a few bytes every 5 s) is never cut.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_player_takes_no_byte_of_ends_after_write_stall() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1024);
+        let conns = connections(1024);
+        let mut g = Guarded::new(Box::new(server), conns.clone(), None, false);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(g.read(&mut buf).await.unwrap() > 0);
+        g.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .await
+            .unwrap();
+        // A slow reader: 64 bytes every 5 s, for a minute.
+        let slow = tokio::spawn(async move {
+            let mut got = [0u8; 64];
+            for _ in 0..12 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                client.read_exact(&mut got).await.unwrap();
+            }
+            client
+        });
+        let started = Instant::now();
+        let mut written = 0;
+        while started.elapsed() < Duration::from_secs(55) {
+            written += g.write(&[b'x'; 256]).await.unwrap();
+        }
+        assert!(
+            written >= 11 * 64,
+            "{written} bytes written to the slow reader"
+        );
+        let _client = slow.await.unwrap();
+        // It stops reading: the next write that waits fails 10 s later.
+        let stalled = Instant::now();
+        let e = loop {
+            match g.write(&[b'x'; 256]).await {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            stalled.elapsed() >= Duration::from_secs(10)
+                && stalled.elapsed() < Duration::from_secs(11),
+            "{:?}",
+            stalled.elapsed()
+        );
+        assert_eq!(conns.refused("write_stalled"), 1);
+    }
+
     /// The caps themselves are `tidegate_schema::caps`'s (tested there):
     /// here, the reasons they are counted under and the open gauge.
     #[test]
     fn refusals_are_named_and_the_gauge_follows_open_connections() {
         let conns = Arc::new(Connections::new(ConnLimits {
             header_timeout: Duration::from_secs(1),
+            write_stall: Duration::from_secs(1),
             max_header_bytes: 1024,
             max_connections: 2,
             max_connections_per_source: 1,

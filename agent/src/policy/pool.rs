@@ -150,13 +150,17 @@ fn work(rx: &Mutex<Receiver<Job>>) {
     }
 }
 
-/// What a cached decision is keyed by.
+/// What a cached decision is keyed by: the connection, and the policy
+/// that decided it (its digest and fallback), so a challenge's new policy
+/// is never answered with the old one's decisions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DecisionKey {
     pub instance: String,
     pub source: Option<IpAddr>,
     pub host: String,
     pub protocol: &'static str,
+    pub policy: tidegate_plugin_host::Digest,
+    pub fallback: tidegate_schema::PolicyFallback,
 }
 
 /// Entries kept at most; past it, expired ones are swept, and if none
@@ -222,7 +226,29 @@ mod tests {
             source: Some(IpAddr::from(i.to_be_bytes())),
             host: "0000000001.ctf.localhost".into(),
             protocol: "http",
+            policy: tidegate_plugin_host::Digest::of(b"a policy"),
+            fallback: tidegate_schema::PolicyFallback::Deny,
         }
+    }
+
+    /// A decision answers for the policy that made it only: another
+    /// digest, or the same one with another fallback, is a miss.
+    #[test]
+    fn a_cached_decision_holds_for_its_policy_only() {
+        let cache = DecisionCache::new(Duration::from_secs(60));
+        let now = Instant::now();
+        cache.put(key(1), "allow", now);
+        assert_eq!(cache.get(&key(1), now), Some("allow"));
+        let swapped = DecisionKey {
+            policy: tidegate_plugin_host::Digest::of(b"the next policy"),
+            ..key(1)
+        };
+        assert_eq!(cache.get(&swapped, now), None);
+        let refallen = DecisionKey {
+            fallback: tidegate_schema::PolicyFallback::Allow,
+            ..key(1)
+        };
+        assert_eq!(cache.get(&refallen, now), None);
     }
 
     #[tokio::test]

@@ -186,18 +186,19 @@ impl Relay {
             (DataPath::Sockhash, Some(r)) if taken == Taken::Nothing => {
                 let watch = watch_handle(&client)?;
                 let pump = sockhash::pump(r, client, server, sent, self.pipe_bytes, traffic);
-                self.transfer(&route, &watch, pump).await
+                self.transfer(&route, &watch, None, pump).await
             }
             (DataPath::Copy, _) => {
                 let watch = watch_handle(&client)?;
-                self.transfer(&route, &watch, copy(client, server, traffic))
+                self.transfer(&route, &watch, None, copy(client, server, traffic))
                     .await
             }
             // The relay only borrows the sockets: the idle watch reads
             // the player's own, no second handle (two system calls).
             _ => {
                 let pump = splice::pump(&client, &server, self.pipe_bytes, traffic);
-                self.transfer(&route, &client, pump).await
+                self.transfer(&route, &client, Some(server.as_fd()), pump)
+                    .await
             }
         }
     }
@@ -296,7 +297,7 @@ impl Relay {
             keepalive(client.get_ref().0);
             let watch = watch_handle(client.get_ref().0)?;
             let traffic = &route.traffic;
-            self.transfer(&route, &watch, copy(&mut client, server, traffic))
+            self.transfer(&route, &watch, None, copy(&mut client, server, traffic))
                 .await
         }
         .await;
@@ -407,11 +408,13 @@ impl Relay {
     /// player's socket) has been idle for the challenge's
     /// `tcp_idle_timeout_secs`, and counts how it ended. An idle connection
     /// is reset, not closed with a FIN: what a destination that stopped
-    /// reading left in the relay is dropped, and the player is told so.
+    /// reading left in the relay is dropped, and the player (and the
+    /// instance, given its `server` socket) is told so.
     async fn transfer(
         &self,
         route: &Route,
         player: &(impl std::os::fd::AsRawFd + AsFd),
+        server: Option<std::os::fd::BorrowedFd<'_>>,
         pump: impl std::future::Future<Output = std::io::Result<()>>,
     ) -> std::io::Result<()> {
         let traffic: &InstanceTraffic = &route.traffic;
@@ -422,6 +425,9 @@ impl Relay {
             moved = pump => moved,
             () = idle(player, route.tcp_idle) => {
                 splice::reset(player);
+                if let Some(server) = server {
+                    splice::reset(server);
+                }
                 self.failures.idle.inc();
                 tracing::debug!(instance = %route.instance, idle = ?route.tcp_idle, "TCP connection closed: idle for the challenge's tcp_idle_timeout_secs");
                 Ok(())

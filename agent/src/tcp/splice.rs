@@ -256,8 +256,12 @@ async fn one_way(
             }
         };
         if n == 0 {
+            // The end, or an urgent mark with the FIN queued behind it:
+            // splice(2) finds nothing there either. read(2) tells them
+            // apart (it returns 0 only at the end).
             pipe.give_back();
-            return forward_eof(dst, ended);
+            at_mark = true;
+            continue;
         }
         let mut left = n;
         while left > 0 {
@@ -286,7 +290,8 @@ async fn one_way(
 
 /// What one splice from the source into an empty pipe did.
 enum Spliced {
-    /// `n` bytes are in the pipe (0: end of stream).
+    /// `n` bytes are in the pipe (0: the end of the stream, or an urgent
+    /// mark with the FIN queued behind it).
     Moved(usize),
     /// Nothing, while bytes are queued: splice(2) stops at a TCP urgent
     /// mark (a player's `MSG_OOB`) and then finds nothing, however much
@@ -481,12 +486,23 @@ mod tests {
     /// and what follows it arrive, in order, and the relay goes on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bytes_behind_an_urgent_mark_arrive() -> io::Result<()> {
-        tokio::time::timeout(Duration::from_secs(20), behind_urgent())
+        tokio::time::timeout(Duration::from_secs(20), behind_urgent(false))
             .await
             .map_err(|_| io::Error::other("stuck at an urgent mark for 20 s"))?
     }
 
-    async fn behind_urgent() -> io::Result<()> {
+    /// The same with the player's FIN queued behind the mark: splice(2)
+    /// then returns 0 there, which is not the end yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_and_the_end_behind_an_urgent_mark_arrive() -> io::Result<()> {
+        tokio::time::timeout(Duration::from_secs(20), behind_urgent(true))
+            .await
+            .map_err(|_| io::Error::other("stuck at an urgent mark for 20 s"))?
+    }
+
+    /// With `end`, the player half-closes right after the bytes behind
+    /// the mark, before the relay starts.
+    async fn behind_urgent(end: bool) -> io::Result<()> {
         use rustix::net::{SendFlags, send};
         let (mut player, client) = pair().await?;
         let (server, mut instance) = pair().await?;
@@ -501,6 +517,9 @@ mod tests {
         player.write_all(b"<before").await?;
         send(&player, b"!", SendFlags::OOB)?;
         player.write_all(b"after>").await?;
+        if end {
+            player.shutdown().await?;
+        }
         let queued = bulk.len() as u64 + 14;
         // (FIONREAD counts the in-line urgent byte and what follows it.)
         for _ in 0..100 {
@@ -517,6 +536,20 @@ mod tests {
         instance.read_exact(&mut got).await?;
         assert!(got[..bulk.len()] == bulk[..], "bulk bytes differ");
         assert_eq!(&got[bulk.len()..], b"<before!after>");
+        if end {
+            let mut tail = Vec::new();
+            instance.read_to_end(&mut tail).await?;
+            assert!(tail.is_empty(), "bytes after the end: {tail:?}");
+            instance.write_all(b"bye").await?;
+            drop(instance);
+            let mut bye = Vec::new();
+            player.read_to_end(&mut bye).await?;
+            assert_eq!(bye, b"bye");
+            relay.await??;
+            let expected = (bulk.len() + 14) as u64;
+            assert_eq!(traffic.tcp_bytes_in.load(Ordering::Relaxed), expected);
+            return Ok(());
+        }
         // The relay goes on: bulk and small again.
         let more = pattern(1 << 20, 21);
         let mut got = vec![0; more.len()];

@@ -124,6 +124,13 @@ fn stalled_reader(r: &Range) -> Result<Verdict> {
         "through {entry}: not a 101: {:?}",
         String::from_utf8_lossy(&head)
     );
+    let mut echo = [0u8; 5];
+    s.write_all(b"hello")?;
+    s.read_exact(&mut echo)?;
+    anyhow::ensure!(
+        &echo == b"hello",
+        "the tunnel answered {echo:?}, not the echo"
+    );
     // Flood until the writes stall.
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let chunk = vec![b'x'; 64 << 10];
@@ -138,7 +145,26 @@ fn stalled_reader(r: &Range) -> Result<Verdict> {
     }
     let stalled = Instant::now();
     let limit = Duration::from_millis(r.a_cfg.upstream_read_timeout_ms);
-    std::thread::sleep(limit + Duration::from_secs(8));
+    // Watch for the agent's reset without reading (a read would let the
+    // tunnel move again).
+    let mut reset = None;
+    while reset.is_none() && stalled.elapsed() < limit + Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Err(e) = rustix::net::sockopt::socket_error(&s)? {
+            reset = Some((stalled.elapsed(), e));
+        }
+    }
+    if let Some((after, e)) = reset {
+        // The agent's write stalled a little before the player's did.
+        anyhow::ensure!(
+            after >= limit / 2,
+            "reset after only {after:?} ({e}), well before the write-stall limit {limit:?}"
+        );
+        return Ok(Verdict::Blocked(format!(
+            "reset {:.1} s after the player's writes stalled ({sent} bytes written): {e}",
+            after.as_secs_f64()
+        )));
+    }
     // Read what is there: the end of the connection, or (still open) the
     // echo of everything sent.
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
