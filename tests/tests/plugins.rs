@@ -554,7 +554,7 @@ async fn a_new_policy_is_never_answered_with_the_old_ones_cached_decisions() {
     // run must not fall back (a fallback would be cached for the minute).
     let p = plane(|a| {
         a.edge_decision_cache_ms = 60_000;
-        a.plugin_deadline_ms = 50;
+        a.plugin_deadline_ms = 200;
     })
     .await;
     let c = &p.controller;

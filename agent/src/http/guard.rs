@@ -546,7 +546,9 @@ impl Guarded {
     /// download, a WebSocket tunnel's echo, heads of answers to requests
     /// it keeps sending) holds its place, the upstream connection and
     /// their buffers no longer than that; one that reads slowly is never
-    /// cut. A write that goes through disarms it.
+    /// cut. A write that goes through disarms it. (On a TCP socket a
+    /// write waits until about a third of the send buffer has drained, so
+    /// "taking a byte" means taking that much within the limit.)
     fn stall<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -608,15 +610,19 @@ impl AsyncWrite for Guarded {
         self.stall(cx, flushed)
     }
 
+    /// A TLS close writes (close_notify, and what is still buffered):
+    /// it waits on the player like any write.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let closed = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.stall(cx, closed)
     }
 }
 
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await
+        let limit = self.limits.write_stall;
+        let _ = tokio::time::timeout(limit, Shutdown::shutdown(&mut *self.inner)).await;
     }
 }
 
@@ -833,7 +839,8 @@ mod tests {
 
     /// A player who stops reading: the write waiting on it fails once it
     /// has taken no byte for `write_stall` (10 s here), in a tunnel too.
-    /// One that reads slowly (a few bytes every 5 s) is never cut.
+    /// One that reads slowly (64 bytes every 5 s, on this in-memory pipe,
+    /// which wakes the writer at each read) is never cut.
     #[tokio::test(start_paused = true)]
     async fn a_write_the_player_takes_no_byte_of_ends_after_write_stall() {
         use tokio::io::AsyncReadExt;

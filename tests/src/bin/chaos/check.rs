@@ -61,8 +61,9 @@ pub(crate) const AGENT_RECOVERY: Secs = 6.0;
 /// watch was on it may lag this long: the member steps down within an
 /// election timeout (500 ms here), etcd cancels its require-leader streams
 /// after three more without a leader, and the watcher's retry (at most
-/// 1 s apart) lands on a member that has one.
-pub(crate) const MINORITY_DETECT: Secs = 5.0;
+/// 1 s apart) lands on a member that has one. A loaded 2-core CI run took
+/// 5.75 s (2026-12-05: fault at 100.60 s, routes served again at 106.36 s).
+pub(crate) const MINORITY_DETECT: Secs = 6.0;
 
 /// How long an agent may be cut from etcd before its worker's lease (6 s
 /// here, kept alive every second) can lapse.
