@@ -814,11 +814,9 @@ mod tests {
         assert!(g.read(&mut buf).await.unwrap() > 0, "the upload was cut");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_upgraded_connection_is_a_tunnel_without_deadline() {
+    /// A WebSocket upgrade through `g` from `client`, answered 101.
+    async fn upgrade(client: &mut tokio::io::DuplexStream, g: &mut Guarded) {
         use tokio::io::AsyncReadExt;
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        let mut g = Guarded::new(Box::new(server), connections(1024), None, false);
         client
             .write_all(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
             .await
@@ -828,6 +826,15 @@ mod tests {
         g.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
             .await
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_is_a_tunnel_without_deadline() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut g = Guarded::new(Box::new(server), connections(1024), None, false);
+        upgrade(&mut client, &mut g).await;
+        let mut buf = vec![0u8; 4096];
         tokio::time::sleep(Duration::from_secs(60)).await;
         client.write_all(&[0x81; 5000]).await.unwrap();
         let mut got = 0;
@@ -847,15 +854,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1024);
         let conns = connections(1024);
         let mut g = Guarded::new(Box::new(server), conns.clone(), None, false);
-        client
-            .write_all(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        assert!(g.read(&mut buf).await.unwrap() > 0);
-        g.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-            .await
-            .unwrap();
+        upgrade(&mut client, &mut g).await;
         // A slow reader: 64 bytes every 5 s, for a minute.
         let slow = tokio::spawn(async move {
             let mut got = [0u8; 64];

@@ -81,21 +81,7 @@ pub(super) fn attacks() -> Vec<Attack> {
 /// `upstream_read_timeout_ms` + 8 s later; through if it then still
 /// echoes a fresh message once the player reads.
 fn stalled_reader(r: &Range) -> Result<Verdict> {
-    let image = tidegate_local::images::binary_image(
-        "tidegate/redteam-http-echo",
-        &r.bin_dir.join("ws-echo"),
-        &[],
-    )?;
-    let spec = serde_json::json!({
-        "image": image,
-        "env": {"WS_EAGER": "1"},
-        "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
-    });
-    let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-tunnel", &spec)?;
-    anyhow::ensure!(
-        status == 201 || status == 200,
-        "registering rt-tunnel: {status} {body}"
-    );
+    register_ws_echo(r, "rt-tunnel", "WS_EAGER")?;
     let spawned = spawn_running(r, "rt-tunnel", &["tunnel-x"])?;
     let host = &spawned.hosts[0];
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -388,21 +374,7 @@ fn pinned_locked(r: &Range) -> Result<Verdict> {
 /// if each Host is answered by its own instance; through if the second is
 /// answered by the first's.
 fn pooled_hop(r: &Range) -> Result<Verdict> {
-    let image = tidegate_local::images::binary_image(
-        "tidegate/redteam-http-echo",
-        &r.bin_dir.join("ws-echo"),
-        &[],
-    )?;
-    let spec = serde_json::json!({
-        "image": image,
-        "env": {"HTTP_ECHO": "1"},
-        "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
-    });
-    let (status, body) = call(&r.plane, "PUT", "/v1/challenges/rt-echo", &spec)?;
-    anyhow::ensure!(
-        status == 201 || status == 200,
-        "registering rt-echo: {status} {body}"
-    );
+    register_ws_echo(r, "rt-echo", "HTTP_ECHO")?;
     let spawned = spawn_running(r, "rt-echo", &["pool-x", "pool-y"])?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -443,6 +415,27 @@ fn pooled_hop(r: &Range) -> Result<Verdict> {
     } else {
         Verdict::Blocked(seen)
     })
+}
+
+/// Registers challenge `name` served by the `ws-echo` test server in the
+/// mode its environment variable `mode` selects (one HTTP port, 8080).
+fn register_ws_echo(r: &Range, name: &str, mode: &str) -> Result<()> {
+    let image = tidegate_local::images::binary_image(
+        "tidegate/redteam-http-echo",
+        &r.bin_dir.join("ws-echo"),
+        &[],
+    )?;
+    let spec = serde_json::json!({
+        "image": image,
+        "env": {mode: "1"},
+        "ports": [{"name": "web", "port": 8080, "protocol": "http"}],
+    });
+    let (status, body) = call(&r.plane, "PUT", &format!("/v1/challenges/{name}"), &spec)?;
+    anyhow::ensure!(
+        status == 201 || status == 200,
+        "registering {name}: {status} {body}"
+    );
+    Ok(())
 }
 
 /// One HTTP answer with a Content-Length body from `s`, `buf` holding what
