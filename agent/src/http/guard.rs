@@ -326,9 +326,10 @@ struct Guarded {
     inner: Stream,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
-    /// Armed while a write waits for the player to take bytes; dropped
-    /// at the first byte it takes.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// Armed while a write waits for the player to take bytes (with the
+    /// bytes the player had acknowledged then, on a TCP socket); dropped
+    /// at the first write that goes through.
+    stalled: Option<(Pin<Box<Sleep>>, Option<u64>)>,
     limits: ConnLimits,
     conns: Arc<Connections>,
     _admitted: Option<Admitted>,
@@ -546,9 +547,14 @@ impl Guarded {
     /// download, a WebSocket tunnel's echo, heads of answers to requests
     /// it keeps sending) holds its place, the upstream connection and
     /// their buffers no longer than that; one that reads slowly is never
-    /// cut. A write that goes through disarms it. (On a TCP socket a
-    /// write waits until about a third of the send buffer has drained, so
-    /// "taking a byte" means taking that much within the limit.)
+    /// cut. A write that goes through disarms it. On a TCP socket a
+    /// waiting write resumes only once about a third of the send buffer
+    /// has drained, which a slow reader may take longer than the limit
+    /// to do: there the timer starts again whenever the player has
+    /// acknowledged more bytes (`tcpi_bytes_acked`) since it was armed,
+    /// so only a player that acknowledged nothing for `write_stall` is
+    /// cut. (A receiver opens its window a segment or half its buffer at
+    /// a time: one reading less than that a minute acknowledges nothing.)
     fn stall<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -563,18 +569,38 @@ impl Guarded {
             if tidegate_schema::config::planted("stalled-reader") {
                 return written;
             }
-            self.stalled = Some(Box::pin(tokio::time::sleep(limit)));
+            let acked = self.acked();
+            self.stalled = Some((Box::pin(tokio::time::sleep(limit)), acked));
         }
-        let Some(timer) = self.stalled.as_mut() else {
-            return written;
-        };
-        ready!(timer.as_mut().poll(cx));
+        loop {
+            let Some((timer, _)) = self.stalled.as_mut() else {
+                return written;
+            };
+            ready!(timer.as_mut().poll(cx));
+            let now = self.acked();
+            let Some((timer, acked)) = self.stalled.as_mut() else {
+                return written;
+            };
+            if now.is_some() && now > *acked {
+                // The player took bytes: a slow reader, not a stalled one.
+                *acked = now;
+                timer.as_mut().reset(Instant::now() + limit);
+                continue;
+            }
+            break;
+        }
         self.stalled = None;
         self.conns.count("write_stalled");
         Poll::Ready(Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("the player took no byte for {limit:?}"),
         )))
+    }
+
+    /// The bytes the player has acknowledged, on a TCP socket.
+    fn acked(&self) -> Option<u64> {
+        let info = self.inner.get_socket_digest()?.tcp_info()?;
+        Some(info.tcpi_bytes_acked)
     }
 }
 
@@ -890,6 +916,68 @@ mod tests {
             stalled.elapsed()
         );
         assert_eq!(conns.refused("write_stalled"), 1);
+    }
+
+    /// On a real TCP socket a waiting write resumes only once about a
+    /// third of the send buffer has drained. A player reading 4 KiB every
+    /// 50 ms drains this one's third (512 KiB) in about two seconds, twice
+    /// the limit here, and is not cut: it keeps acknowledging bytes. Once
+    /// it stops reading (a zero window: probes acknowledge nothing), the
+    /// write fails.
+    #[tokio::test]
+    async fn a_slow_reader_on_a_tcp_socket_is_not_cut_and_a_stopped_one_is() {
+        use pingora::protocols::l4::stream::Stream as TcpStream;
+        use std::os::fd::AsRawFd;
+        use tokio::io::AsyncReadExt;
+        let conns = Arc::new(Connections::new(ConnLimits {
+            header_timeout: Duration::from_secs(4),
+            write_stall: Duration::from_secs(1),
+            max_header_bytes: 1024,
+            max_connections: 8,
+            max_connections_per_source: 8,
+        }));
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(256 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let player = tokio::net::TcpSocket::new_v4().unwrap();
+        player.set_recv_buffer_size(32 * 1024).unwrap();
+        let (player, accepted) = tokio::join!(
+            player.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut player, (accepted, _)) = (player.unwrap(), accepted.unwrap());
+        let mut stream = TcpStream::from(accepted);
+        stream.set_socket_digest(SocketDigest::from_raw_fd(stream.as_raw_fd()));
+        let mut g = Guarded::new(Box::new(stream), conns.clone(), None, true);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut written = 0usize;
+            loop {
+                match g.write_all(&chunk).await {
+                    Ok(()) => written += chunk.len(),
+                    Err(e) => return (written, e),
+                }
+            }
+        });
+        // Slow: 4 KiB every 50 ms for 6 s.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 4096];
+        let slow = Instant::now();
+        while slow.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            got += player.read(&mut buf).await.unwrap();
+        }
+        assert!(!writer.is_finished(), "the slow reader was cut");
+        assert_eq!(conns.refused("write_stalled"), 0);
+        // Stopped: the write fails (well before this test's 30 s).
+        let (written, e) = tokio::time::timeout(Duration::from_secs(30), writer)
+            .await
+            .expect("a player who stopped reading was never cut")
+            .unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(conns.refused("write_stalled"), 1);
+        assert!(written > got, "{written} bytes written, {got} read");
     }
 
     /// The caps themselves are `tidegate_schema::caps`'s (tested there):

@@ -588,12 +588,17 @@ fn acked_deletes(h: &History, r: &Replay, out: &mut Report) {
         .filter(|c| c.op == Op::Delete && c.status == 204)
     {
         let Some(id) = &c.instance else { continue };
-        // This run's own watch may have been on a paused etcd member: what
-        // it saw then arrived late.
+        // This run's own watch may have been on a paused, cut-off or
+        // killed etcd member (or on one left without a leader): what it saw
+        // then arrived late, once it was watching again. (A delete answered
+        // while two members were killed committed once the first came back,
+        // and the watch delivered it 2.7 s later with the rest of the batch.)
         let stalled = |d: Secs| {
             h.faults.iter().any(|f| {
-                matches!(f.target, Target::EtcdStalled(_) | Target::EtcdMinority(_))
-                    && f.from <= c.at + c.took
+                matches!(
+                    f.target,
+                    Target::Etcd(_) | Target::EtcdStalled(_) | Target::EtcdMinority(_)
+                ) && f.from <= c.at + c.took
                     && d <= f.to + WATCH_DELAY
             })
         };
@@ -1573,6 +1578,31 @@ mod tests {
         assert_eq!(kinds(&check(&h)), ["lost delete"]);
         delete(&mut h, 5.2, &instance_key("a"));
         assert!(check(&h).violations.is_empty());
+
+        // Answered while etcd members were killed: the run's watch may see
+        // it only once it watches again, up to `WATCH_DELAY` after the heal.
+        let mut h = history();
+        let t = elect(&mut h, "c0");
+        instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
+        h.faults.push(Fault {
+            phase: 0,
+            what: "SIGKILL etcd m1, m2".into(),
+            target: Target::Etcd(vec![1, 2]),
+            from: 3.0,
+            to: 10.0,
+        });
+        h.calls.push(deleted(8.0));
+        delete(&mut h, 11.0, &instance_key("a"));
+        assert!(check(&h).violations.is_empty());
+        // Later than that, or never: lost.
+        let mut late = history();
+        let t = elect(&mut late, "c0");
+        instance(&mut late, 1.0, "a", t, "a.x", 1_000_100);
+        late.faults = h.faults.clone();
+        late.calls.push(deleted(8.0));
+        assert_eq!(kinds(&check(&late)), ["lost delete"]);
+        delete(&mut late, 12.5, &instance_key("a"));
+        assert_eq!(kinds(&check(&late)), ["lost delete"]);
     }
 
     #[test]
