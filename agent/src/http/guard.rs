@@ -326,10 +326,9 @@ struct Guarded {
     inner: Stream,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
-    /// Armed while a write waits for the player to take bytes (with the
-    /// bytes the player had acknowledged then, on a TCP socket); dropped
+    /// Armed while a write waits for the player to take bytes; dropped
     /// at the first write that goes through.
-    stalled: Option<(Pin<Box<Sleep>>, Option<u64>)>,
+    stalled: Option<Stall>,
     limits: ConnLimits,
     conns: Arc<Connections>,
     _admitted: Option<Admitted>,
@@ -547,14 +546,19 @@ impl Guarded {
     /// download, a WebSocket tunnel's echo, heads of answers to requests
     /// it keeps sending) holds its place, the upstream connection and
     /// their buffers no longer than that; one that reads slowly is never
-    /// cut. A write that goes through disarms it. On a TCP socket a
-    /// waiting write resumes only once about a third of the send buffer
-    /// has drained, which a slow reader may take longer than the limit
-    /// to do: there the timer starts again whenever the player has
-    /// acknowledged more bytes (`tcpi_bytes_acked`) since it was armed,
-    /// so only a player that acknowledged nothing for `write_stall` is
-    /// cut. (A receiver opens its window a segment or half its buffer at
-    /// a time: one reading less than that a minute acknowledges nothing.)
+    /// cut. A write that goes through disarms it.
+    ///
+    /// On a TCP socket a waiting write resumes only once about a third of
+    /// the send buffer has drained, which a slow reader may take longer
+    /// than the limit to do. There the timer looks at the bytes the player
+    /// has acknowledged (`tcpi_bytes_acked`) every eighth of the limit,
+    /// from the first look on (a write that waits less costs no system
+    /// call): [`MIN_PROGRESS`] more counts as taking bytes, and the limit
+    /// runs from the last time it did. A player that stops reading has a
+    /// zero window and acknowledges nothing new (the agent's probes carry
+    /// nothing it can acknowledge beyond a byte), so it is cut once the
+    /// limit has passed since the write began to wait; one that takes
+    /// less than [`MIN_PROGRESS`] a limit is cut as well.
     fn stall<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -569,25 +573,44 @@ impl Guarded {
             if tidegate_schema::config::planted("stalled-reader") {
                 return written;
             }
-            let acked = self.acked();
-            self.stalled = Some((Box::pin(tokio::time::sleep(limit)), acked));
+            let since = Instant::now();
+            self.stalled = Some(Stall {
+                timer: Box::pin(tokio::time::sleep(limit / 8)),
+                since,
+                acked: None,
+            });
         }
         loop {
-            let Some((timer, _)) = self.stalled.as_mut() else {
+            let Some(stall) = self.stalled.as_mut() else {
                 return written;
             };
-            ready!(timer.as_mut().poll(cx));
-            let now = self.acked();
-            let Some((timer, acked)) = self.stalled.as_mut() else {
+            ready!(stall.timer.as_mut().poll(cx));
+            let sample = self.acked();
+            let Some(stall) = self.stalled.as_mut() else {
                 return written;
             };
-            if now.is_some() && now > *acked {
+            let now = Instant::now();
+            match (sample, stall.acked) {
                 // The player took bytes: a slow reader, not a stalled one.
-                *acked = now;
-                timer.as_mut().reset(Instant::now() + limit);
-                continue;
+                (Some(acked), Some(before)) if acked >= before.saturating_add(MIN_PROGRESS) => {
+                    stall.acked = Some(acked);
+                    stall.since = now;
+                }
+                // The first look: what is acknowledged from here on counts.
+                (Some(acked), None) => stall.acked = Some(acked),
+                _ => {}
             }
-            break;
+            let end = stall.since + limit;
+            if now >= end {
+                break;
+            }
+            // Not a TCP socket (or a kernel without the counter): the
+            // limit alone.
+            let next = match stall.acked {
+                Some(_) => end.min(now + limit / 8),
+                None => end,
+            };
+            stall.timer.as_mut().reset(next);
         }
         self.stalled = None;
         self.conns.count("write_stalled");
@@ -597,11 +620,37 @@ impl Guarded {
         )))
     }
 
-    /// The bytes the player has acknowledged, on a TCP socket.
+    /// The bytes the player has acknowledged, on a TCP socket (the
+    /// listener's streams, plain or TLS, have a socket digest; for them
+    /// the stream's id is the socket's descriptor).
     fn acked(&self) -> Option<u64> {
-        let info = self.inner.get_socket_digest()?.tcp_info()?;
-        Some(info.tcpi_bytes_acked)
+        struct Fd(std::os::fd::RawFd);
+        impl std::os::fd::AsRawFd for Fd {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                self.0
+            }
+        }
+        self.inner.get_socket_digest()?;
+        let counters = crate::tcp::ebpf::tcp_counters(&Fd(self.inner.id())).ok()?;
+        Some(counters.bytes_acked)
     }
+}
+
+/// How much more a player must acknowledge for a waiting write to count
+/// it as taking bytes: a player (or a TCP stack of its own) that opens its
+/// window a byte at a time, or acknowledges one probe byte a minute, does
+/// not hold a connection with that.
+const MIN_PROGRESS: u64 = 16 * 1024;
+
+/// A write waiting on the player (see [`Guarded::stall`]).
+struct Stall {
+    timer: Pin<Box<Sleep>>,
+    /// When the write began to wait, or the player last took
+    /// [`MIN_PROGRESS`] more.
+    since: Instant,
+    /// What the player had acknowledged at the last look; `None` before
+    /// the first, and on a stream that is not a TCP socket.
+    acked: Option<u64>,
 }
 
 impl AsyncWrite for Guarded {
@@ -919,11 +968,12 @@ mod tests {
     }
 
     /// On a real TCP socket a waiting write resumes only once about a
-    /// third of the send buffer has drained. A player reading 4 KiB every
-    /// 50 ms drains this one's third (512 KiB) in about two seconds, twice
-    /// the limit here, and is not cut: it keeps acknowledging bytes. Once
-    /// it stops reading (a zero window: probes acknowledge nothing), the
-    /// write fails.
+    /// third of the send buffer has drained: here (256 KiB asked, which
+    /// Linux doubles, or `wmem_max` doubled if lower) 139 KiB or more. A
+    /// player reading 4 KiB every 200 ms (20 KiB/s) wakes the writer every
+    /// 7 s or more, past the 3 s limit, and is not cut: it acknowledges
+    /// 60 KiB a limit, past `MIN_PROGRESS`. Once it stops reading (a zero
+    /// window: probes acknowledge nothing), the write fails.
     #[tokio::test]
     async fn a_slow_reader_on_a_tcp_socket_is_not_cut_and_a_stopped_one_is() {
         use pingora::protocols::l4::stream::Stream as TcpStream;
@@ -931,7 +981,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let conns = Arc::new(Connections::new(ConnLimits {
             header_timeout: Duration::from_secs(4),
-            write_stall: Duration::from_secs(1),
+            write_stall: Duration::from_secs(3),
             max_header_bytes: 1024,
             max_connections: 8,
             max_connections_per_source: 8,
@@ -960,12 +1010,12 @@ mod tests {
                 }
             }
         });
-        // Slow: 4 KiB every 50 ms for 6 s.
+        // Slow: 4 KiB every 200 ms for 9 s.
         let mut got = 0usize;
         let mut buf = vec![0u8; 4096];
         let slow = Instant::now();
-        while slow.elapsed() < Duration::from_secs(6) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        while slow.elapsed() < Duration::from_secs(9) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
             got += player.read(&mut buf).await.unwrap();
         }
         assert!(!writer.is_finished(), "the slow reader was cut");

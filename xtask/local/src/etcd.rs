@@ -69,6 +69,10 @@ impl MemberSpec {
         ]
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_string(), value])
+        // A member back from a crash asks before it campaigns, so its
+        // return does not depose a working leader (off by default in etcd
+        // 3.4; deploy/ turns it on too). A boolean flag takes `=`.
+        .chain(["--pre-vote=true".to_string()])
         .collect()
     }
 }

@@ -1333,13 +1333,7 @@ mod tests {
         assert_eq!(kinds(&check(&h)), ["pool below min"]);
         // The same across a quorum loss from 1 s to 5 s: the refill time
         // runs from its recovery (13 s), so 20 s is within it; 24 s is not.
-        h.faults.push(Fault {
-            phase: 0,
-            what: "quorum loss".into(),
-            target: Target::Etcd(vec![0, 1]),
-            from: 1.0,
-            to: 5.0,
-        });
+        h.faults.push(fault(Target::Etcd(vec![0, 1]), 1.0, 5.0));
         assert!(kinds(&check(&h)).is_empty(), "{:?}", check(&h).violations);
         put(
             &mut h,
@@ -1420,13 +1414,7 @@ mod tests {
         assert_eq!(r.live_probes.get(&0), Some(&(0, 1)));
         assert_eq!(r.unexpected(), 1, "{:?}", r.failures);
         // Its owner (w1) was down then: explained.
-        h.faults.push(Fault {
-            phase: 0,
-            what: "kill w1".into(),
-            target: Target::Agent(1),
-            from: 4.0,
-            to: 4.5,
-        });
+        h.faults.push(fault(Target::Agent(1), 4.0, 4.5));
         assert_eq!(check(&h).unexpected(), 0);
     }
 
@@ -1440,13 +1428,7 @@ mod tests {
             running(&mut h, 1.5, "a");
             h.probes
                 .push(probe(at, "a", Outcome::Failed("refused".into())));
-            h.faults.push(Fault {
-                phase: 0,
-                what: "fault".into(),
-                target,
-                from,
-                to,
-            });
+            h.faults.push(fault(target, from, to));
             check(&h).unexpected() == 0
         };
         // A minority partition: only its first seconds.
@@ -1560,6 +1542,17 @@ mod tests {
         assert_eq!(kinds(&check(&h)), ["fenced write"]);
     }
 
+    /// A fault of `target` from `from` to `to`, in the first phase.
+    fn fault(target: Target, from: Secs, to: Secs) -> Fault {
+        Fault {
+            phase: 0,
+            what: format!("{target:?}"),
+            target,
+            from,
+            to,
+        }
+    }
+
     #[test]
     fn a_delete_answered_204_must_have_deleted() {
         let mut h = history();
@@ -1584,13 +1577,7 @@ mod tests {
         let mut h = history();
         let t = elect(&mut h, "c0");
         instance(&mut h, 1.0, "a", t, "a.x", 1_000_100);
-        h.faults.push(Fault {
-            phase: 0,
-            what: "SIGKILL etcd m1, m2".into(),
-            target: Target::Etcd(vec![1, 2]),
-            from: 3.0,
-            to: 10.0,
-        });
+        h.faults.push(fault(Target::Etcd(vec![1, 2]), 3.0, 10.0));
         h.calls.push(deleted(8.0));
         delete(&mut h, 11.0, &instance_key("a"));
         assert!(check(&h).violations.is_empty());
@@ -1749,13 +1736,8 @@ mod tests {
         delete(&mut h, 31.0, &instance_key("a"));
         // Without the skew on record, that is an early deletion.
         assert_eq!(kinds(&check(&h)), ["lost spawn"]);
-        h.faults.push(Fault {
-            phase: 0,
-            what: "c0 30 s ahead".into(),
-            target: Target::ControllerClock(0, 30),
-            from: 0.5,
-            to: 20.0,
-        });
+        h.faults
+            .push(fault(Target::ControllerClock(0, 30), 0.5, 20.0));
         assert!(kinds(&check(&h)).is_empty(), "{:?}", check(&h).violations);
         // The allowance is the skew, not more: 10 s earlier still counts.
         let at = |h: &mut History, t: Secs| {
@@ -1789,13 +1771,7 @@ mod tests {
         assert!(check(&h).violations.is_empty(), "within one watch delay");
         h.probes.push(probe(9.0));
         assert_eq!(kinds(&check(&h)), ["stale route"]);
-        h.faults.push(Fault {
-            phase: 0,
-            what: "partition w1".into(),
-            target: Target::Agent(1),
-            from: 4.0,
-            to: 8.0,
-        });
+        h.faults.push(fault(Target::Agent(1), 4.0, 8.0));
         assert!(check(&h).violations.is_empty(), "cut off until 8 s");
     }
 
@@ -1813,13 +1789,7 @@ mod tests {
         };
         h.calls.push(call(3.0));
         h.calls.push(call(50.0));
-        h.faults.push(Fault {
-            phase: 0,
-            what: "kill c0".into(),
-            target: Target::Controller(0),
-            from: 2.0,
-            to: 4.0,
-        });
+        h.faults.push(fault(Target::Controller(0), 2.0, 4.0));
         let r = check(&h);
         let expected: Vec<bool> = r
             .failures

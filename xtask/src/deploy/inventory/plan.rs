@@ -376,6 +376,9 @@ peer-transport-security:\n  cert-file: {cert}\n  key-file: {key}\n  client-cert-
 auto-compaction-mode: periodic\n\
 auto-compaction-retention: \"1h\"\n\
 quota-backend-bytes: 4294967296\n\
+# A member back from a crash or a partition asks before it campaigns, so\n\
+# its return does not depose a working leader (off by default in 3.4).\n\
+pre-vote: true\n\
 logger: zap\n\
 log-outputs: [stderr]\n",
             name = h.name,
