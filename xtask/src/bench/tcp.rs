@@ -83,7 +83,7 @@ pub(super) fn run(mode: Mode) -> Result<Figures> {
     let direct = &instances[0];
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(&cfg, haproxy_config(direct))?;
-    let _haproxy = haproxy(dir, &cfg)?;
+    let _haproxy = haproxy(&cfg)?;
     let mut targets: Vec<Target> = vec![
         target(
             "direct to the instance",
